@@ -8,6 +8,7 @@ root. Only ever listens on 127.0.0.1 plus a private Unix socket directory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import importlib.util
 import ipaddress
@@ -21,9 +22,10 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -164,7 +166,32 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie answers kill(0) but is dead; containers whose init never reaps keep them.
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _parent_death_hook() -> Callable[[], None] | None:
+    """preexec_fn asking Linux to SIGKILL the postmaster when the starting thread exits.
+
+    A safety net for throwaway clusters when the test runner itself is SIGKILLed. prctl is
+    resolved here in the parent so the forked child runs no imports or lookups.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigkill)
+
+    return hook
 
 
 def _conf_value(value: SettingValue) -> str:
@@ -195,6 +222,7 @@ class LocalPostgres:
         log_file: Path | str | None = None,
         bindir: Path | str | None = None,
         remove_on_stop: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"LocalPostgres only listens on loopback, not {host!r}")
@@ -213,6 +241,7 @@ class LocalPostgres:
         self.log_file = Path(log_file) if log_file is not None else self.data_dir / _LOG_FILE
         self.bindir = Path(bindir) if bindir is not None else find_postgres_bindir()
         self.remove_on_stop = remove_on_stop
+        self.die_with_parent = die_with_parent
         self._run_as = _run_as()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
@@ -329,6 +358,9 @@ class LocalPostgres:
                     break
                 continue
             self._write_meta(port=self.port)
+            # Restarts of this object stay on this port: clients (and the proxy under test)
+            # were configured with it.
+            self._explicit_port = self.port
             return
         self._cleanup_socket_dir()
         assert last_error is not None
@@ -539,6 +571,7 @@ class LocalPostgres:
                 user=uid,
                 group=gid,
                 extra_groups=groups,
+                preexec_fn=_parent_death_hook() if self.die_with_parent else None,
             )
         self._pid = self._proc.pid
         try:
