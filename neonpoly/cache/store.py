@@ -364,8 +364,11 @@ class DiskStore(_GenerationsFacade):
             except Exception:
                 log.exception("cache write-behind job failed")
             if self._jobs.empty():
-                with contextlib.suppress(Exception):
-                    self._usage = (len(self._cache), self._cache.volume())
+                self._refresh_usage()
+
+    def _refresh_usage(self) -> None:
+        with contextlib.suppress(Exception):
+            self._usage = (len(self._cache), self._cache.volume())
 
     def _write(self, key: bytes, entry: CacheEntry) -> None:
         # Re-check right before writing: an invalidation since put() always wins.
@@ -454,7 +457,11 @@ class DiskStore(_GenerationsFacade):
     def flush(self) -> None:
         if not self._closed:
             done = threading.Event()
-            self._jobs.put(done.set)
+
+            def finish() -> None:
+                self._refresh_usage()  # so usage() right after flush() is exact
+                done.set()
+            self._jobs.put(finish)
             done.wait()
 
     def close(self) -> None:
