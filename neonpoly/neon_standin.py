@@ -150,8 +150,13 @@ class NeonStandin:
         *,
         api_key: str = "neon-standin-key",
         seed: int = 7,
+        port: int = 0,
     ) -> None:
         self.api_key = api_key
+        # 0 picks a free port; a fixed one lets a test bring the API up where a client
+        # has already failed to connect.
+        self._wanted_port = port
+        self.last_headers: dict[str, str] = {}
         self.projects: list[SeedProject] = list(projects) if projects is not None else [
             demo_project()
         ]
@@ -220,7 +225,7 @@ class NeonStandin:
         self._add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._wanted_port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
@@ -315,6 +320,7 @@ class NeonStandin:
         with self._lock:
             self._counts[route] += 1
             self.request_ids.append(request_id)
+            self.last_headers = dict(request.headers)
             queue = self._faults.get(route)
             fault = queue.popleft() if queue else None
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
