@@ -37,7 +37,9 @@ __all__ = [
     "PostgresError",
     "PostgresNotFound",
     "PostgresStartError",
+    "SettingValue",
     "find_postgres_bindir",
+    "free_port",
 ]
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,47 @@
+"""Shared fixtures: throwaway PostgreSQL origins (see tests/pgharness.py)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+
+from tests.pgharness import PgServer, cleanup_all, start_pg_server
+
+
+def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
+    # Default SIGTERM skips atexit and fixture teardown; CI runners send it on timeout.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cleanup_all()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """The session's origin: TLS, scram/md5/trust roles, database `app`, pg_stat_statements."""
+    server = start_pg_server()
+    print(f"\n[pg fixture] started in {server.startup_seconds:.2f}s", file=sys.stderr)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_disposable() -> Iterator[PgServer]:
+    """A private small origin per test, for kill/restart and other destructive tests."""
+    server = start_pg_server(small=True)
+    try:
+        yield server
+    finally:
+        server.destroy()
