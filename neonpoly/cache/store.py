@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +40,7 @@ DEFAULT_MAX_ENTRY_BYTES = 8 * 1024 * 1024
 _L1_ENTRY_OVERHEAD = 256
 # Write-behind backlog cap: past it new writes stay L1-only instead of growing memory unbounded.
 _MAX_PENDING_WRITES = 10_000
+_WRITE_BATCH = 64
 _STATE_FILE = "neonpoly-generations.json"
 _DISKCACHE_DB = "cache.db"
 
@@ -97,6 +98,18 @@ class CacheStore(Protocol):
 
 
 EntryFilter = Callable[[CacheEntry], bool]
+
+
+class _Barrier:
+    """A write-behind job that must run after everything queued before it is committed."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        self.fn()
 
 
 def _is_live(entry: CacheEntry, now: float, gens: TableGenerations) -> bool:
@@ -313,7 +326,7 @@ class DiskStore(_GenerationsFacade):
             raise
         self._state_pending = threading.Event()
         self._closed = False
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | _Barrier | None] = queue.SimpleQueue()
         self.generations.set_listener(self._schedule_state_write)
         self._writer = threading.Thread(target=self._run_writer, name="neonpoly-cache-writer",
                                         daemon=True)
@@ -356,15 +369,48 @@ class DiskStore(_GenerationsFacade):
 
     def _run_writer(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            batch = [self._jobs.get()]
+            while len(batch) < _WRITE_BATCH and not isinstance(batch[-1], _Barrier | None) \
+                    and not self._jobs.empty():
+                batch.append(self._jobs.get())
+            last = batch[-1]
+            writes = batch if not isinstance(last, _Barrier | None) else batch[:-1]
+            # One sqlite transaction per batch: a commit per record costs ~100 us. Barriers
+            # run after the commit, so whoever waits on them sees the writes.
+            with self._transaction():
+                for job in writes:
+                    self._run_job(job)
+            if last is None:
                 return
-            try:
-                job()
-            except Exception:
-                log.exception("cache write-behind job failed")
-            if self._jobs.empty():
+            if isinstance(last, _Barrier):
+                self._run_job(last)
+            elif self._jobs.empty():
                 self._refresh_usage()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        try:
+            ctx = self._cache.transact()
+            ctx.__enter__()
+        except Exception:
+            yield  # no transaction: the writes still work, one commit each
+            return
+        try:
+            yield
+        finally:
+            try:
+                ctx.__exit__(None, None, None)
+            except Exception:  # the writer thread must outlive a failed commit (disk full)
+                log.exception("cache write-behind commit failed")
+
+    @staticmethod
+    def _run_job(job: Callable[[], None] | None) -> None:
+        if job is None:
+            return
+        try:
+            job()
+        except Exception:
+            log.exception("cache write-behind job failed")
 
     def _refresh_usage(self) -> None:
         with contextlib.suppress(Exception):
@@ -394,10 +440,13 @@ class DiskStore(_GenerationsFacade):
 
         def job() -> None:
             try:
-                fut.set_result(fn())
+                with self._transaction():
+                    result = fn()
+                fut.set_result(result)
             except BaseException as exc:
                 fut.set_exception(exc)
-        self._jobs.put(job)
+            self._refresh_usage()
+        self._jobs.put(_Barrier(job))
         return fut.result()
 
     # -- CacheStore ----------------------------------------------------------------------
@@ -461,7 +510,7 @@ class DiskStore(_GenerationsFacade):
             def finish() -> None:
                 self._refresh_usage()  # so usage() right after flush() is exact
                 done.set()
-            self._jobs.put(finish)
+            self._jobs.put(_Barrier(finish))
             done.wait()
 
     def close(self) -> None:
