@@ -1,0 +1,303 @@
+"""Counters behind every view of the cache (TUI, CLI, admin console, metrics).
+
+`StatsRecorder.record` runs once per query on the proxy's event loop, so it only bumps ints
+and one log-bucket histogram; anything costly (percentiles, series windows, sorting) happens
+in `snapshot`. Stats only ever receive query *templates*, never literal values.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+Clock = Callable[[], float]
+
+SERIES_SECONDS = 900  # 15 minutes of per-second buckets
+MAX_TEMPLATES_PER_CACHE = 10_000
+OTHER_TEMPLATE_ID = "(other)"  # where templates past the cap are folded, to bound memory
+HIT = "hit"
+MISS = "miss"
+
+# Log-bucket latency histogram: 1 µs .. ~190 s in steps of 20%, so any percentile is
+# within ~10% of the truth whatever the number of samples.
+_HIST_MIN_S = 1e-6
+_HIST_RATIO = 1.2
+_HIST_LOG_RATIO = math.log(_HIST_RATIO)
+_HIST_BUCKETS = 105
+
+
+def _bucket(latency_s: float) -> int:
+    if latency_s <= _HIST_MIN_S:
+        return 0
+    i = int(math.log(latency_s / _HIST_MIN_S) / _HIST_LOG_RATIO) + 1
+    return i if i < _HIST_BUCKETS else _HIST_BUCKETS - 1
+
+
+def _bucket_value(i: int) -> float:
+    if i == 0:
+        return _HIST_MIN_S
+    # Geometric middle of [min*r^(i-1), min*r^i).
+    return float(_HIST_MIN_S * _HIST_RATIO ** (i - 0.5))
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _HIST_BUCKETS
+        self.total = 0
+
+    def add(self, latency_s: float) -> None:
+        self.counts[_bucket(latency_s)] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> float | None:
+        if self.total == 0:
+            return None
+        rank = max(1, math.ceil(q * self.total))
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return _bucket_value(i)
+        return _bucket_value(_HIST_BUCKETS - 1)
+
+
+class _Series:
+    """Ring of per-second hit/miss/pass-through counts; a slot is reset when reused."""
+
+    __slots__ = ("hits", "misses", "passthrough", "seconds")
+
+    def __init__(self) -> None:
+        self.seconds = [-1] * SERIES_SECONDS
+        self.hits = [0] * SERIES_SECONDS
+        self.misses = [0] * SERIES_SECONDS
+        self.passthrough = [0] * SERIES_SECONDS
+
+    def add(self, second: int, status: str) -> None:
+        i = second % SERIES_SECONDS
+        if self.seconds[i] != second:
+            self.seconds[i] = second
+            self.hits[i] = self.misses[i] = self.passthrough[i] = 0
+        if status == HIT:
+            self.hits[i] += 1
+        elif status == MISS:
+            self.misses[i] += 1
+        else:
+            self.passthrough[i] += 1
+
+    def window(self, now_second: int) -> SeriesSnapshot:
+        start = now_second - SERIES_SECONDS + 1
+        hits: list[int] = []
+        misses: list[int] = []
+        passthrough: list[int] = []
+        for s in range(start, now_second + 1):
+            i = s % SERIES_SECONDS
+            live = self.seconds[i] == s
+            hits.append(self.hits[i] if live else 0)
+            misses.append(self.misses[i] if live else 0)
+            passthrough.append(self.passthrough[i] if live else 0)
+        return SeriesSnapshot(start, tuple(hits), tuple(misses), tuple(passthrough))
+
+
+class _TemplateCounters:
+    __slots__ = ("by_status", "bytes_served", "calls", "hit_latency", "last_reason",
+                 "last_seen", "last_status", "miss_latency", "miss_p50", "tables",
+                 "template", "time_saved_s", "ttl")
+
+    def __init__(self, template: str, tables: tuple[str, ...]) -> None:
+        self.template = template
+        self.tables = tables
+        self.calls = 0
+        self.by_status: dict[str, int] = {}
+        self.hit_latency = _Histogram()
+        self.miss_latency = _Histogram()
+        self.miss_p50: float | None = None  # cached; reset to None when a miss arrives
+        self.time_saved_s = 0.0
+        self.bytes_served = 0
+        self.last_seen = 0.0
+        self.last_status = ""
+        self.last_reason: str | None = None
+        self.ttl: float | None = None
+
+
+class _CacheCounters:
+    __slots__ = ("by_status", "bytes_served", "calls", "series", "templates", "time_saved_s")
+
+    def __init__(self) -> None:
+        self.templates: dict[str, _TemplateCounters] = {}
+        self.calls = 0
+        self.by_status: dict[str, int] = {}
+        self.time_saved_s = 0.0
+        self.bytes_served = 0
+        self.series = _Series()
+
+
+# -- snapshots (what renderers get) --------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SeriesSnapshot:
+    start_second: int  # epoch second of the first element; one element per second
+    hits: tuple[int, ...]
+    misses: tuple[int, ...]
+    passthrough: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateStats:
+    cache_id: str
+    template_id: str
+    template: str
+    tables: tuple[str, ...]
+    calls: int
+    hits: int
+    misses: int
+    hit_rate: float  # hits / calls, 0.0 when no calls
+    by_status: tuple[tuple[str, int], ...]  # sorted by status word
+    hit_p50_s: float | None
+    hit_p95_s: float | None
+    miss_p50_s: float | None
+    miss_p95_s: float | None
+    time_saved_s: float
+    bytes_served: int
+    last_seen: float
+    last_status: str
+    last_reason: str | None
+    ttl: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    calls: int
+    hits: int
+    misses: int
+    passthrough: int
+    hit_rate: float
+    by_status: tuple[tuple[str, int], ...]
+    time_saved_s: float
+    bytes_served: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    cache_id: str | None  # None: every cache
+    taken_at: float
+    caches: tuple[str, ...]
+    totals: Totals
+    templates: tuple[TemplateStats, ...]  # most called first
+    series: SeriesSnapshot
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _totals(calls: int, by_status: dict[str, int], saved: float, served: int) -> Totals:
+    hits = by_status.get(HIT, 0)
+    misses = by_status.get(MISS, 0)
+    return Totals(calls, hits, misses, calls - hits - misses, hits / calls if calls else 0.0,
+                  tuple(sorted(by_status.items())), saved, served)
+
+
+class StatsRecorder:
+    """Per cache and per template counters. Not thread-safe: use from the event loop."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._caches: dict[str, _CacheCounters] = {}
+        self._series = _Series()
+
+    def record(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...],
+               status: str, latency_s: float, bytes_served: int = 0,
+               origin_time_s: float | None = None, *, reason: str | None = None) -> None:
+        now = self._clock()
+        cache = self._caches.get(cache_id)
+        if cache is None:
+            cache = self._caches[cache_id] = _CacheCounters()
+        tpl = cache.templates.get(template_id)
+        if tpl is None:
+            if len(cache.templates) >= MAX_TEMPLATES_PER_CACHE:
+                template_id, template, tables = OTHER_TEMPLATE_ID, OTHER_TEMPLATE_ID, ()
+                tpl = cache.templates.get(template_id)
+            if tpl is None:
+                tpl = cache.templates[template_id] = _TemplateCounters(template, tables)
+
+        tpl.calls += 1
+        tpl.by_status[status] = tpl.by_status.get(status, 0) + 1
+        tpl.last_seen = now
+        tpl.last_status = status
+        tpl.last_reason = reason
+        cache.calls += 1
+        cache.by_status[status] = cache.by_status.get(status, 0) + 1
+
+        if status == HIT:
+            tpl.hit_latency.add(latency_s)
+            typical = origin_time_s
+            if typical is None:
+                if tpl.miss_p50 is None:
+                    tpl.miss_p50 = tpl.miss_latency.quantile(0.5)
+                typical = tpl.miss_p50
+            # Saved = what the origin would have taken minus what the hit took.
+            saved = typical - latency_s if typical is not None and typical > latency_s else 0.0
+            tpl.time_saved_s += saved
+            cache.time_saved_s += saved
+            tpl.bytes_served += bytes_served
+            cache.bytes_served += bytes_served
+        elif status == MISS:
+            tpl.miss_latency.add(latency_s)
+            tpl.miss_p50 = None
+
+        second = int(now)
+        cache.series.add(second, status)
+        self._series.add(second, status)
+
+    def set_ttl(self, cache_id: str, template_id: str, ttl: float | None) -> None:
+        cache = self._caches.get(cache_id)
+        tpl = cache.templates.get(template_id) if cache else None
+        if tpl is not None:
+            tpl.ttl = ttl
+
+    def forget_cache(self, cache_id: str) -> None:
+        self._caches.pop(cache_id, None)
+
+    def reset(self) -> None:
+        self._caches.clear()
+        self._series = _Series()
+
+    def snapshot(self, cache_id: str | None = None) -> StatsSnapshot:
+        now = self._clock()
+        if cache_id is None:
+            chosen = dict(self._caches)
+            series = self._series
+        else:
+            one = self._caches.get(cache_id)
+            chosen = {cache_id: one} if one is not None else {}
+            series = one.series if one is not None else _Series()
+        templates = [self._template_stats(cid, tid, t)
+                     for cid, cache in chosen.items() for tid, t in cache.templates.items()]
+        templates.sort(key=lambda t: (-t.calls, t.cache_id, t.template_id))
+        by_status: dict[str, int] = {}
+        for cache in chosen.values():
+            for status, n in cache.by_status.items():
+                by_status[status] = by_status.get(status, 0) + n
+        totals = _totals(sum(c.calls for c in chosen.values()), by_status,
+                         sum(c.time_saved_s for c in chosen.values()),
+                         sum(c.bytes_served for c in chosen.values()))
+        return StatsSnapshot(cache_id, now, tuple(sorted(self._caches)), totals,
+                             tuple(templates), series.window(int(now)))
+
+    @staticmethod
+    def _template_stats(cache_id: str, template_id: str, t: _TemplateCounters) -> TemplateStats:
+        hits = t.by_status.get(HIT, 0)
+        return TemplateStats(
+            cache_id=cache_id, template_id=template_id, template=t.template, tables=t.tables,
+            calls=t.calls, hits=hits, misses=t.by_status.get(MISS, 0),
+            hit_rate=hits / t.calls if t.calls else 0.0,
+            by_status=tuple(sorted(t.by_status.items())),
+            hit_p50_s=t.hit_latency.quantile(0.5), hit_p95_s=t.hit_latency.quantile(0.95),
+            miss_p50_s=t.miss_latency.quantile(0.5), miss_p95_s=t.miss_latency.quantile(0.95),
+            time_saved_s=t.time_saved_s, bytes_served=t.bytes_served, last_seen=t.last_seen,
+            last_status=t.last_status, last_reason=t.last_reason, ttl=t.ttl,
+        )
