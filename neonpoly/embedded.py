@@ -40,6 +40,7 @@ __all__ = [
     "SettingValue",
     "find_postgres_bindir",
     "free_port",
+    "process_alive",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ def _port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while pid runs (zombies count as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -265,7 +267,7 @@ class LocalPostgres:
             return False
         if self._proc is not None:
             return self._proc.poll() is None
-        return _pid_alive(self._pid)
+        return process_alive(self._pid)
 
     @property
     def pid(self) -> int | None:
@@ -384,7 +386,7 @@ class LocalPostgres:
     def kill(self) -> None:
         """SIGKILL the postmaster and its backends, as a crash would (tests use this)."""
         pid = self._pid
-        if pid is not None and _pid_alive(pid):
+        if pid is not None and process_alive(pid):
             # The postmaster leads its own process group, so this takes the backends too
             # and no orphan keeps the shared memory busy for the next start.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -526,7 +528,7 @@ class LocalPostgres:
             pidfile.unlink(missing_ok=True)
 
     def _is_our_postmaster(self, pid: int) -> bool:
-        if not _pid_alive(pid):
+        if not process_alive(pid):
             return False
         try:
             # The postmaster chdirs into its data dir, which tells it apart from a reused pid.
@@ -625,7 +627,7 @@ class LocalPostgres:
             if self._proc is not None and self._proc.pid == pid:
                 if self._proc.poll() is not None:
                     return True
-            elif not _pid_alive(pid):
+            elif not process_alive(pid):
                 return True
             time.sleep(0.02)
         return False

@@ -9,7 +9,7 @@ from types import FrameType
 
 import pytest
 
-from tests.pgharness import PgServer, cleanup_all, start_pg_server
+from tests.pgharness import PgServer, cleanup_all, start_pg_server, sweep_stale_dirs
 
 
 def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -18,6 +18,7 @@ def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    sweep_stale_dirs()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
 

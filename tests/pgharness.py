@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ import asyncpg
 import psycopg
 import trustme
 
-from neonpoly.embedded import LocalPostgres, SettingValue
+from neonpoly.embedded import LocalPostgres, SettingValue, process_alive
 
 __all__ = [
     "NEON_HOST",
@@ -30,6 +31,7 @@ __all__ = [
     "TlsFiles",
     "cleanup_all",
     "start_pg_server",
+    "sweep_stale_dirs",
     "tls_files",
 ]
 
@@ -43,6 +45,7 @@ _PASSWORDS = {
     "trust_user": "trust-pw-unused",
 }
 
+_OWNER_FILE = "neonpoly-owner.pid"
 _LIVE: list[PgServer] = []
 _DIRS: list[Path] = []
 
@@ -72,8 +75,32 @@ def tls_files() -> TlsFiles:
 
 def _tempdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
+    # Lets a later run tell our leftovers (after a SIGKILL) from a concurrent live run's dirs.
+    (path / _OWNER_FILE).write_text(str(os.getpid()))
     _DIRS.append(path)
     return path
+
+
+def sweep_stale_dirs(older_than: float = 600) -> None:
+    """Remove temp dirs left by test runs that were SIGKILLed (their clusters died with them).
+
+    Harness dirs carry their owner's pid; socket dirs carry the postmaster's pid in the lock
+    file. A dir is removed only when that process is gone, so concurrent runs are safe.
+    """
+    tmp = Path(tempfile.gettempdir())
+    now = time.time()
+    for path in tmp.glob("neonpoly-test-*"):
+        with contextlib.suppress(OSError, ValueError):
+            if not process_alive(int((path / _OWNER_FILE).read_text())):
+                shutil.rmtree(path, ignore_errors=True)
+    for path in tmp.glob("neonpoly-pgsock-*"):
+        with contextlib.suppress(OSError, ValueError):
+            locks = list(path.glob(".s.PGSQL.*.lock"))
+            if locks:
+                if not process_alive(int(locks[0].read_text().splitlines()[0])):
+                    shutil.rmtree(path, ignore_errors=True)
+            elif now - path.stat().st_mtime > older_than:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _hba_lines() -> list[str]:
