@@ -1,0 +1,70 @@
+"""The cache-status taxonomy and the verdict on one SQL string (no sqlglot here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """The one taxonomy of cache outcomes, used in logs, admin, TUI and metrics."""
+
+    HIT = "hit"
+    MISS = "miss"
+    UNCACHEABLE = "uncacheable"
+    MULTIPLESTATEMENTS = "multiplestatements"
+    NOTAQUERY = "notaquery"
+    PARSEERROR = "parseerror"
+    TRANSACTION = "transaction"
+    VOLATILE = "volatile"
+    OVERSIZEDRESULT = "oversizedresult"
+    DISABLED = "disabled"
+    BYPASS = "bypass"
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """What the policy knows about a SQL string before it is sent."""
+
+    cacheable: bool
+    status: Status | None
+    reason: str
+    is_write: bool
+    tables_read: frozenset[str]
+    tables_written: frozenset[str]
+    qualified_tables: tuple[str, ...]
+    invalidate_all: bool
+    changes_session: bool
+    session_setting: tuple[str, str | None] | None
+    transaction_control: str | None
+    template: str
+    template_id: str
+
+
+@dataclass(slots=True)
+class Verdict:
+    """One statement's findings while classifying; folded into a Classification."""
+
+    cacheable: bool = False
+    status: Status | None = None
+    reason: str = ""
+    is_write: bool = False
+    tables_read: set[str] = field(default_factory=set)
+    tables_written: set[str] = field(default_factory=set)
+    qualified: list[str] = field(default_factory=list)
+    invalidate_all: bool = False
+    changes_session: bool = False
+    session_setting: tuple[str, str | None] | None = None
+    transaction_control: str | None = None
+
+    def refuse(self, status: Status, reason: str) -> Verdict:
+        """Mark uncacheable, keeping the first reason found."""
+        if self.status is None:
+            self.status, self.reason = status, reason
+        self.cacheable = False
+        return self
+
+    def write(self, reason: str, *, everything: bool = False) -> Verdict:
+        self.is_write = True
+        self.invalidate_all = self.invalidate_all or everything
+        return self.refuse(Status.UNCACHEABLE, reason)
