@@ -1,0 +1,118 @@
+"""One cache (one integration): keys, admission, TTLs, the store and its statistics.
+
+The session asks it questions in the order a query lives: what is its key, is there an
+answer, should a miss be kept (Time To First Hit), may this response be stored, and which
+entries a write makes stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from neonpoly.cache.invalidation import GenerationStamp
+from neonpoly.cache.store import CacheEntry, CacheStore
+from neonpoly.stats import StatsRecorder
+
+if TYPE_CHECKING:
+    from neonpoly.proxy.pending import Capture, StatTicket
+
+log = logging.getLogger("neonpoly.cache")
+
+DEFAULT_TTL = 300.0
+DEFAULT_ADMIT_AFTER = 2
+_SIGHTINGS_LIMIT = 100_000
+
+# (template_id, tables) -> TTL in seconds, or None for "never cache" (rules, adaptive TTL).
+TTLPolicy = Callable[[str, frozenset[str]], float | None]
+
+
+class QueryCache:
+    def __init__(
+        self,
+        cache_id: str,
+        store: CacheStore,
+        stats: StatsRecorder,
+        *,
+        ttl: float = DEFAULT_TTL,
+        admit_after: int = DEFAULT_ADMIT_AFTER,
+        clock: Callable[[], float] = time.time,
+        ttl_policy: TTLPolicy | None = None,
+    ) -> None:
+        self.cache_id = cache_id
+        self.store = store
+        self.stats = stats
+        self.ttl = ttl
+        self.admit_after = max(1, admit_after)
+        self.clock = clock
+        self.ttl_policy = ttl_policy
+        self._salt = cache_id.encode() + b"\x00"
+        # How often each key was seen missing: a key is stored on its Nth sighting.
+        self._sightings: OrderedDict[bytes, int] = OrderedDict()
+        self.on_write: Callable[[str, frozenset[str], bool], None] | None = None
+
+    def key(self, context: bytes, material: bytes) -> bytes:
+        return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
+
+    def lookup(self, key: bytes) -> bytes | None:
+        entry = self.store.get(key)
+        return None if entry is None else entry.payload
+
+    def admit(self, key: bytes) -> bool:
+        """Count a sighting; True when this miss should be stored (Time To First Hit)."""
+        seen = self._sightings.pop(key, 0) + 1
+        self._sightings[key] = seen
+        if len(self._sightings) > _SIGHTINGS_LIMIT:
+            self._sightings.popitem(last=False)
+        return seen >= self.admit_after
+
+    def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
+        return self.store.stamp(database, tables)
+
+    def accepts(self, size: int) -> bool:
+        return self.store.accepts(size)
+
+    def ttl_for(self, template_id: str, tables: frozenset[str]) -> float | None:
+        if self.ttl_policy is not None:
+            return self.ttl_policy(template_id, tables)
+        return self.ttl
+
+    def store_capture(self, capture: Capture) -> None:
+        ttl = self.ttl_for(capture.template_id, capture.tables)
+        if ttl is None or ttl <= 0:
+            return
+        entry = CacheEntry(
+            payload=b"".join(capture.frames),
+            database=capture.database,
+            tables=capture.tables,
+            template_id=capture.template_id,
+            stamp=capture.stamp,
+            created_at=self.clock(),
+            ttl=ttl,
+        )
+        self.store.put(capture.key, entry)
+
+    def invalidate(self, database: str, tables: frozenset[str], everything: bool) -> None:
+        if everything:
+            self.store.invalidate_database(database)
+        else:
+            self.store.invalidate_tables(database, tables)
+        if self.on_write is not None:
+            self.on_write(database, tables, everything)
+
+    def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
+        self.stats.record(
+            self.cache_id, ticket.template_id, ticket.template, ticket.tables,
+            ticket.status, latency_s, bytes_served,
+        )
+
+    def purge(self) -> int:
+        self._sightings.clear()
+        return self.store.purge()
+
+    def close(self) -> None:
+        self.store.close()

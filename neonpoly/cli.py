@@ -1,0 +1,183 @@
+"""The `neonpoly` command line: one composition root for serve, tui and the admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from neonpoly import __version__
+
+EPILOG = """\
+examples:
+  neonpoly serve                                  cache an embedded PostgreSQL (no setup)
+  neonpoly serve --upstream postgres://u:pw@db.example.com/app?sslmode=require
+  psql 'postgres://u:pw@127.0.0.1:6543/app'       then point your app at neonpoly
+"""
+
+
+class CLIError(Exception):
+    """A problem the user can fix: printed as one line, exit status 2."""
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MB or 2GB)") from exc
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return (host or "127.0.0.1", int(port))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neonpoly",
+        description="A caching PostgreSQL proxy (Neon's PolyScale integration, on your machine) "
+        "and the console that manages it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"neonpoly {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: every query's cache status)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the caching proxy",
+        description="Run the caching proxy. Clients connect to --listen exactly as they would to "
+        "PostgreSQL; reads are cached (a new query is stored on its 2nd run and served from its 3rd), "
+        "writes through neonpoly evict what they touch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--upstream", metavar="URL", help="origin PostgreSQL URL (default: the integrations in the state dir, else an embedded PostgreSQL)")
+    serve.add_argument("--listen", type=_listen, default=("127.0.0.1", 6543), metavar="HOST:PORT", help="where clients connect")
+    serve.add_argument("--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)")
+    serve.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS", help="how long an entry may be served")
+    serve.add_argument("--admit-after", type=int, default=2, metavar="N", help="store a query's result on its Nth run (served from run N+1)")
+    serve.add_argument("--max-cache-size", type=_size, default="1GB", metavar="SIZE", help="disk bound of the cache; older entries are evicted")
+    serve.add_argument("--no-cache", action="store_true", help="pure pass-through: relay only, cache nothing")
+    serve.add_argument("--tls-cert", type=Path, metavar="FILE", help="answer clients' SSLRequest with TLS using this certificate")
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="private key for --tls-cert")
+    serve.add_argument("--connect-to", metavar="HOST:PORT:TO_HOST:TO_PORT", help="dial TO_HOST:TO_PORT when the origin is HOST:PORT (TLS SNI stays HOST), like curl")
+    serve.add_argument("--state-dir", type=Path, metavar="DIR", help="neonpoly's state (default: platform data dir, or $NEONPOLY_STATE_DIR)")
+    serve.add_argument("--grace", type=float, default=5.0, metavar="SECONDS", help="on SIGINT/SIGTERM, how long in-flight queries may finish")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2) if args.command != "serve" else logging.INFO - 10 * min(args.verbose, 1),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            return _run(_serve(args))
+        if args.command is None:
+            parser.print_help()
+            return 0
+        parser.error(f"unknown command {args.command}")
+    except CLIError as exc:
+        print(f"neonpoly: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _run(coro: object) -> int:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        runner = asyncio.run
+    return int(runner(coro))  # type: ignore[arg-type]
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from neonpoly.proxy.origin import Origin
+    from neonpoly.service import CacheSettings, ProxyService, ProxySettings
+    from neonpoly.state import state_dir
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CLIError("--tls-cert and --tls-key go together")
+    root = state_dir(args.state_dir)
+    settings = ProxySettings(
+        listen=args.listen,
+        cache_dir=args.cache_dir or root / "cache",
+        cache=CacheSettings(enabled=not args.no_cache, ttl=args.ttl, admit_after=args.admit_after, max_bytes=args.max_cache_size),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    service = ProxyService(settings)
+    embedded = None
+    if args.upstream:
+        try:
+            origin = Origin.from_url(args.upstream)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
+        if args.connect_to:
+            origin = _apply_connect_to(origin, args.connect_to)
+        service.add_cache("default", origin, default=True)
+    else:
+        from neonpoly.embedded_origin import start_embedded_origin
+
+        embedded, origin = await asyncio.to_thread(start_embedded_origin, root)
+        service.add_cache("default", origin, default=True)
+    try:
+        host, port = await service.start()
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror or exc}") from exc
+    log = logging.getLogger("neonpoly")
+    log.info("listening on %s:%d, origin %s, cache %s", host, port, origin.label,
+             "off (--no-cache)" if args.no_cache else settings.cache_dir)
+    if embedded is not None:
+        print(f"neonpoly: embedded PostgreSQL ready; connect with:\n  psql '{embedded.client_url(host, port)}'", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", args.grace)
+    await service.close(args.grace)
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
+    return 0
+
+
+def _apply_connect_to(origin: object, spec: str) -> object:
+    from neonpoly.discovery import parse_connect_to
+    from neonpoly.proxy.origin import Origin
+
+    assert isinstance(origin, Origin)
+    try:
+        rule = parse_connect_to(spec)
+    except ValueError as exc:
+        raise CLIError(f"--connect-to: {exc}") from exc
+    if rule.matches(origin.host, origin.port):
+        host, port = rule.target(origin.host, origin.port)
+        return origin.connecting_to(host, port)
+    return origin
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Extended query protocol: prepared-statement tracking and whole-batch decisions.
+
+A batch is every client message up to Sync. The cache decides on the whole batch: either
+every Execute/Describe in it can be answered from one stored response (so the batch is
+served with no origin round trip), or the batch goes to the origin, preceded by any Parse
+the origin never saw because an earlier batch was answered locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from neonpoly import pgwire
+from neonpoly.cache.policy import Classification, Status, classify
+
+
+@dataclass(slots=True)
+class Statement:
+    parse: pgwire.ParseMsg
+    info: Classification
+    at_origin: bool
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """What a batch is, for the cache: key material, tables, and why it is not cacheable."""
+
+    status: Status | None = None  # None: cacheable
+    reason: str = ""
+    material: bytes = b""
+    tables: frozenset[str] = frozenset()
+    executes: int = 0
+    executed: list[Classification] = field(default_factory=list)  # per Bind, for the stats
+    primary: Classification | None = None
+    writes: frozenset[str] = frozenset()
+    writes_everything: bool = False
+    parses: list[pgwire.ParseMsg] = field(default_factory=list)
+    closes: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)  # statement names the batch uses but did not Parse
+
+
+class StatementBook:
+    """The prepared statements of one session, and whether the origin has each of them."""
+
+    def __init__(self) -> None:
+        self.statements: dict[str, Statement] = {}
+
+    def classify_parse(self, msg: pgwire.ParseMsg) -> Classification:
+        return classify(msg.query)
+
+    def plan(self, batch: list[tuple[int, bytes]]) -> BatchPlan:
+        plan = BatchPlan()
+        local: dict[str, Statement] = {}
+        portals: dict[str, tuple[Statement, bytes]] = {}
+        material = hashlib.blake2b(digest_size=32)
+        tables: set[str] = set()
+        writes: set[str] = set()
+
+        def resolve(name: str) -> Statement | None:
+            stmt = local.get(name) or self.statements.get(name)
+            if stmt is not None and name not in local and name not in plan.needs:
+                plan.needs.append(name)
+            return stmt
+
+        def refuse(status: Status, reason: str) -> None:
+            if plan.status is None:
+                plan.status, plan.reason = status, reason
+
+        for mtype, body in batch:
+            if mtype == 0x50:  # P
+                parse = pgwire.parse_parse(body)
+                stmt = Statement(parse, classify(parse.query), at_origin=False)
+                local[parse.name] = stmt
+                plan.parses.append(parse)
+                material.update(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
+                if not stmt.info.cacheable:
+                    refuse(stmt.info.status or Status.UNCACHEABLE, stmt.info.reason)
+            elif mtype == 0x42:  # B
+                bind = pgwire.parse_bind(body)
+                bound = resolve(bind.statement)
+                if bound is None:
+                    refuse(Status.UNCACHEABLE, "binds a statement neonpoly has not seen")
+                    continue
+                portals[bind.portal] = (bound, bind.tail)
+                self._note(bound.info, tables, writes, plan, refuse)
+                plan.executed.append(bound.info)
+                material.update(b"B" + bound.parse.query.encode() + b"\x00" + bind.tail)
+            elif mtype == 0x44:  # D
+                target = pgwire.parse_target(body)
+                if target.kind == b"S":
+                    described = resolve(target.name)
+                    if described is None:
+                        refuse(Status.UNCACHEABLE, "describes an unknown statement")
+                        continue
+                    material.update(b"DS" + described.parse.query.encode() + b"\x00")
+                    tables.update(described.info.tables_read)
+                    plan.primary = plan.primary or described.info
+                else:
+                    if target.name not in portals:
+                        refuse(Status.UNCACHEABLE, "describes a portal from an earlier batch")
+                        continue
+                    material.update(b"DP")
+            elif mtype == 0x45:  # E
+                execute = pgwire.parse_execute(body)
+                if execute.portal not in portals:
+                    refuse(Status.UNCACHEABLE, "executes a portal from an earlier batch")
+                    continue
+                stmt, _ = portals[execute.portal]
+                plan.executes += 1
+                plan.primary = stmt.info if plan.executes == 1 else plan.primary
+                if execute.max_rows:
+                    refuse(Status.UNCACHEABLE, "Execute with a row limit (portal suspended)")
+                material.update(b"E" + execute.max_rows.to_bytes(4, "big", signed=True))
+            elif mtype == 0x43:  # C
+                target = pgwire.parse_target(body)
+                if target.kind == b"S":
+                    resolve(target.name)
+                    plan.closes.append(target.name)
+                material.update(b"C" + target.kind)
+            else:
+                refuse(Status.UNCACHEABLE, f"message {chr(mtype)!r} in batch")
+        plan.material = material.digest()
+        plan.tables = frozenset(tables)
+        plan.writes = frozenset(writes)
+        return plan
+
+    @staticmethod
+    def _note(
+        info: Classification,
+        tables: set[str],
+        writes: set[str],
+        plan: BatchPlan,
+        refuse: Callable[[Status, str], None],
+    ) -> None:
+        tables.update(info.tables_read)
+        if info.is_write or info.invalidate_all:
+            writes.update(info.tables_written)
+            plan.writes_everything = plan.writes_everything or info.invalidate_all
+        if not info.cacheable:
+            refuse(info.status or Status.UNCACHEABLE, info.reason)
+
+    def after_local(self, plan: BatchPlan) -> None:
+        """The batch was answered by the cache: the origin never saw its Parses."""
+        for parse in plan.parses:
+            self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=False)
+        for name in plan.closes:
+            self.statements.pop(name, None)
+
+    def deferred_parses(self, plan: BatchPlan) -> list[bytes]:
+        """Parses to send ahead of a forwarded batch for statements the origin lacks."""
+        out: list[bytes] = []
+        for name in plan.needs:
+            stmt = self.statements.get(name)
+            if stmt is not None and not stmt.at_origin:
+                out.append(pgwire.build_parse(stmt.parse))
+                stmt.at_origin = True
+        return out
+
+    def after_forward(self, plan: BatchPlan) -> None:
+        for parse in plan.parses:
+            self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=True)
+        for name in plan.closes:
+            self.statements.pop(name, None)
+
+    def runs_copy(self, batch: list[tuple[int, bytes]]) -> bool:
+        """Does the last Bind in the batch run COPY? COPY needs the origin before Sync.
+
+        A client running COPY through the extended protocol waits for CopyInResponse
+        before it sends Sync, so such a batch must stream to the origin at once.
+        """
+        parsed: dict[str, str] = {}
+        bound: str | None = None
+        for mtype, body in batch:
+            if mtype == 0x50:
+                parse = pgwire.parse_parse(body)
+                parsed[parse.name] = parse.query
+            elif mtype == 0x42:
+                bound = pgwire.parse_bind(body).statement
+        if bound is None:
+            return False
+        query = parsed.get(bound)
+        if query is None and bound in self.statements:
+            query = self.statements[bound].parse.query
+        return query is not None and query.lstrip().lower().startswith("copy")

@@ -1,0 +1,50 @@
+"""What a session is waiting for from the origin (or has answered itself), in order.
+
+Every request that ends in ReadyForQuery (a simple Query, an extended batch up to Sync, a
+FunctionCall) gets one `Pending`. Responses must reach the client in request order, so an
+answer the cache produces while origin answers are still outstanding waits in this queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from neonpoly.cache.invalidation import GenerationStamp
+
+
+@dataclass(slots=True)
+class Capture:
+    """A miss whose response may be stored once it completes cleanly."""
+
+    key: bytes
+    database: str
+    tables: frozenset[str]
+    template_id: str
+    stamp: GenerationStamp
+    frames: list[bytes] = field(default_factory=list)
+    size: int = 0
+    failed: bool = False  # an ErrorResponse/COPY/suspended portal: never store
+
+
+@dataclass(slots=True)
+class Pending:
+    started: float
+    local: bytes | None = None  # a response the proxy answers itself, waiting its turn
+    capture: Capture | None = None
+    swallow: int = 0  # ParseCompletes of Parses the proxy sent on the client's behalf
+    writes: frozenset[str] = frozenset()
+    writes_everything: bool = False
+    setting: tuple[str, str | None] | None = None  # applied to the key only if it succeeds
+    error: bool = False
+    neutral: bool = False  # a plain read: cannot change the transaction status or settings
+    stats: list[StatTicket] = field(default_factory=list)
+
+
+@dataclass(slots=True, frozen=True)
+class StatTicket:
+    """What the stats need to know about a request once its response is complete."""
+
+    template_id: str
+    template: str
+    tables: tuple[str, ...]
+    status: str

@@ -1,0 +1,167 @@
+"""The listener: accepts clients, routes each to its cache and origin, routes cancels.
+
+One listener serves several caches: a client picks one with `application_name=<cache id>`
+(PolyScale's scheme). Sessions are registered here so that a CancelRequest, a removed
+integration or a shutdown can find them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from neonpoly.proxy.origin import Origin, send_cancel
+from neonpoly.proxy.session import ClientSide, Session
+from neonpoly.proxy.state import SessionState
+
+if TYPE_CHECKING:
+    from neonpoly import pgwire
+    from neonpoly.cache.query_cache import QueryCache
+
+log = logging.getLogger("neonpoly.server")
+
+
+class AdminEndpoint(Protocol):
+    """Something that answers a session itself instead of relaying it (the admin console)."""
+
+    def attach(self, session: Session, startup: pgwire.StartupRequest) -> None: ...
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a session goes: its cache (None = pass-through) and origin, or the admin."""
+
+    cache_id: str
+    origin: Origin
+    cache: QueryCache | None = None
+    admin: AdminEndpoint | None = None
+
+
+@dataclass(slots=True)
+class Routes:
+    """The caches this listener serves, by cache id; `default` takes unnamed clients."""
+
+    by_id: dict[str, Route] = field(default_factory=dict)
+    default: str | None = None
+    removed: set[str] = field(default_factory=set)
+    admin: AdminEndpoint | None = None
+    admin_database: str = "neonpoly"
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        routes: Routes,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 10.0,
+        on_session_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.routes = routes
+        self.tls_context = tls_context
+        self.connect_timeout = connect_timeout
+        self.sessions: set[Session] = set()
+        self.by_key: dict[tuple[int, bytes], Session] = {}
+        self._server: asyncio.Server | None = None
+        self._on_change = on_session_change
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 6543) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: ClientSide(self), host, port, reuse_address=True)
+        sock = self._server.sockets[0].getsockname()
+        return sock[0], sock[1]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        sock = self._server.sockets[0].getsockname()
+        return sock[0], sock[1]
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def open_session(self, transport: asyncio.Transport) -> Session:
+        session = Session(self, transport)
+        self.sessions.add(session)
+        return session
+
+    def forget(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.by_key.pop(session.proxy_key, None)
+        if self._on_change is not None:
+            self._on_change()
+
+    def register_key(self, session: Session) -> None:
+        self.by_key[session.proxy_key] = session
+        if self._on_change is not None:
+            self._on_change()
+
+    def route_for(self, state: SessionState) -> tuple[Route | None, str | None]:
+        routes = self.routes
+        if state.database == routes.admin_database and routes.admin is not None:
+            return Route("admin", Origin("admin", 0), admin=routes.admin), None
+        name = state.application_name
+        if name in routes.removed:
+            return None, f'neonpoly cache "{name}" was removed; add the integration again for a new connection string'
+        route = routes.by_id.get(name)
+        if route is None and routes.default is not None:
+            if name and _looks_like_cache_id(name):
+                return None, f'no neonpoly cache with id "{name}"; run `neonpoly integrations list` to see the caches'
+            route = routes.by_id.get(routes.default)
+        if route is None:
+            return None, 'no neonpoly cache selected: connect with application_name=<cache id> (see `neonpoly connection-string`)'
+        return route, None
+
+    def connections(self, cache_id: str | None = None) -> list[Session]:
+        return [s for s in self.sessions if cache_id is None or (s.route is not None and s.route.cache_id == cache_id)]
+
+    def cancel(self, pid: int, secret: bytes) -> None:
+        session = self.by_key.get((pid, secret))
+        if session is None or session.origin_key is None or session.route is None:
+            log.info("cancel request for an unknown backend ignored")
+            return
+        task = asyncio.get_running_loop().create_task(self._cancel(session.route.origin, *session.origin_key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _cancel(origin: Origin, pid: int, secret: bytes) -> None:
+        try:
+            await send_cancel(origin, pid, secret)
+        except Exception as exc:  # a failed cancel must never take the proxy down
+            log.warning("cancel request to origin %s failed: %s", origin.label, exc)
+
+    def terminate(self, cache_id: str, message: str) -> int:
+        """End every session of a cache (the integration was removed): 57P01, then close."""
+        victims = self.connections(cache_id)
+        for session in victims:
+            session.terminate(message, "terminated: cache removed")
+        return len(victims)
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight queries finish for `grace` seconds, then end all."""
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(s.pending for s in self.sessions):
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.terminate("terminating connection: neonpoly is shutting down", "shutdown")
+        if self._server is not None:
+            self._server.close()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                pass
+
+
+def _looks_like_cache_id(name: str) -> bool:
+    return len(name) == 36 and name.count("-") == 4

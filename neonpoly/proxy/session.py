@@ -1,0 +1,608 @@
+"""One client connection relayed to one origin connection.
+
+Two asyncio Protocols (client side, origin side) share one `Session`. Bytes are forwarded
+untouched and in one write per read; only the frames a decision needs are looked at:
+startup and authentication, ReadyForQuery (transaction status), ParameterStatus, queries
+(to classify them for the cache) and the responses of misses being captured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from neonpoly import pgwire
+from neonpoly.cache.policy import Classification, Status, classify
+from neonpoly.proxy.extended import BatchPlan, StatementBook
+from neonpoly.proxy.origin import OriginUnavailable, open_origin
+from neonpoly.proxy.pending import Capture, Pending, StatTicket
+from neonpoly.proxy.state import SessionState
+
+if TYPE_CHECKING:
+    from neonpoly.proxy.server import ProxyServer, Route
+
+log = logging.getLogger("neonpoly.session")
+
+_Z, _E, _S, _K, _R = 0x5A, 0x45, 0x53, 0x4B, 0x52
+_NOT_PAYLOAD = frozenset(b"ANS")  # notifications, notices, parameter changes: never replayed
+_FAILS_CAPTURE = frozenset(b"EGHWs")  # errors, COPY, suspended portals: never stored
+_EXTENDED = frozenset(b"PBDEC")
+
+
+class Session:
+    """The relay and its state machine: startup → auth → ready → closed."""
+
+    def __init__(self, server: ProxyServer, client: asyncio.Transport) -> None:
+        self.server = server
+        self.client = client
+        self.origin_transport: asyncio.Transport | None = None
+        self.route: Route | None = None
+        self.state = SessionState()
+        self.phase = "startup"
+        self.cbuf = bytearray()
+        self.obuf = bytearray()
+        self.early = bytearray()  # client bytes that arrived before the origin was connected
+        self.pending: deque[Pending] = deque()
+        self.batch: list[tuple[int, bytes]] = []
+        self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
+        self.book = StatementBook()
+        self.tx_writes: set[str] = set()
+        self.tx_writes_everything = False
+        self.proxy_key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
+        self.origin_key: tuple[int, bytes] | None = None
+        peer = client.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.opened = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcome = "closed"
+        self.closed = False
+        self.connect_task: asyncio.Task[None] | None = None
+
+    # --- client side ------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.cbuf += data
+        try:
+            if self.phase == "startup":
+                self._startup()
+            elif self.phase == "connecting":
+                return  # kept in cbuf until the origin is there
+            elif self.phase == "auth":
+                self._relay_auth_from_client()
+            elif self.phase == "ready":
+                self._client_frames()
+        except pgwire.ProtocolViolation as exc:
+            self.fail_client("08P01", f"invalid frontend message: {exc}", "protocol violation")
+
+    def _startup(self) -> None:
+        while self.phase == "startup":
+            packet, used = pgwire.parse_startup(self.cbuf)
+            if packet is None:
+                return
+            del self.cbuf[:used]
+            if packet.is_ssl:
+                self._answer_ssl()
+                return  # anything after SSLRequest waits for the TLS handshake
+            if packet.is_gssenc:
+                self.client.write(pgwire.SSL_NO)
+                continue
+            if packet.is_cancel:
+                assert packet.cancel_key is not None
+                self.server.cancel(*packet.cancel_key)
+                self.outcome = "cancel request"
+                self.close()
+                return
+            self._begin(packet)
+
+    def _answer_ssl(self) -> None:
+        ctx = self.server.tls_context
+        if ctx is None or self.client.get_extra_info("sslcontext") is not None:
+            self.client.write(pgwire.SSL_NO)
+            return
+        self.client.write(pgwire.SSL_YES)
+        self.phase = "tls"
+        self.client.pause_reading()
+        asyncio.get_running_loop().create_task(self._upgrade_client(ctx))
+
+    async def _upgrade_client(self, ctx: object) -> None:
+        import ssl
+
+        assert isinstance(ctx, ssl.SSLContext)
+        loop = asyncio.get_running_loop()
+        protocol = self.client.get_protocol()
+        try:
+            tls = await loop.start_tls(self.client, protocol, ctx, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            self.outcome = f"tls handshake failed: {exc}"
+            self.close()
+            return
+        if tls is None:
+            self.close()
+            return
+        self.client = tls  # type: ignore[assignment]
+        self.phase = "startup"
+        if self.cbuf:
+            self.client_data(b"")
+
+    def _begin(self, packet: pgwire.StartupRequest) -> None:
+        params = packet.params
+        self.state.user = params.get("user", "")
+        self.state.database = params.get("database", self.state.user)
+        self.state.application_name = params.get("application_name", "")
+        self.state.apply_startup(params)
+        route, refusal = self.server.route_for(self.state)
+        if route is None:
+            self.fail_client("3D000", refusal or "no such cache", "refused: unknown cache", fatal=True)
+            return
+        self.route = route
+        if route.admin is not None:
+            self.phase = "admin"
+            route.admin.attach(self, packet)
+            return
+        self.phase = "connecting"
+        self.connect_task = asyncio.get_running_loop().create_task(self._connect(packet.raw))
+
+    async def _connect(self, startup: bytes) -> None:
+        assert self.route is not None
+        try:
+            transport = await open_origin(self.route.origin, OriginSide(self), self.server.connect_timeout)
+        except OriginUnavailable as exc:
+            self.fail_client("08001", str(exc), "origin unreachable", fatal=True)
+            return
+        if self.closed:
+            transport.close()
+            return
+        self.origin_transport = transport
+        transport.write(startup)
+        self.phase = "auth"
+        if self.cbuf:
+            self._relay_auth_from_client()
+
+    def _relay_auth_from_client(self) -> None:
+        # Password, SASL and GSS responses ('p') pass straight through.
+        frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
+        if used and self.origin_transport is not None:
+            self.origin_transport.write(bytes(self.cbuf[:used]))
+            del self.cbuf[:used]
+        if any(t == 0x58 for t, _, _ in frames):
+            self.outcome = "client terminated during auth"
+            self.close()
+
+    def _client_frames(self) -> None:
+        frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
+        if not frames:
+            return
+        buf = bytes(self.cbuf[:used])
+        del self.cbuf[:used]
+        out: list[bytes] = []
+        for mtype, start, end in frames:
+            if self.stream is not None and mtype != 0x53 and mtype != 0x48:
+                self._stream_frame(mtype, buf[start + 5 : end], buf[start:end], out)
+            elif mtype in _EXTENDED:
+                self.batch.append((mtype, buf[start + 5 : end]))
+                if mtype == 0x45 and self.book.runs_copy(self.batch):
+                    self._open_stream(out)
+            elif mtype == 0x53:  # Sync
+                self._sync(buf[start:end], out)
+            elif mtype == 0x48:  # Flush: the client wants answers before Sync
+                if self.stream is None:
+                    self._open_stream(out)
+                out.append(buf[start:end])
+            elif mtype == 0x51:  # Query
+                self._query(buf[start + 5 : end], buf[start:end], out)
+            elif mtype == 0x58:  # Terminate
+                out.append(buf[start:end])
+                self.outcome = "client terminated"
+                self._write_origin(out)
+                self.close()
+                return
+            else:  # CopyData/Done/Fail, FunctionCall: straight through
+                if mtype == 0x46:
+                    self._push(Pending(time.monotonic(), writes_everything=True))
+                    self._invalidate(frozenset(), everything=True)
+                out.append(buf[start:end])
+        self._write_origin(out)
+
+    def _write_origin(self, out: list[bytes]) -> None:
+        if out and self.origin_transport is not None:
+            self.origin_transport.write(b"".join(out))
+
+    def _push(self, item: Pending) -> None:
+        self.pending.append(item)
+
+    # --- simple query -----------------------------------------------------------------
+
+    def _query(self, body: bytes, raw: bytes, out: list[bytes]) -> None:
+        sql = pgwire.query_text(body)
+        info = classify(sql)
+        item = Pending(time.monotonic())
+        self._note_effects(info, item)
+        status = self._cache_decision(info)
+        cache = self.route.cache if self.route else None
+        if status is Status.MISS and cache is not None:
+            key = cache.key(self.state.context(), b"Q" + body)
+            payload = cache.lookup(key)
+            if payload is not None and not self._busy():
+                self._answer_locally(payload, [info], item)
+                return
+            if cache.admit(key):
+                item.capture = Capture(key, self.state.database, info.tables_read, info.template_id,
+                                       cache.stamp(self.state.database, info.tables_read))
+        item.neutral = status is Status.MISS
+        item.stats.append(StatTicket(info.template_id, info.template, info.qualified_tables, str(status)))
+        self._push(item)
+        out.append(raw)
+
+    def _busy(self) -> bool:
+        """Could an outstanding origin answer change the transaction status or settings?
+
+        A local answer queued behind plain reads is safe (it waits its turn, and the status
+        cannot change); behind anything else it is not, so the request goes to the origin.
+        """
+        return any(p.local is None and not p.neutral for p in self.pending)
+
+    def _cache_decision(self, info: Classification) -> Status:
+        if self.route is None or self.route.cache is None:
+            return Status.DISABLED
+        if not info.cacheable:
+            return info.status or Status.UNCACHEABLE
+        if self.state.bypass:
+            return Status.BYPASS
+        if self.state.tx_status != b"I" or self._busy():
+            return Status.TRANSACTION
+        return Status.MISS
+
+    def _note_effects(self, info: Classification, item: Pending) -> None:
+        """Writes evict before they are sent; session changes update the cache key."""
+        if info.is_write or info.invalidate_all:
+            item.writes = info.tables_written
+            item.writes_everything = info.invalidate_all
+            self._invalidate(info.tables_written, info.invalidate_all)
+        if info.changes_session:
+            if info.session_setting is not None and self.state.tx_status == b"I" and self.state.keyed(info.session_setting[0]):
+                item.setting = info.session_setting
+            else:
+                self.state.bypass = True
+        if "set_config" in info.reason:
+            self.state.bypass = True
+
+    def _invalidate(self, tables: frozenset[str], everything: bool) -> None:
+        cache = self.route.cache if self.route else None
+        if cache is not None and (tables or everything):
+            cache.invalidate(self.state.database, tables, everything)
+
+    def _answer_locally(self, payload: bytes, infos: list[Classification], item: Pending) -> None:
+        cache = self.route.cache if self.route else None
+        if cache is not None:
+            for info in infos:
+                cache.record(StatTicket(info.template_id, info.template, info.qualified_tables, "hit"),
+                             time.monotonic() - item.started, len(payload))
+        self._answer_quietly(payload, item)
+
+    # --- extended protocol ------------------------------------------------------------
+
+    def _sync(self, raw: bytes, out: list[bytes]) -> None:
+        if self.stream is not None:
+            out.append(raw)
+            self.stream = None
+            return
+        batch, self.batch = self.batch, []
+        plan = self.book.plan(batch)
+        item = Pending(time.monotonic())
+        status = Status.MISS
+        info = plan.primary
+        if plan.writes or plan.writes_everything:
+            item.writes, item.writes_everything = plan.writes, plan.writes_everything
+            self._invalidate(plan.writes, plan.writes_everything)
+        if plan.parses and any(classify(p.query).changes_session for p in plan.parses):
+            self.state.bypass = True
+        if plan.status is not None:
+            status = plan.status
+        elif info is not None:
+            status = self._cache_decision(info)
+        cache = self.route.cache if self.route else None
+        if status is Status.MISS and cache is not None and (plan.executes or info is not None):
+            key = cache.key(self.state.context(), b"X" + plan.material)
+            payload = cache.lookup(key)
+            if payload is not None and not self._busy():
+                self.book.after_local(plan)
+                if plan.executes:
+                    self._answer_locally(payload, plan.executed, item)
+                else:
+                    self._answer_quietly(payload, item)
+                return
+            if cache.admit(key):
+                item.capture = Capture(key, self.state.database, plan.tables,
+                                       info.template_id if info else "",
+                                       cache.stamp(self.state.database, plan.tables))
+        item.neutral = status is Status.MISS
+        item.stats.extend(StatTicket(i.template_id, i.template, i.qualified_tables, str(status)) for i in plan.executed)
+        deferred = self.book.deferred_parses(plan)
+        item.swallow = len(deferred)
+        self.book.after_forward(plan)
+        self._push(item)
+        out.extend(deferred)
+        out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
+        out.append(raw)
+
+    def _answer_quietly(self, payload: bytes, item: Pending) -> None:
+        """Answer from the cache; behind outstanding plain reads, wait for their turn."""
+        if self.pending:
+            item.local = payload
+            self._push(item)
+        else:
+            self._write_client(payload + pgwire.ready_for_query(self.state.tx_status))
+
+    def _open_stream(self, out: list[bytes]) -> None:
+        """Forward the batch so far and everything up to its Sync as it arrives."""
+        batch, self.batch = self.batch, []
+        plan = self.book.plan(batch)
+        item = Pending(time.monotonic(), writes=plan.writes, writes_everything=plan.writes_everything)
+        self._invalidate(plan.writes, plan.writes_everything)
+        item.stats.extend(StatTicket(i.template_id, i.template, i.qualified_tables, str(plan.status or Status.BYPASS))
+                          for i in plan.executed)
+        deferred = self.book.deferred_parses(plan)
+        item.swallow = len(deferred)
+        self.book.after_forward(plan)
+        self._push(item)
+        self.stream = item
+        out.extend(deferred)
+        out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
+
+    def _stream_frame(self, mtype: int, body: bytes, raw: bytes, out: list[bytes]) -> None:
+        assert self.stream is not None
+        if mtype in _EXTENDED:
+            plan = self.book.plan([(mtype, body)])
+            if plan.writes or plan.writes_everything:
+                self.stream.writes |= plan.writes
+                self.stream.writes_everything |= plan.writes_everything
+                self._invalidate(plan.writes, plan.writes_everything)
+            deferred = self.book.deferred_parses(plan)
+            self.stream.swallow += len(deferred)
+            self.book.after_forward(plan)
+            out.extend(deferred)
+        out.append(raw)
+
+    # --- origin side --------------------------------------------------------------------
+
+    def origin_data(self, data: bytes) -> None:
+        self.obuf += data
+        try:
+            if self.phase == "auth":
+                self._relay_auth_from_origin()
+            else:
+                self._origin_frames()
+        except pgwire.ProtocolViolation as exc:
+            self.fail_client("08P01", f"origin sent an invalid message: {exc}", "origin protocol violation", fatal=True)
+
+    def _relay_auth_from_origin(self) -> None:
+        frames, used = pgwire.scan_frames(self.obuf)
+        buf = bytes(self.obuf[:used])
+        del self.obuf[:used]
+        out: list[bytes] = []
+        for mtype, start, end in frames:
+            body = buf[start + 5 : end]
+            if mtype == _R and pgwire.auth_code(body) == pgwire.AUTH_SASL:
+                out.append(pgwire.frame(b"R", pgwire.strip_scram_plus(body)))
+            elif mtype == _K:
+                pid = int.from_bytes(body[:4], "big", signed=True)
+                self.origin_key = (pid, body[4:])
+                self.server.register_key(self)
+                out.append(pgwire.backend_key_data(*self.proxy_key))
+            elif mtype == _S:
+                self.state.parameter(*pgwire.parse_parameter_status(body))
+                out.append(buf[start:end])
+            elif mtype == _Z:
+                self.state.tx_status = body[:1]
+                self.phase = "ready"
+                out.append(buf[start:end])
+                self._write_client(b"".join(out))
+                out = []
+                if end < len(buf) or self.obuf:
+                    self.obuf[:0] = buf[end:]
+                    self._origin_frames()
+                if self.cbuf:
+                    self._client_frames()
+                return
+            else:
+                if mtype == _E:
+                    self.outcome = "auth failed: " + pgwire.parse_error_fields(body).get("C", "?")
+                out.append(buf[start:end])
+        self._write_client(b"".join(out))
+
+    def _origin_frames(self) -> None:
+        frames, used = pgwire.scan_frames(self.obuf)
+        if not frames:
+            return
+        buf = bytes(self.obuf[:used])
+        del self.obuf[:used]
+        out: list[bytes] = []
+        cut = 0  # start of the span not yet appended to out
+        pending = self.pending
+        for mtype, start, end in frames:
+            head = pending[0] if pending else None
+            if head is not None and head.local is not None:  # pragma: no cover - defensive
+                head = None
+            if mtype == _Z:
+                self.state.tx_status = buf[start + 5 : start + 6]
+                out.append(buf[cut:end])
+                cut = end
+                if head is not None:
+                    pending.popleft()
+                    self._complete(head)
+                    while pending and pending[0].local is not None:
+                        out.append((pending.popleft().local or b"") + pgwire.ready_for_query(self.state.tx_status))
+                continue
+            if head is None:
+                if mtype == _S:
+                    self.state.parameter(*pgwire.parse_parameter_status(buf[start + 5 : end]))
+                continue
+            if mtype == 0x31 and head.swallow:
+                head.swallow -= 1
+                out.append(buf[cut:start])
+                cut = end
+                continue
+            if mtype == _E:
+                head.error = True
+            elif mtype == _S:
+                self.state.parameter(*pgwire.parse_parameter_status(buf[start + 5 : end]))
+            capture = head.capture
+            if capture is not None and not capture.failed and mtype not in _NOT_PAYLOAD:
+                if mtype in _FAILS_CAPTURE:
+                    capture.failed = True
+                    capture.frames.clear()
+                else:
+                    capture.frames.append(buf[start:end])
+                    capture.size += end - start
+                    if self.route is not None and self.route.cache is not None and not self.route.cache.accepts(capture.size):
+                        capture.failed = True
+                        capture.frames.clear()
+                        head.stats = [StatTicket(t.template_id, t.template, t.tables, str(Status.OVERSIZEDRESULT))
+                                      for t in head.stats]
+        out.append(buf[cut:used])
+        self._write_client(b"".join(out))
+
+    def _complete(self, item: Pending) -> None:
+        """A response ended (ReadyForQuery): evict again, store, apply settings, count."""
+        committed = self.state.tx_status == b"I"
+        if item.writes or item.writes_everything:
+            self.tx_writes |= item.writes
+            self.tx_writes_everything |= item.writes_everything
+        if committed and (self.tx_writes or self.tx_writes_everything):
+            # The write is visible to other sessions only now: evict again so a miss that
+            # raced it (stamped between the first eviction and the commit) is not kept.
+            self._invalidate(frozenset(self.tx_writes), self.tx_writes_everything)
+            self.tx_writes = set()
+            self.tx_writes_everything = False
+        if item.setting is not None:
+            if item.error:
+                self.state.bypass = True
+            else:
+                self.state.set(*item.setting)
+        cache = self.route.cache if self.route else None
+        if cache is None:
+            return
+        capture = item.capture
+        if capture is not None and not capture.failed and not item.error and committed and capture.frames:
+            cache.store_capture(capture)
+        elapsed = time.monotonic() - item.started
+        for ticket in item.stats:
+            cache.record(ticket, elapsed, 0)
+
+    def _write_client(self, data: bytes) -> None:
+        if data and not self.closed:
+            self.bytes_out += len(data)
+            self.client.write(data)
+
+    # --- endings ----------------------------------------------------------------------
+
+    def fail_client(self, sqlstate: str, message: str, outcome: str, *, fatal: bool = False) -> None:
+        """Send one ErrorResponse and close: the protocol allows nothing else after it."""
+        self.outcome = outcome
+        if not self.closed and self.phase not in ("tls",):
+            severity = "FATAL" if fatal or self.phase != "ready" else "FATAL"
+            self.client.write(pgwire.error_response(sqlstate, message, severity=severity))
+        self.close()
+
+    def terminate(self, message: str, outcome: str) -> None:
+        """End the session from the proxy's side (remove, shutdown): 57P01 then close."""
+        self.fail_client("57P01", message, outcome, fatal=True)
+
+    def origin_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if self.phase == "ready" and self.pending:
+            self.fail_client("08006", f"lost connection to origin {self.route.origin.label if self.route else ''}", "origin lost", fatal=True)
+        else:
+            if self.outcome == "closed":
+                self.outcome = "origin closed"
+            self.close()
+
+    def client_lost(self) -> None:
+        if self.outcome == "closed":
+            self.outcome = "client disconnected"
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        if self.origin_transport is not None:
+            self.origin_transport.close()
+        self.client.close()
+        self.server.forget(self)
+        log.info(
+            "connection client=%s database=%s role=%s cache=%s duration_ms=%.0f bytes_in=%d bytes_out=%d outcome=%r",
+            self.peer, self.state.database or "-", self.state.user or "-",
+            self.route.cache_id if self.route else "-", (time.monotonic() - self.opened) * 1000,
+            self.bytes_in, self.bytes_out, self.outcome,
+        )
+
+    # --- flow control -----------------------------------------------------------------
+
+    def pause_origin(self) -> None:
+        if self.origin_transport is not None:
+            self.origin_transport.pause_reading()
+
+    def resume_origin(self) -> None:
+        if self.origin_transport is not None and not self.origin_transport.is_closing():
+            self.origin_transport.resume_reading()
+
+
+class ClientSide(asyncio.Protocol):
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.session: Session | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self.session is None:
+            self.session = self.server.open_session(transport)
+        else:  # TLS upgrade hands us the new transport
+            self.session.client = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.client_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.client_lost()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_origin()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_origin()
+
+
+class OriginSide(asyncio.Protocol):
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.session.origin_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.origin_lost(exc)
+
+    def pause_writing(self) -> None:
+        if not self.session.closed:
+            self.session.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.session.closed and not self.session.client.is_closing():
+            self.session.client.resume_reading()
