@@ -306,7 +306,10 @@ class LocalPostgres:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if any(self.data_dir.iterdir()):
-            raise PostgresError(f"{self.data_dir} is not empty and holds no cluster")
+            raise PostgresError(
+                f"{self.data_dir} is not empty and holds no cluster (an interrupted initdb?);"
+                " remove it or choose another data dir"
+            )
         self._make_reachable(self.data_dir)
         self._chown(self.data_dir)
         os.chmod(self.data_dir, 0o700)
