@@ -25,10 +25,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.server")
 
 
+class AdminHandler(Protocol):
+    """Answers one session's messages itself (the admin console)."""
+
+    def feed(self, buf: bytearray) -> None:
+        """Consume complete frames from `buf` (delete what was used); reply via
+        `session.write_client`, end with `session.close()`."""
+
+
 class AdminEndpoint(Protocol):
     """Something that answers a session itself instead of relaying it (the admin console)."""
 
-    def attach(self, session: Session, startup: pgwire.StartupRequest) -> None: ...
+    def attach(self, session: Session, startup: pgwire.StartupRequest) -> AdminHandler: ...
 
 
 @dataclass(slots=True)

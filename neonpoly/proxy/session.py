@@ -23,7 +23,7 @@ from neonpoly.proxy.pending import Capture, Pending, StatTicket
 from neonpoly.proxy.state import SessionState
 
 if TYPE_CHECKING:
-    from neonpoly.proxy.server import ProxyServer, Route
+    from neonpoly.proxy.server import AdminHandler, ProxyServer, Route
 
 log = logging.getLogger("neonpoly.session")
 
@@ -62,6 +62,7 @@ class Session:
         self.outcome = "closed"
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None
+        self.admin: AdminHandler | None = None
 
     # --- client side ------------------------------------------------------------------
 
@@ -77,6 +78,8 @@ class Session:
                 self._relay_auth_from_client()
             elif self.phase == "ready":
                 self._client_frames()
+            elif self.phase == "admin" and self.admin is not None:
+                self.admin.feed(self.cbuf)
         except pgwire.ProtocolViolation as exc:
             self.fail_client("08P01", f"invalid frontend message: {exc}", "protocol violation")
 
@@ -143,7 +146,9 @@ class Session:
         self.route = route
         if route.admin is not None:
             self.phase = "admin"
-            route.admin.attach(self, packet)
+            self.admin = route.admin.attach(self, packet)
+            if self.cbuf:
+                self.admin.feed(self.cbuf)
             return
         self.phase = "connecting"
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(packet.raw))
@@ -252,6 +257,8 @@ class Session:
             return Status.DISABLED
         if not info.cacheable:
             return info.status or Status.UNCACHEABLE
+        if self.route.cache.ttl_for(info.template_id, info.tables_read) is None:
+            return Status.DISABLED  # a rule says "never", or the cache's mode is Off
         if self.state.bypass:
             return Status.BYPASS
         if self.state.tx_status != b"I" or self._busy():
@@ -494,6 +501,10 @@ class Session:
         elapsed = time.monotonic() - item.started
         for ticket in item.stats:
             cache.record(ticket, elapsed, 0)
+
+    def write_client(self, data: bytes) -> None:
+        """For answers neonpoly makes itself (the admin console)."""
+        self._write_client(data)
 
     def _write_client(self, data: bytes) -> None:
         if data and not self.closed:

@@ -1,0 +1,107 @@
+"""The one facade the TUI and the CLI call: integrations, caches, stats.
+
+It owns a running `ProxyService` (the proxy in the background) and the integration state
+on disk. Every method that may take time is async; everything else is a cheap read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from neonpoly.stats import StatsSnapshot
+
+OriginKind = Literal["neon", "url", "embedded"]
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderInfo:
+    """What the console's header shows: where we are and whether the proxy runs."""
+
+    project: str  # project name, or "local"
+    region: str | None
+    branch: str | None  # primary branch name, or None for local origins
+    listen: str  # "127.0.0.1:6543"
+    running: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IntegrationView:
+    cache_id: str  # a UUID, also the application_name clients send
+    name: str  # e.g. "shop-main"
+    workspace: str
+    kind: OriginKind
+    origin_label: str  # "ep-dawn-king-a527wlyu.us-east-2.aws.neon.tech:5432" or "127.0.0.1:5432"
+    endpoint_id: str | None
+    endpoint_state: str | None  # "active" | "idle" | "init" | None for local origins
+    branch: str | None
+    project: str | None
+    databases: tuple[str, ...]
+    roles: tuple[str, ...]
+    database: str  # the chosen database (drives the connection string)
+    role: str  # the chosen role
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatus:
+    entries: int
+    bytes: int
+    connections: int
+    calls: int
+    hits: int
+    hit_rate: float | None  # None before any cacheable query
+
+
+@dataclass(frozen=True, slots=True)
+class SignInResult:
+    mode: Literal["neon", "local"]
+    account: str  # what we are signed in as ("Neon API key …abcd" or "local")
+    workspaces: tuple[str, ...]
+
+
+Progress = Callable[[str], None]
+
+
+class ControlError(Exception):
+    """A failure to show the user as one line (inline in the TUI, stderr in the CLI)."""
+
+
+class Control:
+    """Interface; see neonpoly.control_impl (or the implementation below) for behaviour."""
+
+    def header(self) -> HeaderInfo:
+        raise NotImplementedError
+
+    def integrations(self) -> list[IntegrationView]:
+        raise NotImplementedError
+
+    async def sign_in(self, api_key: str | None = None) -> SignInResult:
+        raise NotImplementedError
+
+    async def add(self, workspace: str, progress: Progress) -> IntegrationView:
+        raise NotImplementedError
+
+    def select(self, cache_id: str, *, database: str | None = None, role: str | None = None) -> IntegrationView:
+        raise NotImplementedError
+
+    def connection_string(self, cache_id: str, *, reveal: bool = False) -> str:
+        raise NotImplementedError
+
+    def status(self, cache_id: str) -> CacheStatus:
+        raise NotImplementedError
+
+    def stats(self, cache_id: str | None = None) -> StatsSnapshot:
+        raise NotImplementedError
+
+    async def purge(self, cache_id: str) -> int:
+        raise NotImplementedError
+
+    async def remove(self, cache_id: str) -> int:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
