@@ -29,7 +29,24 @@ _SPACED_KEYWORDS = frozenset(
         "WHEN", "CASE", "RETURNING", "SET", "INTO", "LATERAL", "DISTINCT", "UNION",
         "INTERSECT", "EXCEPT", "TABLE", "IS", "LIKE", "ILIKE", "BETWEEN", "HAVING", "LIMIT",
         "OFFSET", "RECURSIVE", "MATERIALIZED", "CONFLICT", "DO", "UPDATE", "FILTER", "WINDOW",
-        "PARTITION", "ORDER", "GROUP", "ROWS", "RANGE", "END", "ARRAY", "EXPLAIN", "ANALYZE",
+        "PARTITION", "ORDER", "GROUP", "ROWS", "RANGE", "END", "EXPLAIN", "ANALYZE",
+    }
+)
+# Words printed in upper case; every other unquoted word is folded to lower case, as
+# PostgreSQL folds names, so "Name" and "NAME" give one template.
+_KEYWORDS = _SPACED_KEYWORDS | frozenset(
+    {
+        "INSERT", "DELETE", "MERGE", "COPY", "TRUNCATE", "CREATE", "ALTER", "DROP", "BEGIN",
+        "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "PREPARE", "EXECUTE", "DEALLOCATE",
+        "DECLARE", "FETCH", "MOVE", "CLOSE", "SHOW", "RESET", "DISCARD", "LISTEN", "NOTIFY",
+        "UNLISTEN", "LOCK", "CALL", "VACUUM", "START", "TRANSACTION", "ABORT", "PREPARED",
+        "MATCHED", "NOTHING", "NULL", "TRUE", "FALSE", "ASC", "DESC", "NULLS", "FIRST", "LAST",
+        "LEFT", "RIGHT", "INNER", "OUTER", "FULL", "CROSS", "NATURAL", "ONLY", "FOR", "SHARE",
+        "NO", "KEY", "SKIP", "LOCKED", "NOWAIT", "OF", "TO", "STDIN", "STDOUT", "CAST",
+        "INTERVAL", "DEFAULT", "LOCAL", "SESSION", "AUTHORIZATION", "ROLE", "TIME", "ZONE",
+        "CURRENT_USER", "SESSION_USER", "CURRENT_DATE", "CURRENT_TIMESTAMP", "CURRENT_TIME",
+        "LOCALTIME", "LOCALTIMESTAMP", "ESCAPE", "SIMILAR", "ISNULL", "NOTNULL",
+        "NEXT", "ROW", "ARRAY", "FOLLOWING", "PRECEDING", "UNBOUNDED", "CURRENT", "ORDINALITY",
     }
 )
 # A sign directly before a number is part of the literal unless it follows an operand.
@@ -45,7 +62,7 @@ def _is_operand(token: Token | None) -> bool:
     """Whether a following sign is a binary operator rather than part of a number."""
     if token is None:
         return False
-    text = token.text.upper()
+    text = token.text.upper().rsplit(None, 1)[-1] if token.text.strip() else ""
     if text in _SPACED_KEYWORDS or text in _SIGN_AFTER:
         return False
     if text in _OPERAND_ENDS or token.token_type in LITERAL_TYPES:
@@ -57,14 +74,17 @@ def _is_operand(token: Token | None) -> bool:
 def _piece(token: Token) -> str:
     if token.token_type == TokenType.IDENTIFIER:
         return '"' + token.text.replace('"', '""') + '"'
-    if token.token_type == TokenType.VAR:
-        return token.text.lower()
     if token.token_type in LITERAL_TYPES:
         return "?"
-    if "'" in token.text or "$" in token.text:
+    text = " ".join(token.text.split())
+    if " " in text:
+        return text.upper()  # multi-word keywords such as ORDER BY, GROUP BY, UNION ALL
+    if "'" in text or "$" in text:
         # A token type this module does not know carrying quote characters is a literal.
         return "?"
-    return token.text.upper()
+    if _looks_like_name(text):
+        return text.upper() if text.upper() in _KEYWORDS else text.lower()
+    return text.upper()
 
 
 def _pieces(tokens: Sequence[Token]) -> list[str]:
@@ -156,7 +176,7 @@ def template_by_regex(sql: str) -> str:
         elif kind in ("dollar", "estring", "string", "number"):
             out.append("?")
         elif kind == "word":
-            out.append(text.upper() if text.upper() in _SPACED_KEYWORDS else text.lower())
+            out.append(text.upper() if text.upper() in _KEYWORDS else text.lower())
         else:
             out.append(text)
         pos = match.end()

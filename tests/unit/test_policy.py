@@ -1,0 +1,389 @@
+"""The cache policy: what may be cached, which tables a statement touches, templates."""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from neonpoly.cache.policy import MEMO_MAX_CHARS, Classification, Status, classify
+
+S = Status
+F = frozenset
+
+# sql, cacheable, status, is_write, tables_read, tables_written, invalidate_all
+CASES: list[tuple[str, bool, Status | None, bool, set[str], set[str], bool]] = [
+    # plain reads
+    ("SELECT 1", True, None, False, set(), set(), False),
+    ("select * from t where id = $1", True, None, False, {"t"}, set(), False),
+    ("SELECT a FROM public.t JOIN s.u ON u.id = t.id", True, None, False, {"t", "u"}, set(), False),
+    ('SELECT * FROM "MixedCase" m, Orders o', True, None, False, {"MixedCase", "orders"},
+     set(), False),
+    ("TABLE s.t", True, None, False, {"t"}, set(), False),
+    ("VALUES (1, 'a'), (2, 'b')", True, None, False, set(), set(), False),
+    ("(SELECT a FROM x) UNION (SELECT a FROM y)", True, None, False, {"x", "y"}, set(), False),
+    ("SELECT * FROM a WHERE b IN (SELECT b FROM c)", True, None, False, {"a", "c"}, set(), False),
+    ("SELECT * FROM a, LATERAL (SELECT * FROM b WHERE b.x = a.x) l", True, None, False,
+     {"a", "b"}, set(), False),
+    ("WITH x AS (SELECT * FROM t), y AS (SELECT * FROM x) SELECT * FROM y", True, None, False,
+     {"t"}, set(), False),
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT * FROM r",
+     True, None, False, set(), set(), False),
+    ("SELECT * FROM generate_series(1, 10) g JOIN t ON t.id = g", True, None, False, {"t"},
+     set(), False),
+    ("SELECT * FROM unnest($1::int[]) AS u(x)", True, None, False, set(), set(), False),
+    ("SELECT count(*) FILTER (WHERE a > 1), string_agg(b, ',' ORDER BY b) FROM t GROUP BY c",
+     True, None, False, {"t"}, set(), False),
+    ("SELECT lower(a), upper(b), length(c), coalesce(d, 0), date_trunc('day', e), "
+     "extract(year FROM e), to_char(e, 'YYYY'), age(e, f), abs(g), round(g, 2), "
+     "row_number() OVER (ORDER BY a), jsonb_build_object('a', a), a->>'k', "
+     "array_agg(a), md5(a), greatest(a, b) FROM t", True, None, False, {"t"}, set(), False),
+    ("SELECT current_user, session_user, current_database(), current_schema()", True, None,
+     False, set(), set(), False),
+    ("SELECT pg_catalog.lower(relname) FROM pg_class", True, None, False, {"pg_class"}, set(),
+     False),
+    # volatile
+    ("SELECT random()", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT nextval('s')", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT now()", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT * FROM t WHERE ts > current_timestamp - interval '1 day'", False, S.VOLATILE,
+     False, {"t"}, set(), False),
+    ("SELECT current_date, localtime", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT clock_timestamp()", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT gen_random_uuid()", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT uuid_generate_v4()", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT pg_sleep(1)", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT pg_advisory_lock(1)", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT txid_current()", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT pg_relation_size('t')", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT set_config('a', 'b', false)", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT current_setting('work_mem')", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT my_func(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), False),
+    ("SELECT app.lower(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), False),
+    ("SELECT * FROM my_table_func(1)", False, S.VOLATILE, False, set(), set(), False),
+    ("SELECT age(born) FROM people", False, S.VOLATILE, False, {"people"}, set(), False),
+    ("SELECT 'now'::timestamptz", False, S.VOLATILE, False, set(), set(), False),
+    # reads that lock or create
+    ("SELECT * FROM t FOR UPDATE", False, S.UNCACHEABLE, False, {"t"}, set(), False),
+    ("SELECT * FROM t FOR SHARE", False, S.UNCACHEABLE, False, {"t"}, set(), False),
+    ("SELECT * FROM t FOR NO KEY UPDATE", False, S.UNCACHEABLE, False, {"t"}, set(), False),
+    ("SELECT * FROM t FOR KEY SHARE SKIP LOCKED", False, S.UNCACHEABLE, False, {"t"}, set(),
+     False),
+    ("SELECT * INTO newt FROM t", False, S.UNCACHEABLE, True, {"t"}, {"newt"}, True),
+    # writes
+    ("INSERT INTO s.t (a, b) VALUES (1, 2)", False, S.UNCACHEABLE, True, set(), {"t"}, False),
+    ("INSERT INTO t SELECT * FROM u", False, S.UNCACHEABLE, True, {"u"}, {"t"}, False),
+    ("UPDATE t SET a = u.a FROM u WHERE t.id = u.id", False, S.UNCACHEABLE, True, {"u"},
+     {"t"}, False),
+    ("DELETE FROM t USING u WHERE t.a = u.a", False, S.UNCACHEABLE, True, {"u"}, {"t"}, False),
+    ("MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN UPDATE SET b = 1", False,
+     S.UNCACHEABLE, True, {"s"}, {"t"}, False),
+    ("WITH x AS (UPDATE orders SET a = 1 RETURNING *) SELECT * FROM x", False,
+     S.UNCACHEABLE, True, set(), {"orders"}, False),
+    ("WITH x AS (DELETE FROM t2 RETURNING *) INSERT INTO t3 SELECT * FROM x", False,
+     S.UNCACHEABLE, True, set(), {"t2", "t3"}, False),
+    ("COPY t FROM STDIN", False, S.UNCACHEABLE, True, set(), {"t"}, False),
+    ("COPY s.t (a, b) TO STDOUT", False, S.UNCACHEABLE, False, {"t"}, set(), False),
+    ("COPY (SELECT 1) TO STDOUT", False, S.UNCACHEABLE, False, set(), set(), False),
+    ("TRUNCATE a, s.b", False, S.UNCACHEABLE, True, set(), {"a", "b"}, True),
+    ("CREATE TABLE x (a int)", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("ALTER TABLE x ADD COLUMN b int", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("DROP TABLE x", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("GRANT SELECT ON t TO bob", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("REFRESH MATERIALIZED VIEW mv", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("CALL p(1)", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("DO $$ BEGIN PERFORM 1; END $$", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("EXECUTE stmt(1)", False, S.UNCACHEABLE, True, set(), set(), True),
+    ("EXPLAIN ANALYZE DELETE FROM t", False, S.UNCACHEABLE, True, set(), {"t"}, False),
+    ("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1", False, S.UNCACHEABLE, True, set(),
+     {"t"}, False),
+    ("EXPLAIN DELETE FROM t", False, S.UNCACHEABLE, False, set(), set(), False),
+    ("EXPLAIN SELECT * FROM t", False, S.UNCACHEABLE, False, {"t"}, set(), False),
+    # side effects and utility
+    ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", False, S.UNCACHEABLE, False, set(), set(), False),
+    ("NOTIFY chan, 'payload'", False, S.UNCACHEABLE, False, set(), set(), False),
+    ("LISTEN chan", False, S.NOTAQUERY, False, set(), set(), False),
+    ("UNLISTEN *", False, S.NOTAQUERY, False, set(), set(), False),
+    ("SHOW search_path", False, S.NOTAQUERY, False, set(), set(), False),
+    ("VACUUM ANALYZE t", False, S.NOTAQUERY, False, set(), set(), False),
+    ("ANALYZE t", False, S.NOTAQUERY, False, set(), set(), False),
+    ("PREPARE q AS SELECT 1", False, S.NOTAQUERY, False, set(), set(), False),
+    ("DEALLOCATE q", False, S.NOTAQUERY, False, set(), set(), False),
+    ("DECLARE c CURSOR FOR SELECT * FROM t", False, S.NOTAQUERY, False, set(), set(), False),
+    ("FETCH 10 FROM c", False, S.NOTAQUERY, False, set(), set(), False),
+    ("MOVE NEXT IN c", False, S.NOTAQUERY, False, set(), set(), False),
+    ("CLOSE c", False, S.NOTAQUERY, False, set(), set(), False),
+    ("", False, S.NOTAQUERY, False, set(), set(), False),
+    (" ; -- nothing\n", False, S.NOTAQUERY, False, set(), set(), False),
+    # multiple statements: write facts are still reported
+    ("UPDATE a SET x = 1; SELECT * FROM b", False, S.MULTIPLESTATEMENTS, True, {"b"}, {"a"},
+     False),
+    ("SELECT 1; SELECT 2", False, S.MULTIPLESTATEMENTS, False, set(), set(), False),
+    ("SELECT 1; DROP TABLE t", False, S.MULTIPLESTATEMENTS, True, set(), set(), True),
+    # unreadable
+    ("SELECT 'unterminated", False, S.PARSEERROR, False, set(), set(), False),
+    ("SELEKT * FROM t", False, S.PARSEERROR, True, set(), set(), True),
+]
+
+
+@pytest.mark.parametrize(
+    ("sql", "cacheable", "status", "is_write", "read", "written", "everything"), CASES
+)
+def test_classification_table(
+    sql: str,
+    cacheable: bool,
+    status: Status | None,
+    is_write: bool,
+    read: set[str],
+    written: set[str],
+    everything: bool,
+) -> None:
+    c = classify(sql)
+    assert (c.cacheable, c.status, c.is_write) == (cacheable, status, is_write), c.reason
+    assert c.tables_read == F(read)
+    assert c.tables_written == F(written)
+    assert c.invalidate_all is everything
+    assert c.cacheable == (c.status is None)
+    if not c.cacheable:
+        assert c.reason
+
+
+@pytest.mark.parametrize(
+    ("sql", "needle"),
+    [
+        ("SELECT random()", "random()"),
+        ("SELECT my_func(1)", "volatility is unknown"),
+        ("SELECT * FROM t FOR UPDATE", "FOR UPDATE"),
+        ("UPDATE orders SET a = 1", "writes table orders"),
+        ("SELECT now()", "time-dependent"),
+    ],
+)
+def test_reasons(sql: str, needle: str) -> None:
+    assert needle in classify(sql).reason
+
+
+def test_qualified_names_for_display() -> None:
+    c = classify('SELECT * FROM public.t JOIN "Sales"."Orders" o ON TRUE JOIN u ON TRUE')
+    assert c.qualified_tables == ("public.t", "Sales.Orders", "u")
+    assert c.tables_read == F({"t", "Orders", "u"})
+
+
+@pytest.mark.parametrize(
+    ("sql", "setting", "changes"),
+    [
+        ("SET search_path TO app, public", ("search_path", "app, public"), True),
+        ("SET TimeZone = 'UTC'", ("timezone", "UTC"), True),
+        ("SET TIME ZONE 'Europe/Paris'", ("timezone", "Europe/Paris"), True),
+        ("SET SESSION statement_timeout = 5", ("statement_timeout", "5"), True),
+        ("SET datestyle TO DEFAULT", ("datestyle", None), True),
+        ("RESET search_path", ("search_path", None), True),
+        ("SET ROLE admin", ("role", "admin"), True),
+        ("RESET ROLE", ("role", None), True),
+        ("SET SESSION AUTHORIZATION bob", ("session_authorization", "bob"), True),
+        ("SET NAMES 'UTF8'", ("client_encoding", "UTF8"), True),
+        ("RESET ALL", None, True),
+        ("DISCARD ALL", None, True),
+        ("SET LOCAL work_mem = '1MB'", None, False),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None, False),
+    ],
+)
+def test_session_changes(sql: str, setting: tuple[str, str | None] | None, changes: bool) -> None:
+    c = classify(sql)
+    assert c.status is Status.NOTAQUERY and not c.cacheable and not c.is_write
+    assert c.changes_session is changes
+    assert c.session_setting == setting
+
+
+@pytest.mark.parametrize(
+    ("sql", "control"),
+    [
+        ("BEGIN", "begin"),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE", "begin"),
+        ("START TRANSACTION READ ONLY", "begin"),
+        ("COMMIT", "commit"),
+        ("END", "commit"),
+        ("ROLLBACK", "rollback"),
+        ("ABORT", "rollback"),
+        ("SAVEPOINT s1", "savepoint"),
+        ("RELEASE SAVEPOINT s1", "release"),
+        ("RELEASE s1", "release"),
+        ("ROLLBACK TO SAVEPOINT s1", "rollback_to"),
+        ("ROLLBACK TO s1", "rollback_to"),
+        ("PREPARE TRANSACTION 'gid'", "prepare_transaction"),
+        ("SELECT 1", None),
+    ],
+)
+def test_transaction_control(sql: str, control: str | None) -> None:
+    c = classify(sql)
+    assert c.transaction_control == control
+    if control is not None:
+        assert c.status is Status.NOTAQUERY and not c.is_write
+
+
+def test_commit_prepared_is_a_write_of_unknown_tables() -> None:
+    c = classify("COMMIT PREPARED 'gid'")
+    assert c.is_write and c.invalidate_all and c.transaction_control is None
+
+
+# --- templates -------------------------------------------------------------------------
+
+TEMPLATES = [
+    ("select * from t where id = 42", "SELECT * FROM t WHERE id = ?"),
+    ("SELECT  *\n FROM t WHERE name = 'bob'  AND x = -1.5e3",
+     "SELECT * FROM t WHERE name = ? AND x = ?"),
+    ("select * from t where id in (1, 2, 3)", "SELECT * FROM t WHERE id IN (?)"),
+    ("select * from t where id = $1 and b = $2", "SELECT * FROM t WHERE id = $1 AND b = $2"),
+    ("select $1::INT + 1", "SELECT $1::int + ?"),
+    ('select "Col" from "My"."T"', 'SELECT "Col" FROM "My"."T"'),
+    ("select count(*) from t -- secret 123", "SELECT count(*) FROM t"),
+    ("insert into t values (1, 'a'), (2, 'b'), (3, 'c')", "INSERT INTO t VALUES (?, ?), ..."),
+    ("select * from t where a = any(array[1, 2])", "SELECT * FROM t WHERE a = ANY (ARRAY[?])"),
+    ("select E'x\\'y', $$dollar$$, $q$ quoted $q$, B'101', X'ff'", "SELECT ?, ?, ?, ?, ?"),
+    ("select 1; select 2", "SELECT ?; SELECT ?"),
+    ("select a from t order  by a desc, -1 group by b",
+     "SELECT a FROM t ORDER BY a DESC, ? GROUP BY b"),
+    ("select Name, NAME from T", "SELECT name, name FROM t"),
+]
+
+
+@pytest.mark.parametrize(("sql", "template"), TEMPLATES)
+def test_templates(sql: str, template: str) -> None:
+    assert classify(sql).template == template
+
+
+SHAPES = [
+    "SELECT * FROM orders WHERE id = {n} AND status = {s}",
+    "SELECT * FROM t WHERE a IN ({n}, {n}, {s}) AND b BETWEEN {n} AND {n}",
+    "UPDATE accounts SET balance = balance - {n}, note = {s} WHERE id = {n}",
+    "INSERT INTO log (msg, level) VALUES ({s}, {n})",
+    "SELECT {s}::date, interval {s}, {n} * price FROM items LIMIT {n} OFFSET {n}",
+    "SELECT * FROM t WHERE j->>{s} = {s} ORDER BY {n}",
+    "DELETE FROM sessions WHERE token = {s}; SELECT {n}",
+    "SELECT * FROM t WHERE name = {s",  # unterminated: the tokenizer fails, regex redacts
+]
+
+
+def _random_string(rng: random.Random) -> tuple[str, str]:
+    """(SQL literal, the secret inside it)."""
+    secret = "".join(rng.choice("abcdefghijkXYZ0123456789 _-%") for _ in range(rng.randint(6, 12)))
+    secret = "zq" + secret.strip() + "zq"
+    style = rng.randint(0, 3)
+    if style == 0:
+        return f"'{secret}'", secret
+    if style == 1:
+        return f"E'{secret}'", secret
+    if style == 2:
+        return f"$${secret}$$", secret
+    return f"'{secret}''s'", secret
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_templates_never_contain_literals(shape: str) -> None:
+    rng = random.Random(shape)
+    ids = set()
+    for _ in range(60):
+        secrets: list[str] = []
+
+        def number(_: re.Match[str], secrets: list[str] = secrets) -> str:
+            value = str(rng.randint(100_000, 999_999_999))
+            if rng.random() < 0.3:
+                value = f"{value}.{rng.randint(10, 99)}"
+            secrets.append(value)
+            return ("-" if rng.random() < 0.3 else "") + value
+
+        def string(_: re.Match[str], secrets: list[str] = secrets) -> str:
+            literal, secret = _random_string(rng)
+            secrets.append(secret)
+            return literal
+
+        sql = re.sub(r"\{n\}", number, shape)
+        sql = re.sub(r"\{s\}", string, sql)
+        sql = sql.replace("{s", _random_string(rng)[0][:-1])  # the unterminated one
+        c = classify(sql)
+        for secret in secrets:
+            assert secret not in c.template, (sql, c.template)
+        assert "zq" not in c.template
+        assert not re.search(r"(?<![\w$])\d{6,}", c.template), c.template
+        ids.add(c.template_id)
+    # literal values never change the group, except the unterminated shape's varying style
+    assert len(ids) == 1 or shape.endswith("{s")
+
+
+def test_template_id_separates_structure() -> None:
+    a = classify("SELECT * FROM t WHERE a = 1")
+    b = classify("select *   from t where a = 2")
+    c = classify("SELECT * FROM t WHERE b = 1")
+    d = classify("SELECT * FROM u WHERE a = 1")
+    assert a.template_id == b.template_id
+    assert len({a.template_id, c.template_id, d.template_id}) == 3
+    assert re.fullmatch(r"[0-9a-f]{16}", a.template_id)
+
+
+def test_template_id_is_stable_across_processes() -> None:
+    sql = "SELECT * FROM orders WHERE id = 7"
+    code = (
+        "from neonpoly.cache.policy import classify;"
+        f"print(classify({sql!r}).template_id)"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert other == classify(sql).template_id
+
+
+# --- robustness and memoisation ---------------------------------------------------------
+
+GARBAGE = [
+    "SELECT (((",
+    "SELECT * FROM",
+    "'",
+    '"unterminated ident',
+    "$$ never closed",
+    "/* open comment",
+    "SELECT 1 +",
+    ";;;",
+    "\x00\x01\x02",
+    "SELECT " + "(" * 3000 + "1" + ")" * 3000,
+    "🙂 SELECT",
+    "INSERT INTO",
+    "WITH x AS (",
+]
+
+
+@pytest.mark.parametrize("sql", GARBAGE)
+def test_never_raises(sql: str) -> None:
+    c = classify(sql)
+    assert isinstance(c, Classification)
+    assert not c.cacheable
+
+
+def test_random_bytes_never_raise() -> None:
+    rng = random.Random(7)
+    alphabet = "SELECT FROM WHERE ()'\"$;,.-+*/:1234abc\n\t"
+    for _ in range(300):
+        sql = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        c = classify(sql)
+        assert isinstance(c, Classification)
+
+
+def test_memoised_by_text() -> None:
+    sql = "SELECT * FROM memo_check WHERE id = $1"
+    assert classify(sql) is classify(sql)
+
+
+def test_huge_text_is_classified_but_not_memoised() -> None:
+    sql = "INSERT INTO big VALUES " + ", ".join(f"({i}, 'v{i}')" for i in range(3000))
+    assert len(sql) > MEMO_MAX_CHARS
+    c = classify(sql)
+    assert c.tables_written == F({"big"})
+    assert c.template == "INSERT INTO big VALUES (?, ?), ..."
+
+
+def test_status_values_are_the_taxonomy() -> None:
+    assert [s.value for s in Status] == [
+        "hit", "miss", "uncacheable", "multiplestatements", "notaquery", "parseerror",
+        "transaction", "volatile", "oversizedresult", "disabled", "bypass",
+    ]
