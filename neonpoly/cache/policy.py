@@ -32,7 +32,7 @@ from neonpoly.cache.queries import tokenize
 from neonpoly.cache.statements import classify_statement
 from neonpoly.cache.template import template_by_regex, template_from_tokens, template_id
 
-__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify"]
+__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "warm_up"]
 
 MEMO_SIZE = 8192
 # Bulk INSERTs can be megabytes and never repeat; keeping them would bloat the memo.
@@ -44,6 +44,11 @@ def classify(sql: str) -> Classification:
     if len(sql) <= MEMO_MAX_CHARS:
         return _memoised(sql)
     return _classify(sql)
+
+
+def warm_up() -> None:
+    """Build the function tables now (about 25 ms) instead of in the first client's query."""
+    _classify("SELECT lower(a) FROM t")
 
 
 @functools.lru_cache(maxsize=MEMO_SIZE)

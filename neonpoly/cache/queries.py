@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -26,9 +27,15 @@ class StatementTokenizer(Postgres.Tokenizer):
     COMMANDS: ClassVar[set[TokenType]] = set()
 
 
+_local = threading.local()
+
+
 def tokenize(sql: str) -> list[Token]:
-    """Tokens of the whole text; a new tokenizer per call keeps this thread-safe."""
-    return StatementTokenizer().tokenize(sql)
+    """Tokens of the whole text; one tokenizer per thread, as a tokenizer holds state."""
+    tokenizer: StatementTokenizer | None = getattr(_local, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = _local.tokenizer = StatementTokenizer()
+    return tokenizer.tokenize(sql)
 _DML = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
 
 
@@ -125,8 +132,14 @@ def analyse(tree: exp.Expr, verdict: Verdict) -> Verdict:
     targets: set[int] = set()
     locks: list[str] = []
     volatile: list[str] = []
+    tables: list[exp.Table] = []
+    has_with = False
     for node in tree.walk():
-        if isinstance(node, _DML):
+        if isinstance(node, exp.Table):
+            tables.append(node)
+        elif isinstance(node, exp.Column):
+            continue
+        elif isinstance(node, _DML):
             _record_write(node, verdict, targets)
         elif isinstance(node, exp.Select):
             locks.extend(_select_flags(node, verdict, targets))
@@ -134,9 +147,13 @@ def analyse(tree: exp.Expr, verdict: Verdict) -> Verdict:
             reason = volatility_reason(node)
             if reason is not None:
                 volatile.append(reason)
-    for table in tree.find_all(exp.Table):
+        elif isinstance(node, exp.With):
+            has_with = True
+    for table in tables:
         names = table_names(table)
-        if names is None or id(table) in targets or _is_cte_reference(table, names[0]):
+        if names is None or id(table) in targets:
+            continue
+        if has_with and _is_cte_reference(table, names[0]):
             continue
         verdict.tables_read.add(names[0])
         if names[1] not in verdict.qualified:

@@ -46,10 +46,11 @@ def _words(tokens: Sequence[Token]) -> list[str]:
 
 
 def classify_statement(tokens: Sequence[Token], sql: str) -> Verdict:
+    first = tokens[0].text.upper()
+    if first in _QUERY_STARTS or first in _DML_STARTS:
+        return _parsed(tokens, sql)
     words = _words(tokens)
     first = words[0]
-    if first in _QUERY_STARTS or first in _DML_STARTS:
-        return _parsed(tokens, sql, words)
     if first in _DDL_STARTS:
         return Verdict().write(f"{first} statement (DDL) changes the schema", everything=True)
     if first == "TRUNCATE":
@@ -83,13 +84,13 @@ def _unparsed(words: Sequence[str], reason: str) -> Verdict:
     return verdict
 
 
-def _parsed(tokens: Sequence[Token], sql: str, words: Sequence[str]) -> Verdict:
+def _parsed(tokens: Sequence[Token], sql: str) -> Verdict:
     try:
         tree = queries.parse(tokens, sql)
     except Exception as error:  # sqlglot raises several error types, and RecursionError
-        return _unparsed(words, f"could not parse: {type(error).__name__}")
+        return _unparsed(_words(tokens), f"could not parse: {type(error).__name__}")
     if tree is None:
-        return _unparsed(words, "could not parse")
+        return _unparsed(_words(tokens), "could not parse")
     return queries.analyse(tree, Verdict())
 
 

@@ -6,6 +6,7 @@ when the parser gives up, and so nothing the parser keeps (comments, odd literal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -76,7 +77,13 @@ def _piece(token: Token) -> str:
         return '"' + token.text.replace('"', '""') + '"'
     if token.token_type in LITERAL_TYPES:
         return "?"
-    text = " ".join(token.text.split())
+    return _word(token.text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _word(raw: str) -> str:
+    """Spelling of a non-literal, unquoted token (memoised: the vocabulary is small)."""
+    text = " ".join(raw.split())
     if " " in text:
         return text.upper()  # multi-word keywords such as ORDER BY, GROUP BY, UNION ALL
     if "'" in text or "$" in text:

@@ -387,3 +387,10 @@ def test_status_values_are_the_taxonomy() -> None:
         "hit", "miss", "uncacheable", "multiplestatements", "notaquery", "parseerror",
         "transaction", "volatile", "oversizedresult", "disabled", "bypass",
     ]
+
+
+def test_warm_up_builds_tables_without_touching_the_memo() -> None:
+    from neonpoly.cache.policy import warm_up
+
+    warm_up()
+    assert classify("SELECT lower(a) FROM t").cacheable
