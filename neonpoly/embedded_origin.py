@@ -33,8 +33,9 @@ class EmbeddedOrigin:
 
 def start_embedded_origin(root: Path, timeout: float = 60) -> tuple[EmbeddedOrigin, Origin]:
     """Start (initialising on first use) the embedded cluster under `root/embedded`."""
-    cluster = LocalPostgres(root / "embedded", superuser=EMBEDDED_USER, settings={"max_connections": 200},
-                            die_with_parent=True)
+    # Not die_with_parent: Linux ties that to the starting *thread*, and we start it from a
+    # worker thread; `serve` stops the cluster itself on shutdown.
+    cluster = LocalPostgres(root / "embedded", superuser=EMBEDDED_USER, settings={"max_connections": 200})
     fresh = not cluster.initialized
     cluster.start(timeout=timeout)
     if fresh:
