@@ -36,7 +36,11 @@ class Pending:
     writes_everything: bool = False
     setting: tuple[str, str | None] | None = None  # applied to the key only if it succeeds
     error: bool = False
-    neutral: bool = False  # a plain read: cannot change the transaction status or settings
+    neutral: bool = False
+    # A batch ended by Flush has no ReadyForQuery: it ends after `expect` more messages
+    # (None once an error means the origin now skips to the next Sync's ReadyForQuery).
+    flush: bool = False
+    expect: int | None = None  # a plain read: cannot change the transaction status or settings
     stats: list[StatTicket] = field(default_factory=list)
 
 

@@ -33,6 +33,20 @@ _FAILS_CAPTURE = frozenset(b"EGHWs")  # errors, COPY, suspended portals: never s
 _EXTENDED = frozenset(b"PBDEC")
 
 
+def _expected_answers(batch: list[tuple[int, bytes]]) -> int | None:
+    """How many messages the origin answers a Flush-ended batch with; None if unknowable.
+
+    Parse, Bind and Close answer once; Describe of a statement twice (parameters, then row
+    description or NoData), of a portal once. Execute streams rows, so it is not counted.
+    """
+    total = 0
+    for mtype, body in batch:
+        if mtype == 0x45:
+            return None
+        total += 2 if mtype == 0x44 and body[:1] == b"S" else 1
+    return total
+
+
 class Session:
     """The relay and its state machine: startup → auth → ready → closed."""
 
@@ -196,9 +210,15 @@ class Session:
             elif mtype == 0x53:  # Sync
                 self._sync(buf[start:end], out)
             elif mtype == 0x48:  # Flush: the client wants answers before Sync
-                if self.stream is None:
-                    self._open_stream(out)
-                out.append(buf[start:end])
+                expect = _expected_answers(self.batch)
+                if self.stream is not None or expect is None:
+                    if self.stream is None and self.batch:
+                        self._open_stream(out)
+                    out.append(buf[start:end])
+                elif self.batch:
+                    self._sync(buf[start:end], out, expect=expect)
+                else:
+                    out.append(buf[start:end])
             elif mtype == 0x51:  # Query
                 self._query(buf[start + 5 : end], buf[start:end], out)
             elif mtype == 0x58:  # Terminate
@@ -294,14 +314,16 @@ class Session:
 
     # --- extended protocol ------------------------------------------------------------
 
-    def _sync(self, raw: bytes, out: list[bytes]) -> None:
+    def _sync(self, raw: bytes, out: list[bytes], expect: int | None = None) -> None:
+        """Decide on a whole batch at its Sync (or at a Flush, `expect` answers long)."""
         if self.stream is not None:
             out.append(raw)
             self.stream = None
             return
         batch, self.batch = self.batch, []
         plan = self.book.plan(batch)
-        item = Pending(time.monotonic())
+        flush = expect is not None
+        item = Pending(time.monotonic(), flush=flush, expect=expect)
         status = Status.MISS
         info = plan.primary
         if plan.writes or plan.writes_everything:
@@ -315,7 +337,7 @@ class Session:
             status = self._cache_decision(info)
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None and (plan.executes or info is not None):
-            key = cache.key(self.state.context(), b"X" + plan.material)
+            key = cache.key(self.state.context(), (b"H" if flush else b"X") + plan.material)
             payload = cache.lookup(key)
             if payload is not None and not self._busy():
                 self.book.after_local(plan)
@@ -344,7 +366,7 @@ class Session:
             item.local = payload
             self._push(item)
         else:
-            self._write_client(payload + pgwire.ready_for_query(self.state.tx_status))
+            self._write_client(payload if item.flush else payload + pgwire.ready_for_query(self.state.tx_status))
 
     def _open_stream(self, out: list[bytes]) -> None:
         """Forward the batch so far and everything up to its Sync as it arrives."""
@@ -440,11 +462,17 @@ class Session:
                 self.state.tx_status = buf[start + 5 : start + 6]
                 out.append(buf[cut:end])
                 cut = end
-                if head is not None:
-                    pending.popleft()
-                    self._complete(head)
-                    while pending and pending[0].local is not None:
-                        out.append((pending.popleft().local or b"") + pgwire.ready_for_query(self.state.tx_status))
+                # Flush batches still open here failed: the origin skipped to this Sync.
+                skipped = False
+                while pending and pending[0].flush and pending[0].local is None:
+                    failed = pending.popleft()
+                    failed.error = skipped = True
+                    self._complete(failed)
+                if pending and pending[0].local is None:
+                    done = pending.popleft()
+                    done.error = done.error or skipped
+                    self._complete(done)
+                self._release_local(out)
                 continue
             if head is None:
                 if mtype == _S:
@@ -460,6 +488,21 @@ class Session:
             elif mtype == _S:
                 self.state.parameter(*pgwire.parse_parameter_status(buf[start + 5 : end]))
             capture = head.capture
+            if head.flush and head.expect is not None and mtype not in _NOT_PAYLOAD:
+                if mtype == _E:
+                    head.expect = None  # now ends at the next ReadyForQuery
+                else:
+                    head.expect -= 1
+                    if capture is not None and not capture.failed:
+                        capture.frames.append(buf[start:end])
+                        capture.size += end - start
+                    if head.expect == 0:
+                        out.append(buf[cut:end])
+                        cut = end
+                        pending.popleft()
+                        self._complete(head)
+                        self._release_local(out)
+                    continue
             if capture is not None and not capture.failed and mtype not in _NOT_PAYLOAD:
                 if mtype in _FAILS_CAPTURE:
                     capture.failed = True
@@ -474,6 +517,13 @@ class Session:
                                       for t in head.stats]
         out.append(buf[cut:used])
         self._write_client(b"".join(out))
+
+    def _release_local(self, out: list[bytes]) -> None:
+        """Cache answers queued behind origin answers go out as soon as it is their turn."""
+        pending = self.pending
+        while pending and pending[0].local is not None:
+            item = pending.popleft()
+            out.append((item.local or b"") if item.flush else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status))
 
     def _complete(self, item: Pending) -> None:
         """A response ended (ReadyForQuery): evict again, store, apply settings, count."""
