@@ -51,6 +51,8 @@ class CacheStatus:
     calls: int
     hits: int
     hit_rate: float | None  # None before any cacheable query
+    origin: str = ""  # "host:port" of the origin (never a password)
+    endpoint_state: str | None = None  # Neon endpoint state as last discovered
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,7 @@ class ControlError(Exception):
 
 
 class Control:
-    """Interface; see neonpoly.control_impl (or the implementation below) for behaviour."""
+    """Interface; `neonpoly.control_impl.LocalControl` implements it (`open_control(...)`)."""
 
     def header(self) -> HeaderInfo:
         raise NotImplementedError
@@ -82,7 +84,9 @@ class Control:
     async def add(self, workspace: str, progress: Progress) -> IntegrationView:
         raise NotImplementedError
 
-    def select(self, cache_id: str, *, database: str | None = None, role: str | None = None) -> IntegrationView:
+    def select(
+        self, cache_id: str, *, database: str | None = None, role: str | None = None
+    ) -> IntegrationView:
         raise NotImplementedError
 
     def connection_string(self, cache_id: str, *, reveal: bool = False) -> str:
