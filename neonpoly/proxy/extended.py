@@ -110,8 +110,7 @@ class StatementBook:
                 stmt, _ = portals[execute.portal]
                 plan.executes += 1
                 plan.primary = stmt.info if plan.executes == 1 else plan.primary
-                if execute.max_rows:
-                    refuse(Status.UNCACHEABLE, "Execute with a row limit (portal suspended)")
+                # A row limit (asyncpg's fetchrow/fetchval send 1) is part of the key.
                 material.update(b"E" + execute.max_rows.to_bytes(4, "big", signed=True))
             elif mtype == 0x43:  # C
                 target = pgwire.parse_target(body)

@@ -29,7 +29,10 @@ log = logging.getLogger("neonpoly.session")
 
 _Z, _E, _S, _K, _R = 0x5A, 0x45, 0x53, 0x4B, 0x52
 _NOT_PAYLOAD = frozenset(b"ANS")  # notifications, notices, parameter changes: never replayed
-_FAILS_CAPTURE = frozenset(b"EGHWs")  # errors, COPY, suspended portals: never stored
+# Errors and COPY are never stored. A suspended portal ('s', asyncpg's fetchval sends a
+# row limit of 1) is: outside a transaction its portal dies at Sync, so the same request
+# always gets the same bytes, and the row limit is part of the key.
+_FAILS_CAPTURE = frozenset(b"EGHW")
 _EXTENDED = frozenset(b"PBDEC")
 
 

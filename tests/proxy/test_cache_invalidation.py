@@ -1,0 +1,178 @@
+"""Never stale after a write through neonpoly; never cache what must not be cached."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.pgharness import PgServer
+from tests.proxy.caching import CachingProxy, caching_proxy, unique
+
+
+@pytest.fixture
+async def proxy(pg: PgServer, tmp_path: Path) -> AsyncIterator[CachingProxy]:
+    async with caching_proxy(pg, tmp_path / "cache", admit_after=1) as p:
+        yield p
+
+
+async def counter_table(pg: PgServer, rows: int = 1) -> str:
+    table = unique("inv")
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL)")
+        await conn.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, {rows}) g")
+    return table
+
+
+async def test_update_autocommit_then_read_elsewhere(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await counter_table(pg)
+    reader = await asyncpg.connect(**proxy.dsn())
+    writer = await psycopg.AsyncConnection.connect(proxy.url(), autocommit=True)
+    try:
+        for expected in range(1, 6):
+            for _ in range(3):  # warm: the third read is a hit
+                assert await reader.fetchval(f"SELECT v FROM {table} WHERE id = 1") == expected - 1
+            await writer.execute(f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+            assert await reader.fetchval(f"SELECT v FROM {table} WHERE id = 1") == expected
+    finally:
+        await reader.close()
+        await writer.close()
+    assert proxy.totals()["hit"] >= 10
+
+
+async def test_update_in_transaction_commit_and_rollback(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await counter_table(pg)
+    sql = f"SELECT v FROM {table} WHERE id = 1"
+    reader = await asyncpg.connect(**proxy.dsn())
+    writer = await asyncpg.connect(**proxy.dsn("postgres"))
+    try:
+        for _ in range(3):
+            assert await reader.fetchval(sql) == 0
+        async with writer.transaction():
+            await writer.execute(f"UPDATE {table} SET v = 7 WHERE id = 1")
+            assert await writer.fetchval(sql) == 7  # inside the transaction: never cached
+            assert await reader.fetchval(sql) == 0  # others still see the committed value
+        assert await reader.fetchval(sql) == 7
+        for _ in range(3):
+            assert await reader.fetchval(sql) == 7
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute(f"UPDATE {table} SET v = 99 WHERE id = 1")
+        await tx.rollback()
+        assert await reader.fetchval(sql) == 7
+        # A simple-protocol transaction (psql style) in one string of statements.
+        await writer.execute(f"BEGIN; UPDATE {table} SET v = 8 WHERE id = 1; COMMIT")
+        assert await reader.fetchval(sql) == 8
+    finally:
+        await reader.close()
+        await writer.close()
+    assert proxy.totals().get("transaction", 0) >= 1
+
+
+async def test_ddl_and_truncate_evict_the_database(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await counter_table(pg, rows=3)
+    sql = f"SELECT count(*) FROM {table}"
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for _ in range(3):
+            assert await conn.fetchval(sql) == 3
+        await conn.execute(f"TRUNCATE {table}")
+        assert await conn.fetchval(sql) == 0
+        for _ in range(2):
+            assert await conn.fetchval(sql) == 0
+        await conn.execute(f"INSERT INTO {table} VALUES (1, 1)")
+        assert await conn.fetchval(sql) == 1
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_writers_never_read_stale(pg: PgServer, proxy: CachingProxy) -> None:
+    """Readers never see a value older than the newest write acknowledged before they began."""
+    table = await counter_table(pg, rows=4)
+    acknowledged = {k: 0 for k in range(1, 5)}
+    stale: list[tuple[int, int, int]] = []
+    reads = 0
+    deadline = time.monotonic() + 4.0
+
+    async def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        conn = await asyncpg.connect(**proxy.dsn())
+        try:
+            while time.monotonic() < deadline:
+                key = rng.randint(1, 4)
+                value = await conn.fetchval(f"UPDATE {table} SET v = v + 1 WHERE id = $1 RETURNING v", key)
+                acknowledged[key] = max(acknowledged[key], value)
+                await asyncio.sleep(rng.random() * 0.01)
+        finally:
+            await conn.close()
+
+    async def reader(seed: int) -> None:
+        nonlocal reads
+        rng = random.Random(seed)
+        conn = await asyncpg.connect(**proxy.dsn())
+        try:
+            while time.monotonic() < deadline:
+                key = rng.randint(1, 4)
+                floor = acknowledged[key]
+                value = await conn.fetchval(f"SELECT v FROM {table} WHERE id = $1", key)
+                reads += 1
+                if value < floor:
+                    stale.append((key, value, floor))
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(writer(i) for i in range(3)), *(reader(100 + i) for i in range(6)))
+    assert reads > 200
+    assert stale == []
+    assert proxy.totals().get("hit", 0) > 0  # the cache was really in play
+
+
+@pytest.mark.parametrize(
+    ("sql", "status"),
+    [
+        ("SELECT now()", "volatile"),
+        ("SELECT random()", "volatile"),
+        ("SELECT nextval('{seq}')", "volatile"),
+        ("SELECT v FROM {table} FOR UPDATE", "uncacheable"),
+        ("WITH u AS (UPDATE {table} SET v = v RETURNING v) SELECT count(*) FROM u", "uncacheable"),
+        ("SELECT 1; SELECT 2", "multiplestatements"),
+    ],
+)
+async def test_never_answered_from_cache(pg: PgServer, proxy: CachingProxy, sql: str, status: str) -> None:
+    table = await counter_table(pg)
+    seq = unique("seq")
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE SEQUENCE {seq}")
+    text = sql.format(table=table, seq=seq)
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for _ in range(4):
+            await conn.execute(text)
+    finally:
+        await conn.close()
+    totals = proxy.totals()
+    assert totals.get(status) == 4, totals
+    assert "hit" not in totals
+
+
+async def test_select_into_and_transactions_never_cached(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await counter_table(pg)
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for i in range(3):
+            await conn.execute(f"SELECT * INTO {table}_copy{i} FROM {table}")
+        async with conn.transaction():
+            for _ in range(4):
+                assert await conn.fetchval(f"SELECT v FROM {table} WHERE id = 1") == 0
+    finally:
+        await conn.close()
+    totals = proxy.totals()
+    assert totals.get("uncacheable") == 3
+    assert totals.get("transaction") == 4
+    assert "hit" not in totals
