@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class ProxyService:
         self.settings = settings
         self.stats = stats or StatsRecorder()
         self.routes = Routes()
+        # Called with each Route add_cache creates (the admin console attaches TTL policies).
+        self.cache_added: list[Callable[[Route], None]] = []
         tls = None
         if settings.tls_cert is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -75,6 +78,8 @@ class ProxyService:
             cache = QueryCache(cache_id, store, self.stats, ttl=conf.ttl, admit_after=conf.admit_after)
         route = Route(cache_id, origin, cache)
         self.routes.by_id[cache_id] = route
+        for hook in self.cache_added:
+            hook(route)
         self.routes.removed.discard(cache_id)
         if default or self.routes.default is None:
             self.routes.default = cache_id
