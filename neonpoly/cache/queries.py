@@ -11,7 +11,7 @@ from sqlglot.dialects.postgres import Postgres
 from sqlglot.tokenizer_core import Token, TokenType
 
 from neonpoly.cache.classification import Status, Verdict
-from neonpoly.cache.volatility import volatility_reason
+from neonpoly.cache.volatility import UNKNOWN_VOLATILITY, volatility_reason
 
 DIALECT = Postgres()
 
@@ -162,6 +162,10 @@ def analyse(tree: exp.Expr, verdict: Verdict) -> Verdict:
         verdict.refuse(Status.UNCACHEABLE, locks[0])
     if volatile:
         verdict.refuse(Status.VOLATILE, volatile[0])
+        if any(UNKNOWN_VOLATILITY in reason for reason in volatile):
+            # A function we do not know may write any table (a user-defined function
+            # that UPDATEs): evict the database, as for any write we cannot name.
+            verdict.invalidate_all = True
     if not isinstance(tree, (exp.Query, exp.Values, *_DML)):
         verdict.refuse(Status.PARSEERROR, f"unrecognised statement {tree.key.upper()}")
     if verdict.status is None:

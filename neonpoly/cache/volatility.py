@@ -35,7 +35,9 @@ VOLATILE_NAMES: frozenset[str] = frozenset(
         "pg_current_wal_lsn", "pg_current_snapshot", "pg_trigger_depth", "pg_blocking_pids",
         "inet_client_addr", "inet_client_port", "inet_server_addr", "inet_server_port",
         "pg_stat_get_activity", "pg_read_file", "pg_read_binary_file", "pg_ls_dir",
-        "pg_stat_file", "pg_logical_emit_message",
+        "pg_stat_file", "pg_logical_emit_message", "pg_relation_size", "pg_table_size",
+        "pg_total_relation_size", "pg_indexes_size", "pg_database_size", "pg_tablespace_size",
+        "pg_column_size",
     }
 )
 VOLATILE_PREFIXES: tuple[str, ...] = (
@@ -190,6 +192,9 @@ def _known() -> _Known:
             volatile.setdefault(cls, "volatile")
     # A volatile meaning wins if sqlglot folds a safe and a volatile name into one class.
     return _Known(frozenset(safe - volatile.keys()), volatile)
+
+
+UNKNOWN_VOLATILITY = "whose volatility is unknown"
 
 
 def _display(node: exp.Func) -> str:
