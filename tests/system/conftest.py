@@ -1,0 +1,98 @@
+"""System tests: the integration lifecycle as a user drives it (CLI entry points in-process,
+real psql and asyncpg clients, the `pg` fixture standing in for a Neon endpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from neonpoly.cli_integrations import dispatch, register
+from neonpoly.neon_standin import (
+    NeonStandin,
+    SeedBranch,
+    SeedDatabase,
+    SeedEndpoint,
+    SeedProject,
+    SeedRole,
+)
+from tests.pgharness import NEON_HOST, PgServer
+
+ROLE = "scram_user"
+DATABASE = "app"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neonpoly")
+    register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+async def run_cli(*argv: str) -> str:
+    """`neonpoly <argv>` through the same parser and dispatch the real CLI uses; stdout."""
+    out = io.StringIO()
+    args = _parser().parse_args(list(argv))
+    assert await dispatch(args, out) == 0
+    return out.getvalue()
+
+
+async def psql(url: str, sql: str) -> str:
+    """The real psql binary; run as a subprocess so the proxy on this loop keeps serving."""
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which("psql") or "psql", url, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, stderr.decode()
+    return stdout.decode().strip()
+
+
+async def psql_failure(url: str, sql: str) -> str:
+    """Run psql expecting it to fail; returns its stderr (the server's message)."""
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which("psql") or "psql", url, "-X", "-At", "-c", sql,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0
+    return stderr.decode()
+
+
+def pg_project(pg: PgServer) -> SeedProject:
+    """A Neon project whose primary branch's read_write endpoint is the `pg` fixture (reached
+    through --connect-to; the fixture's certificate names NEON_HOST)."""
+    endpoint_id = NEON_HOST.split(".")[0]
+    return SeedProject("shop", branches=[SeedBranch(
+        "main", default=True,
+        endpoints=[SeedEndpoint("read_only", "active"),
+                   SeedEndpoint("read_write", "idle", id=endpoint_id, host=NEON_HOST)],
+        databases=[SeedDatabase(DATABASE, ROLE)],
+        roles=[SeedRole(ROLE, pg.password_for(ROLE))],
+    )])
+
+
+@pytest.fixture
+async def neon_for_pg(pg: PgServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[NeonStandin]:
+    async with NeonStandin([pg_project(pg)]) as standin:
+        monkeypatch.setenv("NEON_API_KEY", standin.api_key)
+        monkeypatch.delenv("NEON_API_HOST", raising=False)
+        yield standin
+
+
+def connect_to(pg: PgServer) -> str:
+    return f"{NEON_HOST}:5432:127.0.0.1:{pg.port}"
+
+
+@pytest.fixture
+def state_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    # Not tmp_path: its 0700 root-owned parents are unreachable for the embedded server's user.
+    base = Path(tempfile.mkdtemp(prefix="neonpoly-sys-"))
+    monkeypatch.setenv("NEONPOLY_STATE_DIR", str(base / "state"))
+    try:
+        yield base / "state"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
