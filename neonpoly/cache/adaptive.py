@@ -9,7 +9,7 @@ Per table we keep an exponentially weighted mean of the interval between writes.
 used is the larger of that mean and the time since the last write, so a table whose writes
 stop drifts back to the maximum TTL instead of staying short for ever. Then
 
-    ttl(table) = clamp(factor × interval, min_ttl, max_ttl)
+    ttl(table) = clamp(factor * interval, min_ttl, max_ttl)
 
 and a template over several tables takes the lowest. A write whose tables are unknown (DDL,
 TRUNCATE, unparseable) counts as a write to every table of every database.

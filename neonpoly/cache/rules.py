@@ -2,10 +2,10 @@
 
 A cache runs in one of three modes:
 
-* ``auto``  – every cacheable query is cached; its TTL is learned (`AdaptiveTTL`), bounded
+* ``auto``  - every cacheable query is cached; its TTL is learned (`AdaptiveTTL`), bounded
   above by the cache's configured TTL;
-* ``fixed`` – every cacheable query is cached with the cache's configured TTL;
-* ``off``   – nothing is cached except what a TTL rule names (PolyScale's "manual" mode).
+* ``fixed`` - every cacheable query is cached with the cache's configured TTL;
+* ``off``   - nothing is cached except what a TTL rule names (PolyScale's "manual" mode).
 
 Rules name a table or a query template and say "TTL n seconds" or "never". For one query:
 
@@ -105,7 +105,9 @@ class RuleBook:
     # --- reading -------------------------------------------------------------------------
 
     def rules(self) -> list[Rule]:
-        return sorted(self._rules.values(), key=lambda r: int(r.id[1:]) if r.id[1:].isdigit() else 0)
+        return sorted(
+            self._rules.values(), key=lambda r: int(r.id[1:]) if r.id[1:].isdigit() else 0
+        )
 
     def get(self, rule_id: str) -> Rule | None:
         return self._rules.get(rule_id.lower())
@@ -129,7 +131,9 @@ class RuleBook:
 
     # --- changing ------------------------------------------------------------------------
 
-    def add(self, target: Target, name: str, ttl: float | None, cache_id: str | None = None) -> Rule:
+    def add(
+        self, target: Target, name: str, ttl: float | None, cache_id: str | None = None
+    ) -> Rule:
         if ttl is not None and not (ttl > 0 and ttl < 10 * 365 * 86400):
             raise RuleError(f"TTL must be a positive number of seconds, not {ttl:g}")
         key = normalize_table(name) if target == "table" else name.strip().lower()
@@ -155,10 +159,10 @@ class RuleBook:
         if m not in MODES:
             raise RuleError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if cache_id is None:
-            self.default_mode = m  # type: ignore[assignment]
+            self.default_mode = _mode(m)
             self.modes.clear()  # "SET MODE x" for every cache overrides per-cache choices
         else:
-            self.modes[cache_id] = m  # type: ignore[assignment]
+            self.modes[cache_id] = _mode(m)
         self._changed()
 
     def _reindex(self) -> None:
@@ -194,8 +198,8 @@ class RuleBook:
             raise RuleError(f"cannot read {path}: {exc}") from exc
         modes = doc.get("modes", {})
         default = modes.get("default", "auto")
-        self.default_mode = default if default in MODES else "auto"
-        self.modes = {k: v for k, v in modes.get("caches", {}).items() if v in MODES}
+        self.default_mode = _mode(default) if default in MODES else "auto"
+        self.modes = {k: _mode(v) for k, v in modes.get("caches", {}).items() if v in MODES}
         for item in doc.get("rules", []):
             ttl = item.get("ttl")
             rule = Rule(
@@ -212,6 +216,13 @@ class RuleBook:
         self._reindex()
 
 
+def _mode(text: str) -> Mode:
+    for mode in MODES:
+        if mode == text:
+            return mode
+    raise RuleError(f"mode must be one of {', '.join(MODES)}, not {text!r}")
+
+
 def _stronger(a: Rule, b: Rule) -> bool:
     if (a.cache_id is not None) != (b.cache_id is not None):
         return a.cache_id is not None
@@ -221,8 +232,13 @@ def _stronger(a: Rule, b: Rule) -> bool:
 
 
 def _rule_doc(rule: Rule) -> dict[str, object]:
-    doc: dict[str, object] = {"id": rule.id, "target": rule.target, "name": rule.name,
-                              "action": rule.action, "created": rule.created_at}
+    doc: dict[str, object] = {
+        "id": rule.id,
+        "target": rule.target,
+        "name": rule.name,
+        "action": rule.action,
+        "created": rule.created_at,
+    }
     if rule.ttl is not None:
         doc["ttl"] = rule.ttl
     if rule.cache_id is not None:
@@ -285,7 +301,7 @@ class RulePolicy:
         if mode == "off" and (not names or len(ruled) < len(names)):
             return TTLDecision(None, "off")
         best: float | None = None
-        source = mode
+        source: str = mode
         for rule in ruled:
             assert rule.ttl is not None
             if best is None or rule.ttl < best:

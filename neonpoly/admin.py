@@ -1,0 +1,387 @@
+"""The `neonpoly` admin database: PgBouncer/ReadySet-style console on the proxy's listener.
+
+A client that connects to the database `neonpoly` is answered by neonpoly itself. Only roles
+in `allowed_roles` get in (default: `neonpoly`, `postgres` and the OS user running neonpoly —
+the listener is local by default, as PgBouncer's `admin_users`); others get FATAL 28000 and
+nothing else. With `password` set, the client must also send it (cleartext auth: use TLS
+on the listener if the console is reachable from other hosts).
+
+Both the simple protocol (psql) and the extended protocol (asyncpg, psycopg) are answered;
+statements take no parameters. Values are sent as text or binary as each Bind asks (asyncpg
+asks for binary).
+
+`install_admin` wires everything into a `ProxyService`: the endpoint, a rule-driven TTL
+policy and the adaptive-TTL write hook on every cache, and optionally the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hmac
+import logging
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from neonpoly import __version__, pgwire
+from neonpoly.admin_commands import (
+    BOOL,
+    FLOAT8,
+    INT8,
+    TIMESTAMPTZ,
+    AdminError,
+    Command,
+    Executor,
+    Result,
+    Value,
+    columns_of,
+    parse,
+)
+from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.cache.rules import RuleBook, RulePolicy
+
+if TYPE_CHECKING:
+    from neonpoly.metrics import MetricsServer
+    from neonpoly.proxy.server import Route
+    from neonpoly.proxy.session import Session
+    from neonpoly.service import ProxyService
+
+log = logging.getLogger("neonpoly.admin")
+
+SERVER_VERSION = f"16.0 (neonpoly {__version__})"
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_AUTH_CLEARTEXT = pgwire.frame(b"R", struct.pack("!i", 3))
+
+
+def default_admin_roles() -> frozenset[str]:
+    roles = {"neonpoly", "postgres"}
+    with contextlib.suppress(KeyError, OSError):  # no passwd entry (some containers)
+        roles.add(getpass.getuser())
+    return frozenset(roles)
+
+
+class AdminConsole:
+    """The AdminEndpoint set as `service.routes.admin`; also owns rules, policies, metrics."""
+
+    def __init__(
+        self,
+        service: ProxyService,
+        book: RuleBook,
+        adaptive: AdaptiveTTL,
+        *,
+        allowed_roles: Iterable[str] | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.service = service
+        self.book = book
+        self.adaptive = adaptive
+        self.allowed_roles = (
+            frozenset(allowed_roles) if allowed_roles is not None else default_admin_roles()
+        )
+        self.password = password
+        self.policies: dict[str, RulePolicy] = {}
+        self.executor = Executor(service, book, self.policies)
+        self.metrics: MetricsServer | None = None
+
+    def attach_cache(self, route: Route) -> None:
+        """Give one cache its rule/adaptive TTL policy and the write hook that teaches it."""
+        cache = route.cache
+        if cache is None:
+            return
+        stats, cache_id = self.service.stats, route.cache_id
+
+        def report(template_id: str, ttl: float | None) -> None:
+            stats.set_ttl(cache_id, template_id, ttl)
+
+        policy = RulePolicy(self.book, cache_id, lambda: cache.ttl, self.adaptive, report)
+        self.policies[cache_id] = policy
+        cache.ttl_policy = policy
+        cache.on_write = self.adaptive.on_write
+
+    def attach(self, session: Session, startup: pgwire.StartupRequest) -> AdminSession:
+        return AdminSession(self, session)
+
+    def run(self, sql: str) -> Result:
+        """Run one admin statement in-process (the TUI may use this instead of a socket)."""
+        return self.executor.run(parse(sql))
+
+    async def close(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
+
+
+async def install_admin(
+    service: ProxyService,
+    root: Path | None,
+    *,
+    allowed_roles: Iterable[str] | None = None,
+    password: str | None = None,
+    metrics_listen: tuple[str, int] | None = None,
+    adaptive: AdaptiveTTL | None = None,
+) -> AdminConsole:
+    """Wire the admin console, rules (persisted in `root/rules.toml`; in memory if root is
+    None), adaptive TTL and, with `metrics_listen`, the Prometheus endpoint."""
+    book = RuleBook.in_dir(root) if root is not None else RuleBook()
+    console = AdminConsole(
+        service, book, adaptive or AdaptiveTTL(), allowed_roles=allowed_roles, password=password
+    )
+    for route in service.routes.by_id.values():
+        console.attach_cache(route)
+    service.cache_added.append(console.attach_cache)  # caches added later get it too
+    service.routes.admin = console
+    if metrics_listen is not None:
+        from neonpoly.metrics import MetricsServer
+
+        console.metrics = MetricsServer(service, console)
+        await console.metrics.start(*metrics_listen)
+    return console
+
+
+@dataclass(slots=True)
+class _Portal:
+    command: Command | None  # None: the empty query
+    formats: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class AdminSession:
+    """One admin connection: authentication, then simple and extended queries."""
+
+    console: AdminConsole
+    session: Session
+    authenticated: bool = False
+    skipping: bool = False  # after an error in an extended batch, until Sync
+    statements: dict[str, Command | None] = field(default_factory=dict)
+    portals: dict[str, _Portal] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        user = self.session.state.user
+        if user not in self.console.allowed_roles:
+            self._fatal(
+                "28000",
+                f'role "{user}" may not use the neonpoly admin console',
+                f"allowed roles: {', '.join(sorted(self.console.allowed_roles))}",
+            )
+            return
+        if self.console.password is not None:
+            self.session.write_client(_AUTH_CLEARTEXT)
+            return
+        self._greet()
+
+    def _fatal(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        self.session.outcome = f"admin refused: {sqlstate}"
+        self.session.write_client(
+            pgwire.error_response(sqlstate, message, severity="FATAL", hint=hint)
+        )
+        self.session.close()
+
+    def _greet(self) -> None:
+        self.authenticated = True
+        state = self.session.state
+        params = {
+            "server_version": SERVER_VERSION,
+            "server_encoding": "UTF8",
+            "client_encoding": "UTF8",
+            "DateStyle": "ISO, MDY",
+            "TimeZone": "UTC",
+            "integer_datetimes": "on",
+            "standard_conforming_strings": "on",
+            "application_name": state.application_name,
+            "is_superuser": "off",
+        }
+        out = [pgwire.AUTH_OK]
+        out.extend(pgwire.parameter_status(k, v) for k, v in params.items())
+        out.append(pgwire.backend_key_data(*self.session.proxy_key))
+        out.append(pgwire.ready_for_query(b"I"))
+        self.session.write_client(b"".join(out))
+
+    # --- input -------------------------------------------------------------------------
+
+    def feed(self, buf: bytearray) -> None:
+        frames, used = pgwire.scan_frames(
+            buf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES
+        )
+        data = bytes(buf[:used])
+        del buf[:used]
+        out: list[bytes] = []
+        for mtype, start, end in frames:
+            if self.session.closed:
+                return
+            body = data[start + 5 : end]
+            if not self.authenticated:
+                self._password(mtype, body)
+                continue
+            if mtype == 0x58:  # Terminate
+                self.session.write_client(b"".join(out))
+                self.session.outcome = "client terminated"
+                self.session.close()
+                return
+            if mtype == 0x51:
+                self._simple(pgwire.query_text(body), out)
+            elif mtype == 0x53:  # Sync ends a batch, and the error state of one
+                self.skipping = False
+                out.append(pgwire.ready_for_query(b"I"))
+            elif mtype == 0x48:  # Flush: everything is written at the end of feed anyway
+                pass
+            elif not self.skipping:
+                try:
+                    self._extended(mtype, body, out)
+                except AdminError as exc:
+                    out.append(pgwire.error_response(exc.sqlstate, exc.message, hint=exc.hint))
+                    self.skipping = True
+        self.session.write_client(b"".join(out))
+
+    def _password(self, mtype: int, body: bytes) -> None:
+        expected = (self.console.password or "").encode()
+        given = body[:-1] if body.endswith(b"\x00") else body
+        if mtype == 0x70 and hmac.compare_digest(given, expected):
+            self._greet()
+        else:
+            self._fatal(
+                "28P01", f'password authentication failed for user "{self.session.state.user}"'
+            )
+
+    def _simple(self, sql: str, out: list[bytes]) -> None:
+        statements = [s for s in sql.split(";") if s.strip()]
+        if not statements:
+            out.append(pgwire.EMPTY_QUERY)
+        for text in statements:
+            try:
+                result = self.console.executor.run(parse(text))
+            except AdminError as exc:
+                out.append(pgwire.error_response(exc.sqlstate, exc.message, hint=exc.hint))
+                break
+            if result.columns:
+                out.append(_row_description(result.columns, ()))
+            out.extend(_data_row(result.columns, row, ()) for row in result.rows)
+            out.append(pgwire.command_complete(result.tag))
+        out.append(pgwire.ready_for_query(b"I"))
+
+    def _extended(self, mtype: int, body: bytes, out: list[bytes]) -> None:
+        if mtype == 0x50:  # Parse: check the statement now, as PostgreSQL does
+            msg = pgwire.parse_parse(body)
+            self.statements[msg.name] = parse(msg.query) if msg.query.strip(" \t\r\n;") else None
+            out.append(pgwire.PARSE_COMPLETE)
+        elif mtype == 0x42:  # Bind
+            bind = pgwire.parse_bind(body)
+            if bind.statement not in self.statements:
+                raise AdminError("26000", f'prepared statement "{bind.statement}" does not exist')
+            formats = _result_formats(bind.tail)
+            self.portals[bind.portal] = _Portal(self.statements[bind.statement], formats)
+            out.append(pgwire.BIND_COMPLETE)
+        elif mtype == 0x44:  # Describe
+            target = pgwire.parse_target(body)
+            if target.kind == b"S":
+                if target.name not in self.statements:
+                    raise AdminError("26000", f'prepared statement "{target.name}" does not exist')
+                command, formats = self.statements[target.name], tuple[int, ...]()
+                out.append(pgwire.frame(b"t", b"\x00\x00"))  # no parameters
+            else:
+                portal = self._portal(target.name)
+                command, formats = portal.command, portal.formats
+            columns = columns_of(command) if command is not None else ()
+            out.append(_row_description(columns, formats) if columns else pgwire.NO_DATA)
+        elif mtype == 0x45:  # Execute
+            portal = self._portal(pgwire.parse_execute(body).portal)
+            if portal.command is None:
+                out.append(pgwire.EMPTY_QUERY)
+                return
+            result = self.console.executor.run(portal.command)
+            out.extend(_data_row(result.columns, row, portal.formats) for row in result.rows)
+            out.append(pgwire.command_complete(result.tag))
+        elif mtype == 0x43:  # Close
+            target = pgwire.parse_target(body)
+            (self.statements if target.kind == b"S" else self.portals).pop(target.name, None)
+            out.append(pgwire.CLOSE_COMPLETE)
+        else:  # FunctionCall, COPY data: nothing here takes them
+            raise AdminError("0A000", "the neonpoly admin console does not support this message")
+
+    def _portal(self, name: str) -> _Portal:
+        portal = self.portals.get(name)
+        if portal is None:
+            raise AdminError("34000", f'portal "{name}" does not exist')
+        return portal
+
+
+# --- encoding -----------------------------------------------------------------------------
+
+
+def _result_formats(tail: bytes) -> tuple[int, ...]:
+    """The result-format codes at the end of a Bind (after parameter formats and values)."""
+    try:
+        pos = 0
+        (nformats,) = struct.unpack_from("!h", tail, pos)
+        pos += 2 + 2 * nformats
+        (nparams,) = struct.unpack_from("!h", tail, pos)
+        pos += 2
+        if nparams:
+            raise AdminError("42P02", "admin statements take no parameters")
+        (nresults,) = struct.unpack_from("!h", tail, pos)
+        pos += 2
+        return struct.unpack_from(f"!{nresults}h", tail, pos)
+    except struct.error as exc:
+        raise AdminError("08P01", f"malformed Bind message: {exc}") from exc
+
+
+def _format(formats: Sequence[int], i: int) -> int:
+    if not formats:
+        return 0
+    return formats[0] if len(formats) == 1 else formats[i]
+
+
+def _row_description(columns: Sequence[tuple[str, int]], formats: Sequence[int]) -> bytes:
+    sizes = {BOOL: 1, INT8: 8, FLOAT8: 8, TIMESTAMPTZ: 8}
+    parts = [struct.pack("!h", len(columns))]
+    for i, (name, oid) in enumerate(columns):
+        parts.append(
+            pgwire.cstr(name)
+            + struct.pack("!ihihih", 0, 0, oid, sizes.get(oid, -1), -1, _format(formats, i))
+        )
+    return pgwire.frame(b"T", b"".join(parts))
+
+
+def _data_row(
+    columns: Sequence[tuple[str, int]], row: Sequence[Value], formats: Sequence[int]
+) -> bytes:
+    parts = [struct.pack("!h", len(row))]
+    for i, ((_, oid), value) in enumerate(zip(columns, row, strict=True)):
+        if value is None:
+            parts.append(struct.pack("!i", -1))
+            continue
+        enc = _binary(oid, value) if _format(formats, i) == 1 else _text(oid, value).encode()
+        parts.append(struct.pack("!i", len(enc)) + enc)
+    return pgwire.frame(b"D", b"".join(parts))
+
+
+def _text(oid: int, value: Value) -> str:
+    if oid == BOOL:
+        return "t" if value else "f"
+    if oid == FLOAT8:
+        v = float(value)  # type: ignore[arg-type]
+        if v != v:
+            return "NaN"
+        if v in (float("inf"), float("-inf")):
+            return "Infinity" if v > 0 else "-Infinity"
+        return repr(v)
+    if oid == TIMESTAMPTZ and isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+    return str(value)
+
+
+def _binary(oid: int, value: Value) -> bytes:
+    if oid == BOOL:
+        return b"\x01" if value else b"\x00"
+    if oid == INT8:
+        return struct.pack("!q", int(value))  # type: ignore[arg-type]
+    if oid == FLOAT8:
+        return struct.pack("!d", float(value))  # type: ignore[arg-type]
+    if oid == TIMESTAMPTZ and isinstance(value, datetime):
+        delta = value - _PG_EPOCH
+        micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+        return struct.pack("!q", micros)
+    return str(value).encode()
