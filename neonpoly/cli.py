@@ -8,10 +8,14 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from neonpoly import __version__
+
+if TYPE_CHECKING:
+    from neonpoly.proxy.origin import Origin
 
 EPILOG = """\
 examples:
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"neonpoly {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: every query's cache status)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: every query's cache status)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -64,18 +70,55 @@ def build_parser() -> argparse.ArgumentParser:
         "writes through neonpoly evict what they touch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument("--upstream", metavar="URL", help="origin PostgreSQL URL (default: the integrations in the state dir, else an embedded PostgreSQL)")
-    serve.add_argument("--listen", type=_listen, default=("127.0.0.1", 6543), metavar="HOST:PORT", help="where clients connect")
-    serve.add_argument("--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)")
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="origin PostgreSQL URL (default: the integrations in the state dir, else an embedded PostgreSQL)",
+    )
+    serve.add_argument(
+        "--listen", type=_listen, default=("127.0.0.1", 6543), metavar="HOST:PORT", help="where clients connect"
+    )
+    serve.add_argument(
+        "--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)"
+    )
     serve.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS", help="how long an entry may be served")
-    serve.add_argument("--admit-after", type=int, default=2, metavar="N", help="store a query's result on its Nth run (served from run N+1)")
-    serve.add_argument("--max-cache-size", type=_size, default="1GB", metavar="SIZE", help="disk bound of the cache; older entries are evicted")
+    serve.add_argument(
+        "--admit-after",
+        type=int,
+        default=2,
+        metavar="N",
+        help="store a query's result on its Nth run (served from run N+1)",
+    )
+    serve.add_argument(
+        "--max-cache-size",
+        type=_size,
+        default="1GB",
+        metavar="SIZE",
+        help="disk bound of the cache; older entries are evicted",
+    )
     serve.add_argument("--no-cache", action="store_true", help="pure pass-through: relay only, cache nothing")
-    serve.add_argument("--tls-cert", type=Path, metavar="FILE", help="answer clients' SSLRequest with TLS using this certificate")
+    serve.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="answer clients' SSLRequest with TLS using this certificate"
+    )
     serve.add_argument("--tls-key", type=Path, metavar="FILE", help="private key for --tls-cert")
-    serve.add_argument("--connect-to", metavar="HOST:PORT:TO_HOST:TO_PORT", help="dial TO_HOST:TO_PORT when the origin is HOST:PORT (TLS SNI stays HOST), like curl")
-    serve.add_argument("--state-dir", type=Path, metavar="DIR", help="neonpoly's state (default: platform data dir, or $NEONPOLY_STATE_DIR)")
-    serve.add_argument("--grace", type=float, default=5.0, metavar="SECONDS", help="on SIGINT/SIGTERM, how long in-flight queries may finish")
+    serve.add_argument(
+        "--connect-to",
+        metavar="HOST:PORT:TO_HOST:TO_PORT",
+        help="dial TO_HOST:TO_PORT when the origin is HOST:PORT (TLS SNI stays HOST), like curl",
+    )
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="neonpoly's state (default: platform data dir, or $NEONPOLY_STATE_DIR)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long in-flight queries may finish",
+    )
     return parser
 
 
@@ -83,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2) if args.command != "serve" else logging.INFO - 10 * min(args.verbose, 1),
+        level=logging.WARNING - 10 * min(args.verbose, 2)
+        if args.command != "serve"
+        else logging.INFO - 10 * min(args.verbose, 1),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
@@ -102,14 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(coro: object) -> int:
+def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
-        runner = asyncio.run
-    return int(runner(coro))  # type: ignore[arg-type]
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -123,7 +166,9 @@ async def _serve(args: argparse.Namespace) -> int:
     settings = ProxySettings(
         listen=args.listen,
         cache_dir=args.cache_dir or root / "cache",
-        cache=CacheSettings(enabled=not args.no_cache, ttl=args.ttl, admit_after=args.admit_after, max_bytes=args.max_cache_size),
+        cache=CacheSettings(
+            enabled=not args.no_cache, ttl=args.ttl, admit_after=args.admit_after, max_bytes=args.max_cache_size
+        ),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )
@@ -147,10 +192,19 @@ async def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CLIError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror or exc}") from exc
     log = logging.getLogger("neonpoly")
-    log.info("listening on %s:%d, origin %s, cache %s", host, port, origin.label,
-             "off (--no-cache)" if args.no_cache else settings.cache_dir)
+    log.info(
+        "listening on %s:%d, origin %s, cache %s",
+        host,
+        port,
+        origin.label,
+        "off (--no-cache)" if args.no_cache else settings.cache_dir,
+    )
     if embedded is not None:
-        print(f"neonpoly: embedded PostgreSQL ready; connect with:\n  psql '{embedded.client_url(host, port)}'", file=sys.stderr, flush=True)
+        print(
+            f"neonpoly: embedded PostgreSQL ready; connect with:\n  psql '{embedded.client_url(host, port)}'",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,11 +218,9 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_connect_to(origin: object, spec: str) -> object:
+def _apply_connect_to(origin: Origin, spec: str) -> Origin:
     from neonpoly.discovery import parse_connect_to
-    from neonpoly.proxy.origin import Origin
 
-    assert isinstance(origin, Origin)
     try:
         rule = parse_connect_to(spec)
     except ValueError as exc:

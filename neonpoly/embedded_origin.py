@@ -23,8 +23,10 @@ class EmbeddedOrigin:
 
     def client_url(self, host: str, port: int, cache_id: str | None = None) -> str:
         """The connection string a client uses to reach the embedded origin through neonpoly."""
-        url = (f"postgres://{EMBEDDED_USER}:{quote(self.password, safe='')}@{host}:{port}/"
-               f"{EMBEDDED_DATABASE}?sslmode=disable")
+        url = (
+            f"postgres://{EMBEDDED_USER}:{quote(self.password, safe='')}@{host}:{port}/"
+            f"{EMBEDDED_DATABASE}?sslmode=disable"
+        )
         return url + (f"&application_name={cache_id}" if cache_id else "")
 
     def stop(self) -> None:

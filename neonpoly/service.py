@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neonpoly.cache.query_cache import DEFAULT_ADMIT_AFTER, DEFAULT_TTL, QueryCache
-from neonpoly.cache.store import open_store
+from neonpoly.cache.store import CacheStore, MemoryStore, open_store
 from neonpoly.proxy.origin import Origin
 from neonpoly.proxy.server import ProxyServer, Route, Routes
 from neonpoly.stats import StatsRecorder
@@ -66,15 +66,15 @@ class ProxyService:
         """Start serving a cache (an integration) on this listener."""
         cache = None
         conf = self.settings.cache
+        store: CacheStore
         if conf.enabled:
             directory = self.cache_dir(cache_id)
             if directory is None:
-                from neonpoly.cache.store import MemoryStore
-
                 store = MemoryStore(conf.l1_bytes, max_entry_bytes=conf.max_entry_bytes)
             else:
-                store = open_store(directory, conf.max_bytes, conf.l1_bytes, time.time,
-                                   max_entry_bytes=conf.max_entry_bytes)
+                store = open_store(
+                    directory, conf.max_bytes, conf.l1_bytes, time.time, max_entry_bytes=conf.max_entry_bytes
+                )
             cache = QueryCache(cache_id, store, self.stats, ttl=conf.ttl, admit_after=conf.admit_after)
         route = Route(cache_id, origin, cache)
         self.routes.by_id[cache_id] = route

@@ -106,8 +106,13 @@ class QueryCache:
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         self.stats.record(
-            self.cache_id, ticket.template_id, ticket.template, ticket.tables,
-            ticket.status, latency_s, bytes_served,
+            self.cache_id,
+            ticket.template_id,
+            ticket.template,
+            ticket.tables,
+            ticket.status,
+            latency_s,
+            bytes_served,
         )
 
     def purge(self) -> int:

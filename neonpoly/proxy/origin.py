@@ -95,9 +95,7 @@ class _FirstByte(asyncio.Protocol):
             self.answer.set_exception(ConnectionError("origin closed the connection"))
 
 
-async def open_origin(
-    origin: Origin, protocol: asyncio.Protocol, timeout: float = 10.0
-) -> asyncio.Transport:
+async def open_origin(origin: Origin, protocol: asyncio.Protocol, timeout: float = 10.0) -> asyncio.Transport:
     """Connect to the origin, negotiate TLS as its sslmode asks, and attach `protocol`."""
     loop = asyncio.get_running_loop()
     host, port = origin.dial
@@ -111,13 +109,11 @@ async def open_origin(
             transport.write(pgwire.ssl_request())
             answer = await probe.answer
             if answer[:1] == pgwire.SSL_YES:
-                tls = await loop.start_tls(
-                    transport, protocol, origin.ssl_context(), server_hostname=origin.host
-                )
+                tls = await loop.start_tls(transport, protocol, origin.ssl_context(), server_hostname=origin.host)
                 if tls is None:  # pragma: no cover - only when the loop is closing
                     raise ConnectionError("TLS handshake aborted")
                 protocol.connection_made(tls)
-                return tls  # type: ignore[return-value]
+                return tls
             if origin.sslmode in TLS_MODES:
                 transport.close()
                 raise OriginUnavailable(f"origin {origin.label} refused TLS (sslmode={origin.sslmode})")

@@ -121,7 +121,11 @@ class ProxyServer:
                 return None, f'no neonpoly cache with id "{name}"; run `neonpoly integrations list` to see the caches'
             route = routes.by_id.get(routes.default)
         if route is None:
-            return None, 'no neonpoly cache selected: connect with application_name=<cache id> (see `neonpoly connection-string`)'
+            return (
+                None,
+                "no neonpoly cache selected: connect with application_name=<cache id>"
+                " (see `neonpoly connection-string`)",
+            )
         return route, None
 
     def connections(self, cache_id: str | None = None) -> list[Session]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
 from neonpoly.cache.policy import Classification, Status, classify
-from neonpoly.proxy.extended import BatchPlan, StatementBook
+from neonpoly.proxy.extended import StatementBook
 from neonpoly.proxy.origin import OriginUnavailable, open_origin
 from neonpoly.proxy.pending import Capture, Pending, StatTicket
 from neonpoly.proxy.state import SessionState
@@ -145,7 +145,7 @@ class Session:
         if tls is None:
             self.close()
             return
-        self.client = tls  # type: ignore[assignment]
+        self.client = tls
         self.phase = "startup"
         if self.cbuf:
             self.client_data(b"")
@@ -260,8 +260,13 @@ class Session:
                 self._answer_locally(payload, [info], item)
                 return
             if cache.admit(key):
-                item.capture = Capture(key, self.state.database, info.tables_read, info.template_id,
-                                       cache.stamp(self.state.database, info.tables_read))
+                item.capture = Capture(
+                    key,
+                    self.state.database,
+                    info.tables_read,
+                    info.template_id,
+                    cache.stamp(self.state.database, info.tables_read),
+                )
         item.neutral = status is Status.MISS
         item.stats.append(StatTicket(info.template_id, info.template, info.qualified_tables, str(status)))
         self._push(item)
@@ -295,7 +300,11 @@ class Session:
             item.writes_everything = info.invalidate_all
             self._invalidate(info.tables_written, info.invalidate_all)
         if info.changes_session:
-            if info.session_setting is not None and self.state.tx_status == b"I" and self.state.keyed(info.session_setting[0]):
+            if (
+                info.session_setting is not None
+                and self.state.tx_status == b"I"
+                and self.state.keyed(info.session_setting[0])
+            ):
                 item.setting = info.session_setting
             else:
                 self.state.bypass = True
@@ -311,8 +320,11 @@ class Session:
         cache = self.route.cache if self.route else None
         if cache is not None:
             for info in infos:
-                cache.record(StatTicket(info.template_id, info.template, info.qualified_tables, "hit"),
-                             time.monotonic() - item.started, len(payload))
+                cache.record(
+                    StatTicket(info.template_id, info.template, info.qualified_tables, "hit"),
+                    time.monotonic() - item.started,
+                    len(payload),
+                )
         self._answer_quietly(payload, item)
 
     # --- extended protocol ------------------------------------------------------------
@@ -350,9 +362,13 @@ class Session:
                     self._answer_quietly(payload, item)
                 return
             if cache.admit(key):
-                item.capture = Capture(key, self.state.database, plan.tables,
-                                       info.template_id if info else "",
-                                       cache.stamp(self.state.database, plan.tables))
+                item.capture = Capture(
+                    key,
+                    self.state.database,
+                    plan.tables,
+                    info.template_id if info else "",
+                    cache.stamp(self.state.database, plan.tables),
+                )
         item.neutral = status is Status.MISS
         item.stats.extend(StatTicket(i.template_id, i.template, i.qualified_tables, str(status)) for i in plan.executed)
         deferred = self.book.deferred_parses(plan)
@@ -377,8 +393,10 @@ class Session:
         plan = self.book.plan(batch)
         item = Pending(time.monotonic(), writes=plan.writes, writes_everything=plan.writes_everything)
         self._invalidate(plan.writes, plan.writes_everything)
-        item.stats.extend(StatTicket(i.template_id, i.template, i.qualified_tables, str(plan.status or Status.BYPASS))
-                          for i in plan.executed)
+        item.stats.extend(
+            StatTicket(i.template_id, i.template, i.qualified_tables, str(plan.status or Status.BYPASS))
+            for i in plan.executed
+        )
         deferred = self.book.deferred_parses(plan)
         item.swallow = len(deferred)
         self.book.after_forward(plan)
@@ -513,11 +531,17 @@ class Session:
                 else:
                     capture.frames.append(buf[start:end])
                     capture.size += end - start
-                    if self.route is not None and self.route.cache is not None and not self.route.cache.accepts(capture.size):
+                    if (
+                        self.route is not None
+                        and self.route.cache is not None
+                        and not self.route.cache.accepts(capture.size)
+                    ):
                         capture.failed = True
                         capture.frames.clear()
-                        head.stats = [StatTicket(t.template_id, t.template, t.tables, str(Status.OVERSIZEDRESULT))
-                                      for t in head.stats]
+                        head.stats = [
+                            StatTicket(t.template_id, t.template, t.tables, str(Status.OVERSIZEDRESULT))
+                            for t in head.stats
+                        ]
         out.append(buf[cut:used])
         self._write_client(b"".join(out))
 
@@ -526,7 +550,11 @@ class Session:
         pending = self.pending
         while pending and pending[0].local is not None:
             item = pending.popleft()
-            out.append((item.local or b"") if item.flush else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status))
+            out.append(
+                (item.local or b"")
+                if item.flush
+                else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status)
+            )
 
     def _complete(self, item: Pending) -> None:
         """A response ended (ReadyForQuery): evict again, store, apply settings, count."""
@@ -570,8 +598,8 @@ class Session:
         """Send one ErrorResponse and close: the protocol allows nothing else after it."""
         self.outcome = outcome
         if not self.closed and self.phase not in ("tls",):
-            severity = "FATAL" if fatal or self.phase != "ready" else "FATAL"
-            self.client.write(pgwire.error_response(sqlstate, message, severity=severity))
+            # Every error neonpoly itself sends ends the session, so it is FATAL.
+            self.client.write(pgwire.error_response(sqlstate, message, severity="FATAL"))
         self.close()
 
     def terminate(self, message: str, outcome: str) -> None:
@@ -582,7 +610,12 @@ class Session:
         if self.closed:
             return
         if self.phase == "ready" and self.pending:
-            self.fail_client("08006", f"lost connection to origin {self.route.origin.label if self.route else ''}", "origin lost", fatal=True)
+            self.fail_client(
+                "08006",
+                f"lost connection to origin {self.route.origin.label if self.route else ''}",
+                "origin lost",
+                fatal=True,
+            )
         else:
             if self.outcome == "closed":
                 self.outcome = "origin closed"
@@ -605,9 +638,14 @@ class Session:
         self.server.forget(self)
         log.info(
             "connection client=%s database=%s role=%s cache=%s duration_ms=%.0f bytes_in=%d bytes_out=%d outcome=%r",
-            self.peer, self.state.database or "-", self.state.user or "-",
-            self.route.cache_id if self.route else "-", (time.monotonic() - self.opened) * 1000,
-            self.bytes_in, self.bytes_out, self.outcome,
+            self.peer,
+            self.state.database or "-",
+            self.state.user or "-",
+            self.route.cache_id if self.route else "-",
+            (time.monotonic() - self.opened) * 1000,
+            self.bytes_in,
+            self.bytes_out,
+            self.outcome,
         )
 
     # --- flow control -----------------------------------------------------------------

@@ -6,21 +6,54 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Settings that change what a query returns: they are part of every cache key.
-KEYED_SETTINGS = frozenset({
-    "search_path", "timezone", "datestyle", "intervalstyle", "client_encoding",
-    "bytea_output", "extra_float_digits", "standard_conforming_strings", "role",
-    "session_authorization", "lc_monetary", "lc_numeric", "lc_time",
-})
+KEYED_SETTINGS = frozenset(
+    {
+        "search_path",
+        "timezone",
+        "datestyle",
+        "intervalstyle",
+        "client_encoding",
+        "bytea_output",
+        "extra_float_digits",
+        "standard_conforming_strings",
+        "role",
+        "session_authorization",
+        "lc_monetary",
+        "lc_numeric",
+        "lc_time",
+    }
+)
 
 # Settings that cannot change a result: a session may SET them and keep its cache.
-HARMLESS_SETTINGS = frozenset({
-    "application_name", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
-    "idle_session_timeout", "work_mem", "maintenance_work_mem", "client_min_messages",
-    "log_statement", "log_min_duration_statement", "jit", "enable_seqscan", "enable_indexscan",
-    "enable_bitmapscan", "enable_hashjoin", "enable_mergejoin", "enable_nestloop",
-    "random_page_cost", "effective_cache_size", "max_parallel_workers_per_gather",
-    "synchronous_commit", "tcp_keepalives_idle", "geqo", "plan_cache_mode", "search_path_cache",
-})
+HARMLESS_SETTINGS = frozenset(
+    {
+        "application_name",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+        "idle_session_timeout",
+        "work_mem",
+        "maintenance_work_mem",
+        "client_min_messages",
+        "log_statement",
+        "log_min_duration_statement",
+        "jit",
+        "enable_seqscan",
+        "enable_indexscan",
+        "enable_bitmapscan",
+        "enable_hashjoin",
+        "enable_mergejoin",
+        "enable_nestloop",
+        "random_page_cost",
+        "effective_cache_size",
+        "max_parallel_workers_per_gather",
+        "synchronous_commit",
+        "tcp_keepalives_idle",
+        "geqo",
+        "plan_cache_mode",
+        "search_path_cache",
+    }
+)
 
 
 @dataclass(slots=True)

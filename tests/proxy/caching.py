@@ -60,7 +60,10 @@ async def psql(url: str, *sql: str) -> list[str]:
     for statement in sql:
         args += ["-c", statement]
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
         env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
     )
     out, err = await proc.communicate()
