@@ -226,3 +226,47 @@ async def test_embedded_from_empty_state_dir(state_root: Path) -> None:
     assert cache_ids[0] == cache_ids[1]
     assert timings[0] < 60 and timings[1] < 10
     _assert_no_secret_leaks(state_root, [])
+
+
+async def test_console_flow_on_embedded_origin(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the TUI does with no Neon key: sign in locally, add, connect, purge, remove."""
+    monkeypatch.delenv("NEON_API_KEY", raising=False)
+    control = LocalControl(state_root, ProxySettings(listen=("127.0.0.1", 0),
+                                                    cache_dir=state_root / "cache"))
+    await control.start()
+    try:
+        assert control.integrations() == []
+        assert (await control.sign_in()).mode == "local"
+        steps: list[str] = []
+        view = await control.add("default", steps.append)
+        assert steps[0] == "Initialising embedded PostgreSQL" and steps[-1] == "Cache ready"
+        assert (view.kind, view.name) == ("embedded", "local")
+        header = control.header()
+        assert header.project == "local" and header.running
+        url = control.connection_string(view.cache_id, reveal=True)
+        assert MASK in control.connection_string(view.cache_id)
+        for _ in range(3):
+            assert await psql(url, "SELECT count(*) FROM pg_database WHERE datname = 'neondb'")
+        status = control.status(view.cache_id)
+        assert status.calls == 3 and status.origin.startswith("127.0.0.1:")
+        assert await control.purge(view.cache_id) >= 0
+        assert await control.remove(view.cache_id) == 0
+        assert control.integrations() == [] and control.embedded.handle is None
+    finally:
+        await control.close()
+
+
+async def test_rejected_key_is_one_line(
+    neon_for_pg: NeonStandin, state_root: Path
+) -> None:
+    from neonpoly.control import ControlError
+    from neonpoly.neon_api import RetryPolicy
+
+    control = LocalControl(state_root, api_host=neon_for_pg.base_url,
+                           retry=RetryPolicy(attempts=1))
+    with pytest.raises(ControlError) as info:
+        await control.sign_in("not-a-key")
+    assert "NEON_API_KEY" in str(info.value) and "\n" not in str(info.value)
+    assert not (state_root / "secrets").exists()
