@@ -1,0 +1,124 @@
+"""Rules and modes: precedence, persistence, and the TTL policy a QueryCache consults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neonpoly.admin_commands import AdminError, parse
+from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.cache.rules import RuleBook, RuleError, RulePolicy, normalize_table
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def policy(book: RuleBook, cache_id: str = "c", max_ttl: float = 300.0, auto: AdaptiveTTL | None = None) -> RulePolicy:
+    return RulePolicy(book, cache_id, lambda: max_ttl, auto)
+
+
+def test_normalize_table_matches_the_classifier() -> None:
+    assert normalize_table("public.Items") == "items"
+    assert normalize_table('"MyTab"') == "MyTab"
+    assert normalize_table('s."a.b"') == "a.b"
+    assert normalize_table("  ITEMS ") == "items"
+
+
+def test_defaults_to_auto_with_cache_ttl() -> None:
+    book = RuleBook()
+    p = policy(book)
+    assert p("t1", frozenset({"a"})) == 300.0
+    assert p.decide("t1", ["a"]).source == "auto"
+
+
+def test_lowest_table_ttl_wins_and_never_wins_over_all() -> None:
+    book = RuleBook()
+    p = policy(book)
+    book.add("table", "a", 60)
+    book.add("table", "b", 10)
+    assert p("q", frozenset({"a", "b"})) == 10
+    assert p("q", frozenset({"a", "c"})) == 60  # c has no rule: auto (300) is higher
+    never = book.add("table", "c", None)
+    assert p("q", frozenset({"a", "c"})) is None
+    assert p.decide("q", ["a", "c"]).source == f"never (rule {never.id})"
+    book.add("query", "q", 5)
+    assert p("q", frozenset({"a"})) == 5  # a template rule beats table TTLs …
+    assert p("q", frozenset({"a", "c"})) is None  # … but not a table's "never"
+
+
+def test_template_never_and_cache_scoped_rules() -> None:
+    book = RuleBook()
+    book.add("query", "Q1", None, cache_id="c")
+    assert policy(book, "c")("q1", frozenset()) is None
+    assert policy(book, "other")("q1", frozenset()) == 300.0
+    book.add("table", "a", 100)
+    book.add("table", "a", 20, cache_id="c")
+    assert policy(book, "c")("x", frozenset({"a"})) == 20  # cache-specific beats global
+    assert policy(book, "d")("x", frozenset({"a"})) == 100
+
+
+def test_modes() -> None:
+    book = RuleBook()
+    auto = AdaptiveTTL(clock=Clock())
+    auto.on_write("db", frozenset({"a"}), False)
+    p = policy(book, auto=auto)
+    assert p("q", frozenset({"a"})) == 1.0  # just written: the minimum
+    book.set_mode("fixed")
+    assert p("q", frozenset({"a"})) == 300.0
+    book.set_mode("off", "c")
+    assert p("q", frozenset({"a"})) is None
+    book.add("table", "a", 42)
+    assert p("q", frozenset({"a"})) == 42  # off mode caches what a TTL rule names
+    assert p("q", frozenset({"a", "b"})) is None  # b has no rule
+    assert policy(book, "other")("q", frozenset({"b"})) == 300.0
+    with pytest.raises(RuleError):
+        book.set_mode("sometimes")
+
+
+def test_persisted_and_reloaded(tmp_path: Path) -> None:
+    changes: list[int] = []
+    book = RuleBook.in_dir(tmp_path)
+    book.listeners.append(lambda: changes.append(1))
+    r1 = book.add("table", "public.A", 60, cache_id="c")
+    r2 = book.add("query", "abc", None)
+    book.set_mode("off", "c")
+    book.drop(r1.id)
+    assert len(changes) == 4
+    again = RuleBook.in_dir(tmp_path)
+    assert [(r.id, r.target, r.name, r.ttl) for r in again.rules()] == [(r2.id, "query", "abc", None)]
+    assert again.mode("c") == "off" and again.mode("x") == "auto"
+    assert again.add("table", "b", 1).id == "r3"  # ids are never reused
+    with pytest.raises(RuleError):
+        again.drop("r1")
+    with pytest.raises(RuleError):
+        again.add("table", "b", -5)
+
+
+def test_statement_grammar() -> None:
+    assert parse("show queries;").verb == "show queries"
+    c = parse("Create Rule On Table public.Items TTL 60 for cache shop")
+    assert (c.verb, c.target, c.name, c.ttl, c.cache_id) == ("create rule", "table", "public.Items", 60.0, "shop")
+    c = parse("CREATE RULE ON QUERY 3be04863778f63ed NEVER")
+    assert (c.target, c.name, c.ttl) == ("query", "3be04863778f63ed", None)
+    assert parse("PURGE TABLE public.Items").name == "items"
+    assert parse("set mode OFF").name == "off"
+    assert parse("DROP RULE R2").name == "r2"
+    for bad in (
+        "",
+        "SHOW",
+        "SHOW STATS NOW",
+        "PURGE",
+        "CREATE RULE ON TABLE t",
+        "SET MODE maybe",
+        "CREATE RULE ON TABLE t TTL x",
+        "SELECT 1",
+    ):
+        with pytest.raises(AdminError) as err:
+            parse(bad)
+        assert err.value.sqlstate == "42601" and err.value.hint and "SHOW QUERIES" in err.value.hint
