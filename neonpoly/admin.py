@@ -79,9 +79,7 @@ class AdminConsole:
         self.service = service
         self.book = book
         self.adaptive = adaptive
-        self.allowed_roles = (
-            frozenset(allowed_roles) if allowed_roles is not None else default_admin_roles()
-        )
+        self.allowed_roles = frozenset(allowed_roles) if allowed_roles is not None else default_admin_roles()
         self.password = password
         self.policies: dict[str, RulePolicy] = {}
         self.executor = Executor(service, book, self.policies)
@@ -127,9 +125,7 @@ async def install_admin(
     """Wire the admin console, rules (persisted in `root/rules.toml`; in memory if root is
     None), adaptive TTL and, with `metrics_listen`, the Prometheus endpoint."""
     book = RuleBook.in_dir(root) if root is not None else RuleBook()
-    console = AdminConsole(
-        service, book, adaptive or AdaptiveTTL(), allowed_roles=allowed_roles, password=password
-    )
+    console = AdminConsole(service, book, adaptive or AdaptiveTTL(), allowed_roles=allowed_roles, password=password)
     for route in service.routes.by_id.values():
         console.attach_cache(route)
     service.cache_added.append(console.attach_cache)  # caches added later get it too
@@ -175,9 +171,7 @@ class AdminSession:
 
     def _fatal(self, sqlstate: str, message: str, hint: str | None = None) -> None:
         self.session.outcome = f"admin refused: {sqlstate}"
-        self.session.write_client(
-            pgwire.error_response(sqlstate, message, severity="FATAL", hint=hint)
-        )
+        self.session.write_client(pgwire.error_response(sqlstate, message, severity="FATAL", hint=hint))
         self.session.close()
 
     def _greet(self) -> None:
@@ -203,9 +197,7 @@ class AdminSession:
     # --- input -------------------------------------------------------------------------
 
     def feed(self, buf: bytearray) -> None:
-        frames, used = pgwire.scan_frames(
-            buf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES
-        )
+        frames, used = pgwire.scan_frames(buf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
         data = bytes(buf[:used])
         del buf[:used]
         out: list[bytes] = []
@@ -242,9 +234,7 @@ class AdminSession:
         if mtype == 0x70 and hmac.compare_digest(given, expected):
             self._greet()
         else:
-            self._fatal(
-                "28P01", f'password authentication failed for user "{self.session.state.user}"'
-            )
+            self._fatal("28P01", f'password authentication failed for user "{self.session.state.user}"')
 
     def _simple(self, sql: str, out: list[bytes]) -> None:
         statements = [s for s in sql.split(";") if s.strip()]
@@ -338,16 +328,11 @@ def _row_description(columns: Sequence[tuple[str, int]], formats: Sequence[int])
     sizes = {BOOL: 1, INT8: 8, FLOAT8: 8, TIMESTAMPTZ: 8}
     parts = [struct.pack("!h", len(columns))]
     for i, (name, oid) in enumerate(columns):
-        parts.append(
-            pgwire.cstr(name)
-            + struct.pack("!ihihih", 0, 0, oid, sizes.get(oid, -1), -1, _format(formats, i))
-        )
+        parts.append(pgwire.cstr(name) + struct.pack("!ihihih", 0, 0, oid, sizes.get(oid, -1), -1, _format(formats, i)))
     return pgwire.frame(b"T", b"".join(parts))
 
 
-def _data_row(
-    columns: Sequence[tuple[str, int]], row: Sequence[Value], formats: Sequence[int]
-) -> bytes:
+def _data_row(columns: Sequence[tuple[str, int]], row: Sequence[Value], formats: Sequence[int]) -> bytes:
     parts = [struct.pack("!h", len(row))]
     for i, ((_, oid), value) in enumerate(zip(columns, row, strict=True)):
         if value is None:

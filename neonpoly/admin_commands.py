@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from neonpoly.cache.rules import MODES, Rule, RuleBook, RuleError, RulePolicy, normalize_table
+from neonpoly.cache.rules import (
+    MODES,
+    Rule,
+    RuleBook,
+    RuleError,
+    RulePolicy,
+    bare_tables,
+    normalize_table,
+)
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -198,12 +206,7 @@ def parse(sql: str) -> Command:
         if mode not in MODES:
             raise syntax_error(f"mode must be one of {', '.join(MODES)}, not {words[2]!r}")
         return Command("set mode", name=mode, cache_id=cache_id)
-    if (
-        head == "CREATE RULE"
-        and len(words) >= 6
-        and upper[2] == "ON"
-        and upper[3] in ("TABLE", "QUERY")
-    ):
+    if head == "CREATE RULE" and len(words) >= 6 and upper[2] == "ON" and upper[3] in ("TABLE", "QUERY"):
         target = upper[3].lower()
         name = words[4] if target == "table" else words[4].strip('"').lower()
         rest = upper[5:]
@@ -221,9 +224,7 @@ def parse(sql: str) -> Command:
 class Executor:
     """Runs parsed commands against a live ProxyService, its rule book and TTL policies."""
 
-    def __init__(
-        self, service: ProxyService, book: RuleBook, policies: dict[str, RulePolicy]
-    ) -> None:
+    def __init__(self, service: ProxyService, book: RuleBook, policies: dict[str, RulePolicy]) -> None:
         self.service = service
         self.book = book
         self.policies = policies
@@ -240,11 +241,7 @@ class Executor:
         if verb == "show caches":
             return Result(cols, self._caches(command.cache_id), "SHOW")
         if verb == "show rules":
-            rules = [
-                r
-                for r in self.book.rules()
-                if command.cache_id is None or r.applies_to(command.cache_id)
-            ]
+            rules = [r for r in self.book.rules() if command.cache_id is None or r.applies_to(command.cache_id)]
             return Result(cols, [_rule_row(r) for r in rules], "SHOW")
         if verb == "show connections":
             return Result(cols, self._connections(command.cache_id), "SHOW")
@@ -369,7 +366,7 @@ class Executor:
             if counts.get("hit", 0) + counts.get("miss", 0) + counts.get("disabled", 0) == 0:
                 source = f"not cacheable ({t.last_status})" if t.last_status else source
             elif policy is not None:
-                decision = policy.decide(t.template_id, t.tables)
+                decision = policy.decide(t.template_id, bare_tables(t.tables))
                 ttl, source = decision.ttl, decision.source
             else:
                 ttl, source = t.ttl, "cache"

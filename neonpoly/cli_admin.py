@@ -37,11 +37,7 @@ def _for_cache(args: argparse.Namespace) -> str:
 
 def _quote(name: str) -> str:
     # Table names go to the console as given; quote only when they need it.
-    return (
-        name
-        if name.replace("_", "").replace(".", "").isalnum()
-        else '"' + name.replace('"', '""') + '"'
-    )
+    return name if name.replace("_", "").replace(".", "").isalnum() else '"' + name.replace('"', '""') + '"'
 
 
 def _purge_sql(args: argparse.Namespace) -> str:
@@ -103,9 +99,7 @@ def register(subparsers: Any) -> None:
     which.add_argument("--query", metavar="ID", help="only entries of this template id")
     purge.set_defaults(admin_sql=_purge_sql)
 
-    rules = subparsers.add_parser(
-        "rules", parents=[common], help="list, add and drop cache rules; set the mode"
-    )
+    rules = subparsers.add_parser("rules", parents=[common], help="list, add and drop cache rules; set the mode")
     rules.set_defaults(admin_sql=_rules_sql)
     actions = rules.add_subparsers(dest="rules_action", metavar="ACTION")
     actions.add_parser("list", parents=[common], help="list rules (default)")

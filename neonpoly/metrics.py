@@ -21,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from neonpoly.cache.rules import bare_tables
+
 if TYPE_CHECKING:
     from neonpoly.admin import AdminConsole
     from neonpoly.service import ProxyService
@@ -41,21 +43,15 @@ class StatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         service = self.service
-        queries = CounterMetricFamily(
-            "neonpoly_queries", "Queries seen, by cache status.", labels=["cache", "status"]
-        )
+        queries = CounterMetricFamily("neonpoly_queries", "Queries seen, by cache status.", labels=["cache", "status"])
         saved = CounterMetricFamily(
             "neonpoly_time_saved_seconds", "Origin time avoided by cache hits.", labels=["cache"]
         )
-        served = CounterMetricFamily(
-            "neonpoly_served_bytes", "Bytes answered from the cache.", labels=["cache"]
-        )
+        served = CounterMetricFamily("neonpoly_served_bytes", "Bytes answered from the cache.", labels=["cache"])
         entries = GaugeMetricFamily("neonpoly_cache_entries", "Entries stored.", labels=["cache"])
         size = GaugeMetricFamily("neonpoly_cache_bytes", "Bytes stored.", labels=["cache"])
         limit = GaugeMetricFamily("neonpoly_cache_max_bytes", "Cache size bound.", labels=["cache"])
-        conns = GaugeMetricFamily(
-            "neonpoly_connections", "Open client connections.", labels=["cache"]
-        )
+        conns = GaugeMetricFamily("neonpoly_connections", "Open client connections.", labels=["cache"])
         latency = GaugeMetricFamily(
             "neonpoly_query_duration_seconds",
             f"Query latency quantiles of hits and misses (top {TOP_TEMPLATES} templates).",
@@ -91,9 +87,7 @@ class StatsCollector(Collector):
                 ):
                     if value is not None:
                         latency.add_metric([cid, t.template_id, result, q], value)
-                current = (
-                    policy.decide(t.template_id, t.tables).ttl if policy is not None else t.ttl
-                )
+                current = policy.decide(t.template_id, bare_tables(t.tables)).ttl if policy is not None else t.ttl
                 if current is not None and (t.hits or t.misses):
                     ttl.add_metric([cid, t.template_id], current)
         yield from (queries, saved, served, entries, size, limit, conns, latency, ttl)

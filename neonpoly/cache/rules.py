@@ -61,6 +61,12 @@ def normalize_table(name: str) -> str:
     return last.lower()
 
 
+def bare_tables(qualified: Iterable[str]) -> list[str]:
+    """Stats keep tables as written ('other.items', 'MyTab'); rules and entries use the bare
+    name with the classifier's casing, so only the schema is dropped here."""
+    return [name.rpartition(".")[2] for name in qualified]
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     id: str
@@ -105,9 +111,7 @@ class RuleBook:
     # --- reading -------------------------------------------------------------------------
 
     def rules(self) -> list[Rule]:
-        return sorted(
-            self._rules.values(), key=lambda r: int(r.id[1:]) if r.id[1:].isdigit() else 0
-        )
+        return sorted(self._rules.values(), key=lambda r: int(r.id[1:]) if r.id[1:].isdigit() else 0)
 
     def get(self, rule_id: str) -> Rule | None:
         return self._rules.get(rule_id.lower())
@@ -131,9 +135,7 @@ class RuleBook:
 
     # --- changing ------------------------------------------------------------------------
 
-    def add(
-        self, target: Target, name: str, ttl: float | None, cache_id: str | None = None
-    ) -> Rule:
+    def add(self, target: Target, name: str, ttl: float | None, cache_id: str | None = None) -> Rule:
         if ttl is not None and not (ttl > 0 and ttl < 10 * 365 * 86400):
             raise RuleError(f"TTL must be a positive number of seconds, not {ttl:g}")
         key = normalize_table(name) if target == "table" else name.strip().lower()
@@ -285,8 +287,9 @@ class RulePolicy:
         return ttl
 
     def decide(self, template_id: str, tables: Iterable[str]) -> TTLDecision:
+        """`tables` as the classifier's `tables_read` spells them (see `bare_tables`)."""
         book, cid = self.book, self.cache_id
-        names = [normalize_table(t) for t in tables]
+        names = list(tables)
         by_template = book.matching("query", template_id, cid)
         if by_template is not None and by_template.ttl is None:
             return TTLDecision(None, f"never (rule {by_template.id})")

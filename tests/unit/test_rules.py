@@ -8,7 +8,7 @@ import pytest
 
 from neonpoly.admin_commands import AdminError, parse
 from neonpoly.cache.adaptive import AdaptiveTTL
-from neonpoly.cache.rules import RuleBook, RuleError, RulePolicy, normalize_table
+from neonpoly.cache.rules import RuleBook, RuleError, RulePolicy, bare_tables, normalize_table
 
 
 class Clock:
@@ -21,6 +21,16 @@ class Clock:
 
 def policy(book: RuleBook, cache_id: str = "c", max_ttl: float = 300.0, auto: AdaptiveTTL | None = None) -> RulePolicy:
     return RulePolicy(book, cache_id, lambda: max_ttl, auto)
+
+
+def test_quoted_names_keep_their_case() -> None:
+    book = RuleBook()
+    book.add("table", '"MyTab"', None)
+    book.add("table", "Lower", 7)
+    p = policy(book)
+    assert p("q", frozenset({"MyTab"})) is None  # the classifier's spelling of "MyTab"
+    assert p("q", frozenset({"lower"})) == 7
+    assert bare_tables(["other.MyTab", "items"]) == ["MyTab", "items"]
 
 
 def test_normalize_table_matches_the_classifier() -> None:
