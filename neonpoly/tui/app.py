@@ -1,0 +1,201 @@
+"""The neonpoly console: a Textual app over the `Control` facade (never the proxy itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, runtime_checkable
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from neonpoly.control import Control, IntegrationView
+from neonpoly.tui import format as fmt
+from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer, describe_error
+from neonpoly.tui.screens.cache_view import CacheViewScreen
+from neonpoly.tui.screens.confirm import ConfirmModal
+from neonpoly.tui.screens.help import HelpScreen
+from neonpoly.tui.screens.integrations import IntegrationsScreen
+from neonpoly.tui.screens.manage_drawer import ManagePolyScaleDrawer
+
+REFRESH_SECONDS = 1.0
+
+
+@runtime_checkable
+class Refreshable(Protocol):
+    def refresh_data(self) -> None: ...
+
+
+class ConsoleApp(App[None]):
+    """Owns the control's lifecycle (when asked to) and every cross-screen action."""
+
+    TITLE = "neonpoly"
+    CSS_PATH = ["app.tcss", "integrations.tcss", "drawers.tcss", "cache_view.tcss"]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
+    BINDINGS = [
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, control: Control, *, own_control: bool = True,
+                 refresh_seconds: float | None = REFRESH_SECONDS) -> None:
+        super().__init__()
+        self.control = control
+        # The CLI hands over a fresh control for the app to start and close; tests that
+        # share one control across apps pass own_control=False.
+        self.own_control = own_control
+        self.refresh_seconds = refresh_seconds
+        self.theme = "textual-dark"
+
+    def get_default_screen(self) -> Screen[None]:
+        return IntegrationsScreen(self.control)
+
+    async def on_mount(self) -> None:
+        if self.own_control:
+            try:
+                await self.control.start()
+            except Exception as error:  # a console without a proxy can still explain why
+                self.notify(f"Proxy did not start: {describe_error(error)}", severity="error",
+                            timeout=30)
+        if self.refresh_seconds:
+            self.set_interval(self.refresh_seconds, self.refresh_views)
+        self.refresh_views()
+
+    async def on_unmount(self) -> None:
+        if self.own_control:
+            await self.control.close()
+
+    def refresh_views(self) -> None:
+        """Every screen on the stack re-reads the control (cheap reads, a few per second)."""
+        for screen in self.screen_stack:
+            if isinstance(screen, Refreshable) and screen.is_mounted:
+                try:
+                    screen.refresh_data()
+                except Exception as error:  # one bad read must not kill the ticker
+                    self.log.error(f"refresh failed: {describe_error(error)}")
+
+    def integration(self) -> IntegrationView | None:
+        views = self.control.integrations()
+        return views[0] if views else None
+
+    def _configured(self) -> IntegrationView | None:
+        view = self.integration()
+        if view is None:
+            self.notify("PolyScale is not added yet: press a to add it.", severity="warning")
+        return view
+
+    def _back_to_page(self) -> None:
+        while not isinstance(self.screen, IntegrationsScreen) and len(self.screen_stack) > 1:
+            self.pop_screen()
+
+    # -- actions (keys on every screen, and the command palette) ------------------------
+
+    def action_add(self) -> None:
+        if self.integration() is not None:
+            self.notify("PolyScale is already added: opening Manage.")
+            self.action_manage()
+            return
+        if isinstance(self.screen, AddPolyScaleDrawer):
+            return
+        self._back_to_page()
+        self.push_screen(AddPolyScaleDrawer(self.control), self._added)
+
+    def _added(self, view: IntegrationView | None) -> None:
+        if view is None:
+            return
+        self.refresh_views()
+        self.notify(f"PolyScale added: cache {view.name} is ready.", severity="information")
+        self.push_screen(ManagePolyScaleDrawer(self.control, view.cache_id))
+
+    def action_manage(self) -> None:
+        view = self._configured()
+        if view is None or isinstance(self.screen, ManagePolyScaleDrawer):
+            return
+        self._back_to_page()
+        self.push_screen(ManagePolyScaleDrawer(self.control, view.cache_id))
+
+    def action_view_cache(self) -> None:
+        view = self._configured()
+        if view is None or isinstance(self.screen, CacheViewScreen):
+            return
+        self._back_to_page()
+        self.push_screen(CacheViewScreen(self.control, view.cache_id, view.name))
+
+    def action_copy(self) -> None:
+        view = self._configured()
+        if view is None:
+            return
+        # The copied string carries the password: a masked one would not connect.
+        self.copy_to_clipboard(self.control.connection_string(view.cache_id, reveal=True))
+        self.notify(f"Copied the connection string for {view.database} as {view.role}.")
+
+    def action_purge(self) -> None:
+        view = self._configured()
+        if view is None:
+            return
+        self._confirm(
+            ConfirmModal("Purge PolyScale cache",
+                         f"Purge every cached result of {view.name}? This purges all cached "
+                         "data globally; the next queries go to the database.", "Purge"),
+            lambda: self._purge(view),
+        )
+
+    async def _purge(self, view: IntegrationView) -> None:
+        purged = await self.control.purge(view.cache_id)
+        self.notify(f"Purged {fmt.count(purged)} entr{'y' if purged == 1 else 'ies'}.")
+        self.refresh_views()
+
+    def action_remove(self) -> None:
+        view = self._configured()
+        if view is None:
+            return
+        self._confirm(
+            ConfirmModal("Remove integration",
+                         f"Remove PolyScale? This deletes the cache {view.name} and terminates "
+                         "all current connections using the PolyScale connection string.",
+                         "Remove"),
+            lambda: self._remove(view),
+        )
+
+    async def _remove(self, view: IntegrationView) -> None:
+        ended = await self.control.remove(view.cache_id)
+        self._back_to_page()
+        self.refresh_views()
+        self.notify(f"Removed PolyScale: deleted cache {view.name}, ended {ended} "
+                    f"connection{'' if ended == 1 else 's'}.")
+
+    def _confirm(self, modal: ConfirmModal, then: Callable[[], Awaitable[None]]) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.run_worker(self._guarded(then), group="control", exit_on_error=False)
+
+        self.push_screen(modal, answered)
+
+    async def _guarded(self, then: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await then()
+        except Exception as error:  # shown as a notification, never a traceback
+            self.notify(describe_error(error), severity="error", timeout=10)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Add PolyScale", "Add the PolyScale integration (a)", self.action_add)
+        yield SystemCommand("Manage PolyScale", "Open the Manage PolyScale drawer (m)",
+                            self.action_manage)
+        yield SystemCommand("View cache", "Live hit rate and per-template stats (v)",
+                            self.action_view_cache)
+        yield SystemCommand("Purge cache", "Purge all cached data (p)", self.action_purge)
+        yield SystemCommand("Remove integration", "Delete the cache, end its connections (r)",
+                            self.action_remove)
+        yield SystemCommand("Copy connection string", "Copy the PolyScale string (c)",
+                            self.action_copy)
+        yield SystemCommand("Help", "Every key of the console (?)", self.action_help)
+
+
+def run_tui(control: Control) -> None:
+    """Run the console in this terminal; it starts the control's proxy and closes it on exit."""
+    ConsoleApp(control).run()

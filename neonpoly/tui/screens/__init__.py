@@ -1,0 +1,1 @@
+"""Screens and drawers of the console."""

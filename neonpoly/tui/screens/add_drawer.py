@@ -1,0 +1,179 @@
+"""The Add PolyScale drawer: How to add → 1 Sign in → 2 Workspace → 3 Authorize Access."""
+
+from __future__ import annotations
+
+import asyncio
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select
+
+from neonpoly.control import Control, ControlError, IntegrationView, SignInResult
+
+INTRO = (
+    "PolyScale caches your data globally for low-latency reads. No code changes: "
+    "swap the connection string."
+)
+NOTE = "It caches the read-write compute endpoint of the primary branch."
+
+STEPS = {1: "Sign in", 2: "Choose workspace", 3: "Authorize access"}
+HINTS = {1: "  (Neon API key / local)", 2: "", 3: ""}
+
+
+def describe_error(error: BaseException) -> str:
+    """ControlError is already worded for users; anything else gets its type for a bug report."""
+    if isinstance(error, ControlError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
+    """Docked right over the Integrations page; dismisses with the new integration."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, control: Control) -> None:
+        super().__init__(id="add-drawer", classes="drawer-screen")
+        self.control = control
+        self.step = 1
+        self.busy = False
+        self.signed_in: SignInResult | None = None
+        self._progress_lines: list[str] = []
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="drawer", classes="drawer"):
+            with Horizontal(classes="drawer-title"):
+                yield Label("Add PolyScale", classes="title")
+                yield Label("esc Cancel", classes="hint")
+            yield Label(INTRO, classes="intro")
+            yield Label("How to add", classes="subtitle")
+            yield Label(id="step-1", classes="step")
+            yield Input(
+                placeholder="Neon API key (empty: $NEON_API_KEY, or local)",
+                password=True,
+                id="api-key",
+                compact=True,
+            )
+            yield Label(id="account", classes="muted")
+            yield Label(id="step-2", classes="step")
+            yield Select[str]([], prompt="Workspace", id="workspace", compact=True, disabled=True)
+            yield Label(id="step-3", classes="step")
+            yield Label(id="progress", classes="progress")
+            yield Label(id="error", classes="error")
+            yield Label(NOTE, classes="muted note")
+            with Horizontal(classes="buttons"):
+                yield Button("Sign in", id="sign-in", compact=True, variant="primary")
+                yield Button("Authorize Access", id="authorize", compact=True, disabled=True)
+
+    def on_mount(self) -> None:
+        self._show_steps()
+        self.query_one("#sign-in", Button).focus()
+
+    def _show_steps(self) -> None:
+        for number, title in STEPS.items():
+            label = self.query_one(f"#step-{number}", Label)
+            marker = "✓" if number < self.step else ("●" if number == self.step else "○")
+            label.update(f" {number} {marker} {title}{HINTS[number]}")
+            label.set_class(number < self.step, "-done")
+            label.set_class(number == self.step, "-active")
+
+    def _set_error(self, message: str) -> None:
+        error = self.query_one("#error", Label)
+        error.update(message)
+        error.display = bool(message)
+
+    def action_cancel(self) -> None:
+        if self.busy:
+            # Leaving mid-authorize would orphan a half-made cache; finish or fail first.
+            self.notify("Authorizing… wait for it to finish.", severity="warning")
+            return
+        self.dismiss(None)
+
+    # -- 1 sign in -----------------------------------------------------------------------
+
+    @on(Input.Submitted, "#api-key")
+    @on(Button.Pressed, "#sign-in")
+    def _sign_in_pressed(self) -> None:
+        if self.busy:
+            return
+        key = self.query_one("#api-key", Input).value.strip() or None
+        self.run_worker(self._sign_in(key), group="add-drawer", exclusive=True, exit_on_error=False)
+
+    async def _sign_in(self, key: str | None) -> None:
+        self.busy = True
+        self._set_error("")
+        self.query_one("#account", Label).update("Signing in…")
+        try:
+            result = await self.control.sign_in(key)
+        except Exception as error:  # any failure is shown inline, never as a traceback
+            self.query_one("#account", Label).update("")
+            self._set_error(f"Sign in failed: {describe_error(error)}")
+            return
+        finally:
+            self.busy = False
+        self.signed_in = result
+        self.query_one("#account", Label).update(f"Signed in as {result.account}")
+        select = self.query_one("#workspace", Select)
+        select.set_options([(name, name) for name in result.workspaces])
+        if result.workspaces:
+            select.value = result.workspaces[0]
+        select.disabled = False
+        self.step = 2
+        self._show_steps()
+        authorize = self.query_one("#authorize", Button)
+        authorize.disabled = not result.workspaces
+        authorize.focus()
+
+    # -- 3 authorize ----------------------------------------------------------------------
+
+    @on(Button.Pressed, "#authorize")
+    def _authorize_pressed(self) -> None:
+        workspace = self.query_one("#workspace", Select).value
+        if self.busy or not isinstance(workspace, str):
+            return
+        self.run_worker(
+            self._authorize(workspace), group="add-drawer", exclusive=True, exit_on_error=False
+        )
+
+    def _progress(self, line: str) -> None:
+        # The facade may report from a thread; widgets must only be touched on the app's loop.
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.app.call_from_thread(self._append_progress, line)
+        else:
+            self._append_progress(line)
+
+    def _append_progress(self, line: str) -> None:
+        self._progress_lines.append(line)
+        # Only the last few lines fit at 80x24; older ones have been done already.
+        shown = self._progress_lines[-3:]
+        text = "\n".join(f"   ✓ {done}" for done in shown[:-1])
+        text = f"{text}\n   … {shown[-1]}" if text else f"   … {shown[-1]}"
+        self.query_one("#progress", Label).update(text)
+
+    async def _authorize(self, workspace: str) -> None:
+        self.busy = True
+        self._progress_lines = []
+        self._set_error("")
+        self.step = 3
+        self._show_steps()
+        buttons = (self.query_one("#sign-in", Button), self.query_one("#authorize", Button))
+        for button in buttons:
+            button.disabled = True
+        try:
+            view = await self.control.add(workspace, self._progress)
+        except Exception as error:  # inline, with the button relabelled for a retry
+            self._set_error(f"{describe_error(error)} — press Retry to try again.")
+            authorize = self.query_one("#authorize", Button)
+            authorize.label = "Retry"
+            for button in buttons:
+                button.disabled = False
+            authorize.focus()
+            return
+        finally:
+            self.busy = False
+        self.dismiss(view)

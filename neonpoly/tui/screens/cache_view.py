@@ -1,0 +1,132 @@
+"""The cache view (PolyScale's Observability tab): live totals, 15-minute series, templates."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, Sparkline
+
+from neonpoly.control import Control
+from neonpoly.stats import SERIES_SECONDS, StatsSnapshot
+from neonpoly.tui import format as fmt
+from neonpoly.tui.widgets.header import ConsoleHeader
+from neonpoly.tui.widgets.template_table import SORTS, TemplateTable
+
+SERIES = (("hits", "hits"), ("misses", "misses"), ("passthrough", "pass-through"))
+
+
+class CacheViewScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "sort", "Sort"),
+        Binding("p", "app.purge", "Purge"),
+        Binding("m", "app.manage", "Manage", show=False),
+    ]
+
+    def __init__(self, control: Control, cache_id: str, name: str) -> None:
+        super().__init__(id="cache-view")
+        self.control = control
+        self.cache_id = cache_id
+        self.cache_name = name
+        self.sort_index = 0
+        self.needle = ""
+        self._last: StatsSnapshot | None = None
+
+    def compose(self) -> ComposeResult:
+        yield ConsoleHeader(f"Integrations ▸ PolyScale ▸ {self.cache_name}")
+        with Horizontal(id="cv-summary"):
+            yield Label(f"PolyScale cache · {self.cache_name}", id="cv-title")
+            yield Label(id="cv-hit-rate")
+            yield Label(id="cv-saved")
+            yield Label(id="cv-calls")
+        with Vertical(id="cv-series"):
+            for key, label in SERIES:
+                with Horizontal(classes="series-row"):
+                    yield Label(label, classes="series-label")
+                    yield Sparkline([], id=f"spark-{key}", classes=f"spark-{key}")
+                    yield Label(id=f"total-{key}", classes="series-total")
+        with Horizontal(id="cv-table-bar"):
+            yield Label(id="cv-sort")
+            yield Label("last 15 min", id="cv-window")
+        yield Input(placeholder="filter templates (esc clears)", id="filter", compact=True)
+        yield TemplateTable()
+        yield Label(
+            "No queries yet. Connect with the PolyScale connection string (c copies it).",
+            id="cv-empty",
+        )
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#filter", Input).display = False
+        self.query_one(TemplateTable).focus()
+        self.refresh_data()
+
+    def on_resize(self) -> None:
+        self.refresh_data()
+
+    def refresh_data(self) -> None:
+        self.query_one(ConsoleHeader).show(self.control.header())
+        snap = self.control.stats(self.cache_id)
+        self._last = snap
+        totals = snap.totals
+        cacheable = totals.hits + totals.misses
+        self.query_one("#cv-hit-rate", Label).update(
+            f"hit rate {fmt.percent(totals.hits / cacheable if cacheable else None)}"
+        )
+        self.query_one("#cv-saved", Label).update(f"saved {fmt.duration(totals.time_saved_s)}")
+        self.query_one("#cv-calls", Label).update(f"{fmt.count(totals.calls)} queries")
+        for key, _ in SERIES:
+            values: tuple[int, ...] = getattr(snap.series, key)
+            spark = self.query_one(f"#spark-{key}", Sparkline)
+            data = fmt.tail(values, SERIES_SECONDS)
+            if list(spark.data or []) != data:
+                spark.data = data
+            total = {"hits": totals.hits, "misses": totals.misses,
+                     "passthrough": totals.passthrough}[key]
+            self.query_one(f"#total-{key}", Label).update(fmt.count(total))
+        self._show_table()
+
+    def _show_table(self) -> None:
+        if self._last is None:
+            return
+        sort = SORTS[self.sort_index]
+        table = self.query_one(TemplateTable)
+        shown = table.show(self._last.templates, self.needle, sort, self.size.width)
+        arrow = "▼" if sort.descending else "▲"
+        found = f" · {shown} of {len(self._last.templates)} match “{self.needle}”" if self.needle else ""
+        self.query_one("#cv-sort", Label).update(f"sorted by {sort.label} {arrow}{found}")
+        self.query_one("#cv-empty", Label).display = not self._last.templates
+
+    def action_sort(self) -> None:
+        self.sort_index = (self.sort_index + 1) % len(SORTS)
+        self._show_table()
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    def action_back(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.display:
+            # esc first clears the filter; a second esc leaves the view.
+            box.value = ""
+            box.display = False
+            self.needle = ""
+            self.query_one(TemplateTable).focus()
+            self._show_table()
+            return
+        self.dismiss(None)
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.needle = event.value.strip()
+        self._show_table()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self) -> None:
+        self.query_one(TemplateTable).focus()

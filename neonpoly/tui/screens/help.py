@@ -1,0 +1,55 @@
+"""The help screen: every key, by screen, plus what the console recreates."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Label
+
+KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("Everywhere", (
+        ("?", "this help"),
+        ("ctrl+p", "command palette: every action by name"),
+        ("q", "quit (the proxy stops with the console)"),
+    )),
+    ("Integrations page", (
+        ("a", "add PolyScale (opens the Add drawer)"),
+        ("m", "manage PolyScale (opens the Manage drawer)"),
+        ("v", "view cache (observability)"),
+        ("p r c", "purge cache, remove integration, copy the string"),
+    )),
+    ("Manage drawer", (
+        ("c", "copy the connection string, password included"),
+        ("s", "show or hide the password"),
+        ("v p r", "view cache, purge cache, remove integration"),
+        ("esc", "cancel: back to the page"),
+    )),
+    ("Cache view", (
+        ("/", "filter templates (esc clears)"),
+        ("s", "sort: calls, hit %, time saved, p50 miss, template"),
+        ("p", "purge cache"),
+        ("esc", "back"),
+    )),
+)
+
+ABOUT = (
+    "neonpoly recreates Neon's PolyScale integration: a caching proxy between your app and "
+    "the primary branch's read-write endpoint. Use the PolyScale connection string; writes "
+    "through it invalidate the cache, writes around it do not."
+)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Label("neonpoly console — keys", classes="title")
+            for section, keys in KEYS:
+                yield Label(section, classes="subtitle")
+                for key, what in keys:
+                    yield Label(f"  [b]{key:<10}[/b] {what}", classes="key-row")
+            yield Label(ABOUT, classes="muted about")
+            yield Label("esc close", classes="hint")

@@ -1,0 +1,144 @@
+"""The Manage PolyScale drawer: cache facts, the connection string, Database/Role, actions."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Footer, Label, Select
+
+from neonpoly.control import Control, ControlError, IntegrationView
+from neonpoly.tui import format as fmt
+
+WRITES_NOTE = (
+    "⚠ Always use this connection string: modifying the database directly (a Neon "
+    "connection string or the SQL Editor) can leave the cache outdated."
+)
+
+
+def origin_line(view: IntegrationView, live_state: str | None = None) -> str:
+    where = view.endpoint_id or view.origin_label
+    endpoint_state = live_state or view.endpoint_state
+    state = f" ({endpoint_state})" if endpoint_state else ""
+    branch = f" · {view.branch}" if view.branch else ""
+    return f"Origin   {where}{state}{branch}"
+
+
+class ManagePolyScaleDrawer(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("c", "app.copy", "Copy"),
+        Binding("s", "reveal", "Show/hide"),
+        Binding("v", "app.view_cache", "View cache"),
+        Binding("p", "app.purge", "Purge"),
+        Binding("r", "app.remove", "Remove"),
+    ]
+
+    def __init__(self, control: Control, cache_id: str) -> None:
+        super().__init__(id="manage-drawer", classes="drawer-screen")
+        self.control = control
+        self.cache_id = cache_id
+        self.revealed = False
+
+    def compose(self) -> ComposeResult:
+        view = self._view()
+        databases = view.databases if view else ("—",)
+        roles = view.roles if view else ("—",)
+        with VerticalScroll(id="drawer", classes="drawer"):
+            with Horizontal(classes="drawer-title"):
+                yield Label("Manage PolyScale", classes="title")
+                yield Label("esc Cancel", classes="hint")
+            yield Label(id="cache-line")
+            yield Label(id="origin-line")
+            yield Label(id="entries-line")
+            with Horizontal(classes="selects"):
+                yield Label("Database", classes="select-label")
+                yield Select[str](
+                    [(name, name) for name in databases], id="database", compact=True,
+                    allow_blank=False, value=view.database if view else databases[0],
+                )
+                yield Label("Role", classes="select-label")
+                yield Select[str](
+                    [(name, name) for name in roles], id="role", compact=True,
+                    allow_blank=False, value=view.role if view else roles[0],
+                )
+            yield Label(id="conn-string", classes="conn")
+            with Horizontal(classes="buttons"):
+                yield Button("c Copy", id="copy", compact=True)
+                yield Button("s Show", id="reveal", compact=True)
+            yield Label(WRITES_NOTE, classes="warning")
+            with Horizontal(classes="buttons actions"):
+                yield Button("v View cache", id="view", compact=True, variant="primary")
+                yield Button("p Purge cache", id="purge", compact=True, variant="warning")
+                yield Button("r Remove integration", id="remove", compact=True, variant="error")
+        yield Footer()
+
+    def _view(self) -> IntegrationView | None:
+        return next((v for v in self.control.integrations() if v.cache_id == self.cache_id), None)
+
+    def on_mount(self) -> None:
+        view = self._view()
+        if view is None:
+            self.dismiss(None)
+            return
+        self.query_one("#cache-line", Label).update(
+            f"Cache    {view.name} · {fmt.short_id(view.cache_id)}"
+        )
+        self.refresh_data()
+        self.query_one("#copy", Button).focus()
+
+    def refresh_data(self) -> None:
+        view = self._view()
+        if view is None:  # removed elsewhere (CLI, another console): nothing left to manage
+            self.dismiss(None)
+            return
+        status = self.control.status(self.cache_id)
+        self.query_one("#origin-line", Label).update(origin_line(view, status.endpoint_state))
+        self.query_one("#entries-line", Label).update(
+            f"Entries  {fmt.count(status.entries)} · {fmt.size(status.bytes)} · "
+            f"hit rate {fmt.percent(status.hit_rate)} · "
+            f"{status.connections} connection{'s' if status.connections != 1 else ''}"
+        )
+        self._show_string()
+
+    def _show_string(self) -> None:
+        text = self.control.connection_string(self.cache_id, reveal=self.revealed)
+        self.query_one("#conn-string", Label).update(text)
+        self.query_one("#reveal", Button).label = "s Hide" if self.revealed else "s Show"
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_reveal(self) -> None:
+        self.revealed = not self.revealed
+        self._show_string()
+
+    @on(Select.Changed, "#database")
+    @on(Select.Changed, "#role")
+    def _choice_changed(self, event: Select.Changed) -> None:
+        view = self._view()
+        value = event.value
+        if view is None or not isinstance(value, str):
+            return
+        is_database = event.select.id == "database"
+        if value == (view.database if is_database else view.role):
+            return  # the initial value being set, not a user's choice
+        try:
+            if is_database:
+                self.control.select(self.cache_id, database=value)
+            else:
+                self.control.select(self.cache_id, role=value)
+        except ControlError as error:
+            self.notify(str(error), severity="error")
+        self._show_string()
+
+    @on(Button.Pressed, "#reveal")
+    def _reveal_pressed(self) -> None:
+        self.action_reveal()
+
+    @on(Button.Pressed, "#copy, #view, #purge, #remove")
+    async def _action_pressed(self, event: Button.Pressed) -> None:
+        action = {"copy": "copy", "view": "view_cache", "purge": "purge", "remove": "remove"}
+        await self.app.run_action(action[event.button.id or ""])

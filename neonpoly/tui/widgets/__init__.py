@@ -1,0 +1,1 @@
+"""Widgets of the console: header, integration cards, step rows."""

@@ -1,0 +1,74 @@
+"""Fixtures for console tests: a Neon stand-in whose primary branch's read-write endpoint is
+the session's real PostgreSQL (`pg`), and a LocalControl on a fresh state dir."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from neonpoly.control_impl import LocalControl
+from neonpoly.neon_api import RetryPolicy
+from neonpoly.neon_standin import (
+    NeonStandin,
+    SeedBranch,
+    SeedDatabase,
+    SeedEndpoint,
+    SeedProject,
+    SeedRole,
+)
+from neonpoly.service import ProxySettings
+from tests.pgharness import NEON_HOST, PgServer
+
+# Two databases and two roles on the primary branch, so the Manage drawer's selects matter.
+DATABASES = ("app", "postgres")
+ROLES = ("scram_user", "md5_user")
+
+
+def shop_project(pg: PgServer) -> SeedProject:
+    endpoint_id = NEON_HOST.split(".")[0]
+    return SeedProject("shop", branches=[
+        SeedBranch("dev", endpoints=[SeedEndpoint("read_write", "active")]),
+        SeedBranch(
+            "main", default=True,
+            endpoints=[SeedEndpoint("read_only", "active"),
+                       SeedEndpoint("read_write", "idle", id=endpoint_id, host=NEON_HOST)],
+            databases=[SeedDatabase(name, "scram_user") for name in DATABASES],
+            roles=[SeedRole(name, pg.password_for(name)) for name in ROLES],
+        ),
+    ])
+
+
+@pytest.fixture
+async def neon_shop(pg: PgServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[NeonStandin]:
+    async with NeonStandin([shop_project(pg)]) as standin:
+        monkeypatch.setenv("NEON_API_KEY", standin.api_key)
+        monkeypatch.delenv("NEON_API_HOST", raising=False)
+        yield standin
+
+
+@pytest.fixture
+def state_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    # Not tmp_path: the embedded server's user cannot reach pytest's 0700 parents.
+    base = Path(tempfile.mkdtemp(prefix="neonpoly-tui-"))
+    monkeypatch.setenv("NEONPOLY_STATE_DIR", str(base / "state"))
+    try:
+        yield base / "state"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def control(pg: PgServer, neon_shop: NeonStandin, state_root: Path) -> LocalControl:
+    """The real facade: Neon discovery against the stand-in, the proxy on a free port, the
+    origin dialled at the `pg` fixture under the endpoint's host name."""
+    return LocalControl(
+        state_root,
+        ProxySettings(listen=("127.0.0.1", 0), cache_dir=state_root / "cache"),
+        api_host=neon_shop.base_url,
+        connect_to=f"{NEON_HOST}:5432:127.0.0.1:{pg.port}",
+        retry=RetryPolicy(attempts=1),
+    )

@@ -1,0 +1,157 @@
+"""A deterministic `Control` for rendering tests and screenshots: fixed names, ids, ports,
+clock and traffic, so snapshots never vary. Flow tests drive the real LocalControl."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from neonpoly.control import (
+    CacheStatus,
+    Control,
+    ControlError,
+    HeaderInfo,
+    IntegrationView,
+    Progress,
+    SignInResult,
+)
+from neonpoly.stats import HIT, MISS, StatsRecorder, StatsSnapshot
+
+NOW = 1_717_000_000.0
+CACHE_ID = "5f0c2d7e-8b1a-4c3e-9d2f-6a7b8c9da91e"
+PASSWORD = "npg_s3cr3tPassw0rd"
+
+TRAFFIC: tuple[tuple[str, str, tuple[str, ...], int, int, float, float, float | None], ...] = (
+    # (template_id, template, tables, hits, misses, hit s, miss s, ttl)
+    ("t1", "SELECT id, name, price FROM products WHERE id = $1", ("products",), 940, 38,
+     0.0002, 0.0048, 300.0),
+    ("t2", "SELECT * FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT [?]",
+     ("orders",), 412, 97, 0.0003, 0.0121, 300.0),
+    ("t3", "SELECT count(*) FROM products WHERE category = $1", ("products",), 188, 12,
+     0.0002, 0.0350, 60.0),
+    ("t4", "SELECT name FROM categories ORDER BY name", ("categories",), 77, 3,
+     0.0001, 0.0021, 3600.0),
+)
+PASSTHROUGH: tuple[tuple[str, str, str, int], ...] = (
+    ("t5", "SELECT now(), pg_backend_pid()", "volatile", 31),
+    ("t6", "UPDATE products SET price = $1 WHERE id = $2", "notaquery", 12),
+)
+
+
+def demo_stats(cache_id: str) -> StatsRecorder:
+    """Synthetic traffic spread over the last 15 minutes, recorded through the real recorder."""
+    clock = [NOW - 899]
+    stats = StatsRecorder(clock=lambda: clock[0])
+    for tid, template, tables, hits, misses, hit_s, miss_s, ttl in TRAFFIC:
+        for i in range(misses + hits):
+            clock[0] = NOW - 899 + (i * 7 + len(tid) * 13) % 900
+            status = MISS if i < misses else HIT
+            stats.record(cache_id, tid, template, tables, status,
+                         miss_s if status == MISS else hit_s, 512)
+        stats.set_ttl(cache_id, tid, ttl)
+    for tid, template, status, n in PASSTHROUGH:
+        for i in range(n):
+            clock[0] = NOW - 899 + (i * 29) % 900
+            stats.record(cache_id, tid, template, (), status, 0.004, reason=status)
+    clock[0] = NOW
+    return stats
+
+
+class DemoControl(Control):
+    def __init__(self, *, configured: bool = False, local: bool = False,
+                 traffic: bool = True, sign_in_error: str | None = None,
+                 add_failures: int = 0) -> None:
+        self.local = local
+        self.traffic = traffic
+        self.sign_in_error = sign_in_error
+        self.add_failures = add_failures
+        self.started = False
+        self.entries = 1204
+        self.connections = 3
+        self.copied: list[str] = []
+        self._view: IntegrationView | None = self._make_view() if configured else None
+        self._stats = demo_stats(CACHE_ID) if traffic else StatsRecorder(clock=lambda: NOW)
+
+    def _make_view(self) -> IntegrationView:
+        if self.local:
+            return IntegrationView(CACHE_ID, "local-app", "local", "url", "127.0.0.1:5432", None,
+                                   None, None, None, ("app",), ("postgres",), "app", "postgres")
+        return IntegrationView(
+            CACHE_ID, "shop-main", "default", "neon",
+            "ep-dawn-king-a527wlyu.us-east-2.aws.neon.tech:5432", "ep-dawn-king-a527wlyu",
+            "idle", "main", "shop", ("neondb", "analytics"), ("neondb_owner", "reporter"),
+            "neondb", "neondb_owner",
+        )
+
+    def header(self) -> HeaderInfo:
+        if self.local:
+            return HeaderInfo("local", None, None, "127.0.0.1:6543", self.started)
+        return HeaderInfo("shop", "aws-us-east-2", "main", "127.0.0.1:6543", self.started)
+
+    def integrations(self) -> list[IntegrationView]:
+        return [self._view] if self._view else []
+
+    async def sign_in(self, api_key: str | None = None) -> SignInResult:
+        await asyncio.sleep(0)
+        if self.sign_in_error:
+            raise ControlError(self.sign_in_error)
+        if self.local:
+            return SignInResult("local", "local", ("local",))
+        return SignInResult("neon", "Neon API key …abcd", ("default", "shop-team"))
+
+    async def add(self, workspace: str, progress: Progress) -> IntegrationView:
+        for line in ("finding project shop", "primary branch main",
+                     "read-write endpoint ep-dawn-king-a527wlyu (idle)",
+                     "databases neondb, analytics · roles neondb_owner, reporter"):
+            progress(line)
+            await asyncio.sleep(0)
+        if self.add_failures:
+            self.add_failures -= 1
+            raise ControlError("endpoint ep-dawn-king-a527wlyu did not wake up in 30 s")
+        progress("starting the cache")
+        self._view = replace(self._make_view(), workspace=workspace)
+        return self._view
+
+    def _need(self, cache_id: str) -> IntegrationView:
+        if self._view is None or self._view.cache_id != cache_id:
+            raise ControlError(f"no integration {cache_id}")
+        return self._view
+
+    def select(self, cache_id: str, *, database: str | None = None,
+               role: str | None = None) -> IntegrationView:
+        view = self._need(cache_id)
+        self._view = replace(view, database=database or view.database, role=role or view.role)
+        return self._view
+
+    def connection_string(self, cache_id: str, *, reveal: bool = False) -> str:
+        view = self._need(cache_id)
+        password = PASSWORD if reveal else "••••••"
+        return (f"postgres://{view.role}:{password}@127.0.0.1:6543/{view.database}"
+                f"?application_name={cache_id}")
+
+    def status(self, cache_id: str) -> CacheStatus:
+        self._need(cache_id)
+        totals = self._stats.snapshot(cache_id).totals
+        cacheable = totals.hits + totals.misses
+        return CacheStatus(self.entries, self.entries * 15_200, self.connections, totals.calls,
+                           totals.hits, totals.hits / cacheable if cacheable else None)
+
+    def stats(self, cache_id: str | None = None) -> StatsSnapshot:
+        return self._stats.snapshot(cache_id)
+
+    async def purge(self, cache_id: str) -> int:
+        self._need(cache_id)
+        purged, self.entries = self.entries, 0
+        return purged
+
+    async def remove(self, cache_id: str) -> int:
+        self._need(cache_id)
+        ended, self.connections = self.connections, 0
+        self._view = None
+        return ended
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.started = False
