@@ -248,6 +248,21 @@ def data_row(values: Iterable[str | None]) -> bytes:
     return frame(b"D", b"".join(parts))
 
 
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    count = _I16.unpack_from(body, 0)[0]
+    pos = 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        size = _I32.unpack_from(body, pos)[0]
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + size])
+            pos += size
+    return values
+
+
 def command_complete(tag: str) -> bytes:
     return frame(b"C", cstr(tag))
 

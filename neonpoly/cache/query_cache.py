@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from neonpoly.cache.invalidation import GenerationStamp
+from neonpoly.cache.relations import RelationBook
 from neonpoly.cache.store import CacheEntry, CacheStore
 from neonpoly.stats import StatsRecorder
 
@@ -54,6 +55,7 @@ class QueryCache:
         # How often each key was seen missing: a key is stored on its Nth sighting.
         self._sightings: OrderedDict[bytes, int] = OrderedDict()
         self.on_write: Callable[[str, frozenset[str], bool], None] | None = None
+        self.relations = RelationBook()
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
@@ -99,6 +101,7 @@ class QueryCache:
     def invalidate(self, database: str, tables: frozenset[str], everything: bool) -> None:
         if everything:
             self.store.invalidate_database(database)
+            self.relations.forget(database)
         else:
             self.store.invalidate_tables(database, tables)
         if self.on_write is not None:

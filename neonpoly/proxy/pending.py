@@ -42,6 +42,9 @@ class Pending:
     flush: bool = False
     expect: int | None = None  # a plain read: cannot change the transaction status or settings
     stats: list[StatTicket] = field(default_factory=list)
+    # neonpoly's own catalog lookup (see cache/relations.py): swallowed, never forwarded.
+    lookup: list[str] | None = None
+    rows: list[tuple[str, str, bool]] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)

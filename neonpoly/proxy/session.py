@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
+from neonpoly.cache import relations
 from neonpoly.cache.policy import Classification, Status, classify
 from neonpoly.proxy.extended import StatementBook
 from neonpoly.proxy.origin import OriginUnavailable, open_origin
@@ -23,6 +24,7 @@ from neonpoly.proxy.pending import Capture, Pending, StatTicket
 from neonpoly.proxy.state import SessionState
 
 if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
     from neonpoly.proxy.server import AdminHandler, ProxyServer, Route
 
 log = logging.getLogger("neonpoly.session")
@@ -259,18 +261,40 @@ class Session:
             if payload is not None and not self._busy():
                 self._answer_locally(payload, [info], item)
                 return
-            if cache.admit(key):
-                item.capture = Capture(
-                    key,
-                    self.state.database,
-                    info.tables_read,
-                    info.template_id,
-                    cache.stamp(self.state.database, info.tables_read),
-                )
+            item.capture = self._capture(cache, key, info.tables_read, info.template_id, out)
         item.neutral = status is Status.MISS
         item.stats.append(StatTicket(info.template_id, info.template, info.qualified_tables, str(status)))
         self._push(item)
         out.append(raw)
+
+    def _capture(
+        self, cache: QueryCache, key: bytes, tables: frozenset[str], template_id: str, out: list[bytes]
+    ) -> Capture | None:
+        """Count a sighting of a miss and, once admitted, prepare to store it, tagged with
+        every table it really reads.
+
+        A relation seen for the first time may be a view: ask the origin what it is built
+        from (in this session, ahead of the query; the answer is swallowed) and store
+        nothing this time, since the stamp could not cover tables we did not know. With
+        the default admission (store on the 2nd run) the answer is in before it matters.
+        """
+        database = self.state.database
+        admitted = cache.admit(key)
+        resolved = cache.relations.resolve(database, tables)
+        if resolved is None:
+            self._ask_relations(cache, cache.relations.unknown(database, tables), out)
+            return None
+        tags, volatile = resolved
+        if volatile or not admitted:
+            return None
+        return Capture(key, database, tags, template_id, cache.stamp(database, tags))
+
+    def _ask_relations(self, cache: QueryCache, names: list[str], out: list[bytes]) -> None:
+        askable = [n for n in names if relations.askable(n)]
+        cache.relations.refuse(self.state.database, [n for n in names if not relations.askable(n)])
+        if askable:
+            self._push(Pending(time.monotonic(), neutral=True, lookup=askable))
+            out.append(pgwire.frame(b"Q", relations.lookup_sql(askable).encode() + b"\x00"))
 
     def _busy(self) -> bool:
         """Could an outstanding origin answer change the transaction status or settings?
@@ -285,6 +309,8 @@ class Session:
             return Status.DISABLED
         if not info.cacheable:
             return info.status or Status.UNCACHEABLE
+        if self.route.cache.relations.volatile(self.state.database, info.tables_read):
+            return Status.VOLATILE  # a view over functions that change without writes
         if self.route.cache.ttl_for(info.template_id, info.tables_read) is None:
             return Status.DISABLED  # a rule says "never", or the cache's mode is Off
         if self.state.bypass:
@@ -361,14 +387,7 @@ class Session:
                 else:
                     self._answer_quietly(payload, item)
                 return
-            if cache.admit(key):
-                item.capture = Capture(
-                    key,
-                    self.state.database,
-                    plan.tables,
-                    info.template_id if info else "",
-                    cache.stamp(self.state.database, plan.tables),
-                )
+            item.capture = self._capture(cache, key, plan.tables, info.template_id if info else "", out)
         item.neutral = status is Status.MISS
         item.stats.extend(StatTicket(i.template_id, i.template, i.qualified_tables, str(status)) for i in plan.executed)
         deferred = self.book.deferred_parses(plan)
@@ -479,6 +498,13 @@ class Session:
             head = pending[0] if pending else None
             if head is not None and head.local is not None:  # pragma: no cover - defensive
                 head = None
+            if head is not None and head.lookup is not None:
+                out.append(buf[cut:start])
+                cut = end
+                self._lookup_frame(head, mtype, buf[start + 5 : end])
+                if mtype == _Z:
+                    self._release_local(out)
+                continue
             if mtype == _Z:
                 self.state.tx_status = buf[start + 5 : start + 6]
                 out.append(buf[cut:end])
@@ -544,6 +570,23 @@ class Session:
                         ]
         out.append(buf[cut:used])
         self._write_client(b"".join(out))
+
+    def _lookup_frame(self, item: Pending, mtype: int, body: bytes) -> None:
+        """One frame of neonpoly's own relation lookup: read, never forwarded."""
+        cache = self.route.cache if self.route else None
+        assert item.lookup is not None
+        if mtype == 0x44:
+            root, relname, volatile = pgwire.parse_data_row(body)
+            item.rows.append(((root or b"").decode(), (relname or b"").decode(), volatile == b"t"))
+        elif mtype == _E:
+            item.error = True
+        elif mtype == _Z:
+            self.pending.popleft()
+            if cache is not None:
+                if item.error:
+                    cache.relations.refuse(self.state.database, item.lookup)
+                else:
+                    cache.relations.learn(self.state.database, item.lookup, item.rows)
 
     def _release_local(self, out: list[bytes]) -> None:
         """Cache answers queued behind origin answers go out as soon as it is their turn."""

@@ -176,3 +176,34 @@ async def test_select_into_and_transactions_never_cached(pg: PgServer, proxy: Ca
     assert totals.get("uncacheable") == 3
     assert totals.get("transaction") == 4
     assert "hit" not in totals
+
+
+async def test_write_to_base_table_evicts_reads_of_its_views(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await counter_table(pg)
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE VIEW {table}_v AS SELECT id, v FROM {table}")
+        await conn.execute(f"CREATE VIEW {table}_vv AS SELECT v * 10 AS tens FROM {table}_v")
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for value in range(1, 4):
+            for _ in range(3):
+                assert await conn.fetchval(f"SELECT v FROM {table}_v WHERE id = 1") == value - 1
+                assert await conn.fetchval(f"SELECT tens FROM {table}_vv") == (value - 1) * 10
+            await conn.execute(f"UPDATE {table} SET v = v + 1")
+            assert await conn.fetchval(f"SELECT v FROM {table}_v WHERE id = 1") == value
+            assert await conn.fetchval(f"SELECT tens FROM {table}_vv") == value * 10
+    finally:
+        await conn.close()
+    assert proxy.totals().get("hit", 0) >= 6
+
+
+async def test_statistics_views_are_never_cached(pg: PgServer, proxy: CachingProxy) -> None:
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for _ in range(4):
+            await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = 'app'")
+    finally:
+        await conn.close()
+    totals = proxy.totals()
+    assert "hit" not in totals
+    assert totals.get("volatile", 0) >= 3, totals

@@ -42,7 +42,7 @@ async def test_roles_and_rls_see_their_own_rows(pg: PgServer, proxy: CachingProx
         assert await psql(proxy.url("scram_user"), sql) == ["scram secret"]
         assert await psql(proxy.url("md5_user"), sql) == ["md5 secret"]
         assert await psql(proxy.url("postgres"), sql) == ["md5 secret", "scram secret"]
-    assert proxy.totals().get("hit", 0) >= 6
+    assert proxy.totals().get("hit", 0) >= 5  # the very first run also learns what the table is
 
 
 async def test_set_role_changes_the_key(pg: PgServer, proxy: CachingProxy) -> None:
