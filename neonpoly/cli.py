@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from neonpoly import __version__
 
 if TYPE_CHECKING:
+    from neonpoly.control_impl import Served
     from neonpoly.proxy.origin import Origin
 
 EPILOG = """\
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight queries may finish",
     )
+    from neonpoly import cli_integrations
+
+    cli_integrations.register(sub)
     return parser
 
 
@@ -135,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _run(_serve(args))
+        from neonpoly import cli_integrations
+
+        if args.command in cli_integrations.COMMANDS:
+            return _run(cli_integrations.dispatch(args))
         if args.command is None:
             parser.print_help()
             return 0
@@ -160,6 +168,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from neonpoly.service import CacheSettings, ProxyService, ProxySettings
     from neonpoly.state import state_dir
 
+    served: list[Served]
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CLIError("--tls-cert and --tls-key go together")
     root = state_dir(args.state_dir)
@@ -173,7 +182,8 @@ async def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
     )
     service = ProxyService(settings)
-    embedded = None
+    runner = None
+    follower = None
     if args.upstream:
         try:
             origin = Origin.from_url(args.upstream)
@@ -182,29 +192,37 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.connect_to:
             origin = _apply_connect_to(origin, args.connect_to)
         service.add_cache("default", origin, default=True)
+        served = []
     else:
-        from neonpoly.embedded_origin import start_embedded_origin
+        from neonpoly.control_impl import EmbeddedRunner, serve_from_state
 
-        embedded, origin = await asyncio.to_thread(start_embedded_origin, root)
-        service.add_cache("default", origin, default=True)
+        runner = EmbeddedRunner(root)
+        served = await serve_from_state(service, root, args.connect_to, embedded=runner)
     try:
         host, port = await service.start()
     except OSError as exc:
+        if runner is not None:
+            await runner.stop()
         raise CLIError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror or exc}") from exc
     log = logging.getLogger("neonpoly")
-    log.info(
-        "listening on %s:%d, origin %s, cache %s",
-        host,
-        port,
-        origin.label,
-        "off (--no-cache)" if args.no_cache else settings.cache_dir,
-    )
-    if embedded is not None:
-        print(
-            f"neonpoly: embedded PostgreSQL ready; connect with:\n  psql '{embedded.client_url(host, port)}'",
-            file=sys.stderr,
-            flush=True,
-        )
+    cache_note = "off (--no-cache)" if args.no_cache else str(settings.cache_dir)
+    log.info("listening on %s:%d; cache %s", host, port, cache_note)
+    if served:
+        from neonpoly.control_impl import StateFollower
+        from neonpoly.integration import IntegrationStore
+
+        IntegrationStore(root).set_listen(host, port)
+        for item in served:
+            print(
+                f"neonpoly: {item.integration.name} ({item.origin.label}) ready; connect with:\n"
+                f"  psql '{item.connection_string(host, port)}'",
+                file=sys.stderr,
+                flush=True,
+            )
+        # Integrations added or removed from another shell take effect here within a second.
+        follower = asyncio.get_running_loop().create_task(StateFollower(service, root, args.connect_to, runner).run())
+    else:
+        log.info("origin %s", service.routes.by_id["default"].origin.label)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -213,8 +231,10 @@ async def _serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down (grace %.1fs)", args.grace)
     await service.close(args.grace)
-    if embedded is not None:
-        await asyncio.to_thread(embedded.stop)
+    if follower is not None:
+        follower.cancel()
+    if runner is not None:
+        await runner.stop()
     return 0
 
 
