@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -120,9 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight queries may finish",
     )
-    from neonpoly import cli_integrations
+    serve.add_argument("--metrics-listen", type=_listen, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    serve.add_argument(
+        "--admin-role",
+        action="append",
+        metavar="ROLE",
+        help="role allowed on the admin database `neonpoly` (repeatable; default: neonpoly, postgres, your OS user)",
+    )
+    from neonpoly import cli_admin, cli_integrations
 
     cli_integrations.register(sub)
+    cli_admin.register(sub)
     return parser
 
 
@@ -139,10 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _run(_serve(args))
-        from neonpoly import cli_integrations
+        from neonpoly import cli_admin, cli_integrations
 
         if args.command in cli_integrations.COMMANDS:
             return _run(cli_integrations.dispatch(args))
+        if args.command in cli_admin.COMMANDS:
+            return _run(cli_admin.dispatch(args))
         if args.command is None:
             parser.print_help()
             return 0
@@ -198,6 +209,15 @@ async def _serve(args: argparse.Namespace) -> int:
 
         runner = EmbeddedRunner(root)
         served = await serve_from_state(service, root, args.connect_to, embedded=runner)
+    from neonpoly.admin import install_admin
+
+    admin = await install_admin(
+        service,
+        root,
+        allowed_roles=args.admin_role,
+        password=os.environ.get("NEONPOLY_ADMIN_PASSWORD"),
+        metrics_listen=args.metrics_listen,
+    )
     try:
         host, port = await service.start()
     except OSError as exc:
@@ -230,6 +250,7 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", args.grace)
+    await admin.close()
     await service.close(args.grace)
     if follower is not None:
         follower.cancel()
