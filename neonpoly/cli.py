@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"neonpoly {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv: every query's cache status)"
+        "-v", "--verbose", action="count", default=0, help="more logging (-v: every query's cache status, redacted)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

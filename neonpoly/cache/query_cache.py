@@ -108,6 +108,15 @@ class QueryCache:
             self.on_write(database, tables, everything)
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "query cache=%s status=%s template_id=%s latency_ms=%.3f template=%r",
+                self.cache_id,
+                ticket.status,
+                ticket.template_id,
+                latency_s * 1000,
+                ticket.template[:200],
+            )
         self.stats.record(
             self.cache_id,
             ticket.template_id,
