@@ -114,7 +114,7 @@ class Proxy:
     """One `neonpoly serve` subprocess with its stderr captured to a file."""
 
     def __init__(
-        self, name: str, upstream: str, workdir: Path, extra: list[str], python_flags: list[str]
+        self, name: str, upstream: str, workdir: Path, extra: list[str], python_flags: list[str], source: Path
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -132,7 +132,8 @@ class Proxy:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=source,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -144,9 +145,7 @@ class Proxy:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"neonpoly {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
+                raise RuntimeError(f"neonpoly {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if "Traceback" in self.log_tail(400):
                 raise RuntimeError(f"neonpoly {self.name} logged a traceback:\n{self.log_tail()}")
             try:
@@ -157,9 +156,7 @@ class Proxy:
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 last = exc
                 time.sleep(0.1)
-        raise RuntimeError(
-            f"neonpoly {self.name} not ready after {timeout}s ({last}):\n{self.log_tail()}"
-        )
+        raise RuntimeError(f"neonpoly {self.name} not ready after {timeout}s ({last}):\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float | None:
         try:
@@ -231,9 +228,7 @@ def run_pgbench(
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        problems.append(
-            f"pgbench {label}: hung, killed after {timeout:.0f}s; stderr: {err.strip()[-500:]}"
-        )
+        problems.append(f"pgbench {label}: hung, killed after {timeout:.0f}s; stderr: {err.strip()[-500:]}")
         return PgbenchResult(0.0, 0.0, 0, 0)
     finally:
         if proc.poll() is None:
@@ -353,16 +348,15 @@ def render(report: Report) -> str:
     s = report.settings
     m = report.machine
     lines = [
-        f"neonpoly benchmark: {m['cores']} cores ({m['cpu']}), {m['python']},"
-        f" {m['postgres']}, {m['uvloop']}",
+        f"neonpoly benchmark: {m['cores']} cores ({m['cpu']}), {m['python']}, {m['postgres']}, {m['uvloop']}",
         f"pgbench scale {s['scale']}, {s['clients']} clients / {s['threads']} threads,"
         f" {s['duration_s']} s per run, cache warmed with {s['warmup_transactions']}"
         f" transactions per mode; total {report.elapsed_s:.0f} s",
         "",
     ]
     head = f"{'scenario':<34}{'direct':>10}{'no-cache':>18}{'cache':>18}"
-    if s.get("proxy_python_flags"):
-        lines.append(f"neonpoly ran as: python {' '.join(s['proxy_python_flags'])} -m neonpoly.cli")
+    flags = " ".join(s.get("proxy_python_flags") or [])
+    lines.append(f"neonpoly {s['source_commit']} from {s['source']}, run as: python {flags} -m neonpoly.cli serve")
     lines += [head, "-" * len(head)]
     names = {
         "hot-simple": "hot 1..1000, simple      tps",
@@ -389,7 +383,12 @@ def render(report: Report) -> str:
                 v = getattr(r, attr) if r else 0.0
                 cells.append(f"{v:>10.3f} ({_fmt_ratio(v, base):>5})" if r else f"{'-':>18}")
             lines.append(f"{'~5 ms aggregate ' + q + '           ms':<34}" + "".join(cells))
-    lines += ["", "ratios are vs direct (tps: higher is better; latency: lower is better)"]
+    lines += [
+        "",
+        "ratios are vs direct (tps: higher is better; latency: lower is better)",
+        f"load average at start {m.get('loadavg_start')}, at end {m.get('loadavg_end', '?')}"
+        f" (other work on this machine skews every column)",
+    ]
     # what the origin really executed during the cache runs, and the proxies' CPU use
     notes = []
     for key in names:
@@ -427,6 +426,29 @@ def render(report: Report) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def _commit(source: Path) -> str:
+    """The commit the proxies run: git's HEAD (with +dirty), or a git-archive header."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "--", "neonpoly"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        top = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if Path(top).resolve() != source.resolve():
+            raise subprocess.CalledProcessError(1, "git")  # not a checkout of its own
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        marker = source / "COMMIT"
+        return marker.read_text().strip() if marker.is_file() else "unknown"
+
+
 def _machine(pg_version: str) -> dict[str, Any]:
     cpu = platform.processor() or "?"
     with contextlib.suppress(OSError):
@@ -446,15 +468,21 @@ def _machine(pg_version: str) -> dict[str, Any]:
         "python": f"Python {platform.python_version()}",
         "postgres": pg_version,
         "uvloop": loop,
+        "loadavg_start": _loadavg(),
     }
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> Report:
     t_start = time.monotonic()
     duration = args.duration or (3 if args.quick else 10)
-    warm_tx = (
-        1500 if args.quick else 2500
-    )  # per client; 8 clients -> each of 1000 keys ~12-20 times
+    warm_tx = 1500 if args.quick else 2500  # per client; 8 clients -> each of 1000 keys ~12-20 times
     lat_calls = 200 if args.quick else 500
     problems: list[str] = []
 
@@ -462,9 +490,7 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
         print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     step("starting PostgreSQL")
-    pg = LocalPostgres(
-        workdir / "pg", settings=PG_SETTINGS, remove_on_stop=True, die_with_parent=True
-    )
+    pg = LocalPostgres(workdir / "pg", settings=PG_SETTINGS, remove_on_stop=True, die_with_parent=True)
     cleanup: list[Any] = [pg.stop]
     proxies: dict[str, Proxy] = {}
     origin: Origin | None = None
@@ -508,6 +534,8 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
                 "warmup_transactions": warm_tx * args.clients,
                 "latency_calls": lat_calls,
                 "proxy_python_flags": args.proxy_python_flag or [],
+                "source": str(args.source.resolve()),
+                "source_commit": _commit(args.source),
                 "quick": args.quick,
                 "postgres_settings": {k: str(v) for k, v in PG_SETTINGS.items()},
             },
@@ -518,8 +546,9 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
         upstream = pg.url(sslmode="disable")
         step("starting neonpoly --no-cache and neonpoly --ttl 600")
         flags = args.proxy_python_flag or []
-        proxies["no-cache"] = Proxy("no-cache", upstream, workdir, ["--no-cache"], flags)
-        proxies["cache"] = Proxy("cache", upstream, workdir, ["--ttl", "600"], flags)
+        src = args.source.resolve()
+        proxies["no-cache"] = Proxy("no-cache", upstream, workdir, ["--no-cache"], flags, src)
+        proxies["cache"] = Proxy("cache", upstream, workdir, ["--ttl", "600"], flags, src)
         for p in proxies.values():
             p.wait_ready(pg.password)
         ports = {
@@ -552,14 +581,13 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
                 r.proxy_rss_mb = proxy.rss_mb()
                 if proxy.proc.poll() is not None:
                     problems.append(
-                        f"neonpoly {target} died (exit {proxy.proc.returncode}) during {key}:\n"
-                        + proxy.log_tail()
+                        f"neonpoly {target} died (exit {proxy.proc.returncode}) during {key}:\n" + proxy.log_tail()
                     )
             if r.failed:
                 problems.append(f"pgbench {key}/{target}: {r.failed} failed transactions")
             report.pgbench.setdefault(key, {})[target] = r
 
-        for mode in ("simple", "prepared"):
+        for mode in ("simple", "prepared") if args.only in (None, "pgbench") else ():
             key = f"hot-{mode}"
             step(f"warming the cache: {warm_tx * args.clients} hot-set transactions, {mode}")
             run_pgbench(
@@ -573,24 +601,25 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
             time.sleep(0.3)  # write-behind
             for target in TARGETS:
                 measure(key, target, ["-f", str(HOT_SCRIPT)], mode)
-        for mode in ("simple", "prepared"):
+        for mode in ("simple", "prepared") if args.only in (None, "pgbench") else ():
             for target in TARGETS:
                 measure(f"S-{mode}", target, ["-S"], mode)
+        if args.only == "pgbench":
+            for p in proxies.values():
+                problems.extend(p.problems())
+            report.elapsed_s = time.monotonic() - t_start
+            report.machine["loadavg_end"] = _loadavg()
+            return report
 
         step("calibrating the ~5 ms aggregate on the origin")
         n, ms = calibrate(origin)
         report.agg_rows = n
-        step(
-            f"aggregate over aid <= {n}: {ms:.2f} ms direct;"
-            f" {lat_calls} sequential asyncpg calls per target"
-        )
+        step(f"aggregate over aid <= {n}: {ms:.2f} ms direct; {lat_calls} sequential asyncpg calls per target")
         for target in TARGETS:
             like = AGG_PREFIX + "%"
             c0 = origin.calls(like)
             try:
-                samples = asyncio.run(
-                    _timed_calls(ports[target], pg.password, n, lat_calls, warm=5)
-                )
+                samples = asyncio.run(_timed_calls(ports[target], pg.password, n, lat_calls, warm=5))
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 problems.append(f"latency {target}: {type(exc).__name__}: {exc}")
                 continue
@@ -604,6 +633,7 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
         for p in proxies.values():
             problems.extend(p.problems())
         report.elapsed_s = time.monotonic() - t_start
+        report.machine["loadavg_end"] = _loadavg()
         return report
     finally:
         if origin is not None:
@@ -618,27 +648,32 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="3 s runs (under a minute in total)")
-    parser.add_argument(
-        "--duration", type=int, help="seconds per pgbench run (default 10, --quick 3)"
-    )
+    parser.add_argument("--duration", type=int, help="seconds per pgbench run (default 10, --quick 3)")
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--json", type=Path, default=HERE / "last-run.json", help="where to write the results"
-    )
+    parser.add_argument("--json", type=Path, default=HERE / "last-run.json", help="where to write the results")
     parser.add_argument(
         "--proxy-python-flag",
         action="append",
         metavar="FLAG",
         help="extra interpreter flag for the neonpoly processes (e.g. -O), repeatable",
     )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=ROOT,
+        metavar="DIR",
+        help="neonpoly source tree the proxies run from (e.g. a `git archive` of a commit)",
+    )
+    parser.add_argument("--only", choices=("pgbench", "latency"), help="run one half")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the proxies' logs here")
     args = parser.parse_args(argv)
     if shutil.which("pgbench") is None:
         print("benchmarks/run.py: pgbench not found on PATH", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     workdir = Path(tempfile.mkdtemp(prefix="neonpoly-bench-"))
     os.chmod(workdir, 0o711)  # the server may run as an unprivileged user when we are root
     box: list[Report] = []
