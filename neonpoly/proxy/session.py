@@ -708,11 +708,12 @@ class ClientSide(asyncio.Protocol):
         self.session: Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # No isinstance check: uvloop's TCPTransport is not an asyncio.Transport subclass.
+        client: asyncio.Transport = transport  # type: ignore[assignment]
         if self.session is None:
-            self.session = self.server.open_session(transport)
+            self.session = self.server.open_session(client)
         else:  # TLS upgrade hands us the new transport
-            self.session.client = transport
+            self.session.client = client
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
