@@ -162,7 +162,7 @@ class ProxyServer:
             self._server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while loop.time() < deadline and any(s.pending for s in self.sessions):
+        while loop.time() < deadline and any(s.pending or s.inflight for s in self.sessions):
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.terminate("terminating connection: neonpoly is shutting down", "shutdown")

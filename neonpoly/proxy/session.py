@@ -82,6 +82,7 @@ class Session:
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None
         self.admin: AdminHandler | None = None
+        self.inflight = 0  # pass-through requests awaiting ReadyForQuery
 
     # --- client side ------------------------------------------------------------------
 
@@ -204,6 +205,9 @@ class Session:
             return
         buf = bytes(self.cbuf[:used])
         del self.cbuf[:used]
+        if self.route is not None and self.route.cache is None:
+            self._relay_frames(frames, buf)
+            return
         out: list[bytes] = []
         for mtype, start, end in frames:
             if self.stream is not None and mtype != 0x53 and mtype != 0x48:
@@ -238,6 +242,24 @@ class Session:
                     self._invalidate(frozenset(), everything=True)
                 out.append(buf[start:end])
         self._write_origin(out)
+
+    def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:
+        """Pass-through (no cache): nothing to decide, so no parsing and one write.
+
+        Only count the requests that end in ReadyForQuery, so that a lost origin or a
+        shutdown knows whether a client is waiting for an answer.
+        """
+        for mtype, _, _ in frames:
+            if mtype == 0x51 or mtype == 0x53 or mtype == 0x46:
+                self.inflight += 1
+            elif mtype == 0x58:
+                self.outcome = "client terminated"
+                if self.origin_transport is not None:
+                    self.origin_transport.write(buf)
+                self.close()
+                return
+        if self.origin_transport is not None:
+            self.origin_transport.write(buf)
 
     def _write_origin(self, out: list[bytes]) -> None:
         if out and self.origin_transport is not None:
@@ -509,6 +531,8 @@ class Session:
                 self.state.tx_status = buf[start + 5 : start + 6]
                 out.append(buf[cut:end])
                 cut = end
+                if self.inflight:
+                    self.inflight -= 1
                 # Flush batches still open here failed: the origin skipped to this Sync.
                 skipped = False
                 while pending and pending[0].flush and pending[0].local is None:
@@ -652,7 +676,7 @@ class Session:
     def origin_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        if self.phase == "ready" and self.pending:
+        if self.phase == "ready" and (self.pending or self.inflight):
             self.fail_client(
                 "08006",
                 f"lost connection to origin {self.route.origin.label if self.route else ''}",
