@@ -321,6 +321,10 @@ class DiskStore(_GenerationsFacade):
             self.generations = self._load_generations()
             self._write_state(clean=False)  # also proves the directory is writable
             self._usage = (len(self._cache), self._cache.volume())
+            # Which keys are on disk, so that a miss (the common case for a new query) costs
+            # a set lookup on the event loop instead of a sqlite query. It may hold keys
+            # diskcache has since evicted (a wasted lookup), never lack one it holds.
+            self._present: set[bytes] = {k for k in self._cache.iterkeys() if isinstance(k, bytes)}
         except BaseException:
             self._cache.close()
             raise
@@ -415,6 +419,8 @@ class DiskStore(_GenerationsFacade):
     def _refresh_usage(self) -> None:
         with contextlib.suppress(Exception):
             self._usage = (len(self._cache), self._cache.volume())
+            if len(self._present) > 2 * self._usage[0] + 1024:  # evictions we did not see
+                self._present = {k for k in self._cache.iterkeys() if isinstance(k, bytes)}
 
     def _write(self, key: bytes, entry: CacheEntry) -> None:
         # Re-check right before writing: an invalidation since put() always wins.
@@ -423,6 +429,7 @@ class DiskStore(_GenerationsFacade):
         remaining = entry.created_at + entry.ttl - self._clock()
         if remaining <= 0:
             return
+        self._present.add(key)
         self._cache.set(key, encode_record(key, entry), expire=remaining)
 
     def _delete_if_unchanged(self, key: bytes, seen_prefix: bytes) -> None:
@@ -455,7 +462,7 @@ class DiskStore(_GenerationsFacade):
         return size <= self.max_entry_bytes
 
     def get(self, key: bytes) -> CacheEntry | None:
-        if self._closed:
+        if self._closed or key not in self._present:
             return None
         try:
             raw = self._cache.get(key, default=None)
