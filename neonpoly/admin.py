@@ -99,6 +99,7 @@ class AdminConsole:
         self.policies[cache_id] = policy
         cache.ttl_policy = policy
         cache.on_write = self.adaptive.on_write
+        cache.on_refetch = self.adaptive.on_refetch
 
     def attach(self, session: Session, startup: pgwire.StartupRequest) -> AdminSession:
         return AdminSession(self, session)

@@ -13,6 +13,12 @@ stop drifts back to the maximum TTL instead of staying short for ever. Then
 
 and a template over several tables takes the lowest. A write whose tables are unknown (DDL,
 TRUNCATE, unparseable) counts as a write to every table of every database.
+
+Writes neonpoly sees are only half the story: when an expired entry is fetched again and
+the origin's answer has changed although no write went through neonpoly, someone writes
+behind its back. Per template we keep a running rate of such changed refetches and shorten
+the TTL by up to `refetch_weight` of it (a template whose refetches always change lives a
+quarter as long with the default weight of 0.75).
 """
 
 from __future__ import annotations
@@ -46,11 +52,14 @@ class AdaptiveTTL:
         factor: float = DEFAULT_FACTOR,
         min_ttl: float = DEFAULT_MIN_TTL,
         clock: Callable[[], float] = time.monotonic,
+        refetch_weight: float = 0.75,
     ) -> None:
         self.factor = factor
         self.min_ttl = min_ttl
         self.clock = clock
+        self.refetch_weight = refetch_weight
         self._tables: dict[str, _WriteRate] = {}
+        self._changed: dict[str, float] = {}  # template id -> running rate of changed refetches
 
     def on_write(self, database: str, tables: frozenset[str], everything: bool) -> None:
         """The QueryCache.on_write hook: one write through neonpoly touched these tables."""
@@ -88,9 +97,21 @@ class AdaptiveTTL:
                 best = value
         return best
 
-    def ttl(self, tables: Iterable[str], max_ttl: float) -> float:
+    def on_refetch(self, template_id: str, changed: bool) -> None:
+        """The QueryCache.on_refetch hook: an expired entry was fetched again."""
+        if len(self._changed) >= _MAX_TABLES and template_id not in self._changed:
+            self._changed.pop(next(iter(self._changed)))
+        rate = self._changed.get(template_id, 0.0)
+        self._changed[template_id] = rate + _ALPHA * ((1.0 if changed else 0.0) - rate)
+
+    def change_rate(self, template_id: str) -> float:
+        return self._changed.get(template_id, 0.0)
+
+    def ttl(self, tables: Iterable[str], max_ttl: float, template_id: str | None = None) -> float:
         """The learned TTL for a template reading `tables`, within [min_ttl, max_ttl]."""
         low = min(self.min_ttl, max_ttl)
+        if template_id is not None and template_id in self._changed:
+            max_ttl = max(low, max_ttl * (1.0 - self.refetch_weight * self._changed[template_id]))
         # A query without tables (SELECT 1) is only touched by "everything" writes.
         names = list(tables) or [_EVERYTHING]
         result = max_ttl

@@ -56,6 +56,10 @@ class QueryCache:
         self._sightings: OrderedDict[bytes, int] = OrderedDict()
         self.on_write: Callable[[str, frozenset[str], bool], None] | None = None
         self.relations = RelationBook()
+        # (template_id, changed) when an entry is stored again for a key stored before:
+        # teaches adaptive TTL about writes that did not go through neonpoly.
+        self.on_refetch: Callable[[str, bool], None] | None = None
+        self._digests: OrderedDict[bytes, bytes] = OrderedDict()
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
@@ -87,8 +91,17 @@ class QueryCache:
         ttl = self.ttl_for(capture.template_id, capture.tables)
         if ttl is None or ttl <= 0:
             return
+        payload = b"".join(capture.frames)
+        if self.on_refetch is not None:
+            digest = hashlib.blake2b(payload, digest_size=16).digest()
+            previous = self._digests.pop(capture.key, None)
+            self._digests[capture.key] = digest
+            if len(self._digests) > _SIGHTINGS_LIMIT:
+                self._digests.popitem(last=False)
+            if previous is not None:
+                self.on_refetch(capture.template_id, previous != digest)
         entry = CacheEntry(
-            payload=b"".join(capture.frames),
+            payload=payload,
             database=capture.database,
             tables=capture.tables,
             template_id=capture.template_id,

@@ -251,7 +251,7 @@ def _rule_doc(rule: Rule) -> dict[str, object]:
 class AutoTTL(Protocol):
     """What `auto` mode asks for a template's learned TTL (see cache/adaptive.py)."""
 
-    def ttl(self, tables: Iterable[str], max_ttl: float) -> float: ...
+    def ttl(self, tables: Iterable[str], max_ttl: float, template_id: str | None = None) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +312,7 @@ class RulePolicy:
         unruled = [n for n, r in zip(names, table_rules, strict=True) if r is None]
         if unruled or not names:
             cap = self.max_ttl()
-            auto = self.auto.ttl(unruled, cap) if mode == "auto" and self.auto is not None else cap
+            auto = self.auto.ttl(unruled, cap, template_id) if mode == "auto" and self.auto is not None else cap
             if best is None or auto < best:
                 best, source = auto, mode
         return TTLDecision(best, source)

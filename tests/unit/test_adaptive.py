@@ -54,3 +54,14 @@ def test_unknown_writes_touch_every_table() -> None:
     clock.now += 4.0
     assert learner.ttl(["anything"], 300.0) == 2.0
     assert learner.ttl([], 300.0) == 2.0
+
+
+def test_refetches_that_change_shorten_the_template_ttl() -> None:
+    learner = AdaptiveTTL(min_ttl=1.0, clock=lambda: 0.0)
+    assert learner.ttl(["t"], 300.0, "stable") == 300.0
+    for _ in range(20):
+        learner.on_refetch("stable", changed=False)
+        learner.on_refetch("moving", changed=True)
+    assert learner.ttl(["t"], 300.0, "stable") == 300.0
+    assert learner.ttl(["t"], 300.0, "moving") < 100.0
+    assert learner.change_rate("moving") > 0.9
