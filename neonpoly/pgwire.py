@@ -131,6 +131,8 @@ def parse_startup(buf: bytes | bytearray) -> tuple[StartupRequest | None, int]:
         return StartupRequest(code, raw, {}, (pid, raw[12:])), length
     if code >> 16 != 3:
         raise ProtocolViolation(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+    if not raw.endswith(b"\x00"):  # as PostgreSQL's ProcessStartupPacket insists
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     params: dict[str, str] = {}
     parts = raw[8:].split(b"\x00")
     # The packet ends with an empty name; pairs before it are name, value.

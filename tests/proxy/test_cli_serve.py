@@ -1,0 +1,129 @@
+"""`neonpoly serve` as a user runs it: --help, a real subprocess, SIGTERM (must-show 6)."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.pgharness import PgServer
+
+
+def _neonpoly(*args: str) -> list[str]:
+    return [sys.executable, "-m", "neonpoly.cli", *args]
+
+
+def test_serve_help_mentions_upstream() -> None:
+    done = subprocess.run(_neonpoly("serve", "--help"), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "--upstream" in done.stdout and "--listen" in done.stdout
+    top = subprocess.run(_neonpoly("--help"), capture_output=True, text=True, timeout=30)
+    assert top.returncode == 0 and "serve" in top.stdout
+
+
+def test_serve_rejects_a_bad_upstream_url(tmp_path: Path) -> None:
+    done = subprocess.run(
+        _neonpoly("serve", "--upstream", "mysql://x@y/z", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2
+    assert "not a postgres URL" in done.stderr
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], port: int, lines: list[str]) -> None:
+        self.proc = proc
+        self.port = port
+        self.lines = lines
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> tuple[re.Match[str], list[str]]:
+    assert proc.stderr is not None
+    lines: list[str] = []
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(max(0.0, deadline - time.monotonic())):
+            break
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(pattern, line)
+        if found:
+            return found, lines
+    raise AssertionError(f"no {pattern!r} in serve's stderr: {''.join(lines)}")
+
+
+@pytest.fixture
+def served(pg: PgServer, tmp_path: Path) -> Iterator[Served]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _neonpoly(
+            "serve",
+            "--upstream",
+            pg.url("postgres", sslmode="require"),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-cache",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--grace",
+            "1",
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        found, lines = _read_until(proc, r"listening on [\d.]+:(\d+)", 30)
+        yield Served(proc, int(found.group(1)), lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_serve_relays_and_sigterm_is_graceful(served: Served, pg: PgServer) -> None:
+    def url(role: str) -> str:
+        return f"postgresql://{role}:{pg.password_for(role)}@127.0.0.1:{served.port}/app?sslmode=disable"
+
+    with psycopg.connect(url("scram_user")) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+    idle = psycopg.connect(url("md5_user"), autocommit=True)  # still open at SIGTERM
+    try:
+        assert idle.execute("SELECT 1").fetchone() == (1,)
+        started = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        _, err = served.proc.communicate(timeout=15)
+        took = time.monotonic() - started
+        assert served.proc.returncode == 0, err
+        # The open session was told why it ends (57P01), rather than just dropped.
+        with pytest.raises(psycopg.OperationalError, match=r"shutting down|terminating|closed"):
+            idle.execute("SELECT 1")
+    finally:
+        idle.close()
+    stderr = "".join(served.lines) + err
+    conn_lines = [line for line in stderr.splitlines() if "connection client=" in line]
+    assert len(conn_lines) == 2, stderr
+    assert any("role=scram_user" in line and "outcome='client terminated'" in line for line in conn_lines)
+    assert any("role=md5_user" in line and "shutdown" in line for line in conn_lines)
+    for line in conn_lines:
+        assert re.search(r"database=app .*duration_ms=\d+ bytes_in=\d+ bytes_out=\d+", line), line
+    assert "Traceback" not in stderr
+    assert took < 10
