@@ -1,0 +1,77 @@
+"""The layering rules of architecture.md, enforced rather than hoped for."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "neonpoly"
+
+SQLGLOT_ALLOWED = {
+    "cache/policy.py",
+    "cache/queries.py",
+    "cache/statements.py",
+    "cache/template.py",
+    "cache/volatility.py",
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            prefix = "neonpoly." if node.level and not node.module.startswith("neonpoly") else ""
+            found.add(prefix + node.module)
+    return found
+
+
+def modules() -> dict[str, set[str]]:
+    return {str(p.relative_to(PACKAGE)): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def uses(imports: set[str], package: str) -> bool:
+    return any(name == package or name.startswith(package + ".") for name in imports)
+
+
+def test_engine_never_imports_textual() -> None:
+    offenders = [m for m, imp in modules().items() if uses(imp, "textual") and not m.startswith("tui/")]
+    assert offenders == []
+
+
+def test_codec_imports_nothing_of_neonpoly() -> None:
+    assert not uses(modules()["pgwire.py"], "neonpoly")
+
+
+def test_only_the_store_imports_diskcache() -> None:
+    assert [m for m, imp in modules().items() if uses(imp, "diskcache")] == ["cache/store.py"]
+
+
+def test_only_the_policy_imports_sqlglot() -> None:
+    users = {m for m, imp in modules().items() if uses(imp, "sqlglot")}
+    assert users <= SQLGLOT_ALLOWED, users - SQLGLOT_ALLOWED
+
+
+def test_imports_flow_one_way() -> None:
+    """cli → tui → control → proxy → cache / pgwire / stats; never backwards."""
+    for module, imported in modules().items():
+        if module.startswith(("proxy/", "cache/")) or module in ("pgwire.py", "stats.py"):
+            for upper in ("neonpoly.tui", "neonpoly.cli", "neonpoly.control", "neonpoly.control_impl"):
+                assert not uses(imported, upper), f"{module} imports {upper}"
+        if module.startswith("cache/"):
+            assert not uses(imported, "neonpoly.proxy.session"), module
+        if module.startswith("tui/"):
+            for engine in ("neonpoly.proxy", "neonpoly.cache", "neonpoly.service"):
+                assert not uses(imported, engine), f"{module} reaches past control into {engine}"
+
+
+def test_running_the_proxy_loads_no_textual() -> None:
+    code = (
+        "import sys, neonpoly.service, neonpoly.admin, neonpoly.control_impl;"
+        "assert 'textual' not in sys.modules, 'textual imported by the engine'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
