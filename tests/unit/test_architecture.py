@@ -27,6 +27,8 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             prefix = "neonpoly." if node.level and not node.module.startswith("neonpoly") else ""
             found.add(prefix + node.module)
+            # `from neonpoly import tui` imports the module neonpoly.tui
+            found.update(f"{prefix}{node.module}.{alias.name}" for alias in node.names)
     return found
 
 
