@@ -26,10 +26,12 @@ T = TypeVar("T")
 class RunningProxy:
     """A ProxyService serving on 127.0.0.1:<port> from a private event loop thread."""
 
-    def __init__(self, origin_pg: PgServer, origin: Origin, *, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, origin_pg: PgServer, origin: Origin, *, connect_timeout: float = 5.0, loop: str = "asyncio"
+    ) -> None:
         self.pg = origin_pg
         self.origin = origin
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop(loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="neonpoly-proxy", daemon=True)
         self._thread.start()
         self.service = ProxyService(
@@ -77,14 +79,25 @@ class RunningProxy:
             self.loop.close()
 
 
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":  # what `neonpoly serve` runs on
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    return asyncio.new_event_loop()
+
+
 def start_proxy(origin_pg: PgServer, *, sslmode: str = "require", **kwargs: Any) -> RunningProxy:
     return RunningProxy(origin_pg, Origin.from_url(origin_pg.url("postgres", sslmode=sslmode)), **kwargs)
 
 
-@pytest.fixture(scope="module")
-def proxy(pg: PgServer) -> Iterator[RunningProxy]:
-    """Pass-through neonpoly whose origin is `pg` reached over TLS (sslmode=require)."""
-    running = start_proxy(pg)
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def proxy(pg: PgServer, request: pytest.FixtureRequest) -> Iterator[RunningProxy]:
+    """Pass-through neonpoly whose origin is `pg` reached over TLS (sslmode=require).
+
+    Every relay test runs on both event loops: the CLI serves on uvloop, whose transports
+    behave differently from asyncio's in ways that have broken the relay before.
+    """
+    running = start_proxy(pg, loop=request.param)
     try:
         yield running
     finally:

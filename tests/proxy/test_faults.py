@@ -258,8 +258,9 @@ async def test_many_bad_clients_leave_memory_flat(proxy: RunningProxy, bystander
 # --- origin dies mid-result -----------------------------------------------------------------
 
 
-async def test_origin_killed_mid_result(pg_disposable: PgServer) -> None:
-    proxy = start_proxy(pg_disposable)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_origin_killed_mid_result(pg_disposable: PgServer, loop: str) -> None:
+    proxy = start_proxy(pg_disposable, loop=loop)
     try:
         raw = await RawClient.connect(proxy.port)
         await raw.login_trust("postgres")
@@ -305,8 +306,9 @@ async def test_origin_killed_mid_result(pg_disposable: PgServer) -> None:
         proxy.close()
 
 
-async def test_origin_killed_while_asyncpg_streams_copy(pg_disposable: PgServer) -> None:
-    proxy = start_proxy(pg_disposable)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_origin_killed_while_asyncpg_streams_copy(pg_disposable: PgServer, loop: str) -> None:
+    proxy = start_proxy(pg_disposable, loop=loop)
     try:
         conn = await asyncpg.connect(**proxy.dsn("scram_user", "app"))
         got = 0

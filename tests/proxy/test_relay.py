@@ -78,6 +78,23 @@ def test_psql_connects_with_each_auth_method(proxy: RunningProxy, role: str) -> 
     assert done.stdout.split() == [f"{role}|t", "42"]
 
 
+@needs_psql
+def test_psql_default_sslmode_falls_back_to_plaintext(proxy: RunningProxy) -> None:
+    """libpq's default sslmode=prefer sends SSLRequest; neonpoly (no --tls-cert) answers N."""
+    assert PSQL is not None
+    env = {**_psql_env(proxy, "scram_user"), "PGSSLMODE": "prefer"}
+    done = subprocess.run(
+        [PSQL, "-X", "-A", "-t", "-c", "SELECT 'plain'"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "plain"
+
+
 @pytest.mark.parametrize("role", AUTH_ROLES)
 async def test_asyncpg_connects_with_each_auth_method(proxy: RunningProxy, role: str) -> None:
     conn = await asyncpg.connect(**proxy.dsn(role))
