@@ -43,8 +43,10 @@ def demo_stats(cache_id: str) -> StatsRecorder:
     clock = [NOW - 899]
     stats = StatsRecorder(clock=lambda: clock[0])
     for tid, template, tables, hits, misses, hit_s, miss_s, ttl in TRAFFIC:
-        for i in range(misses + hits):
-            clock[0] = NOW - 899 + (i * 7 + len(tid) * 13) % 900
+        total = misses + hits
+        for i in range(total):
+            # Misses early, hits later and denser: the shape of a cache warming up.
+            clock[0] = NOW - 899 + int(899 * (i / total) ** 0.6)
             status = MISS if i < misses else HIT
             stats.record(cache_id, tid, template, tables, status,
                          miss_s if status == MISS else hit_s, 512)

@@ -111,6 +111,7 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         except Exception as error:  # any failure is shown inline, never as a traceback
             self.query_one("#account", Label).update("")
             self._set_error(f"Sign in failed: {describe_error(error)}")
+            self.query_one("#sign-in", Button).focus()
             return
         finally:
             self.busy = False
@@ -173,6 +174,8 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
             for button in buttons:
                 button.disabled = False
             authorize.focus()
+            # At 80x24 the error and Retry sit below the fold; bring them into view.
+            self.query_one("#drawer").scroll_end(animate=False)
             return
         finally:
             self.busy = False

@@ -89,11 +89,24 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         self.refresh_data()
         self.query_one("#copy", Button).focus()
 
+    def on_screen_resume(self) -> None:
+        # Shown again (the drawer is kept installed): the password starts hidden each time.
+        self.revealed = False
+        self.refresh_data()
+        self.query_one("#copy", Button).focus()
+
     def refresh_data(self) -> None:
         view = self._view()
         if view is None:  # removed elsewhere (CLI, another console): nothing left to manage
-            self.dismiss(None)
+            if self.is_current:
+                self.dismiss(None)
             return
+        # Another console or the CLI may have changed the choice; the Changed handler
+        # ignores values equal to the stored ones, so this does not loop.
+        for select_id, value in (("#database", view.database), ("#role", view.role)):
+            select = self.query_one(select_id, Select)
+            if select.value != value:
+                select.value = value
         status = self.control.status(self.cache_id)
         self.query_one("#origin-line", Label).update(origin_line(view, status.endpoint_state))
         self.query_one("#entries-line", Label).update(

@@ -48,9 +48,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("status", "status"),
 )
 STATUS_WIDTH = 14
-# Everything but the template column, with the table's 1-cell padding each side: what the
-# template column leaves for the others. Keeps 80 columns readable without horizontal scroll.
-FIXED_WIDTH = 6 + 5 + 14 + 7 + 5 + STATUS_WIDTH + 2 * len(COLUMNS) + 2
+PADDING = 2  # the table's one cell of padding on each side of every column
+SCROLLBAR = 2
 MIN_TEMPLATE_WIDTH = 16
 
 
@@ -62,12 +61,16 @@ def matches(stats: TemplateStats, needle: str) -> bool:
     return needle in stats.template.lower() or needle in status.lower()
 
 
-def row_cells(stats: TemplateStats, template_width: int) -> tuple[Cell, ...]:
+def template_cell(stats: TemplateStats, width: int) -> Cell:
+    return Cell(fmt.clip(stats.template, width), (stats.template.lower(), stats.template_id),
+                right=False)
+
+
+def figure_cells(stats: TemplateStats) -> tuple[Cell, ...]:
+    """Every cell but the template's, whose width depends on what these leave."""
     status = fmt.status_word(stats.last_status, stats.last_reason)
     p50_key = stats.miss_p50_s or 0.0
     return (
-        Cell(fmt.clip(stats.template, template_width), (stats.template.lower(), stats.template_id),
-             right=False),
         Cell(fmt.count(stats.calls), stats.calls),
         Cell(fmt.percent(stats.hit_rate if stats.hits + stats.misses else None), stats.hit_rate),
         Cell(fmt.ms_pair(stats.hit_p50_s, stats.miss_p50_s), p50_key),
@@ -91,13 +94,19 @@ class TemplateTable(DataTable[Cell]):
     def show(self, templates: Sequence[TemplateStats], needle: str, sort: SortOrder,
              width: int) -> int:
         """Bring the table in line with `templates`; returns how many rows are shown."""
-        template_width = max(MIN_TEMPLATE_WIDTH, width - FIXED_WIDTH)
         wanted = {t.template_id: t for t in templates if matches(t, needle)}
+        figures = {key: figure_cells(stats) for key, stats in wanted.items()}
+        # The template column gets what the figures leave, so 80 columns need no h-scroll.
+        used = sum(
+            max([len(label)] + [len(cells[i].plain) for cells in figures.values()]) + PADDING
+            for i, (_, label) in enumerate(COLUMNS[1:])
+        )
+        template_width = max(MIN_TEMPLATE_WIDTH, width - used - PADDING - SCROLLBAR)
         for gone in [key for key in self._shown if key not in wanted]:
             self.remove_row(gone)
             del self._shown[gone]
         for key, stats in wanted.items():
-            cells = row_cells(stats, template_width)
+            cells = (template_cell(stats, template_width), *figures[key])
             plain = tuple(cell.plain for cell in cells)
             previous = self._shown.get(key)
             if previous is None:
@@ -106,7 +115,7 @@ class TemplateTable(DataTable[Cell]):
                 for (column, _), cell, old, new in zip(COLUMNS, cells, previous, plain,
                                                        strict=True):
                     if old != new:
-                        self.update_cell(key, column, cell)
+                        self.update_cell(key, column, cell, update_width=True)
             self._shown[key] = plain
         self._apply_order(wanted, sort)
         return len(wanted)
