@@ -40,6 +40,7 @@ class ProxySettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     connect_timeout: float = 10.0
+    login_timeout: float = 60.0  # PostgreSQL's authentication_timeout default
 
 
 class ProxyService:
@@ -55,7 +56,9 @@ class ProxyService:
         if settings.tls_cert is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(settings.tls_cert, settings.tls_key)
-        self.server = ProxyServer(self.routes, tls_context=tls, connect_timeout=settings.connect_timeout)
+        self.server = ProxyServer(
+            self.routes, tls_context=tls, connect_timeout=settings.connect_timeout, login_timeout=settings.login_timeout
+        )
 
     def cache_dir(self, cache_id: str) -> Path | None:
         if self.settings.cache_dir is None:

@@ -67,11 +67,13 @@ class ProxyServer:
         *,
         tls_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
+        login_timeout: float = 60.0,
         on_session_change: Callable[[], None] | None = None,
     ) -> None:
         self.routes = routes
         self.tls_context = tls_context
         self.connect_timeout = connect_timeout
+        self.login_timeout = login_timeout
         self.sessions: set[Session] = set()
         self.by_key: dict[tuple[int, bytes], Session] = {}
         self._server: asyncio.Server | None = None

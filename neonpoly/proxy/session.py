@@ -81,6 +81,11 @@ class Session:
         self.outcome = "closed"
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None
+        # Like PostgreSQL's authentication_timeout: a client that never finishes logging in
+        # (or never starts) must not hold a session for ever.
+        self.login_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            server.login_timeout, self._login_expired
+        )
         self.admin: AdminHandler | None = None
         self.inflight = 0  # pass-through requests awaiting ReadyForQuery
 
@@ -166,6 +171,7 @@ class Session:
         self.route = route
         if route.admin is not None:
             self.phase = "admin"
+            self._stop_login_timer()
             self.admin = route.admin.attach(self, packet)
             if self.cbuf:
                 self.admin.feed(self.cbuf)
@@ -492,6 +498,7 @@ class Session:
             elif mtype == _Z:
                 self.state.tx_status = body[:1]
                 self.phase = "ready"
+                self._stop_login_timer()
                 out.append(buf[start:end])
                 self._write_client(b"".join(out))
                 out = []
@@ -693,10 +700,21 @@ class Session:
             self.outcome = "client disconnected"
         self.close()
 
+    def _login_expired(self) -> None:
+        self.login_timer = None
+        if not self.closed and self.phase in ("startup", "tls", "connecting", "auth"):
+            self.fail_client("08006", "neonpoly: login timed out", "login timeout", fatal=True)
+
+    def _stop_login_timer(self) -> None:
+        if self.login_timer is not None:
+            self.login_timer.cancel()
+            self.login_timer = None
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._stop_login_timer()
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         if self.origin_transport is not None:
