@@ -207,3 +207,21 @@ async def test_statistics_views_are_never_cached(pg: PgServer, proxy: CachingPro
     totals = proxy.totals()
     assert "hit" not in totals
     assert totals.get("volatile", 0) >= 3, totals
+
+
+async def test_executemany_and_prepared_writes_invalidate(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await counter_table(pg, rows=0)
+    sql = f"SELECT count(*) FROM {table}"
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for _ in range(3):
+            assert await conn.fetchval(sql) == 0
+        await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2)", [(i, i) for i in range(1, 501)])
+        assert await conn.fetchval(sql) == 500
+        insert = await conn.prepare(f"INSERT INTO {table} VALUES ($1, 0)")
+        for _ in range(2):
+            assert await conn.fetchval(sql) == 500
+        await insert.fetch(1000)
+        assert await conn.fetchval(sql) == 501
+    finally:
+        await conn.close()
