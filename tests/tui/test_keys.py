@@ -1,0 +1,121 @@
+"""Keyboard paths, errors and the command palette, on the deterministic control (fast)."""
+
+from __future__ import annotations
+
+from textual.widgets import Button, Input, Label
+
+from neonpoly.tui.app import ConsoleApp
+from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer
+from neonpoly.tui.screens.cache_view import CacheViewScreen
+from neonpoly.tui.screens.help import HelpScreen
+from neonpoly.tui.screens.integrations import IntegrationsScreen
+from neonpoly.tui.screens.manage_drawer import ManagePolyScaleDrawer
+from neonpoly.tui.widgets.template_table import TemplateTable
+from tests.tui.fakes import PASSWORD, DemoControl
+from tests.tui.scenes import settle
+
+
+def _text(app: ConsoleApp, selector: str) -> str:
+    return str(app.screen.query_one(selector, Label).content)
+
+
+async def test_sign_in_error_is_inline_and_retry_recovers() -> None:
+    control = DemoControl(sign_in_error="401 Unauthorized: bad key", add_failures=1)
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await pilot.press("a", "enter")
+        await settle(pilot)
+        assert "Sign in failed: 401 Unauthorized" in _text(app, "#error")
+        control.sign_in_error = None
+        await pilot.pause(0.25)  # a Button ignores presses during its 0.2 s press effect
+        await pilot.press("enter")  # focus went back to Sign in
+        await settle(pilot)
+        assert _text(app, "#error") == ""
+        await pilot.press("enter")  # Authorize Access: fails once
+        await settle(pilot)
+        assert isinstance(app.screen, AddPolyScaleDrawer)
+        assert "did not wake up" in _text(app, "#error")
+        assert str(app.screen.query_one("#authorize", Button).label) == "Retry"
+        await pilot.pause(0.25)
+        await pilot.press("enter")  # Retry
+        await settle(pilot)
+        assert isinstance(app.screen, ManagePolyScaleDrawer)
+        assert control.integrations()
+
+
+async def test_keys_without_integration_explain_instead_of_failing() -> None:
+    app = ConsoleApp(DemoControl(), refresh_seconds=None)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        for key in ("m", "v", "p", "r", "c"):
+            await pilot.press(key)
+            assert isinstance(app.screen, IntegrationsScreen)
+        notes = [str(n.message) for n in app._notifications]
+        assert len(notes) == 5 and all("press a to add" in n for n in notes)
+
+
+async def test_manage_keys_reveal_copy_and_cancel() -> None:
+    control = DemoControl(configured=True)
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await pilot.press("m")
+        assert PASSWORD not in _text(app, "#conn-string")
+        await pilot.press("s")
+        assert PASSWORD in _text(app, "#conn-string")
+        await pilot.press("c")
+        assert app.clipboard.endswith(control.integrations()[0].cache_id)
+        assert PASSWORD in app.clipboard
+        await pilot.press("escape")
+        assert isinstance(app.screen, IntegrationsScreen)
+        await pilot.press("m")  # shown again: the password is hidden again
+        assert PASSWORD not in _text(app, "#conn-string")
+        await pilot.press("a")  # already added: Add says so and stays on Manage
+        assert isinstance(app.screen, ManagePolyScaleDrawer)
+
+
+async def test_cache_view_filter_and_sort() -> None:
+    app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("v")
+        screen = app.screen
+        assert isinstance(screen, CacheViewScreen)
+        table = screen.query_one(TemplateTable)
+        assert table.row_count == 6
+        first = [row.key.value for row in table.ordered_rows]
+        await pilot.press("s")  # calls → hit %
+        assert "hit %" in _text(app, "#cv-sort")
+        assert [row.key.value for row in table.ordered_rows] != first
+        await pilot.press("slash", *"orders")
+        assert screen.query_one("#filter", Input).has_focus
+        assert table.row_count == 1
+        await pilot.press("escape")  # clears the filter
+        assert table.row_count == 6
+        await pilot.press("escape")  # leaves the view
+        assert isinstance(app.screen, IntegrationsScreen)
+
+
+async def test_every_action_is_in_the_command_palette() -> None:
+    app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Add PolyScale", "Manage PolyScale", "View cache", "Purge cache",
+                "Remove integration", "Copy connection string", "Help", "Quit"} <= titles
+        await pilot.press("ctrl+p", *"view cache")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, CacheViewScreen)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert isinstance(app.screen, CacheViewScreen)
+
+
+async def test_purge_and_remove_can_be_cancelled() -> None:
+    control = DemoControl(configured=True)
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("p", "n")
+        await pilot.press("r", "escape")
+        await pilot.press("r", "enter")  # focus starts on Cancel: enter never destroys
+        await settle(pilot)
+        assert control.entries == 1204 and control.integrations()
