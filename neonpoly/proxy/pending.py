@@ -44,7 +44,7 @@ class Pending:
     stats: list[StatTicket] = field(default_factory=list)
     # neonpoly's own catalog lookup (see cache/relations.py): swallowed, never forwarded.
     lookup: list[str] | None = None
-    rows: list[tuple[str, str, bool]] = field(default_factory=list)
+    rows: list[tuple[str, str, str, bool]] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)

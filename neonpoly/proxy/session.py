@@ -280,7 +280,7 @@ class Session:
         sql = pgwire.query_text(body)
         info = classify(sql)
         item = Pending(time.monotonic())
-        self._note_effects(info, item)
+        self._note_effects(info, item, out)
         status = self._cache_decision(info)
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None:
@@ -347,12 +347,12 @@ class Session:
             return Status.TRANSACTION
         return Status.MISS
 
-    def _note_effects(self, info: Classification, item: Pending) -> None:
+    def _note_effects(self, info: Classification, item: Pending, out: list[bytes]) -> None:
         """Writes evict before they are sent; session changes update the cache key."""
         if info.is_write or info.invalidate_all:
             item.writes = info.tables_written
             item.writes_everything = info.invalidate_all
-            self._invalidate(info.tables_written, info.invalidate_all)
+            self._invalidate(info.tables_written, info.invalidate_all, out)
         if info.changes_session:
             if (
                 info.session_setting is not None
@@ -365,10 +365,24 @@ class Session:
         if "set_config" in info.reason:
             self.state.bypass = True
 
-    def _invalidate(self, tables: frozenset[str], everything: bool) -> None:
+    def _invalidate(self, tables: frozenset[str], everything: bool, out: list[bytes] | None = None) -> None:
+        """Evict what a write may change: its tables and everything they reach (foreign-key
+        cascades, partitions); the whole database for triggers, rules or tables not looked
+        up yet. Given `out` in an idle session, also ask about those tables for next time."""
         cache = self.route.cache if self.route else None
-        if cache is not None and (tables or everything):
-            cache.invalidate(self.state.database, tables, everything)
+        if cache is None or not (tables or everything):
+            return
+        database = self.state.database
+        if not everything:
+            reach = cache.relations.reach(database, tables)
+            if reach is None:
+                everything = True
+                unknown = cache.relations.unknown(database, tables)
+                if unknown and out is not None and self.state.tx_status == b"I" and not self._busy():
+                    self._ask_relations(cache, unknown, out)
+            else:
+                tables = reach
+        cache.invalidate(database, tables, everything)
 
     def _answer_locally(self, payload: bytes, infos: list[Classification], item: Pending) -> None:
         cache = self.route.cache if self.route else None
@@ -397,7 +411,7 @@ class Session:
         info = plan.primary
         if plan.writes or plan.writes_everything:
             item.writes, item.writes_everything = plan.writes, plan.writes_everything
-            self._invalidate(plan.writes, plan.writes_everything)
+            self._invalidate(plan.writes, plan.writes_everything, out)
         if plan.parses and any(classify(p.query).changes_session for p in plan.parses):
             self.state.bypass = True
         if plan.status is not None:
@@ -607,8 +621,8 @@ class Session:
         cache = self.route.cache if self.route else None
         assert item.lookup is not None
         if mtype == 0x44:
-            root, relname, volatile = pgwire.parse_data_row(body)
-            item.rows.append(((root or b"").decode(), (relname or b"").decode(), volatile == b"t"))
+            kind, root, relname, flag = pgwire.parse_data_row(body)
+            item.rows.append(((kind or b"").decode(), (root or b"").decode(), (relname or b"").decode(), flag == b"t"))
         elif mtype == _E:
             item.error = True
         elif mtype == _Z:

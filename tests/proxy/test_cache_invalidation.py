@@ -225,3 +225,78 @@ async def test_executemany_and_prepared_writes_invalidate(pg: PgServer, proxy: C
         assert await conn.fetchval(sql) == 501
     finally:
         await conn.close()
+
+
+async def test_foreign_key_cascades_evict_the_child_tables(pg: PgServer, proxy: CachingProxy) -> None:
+    parent, child = unique("parent"), unique("child")
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE TABLE {parent} (id int PRIMARY KEY)")
+        await conn.execute(
+            f"CREATE TABLE {child} (id int PRIMARY KEY, parent_id int REFERENCES {parent} ON DELETE CASCADE)"
+        )
+        await conn.execute(f"INSERT INTO {parent} VALUES (1), (2)")
+        await conn.execute(f"INSERT INTO {child} VALUES (10, 1), (20, 2)")
+    sql = f"SELECT count(*) FROM {child}"
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        await conn.fetchval(f"SELECT count(*) FROM {parent}")  # neonpoly learns about parent
+        for _ in range(3):
+            assert await conn.fetchval(sql) == 2
+        await conn.execute(f"DELETE FROM {parent} WHERE id = 1")  # cascades into child
+        assert await conn.fetchval(sql) == 1
+    finally:
+        await conn.close()
+
+
+async def test_first_write_to_an_unseen_table_evicts_everything(pg: PgServer, proxy: CachingProxy) -> None:
+    parent, child = unique("parent"), unique("child")
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE TABLE {parent} (id int PRIMARY KEY)")
+        await conn.execute(f"CREATE TABLE {child} (id int, parent_id int REFERENCES {parent} ON DELETE CASCADE)")
+        await conn.execute(f"INSERT INTO {parent} VALUES (1)")
+        await conn.execute(f"INSERT INTO {child} VALUES (10, 1)")
+    sql = f"SELECT count(*) FROM {child}"
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for _ in range(3):
+            assert await conn.fetchval(sql) == 1
+        await conn.execute(f"DELETE FROM {parent}")  # never read through neonpoly before
+        assert await conn.fetchval(sql) == 0
+    finally:
+        await conn.close()
+
+
+async def test_partitions_and_triggers(pg: PgServer, proxy: CachingProxy) -> None:
+    events, audit = unique("events"), unique("audit")
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE TABLE {events} (id int, kind text) PARTITION BY LIST (kind)")
+        await conn.execute(f"CREATE TABLE {events}_a PARTITION OF {events} FOR VALUES IN ('a')")
+        await conn.execute(f"CREATE TABLE {events}_b PARTITION OF {events} FOR VALUES IN ('b')")
+        await conn.execute(f"CREATE TABLE {audit} (n int)")
+        await conn.execute(f"INSERT INTO {audit} VALUES (0)")
+        await conn.execute(
+            f"CREATE FUNCTION {audit}_bump() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN UPDATE {audit} SET n = n + 1; RETURN NEW; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {audit}_t AFTER INSERT ON {events}_b FOR EACH ROW EXECUTE FUNCTION {audit}_bump()"
+        )
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+        for _ in range(3):
+            assert await conn.fetchval(f"SELECT count(*) FROM {events}") == 0
+            assert await conn.fetchval(f"SELECT count(*) FROM {events}_a") == 0
+            assert await conn.fetchval(f"SELECT n FROM {audit}") == 0
+        await conn.execute(f"INSERT INTO {events}_a VALUES (1, 'a')")  # a partition, named directly
+        assert await conn.fetchval(f"SELECT count(*) FROM {events}") == 1
+        for _ in range(2):
+            await conn.fetchval(f"SELECT count(*) FROM {events}_a")
+        await conn.execute(f"INSERT INTO {events} VALUES (2, 'a')")  # routed through the parent
+        assert await conn.fetchval(f"SELECT count(*) FROM {events}_a") == 2
+        await conn.execute(f"INSERT INTO {events}_b VALUES (3, 'b')")  # fires the trigger
+        assert await conn.fetchval(f"SELECT n FROM {audit}") == 1
+        await conn.execute(f"INSERT INTO {events} VALUES (4, 'b')")  # trigger via the parent
+        assert await conn.fetchval(f"SELECT n FROM {audit}") == 2
+    finally:
+        await conn.close()
+    assert proxy.totals().get("hit", 0) >= 4
