@@ -111,14 +111,25 @@ class QueryCache:
         )
         self.store.put(capture.key, entry)
 
-    def invalidate(self, database: str, tables: frozenset[str], everything: bool) -> None:
+    def invalidate(
+        self,
+        database: str,
+        tables: frozenset[str],
+        everything: bool,
+        named: tuple[frozenset[str], bool] | None = None,
+    ) -> None:
+        """Evict `tables` (or the database). `named` is what the write itself said, when the
+        eviction was widened only for safety: adaptive TTL learns from that, not from the
+        widening (the first write to a table not looked up yet evicts everything)."""
         if everything:
             self.store.invalidate_database(database)
-            self.relations.forget(database)
+            if named is None or named[1]:  # DDL and the like: views, keys or triggers may have changed
+                self.relations.forget(database)
         else:
             self.store.invalidate_tables(database, tables)
         if self.on_write is not None:
-            self.on_write(database, tables, everything)
+            learn_tables, learn_everything = named if named is not None else (tables, everything)
+            self.on_write(database, learn_tables, learn_everything)
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         if log.isEnabledFor(logging.DEBUG):

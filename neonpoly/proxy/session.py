@@ -373,6 +373,7 @@ class Session:
         if cache is None or not (tables or everything):
             return
         database = self.state.database
+        named = (tables, everything)
         if not everything:
             reach = cache.relations.reach(database, tables)
             if reach is None:
@@ -382,7 +383,7 @@ class Session:
                     self._ask_relations(cache, unknown, out)
             else:
                 tables = reach
-        cache.invalidate(database, tables, everything)
+        cache.invalidate(database, tables, everything, named)
 
     def _answer_locally(self, payload: bytes, infos: list[Classification], item: Pending) -> None:
         cache = self.route.cache if self.route else None
