@@ -12,6 +12,7 @@ from textual.widgets import Footer, Input, Label, Sparkline
 from neonpoly.control import Control
 from neonpoly.stats import SERIES_SECONDS, StatsSnapshot
 from neonpoly.tui import format as fmt
+from neonpoly.tui.widgets import set_text
 from neonpoly.tui.widgets.header import ConsoleHeader
 from neonpoly.tui.widgets.template_table import SORTS, TemplateTable
 
@@ -74,11 +75,10 @@ class CacheViewScreen(Screen[None]):
         self._last = snap
         totals = snap.totals
         cacheable = totals.hits + totals.misses
-        self.query_one("#cv-hit-rate", Label).update(
-            f"hit rate {fmt.percent(totals.hits / cacheable if cacheable else None)}"
-        )
-        self.query_one("#cv-saved", Label).update(f"saved {fmt.duration(totals.time_saved_s)}")
-        self.query_one("#cv-calls", Label).update(f"{fmt.count(totals.calls)} queries")
+        set_text(self.query_one("#cv-hit-rate", Label),
+                 f"hit rate {fmt.percent(totals.hits / cacheable if cacheable else None)}")
+        set_text(self.query_one("#cv-saved", Label), f"saved {fmt.duration(totals.time_saved_s)}")
+        set_text(self.query_one("#cv-calls", Label), f"{fmt.count(totals.calls)} queries")
         for key, _ in SERIES:
             values: tuple[int, ...] = getattr(snap.series, key)
             spark = self.query_one(f"#spark-{key}", Sparkline)
@@ -87,7 +87,7 @@ class CacheViewScreen(Screen[None]):
                 spark.data = data
             total = {"hits": totals.hits, "misses": totals.misses,
                      "passthrough": totals.passthrough}[key]
-            self.query_one(f"#total-{key}", Label).update(fmt.count(total))
+            set_text(self.query_one(f"#total-{key}", Label), fmt.count(total))
         self._show_table()
 
     def _show_table(self) -> None:
@@ -98,7 +98,7 @@ class CacheViewScreen(Screen[None]):
         shown = table.show(self._last.templates, self.needle, sort, self.size.width)
         arrow = "▼" if sort.descending else "▲"
         found = f" · {shown} of {len(self._last.templates)} match “{self.needle}”" if self.needle else ""
-        self.query_one("#cv-sort", Label).update(f"sorted by {sort.label} {arrow}{found}")
+        set_text(self.query_one("#cv-sort", Label), f"sorted by {sort.label} {arrow}{found}")
         self.query_one("#cv-empty", Label).display = not self._last.templates
 
     def action_sort(self) -> None:

@@ -11,6 +11,7 @@ from textual.widgets import Button, Footer, Label, Select
 
 from neonpoly.control import Control, ControlError, IntegrationView
 from neonpoly.tui import format as fmt
+from neonpoly.tui.widgets import set_text
 
 WRITES_NOTE = (
     "⚠ Always use this connection string: modifying the database directly (a Neon "
@@ -108,8 +109,9 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             if select.value != value:
                 select.value = value
         status = self.control.status(self.cache_id)
-        self.query_one("#origin-line", Label).update(origin_line(view, status.endpoint_state))
-        self.query_one("#entries-line", Label).update(
+        set_text(self.query_one("#origin-line", Label), origin_line(view, status.endpoint_state))
+        set_text(
+            self.query_one("#entries-line", Label),
             f"Entries  {fmt.count(status.entries)} · {fmt.size(status.bytes)} · "
             f"hit rate {fmt.percent(status.hit_rate)} · "
             f"{status.connections} connection{'s' if status.connections != 1 else ''}"
@@ -118,7 +120,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
 
     def _show_string(self) -> None:
         text = self.control.connection_string(self.cache_id, reveal=self.revealed)
-        self.query_one("#conn-string", Label).update(text)
+        set_text(self.query_one("#conn-string", Label), text)
         self.query_one("#reveal", Button).label = "s Hide" if self.revealed else "s Show"
 
     def action_cancel(self) -> None:

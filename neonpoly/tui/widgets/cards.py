@@ -10,6 +10,7 @@ from textual.widgets import Button, Label, Sparkline
 
 from neonpoly.control import CacheStatus
 from neonpoly.tui import format as fmt
+from neonpoly.tui.widgets import set_text
 
 POLYSCALE_BLURB = "Global cache for your database"
 
@@ -49,10 +50,9 @@ class PolyScaleCard(Vertical):
         """Refresh the live figures of a configured card (entries, hit rate, hits sparkline)."""
         if not self.configured:
             return
-        self.query_one(".description", Label).update(
-            f"Global database cache · {fmt.count(status.entries)} entries"
-        )
-        self.query_one(".hit-rate", Label).update(f"hit rate {fmt.percent(status.hit_rate)}")
+        set_text(self.query_one(".description", Label),
+                 f"Global database cache · {fmt.count(status.entries)} entries")
+        set_text(self.query_one(".hit-rate", Label), f"hit rate {fmt.percent(status.hit_rate)}")
         spark = self.query_one(Sparkline)
         if list(spark.data or []) != list(hits):
             spark.data = list(hits)

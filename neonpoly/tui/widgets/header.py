@@ -7,6 +7,7 @@ from textual.containers import Horizontal
 from textual.widgets import Label
 
 from neonpoly.control import HeaderInfo
+from neonpoly.tui.widgets import set_text
 
 
 def breadcrumbs(info: HeaderInfo, page: str) -> str:
@@ -34,8 +35,8 @@ class ConsoleHeader(Horizontal):
         yield Label(id="proxy-state")
 
     def show(self, info: HeaderInfo) -> None:
-        self.query_one("#crumbs", Label).update(breadcrumbs(info, self.page))
+        set_text(self.query_one("#crumbs", Label), breadcrumbs(info, self.page))
         state = self.query_one("#proxy-state", Label)
-        state.update(f"proxy ● {info.listen}" if info.running else f"proxy ○ {info.listen}")
+        set_text(state, f"proxy ● {info.listen}" if info.running else f"proxy ○ {info.listen}")
         state.set_class(info.running, "-running")
         state.set_class(not info.running, "-stopped")
