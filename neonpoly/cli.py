@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neonpoly import __version__
+from neonpoly.cli_args import host_port
 
 if TYPE_CHECKING:
     from neonpoly.control_impl import Served
@@ -40,14 +41,6 @@ def _size(text: str) -> int:
         return int(t)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MB or 2GB)") from exc
-
-
-def _listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    try:
-        return (host or "127.0.0.1", int(port))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="origin PostgreSQL URL (default: the integrations in the state dir, else an embedded PostgreSQL)",
     )
     serve.add_argument(
-        "--listen", type=_listen, default=("127.0.0.1", 6543), metavar="HOST:PORT", help="where clients connect"
+        "--listen", type=host_port, default=("127.0.0.1", 6543), metavar="HOST:PORT", help="where clients connect"
     )
     serve.add_argument(
         "--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)"
@@ -121,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight queries may finish",
     )
-    serve.add_argument("--metrics-listen", type=_listen, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    serve.add_argument("--metrics-listen", type=host_port, metavar="HOST:PORT", help="serve Prometheus /metrics here")
     serve.add_argument(
         "--admin-role",
         action="append",

@@ -15,20 +15,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from neonpoly.cli_args import host_port
+
 COMMANDS = ("stats", "queries", "purge", "rules")
 DEFAULT_ADMIN = "127.0.0.1:6543"
 ENV_USER = "NEONPOLY_ADMIN_USER"
 ENV_PASSWORD = "NEONPOLY_ADMIN_PASSWORD"
 
 SqlBuilder = Callable[[argparse.Namespace], str]
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    try:
-        return (host or "127.0.0.1", int(port))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from exc
 
 
 def _for_cache(args: argparse.Namespace) -> str:
@@ -66,8 +60,8 @@ def register(subparsers: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--admin",
-        type=_address,
-        default=_address(DEFAULT_ADMIN),
+        type=host_port,
+        default=host_port(DEFAULT_ADMIN),
         metavar="HOST:PORT",
         help=f"the running neonpoly's listener (default {DEFAULT_ADMIN})",
     )
