@@ -35,6 +35,10 @@ class Scene:
         if self.extra is not None:
             await self.extra(pilot)
             await settle(pilot)
+        if "enter" in self.keys:
+            # A pressed Button keeps its "-active" look for 0.2 s: wait it out, or the
+            # picture depends on how fast this machine is.
+            await pilot.pause(0.3)
 
 
 async def settle(pilot: Pilot[None]) -> None:
