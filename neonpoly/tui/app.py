@@ -127,7 +127,10 @@ class ConsoleApp(App[None]):
         if view is None or isinstance(self.screen, CacheViewScreen):
             return
         self._back_to_page()
-        self.push_screen(CacheViewScreen(self.control, view.cache_id, view.name))
+        name = f"cache-{view.cache_id}"
+        if not self.is_screen_installed(name):  # kept installed, as the Manage drawer
+            self.install_screen(CacheViewScreen(self.control, view.cache_id, view.name), name)
+        self.push_screen(name)
 
     def action_copy(self) -> None:
         view = self._configured()
@@ -168,8 +171,9 @@ class ConsoleApp(App[None]):
     async def _remove(self, view: IntegrationView) -> None:
         ended = await self.control.remove(view.cache_id)
         self._back_to_page()
-        if self.is_screen_installed(f"manage-{view.cache_id}"):
-            self.uninstall_screen(f"manage-{view.cache_id}")
+        for name in (f"manage-{view.cache_id}", f"cache-{view.cache_id}"):
+            if self.is_screen_installed(name):
+                self.uninstall_screen(name)
         self.refresh_views()
         self.notify(f"Removed PolyScale: deleted cache {view.name}, ended {ended} "
                     f"connection{'' if ended == 1 else 's'}.")

@@ -29,7 +29,8 @@ from neonpoly.tui.widgets.template_table import TemplateTable
 from tests.pgharness import PgServer
 from tests.tui.scenes import settle
 
-BUDGET_P95_MS = 250.0  # the aim is < 100 ms; the bound leaves room for a loaded CI machine
+AIM_P50_MS = 100.0  # the typical key must feel instant
+BOUND_MAX_MS = 500.0  # rare outliers (GC, a ticker refresh landing on the key) stay bounded
 
 
 class FrameProbe:
@@ -137,14 +138,21 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
             while calls() < 200:
                 await asyncio.sleep(0.01)
             load_started, done_before = time.perf_counter(), calls()
-            for _ in range(10):
-                # Integrations page → Manage drawer → back.
-                await measure(pilot, "m (open Manage drawer)", "m",
+            for i in range(11):
+                # Integrations page → Manage drawer → back. The first open composes the
+                # drawer; later ones re-show the installed one: reported apart.
+                name = "m (first Manage, composes)" if i == 0 else "m (open Manage drawer)"
+                await measure(pilot, name, "m",
                               lambda: isinstance(app.screen, ManagePolyScaleDrawer), "m")
                 await measure(pilot, "esc (close drawer)", "escape",
                               lambda: isinstance(app.screen, IntegrationsScreen))
-            await measure(pilot, "v (open cache view)", "v",
-                          lambda: isinstance(app.screen, CacheViewScreen), "v")
+            for i in range(6):
+                name = "v (first cache view, composes)" if i == 0 else "v (open cache view)"
+                await measure(pilot, name, "v",
+                              lambda: isinstance(app.screen, CacheViewScreen), "v")
+                if i < 5:
+                    await measure(pilot, "esc (leave cache view)", "escape",
+                                  lambda: isinstance(app.screen, IntegrationsScreen))
             screen = app.screen
             assert isinstance(screen, CacheViewScreen)
             sort_label = screen.query_one("#cv-sort", Label)
@@ -179,12 +187,14 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
         assert table.row_count == len(control.stats(view.cache_id).templates) == 3
 
     print(f"\n[latency] workload {qps:.0f} queries/s through the proxy while measuring")
-    worst = 0.0
+    slow: list[str] = []
     for name, values in timings.items():
         values.sort()
         p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
-        worst = max(worst, p95)
-        print(f"[latency] {name:<24} n={len(values):>2} p50 {statistics.median(values):6.1f} ms"
+        one_off = "composes" in name  # built once per console run: only the bound applies
+        if (not one_off and statistics.median(values) > AIM_P50_MS) or values[-1] > BOUND_MAX_MS:
+            slow.append(name)
+        print(f"[latency] {name:<31} n={len(values):>2} p50 {statistics.median(values):6.1f} ms"
               f"  p95 {p95:6.1f} ms  max {values[-1]:6.1f} ms")
-    if worst > BUDGET_P95_MS:
-        pytest.fail(f"p95 key→frame {worst:.0f} ms over {BUDGET_P95_MS:.0f} ms")
+    if slow:
+        pytest.fail(f"key→frame over p50 {AIM_P50_MS:.0f} ms or max {BOUND_MAX_MS:.0f} ms: {slow}")

@@ -66,6 +66,10 @@ class CacheViewScreen(Screen[None]):
         self.query_one(TemplateTable).focus()
         self.refresh_data()
 
+    def on_screen_resume(self) -> None:
+        # Shown again (kept installed): catch up at once rather than at the next tick.
+        self.refresh_data()
+
     def on_resize(self) -> None:
         self.refresh_data()
 
