@@ -28,6 +28,15 @@ examples:
 """
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, but only real ones (not None, not False flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class CLIError(Exception):
     """A problem the user can fix: printed as one line, exit status 2."""
 
@@ -63,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the caching proxy. Clients connect to --listen exactly as they would to "
         "PostgreSQL; reads are cached (a new query is stored on its 2nd run and served from its 3rd), "
         "writes through neonpoly evict what they touch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     serve.add_argument(
         "--upstream",
@@ -71,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="origin PostgreSQL URL (default: the integrations in the state dir, else an embedded PostgreSQL)",
     )
     serve.add_argument(
-        "--listen", type=host_port, default=("127.0.0.1", 6543), metavar="HOST:PORT", help="where clients connect"
+        "--listen", type=host_port, default="127.0.0.1:6543", metavar="HOST:PORT", help="where clients connect"
     )
     serve.add_argument(
         "--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)"
@@ -121,6 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROLE",
         help="role allowed on the admin database `neonpoly` (repeatable; default: neonpoly, postgres, your OS user)",
     )
+    tui = sub.add_parser(
+        "tui",
+        help="the console: Integrations page, Add/Manage PolyScale drawers, live cache view (default)",
+        description="The console (also what bare `neonpoly` runs in a terminal). It runs the proxy in the "
+        "background on --listen: add the PolyScale integration (a Neon project with NEON_API_KEY, a "
+        "Postgres URL with --upstream, or the embedded PostgreSQL), copy the connection string, and "
+        "watch hits arrive in the cache view. Every action has a key; ? shows them, ctrl+p searches them.",
+        formatter_class=_Help,
+    )
+    tui.add_argument(
+        "--listen", type=host_port, default="127.0.0.1:6543", metavar="HOST:PORT", help="where clients connect"
+    )
+    tui.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="add the integration for this Postgres URL instead of Neon or the embedded origin",
+    )
+    tui.add_argument("--project", metavar="ID", help="Neon project (default: the only one on the account)")
+    tui.add_argument(
+        "--api-host", metavar="URL", help="Neon API base URL (default: $NEON_API_HOST or console.neon.tech)"
+    )
+    tui.add_argument(
+        "--connect-to",
+        metavar="HOST:PORT:TO_HOST:TO_PORT",
+        help="dial TO_HOST:TO_PORT for the origin HOST:PORT (SNI stays HOST)",
+    )
+    tui.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="neonpoly's state (default: platform data dir, or $NEONPOLY_STATE_DIR)",
+    )
+    tui.add_argument("--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)")
     from neonpoly import cli_admin, cli_integrations
 
     cli_integrations.register(sub)
@@ -148,14 +190,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in cli_admin.COMMANDS:
             return _run(cli_admin.dispatch(args))
         if args.command is None:
-            parser.print_help()
-            return 0
+            if not (sys.stdin.isatty() and sys.stdout.isatty()):
+                parser.print_help()  # no terminal (a script, CI): the console cannot run
+                return 0
+            args = parser.parse_args([*(argv or sys.argv[1:]), "tui"])
+        if args.command == "tui":
+            return _tui(args)
         parser.error(f"unknown command {args.command}")
     except CLIError as exc:
         print(f"neonpoly: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _tui(args: argparse.Namespace) -> int:
+    from neonpoly.control_impl import open_control
+    from neonpoly.service import CacheSettings, ProxySettings
+    from neonpoly.state import state_dir
+    from neonpoly.tui import run_tui
+
+    root = state_dir(args.state_dir)
+    settings = ProxySettings(listen=args.listen, cache_dir=args.cache_dir or root / "cache", cache=CacheSettings())
+    control = open_control(
+        root,
+        settings=settings,
+        upstream=args.upstream,
+        project_id=args.project,
+        api_host=args.api_host,
+        connect_to=args.connect_to,
+    )
+    # The proxy log would draw over the console: keep only warnings, in a file.
+    logging.getLogger().handlers.clear()
+    handler = logging.FileHandler(root / "neonpoly.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    run_tui(control)
     return 0
 
 

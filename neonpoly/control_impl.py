@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neonpoly.control import (
     CacheStatus,
@@ -42,6 +42,9 @@ from neonpoly.proxy.origin import Origin
 from neonpoly.service import ProxyService, ProxySettings
 from neonpoly.state import state_dir
 from neonpoly.stats import StatsSnapshot
+
+if TYPE_CHECKING:
+    from neonpoly.admin import AdminConsole
 
 log = logging.getLogger("neonpoly.integrations")
 
@@ -269,6 +272,7 @@ class LocalControl(Control):
         self.retry = retry
         self.mode: str | None = None
         self._running = False
+        self._admin: AdminConsole | None = None
 
     # -- cheap reads -------------------------------------------------------------------
     def _listen(self) -> tuple[str, int]:
@@ -393,6 +397,11 @@ class LocalControl(Control):
                                    embedded=self.embedded, embedded_when_empty=False)
         except USER_ERRORS as exc:
             raise ControlError(str(exc)) from exc
+        from neonpoly.admin import install_admin
+
+        # The console's proxy is a full neonpoly: rules, adaptive TTL, and the admin
+        # database, so `neonpoly stats` and psql -d neonpoly work against it too.
+        self._admin = await install_admin(self.service, self.root)
         try:
             await self.service.start()
         except OSError as exc:
@@ -401,6 +410,9 @@ class LocalControl(Control):
         self._running = True
 
     async def close(self) -> None:
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
         if self._running:
             self._running = False
             await self.service.close(grace=1.0)
