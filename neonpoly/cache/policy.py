@@ -22,7 +22,8 @@ The forwarded SQL is always the client's bytes; the template is for display and 
 
 from __future__ import annotations
 
-import functools
+import re
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from sqlglot.tokenizer_core import Token, TokenType
@@ -39,21 +40,41 @@ MEMO_SIZE = 8192
 MEMO_MAX_CHARS = 16_384
 
 
+# A number can change neither what a statement is nor what it touches, so texts that differ
+# only in numbers share one classification (pgbench -S sends a new text for every aid). The
+# exception is SET: its value is the setting, so those are never shared by shape.
+_NUMBER = re.compile(r"(?<![\w$.'])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+_exact: OrderedDict[str, Classification] = OrderedDict()
+_shapes: OrderedDict[str, Classification] = OrderedDict()
+
+
+def _remember(memo: OrderedDict[str, Classification], key: str, value: Classification) -> None:
+    memo[key] = value
+    if len(memo) > MEMO_SIZE:
+        memo.popitem(last=False)
+
+
 def classify(sql: str) -> Classification:
-    """Classify SQL text; repeated texts are answered from a bounded memo without parsing."""
-    if len(sql) <= MEMO_MAX_CHARS:
-        return _memoised(sql)
-    return _classify(sql)
+    """Classify SQL text; repeated texts (and texts differing only in numbers) are answered
+    from a bounded memo without parsing."""
+    found = _exact.get(sql)
+    if found is not None:
+        return found
+    if len(sql) > MEMO_MAX_CHARS:
+        return _classify(sql)
+    shape = _NUMBER.sub("0", sql)
+    found = _shapes.get(shape) if shape != sql else None
+    if found is None:
+        found = _classify(sql)
+        if found.session_setting is None and not found.changes_session:
+            _remember(_shapes, shape, found)
+    _remember(_exact, sql, found)
+    return found
 
 
 def warm_up() -> None:
     """Build the function tables now (about 25 ms) instead of in the first client's query."""
     _classify("SELECT lower(a) FROM t")
-
-
-@functools.lru_cache(maxsize=MEMO_SIZE)
-def _memoised(sql: str) -> Classification:
-    return _classify(sql)
 
 
 def _split(tokens: Sequence[Token]) -> list[list[Token]]:

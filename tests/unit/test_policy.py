@@ -394,3 +394,18 @@ def test_warm_up_builds_tables_without_touching_the_memo() -> None:
 
     warm_up()
     assert classify("SELECT lower(a) FROM t").cacheable
+
+
+def test_texts_differing_only_in_numbers_share_one_parse() -> None:
+    first = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 48213")
+    second = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
+    assert second is first  # no second parse
+    assert classify("SELECT abalance FROM pgbench_accounts2 WHERE aid = 7") is not first
+    # A SET's number is its value: never shared.
+    a = classify("SET extra_float_digits = 2")
+    b = classify("SET extra_float_digits = 3")
+    assert a.session_setting == ("extra_float_digits", "2")
+    assert b.session_setting == ("extra_float_digits", "3")
+    # Numbers inside names or placeholders are not numbers.
+    assert classify("SELECT * FROM t1 WHERE a = $1").tables_read == frozenset({"t1"})
+    assert classify("SELECT * FROM t2 WHERE a = $1").tables_read == frozenset({"t2"})
