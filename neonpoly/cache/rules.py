@@ -98,6 +98,7 @@ class RuleBook:
         self.modes: dict[str, Mode] = {}
         self._rules: dict[str, Rule] = {}
         self._next_id = 1
+        self.version = 0  # bumped on every change: memoised decisions compare it
         # Indexes the policy reads per query: (target, name) -> rules for any cache.
         self._index: dict[tuple[Target, str], list[Rule]] = {}
         self.listeners: list[Callable[[], None]] = []
@@ -174,6 +175,7 @@ class RuleBook:
         self._index = index
 
     def _changed(self) -> None:
+        self.version += 1
         self.save()
         for listener in list(self.listeners):
             listener()
@@ -273,15 +275,27 @@ class RulePolicy:
         max_ttl: Callable[[], float],
         auto: AutoTTL | None = None,
         on_decision: Callable[[str, float | None], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.book = book
         self.cache_id = cache_id
         self.max_ttl = max_ttl
         self.auto = auto
         self.on_decision = on_decision
+        self.clock = clock
+        self._memo: dict[tuple[str, frozenset[str]], tuple[float | None, int, float]] = {}
 
     def __call__(self, template_id: str, tables: frozenset[str]) -> float | None:
+        # Asked for every query: remember a decision for a second. A rule change applies at
+        # once (the book's version is part of the check); learned TTLs move slowly anyway.
+        now = self.clock()
+        memo = self._memo.get((template_id, tables))
+        if memo is not None and memo[1] == self.book.version and memo[2] > now:
+            return memo[0]
         ttl = self.decide(template_id, tables).ttl
+        if len(self._memo) > 10_000:
+            self._memo.clear()
+        self._memo[(template_id, tables)] = (ttl, self.book.version, now + 1.0)
         if self.on_decision is not None:
             self.on_decision(template_id, ttl)
         return ttl

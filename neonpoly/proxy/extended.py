@@ -46,6 +46,7 @@ class StatementBook:
 
     def __init__(self) -> None:
         self.statements: dict[str, Statement] = {}
+        self.version = 0  # bumped whenever a statement is added or closed
 
     def classify_parse(self, msg: pgwire.ParseMsg) -> Classification:
         return classify(msg.query)
@@ -142,6 +143,8 @@ class StatementBook:
 
     def after_local(self, plan: BatchPlan) -> None:
         """The batch was answered by the cache: the origin never saw its Parses."""
+        if plan.parses or plan.closes:
+            self.version += 1
         for parse in plan.parses:
             self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=False)
         for name in plan.closes:
@@ -158,6 +161,8 @@ class StatementBook:
         return out
 
     def after_forward(self, plan: BatchPlan) -> None:
+        if plan.parses or plan.closes:
+            self.version += 1
         for parse in plan.parses:
             self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=True)
         for name in plan.closes:

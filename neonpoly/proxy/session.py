@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from neonpoly import pgwire
 from neonpoly.cache import relations
 from neonpoly.cache.policy import Classification, Status, classify
-from neonpoly.proxy.extended import StatementBook
+from neonpoly.proxy.extended import BatchPlan, StatementBook
 from neonpoly.proxy.origin import OriginUnavailable, open_origin
 from neonpoly.proxy.pending import Capture, Pending, StatTicket
 from neonpoly.proxy.state import SessionState
@@ -69,6 +69,7 @@ class Session:
         self.batch: list[tuple[int, bytes]] = []
         self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
         self.book = StatementBook()
+        self._plans: dict[tuple[object, ...], tuple[BatchPlan, bytes, bytes]] = {}
         self.tx_writes: set[str] = set()
         self.tx_writes_everything = False
         self.proxy_key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
@@ -405,8 +406,15 @@ class Session:
             self.stream = None
             return
         batch, self.batch = self.batch, []
-        plan = self.book.plan(batch)
         flush = expect is not None
+        # A driver re-running a prepared statement sends the same Bind/Execute bytes again
+        # (pgbench -M prepared, asyncpg's statement cache): plan and key them once.
+        memo_key = None
+        memo = None
+        if all(t != 0x50 and t != 0x43 for t, _ in batch):
+            memo_key = (self.book.version, flush, tuple(batch))
+            memo = self._plans.get(memo_key)
+        plan = memo[0] if memo is not None else self.book.plan(batch)
         item = Pending(time.monotonic(), flush=flush, expect=expect)
         status = Status.MISS
         info = plan.primary
@@ -421,7 +429,15 @@ class Session:
             status = self._cache_decision(info)
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None and (plan.executes or info is not None):
-            key = cache.key(self.state.context(), (b"H" if flush else b"X") + plan.material)
+            context = self.state.context()
+            if memo is not None and memo[1] is context:
+                key = memo[2]
+            else:
+                key = cache.key(context, (b"H" if flush else b"X") + plan.material)
+                if memo_key is not None:
+                    if len(self._plans) >= 512:
+                        self._plans.clear()
+                    self._plans[memo_key] = (plan, context, key)
             payload = cache.lookup(key)
             if payload is not None and not self._busy():
                 self.book.after_local(plan)
