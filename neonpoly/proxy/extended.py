@@ -21,6 +21,10 @@ class Statement:
     parse: pgwire.ParseMsg
     info: Classification
     at_origin: bool
+    sql: bytes = b""  # the query text as key material, encoded once
+
+    def __post_init__(self) -> None:
+        self.sql = self.parse.query.encode() + b"\x00"
 
 
 @dataclass(slots=True)
@@ -87,7 +91,7 @@ class StatementBook:
                 portals[bind.portal] = (bound, bind.tail)
                 self._note(bound.info, tables, writes, plan, refuse)
                 plan.executed.append(bound.info)
-                material.update(b"B" + bound.parse.query.encode() + b"\x00" + bind.tail)
+                material.update(b"B" + bound.sql + bind.tail)
             elif mtype == 0x44:  # D
                 target = pgwire.parse_target(body)
                 if target.kind == b"S":
@@ -95,7 +99,7 @@ class StatementBook:
                     if described is None:
                         refuse(Status.UNCACHEABLE, "describes an unknown statement")
                         continue
-                    material.update(b"DS" + described.parse.query.encode() + b"\x00")
+                    material.update(b"DS" + described.sql)
                     tables.update(described.info.tables_read)
                     plan.primary = plan.primary or described.info
                 else:

@@ -435,7 +435,7 @@ class Session:
             else:
                 key = cache.key(context, (b"H" if flush else b"X") + plan.material)
                 if memo_key is not None:
-                    if len(self._plans) >= 512:
+                    if len(self._plans) >= 2048:  # a hot set per session; ~1 MB at most
                         self._plans.clear()
                     self._plans[memo_key] = (plan, context, key)
             payload = cache.lookup(key)
