@@ -208,6 +208,7 @@ class StatsRecorder:
         self._clock = clock
         self._caches: dict[str, _CacheCounters] = {}
         self._series = _Series()
+        self._early_ttl: dict[tuple[str, str], float | None] = {}
 
     def record(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...],
                status: str, latency_s: float, bytes_served: int = 0,
@@ -223,6 +224,7 @@ class StatsRecorder:
                 tpl = cache.templates.get(template_id)
             if tpl is None:
                 tpl = cache.templates[template_id] = _TemplateCounters(template, tables)
+                tpl.ttl = self._early_ttl.pop((cache_id, template_id), tpl.ttl)
 
         tpl.calls += 1
         tpl.by_status[status] = tpl.by_status.get(status, 0) + 1
@@ -258,6 +260,11 @@ class StatsRecorder:
         tpl = cache.templates.get(template_id) if cache else None
         if tpl is not None:
             tpl.ttl = ttl
+        else:
+            # The TTL of a new template is decided before its first query is counted.
+            if len(self._early_ttl) >= 1024:
+                self._early_ttl.clear()
+            self._early_ttl[(cache_id, template_id)] = ttl
 
     def forget_cache(self, cache_id: str) -> None:
         self._caches.pop(cache_id, None)
@@ -265,6 +272,7 @@ class StatsRecorder:
     def reset(self) -> None:
         self._caches.clear()
         self._series = _Series()
+        self._early_ttl.clear()
 
     def snapshot(self, cache_id: str | None = None) -> StatsSnapshot:
         now = self._clock()

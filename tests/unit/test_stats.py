@@ -126,3 +126,10 @@ def test_snapshot_is_frozen_and_json_ready() -> None:
         snap.totals.calls = 5  # type: ignore[misc]
     data = json.loads(json.dumps(snap.to_dict()))
     assert data["totals"]["hits"] == 1 and data["templates"][0]["template_id"] == "t1"
+
+
+def test_ttl_decided_before_the_first_query_is_kept() -> None:
+    rec = StatsRecorder(clock=lambda: 1000.0)
+    rec.set_ttl("c", "t1", 42.0)  # the policy decides before the query is counted
+    rec.record("c", "t1", "SELECT ?", (), "miss", 0.001)
+    assert rec.snapshot("c").templates[0].ttl == 42.0
