@@ -17,6 +17,7 @@ from neonpoly import __version__
 from neonpoly.cli_args import host_port
 
 if TYPE_CHECKING:
+    from neonpoly.control import Control
     from neonpoly.control_impl import Served
     from neonpoly.proxy.origin import Origin
 
@@ -163,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="neonpoly's state (default: platform data dir, or $NEONPOLY_STATE_DIR)",
     )
     tui.add_argument("--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)")
+    # --attach: the console on a running `neonpoly serve` (same state dir) instead of its own proxy.
+    tui.add_argument(
+        "--attach",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="attach to a running `neonpoly serve` through its admin console instead of starting a proxy",
+    )
+    tui.add_argument(
+        "--admin-user", metavar="ROLE", help="admin role with --attach (default $NEONPOLY_ADMIN_USER, else postgres)"
+    )
+    tui.add_argument("--admin-password", help="admin password with --attach (default $NEONPOLY_ADMIN_PASSWORD)")
     from neonpoly import cli_admin, cli_integrations
 
     cli_integrations.register(sub)
@@ -212,15 +224,31 @@ def _tui(args: argparse.Namespace) -> int:
     from neonpoly.tui import run_tui
 
     root = state_dir(args.state_dir)
-    settings = ProxySettings(listen=args.listen, cache_dir=args.cache_dir or root / "cache", cache=CacheSettings())
-    control = open_control(
-        root,
-        settings=settings,
-        upstream=args.upstream,
-        project_id=args.project,
-        api_host=args.api_host,
-        connect_to=args.connect_to,
-    )
+    control: Control
+    if args.attach:
+        from neonpoly.cli_admin import ENV_PASSWORD, ENV_USER
+        from neonpoly.control_attach import AttachedControl
+
+        control = AttachedControl(
+            args.attach,
+            root,
+            user=args.admin_user or os.environ.get(ENV_USER) or "postgres",
+            password=args.admin_password or os.environ.get(ENV_PASSWORD),
+            upstream=args.upstream,
+            project_id=args.project,
+            api_host=args.api_host,
+            connect_to=args.connect_to,
+        )
+    else:
+        settings = ProxySettings(listen=args.listen, cache_dir=args.cache_dir or root / "cache", cache=CacheSettings())
+        control = open_control(
+            root,
+            settings=settings,
+            upstream=args.upstream,
+            project_id=args.project,
+            api_host=args.api_host,
+            connect_to=args.connect_to,
+        )
     # The proxy log would draw over the console: keep only warnings, in a file.
     logging.getLogger().handlers.clear()
     handler = logging.FileHandler(root / "neonpoly.log")
