@@ -27,7 +27,7 @@ from neonpoly.control import (
     Progress,
     SignInResult,
 )
-from neonpoly.control_impl import USER_ERRORS, EmbeddedRunner, LocalControl, _view, add_neon
+from neonpoly.control_impl import USER_ERRORS, EmbeddedRunner, LocalControl, integration_view, add_neon
 from neonpoly.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
 from neonpoly.integration import Integration, IntegrationError, IntegrationStore, forget, record_embedded, record_url
 from neonpoly.neon_api import RetryPolicy
@@ -378,7 +378,7 @@ class AttachedControl(Control):
                 f"{FOLLOW_TIMEOUT:g}s (is it `neonpoly serve` on this state dir, without --upstream?)"
             )
         progress("Cache ready")
-        return _view(item)
+        return integration_view(item)
 
     async def purge(self, cache_id: str) -> int:
         item = self._find(cache_id)

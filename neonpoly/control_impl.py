@@ -233,7 +233,7 @@ async def add_neon(
                        extra_passwords=others)
 
 
-def _view(item: Integration) -> IntegrationView:
+def integration_view(item: Integration) -> IntegrationView:
     return IntegrationView(
         cache_id=item.cache_id, name=item.name, workspace=item.workspace, kind=item.kind,
         origin_label=item.origin_label, endpoint_id=item.endpoint_id,
@@ -290,7 +290,7 @@ class LocalControl(Control):
         return HeaderInfo("local", None, None, f"{host}:{port}", self._running)
 
     def integrations(self) -> list[IntegrationView]:
-        return [_view(i) for i in self.store.load()]
+        return [integration_view(i) for i in self.store.load()]
 
     def _find(self, cache_id: str) -> Integration:
         try:
@@ -301,7 +301,7 @@ class LocalControl(Control):
     def select(self, cache_id: str, *, database: str | None = None,
                role: str | None = None) -> IntegrationView:
         try:
-            return _view(select(self.store, cache_id, database=database, role=role))
+            return integration_view(select(self.store, cache_id, database=database, role=role))
         except IntegrationError as exc:
             raise ControlError(str(exc)) from exc
 
@@ -370,7 +370,7 @@ class LocalControl(Control):
         except USER_ERRORS as exc:
             raise ControlError(str(exc)) from exc
         progress("Cache ready")
-        return _view(item)
+        return integration_view(item)
 
     async def purge(self, cache_id: str) -> int:
         item = self._find(cache_id)
