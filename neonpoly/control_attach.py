@@ -27,7 +27,7 @@ from neonpoly.control import (
     Progress,
     SignInResult,
 )
-from neonpoly.control_impl import USER_ERRORS, EmbeddedRunner, LocalControl, integration_view, add_neon
+from neonpoly.control_impl import USER_ERRORS, EmbeddedRunner, LocalControl, add_neon, integration_view
 from neonpoly.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
 from neonpoly.integration import Integration, IntegrationError, IntegrationStore, forget, record_embedded, record_url
 from neonpoly.neon_api import RetryPolicy
