@@ -61,9 +61,9 @@ CASES: list[tuple[str, bool, Status | None, bool, set[str], set[str], bool]] = [
     ("SELECT pg_relation_size('t')", False, S.VOLATILE, False, set(), set(), False),
     ("SELECT set_config('a', 'b', false)", False, S.VOLATILE, False, set(), set(), False),
     ("SELECT current_setting('work_mem')", False, S.VOLATILE, False, set(), set(), False),
-    ("SELECT my_func(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function: may write anything
-    ("SELECT app.lower(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function: may write anything
-    ("SELECT * FROM my_table_func(1)", False, S.VOLATILE, False, set(), set(), True),  # unknown function: may write anything
+    ("SELECT my_func(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function
+    ("SELECT app.lower(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function
+    ("SELECT * FROM my_table_func(1)", False, S.VOLATILE, False, set(), set(), True),  # unknown function
     ("SELECT age(born) FROM people", False, S.VOLATILE, False, {"people"}, set(), False),
     ("SELECT 'now'::timestamptz", False, S.VOLATILE, False, set(), set(), False),
     # reads that lock or create
