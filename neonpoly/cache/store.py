@@ -154,9 +154,14 @@ class _GenerationsFacade:
 class MemoryStore(_GenerationsFacade):
     """Bounded LRU by bytes. Used alone in tests and as the L1 of `TieredStore`."""
 
-    def __init__(self, max_bytes: int, *, clock: Clock = time.time,
-                 max_entry_bytes: int | None = None,
-                 generations: TableGenerations | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        clock: Clock = time.time,
+        max_entry_bytes: int | None = None,
+        generations: TableGenerations | None = None,
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_entry_bytes = min(max_entry_bytes or DEFAULT_MAX_ENTRY_BYTES, max_bytes)
         self.generations = generations or TableGenerations()
@@ -225,8 +230,7 @@ class MemoryStore(_GenerationsFacade):
             self._bytes = 0
 
     def usage(self) -> StoreUsage:
-        return StoreUsage(len(self._entries), self._bytes, self.max_bytes,
-                          len(self._entries), self._bytes)
+        return StoreUsage(len(self._entries), self._bytes, self.max_bytes, len(self._entries), self._bytes)
 
     def flush(self) -> None:
         pass
@@ -237,12 +241,20 @@ class MemoryStore(_GenerationsFacade):
 
 # -- on-disk record codec -----------------------------------------------------------------
 
+
 def encode_record(key: bytes, entry: CacheEntry) -> bytes:
-    header = json.dumps({
-        "key": key.hex(), "db": entry.database, "tables": sorted(entry.tables),
-        "tpl": entry.template_id, "stamp": entry.stamp.to_json(),
-        "created": entry.created_at, "ttl": entry.ttl,
-    }, separators=(",", ":")).encode()
+    header = json.dumps(
+        {
+            "key": key.hex(),
+            "db": entry.database,
+            "tables": sorted(entry.tables),
+            "tpl": entry.template_id,
+            "stamp": entry.stamp.to_json(),
+            "created": entry.created_at,
+            "ttl": entry.ttl,
+        },
+        separators=(",", ":"),
+    ).encode()
     digest = hashlib.blake2b(header, digest_size=_DIGEST_SIZE)
     digest.update(entry.payload)
     prefix = _PREFIX.pack(_MAGIC, _FORMAT_VERSION, digest.digest(), len(header))
@@ -251,10 +263,13 @@ def encode_record(key: bytes, entry: CacheEntry) -> bytes:
 
 def _entry_from_header(header: dict[str, Any], payload: bytes) -> CacheEntry:
     return CacheEntry(
-        payload=payload, database=str(header["db"]),
-        tables=frozenset(str(t) for t in header["tables"]), template_id=str(header["tpl"]),
+        payload=payload,
+        database=str(header["db"]),
+        tables=frozenset(str(t) for t in header["tables"]),
+        template_id=str(header["tpl"]),
         stamp=GenerationStamp.from_json(header["stamp"]),
-        created_at=float(header["created"]), ttl=float(header["ttl"]),
+        created_at=float(header["created"]),
+        ttl=float(header["ttl"]),
     )
 
 
@@ -270,8 +285,8 @@ def decode_record(key: bytes, raw: object, *, verify: bool = True) -> CacheEntry
         if magic != _MAGIC or version != _FORMAT_VERSION:
             return None
         start = _PREFIX.size
-        header_bytes = raw[start:start + header_len]
-        payload = raw[start + header_len:] if verify else b""
+        header_bytes = raw[start : start + header_len]
+        payload = raw[start + header_len :] if verify else b""
         if verify:
             check = hashlib.blake2b(header_bytes, digest_size=_DIGEST_SIZE)
             check.update(payload)
@@ -306,17 +321,25 @@ class DiskStore(_GenerationsFacade):
     crash we cannot know whether every bump reached disk, so the history is treated as
     unknown and every older record becomes stale (a cache may forget, never serve stale)."""
 
-    def __init__(self, directory: Path, max_bytes: int, *, clock: Clock = time.time,
-                 max_entry_bytes: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, max_bytes: int, *, clock: Clock = time.time, max_entry_bytes: int | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.max_entry_bytes = min(max_entry_bytes or DEFAULT_MAX_ENTRY_BYTES, max_bytes)
         self._clock = clock
         self._cache = diskcache.Cache(
-            str(self.directory), size_limit=max_bytes,
+            str(self.directory),
+            size_limit=max_bytes,
             eviction_policy="least-recently-stored",  # -used would write on every read
             timeout=5,
+            # diskcache would cull (and sum the volume) on every set: measured at a third of
+            # the proxy's CPU under a miss-heavy load. The writer culls in bulk instead.
+            cull_limit=0,
         )
+        self._since_cull = 0
+        self._bytes_since_cull = 0
+        self._last_cull = time.monotonic()
         try:
             self.generations = self._load_generations()
             self._write_state(clean=False)  # also proves the directory is writable
@@ -332,8 +355,7 @@ class DiskStore(_GenerationsFacade):
         self._closed = False
         self._jobs: queue.SimpleQueue[Callable[[], None] | _Barrier | None] = queue.SimpleQueue()
         self.generations.set_listener(self._schedule_state_write)
-        self._writer = threading.Thread(target=self._run_writer, name="neonpoly-cache-writer",
-                                        daemon=True)
+        self._writer = threading.Thread(target=self._run_writer, name="neonpoly-cache-writer", daemon=True)
         self._writer.start()
 
     # -- generations state ---------------------------------------------------------------
@@ -344,13 +366,11 @@ class DiskStore(_GenerationsFacade):
             state = json.loads(path.read_bytes())
             if state.get("clean") is True:
                 return TableGenerations.from_state(state["generations"])
-            log.info("cache %s was not closed cleanly; older entries are treated as stale",
-                     self.directory)
+            log.info("cache %s was not closed cleanly; older entries are treated as stale", self.directory)
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("unreadable generations state in %s; older entries are treated as stale",
-                        self.directory)
+            log.warning("unreadable generations state in %s; older entries are treated as stale", self.directory)
         return TableGenerations.with_unknown_history()
 
     def _write_state(self, *, clean: bool) -> None:
@@ -374,8 +394,7 @@ class DiskStore(_GenerationsFacade):
     def _run_writer(self) -> None:
         while True:
             batch = [self._jobs.get()]
-            while len(batch) < _WRITE_BATCH and not isinstance(batch[-1], _Barrier | None) \
-                    and not self._jobs.empty():
+            while len(batch) < _WRITE_BATCH and not isinstance(batch[-1], _Barrier | None) and not self._jobs.empty():
                 batch.append(self._jobs.get())
             last = batch[-1]
             writes = batch if not isinstance(last, _Barrier | None) else batch[:-1]
@@ -388,8 +407,18 @@ class DiskStore(_GenerationsFacade):
                 return
             if isinstance(last, _Barrier):
                 self._run_job(last)
-            elif self._jobs.empty():
-                self._refresh_usage()
+            else:
+                self._since_cull += len(writes)
+                over = self._usage[1] + self._bytes_since_cull > self.max_bytes
+                if (
+                    over
+                    or self._since_cull >= 1024
+                    or (self._jobs.empty() and time.monotonic() - self._last_cull > 5.0)
+                ):
+                    self._cull()
+                elif self._jobs.empty():
+                    with contextlib.suppress(Exception):  # the count is cheap, the volume is not
+                        self._usage = (len(self._cache), self._usage[1])
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -416,6 +445,15 @@ class DiskStore(_GenerationsFacade):
         except Exception:
             log.exception("cache write-behind job failed")
 
+    def _cull(self) -> None:
+        """Expired entries out, and back under the size bound (what diskcache does per set)."""
+        with contextlib.suppress(Exception):
+            self._cache.cull()
+        self._since_cull = 0
+        self._bytes_since_cull = 0
+        self._last_cull = time.monotonic()
+        self._refresh_usage()
+
     def _refresh_usage(self) -> None:
         with contextlib.suppress(Exception):
             self._usage = (len(self._cache), self._cache.volume())
@@ -430,6 +468,7 @@ class DiskStore(_GenerationsFacade):
         if remaining <= 0:
             return
         self._present.add(key)
+        self._bytes_since_cull += entry.size
         self._cache.set(key, encode_record(key, entry), expire=remaining)
 
     def _delete_if_unchanged(self, key: bytes, seen_prefix: bytes) -> None:
@@ -453,6 +492,7 @@ class DiskStore(_GenerationsFacade):
             except BaseException as exc:
                 fut.set_exception(exc)
             self._refresh_usage()
+
         self._jobs.put(_Barrier(job))
         return fut.result()
 
@@ -479,8 +519,7 @@ class DiskStore(_GenerationsFacade):
         return entry
 
     def put(self, key: bytes, entry: CacheEntry) -> None:
-        if self._closed or not self.accepts(entry.size) \
-                or not _is_live(entry, self._clock(), self.generations):
+        if self._closed or not self.accepts(entry.size) or not _is_live(entry, self._clock(), self.generations):
             return
         if self._jobs.qsize() >= _MAX_PENDING_WRITES:
             return
@@ -493,8 +532,7 @@ class DiskStore(_GenerationsFacade):
             for key in list(self._cache.iterkeys()):
                 try:
                     value = self._cache.get(key, default=None, read=True)
-                    entry = decode_record(key, _read_prefix(value), verify=False) \
-                        if isinstance(key, bytes) else None
+                    entry = decode_record(key, _read_prefix(value), verify=False) if isinstance(key, bytes) else None
                 except OSError:
                     entry = None
                 if entry is None:
@@ -504,6 +542,7 @@ class DiskStore(_GenerationsFacade):
                         live.add(key)
                     self._cache.delete(key)
             return live
+
         return self._call_on_writer(scan)
 
     def usage(self) -> StoreUsage:
@@ -517,6 +556,7 @@ class DiskStore(_GenerationsFacade):
             def finish() -> None:
                 self._refresh_usage()  # so usage() right after flush() is exact
                 done.set()
+
             self._jobs.put(_Barrier(finish))
             done.wait()
 
@@ -563,8 +603,7 @@ class TieredStore(_GenerationsFacade):
 
     def usage(self) -> StoreUsage:
         disk, mem = self.l2.usage(), self.l1.usage()
-        return StoreUsage(disk.entries, disk.bytes, disk.max_bytes,
-                          mem.entries, mem.bytes, disk.pending_writes)
+        return StoreUsage(disk.entries, disk.bytes, disk.max_bytes, mem.entries, mem.bytes, disk.pending_writes)
 
     def flush(self) -> None:
         self.l2.flush()
@@ -603,8 +642,9 @@ class DisabledStore(_GenerationsFacade):
         pass
 
 
-def open_store(directory: Path, max_bytes: int, l1_bytes: int, clock: Clock = time.time,
-               *, max_entry_bytes: int | None = None) -> CacheStore:
+def open_store(
+    directory: Path, max_bytes: int, l1_bytes: int, clock: Clock = time.time, *, max_entry_bytes: int | None = None
+) -> CacheStore:
     """The default tiered store, or a `DisabledStore` (one warning, no exception) when the
     directory cannot hold a cache: a proxy without its cache still serves queries."""
     limit = max_entry_bytes or min(DEFAULT_MAX_ENTRY_BYTES, max(1, l1_bytes // 2))
