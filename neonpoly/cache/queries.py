@@ -166,6 +166,9 @@ def analyse(tree: exp.Expr, verdict: Verdict) -> Verdict:
             # A function we do not know may write any table (a user-defined function
             # that UPDATEs): evict the database, as for any write we cannot name.
             verdict.invalidate_all = True
+        if any(UNKNOWN_VOLATILITY in reason or "set_config" in reason for reason in volatile):
+            # ... or change the session (SET ROLE, search_path) where the key cannot see it.
+            verdict.changes_session = True
     if not isinstance(tree, (exp.Query, exp.Values, *_DML)):
         verdict.refuse(Status.PARSEERROR, f"unrecognised statement {tree.key.upper()}")
     if verdict.status is None:

@@ -6,8 +6,9 @@ can reach further than they say:
 * a read of a view depends on the view's base tables, and a read of a partitioned (or
   inherited) table on every partition;
 * a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT)
-  into other tables, reaches partitions when it names the parent, and may run triggers or
-  rules that write anything at all.
+  into other tables, reaches partitions when it names the parent, reaches a view's base
+  tables when it names an (automatically) updatable view, and may run triggers or rules
+  that write anything at all.
 
 An entry tagged only with the names in the SQL would then survive a write to the tables it
 really read: stale data. So the first time a relation is seen, neonpoly asks the origin (in
@@ -42,7 +43,7 @@ WITH RECURSIVE asked(oid, root) AS (
   SELECT k.confrelid, k.conrelid FROM pg_catalog.pg_constraint k WHERE k.contype = 'f'
    AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
   UNION ALL
-  SELECT i.inhparent, i.inhrelid FROM pg_catalog.pg_inherits i
+  SELECT parent, child FROM read_edges  -- partitions, and a view's base tables (updatable views)
 ), r(oid, root) AS (
   SELECT oid, root FROM asked
   UNION

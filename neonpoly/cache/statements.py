@@ -56,7 +56,10 @@ def classify_statement(tokens: Sequence[Token], sql: str) -> Verdict:
     if first == "TRUNCATE":
         return _truncate(tokens, words)
     if first in ("CALL", "DO"):
-        return Verdict().write(f"{first} runs server code that may write", everything=True)
+        # Server code may also SET ROLE or search_path: the key could not describe that.
+        verdict = Verdict().write(f"{first} runs server code that may write", everything=True)
+        verdict.changes_session = True
+        return verdict
     if first == "EXPLAIN":
         return _explain(tokens, sql, words)
     if first == "COPY":
@@ -68,7 +71,9 @@ def classify_statement(tokens: Sequence[Token], sql: str) -> Verdict:
         return _transaction(words)
     if first == "EXECUTE":
         # The statement text was sent earlier; it may be a write we cannot name.
-        return Verdict().write("EXECUTE of a prepared statement", everything=True)
+        verdict = Verdict().write("EXECUTE of a prepared statement", everything=True)
+        verdict.changes_session = True  # it may call a function that changes the session
+        return verdict
     if first in _UTILITY:
         return Verdict().refuse(Status.NOTAQUERY, _UTILITY[first])
     if first in _SIDE_EFFECTS:

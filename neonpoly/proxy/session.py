@@ -36,6 +36,7 @@ _NOT_PAYLOAD = frozenset(b"ANS")  # notifications, notices, parameter changes: n
 # always gets the same bytes, and the row limit is part of the key.
 _FAILS_CAPTURE = frozenset(b"EGHW")
 _EXTENDED = frozenset(b"PBDEC")
+_LOOKUP_STATEMENT = "neonpoly_relation_lookup"
 
 
 def _expected_answers(batch: list[tuple[int, bytes]]) -> int | None:
@@ -323,15 +324,28 @@ class Session:
         cache.relations.refuse(self.state.database, [n for n in names if not relations.askable(n)])
         if askable:
             self._push(Pending(time.monotonic(), neutral=True, lookup=askable))
-            out.append(pgwire.frame(b"Q", relations.lookup_sql(askable).encode() + b"\x00"))
+            # Extended protocol with a statement of our own: a simple Query would drop the
+            # client's unnamed prepared statement.
+            name = pgwire.cstr(_LOOKUP_STATEMENT)
+            sql = pgwire.cstr(relations.lookup_sql(askable))
+            out.append(
+                pgwire.frame(b"C", b"S" + name)
+                + pgwire.frame(b"P", name + sql + b"\x00\x00")
+                + pgwire.frame(b"B", b"\x00" + name + b"\x00\x00\x00\x00\x00\x00")
+                + pgwire.frame(b"E", b"\x00\x00\x00\x00\x00")
+                + pgwire.frame(b"C", b"S" + name)
+                + pgwire.frame(b"S")
+            )
 
     def _busy(self) -> bool:
         """Could an outstanding origin answer change the transaction status or settings?
 
         A local answer queued behind plain reads is safe (it waits its turn, and the status
         cannot change); behind anything else it is not, so the request goes to the origin.
+        Nor behind a batch ended by Flush: if it fails, the origin skips everything up to
+        the next Sync, and only the origin can answer that Sync.
         """
-        return any(p.local is None and not p.neutral for p in self.pending)
+        return any(p.local is None and (p.flush or not p.neutral) for p in self.pending)
 
     def _cache_decision(self, info: Classification) -> Status:
         if self.route is None or self.route.cache is None:
@@ -427,6 +441,9 @@ class Session:
             status = plan.status
         elif info is not None:
             status = self._cache_decision(info)
+        if flush and status is Status.MISS and any(t == 0x42 for t, _ in batch):
+            # Its portal must exist at the origin for the Execute that follows the Flush.
+            status = Status.UNCACHEABLE
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None and (plan.executes or info is not None):
             context = self.state.context()
@@ -559,6 +576,10 @@ class Session:
             if head is not None and head.local is not None:  # pragma: no cover - defensive
                 head = None
             if head is not None and head.lookup is not None:
+                if mtype == 0x41 or mtype == _S:  # the client's notifications and settings
+                    if mtype == _S:
+                        self.state.parameter(*pgwire.parse_parameter_status(buf[start + 5 : end]))
+                    continue
                 out.append(buf[cut:start])
                 cut = end
                 self._lookup_frame(head, mtype, buf[start + 5 : end])
@@ -674,7 +695,7 @@ class Session:
             self.tx_writes = set()
             self.tx_writes_everything = False
         if item.setting is not None:
-            if item.error:
+            if item.error or not committed:  # inside a transaction: a ROLLBACK may undo it
                 self.state.bypass = True
             else:
                 self.state.set(*item.setting)
