@@ -698,7 +698,7 @@ class Session:
             if item.error or not committed:  # inside a transaction: a ROLLBACK may undo it
                 self.state.bypass = True
             else:
-                self.state.set(*item.setting)
+                self.state.apply(*item.setting)
         cache = self.route.cache if self.route else None
         if cache is None:
             return

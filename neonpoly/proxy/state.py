@@ -65,6 +65,7 @@ class SessionState:
     bypass: bool = False  # the session changed something the key cannot describe
     settings: dict[str, str] = field(default_factory=dict)
     server_params: dict[str, str] = field(default_factory=dict)
+    startup_settings: dict[str, str] = field(default_factory=dict)  # what RESET returns to
     _context: bytes | None = None
 
     def apply_startup(self, params: Mapping[str, str]) -> None:
@@ -80,6 +81,7 @@ class SessionState:
                 self.set(lname, value)
             elif lname not in HARMLESS_SETTINGS:
                 self.bypass = True
+        self.startup_settings = dict(self.settings)
 
     def _apply_options(self, options: str) -> None:
         # libpq's `options` carries "-c name=value" pairs; Neon adds "endpoint=<id>".
@@ -110,6 +112,16 @@ class SessionState:
         else:
             self.settings[name] = value
         self._context = None
+
+    def apply(self, name: str, value: str | None) -> None:
+        """A SET or RESET (`value` None) that succeeded outside a transaction."""
+        if any(reported.lower() == name for reported in self.server_params):
+            # The origin reports this one: its ParameterStatus (already in) is the value,
+            # complete ("SQL, DMY" after SET datestyle TO sql), and what RESET went back to.
+            return
+        if value is None:
+            value = self.startup_settings.get(name)  # RESET goes back to the startup value
+        self.set(name, value)
 
     def parameter(self, name: str, value: str) -> None:
         """A ParameterStatus from the origin: authoritative for the settings it reports."""

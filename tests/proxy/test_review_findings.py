@@ -8,6 +8,7 @@ import contextlib
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import psycopg
@@ -316,3 +317,51 @@ async def test_relation_lookup_keeps_the_unnamed_statement(pg: PgServer, proxy: 
         assert _types(msgs) == b"2DCZ", msgs
     finally:
         await raw.close()
+
+
+async def _two_schemas(pg: PgServer, first: str, second: str) -> str:
+    """`first` and `second` (SQL spellings) each get a table of the same name holding the
+    schema's spelling; returns the table name."""
+    table = unique("rft")
+    async with pg.superuser_conn() as conn:
+        for schema in (first, second):
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            await conn.execute(f"CREATE TABLE {schema}.{table} (v text)")
+            await conn.execute(f"INSERT INTO {schema}.{table} VALUES ($1)", schema)
+    return table
+
+
+async def _read_three_times(url: str, setup: str, read: str) -> object:
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        if setup:
+            await conn.execute(setup)
+        values = [(await (await conn.execute(read)).fetchone()) for _ in range(3)]
+        assert len(set(values)) == 1, values
+        return values[0]
+    finally:
+        await conn.close()
+
+
+async def test_reset_returns_to_the_startup_value(pg: PgServer, proxy: CachingProxy) -> None:
+    """RESET (or SET … TO DEFAULT) restores the value the session started with (`options`),
+    not the server default, so the key must keep that value."""
+    schema = unique("rfs")
+    table = await _two_schemas(pg, "public", schema)
+    read = f"SELECT v FROM {table}"
+    started = proxy.url() + "&options=" + quote(f"-c search_path={schema}")
+    assert await _read_three_times(started, "RESET search_path", read) == (schema,)
+    assert await _read_three_times(proxy.url(), "", read) == ("public",)
+
+
+async def test_reported_setting_wins_over_the_set_text(pg: PgServer, proxy: CachingProxy) -> None:
+    """SET datestyle TO sql keeps the session's DMY/MDY order: the origin reports the full
+    value ("SQL, DMY"), and that, not the SET's text, must be in the key."""
+    table = unique("rfd")
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE TABLE {table} (d date)")
+        await conn.execute(f"INSERT INTO {table} VALUES ('2024-12-31')")
+    read = f"SELECT d::text FROM {table}"
+    dmy = proxy.url() + "&options=" + quote("-c DateStyle=ISO,DMY")
+    assert await _read_three_times(dmy, "SET datestyle TO sql", read) == ("31/12/2024",)
+    assert await _read_three_times(proxy.url(), "SET datestyle TO sql", read) == ("12/31/2024",)
