@@ -164,6 +164,20 @@ class StatementBook:
                 stmt.at_origin = True
         return out
 
+    def deallocated(self, sql: str) -> None:
+        """SQL-level DEALLOCATE/DISCARD also drops protocol-level statements at the origin."""
+        words = sql.strip().rstrip(";").split()
+        upper = [w.upper() for w in words]
+        if upper[:2] == ["DISCARD", "ALL"] or (upper[:1] == ["DEALLOCATE"] and upper[-1] == "ALL"):
+            self.statements.clear()
+        elif upper[:1] == ["DEALLOCATE"] and len(words) >= 2:
+            name = words[-1]
+            self.statements.pop(name[1:-1] if name.startswith('"') else name.lower(), None)
+            self.statements.pop(name, None)
+        else:
+            return
+        self.version += 1
+
     def after_forward(self, plan: BatchPlan) -> None:
         if plan.parses or plan.closes:
             self.version += 1
@@ -191,4 +205,4 @@ class StatementBook:
         query = parsed.get(bound)
         if query is None and bound in self.statements:
             query = self.statements[bound].parse.query
-        return query is not None and query.lstrip().lower().startswith("copy")
+        return query is not None and classify(query).reason == "COPY"

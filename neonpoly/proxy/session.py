@@ -282,6 +282,8 @@ class Session:
         sql = pgwire.query_text(body)
         info = classify(sql)
         item = Pending(time.monotonic())
+        if info.reason == "DEALLOCATE" or info.reason.startswith("DISCARD"):
+            self.book.deallocated(sql)
         self._note_effects(info, item, out)
         status = self._cache_decision(info)
         cache = self.route.cache if self.route else None

@@ -365,3 +365,22 @@ async def test_reported_setting_wins_over_the_set_text(pg: PgServer, proxy: Cach
     dmy = proxy.url() + "&options=" + quote("-c DateStyle=ISO,DMY")
     assert await _read_three_times(dmy, "SET datestyle TO sql", read) == ("31/12/2024",)
     assert await _read_three_times(proxy.url(), "SET datestyle TO sql", read) == ("12/31/2024",)
+
+
+async def test_sql_deallocate_drops_the_protocol_statement(pg: PgServer, tmp_path: Path) -> None:
+    """DEALLOCATE ALL also drops asyncpg's statements at the origin: neonpoly must not
+    keep answering Binds of a statement the origin no longer has, nor send stale Parses."""
+    async with caching_proxy(pg, tmp_path / "cache", admit_after=1) as proxy:
+        conn = await asyncpg.connect(**proxy.dsn(), statement_cache_size=0)
+        try:
+            stmt = await conn.prepare("SELECT $1::int + 1")
+            for _ in range(3):
+                assert await stmt.fetchval(1) == 2
+            await conn.execute("DEALLOCATE ALL")
+            assert proxy.service.server.sessions
+            session = next(iter(proxy.service.server.sessions))
+            assert session.book.statements == {}
+            again = await conn.prepare("SELECT $1::int + 1")
+            assert await again.fetchval(2) == 3
+        finally:
+            await conn.close()
