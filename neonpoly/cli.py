@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from neonpoly.control import Control
     from neonpoly.control_impl import Served
     from neonpoly.proxy.origin import Origin
+    from neonpoly.service import ProxySettings
 
 EPILOG = """\
 examples:
@@ -267,11 +269,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from neonpoly.proxy.origin import Origin
-    from neonpoly.service import CacheSettings, ProxyService, ProxySettings
+    from neonpoly.service import CacheSettings, ProxySettings
     from neonpoly.state import state_dir
 
-    served: list[Served]
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CLIError("--tls-cert and --tls-key go together")
     root = state_dir(args.state_dir)
@@ -284,7 +284,28 @@ async def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )
-    service = ProxyService(settings)
+    from neonpoly.state import StateInUse, StateLock
+
+    lock = StateLock(root)
+    try:
+        lock.acquire()
+    except StateInUse as exc:
+        raise CLIError(str(exc)) from exc
+    try:
+        return await _serve_locked(args, root, settings)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(args: argparse.Namespace, root: Path, settings: ProxySettings) -> int:
+    from neonpoly.proxy.origin import Origin
+    from neonpoly.service import ProxyService
+
+    served: list[Served]
+    try:
+        service = ProxyService(settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise CLIError(f"cannot load --tls-cert/--tls-key: {exc.strerror or exc}") from exc
     runner = None
     follower = None
     if args.upstream:

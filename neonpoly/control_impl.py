@@ -45,6 +45,7 @@ from neonpoly.stats import StatsSnapshot
 
 if TYPE_CHECKING:
     from neonpoly.admin import AdminConsole
+    from neonpoly.state import StateLock
 
 log = logging.getLogger("neonpoly.integrations")
 
@@ -181,6 +182,10 @@ class StateFollower:
                     await self.sync()
                 except USER_ERRORS as exc:
                     log.warning("cannot apply %s: %s", self.store.path, exc)
+                except Exception:
+                    # Following the state must outlive any one bad change: log it, retry on
+                    # the next change (a dead follower would silently ignore every later one).
+                    log.exception("cannot apply %s", self.store.path)
 
 
 def _destroy_cache_dir(service: ProxyService, cache_id: str) -> None:
@@ -273,6 +278,7 @@ class LocalControl(Control):
         self.mode: str | None = None
         self._running = False
         self._admin: AdminConsole | None = None
+        self._lock: StateLock | None = None
 
     # -- cheap reads -------------------------------------------------------------------
     def _listen(self) -> tuple[str, int]:
@@ -387,11 +393,23 @@ class LocalControl(Control):
             raise ControlError(str(exc)) from exc
         if item.kind == "embedded" and not any(i.kind == "embedded" for i in self.store.load()):
             await self.embedded.stop()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         return ended
 
     async def start(self) -> None:
         if self._running:
             return
+        from neonpoly.state import StateInUse, StateLock
+
+        if self._lock is None:
+            lock = StateLock(self.root)
+            try:
+                lock.acquire()
+            except StateInUse as exc:
+                raise ControlError(str(exc)) from exc
+            self._lock = lock
         try:
             await serve_from_state(self.service, self.root, self.connect_to,
                                    embedded=self.embedded, embedded_when_empty=False)
@@ -403,10 +421,12 @@ class LocalControl(Control):
         # database, so `neonpoly stats` and psql -d neonpoly work against it too.
         self._admin = await install_admin(self.service, self.root)
         try:
-            await self.service.start()
+            host, port = await self.service.start()
         except OSError as exc:
             host, port = self.service.settings.listen
             raise ControlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        # So that `neonpoly connection-string` and the admin commands find this console's proxy.
+        self.store.set_listen(host, port)
         self._running = True
 
     async def close(self) -> None:

@@ -29,3 +29,42 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.chmod(path, 0o600)
+
+
+class StateInUse(Exception):
+    """Another neonpoly process serves from this state dir (its embedded origin, its caches)."""
+
+
+class StateLock:
+    """One serving neonpoly per state dir.
+
+    Two processes on one state dir would share (and stop) one embedded PostgreSQL and fight
+    over the cache directories, so the second one refuses to start, naming the first.
+    The lock is an flock: it dies with the process, so a crash never leaves it behind.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "neonpoly.pid"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateInUse(
+                f"another neonpoly (pid {holder}) is already serving from {self.path.parent}; "
+                "stop it, attach to it with `neonpoly tui --attach HOST:PORT`, or use --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None

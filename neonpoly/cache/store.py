@@ -328,6 +328,9 @@ class DiskStore(_GenerationsFacade):
         self.max_bytes = max_bytes
         self.max_entry_bytes = min(max_entry_bytes or DEFAULT_MAX_ENTRY_BYTES, max_bytes)
         self._clock = clock
+        # False until the directory proved writable: before that, a failure must reach the
+        # caller (it disables the cache); after, a vanished directory means "removed".
+        self._opened = False
         self._cache = diskcache.Cache(
             str(self.directory),
             size_limit=max_bytes,
@@ -348,6 +351,7 @@ class DiskStore(_GenerationsFacade):
             # a set lookup on the event loop instead of a sqlite query. It may hold keys
             # diskcache has since evicted (a wasted lookup), never lack one it holds.
             self._present: set[bytes] = {k for k in self._cache.iterkeys() if isinstance(k, bytes)}
+            self._opened = True
         except BaseException:
             self._cache.close()
             raise
@@ -376,6 +380,8 @@ class DiskStore(_GenerationsFacade):
     def _write_state(self, *, clean: bool) -> None:
         path = self.directory / _STATE_FILE
         tmp = path.with_suffix(".tmp")
+        if self._opened and not self.directory.is_dir():
+            return  # the cache was removed (its directory deleted): nothing left to persist
         tmp.write_text(json.dumps({"clean": clean, "generations": self.generations.to_state()}))
         os.replace(tmp, path)
 
@@ -436,14 +442,16 @@ class DiskStore(_GenerationsFacade):
             except Exception:  # the writer thread must outlive a failed commit (disk full)
                 log.exception("cache write-behind commit failed")
 
-    @staticmethod
-    def _run_job(job: Callable[[], None] | None) -> None:
+    def _run_job(self, job: Callable[[], None] | None) -> None:
         if job is None:
             return
         try:
             job()
         except Exception:
-            log.exception("cache write-behind job failed")
+            if self._opened and not self.directory.is_dir():
+                log.debug("cache %s was removed; write-behind job dropped", self.directory)
+            else:
+                log.exception("cache write-behind job failed")
 
     def _cull(self) -> None:
         """Expired entries out, and back under the size bound (what diskcache does per set)."""
