@@ -79,6 +79,7 @@ class ProxyService:
                     directory, conf.max_bytes, conf.l1_bytes, time.time, max_entry_bytes=conf.max_entry_bytes
                 )
             cache = QueryCache(cache_id, store, self.stats, ttl=conf.ttl, admit_after=conf.admit_after)
+            cache.siblings = lambda: self._caches_of(origin, cache_id)
         route = Route(cache_id, origin, cache)
         self.routes.by_id[cache_id] = route
         for hook in self.cache_added:
@@ -87,6 +88,16 @@ class ProxyService:
         if default or self.routes.default is None:
             self.routes.default = cache_id
         return route
+
+    def _caches_of(self, origin: Origin, but: str) -> list[QueryCache]:
+        """The other caches whose origin is the same server (same address and host name)."""
+        return [
+            r.cache
+            for r in self.routes.by_id.values()
+            if r.cache is not None
+            and r.cache_id != but
+            and (r.origin.dial, r.origin.host) == (origin.dial, origin.host)
+        ]
 
     def remove_cache(self, cache_id: str) -> int:
         """Stop serving a cache: end its connections, drop its entries. Returns connections ended."""

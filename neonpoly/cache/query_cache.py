@@ -56,6 +56,8 @@ class QueryCache:
         self._sightings: OrderedDict[bytes, int] = OrderedDict()
         self.on_write: Callable[[str, frozenset[str], bool], None] | None = None
         self.relations = RelationBook()
+        # Other caches in front of the same origin (set by the service that owns them all).
+        self.siblings: Callable[[], Iterable[QueryCache]] = tuple
         # (template_id, changed) when an entry is stored again for a key stored before:
         # teaches adaptive TTL about writes that did not go through neonpoly.
         self.on_refetch: Callable[[str, bool], None] | None = None
@@ -121,12 +123,16 @@ class QueryCache:
         """Evict `tables` (or the database). `named` is what the write itself said, when the
         eviction was widened only for safety: adaptive TTL learns from that, not from the
         widening (the first write to a table not looked up yet evicts everything)."""
-        if everything:
-            self.store.invalidate_database(database)
-            if named is None or named[1]:  # DDL and the like: views, keys or triggers may have changed
-                self.relations.forget(database)
-        else:
-            self.store.invalidate_tables(database, tables)
+        ddl = named is None or named[1]  # DDL and the like: views, keys or triggers may have changed
+        for cache in (self, *self.siblings()):
+            # Caches in front of the same origin share its tables: a write through one makes
+            # the others' entries just as stale.
+            if everything:
+                cache.store.invalidate_database(database)
+                if ddl:
+                    cache.relations.forget(database)
+            else:
+                cache.store.invalidate_tables(database, tables)
         if self.on_write is not None:
             learn_tables, learn_everything = named if named is not None else (tables, everything)
             self.on_write(database, learn_tables, learn_everything)

@@ -300,3 +300,23 @@ async def test_partitions_and_triggers(pg: PgServer, proxy: CachingProxy) -> Non
     finally:
         await conn.close()
     assert proxy.totals().get("hit", 0) >= 4
+
+
+async def test_a_write_through_one_cache_evicts_another_on_the_same_origin(pg: PgServer, tmp_path: Path) -> None:
+    from neonpoly.proxy.origin import Origin
+
+    table = await counter_table(pg)
+    async with caching_proxy(pg, tmp_path / "cache", admit_after=1) as proxy:
+        proxy.service.add_cache("second", Origin.from_url(pg.url("postgres", "app", sslmode="require")))
+        sql = f"SELECT v FROM {table} WHERE id = 1"
+        first = await asyncpg.connect(**proxy.dsn())
+        second = await asyncpg.connect(**proxy.dsn(), server_settings={"application_name": "second"})
+        try:
+            for _ in range(3):
+                assert await first.fetchval(sql) == 0
+                assert await second.fetchval(sql) == 0
+            await first.execute(f"UPDATE {table} SET v = 5 WHERE id = 1")
+            assert await second.fetchval(sql) == 5
+        finally:
+            await first.close()
+            await second.close()
