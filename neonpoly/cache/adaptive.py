@@ -91,8 +91,9 @@ class AdaptiveTTL:
             rate = self._tables.get(name)
             if rate is None:
                 continue
-            since = now - rate.last
-            value = since if rate.mean_interval is None else max(rate.mean_interval, since)
+            if rate.mean_interval is None:
+                continue  # one write is an event, not a rate (a CREATE TABLE must not shorten every TTL)
+            value = max(rate.mean_interval, now - rate.last)
             if best is None or value < best:
                 best = value
         return best
