@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neonpoly import __version__
-from neonpoly.cli_args import host_port
+from neonpoly.cli_args import at_least_one, host_port, positive_seconds, seconds
 
 if TYPE_CHECKING:
     from neonpoly.control import Control
@@ -48,11 +48,12 @@ def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MB or 2GB)") from exc
+    if size < 1 << 20:
+        raise argparse.ArgumentTypeError(f"a cache needs at least 1MB, not {text!r}")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)"
     )
-    serve.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS", help="how long an entry may be served")
+    serve.add_argument(
+        "--ttl",
+        type=positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="the longest an entry may be served; in auto mode (the default) templates whose tables are "
+        "written often get shorter TTLs (see `neonpoly rules`)",
+    )
     serve.add_argument(
         "--admit-after",
-        type=int,
+        type=at_least_one,
         default=2,
         metavar="N",
         help="store a query's result on its Nth run (served from run N+1)",
@@ -121,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grace",
-        type=float,
+        type=seconds,
         default=5.0,
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight queries may finish",
@@ -187,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.getLogger("sqlglot").setLevel(logging.WARNING)  # its INFO notes are not ours to show
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2)
         if args.command != "serve"

@@ -9,6 +9,40 @@ def host_port(text: str) -> tuple[str, int]:
     """HOST:PORT (or :PORT, meaning 127.0.0.1)."""
     host, _, port = text.rpartition(":")
     try:
-        return (host or "127.0.0.1", int(port))
+        number = int(port)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from exc
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
+    return (host or "127.0.0.1", number)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """Seconds, zero allowed (a grace period of 0 means: end sessions at once)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
+def at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
+    return value

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from neonpoly import pgwire
 
 TLS_MODES = ("require", "verify-ca", "verify-full")
+SSL_MODES = ("disable", "allow", "prefer", *TLS_MODES)
 
 
 class OriginUnavailable(Exception):
@@ -46,10 +47,13 @@ class Origin:
             port = parts.port or int(query.get("port", "5432"))
         except ValueError as exc:
             raise ValueError(f"invalid port in {url!r}") from exc
+        sslmode = query.get("sslmode", "prefer")
+        if sslmode not in SSL_MODES:
+            raise ValueError(f"sslmode={sslmode!r} in the URL is not one of {', '.join(SSL_MODES)}")
         return cls(
             host=host,
             port=port,
-            sslmode=query.get("sslmode", "prefer"),
+            sslmode=sslmode,
             sslrootcert=query.get("sslrootcert"),
             user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,

@@ -127,3 +127,25 @@ def test_serve_relays_and_sigterm_is_graceful(served: Served, pg: PgServer) -> N
         assert re.search(r"database=app .*duration_ms=\d+ bytes_in=\d+ bytes_out=\d+", line), line
     assert "Traceback" not in stderr
     assert took < 10
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--ttl", "-1"], "--ttl"),
+        (["--admit-after", "0"], "--admit-after"),
+        (["--max-cache-size", "0"], "--max-cache-size"),
+        (["--grace", "-1"], "--grace"),
+        (["--listen", "127.0.0.1:99999"], "--listen"),
+        (["--upstream", "postgres://u@h/db?sslmode=bogus"], "sslmode"),
+        (["--upstream", "postgres://u@h/db", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.pem"], "tls"),
+    ],
+)
+def test_serve_rejects_nonsense_in_one_line(tmp_path: Path, args: list[str], complaint: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "neonpoly.cli", "serve", "--state-dir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert complaint in result.stderr.lower() or complaint in result.stderr, result.stderr
