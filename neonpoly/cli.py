@@ -12,6 +12,7 @@ import ssl
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any
 
 from neonpoly import __version__
@@ -364,7 +365,15 @@ async def _serve_locked(args: argparse.Namespace, root: Path, settings: ProxySet
         # Integrations added or removed from another shell take effect here within a second.
         follower = asyncio.get_running_loop().create_task(StateFollower(service, root, args.connect_to, runner).run())
     else:
-        log.info("origin %s", service.routes.by_id["default"].origin.label)
+        origin = service.routes.by_id["default"].origin
+        user = quote(origin.user or "USER", safe="")
+        database = quote(origin.database or "DATABASE", safe="")
+        print(
+            f"neonpoly: caching {origin.label}; connect as you would to it, at neonpoly's address:\n"
+            f"  psql 'postgres://{user}@{host}:{port}/{database}'",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
