@@ -12,8 +12,8 @@ import ssl
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from urllib.parse import quote
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from neonpoly import __version__
 from neonpoly.cli_args import at_least_one, host_port, positive_seconds, seconds
