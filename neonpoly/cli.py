@@ -344,6 +344,8 @@ async def _serve_locked(args: argparse.Namespace, root: Path, settings: ProxySet
     try:
         host, port = await service.start()
     except OSError as exc:
+        await admin.close()
+        await service.close(0)  # close the caches cleanly, or the next start distrusts them
         if runner is not None:
             await runner.stop()
         raise CLIError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror or exc}") from exc
