@@ -10,9 +10,11 @@ import argparse
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from neonpoly.cli_args import host_port
@@ -24,21 +26,61 @@ ENV_PASSWORD = "NEONPOLY_ADMIN_PASSWORD"
 
 SqlBuilder = Callable[[argparse.Namespace], str]
 
+# A table written the way SQL spells one: unquoted or "quoted" parts, optionally schema-qualified.
+_SQL_NAME = re.compile(r'(?:[A-Za-z_][\w$]*|"(?:[^"]|"")+")(?:\.(?:[A-Za-z_][\w$]*|"(?:[^"]|"")+"))*')
+
+
+def nonempty(instead: str) -> Callable[[str], str]:
+    """An argparse type refusing "" (and blanks): several options mean "everything" when
+    absent, so an empty value from a script's unset variable must not silently mean that too."""
+
+    def check(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"empty value; {instead}")
+        return text
+
+    return check
+
+
+def nonempty_path(text: str) -> Path:
+    # Path("") is the current directory: state would silently land wherever the shell is.
+    return Path(nonempty("give a directory, or omit the option for the default")(text))
+
+
+def _ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, not {text!r}")
+    return value
+
+
+def quote_ident(name: str) -> str:
+    """A double-quoted identifier for an admin statement (embedded quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
 
 def _for_cache(args: argparse.Namespace) -> str:
-    return f' FOR CACHE "{args.cache}"' if getattr(args, "cache", None) else ""
+    return f" FOR CACHE {quote_ident(args.cache)}" if getattr(args, "cache", None) else ""
 
 
-def _quote(name: str) -> str:
-    # Table names go to the console as given; quote only when they need it.
-    return name if name.replace("_", "").replace(".", "").isalnum() else '"' + name.replace('"', '""') + '"'
+def _table(name: str) -> str:
+    # Written as SQL (Items, public.items, "MyTab"), the name is reduced to the spelling the
+    # classifier tags entries with (unquoted folds to lower case, schema dropped) before quoting;
+    # anything else ("My Tab", a"b) can only be a literal table name and is quoted as given.
+    from neonpoly.cache.rules import normalize_table
+
+    text = name.strip()
+    return quote_ident(normalize_table(text) if _SQL_NAME.fullmatch(text) else text)
 
 
 def _purge_sql(args: argparse.Namespace) -> str:
-    if args.table:
-        return f"PURGE TABLE {_quote(args.table)}{_for_cache(args)}"
-    if args.query:
-        return f"PURGE QUERY {args.query}{_for_cache(args)}"
+    if args.table is not None:
+        return f"PURGE TABLE {_table(args.table)}{_for_cache(args)}"
+    if args.query is not None:
+        return f"PURGE QUERY {quote_ident(args.query.strip())}{_for_cache(args)}"
     return f"PURGE ALL{_for_cache(args)}"
 
 
@@ -47,12 +89,32 @@ def _rules_sql(args: argparse.Namespace) -> str:
     if action == "list":
         return f"SHOW RULES{_for_cache(args)}"
     if action == "add":
-        target = f"TABLE {_quote(args.table)}" if args.table else f"QUERY {args.query}"
+        target = f"TABLE {_table(args.table)}" if args.table is not None else f"QUERY {quote_ident(args.query.strip())}"
         what = "NEVER" if args.never else f"TTL {args.ttl:g}"
         return f"CREATE RULE ON {target} {what}{_for_cache(args)}"
     if action == "drop":
-        return f"DROP RULE {args.rule_id}"
+        return f"DROP RULE {quote_ident(args.rule_id.strip())}"
     return f"SET MODE {args.mode}{_for_cache(args)}"
+
+
+_TALKS = (
+    "It talks to a running neonpoly (`neonpoly serve` or the console) through its admin database "
+    "`neonpoly` on the proxy's listener, so psql 'postgres://…/neonpoly' sees the same answers. "
+    "Without --admin it uses the address `serve` recorded in the state dir, else "
+    f"{DEFAULT_ADMIN}. --cache takes a cache id or an integration name."
+)
+DESCRIPTIONS = {
+    "stats": "Cache totals per cache and overall: calls, hits, misses, pass-throughs, hit rate, "
+    f"time saved, entries, bytes and connections (SHOW STATS). {_TALKS} Example: neonpoly stats --cache local",
+    "queries": "One row per query template: its id, calls, hits, latency with and without the "
+    f"cache, and the TTL in force (SHOW QUERIES). {_TALKS} Example: neonpoly queries --json",
+    "purge": "Drop cached entries now: every entry, or only those that read --table T, or only "
+    "those of one query template (--query ID, from `neonpoly queries`); the next run of a purged "
+    f"query goes to the origin. {_TALKS} Example: neonpoly purge --table orders",
+    "rules": "List, add and drop cache rules (a fixed TTL or never-cache for a table or a query "
+    "template) and set the mode: auto learns a TTL per template, fixed uses the configured TTL (serve "
+    f"--ttl), off caches only what a TTL rule names. {_TALKS} Example: neonpoly rules add --table orders --ttl 5",
+}
 
 
 def register(subparsers: Any) -> None:
@@ -61,61 +123,110 @@ def register(subparsers: Any) -> None:
     common.add_argument(
         "--admin",
         type=host_port,
-        default=host_port(DEFAULT_ADMIN),
+        default=None,
         metavar="HOST:PORT",
-        help=f"the running neonpoly's listener (default {DEFAULT_ADMIN})",
+        help="the running neonpoly's listener (default: where `serve` last listened, per the state dir; "
+        f"else {DEFAULT_ADMIN})",
+    )
+    common.add_argument(
+        "--state-dir",
+        type=nonempty_path,
+        metavar="DIR",
+        help="neonpoly's state, for the default --admin and --cache names "
+        "(default: platform data dir, or $NEONPOLY_STATE_DIR)",
     )
     common.add_argument(
         "--user",
+        type=nonempty("omit --user for the default role"),
         default=None,
         metavar="ROLE",
         help=f"admin role (default ${ENV_USER}, else your OS user)",
     )
     common.add_argument(
         "--password",
+        type=nonempty(f"omit --password to use ${ENV_PASSWORD}"),
         default=None,
         help=f"admin password, if one is configured (default ${ENV_PASSWORD})",
     )
     common.add_argument("--json", action="store_true", help="print rows as a JSON array")
-    common.add_argument("--cache", metavar="ID", help="only this cache")
-
-    stats = subparsers.add_parser("stats", parents=[common], help="cache totals (SHOW STATS)")
-    stats.set_defaults(admin_sql=lambda a: f"SHOW STATS{_for_cache(a)}")
-    queries = subparsers.add_parser(
-        "queries",
-        parents=[common],
-        help="per query template: calls, hits, latency, TTL (SHOW QUERIES)",
+    common.add_argument(
+        "--cache",
+        type=nonempty("omit --cache for every cache"),
+        metavar="ID|NAME",
+        help="only this cache: a cache id or an integration name",
     )
+    table = nonempty("name a table")
+    template = nonempty("give a template id from `neonpoly queries`")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            name, parents=[common], help=help_text, description=DESCRIPTIONS[name]
+        )
+        return parser
+
+    stats = command("stats", "cache totals (SHOW STATS)")
+    stats.set_defaults(admin_sql=lambda a: f"SHOW STATS{_for_cache(a)}")
+    queries = command("queries", "per query template: calls, hits, latency, TTL (SHOW QUERIES)")
     queries.set_defaults(admin_sql=lambda a: f"SHOW QUERIES{_for_cache(a)}")
-    purge = subparsers.add_parser("purge", parents=[common], help="drop cached entries")
+    purge = command("purge", "drop cached entries")
     which = purge.add_mutually_exclusive_group()
-    which.add_argument("--table", metavar="T", help="only entries that read table T")
-    which.add_argument("--query", metavar="ID", help="only entries of this template id")
+    which.add_argument("--table", type=table, metavar="T", help="only entries that read table T")
+    which.add_argument("--query", type=template, metavar="ID", help="only entries of this template id")
     purge.set_defaults(admin_sql=_purge_sql)
 
-    rules = subparsers.add_parser("rules", parents=[common], help="list, add and drop cache rules; set the mode")
+    rules = command("rules", "list, add and drop cache rules; set the mode")
     rules.set_defaults(admin_sql=_rules_sql)
     actions = rules.add_subparsers(dest="rules_action", metavar="ACTION")
     actions.add_parser("list", parents=[common], help="list rules (default)")
     add = actions.add_parser("add", parents=[common], help="add a rule")
     target = add.add_mutually_exclusive_group(required=True)
-    target.add_argument("--table", metavar="T")
-    target.add_argument("--query", metavar="ID", help="template id (see `neonpoly queries`)")
+    target.add_argument("--table", type=table, metavar="T")
+    target.add_argument("--query", type=template, metavar="ID", help="template id (see `neonpoly queries`)")
     what = add.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ttl", type=float, metavar="SECONDS")
+    what.add_argument("--ttl", type=_ttl, metavar="SECONDS")
     what.add_argument("--never", action="store_true", help="never cache")
     drop = actions.add_parser("drop", parents=[common], help="drop a rule")
-    drop.add_argument("rule_id", metavar="ID")
+    drop.add_argument("rule_id", type=nonempty("give a rule id from `neonpoly rules`"), metavar="ID")
     mode = actions.add_parser("mode", parents=[common], help="auto (learned TTL), fixed or off")
     mode.add_argument("mode", choices=("auto", "fixed", "off"))
+
+
+def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], str | None]:
+    """Where to connect and the cache id, from the state dir unless given on the command line."""
+    from neonpoly.integration import IntegrationStore
+    from neonpoly.state import state_dir
+
+    store = IntegrationStore(state_dir(getattr(args, "state_dir", None)))
+    cache = getattr(args, "cache", None)
+    if cache is not None:
+        cache = store.resolve_cache_id(cache)
+    if args.admin is not None:
+        return args.admin, cache
+    host, port = store.read().listen
+    # A wildcard listen address is where serve accepts, not one to dial: use loopback.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return (host, port), cache
+
+
+def _print_error(exc: Exception) -> None:
+    # asyncpg's str() appends DETAIL/HINT lines itself; print the bare message and one hint.
+    message = getattr(exc, "message", None) or str(exc).splitlines()[0]
+    hint = getattr(exc, "hint", None)
+    print(f"neonpoly: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
 
 
 async def dispatch(args: argparse.Namespace) -> int:
     """Run one admin command; 0 on success, 1 for an error answer, 2 if unreachable."""
     import asyncpg
 
+    from neonpoly.integration import IntegrationError
+
+    try:
+        (host, port), args.cache = _admin_target(args)
+    except IntegrationError as exc:
+        print(f"neonpoly: {exc}", file=sys.stderr)
+        return 2
     sql: str = args.admin_sql(args)
-    host, port = args.admin
     user = args.user or os.environ.get(ENV_USER) or _os_user()
     password = args.password or os.environ.get(ENV_PASSWORD)
     try:
@@ -132,7 +243,7 @@ async def dispatch(args: argparse.Namespace) -> int:
         print(f"neonpoly: cannot reach neonpoly at {host}:{port}: {exc}", file=sys.stderr)
         return 2
     except asyncpg.PostgresError as exc:
-        print(f"neonpoly: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 2
     try:
         stmt = await conn.prepare(sql)
@@ -140,8 +251,7 @@ async def dispatch(args: argparse.Namespace) -> int:
         tag = stmt.get_statusmsg() or ""
         columns = [a.name for a in stmt.get_attributes()]
     except asyncpg.PostgresError as exc:
-        hint = getattr(exc, "hint", None)
-        print(f"neonpoly: {exc}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+        _print_error(exc)
         return 1
     finally:
         await conn.close()

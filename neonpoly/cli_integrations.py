@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
+from neonpoly.cli_admin import nonempty, nonempty_path
 from neonpoly.integration import (
     DEFAULT_WORKSPACE,
     Integration,
@@ -27,59 +27,88 @@ COMMANDS = ("integrations", "connection-string")
 
 def register(subparsers: Any) -> None:
     """Add the integration commands to cli.py's `add_subparsers()` object."""
+    # Most options fall back to a default (or --upstream "" to another kind of origin) when
+    # falsy, so an empty value, typically an unset shell variable, is refused instead.
+    text = nonempty("omit the option for its default")
     state = argparse.ArgumentParser(add_help=False)
-    state.add_argument("--state-dir", type=Path, metavar="DIR",
-                       help="neonpoly's state (default: platform data dir, or $NEONPOLY_STATE_DIR)")
+    state.add_argument(
+        "--state-dir",
+        type=nonempty_path,
+        metavar="DIR",
+        help="neonpoly's state (default: platform data dir, or $NEONPOLY_STATE_DIR)",
+    )
 
     integ = subparsers.add_parser(
-        "integrations", help="add, list or remove PolyScale-style integrations (caches)",
+        "integrations",
+        help="add, list or remove PolyScale-style integrations (caches)",
         description="An integration is a cache in front of one origin; clients pick it with "
-        "application_name=<cache id> in the connection string.")
+        "application_name=<cache id> in the connection string.",
+    )
     verbs = integ.add_subparsers(dest="integrations_command", metavar="ACTION", required=True)
 
     add = verbs.add_parser(
-        "add", parents=[state], help="create a cache for a Neon project, a Postgres URL, or "
-        "the embedded origin",
+        "add",
+        parents=[state],
+        help="create a cache for a Neon project, a Postgres URL, or the embedded origin",
         description="With NEON_API_KEY set: discover the project's primary branch and its "
         "read_write endpoint (as the Neon console integration did). With --upstream: cache any "
-        "Postgres. With neither: cache an embedded PostgreSQL started in the state dir.")
-    add.add_argument("--project", metavar="ID", help="Neon project id (needed when the account "
-                     "has several)")
-    add.add_argument("--workspace", default=DEFAULT_WORKSPACE, metavar="W")
-    add.add_argument("--name", metavar="NAME", help="cache name (default: <project>-<branch>)")
-    add.add_argument("--branch", metavar="B", help="a branch other than the primary (manual setup)")
-    add.add_argument("--endpoint", metavar="E", help="a specific endpoint, e.g. a read_only one")
-    add.add_argument("--database", metavar="D", help="database for the connection string")
-    add.add_argument("--role", metavar="R", help="role for the connection string")
-    add.add_argument("--password", metavar="PW",
-                     help="the role's password when Neon does not store it")
-    add.add_argument("--upstream", metavar="URL", help="any Postgres URL instead of Neon")
-    add.add_argument("--connect-to", metavar="HOST:PORT:TO_HOST:TO_PORT",
-                     help="dial TO_HOST:TO_PORT for HOST:PORT, TLS SNI stays HOST (like curl)")
-    add.add_argument("--api-host", metavar="URL", help="Neon API base URL (or $NEON_API_HOST)")
+        "Postgres. With neither: cache an embedded PostgreSQL started in the state dir.",
+    )
+    add.add_argument("--project", type=text, metavar="ID", help="Neon project id (needed when the account has several)")
+    add.add_argument("--workspace", type=text, default=DEFAULT_WORKSPACE, metavar="W")
+    add.add_argument(
+        "--name",
+        type=text,
+        metavar="NAME",
+        help="cache name, unique in the state dir (default: <project>-<branch>, the URL's host, or local)",
+    )
+    add.add_argument("--branch", type=text, metavar="B", help="a branch other than the primary (manual setup)")
+    add.add_argument("--endpoint", type=text, metavar="E", help="a specific endpoint, e.g. a read_only one")
+    add.add_argument("--database", type=text, metavar="D", help="database for the connection string")
+    add.add_argument("--role", type=text, metavar="R", help="role for the connection string")
+    add.add_argument("--password", type=text, metavar="PW", help="the role's password when Neon does not store it")
+    add.add_argument("--upstream", type=text, metavar="URL", help="any Postgres URL instead of Neon")
+    add.add_argument(
+        "--connect-to",
+        type=text,
+        metavar="HOST:PORT:TO_HOST:TO_PORT",
+        help="dial TO_HOST:TO_PORT for HOST:PORT, TLS SNI stays HOST (like curl)",
+    )
+    add.add_argument("--api-host", type=text, metavar="URL", help="Neon API base URL (or $NEON_API_HOST)")
 
     listing = verbs.add_parser("list", parents=[state], help="show the integrations")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     remove = verbs.add_parser(
-        "remove", parents=[state], help="delete a cache and end its connections",
+        "remove",
+        parents=[state],
+        help="delete a cache and end its connections",
         description="Deletes the cache and its entries; a `neonpoly serve` following the state "
-        "dir ends every connection using it (57P01) and refuses the old connection string.")
-    remove.add_argument("cache_id", nargs="?", metavar="CACHE_ID",
-                        help="cache id or name (optional with one integration)")
-    remove.add_argument("--cache-dir", type=Path, metavar="DIR",
-                        help="where entries persist (default: <state dir>/cache)")
+        "dir ends every connection using it (57P01) and refuses the old connection string.",
+    )
+    remove.add_argument(
+        "cache_id", nargs="?", type=text, metavar="CACHE_ID", help="cache id or name (optional with one integration)"
+    )
+    remove.add_argument(
+        "--cache-dir", type=nonempty_path, metavar="DIR", help="where entries persist (default: <state dir>/cache)"
+    )
 
     conn = subparsers.add_parser(
-        "connection-string", parents=[state], help="print the connection string of a cache",
+        "connection-string",
+        parents=[state],
+        help="print the connection string of a cache",
         description="The PolyScale-style string: neonpoly's listener, the cache id as "
-        "application_name. The password is hidden unless --reveal.")
-    conn.add_argument("cache_id", nargs="?", metavar="CACHE_ID")
-    conn.add_argument("--database", metavar="D")
-    conn.add_argument("--role", metavar="R")
+        "application_name. The password is hidden unless --reveal.",
+    )
+    conn.add_argument(
+        "cache_id", nargs="?", type=text, metavar="CACHE_ID", help="cache id or name (optional with one integration)"
+    )
+    conn.add_argument("--database", type=text, metavar="D")
+    conn.add_argument("--role", type=text, metavar="R")
     conn.add_argument("--reveal", action="store_true", help="show the password")
-    conn.add_argument("--listen", metavar="HOST:PORT",
-                      help="neonpoly's address (default: where `serve` last listened)")
+    conn.add_argument(
+        "--listen", type=text, metavar="HOST:PORT", help="neonpoly's address (default: where `serve` last listened)"
+    )
 
 
 def _user_error(message: str) -> Exception:
@@ -122,59 +151,96 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
 
     from neonpoly.control_impl import EmbeddedRunner, add_neon
     from neonpoly.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
-    from neonpoly.integration import record_embedded, record_url
+    from neonpoly.integration import record_embedded, record_url, refuse_taken_name
     from neonpoly.neon_api import API_KEY_ENV
 
+    if args.name:
+        # Before any API call or embedded start: a taken name fails the add anyway.
+        refuse_taken_name(store.load(), args.name)
     if args.upstream:
-        item = record_url(store, args.upstream, workspace=args.workspace, name=args.name,
-                          connect_to=args.connect_to, database=args.database, role=args.role,
-                          password=args.password)
+        item = record_url(
+            store,
+            args.upstream,
+            workspace=args.workspace,
+            name=args.name,
+            connect_to=args.connect_to,
+            database=args.database,
+            role=args.role,
+            password=args.password,
+        )
     elif os.environ.get(API_KEY_ENV):
         if args.connect_to:
             from neonpoly.discovery import parse_connect_to
 
             parse_connect_to(args.connect_to)  # fail before any API call on a typo
         item = await add_neon(
-            store, api_host=args.api_host, project_id=args.project, branch=args.branch,
-            endpoint=args.endpoint, database=args.database, role=args.role,
-            password=args.password, workspace=args.workspace, name=args.name,
-            connect_to=args.connect_to, progress=_progress)
+            store,
+            api_host=args.api_host,
+            project_id=args.project,
+            branch=args.branch,
+            endpoint=args.endpoint,
+            database=args.database,
+            role=args.role,
+            password=args.password,
+            workspace=args.workspace,
+            name=args.name,
+            connect_to=args.connect_to,
+            progress=_progress,
+        )
     else:
         if args.project or args.branch or args.endpoint:
-            raise IntegrationError(f"--project/--branch/--endpoint need {API_KEY_ENV} set "
-                                   "to a Neon API key")
+            raise IntegrationError(f"--project/--branch/--endpoint need {API_KEY_ENV} set to a Neon API key")
         runner = EmbeddedRunner(store.root)
         try:
             handle, origin = await runner.ensure(_progress)
-            item = record_embedded(store, origin, EMBEDDED_USER, EMBEDDED_DATABASE,
-                                   handle.password, workspace=args.workspace)
+            item = record_embedded(
+                store,
+                origin,
+                EMBEDDED_USER,
+                EMBEDDED_DATABASE,
+                handle.password,
+                workspace=args.workspace,
+                name=args.name,
+            )
         finally:
             await runner.stop()
     host, port = store.read().listen
     where = item.origin_label
     if item.kind == "neon":
-        where += (f" (project {item.project_name} {item.project_id}, branch {item.branch_name}, "
-                  f"endpoint {item.endpoint_id} {item.endpoint_state})")
-    print(f"Added integration {item.name}\n"
-          f"  cache id    {item.cache_id}\n"
-          f"  origin      {where}\n"
-          f"  database    {item.database}   role {item.role}\n"
-          f"Connection string (run `neonpoly serve` to serve it; --reveal shows the password):\n"
-          f"  {_string(store, item, host, port, reveal=False)}", file=out)
+        where += (
+            f" (project {item.project_name} {item.project_id}, branch {item.branch_name}, "
+            f"endpoint {item.endpoint_id} {item.endpoint_state})"
+        )
+    print(
+        f"Added integration {item.name}\n"
+        f"  cache id    {item.cache_id}\n"
+        f"  origin      {where}\n"
+        f"  database    {item.database}   role {item.role}\n"
+        f"Connection string (a running `neonpoly serve` picks it up within a second; otherwise "
+        f"start one; --reveal shows the password):\n"
+        f"  {_string(store, item, host, port, reveal=False)}",
+        file=out,
+    )
     return 0
 
 
-def _string(store: IntegrationStore, item: Integration, host: str, port: int, *,
-            reveal: bool, database: str | None = None, role: str | None = None) -> str:
+def _string(
+    store: IntegrationStore,
+    item: Integration,
+    host: str,
+    port: int,
+    *,
+    reveal: bool,
+    database: str | None = None,
+    role: str | None = None,
+) -> str:
     password = store.passwords(item.cache_id).get(role or item.role)
-    return connection_string(item, host, port, password=password, database=database,
-                             role=role, reveal=reveal)
+    return connection_string(item, host, port, password=password, database=database, role=role, reveal=reveal)
 
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def _list(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int:
@@ -190,17 +256,19 @@ def _list(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int
     rows = [["CACHE ID", "NAME", "WORKSPACE", "KIND", "ORIGIN", "ENDPOINT", "DATABASE", "ROLE"]]
     for i in items:
         endpoint = f"{i.endpoint_id} ({i.endpoint_state})" if i.endpoint_id else "-"
-        rows.append([i.cache_id, i.name, i.workspace, i.kind, i.origin_label, endpoint,
-                     i.database, i.role])
+        rows.append([i.cache_id, i.name, i.workspace, i.kind, i.origin_label, endpoint, i.database, i.role])
     print(_table(rows), file=out)
     return 0
 
 
 def _remove(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int:
     item = forget(store, args.cache_id, args.cache_dir or store.root / "cache")
-    print(f"Removed integration {item.name} ({item.cache_id}): cache entries and directory "
-          f"deleted. A running `neonpoly serve` ends its connections and refuses the old "
-          f"connection string within about a second.", file=out)
+    print(
+        f"Removed integration {item.name} ({item.cache_id}): cache entries and directory "
+        f"deleted. A running `neonpoly serve` ends its connections and refuses the old "
+        f"connection string within about a second.",
+        file=out,
+    )
     return 0
 
 
@@ -214,10 +282,8 @@ def _connection_string(store: IntegrationStore, args: argparse.Namespace, out: T
     else:
         host, port = store.read().listen
     if args.database and item.databases and args.database not in item.databases:
-        raise IntegrationError(
-            f"no database {args.database!r}; databases: {', '.join(item.databases)}")
+        raise IntegrationError(f"no database {args.database!r}; databases: {', '.join(item.databases)}")
     if args.role and item.roles and args.role not in item.roles:
         raise IntegrationError(f"no role {args.role!r}; roles: {', '.join(item.roles)}")
-    print(_string(store, item, host, port, reveal=args.reveal, database=args.database,
-                  role=args.role), file=out)
+    print(_string(store, item, host, port, reveal=args.reveal, database=args.database, role=args.role), file=out)
     return 0

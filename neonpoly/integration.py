@@ -97,8 +97,7 @@ class Integration:
     @classmethod
     def from_toml(cls, data: dict[str, Any]) -> Integration:
         known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         try:
             return cls(**values)
         except TypeError as exc:
@@ -179,14 +178,16 @@ class IntegrationStore:
             if integration.cache_id in existing:
                 kept.insert(existing.index(integration.cache_id), integration)
             else:
+                # Checked again under the lock: two concurrent adds must not both take a name,
+                # since `remove <name>` would then have to guess which cache to delete.
+                refuse_taken_name(state.integrations, integration.name)
                 kept.append(integration)
             return replace(state, integrations=tuple(kept))
 
         self.update(change)
 
     def delete(self, cache_id: str) -> None:
-        self.update(lambda s: replace(
-            s, integrations=tuple(i for i in s.integrations if i.cache_id != cache_id)))
+        self.update(lambda s: replace(s, integrations=tuple(i for i in s.integrations if i.cache_id != cache_id)))
         with contextlib.suppress(FileNotFoundError):
             self._secret_file(cache_id).unlink()
 
@@ -196,7 +197,11 @@ class IntegrationStore:
             self.update(lambda s: replace(s, listen=(host, port)))
 
     def find(self, cache_id: str | None) -> Integration:
-        """The named integration, or the only one when none is named."""
+        """The integration with this cache id or name, or the only one when none is named.
+
+        A name shared by several integrations (possible in state files written before names
+        were unique) is refused with their ids rather than guessed: remove deletes a cache.
+        """
         items = self.load()
         if not items:
             raise IntegrationError("no integrations yet; add one with `neonpoly integrations add`")
@@ -205,10 +210,16 @@ class IntegrationStore:
                 return items[0]
             listed = ", ".join(f"{i.cache_id} ({i.name})" for i in items)
             raise IntegrationError(f"{len(items)} integrations; name one by cache id: {listed}")
-        for item in items:
-            if cache_id in (item.cache_id, item.name):
-                return item
-        raise IntegrationError(f"no integration {cache_id!r}; see `neonpoly integrations list`")
+        found = _matching(items, cache_id)
+        if found is None:
+            raise IntegrationError(f"no integration {cache_id!r}; see `neonpoly integrations list`")
+        return found
+
+    def resolve_cache_id(self, ref: str) -> str:
+        """`ref` as a cache id: an integration's name becomes its id; anything else is returned
+        unchanged, since caches without an integration (`serve --upstream`'s "default") exist."""
+        found = _matching(self.load(), ref)
+        return ref if found is None else found.cache_id
 
     # -- secrets (0600 files) ----------------------------------------------------------
     def _secret_file(self, cache_id: str) -> Path:
@@ -264,8 +275,31 @@ def connection_string(
     else:
         secret = quote(password, safe="")
     where = f"[{host}]" if ":" in host else host
-    return (f"postgres://{quote(user, safe='')}:{secret}@{where}:{port}/{quote(db, safe='')}"
-            f"?application_name={integration.cache_id}&sslmode=disable")
+    return (
+        f"postgres://{quote(user, safe='')}:{secret}@{where}:{port}/{quote(db, safe='')}"
+        f"?application_name={integration.cache_id}&sslmode=disable"
+    )
+
+
+def _matching(items: list[Integration], ref: str) -> Integration | None:
+    # Ids first: a name that happens to equal another cache's id must not shadow that id.
+    for item in items:
+        if item.cache_id == ref:
+            return item
+    named = [i for i in items if i.name == ref]
+    if len(named) > 1:
+        ids = ", ".join(i.cache_id for i in named)
+        raise IntegrationError(f"{len(named)} integrations are named {ref!r}; name one by cache id: {ids}")
+    return named[0] if named else None
+
+
+def refuse_taken_name(items: tuple[Integration, ...] | list[Integration], name: str) -> None:
+    for item in items:
+        if item.name == name:
+            raise IntegrationError(
+                f"an integration named {name!r} already exists (cache id {item.cache_id}); "
+                "choose another name with --name"
+            )
 
 
 def _now() -> str:
@@ -279,7 +313,9 @@ def _check_unique(store: IntegrationStore, new: Integration) -> None:
             raise IntegrationError(
                 f"{item.name} ({item.cache_id}) already caches "
                 f"{item.origin_label}/{item.database}; "
-                f"remove it first with `neonpoly integrations remove {item.cache_id}`")
+                f"remove it first with `neonpoly integrations remove {item.cache_id}`"
+            )
+    refuse_taken_name(store.load(), new.name)
 
 
 def record_neon(
@@ -370,25 +406,43 @@ def record_url(
 
 
 def record_embedded(
-    store: IntegrationStore, origin: Origin, user: str, database: str, password: str,
-    *, workspace: str = DEFAULT_WORKSPACE,
+    store: IntegrationStore,
+    origin: Origin,
+    user: str,
+    database: str,
+    password: str,
+    *,
+    workspace: str = DEFAULT_WORKSPACE,
+    name: str | None = None,
 ) -> Integration:
     """The "local" integration for the embedded origin: a stable cache id and string."""
     for item in store.load():
         if item.kind == "embedded":
             return item
+    chosen = name or LOCAL_NAME
+    refuse_taken_name(store.load(), chosen)
     integration = Integration(
-        cache_id=str(uuid.uuid4()), name=LOCAL_NAME, workspace=workspace, kind="embedded",
-        origin_host=origin.host, origin_port=origin.port, sslmode=origin.sslmode,
-        database=database, role=user, databases=(database,), roles=(user,), created_at=_now(),
+        cache_id=str(uuid.uuid4()),
+        name=chosen,
+        workspace=workspace,
+        kind="embedded",
+        origin_host=origin.host,
+        origin_port=origin.port,
+        sslmode=origin.sslmode,
+        database=database,
+        role=user,
+        databases=(database,),
+        roles=(user,),
+        created_at=_now(),
     )
     store.save_passwords(integration.cache_id, {user: password})
     store.put(integration)
     return integration
 
 
-def select(store: IntegrationStore, cache_id: str, *, database: str | None = None,
-           role: str | None = None) -> Integration:
+def select(
+    store: IntegrationStore, cache_id: str, *, database: str | None = None, role: str | None = None
+) -> Integration:
     """Change the chosen database/role (the Manage drawer's drop-downs)."""
     item = store.find(cache_id)
     if database is not None and item.databases and database not in item.databases:
@@ -414,8 +468,7 @@ def forget(store: IntegrationStore, cache_id: str, cache_root: Path | None) -> I
         try:
             destroy_store_dir(cache_root / item.cache_id)
         except (OSError, ValueError) as exc:
-            raise IntegrationError(
-                f"removed {item.name}, but its cache directory stays: {exc}") from exc
+            raise IntegrationError(f"removed {item.name}, but its cache directory stays: {exc}") from exc
     return item
 
 
