@@ -155,7 +155,7 @@ class TemplateStats:
     calls: int
     hits: int
     misses: int
-    hit_rate: float  # hits / calls, 0.0 when no calls
+    hit_rate: float  # see `hit_rate`
     by_status: tuple[tuple[str, int], ...]  # sorted by status word
     hit_p50_s: float | None
     hit_p95_s: float | None
@@ -175,7 +175,7 @@ class Totals:
     hits: int
     misses: int
     passthrough: int
-    hit_rate: float
+    hit_rate: float  # see `hit_rate`
     by_status: tuple[tuple[str, int], ...]
     time_saved_s: float
     bytes_served: int
@@ -194,11 +194,29 @@ class StatsSnapshot:
         return asdict(self)
 
 
+def hit_rate(hits: int, misses: int) -> float:
+    """The one definition every view shows: hits / (hits + misses), the share of cacheable
+    lookups answered from the cache, as PolyScale reported it. Pass-through queries (writes,
+    transactions, bypassed statements) never had a chance to hit, so counting them would make
+    a write-heavy app look like a bad cache. 0.0 before any cacheable lookup; renderers that
+    must tell "none yet" from 0% check hits + misses themselves."""
+    cacheable = hits + misses
+    return hits / cacheable if cacheable else 0.0
+
+
 def _totals(calls: int, by_status: dict[str, int], saved: float, served: int) -> Totals:
     hits = by_status.get(HIT, 0)
     misses = by_status.get(MISS, 0)
-    return Totals(calls, hits, misses, calls - hits - misses, hits / calls if calls else 0.0,
-                  tuple(sorted(by_status.items())), saved, served)
+    return Totals(
+        calls,
+        hits,
+        misses,
+        calls - hits - misses,
+        hit_rate(hits, misses),
+        tuple(sorted(by_status.items())),
+        saved,
+        served,
+    )
 
 
 class StatsRecorder:
@@ -299,10 +317,10 @@ class StatsRecorder:
     @staticmethod
     def _template_stats(cache_id: str, template_id: str, t: _TemplateCounters) -> TemplateStats:
         hits = t.by_status.get(HIT, 0)
+        misses = t.by_status.get(MISS, 0)
         return TemplateStats(
             cache_id=cache_id, template_id=template_id, template=t.template, tables=t.tables,
-            calls=t.calls, hits=hits, misses=t.by_status.get(MISS, 0),
-            hit_rate=hits / t.calls if t.calls else 0.0,
+            calls=t.calls, hits=hits, misses=misses, hit_rate=hit_rate(hits, misses),
             by_status=tuple(sorted(t.by_status.items())),
             hit_p50_s=t.hit_latency.quantile(0.5), hit_p95_s=t.hit_latency.quantile(0.95),
             miss_p50_s=t.miss_latency.quantile(0.5), miss_p95_s=t.miss_latency.quantile(0.95),

@@ -37,8 +37,9 @@ class ConsoleApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, control: Control, *, own_control: bool = True,
-                 refresh_seconds: float | None = REFRESH_SECONDS) -> None:
+    def __init__(
+        self, control: Control, *, own_control: bool = True, refresh_seconds: float | None = REFRESH_SECONDS
+    ) -> None:
         super().__init__()
         self.control = control
         # The CLI hands over a fresh control for the app to start and close; tests that
@@ -55,8 +56,7 @@ class ConsoleApp(App[None]):
             try:
                 await self.control.start()
             except Exception as error:  # a console without a proxy can still explain why
-                self.notify(f"Proxy did not start: {describe_error(error)}", severity="error",
-                            timeout=30)
+                self.notify(f"Proxy did not start: {describe_error(error)}", severity="error", timeout=30)
         if self.refresh_seconds:
             self.set_interval(self.refresh_seconds, self.refresh_views)
         self.refresh_views()
@@ -145,15 +145,18 @@ class ConsoleApp(App[None]):
         if view is None:
             return
         self._confirm(
-            ConfirmModal("Purge PolyScale cache",
-                         f"Purge every cached result of {view.name}? This purges all cached "
-                         "data globally; the next queries go to the database.", "Purge"),
+            ConfirmModal(
+                "Purge PolyScale cache",
+                f"Purge every cached result of {view.name}? This purges all cached "
+                "data globally; the next queries go to the database.",
+                "Purge",
+            ),
             lambda: self._purge(view),
         )
 
     async def _purge(self, view: IntegrationView) -> None:
         purged = await self.control.purge(view.cache_id)
-        self.notify(f"Purged {fmt.count(purged)} entr{'y' if purged == 1 else 'ies'}.")
+        self.notify(f"Purged {fmt.plural(purged, 'entry', 'entries')}.")
         self.refresh_views()
 
     def action_remove(self) -> None:
@@ -161,10 +164,12 @@ class ConsoleApp(App[None]):
         if view is None:
             return
         self._confirm(
-            ConfirmModal("Remove integration",
-                         f"Remove PolyScale? This deletes the cache {view.name} and terminates "
-                         "all current connections using the PolyScale connection string.",
-                         "Remove"),
+            ConfirmModal(
+                "Remove integration",
+                f"Remove PolyScale? This deletes the cache {view.name} and terminates "
+                "all current connections using the PolyScale connection string.",
+                "Remove",
+            ),
             lambda: self._remove(view),
         )
 
@@ -175,8 +180,9 @@ class ConsoleApp(App[None]):
             if self.is_screen_installed(name):
                 self.uninstall_screen(name)
         self.refresh_views()
-        self.notify(f"Removed PolyScale: deleted cache {view.name}, ended {ended} "
-                    f"connection{'' if ended == 1 else 's'}.")
+        self.notify(
+            f"Removed PolyScale: deleted cache {view.name}, ended {fmt.plural(ended, 'connection', 'connections')}."
+        )
 
     def _confirm(self, modal: ConfirmModal, then: Callable[[], Awaitable[None]]) -> None:
         def answered(yes: bool | None) -> None:
@@ -198,15 +204,11 @@ class ConsoleApp(App[None]):
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Add PolyScale", "Add the PolyScale integration (a)", self.action_add)
-        yield SystemCommand("Manage PolyScale", "Open the Manage PolyScale drawer (m)",
-                            self.action_manage)
-        yield SystemCommand("View cache", "Live hit rate and per-template stats (v)",
-                            self.action_view_cache)
+        yield SystemCommand("Manage PolyScale", "Open the Manage PolyScale drawer (m)", self.action_manage)
+        yield SystemCommand("View cache", "Live hit rate and per-template stats (v)", self.action_view_cache)
         yield SystemCommand("Purge cache", "Purge all cached data (p)", self.action_purge)
-        yield SystemCommand("Remove integration", "Delete the cache, end its connections (r)",
-                            self.action_remove)
-        yield SystemCommand("Copy connection string", "Copy the PolyScale string (c)",
-                            self.action_copy)
+        yield SystemCommand("Remove integration", "Delete the cache, end its connections (r)", self.action_remove)
+        yield SystemCommand("Copy connection string", "Copy the PolyScale string (c)", self.action_copy)
         yield SystemCommand("Help", "Every key of the console (?)", self.action_help)
 
 

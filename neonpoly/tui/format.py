@@ -13,6 +13,11 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
+def plural(n: int, one: str, many: str) -> str:
+    """`1 entry`, `2 entries`, `1,204 entries`: a count and its noun, agreed (no "1 entries")."""
+    return f"{count(n)} {one if n == 1 else many}"
+
+
 def percent(rate: float | None) -> str:
     """A hit rate in 0..1; None (nothing cacheable yet) reads as a dash, not as 0%."""
     return DASH if rate is None else f"{rate * 100:.0f}%"

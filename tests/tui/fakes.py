@@ -23,14 +23,19 @@ PASSWORD = "npg_s3cr3tPassw0rd"
 
 TRAFFIC: tuple[tuple[str, str, tuple[str, ...], int, int, float, float, float | None], ...] = (
     # (template_id, template, tables, hits, misses, hit s, miss s, ttl)
-    ("t1", "SELECT id, name, price FROM products WHERE id = $1", ("products",), 940, 38,
-     0.0002, 0.0048, 300.0),
-    ("t2", "SELECT * FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT [?]",
-     ("orders",), 412, 97, 0.0003, 0.0121, 300.0),
-    ("t3", "SELECT count(*) FROM products WHERE category = $1", ("products",), 188, 12,
-     0.0002, 0.0350, 60.0),
-    ("t4", "SELECT name FROM categories ORDER BY name", ("categories",), 77, 3,
-     0.0001, 0.0021, 3600.0),
+    ("t1", "SELECT id, name, price FROM products WHERE id = $1", ("products",), 940, 38, 0.0002, 0.0048, 300.0),
+    (
+        "t2",
+        "SELECT * FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT [?]",
+        ("orders",),
+        412,
+        97,
+        0.0003,
+        0.0121,
+        300.0,
+    ),
+    ("t3", "SELECT count(*) FROM products WHERE category = $1", ("products",), 188, 12, 0.0002, 0.0350, 60.0),
+    ("t4", "SELECT name FROM categories ORDER BY name", ("categories",), 77, 3, 0.0001, 0.0021, 3600.0),
 )
 PASSTHROUGH: tuple[tuple[str, str, str, int], ...] = (
     ("t5", "SELECT now(), pg_backend_pid()", "volatile", 31),
@@ -48,8 +53,7 @@ def demo_stats(cache_id: str) -> StatsRecorder:
             # Misses early, hits later and denser: the shape of a cache warming up.
             clock[0] = NOW - 899 + int(899 * (i / total) ** 0.6)
             status = MISS if i < misses else HIT
-            stats.record(cache_id, tid, template, tables, status,
-                         miss_s if status == MISS else hit_s, 512)
+            stats.record(cache_id, tid, template, tables, status, miss_s if status == MISS else hit_s, 512)
         stats.set_ttl(cache_id, tid, ttl)
     for tid, template, status, n in PASSTHROUGH:
         for i in range(n):
@@ -60,9 +64,15 @@ def demo_stats(cache_id: str) -> StatsRecorder:
 
 
 class DemoControl(Control):
-    def __init__(self, *, configured: bool = False, local: bool = False,
-                 traffic: bool = True, sign_in_error: str | None = None,
-                 add_failures: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        configured: bool = False,
+        local: bool = False,
+        traffic: bool = True,
+        sign_in_error: str | None = None,
+        add_failures: int = 0,
+    ) -> None:
         self.local = local
         self.traffic = traffic
         self.sign_in_error = sign_in_error
@@ -71,18 +81,41 @@ class DemoControl(Control):
         self.entries = 1204
         self.connections = 3
         self.copied: list[str] = []
+        self.api_keys: list[str | None] = []  # every key sign_in was given, None for empty
         self._view: IntegrationView | None = self._make_view() if configured else None
         self._stats = demo_stats(CACHE_ID) if traffic else StatsRecorder(clock=lambda: NOW)
 
     def _make_view(self) -> IntegrationView:
         if self.local:
-            return IntegrationView(CACHE_ID, "local-app", "local", "url", "127.0.0.1:5432", None,
-                                   None, None, None, ("app",), ("postgres",), "app", "postgres")
+            return IntegrationView(
+                CACHE_ID,
+                "local-app",
+                "local",
+                "url",
+                "127.0.0.1:5432",
+                None,
+                None,
+                None,
+                None,
+                ("app",),
+                ("postgres",),
+                "app",
+                "postgres",
+            )
         return IntegrationView(
-            CACHE_ID, "shop-main", "default", "neon",
-            "ep-dawn-king-a527wlyu.us-east-2.aws.neon.tech:5432", "ep-dawn-king-a527wlyu",
-            "idle", "main", "shop", ("neondb", "analytics"), ("neondb_owner", "reporter"),
-            "neondb", "neondb_owner",
+            CACHE_ID,
+            "shop-main",
+            "default",
+            "neon",
+            "ep-dawn-king-a527wlyu.us-east-2.aws.neon.tech:5432",
+            "ep-dawn-king-a527wlyu",
+            "idle",
+            "main",
+            "shop",
+            ("neondb", "analytics"),
+            ("neondb_owner", "reporter"),
+            "neondb",
+            "neondb_owner",
         )
 
     def header(self) -> HeaderInfo:
@@ -94,6 +127,7 @@ class DemoControl(Control):
         return [self._view] if self._view else []
 
     async def sign_in(self, api_key: str | None = None) -> SignInResult:
+        self.api_keys.append(api_key)
         await asyncio.sleep(0)
         if self.sign_in_error:
             raise ControlError(self.sign_in_error)
@@ -102,9 +136,12 @@ class DemoControl(Control):
         return SignInResult("neon", "Neon API key …abcd", ("default", "shop-team"))
 
     async def add(self, workspace: str, progress: Progress) -> IntegrationView:
-        for line in ("finding project shop", "primary branch main",
-                     "read-write endpoint ep-dawn-king-a527wlyu (idle)",
-                     "databases neondb, analytics · roles neondb_owner, reporter"):
+        for line in (
+            "finding project shop",
+            "primary branch main",
+            "read-write endpoint ep-dawn-king-a527wlyu (idle)",
+            "databases neondb, analytics · roles neondb_owner, reporter",
+        ):
             progress(line)
             await asyncio.sleep(0)
         if self.add_failures:
@@ -119,8 +156,7 @@ class DemoControl(Control):
             raise ControlError(f"no integration {cache_id}")
         return self._view
 
-    def select(self, cache_id: str, *, database: str | None = None,
-               role: str | None = None) -> IntegrationView:
+    def select(self, cache_id: str, *, database: str | None = None, role: str | None = None) -> IntegrationView:
         view = self._need(cache_id)
         self._view = replace(view, database=database or view.database, role=role or view.role)
         return self._view
@@ -128,15 +164,19 @@ class DemoControl(Control):
     def connection_string(self, cache_id: str, *, reveal: bool = False) -> str:
         view = self._need(cache_id)
         password = PASSWORD if reveal else "••••••"
-        return (f"postgres://{view.role}:{password}@127.0.0.1:6543/{view.database}"
-                f"?application_name={cache_id}")
+        return f"postgres://{view.role}:{password}@127.0.0.1:6543/{view.database}?application_name={cache_id}"
 
     def status(self, cache_id: str) -> CacheStatus:
         self._need(cache_id)
         totals = self._stats.snapshot(cache_id).totals
-        cacheable = totals.hits + totals.misses
-        return CacheStatus(self.entries, self.entries * 15_200, self.connections, totals.calls,
-                           totals.hits, totals.hits / cacheable if cacheable else None)
+        return CacheStatus(
+            self.entries,
+            self.entries * 15_200,
+            self.connections,
+            totals.calls,
+            totals.hits,
+            totals.hit_rate if totals.hits + totals.misses else None,
+        )
 
     def stats(self, cache_id: str | None = None) -> StatsSnapshot:
         return self._stats.snapshot(cache_id)

@@ -122,6 +122,7 @@ async def test_console_attached_to_a_running_serve(serve: Serve, state_root: Pat
         assert str(view.query_one("#cv-calls", Label).content) == f"{stats['calls']:,} queries"
         assert str(view.query_one("#total-hits", Label).content) == f"{stats['hits']:,}"
         rate = stats["hits"] / (stats["hits"] + stats["misses"])
+        assert stats["hit_rate"] == pytest.approx(rate)  # SHOW STATS and the TUI agree on it
         assert str(view.query_one("#cv-hit-rate", Label).content) == f"hit rate {rate * 100:.0f}%"
         table = view.query_one(TemplateTable)
         assert table.row_count == len(queries)

@@ -54,7 +54,7 @@ async def test_the_whole_seed(pg: PgServer, control: LocalControl) -> None:
         # Add: How to add → Sign in (NEON_API_KEY from the env) → Workspace → Authorize.
         await pilot.press("a")
         assert isinstance(app.screen, AddPolyScaleDrawer)
-        await pilot.press("enter")  # Sign in has the focus
+        await pilot.press("enter")  # the empty API-key box has the focus: enter signs in
         await settle(pilot)
         assert "Signed in as Neon API key" in str(app.screen.query_one("#account", Label).content)
         await pilot.press("enter")  # then Authorize Access has it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from textual.widgets import Button, Input, Label
 
 from neonpoly.tui.app import ConsoleApp
@@ -19,6 +20,110 @@ def _text(app: ConsoleApp, selector: str) -> str:
     return str(app.screen.query_one(selector, Label).content)
 
 
+def _footer(app: ConsoleApp) -> dict[str, str]:
+    """What the footer shows: key → description of every shown, active binding."""
+    return {
+        key: active.binding.description for key, active in app.screen.active_bindings.items() if active.binding.show
+    }
+
+
+async def test_add_drawer_focuses_the_key_box_and_its_footer_names_its_keys() -> None:
+    control = DemoControl()
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("a", *"napi_typed")
+        drawer = app.screen
+        assert isinstance(drawer, AddPolyScaleDrawer)
+        assert drawer.query_one("#api-key", Input).value == "napi_typed"  # typing lands
+        # The drawer's keys, not the page's underneath (a Add, m Manage, v View cache).
+        assert _footer(app) == {"escape": "Cancel", "enter": "Sign in", "tab": "Next"}
+        await pilot.press("enter")
+        await settle(pilot)
+        assert control.api_keys == ["napi_typed"]
+        assert app.focused is drawer.query_one("#authorize", Button)
+        assert _footer(app) == {"escape": "Cancel", "enter": "Authorize", "tab": "Next"}
+        await pilot.press("shift+tab", "shift+tab")  # the Workspace select: enter opens it
+        assert "enter" not in _footer(app)
+        await pilot.press("tab", "tab")
+        await pilot.pause(0.25)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, ManagePolyScaleDrawer) and control.integrations()
+
+
+async def test_add_with_enter_enter_on_an_empty_key() -> None:
+    control = DemoControl()
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("a", "enter")  # empty box: $NEON_API_KEY or local
+        await settle(pilot)
+        assert control.api_keys == [None]
+        await pilot.press("enter")  # Authorize Access has the focus
+        await settle(pilot)
+        assert isinstance(app.screen, ManagePolyScaleDrawer) and control.integrations()
+
+
+async def test_manage_drawer_footer_names_its_keys() -> None:
+    app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("m")
+        assert _footer(app) == {
+            "escape": "Cancel",
+            "c": "Copy",
+            "s": "Show/hide",
+            "v": "View cache",
+            "p": "Purge",
+            "r": "Remove",
+        }
+
+
+async def test_counts_are_pluralised() -> None:
+    control = DemoControl(configured=True)
+    control.entries = control.connections = 1
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await pilot.pause()
+        assert _text(app, "#polyscale-configured .description").endswith("· 1 entry")
+        await pilot.press("m")
+        assert _text(app, "#entries-line").endswith("· 1 connection")
+        await pilot.press("p", "y")
+        await settle(pilot)
+        await pilot.press("r", "y")
+        await settle(pilot)
+        notes = " ".join(str(n.message) for n in app._notifications)
+        assert "Purged 1 entry." in notes and "ended 1 connection." in notes
+
+
+async def test_cache_view_counts_one_query_and_shows_the_snapshot_hit_rate() -> None:
+    control = DemoControl(configured=True, traffic=False)
+    control._stats.record(control.integrations()[0].cache_id, "t1", "SELECT 1", (), "hit", 0.001)
+    control._stats.record(control.integrations()[0].cache_id, "t2", "UPDATE t", (), "write", 0.001)
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("v")
+        assert _text(app, "#cv-calls") == "2 queries"
+        # 1 hit, 0 misses, 1 pass-through: 100% of the cacheable lookups (not 1 of 2 calls).
+        assert _text(app, "#cv-hit-rate") == "hit rate 100%"
+        control._stats.reset()
+        control._stats.record(control.integrations()[0].cache_id, "t1", "SELECT 1", (), "hit", 0.001)
+        app.refresh_views()
+        assert _text(app, "#cv-calls") == "1 query"
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_help_prose_wraps_inside_the_card(size: tuple[int, int]) -> None:
+    app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("question_mark")
+        card = app.screen.query_one("#help")
+        about = app.screen.query_one(".about", Label)
+        card.scroll_end(animate=False)
+        await pilot.pause()
+        assert about.size.width <= card.content_region.width  # never past the card's edge
+        assert about.size.height >= 3  # the whole sentence, wrapped
+        assert "writes around it do not." in str(about.content)
+
+
 async def test_sign_in_error_is_inline_and_retry_recovers() -> None:
     control = DemoControl(sign_in_error="401 Unauthorized: bad key", add_failures=1)
     app = ConsoleApp(control, refresh_seconds=None)
@@ -28,7 +133,7 @@ async def test_sign_in_error_is_inline_and_retry_recovers() -> None:
         assert "Sign in failed: 401 Unauthorized" in _text(app, "#error")
         control.sign_in_error = None
         await pilot.pause(0.25)  # a Button ignores presses during its 0.2 s press effect
-        await pilot.press("enter")  # focus went back to Sign in
+        await pilot.press("enter")  # focus went back to the key box: enter retries
         await settle(pilot)
         assert _text(app, "#error") == ""
         await pilot.press("enter")  # Authorize Access: fails once
@@ -97,8 +202,16 @@ async def test_every_action_is_in_the_command_palette() -> None:
     app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
     async with app.run_test(size=(80, 24)) as pilot:
         titles = {c.title for c in app.get_system_commands(app.screen)}
-        assert {"Add PolyScale", "Manage PolyScale", "View cache", "Purge cache",
-                "Remove integration", "Copy connection string", "Help", "Quit"} <= titles
+        assert {
+            "Add PolyScale",
+            "Manage PolyScale",
+            "View cache",
+            "Purge cache",
+            "Remove integration",
+            "Copy connection string",
+            "Help",
+            "Quit",
+        } <= titles
         await pilot.press("ctrl+p", *"view cache")
         await pilot.pause(0.3)
         await pilot.press("enter")

@@ -39,9 +39,11 @@ def test_counts_hit_rate_and_statuses() -> None:
     rec(stats, "transaction", 0.02, reason="inside BEGIN")
     snap = stats.snapshot("c1")
     assert snap.totals.calls == 4 and snap.totals.hits == 2 and snap.totals.misses == 1
-    assert snap.totals.passthrough == 1 and snap.totals.hit_rate == 0.5
+    # hits / (hits + misses): the pass-through query had no chance to hit, so it does not count.
+    assert snap.totals.passthrough == 1 and snap.totals.hit_rate == pytest.approx(2 / 3)
     assert snap.totals.bytes_served == 150
     (t,) = snap.templates
+    assert t.hit_rate == pytest.approx(2 / 3)
     assert t.by_status == (("hit", 2), ("miss", 1), ("transaction", 1))
     assert t.last_status == "transaction" and t.last_reason == "inside BEGIN"
     assert t.template == "SELECT * FROM users WHERE id = $1" and t.tables == TABLES
@@ -133,3 +135,10 @@ def test_ttl_decided_before_the_first_query_is_kept() -> None:
     rec.set_ttl("c", "t1", 42.0)  # the policy decides before the query is counted
     rec.record("c", "t1", "SELECT ?", (), "miss", 0.001)
     assert rec.snapshot("c").templates[0].ttl == 42.0
+
+
+def test_hit_rate_is_zero_before_any_cacheable_lookup() -> None:
+    stats = StatsRecorder(FakeClock())
+    rec(stats, "bypass", 0.01)
+    snap = stats.snapshot()
+    assert snap.totals.hit_rate == 0.0 and snap.templates[0].hit_rate == 0.0

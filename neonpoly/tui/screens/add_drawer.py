@@ -8,15 +8,13 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.reactive import reactive
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select
+from textual.widgets import Button, Footer, Input, Label, Select
 
 from neonpoly.control import Control, ControlError, IntegrationView, SignInResult
 
-INTRO = (
-    "PolyScale caches your data globally for low-latency reads. No code changes: "
-    "swap the connection string."
-)
+INTRO = "PolyScale caches your data globally for low-latency reads. No code changes: swap the connection string."
 NOTE = "It caches the read-write compute endpoint of the primary branch."
 
 STEPS = {1: "Sign in", 2: "Choose workspace", 3: "Authorize access"}
@@ -33,13 +31,24 @@ def describe_error(error: BaseException) -> str:
 class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
     """Docked right over the Integrations page; dismisses with the new integration."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    # enter is a priority binding so the footer can name what it does (Sign in, then
+    # Authorize): the focused Input's and Button's own enter bindings are hidden ones, and the
+    # footer shows the first binding of a key along the focus chain. `check_action` turns it
+    # off where enter means something else (the Workspace Select and its menu).
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("enter", "sign_in", "Sign in", key_display="enter", priority=True),
+        Binding("enter", "authorize", "Authorize", key_display="enter", priority=True),
+        Binding("tab", "app.focus_next", "Next"),
+    ]
+
+    # A step running dims enter in the footer (see check_action), so the footer must re-ask.
+    busy: reactive[bool] = reactive(False, bindings=True)
 
     def __init__(self, control: Control) -> None:
         super().__init__(id="add-drawer", classes="drawer-screen")
         self.control = control
         self.step = 1
-        self.busy = False
         self.signed_in: SignInResult | None = None
         self._progress_lines: list[str] = []
 
@@ -67,10 +76,13 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
             with Horizontal(classes="buttons"):
                 yield Button("Sign in", id="sign-in", compact=True, variant="primary")
                 yield Button("Authorize Access", id="authorize", compact=True, disabled=True)
+        # A drawer is modal: without its own footer the page's keys (a Add, m Manage) show.
+        yield Footer()
 
     def on_mount(self) -> None:
         self._show_steps()
-        self.query_one("#sign-in", Button).focus()
+        # Typing the key is the first thing to do; enter on an empty box still signs in.
+        self.query_one("#api-key", Input).focus()
 
     def _show_steps(self) -> None:
         for number, title in STEPS.items():
@@ -84,6 +96,26 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         error = self.query_one("#error", Label)
         error.update(message)
         error.display = bool(message)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action not in ("sign_in", "authorize"):
+            return True
+        focused = self.focused.id if self.focused is not None else None
+        wanted = ("api-key", "sign-in") if action == "sign_in" else ("authorize",)
+        if focused not in wanted:
+            return False  # not shown, and enter goes to the focused widget as usual
+        return None if self.busy else True  # shown dimmed while a step runs
+
+    def action_sign_in(self) -> None:
+        if self.focused is not None and self.focused.id == "sign-in":
+            # Through the Button, so enter looks like a press and is ignored mid-press as a
+            # click would be.
+            self.query_one("#sign-in", Button).action_press()
+        else:
+            self._sign_in_pressed()
+
+    def action_authorize(self) -> None:
+        self.query_one("#authorize", Button).action_press()
 
     def action_cancel(self) -> None:
         if self.busy:
@@ -111,7 +143,8 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         except Exception as error:  # any failure is shown inline, never as a traceback
             self.query_one("#account", Label).update("")
             self._set_error(f"Sign in failed: {describe_error(error)}")
-            self.query_one("#sign-in", Button).focus()
+            # Back in the key box: the usual fix is a corrected key, and enter retries.
+            self.query_one("#api-key", Input).focus()
             return
         finally:
             self.busy = False
@@ -135,9 +168,7 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         workspace = self.query_one("#workspace", Select).value
         if self.busy or not isinstance(workspace, str):
             return
-        self.run_worker(
-            self._authorize(workspace), group="add-drawer", exclusive=True, exit_on_error=False
-        )
+        self.run_worker(self._authorize(workspace), group="add-drawer", exclusive=True, exit_on_error=False)
 
     def _progress(self, line: str) -> None:
         # The facade may report from a thread; widgets must only be touched on the app's loop.

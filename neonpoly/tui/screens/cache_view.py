@@ -78,19 +78,19 @@ class CacheViewScreen(Screen[None]):
         snap = self.control.stats(self.cache_id)
         self._last = snap
         totals = snap.totals
-        cacheable = totals.hits + totals.misses
-        set_text(self.query_one("#cv-hit-rate", Label),
-                 f"hit rate {fmt.percent(totals.hits / cacheable if cacheable else None)}")
+        # The snapshot's rate is the one definition (neonpoly.stats.hit_rate); a dash rather
+        # than 0% until a cacheable lookup has happened.
+        rate = totals.hit_rate if totals.hits + totals.misses else None
+        set_text(self.query_one("#cv-hit-rate", Label), f"hit rate {fmt.percent(rate)}")
         set_text(self.query_one("#cv-saved", Label), f"saved {fmt.duration(totals.time_saved_s)}")
-        set_text(self.query_one("#cv-calls", Label), f"{fmt.count(totals.calls)} queries")
+        set_text(self.query_one("#cv-calls", Label), fmt.plural(totals.calls, "query", "queries"))
         for key, _ in SERIES:
             values: tuple[int, ...] = getattr(snap.series, key)
             spark = self.query_one(f"#spark-{key}", Sparkline)
             data = fmt.tail(values, SERIES_SECONDS)
             if list(spark.data or []) != data:
                 spark.data = data
-            total = {"hits": totals.hits, "misses": totals.misses,
-                     "passthrough": totals.passthrough}[key]
+            total = {"hits": totals.hits, "misses": totals.misses, "passthrough": totals.passthrough}[key]
             set_text(self.query_one(f"#total-{key}", Label), fmt.count(total))
         self._show_table()
 

@@ -57,13 +57,19 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             with Horizontal(classes="selects"):
                 yield Label("Database", classes="select-label")
                 yield Select[str](
-                    [(name, name) for name in databases], id="database", compact=True,
-                    allow_blank=False, value=view.database if view else databases[0],
+                    [(name, name) for name in databases],
+                    id="database",
+                    compact=True,
+                    allow_blank=False,
+                    value=view.database if view else databases[0],
                 )
                 yield Label("Role", classes="select-label")
                 yield Select[str](
-                    [(name, name) for name in roles], id="role", compact=True,
-                    allow_blank=False, value=view.role if view else roles[0],
+                    [(name, name) for name in roles],
+                    id="role",
+                    compact=True,
+                    allow_blank=False,
+                    value=view.role if view else roles[0],
                 )
             yield Label(id="conn-string", classes="conn")
             with Horizontal(classes="buttons"):
@@ -84,9 +90,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         if view is None:
             self.dismiss(None)
             return
-        self.query_one("#cache-line", Label).update(
-            f"Cache    {view.name} · {fmt.short_id(view.cache_id)}"
-        )
+        self.query_one("#cache-line", Label).update(f"Cache    {view.name} · {fmt.short_id(view.cache_id)}")
         self.refresh_data()
         self.query_one("#copy", Button).focus()
 
@@ -114,7 +118,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             self.query_one("#entries-line", Label),
             f"Entries  {fmt.count(status.entries)} · {fmt.size(status.bytes)} · "
             f"hit rate {fmt.percent(status.hit_rate)} · "
-            f"{status.connections} connection{'s' if status.connections != 1 else ''}"
+            f"{fmt.plural(status.connections, 'connection', 'connections')}",
         )
         self._show_string()
 

@@ -50,8 +50,10 @@ class PolyScaleCard(Vertical):
         """Refresh the live figures of a configured card (entries, hit rate, hits sparkline)."""
         if not self.configured:
             return
-        set_text(self.query_one(".description", Label),
-                 f"Global database cache · {fmt.count(status.entries)} entries")
+        set_text(
+            self.query_one(".description", Label),
+            f"Global database cache · {fmt.plural(status.entries, 'entry', 'entries')}",
+        )
         set_text(self.query_one(".hit-rate", Label), f"hit rate {fmt.percent(status.hit_rate)}")
         spark = self.query_one(Sparkline)
         if list(spark.data or []) != list(hits):
