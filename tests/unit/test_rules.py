@@ -77,8 +77,9 @@ def test_modes() -> None:
     book = RuleBook()
     auto = AdaptiveTTL(clock=Clock())
     auto.on_write("db", frozenset({"a"}), False)
+    auto.on_write("db", frozenset({"a"}), False)  # a rate needs two writes
     p = policy(book, auto=auto)
-    assert p("q", frozenset({"a"})) == 1.0  # just written: the minimum
+    assert p("q", frozenset({"a"})) == 1.0  # written twice in no time: the minimum
     book.set_mode("fixed")
     assert p("q", frozenset({"a"})) == 300.0
     book.set_mode("off", "c")
