@@ -17,25 +17,23 @@ def host_port(text: str) -> tuple[str, int]:
     return (host or "127.0.0.1", number)
 
 
-def positive_seconds(text: str) -> float:
+def _seconds(text: str, *, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    if value < 0 or (value == 0 and not zero_ok) or value != value:
+        raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero_ok else 'more than 0'} seconds, not {text}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    return _seconds(text, zero_ok=False)
 
 
 def seconds(text: str) -> float:
     """Seconds, zero allowed (a grace period of 0 means: end sessions at once)."""
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
-    return value
+    return _seconds(text, zero_ok=True)
 
 
 def at_least_one(text: str) -> int:
