@@ -51,6 +51,7 @@ class StatementBook:
     def __init__(self) -> None:
         self.statements: dict[str, Statement] = {}
         self.version = 0  # bumped whenever a statement is added or closed
+        self.copies: set[str] = set()  # names of statements that run COPY
 
     def classify_parse(self, msg: pgwire.ParseMsg) -> Classification:
         return classify(msg.query)
@@ -145,14 +146,18 @@ class StatementBook:
         if not info.cacheable:
             refuse(info.status or Status.UNCACHEABLE, info.reason)
 
+    def _changed(self) -> None:
+        self.version += 1
+        self.copies = {name for name, st in self.statements.items() if st.info.reason == "COPY"}
+
     def after_local(self, plan: BatchPlan) -> None:
         """The batch was answered by the cache: the origin never saw its Parses."""
-        if plan.parses or plan.closes:
-            self.version += 1
         for parse in plan.parses:
             self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=False)
         for name in plan.closes:
             self.statements.pop(name, None)
+        if plan.parses or plan.closes:
+            self._changed()
 
     def deferred_parses(self, plan: BatchPlan) -> list[bytes]:
         """Parses to send ahead of a forwarded batch for statements the origin lacks."""
@@ -176,15 +181,15 @@ class StatementBook:
             self.statements.pop(name, None)
         else:
             return
-        self.version += 1
+        self._changed()
 
     def after_forward(self, plan: BatchPlan) -> None:
-        if plan.parses or plan.closes:
-            self.version += 1
         for parse in plan.parses:
             self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=True)
         for name in plan.closes:
             self.statements.pop(name, None)
+        if plan.parses or plan.closes:
+            self._changed()
 
     def runs_copy(self, batch: list[tuple[int, bytes]]) -> bool:
         """Does the last Bind in the batch run COPY? COPY needs the origin before Sync.
@@ -192,6 +197,8 @@ class StatementBook:
         A client running COPY through the extended protocol waits for CopyInResponse
         before it sends Sync, so such a batch must stream to the origin at once.
         """
+        if not self.copies and all(t != 0x50 for t, _ in batch):
+            return False  # the hot path: re-running known statements, none of them COPY
         parsed: dict[str, str] = {}
         bound: str | None = None
         for mtype, body in batch:

@@ -384,3 +384,23 @@ async def test_sql_deallocate_drops_the_protocol_statement(pg: PgServer, tmp_pat
             assert await again.fetchval(2) == 3
         finally:
             await conn.close()
+
+
+async def test_extended_protocol_copy_streams_before_sync(pg: PgServer, proxy: CachingProxy) -> None:
+    """A client running COPY through Parse/Bind/Execute waits for CopyInResponse before it
+    sends Sync: the batch must reach the origin at once, also when the statement was parsed
+    in an earlier batch and when a comment comes first."""
+    table = await one_row_table(pg)
+    raw = await Raw.connect(proxy.port)
+    try:
+        raw.send(_parse("cp", f"/* load */ COPY {table} (id, v) FROM STDIN"), SYNC)
+        assert _types(await raw.until_ready()) == b"1Z"
+        for n in (2, 3):
+            raw.send(_bind("", "cp"), _execute())  # no Sync: COPY needs the origin first
+            assert _types(await raw.messages(2)) == b"2G"
+            raw.send(pgwire.frame(b"d", f"{n}\tcopied\n".encode()), pgwire.frame(b"c"), SYNC)
+            assert _types(await raw.until_ready()) == b"CZ"
+        raw.send(_query(f"SELECT count(*) FROM {table}"))
+        assert _rows(await raw.until_ready()) == [[b"3"]]
+    finally:
+        await raw.close()
