@@ -101,6 +101,10 @@ class Control:
     async def purge(self, cache_id: str) -> int:
         raise NotImplementedError
 
+    async def purge_template(self, cache_id: str, template_id: str) -> int:
+        """Drop one query template's cached results; returns the entries removed."""
+        raise NotImplementedError
+
     async def remove(self, cache_id: str) -> int:
         raise NotImplementedError
 

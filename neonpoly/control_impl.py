@@ -382,6 +382,14 @@ class LocalControl(Control):
         item = self._find(cache_id)
         return self.service.purge(item.cache_id)
 
+    async def purge_template(self, cache_id: str, template_id: str) -> int:
+        item = self._find(cache_id)
+        route = self.service.routes.by_id.get(item.cache_id)
+        # A pass-through route has no cache, so nothing of any template to drop.
+        if route is None or route.cache is None:
+            return 0
+        return route.cache.store.purge_template(template_id)
+
     async def remove(self, cache_id: str) -> int:
         """Delete the cache: its clients get 57P01 and are closed, entries and directory go,
         and the old connection string is refused from now on. Returns connections ended."""

@@ -10,6 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from neonpoly.control import Control, IntegrationView
+from neonpoly.stats import TemplateStats
 from neonpoly.tui import format as fmt
 from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer, describe_error
 from neonpoly.tui.screens.cache_view import CacheViewScreen
@@ -17,6 +18,7 @@ from neonpoly.tui.screens.confirm import ConfirmModal
 from neonpoly.tui.screens.help import HelpScreen
 from neonpoly.tui.screens.integrations import IntegrationsScreen
 from neonpoly.tui.screens.manage_drawer import ManagePolyScaleDrawer
+from neonpoly.tui.screens.template_details import TemplateDetailsModal
 
 REFRESH_SECONDS = 1.0
 
@@ -159,6 +161,43 @@ class ConsoleApp(App[None]):
         self.notify(f"Purged {fmt.plural(purged, 'entry', 'entries')}.")
         self.refresh_views()
 
+    def _highlighted(self) -> tuple[CacheViewScreen, TemplateStats] | None:
+        """The cache view on top and its highlighted template, or a note saying why not."""
+        screen = self.screen
+        if not isinstance(screen, CacheViewScreen):
+            self.notify("Open the cache view (v) and highlight a query first.", severity="warning")
+            return None
+        stats = screen.highlighted()
+        if stats is None:
+            self.notify("No query templates yet.", severity="warning")
+            return None
+        return screen, stats
+
+    def action_purge_template(self) -> None:
+        found = self._highlighted()
+        if found is None:
+            return
+        screen, stats = found
+        self._confirm(
+            ConfirmModal(
+                "Purge query template",
+                f"Purge the cached results of this query in {screen.cache_name}? Other queries "
+                f"stay cached.\n\n{fmt.clip(stats.template, 160)}",
+                "Purge",
+            ),
+            lambda: self._purge_template(screen.cache_id, stats.template_id),
+        )
+
+    async def _purge_template(self, cache_id: str, template_id: str) -> None:
+        purged = await self.control.purge_template(cache_id, template_id)
+        self.notify(f"Purged {fmt.plural(purged, 'entry', 'entries')} of this query.")
+        self.refresh_views()
+
+    def action_template_details(self) -> None:
+        found = self._highlighted()
+        if found is not None:
+            self.push_screen(TemplateDetailsModal(found[1]))
+
     def action_remove(self) -> None:
         view = self._configured()
         if view is None:
@@ -206,7 +245,15 @@ class ConsoleApp(App[None]):
         yield SystemCommand("Add PolyScale", "Add the PolyScale integration (a)", self.action_add)
         yield SystemCommand("Manage PolyScale", "Open the Manage PolyScale drawer (m)", self.action_manage)
         yield SystemCommand("View cache", "Live hit rate and per-template stats (v)", self.action_view_cache)
-        yield SystemCommand("Purge cache", "Purge all cached data (p)", self.action_purge)
+        yield SystemCommand("Purge cache", "Purge all cached data (p; P in the cache view)", self.action_purge)
+        if isinstance(screen, CacheViewScreen):  # both act on the highlighted row
+            yield SystemCommand(
+                "Purge query template", "Purge the highlighted query's cached results (p)", self.action_purge_template
+            )
+            yield SystemCommand(
+                "Query details", "Full template, latencies and status of the highlighted query (enter)",
+                self.action_template_details,
+            )
         yield SystemCommand("Remove integration", "Delete the cache, end its connections (r)", self.action_remove)
         yield SystemCommand("Copy connection string", "Copy the PolyScale string (c)", self.action_copy)
         yield SystemCommand("Help", "Every key of the console (?)", self.action_help)

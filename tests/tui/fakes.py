@@ -81,6 +81,7 @@ class DemoControl(Control):
         self.entries = 1204
         self.connections = 3
         self.copied: list[str] = []
+        self.purged_templates: list[str] = []
         self.api_keys: list[str | None] = []  # every key sign_in was given, None for empty
         self._view: IntegrationView | None = self._make_view() if configured else None
         self._stats = demo_stats(CACHE_ID) if traffic else StatsRecorder(clock=lambda: NOW)
@@ -184,6 +185,15 @@ class DemoControl(Control):
     async def purge(self, cache_id: str) -> int:
         self._need(cache_id)
         purged, self.entries = self.entries, 0
+        return purged
+
+    async def purge_template(self, cache_id: str, template_id: str) -> int:
+        self._need(cache_id)
+        # A result is stored per miss, so a template holds as many entries as it had misses.
+        stored = {row[0]: row[4] for row in TRAFFIC}.get(template_id, 0)
+        purged = min(stored, self.entries)
+        self.entries -= purged
+        self.purged_templates.append(template_id)
         return purged
 
     async def remove(self, cache_id: str) -> int:

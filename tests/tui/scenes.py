@@ -97,5 +97,6 @@ SCENES: tuple[Scene, ...] = (
     Scene("cache-view-filtered", "Cache view filtered", configured,
           keys=("v", "slash", "p", "r", "o", "d")),
     Scene("cache-view-empty", "Cache view before any query", quiet, keys=("v",)),
+    Scene("cache-view-details", "Details of the highlighted query", configured, keys=("v", "down", "enter")),
     Scene("help", "Help screen", configured, keys=("question_mark",)),
 )

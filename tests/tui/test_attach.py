@@ -132,13 +132,22 @@ async def test_console_attached_to_a_running_serve(serve: Serve, state_root: Pat
         status = control.status(serve.cache_id)
         assert (status.calls, status.hits, status.connections) == (stats["calls"], stats["hits"], 1)
 
-        # Purge through the console: the running proxy's cache is empty afterwards.
+        # One query through the admin console (PURGE QUERY): only its entries go.
         route = serve.service.routes.by_id[serve.cache_id]
         assert route.cache is not None
         route.cache.store.flush()
+        [before] = await serve.admin("SHOW CACHES")
+        purged = await control.purge_template(serve.cache_id, mine["template_id"])
+        [after] = await serve.admin("SHOW CACHES")
+        assert purged >= 1 and after["entries"] == before["entries"] - purged
+        assert await control.purge_template(serve.cache_id, mine["template_id"]) == 0
+        assert len(await conn.fetch(QUERY)) == 2  # a miss again: stored for the purge below
+
+        # Purge through the console: the running proxy's cache is empty afterwards.
+        route.cache.store.flush()
         [cache] = await serve.admin("SHOW CACHES")
         assert cache["entries"] >= 1
-        await pilot.press("p")
+        await pilot.press("P")  # shift+p: the whole cache (p is the highlighted query)
         assert isinstance(app.screen, ConfirmModal)
         await pilot.press("y")
         await _until(lambda: any("Purged" in n for n in _notes(app)))

@@ -111,7 +111,7 @@ async def test_the_whole_seed(pg: PgServer, control: LocalControl) -> None:
         route.cache.store.flush()
         entries = control.status(view.cache_id).entries
         assert entries >= 1
-        await pilot.press("p")
+        await pilot.press("P")  # shift+p: the whole cache (p is the highlighted query)
         assert isinstance(app.screen, ConfirmModal)
         await pilot.press("y")
         await settle(pilot)

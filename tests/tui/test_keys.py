@@ -8,9 +8,11 @@ from textual.widgets import Button, Input, Label
 from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer
 from neonpoly.tui.screens.cache_view import CacheViewScreen
+from neonpoly.tui.screens.confirm import ConfirmModal
 from neonpoly.tui.screens.help import HelpScreen
 from neonpoly.tui.screens.integrations import IntegrationsScreen
 from neonpoly.tui.screens.manage_drawer import ManagePolyScaleDrawer
+from neonpoly.tui.screens.template_details import TemplateDetailsModal
 from neonpoly.tui.widgets.template_table import TemplateTable
 from tests.tui.fakes import PASSWORD, DemoControl
 from tests.tui.scenes import settle
@@ -196,6 +198,48 @@ async def test_cache_view_filter_and_sort() -> None:
         assert table.row_count == 6
         await pilot.press("escape")  # leaves the view
         assert isinstance(app.screen, IntegrationsScreen)
+
+
+async def test_cache_view_keys_act_on_the_highlighted_query() -> None:
+    control = DemoControl(configured=True)
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await pilot.press("v")
+        screen = app.screen
+        assert isinstance(screen, CacheViewScreen)
+        footer = _footer(app)
+        assert (footer["enter"], footer["p"], footer["P"]) == ("Details", "Purge query", "Purge all")
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Purge query template", "Query details", "Purge cache"} <= titles
+        await pilot.press("down")  # t2: the orders query, 97 misses stored
+        chosen = screen.highlighted()
+        assert chosen is not None and chosen.template_id == "t2"
+        await pilot.press("enter")
+        assert isinstance(app.screen, TemplateDetailsModal)
+        assert "LIMIT [?]" in _text(app, "#details-template")  # brackets are text, not markup
+        await pilot.press("escape")
+        await pilot.press("p")
+        assert isinstance(app.screen, ConfirmModal)
+        assert chosen.template in _text(app, ".message")
+        await pilot.press("y")
+        await settle(pilot)
+        assert control.purged_templates == ["t2"] and control.entries == 1204 - 97
+        assert "Purged 97 entries of this query." in [str(n.message) for n in app._notifications]
+        await pilot.press("P", "y")
+        await settle(pilot)
+        assert control.entries == 0
+
+
+async def test_query_keys_outside_the_cache_view_explain() -> None:
+    app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await pilot.pause()
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert "Purge query template" not in titles  # only where a row can be highlighted
+        await app.run_action("purge_template")
+        await pilot.pause()
+        assert isinstance(app.screen, IntegrationsScreen)
+        assert any("Open the cache view" in str(n.message) for n in app._notifications)
 
 
 async def test_every_action_is_in_the_command_palette() -> None:

@@ -6,11 +6,12 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.coordinate import Coordinate
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, Sparkline
+from textual.widgets import DataTable, Footer, Input, Label, Sparkline
 
 from neonpoly.control import Control
-from neonpoly.stats import SERIES_SECONDS, StatsSnapshot
+from neonpoly.stats import SERIES_SECONDS, StatsSnapshot, TemplateStats
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text
 from neonpoly.tui.widgets.header import ConsoleHeader
@@ -24,7 +25,9 @@ class CacheViewScreen(Screen[None]):
         Binding("escape", "back", "Back"),
         Binding("slash", "filter", "Filter"),
         Binding("s", "sort", "Sort"),
-        Binding("p", "app.purge", "Purge"),
+        # The sketch's `p purge template`: the highlighted row; the whole cache moves to shift+p.
+        Binding("p", "app.purge_template", "Purge query"),
+        Binding("P", "app.purge", "Purge all"),
         Binding("m", "app.manage", "Manage", show=False),
     ]
 
@@ -104,6 +107,19 @@ class CacheViewScreen(Screen[None]):
         found = f" · {shown} of {len(self._last.templates)} match “{self.needle}”" if self.needle else ""
         set_text(self.query_one("#cv-sort", Label), f"sorted by {sort.label} {arrow}{found}")
         self.query_one("#cv-empty", Label).display = not self._last.templates
+
+    def highlighted(self) -> TemplateStats | None:
+        """The template under the table's cursor, as of the last refresh (None: no rows)."""
+        table = self.query_one(TemplateTable)
+        if self._last is None or not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
+        return next((t for t in self._last.templates if t.template_id == key), None)
+
+    @on(DataTable.RowSelected, "#templates")
+    async def _row_selected(self) -> None:
+        # enter on the table (its own binding, shown as "Details") and a click on a row.
+        await self.run_action("app.template_details")
 
     def action_sort(self) -> None:
         self.sort_index = (self.sort_index + 1) % len(SORTS)

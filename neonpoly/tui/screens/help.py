@@ -29,7 +29,9 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Cache view", (
         ("/", "filter templates (esc clears)"),
         ("s", "sort: calls, hit %, time saved, p50 miss, template"),
-        ("p", "purge cache"),
+        ("enter", "details of the highlighted query (esc closes)"),
+        ("p", "purge the highlighted query's cached results"),
+        ("P", "purge the whole cache (shift+p)"),
         ("esc", "back"),
     )),
 )

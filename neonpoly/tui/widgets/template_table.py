@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.widgets import DataTable
 
 from neonpoly.stats import TemplateStats
@@ -82,6 +83,10 @@ def figure_cells(stats: TemplateStats) -> tuple[Cell, ...]:
 
 class TemplateTable(DataTable[Cell]):
     """Rows are keyed by template id; refresh() adds, removes and updates only what changed."""
+
+    # DataTable's own enter is hidden; the table has the focus, so its binding is the one the
+    # footer would show: name what selecting a row does in the cache view.
+    BINDINGS = [Binding("enter", "select_cursor", "Details")]
 
     def __init__(self) -> None:
         super().__init__(id="templates", cursor_type="row", zebra_stripes=True)
