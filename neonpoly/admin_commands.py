@@ -471,3 +471,9 @@ def _rule_row(rule: Rule) -> tuple[Value, ...]:
         rule.ttl,
         _ts(rule.created_at),
     )
+
+
+def quote_ident(name: str) -> str:
+    """A double-quoted identifier for an admin statement (embedded quotes doubled): what
+    clients of the admin console (the CLI, the attached console) put in their statements."""
+    return '"' + name.replace('"', '""') + '"'

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from neonpoly.admin_commands import quote_ident
 from neonpoly.cli_args import host_port
 
 COMMANDS = ("stats", "queries", "purge", "rules")
@@ -55,11 +56,6 @@ def _ttl(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, not {text!r}")
     return value
-
-
-def quote_ident(name: str) -> str:
-    """A double-quoted identifier for an admin statement (embedded quotes doubled)."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _for_cache(args: argparse.Namespace) -> str:

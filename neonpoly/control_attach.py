@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from neonpoly.cli_admin import quote_ident
+from neonpoly.admin_commands import quote_ident
 from neonpoly.control import (
     CacheStatus,
     Control,
@@ -391,7 +391,7 @@ class AttachedControl(Control):
     async def purge_template(self, cache_id: str, template_id: str) -> int:
         item = self._find(cache_id)
         # Quoted as `neonpoly purge --query` quotes it: one word to the admin tokenizer.
-        rows = await self.query(f'PURGE QUERY {quote_ident(template_id)} FOR CACHE "{item.cache_id}"')
+        rows = await self.query(f"PURGE QUERY {quote_ident(template_id)} FOR CACHE {quote_ident(item.cache_id)}")
         with contextlib.suppress(ControlError):
             await self.refresh()
         return int(rows[0]["removed"]) if rows else 0

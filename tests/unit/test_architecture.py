@@ -66,6 +66,9 @@ def test_imports_flow_one_way() -> None:
                 assert not uses(imported, upper), f"{module} imports {upper}"
         if module.startswith("cache/"):
             assert not uses(imported, "neonpoly.proxy.session"), module
+        if not module.startswith("cli"):
+            clis = [name for name in imported if name.startswith("neonpoly.cli")]
+            assert not clis, f"{module} imports the command line: {clis}"
         if module.startswith("tui/"):
             for engine in ("neonpoly.proxy", "neonpoly.cache", "neonpoly.service"):
                 assert not uses(imported, engine), f"{module} reaches past control into {engine}"
