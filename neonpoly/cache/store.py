@@ -496,10 +496,13 @@ class DiskStore(_GenerationsFacade):
             try:
                 with self._transaction():
                     result = fn()
-                fut.set_result(result)
             except BaseException as exc:
+                self._refresh_usage()
                 fut.set_exception(exc)
+                return
+            # Usage first: whoever waits on the purge may ask for it next (SHOW CACHES).
             self._refresh_usage()
+            fut.set_result(result)
 
         self._jobs.put(_Barrier(job))
         return fut.result()
