@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -46,3 +49,18 @@ def pg_disposable() -> Iterator[PgServer]:
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture
+def state_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh neonpoly state dir, also set as $NEONPOLY_STATE_DIR.
+
+    Not tmp_path: pytest's root-owned 0700 parents are unreachable for the user the embedded
+    PostgreSQL runs as.
+    """
+    base = Path(tempfile.mkdtemp(prefix="neonpoly-state-"))
+    monkeypatch.setenv("NEONPOLY_STATE_DIR", str(base / "state"))
+    try:
+        yield base / "state"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -7,9 +7,7 @@ import argparse
 import asyncio
 import io
 import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -45,8 +43,17 @@ async def run_cli(*argv: str) -> str:
 async def psql(url: str, sql: str) -> str:
     """The real psql binary; run as a subprocess so the proxy on this loop keeps serving."""
     proc = await asyncio.create_subprocess_exec(
-        shutil.which("psql") or "psql", url, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        shutil.which("psql") or "psql",
+        url,
+        "-X",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        sql,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, stderr.decode()
     return stdout.decode().strip()
@@ -55,8 +62,15 @@ async def psql(url: str, sql: str) -> str:
 async def psql_failure(url: str, sql: str) -> str:
     """Run psql expecting it to fail; returns its stderr (the server's message)."""
     proc = await asyncio.create_subprocess_exec(
-        shutil.which("psql") or "psql", url, "-X", "-At", "-c", sql,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        shutil.which("psql") or "psql",
+        url,
+        "-X",
+        "-At",
+        "-c",
+        sql,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode != 0
     return stderr.decode()
@@ -66,13 +80,21 @@ def pg_project(pg: PgServer) -> SeedProject:
     """A Neon project whose primary branch's read_write endpoint is the `pg` fixture (reached
     through --connect-to; the fixture's certificate names NEON_HOST)."""
     endpoint_id = NEON_HOST.split(".")[0]
-    return SeedProject("shop", branches=[SeedBranch(
-        "main", default=True,
-        endpoints=[SeedEndpoint("read_only", "active"),
-                   SeedEndpoint("read_write", "idle", id=endpoint_id, host=NEON_HOST)],
-        databases=[SeedDatabase(DATABASE, ROLE)],
-        roles=[SeedRole(ROLE, pg.password_for(ROLE))],
-    )])
+    return SeedProject(
+        "shop",
+        branches=[
+            SeedBranch(
+                "main",
+                default=True,
+                endpoints=[
+                    SeedEndpoint("read_only", "active"),
+                    SeedEndpoint("read_write", "idle", id=endpoint_id, host=NEON_HOST),
+                ],
+                databases=[SeedDatabase(DATABASE, ROLE)],
+                roles=[SeedRole(ROLE, pg.password_for(ROLE))],
+            )
+        ],
+    )
 
 
 @pytest.fixture
@@ -85,14 +107,3 @@ async def neon_for_pg(pg: PgServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
 
 def connect_to(pg: PgServer) -> str:
     return f"{NEON_HOST}:5432:127.0.0.1:{pg.port}"
-
-
-@pytest.fixture
-def state_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    # Not tmp_path: its 0700 root-owned parents are unreachable for the embedded server's user.
-    base = Path(tempfile.mkdtemp(prefix="neonpoly-sys-"))
-    monkeypatch.setenv("NEONPOLY_STATE_DIR", str(base / "state"))
-    try:
-        yield base / "state"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

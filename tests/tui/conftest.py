@@ -3,9 +3,7 @@ the session's real PostgreSQL (`pg`), and a LocalControl on a fresh state dir.""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,16 +28,22 @@ ROLES = ("scram_user", "md5_user")
 
 def shop_project(pg: PgServer) -> SeedProject:
     endpoint_id = NEON_HOST.split(".")[0]
-    return SeedProject("shop", branches=[
-        SeedBranch("dev", endpoints=[SeedEndpoint("read_write", "active")]),
-        SeedBranch(
-            "main", default=True,
-            endpoints=[SeedEndpoint("read_only", "active"),
-                       SeedEndpoint("read_write", "idle", id=endpoint_id, host=NEON_HOST)],
-            databases=[SeedDatabase(name, "scram_user") for name in DATABASES],
-            roles=[SeedRole(name, pg.password_for(name)) for name in ROLES],
-        ),
-    ])
+    return SeedProject(
+        "shop",
+        branches=[
+            SeedBranch("dev", endpoints=[SeedEndpoint("read_write", "active")]),
+            SeedBranch(
+                "main",
+                default=True,
+                endpoints=[
+                    SeedEndpoint("read_only", "active"),
+                    SeedEndpoint("read_write", "idle", id=endpoint_id, host=NEON_HOST),
+                ],
+                databases=[SeedDatabase(name, "scram_user") for name in DATABASES],
+                roles=[SeedRole(name, pg.password_for(name)) for name in ROLES],
+            ),
+        ],
+    )
 
 
 @pytest.fixture
@@ -48,17 +52,6 @@ async def neon_shop(pg: PgServer, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         monkeypatch.setenv("NEON_API_KEY", standin.api_key)
         monkeypatch.delenv("NEON_API_HOST", raising=False)
         yield standin
-
-
-@pytest.fixture
-def state_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    # Not tmp_path: the embedded server's user cannot reach pytest's 0700 parents.
-    base = Path(tempfile.mkdtemp(prefix="neonpoly-tui-"))
-    monkeypatch.setenv("NEONPOLY_STATE_DIR", str(base / "state"))
-    try:
-        yield base / "state"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
