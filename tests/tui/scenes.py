@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from textual.pilot import Pilot
+from textual.widgets import Input
 
 from neonpoly.tui.app import ConsoleApp
 from tests.tui.fakes import DemoControl
@@ -39,6 +40,11 @@ class Scene:
             # A pressed Button keeps its "-active" look for 0.2 s: wait it out, or the
             # picture depends on how fast this machine is.
             await pilot.pause(0.3)
+        # A focused Input's cursor blinks on a timer: freeze it (shown) so the picture does
+        # not depend on when it is taken.
+        for box in pilot.app.screen.query(Input):
+            box.cursor_blink = False
+        await pilot.pause()
 
 
 async def settle(pilot: Pilot[None]) -> None:
