@@ -34,11 +34,19 @@ class Classification:
     tables_written: frozenset[str]
     qualified_tables: tuple[str, ...]
     invalidate_all: bool
-    changes_session: bool
-    session_setting: tuple[str, str | None] | None
+    changes_session: bool  # the session must learn its identity again (see proxy/identity.py)
     transaction_control: str | None
     template: str
     template_id: str
+    # Builtins trusted by name ("lower()", "operator =", "type text"): safe only in a database
+    # where no object of that name exists outside pg_catalog (see cache/relations.py).
+    shadowable: frozenset[str] = frozenset()
+    cluster_wide: bool = False  # roles, grants, databases: every database's entries may change
+    copy: bool = False
+    deallocates: str | None = None  # a statement name, or "*" for all of them
+    cursor_writes: bool = False  # DECLARE over a query that may write: its FETCHes write
+    fetches: bool = False  # FETCH/MOVE
+    shape_shared: bool = False  # texts differing only in numbers may share this classification
 
 
 @dataclass(slots=True)
@@ -54,8 +62,13 @@ class Verdict:
     qualified: list[str] = field(default_factory=list)
     invalidate_all: bool = False
     changes_session: bool = False
-    session_setting: tuple[str, str | None] | None = None
     transaction_control: str | None = None
+    shadowable: set[str] = field(default_factory=set)
+    cluster_wide: bool = False
+    copy: bool = False
+    deallocates: str | None = None
+    cursor_writes: bool = False
+    fetches: bool = False
 
     def refuse(self, status: Status, reason: str) -> Verdict:
         """Mark uncacheable, keeping the first reason found."""

@@ -1,23 +1,27 @@
 """What may be cached: the classification of one SQL string, memoised by its text.
 
-The policy decides and the session acts.  Decisions, per proxy.md:
+The policy decides and the session acts. The text is parsed by PostgreSQL's own parser
+(libpg_query, through pglast), so what is classified is what the server will run:
 
-* cacheable only: SELECT / VALUES / TABLE without locking clauses, INTO, data-modifying
-  CTEs or calls whose volatility is not known safe;
-* ``volatile``: random(), nextval(), now() and other clock readers, current_setting()
-  (not every setting is in the cache key), any function not on the allowlist.
-  current_user, session_user, current_role, current_database and current_schema(s) are
-  allowed because database, role and search_path are part of the key;
-* ``notaquery``: SHOW (depends on session state), SET/RESET/DISCARD, transaction control,
-  PREPARE/DEALLOCATE, cursors, LISTEN/UNLISTEN, VACUUM/ANALYZE and friends, empty text;
-* ``uncacheable``: writes (is_write), DDL/TRUNCATE/CALL/DO (also invalidate_all), COPY,
+* cacheable only: SELECT / VALUES / TABLE reading relations, calling only pg_catalog
+  builtins known to depend on nothing but their arguments and the session identity (see
+  `volatility.py`), without locking clauses, INTO, data-modifying CTEs, clock literals;
+* ``volatile``: random(), nextval(), now() and other clock readers, 'now' in any literal,
+  functions not on the allowlist or not in pg_catalog (these also evict the database and make
+  the session learn its identity again: they may write or SET anything);
+* ``notaquery``: SHOW, SET/RESET/DISCARD, transaction control, PREPARE/DEALLOCATE, cursors,
+  LISTEN/UNLISTEN, VACUUM/ANALYZE and friends, empty text;
+* ``uncacheable``: writes (is_write), DDL/TRUNCATE/CALL/DO/EXECUTE (also invalidate_all), COPY,
   LOCK, NOTIFY, EXPLAIN, SELECT … FOR UPDATE/SHARE, SELECT … INTO;
 * ``multiplestatements``: more than one statement; write facts are still aggregated so the
   session can invalidate;
-* ``parseerror``: never raises; text that cannot be read is assumed to write unknown
-  tables unless it starts like a query and has no write keyword.
+* ``parseerror``: never raises; text the server's grammar rejects is assumed to write
+  unknown tables unless it starts like a query and has no write keyword.
 
-The forwarded SQL is always the client's bytes; the template is for display and grouping.
+Whether a trusted builtin is really the builtin in the client's database, whether the
+relations are plain tables, and who the session is are answered by the server at run time
+(`relations.py`, `proxy/identity.py`). The forwarded SQL is always the client's bytes; the
+template (from sqlglot's tokens, see `template.py`) is for display and grouping only.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from collections.abc import Sequence
 
 from sqlglot.tokenizer_core import Token, TokenType
 
+from neonpoly.cache import queries
 from neonpoly.cache.classification import Classification, Status, Verdict
-from neonpoly.cache.queries import tokenize
 from neonpoly.cache.statements import classify_statement
-from neonpoly.cache.template import template_by_regex, template_from_tokens, template_id
+from neonpoly.cache.template import template_by_regex, template_from_tokens, template_id, tokenize
 
 __all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "warm_up"]
 
@@ -39,11 +43,12 @@ MEMO_SIZE = 8192
 # Bulk INSERTs can be megabytes and never repeat; keeping them would bloat the memo.
 MEMO_MAX_CHARS = 16_384
 
-
-# A number can change neither what a statement is nor what it touches, so texts that differ
-# only in numbers share one classification (pgbench -S sends a new text for every aid). The
-# exception is SET: its value is the setting, so those are never shared by shape.
+# A number can change neither what a plain query or DML statement is nor what it touches, so
+# such texts that differ only in numbers share one classification (pgbench -S sends a new text
+# for every aid). Not for other statements (EXPLAIN (ANALYZE 0) vs (ANALYZE 1), SET x = 1),
+# and not for text with quoted names ("t 1" and "t 2" are different tables).
 _NUMBER = re.compile(r"(?<![\w$.'])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+_SHAPE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _exact: OrderedDict[str, Classification] = OrderedDict()
 _shapes: OrderedDict[str, Classification] = OrderedDict()
 
@@ -62,18 +67,18 @@ def classify(sql: str) -> Classification:
         return found
     if len(sql) > MEMO_MAX_CHARS:
         return _classify(sql)
-    shape = _NUMBER.sub("0", sql)
+    shape = _NUMBER.sub("0", sql) if '"' not in sql else sql
     found = _shapes.get(shape) if shape != sql else None
     if found is None:
         found = _classify(sql)
-        if found.session_setting is None and not found.changes_session:
+        if found.shape_shared and shape != sql:
             _remember(_shapes, shape, found)
     _remember(_exact, sql, found)
     return found
 
 
 def warm_up() -> None:
-    """Build the function tables now (about 25 ms) instead of in the first client's query."""
+    """Load the parser now instead of in the first client's query."""
     _classify("SELECT lower(a) FROM t")
 
 
@@ -87,21 +92,30 @@ def _split(tokens: Sequence[Token]) -> list[list[Token]]:
     return [statement for statement in statements if statement]
 
 
+def _template(sql: str) -> str:
+    try:
+        return template_from_tokens(_split(tokenize(sql)))
+    except Exception:  # TokenError for unterminated quotes, and anything unforeseen
+        return template_by_regex(sql)
+
+
 def _classify(sql: str) -> Classification:
     try:
-        tokens = tokenize(sql)
-    except Exception:  # TokenError for unterminated quotes, and anything unforeseen
-        return _unreadable(sql, "could not tokenize")
+        statements = queries.parse(sql)
+    except queries.ParseError as error:
+        return _unreadable(sql, f"could not parse: {error}")
+    except Exception as error:  # the promise is "never raises" (deep nesting, odd bytes)
+        return _unreadable(sql, f"could not parse: {type(error).__name__}")
+    template = _template(sql)
+    if not statements:
+        return _build(Verdict().refuse(Status.NOTAQUERY, "empty query"), template)
     try:
-        statements = _split(tokens)
-        if not statements:
-            return _build(Verdict().refuse(Status.NOTAQUERY, "empty query"), "")
-        verdicts = [classify_statement(statement, sql) for statement in statements]
-        template = template_from_tokens(statements)
-    except Exception as error:  # the promise is "never raises"
+        verdicts = [classify_statement(kind, fields) for kind, fields in statements]
+    except Exception as error:  # a tree shape this code does not expect: assume the worst
         return _unreadable(sql, f"could not classify: {type(error).__name__}")
     if len(verdicts) == 1:
-        return _build(verdicts[0], template)
+        shared = statements[0][0] in _SHAPE_KINDS
+        return _build(verdicts[0], template, shape_shared=shared)
     return _build(_merge(verdicts), template)
 
 
@@ -113,23 +127,31 @@ def _merge(verdicts: Sequence[Verdict]) -> Verdict:
         merged.is_write |= verdict.is_write
         merged.invalidate_all |= verdict.invalidate_all
         merged.changes_session |= verdict.changes_session
+        merged.cluster_wide |= verdict.cluster_wide
+        merged.cursor_writes |= verdict.cursor_writes
+        merged.fetches |= verdict.fetches
+        merged.copy |= verdict.copy
         merged.tables_read |= verdict.tables_read
         merged.tables_written |= verdict.tables_written
+        merged.shadowable |= verdict.shadowable
+        merged.deallocates = merged.deallocates or verdict.deallocates
+        if verdict.transaction_control == "commit" or merged.transaction_control is None:
+            merged.transaction_control = verdict.transaction_control or merged.transaction_control
         merged.qualified.extend(q for q in verdict.qualified if q not in merged.qualified)
     return merged
 
 
 def _unreadable(sql: str, reason: str) -> Classification:
-    verdict = Verdict().refuse(Status.PARSEERROR, reason)
+    verdict = Verdict().refuse(Status.PARSEERROR, reason[:200])
     first = sql.lstrip(" \t\r\n(").split(None, 1)[0].upper() if sql.strip(" \t\r\n(") else ""
     if first not in ("SELECT", "WITH", "VALUES", "TABLE") or any(
         word in sql.upper() for word in ("INSERT", "UPDATE", "DELETE", "MERGE", "INTO")
     ):
         verdict.is_write = verdict.invalidate_all = True
-    return _build(verdict, template_by_regex(sql))
+    return _build(verdict, _template(sql))
 
 
-def _build(verdict: Verdict, template: str) -> Classification:
+def _build(verdict: Verdict, template: str, *, shape_shared: bool = False) -> Classification:
     return Classification(
         cacheable=verdict.cacheable and verdict.status is None,
         status=verdict.status,
@@ -140,8 +162,14 @@ def _build(verdict: Verdict, template: str) -> Classification:
         qualified_tables=tuple(verdict.qualified),
         invalidate_all=verdict.invalidate_all,
         changes_session=verdict.changes_session,
-        session_setting=verdict.session_setting,
         transaction_control=verdict.transaction_control,
         template=template,
         template_id=template_id(template),
+        shadowable=frozenset(verdict.shadowable),
+        cluster_wide=verdict.cluster_wide,
+        copy=verdict.copy,
+        deallocates=verdict.deallocates,
+        cursor_writes=verdict.cursor_writes,
+        fetches=verdict.fetches,
+        shape_shared=shape_shared,
     )

@@ -1,176 +1,271 @@
-"""Analysis of statements sqlglot can parse: reads, DML and data-modifying CTEs."""
+"""What one query or DML statement reads, writes and calls, from PostgreSQL's own parse tree.
+
+The tree comes from libpg_query (through pglast): the server's own grammar and lexer, so
+statement boundaries, quoting, comments, dollar quotes, CTE scoping and the functions that
+syntax turns into (``EXTRACT``, ``AT TIME ZONE`` …) are what the server will see, not a
+guess. The tree is pglast's JSON form: nodes are ``{"NodeType": {fields}}``; fields typed as
+one specific struct (a statement's target ``relation``, a cast's ``typeName``) are bare.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
-from typing import ClassVar
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-from sqlglot import exp
-from sqlglot.dialects.postgres import Postgres
-from sqlglot.tokenizer_core import Token, TokenType
+from pglast import parser as _pg
 
 from neonpoly.cache.classification import Status, Verdict
-from neonpoly.cache.volatility import UNKNOWN_VOLATILITY, volatility_reason
+from neonpoly.cache.volatility import TIME_DEPENDENT, UNKNOWN_VOLATILITY, call_reason
 
-DIALECT = Postgres()
+Node = dict[str, Any]
 
-
-class StatementTokenizer(Postgres.Tokenizer):
-    """Postgres tokens without "command" swallowing.
-
-    The stock tokenizer turns the text after CALL, EXPLAIN, PREPARE, SHOW, RESET … into one
-    string token; the policy needs those tokens (EXPLAIN ANALYZE of a write, PREPARE
-    TRANSACTION) and the template must not show the text as one opaque literal.
-    """
-
-    COMMANDS: ClassVar[set[TokenType]] = set()
-
-
-_local = threading.local()
-
-
-def tokenize(sql: str) -> list[Token]:
-    """Tokens of the whole text; one tokenizer per thread, as a tokenizer holds state."""
-    tokenizer: StatementTokenizer | None = getattr(_local, "tokenizer", None)
-    if tokenizer is None:
-        tokenizer = _local.tokenizer = StatementTokenizer()
-    return tokenizer.tokenize(sql)
-_DML = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
+_DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_DATETIME_TYPES = frozenset({"date", "time", "timetz", "timestamp", "timestamptz", "abstime"})
+# Datetime input reads the clock for these words, wherever the text came from.
+TIME_WORDS = re.compile(r"(?i)(?<![a-z])(now|today|tomorrow|yesterday)(?![a-z])")
+_TIME_SQLVALUES = frozenset(
+    {
+        "SVFOP_CURRENT_DATE", "SVFOP_CURRENT_TIME", "SVFOP_CURRENT_TIME_N",
+        "SVFOP_CURRENT_TIMESTAMP", "SVFOP_CURRENT_TIMESTAMP_N", "SVFOP_LOCALTIME",
+        "SVFOP_LOCALTIME_N", "SVFOP_LOCALTIMESTAMP", "SVFOP_LOCALTIMESTAMP_N",
+    }
+)
+# BETWEEN and friends name a keyword; the operators they run are these.
+_IMPLIED_OPERATORS = {"BETWEEN": ("<=", ">="), "NOT BETWEEN": ("<", ">"),
+                      "BETWEEN SYMMETRIC": ("<=", ">="), "NOT BETWEEN SYMMETRIC": ("<", ">")}
 
 
-def fold(identifier: exp.Expr | None) -> str:
-    """Unquoted names fold to lower case as PostgreSQL does; quoted names are kept."""
-    if not isinstance(identifier, exp.Identifier):
-        return ""
-    text = str(identifier.this)
-    return text if identifier.quoted else text.lower()
+class ParseError(Exception):
+    """The server's grammar rejects the text (so would the server)."""
 
 
-def table_names(table: exp.Table) -> tuple[str, str] | None:
-    """(bare, qualified) names of a relation, or None for table functions and the like."""
-    if not isinstance(table.this, exp.Identifier):
-        return None
-    bare = fold(table.this)
-    schema = fold(table.args.get("db"))
-    return bare, f"{schema}.{bare}" if schema else bare
+def parse(sql: str) -> list[tuple[str, Node]]:
+    """The statements of `sql` as (node type, fields), as the server will split them."""
+    try:
+        tree = json.loads(_pg.parse_sql_json(sql))
+    except _pg.ParseError as exc:
+        raise ParseError(str(exc)) from exc
+    out: list[tuple[str, Node]] = []
+    for raw in tree.get("stmts") or ():
+        stmt = raw.get("stmt")
+        if stmt:
+            ((kind, fields),) = stmt.items()
+            out.append((kind, fields))
+    return out
 
 
-def _cte_names(node: exp.Expr) -> set[str]:
-    with_ = node.args.get("with_") or node.args.get("with")
-    if not isinstance(with_, exp.With):
-        return set()
-    names: set[str] = set()
-    for cte in with_.expressions:
-        alias = cte.args.get("alias")
-        if isinstance(alias, exp.TableAlias):
-            names.add(fold(alias.this))
-    return names
+def _names(items: Iterable[Node] | None) -> list[str]:
+    return [str(item.get("String", {}).get("sval", "")) for item in items or ()]
 
 
-def _is_cte_reference(table: exp.Table, bare: str) -> bool:
-    # A WITH name is visible to the statement that declares it and everything inside it.
-    if table.args.get("db") is not None:
-        return False
-    node: exp.Expr | None = table.parent
-    while node is not None:
-        if bare in _cte_names(node):
-            return True
-        node = node.parent
-    return False
+def qualified(schema: str | None, name: str) -> str:
+    return f"{schema}.{name}" if schema else name
 
 
-def _write_target(node: exp.Expr) -> exp.Table | None:
-    target = node.this
-    if isinstance(target, exp.Schema):
-        target = target.this
-    return target if isinstance(target, exp.Table) else None
+@dataclass(slots=True)
+class Facts:
+    """What the walk found in one statement."""
+
+    reads: list[tuple[str | None, str]] = field(default_factory=list)
+    writes: list[tuple[str | None, str]] = field(default_factory=list)
+    volatile: list[str] = field(default_factory=list)  # reasons
+    unknown_code: list[str] = field(default_factory=list)  # reasons: code that may write
+    session_code: list[str] = field(default_factory=list)  # reasons: calls that change settings
+    shadowable: set[str] = field(default_factory=set)
+    locks: list[str] = field(default_factory=list)
+    into: bool = False
 
 
-def parse(tokens: Sequence[Token], sql: str) -> exp.Expr | None:
-    """Parse one statement's tokens; raises sqlglot errors for the caller to turn into a status."""
-    trees = DIALECT.parser().parse(list(tokens), sql)
-    return trees[0] if trees else None
+class _Walk:
+    """One pass over a statement's tree, tracking which WITH names are visible where."""
+
+    def __init__(self) -> None:
+        self.facts = Facts()
+
+    def node(self, node: Any, scope: frozenset[str]) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self.node(item, scope)
+            return
+        if not isinstance(node, dict) or not node:
+            return
+        if len(node) == 1:
+            ((kind, fields),) = node.items()
+            if kind[:1].isupper() and isinstance(fields, dict):
+                self.visit(kind, fields, scope)
+                return
+        if "relname" in node:  # a bare RangeVar
+            self.relation(node, scope, write=False)
+            return
+        for value in node.values():
+            self.node(value, scope)
+
+    def relation(self, rv: Node, scope: frozenset[str], *, write: bool) -> None:
+        schema = rv.get("schemaname")
+        name = str(rv.get("relname", ""))
+        if not write and schema is None and name in scope:
+            return  # a WITH query of this statement, not a relation
+        (self.facts.writes if write else self.facts.reads).append((schema, name))
+
+    def with_clause(self, with_: Node, scope: frozenset[str]) -> frozenset[str]:
+        ctes = [c.get("CommonTableExpr", {}) for c in with_.get("ctes") or ()]
+        names = [str(c.get("ctename", "")) for c in ctes]
+        recursive = bool(with_.get("recursive"))
+        for i, cte in enumerate(ctes):
+            # A non-recursive WITH query sees only the ones before it: in
+            # `WITH t AS (SELECT * FROM t)` the inner t is the table.
+            visible = scope | frozenset(names if recursive else names[:i])
+            self.node(cte.get("ctequery"), visible)
+        return scope | frozenset(names)
+
+    def visit(self, kind: str, f: Node, scope: frozenset[str]) -> None:
+        facts = self.facts
+        if "withClause" in f and isinstance(f["withClause"], dict):
+            scope = self.with_clause(f["withClause"], scope)
+        if kind == "RangeVar":
+            self.relation(f, scope, write=False)
+            return
+        if kind in _DML:
+            target = f.get("relation")
+            if isinstance(target, dict):
+                self.relation(target, scope, write=True)
+            self.rest(f, scope, skip=("relation", "withClause"))
+            return
+        if kind == "SelectStmt":
+            into = f.get("intoClause")
+            if isinstance(into, dict) and isinstance(into.get("rel"), dict):
+                self.relation(into["rel"], scope, write=True)
+                facts.into = True
+            if f.get("lockingClause"):
+                facts.locks.append("SELECT ... FOR UPDATE/SHARE takes row locks")
+            self.rest(f, scope, skip=("intoClause", "withClause"))
+            return
+        if kind == "FuncCall":
+            self.call(f)
+            self.rest(f, scope, skip=("funcname",))
+            return
+        if kind == "SQLValueFunction":
+            op = str(f.get("op", ""))
+            if op in _TIME_SQLVALUES:
+                word = op.removeprefix("SVFOP_").removesuffix("_N").lower()
+                facts.volatile.append(f"calls time-dependent function {word}")
+            return
+        if kind == "A_Expr":
+            self.operator(f)
+            self.rest(f, scope, skip=("name",))
+            return
+        if kind == "TypeCast":
+            self.cast(f, scope)
+            return
+        if kind == "A_Const":
+            text = f.get("sval", {}).get("sval") if isinstance(f.get("sval"), dict) else None
+            found = TIME_WORDS.search(text) if isinstance(text, str) else None
+            if found is not None:
+                facts.volatile.append(f"the literal '{found.group(0)}' reads the clock")
+            return
+        if kind == "RangeTableSample":
+            if not f.get("repeatable"):
+                facts.volatile.append("TABLESAMPLE without REPEATABLE returns random rows")
+            self.rest(f, scope, skip=("method",))
+            return
+        if kind == "ColumnRef":
+            return
+        self.rest(f, scope, skip=("withClause",))
+
+    def rest(self, f: Node, scope: frozenset[str], skip: tuple[str, ...]) -> None:
+        for key, value in f.items():
+            if key not in skip:
+                self.node(value, scope)
+
+    def call(self, f: Node) -> None:
+        names = _names(f.get("funcname"))
+        schema, name = (names[-2] if len(names) > 1 else None), names[-1] if names else ""
+        reason = call_reason(schema, name, len(f.get("args") or ()))
+        if reason is None:
+            if schema is None:
+                self.facts.shadowable.add(f"{name}()")
+        elif UNKNOWN_VOLATILITY in reason:
+            self.facts.unknown_code.append(reason)
+        else:
+            if name == "set_config":
+                self.facts.session_code.append(reason)
+            self.facts.volatile.append(reason)
+
+    def operator(self, f: Node) -> None:
+        names = _names(f.get("name"))
+        if not names:
+            return
+        if len(names) > 1 and names[-2] != "pg_catalog":
+            self.facts.unknown_code.append(f"uses operator {names[-2]}.{names[-1]} {UNKNOWN_VOLATILITY}")
+            return
+        symbols = _IMPLIED_OPERATORS.get(names[-1].upper(), (names[-1],))
+        if len(names) == 1:
+            self.facts.shadowable.update(f"operator {s}" for s in symbols)
+
+    def cast(self, f: Node, scope: frozenset[str]) -> None:
+        type_name = f.get("typeName") or {}
+        names = _names(type_name.get("names"))
+        schema, name = (names[-2] if len(names) > 1 else None), (names[-1] if names else "")
+        if schema not in (None, "pg_catalog"):
+            self.facts.unknown_code.append(f"casts to type {schema}.{name} defined outside pg_catalog")
+        elif schema is None:
+            self.facts.shadowable.add(f"type {name}")
+        arg = f.get("arg")
+        if name in _DATETIME_TYPES and isinstance(arg, dict):
+            inner = next(iter(arg), "")
+            # A constant is checked as a literal and a parameter when bound; text computed
+            # at run time ('no' || 'w') may spell 'now'.
+            if inner not in ("A_Const", "ParamRef", "ColumnRef"):
+                self.facts.volatile.append(f"converts computed text to {name} (it could be 'now')")
+        self.node(arg, scope)
 
 
-def _record_write(node: exp.Expr, verdict: Verdict, targets: set[int]) -> None:
-    target = _write_target(node)
-    if target is None:
-        if node.parent is None or not isinstance(node.parent, exp.When):
-            verdict.write(f"{node.key.upper()} whose table cannot be named", everything=True)
-        return
-    names = table_names(target)
-    if names is None:
-        verdict.write(f"{node.key.upper()} whose table cannot be named", everything=True)
-        return
-    targets.add(id(target))
-    verdict.tables_written.add(names[0])
-    verdict.qualified.append(names[1])
-    verdict.write(f"writes table {names[1]}")
-
-
-def _select_flags(node: exp.Select, verdict: Verdict, targets: set[int]) -> list[str]:
-    refusals: list[str] = []
-    into = node.args.get("into")
-    if isinstance(into, exp.Into):
-        table = into.this
-        names = table_names(table) if isinstance(table, exp.Table) else None
-        if isinstance(table, exp.Table):
-            targets.add(id(table))
-        if names is not None:
-            verdict.tables_written.add(names[0])
-            verdict.qualified.append(names[1])
-        verdict.write("SELECT ... INTO creates a table", everything=True)
-    for lock in node.args.get("locks") or []:
-        text = lock.sql(dialect="postgres").split(" OF ", 1)[0]
-        refusals.append(f"SELECT ... {text}")
-    return refusals
-
-
-def analyse(tree: exp.Expr, verdict: Verdict) -> Verdict:
-    """Fill the verdict from a parsed statement; only a plain read stays cacheable."""
-    targets: set[int] = set()
-    locks: list[str] = []
-    volatile: list[str] = []
-    tables: list[exp.Table] = []
-    has_with = False
-    for node in tree.walk():
-        if isinstance(node, exp.Table):
-            tables.append(node)
-        elif isinstance(node, exp.Column):
-            continue
-        elif isinstance(node, _DML):
-            _record_write(node, verdict, targets)
-        elif isinstance(node, exp.Select):
-            locks.extend(_select_flags(node, verdict, targets))
-        elif isinstance(node, exp.Func):
-            reason = volatility_reason(node)
-            if reason is not None:
-                volatile.append(reason)
-        elif isinstance(node, exp.With):
-            has_with = True
-    for table in tables:
-        names = table_names(table)
-        if names is None or id(table) in targets:
-            continue
-        if has_with and _is_cte_reference(table, names[0]):
-            continue
-        verdict.tables_read.add(names[0])
-        if names[1] not in verdict.qualified:
-            verdict.qualified.append(names[1])
-    if locks:
-        verdict.refuse(Status.UNCACHEABLE, locks[0])
-    if volatile:
-        verdict.refuse(Status.VOLATILE, volatile[0])
-        if any(UNKNOWN_VOLATILITY in reason for reason in volatile):
-            # A function we do not know may write any table (a user-defined function
-            # that UPDATEs): evict the database, as for any write we cannot name.
-            verdict.invalidate_all = True
-        if any(UNKNOWN_VOLATILITY in reason or "set_config" in reason for reason in volatile):
-            # ... or change the session (SET ROLE, search_path) where the key cannot see it.
-            verdict.changes_session = True
-    if not isinstance(tree, (exp.Query, exp.Values, *_DML)):
-        verdict.refuse(Status.PARSEERROR, f"unrecognised statement {tree.key.upper()}")
+def analyse(kind: str, fields: Node, verdict: Verdict) -> Verdict:
+    """Fill the verdict from one query/DML statement; only a plain read stays cacheable."""
+    walk = _Walk()
+    walk.visit(kind, fields, frozenset())
+    apply_facts(walk.facts, verdict)
     if verdict.status is None:
         verdict.cacheable = True
     return verdict
+
+
+def facts_of(kind: str, fields: Node) -> Facts:
+    walk = _Walk()
+    walk.visit(kind, fields, frozenset())
+    return walk.facts
+
+
+def apply_facts(facts: Facts, verdict: Verdict) -> None:
+    for schema, name in facts.writes:
+        verdict.tables_written.add(name)
+        if qualified(schema, name) not in verdict.qualified:
+            verdict.qualified.append(qualified(schema, name))
+        verdict.write(f"writes table {qualified(schema, name)}")
+    if facts.into:
+        verdict.write("SELECT ... INTO creates a table", everything=True)
+    for schema, name in facts.reads:
+        if name in verdict.tables_written:
+            continue
+        verdict.tables_read.add(name)
+        if qualified(schema, name) not in verdict.qualified:
+            verdict.qualified.append(qualified(schema, name))
+    verdict.shadowable |= facts.shadowable
+    if facts.locks:
+        verdict.refuse(Status.UNCACHEABLE, facts.locks[0])
+    if facts.unknown_code:
+        # Code we cannot vouch for may write any table or change the session (SET ROLE,
+        # search_path) where the key cannot see it: evict the database, learn the session again.
+        verdict.refuse(Status.VOLATILE, facts.unknown_code[0])
+        verdict.invalidate_all = True
+        verdict.changes_session = True
+    if facts.volatile:
+        verdict.refuse(Status.VOLATILE, facts.volatile[0])
+    if facts.session_code:
+        verdict.changes_session = True
+
+
+__all__ = ["TIME_DEPENDENT", "TIME_WORDS", "Facts", "ParseError", "analyse", "apply_facts", "facts_of", "parse"]

@@ -115,25 +115,28 @@ class QueryCache:
 
     def invalidate(
         self,
-        database: str,
+        database: str | None,
         tables: frozenset[str],
         everything: bool,
         named: tuple[frozenset[str], bool] | None = None,
     ) -> None:
-        """Evict `tables` (or the database). `named` is what the write itself said, when the
-        eviction was widened only for safety: adaptive TTL learns from that, not from the
-        widening (the first write to a table not looked up yet evicts everything)."""
+        """Evict `tables` (or the database; or, with `database` None, every database of the
+        origin: roles and grants are shared by all of them). `named` is what the write itself
+        said, when the eviction was widened only for safety."""
         ddl = named is None or named[1]  # DDL and the like: views, keys or triggers may have changed
         for cache in (self, *self.siblings()):
             # Caches in front of the same origin share its tables: a write through one makes
             # the others' entries just as stale.
-            if everything:
+            if database is None:
+                cache.store.invalidate_everything()
+                cache.relations.forget()
+            elif everything:
                 cache.store.invalidate_database(database)
                 if ddl:
                     cache.relations.forget(database)
             else:
                 cache.store.invalidate_tables(database, tables)
-        if self.on_write is not None:
+        if self.on_write is not None and database is not None:
             learn_tables, learn_everything = named if named is not None else (tables, everything)
             self.on_write(database, learn_tables, learn_everything)
 

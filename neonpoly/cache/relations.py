@@ -1,109 +1,162 @@
-"""What the relations a query touches really are, as far as staleness goes.
+"""What the relations a query touches really are, as the server's catalogs say.
 
-A write names the tables it changes; a read names the relations in its FROM clause. Both
-can reach further than they say:
+A write names the tables it changes; a read names the relations in its FROM clause. Both can
+reach further than they say:
 
-* a read of a view depends on the view's base tables, and a read of a partitioned (or
-  inherited) table on every partition;
-* a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT)
-  into other tables, reaches partitions when it names the parent, reaches a view's base
-  tables when it names an (automatically) updatable view, and may run triggers or rules
-  that write anything at all.
+* a read of a view depends on the view's base tables, of a partitioned (or inherited) table on
+  every partition, and of a table with row-level security on whatever its policies read;
+* a view's definition or a policy may call the clock or code of the user's (which may write
+  anything or change the session): such relations are never cached, and reading one is
+  treated like calling unknown code;
+* a sequence, a foreign table and the system catalogs change without any write neonpoly sees;
+* a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT),
+  reaches partitions when it names the parent, reaches a view's base tables when it names an
+  updatable view, and may run triggers or rules that write anything at all;
+* a builtin trusted by name (`lower()`, `=`, `text`) is the builtin only if the database has
+  no function, operator or type of that name outside pg_catalog.
 
-An entry tagged only with the names in the SQL would then survive a write to the tables it
-really read: stale data. So the first time a relation is seen, neonpoly asks the origin (in
-the client's own idle session; the answer is swallowed) for both closures, and from then on
-tags reads with every table they read and widens writes to every table they reach. A write
-with triggers or rules, or to a relation not yet looked up, evicts the whole database.
-Views over non-immutable functions, and the system catalogs and statistics views (whose
-contents change without any write, and whose dependencies PostgreSQL does not record),
-are never cached.
+So the first time a relation is seen, neonpoly asks the origin (in the client's own idle
+session; the answer is swallowed) and from then on tags reads with every table they read and
+widens writes to every table they reach. View definitions and policy expressions come back as
+SQL (`pg_get_viewdef`, `pg_get_expr`) and are judged by the same classifier as the client's
+queries. The lookup is immune to what the client's session can change: every function,
+operator and type in it is qualified with pg_catalog, catalogs are named by their fixed OIDs,
+and the names travel as a bound parameter, never as SQL text.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+from neonpoly.cache.policy import classify
 
-# Rows: ('r', asked, relation it reads, volatile) and ('w', asked, table a write reaches, opaque).
-_LOOKUP = """\
+_CATALOG = "OPERATOR(pg_catalog.=)"
+_NOT = "OPERATOR(pg_catalog.<>)"
+# pg_class 1259, pg_rewrite 2618, pg_policy 3256; pg_catalog's namespace is 11.
+LOOKUP_SQL = f"""\
 WITH RECURSIVE asked(oid, root) AS (
-  SELECT c.oid, c.relname::text FROM pg_catalog.pg_class c WHERE c.relname = ANY ('{{{names}}}'::text[])
-), read_edges(parent, child) AS (
+  SELECT c.oid, c.relname::pg_catalog.text FROM pg_catalog.pg_class c
+  WHERE c.relname {_CATALOG} ANY ($1::pg_catalog.name[])
+), view_edges(parent, child) AS (
   SELECT x.ev_class, d.refobjid FROM pg_catalog.pg_rewrite x
-  JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-   AND d.objid = x.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-   AND d.refobjid <> x.ev_class
+  JOIN pg_catalog.pg_depend d ON d.classid {_CATALOG} 2618::pg_catalog.oid
+   AND d.objid {_CATALOG} x.oid AND d.refclassid {_CATALOG} 1259::pg_catalog.oid
+   AND d.refobjid {_NOT} x.ev_class
   UNION ALL
   SELECT i.inhparent, i.inhrelid FROM pg_catalog.pg_inherits i
-), write_edges(parent, child) AS (
-  SELECT k.confrelid, k.conrelid FROM pg_catalog.pg_constraint k WHERE k.contype = 'f'
-   AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+), read_edges(parent, child) AS (
+  SELECT parent, child FROM view_edges
   UNION ALL
-  SELECT parent, child FROM read_edges  -- partitions, and a view's base tables (updatable views)
+  SELECT p.polrelid, d.refobjid FROM pg_catalog.pg_policy p
+  JOIN pg_catalog.pg_depend d ON d.classid {_CATALOG} 3256::pg_catalog.oid
+   AND d.objid {_CATALOG} p.oid AND d.refclassid {_CATALOG} 1259::pg_catalog.oid
+   AND d.refobjid {_NOT} p.polrelid
+), write_edges(parent, child) AS (
+  SELECT k.confrelid, k.conrelid FROM pg_catalog.pg_constraint k WHERE k.contype {_CATALOG} 'f'
+   AND (k.confdeltype {_CATALOG} ANY ('{{c,n,d}}'::pg_catalog."char"[])
+        OR k.confupdtype {_CATALOG} ANY ('{{c,n,d}}'::pg_catalog."char"[]))
+  UNION ALL
+  SELECT parent, child FROM view_edges  -- partitions, and a view's base tables (updatable views)
 ), r(oid, root) AS (
   SELECT oid, root FROM asked
   UNION
-  SELECT e.child, r.root FROM r JOIN read_edges e ON e.parent = r.oid
+  SELECT e.child, r.root FROM r JOIN read_edges e ON e.parent {_CATALOG} r.oid
 ), w(oid, root) AS (
   SELECT oid, root FROM asked
   UNION
-  SELECT e.child, w.root FROM w JOIN write_edges e ON e.parent = w.oid
+  SELECT e.child, w.root FROM w JOIN write_edges e ON e.parent {_CATALOG} w.oid
 )
-SELECT 'r', r.root, c.relname::text, EXISTS (
-  SELECT 1 FROM pg_catalog.pg_rewrite x
-  JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-   AND d.objid = x.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-  JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
-  WHERE x.ev_class = r.oid AND p.provolatile <> 'i')
-  OR n.nspname IN ('pg_catalog', 'information_schema')
-FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+SELECT 'r', r.root, c.relname::pg_catalog.text,
+  (c.relkind {_CATALOG} ANY ('{{S,f}}'::pg_catalog."char"[])
+   OR n.nspname {_CATALOG} ANY ('{{pg_catalog,information_schema,pg_toast}}'::pg_catalog.name[]))::pg_catalog.text,
+  CASE WHEN c.relkind {_CATALOG} 'v' THEN pg_catalog.pg_get_viewdef(c.oid) END
+FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
+JOIN pg_catalog.pg_namespace n ON n.oid {_CATALOG} c.relnamespace
 UNION ALL
-SELECT 'w', w.root, c.relname::text,
-  EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = w.oid AND NOT t.tgisinternal)
-  OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite x WHERE x.ev_class = w.oid AND x.ev_type <> '1')
-FROM w JOIN pg_catalog.pg_class c ON c.oid = w.oid /* neonpoly: relation lookup */"""
+SELECT 'p', r.root, c.relname::pg_catalog.text, 'false',
+  pg_catalog.concat('SELECT ', pg_catalog.pg_get_expr(p.polqual, p.polrelid))
+FROM r JOIN pg_catalog.pg_policy p ON p.polrelid {_CATALOG} r.oid
+JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
+WHERE p.polqual IS NOT NULL
+UNION ALL
+SELECT 'w', w.root, c.relname::pg_catalog.text,
+  (EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid {_CATALOG} w.oid AND NOT t.tgisinternal)
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite x WHERE x.ev_class {_CATALOG} w.oid
+              AND x.ev_type {_NOT} '1'))::pg_catalog.text, NULL
+FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
+UNION ALL
+SELECT 's', '', s.name, 'false', NULL FROM (
+  SELECT pg_catalog.concat(p.proname, '()') FROM pg_catalog.pg_proc p
+  WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
+  UNION
+  SELECT pg_catalog.concat('operator ', o.oprname) FROM pg_catalog.pg_operator o
+  WHERE $2::pg_catalog.bool AND o.oprnamespace {_NOT} 11::pg_catalog.oid
+  UNION
+  SELECT pg_catalog.concat('type ', t.typname) FROM pg_catalog.pg_type t
+  WHERE $2::pg_catalog.bool AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typrelid {_CATALOG} 0::pg_catalog.oid
+) s(name) /* neonpoly: relation lookup */"""
+
+
+def lookup_params(names: Iterable[str], with_shadows: bool) -> list[str]:
+    """The lookup's two parameters, in text format: the names as an array, and whether to
+    list the database's objects outside pg_catalog."""
+    quoted = ",".join('"' + n.replace("\\", "\\\\").replace('"', '\\"') + '"' for n in sorted(set(names)))
+    return ["{" + quoted + "}", "true" if with_shadows else "false"]
 
 
 @dataclass(frozen=True, slots=True)
 class Relation:
-    tags: frozenset[str]  # what a read of it depends on: itself, base tables, partitions
-    volatile: bool  # built on something that changes without a write
+    tags: frozenset[str]  # what a read of it depends on: itself, base tables, partitions, policies
+    volatile: str | None  # why it changes without a write neonpoly sees (never cached)
+    runs_code: str | None  # why reading it may run the user's code (it may write or SET)
+    shadowable: frozenset[str]  # builtins its view definition or policies trust by name
     reach: frozenset[str]  # what a write to it changes: itself, cascades, partitions
     opaque: bool  # a write to it runs triggers or rules: it may change anything
 
 
-def lookup_sql(names: Iterable[str]) -> str:
-    """The catalog query for `names` (all plain identifiers, see `askable`)."""
-    return _LOOKUP.format(names=",".join(sorted(set(names))))
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What the catalog says about one query's relations and builtins."""
 
-
-def askable(name: str) -> bool:
-    """Names we can put in the lookup's array literal without any quoting question."""
-    return bool(_PLAIN_NAME.match(name))
+    tags: frozenset[str]
+    volatile: str | None
+    runs_code: str | None
 
 
 class RelationBook:
-    """Per cache: what each (database, relation name) was found to be."""
+    """Per cache: what each (database, relation name) was found to be, and which builtin
+    names each database shadows with objects of its own."""
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, str], Relation] = {}
+        self._shadowed: dict[str, frozenset[str]] = {}
 
-    def resolve(self, database: str, names: Iterable[str]) -> tuple[frozenset[str], bool] | None:
-        """(tags, volatile) for a query's relations, or None while any of them is unknown."""
+    def knows_shadows(self, database: str) -> bool:
+        return database in self._shadowed
+
+    def resolve(self, database: str, names: Iterable[str], trusted: Iterable[str] = ()) -> Resolution | None:
+        """Tags and verdicts for a query's relations and trusted builtins, or None while any
+        of them is unknown (ask the origin first)."""
+        shadowed = self._shadowed.get(database)
+        if shadowed is None:
+            return None
         tags: set[str] = set()
-        volatile = False
+        volatile: str | None = None
+        runs_code: str | None = None
+        checks = set(trusted)
         for name in names:
             rel = self._known.get((database, name))
             if rel is None:
                 return None
             tags |= rel.tags
             volatile = volatile or rel.volatile
-        return frozenset(tags), volatile
+            runs_code = runs_code or rel.runs_code
+            checks |= rel.shadowable
+        hit = sorted(checks & shadowed)
+        if hit and runs_code is None:
+            runs_code = f"{hit[0]} may resolve to an object outside pg_catalog in this database"
+        return Resolution(frozenset(tags), volatile, runs_code)
 
     def reach(self, database: str, names: Iterable[str]) -> frozenset[str] | None:
         """Every table a write to `names` may change, or None: evict the whole database
@@ -116,39 +169,70 @@ class RelationBook:
             out |= rel.reach
         return frozenset(out)
 
-    def volatile(self, database: str, names: Iterable[str]) -> bool:
-        for name in names:
-            rel = self._known.get((database, name))
-            if rel is not None and rel.volatile:
-                return True
-        return False
-
     def unknown(self, database: str, names: Iterable[str]) -> list[str]:
         return [n for n in names if (database, n) not in self._known]
 
-    def learn(self, database: str, asked: Iterable[str], rows: Iterable[tuple[str, str, str, bool]]) -> None:
+    def learn(
+        self, database: str, asked: Iterable[str], rows: Iterable[tuple[str, str, str, bool, str | None]]
+    ) -> None:
         reads: dict[str, tuple[set[str], bool]] = {}
         writes: dict[str, tuple[set[str], bool]] = {}
-        for kind, root, relname, flag in rows:
+        code: dict[str, list[str]] = {}
+        shadows: set[str] = set()
+        for kind, root, relname, flag, definition in rows:
+            if kind == "s":
+                shadows.add(relname)
+                continue
+            if kind == "p" or definition is not None:
+                code.setdefault(root, []).append(definition or "")
+                if kind == "p":
+                    continue
             table = reads if kind == "r" else writes
             names, seen = table.setdefault(root, ({root}, False))
             names.add(relname)
             table[root] = (names, seen or flag)
+        if shadows or not self.knows_shadows(database):
+            self._shadowed[database] = frozenset(shadows)
         for name in asked:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
             reach, opaque = writes.get(name, ({name}, False))
-            self._known[(database, name)] = Relation(frozenset(tags), volatile, frozenset(reach), opaque)
+            why_volatile = f"reads {name}, which changes without writes (a sequence, foreign table or catalog)" \
+                if volatile else None
+            runs_code, shadowable, clock = _judge_definitions(name, code.get(name, ()))
+            self._known[(database, name)] = Relation(
+                frozenset(tags), why_volatile or clock, runs_code, shadowable, frozenset(reach), opaque
+            )
 
     def refuse(self, database: str, names: Iterable[str]) -> None:
-        """Relations we could not ask about: never cached, writes to them evict everything."""
+        """Relations we could not ask about: never cached, reads and writes evict everything."""
         for name in names:
-            self._known[(database, name)] = Relation(frozenset({name}), True, frozenset({name}), True)
+            why = f"neonpoly could not look up {name}"
+            self._known[(database, name)] = Relation(frozenset({name}), why, why, frozenset(), frozenset({name}), True)
+        self._shadowed.setdefault(database, frozenset())
 
     def forget(self, database: str | None = None) -> None:
-        """DDL may have redefined views, keys or triggers: learn again."""
+        """DDL may have redefined views, keys, triggers, policies or functions: learn again."""
         if database is None:
             self._known.clear()
+            self._shadowed.clear()
         else:
             for key in [k for k in self._known if k[0] == database]:
                 del self._known[key]
+            self._shadowed.pop(database, None)
+
+
+def _judge_definitions(name: str, definitions: Iterable[str]) -> tuple[str | None, frozenset[str], str | None]:
+    """(runs_code, shadowable builtins, volatile) for the view definitions and policies of a
+    relation, judged by the classifier that judges client queries."""
+    runs_code: str | None = None
+    volatile: str | None = None
+    shadowable: set[str] = set()
+    for sql in definitions:
+        info = classify(sql)
+        shadowable |= info.shadowable
+        if info.invalidate_all or info.changes_session or info.is_write:
+            runs_code = runs_code or f"reading {name} runs code: {info.reason}"
+        elif not info.cacheable:
+            volatile = volatile or f"{name} is defined with something that changes without writes: {info.reason}"
+    return runs_code, frozenset(shadowable), volatile

@@ -1,267 +1,210 @@
-"""One statement → Verdict, dispatched on its leading keyword.
+"""One statement of PostgreSQL's parse tree → Verdict, dispatched on its node type.
 
-Utility statements (SET, BEGIN, COPY, LISTEN …) are recognised from tokens: sqlglot parses
-many of them as opaque commands or, worse, as something else (``LISTEN x`` becomes an alias),
-so only queries and DML are handed to the parser.
+Queries and DML are analysed by `queries.py`; every other statement is judged by what it can
+do: change the schema (DDL evicts the database, or every database for roles and grants),
+change the session (the session learns its identity again), run server code, or nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from sqlglot.tokenizer_core import Token, TokenType
+from typing import Any
 
 from neonpoly.cache import queries
 from neonpoly.cache.classification import Status, Verdict
 
-_QUERY_STARTS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "("})
-_DML_STARTS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
-_DDL_STARTS = frozenset(
-    {"CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE", "REFRESH", "SECURITY",
-     "IMPORT", "REASSIGN"}
-)
-# Utility statements that neither read user data nor change it.
+Node = dict[str, Any]
+
+_QUERIES = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _UTILITY = {
-    "SHOW": "SHOW depends on session state",
-    "LISTEN": "LISTEN", "UNLISTEN": "UNLISTEN",
-    "DEALLOCATE": "DEALLOCATE", "DECLARE": "cursor statement", "FETCH": "cursor statement",
-    "MOVE": "cursor statement", "CLOSE": "cursor statement",
-    "VACUUM": "maintenance statement", "ANALYZE": "maintenance statement",
-    "ANALYSE": "maintenance statement", "CHECKPOINT": "maintenance statement",
-    "CLUSTER": "maintenance statement", "REINDEX": "maintenance statement",
+    "VariableShowStmt": "SHOW depends on session state",
+    "ListenStmt": "LISTEN", "UnlistenStmt": "UNLISTEN",
+    "ClosePortalStmt": "cursor statement",
+    "VacuumStmt": "maintenance statement", "CheckPointStmt": "maintenance statement",
+    "ClusterStmt": "maintenance statement", "ReindexStmt": "maintenance statement",
+    "PrepareStmt": "PREPARE of a statement",
+    "ConstraintsSetStmt": "SET CONSTRAINTS applies to the current transaction only",
 }
-_SIDE_EFFECTS = {"LOCK": "LOCK takes locks", "NOTIFY": "NOTIFY sends a notification"}
-_WRITE_WORDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "INTO", "TRUNCATE"})
-_FALSE_WORDS = frozenset({"FALSE", "OFF", "0"})
-_SET_FORMS = {
-    "ROLE": "role", "NAMES": "client_encoding", "SCHEMA": "search_path",
-}
+_SIDE_EFFECTS = {"LockStmt": "LOCK takes locks", "NotifyStmt": "NOTIFY sends a notification"}
+# Facts shared by every database of the server: roles, memberships, databases, settings.
+_CLUSTER_WIDE = frozenset(
+    {
+        "CreateRoleStmt", "AlterRoleStmt", "AlterRoleSetStmt", "DropRoleStmt", "GrantRoleStmt",
+        "GrantStmt", "CreatedbStmt", "DropdbStmt", "AlterDatabaseStmt", "AlterDatabaseSetStmt",
+        "AlterDatabaseRefreshCollStmt", "AlterSystemStmt", "ReassignOwnedStmt", "DropOwnedStmt",
+        "CreateTableSpaceStmt", "DropTableSpaceStmt", "AlterTableSpaceOptionsStmt",
+    }
+)
+_FALSE = frozenset({"false", "off", "no", "0"})
 
 
-def _words(tokens: Sequence[Token]) -> list[str]:
-    return [
-        "" if t.token_type in (TokenType.STRING, TokenType.IDENTIFIER) else t.text.upper()
-        for t in tokens
-    ]
-
-
-def classify_statement(tokens: Sequence[Token], sql: str) -> Verdict:
-    first = tokens[0].text.upper()
-    if first in _QUERY_STARTS or first in _DML_STARTS:
-        return _parsed(tokens, sql)
-    words = _words(tokens)
-    first = words[0]
-    if first in _DDL_STARTS:
-        return Verdict().write(f"{first} statement (DDL) changes the schema", everything=True)
-    if first == "TRUNCATE":
-        return _truncate(tokens, words)
-    if first in ("CALL", "DO"):
-        # Server code may also SET ROLE or search_path: the key could not describe that.
-        verdict = Verdict().write(f"{first} runs server code that may write", everything=True)
+def classify_statement(kind: str, f: Node) -> Verdict:
+    if kind in _QUERIES:
+        return queries.analyse(kind, f, Verdict())
+    if kind == "ExplainStmt":
+        return _explain(f)
+    if kind == "CopyStmt":
+        return _copy(f)
+    if kind == "DeclareCursorStmt":
+        return _declare(f)
+    if kind == "FetchStmt":
+        verdict = Verdict().refuse(Status.NOTAQUERY, "cursor statement")
+        verdict.fetches = True
+        return verdict
+    if kind == "TransactionStmt":
+        return _transaction(f)
+    if kind == "VariableSetStmt":
+        return _set(f)
+    if kind == "DiscardStmt":
+        verdict = _changes_session(f"DISCARD {str(f.get('target', '')).removeprefix('DISCARD_')}")
+        if f.get("target") == "DISCARD_ALL":
+            verdict.deallocates = "*"
+        return verdict
+    if kind == "DeallocateStmt":
+        verdict = Verdict().refuse(Status.NOTAQUERY, "DEALLOCATE")
+        verdict.deallocates = "*" if f.get("isall") or not f.get("name") else str(f["name"])
+        return verdict
+    if kind == "LoadStmt":
+        return _changes_session("LOAD of a library")
+    if kind in _UTILITY:
+        return Verdict().refuse(Status.NOTAQUERY, _UTILITY[kind])
+    if kind in _SIDE_EFFECTS:
+        return Verdict().refuse(Status.UNCACHEABLE, _SIDE_EFFECTS[kind])
+    if kind == "TruncateStmt":
+        verdict = Verdict()
+        for rel in f.get("relations") or ():
+            rv = rel.get("RangeVar", {})
+            verdict.tables_written.add(str(rv.get("relname", "")))
+            verdict.qualified.append(queries.qualified(rv.get("schemaname"), str(rv.get("relname", ""))))
+        return verdict.write("TRUNCATE empties tables", everything=True)
+    if kind in ("CallStmt", "DoStmt", "ExecuteStmt"):
+        what = {"CallStmt": "CALL runs", "DoStmt": "DO runs", "ExecuteStmt": "EXECUTE runs a prepared statement of"}
+        verdict = Verdict().write(f"{what[kind]} server code that may write", everything=True)
         verdict.changes_session = True
         return verdict
-    if first == "EXPLAIN":
-        return _explain(tokens, sql, words)
-    if first == "COPY":
-        return _copy(tokens, words)
-    if first in ("SET", "RESET", "DISCARD", "LOAD"):
-        return _session(tokens, sql, words)
-    if first in ("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT",
-                 "RELEASE", "PREPARE"):
-        return _transaction(words)
-    if first == "EXECUTE":
-        # The statement text was sent earlier; it may be a write we cannot name.
-        verdict = Verdict().write("EXECUTE of a prepared statement", everything=True)
-        verdict.changes_session = True  # it may call a function that changes the session
-        return verdict
-    if first in _UTILITY:
-        return Verdict().refuse(Status.NOTAQUERY, _UTILITY[first])
-    if first in _SIDE_EFFECTS:
-        return Verdict().refuse(Status.UNCACHEABLE, _SIDE_EFFECTS[first])
-    return _unparsed(words, f"unrecognised statement {first[:20]}")
-
-
-def _unparsed(words: Sequence[str], reason: str) -> Verdict:
-    verdict = Verdict().refuse(Status.PARSEERROR, reason)
-    # Cannot see inside: assume any write keyword means a write to unknown tables.
-    if _WRITE_WORDS.intersection(words) or words[0] not in _QUERY_STARTS:
-        verdict.is_write = verdict.invalidate_all = True
+    # Everything else changes the schema (or is a statement this version does not know).
+    label = kind.removesuffix("Stmt")
+    verdict = Verdict().write(f"{label} (DDL) changes the schema", everything=True)
+    verdict.changes_session = True  # CREATE TEMP, ownership, role attributes ...
+    verdict.cluster_wide = kind in _CLUSTER_WIDE
     return verdict
 
 
-def _parsed(tokens: Sequence[Token], sql: str) -> Verdict:
-    try:
-        tree = queries.parse(tokens, sql)
-    except Exception as error:  # sqlglot raises several error types, and RecursionError
-        return _unparsed(_words(tokens), f"could not parse: {type(error).__name__}")
-    if tree is None:
-        return _unparsed(_words(tokens), "could not parse")
-    return queries.analyse(tree, Verdict())
+def _changes_session(reason: str) -> Verdict:
+    verdict = Verdict().refuse(Status.NOTAQUERY, f"{reason} changes session state")
+    verdict.changes_session = True
+    return verdict
 
 
-def _dotted_name(tokens: Sequence[Token], i: int) -> tuple[tuple[str, str] | None, int]:
-    """Read ``[schema.]name`` at i: ((bare, qualified), next index) or (None, i)."""
-    parts: list[str] = []
-    while i < len(tokens):
-        token = tokens[i]
-        if token.token_type == TokenType.IDENTIFIER:
-            parts.append(token.text)
-        elif token.text.replace("_", "a").replace("$", "a").isalnum():
-            parts.append(token.text.lower())
-        else:
-            break
-        i += 1
-        if i < len(tokens) and tokens[i].token_type == TokenType.DOT:
-            i += 1
-            continue
-        break
-    if not parts:
-        return None, i
-    return (parts[-1], ".".join(parts[-2:])), i
-
-
-def _truncate(tokens: Sequence[Token], words: Sequence[str]) -> Verdict:
-    verdict = Verdict()
-    i = 1
-    while i < len(tokens):
-        if words[i] in ("TABLE", "ONLY", ","):
-            i += 1
-            continue
-        names, i = _dotted_name(tokens, i)
-        if names is None or words[i - 1] in ("CASCADE", "RESTRICT", "IDENTITY"):
-            break
-        verdict.tables_written.add(names[0])
-        verdict.qualified.append(names[1])
-        if i < len(tokens) and words[i] == "*":
-            i += 1
-    return verdict.write("TRUNCATE empties tables", everything=True)
-
-
-def _explain(tokens: Sequence[Token], sql: str, words: Sequence[str]) -> Verdict:
-    analyze = False
-    i = 1
-    if i < len(words) and words[i] == "(":
-        depth = 0
-        for j in range(i, len(words)):
-            depth += {"(": 1, ")": -1}.get(words[j], 0)
-            if words[j] in ("ANALYZE", "ANALYSE"):
-                analyze = j + 1 >= len(words) or words[j + 1] not in _FALSE_WORDS
-            if depth == 0:
-                i = j + 1
-                break
-    while i < len(words) and words[i] in ("ANALYZE", "ANALYSE", "VERBOSE"):
-        analyze = analyze or words[i] != "VERBOSE"
-        i += 1
-    verdict = Verdict().refuse(Status.UNCACHEABLE, "EXPLAIN output depends on planner state")
-    if i >= len(tokens):
+def _set(f: Node) -> Verdict:
+    name = str(f.get("name") or "").lower()
+    if f.get("is_local"):
+        verdict = Verdict().refuse(Status.NOTAQUERY, "SET LOCAL lasts only until the end of the transaction")
         return verdict
-    inner = classify_statement(tokens[i:], sql)
+    if name in ("transaction", "transaction_isolation", "transaction_read_only", "transaction_deferrable"):
+        return Verdict().refuse(Status.NOTAQUERY, "SET TRANSACTION applies to the current transaction only")
+    if name == "constraints":
+        return Verdict().refuse(Status.NOTAQUERY, "SET CONSTRAINTS applies to the current transaction only")
+    word = "RESET" if str(f.get("kind", "")).startswith("VAR_RESET") else "SET"
+    return _changes_session(word)
+
+
+def _explain(f: Node) -> Verdict:
+    verdict = Verdict().refuse(Status.UNCACHEABLE, "EXPLAIN output depends on planner state")
+    query = f.get("query")
+    if not isinstance(query, dict) or not query:
+        return verdict
+    ((kind, fields),) = query.items()
+    inner = classify_statement(kind, fields)
     verdict.tables_read = inner.tables_read
     verdict.qualified = inner.qualified
-    if analyze and inner.is_write:
+    if _analyzes(f.get("options") or ()) and (inner.is_write or inner.invalidate_all or inner.changes_session):
         # EXPLAIN ANALYZE executes the statement.
-        verdict.is_write = True
+        verdict.is_write = inner.is_write
         verdict.invalidate_all = inner.invalidate_all
+        verdict.changes_session = inner.changes_session
         verdict.tables_written = inner.tables_written
         verdict.reason = f"EXPLAIN ANALYZE executes: {inner.reason}"
     return verdict
 
 
-def _copy(tokens: Sequence[Token], words: Sequence[str]) -> Verdict:
+def _analyzes(options: Any) -> bool:
+    """Whether EXPLAIN's options turn ANALYZE on; anything but an explicit false does."""
+    for option in options:
+        elem = option.get("DefElem", {})
+        if str(elem.get("defname", "")).lower() not in ("analyze", "analyse"):
+            continue
+        arg = elem.get("arg")
+        if arg is None:
+            return True
+        ((atype, value),) = arg.items()
+        if atype == "Integer":
+            return bool(value.get("ival", 0))
+        if atype == "Boolean":
+            return bool(value.get("boolval", False))
+        return str(value.get("sval", "")).lower() not in _FALSE
+    return False
+
+
+def _copy(f: Node) -> Verdict:
     verdict = Verdict().refuse(Status.UNCACHEABLE, "COPY")
-    if len(words) > 1 and words[1] == "(":
-        return verdict  # COPY (query) TO …: reads only
-    names, i = _dotted_name(tokens, 1)
-    if i < len(words) and words[i] == "(":
-        i = words.index(")", i) + 1 if ")" in words[i:] else len(words)
-    direction = words[i] if i < len(words) else ""
-    if names is None or direction not in ("FROM", "TO"):
-        return verdict.write("COPY whose table cannot be named", everything=True)
-    verdict.qualified.append(names[1])
-    if direction == "TO":
-        verdict.tables_read.add(names[0])
+    verdict.copy = True
+    query = f.get("query")
+    if isinstance(query, dict) and query:
+        ((kind, fields),) = query.items()
+        queries.apply_facts(queries.facts_of(kind, fields), verdict)
+        verdict.refuse(Status.UNCACHEABLE, "COPY")
+        verdict.cacheable = False
         return verdict
-    verdict.tables_written.add(names[0])
-    return verdict.write(f"COPY FROM writes table {names[1]}")
-
-
-def _transaction(words: Sequence[str]) -> Verdict:
-    first, second = words[0], (words[1] if len(words) > 1 else "")
-    verdict = Verdict().refuse(Status.NOTAQUERY, "transaction control")
-    if first == "PREPARE":
-        if second != "TRANSACTION":
-            verdict.reason = "PREPARE of a statement"
-            return verdict
-        verdict.transaction_control = "prepare_transaction"
-    elif second == "PREPARED":
-        if first == "COMMIT":
-            # Makes an earlier, unseen transaction's writes visible.
-            return verdict.write("COMMIT PREPARED", everything=True)
-        verdict.reason = "ROLLBACK PREPARED"
-    elif first in ("BEGIN", "START"):
-        verdict.transaction_control = "begin"
-    elif first in ("COMMIT", "END"):
-        verdict.transaction_control = "commit"
-    elif first in ("ROLLBACK", "ABORT"):
-        verdict.transaction_control = "rollback_to" if "TO" in words else "rollback"
-    elif first == "SAVEPOINT":
-        verdict.transaction_control = "savepoint"
-    else:
-        verdict.transaction_control = "release"
+    rv = f.get("relation") or {}
+    name = str(rv.get("relname", ""))
+    verdict.qualified.append(queries.qualified(rv.get("schemaname"), name))
+    if f.get("is_from"):
+        verdict.tables_written.add(name)
+        verdict.write(f"COPY FROM writes table {verdict.qualified[-1]}")
+        if f.get("whereClause"):  # functions in COPY FROM … WHERE run per row
+            queries.apply_facts(queries.facts_of("SelectStmt", {"whereClause": f["whereClause"]}), verdict)
+        return verdict
+    verdict.tables_read.add(name)
     return verdict
 
 
-def _value(tokens: Sequence[Token], sql: str) -> str | None:
-    if not tokens:
-        return None
-    if len(tokens) == 1:
-        token = tokens[0]
-        if token.token_type in (TokenType.STRING, TokenType.IDENTIFIER, TokenType.NUMBER):
-            return token.text
-        return None if token.text.upper() == "DEFAULT" else token.text.lower()
-    return " ".join(sql[tokens[0].start : tokens[-1].end + 1].split())
+def _declare(f: Node) -> Verdict:
+    verdict = Verdict().refuse(Status.NOTAQUERY, "cursor statement")
+    query = f.get("query")
+    if isinstance(query, dict) and query:
+        ((kind, fields),) = query.items()
+        inner = classify_statement(kind, fields)
+        verdict.tables_read = inner.tables_read
+        verdict.qualified = inner.qualified
+        if inner.is_write or inner.invalidate_all or inner.changes_session:
+            # Its query runs as rows are fetched: every FETCH may write.
+            verdict.is_write = True
+            verdict.tables_written = inner.tables_written
+            verdict.invalidate_all = True
+            verdict.changes_session = inner.changes_session
+            verdict.cursor_writes = True
+            verdict.reason = f"cursor over a query that may write: {inner.reason}"
+    return verdict
 
 
-def _session(tokens: Sequence[Token], sql: str, words: Sequence[str]) -> Verdict:
-    first = words[0]
-    verdict = Verdict().refuse(Status.NOTAQUERY, f"{first} changes session state")
-    verdict.changes_session = True
-    if first != "SET" and first != "RESET":
+_TRANSACTION = {
+    "TRANS_STMT_BEGIN": "begin", "TRANS_STMT_START": "begin", "TRANS_STMT_COMMIT": "commit",
+    "TRANS_STMT_ROLLBACK": "rollback", "TRANS_STMT_SAVEPOINT": "savepoint",
+    "TRANS_STMT_RELEASE": "release", "TRANS_STMT_ROLLBACK_TO": "rollback_to",
+    "TRANS_STMT_PREPARE": "prepare_transaction",
+}
+
+
+def _transaction(f: Node) -> Verdict:
+    kind = str(f.get("kind", ""))
+    verdict = Verdict().refuse(Status.NOTAQUERY, "transaction control")
+    if kind == "TRANS_STMT_COMMIT_PREPARED":
+        # Makes an earlier, unseen transaction's writes visible.
+        return verdict.write("COMMIT PREPARED", everything=True)
+    if kind == "TRANS_STMT_ROLLBACK_PREPARED":
+        verdict.reason = "ROLLBACK PREPARED"
         return verdict
-    i = 1
-    if len(words) > 2 and words[1] in ("SESSION", "LOCAL") and words[2] not in (
-        "AUTHORIZATION", "CHARACTERISTICS"
-    ):
-        if words[1] == "LOCAL":
-            # Lasts until the transaction ends, and caching is off inside transactions.
-            verdict.changes_session = False
-            verdict.reason = "SET LOCAL lasts only until the end of the transaction"
-            return verdict
-        i = 2
-    rest = words[i:]
-    if not rest:
-        return verdict
-    if rest[0] in ("TRANSACTION", "CONSTRAINTS"):
-        verdict.changes_session = False
-        verdict.reason = f"{first} {rest[0]} applies to the current transaction only"
-        return verdict
-    if rest[0] == "ALL" or rest[:2] == ["SESSION", "CHARACTERISTICS"]:
-        return verdict
-    if rest[:2] == ["SESSION", "AUTHORIZATION"]:
-        name, j = "session_authorization", i + 2
-    elif rest[:2] == ["TIME", "ZONE"]:
-        name, j = "timezone", i + 2
-    elif rest[0] in _SET_FORMS:
-        name, j = _SET_FORMS[rest[0]], i + 1
-    else:
-        parsed, j = _dotted_name(tokens, i)
-        if parsed is None:
-            return verdict
-        name = parsed[1] if "." in parsed[1] else parsed[0]
-        if j < len(words) and words[j] in ("TO", "="):
-            j += 1
-    value = None if first == "RESET" else _value(tokens[j:], sql)
-    if name == "timezone" and value in ("local",):
-        value = None
-    verdict.session_setting = (name.lower(), value)
+    verdict.transaction_control = _TRANSACTION.get(kind)
+    if f.get("chain"):
+        verdict.reason = "transaction control (AND CHAIN opens the next transaction)"
     return verdict

@@ -9,9 +9,30 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import threading
 from collections.abc import Sequence
+from typing import ClassVar
 
+from sqlglot.dialects.postgres import Postgres
 from sqlglot.tokenizer_core import Token, TokenType
+
+
+class _TemplateTokenizer(Postgres.Tokenizer):
+    """Postgres tokens without "command" swallowing: the stock tokenizer turns the text after
+    CALL, EXPLAIN, SHOW … into one string token, which a template would show as one literal."""
+
+    COMMANDS: ClassVar[set[TokenType]] = set()
+
+
+_local = threading.local()
+
+
+def tokenize(sql: str) -> list[Token]:
+    """Tokens of the whole text; one tokenizer per thread, as a tokenizer holds state."""
+    tokenizer: _TemplateTokenizer | None = getattr(_local, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = _local.tokenizer = _TemplateTokenizer()
+    return tokenizer.tokenize(sql)
 
 LITERAL_TYPES: frozenset[TokenType] = frozenset(
     {

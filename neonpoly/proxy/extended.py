@@ -9,11 +9,17 @@ the origin never saw because an earlier batch was answered locally.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from neonpoly import pgwire
 from neonpoly.cache.policy import Classification, Status, classify
+
+# A parameter sent as text becomes a date/time by the server's input function, which reads the
+# clock for these words ('now' bound to a timestamptz). Binary values cannot spell them as
+# a date; matching their bytes anyway only costs a miss.
+_CLOCK_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday)(?![a-z])")
 
 
 @dataclass(slots=True)
@@ -42,7 +48,16 @@ class BatchPlan:
     writes_everything: bool = False
     parses: list[pgwire.ParseMsg] = field(default_factory=list)
     closes: list[str] = field(default_factory=list)
+    # Parses and statement Closes in batch order: a name may be closed and parsed again.
+    ops: list[pgwire.ParseMsg | str] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)  # statement names the batch uses but did not Parse
+    changes_session: bool = False
+    commits: bool = False
+    cursor_writes: bool = False
+    fetches: bool = False
+    cluster_wide: bool = False
+    shadowable: frozenset[str] = frozenset()
+    deallocates: list[str] = field(default_factory=list)
 
 
 class StatementBook:
@@ -52,6 +67,9 @@ class StatementBook:
         self.statements: dict[str, Statement] = {}
         self.version = 0  # bumped whenever a statement is added or closed
         self.copies: set[str] = set()  # names of statements that run COPY
+        # Named statements the origin holds, whatever the client did with them since: one
+        # closed or parsed again in a batch the cache answered is still there in its old form.
+        self.origin_has: set[str] = set()
 
     def classify_parse(self, msg: pgwire.ParseMsg) -> Classification:
         return classify(msg.query)
@@ -63,8 +81,13 @@ class StatementBook:
         material = hashlib.blake2b(digest_size=32)
         tables: set[str] = set()
         writes: set[str] = set()
+        shadowable: set[str] = set()
+
+        closed: set[str] = set()
 
         def resolve(name: str) -> Statement | None:
+            if name in closed and name not in local:
+                return None  # closed earlier in this batch: the server will say it does not exist
             stmt = local.get(name) or self.statements.get(name)
             if stmt is not None and name not in local and name not in plan.needs:
                 plan.needs.append(name)
@@ -80,6 +103,8 @@ class StatementBook:
                 stmt = Statement(parse, classify(parse.query), at_origin=False)
                 local[parse.name] = stmt
                 plan.parses.append(parse)
+                plan.ops.append(parse)
+                plan.changes_session = plan.changes_session or stmt.info.changes_session
                 material.update(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
                 if not stmt.info.cacheable:
                     refuse(stmt.info.status or Status.UNCACHEABLE, stmt.info.reason)
@@ -91,6 +116,9 @@ class StatementBook:
                     continue
                 portals[bind.portal] = (bound, bind.tail)
                 self._note(bound.info, tables, writes, plan, refuse)
+                shadowable |= bound.info.shadowable
+                if _CLOCK_WORDS.search(bind.tail):
+                    refuse(Status.VOLATILE, "a parameter value reads the clock ('now', 'today' ...)")
                 plan.executed.append(bound.info)
                 material.update(b"B" + bound.sql + bind.tail)
             elif mtype == 0x44:  # D
@@ -102,6 +130,7 @@ class StatementBook:
                         continue
                     material.update(b"DS" + described.sql)
                     tables.update(described.info.tables_read)
+                    shadowable |= described.info.shadowable
                     plan.primary = plan.primary or described.info
                 else:
                     if target.name not in portals:
@@ -122,13 +151,17 @@ class StatementBook:
                 target = pgwire.parse_target(body)
                 if target.kind == b"S":
                     resolve(target.name)
+                    local.pop(target.name, None)
+                    closed.add(target.name)
                     plan.closes.append(target.name)
-                material.update(b"C" + target.kind)
+                    plan.ops.append(target.name)
+                material.update(b"C" + target.kind + target.name.encode() + b"\x00")
             else:
                 refuse(Status.UNCACHEABLE, f"message {chr(mtype)!r} in batch")
         plan.material = material.digest()
         plan.tables = frozenset(tables)
         plan.writes = frozenset(writes)
+        plan.shadowable = frozenset(shadowable)
         return plan
 
     @staticmethod
@@ -143,53 +176,72 @@ class StatementBook:
         if info.is_write or info.invalidate_all:
             writes.update(info.tables_written)
             plan.writes_everything = plan.writes_everything or info.invalidate_all
+        plan.changes_session = plan.changes_session or info.changes_session
+        plan.commits = plan.commits or info.transaction_control == "commit"
+        plan.cursor_writes = plan.cursor_writes or info.cursor_writes
+        plan.fetches = plan.fetches or info.fetches
+        plan.cluster_wide = plan.cluster_wide or info.cluster_wide
+        if info.deallocates is not None:
+            plan.deallocates.append(info.deallocates)
         if not info.cacheable:
             refuse(info.status or Status.UNCACHEABLE, info.reason)
 
     def _changed(self) -> None:
         self.version += 1
-        self.copies = {name for name, st in self.statements.items() if st.info.reason == "COPY"}
+        self.copies = {name for name, st in self.statements.items() if st.info.copy}
 
     def after_local(self, plan: BatchPlan) -> None:
-        """The batch was answered by the cache: the origin never saw its Parses."""
-        for parse in plan.parses:
-            self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=False)
-        for name in plan.closes:
-            self.statements.pop(name, None)
-        if plan.parses or plan.closes:
+        """The batch was answered by the cache: the origin never saw its Parses or Closes."""
+        self._apply(plan, at_origin=False)
+
+    def after_forward(self, plan: BatchPlan) -> None:
+        self._apply(plan, at_origin=True)
+
+    def _apply(self, plan: BatchPlan, *, at_origin: bool) -> None:
+        # In batch order, as the server applies them: Close S1 then Parse S1 leaves the new S1.
+        for op in plan.ops:
+            if isinstance(op, str):
+                self.statements.pop(op, None)
+                if at_origin:
+                    self.origin_has.discard(op)
+            else:
+                self.statements[op.name] = Statement(op, classify(op.query), at_origin=at_origin)
+                if at_origin and op.name:
+                    self.origin_has.add(op.name)
+        if plan.ops:
             self._changed()
 
     def deferred_parses(self, plan: BatchPlan) -> list[bytes]:
-        """Parses to send ahead of a forwarded batch for statements the origin lacks."""
+        """Messages to send ahead of a forwarded batch: a Close for every named statement the
+        origin holds in a form the client has since closed or replaced (its Parse would
+        fail), and a Parse for each statement the batch uses that the origin lacks. Each
+        answers with one ParseComplete or CloseComplete, which the session swallows."""
         out: list[bytes] = []
+        for parse in plan.parses:
+            current = self.statements.get(parse.name)
+            if parse.name in self.origin_has and (current is None or not current.at_origin):
+                out.append(pgwire.frame(b"C", b"S" + pgwire.cstr(parse.name)))
+                self.origin_has.discard(parse.name)
         for name in plan.needs:
             stmt = self.statements.get(name)
             if stmt is not None and not stmt.at_origin:
+                if name in self.origin_has:
+                    out.append(pgwire.frame(b"C", b"S" + pgwire.cstr(name)))
                 out.append(pgwire.build_parse(stmt.parse))
                 stmt.at_origin = True
+                if name:
+                    self.origin_has.add(name)
         return out
 
-    def deallocated(self, sql: str) -> None:
-        """SQL-level DEALLOCATE/DISCARD also drops protocol-level statements at the origin."""
-        words = sql.strip().rstrip(";").split()
-        upper = [w.upper() for w in words]
-        if upper[:2] == ["DISCARD", "ALL"] or (upper[:1] == ["DEALLOCATE"] and upper[-1] == "ALL"):
+    def deallocated(self, name: str) -> None:
+        """SQL-level DEALLOCATE/DISCARD ALL also drops protocol-level statements at the origin."""
+        if name == "*":
             self.statements.clear()
-        elif upper[:1] == ["DEALLOCATE"] and len(words) >= 2:
-            name = words[-1]
-            self.statements.pop(name[1:-1] if name.startswith('"') else name.lower(), None)
-            self.statements.pop(name, None)
+            self.origin_has.clear()
         else:
-            return
-        self._changed()
-
-    def after_forward(self, plan: BatchPlan) -> None:
-        for parse in plan.parses:
-            self.statements[parse.name] = Statement(parse, classify(parse.query), at_origin=True)
-        for name in plan.closes:
             self.statements.pop(name, None)
-        if plan.parses or plan.closes:
-            self._changed()
+            self.origin_has.discard(name)
+        self._changed()
 
     def runs_copy(self, batch: list[tuple[int, bytes]]) -> bool:
         """Does the last Bind in the batch run COPY? COPY needs the origin before Sync.
@@ -212,4 +264,4 @@ class StatementBook:
         query = parsed.get(bound)
         if query is None and bound in self.statements:
             query = self.statements[bound].parse.query
-        return query is not None and classify(query).reason == "COPY"
+        return query is not None and classify(query).copy

@@ -34,7 +34,9 @@ class Pending:
     swallow: int = 0  # ParseCompletes of Parses the proxy sent on the client's behalf
     writes: frozenset[str] = frozenset()
     writes_everything: bool = False
-    setting: tuple[str, str | None] | None = None  # applied to the key only if it succeeds
+    commits: bool = False  # COMMIT (also AND CHAIN): the transaction's writes are now visible
+    # Relations it reads that were not known when it was sent: judged when it completes.
+    reads: frozenset[str] = frozenset()
     error: bool = False
     neutral: bool = False
     # A batch ended by Flush has no ReadyForQuery: it ends after `expect` more messages
@@ -42,9 +44,10 @@ class Pending:
     flush: bool = False
     expect: int | None = None  # a plain read: cannot change the transaction status or settings
     stats: list[StatTicket] = field(default_factory=list)
-    # neonpoly's own catalog lookup (see cache/relations.py): swallowed, never forwarded.
+    # neonpoly's own catalog lookups (cache/relations.py, identity.py): swallowed, never forwarded.
     lookup: list[str] | None = None
-    rows: list[tuple[str, str, str, bool]] = field(default_factory=list)
+    identity: bool = False
+    rows: list[list[bytes | None]] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)

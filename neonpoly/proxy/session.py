@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from neonpoly import pgwire
 from neonpoly.cache import relations
 from neonpoly.cache.policy import Classification, Status, classify
+from neonpoly.cache.relations import Resolution
+from neonpoly.proxy import identity
 from neonpoly.proxy.extended import BatchPlan, StatementBook
 from neonpoly.proxy.origin import OriginUnavailable, open_origin
 from neonpoly.proxy.pending import Capture, Pending, StatTicket
@@ -73,6 +75,12 @@ class Session:
         self._plans: dict[tuple[object, ...], tuple[BatchPlan, bytes, bytes]] = {}
         self.tx_writes: set[str] = set()
         self.tx_writes_everything = False
+        self.identity_inflight = False  # client requests wait until the identity is in
+        self.relations_wanted: set[str] = set()  # read while they could not be looked up
+        self.writing_cursors = False  # a cursor over a query that may write was declared
+        # The key the client sees for cancels: the origin's real backend PID (so that
+        # pg_terminate_backend, pg_stat_activity and NOTIFY agree with it) and a secret of
+        # neonpoly's own, which routes a CancelRequest to this session's origin.
         self.proxy_key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
         self.origin_key: tuple[int, bytes] | None = None
         peer = client.get_extra_info("peername")
@@ -104,7 +112,8 @@ class Session:
             elif self.phase == "auth":
                 self._relay_auth_from_client()
             elif self.phase == "ready":
-                self._client_frames()
+                if not self.identity_inflight:
+                    self._client_frames()
             elif self.phase == "admin" and self.admin is not None:
                 self.admin.feed(self.cbuf)
         except pgwire.ProtocolViolation as exc:
@@ -245,9 +254,10 @@ class Session:
                 self.close()
                 return
             else:  # CopyData/Done/Fail, FunctionCall: straight through
-                if mtype == 0x46:
+                if mtype == 0x46:  # FunctionCall runs a function by OID: anything may happen
                     self._push(Pending(time.monotonic(), writes_everything=True))
                     self._invalidate(frozenset(), everything=True)
+                    self._forget_identity()
                 out.append(buf[start:end])
         self._write_origin(out)
 
@@ -282,10 +292,13 @@ class Session:
         sql = pgwire.query_text(body)
         info = classify(sql)
         item = Pending(time.monotonic())
-        if info.reason == "DEALLOCATE" or info.reason.startswith("DISCARD"):
-            self.book.deallocated(sql)
+        if info.deallocates is not None:
+            self.book.deallocated(info.deallocates)
         self._note_effects(info, item, out)
-        status = self._cache_decision(info)
+        refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE)
+        status, resolution = self._cache_decision(
+            refusal, info.template_id, info.tables_read, info.shadowable, item, out
+        )
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None:
             key = cache.key(self.state.context(), b"Q" + body)
@@ -293,51 +306,69 @@ class Session:
             if payload is not None and not self._busy():
                 self._answer_locally(payload, [info], item)
                 return
-            item.capture = self._capture(cache, key, info.tables_read, info.template_id, out)
+            item.capture = self._capture(cache, key, resolution, info.template_id)
         item.neutral = status is Status.MISS
         item.stats.append(StatTicket(info.template_id, info.template, info.qualified_tables, str(status)))
         self._push(item)
         out.append(raw)
 
     def _capture(
-        self, cache: QueryCache, key: bytes, tables: frozenset[str], template_id: str, out: list[bytes]
+        self, cache: QueryCache, key: bytes, resolution: Resolution | None, template_id: str
     ) -> Capture | None:
         """Count a sighting of a miss and, once admitted, prepare to store it, tagged with
-        every table it really reads.
-
-        A relation seen for the first time may be a view: ask the origin what it is built
-        from (in this session, ahead of the query; the answer is swallowed) and store
-        nothing this time, since the stamp could not cover tables we did not know. With
-        the default admission (store on the 2nd run) the answer is in before it matters.
-        """
-        database = self.state.database
+        every table it really reads. Nothing is stored while the catalog has not answered
+        (the lookup is on its way; with the default admission the answer is in before it
+        matters)."""
         admitted = cache.admit(key)
-        resolved = cache.relations.resolve(database, tables)
-        if resolved is None:
-            self._ask_relations(cache, cache.relations.unknown(database, tables), out)
+        if resolution is None or not admitted:
             return None
-        tags, volatile = resolved
-        if volatile or not admitted:
-            return None
-        return Capture(key, database, tags, template_id, cache.stamp(database, tags))
+        database = self.state.database
+        return Capture(key, database, resolution.tags, template_id, cache.stamp(database, resolution.tags))
 
     def _ask_relations(self, cache: QueryCache, names: list[str], out: list[bytes]) -> None:
-        askable = [n for n in names if relations.askable(n)]
-        cache.relations.refuse(self.state.database, [n for n in names if not relations.askable(n)])
-        if askable:
-            self._push(Pending(time.monotonic(), neutral=True, lookup=askable))
-            # Extended protocol with a statement of our own: a simple Query would drop the
-            # client's unnamed prepared statement.
-            name = pgwire.cstr(_LOOKUP_STATEMENT)
-            sql = pgwire.cstr(relations.lookup_sql(askable))
-            out.append(
-                pgwire.frame(b"C", b"S" + name)
-                + pgwire.frame(b"P", name + sql + b"\x00\x00")
-                + pgwire.frame(b"B", b"\x00" + name + b"\x00\x00\x00\x00\x00\x00")
-                + pgwire.frame(b"E", b"\x00\x00\x00\x00\x00")
-                + pgwire.frame(b"C", b"S" + name)
-                + pgwire.frame(b"S")
+        """Ask the origin about relations (and, once per database, about the objects that
+        shadow builtins) in this idle session, ahead of the request that needs the answer."""
+        with_shadows = not cache.relations.knows_shadows(self.state.database)
+        if not names and not with_shadows:
+            return
+        self._push(Pending(time.monotonic(), neutral=True, lookup=names))
+        out.append(
+            identity.extended_request(
+                _LOOKUP_STATEMENT, relations.LOOKUP_SQL, relations.lookup_params(names, with_shadows)
             )
+        )
+
+    def _learn_when_idle(self) -> None:
+        """At a point where nothing is outstanding at the origin and no transaction is open,
+        ask what the session needs to know: its identity, relations read when they could not
+        be looked up. Client requests wait for the identity (one round trip, after login and
+        after anything that changed the session)."""
+        cache = self.route.cache if self.route else None
+        if (
+            cache is None
+            or self.closed
+            or self.phase != "ready"
+            or self.pending
+            or self.stream is not None
+            or self.state.tx_status != b"I"
+            or self.state.bypass is not None
+        ):
+            return
+        out: list[bytes] = []
+        if self.relations_wanted:
+            names = cache.relations.unknown(self.state.database, self.relations_wanted)
+            self.relations_wanted = set()
+            if names or not cache.relations.knows_shadows(self.state.database):
+                self._ask_relations(cache, names, out)
+        if self.state.identity is None and not self.identity_inflight:
+            self.identity_inflight = True
+            self._push(Pending(time.monotonic(), neutral=True, identity=True))
+            out.append(identity.request())
+        self._write_origin(out)
+
+    def _forget_identity(self) -> None:
+        """Something may have changed who the session is: stop caching until the server says."""
+        self.state.learned(None)
 
     def _busy(self) -> bool:
         """Could an outstanding origin answer change the transaction status or settings?
@@ -349,43 +380,86 @@ class Session:
         """
         return any(p.local is None and (p.flush or not p.neutral) for p in self.pending)
 
-    def _cache_decision(self, info: Classification) -> Status:
-        if self.route is None or self.route.cache is None:
-            return Status.DISABLED
-        if not info.cacheable:
-            return info.status or Status.UNCACHEABLE
-        if self.route.cache.relations.volatile(self.state.database, info.tables_read):
-            return Status.VOLATILE  # a view over functions that change without writes
-        if self.route.cache.ttl_for(info.template_id, info.tables_read) is None:
-            return Status.DISABLED  # a rule says "never", or the cache's mode is Off
-        if self.state.bypass:
-            return Status.BYPASS
+    def _cache_decision(
+        self,
+        refusal: Status | None,
+        template_id: str,
+        tables: frozenset[str],
+        shadowable: frozenset[str],
+        item: Pending,
+        out: list[bytes] | None,
+    ) -> tuple[Status, Resolution | None]:
+        """The status of a request, after what the catalog says about what it reads and calls.
+
+        Reading a relation whose definition or policies run code of the user's is like calling
+        that code: it may write or change the session. When the catalog has not answered yet,
+        the question goes out ahead of the request (if the session is idle) and the request is
+        judged again when it completes."""
+        cache = self.route.cache if self.route else None
+        if cache is None:
+            return Status.DISABLED, None
+        resolution: Resolution | None = None
+        if tables or shadowable:
+            resolution = cache.relations.resolve(self.state.database, tables, shadowable)
+            if resolution is None:
+                idle = self.state.tx_status == b"I" and not self._busy() and self.state.bypass is None
+                if idle and out is not None:
+                    self._ask_relations(cache, cache.relations.unknown(self.state.database, tables), out)
+                item.reads = tables
+            elif resolution.runs_code is not None:
+                self._runs_code(item)
+                return Status.VOLATILE, None
+        else:
+            resolution = Resolution(frozenset(), None, None)
+        if refusal is not None:
+            return refusal, resolution
+        if resolution is not None and resolution.volatile is not None:
+            return Status.VOLATILE, None  # a view over the clock, a sequence, a catalog
+        if cache.ttl_for(template_id, tables) is None:
+            return Status.DISABLED, None  # a rule says "never", or the cache's mode is Off
+        if self.state.bypass is not None or self.state.legacy_strings:
+            return Status.BYPASS, None
         if self.state.tx_status != b"I" or self._busy():
-            return Status.TRANSACTION
-        return Status.MISS
+            return Status.TRANSACTION, None
+        if self.state.identity is None:
+            return Status.BYPASS, None  # being learned again after something changed the session
+        return Status.MISS, resolution
+
+    def _runs_code(self, item: Pending) -> None:
+        """The request runs code neonpoly cannot vouch for: it may write anything or SET."""
+        item.writes_everything = True
+        self._invalidate(frozenset(), True)
+        self._forget_identity()
 
     def _note_effects(self, info: Classification, item: Pending, out: list[bytes]) -> None:
-        """Writes evict before they are sent; session changes update the cache key."""
-        if info.is_write or info.invalidate_all:
+        """Writes evict before they are sent; session changes make the session learn its
+        identity again."""
+        everything = info.invalidate_all or self.state.legacy_strings
+        if info.fetches and self.writing_cursors:
+            everything = True  # the cursor's query runs now, and may write
+        if info.cursor_writes:
+            self.writing_cursors = True
+        if info.is_write or everything:
             item.writes = info.tables_written
-            item.writes_everything = info.invalidate_all
-            self._invalidate(info.tables_written, info.invalidate_all, out)
-        if info.changes_session:
-            if (
-                info.session_setting is not None
-                and self.state.tx_status == b"I"
-                and self.state.keyed(info.session_setting[0])
-            ):
-                item.setting = info.session_setting
-            else:
-                self.state.bypass = True
-        if "set_config" in info.reason:
-            self.state.bypass = True
+            item.writes_everything = everything
+            self._invalidate(info.tables_written, everything, out, cluster_wide=info.cluster_wide)
+        item.commits = info.transaction_control == "commit"
+        if info.changes_session or everything:
+            self._forget_identity()
 
-    def _invalidate(self, tables: frozenset[str], everything: bool, out: list[bytes] | None = None) -> None:
+    def _invalidate(
+        self,
+        tables: frozenset[str],
+        everything: bool,
+        out: list[bytes] | None = None,
+        *,
+        cluster_wide: bool = False,
+    ) -> None:
         """Evict what a write may change: its tables and everything they reach (foreign-key
         cascades, partitions); the whole database for triggers, rules or tables not looked
-        up yet. Given `out` in an idle session, also ask about those tables for next time."""
+        up yet (and the session learns its identity again: a trigger may SET); every database
+        of the origin for roles and grants. Given `out` in an idle session, also ask about
+        those tables for next time."""
         cache = self.route.cache if self.route else None
         if cache is None or not (tables or everything):
             return
@@ -395,12 +469,13 @@ class Session:
             reach = cache.relations.reach(database, tables)
             if reach is None:
                 everything = True
+                self._forget_identity()
                 unknown = cache.relations.unknown(database, tables)
                 if unknown and out is not None and self.state.tx_status == b"I" and not self._busy():
                     self._ask_relations(cache, unknown, out)
             else:
                 tables = reach
-        cache.invalidate(database, tables, everything, named)
+        cache.invalidate(None if cluster_wide else database, tables, everything, named)
 
     def _answer_locally(self, payload: bytes, infos: list[Classification], item: Pending) -> None:
         cache = self.route.cache if self.route else None
@@ -432,17 +507,13 @@ class Session:
             memo = self._plans.get(memo_key)
         plan = memo[0] if memo is not None else self.book.plan(batch)
         item = Pending(time.monotonic(), flush=flush, expect=expect)
-        status = Status.MISS
         info = plan.primary
-        if plan.writes or plan.writes_everything:
-            item.writes, item.writes_everything = plan.writes, plan.writes_everything
-            self._invalidate(plan.writes, plan.writes_everything, out)
-        if plan.parses and any(classify(p.query).changes_session for p in plan.parses):
-            self.state.bypass = True
-        if plan.status is not None:
-            status = plan.status
-        elif info is not None:
-            status = self._cache_decision(info)
+        self._plan_effects(plan, item, out)
+        refusal = plan.status
+        if refusal is None and info is not None and not info.cacheable:
+            refusal = info.status or Status.UNCACHEABLE
+        template = info.template_id if info is not None else ""
+        status, resolution = self._cache_decision(refusal, template, plan.tables, plan.shadowable, item, out)
         if flush and status is Status.MISS and any(t == 0x42 for t, _ in batch):
             # Its portal must exist at the origin for the Execute that follows the Flush.
             status = Status.UNCACHEABLE
@@ -465,12 +536,14 @@ class Session:
                 else:
                     self._answer_quietly(payload, item)
                 return
-            item.capture = self._capture(cache, key, plan.tables, info.template_id if info else "", out)
+            item.capture = self._capture(cache, key, resolution, template)
         item.neutral = status is Status.MISS
         item.stats.extend(StatTicket(i.template_id, i.template, i.qualified_tables, str(status)) for i in plan.executed)
         deferred = self.book.deferred_parses(plan)
         item.swallow = len(deferred)
         self.book.after_forward(plan)
+        for name in plan.deallocates:
+            self.book.deallocated(name)
         self._push(item)
         out.extend(deferred)
         out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
@@ -484,12 +557,29 @@ class Session:
         else:
             self._write_client(payload if item.flush else payload + pgwire.ready_for_query(self.state.tx_status))
 
+    def _plan_effects(self, plan: BatchPlan, item: Pending, out: list[bytes] | None) -> None:
+        """A batch's writes evict before it is sent; session changes make the session learn
+        its identity again (as `_note_effects` for a simple query)."""
+        everything = plan.writes_everything or self.state.legacy_strings
+        if plan.fetches and self.writing_cursors:
+            everything = True
+        if plan.cursor_writes:
+            self.writing_cursors = True
+        if plan.writes or everything:
+            item.writes = item.writes | plan.writes
+            item.writes_everything = item.writes_everything or everything
+            self._invalidate(plan.writes, everything, out, cluster_wide=plan.cluster_wide)
+        item.commits = item.commits or plan.commits
+        if plan.changes_session or everything:
+            self._forget_identity()
+
     def _open_stream(self, out: list[bytes]) -> None:
         """Forward the batch so far and everything up to its Sync as it arrives."""
         batch, self.batch = self.batch, []
         plan = self.book.plan(batch)
-        item = Pending(time.monotonic(), writes=plan.writes, writes_everything=plan.writes_everything)
-        self._invalidate(plan.writes, plan.writes_everything)
+        item = Pending(time.monotonic())
+        self._plan_effects(plan, item, out)
+        self._cache_decision(plan.status or Status.BYPASS, "", plan.tables, plan.shadowable, item, out)
         item.stats.extend(
             StatTicket(i.template_id, i.template, i.qualified_tables, str(plan.status or Status.BYPASS))
             for i in plan.executed
@@ -497,6 +587,8 @@ class Session:
         deferred = self.book.deferred_parses(plan)
         item.swallow = len(deferred)
         self.book.after_forward(plan)
+        for name in plan.deallocates:
+            self.book.deallocated(name)
         self._push(item)
         self.stream = item
         out.extend(deferred)
@@ -506,10 +598,9 @@ class Session:
         assert self.stream is not None
         if mtype in _EXTENDED:
             plan = self.book.plan([(mtype, body)])
-            if plan.writes or plan.writes_everything:
-                self.stream.writes |= plan.writes
-                self.stream.writes_everything |= plan.writes_everything
-                self._invalidate(plan.writes, plan.writes_everything)
+            self._plan_effects(plan, self.stream, None)
+            if plan.tables or plan.shadowable:
+                self._cache_decision(Status.BYPASS, "", plan.tables, plan.shadowable, self.stream, None)
             deferred = self.book.deferred_parses(plan)
             self.stream.swallow += len(deferred)
             self.book.after_forward(plan)
@@ -540,6 +631,7 @@ class Session:
             elif mtype == _K:
                 pid = int.from_bytes(body[:4], "big", signed=True)
                 self.origin_key = (pid, body[4:])
+                self.proxy_key = (pid, secrets.token_bytes(4))
                 self.server.register_key(self)
                 out.append(pgwire.backend_key_data(*self.proxy_key))
             elif mtype == _S:
@@ -555,7 +647,9 @@ class Session:
                 if end < len(buf) or self.obuf:
                     self.obuf[:0] = buf[end:]
                     self._origin_frames()
-                if self.cbuf:
+                else:
+                    self._learn_when_idle()
+                if self.cbuf and not self.identity_inflight:
                     self._client_frames()
                 return
             else:
@@ -577,10 +671,10 @@ class Session:
             head = pending[0] if pending else None
             if head is not None and head.local is not None:  # pragma: no cover - defensive
                 head = None
-            if head is not None and head.lookup is not None:
+            if head is not None and (head.lookup is not None or head.identity):
                 if mtype == 0x41 or mtype == _S:  # the client's notifications and settings
                     if mtype == _S:
-                        self.state.parameter(*pgwire.parse_parameter_status(buf[start + 5 : end]))
+                        self._parameter(buf[start + 5 : end])
                     continue
                 out.append(buf[cut:start])
                 cut = end
@@ -608,9 +702,9 @@ class Session:
                 continue
             if head is None:
                 if mtype == _S:
-                    self.state.parameter(*pgwire.parse_parameter_status(buf[start + 5 : end]))
+                    self._parameter(buf[start + 5 : end])
                 continue
-            if mtype == 0x31 and head.swallow:
+            if (mtype == 0x31 or mtype == 0x33) and head.swallow:  # our Parse/Close ahead of it
                 head.swallow -= 1
                 out.append(buf[cut:start])
                 cut = end
@@ -618,7 +712,7 @@ class Session:
             if mtype == _E:
                 head.error = True
             elif mtype == _S:
-                self.state.parameter(*pgwire.parse_parameter_status(buf[start + 5 : end]))
+                self._parameter(buf[start + 5 : end])
             capture = head.capture
             if head.flush and head.expect is not None and mtype not in _NOT_PAYLOAD:
                 if mtype == _E:
@@ -655,23 +749,39 @@ class Session:
                         ]
         out.append(buf[cut:used])
         self._write_client(b"".join(out))
+        if not pending:
+            self._learn_when_idle()
+            if self.cbuf and not self.identity_inflight and self.phase == "ready" and not self.closed:
+                self._client_frames()
+
+    def _parameter(self, body: bytes) -> None:
+        """A ParameterStatus: a reported setting that changed changes who the session is."""
+        if self.state.parameter(*pgwire.parse_parameter_status(body)):
+            self._forget_identity()
 
     def _lookup_frame(self, item: Pending, mtype: int, body: bytes) -> None:
-        """One frame of neonpoly's own relation lookup: read, never forwarded."""
+        """One frame of neonpoly's own catalog lookups: read, never forwarded."""
         cache = self.route.cache if self.route else None
-        assert item.lookup is not None
         if mtype == 0x44:
-            kind, root, relname, flag = pgwire.parse_data_row(body)
-            item.rows.append(((kind or b"").decode(), (root or b"").decode(), (relname or b"").decode(), flag == b"t"))
+            item.rows.append(pgwire.parse_data_row(body))
         elif mtype == _E:
             item.error = True
         elif mtype == _Z:
             self.pending.popleft()
-            if cache is not None:
+            if item.identity:
+                self.identity_inflight = False
+                if not item.error and item.rows and self.state.tx_status == b"I":
+                    self.state.learned(identity.digest(item.rows[0], self.proxy_key[1] + self.origin_key_secret()))
+                else:
+                    self.state.learned(None)
+            elif cache is not None and item.lookup is not None:
                 if item.error:
                     cache.relations.refuse(self.state.database, item.lookup)
                 else:
-                    cache.relations.learn(self.state.database, item.lookup, item.rows)
+                    cache.relations.learn(self.state.database, item.lookup, [_lookup_row(r) for r in item.rows])
+
+    def origin_key_secret(self) -> bytes:
+        return self.origin_key[1] if self.origin_key is not None else b""
 
     def _release_local(self, out: list[bytes]) -> None:
         """Cache answers queued behind origin answers go out as soon as it is their turn."""
@@ -685,23 +795,26 @@ class Session:
             )
 
     def _complete(self, item: Pending) -> None:
-        """A response ended (ReadyForQuery): evict again, store, apply settings, count."""
+        """A response ended (ReadyForQuery): evict again, store, count."""
         committed = self.state.tx_status == b"I"
+        cache = self.route.cache if self.route else None
+        if item.reads and cache is not None:
+            # It read relations the catalog had not described when it was sent.
+            resolution = cache.relations.resolve(self.state.database, item.reads)
+            if resolution is None:
+                self.relations_wanted |= item.reads  # asked at the next idle moment
+            if resolution is None or resolution.runs_code is not None:
+                item.writes_everything = True
+                self._forget_identity()
         if item.writes or item.writes_everything:
             self.tx_writes |= item.writes
             self.tx_writes_everything |= item.writes_everything
-        if committed and (self.tx_writes or self.tx_writes_everything):
-            # The write is visible to other sessions only now: evict again so a miss that
-            # raced it (stamped between the first eviction and the commit) is not kept.
+        if (committed or item.commits) and (self.tx_writes or self.tx_writes_everything):
+            # The write is visible to other sessions only now (COMMIT AND CHAIN leaves a new
+            # transaction open): evict again so a miss that raced it is not kept.
             self._invalidate(frozenset(self.tx_writes), self.tx_writes_everything)
             self.tx_writes = set()
             self.tx_writes_everything = False
-        if item.setting is not None:
-            if item.error or not committed:  # inside a transaction: a ROLLBACK may undo it
-                self.state.bypass = True
-            else:
-                self.state.apply(*item.setting)
-        cache = self.route.cache if self.route else None
         if cache is None:
             return
         capture = item.capture
@@ -796,6 +909,17 @@ class Session:
     def resume_origin(self) -> None:
         if self.origin_transport is not None and not self.origin_transport.is_closing():
             self.origin_transport.resume_reading()
+
+
+def _lookup_row(row: list[bytes | None]) -> tuple[str, str, str, bool, str | None]:
+    kind, root, relname, flag, definition = (row + [None] * 5)[:5]
+    return (
+        (kind or b"").decode(),
+        (root or b"").decode(),
+        (relname or b"").decode(),
+        flag == b"true",
+        None if definition is None else definition.decode(),
+    )
 
 
 class ClientSide(asyncio.Protocol):

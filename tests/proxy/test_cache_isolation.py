@@ -89,12 +89,19 @@ async def test_search_path_never_shares(pg: PgServer, proxy: CachingProxy) -> No
             assert await psql(proxy.url(options=f"--search_path={schema}"), sql) == [schema]
 
 
-async def test_unknown_setting_bypasses(pg: PgServer, proxy: CachingProxy) -> None:
-    conn = await asyncpg.connect(**proxy.dsn())
+async def test_any_setting_is_part_of_the_server_derived_key(pg: PgServer, proxy: CachingProxy) -> None:
+    """After a SET the session asks the server who it is now; it caches again under that
+    identity, which it shares with no session whose settings differ."""
+    changed = await asyncpg.connect(**proxy.dsn())
+    plain = await asyncpg.connect(**proxy.dsn())
     try:
-        await conn.execute("SET enable_partitionwise_join = on")
+        await changed.execute("SET enable_partitionwise_join = on")
         for _ in range(3):
-            assert await conn.fetchval("SELECT 41 + 1") == 42
+            assert await changed.fetchval("SELECT 41 + 1") == 42
+        hits = proxy.totals().get("hit", 0)
+        assert hits >= 1, proxy.totals()
+        assert await plain.fetchval("SELECT 41 + 1") == 42
+        assert proxy.totals().get("hit", 0) == hits, proxy.totals()  # not the other session's entry
     finally:
-        await conn.close()
-    assert proxy.totals().get("bypass") == 3, proxy.totals()
+        await changed.close()
+        await plain.close()

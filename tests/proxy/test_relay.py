@@ -184,7 +184,12 @@ async def test_asyncpg_cancel_reports_57014(proxy: RunningProxy) -> None:
         started = time.monotonic()
         # Go through neonpoly's cancel routing with the key the client was handed.
         key_pid, key_secret = conn._protocol.backend_pid, conn._protocol.backend_secret
-        assert key_pid != pid, "the client should see a proxy-minted key, not the origin's"
+        # The origin's own PID (pg_terminate_backend, pg_stat_activity and NOTIFY agree with
+        # it); only the secret is neonpoly's: a cancel with the wrong secret does nothing.
+        assert key_pid == pid
+        await _raw_cancel(proxy.port, key_pid, key_secret ^ 0x5A5A)
+        await asyncio.sleep(0.3)
+        assert not task.done()
         await _raw_cancel(proxy.port, key_pid, key_secret)
         with pytest.raises(asyncpg.PostgresError) as info:
             await asyncio.wait_for(task, 5)

@@ -1,35 +1,91 @@
-from neonpoly.cache.relations import RelationBook, askable, lookup_sql
+from neonpoly.cache.relations import LOOKUP_SQL, RelationBook, Resolution, lookup_params
+
+NO_SHADOWS: list[tuple[str, str, str, bool, str | None]] = []
 
 
 def test_views_are_tagged_with_their_base_tables() -> None:
     book = RelationBook()
     assert book.resolve("app", ["v", "t"]) is None
     assert book.unknown("app", ["v", "t"]) == ["v", "t"]
-    book.learn("app", ["v", "t"], [("r", "v", "v", False), ("r", "v", "t", False), ("r", "t", "t", False)])
-    assert book.resolve("app", ["v"]) == (frozenset({"v", "t"}), False)
+    book.learn(
+        "app",
+        ["v", "t"],
+        [("r", "v", "v", False, " SELECT t.a FROM t;"), ("r", "v", "t", False, None), ("r", "t", "t", False, None)],
+    )
+    assert book.resolve("app", ["v"]) == Resolution(frozenset({"v", "t"}), None, None)
     assert book.resolve("other", ["v"]) is None  # per database
 
 
-def test_volatile_and_refused_relations_are_never_cacheable() -> None:
+def test_sequences_catalogs_and_refused_relations_are_never_cacheable() -> None:
     book = RelationBook()
-    book.learn("app", ["stats"], [("r", "stats", "stats", True)])
-    book.refuse("app", ["Weird Name"])
-    assert book.volatile("app", ["stats"]) and book.volatile("app", ["Weird Name"])
-    assert book.resolve("app", ["stats"]) == (frozenset({"stats"}), True)
+    book.learn("app", ["seq"], [("r", "seq", "seq", True, None)])
+    book.refuse("app", ["gone"])
+    seq = book.resolve("app", ["seq"])
+    assert seq is not None and seq.volatile and seq.runs_code is None
+    gone = book.resolve("app", ["gone"])
+    assert gone is not None and gone.volatile and gone.runs_code
+
+
+def test_views_over_the_clock_or_user_code_are_judged_by_their_definition() -> None:
+    book = RelationBook()
+    book.learn(
+        "app",
+        ["recent", "audited", "plain"],
+        [
+            ("r", "recent", "recent", False, " SELECT t.a FROM t WHERE t.ts > (CURRENT_TIMESTAMP - '1h'::interval);"),
+            ("r", "audited", "audited", False, " SELECT log_access() AS log_access;"),
+            ("r", "plain", "plain", False, " SELECT lower(t.a) AS lower FROM t;"),
+        ],
+    )
+    recent = book.resolve("app", ["recent"])
+    assert recent is not None and recent.volatile and recent.runs_code is None
+    audited = book.resolve("app", ["audited"])
+    assert audited is not None and audited.runs_code
+    assert book.resolve("app", ["plain"]) == Resolution(frozenset({"plain"}), None, None)
+
+
+def test_policies_add_what_they_read_and_their_code() -> None:
+    book = RelationBook()
+    book.learn(
+        "app",
+        ["docs"],
+        [
+            ("r", "docs", "docs", False, None),
+            ("r", "docs", "members", False, None),  # read by the policy
+            ("p", "docs", "docs", False, "SELECT (tenant = current_setting('app.tenant'::text))"),
+        ],
+    )
+    assert book.resolve("app", ["docs"]) == Resolution(frozenset({"docs", "members"}), None, None)
+    book.learn("app", ["clocked"], [("p", "clocked", "clocked", False, "SELECT (ts > now())")])
+    clocked = book.resolve("app", ["clocked"])
+    assert clocked is not None and clocked.volatile
+
+
+def test_builtins_shadowed_in_a_database_are_not_trusted() -> None:
+    book = RelationBook()
+    book.learn("app", [], [("s", "", "lower()", False, None), ("s", "", "operator ===", False, None)])
+    book.learn("other", [], NO_SHADOWS)
+    shadowed = book.resolve("app", [], {"lower()"})
+    assert shadowed is not None and shadowed.runs_code and "lower()" in shadowed.runs_code
+    assert book.resolve("app", [], {"upper()", "operator ="}) == Resolution(frozenset(), None, None)
+    assert book.resolve("other", [], {"lower()"}) == Resolution(frozenset(), None, None)
+    assert book.resolve("third", [], {"lower()"}) is None  # not asked yet
 
 
 def test_unknown_names_are_plain_and_ddl_forgets() -> None:
     book = RelationBook()
-    book.learn("app", ["missing"], [])
-    assert book.resolve("app", ["missing"]) == (frozenset({"missing"}), False)
+    book.learn("app", ["missing"], NO_SHADOWS)
+    assert book.resolve("app", ["missing"]) == Resolution(frozenset({"missing"}), None, None)
     book.forget("app")
     assert book.resolve("app", ["missing"]) is None
 
 
-def test_lookup_sql_only_takes_plain_names() -> None:
-    assert askable("orders") and askable("_t1") and not askable('a"b') and not askable("a,b")
-    sql = lookup_sql(["b", "a", "a"])
-    assert "'{a,b}'::text[]" in sql
+def test_lookup_takes_names_as_a_parameter_and_qualifies_everything() -> None:
+    names, shadows = lookup_params(["b", 'we"ird', "a,b", "a"], True)
+    assert names == '{"a","a,b","b","we\\"ird"}' and shadows == "true"
+    # Nothing a client's search_path can redirect: every operator is pg_catalog's.
+    for operator in (" = ", " <> ", " IN "):
+        assert operator not in LOOKUP_SQL
 
 
 def test_writes_reach_cascades_and_triggers_evict_everything() -> None:
@@ -38,7 +94,11 @@ def test_writes_reach_cascades_and_triggers_evict_everything() -> None:
     book.learn(
         "app",
         ["parent", "audited"],
-        [("w", "parent", "parent", False), ("w", "parent", "child", False), ("w", "audited", "audited", True)],
+        [
+            ("w", "parent", "parent", False, None),
+            ("w", "parent", "child", False, None),
+            ("w", "audited", "audited", True, None),
+        ],
     )
     assert book.reach("app", ["parent"]) == frozenset({"parent", "child"})
     assert book.reach("app", ["parent", "audited"]) is None  # a trigger may write anything

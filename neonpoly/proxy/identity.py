@@ -1,0 +1,73 @@
+"""Who a session is, as the server says: the identity that keys every cached answer.
+
+Two sessions may share an answer only if the server would give them the same one. What the
+proxy could read from the startup packet and from SET statements is not enough: role and
+database defaults (ALTER ROLE … SET), settings changed by server code (a trigger calling
+set_config), SET SESSION AUTHORIZATION, a role dropped and re-created under the same name,
+quoting (`SET search_path = 'a, b'`), temporary tables that shadow a table's name. So the
+session asks the server, in its own idle time, with one query whose every function and
+operator is qualified with pg_catalog (nothing the client's session defines can change it):
+
+* the OIDs of the session user, the current user and the database;
+* every setting, with its current value (custom settings such as `app.tenant` included);
+* its temporary schema, and whether anything lives in it: a session with temporary objects
+  may see its own versions of any name, so it is keyed as itself alone.
+
+It is asked again after anything that may have changed it (SET, RESET, DISCARD, DDL, CALL, DO,
+code the classifier cannot vouch for, a write that runs triggers, a ParameterStatus that
+differs); until the answer is in, the session's queries are not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from neonpoly import pgwire
+
+STATEMENT = "neonpoly_session_identity"
+_EQ = "OPERATOR(pg_catalog.=)"
+SQL = f"""\
+SELECT pg_catalog.concat_ws(' ',
+  (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname {_EQ} SESSION_USER),
+  (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname {_EQ} CURRENT_USER),
+  (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname {_EQ} pg_catalog.current_database()),
+  pg_catalog.pg_my_temp_schema()),
+  (SELECT pg_catalog.string_agg(pg_catalog.concat(s.name, '=', s.setting), pg_catalog.chr(10) ORDER BY s.name)
+   FROM pg_catalog.pg_settings s),
+  (EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace {_EQ} pg_catalog.pg_my_temp_schema())
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace {_EQ} pg_catalog.pg_my_temp_schema())
+  )::pg_catalog.text /* neonpoly: session identity */"""
+
+
+def request() -> bytes:
+    """The lookup as extended-protocol messages with a statement of our own (a simple Query
+    would drop the client's unnamed prepared statement), ending in Sync."""
+    return extended_request(STATEMENT, SQL, [])
+
+
+def extended_request(statement: str, sql: str, params: list[str]) -> bytes:
+    name = pgwire.cstr(statement)
+    bind = b"\x00" + name + b"\x00\x00" + len(params).to_bytes(2, "big")
+    for value in params:
+        data = value.encode()
+        bind += len(data).to_bytes(4, "big") + data
+    bind += b"\x00\x00"
+    return (
+        pgwire.frame(b"C", b"S" + name)
+        + pgwire.frame(b"P", name + pgwire.cstr(sql) + b"\x00\x00")
+        + pgwire.frame(b"B", bind)
+        + pgwire.frame(b"E", b"\x00\x00\x00\x00\x00")
+        + pgwire.frame(b"C", b"S" + name)
+        + pgwire.frame(b"S")
+    )
+
+
+def digest(row: list[bytes | None], private: bytes) -> bytes:
+    """The identity from the lookup's one row; `private` (unique to the session) is mixed in
+    when the session has temporary objects."""
+    ids, settings, has_temp = (value or b"" for value in row[:3])
+    h = hashlib.blake2b(digest_size=20)
+    h.update(ids + b"\x00" + settings)
+    if has_temp == b"true":
+        h.update(b"\x00temp\x00" + private)
+    return h.digest()
