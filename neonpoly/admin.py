@@ -98,7 +98,6 @@ class AdminConsole:
         policy = RulePolicy(self.book, cache_id, lambda: cache.ttl, self.adaptive, report)
         self.policies[cache_id] = policy
         cache.ttl_policy = policy
-        cache.on_write = self.adaptive.on_write
         cache.on_refetch = self.adaptive.on_refetch
 
     def attach(self, session: Session, startup: pgwire.StartupRequest) -> AdminSession:

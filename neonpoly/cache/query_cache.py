@@ -54,14 +54,14 @@ class QueryCache:
         self._salt = cache_id.encode() + b"\x00"
         # How often each key was seen missing: a key is stored on its Nth sighting.
         self._sightings: OrderedDict[bytes, int] = OrderedDict()
-        self.on_write: Callable[[str, frozenset[str], bool], None] | None = None
         self.relations = RelationBook()
         # Other caches in front of the same origin (set by the service that owns them all).
         self.siblings: Callable[[], Iterable[QueryCache]] = tuple
-        # (template_id, changed) when an entry is stored again for a key stored before:
-        # teaches adaptive TTL about writes that did not go through neonpoly.
+        # (template_id, changed) when an entry is stored again for a key stored before with
+        # no write through neonpoly in between: teaches adaptive TTL about the writes that
+        # did not go through neonpoly.
         self.on_refetch: Callable[[str, bool], None] | None = None
-        self._digests: OrderedDict[bytes, bytes] = OrderedDict()
+        self._digests: OrderedDict[bytes, tuple[bytes, GenerationStamp]] = OrderedDict()
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
@@ -97,11 +97,12 @@ class QueryCache:
         if self.on_refetch is not None:
             digest = hashlib.blake2b(payload, digest_size=16).digest()
             previous = self._digests.pop(capture.key, None)
-            self._digests[capture.key] = digest
+            self._digests[capture.key] = (digest, capture.stamp)
             if len(self._digests) > _SIGHTINGS_LIMIT:
                 self._digests.popitem(last=False)
-            if previous is not None:
-                self.on_refetch(capture.template_id, previous != digest)
+            # A write through neonpoly in between (the stamp moved) explains a change.
+            if previous is not None and previous[1] == capture.stamp:
+                self.on_refetch(capture.template_id, previous[0] != digest)
         entry = CacheEntry(
             payload=payload,
             database=capture.database,
@@ -122,7 +123,7 @@ class QueryCache:
     ) -> None:
         """Evict `tables` (or the database; or, with `database` None, every database of the
         origin: roles and grants are shared by all of them). `named` is what the write itself
-        said, when the eviction was widened only for safety."""
+        said, when the eviction was widened only for safety (DDL forgets what the catalog said)."""
         ddl = named is None or named[1]  # DDL and the like: views, keys or triggers may have changed
         for cache in (self, *self.siblings()):
             # Caches in front of the same origin share its tables: a write through one makes
@@ -136,9 +137,7 @@ class QueryCache:
                     cache.relations.forget(database)
             else:
                 cache.store.invalidate_tables(database, tables)
-        if self.on_write is not None and database is not None:
-            learn_tables, learn_everything = named if named is not None else (tables, everything)
-            self.on_write(database, learn_tables, learn_everything)
+
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         if log.isEnabledFor(logging.DEBUG):

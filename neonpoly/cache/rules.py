@@ -255,6 +255,8 @@ class AutoTTL(Protocol):
 
     def ttl(self, tables: Iterable[str], max_ttl: float, template_id: str | None = None) -> float: ...
 
+    def explain(self, template_id: str) -> str: ...
+
 
 @dataclass(frozen=True, slots=True)
 class TTLDecision:
@@ -326,7 +328,9 @@ class RulePolicy:
         unruled = [n for n, r in zip(names, table_rules, strict=True) if r is None]
         if unruled or not names:
             cap = self.max_ttl()
-            auto = self.auto.ttl(unruled, cap, template_id) if mode == "auto" and self.auto is not None else cap
+            learned = mode == "auto" and self.auto is not None
+            auto = self.auto.ttl(unruled, cap, template_id) if learned and self.auto is not None else cap
             if best is None or auto < best:
-                best, source = auto, mode
+                best = auto
+                source = self.auto.explain(template_id) if learned and self.auto is not None else mode
         return TTLDecision(best, source)

@@ -1,70 +1,54 @@
-"""Adaptive TTL: learned from the interval between writes seen through neonpoly."""
+"""Adaptive TTL: learned only from what neonpoly did not see (refetches that changed)."""
 
 from __future__ import annotations
 
 from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.cache.invalidation import GenerationStamp
+from neonpoly.cache.query_cache import QueryCache
+from neonpoly.cache.store import MemoryStore
+from neonpoly.proxy.pending import Capture
+from neonpoly.stats import StatsRecorder
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_never_written_gets_the_maximum() -> None:
-    learner = AdaptiveTTL(clock=Clock())
-    assert learner.ttl(["a"], 300.0) == 300.0
+def test_nothing_learned_keeps_the_cache_ttl() -> None:
+    learner = AdaptiveTTL()
+    assert learner.ttl(["a"], 300.0, "q") == 300.0
     assert learner.ttl([], 300.0) == 300.0
-    assert learner.interval("a") is None
-
-
-def test_frequent_writes_shorten_ttl_within_bounds() -> None:
-    clock = Clock()
-    learner = AdaptiveTTL(factor=0.5, min_ttl=2.0, clock=clock)
-    for _ in range(10):
-        learner.on_write("db", frozenset({"hot"}), False)
-        clock.now += 1.0
-    assert learner.ttl(["hot"], 300.0) == 2.0  # 0.5 * 1 s, clamped to the minimum
-    assert learner.ttl(["cold", "hot"], 300.0) == 2.0  # the lowest table wins
-    for _ in range(10):
-        learner.on_write("db", frozenset({"warm"}), False)
-        clock.now += 60.0
-    assert 25.0 < learner.ttl(["warm"], 300.0) <= 30.0 + 1e-9
-    assert learner.ttl(["warm"], 10.0) == 10.0  # never above the cache's TTL
-    assert learner.writes("hot") == 10
-
-
-def test_ttl_recovers_when_writes_stop() -> None:
-    clock = Clock()
-    learner = AdaptiveTTL(factor=0.5, min_ttl=1.0, clock=clock)
-    for _ in range(5):
-        learner.on_write("db", frozenset({"t"}), False)
-        clock.now += 1.0
-    assert learner.ttl(["t"], 300.0) == 1.0
-    clock.now += 1000.0
-    assert learner.ttl(["t"], 300.0) == 300.0
-
-
-def test_unknown_writes_touch_every_table() -> None:
-    clock = Clock()
-    learner = AdaptiveTTL(factor=0.5, min_ttl=1.0, clock=clock)
-    learner.on_write("db", frozenset(), True)
-    clock.now += 4.0
-    # One write (a CREATE TABLE, say) is an event, not a rate: nothing shortens yet.
-    assert learner.ttl(["anything"], 300.0) == 300.0
-    learner.on_write("db", frozenset(), True)
-    assert learner.ttl(["anything"], 300.0) == 2.0
-    assert learner.ttl([], 300.0) == 2.0
+    assert learner.explain("q") == "auto"
 
 
 def test_refetches_that_change_shorten_the_template_ttl() -> None:
-    learner = AdaptiveTTL(min_ttl=1.0, clock=lambda: 0.0)
-    assert learner.ttl(["t"], 300.0, "stable") == 300.0
+    learner = AdaptiveTTL(min_ttl=1.0)
     for _ in range(20):
         learner.on_refetch("stable", changed=False)
         learner.on_refetch("moving", changed=True)
     assert learner.ttl(["t"], 300.0, "stable") == 300.0
     assert learner.ttl(["t"], 300.0, "moving") < 100.0
+    assert learner.ttl(["t"], 0.5, "moving") >= 0.375  # never above the cache's TTL, never below its floor
     assert learner.change_rate("moving") > 0.9
+    assert "without a write through neonpoly" in learner.explain("moving")
+
+
+def _capture(cache: QueryCache, payload: bytes) -> Capture:
+    capture = Capture(b"k" * 32, "app", frozenset({"t"}), "tpl", cache.stamp("app", {"t"}))
+    capture.frames.append(payload)
+    return capture
+
+
+def test_a_change_explained_by_a_write_through_neonpoly_teaches_nothing() -> None:
+    seen: list[bool] = []
+    store = MemoryStore(max_bytes=1 << 20)
+    cache = QueryCache("c", store, StatsRecorder())
+    cache.on_refetch = lambda template_id, changed: seen.append(changed)
+    cache.store_capture(_capture(cache, b"one"))
+    cache.invalidate("app", frozenset({"t"}), False)  # a write through neonpoly
+    cache.store_capture(_capture(cache, b"two"))
+    assert seen == []  # the stamp moved: the write explains the change
+    cache.store_capture(_capture(cache, b"three"))  # same stamp, new answer: someone else wrote
+    cache.store_capture(_capture(cache, b"three"))
+    assert seen == [True, False]
+
+
+def test_stamps_compare_by_value() -> None:
+    a = GenerationStamp("app", 1, 0, (("t", 2),))
+    assert a == GenerationStamp("app", 1, 0, (("t", 2),))
