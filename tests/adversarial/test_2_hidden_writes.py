@@ -152,7 +152,9 @@ async def test_cursor_in_a_transaction_over_a_writing_function(env: Env) -> None
 # --- sequences ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("write", ["SELECT nextval('{s}')", "SELECT setval('{s}', 42)", "INSERT INTO {t} DEFAULT VALUES"])
+@pytest.mark.parametrize(
+    "write", ["SELECT nextval('{s}')", "SELECT setval('{s}', 42)", "INSERT INTO {t} DEFAULT VALUES"]
+)
 async def test_sequence_last_value_after(env: Env, write: str) -> None:
     table = await env.table("adv_seq", "id serial PRIMARY KEY")
     seq = f"{table}_id_seq"
@@ -258,7 +260,9 @@ async def test_select_into_and_create_table_as_with_writing_function(env: Env) -
 async def test_rule_writes_another_table(env: Env) -> None:
     source = await env.table("adv_src", "v int")
     audit = await env.table("adv_audit", "v int")
-    await env.admin(f"CREATE RULE {unique('adv_r')} AS ON INSERT TO {source} DO ALSO INSERT INTO {audit} VALUES (NEW.v)")
+    await env.admin(
+        f"CREATE RULE {unique('adv_r')} AS ON INSERT TO {source} DO ALSO INSERT INTO {audit} VALUES (NEW.v)"
+    )
     reader = await env.twin()
     read = f"SELECT count(*) FROM {audit}"
     await reader.probe(read)
