@@ -45,7 +45,8 @@ Rows = list[tuple[Any, ...]]
 # when there are parameters, simple Query when there are none; psycopg_prepared: server-side
 # prepared statements (prepare=True); psycopg_extended: extended protocol even without
 # parameters (binary results force PQsendQueryParams).
-Driver = Literal["asyncpg", "psycopg", "psycopg_prepared", "psycopg_extended"]
+# asyncpg_unprepared: asyncpg with statement_cache_size=0 (Parse on every call).
+Driver = Literal["asyncpg", "asyncpg_unprepared", "psycopg", "psycopg_prepared", "psycopg_extended"]
 DRIVERS: tuple[Driver, ...] = ("asyncpg", "psycopg", "psycopg_prepared")
 
 
@@ -88,7 +89,7 @@ class Client:
 
     @classmethod
     async def open(cls, driver: Driver, login: Login, host: str, port: int) -> Client:
-        if driver == "asyncpg":
+        if driver in ("asyncpg", "asyncpg_unprepared"):
             server_settings = {}
             for key, value in login.params:
                 if key == "options":
@@ -102,6 +103,7 @@ class Client:
                 database=login.database,
                 ssl=False,
                 server_settings=server_settings or None,
+                statement_cache_size=0 if driver == "asyncpg_unprepared" else 100,
             )
             return cls(driver, conn)
         pconn = await psycopg.AsyncConnection.connect(login.url(host, port), autocommit=True)
@@ -111,7 +113,8 @@ class Client:
         if isinstance(self.conn, asyncpg.Connection):
             records = await self.conn.fetch(sql, *params)
             return [tuple(r) for r in records]
-        prepare = True if self.driver == "psycopg_prepared" else None
+        # psycopg prepares a query by itself after 5 runs; keep each driver to one protocol.
+        prepare = self.driver == "psycopg_prepared"
         binary = True if self.driver == "psycopg_extended" else None
         cur = self.conn.cursor(binary=bool(binary))
         await cur.execute(sql, params or None, prepare=prepare)
