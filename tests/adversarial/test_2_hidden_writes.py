@@ -6,6 +6,7 @@ neonpoly (once); the reader's next answer must equal the origin's.
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from tests.adversarial.harness import Env, Twin, unique
@@ -92,12 +93,11 @@ async def test_explain_analyze_of_a_data_modifying_cte(env: Env) -> None:
 
 async def _copy_out(env: Env, sql: str) -> list[bytes]:
     client = await env.client()
-    assert not isinstance(client.conn, type(None))
     out: list[bytes] = []
     conn = client.conn
-    assert hasattr(conn, "cursor")
-    cur = conn.cursor()  # type: ignore[union-attr]
-    async with cur.copy(sql) as copy:  # type: ignore[union-attr]
+    assert isinstance(conn, psycopg.AsyncConnection)
+    cur = conn.cursor()
+    async with cur.copy(sql) as copy:
         async for chunk in copy:
             out.append(bytes(chunk))
     return out
