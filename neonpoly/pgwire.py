@@ -328,6 +328,11 @@ def build_parse(msg: ParseMsg) -> bytes:
     return frame(b"P", cstr(msg.name) + cstr(msg.query) + msg.param_types)
 
 
+def text_array(values: Iterable[str]) -> str:
+    """A text[] value in PostgreSQL's input syntax (every element quoted), for a parameter."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
 def query_text(body: bytes) -> str:
     """The SQL of a simple Query message (its body minus the trailing NUL)."""
     return body[:-1].decode("utf-8", "replace") if body.endswith(b"\x00") else body.decode("utf-8", "replace")

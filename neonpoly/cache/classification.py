@@ -42,6 +42,7 @@ class Classification:
     # where no object of that name exists outside pg_catalog (see cache/relations.py).
     shadowable: frozenset[str] = frozenset()
     cluster_wide: bool = False  # roles, grants, databases: every database's entries may change
+    settings_read: frozenset[str] = frozenset()  # current_setting('name'): part of the identity
     copy: bool = False
     deallocates: str | None = None  # a statement name, or "*" for all of them
     cursor_writes: bool = False  # DECLARE over a query that may write: its FETCHes write
@@ -64,6 +65,7 @@ class Verdict:
     changes_session: bool = False
     transaction_control: str | None = None
     shadowable: set[str] = field(default_factory=set)
+    settings_read: set[str] = field(default_factory=set)
     cluster_wide: bool = False
     copy: bool = False
     deallocates: str | None = None

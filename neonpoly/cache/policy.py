@@ -134,6 +134,7 @@ def _merge(verdicts: Sequence[Verdict]) -> Verdict:
         merged.tables_read |= verdict.tables_read
         merged.tables_written |= verdict.tables_written
         merged.shadowable |= verdict.shadowable
+        merged.settings_read |= verdict.settings_read
         merged.deallocates = merged.deallocates or verdict.deallocates
         if verdict.transaction_control == "commit" or merged.transaction_control is None:
             merged.transaction_control = verdict.transaction_control or merged.transaction_control
@@ -166,6 +167,7 @@ def _build(verdict: Verdict, template: str, *, shape_shared: bool = False) -> Cl
         template=template,
         template_id=template_id(template),
         shadowable=frozenset(verdict.shadowable),
+        settings_read=frozenset(verdict.settings_read),
         cluster_wide=verdict.cluster_wide,
         copy=verdict.copy,
         deallocates=verdict.deallocates,

@@ -33,6 +33,8 @@ _TIME_SQLVALUES = frozenset(
         "SVFOP_LOCALTIME_N", "SVFOP_LOCALTIMESTAMP", "SVFOP_LOCALTIMESTAMP_N",
     }
 )
+# What current_setting() may name: a settings name, possibly with a dot (custom settings).
+SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*$")
 # BETWEEN and friends name a keyword; the operators they run are these.
 _IMPLIED_OPERATORS = {"BETWEEN": ("<=", ">="), "NOT BETWEEN": ("<", ">"),
                       "BETWEEN SYMMETRIC": ("<=", ">="), "NOT BETWEEN SYMMETRIC": ("<", ">")}
@@ -77,6 +79,7 @@ class Facts:
     shadowable: set[str] = field(default_factory=set)
     locks: list[str] = field(default_factory=list)
     into: bool = False
+    settings: set[str] = field(default_factory=set)  # read with current_setting('name')
 
 
 class _Walk:
@@ -184,6 +187,8 @@ class _Walk:
         names = _names(f.get("funcname"))
         schema, name = (names[-2] if len(names) > 1 else None), names[-1] if names else ""
         reason = call_reason(schema, name, len(f.get("args") or ()))
+        if reason is None and name == "current_setting":
+            reason = self.setting_read(list(f.get("args") or ()))
         if reason is None:
             if schema is None:
                 self.facts.shadowable.add(f"{name}()")
@@ -193,6 +198,18 @@ class _Walk:
             if name == "set_config":
                 self.facts.session_code.append(reason)
             self.facts.volatile.append(reason)
+
+    def setting_read(self, args: list[Node]) -> str | None:
+        """current_setting('name'): the name joins the session identity (custom settings are
+        not in pg_settings); a computed name could be anything."""
+        node = args[0] if args else {}
+        while "TypeCast" in node:  # 'app.tenant'::text, as pg_get_expr prints it
+            node = node["TypeCast"].get("arg") or {}
+        first = node.get("A_Const", {}).get("sval", {}).get("sval")
+        if isinstance(first, str) and SETTING_NAME.match(first):
+            self.facts.settings.add(first.lower())
+            return None
+        return "calls current_setting() with a name computed at run time"
 
     def operator(self, f: Node) -> None:
         names = _names(f.get("name"))
@@ -254,6 +271,7 @@ def apply_facts(facts: Facts, verdict: Verdict) -> None:
         if qualified(schema, name) not in verdict.qualified:
             verdict.qualified.append(qualified(schema, name))
     verdict.shadowable |= facts.shadowable
+    verdict.settings_read |= facts.settings
     if facts.locks:
         verdict.refuse(Status.UNCACHEABLE, facts.locks[0])
     if facts.unknown_code:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.cache")
 
 DEFAULT_TTL = 300.0
+# Custom settings read with current_setting() that session identities carry; past this many
+# a query reading a new one is not cached (a client must not grow every identity at will).
+MAX_SETTINGS_READ = 256
 DEFAULT_ADMIT_AFTER = 2
 _SIGHTINGS_LIMIT = 100_000
 
@@ -55,6 +58,7 @@ class QueryCache:
         # How often each key was seen missing: a key is stored on its Nth sighting.
         self._sightings: OrderedDict[bytes, int] = OrderedDict()
         self.relations = RelationBook()
+        self.settings_read: set[str] = set()
         # Other caches in front of the same origin (set by the service that owns them all).
         self.siblings: Callable[[], Iterable[QueryCache]] = tuple
         # (template_id, changed) when an entry is stored again for a key stored before with
@@ -65,6 +69,14 @@ class QueryCache:
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
+
+    def want_settings(self, names: frozenset[str]) -> bool:
+        """Make session identities carry these settings from now on; False past the limit."""
+        new = names - self.settings_read
+        if len(self.settings_read) + len(new) > MAX_SETTINGS_READ:
+            return False
+        self.settings_read |= new
+        return True
 
     def lookup(self, key: bytes) -> bytes | None:
         entry = self.store.get(key)

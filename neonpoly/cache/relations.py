@@ -12,8 +12,12 @@ reach further than they say:
 * a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT),
   reaches partitions when it names the parent, reaches a view's base tables when it names an
   updatable view, and may run triggers or rules that write anything at all;
-* a builtin trusted by name (`lower()`, `=`, `text`) is the builtin only if the database has
-  no function, operator or type of that name outside pg_catalog.
+* a builtin trusted by name (`lower()`, `=`, `text`) in a client's query is the builtin only
+  if no function, operator or type of that name that could be picked instead lives in a schema
+  on that session's search_path (one declared IMMUTABLE over types of its own, such as an
+  extension's `=` for its type, cannot be picked for builtin types). View definitions and
+  policies are bound to OIDs when created, and `pg_get_viewdef` qualifies any name that would
+  resolve differently, so their names are taken as printed.
 
 So the first time a relation is seen, neonpoly asks the origin (in the client's own idle
 session; the answer is swallowed) and from then on tags reads with every table they read and
@@ -29,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from neonpoly import pgwire
 from neonpoly.cache.policy import classify
 
 _CATALOG = "OPERATOR(pg_catalog.=)"
@@ -86,23 +91,32 @@ SELECT 'w', w.root, c.relname::pg_catalog.text,
               AND x.ev_type {_NOT} '1'))::pg_catalog.text, NULL
 FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
 UNION ALL
-SELECT 's', '', s.name, 'false', NULL FROM (
-  SELECT pg_catalog.concat(p.proname, '()') FROM pg_catalog.pg_proc p
+SELECT 's', ns.schema, s.name, 'false', NULL FROM (
+  SELECT p.pronamespace, pg_catalog.concat(p.proname, '()') FROM pg_catalog.pg_proc p
   WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
+   AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
+     SELECT 1 FROM pg_catalog.unnest(p.proargtypes::pg_catalog.oid[]) a(oid)
+     JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} a.oid WHERE t.typnamespace {_NOT} 11::pg_catalog.oid))
   UNION
-  SELECT pg_catalog.concat('operator ', o.oprname) FROM pg_catalog.pg_operator o
+  SELECT o.oprnamespace, pg_catalog.concat('operator ', o.oprname) FROM pg_catalog.pg_operator o
+  JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
   WHERE $2::pg_catalog.bool AND o.oprnamespace {_NOT} 11::pg_catalog.oid
+   AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
+     SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid {_CATALOG} ANY (ARRAY[o.oprleft, o.oprright])
+     AND t.typnamespace {_NOT} 11::pg_catalog.oid))
   UNION
-  SELECT pg_catalog.concat('type ', t.typname) FROM pg_catalog.pg_type t
+  SELECT t.typnamespace, pg_catalog.concat('type ', t.typname) FROM pg_catalog.pg_type t
   WHERE $2::pg_catalog.bool AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typrelid {_CATALOG} 0::pg_catalog.oid
-) s(name) /* neonpoly: relation lookup */"""
+) s(nsp, name) JOIN LATERAL (SELECT n.nspname::pg_catalog.text AS schema FROM pg_catalog.pg_namespace n
+  WHERE n.oid {_CATALOG} s.nsp AND pg_catalog.left(n.nspname::pg_catalog.text, 7) {_NOT} 'pg_temp'
+  AND pg_catalog.left(n.nspname::pg_catalog.text, 13) {_NOT} 'pg_toast_temp') ns ON true
+/* neonpoly: relation lookup */"""
 
 
 def lookup_params(names: Iterable[str], with_shadows: bool) -> list[str]:
     """The lookup's two parameters, in text format: the names as an array, and whether to
-    list the database's objects outside pg_catalog."""
-    quoted = ",".join('"' + n.replace("\\", "\\\\").replace('"', '\\"') + '"' for n in sorted(set(names)))
-    return ["{" + quoted + "}", "true" if with_shadows else "false"]
+    list the database's rivals of builtins."""
+    return [pgwire.text_array(sorted(set(names))), "true" if with_shadows else "false"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +124,7 @@ class Relation:
     tags: frozenset[str]  # what a read of it depends on: itself, base tables, partitions, policies
     volatile: str | None  # why it changes without a write neonpoly sees (never cached)
     runs_code: str | None  # why reading it may run the user's code (it may write or SET)
-    shadowable: frozenset[str]  # builtins its view definition or policies trust by name
+    settings: frozenset[str]  # read by its view definition or policies (current_setting)
     reach: frozenset[str]  # what a write to it changes: itself, cascades, partitions
     opaque: bool  # a write to it runs triggers or rules: it may change anything
 
@@ -122,6 +136,7 @@ class Resolution:
     tags: frozenset[str]
     volatile: str | None
     runs_code: str | None
+    settings: frozenset[str] = frozenset()  # current_setting() names its definitions read
 
 
 class RelationBook:
@@ -130,33 +145,44 @@ class RelationBook:
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, str], Relation] = {}
-        self._shadowed: dict[str, frozenset[str]] = {}
+        # database -> builtin name ("lower()", "operator =") -> schemas holding a rival
+        self._shadowed: dict[str, dict[str, frozenset[str]]] = {}
 
     def knows_shadows(self, database: str) -> bool:
         return database in self._shadowed
 
-    def resolve(self, database: str, names: Iterable[str], trusted: Iterable[str] = ()) -> Resolution | None:
-        """Tags and verdicts for a query's relations and trusted builtins, or None while any
-        of them is unknown (ask the origin first)."""
+    def resolve(
+        self,
+        database: str,
+        names: Iterable[str],
+        trusted: Iterable[str] = (),
+        schemas: frozenset[str] | None = None,
+    ) -> Resolution | None:
+        """Tags and verdicts for a query's relations and the builtins it trusts by name (in a
+        session whose search_path holds `schemas`; None: any schema), or None while any of
+        them is unknown (ask the origin first)."""
         shadowed = self._shadowed.get(database)
         if shadowed is None:
             return None
         tags: set[str] = set()
+        settings: set[str] = set()
         volatile: str | None = None
         runs_code: str | None = None
-        checks = set(trusted)
         for name in names:
             rel = self._known.get((database, name))
             if rel is None:
                 return None
             tags |= rel.tags
+            settings |= rel.settings
             volatile = volatile or rel.volatile
             runs_code = runs_code or rel.runs_code
-            checks |= rel.shadowable
-        hit = sorted(checks & shadowed)
-        if hit and runs_code is None:
-            runs_code = f"{hit[0]} may resolve to an object outside pg_catalog in this database"
-        return Resolution(frozenset(tags), volatile, runs_code)
+        if runs_code is None and shadowed:
+            for label in sorted(trusted):
+                rivals = shadowed.get(label)
+                if rivals and (schemas is None or not rivals.isdisjoint(schemas) or any("\x01" in r for r in rivals)):
+                    runs_code = f"{label} may resolve to an object of the user's on the search_path"
+                    break
+        return Resolution(frozenset(tags), volatile, runs_code, frozenset(settings))
 
     def reach(self, database: str, names: Iterable[str]) -> frozenset[str] | None:
         """Every table a write to `names` may change, or None: evict the whole database
@@ -178,10 +204,10 @@ class RelationBook:
         reads: dict[str, tuple[set[str], bool]] = {}
         writes: dict[str, tuple[set[str], bool]] = {}
         code: dict[str, list[str]] = {}
-        shadows: set[str] = set()
+        shadows: dict[str, set[str]] = {}
         for kind, root, relname, flag, definition in rows:
             if kind == "s":
-                shadows.add(relname)
+                shadows.setdefault(relname, set()).add(root)
                 continue
             if kind == "p" or definition is not None:
                 code.setdefault(root, []).append(definition or "")
@@ -192,16 +218,16 @@ class RelationBook:
             names.add(relname)
             table[root] = (names, seen or flag)
         if shadows or not self.knows_shadows(database):
-            self._shadowed[database] = frozenset(shadows)
+            self._shadowed[database] = {label: frozenset(schemas) for label, schemas in shadows.items()}
         for name in asked:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
             reach, opaque = writes.get(name, ({name}, False))
             why_volatile = f"reads {name}, which changes without writes (a sequence, foreign table or catalog)" \
                 if volatile else None
-            runs_code, shadowable, clock = _judge_definitions(name, code.get(name, ()))
+            runs_code, settings, clock = _judge_definitions(name, code.get(name, ()))
             self._known[(database, name)] = Relation(
-                frozenset(tags), why_volatile or clock, runs_code, shadowable, frozenset(reach), opaque
+                frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque
             )
 
     def refuse(self, database: str, names: Iterable[str]) -> None:
@@ -209,7 +235,7 @@ class RelationBook:
         for name in names:
             why = f"neonpoly could not look up {name}"
             self._known[(database, name)] = Relation(frozenset({name}), why, why, frozenset(), frozenset({name}), True)
-        self._shadowed.setdefault(database, frozenset())
+        self._shadowed.setdefault(database, {})
 
     def forget(self, database: str | None = None) -> None:
         """DDL may have redefined views, keys, triggers, policies or functions: learn again."""
@@ -223,16 +249,16 @@ class RelationBook:
 
 
 def _judge_definitions(name: str, definitions: Iterable[str]) -> tuple[str | None, frozenset[str], str | None]:
-    """(runs_code, shadowable builtins, volatile) for the view definitions and policies of a
+    """(runs_code, settings read, volatile) for the view definitions and policies of a
     relation, judged by the classifier that judges client queries."""
     runs_code: str | None = None
     volatile: str | None = None
-    shadowable: set[str] = set()
+    settings: set[str] = set()
     for sql in definitions:
         info = classify(sql)
-        shadowable |= info.shadowable
+        settings |= info.settings_read
         if info.invalidate_all or info.changes_session or info.is_write:
             runs_code = runs_code or f"reading {name} runs code: {info.reason}"
         elif not info.cacheable:
             volatile = volatile or f"{name} is defined with something that changes without writes: {info.reason}"
-    return runs_code, frozenset(shadowable), volatile
+    return runs_code, frozenset(settings), volatile

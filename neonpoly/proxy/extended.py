@@ -57,6 +57,7 @@ class BatchPlan:
     fetches: bool = False
     cluster_wide: bool = False
     shadowable: frozenset[str] = frozenset()
+    settings_read: frozenset[str] = frozenset()
     deallocates: list[str] = field(default_factory=list)
 
 
@@ -82,6 +83,7 @@ class StatementBook:
         tables: set[str] = set()
         writes: set[str] = set()
         shadowable: set[str] = set()
+        settings: set[str] = set()
 
         closed: set[str] = set()
 
@@ -117,6 +119,7 @@ class StatementBook:
                 portals[bind.portal] = (bound, bind.tail)
                 self._note(bound.info, tables, writes, plan, refuse)
                 shadowable |= bound.info.shadowable
+                settings |= bound.info.settings_read
                 if _CLOCK_WORDS.search(bind.tail):
                     refuse(Status.VOLATILE, "a parameter value reads the clock ('now', 'today' ...)")
                 plan.executed.append(bound.info)
@@ -162,6 +165,7 @@ class StatementBook:
         plan.tables = frozenset(tables)
         plan.writes = frozenset(writes)
         plan.shadowable = frozenset(shadowable)
+        plan.settings_read = frozenset(settings)
         return plan
 
     @staticmethod

@@ -10,8 +10,12 @@ operator is qualified with pg_catalog (nothing the client's session defines can 
 
 * the OIDs of the session user, the current user and the database;
 * every setting, with its current value (custom settings such as `app.tenant` included);
+* the custom settings any cached query reads with current_setting() (`app.tenant` for a
+  row-level-security policy: placeholders are not listed in pg_settings);
 * its temporary schema, and whether anything lives in it: a session with temporary objects
-  may see its own versions of any name, so it is keyed as itself alone.
+  may see its own versions of any name, so it is keyed as itself alone;
+* the schemas on its search_path, so that a builtin trusted by name is checked against
+  the rivals the session can actually see (see cache/relations.py).
 
 It is asked again after anything that may have changed it (SET, RESET, DISCARD, DDL, CALL, DO,
 code the classifier cannot vouch for, a write that runs triggers, a ParameterStatus that
@@ -21,6 +25,8 @@ differs); until the answer is in, the session's queries are not cached.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from neonpoly import pgwire
 
@@ -32,17 +38,30 @@ SELECT pg_catalog.concat_ws(' ',
   (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname {_EQ} CURRENT_USER),
   (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname {_EQ} pg_catalog.current_database()),
   pg_catalog.pg_my_temp_schema()),
-  (SELECT pg_catalog.string_agg(pg_catalog.concat(s.name, '=', s.setting), pg_catalog.chr(10) ORDER BY s.name)
+  (SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.string_agg(
+     pg_catalog.concat(s.name, '=', s.setting), pg_catalog.chr(10) ORDER BY s.name), 'UTF8')), 'hex')
    FROM pg_catalog.pg_settings s),
   (EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace {_EQ} pg_catalog.pg_my_temp_schema())
    OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace {_EQ} pg_catalog.pg_my_temp_schema())
-  )::pg_catalog.text /* neonpoly: session identity */"""
+  )::pg_catalog.text,
+  (SELECT pg_catalog.string_agg(n::pg_catalog.text, pg_catalog.chr(1))
+   FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) n),
+  (SELECT pg_catalog.string_agg(pg_catalog.concat(c, '=',
+     COALESCE(pg_catalog.current_setting(c, true), pg_catalog.chr(1))), pg_catalog.chr(10) ORDER BY c)
+   FROM pg_catalog.unnest($1::pg_catalog.text[]) c) /* neonpoly: session identity */"""
 
 
-def request() -> bytes:
+@dataclass(frozen=True, slots=True)
+class Identity:
+    key: bytes  # what cache keys hold
+    schemas: frozenset[str] | None  # the search_path's schemas; None: could not tell
+    settings: frozenset[str]  # the custom settings the key covers
+
+
+def request(settings: Iterable[str]) -> bytes:
     """The lookup as extended-protocol messages with a statement of our own (a simple Query
     would drop the client's unnamed prepared statement), ending in Sync."""
-    return extended_request(STATEMENT, SQL, [])
+    return extended_request(STATEMENT, SQL, [pgwire.text_array(sorted(settings))])
 
 
 def extended_request(statement: str, sql: str, params: list[str]) -> bytes:
@@ -62,12 +81,14 @@ def extended_request(statement: str, sql: str, params: list[str]) -> bytes:
     )
 
 
-def digest(row: list[bytes | None], private: bytes) -> bytes:
+def parse(row: list[bytes | None], private: bytes, settings: Iterable[str]) -> Identity:
     """The identity from the lookup's one row; `private` (unique to the session) is mixed in
     when the session has temporary objects."""
-    ids, settings, has_temp = (value or b"" for value in row[:3])
+    ids, all_settings, has_temp, schemas, custom = (row + [None] * 5)[:5]
     h = hashlib.blake2b(digest_size=20)
-    h.update(ids + b"\x00" + settings)
+    for part in (ids, all_settings, custom):
+        h.update((part or b"") + b"\x00")
     if has_temp == b"true":
-        h.update(b"\x00temp\x00" + private)
-    return h.digest()
+        h.update(b"temp\x00" + private)
+    names = (schemas or b"").decode("utf-8", "replace")
+    return Identity(h.digest(), frozenset(names.split("\x01")) if names else frozenset(), frozenset(settings))

@@ -46,7 +46,7 @@ class Pending:
     stats: list[StatTicket] = field(default_factory=list)
     # neonpoly's own catalog lookups (cache/relations.py, identity.py): swallowed, never forwarded.
     lookup: list[str] | None = None
-    identity: bool = False
+    identity: frozenset[str] | None = None  # the session-identity lookup, with the settings it asks
     rows: list[list[bytes | None]] = field(default_factory=list)
 
 

@@ -297,7 +297,7 @@ class Session:
         self._note_effects(info, item, out)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE)
         status, resolution = self._cache_decision(
-            refusal, info.template_id, info.tables_read, info.shadowable, item, out
+            refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
         )
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None:
@@ -362,8 +362,9 @@ class Session:
                 self._ask_relations(cache, names, out)
         if self.state.identity is None and not self.identity_inflight:
             self.identity_inflight = True
-            self._push(Pending(time.monotonic(), neutral=True, identity=True))
-            out.append(identity.request())
+            settings = frozenset(cache.settings_read)
+            self._push(Pending(time.monotonic(), neutral=True, identity=settings))
+            out.append(identity.request(settings))
         self._write_origin(out)
 
     def _forget_identity(self) -> None:
@@ -388,6 +389,7 @@ class Session:
         shadowable: frozenset[str],
         item: Pending,
         out: list[bytes] | None,
+        settings: frozenset[str] = frozenset(),
     ) -> tuple[Status, Resolution | None]:
         """The status of a request, after what the catalog says about what it reads and calls.
 
@@ -399,8 +401,10 @@ class Session:
         if cache is None:
             return Status.DISABLED, None
         resolution: Resolution | None = None
+        known = self.state.identity
         if tables or shadowable:
-            resolution = cache.relations.resolve(self.state.database, tables, shadowable)
+            schemas = known.schemas if known is not None else None
+            resolution = cache.relations.resolve(self.state.database, tables, shadowable, schemas)
             if resolution is None:
                 idle = self.state.tx_status == b"I" and not self._busy() and self.state.bypass is None
                 if idle and out is not None:
@@ -421,8 +425,16 @@ class Session:
             return Status.BYPASS, None
         if self.state.tx_status != b"I" or self._busy():
             return Status.TRANSACTION, None
-        if self.state.identity is None:
+        if known is None:
             return Status.BYPASS, None  # being learned again after something changed the session
+        needed = settings | (resolution.settings if resolution is not None else frozenset())
+        if not needed <= known.settings:
+            # Settings the identity does not carry yet (custom ones are not in pg_settings):
+            # from now on every session's identity carries them.
+            if cache.want_settings(needed):
+                self._forget_identity()
+                return Status.BYPASS, None
+            return Status.VOLATILE, None
         return Status.MISS, resolution
 
     def _runs_code(self, item: Pending) -> None:
@@ -513,7 +525,9 @@ class Session:
         if refusal is None and info is not None and not info.cacheable:
             refusal = info.status or Status.UNCACHEABLE
         template = info.template_id if info is not None else ""
-        status, resolution = self._cache_decision(refusal, template, plan.tables, plan.shadowable, item, out)
+        status, resolution = self._cache_decision(
+            refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read
+        )
         if flush and status is Status.MISS and any(t == 0x42 for t, _ in batch):
             # Its portal must exist at the origin for the Execute that follows the Flush.
             status = Status.UNCACHEABLE
@@ -671,7 +685,7 @@ class Session:
             head = pending[0] if pending else None
             if head is not None and head.local is not None:  # pragma: no cover - defensive
                 head = None
-            if head is not None and (head.lookup is not None or head.identity):
+            if head is not None and (head.lookup is not None or head.identity is not None):
                 if mtype == 0x41 or mtype == _S:  # the client's notifications and settings
                     if mtype == _S:
                         self._parameter(buf[start + 5 : end])
@@ -768,10 +782,11 @@ class Session:
             item.error = True
         elif mtype == _Z:
             self.pending.popleft()
-            if item.identity:
+            if item.identity is not None:
                 self.identity_inflight = False
                 if not item.error and item.rows and self.state.tx_status == b"I":
-                    self.state.learned(identity.digest(item.rows[0], self.proxy_key[1] + self.origin_key_secret()))
+                    private = self.proxy_key[1] + self.origin_key_secret()
+                    self.state.learned(identity.parse(item.rows[0], private, item.identity))
                 else:
                     self.state.learned(None)
             elif cache is not None and item.lookup is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from neonpoly.proxy.identity import Identity
+
 
 @dataclass(slots=True)
 class SessionState:
@@ -15,7 +17,7 @@ class SessionState:
     bypass: str | None = None  # why this session is never cached (a replication connection)
     # The server-derived identity (see identity.py); None while it is unknown or being
     # learned again, and then nothing is cached for the session.
-    identity: bytes | None = None
+    identity: Identity | None = None
     server_params: dict[str, str] = field(default_factory=dict)
     _context: bytes | None = None
 
@@ -36,7 +38,7 @@ class SessionState:
         self.server_params[name] = value
         return before is not None and before != value
 
-    def learned(self, identity: bytes | None) -> None:
+    def learned(self, identity: Identity | None) -> None:
         self.identity = identity
         self._context = None
 
@@ -44,5 +46,5 @@ class SessionState:
         """The result-changing part of the session, as bytes for the cache key (only while the
         identity is known)."""
         if self._context is None:
-            self._context = self.database.encode() + b"\x00" + (self.identity or b"")
+            self._context = self.database.encode() + b"\x00" + (self.identity.key if self.identity else b"")
         return self._context

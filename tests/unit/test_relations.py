@@ -55,7 +55,10 @@ def test_policies_add_what_they_read_and_their_code() -> None:
             ("p", "docs", "docs", False, "SELECT (tenant = current_setting('app.tenant'::text))"),
         ],
     )
-    assert book.resolve("app", ["docs"]) == Resolution(frozenset({"docs", "members"}), None, None)
+    # The setting the policy reads joins the session identity.
+    assert book.resolve("app", ["docs"]) == Resolution(
+        frozenset({"docs", "members"}), None, None, frozenset({"app.tenant"})
+    )
     book.learn("app", ["clocked"], [("p", "clocked", "clocked", False, "SELECT (ts > now())")])
     clocked = book.resolve("app", ["clocked"])
     assert clocked is not None and clocked.volatile
