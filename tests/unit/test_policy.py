@@ -418,3 +418,123 @@ def test_texts_differing_only_in_numbers_share_one_parse() -> None:
     # Numbers inside names or placeholders are not numbers.
     assert classify("SELECT * FROM t1 WHERE a = $1").tables_read == frozenset({"t1"})
     assert classify("SELECT * FROM t2 WHERE a = $1").tables_read == frozenset({"t2"})
+
+
+# --- parsed as the server parses ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "read"),
+    [
+        # A non-recursive WITH query sees only the ones before it: the inner t is the table.
+        ("WITH t AS (SELECT * FROM t) SELECT * FROM t", {"t"}),
+        ("WITH a AS (SELECT * FROM b), b AS (SELECT * FROM a) SELECT * FROM b", {"b"}),
+        ("WITH RECURSIVE t AS (SELECT 1 UNION ALL SELECT * FROM t) SELECT * FROM t", set()),
+        ("SELECT * FROM s.t, (WITH u AS (SELECT 1) SELECT * FROM u) x, u", {"t", "u"}),
+    ],
+)
+def test_with_names_are_scoped_as_postgresql_scopes_them(sql: str, read: set[str]) -> None:
+    assert classify(sql).tables_read == F(read)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT ('no' || 'w')::timestamptz",
+        "SELECT timezone('UTC', 'now')",
+        "SELECT E'\\x6eow'::timestamptz",
+        "SELECT $$now$$::date",
+        "SELECT U&'\\006Eow'::timestamp",
+        "SELECT * FROM t WHERE at <= 'NOW'",
+        "SELECT 'tomorrow'::date",
+        "SELECT CAST(lower('NOW') AS timestamptz)",
+        "SELECT current_date + 1",
+        "SELECT localtimestamp(2)",
+        "SELECT * FROM t TABLESAMPLE bernoulli (10)",
+    ],
+)
+def test_the_clock_in_any_spelling_is_volatile(sql: str) -> None:
+    c = classify(sql)
+    assert c.status is Status.VOLATILE, (sql, c.reason)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 'epoch'::timestamptz, 'infinity'::date",
+        "SELECT created_at::date FROM t",
+        "SELECT $1::timestamptz",  # a parameter is judged when it is bound
+        "SELECT * FROM t TABLESAMPLE bernoulli (10) REPEATABLE (7)",
+        "SELECT 'nowhere' AS place",
+    ],
+)
+def test_fixed_times_stay_cacheable(sql: str) -> None:
+    assert classify(sql).cacheable, classify(sql).reason
+
+
+@pytest.mark.parametrize(
+    ("sql", "written", "everything"),
+    [
+        ("EXPLAIN (ANALYZE 1) DELETE FROM t", {"t"}, False),
+        ("EXPLAIN (ANALYZE true, FORMAT JSON) UPDATE t SET a = 1", {"t"}, False),
+        ("EXPLAIN ANALYZE SELECT bump()", set(), True),
+        ("COPY (DELETE FROM t RETURNING *) TO STDOUT", {"t"}, False),
+        ("COPY (SELECT bump()) TO STDOUT", set(), True),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT bump()", set(), True),
+        ("SELECT 1 /* /* nested */ ; DELETE FROM t; */", set(), False),
+    ],
+)
+def test_writes_hidden_in_other_statements(sql: str, written: set[str], everything: bool) -> None:
+    c = classify(sql)
+    assert c.tables_written == F(written)
+    assert c.invalidate_all is everything
+    assert (c.is_write or c.invalidate_all) is bool(written or everything)
+
+
+def test_explain_without_analyze_does_not_write() -> None:
+    for sql in ("EXPLAIN (ANALYZE 0) DELETE FROM t", "EXPLAIN (ANALYZE off) DELETE FROM t"):
+        assert not classify(sql).is_write
+
+
+def test_cursors_over_writing_queries_make_fetches_write() -> None:
+    assert classify("DECLARE c CURSOR FOR SELECT bump()").cursor_writes
+    assert not classify("DECLARE c CURSOR FOR SELECT * FROM t").cursor_writes
+    assert classify("FETCH 10 FROM c").fetches and classify("MOVE NEXT IN c").fetches
+
+
+def test_transaction_control_with_chain_still_commits() -> None:
+    assert classify("COMMIT AND CHAIN").transaction_control == "commit"
+    assert classify("END AND CHAIN").transaction_control == "commit"
+    assert classify("ROLLBACK AND CHAIN").transaction_control == "rollback"
+
+
+def test_builtins_trusted_by_name_are_reported_for_the_shadow_check() -> None:
+    c = classify("SELECT lower(a) FROM t WHERE b = 1 AND c BETWEEN 1 AND 2 AND d::text = 'x'")
+    assert {"lower()", "operator =", "operator <=", "operator >=", "type text"} <= c.shadowable
+    qualified = classify("SELECT pg_catalog.lower(a) FROM t WHERE b OPERATOR(pg_catalog.=) 1")
+    assert "lower()" not in qualified.shadowable and "operator =" not in qualified.shadowable
+    outside = classify("SELECT a FROM t WHERE b OPERATOR(evil.=) 1")
+    assert outside.status is Status.VOLATILE and outside.invalidate_all
+
+
+def test_settings_read_join_the_identity_and_computed_names_are_volatile() -> None:
+    c = classify("SELECT * FROM t WHERE tenant = current_setting('App.Tenant', true)")
+    assert c.cacheable and c.settings_read == F({"app.tenant"})
+    assert classify("SELECT current_setting(name) FROM t").status is Status.VOLATILE
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["GRANT r1 TO r2", "ALTER ROLE r SET search_path = x", "ALTER DATABASE d SET x = 1", "DROP ROLE r",
+     "REVOKE SELECT ON t FROM r"],
+)
+def test_roles_and_grants_are_cluster_wide(sql: str) -> None:
+    c = classify(sql)
+    assert c.cluster_wide and c.invalidate_all and c.changes_session
+
+
+def test_deallocate_names_what_it_drops() -> None:
+    assert classify("DEALLOCATE s1").deallocates == "s1"
+    assert classify('DEALLOCATE PREPARE "S 1"').deallocates == "S 1"
+    assert classify("DEALLOCATE ALL").deallocates == "*"
+    assert classify("DISCARD ALL").deallocates == "*"
