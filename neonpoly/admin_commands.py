@@ -109,6 +109,7 @@ QUERIES_COLUMNS = (
     ("ttl_s", FLOAT8),
     ("ttl_source", TEXT),
     ("last_status", TEXT),
+    ("last_reason", TEXT),
     ("last_seen", TIMESTAMPTZ),
 )
 CACHES_COLUMNS = (
@@ -364,7 +365,7 @@ class Executor:
             source = "not cacheable"
             policy = self.policies.get(t.cache_id)
             if counts.get("hit", 0) + counts.get("miss", 0) + counts.get("disabled", 0) == 0:
-                source = f"not cacheable ({t.last_status})" if t.last_status else source
+                source = "not cacheable"
             elif policy is not None:
                 decision = policy.decide(t.template_id, bare_tables(t.tables))
                 ttl, source = decision.ttl, decision.source
@@ -391,6 +392,7 @@ class Executor:
                     ttl,
                     source,
                     t.last_status,
+                    t.last_reason or "",
                     _ts(t.last_seen) if t.last_seen else None,
                 )
             )

@@ -95,7 +95,7 @@ def _template(row: Row) -> TemplateStats:
         bytes_served=row["bytes_served"],
         last_seen=last_seen.timestamp() if isinstance(last_seen, datetime) else 0.0,
         last_status=row["last_status"] or "",
-        last_reason=None,  # the admin console does not expose it
+        last_reason=row.get("last_reason") or None,
         ttl=row["ttl_s"],
     )
 

@@ -169,6 +169,7 @@ class QueryCache:
             ticket.status,
             latency_s,
             bytes_served,
+            reason=ticket.reason or None,
         )
 
     def purge(self) -> int:

@@ -58,3 +58,4 @@ class StatTicket:
     template: str
     tables: tuple[str, ...]
     status: str
+    reason: str = ""  # why it is not a hit or miss, in words

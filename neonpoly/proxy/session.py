@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
@@ -295,10 +296,11 @@ class Session:
         if info.deallocates is not None:
             self.book.deallocated(info.deallocates)
         self._note_effects(info, item, out)
-        refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE)
-        status, resolution = self._cache_decision(
+        refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
+        decision = self._cache_decision(
             refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
         )
+        status = decision.status
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None:
             key = cache.key(self.state.context(), b"Q" + body)
@@ -306,9 +308,11 @@ class Session:
             if payload is not None and not self._busy():
                 self._answer_locally(payload, [info], item)
                 return
-            item.capture = self._capture(cache, key, resolution, info.template_id)
+            item.capture = self._capture(cache, key, decision.resolution, info.template_id)
         item.neutral = status is Status.MISS
-        item.stats.append(StatTicket(info.template_id, info.template, info.qualified_tables, str(status)))
+        item.stats.append(
+            StatTicket(info.template_id, info.template, info.qualified_tables, str(status), decision.reason)
+        )
         self._push(item)
         out.append(raw)
 
@@ -383,15 +387,16 @@ class Session:
 
     def _cache_decision(
         self,
-        refusal: Status | None,
+        refusal: tuple[Status, str] | None,
         template_id: str,
         tables: frozenset[str],
         shadowable: frozenset[str],
         item: Pending,
         out: list[bytes] | None,
         settings: frozenset[str] = frozenset(),
-    ) -> tuple[Status, Resolution | None]:
-        """The status of a request, after what the catalog says about what it reads and calls.
+    ) -> Decision:
+        """The status of a request and why, after what the catalog says about what it reads
+        and calls.
 
         Reading a relation whose definition or policies run code of the user's is like calling
         that code: it may write or change the session. When the catalog has not answered yet,
@@ -399,8 +404,8 @@ class Session:
         judged again when it completes."""
         cache = self.route.cache if self.route else None
         if cache is None:
-            return Status.DISABLED, None
-        resolution: Resolution | None = None
+            return Decision(Status.DISABLED, "caching is off for this connection string")
+        resolution: Resolution | None = Resolution(frozenset(), None, None)
         known = self.state.identity
         if tables or shadowable:
             schemas = known.schemas if known is not None else None
@@ -412,30 +417,33 @@ class Session:
                 item.reads = tables
             elif resolution.runs_code is not None:
                 self._runs_code(item)
-                return Status.VOLATILE, None
-        else:
-            resolution = Resolution(frozenset(), None, None)
+                return Decision(Status.VOLATILE, resolution.runs_code)
         if refusal is not None:
-            return refusal, resolution
+            return Decision(refusal[0], refusal[1], resolution)
         if resolution is not None and resolution.volatile is not None:
-            return Status.VOLATILE, None  # a view over the clock, a sequence, a catalog
+            return Decision(Status.VOLATILE, resolution.volatile)
         if cache.ttl_for(template_id, tables) is None:
-            return Status.DISABLED, None  # a rule says "never", or the cache's mode is Off
-        if self.state.bypass is not None or self.state.legacy_strings:
-            return Status.BYPASS, None
-        if self.state.tx_status != b"I" or self._busy():
-            return Status.TRANSACTION, None
+            return Decision(Status.DISABLED, "a rule says never, or the cache's mode is off")
+        if self.state.bypass is not None:
+            return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
+        if self.state.legacy_strings:
+            return Decision(Status.BYPASS, "standard_conforming_strings is off: text not read as the server reads it")
+        if self.state.tx_status != b"I":
+            return Decision(Status.TRANSACTION, "inside a transaction block")
+        if self._busy():
+            return Decision(Status.TRANSACTION, "behind a pipelined request that may change the transaction")
         if known is None:
-            return Status.BYPASS, None  # being learned again after something changed the session
+            return Decision(Status.BYPASS, "the session changed (SET, DDL, server code): asking who it is now")
         needed = settings | (resolution.settings if resolution is not None else frozenset())
         if not needed <= known.settings:
             # Settings the identity does not carry yet (custom ones are not in pg_settings):
             # from now on every session's identity carries them.
             if cache.want_settings(needed):
                 self._forget_identity()
-                return Status.BYPASS, None
-            return Status.VOLATILE, None
-        return Status.MISS, resolution
+                missing = sorted(needed - known.settings)[0]
+                return Decision(Status.BYPASS, f"reads setting {missing}: asking the server for it")
+            return Decision(Status.VOLATILE, "reads more custom settings than a session identity carries")
+        return Decision(Status.MISS, "", resolution)
 
     def _runs_code(self, item: Pending) -> None:
         """The request runs code neonpoly cannot vouch for: it may write anything or SET."""
@@ -521,16 +529,15 @@ class Session:
         item = Pending(time.monotonic(), flush=flush, expect=expect)
         info = plan.primary
         self._plan_effects(plan, item, out)
-        refusal = plan.status
+        refusal = (plan.status, plan.reason) if plan.status is not None else None
         if refusal is None and info is not None and not info.cacheable:
-            refusal = info.status or Status.UNCACHEABLE
+            refusal = (info.status or Status.UNCACHEABLE, info.reason)
         template = info.template_id if info is not None else ""
-        status, resolution = self._cache_decision(
-            refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read
-        )
+        decision = self._cache_decision(refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read)
+        status, reason = decision.status, decision.reason
         if flush and status is Status.MISS and any(t == 0x42 for t, _ in batch):
             # Its portal must exist at the origin for the Execute that follows the Flush.
-            status = Status.UNCACHEABLE
+            status, reason = Status.UNCACHEABLE, "a Flush before Sync needs the portal at the origin"
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None and (plan.executes or info is not None):
             context = self.state.context()
@@ -550,9 +557,11 @@ class Session:
                 else:
                     self._answer_quietly(payload, item)
                 return
-            item.capture = self._capture(cache, key, resolution, template)
+            item.capture = self._capture(cache, key, decision.resolution, template)
         item.neutral = status is Status.MISS
-        item.stats.extend(StatTicket(i.template_id, i.template, i.qualified_tables, str(status)) for i in plan.executed)
+        item.stats.extend(
+            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
+        )
         deferred = self.book.deferred_parses(plan)
         item.swallow = len(deferred)
         self.book.after_forward(plan)
@@ -593,10 +602,10 @@ class Session:
         plan = self.book.plan(batch)
         item = Pending(time.monotonic())
         self._plan_effects(plan, item, out)
-        self._cache_decision(plan.status or Status.BYPASS, "", plan.tables, plan.shadowable, item, out)
+        self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, item, out)
+        status, reason = (plan.status, plan.reason) if plan.status else (Status.BYPASS, "streamed before its Sync")
         item.stats.extend(
-            StatTicket(i.template_id, i.template, i.qualified_tables, str(plan.status or Status.BYPASS))
-            for i in plan.executed
+            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
         )
         deferred = self.book.deferred_parses(plan)
         item.swallow = len(deferred)
@@ -614,7 +623,7 @@ class Session:
             plan = self.book.plan([(mtype, body)])
             self._plan_effects(plan, self.stream, None)
             if plan.tables or plan.shadowable:
-                self._cache_decision(Status.BYPASS, "", plan.tables, plan.shadowable, self.stream, None)
+                self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, self.stream, None)
             deferred = self.book.deferred_parses(plan)
             self.stream.swallow += len(deferred)
             self.book.after_forward(plan)
@@ -758,7 +767,8 @@ class Session:
                         capture.failed = True
                         capture.frames.clear()
                         head.stats = [
-                            StatTicket(t.template_id, t.template, t.tables, str(Status.OVERSIZEDRESULT))
+                            StatTicket(t.template_id, t.template, t.tables, str(Status.OVERSIZEDRESULT),
+                                       "the result is larger than the cache takes")
                             for t in head.stats
                         ]
         out.append(buf[cut:used])
@@ -935,6 +945,13 @@ def _lookup_row(row: list[bytes | None]) -> tuple[str, str, str, bool, str | Non
         flag == b"true",
         None if definition is None else definition.decode(),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    status: Status
+    reason: str  # an explanation for SHOW QUERIES and the console ("" for a miss)
+    resolution: Resolution | None = None  # what the catalog said, for a miss to be stored
 
 
 class ClientSide(asyncio.Protocol):
