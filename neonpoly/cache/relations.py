@@ -147,6 +147,8 @@ class RelationBook:
         self._known: dict[tuple[str, str], Relation] = {}
         # database -> builtin name ("lower()", "operator =") -> schemas holding a rival
         self._shadowed: dict[str, dict[str, frozenset[str]]] = {}
+        # Every request asks, hits included: answers are kept until the book learns or forgets.
+        self._resolved: dict[tuple[str, frozenset[str], frozenset[str], frozenset[str] | None], Resolution] = {}
 
     def knows_shadows(self, database: str) -> bool:
         return database in self._shadowed
@@ -161,6 +163,14 @@ class RelationBook:
         """Tags and verdicts for a query's relations and the builtins it trusts by name (in a
         session whose search_path holds `schemas`; None: any schema), or None while any of
         them is unknown (ask the origin first)."""
+        if not isinstance(names, frozenset):
+            names = frozenset(names)
+        if not isinstance(trusted, frozenset):
+            trusted = frozenset(trusted)
+        memo_key = (database, names, trusted, schemas)
+        found = self._resolved.get(memo_key)
+        if found is not None:
+            return found
         shadowed = self._shadowed.get(database)
         if shadowed is None:
             return None
@@ -182,7 +192,11 @@ class RelationBook:
                 if rivals and (schemas is None or not rivals.isdisjoint(schemas) or any("\x01" in r for r in rivals)):
                     runs_code = f"{label} may resolve to an object of the user's on the search_path"
                     break
-        return Resolution(frozenset(tags), volatile, runs_code, frozenset(settings))
+        found = Resolution(frozenset(tags), volatile, runs_code, frozenset(settings))
+        if len(self._resolved) >= 4096:
+            self._resolved.clear()
+        self._resolved[memo_key] = found
+        return found
 
     def reach(self, database: str, names: Iterable[str]) -> frozenset[str] | None:
         """Every table a write to `names` may change, or None: evict the whole database
@@ -201,6 +215,7 @@ class RelationBook:
     def learn(
         self, database: str, asked: Iterable[str], rows: Iterable[tuple[str, str, str, bool, str | None]]
     ) -> None:
+        self._resolved.clear()
         reads: dict[str, tuple[set[str], bool]] = {}
         writes: dict[str, tuple[set[str], bool]] = {}
         code: dict[str, list[str]] = {}
@@ -232,6 +247,7 @@ class RelationBook:
 
     def refuse(self, database: str, names: Iterable[str]) -> None:
         """Relations we could not ask about: never cached, reads and writes evict everything."""
+        self._resolved.clear()
         for name in names:
             why = f"neonpoly could not look up {name}"
             self._known[(database, name)] = Relation(frozenset({name}), why, why, frozenset(), frozenset({name}), True)
@@ -239,6 +255,7 @@ class RelationBook:
 
     def forget(self, database: str | None = None) -> None:
         """DDL may have redefined views, keys, triggers, policies or functions: learn again."""
+        self._resolved.clear()
         if database is None:
             self._known.clear()
             self._shadowed.clear()
