@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import socket
 import ssl
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -106,6 +109,8 @@ async def open_origin(origin: Origin, protocol: asyncio.Protocol, timeout: float
     try:
         async with asyncio.timeout(timeout):
             transport, probe = await loop.create_connection(_FirstByte, host, port)
+            if _is_loopback(host):
+                limit_socket_buffer(transport, socket.SO_RCVBUF)
             if origin.sslmode in ("disable", "allow"):
                 transport.set_protocol(protocol)
                 protocol.connection_made(transport)
@@ -116,6 +121,10 @@ async def open_origin(origin: Origin, protocol: asyncio.Protocol, timeout: float
                 tls = await loop.start_tls(transport, protocol, origin.ssl_context(), server_hostname=origin.host)
                 if tls is None:  # pragma: no cover - only when the loop is closing
                     raise ConnectionError("TLS handshake aborted")
+                if _is_loopback(host):
+                    # The TLS layer reads ahead into a buffer of its own (256 KiB by default).
+                    with contextlib.suppress(AttributeError, NotImplementedError):
+                        tls.set_read_buffer_limits(high=RELAY_SOCKET_BUFFER)  # type: ignore[attr-defined]
                 protocol.connection_made(tls)
                 return tls
             if origin.sslmode in TLS_MODES:
@@ -131,6 +140,29 @@ async def open_origin(origin: Origin, protocol: asyncio.Protocol, timeout: float
     except (OSError, ssl.SSLError, ConnectionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise OriginUnavailable(f"could not connect to origin {origin.label}: {reason}") from exc
+
+
+# Kernel buffering a relay adds on each side. While the client does not read, neonpoly stops
+# reading the origin; with the kernel's autotuned buffers (megabytes) between, the origin could
+# still finish a large COPY or result the client is abandoning, so a cancel arrives too late
+# where on a direct connection it would have stopped the statement. Small buffers on the local
+# legs keep neonpoly's extra buffering near zero; a remote origin keeps autotuning (its window
+# must cover the round trip).
+RELAY_SOCKET_BUFFER = 16 * 1024
+
+
+def limit_socket_buffer(transport: asyncio.BaseTransport, option: int) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, RELAY_SOCKET_BUFFER)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class _Sink(asyncio.Protocol):

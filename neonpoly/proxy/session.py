@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from neonpoly.cache.policy import Classification, Status, classify
 from neonpoly.cache.relations import Resolution
 from neonpoly.proxy import identity
 from neonpoly.proxy.extended import BatchPlan, StatementBook
-from neonpoly.proxy.origin import OriginUnavailable, open_origin
+from neonpoly.proxy.origin import RELAY_SOCKET_BUFFER, OriginUnavailable, limit_socket_buffer, open_origin
 from neonpoly.proxy.pending import Capture, Pending, StatTicket
 from neonpoly.proxy.state import SessionState
 
@@ -963,6 +964,8 @@ class ClientSide(asyncio.Protocol):
         # No isinstance check: uvloop's TCPTransport is not an asyncio.Transport subclass.
         client: asyncio.Transport = transport  # type: ignore[assignment]
         if self.session is None:
+            limit_socket_buffer(client, socket.SO_SNDBUF)  # see origin.RELAY_SOCKET_BUFFER
+            client.set_write_buffer_limits(high=RELAY_SOCKET_BUFFER)
             self.session = self.server.open_session(client)
         else:  # TLS upgrade hands us the new transport
             self.session.client = client

@@ -290,6 +290,26 @@ def _copy_out_bytes_direct(pg: PgServer) -> bytes:
         return _copy_out_bytes(conn)
 
 
+def _abandon_copy_out(url: str, rows: int) -> str:
+    """psycopg cancels a COPY TO the client leaves early; the transaction state it ends in."""
+    with psycopg.connect(url) as conn:
+        cur = conn.cursor()
+        with pytest.raises(ZeroDivisionError), cur.copy(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT") as copy:
+            for _ in copy:
+                raise ZeroDivisionError
+        return conn.info.transaction_status.name
+
+
+def test_abandoned_copy_out_is_cancelled_while_it_runs(proxy: RunningProxy) -> None:
+    """The relay adds almost no buffering (small buffers on local legs, backpressure on the
+    origin), so the origin is still sending when the cancel comes: the transaction fails as
+    on a direct connection instead of completing behind the client's back."""
+    rows = int(os.environ.get('ROWS', '300000'))
+    direct = proxy.pg.url("postgres", "app", "disable")
+    assert _abandon_copy_out(direct, rows) == "INERROR"
+    assert _abandon_copy_out(proxy.url(), rows) == "INERROR"
+
+
 async def test_asyncpg_copy_round_trip_100k(proxy: RunningProxy) -> None:
     conn = await asyncpg.connect(**proxy.dsn("md5_user"))
     try:
