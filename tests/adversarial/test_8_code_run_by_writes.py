@@ -10,6 +10,7 @@ table up (so the write is judged by the catalog, not evicted blindly as an unkno
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from tests.adversarial.harness import Env, unique
@@ -40,8 +41,6 @@ async def test_write_runs_a_function_that_writes_another_table(env: Env, shape: 
     writer = await env.client()
     sql = write.format(t=target)
     if sql.startswith("COPY"):
-        import psycopg
-
         assert isinstance(writer.conn, psycopg.AsyncConnection)
         async with writer.conn.cursor() as cur, cur.copy(sql) as copy:
             await copy.write_row((1,))
@@ -126,6 +125,7 @@ async def test_dblink_exec_writes_through_a_second_connection(env: Env) -> None:
     """SELECT dblink_exec(…, 'UPDATE t …') sent through neonpoly writes t over another
     connection; neonpoly relayed the statement, so t's cached read must not survive it."""
     await env.admin("CREATE EXTENSION IF NOT EXISTS dblink SCHEMA public")
+    env.on_cleanup("DROP EXTENSION IF EXISTS dblink")
     table = await env.table("adv_w", "id int, v text", "(1, 'old')")
     reader = await env.twin()
     read = f"SELECT v FROM {table} WHERE id = 1"
@@ -183,6 +183,26 @@ async def test_user_function_named_like_a_volatile_builtin_sets_search_path(env:
     await a.both("SELECT random(1)")
     assert await a.origin(read) == [(schema,)]
     await a.check(read, why="after SELECT random(1) (a user function calling set_config)")
+
+
+async def test_implicit_cast_with_a_writing_function(env: Env) -> None:
+    """A cast between builtin types added by the DBA (smallint to text, AS IMPLICIT, through a
+    function): length(s) of a smallint column names only builtins but runs that function."""
+    table, fn = await counter(env)
+    cast_fn = unique("adv_cast")
+    await env.admin(
+        f"CREATE FUNCTION public.{cast_fn}(x int2) RETURNS text VOLATILE LANGUAGE sql "
+        f"AS $$ SELECT public.{fn}(); SELECT x::int4::text $$",
+        f"CREATE CAST (int2 AS text) WITH FUNCTION public.{cast_fn}(int2) AS IMPLICIT",
+    )
+    env.on_cleanup("DROP CAST IF EXISTS (int2 AS text)", f"DROP FUNCTION IF EXISTS public.{cast_fn}(int2)")
+    source = await env.table("adv_src", "s int2", "(42)")
+    await make_known(env, source)
+    reader, read = await warm_counter(env, table)
+    writer = await env.client()
+    await writer.rows(f"SELECT length(s) FROM {source}")
+    assert await reader.origin(read) != [(0,)], "the cast did not run: the case proves nothing"
+    await reader.check(read, why="after SELECT length(smallint column) through a DBA's implicit cast")
 
 
 # --- controls: writes that reach further and are handled ---------------------------------
