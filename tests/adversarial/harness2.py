@@ -1,0 +1,57 @@
+"""Helpers shared by the second round of adversarial cases (test_8_… onwards)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from tests.adversarial.harness import Client, Env, Twin, unique
+
+
+async def counter(env: Env) -> tuple[str, str]:
+    """A one-row counter table and a VOLATILE SQL function `fn()` that bumps it and returns n."""
+    table = await env.table("adv_cnt", "n int", "(0)")
+    fn = unique("adv_bump")
+    await env.admin(
+        f"CREATE FUNCTION public.{fn}() RETURNS int VOLATILE LANGUAGE sql AS "
+        f"$$ UPDATE public.{table} SET n = n + 1 RETURNING n $$",
+        f"GRANT EXECUTE ON FUNCTION public.{fn}() TO PUBLIC",
+    )
+    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.{fn}() CASCADE")
+    return table, fn
+
+
+async def warm_counter(env: Env, table: str) -> tuple[Twin, str]:
+    """A reader twin that has the counter's read provably cached (n = 0)."""
+    reader = await env.twin()
+    read = f"SELECT n FROM {table}"
+    rows, _ = await reader.probe(read)
+    assert rows == [(0,)]
+    return reader, read
+
+
+async def make_known(env: Env, *tables: str) -> None:
+    """Have neonpoly look the tables up (a plain read through it, answered by the origin), so
+    that later writes to them are judged by what the catalog said about them."""
+    client = await env.client()
+    for table in tables:
+        await client.rows(f"SELECT count(*) FROM {table}")
+
+
+def as_utc(value: Any) -> dt.datetime:
+    assert isinstance(value, dt.datetime), value
+    if value.tzinfo is None:  # timestamp without time zone: the sessions run in UTC
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+async def fresh_every_time(client: Client, sql: str, params: tuple[Any, ...] = (), runs: int = 4) -> None:
+    """A clock-reading query must never answer a time older than the call."""
+    for n in range(runs):
+        before = dt.datetime.now(dt.UTC)
+        rows = await client.rows(sql, params)
+        got = as_utc(rows[0][0])
+        assert got >= before, (
+            f"run {n + 1} of {sql!r} {params!r}: answered {got.isoformat()}, older than the call "
+            f"({before.isoformat()}): a cached clock"
+        )
