@@ -189,9 +189,12 @@ class _Walk:
         reason = call_reason(schema, name, len(f.get("args") or ()))
         if reason is None and name == "current_setting":
             reason = self.setting_read(list(f.get("args") or ()))
+        if schema is None and (reason is None or UNKNOWN_VOLATILITY not in reason):
+            # A builtin trusted by name, volatile or not: a user's function of that name on
+            # the search_path may be what runs (and may write or SET).
+            self.facts.shadowable.add(f"{name}()")
         if reason is None:
-            if schema is None:
-                self.facts.shadowable.add(f"{name}()")
+            pass
         elif UNKNOWN_VOLATILITY in reason:
             self.facts.unknown_code.append(reason)
         else:
@@ -230,12 +233,13 @@ class _Walk:
             self.facts.unknown_code.append(f"casts to type {schema}.{name} defined outside pg_catalog")
         elif schema is None:
             self.facts.shadowable.add(f"type {name}")
+        self.facts.shadowable.add(f"cast {name}")
         arg = f.get("arg")
         if name in _DATETIME_TYPES and isinstance(arg, dict):
             inner = next(iter(arg), "")
-            # A constant is checked as a literal and a parameter when bound; text computed
-            # at run time ('no' || 'w') may spell 'now'.
-            if inner not in ("A_Const", "ParamRef", "ColumnRef"):
+            # A constant is checked as a literal and a parameter when bound; anything else
+            # may be text that spells 'now' at run time ('no' || 'w', a column holding it).
+            if inner not in ("A_Const", "ParamRef"):
                 self.facts.volatile.append(f"converts computed text to {name} (it could be 'now')")
         self.node(arg, scope)
 
@@ -244,6 +248,9 @@ def analyse(kind: str, fields: Node, verdict: Verdict) -> Verdict:
     """Fill the verdict from one query/DML statement; only a plain read stays cacheable."""
     walk = _Walk()
     walk.visit(kind, fields, frozenset())
+    # A cast the server applies on its own (an implicit or assignment cast) could be one a DBA
+    # backed with a function of theirs: the database's catalog says whether any exists.
+    walk.facts.shadowable.add("implicit cast")
     apply_facts(walk.facts, verdict)
     if verdict.status is None:
         verdict.cacheable = True

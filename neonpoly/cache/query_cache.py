@@ -59,6 +59,10 @@ class QueryCache:
         self._sightings: OrderedDict[bytes, int] = OrderedDict()
         self.relations = RelationBook()
         self.settings_read: set[str] = set()
+        # Bumped by DDL and by roles and grants: a schema created on some session's search_path,
+        # a USAGE granted, can change who that session is. Identities learned before are
+        # learned again before their next cached answer.
+        self.ddl_epoch = 0
         # Other caches in front of the same origin (set by the service that owns them all).
         self.siblings: Callable[[], Iterable[QueryCache]] = tuple
         # (template_id, changed) when an entry is stored again for a key stored before with
@@ -138,6 +142,8 @@ class QueryCache:
         said, when the eviction was widened only for safety (DDL forgets what the catalog said)."""
         ddl = named is None or named[1]  # DDL and the like: views, keys or triggers may have changed
         for cache in (self, *self.siblings()):
+            if database is None or (everything and ddl):
+                cache.ddl_epoch += 1
             # Caches in front of the same origin share its tables: a write through one makes
             # the others' entries just as stale.
             if database is None:

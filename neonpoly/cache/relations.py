@@ -63,6 +63,12 @@ WITH RECURSIVE asked(oid, root) AS (
         OR k.confupdtype {_CATALOG} ANY ('{{c,n,d}}'::pg_catalog."char"[]))
   UNION ALL
   SELECT parent, child FROM view_edges  -- partitions, and a view's base tables (updatable views)
+), domains(rel, typ) AS (  -- the domains (and their base domains) of each column's type
+  SELECT a.attrelid, a.atttypid FROM pg_catalog.pg_attribute a
+  WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+  UNION
+  SELECT d.rel, t.typbasetype FROM domains d JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} d.typ
+  WHERE t.typtype {_CATALOG} 'd'
 ), r(oid, root) AS (
   SELECT oid, root FROM asked
   UNION
@@ -90,6 +96,35 @@ SELECT 'w', w.root, c.relname::pg_catalog.text,
    OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite x WHERE x.ev_class {_CATALOG} w.oid
               AND x.ev_type {_NOT} '1'))::pg_catalog.text, NULL
 FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
+UNION ALL
+SELECT 'd', w.root, c.relname::pg_catalog.text, 'false', pg_catalog.concat('SELECT ', x.expr)
+FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
+JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks, policies, domains
+  SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) FROM pg_catalog.pg_attrdef d WHERE d.adrelid {_CATALOG} w.oid
+  UNION ALL
+  SELECT pg_catalog.pg_get_expr(k.conbin, k.conrelid) FROM pg_catalog.pg_constraint k
+  WHERE k.conrelid {_CATALOG} w.oid AND k.contype {_CATALOG} 'c'
+  UNION ALL
+  SELECT pg_catalog.pg_get_expr(p.polqual, p.polrelid) FROM pg_catalog.pg_policy p
+  WHERE p.polrelid {_CATALOG} w.oid AND p.polqual IS NOT NULL
+  UNION ALL
+  SELECT pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) FROM pg_catalog.pg_policy p
+  WHERE p.polrelid {_CATALOG} w.oid AND p.polwithcheck IS NOT NULL
+  UNION ALL
+  SELECT pg_catalog.pg_get_expr(k.conbin, 0::pg_catalog.oid) FROM domains dm
+  JOIN pg_catalog.pg_constraint k ON k.contypid {_CATALOG} dm.typ AND k.contype {_CATALOG} 'c'
+  WHERE dm.rel {_CATALOG} w.oid
+) x(expr) ON true
+UNION ALL
+SELECT 's', '*', pg_catalog.concat('cast ', t.typname), 'false', NULL
+FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
+JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} k.casttarget
+WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
+UNION ALL
+SELECT 's', '*', 'implicit cast', 'false', NULL
+FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
+WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
+ AND k.castcontext {_NOT} 'e'
 UNION ALL
 SELECT 's', ns.schema, s.name, 'false', NULL FROM (
   SELECT p.pronamespace, pg_catalog.concat(p.proname, '()') FROM pg_catalog.pg_proc p
@@ -189,7 +224,10 @@ class RelationBook:
         if runs_code is None and shadowed:
             for label in sorted(trusted):
                 rivals = shadowed.get(label)
-                if rivals and (schemas is None or not rivals.isdisjoint(schemas) or any("\x01" in r for r in rivals)):
+                if rivals and (
+                    schemas is None or "*" in rivals or not rivals.isdisjoint(schemas)
+                    or any("\x01" in r for r in rivals)
+                ):
                     runs_code = f"{label} may resolve to an object of the user's on the search_path"
                     break
         found = Resolution(frozenset(tags), volatile, runs_code, frozenset(settings))
@@ -219,10 +257,14 @@ class RelationBook:
         reads: dict[str, tuple[set[str], bool]] = {}
         writes: dict[str, tuple[set[str], bool]] = {}
         code: dict[str, list[str]] = {}
+        write_code: dict[str, list[str]] = {}
         shadows: dict[str, set[str]] = {}
         for kind, root, relname, flag, definition in rows:
             if kind == "s":
                 shadows.setdefault(relname, set()).add(root)
+                continue
+            if kind == "d":
+                write_code.setdefault(root, []).append(definition or "")
                 continue
             if kind == "p" or definition is not None:
                 code.setdefault(root, []).append(definition or "")
@@ -238,6 +280,9 @@ class RelationBook:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
             reach, opaque = writes.get(name, ({name}, False))
+            # A default, check, policy or domain that runs code of the user's (or SETs):
+            # a write to it may change anything.
+            opaque = opaque or any(_runs_code(sql) for sql in write_code.get(name, ()))
             why_volatile = f"reads {name}, which changes without writes (a sequence, foreign table or catalog)" \
                 if volatile else None
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()))
@@ -263,6 +308,11 @@ class RelationBook:
             for key in [k for k in self._known if k[0] == database]:
                 del self._known[key]
             self._shadowed.pop(database, None)
+
+
+def _runs_code(sql: str) -> bool:
+    info = classify(sql)
+    return info.is_write or info.invalidate_all or info.changes_session
 
 
 def _judge_definitions(name: str, definitions: Iterable[str]) -> tuple[str | None, frozenset[str], str | None]:

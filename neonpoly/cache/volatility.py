@@ -39,8 +39,8 @@ VOLATILE_NAMES: frozenset[str] = frozenset(
     }
 )
 VOLATILE_PREFIXES: tuple[str, ...] = (
-    "uuid_generate_", "pg_sleep", "pg_advisory", "pg_try_advisory", "txid_",
-    "pg_current_xact_id", "pg_xact_", "dblink", "lo_", "pg_create_", "pg_drop_",
+    "pg_sleep", "pg_advisory", "pg_try_advisory", "txid_",
+    "pg_current_xact_id", "pg_xact_", "lo_", "pg_create_", "pg_drop_",
     "pg_replication_", "pg_logical_slot_", "pg_stat_", "pg_import_system_collations",
     "pg_ls_", "pg_read_", "pg_backup_", "pg_walfile_", "pg_wal_",
 )
@@ -91,9 +91,7 @@ SAFE_NAMES: frozenset[str] = frozenset(
         "jsonb_each_text", "json_object_keys", "jsonb_object_keys", "json_typeof",
         "jsonb_typeof", "jsonb_set", "jsonb_insert", "jsonb_strip_nulls", "json_strip_nulls",
         "jsonb_pretty", "jsonb_path_query", "jsonb_path_exists", "jsonb_path_match",
-        "jsonb_path_query_array", "jsonb_path_query_first", "json_populate_record",
-        "jsonb_populate_record", "json_to_record", "jsonb_to_record", "json_to_recordset",
-        "jsonb_to_recordset", "jsonb_contains",
+        "jsonb_path_query_array", "jsonb_path_query_first", "jsonb_contains",
         # arrays and sets
         "array_length", "array_to_string", "array_append", "array_prepend", "array_cat",
         "array_remove", "array_replace", "array_position", "array_positions", "array_dims",
@@ -121,6 +119,16 @@ SAFE_NAMES: frozenset[str] = frozenset(
     }
 )
 
+# Builtins that turn text from the data into typed values with the types' input functions,
+# which read the clock for 'now' (a JSON field "now" read as a timestamptz column).
+TEXT_TO_TYPED: frozenset[str] = frozenset(
+    {
+        "json_populate_record", "jsonb_populate_record", "json_populate_recordset",
+        "jsonb_populate_recordset", "json_to_record", "jsonb_to_record", "json_to_recordset",
+        "jsonb_to_recordset", "record_in", "xmltable",
+    }
+)
+
 UNKNOWN_VOLATILITY = "whose volatility is unknown"
 
 
@@ -131,6 +139,8 @@ def call_reason(schema: str | None, name: str, args: int) -> str | None:
         return f"calls function {schema}.{name}() {UNKNOWN_VOLATILITY}"
     if name in TIME_DEPENDENT:
         return f"calls time-dependent function {name}()"
+    if name in TEXT_TO_TYPED:
+        return f"calls {name}(), which converts text from the data (it could be 'now')"
     if name in VOLATILE_NAMES or name.startswith(VOLATILE_PREFIXES):
         return f"calls volatile function {name}()"
     if name == "age" and args < 2:

@@ -27,10 +27,12 @@ class Statement:
     parse: pgwire.ParseMsg
     info: Classification
     at_origin: bool
-    sql: bytes = b""  # the query text as key material, encoded once
+    sql: bytes = b""  # the query text and declared parameter types as key material, encoded once
 
     def __post_init__(self) -> None:
-        self.sql = self.parse.query.encode() + b"\x00"
+        # The same text means something else with other parameter types ($1 < '9' as text
+        # or as integer): both are part of what a Bind or Describe of it is keyed by.
+        self.sql = self.parse.query.encode() + b"\x00" + self.parse.param_types
 
 
 @dataclass(slots=True)
@@ -246,26 +248,3 @@ class StatementBook:
             self.statements.pop(name, None)
             self.origin_has.discard(name)
         self._changed()
-
-    def runs_copy(self, batch: list[tuple[int, bytes]]) -> bool:
-        """Does the last Bind in the batch run COPY? COPY needs the origin before Sync.
-
-        A client running COPY through the extended protocol waits for CopyInResponse
-        before it sends Sync, so such a batch must stream to the origin at once.
-        """
-        if not self.copies and all(t != 0x50 for t, _ in batch):
-            return False  # the hot path: re-running known statements, none of them COPY
-        parsed: dict[str, str] = {}
-        bound: str | None = None
-        for mtype, body in batch:
-            if mtype == 0x50:
-                parse = pgwire.parse_parse(body)
-                parsed[parse.name] = parse.query
-            elif mtype == 0x42:
-                bound = pgwire.parse_bind(body).statement
-        if bound is None:
-            return False
-        query = parsed.get(bound)
-        if query is None and bound in self.statements:
-            query = self.statements[bound].parse.query
-        return query is not None and classify(query).copy

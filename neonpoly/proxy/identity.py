@@ -56,6 +56,7 @@ class Identity:
     key: bytes  # what cache keys hold
     schemas: frozenset[str] | None  # the search_path's schemas; None: could not tell
     settings: frozenset[str]  # the custom settings the key covers
+    epoch: int = 0  # the cache's DDL epoch when asked: DDL anywhere may change the answer
 
 
 def request(settings: Iterable[str]) -> bytes:
@@ -81,14 +82,14 @@ def extended_request(statement: str, sql: str, params: list[str]) -> bytes:
     )
 
 
-def parse(row: list[bytes | None], private: bytes, settings: Iterable[str]) -> Identity:
+def parse(row: list[bytes | None], private: bytes, settings: Iterable[str], epoch: int) -> Identity:
     """The identity from the lookup's one row; `private` (unique to the session) is mixed in
     when the session has temporary objects."""
     ids, all_settings, has_temp, schemas, custom = (row + [None] * 5)[:5]
     h = hashlib.blake2b(digest_size=20)
-    for part in (ids, all_settings, custom):
+    for part in (ids, all_settings, custom, schemas):
         h.update((part or b"") + b"\x00")
     if has_temp == b"true":
         h.update(b"temp\x00" + private)
     names = (schemas or b"").decode("utf-8", "replace")
-    return Identity(h.digest(), frozenset(names.split("\x01")) if names else frozenset(), frozenset(settings))
+    return Identity(h.digest(), frozenset(names.split("\x01")) if names else frozenset(), frozenset(settings), epoch)

@@ -148,7 +148,7 @@ async def open_origin(origin: Origin, protocol: asyncio.Protocol, timeout: float
 # where on a direct connection it would have stopped the statement. Small buffers on the local
 # legs keep neonpoly's extra buffering near zero; a remote origin keeps autotuning (its window
 # must cover the round trip).
-RELAY_SOCKET_BUFFER = 16 * 1024
+RELAY_SOCKET_BUFFER = 64 * 1024
 
 
 def limit_socket_buffer(transport: asyncio.BaseTransport, option: int) -> None:

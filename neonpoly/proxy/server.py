@@ -133,14 +133,22 @@ class ProxyServer:
     def connections(self, cache_id: str | None = None) -> list[Session]:
         return [s for s in self.sessions if cache_id is None or (s.route is not None and s.route.cache_id == cache_id)]
 
-    def cancel(self, pid: int, secret: bytes) -> None:
+    def cancel(self, pid: int, secret: bytes, done: Callable[[], None] | None = None) -> None:
+        """Forward a CancelRequest to the session's origin backend; `done` runs once it was
+        delivered (or could not be). The client's cancel connection is closed only then, as
+        the server closes it only after signalling the backend: a client that goes on at once
+        (psycopg draining an abandoned COPY) must find its statement already cancelled."""
         session = self.by_key.get((pid, secret))
         if session is None or session.origin_key is None or session.route is None:
             log.info("cancel request for an unknown backend ignored")
+            if done is not None:
+                done()
             return
         task = asyncio.get_running_loop().create_task(self._cancel(session.route.origin, *session.origin_key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if done is not None:
+            task.add_done_callback(lambda _: done())
 
     @staticmethod
     async def _cancel(origin: Origin, pid: int, secret: bytes) -> None:

@@ -72,12 +72,17 @@ class Session:
         self.early = bytearray()  # client bytes that arrived before the origin was connected
         self.pending: deque[Pending] = deque()
         self.batch: list[tuple[int, bytes]] = []
+        self.batch_copies: dict[str, bool] = {}  # statements Parsed in the batch: do they COPY?
+        self.batch_may_copy = False
+        self.batch_bound: str | None = None  # the statement of the batch's latest Bind
         self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
         self.book = StatementBook()
         self._plans: dict[tuple[object, ...], tuple[BatchPlan, bytes, bytes]] = {}
         self.tx_writes: set[str] = set()
         self.tx_writes_everything = False
         self.identity_inflight = False  # client requests wait until the identity is in
+        self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)
+        self.identity_epoch = 0  # the cache's DDL epoch when the identity was asked
         self.relations_wanted: set[str] = set()  # read while they could not be looked up
         self.writing_cursors = False  # a cursor over a query that may write was declared
         # The key the client sees for cancels: the origin's real backend PID (so that
@@ -135,9 +140,10 @@ class Session:
                 continue
             if packet.is_cancel:
                 assert packet.cancel_key is not None
-                self.server.cancel(*packet.cancel_key)
                 self.outcome = "cancel request"
-                self.close()
+                self.phase = "cancel"
+                self._stop_login_timer()
+                self.server.cancel(*packet.cancel_key, done=self.close)
                 return
             self._begin(packet)
 
@@ -232,8 +238,9 @@ class Session:
             if self.stream is not None and mtype != 0x53 and mtype != 0x48:
                 self._stream_frame(mtype, buf[start + 5 : end], buf[start:end], out)
             elif mtype in _EXTENDED:
-                self.batch.append((mtype, buf[start + 5 : end]))
-                if mtype == 0x45 and self.book.runs_copy(self.batch):
+                body = buf[start + 5 : end]
+                self.batch.append((mtype, body))
+                if self._runs_copy(mtype, body):
                     self._open_stream(out)
             elif mtype == 0x53:  # Sync
                 self._sync(buf[start:end], out)
@@ -261,7 +268,37 @@ class Session:
                     self._invalidate(frozenset(), everything=True)
                     self._forget_identity()
                 out.append(buf[start:end])
+        if self.batch and self.stream is None:
+            # The client sent no Sync (or Flush) with what it has sent so far. PostgreSQL runs
+            # each message as it arrives, and a pipeline may wait for their answers before it
+            # ever syncs: forward them now (such a batch is not cached).
+            self._open_stream(out)
         self._write_origin(out)
+
+    def _runs_copy(self, mtype: int, body: bytes) -> bool:
+        """Does this Execute run COPY? A client running COPY through the extended protocol
+        waits for CopyInResponse before it sends Sync, so the batch must stream at once.
+        Tracked message by message (a 50,000-row pipelined executemany is one batch)."""
+        if mtype == 0x50:
+            parse = pgwire.parse_parse(body)
+            copy = classify(parse.query).copy
+            self.batch_copies[parse.name] = copy
+            self.batch_may_copy = self.batch_may_copy or copy
+        elif mtype == 0x42 and (self.batch_may_copy or self.book.copies):
+            self.batch_bound = pgwire.parse_bind(body).statement
+        elif mtype == 0x45 and self.batch_bound is not None:
+            name = self.batch_bound
+            if name in self.batch_copies:
+                return self.batch_copies[name]
+            return name in self.book.copies
+        return False
+
+    def _take_batch(self) -> list[tuple[int, bytes]]:
+        batch, self.batch = self.batch, []
+        self.batch_copies.clear()
+        self.batch_may_copy = False
+        self.batch_bound = None
+        return batch
 
     def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:
         """Pass-through (no cache): nothing to decide, so no parsing and one write.
@@ -310,12 +347,14 @@ class Session:
                 self._answer_locally(payload, [info], item)
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id)
-        item.neutral = status is Status.MISS
+        # Not neutral while the catalog has not described what it reads: it may run code.
+        item.neutral = status is Status.MISS and not item.reads
         item.stats.append(
             StatTicket(info.template_id, info.template, info.qualified_tables, str(status), decision.reason)
         )
         self._push(item)
         out.append(raw)
+        self.batch_open = False
 
     def _capture(
         self, cache: QueryCache, key: bytes, resolution: Resolution | None, template_id: str
@@ -354,8 +393,7 @@ class Session:
             or self.closed
             or self.phase != "ready"
             or self.pending
-            or self.stream is not None
-            or self.state.tx_status != b"I"
+            or not self._at_boundary()
             or self.state.bypass is not None
         ):
             return
@@ -368,9 +406,15 @@ class Session:
         if self.state.identity is None and not self.identity_inflight:
             self.identity_inflight = True
             settings = frozenset(cache.settings_read)
+            self.identity_epoch = cache.ddl_epoch
             self._push(Pending(time.monotonic(), neutral=True, identity=settings))
             out.append(identity.request(settings))
         self._write_origin(out)
+
+    def _at_boundary(self) -> bool:
+        """No transaction and no extended batch open at the origin: neonpoly's own Parse/Bind/
+        Sync would end the client's implicit transaction and replace its unnamed portal."""
+        return self.state.tx_status == b"I" and not self.batch_open and self.stream is None
 
     def _forget_identity(self) -> None:
         """Something may have changed who the session is: stop caching until the server says."""
@@ -408,11 +452,14 @@ class Session:
             return Decision(Status.DISABLED, "caching is off for this connection string")
         resolution: Resolution | None = Resolution(frozenset(), None, None)
         known = self.state.identity
+        if known is not None and known.epoch != cache.ddl_epoch:
+            self._forget_identity()  # DDL somewhere (a schema on its path, a grant) may change it
+            known = None
         if tables or shadowable:
             schemas = known.schemas if known is not None else None
             resolution = cache.relations.resolve(self.state.database, tables, shadowable, schemas)
             if resolution is None:
-                idle = self.state.tx_status == b"I" and not self._busy() and self.state.bypass is None
+                idle = self._at_boundary() and not self._busy() and self.state.bypass is None
                 if idle and out is not None:
                     self._ask_relations(cache, cache.relations.unknown(self.state.database, tables), out)
                 item.reads = tables
@@ -492,7 +539,7 @@ class Session:
                 everything = True
                 self._forget_identity()
                 unknown = cache.relations.unknown(database, tables)
-                if unknown and out is not None and self.state.tx_status == b"I" and not self._busy():
+                if unknown and out is not None and self._at_boundary() and not self._busy():
                     self._ask_relations(cache, unknown, out)
             else:
                 tables = reach
@@ -516,8 +563,9 @@ class Session:
         if self.stream is not None:
             out.append(raw)
             self.stream = None
+            self.batch_open = False
             return
-        batch, self.batch = self.batch, []
+        batch = self._take_batch()
         flush = expect is not None
         # A driver re-running a prepared statement sends the same Bind/Execute bytes again
         # (pgbench -M prepared, asyncpg's statement cache): plan and key them once.
@@ -559,7 +607,8 @@ class Session:
                     self._answer_quietly(payload, item)
                 return
             item.capture = self._capture(cache, key, decision.resolution, template)
-        item.neutral = status is Status.MISS
+        # Not neutral while the catalog has not described what it reads: it may run code.
+        item.neutral = status is Status.MISS and not item.reads
         item.stats.extend(
             StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
         )
@@ -572,6 +621,7 @@ class Session:
         out.extend(deferred)
         out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
         out.append(raw)
+        self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
 
     def _answer_quietly(self, payload: bytes, item: Pending) -> None:
         """Answer from the cache; behind outstanding plain reads, wait for their turn."""
@@ -599,7 +649,7 @@ class Session:
 
     def _open_stream(self, out: list[bytes]) -> None:
         """Forward the batch so far and everything up to its Sync as it arrives."""
-        batch, self.batch = self.batch, []
+        batch = self._take_batch()
         plan = self.book.plan(batch)
         item = Pending(time.monotonic())
         self._plan_effects(plan, item, out)
@@ -797,7 +847,7 @@ class Session:
                 self.identity_inflight = False
                 if not item.error and item.rows and self.state.tx_status == b"I":
                     private = self.proxy_key[1] + self.origin_key_secret()
-                    self.state.learned(identity.parse(item.rows[0], private, item.identity))
+                    self.state.learned(identity.parse(item.rows[0], private, item.identity, self.identity_epoch))
                 else:
                     self.state.learned(None)
             elif cache is not None and item.lookup is not None:

@@ -8,7 +8,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.adversarial.harness import Env, unique
+from tests.adversarial.harness import Env, eventually, unique
 
 
 async def test_asyncpg_server_pid_is_the_real_backend(env: Env) -> None:
@@ -49,9 +49,15 @@ async def test_pg_cancel_backend_of_the_pid_the_client_sees(env: Env) -> None:
     try:
         running = asyncio.ensure_future(victim.execute("SELECT pg_sleep(3)"))
         pid = victim.info.backend_pid
-        await asyncio.sleep(0)  # let the query go out
-        waiting = await env.admin_val(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)' AND state = 'active'"
+        # The server's own word that the statement runs in that backend (a cancel that
+        # arrives before it starts cancels nothing, on a direct connection too).
+        waiting = await eventually(
+            lambda: env.admin_val(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query = 'SELECT pg_sleep(3)' "
+                "AND state = 'active'",
+                pid,
+            ),
+            lambda n: n == 1,
         )
         ok = await env.admin_val("SELECT pg_cancel_backend($1)", pid)
         cancelled = False
