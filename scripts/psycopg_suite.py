@@ -98,16 +98,24 @@ def pytest_runtest_logreport(report):
             entry["text"] += f"--- teardown ---\\n{report.longreprtext}\\n"
 
 
+def _write(nodeid):
+    # One JSON line per finished test: a run killed at --run-timeout still reports.
+    with open(os.environ["NEONPOLY_SUITE_RESULTS"], "a") as f:
+        f.write(json.dumps({"nodeid": nodeid, **_results[nodeid]}) + "\\n")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if nodeid in _results:
+        _write(nodeid)
+
+
 def pytest_collectreport(report):
     if report.failed:
         _record(report.nodeid or "<collection>", "error", report)
+        _write(report.nodeid or "<collection>")
     elif report.skipped:  # a whole module skipped (importorskip, missing extension)
         _record(report.nodeid, "skipped", report)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    with open(os.environ["NEONPOLY_SUITE_RESULTS"], "w") as f:
-        json.dump(_results, f)
+        _write(report.nodeid)
 """
 
 
@@ -282,7 +290,8 @@ def neonpoly_stats(port: int) -> str:
 def run_suite(
     label: str, py: Path, src: Path, dsn: str, out: Path, pytest_args: list[str], run_timeout: float
 ) -> RunResult:
-    results_file = out / f"results-{label}.json"
+    results_file = out / f"results-{label}.jsonl"
+    results_file.unlink(missing_ok=True)
     plugin_dir = out / "plugin"
     plugin_dir.mkdir(exist_ok=True)
     (plugin_dir / "neonpoly_suite_report.py").write_text(REPORT_PLUGIN)
@@ -322,9 +331,13 @@ def run_suite(
             result.exit_code = proc.wait(run_timeout)
         except subprocess.TimeoutExpired:
             result.timed_out = True
-            log(f"run {label} exceeded {run_timeout:.0f}s: killing its process group {proc.pid}")
+            log(f"run {label} exceeded {run_timeout:.0f}s: interrupting pytest (pid {proc.pid})")
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.send_signal(signal.SIGINT)  # pytest then prints what failed so far
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # and whatever it started
             proc.wait()
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
@@ -333,7 +346,9 @@ def run_suite(
             raise
     result.seconds = time.monotonic() - started
     if results_file.exists():
-        result.results = json.loads(results_file.read_text())
+        for line in results_file.read_text().splitlines():
+            record = json.loads(line)
+            result.results[record.pop("nodeid")] = record
     tail = (out / f"pytest-{label}.log").read_text(errors="replace").strip().splitlines()[-1:]
     log(f"run {label} done in {result.seconds:.0f}s (pytest exit {result.exit_code}): {' '.join(tail)}")
     return result
