@@ -90,14 +90,11 @@ class ProxyService:
         return route
 
     def _caches_of(self, origin: Origin, but: str) -> list[QueryCache]:
-        """The other caches whose origin is the same server (same address and host name)."""
-        return [
-            r.cache
-            for r in self.routes.by_id.values()
-            if r.cache is not None
-            and r.cache_id != but
-            and (r.origin.dial, r.origin.host) == (origin.dial, origin.host)
-        ]
+        """The other caches a write through this one may make stale: all of them. Whether two
+        origins are the same server cannot be told from their addresses (localhost and
+        127.0.0.1, a DNS alias, a pooler in front), and evicting by table name in a cache of
+        another server only costs misses."""
+        return [r.cache for r in self.routes.by_id.values() if r.cache is not None and r.cache_id != but]
 
     def remove_cache(self, cache_id: str) -> int:
         """Stop serving a cache: end its connections, drop its entries. Returns connections ended."""

@@ -23,7 +23,18 @@ from neonpoly.cache.volatility import TIME_DEPENDENT, UNKNOWN_VOLATILITY, call_r
 Node = dict[str, Any]
 
 _DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
-_DATETIME_TYPES = frozenset({"date", "time", "timetz", "timestamp", "timestamptz", "abstime"})
+# Builtin types whose input never reads the clock: a cast of run-time text to any other type
+# (a date, a range or array of them, a composite or domain that may hold one) may meet 'now'.
+_CLOCK_FREE_TYPES = frozenset(
+    {
+        "int2", "int4", "int8", "smallint", "integer", "int", "bigint", "numeric", "decimal",
+        "float4", "float8", "real", "double precision", "text", "varchar", "bpchar", "char",
+        "name", "bool", "boolean", "uuid", "json", "jsonb", "bytea", "oid", "regclass",
+        "regtype", "regproc", "regprocedure", "interval", "inet", "cidr", "macaddr", "macaddr8",
+        "money", "bit", "varbit", "xml", "tsvector", "tsquery", "int4range", "int8range",
+        "numrange", "citext",
+    }
+)
 # Datetime input reads the clock for these words, wherever the text came from.
 TIME_WORDS = re.compile(r"(?i)(?<![a-z])(now|today|tomorrow|yesterday)(?![a-z])")
 _TIME_SQLVALUES = frozenset(
@@ -235,7 +246,7 @@ class _Walk:
             self.facts.shadowable.add(f"type {name}")
         self.facts.shadowable.add(f"cast {name}")
         arg = f.get("arg")
-        if name in _DATETIME_TYPES and isinstance(arg, dict):
+        if name not in _CLOCK_FREE_TYPES and isinstance(arg, dict):
             inner = next(iter(arg), "")
             # A constant is checked as a literal and a parameter when bound; anything else
             # may be text that spells 'now' at run time ('no' || 'w', a column holding it).

@@ -131,14 +131,15 @@ SELECT 's', ns.schema, s.name, 'false', NULL FROM (
   WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
    AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
      SELECT 1 FROM pg_catalog.unnest(p.proargtypes::pg_catalog.oid[]) a(oid)
-     JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} a.oid WHERE t.typnamespace {_NOT} 11::pg_catalog.oid))
+     JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} a.oid
+     WHERE t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typtype {_NOT} 'd'))  -- a domain is its base type
   UNION
   SELECT o.oprnamespace, pg_catalog.concat('operator ', o.oprname) FROM pg_catalog.pg_operator o
   JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
   WHERE $2::pg_catalog.bool AND o.oprnamespace {_NOT} 11::pg_catalog.oid
    AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
      SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid {_CATALOG} ANY (ARRAY[o.oprleft, o.oprright])
-     AND t.typnamespace {_NOT} 11::pg_catalog.oid))
+     AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typtype {_NOT} 'd'))
   UNION
   SELECT t.typnamespace, pg_catalog.concat('type ', t.typname) FROM pg_catalog.pg_type t
   WHERE $2::pg_catalog.bool AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typrelid {_CATALOG} 0::pg_catalog.oid

@@ -8,7 +8,7 @@ quoting (`SET search_path = 'a, b'`), temporary tables that shadow a table's nam
 session asks the server, in its own idle time, with one query whose every function and
 operator is qualified with pg_catalog (nothing the client's session defines can change it):
 
-* the OIDs of the session user, the current user and the database;
+* the OIDs of the session user and the current user (the database is in the key by name);
 * every setting, with its current value (custom settings such as `app.tenant` included);
 * the custom settings any cached query reads with current_setting() (`app.tenant` for a
   row-level-security policy: placeholders are not listed in pg_settings);
@@ -25,25 +25,31 @@ differs); until the answer is in, the session's queries are not cached.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from neonpoly import pgwire
 
-STATEMENT = "neonpoly_session_identity"
+# Statement names a client cannot pick by accident or on purpose: the lookups Close and Parse
+# them in the client's session, which would destroy a client statement of the same name.
+_TOKEN = secrets.token_hex(8)
+STATEMENT = f"neonpoly_identity_{_TOKEN}"
+LOOKUP_STATEMENT = f"neonpoly_lookup_{_TOKEN}"
 _EQ = "OPERATOR(pg_catalog.=)"
+_NE = "OPERATOR(pg_catalog.<>)"
 SQL = f"""\
 SELECT pg_catalog.concat_ws(' ',
-  (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname {_EQ} SESSION_USER),
-  (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname {_EQ} CURRENT_USER),
-  (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname {_EQ} pg_catalog.current_database()),
+  pg_catalog.to_regrole(pg_catalog.quote_ident(SESSION_USER))::pg_catalog.oid,
+  pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))::pg_catalog.oid,
   pg_catalog.pg_my_temp_schema()),
   (SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.string_agg(
      pg_catalog.concat(s.name, '=', s.setting), pg_catalog.chr(10) ORDER BY s.name), 'UTF8')), 'hex')
-   FROM pg_catalog.pg_settings s),
-  (EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace {_EQ} pg_catalog.pg_my_temp_schema())
-   OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace {_EQ} pg_catalog.pg_my_temp_schema())
-  )::pg_catalog.text,
+   FROM pg_catalog.pg_show_all_settings() s),
+  CASE WHEN pg_catalog.pg_my_temp_schema() {_NE} 0::pg_catalog.oid THEN
+   (EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace {_EQ} pg_catalog.pg_my_temp_schema())
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace {_EQ} pg_catalog.pg_my_temp_schema())
+   )::pg_catalog.text ELSE 'false' END,
   (SELECT pg_catalog.string_agg(n::pg_catalog.text, pg_catalog.chr(1))
    FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) n),
   (SELECT pg_catalog.string_agg(pg_catalog.concat(c, '=',

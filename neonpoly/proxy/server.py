@@ -144,11 +144,16 @@ class ProxyServer:
             if done is not None:
                 done()
             return
-        task = asyncio.get_running_loop().create_task(self._cancel(session.route.origin, *session.origin_key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if done is not None:
-            task.add_done_callback(lambda _: done())
+        origin, (origin_pid, origin_secret) = session.route.origin, session.origin_key
+
+        def fire() -> None:
+            task = asyncio.get_running_loop().create_task(self._cancel(origin, origin_pid, origin_secret))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            if done is not None:
+                task.add_done_callback(lambda _: done())
+
+        session.when_cancellable(fire)
 
     @staticmethod
     async def _cancel(origin: Origin, pid: int, secret: bytes) -> None:

@@ -14,6 +14,7 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,6 @@ _NOT_PAYLOAD = frozenset(b"ANS")  # notifications, notices, parameter changes: n
 # always gets the same bytes, and the row limit is part of the key.
 _FAILS_CAPTURE = frozenset(b"EGHW")
 _EXTENDED = frozenset(b"PBDEC")
-_LOOKUP_STATEMENT = "neonpoly_relation_lookup"
 
 
 def _expected_answers(batch: list[tuple[int, bytes]]) -> int | None:
@@ -83,6 +83,8 @@ class Session:
         self.identity_inflight = False  # client requests wait until the identity is in
         self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)
         self.identity_epoch = 0  # the cache's DDL epoch when the identity was asked
+        self.hold_released = False  # a cancel came: requests no longer wait for the identity
+        self.cancels: list[Callable[[], None]] = []  # waiting for neonpoly's own lookups to end
         self.relations_wanted: set[str] = set()  # read while they could not be looked up
         self.writing_cursors = False  # a cursor over a query that may write was declared
         # The key the client sees for cancels: the origin's real backend PID (so that
@@ -119,7 +121,7 @@ class Session:
             elif self.phase == "auth":
                 self._relay_auth_from_client()
             elif self.phase == "ready":
-                if not self.identity_inflight:
+                if not self.identity_inflight or self.hold_released:
                     self._client_frames()
             elif self.phase == "admin" and self.admin is not None:
                 self.admin.feed(self.cbuf)
@@ -378,7 +380,7 @@ class Session:
         self._push(Pending(time.monotonic(), neutral=True, lookup=names))
         out.append(
             identity.extended_request(
-                _LOOKUP_STATEMENT, relations.LOOKUP_SQL, relations.lookup_params(names, with_shadows)
+                identity.LOOKUP_STATEMENT, relations.LOOKUP_SQL, relations.lookup_params(names, with_shadows)
             )
         )
 
@@ -845,6 +847,7 @@ class Session:
             self.pending.popleft()
             if item.identity is not None:
                 self.identity_inflight = False
+                self.hold_released = False
                 if not item.error and item.rows and self.state.tx_status == b"I":
                     private = self.proxy_key[1] + self.origin_key_secret()
                     self.state.learned(identity.parse(item.rows[0], private, item.identity, self.identity_epoch))
@@ -855,6 +858,25 @@ class Session:
                     cache.relations.refuse(self.state.database, item.lookup)
                 else:
                     cache.relations.learn(self.state.database, item.lookup, [_lookup_row(r) for r in item.rows])
+            self._fire_cancels()
+
+    def when_cancellable(self, fire: Callable[[], None]) -> None:
+        """A CancelRequest for this session. On a direct connection it stops the statement the
+        client sent; here neonpoly's own lookup may be running ahead of it, or the statement
+        may be waiting for the identity. Release what waits, and signal the origin only once
+        the client's own request is the one running."""
+        if self.identity_inflight and self.cbuf and not self.closed:
+            self.hold_released = True
+            self._client_frames()  # forwarded now, not cached: the identity is not in yet
+        self.cancels.append(fire)
+        self._fire_cancels()
+
+    def _fire_cancels(self) -> None:
+        head = self.pending[0] if self.pending else None
+        if self.cancels and (self.closed or head is None or (head.lookup is None and head.identity is None)):
+            fires, self.cancels = self.cancels, []
+            for fire in fires:
+                fire()
 
     def origin_key_secret(self) -> bytes:
         return self.origin_key[1] if self.origin_key is not None else b""
@@ -958,6 +980,7 @@ class Session:
             return
         self.closed = True
         self._stop_login_timer()
+        self._fire_cancels()
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         if self.origin_transport is not None:
