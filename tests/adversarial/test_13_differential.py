@@ -139,10 +139,11 @@ async def do_write(world: World, actor: Actor) -> None:
 async def do_admin(world: World) -> None:
     rng = world.rng
     t, alt, view, r2 = world.t, world.alt, world.view, world.r2
+    mine = "NULLIF(current_setting('app.tenant', true), '')::int"
     sql = rng.choice(
         [
-            f"ALTER POLICY tenant_p ON public.{t} USING (tenant = NULLIF(current_setting('app.tenant', true), '')::int)",
-            f"ALTER POLICY tenant_p ON public.{t} USING (tenant <= NULLIF(current_setting('app.tenant', true), '')::int)",
+            f"ALTER POLICY tenant_p ON public.{t} USING (tenant = {mine})",
+            f"ALTER POLICY tenant_p ON public.{t} USING (tenant <= {mine})",
             f"ALTER POLICY tenant_p ON public.{t} USING (tenant > 1)",
             f"ALTER TABLE public.{t} DISABLE ROW LEVEL SECURITY",
             f"ALTER TABLE public.{t} ENABLE ROW LEVEL SECURITY",
