@@ -37,6 +37,7 @@ class Pending:
     commits: bool = False  # COMMIT (also AND CHAIN): the transaction's writes are now visible
     # Relations it reads that were not known when it was sent: judged when it completes.
     reads: frozenset[str] = frozenset()
+    trusts: frozenset[str] = frozenset()  # builtins it trusted by name, likewise judged then
     error: bool = False
     neutral: bool = False
     # A batch ended by Flush has no ReadyForQuery: it ends after `expect` more messages

@@ -350,7 +350,7 @@ class Session:
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id)
         # Not neutral while the catalog has not described what it reads: it may run code.
-        item.neutral = status is Status.MISS and not item.reads
+        item.neutral = status is Status.MISS and not (item.reads or item.trusts)
         item.stats.append(
             StatTicket(info.template_id, info.template, info.qualified_tables, str(status), decision.reason)
         )
@@ -464,7 +464,7 @@ class Session:
                 idle = self._at_boundary() and not self._busy() and self.state.bypass is None
                 if idle and out is not None:
                     self._ask_relations(cache, cache.relations.unknown(self.state.database, tables), out)
-                item.reads = tables
+                item.reads, item.trusts = tables, shadowable
             elif resolution.runs_code is not None:
                 self._runs_code(item)
                 return Decision(Status.VOLATILE, resolution.runs_code)
@@ -610,7 +610,7 @@ class Session:
                 return
             item.capture = self._capture(cache, key, decision.resolution, template)
         # Not neutral while the catalog has not described what it reads: it may run code.
-        item.neutral = status is Status.MISS and not item.reads
+        item.neutral = status is Status.MISS and not (item.reads or item.trusts)
         item.stats.extend(
             StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
         )
@@ -896,9 +896,11 @@ class Session:
         """A response ended (ReadyForQuery): evict again, store, count."""
         committed = self.state.tx_status == b"I"
         cache = self.route.cache if self.route else None
-        if item.reads and cache is not None:
-            # It read relations the catalog had not described when it was sent.
-            resolution = cache.relations.resolve(self.state.database, item.reads)
+        if (item.reads or item.trusts) and cache is not None:
+            # It read relations (or trusted builtins) the catalog had not described when it was sent.
+            known = self.state.identity
+            schemas = known.schemas if known is not None else None
+            resolution = cache.relations.resolve(self.state.database, item.reads, item.trusts, schemas)
             if resolution is None:
                 self.relations_wanted |= item.reads  # asked at the next idle moment
             if resolution is None or resolution.runs_code is not None:
