@@ -9,29 +9,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.adversarial.harness import Env, Twin, unique
-
-
-async def _counter(env: Env) -> tuple[str, str]:
-    """A one-row counter table and a VOLATILE SQL function that bumps it and returns n."""
-    table = await env.table("adv_cnt", "n int", "(0)")
-    fn = unique("adv_bump")
-    await env.admin(
-        f"CREATE FUNCTION {fn}() RETURNS int VOLATILE LANGUAGE sql AS "
-        f"$$ UPDATE {table} SET n = n + 1 RETURNING n $$",
-        f"GRANT EXECUTE ON FUNCTION {fn}() TO PUBLIC",
-    )
-    env.on_cleanup(f"DROP FUNCTION IF EXISTS {fn}() CASCADE")
-    return table, fn
-
-
-async def _warm_counter(env: Env, table: str) -> tuple[Twin, str]:
-    reader = await env.twin()
-    read = f"SELECT n FROM {table}"
-    rows, _ = await reader.probe(read)
-    assert rows == [(0,)]
-    return reader, read
-
+from tests.adversarial.harness import Env, unique
+from tests.adversarial.harness2 import counter, warm_counter
 
 # --- EXPLAIN ANALYZE ------------------------------------------------------------------------
 
@@ -71,8 +50,8 @@ async def test_explain_analyze_1_after_analyze_0_of_the_same_shape(env: Env) -> 
 
 
 async def test_explain_analyze_of_a_writing_function(env: Env) -> None:
-    table, fn = await _counter(env)
-    reader, read = await _warm_counter(env, table)
+    table, fn = await counter(env)
+    reader, read = await warm_counter(env, table)
     writer = await env.client()
     await writer.run(f"EXPLAIN ANALYZE SELECT {fn}()")
     await reader.check(read, why=f"after EXPLAIN ANALYZE SELECT {fn}() (a function that UPDATEs)")
@@ -122,15 +101,15 @@ async def test_copy_of_update_returning(env: Env) -> None:
 
 
 async def test_copy_of_a_writing_function(env: Env) -> None:
-    table, fn = await _counter(env)
-    reader, read = await _warm_counter(env, table)
+    table, fn = await counter(env)
+    reader, read = await warm_counter(env, table)
     await _copy_out(env, f"COPY (SELECT {fn}()) TO STDOUT")
     await reader.check(read, why=f"after COPY (SELECT {fn}()) TO STDOUT")
 
 
 async def test_declare_with_hold_cursor_over_a_writing_function(env: Env) -> None:
-    table, fn = await _counter(env)
-    reader, read = await _warm_counter(env, table)
+    table, fn = await counter(env)
+    reader, read = await warm_counter(env, table)
     writer = await env.client()
     await writer.run(f"DECLARE c CURSOR WITH HOLD FOR SELECT {fn}()")  # runs it at COMMIT (holdable)
     await writer.rows("FETCH ALL FROM c")
@@ -139,8 +118,8 @@ async def test_declare_with_hold_cursor_over_a_writing_function(env: Env) -> Non
 
 
 async def test_cursor_in_a_transaction_over_a_writing_function(env: Env) -> None:
-    table, fn = await _counter(env)
-    reader, read = await _warm_counter(env, table)
+    table, fn = await counter(env)
+    reader, read = await warm_counter(env, table)
     writer = await env.client()
     await writer.run("BEGIN")
     await writer.run(f"DECLARE c CURSOR FOR SELECT {fn}()")
@@ -176,27 +155,27 @@ async def test_sequence_last_value_after(env: Env, write: str) -> None:
 
 
 async def test_select_of_a_writing_function(env: Env) -> None:
-    table, fn = await _counter(env)
-    reader, read = await _warm_counter(env, table)
+    table, fn = await counter(env)
+    reader, read = await warm_counter(env, table)
     writer = await env.client()
     await writer.rows(f"SELECT {fn}()")
     await reader.check(read, why=f"after SELECT {fn}()")
 
 
 async def test_select_of_a_writing_function_extended_protocol(env: Env) -> None:
-    table, fn = await _counter(env)
-    reader, read = await _warm_counter(env, table)
+    table, fn = await counter(env)
+    reader, read = await warm_counter(env, table)
     writer = await env.client(driver="asyncpg")
     await writer.rows(f"SELECT {fn}() WHERE $1::int = 1", (1,))
     await reader.check(read, why=f"after asyncpg SELECT {fn}()")
 
 
 async def test_view_over_a_writing_function(env: Env) -> None:
-    table, fn = await _counter(env)
+    table, fn = await counter(env)
     view = unique("adv_v")
     await env.admin(f"CREATE VIEW {view} AS SELECT {fn}() AS n", f"GRANT SELECT ON {view} TO PUBLIC")
     env.on_cleanup(f"DROP VIEW IF EXISTS {view}")
-    reader, read = await _warm_counter(env, table)
+    reader, read = await warm_counter(env, table)
     writer = await env.client()
     await writer.rows(f"SELECT n FROM {view}")
     await reader.check(read, why=f"after SELECT from a view over {fn}()")
@@ -204,14 +183,14 @@ async def test_view_over_a_writing_function(env: Env) -> None:
 
 async def test_writing_function_called_through_an_operator(env: Env) -> None:
     """A user-defined operator whose function writes: no function name in the text."""
-    table, fn = await _counter(env)
+    table, fn = await counter(env)
     op_fn = unique("adv_opfn")
     await env.admin(
         f"CREATE FUNCTION {op_fn}(int, int) RETURNS int VOLATILE LANGUAGE sql AS $$ SELECT {fn}() $$",
         f"CREATE OPERATOR public.### (LEFTARG = int, RIGHTARG = int, FUNCTION = {op_fn})",
     )
     env.on_cleanup(f"DROP FUNCTION IF EXISTS {op_fn}(int, int) CASCADE")
-    reader, read = await _warm_counter(env, table)
+    reader, read = await warm_counter(env, table)
     writer = await env.client()
     await writer.rows("SELECT 1 ### 2")
     await reader.check(read, why="after SELECT 1 ### 2 (operator over a writing function)")
@@ -247,8 +226,8 @@ async def test_plain_write_forms(env: Env, write: str) -> None:
 
 
 async def test_select_into_and_create_table_as_with_writing_function(env: Env) -> None:
-    table, fn = await _counter(env)
-    reader, read = await _warm_counter(env, table)
+    table, fn = await counter(env)
+    reader, read = await warm_counter(env, table)
     writer = await env.client()
     await writer.run(f"SELECT {fn}() AS n INTO TEMP {unique('adv_into')}")
     await reader.check(read, why="after SELECT writing_function() INTO")
