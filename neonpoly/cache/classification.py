@@ -48,6 +48,9 @@ class Classification:
     cursor_writes: bool = False  # DECLARE over a query that may write: its FETCHes write
     fetches: bool = False  # FETCH/MOVE
     shape_shared: bool = False  # texts differing only in numbers may share this classification
+    # Anything the session must act on before sending it (evict, learn the session again,
+    # track a cursor or a commit): False for plain reads, the hot path.
+    has_effects: bool = True
 
 
 @dataclass(slots=True)

@@ -174,4 +174,8 @@ def _build(verdict: Verdict, template: str, *, shape_shared: bool = False) -> Cl
         cursor_writes=verdict.cursor_writes,
         fetches=verdict.fetches,
         shape_shared=shape_shared,
+        has_effects=bool(
+            verdict.is_write or verdict.invalidate_all or verdict.changes_session or verdict.cursor_writes
+            or verdict.fetches or verdict.transaction_control or verdict.deallocates is not None
+        ),
     )

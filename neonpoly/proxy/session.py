@@ -452,7 +452,7 @@ class Session:
         cache = self.route.cache if self.route else None
         if cache is None:
             return Decision(Status.DISABLED, "caching is off for this connection string")
-        resolution: Resolution | None = Resolution(frozenset(), None, None)
+        resolution: Resolution | None = _NOTHING_TO_RESOLVE
         known = self.state.identity
         if known is not None and known.epoch != cache.ddl_epoch:
             self._forget_identity()  # DDL somewhere (a schema on its path, a grant) may change it
@@ -484,8 +484,10 @@ class Session:
             return Decision(Status.TRANSACTION, "behind a pipelined request that may change the transaction")
         if known is None:
             return Decision(Status.BYPASS, "the session changed (SET, DDL, server code): asking who it is now")
-        needed = settings | (resolution.settings if resolution is not None else frozenset())
-        if not needed <= known.settings:
+        needed = settings
+        if resolution is not None and resolution.settings:
+            needed = needed | resolution.settings
+        if needed and not needed <= known.settings:
             # Settings the identity does not carry yet (custom ones are not in pg_settings):
             # from now on every session's identity carries them.
             if cache.want_settings(needed):
@@ -504,6 +506,8 @@ class Session:
     def _note_effects(self, info: Classification, item: Pending, out: list[bytes]) -> None:
         """Writes evict before they are sent; session changes make the session learn its
         identity again."""
+        if not info.has_effects and not self.state.legacy_strings:
+            return  # a plain read
         everything = info.invalidate_all or self.state.legacy_strings
         if info.fetches and self.writing_cursors:
             everything = True  # the cursor's query runs now, and may write
@@ -1021,6 +1025,9 @@ def _lookup_row(row: list[bytes | None]) -> tuple[str, str, str, bool, str | Non
         flag == b"true",
         None if definition is None else definition.decode(),
     )
+
+
+_NOTHING_TO_RESOLVE = Resolution(frozenset(), None, None)
 
 
 @dataclass(frozen=True, slots=True)

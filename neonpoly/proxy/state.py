@@ -25,17 +25,17 @@ class SessionState:
         if "replication" in {name.lower() for name in params}:
             self.bypass = "a replication connection"
 
-    @property
-    def legacy_strings(self) -> bool:
-        """standard_conforming_strings off: backslashes escape in '…' strings, which the
-        parser neonpoly uses does not model, so no text from this session can be trusted."""
-        return self.server_params.get("standard_conforming_strings", "on") == "off"
+    # standard_conforming_strings off: backslashes escape in '…' strings, which the parser
+    # neonpoly uses does not model, so no text from this session can be trusted.
+    legacy_strings: bool = False
 
     def parameter(self, name: str, value: str) -> bool:
         """A ParameterStatus from the origin; True when it changed a value already known
         (the session's identity must then be learned again)."""
         before = self.server_params.get(name)
         self.server_params[name] = value
+        if name == "standard_conforming_strings":
+            self.legacy_strings = value == "off"
         return before is not None and before != value
 
     def learned(self, identity: Identity | None) -> None:
