@@ -235,6 +235,22 @@ async def test_time_to_first_hit_holds_after_ddl_and_writes(pg: PgServer, admin:
         await conn.close()
 
 
+async def test_show_queries_says_why_each_query_was_not_cached(pg: PgServer, admin: Admin) -> None:
+    table = await make_table(pg)
+    conn = await asyncpg.connect(**admin.proxy.dsn())
+    try:
+        await conn.fetch(f"SELECT name, now() FROM {table}")
+        async with conn.transaction():
+            await conn.fetch(f"SELECT name FROM {table} WHERE id = 2")
+    finally:
+        await conn.close()
+    rows = {r["template"]: r for r in await admin.rows("SHOW QUERIES")}
+    clock = rows[f"SELECT name, now() FROM {table}"]
+    assert clock["last_status"] == "volatile" and "now" in clock["last_reason"], clock
+    inside = rows[f"SELECT name FROM {table} WHERE id = ?"]
+    assert inside["last_status"] == "transaction" and "transaction" in inside["last_reason"], inside
+
+
 async def test_cli_stats_json_and_metrics(pg: PgServer, admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
     table = await make_table(pg)
     conn = await asyncpg.connect(**admin.proxy.dsn())
