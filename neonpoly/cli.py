@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-cache", action="store_true", help="pure pass-through: relay only, cache nothing")
     serve.add_argument(
+        "--reveal", action="store_true", help="print connection strings with the password (hidden: logs keep them)"
+    )
+    serve.add_argument(
         "--tls-cert", type=Path, metavar="FILE", help="answer clients' SSLRequest with TLS using this certificate"
     )
     serve.add_argument("--tls-key", type=Path, metavar="FILE", help="private key for --tls-cert")
@@ -358,9 +361,10 @@ async def _serve_locked(args: argparse.Namespace, root: Path, settings: ProxySet
 
         IntegrationStore(root).set_listen(host, port)
         for item in served:
+            hidden = "" if args.reveal else " (password hidden; --reveal or `neonpoly connection-string --reveal`)"
             print(
-                f"neonpoly: {item.integration.name} ({item.origin.label}) ready; connect with:\n"
-                f"  psql '{item.connection_string(host, port)}'",
+                f"neonpoly: {item.integration.name} ({item.origin.label}) ready; connect with{hidden}:\n"
+                f"  psql '{item.connection_string(host, port, reveal=args.reveal)}'",
                 file=sys.stderr,
                 flush=True,
             )

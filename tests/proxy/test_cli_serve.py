@@ -149,3 +149,29 @@ def test_serve_rejects_nonsense_in_one_line(tmp_path: Path, args: list[str], com
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert complaint in result.stderr.lower() or complaint in result.stderr, result.stderr
+
+
+def test_serve_hides_the_password_unless_revealed(pg: PgServer, tmp_path: Path) -> None:
+    """The connection string `serve` prints lands in service logs: the password is masked."""
+    state = tmp_path / "state"
+    url = pg.url("postgres", sslmode="require")
+    added = subprocess.run(
+        _neonpoly("integrations", "add", "--upstream", url, "--state-dir", str(state)),
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert added.returncode == 0, added.stderr
+    for reveal in (False, True):
+        proc = subprocess.Popen(
+            _neonpoly("serve", "--listen", "127.0.0.1:0", "--state-dir", str(state), "--grace", "0",
+                      *(["--reveal"] if reveal else [])),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            _, lines = _read_until(proc, r"^\s+psql '", 60)
+            printed = lines[-1]
+            assert (pg.password_for("postgres") in printed) is reveal, printed
+            assert ("password hidden" in lines[-2]) is not reveal
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
