@@ -179,6 +179,15 @@ class ProxyServer:
         deadline = loop.time() + grace
         while loop.time() < deadline and any(s.pending or s.inflight for s in self.sessions):
             await asyncio.sleep(0.05)
+        # Closing a connection does not stop the statement it runs (the server notices only
+        # when it next reads or writes): cancel what is still running at the origin first.
+        cancels = [
+            asyncio.ensure_future(self._cancel(s.route.origin, *s.origin_key))
+            for s in self.sessions
+            if (s.pending or s.inflight) and s.origin_key is not None and s.route is not None and s.route.admin is None
+        ]
+        if cancels:
+            await asyncio.wait(cancels, timeout=2.0)
         for session in list(self.sessions):
             session.terminate("terminating connection: neonpoly is shutting down", "shutdown")
         if self._server is not None:

@@ -374,3 +374,33 @@ async def test_wrong_password_raw_bytes_unchanged(proxy: RunningProxy, pg: PgSer
     assert fields["C"] == "28P01"
     # The origin's own frame, except the source line fields which are identical anyway.
     assert via_proxy == direct
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+async def test_shutdown_cancels_what_still_runs_at_the_origin(pg: PgServer) -> None:
+    """Closing the origin connection does not stop its statement; shutdown cancels it first."""
+    proxy = start_proxy(pg)
+    marker = "shutdown_cancel_marker"
+    conn = await asyncpg.connect(**proxy.dsn("md5_user"))
+    task = asyncio.ensure_future(conn.fetch(f"SELECT pg_sleep(60) AS {marker}"))
+    async with pg.superuser_conn() as su:
+        active = (
+            f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND state = 'active'"
+            " AND pid <> pg_backend_pid()"
+        )
+        for _ in range(200):  # the server's own word that it runs
+            if await su.fetchval(active) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await su.fetchval(active) == 1
+        await asyncio.to_thread(proxy.close, 0.2)
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+            await asyncio.wait_for(task, 10)
+        for _ in range(100):
+            if await su.fetchval(active) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await su.fetchval(active) == 0
+    await conn.close()
