@@ -30,6 +30,7 @@ class Gate:
 
     pg: PgServer
     armed: bool = False
+    marker: bytes = _IDENTITY
     seen: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -47,7 +48,7 @@ class Gate:
 
         async def up() -> None:
             while data := await cr.read(65536):
-                if self.armed and _IDENTITY in data and not self.seen.is_set():
+                if self.armed and self.marker in data and not self.seen.is_set():
                     gate.clear()
                     self.seen.set()
                 ow.write(data)
