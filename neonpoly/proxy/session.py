@@ -83,6 +83,8 @@ class Session:
         self.identity_inflight = False  # client requests wait until the identity is in
         self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)
         self.identity_epoch = 0  # the cache's DDL epoch when the identity was asked
+        self.identity_changes = 0  # bumped by every _forget_identity
+        self.identity_asked_at = 0  # identity_changes when the lookup in flight was sent
         self.hold_released = False  # a cancel came: requests no longer wait for the identity
         self.cancels: list[Callable[[], None]] = []  # waiting for neonpoly's own lookups to end
         self.relations_wanted: set[str] = set()  # read while they could not be looked up
@@ -409,6 +411,7 @@ class Session:
             self.identity_inflight = True
             settings = frozenset(cache.settings_read)
             self.identity_epoch = cache.ddl_epoch
+            self.identity_asked_at = self.identity_changes
             self._push(Pending(time.monotonic(), neutral=True, identity=settings))
             out.append(identity.request(settings))
         self._write_origin(out)
@@ -421,6 +424,7 @@ class Session:
     def _forget_identity(self) -> None:
         """Something may have changed who the session is: stop caching until the server says."""
         self.state.learned(None)
+        self.identity_changes += 1  # an answer to a lookup asked before this is out of date
 
     def _busy(self) -> bool:
         """Could an outstanding origin answer change the transaction status or settings?
@@ -852,7 +856,8 @@ class Session:
             if item.identity is not None:
                 self.identity_inflight = False
                 self.hold_released = False
-                if not item.error and item.rows and self.state.tx_status == b"I":
+                current = self.identity_asked_at == self.identity_changes  # nothing changed it since
+                if current and not item.error and item.rows and self.state.tx_status == b"I":
                     private = self.proxy_key[1] + self.origin_key_secret()
                     self.state.learned(identity.parse(item.rows[0], private, item.identity, self.identity_epoch))
                 else:
