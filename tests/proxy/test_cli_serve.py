@@ -168,10 +168,12 @@ def test_serve_hides_the_password_unless_revealed(pg: PgServer, tmp_path: Path) 
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            _, lines = _read_until(proc, r"^\s+psql '", 60)
-            printed = lines[-1]
+            _, lines = _read_until(proc, r"ready; connect with", 60)
+            assert proc.stderr is not None
+            printed = proc.stderr.readline()  # printed with the line above, in one write
+            assert printed.lstrip().startswith("psql '"), printed
             assert (pg.password_for("postgres") in printed) is reveal, printed
-            assert ("password hidden" in lines[-2]) is not reveal
+            assert ("password hidden" in lines[-1]) is not reveal
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(20)
