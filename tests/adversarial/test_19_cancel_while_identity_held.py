@@ -49,6 +49,9 @@ class Gate:
         async def up() -> None:
             while data := await cr.read(65536):
                 if self.armed and self.marker in data and not self.seen.is_set():
+                    # Hold the answer from here on: the test lets it go (clearing `release`
+                    # only once `seen` fired would race with the answer).
+                    self.release.clear()
                     gate.clear()
                     self.seen.set()
                 ow.write(data)
