@@ -333,6 +333,26 @@ def text_array(values: Iterable[str]) -> str:
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
+def extended_request(statement: str, sql: str, params: list[str]) -> bytes:
+    """One statement of the proxy's own, run with text parameters in the client's idle session:
+    Close, Parse, Bind (unnamed portal), Execute, Close, Sync. A named statement, so the
+    client's unnamed one survives; closed before and after, so nothing is left behind."""
+    name = cstr(statement)
+    bind = b"\x00" + name + b"\x00\x00" + len(params).to_bytes(2, "big")
+    for value in params:
+        data = value.encode()
+        bind += len(data).to_bytes(4, "big") + data
+    bind += b"\x00\x00"
+    return (
+        frame(b"C", b"S" + name)
+        + frame(b"P", name + cstr(sql) + b"\x00\x00")
+        + frame(b"B", bind)
+        + frame(b"E", b"\x00\x00\x00\x00\x00")
+        + frame(b"C", b"S" + name)
+        + frame(b"S")
+    )
+
+
 def query_text(body: bytes) -> str:
     """The SQL of a simple Query message (its body minus the trailing NUL)."""
     return body[:-1].decode("utf-8", "replace") if body.endswith(b"\x00") else body.decode("utf-8", "replace")

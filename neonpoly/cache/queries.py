@@ -18,7 +18,7 @@ from typing import Any
 from pglast import parser as _pg
 
 from neonpoly.cache.classification import Status, Verdict
-from neonpoly.cache.volatility import TIME_DEPENDENT, UNKNOWN_VOLATILITY, call_reason
+from neonpoly.cache.volatility import UNKNOWN_VOLATILITY, call_reason
 
 Node = dict[str, Any]
 
@@ -304,4 +304,4 @@ def apply_facts(facts: Facts, verdict: Verdict) -> None:
         verdict.changes_session = True
 
 
-__all__ = ["TIME_DEPENDENT", "TIME_WORDS", "Facts", "ParseError", "analyse", "apply_facts", "facts_of", "parse"]
+__all__ = ["TIME_WORDS", "Facts", "ParseError", "analyse", "apply_facts", "facts_of", "parse"]

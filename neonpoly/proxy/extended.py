@@ -74,9 +74,6 @@ class StatementBook:
         # closed or parsed again in a batch the cache answered is still there in its old form.
         self.origin_has: set[str] = set()
 
-    def classify_parse(self, msg: pgwire.ParseMsg) -> Classification:
-        return classify(msg.query)
-
     def plan(self, batch: list[tuple[int, bytes]]) -> BatchPlan:
         plan = BatchPlan()
         local: dict[str, Statement] = {}

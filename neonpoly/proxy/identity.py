@@ -68,24 +68,7 @@ class Identity:
 def request(settings: Iterable[str]) -> bytes:
     """The lookup as extended-protocol messages with a statement of our own (a simple Query
     would drop the client's unnamed prepared statement), ending in Sync."""
-    return extended_request(STATEMENT, SQL, [pgwire.text_array(sorted(settings))])
-
-
-def extended_request(statement: str, sql: str, params: list[str]) -> bytes:
-    name = pgwire.cstr(statement)
-    bind = b"\x00" + name + b"\x00\x00" + len(params).to_bytes(2, "big")
-    for value in params:
-        data = value.encode()
-        bind += len(data).to_bytes(4, "big") + data
-    bind += b"\x00\x00"
-    return (
-        pgwire.frame(b"C", b"S" + name)
-        + pgwire.frame(b"P", name + pgwire.cstr(sql) + b"\x00\x00")
-        + pgwire.frame(b"B", bind)
-        + pgwire.frame(b"E", b"\x00\x00\x00\x00\x00")
-        + pgwire.frame(b"C", b"S" + name)
-        + pgwire.frame(b"S")
-    )
+    return pgwire.extended_request(STATEMENT, SQL, [pgwire.text_array(sorted(settings))])
 
 
 def parse(row: list[bytes | None], private: bytes, settings: Iterable[str], epoch: int) -> Identity:

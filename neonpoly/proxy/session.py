@@ -381,7 +381,7 @@ class Session:
             return
         self._push(Pending(time.monotonic(), neutral=True, lookup=names))
         out.append(
-            identity.extended_request(
+            pgwire.extended_request(
                 identity.LOOKUP_STATEMENT, relations.LOOKUP_SQL, relations.lookup_params(names, with_shadows)
             )
         )
@@ -858,7 +858,7 @@ class Session:
                 self.hold_released = False
                 current = self.identity_asked_at == self.identity_changes  # nothing changed it since
                 if current and not item.error and item.rows and self.state.tx_status == b"I":
-                    private = self.proxy_key[1] + self.origin_key_secret()
+                    private = self.proxy_key[1] + (self.origin_key[1] if self.origin_key else b"")
                     self.state.learned(identity.parse(item.rows[0], private, item.identity, self.identity_epoch))
                 else:
                     self.state.learned(None)
@@ -886,9 +886,6 @@ class Session:
             fires, self.cancels = self.cancels, []
             for fire in fires:
                 fire()
-
-    def origin_key_secret(self) -> bytes:
-        return self.origin_key[1] if self.origin_key is not None else b""
 
     def _release_local(self, out: list[bytes]) -> None:
         """Cache answers queued behind origin answers go out as soon as it is their turn."""

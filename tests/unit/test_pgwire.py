@@ -227,3 +227,13 @@ def test_extended_messages_parse() -> None:
     assert pgwire.parse_execute(pgwire.cstr("p") + struct.pack("!i", 10)) == pgwire.ExecuteMsg("p", 10)
     assert pgwire.parse_target(b"S" + pgwire.cstr("s1")) == pgwire.TargetMsg(b"S", "s1")
     assert pgwire.query_text(pgwire.cstr("SELECT 1")) == "SELECT 1"
+
+
+def test_extended_request_is_a_closed_named_statement_with_text_params() -> None:
+    raw = pgwire.extended_request("np_x", "SELECT $1::text[]", [pgwire.text_array(["a", 'b"c'])])
+    frames, used = pgwire.scan_frames(bytearray(raw))
+    assert used == len(raw)
+    assert bytes(raw[s] for _, s, _ in frames) == b"CPBECS"
+    bind = pgwire.parse_bind(raw[frames[2][1] + 5 : frames[2][2]])
+    assert bind.statement == "np_x" and bind.portal == ""
+    assert b'{"a","b\\"c"}' in bind.tail
