@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from neonpoly.embedded import LocalPostgres, free_port  # noqa: E402
+from neonpoly.integrations.embedded import LocalPostgres, free_port  # noqa: E402
 
 HOT_SCRIPT = HERE / "hot_select.sql"
 HOT_QUERY_PREFIX = "SELECT abalance FROM pgbench_accounts WHERE aid ="

@@ -1,25 +1,30 @@
-"""The composition root: builds a running proxy from settings (CLI, TUI and tests share it)."""
+"""The one engine assembly: listener, routes, caches with their TTL policies, and the read model.
+
+`ProxyService` is what `serve`, the console's in-process proxy and the test fixtures run: the
+same object with the same wiring (rules and adaptive TTL on every cache), so a test of the
+proxy tests what users run. `report()` is the one read model of it: the admin console,
+`/metrics` and both controls read their per-cache figures there, never from the parts.
+"""
 
 from __future__ import annotations
 
 import logging
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neonpoly.cache.adaptive import AdaptiveTTL
 from neonpoly.cache.query_cache import DEFAULT_ADMIT_AFTER, DEFAULT_TTL, QueryCache
+from neonpoly.cache.rules import RuleBook, RulePolicy, bare_tables
 from neonpoly.cache.store import CacheStore, MemoryStore, open_store
+from neonpoly.defaults import DEFAULT_L1_BYTES, DEFAULT_LISTEN, DEFAULT_MAX_CACHE_BYTES
 from neonpoly.proxy.origin import Origin
 from neonpoly.proxy.server import ProxyServer, Route, Routes
-from neonpoly.stats import StatsRecorder
+from neonpoly.stats import StatsRecorder, TemplateStats, Totals
 
 log = logging.getLogger("neonpoly.service")
 
-DEFAULT_LISTEN = ("127.0.0.1", 6543)
-DEFAULT_MAX_CACHE_BYTES = 1 << 30
-DEFAULT_L1_BYTES = 128 << 20
 
 
 @dataclass(slots=True)
@@ -41,17 +46,60 @@ class ProxySettings:
     tls_key: Path | None = None
     connect_timeout: float = 10.0
     login_timeout: float = 60.0  # PostgreSQL's authentication_timeout default
+    rules_dir: Path | None = None  # where rules.toml persists; None keeps rules in memory
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateReport:
+    """One query template's figures with the TTL its cache applies now and why."""
+
+    stats: TemplateStats
+    ttl: float | None
+    ttl_source: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheReport:
+    """One cache (an integration served on the listener) as every reader sees it."""
+
+    cache_id: str
+    is_default: bool
+    mode: str  # the rules mode ("auto", "fixed", "off"), or "disabled" without a cache
+    origin: str  # "host:port", never a password
+    ttl: float | None  # the cache's TTL cap; None without a cache
+    entries: int  # live entries (expired ones are not counted)
+    bytes: int
+    max_bytes: int
+    connections: int
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceReport:
+    caches: tuple[CacheReport, ...]  # by cache id; includes caches removed while stats remain
+    totals: Totals  # every cache together
+    templates: tuple[TemplateReport, ...]  # most called first
+
+    def cache(self, cache_id: str) -> CacheReport | None:
+        return next((c for c in self.caches if c.cache_id == cache_id), None)
 
 
 class ProxyService:
     """The proxy's engine objects, and the operations on caches that CLI and TUI share."""
 
-    def __init__(self, settings: ProxySettings, stats: StatsRecorder | None = None) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        stats: StatsRecorder | None = None,
+        *,
+        adaptive: AdaptiveTTL | None = None,
+    ) -> None:
         self.settings = settings
         self.stats = stats or StatsRecorder()
         self.routes = Routes()
-        # Called with each Route add_cache creates (the admin console attaches TTL policies).
-        self.cache_added: list[Callable[[Route], None]] = []
+        self.rules = RuleBook.in_dir(settings.rules_dir) if settings.rules_dir is not None else RuleBook()
+        self.adaptive = adaptive or AdaptiveTTL()
+        self.policies: dict[str, RulePolicy] = {}  # cache id → the TTL policy of its cache
         tls = None
         if settings.tls_cert is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -80,14 +128,25 @@ class ProxyService:
                 )
             cache = QueryCache(cache_id, store, self.stats, ttl=conf.ttl, admit_after=conf.admit_after)
             cache.siblings = lambda: self._caches_of(origin, cache_id)
+            self._attach_policy(cache_id, cache)
         route = Route(cache_id, origin, cache)
         self.routes.by_id[cache_id] = route
-        for hook in self.cache_added:
-            hook(route)
         self.routes.removed.discard(cache_id)
         if default or self.routes.default is None:
             self.routes.default = cache_id
         return route
+
+    def _attach_policy(self, cache_id: str, cache: QueryCache) -> None:
+        """Rules decide each template's TTL, learned from refetches when the mode is auto."""
+        stats = self.stats
+
+        def report(template_id: str, ttl: float | None) -> None:
+            stats.set_ttl(cache_id, template_id, ttl)
+
+        policy = RulePolicy(self.rules, cache_id, lambda: cache.ttl, self.adaptive, report)
+        self.policies[cache_id] = policy
+        cache.ttl_policy = policy
+        cache.on_refetch = self.adaptive.on_refetch
 
     def _caches_of(self, origin: Origin, but: str) -> list[QueryCache]:
         """The other caches a write through this one may make stale: all of them. Whether two
@@ -107,6 +166,7 @@ class ProxyService:
             route.cache.purge()
             route.cache.close()
         self.stats.forget_cache(cache_id)
+        self.policies.pop(cache_id, None)
         return ended
 
     def purge(self, cache_id: str | None = None) -> int:
@@ -115,6 +175,44 @@ class ProxyService:
             if route.cache is not None and (cache_id is None or route.cache_id == cache_id):
                 total += route.cache.purge()
         return total
+
+    def report(self, cache_id: str | None = None) -> ServiceReport:
+        """The read model: every figure a reader shows, computed here once."""
+        snapshot = self.stats.snapshot(cache_id)
+        names = sorted(set(self.routes.by_id) | set(snapshot.caches))
+        caches = tuple(self._cache_report(cid) for cid in names if cache_id is None or cid == cache_id)
+        templates = tuple(self._template_report(t) for t in snapshot.templates)
+        return ServiceReport(caches, snapshot.totals, templates)
+
+    def _cache_report(self, cache_id: str) -> CacheReport:
+        route = self.routes.by_id.get(cache_id)
+        cache = route.cache if route is not None else None
+        entries = size = max_bytes = 0
+        if cache is not None:
+            usage = cache.store.usage()
+            entries, size, max_bytes = usage.entries, usage.bytes, usage.max_bytes
+        return CacheReport(
+            cache_id=cache_id,
+            is_default=cache_id == self.routes.default,
+            mode=self.rules.mode(cache_id) if cache is not None else "disabled",
+            origin=route.origin.label if route is not None else "",
+            ttl=cache.ttl if cache is not None else None,
+            entries=entries,
+            bytes=size,
+            max_bytes=max_bytes,
+            connections=len(self.server.connections(cache_id)),
+            totals=self.stats.snapshot(cache_id).totals,
+        )
+
+    def _template_report(self, t: TemplateStats) -> TemplateReport:
+        counts = dict(t.by_status)
+        if counts.get("hit", 0) + counts.get("miss", 0) + counts.get("disabled", 0) == 0:
+            return TemplateReport(t, None, "not cacheable")
+        policy = self.policies.get(t.cache_id)
+        if policy is None:
+            return TemplateReport(t, t.ttl, "cache")
+        decision = policy.decide(t.template_id, bare_tables(t.tables))
+        return TemplateReport(t, decision.ttl, decision.source)
 
     async def start(self) -> tuple[str, int]:
         host, port = self.settings.listen

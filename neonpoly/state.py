@@ -7,15 +7,17 @@ from pathlib import Path
 
 import platformdirs
 
-STATE_DIR_ENV = "NEONPOLY_STATE_DIR"
+from neonpoly.defaults import ENV_STATE_DIR, environment
+
+STATE_DIR_ENV = ENV_STATE_DIR
 
 
 def state_dir(explicit: Path | None = None) -> Path:
     """`--state-dir`, else $NEONPOLY_STATE_DIR, else the platform's user data dir."""
     if explicit is not None:
         path = explicit
-    elif os.environ.get(STATE_DIR_ENV):
-        path = Path(os.environ[STATE_DIR_ENV])
+    elif (env := environment().state_dir) is not None:
+        path = Path(env)
     else:
         path = Path(platformdirs.user_data_dir("neonpoly", appauthor=False))
     path.mkdir(parents=True, exist_ok=True)

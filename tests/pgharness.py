@@ -22,7 +22,7 @@ import asyncpg
 import psycopg
 import trustme
 
-from neonpoly.embedded import LocalPostgres, SettingValue, process_alive
+from neonpoly.integrations.embedded import LocalPostgres, SettingValue, process_alive
 
 __all__ = [
     "NEON_HOST",

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from neonpoly.defaults import DEFAULT_PORT, LOCALHOST
 from neonpoly.proxy.origin import Origin, send_cancel
 from neonpoly.proxy.session import ClientSide, Session
 from neonpoly.proxy.state import SessionState
@@ -80,7 +81,7 @@ class ProxyServer:
         self._on_change = on_session_change
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 6543) -> tuple[str, int]:
+    async def start(self, host: str = LOCALHOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: ClientSide(self), host, port, reuse_address=True)
         sock = self._server.sockets[0].getsockname()

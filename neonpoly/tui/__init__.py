@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from neonpoly.control import Control
+    from neonpoly.control.interface import Control
 
 
 def run_tui(control: Control) -> None:

@@ -9,7 +9,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from neonpoly.control import Control, IntegrationView
+from neonpoly.control.interface import Control, IntegrationView
 from neonpoly.stats import TemplateStats
 from neonpoly.tui import format as fmt
 from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer, describe_error

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from neonpoly import pgwire
 from tests.adversarial import rawpg
 from tests.adversarial.harness import Env, qident, unique
 
@@ -59,7 +60,7 @@ async def test_error_mid_unsynced_batch_split_then_sync(env: Env) -> None:
 async def test_flush_in_middle_of_split_batch(env: Env) -> None:
     table = await env.table("adv_splitf", "id int", "(1)", "(2)")
     q = [rawpg.parse("s1", f"SELECT id FROM {table} ORDER BY id"), rawpg.bind("", "s1")]
-    flush = rawpg.pgwire.frame(b"H")
+    flush = pgwire.frame(b"H")
     for _ in range(3):
         await _both(env, [q, [rawpg.execute(), flush], [rawpg.execute(), rawpg.SYNC]])
     await _both(env, [q[:1], [flush], q[1:], [rawpg.execute("", 1), flush], [rawpg.execute(), rawpg.SYNC]])

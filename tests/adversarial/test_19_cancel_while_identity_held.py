@@ -12,6 +12,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from neonpoly import pgwire
 from neonpoly.proxy.origin import Origin
@@ -22,6 +23,8 @@ from tests.adversarial.harness import Env, eventually, qident, unique
 from tests.pgharness import PgServer
 
 _IDENTITY = b"neonpoly: session identity"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -207,7 +210,7 @@ async def test_cancel_releases_held_set_search_path(env: Env, tmp_path: Path) ->
             await raw.close()
 
 
-async def _const(value: object) -> object:
+async def _const(value: T) -> T:
     return value
 
 

@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 
-from neonpoly.admin import install_admin
 from tests.adversarial.harness import Env, unique
 
 
@@ -25,29 +24,27 @@ from tests.adversarial.harness import Env, unique
     ids=["create-insert", "migration-and-seed"],
 )
 async def test_miss_miss_hit_a_few_seconds_apart(env: Env, setup: tuple[str, ...]) -> None:
-    console = await install_admin(env.proxy.service, None)  # what `neonpoly serve` wires: rules, adaptive TTL
-    try:
-        table = unique("adv_ttfh")
-        env.on_cleanup(f"DROP TABLE IF EXISTS {table}")
-        client = await env.client()
-        for sql in setup:
-            await client.run(sql.format(t=table))
-        read = f"SELECT v FROM {table} ORDER BY id"
-        statuses = []
-        for n in range(3):
-            if n:
-                await asyncio.sleep(2.0)  # the case is about time itself
-            before = env.proxy.totals()
-            await client.rows(read)
-            after = env.proxy.totals()
-            statuses.append(next(k for k in after if after[k] != before.get(k, 0)))
-        assert statuses == ["miss", "miss", "hit"], statuses
-    finally:
-        await console.close()
+    """The fixture runs what `neonpoly serve` runs: rules and adaptive TTL in auto mode."""
+    table = unique("adv_ttfh")
+    env.on_cleanup(f"DROP TABLE IF EXISTS {table}")
+    client = await env.client()
+    for sql in setup:
+        await client.run(sql.format(t=table))
+    read = f"SELECT v FROM {table} ORDER BY id"
+    statuses = []
+    for n in range(3):
+        if n:
+            await asyncio.sleep(2.0)  # the case is about time itself
+        before = env.proxy.totals()
+        await client.rows(read)
+        after = env.proxy.totals()
+        statuses.append(next(k for k in after if after[k] != before.get(k, 0)))
+    assert statuses == ["miss", "miss", "hit"], statuses
 
 
 async def test_control_without_adaptive_ttl(env: Env) -> None:
     """Control: the same steps with the plain fixed TTL give miss, miss, hit."""
+    env.proxy.service.rules.set_mode("fixed", "default")
     table = unique("adv_ttfh")
     env.on_cleanup(f"DROP TABLE IF EXISTS {table}")
     client = await env.client()

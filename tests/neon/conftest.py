@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from neonpoly.neon_api import NeonAPI, RetryPolicy
-from neonpoly.neon_standin import NeonStandin
+from neonpoly._testing.neon_standin import NeonStandin
+from neonpoly.integrations.neon_api import NeonAPI, RetryPolicy
 
 # Tiny delays keep retry tests fast; the recorded values still show what the client chose.
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.004)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from neonpoly.discovery import (
+from neonpoly._testing.neon_standin import NeonStandin, SeedEndpoint, demo_project
+from neonpoly.integrations.discovery import (
     ConnectTo,
     DiscoveryError,
     PasswordUnavailable,
@@ -13,8 +14,7 @@ from neonpoly.discovery import (
     discover,
     parse_connect_to,
 )
-from neonpoly.neon_api import NeonAPI
-from neonpoly.neon_standin import NeonStandin, SeedEndpoint, demo_project
+from neonpoly.integrations.neon_api import NeonAPI
 from tests.neon.conftest import RecordingSleep, make_api
 
 

@@ -7,7 +7,8 @@ import socket
 import pytest
 
 from neonpoly import __version__
-from neonpoly.neon_api import (
+from neonpoly._testing.neon_standin import NeonStandin, demo_project
+from neonpoly.integrations.neon_api import (
     DEFAULT_BASE_URL,
     NeonAPI,
     NeonAPIError,
@@ -15,7 +16,6 @@ from neonpoly.neon_api import (
     parse_retry_after,
     resolve_base_url,
 )
-from neonpoly.neon_standin import NeonStandin, demo_project
 from tests.neon.conftest import FAST_RETRY, RecordingSleep, make_api
 
 

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from neonpoly.proxy.origin import Origin
+from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.control.serving import Serving, start_serving
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from tests.pgharness import PgServer
 
@@ -22,6 +24,7 @@ class CachingProxy:
     pg: PgServer
     port: int
     cache_dir: Path
+    serving: Serving
 
     def url(self, role: str = "postgres", database: str = "app", **params: str) -> str:
         return self.pg.url(role, database, "disable", host="127.0.0.1", port=self.port, params=params)
@@ -39,15 +42,33 @@ class CachingProxy:
 
 
 @asynccontextmanager
-async def caching_proxy(pg: PgServer, cache_dir: Path, **cache: object) -> AsyncIterator[CachingProxy]:
-    settings = ProxySettings(listen=("127.0.0.1", 0), cache_dir=cache_dir, cache=CacheSettings(**cache))  # type: ignore[arg-type]
-    service = ProxyService(settings)
-    service.add_cache("default", Origin.from_url(pg.url("postgres", "app", sslmode="require")))
-    _, port = await service.start()
+async def caching_proxy(
+    pg: PgServer,
+    cache_dir: Path,
+    *,
+    serving: dict[str, Any] | None = None,
+    adaptive: AdaptiveTTL | None = None,
+    **cache: object,
+) -> AsyncIterator[CachingProxy]:
+    """What `neonpoly serve --upstream <pg>` runs (start_serving: rules, adaptive TTL, the
+    admin database), with the cache settings given; `serving` passes start_serving options."""
+    settings = ProxySettings(
+        listen=("127.0.0.1", 0),
+        cache_dir=cache_dir,
+        cache=CacheSettings(**cache),  # type: ignore[arg-type]
+        rules_dir=cache_dir.parent,
+    )
+    service = ProxyService(settings, adaptive=adaptive)
+    running = await start_serving(
+        service,
+        cache_dir.parent,
+        upstream=pg.url("postgres", "app", sslmode="require"),
+        **(serving or {}),
+    )
     try:
-        yield CachingProxy(service, pg, port, cache_dir)
+        yield CachingProxy(service, pg, running.address[1], cache_dir, running)
     finally:
-        await service.close(grace=0.5)
+        await running.close(grace=0.5)
 
 
 def unique(prefix: str) -> str:

@@ -8,14 +8,18 @@ It is the same `ProxyService` the CLI builds; only caching is off (relay tests).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import threading
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import pytest
 
+from neonpoly.control.serving import start_serving
 from neonpoly.proxy.origin import Origin
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from tests.pgharness import PgServer
@@ -31,6 +35,7 @@ class RunningProxy:
     ) -> None:
         self.pg = origin_pg
         self.origin = origin
+        self.root = Path(tempfile.mkdtemp(prefix="neonpoly-relay-"))  # where serve records its address
         self.loop = _new_loop(loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="neonpoly-proxy", daemon=True)
         self._thread.start()
@@ -41,8 +46,8 @@ class RunningProxy:
                 connect_timeout=connect_timeout,
             )
         )
-        self.service.add_cache("default", origin)
-        self.host, self.port = self.call(self.service.start())
+        self.serving = self.call(start_serving(self.service, self.root, upstream=origin, follow=False))
+        self.host, self.port = self.serving.address
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Run a coroutine on the proxy's loop and wait for its result."""
@@ -72,11 +77,12 @@ class RunningProxy:
 
     def close(self, grace: float = 0.5) -> None:
         try:
-            self.call(self.service.close(grace))
+            self.call(self.serving.close(grace))
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:

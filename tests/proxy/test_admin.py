@@ -20,9 +20,10 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from neonpoly import cli_admin, pgwire
-from neonpoly.admin import AdminConsole, install_admin
+from neonpoly import pgwire
+from neonpoly.admin.console import AdminConsole
 from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.cli import admin as cli_admin
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy, unique
 
@@ -52,17 +53,10 @@ class Admin:
 
 @pytest.fixture
 async def admin(pg: PgServer, tmp_path: Path) -> AsyncIterator[Admin]:
-    async with caching_proxy(pg, tmp_path / "cache") as proxy:
-        console = await install_admin(
-            proxy.service,
-            tmp_path,
-            metrics_listen=("127.0.0.1", 0),
-            adaptive=AdaptiveTTL(min_ttl=1.0),
-        )
-        try:
-            yield Admin(proxy, console)
-        finally:
-            await console.close()
+    async with caching_proxy(
+        pg, tmp_path / "cache", serving={"metrics_listen": ("127.0.0.1", 0)}, adaptive=AdaptiveTTL(min_ttl=1.0)
+    ) as proxy:
+        yield Admin(proxy, proxy.serving.admin)
 
 
 async def make_table(pg: PgServer, rows: int = 5) -> str:
@@ -171,7 +165,7 @@ async def test_rules_and_purges(pg: PgServer, admin: Admin) -> None:
         assert [r["id"] for r in rules] == [rule["id"]]
         statuses = {t.template: dict(t.by_status) for t in admin.proxy.service.stats.snapshot().templates}
         assert statuses[f"SELECT count(*) FROM {a}"].get("disabled") == 3
-        assert admin.console.book.path is not None and rule["id"] in admin.console.book.path.read_text()
+        assert admin.proxy.service.rules.path is not None and rule["id"] in admin.proxy.service.rules.path.read_text()
 
         # PURGE ALL answers with the number removed, and the next read misses.
         removed = await adm.fetchval("PURGE ALL")
@@ -276,8 +270,8 @@ async def test_cli_stats_json_and_metrics(pg: PgServer, admin: Admin, capsys: py
             assert cli_row[key] == row[key], key
     assert shown[0]["hits"] == 2 and shown[0]["entries"] >= 1
 
-    assert admin.console.metrics is not None
-    host, port = admin.console.metrics.address
+    assert admin.proxy.serving.metrics is not None
+    host, port = admin.proxy.serving.metrics.address
     async with httpx.AsyncClient() as http:
         resp = await http.get(f"http://{host}:{port}/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
@@ -330,8 +324,8 @@ async def test_malformed_statements_get_42601_with_hint(admin: Admin) -> None:
 
 
 async def test_modes_connections_and_password(pg: PgServer, tmp_path: Path) -> None:
-    async with caching_proxy(pg, tmp_path / "cache") as proxy:
-        console = await install_admin(proxy.service, tmp_path, password="s3cret", allowed_roles=["ops"])
+    serving = {"admin_password": "s3cret", "admin_roles": ["ops"]}
+    async with caching_proxy(pg, tmp_path / "cache", serving=serving) as proxy:
         with pytest.raises(asyncpg.InvalidPasswordError):
             await asyncpg.connect(**{**proxy.dsn("postgres", "neonpoly"), "user": "ops", "password": "no"})
         adm = await asyncpg.connect(**{**proxy.dsn("postgres", "neonpoly"), "user": "ops", "password": "s3cret"})
@@ -354,4 +348,3 @@ async def test_modes_connections_and_password(pg: PgServer, tmp_path: Path) -> N
                 await adm.fetch("SHOW STATS FOR CACHE nope")
         finally:
             await adm.close()
-            await console.close()

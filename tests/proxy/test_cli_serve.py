@@ -50,21 +50,29 @@ class Served:
 
 
 def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> tuple[re.Match[str], list[str]]:
+    """Lines of serve's stderr up to the one matching `pattern`, plus every complete line
+    that arrived with it. Reads the pipe's bytes itself: a text-mode readline may pull two
+    lines into Python's buffer, after which select() waits on an empty pipe."""
     assert proc.stderr is not None
+    fd = proc.stderr.fileno()
     lines: list[str] = []
+    pending = b""
     sel = selectors.DefaultSelector()
-    sel.register(proc.stderr, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not sel.select(max(0.0, deadline - time.monotonic())):
             break
-        line = proc.stderr.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        lines.append(line)
-        found = re.search(pattern, line)
-        if found:
-            return found, lines
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        lines.extend(line.decode() + "\n" for line in complete)
+        for line in lines:
+            found = re.search(pattern, line)
+            if found:
+                return found, lines
     raise AssertionError(f"no {pattern!r} in serve's stderr: {''.join(lines)}")
 
 
@@ -168,9 +176,10 @@ def test_serve_hides_the_password_unless_revealed(pg: PgServer, tmp_path: Path) 
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            _, lines = _read_until(proc, r"ready; connect with", 60)
-            assert proc.stderr is not None
-            printed = proc.stderr.readline()  # printed with the line above, in one write
+            found, lines = _read_until(proc, r"ready; connect with", 60)
+            heading = next(i for i, line in enumerate(lines) if found.group(0) in line)
+            printed = lines[heading + 1]  # printed with the heading, in one write
+            lines = lines[: heading + 1]
             assert printed.lstrip().startswith("psql '"), printed
             assert (pg.password_for("postgres") in printed) is reveal, printed
             assert ("password hidden" in lines[-1]) is not reveal

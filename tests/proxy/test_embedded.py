@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from neonpoly.embedded import LocalPostgres, PostgresNotFound, find_postgres_bindir
+from neonpoly.integrations.embedded import LocalPostgres, PostgresNotFound, find_postgres_bindir
 
 
 def _fetch(url: str, sql: str) -> object:

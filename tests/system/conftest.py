@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from neonpoly.cli_integrations import dispatch, register
-from neonpoly.neon_standin import (
+from neonpoly._testing.neon_standin import (
     NeonStandin,
     SeedBranch,
     SeedDatabase,
@@ -20,6 +19,7 @@ from neonpoly.neon_standin import (
     SeedProject,
     SeedRole,
 )
+from neonpoly.cli.integrations import dispatch, register
 from tests.pgharness import NEON_HOST, PgServer
 
 ROLE = "scram_user"

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from neonpoly import cli_admin, cli_integrations
-from neonpoly.admin import AdminConsole, install_admin
-from neonpoly.cli import CLIError, build_parser
-from neonpoly.control_impl import serve_from_state
-from neonpoly.integration import IntegrationStore
+from neonpoly.admin.console import AdminConsole
+from neonpoly.cli import admin as cli_admin
+from neonpoly.cli import integrations as cli_integrations
+from neonpoly.cli.main import build_parser
+from neonpoly.cli.running import CLIError
+from neonpoly.control.serving import start_serving
+from neonpoly.integrations.store import IntegrationStore
 from neonpoly.service import ProxyService, ProxySettings
 from tests.pgharness import PgServer
 from tests.system.conftest import DATABASE, ROLE
@@ -68,17 +70,14 @@ async def serving(pg: PgServer, state_root: Path) -> AsyncIterator[Serving]:
     await integrations_cli("integrations", "add", "--upstream", pg.url(ROLE, DATABASE, "require"), "--name", "shop")
     await integrations_cli("integrations", "add", "--upstream", pg.url(ROLE, "postgres", "require"), "--name", "ops")
     service = ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=state_root / "cache"))
-    await serve_from_state(service, state_root)
-    console = await install_admin(service, state_root)
+    running = await start_serving(service, state_root, follow=False)  # records where it listens
     try:
-        host, port = await service.start()
+        port = running.address[1]
         assert port != 6543
-        IntegrationStore(state_root).set_listen(host, port)
         ids = {i.name: i.cache_id for i in IntegrationStore(state_root).load()}
-        yield Serving(service, console, port, ids)
+        yield Serving(service, running.admin, port, ids)
     finally:
-        await console.close()
-        await service.close(grace=0.5)
+        await running.close(grace=0.5)
 
 
 # -- 1. empty values are usage errors, never "everything" ---------------------------------

@@ -11,9 +11,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from neonpoly.control_impl import EmbeddedRunner, LocalControl, StateFollower, serve_from_state
-from neonpoly.integration import MASK, IntegrationStore
-from neonpoly.neon_standin import NeonStandin
+from neonpoly._testing.neon_standin import NeonStandin
+from neonpoly.control.local import LocalControl
+from neonpoly.control.serving import start_serving
+from neonpoly.integrations.store import MASK
 from neonpoly.service import ProxyService, ProxySettings
 from tests.pgharness import NEON_HOST, PgServer
 from tests.system.conftest import DATABASE, ROLE, connect_to, psql, psql_failure, run_cli
@@ -31,7 +32,7 @@ async def _seed_table(pg: PgServer) -> None:
 
 
 def _service(root: Path) -> ProxyService:
-    return ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=root / "cache"))
+    return ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=root / "cache", rules_dir=root))
 
 
 def _assert_no_secret_leaks(root: Path, secrets: list[str]) -> None:
@@ -63,10 +64,10 @@ async def test_neon_add_then_psql_hits_on_third_run(
     _assert_no_secret_leaks(state_root, [pg.password_for(ROLE), neon_for_pg.api_key])
 
     service = _service(state_root)
-    served = await serve_from_state(service, state_root)
+    running = await start_serving(service, state_root, follow=False)
+    served = running.served
     try:
-        host, port = await service.start()
-        IntegrationStore(state_root).set_listen(host, port)
+        _, port = running.address
         assert [s.integration.cache_id for s in served] == [item["cache_id"]]
         # The origin is dialled at the pg fixture but named (SNI) by the endpoint host.
         assert served[0].origin.host == NEON_HOST and served[0].origin.dial[1] == pg.port
@@ -82,7 +83,7 @@ async def test_neon_add_then_psql_hits_on_third_run(
         totals = service.stats.snapshot(item["cache_id"]).totals
         assert totals.hits == 1
     finally:
-        await service.close(grace=0.5)
+        await running.close(grace=0.5)
 
 
 async def test_remove_ends_five_connections_within_a_second(
@@ -149,11 +150,10 @@ async def test_cli_remove_reaches_a_running_serve(
     await _seed_table(pg)
     await run_cli("integrations", "add", "--upstream", pg.url(ROLE, DATABASE, "require"))
     service = _service(state_root)
-    served = await serve_from_state(service, state_root)
-    follower = StateFollower(service, state_root, interval=0.05)
-    task = asyncio.create_task(follower.run())
+    running = await start_serving(service, state_root, follow_every=0.05)
+    served = running.served
     try:
-        host, port = await service.start()
+        host, port = running.address
         url = served[0].connection_string(host, port)
         clients = [await asyncpg.connect(url) for _ in range(2)]
         sleeper = asyncio.create_task(psql_failure(url, "SELECT pg_sleep(10)"))
@@ -169,8 +169,7 @@ async def test_cli_remove_reaches_a_running_serve(
         with pytest.raises(asyncpg.PostgresError, match="was removed"):
             await asyncpg.connect(url)
     finally:
-        task.cancel()
-        await service.close(grace=0.5)
+        await running.close(grace=0.5)
 
 
 async def test_url_integration_keeps_secrets_private(pg: PgServer, state_root: Path) -> None:
@@ -187,8 +186,8 @@ async def test_url_integration_keeps_secrets_private(pg: PgServer, state_root: P
 async def test_several_projects_need_a_choice(
     neon_for_pg: NeonStandin, state_root: Path
 ) -> None:
-    from neonpoly.cli import CLIError
-    from neonpoly.neon_standin import demo_project
+    from neonpoly._testing.neon_standin import demo_project
+    from neonpoly.cli.running import CLIError
 
     neon_for_pg.projects.append(demo_project())
     neon_for_pg._assign_ids()
@@ -203,10 +202,10 @@ async def test_embedded_from_empty_state_dir(state_root: Path) -> None:
     cache_ids = []
     for run in range(2):
         service = _service(state_root)
-        runner = EmbeddedRunner(state_root)
         started = time.monotonic()
-        served = await serve_from_state(service, state_root, embedded=runner)
-        host, port = await service.start()
+        running = await start_serving(service, state_root, follow=False)
+        served = running.served
+        host, port = running.address
         timings.append(time.monotonic() - started)
         try:
             assert len(served) == 1 and served[0].integration.kind == "embedded"
@@ -220,8 +219,7 @@ async def test_embedded_from_empty_state_dir(state_root: Path) -> None:
                 assert await psql(url, "SELECT count(*) FROM shelf WHERE id > 10") == "40"
             assert service.stats.snapshot(cache_ids[-1]).totals.hits >= 1
         finally:
-            await service.close(grace=0.5)
-            await runner.stop()
+            await running.close(grace=0.5)
     print(f"\n[embedded] first start {timings[0]:.2f}s, second start {timings[1]:.2f}s")
     assert cache_ids[0] == cache_ids[1]
     assert timings[0] < 60 and timings[1] < 10
@@ -261,8 +259,8 @@ async def test_console_flow_on_embedded_origin(
 async def test_rejected_key_is_one_line(
     neon_for_pg: NeonStandin, state_root: Path
 ) -> None:
-    from neonpoly.control import ControlError
-    from neonpoly.neon_api import RetryPolicy
+    from neonpoly.control.interface import ControlError
+    from neonpoly.integrations.neon_api import RetryPolicy
 
     control = LocalControl(state_root, api_host=neon_for_pg.base_url,
                            retry=RetryPolicy(attempts=1))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from neonpoly.control import ControlError
-from neonpoly.control_impl import LocalControl
+from neonpoly.control.interface import ControlError
+from neonpoly.control.local import LocalControl
 from neonpoly.service import ProxySettings
 from tests.pgharness import PgServer
 

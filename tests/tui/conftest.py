@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from neonpoly.control_impl import LocalControl
-from neonpoly.neon_api import RetryPolicy
-from neonpoly.neon_standin import (
+from neonpoly._testing.neon_standin import (
     NeonStandin,
     SeedBranch,
     SeedDatabase,
@@ -18,6 +16,8 @@ from neonpoly.neon_standin import (
     SeedProject,
     SeedRole,
 )
+from neonpoly.control.local import LocalControl
+from neonpoly.integrations.neon_api import RetryPolicy
 from neonpoly.service import ProxySettings
 from tests.pgharness import NEON_HOST, PgServer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from neonpoly.control import (
+from neonpoly.control.interface import (
     CacheStatus,
     Control,
     ControlError,

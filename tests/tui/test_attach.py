@@ -7,7 +7,6 @@ StateFollower on a temp state dir holding one URL integration for the session's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,12 +18,11 @@ import asyncpg
 import pytest
 from textual.widgets import Label
 
-from neonpoly.admin import install_admin
-from neonpoly.cli import build_parser
-from neonpoly.control import ControlError
-from neonpoly.control_attach import AttachedControl, DeltaSeries
-from neonpoly.control_impl import StateFollower, serve_from_state
-from neonpoly.integration import IntegrationStore, record_url
+from neonpoly.cli.main import build_parser
+from neonpoly.control.attached import AttachedControl, DeltaSeries
+from neonpoly.control.interface import ControlError
+from neonpoly.control.serving import start_serving
+from neonpoly.integrations.store import IntegrationStore, record_url
 from neonpoly.service import ProxyService, ProxySettings
 from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.cache_view import CacheViewScreen
@@ -62,18 +60,11 @@ async def serve(pg: PgServer, state_root: Path) -> AsyncIterator[Serve]:
         )
     item = record_url(IntegrationStore(state_root), pg.url("postgres", "app", "require"))
     service = ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=state_root / "cache"))
-    await serve_from_state(service, state_root, embedded_when_empty=False)
-    console = await install_admin(service, state_root)
-    _, port = await service.start()
-    follower = asyncio.get_running_loop().create_task(StateFollower(service, state_root, interval=0.2).run())
+    running = await start_serving(service, state_root, embedded_when_empty=False, follow_every=0.2)
     try:
-        yield Serve(service, port, item.cache_id)
+        yield Serve(service, running.address[1], item.cache_id)
     finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-        await console.close()
-        await service.close(grace=0.5)
+        await running.close(grace=0.5)
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -9,7 +9,7 @@ import time
 import asyncpg
 from textual.widgets import Label, Select
 
-from neonpoly.control_impl import LocalControl
+from neonpoly.control.local import LocalControl
 from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer
 from neonpoly.tui.screens.cache_view import CacheViewScreen

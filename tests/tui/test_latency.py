@@ -22,8 +22,7 @@ import pytest
 from textual import events
 from textual.widgets import Input, Label
 
-from neonpoly.admin import install_admin
-from neonpoly.control_impl import LocalControl
+from neonpoly.control.local import LocalControl
 from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.cache_view import CacheViewScreen
 from neonpoly.tui.screens.integrations import IntegrationsScreen
@@ -100,7 +99,6 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
             "CREATE TABLE IF NOT EXISTS lat_items (id int PRIMARY KEY, name text);"
             "INSERT INTO lat_items SELECT g, 'item ' || g FROM generate_series(1, 50) g"
             " ON CONFLICT DO NOTHING; GRANT SELECT ON lat_items TO scram_user")
-    await install_admin(control.service, None, allowed_roles=["postgres"])
     app = ConsoleApp(control)
     probe = FrameProbe(app)
     timings: dict[str, list[float]] = {}

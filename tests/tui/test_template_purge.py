@@ -8,7 +8,7 @@ import asyncio
 import asyncpg
 from textual.widgets import Label
 
-from neonpoly.control_impl import LocalControl
+from neonpoly.control.local import LocalControl
 from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.cache_view import CacheViewScreen
 from neonpoly.tui.screens.confirm import ConfirmModal

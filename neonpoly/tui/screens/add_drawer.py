@@ -12,7 +12,7 @@ from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, Select
 
-from neonpoly.control import Control, ControlError, IntegrationView, SignInResult
+from neonpoly.control.interface import Control, ControlError, IntegrationView, SignInResult
 
 INTRO = "PolyScale caches your data globally for low-latency reads. No code changes: swap the connection string."
 NOTE = "It caches the read-write compute endpoint of the primary branch."

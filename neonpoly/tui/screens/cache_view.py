@@ -10,7 +10,7 @@ from textual.coordinate import Coordinate
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, Sparkline
 
-from neonpoly.control import Control
+from neonpoly.control.interface import Control
 from neonpoly.stats import SERIES_SECONDS, StatsSnapshot, TemplateStats
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text

@@ -9,7 +9,7 @@ from textual.containers import Grid, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Label
 
-from neonpoly.control import Control
+from neonpoly.control.interface import Control
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets.cards import OTHER_INTEGRATIONS, PolyScaleCard, UnavailableCard
 from neonpoly.tui.widgets.header import ConsoleHeader

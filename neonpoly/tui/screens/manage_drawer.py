@@ -9,7 +9,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Label, Select
 
-from neonpoly.control import Control, ControlError, IntegrationView
+from neonpoly.control.interface import Control, ControlError, IntegrationView
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text
 

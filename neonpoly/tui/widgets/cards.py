@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Label, Sparkline
 
-from neonpoly.control import CacheStatus
+from neonpoly.control.interface import CacheStatus
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text
 

@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Label
 
-from neonpoly.control import HeaderInfo
+from neonpoly.control.interface import HeaderInfo
 from neonpoly.tui.widgets import set_text
 
 

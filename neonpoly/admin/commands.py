@@ -21,16 +21,14 @@ from typing import TYPE_CHECKING
 from neonpoly.cache.rules import (
     MODES,
     Rule,
-    RuleBook,
     RuleError,
-    RulePolicy,
-    bare_tables,
     normalize_table,
 )
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.service import ProxyService
+    from neonpoly.stats import Totals
 
 BOOL, INT8, TEXT, FLOAT8, TIMESTAMPTZ = 16, 20, 25, 701, 1184
 
@@ -225,10 +223,9 @@ def parse(sql: str) -> Command:
 class Executor:
     """Runs parsed commands against a live ProxyService, its rule book and TTL policies."""
 
-    def __init__(self, service: ProxyService, book: RuleBook, policies: dict[str, RulePolicy]) -> None:
+    def __init__(self, service: ProxyService) -> None:
         self.service = service
-        self.book = book
-        self.policies = policies
+        self.book = service.rules
 
     def run(self, command: Command) -> Result:
         cols = columns_of(command)
@@ -307,70 +304,24 @@ class Executor:
         return removed
 
     def _stats(self, cache_id: str | None) -> list[tuple[Value, ...]]:
-        stats = self.service.stats
-        rows: list[tuple[Value, ...]] = []
-        names = sorted(set(self.service.routes.by_id) | set(stats.snapshot().caches))
-        chosen = [n for n in names if cache_id is None or n == cache_id]
-        all_entries = all_bytes = all_conns = 0
-        for cid in chosen:
-            t = stats.snapshot(cid).totals
-            entries, size = _usage(self.service.routes.by_id.get(cid))
-            conns = len(self.service.server.connections(cid))
-            all_entries, all_bytes, all_conns = (
-                all_entries + entries,
-                all_bytes + size,
-                all_conns + conns,
-            )
-            rows.append(
-                (
-                    cid,
-                    t.calls,
-                    t.hits,
-                    t.misses,
-                    t.passthrough,
-                    t.hit_rate,
-                    t.time_saved_s * 1000,
-                    t.bytes_served,
-                    entries,
-                    size,
-                    conns,
-                    _statuses(t.by_status),
-                )
-            )
+        report = self.service.report(cache_id)
+        rows = [_stats_row(c.cache_id, c.totals, c.entries, c.bytes, c.connections) for c in report.caches]
         if cache_id is None:
-            t = stats.snapshot().totals
             rows.append(
-                (
+                _stats_row(
                     "(all)",
-                    t.calls,
-                    t.hits,
-                    t.misses,
-                    t.passthrough,
-                    t.hit_rate,
-                    t.time_saved_s * 1000,
-                    t.bytes_served,
-                    all_entries,
-                    all_bytes,
-                    all_conns,
-                    _statuses(t.by_status),
+                    report.totals,
+                    sum(c.entries for c in report.caches),
+                    sum(c.bytes for c in report.caches),
+                    sum(c.connections for c in report.caches),
                 )
             )
         return rows
 
     def _queries(self, cache_id: str | None) -> list[tuple[Value, ...]]:
         rows: list[tuple[Value, ...]] = []
-        for t in self.service.stats.snapshot(cache_id).templates:
-            counts = dict(t.by_status)
-            ttl: float | None = None
-            source = "not cacheable"
-            policy = self.policies.get(t.cache_id)
-            if counts.get("hit", 0) + counts.get("miss", 0) + counts.get("disabled", 0) == 0:
-                source = "not cacheable"
-            elif policy is not None:
-                decision = policy.decide(t.template_id, bare_tables(t.tables))
-                ttl, source = decision.ttl, decision.source
-            else:
-                ttl, source = t.ttl, "cache"
+        for r in self.service.report(cache_id).templates:
+            t = r.stats
             rows.append(
                 (
                     t.cache_id,
@@ -389,8 +340,8 @@ class Executor:
                     _ms(t.miss_p95_s),
                     t.time_saved_s * 1000,
                     t.bytes_served,
-                    ttl,
-                    source,
+                    r.ttl,
+                    r.ttl_source,
                     t.last_status,
                     t.last_reason or "",
                     _ts(t.last_seen) if t.last_seen else None,
@@ -399,28 +350,12 @@ class Executor:
         return rows
 
     def _caches(self, cache_id: str | None) -> list[tuple[Value, ...]]:
-        rows: list[tuple[Value, ...]] = []
-        routes = self.service.routes
-        for cid, route in sorted(routes.by_id.items()):
-            if cache_id is not None and cid != cache_id:
-                continue
-            entries, size = _usage(route)
-            cache = route.cache
-            max_bytes = cache.store.usage().max_bytes if cache is not None else 0
-            rows.append(
-                (
-                    cid,
-                    cid == routes.default,
-                    self.book.mode(cid) if cache is not None else "disabled",
-                    route.origin.label,
-                    cache.ttl if cache is not None else None,
-                    entries,
-                    size,
-                    max_bytes,
-                    len(self.service.server.connections(cid)),
-                )
-            )
-        return rows
+        served = self.service.routes.by_id
+        return [
+            (c.cache_id, c.is_default, c.mode, c.origin, c.ttl, c.entries, c.bytes, c.max_bytes, c.connections)
+            for c in self.service.report(cache_id).caches
+            if c.cache_id in served
+        ]
 
     def _connections(self, cache_id: str | None) -> list[tuple[Value, ...]]:
         now = time.monotonic()
@@ -443,12 +378,21 @@ class Executor:
         return rows
 
 
-def _usage(route: object) -> tuple[int, int]:
-    cache = getattr(route, "cache", None)
-    if cache is None:
-        return 0, 0
-    usage = cache.store.usage()
-    return int(usage.entries), int(usage.bytes)
+def _stats_row(name: str, t: Totals, entries: int, size: int, connections: int) -> tuple[Value, ...]:
+    return (
+        name,
+        t.calls,
+        t.hits,
+        t.misses,
+        t.passthrough,
+        t.hit_rate,
+        t.time_saved_s * 1000,
+        t.bytes_served,
+        entries,
+        size,
+        connections,
+        _statuses(t.by_status),
+    )
 
 
 def _statuses(by_status: Sequence[tuple[str, int]]) -> str:
@@ -474,8 +418,3 @@ def _rule_row(rule: Rule) -> tuple[Value, ...]:
         _ts(rule.created_at),
     )
 
-
-def quote_ident(name: str) -> str:
-    """A double-quoted identifier for an admin statement (embedded quotes doubled): what
-    clients of the admin console (the CLI, the attached console) put in their statements."""
-    return '"' + name.replace('"', '""') + '"'

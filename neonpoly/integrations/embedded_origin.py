@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from neonpoly.embedded import LocalPostgres
+from neonpoly.integrations.embedded import LocalPostgres
 from neonpoly.proxy.origin import Origin
 
 EMBEDDED_USER = "neon"

@@ -10,8 +10,8 @@ Both the simple protocol (psql) and the extended protocol (asyncpg, psycopg) are
 statements take no parameters. Values are sent as text or binary as each Bind asks (asyncpg
 asks for binary).
 
-`install_admin` wires everything into a `ProxyService`: the endpoint, a rule-driven TTL
-policy and the adaptive-TTL write hook on every cache, and optionally the metrics endpoint.
+`install_admin` sets the endpoint on a `ProxyService`; the rules and TTL policies it shows
+and changes belong to the service, and every figure comes from `service.report()`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from neonpoly import __version__, pgwire
-from neonpoly.admin_commands import (
+from neonpoly.admin.commands import (
     BOOL,
     FLOAT8,
     INT8,
@@ -41,12 +40,8 @@ from neonpoly.admin_commands import (
     columns_of,
     parse,
 )
-from neonpoly.cache.adaptive import AdaptiveTTL
-from neonpoly.cache.rules import RuleBook, RulePolicy
 
 if TYPE_CHECKING:
-    from neonpoly.metrics import MetricsServer
-    from neonpoly.proxy.server import Route
     from neonpoly.proxy.session import Session
     from neonpoly.service import ProxyService
 
@@ -65,40 +60,19 @@ def default_admin_roles() -> frozenset[str]:
 
 
 class AdminConsole:
-    """The AdminEndpoint set as `service.routes.admin`; also owns rules, policies, metrics."""
+    """The AdminEndpoint set as `service.routes.admin`: who may enter, and what answers them."""
 
     def __init__(
         self,
         service: ProxyService,
-        book: RuleBook,
-        adaptive: AdaptiveTTL,
         *,
         allowed_roles: Iterable[str] | None = None,
         password: str | None = None,
     ) -> None:
         self.service = service
-        self.book = book
-        self.adaptive = adaptive
         self.allowed_roles = frozenset(allowed_roles) if allowed_roles is not None else default_admin_roles()
         self.password = password
-        self.policies: dict[str, RulePolicy] = {}
-        self.executor = Executor(service, book, self.policies)
-        self.metrics: MetricsServer | None = None
-
-    def attach_cache(self, route: Route) -> None:
-        """Give one cache its rule/adaptive TTL policy and the write hook that teaches it."""
-        cache = route.cache
-        if cache is None:
-            return
-        stats, cache_id = self.service.stats, route.cache_id
-
-        def report(template_id: str, ttl: float | None) -> None:
-            stats.set_ttl(cache_id, template_id, ttl)
-
-        policy = RulePolicy(self.book, cache_id, lambda: cache.ttl, self.adaptive, report)
-        self.policies[cache_id] = policy
-        cache.ttl_policy = policy
-        cache.on_refetch = self.adaptive.on_refetch
+        self.executor = Executor(service)
 
     def attach(self, session: Session, startup: pgwire.StartupRequest) -> AdminSession:
         return AdminSession(self, session)
@@ -107,34 +81,17 @@ class AdminConsole:
         """Run one admin statement in-process (the TUI may use this instead of a socket)."""
         return self.executor.run(parse(sql))
 
-    async def close(self) -> None:
-        if self.metrics is not None:
-            await self.metrics.close()
-            self.metrics = None
 
 
-async def install_admin(
+def install_admin(
     service: ProxyService,
-    root: Path | None,
     *,
     allowed_roles: Iterable[str] | None = None,
     password: str | None = None,
-    metrics_listen: tuple[str, int] | None = None,
-    adaptive: AdaptiveTTL | None = None,
 ) -> AdminConsole:
-    """Wire the admin console, rules (persisted in `root/rules.toml`; in memory if root is
-    None), adaptive TTL and, with `metrics_listen`, the Prometheus endpoint."""
-    book = RuleBook.in_dir(root) if root is not None else RuleBook()
-    console = AdminConsole(service, book, adaptive or AdaptiveTTL(), allowed_roles=allowed_roles, password=password)
-    for route in service.routes.by_id.values():
-        console.attach_cache(route)
-    service.cache_added.append(console.attach_cache)  # caches added later get it too
+    """Answer the `neonpoly` database on the service's listener."""
+    console = AdminConsole(service, allowed_roles=allowed_roles, password=password)
     service.routes.admin = console
-    if metrics_listen is not None:
-        from neonpoly.metrics import MetricsServer
-
-        console.metrics = MetricsServer(service, console)
-        await console.metrics.start(*metrics_listen)
     return console
 
 

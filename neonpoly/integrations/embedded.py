@@ -26,7 +26,8 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import quote, urlencode
 
-from neonpoly.pgbin import (
+from neonpoly.defaults import LOCALHOST, child_environment
+from neonpoly.integrations.pgbin import (
     PostgresError,
     PostgresNotFound,
     find_postgres_bindir,
@@ -82,7 +83,7 @@ class LocalPostgres:
         self,
         data_dir: Path | str,
         *,
-        host: str = "127.0.0.1",
+        host: str = LOCALHOST,
         port: int | None = None,
         superuser: str = "postgres",
         password: str | None = None,
@@ -428,7 +429,7 @@ class LocalPostgres:
     def _launch(self, timeout: float) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env = child_environment()
         env["LC_ALL"] = "C"
         uid, gid, groups = self._as_user()
         with open(self.log_file, "ab") as logf:

@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from neonpoly.admin_commands import quote_ident
-from neonpoly.control import (
+from neonpoly.admin.client import AdminClient, AdminClientError, quote_ident
+from neonpoly.control.interface import (
     CacheStatus,
     Control,
     ControlError,
@@ -28,19 +28,21 @@ from neonpoly.control import (
     Progress,
     SignInResult,
 )
-from neonpoly.control_impl import USER_ERRORS, EmbeddedRunner, LocalControl, add_neon, integration_view
-from neonpoly.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
-from neonpoly.integration import Integration, IntegrationError, IntegrationStore, forget, record_embedded, record_url
-from neonpoly.neon_api import RetryPolicy
-from neonpoly.proxy.origin import Origin
+from neonpoly.control.local import LocalControl, integration_view
+from neonpoly.control.serving import EmbeddedRunner
+from neonpoly.integrations.neon_api import RetryPolicy
+from neonpoly.integrations.store import (
+    Integration,
+    IntegrationError,
+    IntegrationStore,
+    forget,
+)
 from neonpoly.service import ProxySettings
 from neonpoly.stats import SERIES_SECONDS, SeriesSnapshot, StatsSnapshot, TemplateStats, Totals
 
 log = logging.getLogger("neonpoly.attach")
 
 ALL = "(all)"  # the SHOW STATS row that sums every cache
-ADMIN_DATABASE = "neonpoly"
-CONNECT_TIMEOUT = 3.0
 QUERY_TIMEOUT = 5.0
 FOLLOW_TIMEOUT = 3.0  # the serve process re-reads integrations.toml every second
 Row = dict[str, Any]
@@ -156,7 +158,7 @@ class AttachedControl(Control):
         address: tuple[str, int],
         root: Path | None = None,
         *,
-        user: str = "postgres",
+        user: str | None = None,
         password: str | None = None,
         api_key: str | None = None,
         api_host: str | None = None,
@@ -167,8 +169,6 @@ class AttachedControl(Control):
         interval: float = 1.0,
     ) -> None:
         self.address = address
-        self.user = user
-        self.password = password
         self.interval = interval
         # Never started: it is the state-dir half of LocalControl (integrations, select,
         # sign-in, connection strings on `address`), reused rather than rewritten. No cache
@@ -184,8 +184,7 @@ class AttachedControl(Control):
             retry=retry,
         )
         self.store: IntegrationStore = self.local.store
-        self._conn: Any = None  # asyncpg.Connection (untyped library)
-        self._lock = asyncio.Lock()  # one connection: asyncpg allows one query at a time
+        self.client = AdminClient(address, user=user, password=password, query_timeout=QUERY_TIMEOUT)
         self._poll: Poll | None = None
         self._series: dict[str, DeltaSeries] = {}
         self._ok = False
@@ -194,62 +193,19 @@ class AttachedControl(Control):
 
     @property
     def where(self) -> str:
-        host, port = self.address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self.client.where
 
     @property
     def last_error(self) -> str | None:
         return self._error
 
     # -- the admin connection -----------------------------------------------------------
-    async def _connect(self) -> Any:
-        import asyncpg
-
-        host, port = self.address
-        try:
-            return await asyncpg.connect(
-                host=host,
-                port=port,
-                user=self.user,
-                password=self.password,
-                database=ADMIN_DATABASE,
-                ssl=False,
-                timeout=CONNECT_TIMEOUT,
-                statement_cache_size=0,  # the console's statements are tiny; no prepared leftovers
-            )
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            raise ControlError(f"cannot reach neonpoly at {self.where}: {exc or type(exc).__name__}") from exc
-        except asyncpg.PostgresError as exc:
-            raise ControlError(f"neonpoly at {self.where} refused the admin console: {exc}") from exc
-
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # already broken: closing is best effort
-                await asyncio.wait_for(conn.close(), 1.0)
-
     async def query(self, sql: str) -> list[Row]:
-        """Run one admin statement; a broken connection is reopened once before giving up."""
-        import asyncpg
-
-        lost = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
-        async with self._lock:
-            for attempt in (1, 2):
-                if self._conn is None or self._conn.is_closed():
-                    self._conn = await self._connect()
-                try:
-                    records = await self._conn.fetch(sql, timeout=QUERY_TIMEOUT)
-                except lost as exc:
-                    await self._drop()
-                    if attempt == 2:
-                        raise ControlError(f"cannot reach neonpoly at {self.where}: {exc}") from exc
-                    continue
-                except asyncpg.PostgresError as exc:
-                    if self._conn.is_closed():  # a FATAL (e.g. admin shutdown) ends it
-                        await self._drop()
-                    raise ControlError(str(exc)) from exc
-                return [dict(r) for r in records]
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Run one admin statement (the client reopens a lost connection once)."""
+        try:
+            return (await self.client.run(sql)).dicts()
+        except AdminClientError as exc:
+            raise ControlError(exc.message) from exc
 
     # -- polling ------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -345,33 +301,9 @@ class AttachedControl(Control):
         return await self.local.sign_in(api_key)
 
     async def add(self, workspace: str, progress: Progress) -> IntegrationView:
-        local = self.local
-        if local.mode is None:
-            await local.sign_in()
-        try:
-            if local.mode == "neon":
-                item = await add_neon(
-                    self.store,
-                    api_key=local.api_key,
-                    api_host=local.api_host,
-                    project_id=local.project_id,
-                    workspace=workspace,
-                    connect_to=local.connect_to,
-                    retry=local.retry,
-                    progress=progress,
-                )
-            elif local.upstream:
-                progress(f"Origin {Origin.from_url(local.upstream).label}")
-                item = record_url(self.store, local.upstream, workspace=workspace, connect_to=local.connect_to)
-            else:
-                # Started (or adopted, if serve already runs it) and left running on purpose:
-                # the serve process adopts the running cluster and stops it when it exits.
-                handle, origin = await EmbeddedRunner(self.store.root).ensure(progress)
-                item = record_embedded(
-                    self.store, origin, EMBEDDED_USER, EMBEDDED_DATABASE, handle.password, workspace=workspace
-                )
-        except USER_ERRORS as exc:
-            raise ControlError(str(exc)) from exc
+        # The embedded origin is started (or adopted, if serve already runs it) and left
+        # running on purpose: the serve process adopts the cluster and stops it when it exits.
+        item = await self.local.record(workspace, progress, EmbeddedRunner(self.store.root))
         progress(f"Waiting for neonpoly at {self.where} to serve it")
         if not await self._until(lambda: self._served(item.cache_id)):
             raise ControlError(
@@ -448,8 +380,7 @@ class AttachedControl(Control):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        async with self._lock:
-            await self._drop()
+        await self.client.close()
         self._ok = False
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,11 +19,12 @@ from urllib.parse import quote
 import httpx
 
 from neonpoly import __version__
+from neonpoly.defaults import ENV_NEON_API_HOST, ENV_NEON_API_KEY, environment
 
 DEFAULT_BASE_URL = "https://console.neon.tech/api/v2"
 REQUEST_ID_HEADER = "x-neon-ret-request-id"
-API_KEY_ENV = "NEON_API_KEY"
-API_HOST_ENV = "NEON_API_HOST"
+API_KEY_ENV = ENV_NEON_API_KEY
+API_HOST_ENV = ENV_NEON_API_HOST
 
 # Statuses Neon documents as safe to repeat: rate limited, locked by a running operation,
 # temporarily unavailable. Anything else is an answer, not a hiccup.
@@ -235,7 +235,7 @@ class RetryPolicy:
 
 def resolve_base_url(explicit: str | None = None) -> str:
     """Explicit argument, then NEON_API_HOST, then the public API (as Neon's own CLI does)."""
-    url = explicit or os.environ.get(API_HOST_ENV) or DEFAULT_BASE_URL
+    url = explicit or environment().neon_api_host or DEFAULT_BASE_URL
     if "://" not in url:
         url = f"https://{url}"
     return url.rstrip("/")
@@ -295,7 +295,7 @@ class NeonAPI:
         rng: random.Random | None = None,
         page_limit: int = 100,
     ) -> None:
-        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        key = api_key if api_key is not None else environment().neon_api_key or ""
         if not key:
             raise NeonAPIError(401, "missing_api_key", "no API key given")
         self.base_url = resolve_base_url(base_url)

@@ -7,9 +7,7 @@ psql and scripts all see exactly the same answers. `--json` prints rows as a JSO
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -17,13 +15,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from neonpoly.admin_commands import quote_ident
-from neonpoly.cli_args import host_port
+from neonpoly.admin.client import (
+    AdminClient,
+    AdminClientError,
+    AdminRefused,
+    AdminUnreachable,
+    quote_ident,
+)
+from neonpoly.cli.args import host_port
+from neonpoly.defaults import DEFAULT_LISTEN_TEXT, ENV_ADMIN_PASSWORD, ENV_ADMIN_USER, LOCALHOST
 
 COMMANDS = ("stats", "queries", "purge", "rules")
-DEFAULT_ADMIN = "127.0.0.1:6543"
-ENV_USER = "NEONPOLY_ADMIN_USER"
-ENV_PASSWORD = "NEONPOLY_ADMIN_PASSWORD"
+DEFAULT_ADMIN = DEFAULT_LISTEN_TEXT
 
 SqlBuilder = Callable[[argparse.Namespace], str]
 
@@ -136,13 +139,13 @@ def register(subparsers: Any) -> None:
         type=nonempty("omit --user for the default role"),
         default=None,
         metavar="ROLE",
-        help=f"admin role (default ${ENV_USER}, else your OS user)",
+        help=f"admin role (default ${ENV_ADMIN_USER}, else your OS user)",
     )
     common.add_argument(
         "--password",
-        type=nonempty(f"omit --password to use ${ENV_PASSWORD}"),
+        type=nonempty(f"omit --password to use ${ENV_ADMIN_PASSWORD}"),
         default=None,
-        help=f"admin password, if one is configured (default ${ENV_PASSWORD})",
+        help=f"admin password, if one is configured (default ${ENV_ADMIN_PASSWORD})",
     )
     common.add_argument("--json", action="store_true", help="print rows as a JSON array")
     common.add_argument(
@@ -189,7 +192,7 @@ def register(subparsers: Any) -> None:
 
 def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], str | None]:
     """Where to connect and the cache id, from the state dir unless given on the command line."""
-    from neonpoly.integration import IntegrationStore
+    from neonpoly.integrations.store import IntegrationStore
     from neonpoly.state import state_dir
 
     store = IntegrationStore(state_dir(getattr(args, "state_dir", None)))
@@ -200,72 +203,42 @@ def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], str | None
         return args.admin, cache
     host, port = store.read().listen
     # A wildcard listen address is where serve accepts, not one to dial: use loopback.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    host = {"0.0.0.0": LOCALHOST, "::": "::1", "": LOCALHOST}.get(host, host)
     return (host, port), cache
 
 
-def _print_error(exc: Exception) -> None:
-    # asyncpg's str() appends DETAIL/HINT lines itself; print the bare message and one hint.
-    message = getattr(exc, "message", None) or str(exc).splitlines()[0]
-    hint = getattr(exc, "hint", None)
-    print(f"neonpoly: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+def _print_error(exc: AdminClientError) -> None:
+    print(f"neonpoly: {exc.message}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
 
 
 async def dispatch(args: argparse.Namespace) -> int:
     """Run one admin command; 0 on success, 1 for an error answer, 2 if unreachable."""
-    import asyncpg
-
-    from neonpoly.integration import IntegrationError
+    from neonpoly.integrations.store import IntegrationError
 
     try:
-        (host, port), args.cache = _admin_target(args)
+        address, args.cache = _admin_target(args)
     except IntegrationError as exc:
         print(f"neonpoly: {exc}", file=sys.stderr)
         return 2
     sql: str = args.admin_sql(args)
-    user = args.user or os.environ.get(ENV_USER) or _os_user()
-    password = args.password or os.environ.get(ENV_PASSWORD)
+    client = AdminClient(address, user=args.user, password=args.password)
     try:
-        conn = await asyncpg.connect(
-            host=host,
-            port=port,
-            user=user,
-            password=password,
-            database="neonpoly",
-            ssl=False,
-            timeout=10,
-        )
-    except (OSError, TimeoutError) as exc:
-        print(f"neonpoly: cannot reach neonpoly at {host}:{port}: {exc}", file=sys.stderr)
-        return 2
-    except asyncpg.PostgresError as exc:
+        answer = await client.run(sql)
+    except (AdminUnreachable, AdminRefused) as exc:
         _print_error(exc)
         return 2
-    try:
-        stmt = await conn.prepare(sql)
-        records = await stmt.fetch()
-        tag = stmt.get_statusmsg() or ""
-        columns = [a.name for a in stmt.get_attributes()]
-    except asyncpg.PostgresError as exc:
+    except AdminClientError as exc:
         _print_error(exc)
         return 1
     finally:
-        await conn.close()
-    rows = [dict(zip(columns, tuple(r), strict=True)) for r in records]
+        await client.close()
     if args.json:
-        print(json.dumps(rows if columns else {"status": tag}, default=_json_default, indent=2))
-    elif columns:
-        print(render_table(columns, [tuple(r) for r in records]))
+        print(json.dumps(answer.dicts() if answer.columns else {"status": answer.tag}, default=_json_default, indent=2))
+    elif answer.columns:
+        print(render_table(answer.columns, answer.rows))
     else:
-        print(tag)
+        print(answer.tag)
     return 0
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "neonpoly"
 
 
 def _json_default(value: object) -> object:

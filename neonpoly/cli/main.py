@@ -1,28 +1,21 @@
-"""The `neonpoly` command line: one composition root for serve, tui and the admin commands."""
+"""The `neonpoly` command line: the parser, and dispatch to serve, tui and the other commands."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
-import os
-import signal
-import ssl
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING
 
 from neonpoly import __version__
-from neonpoly.cli_args import at_least_one, host_port, positive_seconds, seconds
+from neonpoly.cli.args import at_least_one, host_port, positive_seconds, seconds
+from neonpoly.cli.running import CLIError, run
+from neonpoly.defaults import DEFAULT_LISTEN_TEXT
 
 if TYPE_CHECKING:
-    from neonpoly.control import Control
-    from neonpoly.control_impl import Served
-    from neonpoly.proxy.origin import Origin
-    from neonpoly.service import ProxySettings
+    from neonpoly.control.interface import Control
 
 EPILOG = """\
 examples:
@@ -39,10 +32,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
-
-class CLIError(Exception):
-    """A problem the user can fix: printed as one line, exit status 2."""
 
 
 def _size(text: str) -> int:
@@ -85,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="origin PostgreSQL URL (default: the integrations in the state dir, else an embedded PostgreSQL)",
     )
     serve.add_argument(
-        "--listen", type=host_port, default="127.0.0.1:6543", metavar="HOST:PORT", help="where clients connect"
+        "--listen", type=host_port, default=DEFAULT_LISTEN_TEXT, metavar="HOST:PORT", help="where clients connect"
     )
     serve.add_argument(
         "--cache-dir", type=Path, metavar="DIR", help="where entries persist (default: <state dir>/cache)"
@@ -155,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Help,
     )
     tui.add_argument(
-        "--listen", type=host_port, default="127.0.0.1:6543", metavar="HOST:PORT", help="where clients connect"
+        "--listen", type=host_port, default=DEFAULT_LISTEN_TEXT, metavar="HOST:PORT", help="where clients connect"
     )
     tui.add_argument(
         "--upstream",
@@ -189,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-user", metavar="ROLE", help="admin role with --attach (default $NEONPOLY_ADMIN_USER, else postgres)"
     )
     tui.add_argument("--admin-password", help="admin password with --attach (default $NEONPOLY_ADMIN_PASSWORD)")
-    from neonpoly import cli_admin, cli_integrations
+    from neonpoly.cli import admin as cli_admin
+    from neonpoly.cli import integrations as cli_integrations
 
     cli_integrations.register(sub)
     cli_admin.register(sub)
@@ -209,13 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            return _run(_serve(args))
-        from neonpoly import cli_admin, cli_integrations
+            from neonpoly.cli.serve import serve
+
+            return run(serve(args))
+        from neonpoly.cli import admin as cli_admin
+        from neonpoly.cli import integrations as cli_integrations
 
         if args.command in cli_integrations.COMMANDS:
-            return _run(cli_integrations.dispatch(args))
+            return run(cli_integrations.dispatch(args))
         if args.command in cli_admin.COMMANDS:
-            return _run(cli_admin.dispatch(args))
+            return run(cli_admin.dispatch(args))
         if args.command is None:
             if not (sys.stdin.isatty() and sys.stdout.isatty()):
                 parser.print_help()  # no terminal (a script, CI): the console cannot run
@@ -233,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tui(args: argparse.Namespace) -> int:
-    from neonpoly.control_impl import open_control
+    from neonpoly.control.local import open_control
     from neonpoly.service import CacheSettings, ProxySettings
     from neonpoly.state import state_dir
     from neonpoly.tui import run_tui
@@ -241,21 +234,22 @@ def _tui(args: argparse.Namespace) -> int:
     root = state_dir(args.state_dir)
     control: Control
     if args.attach:
-        from neonpoly.cli_admin import ENV_PASSWORD, ENV_USER
-        from neonpoly.control_attach import AttachedControl
+        from neonpoly.control.attached import AttachedControl
 
         control = AttachedControl(
             args.attach,
             root,
-            user=args.admin_user or os.environ.get(ENV_USER) or "postgres",
-            password=args.admin_password or os.environ.get(ENV_PASSWORD),
+            user=args.admin_user,
+            password=args.admin_password,
             upstream=args.upstream,
             project_id=args.project,
             api_host=args.api_host,
             connect_to=args.connect_to,
         )
     else:
-        settings = ProxySettings(listen=args.listen, cache_dir=args.cache_dir or root / "cache", cache=CacheSettings())
+        settings = ProxySettings(
+            listen=args.listen, cache_dir=args.cache_dir or root / "cache", cache=CacheSettings(), rules_dir=root
+        )
         control = open_control(
             root,
             settings=settings,
@@ -273,141 +267,5 @@ def _tui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-async def _serve(args: argparse.Namespace) -> int:
-    from neonpoly.service import CacheSettings, ProxySettings
-    from neonpoly.state import state_dir
-
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise CLIError("--tls-cert and --tls-key go together")
-    root = state_dir(args.state_dir)
-    settings = ProxySettings(
-        listen=args.listen,
-        cache_dir=args.cache_dir or root / "cache",
-        cache=CacheSettings(
-            enabled=not args.no_cache, ttl=args.ttl, admit_after=args.admit_after, max_bytes=args.max_cache_size
-        ),
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
-    from neonpoly.state import StateInUse, StateLock
-
-    lock = StateLock(root)
-    try:
-        lock.acquire()
-    except StateInUse as exc:
-        raise CLIError(str(exc)) from exc
-    try:
-        return await _serve_locked(args, root, settings)
-    finally:
-        lock.release()
-
-
-async def _serve_locked(args: argparse.Namespace, root: Path, settings: ProxySettings) -> int:
-    from neonpoly.proxy.origin import Origin
-    from neonpoly.service import ProxyService
-
-    served: list[Served]
-    try:
-        service = ProxyService(settings)
-    except (OSError, ssl.SSLError) as exc:
-        raise CLIError(f"cannot load --tls-cert/--tls-key: {exc.strerror or exc}") from exc
-    runner = None
-    follower = None
-    if args.upstream:
-        try:
-            origin = Origin.from_url(args.upstream)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from exc
-        if args.connect_to:
-            origin = _apply_connect_to(origin, args.connect_to)
-        service.add_cache("default", origin, default=True)
-        served = []
-    else:
-        from neonpoly.control_impl import EmbeddedRunner, serve_from_state
-
-        runner = EmbeddedRunner(root)
-        served = await serve_from_state(service, root, args.connect_to, embedded=runner)
-    from neonpoly.admin import install_admin
-
-    admin = await install_admin(
-        service,
-        root,
-        allowed_roles=args.admin_role,
-        password=os.environ.get("NEONPOLY_ADMIN_PASSWORD"),
-        metrics_listen=args.metrics_listen,
-    )
-    try:
-        host, port = await service.start()
-    except OSError as exc:
-        await admin.close()
-        await service.close(0)  # close the caches cleanly, or the next start distrusts them
-        if runner is not None:
-            await runner.stop()
-        raise CLIError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror or exc}") from exc
-    log = logging.getLogger("neonpoly")
-    cache_note = "off (--no-cache)" if args.no_cache else str(settings.cache_dir)
-    log.info("listening on %s:%d; cache %s", host, port, cache_note)
-    if served:
-        from neonpoly.control_impl import StateFollower
-        from neonpoly.integration import IntegrationStore
-
-        IntegrationStore(root).set_listen(host, port)
-        for item in served:
-            hidden = "" if args.reveal else " (password hidden; --reveal or `neonpoly connection-string --reveal`)"
-            print(
-                f"neonpoly: {item.integration.name} ({item.origin.label}) ready; connect with{hidden}:\n"
-                f"  psql '{item.connection_string(host, port, reveal=args.reveal)}'",
-                file=sys.stderr,
-                flush=True,
-            )
-        # Integrations added or removed from another shell take effect here within a second.
-        follower = asyncio.get_running_loop().create_task(StateFollower(service, root, args.connect_to, runner).run())
-    else:
-        origin = service.routes.by_id["default"].origin
-        user = quote(origin.user or "USER", safe="")
-        database = quote(origin.database or "DATABASE", safe="")
-        print(
-            f"neonpoly: caching {origin.label}; connect as you would to it, at neonpoly's address:\n"
-            f"  psql 'postgres://{user}@{host}:{port}/{database}'",
-            file=sys.stderr,
-            flush=True,
-        )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down (grace %.1fs)", args.grace)
-    await admin.close()
-    await service.close(args.grace)
-    if follower is not None:
-        follower.cancel()
-    if runner is not None:
-        await runner.stop()
-    return 0
-
-
-def _apply_connect_to(origin: Origin, spec: str) -> Origin:
-    from neonpoly.discovery import parse_connect_to
-
-    try:
-        rule = parse_connect_to(spec)
-    except ValueError as exc:
-        raise CLIError(f"--connect-to: {exc}") from exc
-    if rule.matches(origin.host, origin.port):
-        host, port = rule.target(origin.host, origin.port)
-        return origin.connecting_to(host, port)
-    return origin
-
-
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - `python -m neonpoly.cli` uses __main__.py
     sys.exit(main())

@@ -21,7 +21,8 @@ from urllib.parse import quote
 
 import tomli_w
 
-from neonpoly.discovery import DiscoveredOrigin, parse_connect_to
+from neonpoly.defaults import DEFAULT_LISTEN
+from neonpoly.integrations.discovery import DiscoveredOrigin, parse_connect_to
 from neonpoly.proxy.origin import Origin
 from neonpoly.state import write_private
 
@@ -33,7 +34,6 @@ SECRETS_DIR = "secrets"
 API_KEY_FILE = "neon-api-key"
 MASK = "••••••"
 UNKNOWN_PASSWORD = "<password>"
-DEFAULT_LISTEN = ("127.0.0.1", 6543)
 DEFAULT_WORKSPACE = "default"
 LOCAL_NAME = "local"
 _FORMAT = 1

@@ -1,7 +1,7 @@
 """`neonpoly integrations add|list|remove` and `neonpoly connection-string`.
 
 The lead's cli.py wires these in: `register(subparsers)` adds the parsers, and for a command
-in `COMMANDS` it runs `await dispatch(args)`. User mistakes leave as `neonpoly.cli.CLIError`
+in `COMMANDS` it runs `await dispatch(args)`. User mistakes leave as `neonpoly.cli.running.CLIError`
 (one line, exit 2).
 """
 
@@ -12,8 +12,10 @@ import json
 import sys
 from typing import Any, TextIO
 
-from neonpoly.cli_admin import nonempty, nonempty_path
-from neonpoly.integration import (
+from neonpoly.cli.admin import nonempty, nonempty_path
+from neonpoly.cli.running import CLIError
+from neonpoly.defaults import LOCALHOST, environment
+from neonpoly.integrations.store import (
     DEFAULT_WORKSPACE,
     Integration,
     IntegrationError,
@@ -112,17 +114,12 @@ def register(subparsers: Any) -> None:
 
 
 def _user_error(message: str) -> Exception:
-    # Lazy: cli.py imports this module, so importing it at module level would be a cycle.
-    try:
-        from neonpoly.cli import CLIError
-    except ImportError:  # pragma: no cover - cli.py always exists in the package
-        return IntegrationError(message)
     return CLIError(message)
 
 
 async def dispatch(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run one integration command; returns the exit status."""
-    from neonpoly.control_impl import USER_ERRORS
+    from neonpoly.control.serving import USER_ERRORS
     from neonpoly.state import state_dir
 
     stream = out or sys.stdout
@@ -147,12 +144,12 @@ def _progress(step: str) -> None:
 
 
 async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int:
-    import os
 
-    from neonpoly.control_impl import EmbeddedRunner, add_neon
-    from neonpoly.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
-    from neonpoly.integration import record_embedded, record_url, refuse_taken_name
-    from neonpoly.neon_api import API_KEY_ENV
+    from neonpoly.control.serving import EmbeddedRunner
+    from neonpoly.integrations.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
+    from neonpoly.integrations.neon_api import API_KEY_ENV
+    from neonpoly.integrations.neon_flow import add_neon
+    from neonpoly.integrations.store import record_embedded, record_url, refuse_taken_name
 
     if args.name:
         # Before any API call or embedded start: a taken name fails the add anyway.
@@ -168,9 +165,9 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
             role=args.role,
             password=args.password,
         )
-    elif os.environ.get(API_KEY_ENV):
+    elif environment().neon_api_key:
         if args.connect_to:
-            from neonpoly.discovery import parse_connect_to
+            from neonpoly.integrations.discovery import parse_connect_to
 
             parse_connect_to(args.connect_to)  # fail before any API call on a typo
         item = await add_neon(
@@ -278,7 +275,7 @@ def _connection_string(store: IntegrationStore, args: argparse.Namespace, out: T
         host, _, port_text = args.listen.rpartition(":")
         if not port_text.isdigit():
             raise IntegrationError(f"--listen must be HOST:PORT, got {args.listen!r}")
-        host, port = host or "127.0.0.1", int(port_text)
+        host, port = host or LOCALHOST, int(port_text)
     else:
         host, port = store.read().listen
     if args.database and item.databases and args.database not in item.databases:

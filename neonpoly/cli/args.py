@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from neonpoly.defaults import LOCALHOST
+
 
 def host_port(text: str) -> tuple[str, int]:
     """HOST:PORT (or :PORT, meaning 127.0.0.1)."""
@@ -14,7 +16,7 @@ def host_port(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from exc
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
-    return (host or "127.0.0.1", number)
+    return (host or LOCALHOST, number)
 
 
 def _seconds(text: str, *, zero_ok: bool) -> float:

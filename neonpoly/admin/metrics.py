@@ -21,10 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from neonpoly.cache.rules import bare_tables
-
 if TYPE_CHECKING:
-    from neonpoly.admin import AdminConsole
     from neonpoly.service import ProxyService
 
 log = logging.getLogger("neonpoly.metrics")
@@ -34,9 +31,10 @@ TOP_TEMPLATES = 50
 
 
 class StatsCollector(Collector):
-    def __init__(self, service: ProxyService, console: AdminConsole | None = None) -> None:
+    """Metric families from `service.report()`, the read model the admin console also shows."""
+
+    def __init__(self, service: ProxyService) -> None:
         self.service = service
-        self.console = console
 
     def describe(self) -> list[Metric]:
         return []  # families are only known at scrape time; skip registration-time collect
@@ -62,43 +60,43 @@ class StatsCollector(Collector):
             "Current TTL of a query template.",
             labels=["cache", "template_id"],
         )
-        stats = service.stats
-        caches = sorted(set(service.routes.by_id) | set(stats.snapshot().caches))
-        for cid in caches:
-            snap = stats.snapshot(cid)
-            for status, n in snap.totals.by_status:
+        report = service.report()
+        for c in report.caches:
+            cid = c.cache_id
+            for status, n in c.totals.by_status:
                 queries.add_metric([cid, status], n)
-            saved.add_metric([cid], snap.totals.time_saved_s)
-            served.add_metric([cid], snap.totals.bytes_served)
-            conns.add_metric([cid], len(service.server.connections(cid)))
-            route = service.routes.by_id.get(cid)
-            if route is not None and route.cache is not None:
-                usage = route.cache.store.usage()
-                entries.add_metric([cid], usage.entries)
-                size.add_metric([cid], usage.bytes)
-                limit.add_metric([cid], usage.max_bytes)
-            policy = self.console.policies.get(cid) if self.console is not None else None
-            for t in snap.templates[:TOP_TEMPLATES]:
-                for result, q, value in (
-                    ("hit", "0.5", t.hit_p50_s),
-                    ("hit", "0.95", t.hit_p95_s),
-                    ("miss", "0.5", t.miss_p50_s),
-                    ("miss", "0.95", t.miss_p95_s),
-                ):
-                    if value is not None:
-                        latency.add_metric([cid, t.template_id, result, q], value)
-                current = policy.decide(t.template_id, bare_tables(t.tables)).ttl if policy is not None else t.ttl
-                if current is not None and (t.hits or t.misses):
-                    ttl.add_metric([cid, t.template_id], current)
+            saved.add_metric([cid], c.totals.time_saved_s)
+            served.add_metric([cid], c.totals.bytes_served)
+            conns.add_metric([cid], c.connections)
+            if c.mode != "disabled":
+                entries.add_metric([cid], c.entries)
+                size.add_metric([cid], c.bytes)
+                limit.add_metric([cid], c.max_bytes)
+        shown: dict[str, int] = {}
+        for r in report.templates:  # most called first
+            t = r.stats
+            if shown.get(t.cache_id, 0) >= TOP_TEMPLATES:
+                continue
+            shown[t.cache_id] = shown.get(t.cache_id, 0) + 1
+            for result, q, value in (
+                ("hit", "0.5", t.hit_p50_s),
+                ("hit", "0.95", t.hit_p95_s),
+                ("miss", "0.5", t.miss_p50_s),
+                ("miss", "0.95", t.miss_p95_s),
+            ):
+                if value is not None:
+                    latency.add_metric([t.cache_id, t.template_id, result, q], value)
+            if r.ttl is not None and (t.hits or t.misses):
+                ttl.add_metric([t.cache_id, t.template_id], r.ttl)
         yield from (queries, saved, served, entries, size, limit, conns, latency, ttl)
 
 
 class MetricsServer:
     """GET /metrics over HTTP/1.1 (one request per connection) on the running event loop."""
 
-    def __init__(self, service: ProxyService, console: AdminConsole | None = None) -> None:
+    def __init__(self, service: ProxyService) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(service, console))
+        self.registry.register(StatsCollector(service))
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:

@@ -1,8 +1,8 @@
-"""A loopback stand-in for the Neon API v2, for tests, the TUI tests and offline demos.
+"""A loopback stand-in for the Neon API v2, for the test suites (proxy, system, console).
 
 A real HTTP server (aiohttp.web) on 127.0.0.1 with the response shapes of the real API, its
-pagination quirks, 401 for a wrong key and switchable faults. The engine never imports this
-module; it is in the package only so every test suite and `neonpoly demo` can start it.
+pagination quirks, 401 for a wrong key and switchable faults. The product never imports this
+package (an import-linter contract says so); aiohttp comes with the `test` extra only.
 
 aiohttp rather than starlette+uvicorn: one well-kept library that both serves inside a running
 event loop (AppRunner, so `async with` works in async tests) and in its own loop on a thread,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from neonpoly.neon_api import Branch, Database, Endpoint, NeonAPI, NeonAPIError, Project, Role
+from neonpoly.integrations.neon_api import Branch, Database, Endpoint, NeonAPI, NeonAPIError, Project, Role
 
 ProgressCallback = Callable[[str], None]
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from neonpoly.defaults import ENV_PG_BINDIR, LOCALHOST, environment
+
 __all__ = [
     "PostgresError",
     "PostgresNotFound",
@@ -57,11 +59,11 @@ def find_postgres_bindir() -> Path:
     """Directory holding initdb, postgres and pg_ctl; first match in a fixed search order."""
     searched: list[str] = []
 
-    env = os.environ.get("NEONPOLY_PG_BINDIR")
+    env = environment().pg_bindir
     if env:
         if _has_server_binaries(Path(env)):
             return Path(env)
-        searched.append(f"NEONPOLY_PG_BINDIR={env} (missing initdb/postgres/pg_ctl)")
+        searched.append(f"{ENV_PG_BINDIR}={env} (missing initdb/postgres/pg_ctl)")
 
     initdb = shutil.which("initdb")
     if initdb:
@@ -123,7 +125,7 @@ def run_as() -> RunAs | None:
     raise PostgresError("running as root but neither a 'postgres' nor a 'nobody' user exists")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = LOCALHOST) -> int:
     """A TCP port that was free a moment ago (callers retry on the rare race)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

@@ -1,0 +1,1 @@
+"""Test doubles shipped with the source for the test suite (never imported by the product)."""

@@ -1,0 +1,65 @@
+"""Defaults and environment variables, in one place.
+
+Every module that needs a default address or an environment variable asks here, so a reader
+finds in one file what neonpoly reads from its surroundings. The environment is read when
+asked (not at import), so a test or a shell that sets a variable afterwards is honoured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+LOCALHOST = "127.0.0.1"
+DEFAULT_PORT = 6543
+DEFAULT_LISTEN = (LOCALHOST, DEFAULT_PORT)
+DEFAULT_LISTEN_TEXT = f"{LOCALHOST}:{DEFAULT_PORT}"
+DEFAULT_MAX_CACHE_BYTES = 1 << 30
+DEFAULT_L1_BYTES = 128 << 20
+ADMIN_DATABASE = "neonpoly"
+
+ENV_STATE_DIR = "NEONPOLY_STATE_DIR"
+ENV_ADMIN_USER = "NEONPOLY_ADMIN_USER"
+ENV_ADMIN_PASSWORD = "NEONPOLY_ADMIN_PASSWORD"
+ENV_PG_BINDIR = "NEONPOLY_PG_BINDIR"
+ENV_NEON_API_KEY = "NEON_API_KEY"
+ENV_NEON_API_HOST = "NEON_API_HOST"
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """What neonpoly reads from the environment; empty values count as unset."""
+
+    state_dir: str | None = None
+    admin_user: str | None = None
+    admin_password: str | None = None
+    pg_bindir: str | None = None
+    neon_api_key: str | None = None
+    neon_api_host: str | None = None
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> Environment:
+        source = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            return source.get(name) or None
+
+        return cls(
+            state_dir=get(ENV_STATE_DIR),
+            admin_user=get(ENV_ADMIN_USER),
+            admin_password=get(ENV_ADMIN_PASSWORD),
+            pg_bindir=get(ENV_PG_BINDIR),
+            neon_api_key=get(ENV_NEON_API_KEY),
+            neon_api_host=get(ENV_NEON_API_HOST),
+        )
+
+
+def environment() -> Environment:
+    return Environment.read()
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for a PostgreSQL program neonpoly starts: ours without libpq's PG*
+    variables, which would point the child at the user's own server."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
