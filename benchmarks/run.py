@@ -617,7 +617,7 @@ def _ratio(value: float, base: float) -> str:
 
 def _absent(report: Report, target: str) -> str | None:
     status = report.peers.get(target, "")
-    return status if status.startswith(("not installed", "did not start", "not run")) else None
+    return status.split(" (")[0] if status.startswith(("not installed", "did not start", "not run")) else None
 
 
 def render(report: Report) -> str:
