@@ -3,8 +3,8 @@
 
 Run as a user would, from the repository root:
 
-    .venv/bin/python benchmarks/run.py            # ~5 minutes on 2 cores
-    .venv/bin/python benchmarks/run.py --quick    # ~2 minutes
+    .venv/bin/python benchmarks/run.py            # ~5 minutes on 2 cores (2 rounds x 6 s)
+    .venv/bin/python benchmarks/run.py --quick    # ~1.5 minutes (1 round x 3 s)
 
 In one run it starts a throwaway PostgreSQL (fsync off, pgbench scale 10, pg_stat_statements
 as the witness of what the origin really executed) and, bound to 127.0.0.1 on free ports with
@@ -1051,7 +1051,7 @@ def _csv(allowed: tuple[str, ...]) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="3 s runs, one round (about 2 minutes in total)")
+    parser.add_argument("--quick", action="store_true", help="3 s runs, one round (about 1.5 minutes in total)")
     parser.add_argument("--duration", type=int, help="seconds per pgbench run (default 6, --quick 3)")
     parser.add_argument("--rounds", type=int, help="runs per target and workload (default 2, --quick 1)")
     parser.add_argument("--scale", type=int, default=10)
