@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from neonpoly import pgwire
 from neonpoly.cache.policy import Classification, Status, classify
+from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_EXECUTE, MSG_PARSE, TARGET_STATEMENT
 
 # A parameter sent as text becomes a date/time by the server's input function, which reads the
 # clock for these words ('now' bound to a timestamptz). Binary values cannot spell them as
@@ -99,7 +100,8 @@ class StatementBook:
                 plan.status, plan.reason = status, reason
 
         for mtype, body in batch:
-            if mtype == 0x50:  # P
+            # The tags fed to `material` (b"P", b"B" ...) are part of every stored key.
+            if mtype == MSG_PARSE:
                 parse = pgwire.parse_parse(body)
                 stmt = Statement(parse, classify(parse.query), at_origin=False)
                 local[parse.name] = stmt
@@ -109,7 +111,7 @@ class StatementBook:
                 material.update(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
                 if not stmt.info.cacheable:
                     refuse(stmt.info.status or Status.UNCACHEABLE, stmt.info.reason)
-            elif mtype == 0x42:  # B
+            elif mtype == MSG_BIND:
                 bind = pgwire.parse_bind(body)
                 bound = resolve(bind.statement)
                 if bound is None:
@@ -123,9 +125,9 @@ class StatementBook:
                     refuse(Status.VOLATILE, "a parameter value reads the clock ('now', 'today' ...)")
                 plan.executed.append(bound.info)
                 material.update(b"B" + bound.sql + bind.tail)
-            elif mtype == 0x44:  # D
+            elif mtype == MSG_DESCRIBE:
                 target = pgwire.parse_target(body)
-                if target.kind == b"S":
+                if target.kind == TARGET_STATEMENT:
                     described = resolve(target.name)
                     if described is None:
                         refuse(Status.UNCACHEABLE, "describes an unknown statement")
@@ -139,7 +141,7 @@ class StatementBook:
                         refuse(Status.UNCACHEABLE, "describes a portal from an earlier batch")
                         continue
                     material.update(b"DP")
-            elif mtype == 0x45:  # E
+            elif mtype == MSG_EXECUTE:
                 execute = pgwire.parse_execute(body)
                 if execute.portal not in portals:
                     refuse(Status.UNCACHEABLE, "executes a portal from an earlier batch")
@@ -149,9 +151,9 @@ class StatementBook:
                 plan.primary = stmt.info if plan.executes == 1 else plan.primary
                 # A row limit (asyncpg's fetchrow/fetchval send 1) is part of the key.
                 material.update(b"E" + execute.max_rows.to_bytes(4, "big", signed=True))
-            elif mtype == 0x43:  # C
+            elif mtype == MSG_CLOSE:
                 target = pgwire.parse_target(body)
-                if target.kind == b"S":
+                if target.kind == TARGET_STATEMENT:
                     resolve(target.name)
                     local.pop(target.name, None)
                     closed.add(target.name)
@@ -223,13 +225,13 @@ class StatementBook:
         for parse in plan.parses:
             current = self.statements.get(parse.name)
             if parse.name in self.origin_has and (current is None or not current.at_origin):
-                out.append(pgwire.frame(b"C", b"S" + pgwire.cstr(parse.name)))
+                out.append(pgwire.close_statement(parse.name))
                 self.origin_has.discard(parse.name)
         for name in plan.needs:
             stmt = self.statements.get(name)
             if stmt is not None and not stmt.at_origin:
                 if name in self.origin_has:
-                    out.append(pgwire.frame(b"C", b"S" + pgwire.cstr(name)))
+                    out.append(pgwire.close_statement(name))
                 out.append(pgwire.build_parse(stmt.parse))
                 stmt.at_origin = True
                 if name:

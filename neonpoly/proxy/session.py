@@ -22,6 +22,33 @@ from neonpoly import pgwire
 from neonpoly.cache import relations
 from neonpoly.cache.policy import Classification, Status, classify
 from neonpoly.cache.relations import Resolution
+from neonpoly.pgwire import (
+    MSG_AUTHENTICATION_REQUEST,
+    MSG_BACKEND_KEY_DATA,
+    MSG_BIND,
+    MSG_CLOSE,
+    MSG_CLOSE_COMPLETE,
+    MSG_COPY_BOTH_RESPONSE,
+    MSG_COPY_IN_RESPONSE,
+    MSG_COPY_OUT_RESPONSE,
+    MSG_DATA_ROW,
+    MSG_DESCRIBE,
+    MSG_ERROR_RESPONSE,
+    MSG_EXECUTE,
+    MSG_FLUSH,
+    MSG_FUNCTION_CALL,
+    MSG_NOTICE_RESPONSE,
+    MSG_NOTIFICATION_RESPONSE,
+    MSG_PARAMETER_STATUS,
+    MSG_PARSE,
+    MSG_PARSE_COMPLETE,
+    MSG_QUERY,
+    MSG_READY_FOR_QUERY,
+    MSG_SYNC,
+    MSG_TERMINATE,
+    TARGET_STATEMENT,
+    TX_IDLE,
+)
 from neonpoly.proxy import identity
 from neonpoly.proxy.extended import BatchPlan, StatementBook
 from neonpoly.proxy.origin import RELAY_SOCKET_BUFFER, OriginUnavailable, limit_socket_buffer, open_origin
@@ -34,13 +61,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("neonpoly.session")
 
-_Z, _E, _S, _K, _R = 0x5A, 0x45, 0x53, 0x4B, 0x52
-_NOT_PAYLOAD = frozenset(b"ANS")  # notifications, notices, parameter changes: never replayed
+# Notifications, notices, parameter changes: never replayed.
+_NOT_PAYLOAD = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_NOTICE_RESPONSE, MSG_PARAMETER_STATUS))
 # Errors and COPY are never stored. A suspended portal ('s', asyncpg's fetchval sends a
 # row limit of 1) is: outside a transaction its portal dies at Sync, so the same request
 # always gets the same bytes, and the row limit is part of the key.
-_FAILS_CAPTURE = frozenset(b"EGHW")
-_EXTENDED = frozenset(b"PBDEC")
+_FAILS_CAPTURE = frozenset((MSG_ERROR_RESPONSE, MSG_COPY_IN_RESPONSE, MSG_COPY_OUT_RESPONSE, MSG_COPY_BOTH_RESPONSE))
+_EXTENDED = frozenset((MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_EXECUTE, MSG_CLOSE))
+_ENDS_WITH_READY = frozenset((MSG_QUERY, MSG_SYNC, MSG_FUNCTION_CALL))  # requests answered up to ReadyForQuery
+# Notifications and settings are the client's, even in the middle of neonpoly's own lookup.
+_CLIENTS_DURING_LOOKUP = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_PARAMETER_STATUS))
+_SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to Parses/Closes sent for the client
 
 
 def _expected_answers(batch: list[tuple[int, bytes]]) -> int | None:
@@ -51,9 +82,9 @@ def _expected_answers(batch: list[tuple[int, bytes]]) -> int | None:
     """
     total = 0
     for mtype, body in batch:
-        if mtype == 0x45:
+        if mtype == MSG_EXECUTE:
             return None
-        total += 2 if mtype == 0x44 and body[:1] == b"S" else 1
+        total += 2 if mtype == MSG_DESCRIBE and body[:1] == TARGET_STATEMENT else 1
     return total
 
 
@@ -224,7 +255,7 @@ class Session:
         if used and self.origin_transport is not None:
             self.origin_transport.write(bytes(self.cbuf[:used]))
             del self.cbuf[:used]
-        if any(t == 0x58 for t, _, _ in frames):
+        if any(t == MSG_TERMINATE for t, _, _ in frames):
             self.outcome = "client terminated during auth"
             self.close()
 
@@ -239,16 +270,16 @@ class Session:
             return
         out: list[bytes] = []
         for mtype, start, end in frames:
-            if self.stream is not None and mtype != 0x53 and mtype != 0x48:
+            if self.stream is not None and mtype != MSG_SYNC and mtype != MSG_FLUSH:
                 self._stream_frame(mtype, buf[start + 5 : end], buf[start:end], out)
             elif mtype in _EXTENDED:
                 body = buf[start + 5 : end]
                 self.batch.append((mtype, body))
                 if self._runs_copy(mtype, body):
                     self._open_stream(out)
-            elif mtype == 0x53:  # Sync
+            elif mtype == MSG_SYNC:
                 self._sync(buf[start:end], out)
-            elif mtype == 0x48:  # Flush: the client wants answers before Sync
+            elif mtype == MSG_FLUSH:  # the client wants answers before Sync
                 expect = _expected_answers(self.batch)
                 if self.stream is not None or expect is None:
                     if self.stream is None and self.batch:
@@ -258,16 +289,16 @@ class Session:
                     self._sync(buf[start:end], out, expect=expect)
                 else:
                     out.append(buf[start:end])
-            elif mtype == 0x51:  # Query
+            elif mtype == MSG_QUERY:
                 self._query(buf[start + 5 : end], buf[start:end], out)
-            elif mtype == 0x58:  # Terminate
+            elif mtype == MSG_TERMINATE:
                 out.append(buf[start:end])
                 self.outcome = "client terminated"
                 self._write_origin(out)
                 self.close()
                 return
             else:  # CopyData/Done/Fail, FunctionCall: straight through
-                if mtype == 0x46:  # FunctionCall runs a function by OID: anything may happen
+                if mtype == MSG_FUNCTION_CALL:  # it runs a function by OID: anything may happen
                     self._push(Pending(time.monotonic(), writes_everything=True))
                     self._invalidate(frozenset(), everything=True)
                     self._forget_identity()
@@ -283,14 +314,14 @@ class Session:
         """Does this Execute run COPY? A client running COPY through the extended protocol
         waits for CopyInResponse before it sends Sync, so the batch must stream at once.
         Tracked message by message (a 50,000-row pipelined executemany is one batch)."""
-        if mtype == 0x50:
+        if mtype == MSG_PARSE:
             parse = pgwire.parse_parse(body)
             copy = classify(parse.query).copy
             self.batch_copies[parse.name] = copy
             self.batch_may_copy = self.batch_may_copy or copy
-        elif mtype == 0x42 and (self.batch_may_copy or self.book.copies):
+        elif mtype == MSG_BIND and (self.batch_may_copy or self.book.copies):
             self.batch_bound = pgwire.parse_bind(body).statement
-        elif mtype == 0x45 and self.batch_bound is not None:
+        elif mtype == MSG_EXECUTE and self.batch_bound is not None:
             name = self.batch_bound
             if name in self.batch_copies:
                 return self.batch_copies[name]
@@ -311,9 +342,9 @@ class Session:
         shutdown knows whether a client is waiting for an answer.
         """
         for mtype, _, _ in frames:
-            if mtype == 0x51 or mtype == 0x53 or mtype == 0x46:
+            if mtype in _ENDS_WITH_READY:
                 self.inflight += 1
-            elif mtype == 0x58:
+            elif mtype == MSG_TERMINATE:
                 self.outcome = "client terminated"
                 if self.origin_transport is not None:
                     self.origin_transport.write(buf)
@@ -345,7 +376,7 @@ class Session:
         status = decision.status
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None:
-            key = cache.key(self.state.context(), b"Q" + body)
+            key = cache.key(self.state.context(), b"Q" + body)  # key material tags: see _sync
             payload = cache.lookup(key)
             if payload is not None and not self._busy():
                 self._answer_locally(payload, [info], item)
@@ -419,7 +450,7 @@ class Session:
     def _at_boundary(self) -> bool:
         """No transaction and no extended batch open at the origin: neonpoly's own Parse/Bind/
         Sync would end the client's implicit transaction and replace its unnamed portal."""
-        return self.state.tx_status == b"I" and not self.batch_open and self.stream is None
+        return self.state.tx_status == TX_IDLE and not self.batch_open and self.stream is None
 
     def _forget_identity(self) -> None:
         """Something may have changed who the session is: stop caching until the server says."""
@@ -482,7 +513,7 @@ class Session:
             return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
         if self.state.legacy_strings:
             return Decision(Status.BYPASS, "standard_conforming_strings is off: text not read as the server reads it")
-        if self.state.tx_status != b"I":
+        if self.state.tx_status != TX_IDLE:
             return Decision(Status.TRANSACTION, "inside a transaction block")
         if self._busy():
             return Decision(Status.TRANSACTION, "behind a pipelined request that may change the transaction")
@@ -581,7 +612,7 @@ class Session:
         # (pgbench -M prepared, asyncpg's statement cache): plan and key them once.
         memo_key = None
         memo = None
-        if all(t != 0x50 and t != 0x43 for t, _ in batch):
+        if all(t != MSG_PARSE and t != MSG_CLOSE for t, _ in batch):
             memo_key = (self.book.version, flush, tuple(batch))
             memo = self._plans.get(memo_key)
         plan = memo[0] if memo is not None else self.book.plan(batch)
@@ -594,7 +625,7 @@ class Session:
         template = info.template_id if info is not None else ""
         decision = self._cache_decision(refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read)
         status, reason = decision.status, decision.reason
-        if flush and status is Status.MISS and any(t == 0x42 for t, _ in batch):
+        if flush and status is Status.MISS and any(t == MSG_BIND for t, _ in batch):
             # Its portal must exist at the origin for the Execute that follows the Flush.
             status, reason = Status.UNCACHEABLE, "a Flush before Sync needs the portal at the origin"
         cache = self.route.cache if self.route else None
@@ -603,6 +634,8 @@ class Session:
             if memo is not None and memo[1] is context:
                 key = memo[2]
             else:
+                # The tag (b"Q" for a simple query; b"H"/b"X" for a batch ended by Flush/Sync)
+                # is part of every stored key: changing it orphans a persisted cache.
                 key = cache.key(context, (b"H" if flush else b"X") + plan.material)
                 if memo_key is not None:
                     if len(self._plans) >= 2048:  # a hot set per session; ~1 MB at most
@@ -629,7 +662,7 @@ class Session:
             self.book.deallocated(name)
         self._push(item)
         out.extend(deferred)
-        out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
+        out.extend(pgwire.frame(t, b) for t, b in batch)
         out.append(raw)
         self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
 
@@ -676,7 +709,7 @@ class Session:
         self._push(item)
         self.stream = item
         out.extend(deferred)
-        out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
+        out.extend(pgwire.frame(t, b) for t, b in batch)
 
     def _stream_frame(self, mtype: int, body: bytes, raw: bytes, out: list[bytes]) -> None:
         assert self.stream is not None
@@ -710,18 +743,18 @@ class Session:
         out: list[bytes] = []
         for mtype, start, end in frames:
             body = buf[start + 5 : end]
-            if mtype == _R and pgwire.auth_code(body) == pgwire.AUTH_SASL:
-                out.append(pgwire.frame(b"R", pgwire.strip_scram_plus(body)))
-            elif mtype == _K:
+            if mtype == MSG_AUTHENTICATION_REQUEST and pgwire.auth_code(body) == pgwire.AUTH_SASL:
+                out.append(pgwire.frame(MSG_AUTHENTICATION_REQUEST, pgwire.strip_scram_plus(body)))
+            elif mtype == MSG_BACKEND_KEY_DATA:
                 pid = int.from_bytes(body[:4], "big", signed=True)
                 self.origin_key = (pid, body[4:])
                 self.proxy_key = (pid, secrets.token_bytes(4))
                 self.server.register_key(self)
                 out.append(pgwire.backend_key_data(*self.proxy_key))
-            elif mtype == _S:
+            elif mtype == MSG_PARAMETER_STATUS:
                 self.state.parameter(*pgwire.parse_parameter_status(body))
                 out.append(buf[start:end])
-            elif mtype == _Z:
+            elif mtype == MSG_READY_FOR_QUERY:
                 self.state.tx_status = body[:1]
                 self.phase = "ready"
                 self._stop_login_timer()
@@ -737,7 +770,7 @@ class Session:
                     self._client_frames()
                 return
             else:
-                if mtype == _E:
+                if mtype == MSG_ERROR_RESPONSE:
                     self.outcome = "auth failed: " + pgwire.parse_error_fields(body).get("C", "?")
                 out.append(buf[start:end])
         self._write_client(b"".join(out))
@@ -756,17 +789,17 @@ class Session:
             if head is not None and head.local is not None:  # pragma: no cover - defensive
                 head = None
             if head is not None and (head.lookup is not None or head.identity is not None):
-                if mtype == 0x41 or mtype == _S:  # the client's notifications and settings
-                    if mtype == _S:
+                if mtype in _CLIENTS_DURING_LOOKUP:
+                    if mtype == MSG_PARAMETER_STATUS:
                         self._parameter(buf[start + 5 : end])
                     continue
                 out.append(buf[cut:start])
                 cut = end
                 self._lookup_frame(head, mtype, buf[start + 5 : end])
-                if mtype == _Z:
+                if mtype == MSG_READY_FOR_QUERY:
                     self._release_local(out)
                 continue
-            if mtype == _Z:
+            if mtype == MSG_READY_FOR_QUERY:
                 self.state.tx_status = buf[start + 5 : start + 6]
                 out.append(buf[cut:end])
                 cut = end
@@ -785,21 +818,21 @@ class Session:
                 self._release_local(out)
                 continue
             if head is None:
-                if mtype == _S:
+                if mtype == MSG_PARAMETER_STATUS:
                     self._parameter(buf[start + 5 : end])
                 continue
-            if (mtype == 0x31 or mtype == 0x33) and head.swallow:  # our Parse/Close ahead of it
+            if head.swallow and mtype in _SWALLOWED:  # our Parse/Close ahead of it
                 head.swallow -= 1
                 out.append(buf[cut:start])
                 cut = end
                 continue
-            if mtype == _E:
+            if mtype == MSG_ERROR_RESPONSE:
                 head.error = True
-            elif mtype == _S:
+            elif mtype == MSG_PARAMETER_STATUS:
                 self._parameter(buf[start + 5 : end])
             capture = head.capture
             if head.flush and head.expect is not None and mtype not in _NOT_PAYLOAD:
-                if mtype == _E:
+                if mtype == MSG_ERROR_RESPONSE:
                     head.expect = None  # now ends at the next ReadyForQuery
                 else:
                     head.expect -= 1
@@ -847,17 +880,17 @@ class Session:
     def _lookup_frame(self, item: Pending, mtype: int, body: bytes) -> None:
         """One frame of neonpoly's own catalog lookups: read, never forwarded."""
         cache = self.route.cache if self.route else None
-        if mtype == 0x44:
+        if mtype == MSG_DATA_ROW:
             item.rows.append(pgwire.parse_data_row(body))
-        elif mtype == _E:
+        elif mtype == MSG_ERROR_RESPONSE:
             item.error = True
-        elif mtype == _Z:
+        elif mtype == MSG_READY_FOR_QUERY:
             self.pending.popleft()
             if item.identity is not None:
                 self.identity_inflight = False
                 self.hold_released = False
                 current = self.identity_asked_at == self.identity_changes  # nothing changed it since
-                if current and not item.error and item.rows and self.state.tx_status == b"I":
+                if current and not item.error and item.rows and self.state.tx_status == TX_IDLE:
                     private = self.proxy_key[1] + (self.origin_key[1] if self.origin_key else b"")
                     self.state.learned(identity.parse(item.rows[0], private, item.identity, self.identity_epoch))
                 else:
@@ -900,7 +933,7 @@ class Session:
 
     def _complete(self, item: Pending) -> None:
         """A response ended (ReadyForQuery): evict again, store, count."""
-        committed = self.state.tx_status == b"I"
+        committed = self.state.tx_status == TX_IDLE
         cache = self.route.cache if self.route else None
         if (item.reads or item.trusts) and cache is not None:
             # It read relations (or trusted builtins) the catalog had not described when it was sent.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from neonpoly.pgwire import TX_IDLE
 from neonpoly.proxy.identity import Identity
 
 
@@ -13,7 +14,7 @@ class SessionState:
     user: str = ""
     database: str = ""
     application_name: str = ""
-    tx_status: bytes = b"I"
+    tx_status: bytes = TX_IDLE
     bypass: str | None = None  # why this session is never cached (a replication connection)
     # The server-derived identity (see identity.py); None while it is unknown or being
     # learned again, and then nothing is cached for the session.
