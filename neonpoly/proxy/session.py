@@ -53,7 +53,7 @@ from neonpoly.proxy import identity
 from neonpoly.proxy.extended import BatchPlan, StatementBook
 from neonpoly.proxy.origin import RELAY_SOCKET_BUFFER, OriginUnavailable, limit_socket_buffer, open_origin
 from neonpoly.proxy.pending import Capture, Pending, StatTicket
-from neonpoly.proxy.state import SessionState
+from neonpoly.proxy.state import ADMIN, AUTH, CANCEL, CONNECTING, LOGGING_IN, READY, STARTUP, TLS, Phase, SessionState
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -97,7 +97,7 @@ class Session:
         self.origin_transport: asyncio.Transport | None = None
         self.route: Route | None = None
         self.state = SessionState()
-        self.phase = "startup"
+        self.phase: Phase = STARTUP
         self.cbuf = bytearray()
         self.obuf = bytearray()
         self.early = bytearray()  # client bytes that arrived before the origin was connected
@@ -147,22 +147,23 @@ class Session:
         self.bytes_in += len(data)
         self.cbuf += data
         try:
-            if self.phase == "startup":
-                self._startup()
-            elif self.phase == "connecting":
-                return  # kept in cbuf until the origin is there
-            elif self.phase == "auth":
-                self._relay_auth_from_client()
-            elif self.phase == "ready":
+            phase = self.phase
+            if phase is READY:
                 if not self.identity_inflight or self.hold_released:
                     self._client_frames()
-            elif self.phase == "admin" and self.admin is not None:
+            elif phase is STARTUP:
+                self._startup()
+            elif phase is CONNECTING:
+                return  # kept in cbuf until the origin is there
+            elif phase is AUTH:
+                self._relay_auth_from_client()
+            elif phase is ADMIN and self.admin is not None:
                 self.admin.feed(self.cbuf)
         except pgwire.ProtocolViolation as exc:
             self.fail_client("08P01", f"invalid frontend message: {exc}", "protocol violation")
 
     def _startup(self) -> None:
-        while self.phase == "startup":
+        while self.phase is STARTUP:
             packet, used = pgwire.parse_startup(self.cbuf)
             if packet is None:
                 return
@@ -176,7 +177,7 @@ class Session:
             if packet.is_cancel:
                 assert packet.cancel_key is not None
                 self.outcome = "cancel request"
-                self.phase = "cancel"
+                self.phase = CANCEL
                 self._stop_login_timer()
                 self.server.cancel(*packet.cancel_key, done=self.close)
                 return
@@ -188,7 +189,7 @@ class Session:
             self.client.write(pgwire.SSL_NO)
             return
         self.client.write(pgwire.SSL_YES)
-        self.phase = "tls"
+        self.phase = TLS
         self.client.pause_reading()
         asyncio.get_running_loop().create_task(self._upgrade_client(ctx))
 
@@ -208,7 +209,7 @@ class Session:
             self.close()
             return
         self.client = tls
-        self.phase = "startup"
+        self.phase = STARTUP
         if self.cbuf:
             self.client_data(b"")
 
@@ -224,13 +225,13 @@ class Session:
             return
         self.route = route
         if route.admin is not None:
-            self.phase = "admin"
+            self.phase = ADMIN
             self._stop_login_timer()
             self.admin = route.admin.attach(self, packet)
             if self.cbuf:
                 self.admin.feed(self.cbuf)
             return
-        self.phase = "connecting"
+        self.phase = CONNECTING
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(packet.raw))
 
     async def _connect(self, startup: bytes) -> None:
@@ -245,7 +246,7 @@ class Session:
             return
         self.origin_transport = transport
         transport.write(startup)
-        self.phase = "auth"
+        self.phase = AUTH
         if self.cbuf:
             self._relay_auth_from_client()
 
@@ -426,7 +427,7 @@ class Session:
         if (
             cache is None
             or self.closed
-            or self.phase != "ready"
+            or self.phase is not READY
             or self.pending
             or not self._at_boundary()
             or self.state.bypass is not None
@@ -729,7 +730,7 @@ class Session:
     def origin_data(self, data: bytes) -> None:
         self.obuf += data
         try:
-            if self.phase == "auth":
+            if self.phase is AUTH:
                 self._relay_auth_from_origin()
             else:
                 self._origin_frames()
@@ -756,7 +757,7 @@ class Session:
                 out.append(buf[start:end])
             elif mtype == MSG_READY_FOR_QUERY:
                 self.state.tx_status = body[:1]
-                self.phase = "ready"
+                self.phase = READY
                 self._stop_login_timer()
                 out.append(buf[start:end])
                 self._write_client(b"".join(out))
@@ -869,7 +870,7 @@ class Session:
         self._write_client(b"".join(out))
         if not pending:
             self._learn_when_idle()
-            if self.cbuf and not self.identity_inflight and self.phase == "ready" and not self.closed:
+            if self.cbuf and not self.identity_inflight and self.phase is READY and not self.closed:
                 self._client_frames()
 
     def _parameter(self, body: bytes) -> None:
@@ -977,7 +978,7 @@ class Session:
     def fail_client(self, sqlstate: str, message: str, outcome: str, *, fatal: bool = False) -> None:
         """Send one ErrorResponse and close: the protocol allows nothing else after it."""
         self.outcome = outcome
-        if not self.closed and self.phase not in ("tls",):
+        if not self.closed and self.phase is not TLS:
             # Every error neonpoly itself sends ends the session, so it is FATAL.
             self.client.write(pgwire.error_response(sqlstate, message, severity="FATAL"))
         self.close()
@@ -989,7 +990,7 @@ class Session:
     def origin_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        if self.phase == "ready" and (self.pending or self.inflight):
+        if self.phase is READY and (self.pending or self.inflight):
             self.fail_client(
                 "08006",
                 f"lost connection to origin {self.route.origin.label if self.route else ''}",
@@ -1008,7 +1009,7 @@ class Session:
 
     def _login_expired(self) -> None:
         self.login_timer = None
-        if not self.closed and self.phase in ("startup", "tls", "connecting", "auth"):
+        if not self.closed and self.phase in LOGGING_IN:
             self.fail_client("08006", "neonpoly: login timed out", "login timeout", fatal=True)
 
     def _stop_login_timer(self) -> None:
