@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
 from neonpoly.cache import relations
+from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.policy import Classification, Status, classify
 from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import (
@@ -52,7 +53,7 @@ from neonpoly.pgwire import (
 from neonpoly.proxy import identity
 from neonpoly.proxy.extended import BatchPlan, StatementBook
 from neonpoly.proxy.origin import RELAY_SOCKET_BUFFER, OriginUnavailable, limit_socket_buffer, open_origin
-from neonpoly.proxy.pending import Capture, Pending, StatTicket
+from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.state import ADMIN, AUTH, CANCEL, CONNECTING, LOGGING_IN, READY, STARTUP, TLS, Phase, SessionState
 
 if TYPE_CHECKING:
