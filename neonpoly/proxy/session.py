@@ -52,13 +52,14 @@ from neonpoly.pgwire import (
 )
 from neonpoly.proxy import identity
 from neonpoly.proxy.extended import BatchPlan, StatementBook
+from neonpoly.proxy.host import SessionHost
 from neonpoly.proxy.origin import RELAY_SOCKET_BUFFER, OriginUnavailable, limit_socket_buffer, open_origin
 from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.state import ADMIN, AUTH, CANCEL, CONNECTING, LOGGING_IN, READY, STARTUP, TLS, Phase, SessionState
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
-    from neonpoly.proxy.server import AdminHandler, ProxyServer, Route
+    from neonpoly.proxy.routes import AdminHandler, Route
 
 log = logging.getLogger("neonpoly.session")
 
@@ -92,7 +93,7 @@ def _expected_answers(batch: list[tuple[int, bytes]]) -> int | None:
 class Session:
     """The relay and its state machine: startup → auth → ready → closed."""
 
-    def __init__(self, server: ProxyServer, client: asyncio.Transport) -> None:
+    def __init__(self, server: SessionHost[Session], client: asyncio.Transport) -> None:
         self.server = server
         self.client = client
         self.origin_transport: asyncio.Transport | None = None
@@ -1075,8 +1076,8 @@ class Decision:
 
 
 class ClientSide(asyncio.Protocol):
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    def __init__(self, open_session: Callable[[asyncio.Transport], Session]) -> None:
+        self.open_session = open_session
         self.session: Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1085,7 +1086,7 @@ class ClientSide(asyncio.Protocol):
         if self.session is None:
             limit_socket_buffer(client, socket.SO_SNDBUF)  # see origin.RELAY_SOCKET_BUFFER
             client.set_write_buffer_limits(high=RELAY_SOCKET_BUFFER)
-            self.session = self.server.open_session(client)
+            self.session = self.open_session(client)
         else:  # TLS upgrade hands us the new transport
             self.session.client = client
 

@@ -80,3 +80,46 @@ def test_running_the_proxy_loads_no_textual() -> None:
         "assert 'textual' not in sys.modules, 'textual imported by the engine'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+ENGINE = ("proxy/", "cache/")
+
+
+def module_name(path: str) -> str:
+    name = "neonpoly." + path.removesuffix(".py").replace("/", ".")
+    return name.removesuffix(".__init__")
+
+
+def engine_graph() -> dict[str, set[str]]:
+    """Imports among the modules of proxy/ and cache/, TYPE_CHECKING ones included."""
+    found = {module_name(m): imp for m, imp in modules().items() if m.startswith(ENGINE)}
+    return {m: {i for i in imp if i in found and i != m} for m, imp in found.items()}
+
+
+def test_engine_modules_import_each_other_without_cycles() -> None:
+    graph = engine_graph()
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        if module in path:
+            cycle = [*path[path.index(module) :], module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_a_session_never_knows_its_server() -> None:
+    """The session talks to a SessionHost (proxy/host.py); only the server imports the session."""
+    for module, imported in modules().items():
+        if module.startswith("proxy/") and module != "proxy/server.py":
+            assert not uses(imported, "neonpoly.proxy.server"), module
+
