@@ -14,9 +14,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from neonpoly.cache.capture import Capture, StatTicket
+from neonpoly.cache.entry import CacheEntry, CacheStore
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.relations import RelationBook
-from neonpoly.cache.store import CacheEntry, CacheStore
 from neonpoly.stats import StatsRecorder
 
 log = logging.getLogger("neonpoly.cache")
@@ -152,7 +152,6 @@ class QueryCache:
                     cache.relations.forget(database)
             else:
                 cache.store.invalidate_tables(database, tables)
-
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         if log.isEnabledFor(logging.DEBUG):

@@ -49,8 +49,8 @@ def test_codec_imports_nothing_of_neonpoly() -> None:
     assert not uses(modules()["pgwire.py"], "neonpoly")
 
 
-def test_only_the_store_imports_diskcache() -> None:
-    assert [m for m, imp in modules().items() if uses(imp, "diskcache")] == ["cache/store.py"]
+def test_only_the_disk_tier_imports_diskcache() -> None:
+    assert [m for m, imp in modules().items() if uses(imp, "diskcache")] == ["cache/disk.py"]
 
 
 def test_only_the_policy_imports_sqlglot() -> None:
