@@ -17,6 +17,9 @@ from neonpoly import pgwire
 from neonpoly.cache.policy import Classification, Status, classify
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_EXECUTE, MSG_PARSE, TARGET_STATEMENT
 
+# The messages a batch collects until its Sync.
+BATCHED = frozenset((MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_EXECUTE, MSG_CLOSE))
+
 # A parameter sent as text becomes a date/time by the server's input function, which reads the
 # clock for these words ('now' bound to a timestamptz). Binary values cannot spell them as
 # a date; matching their bytes anyway only costs a miss.
@@ -247,3 +250,61 @@ class StatementBook:
             self.statements.pop(name, None)
             self.origin_has.discard(name)
         self._changed()
+
+
+class BatchBuffer:
+    """The extended-protocol messages a session received since the last Sync.
+
+    It also tells, message by message, whether an Execute runs COPY: a client running COPY
+    through the extended protocol waits for CopyInResponse before it sends Sync, so such a
+    batch must go to the origin at once. Tracked as messages arrive, not by scanning the
+    batch (a 50,000-row pipelined executemany is one batch).
+    """
+
+    __slots__ = ("_book", "_bound", "_copies", "_may_copy", "messages")
+
+    def __init__(self, book: StatementBook) -> None:
+        self.messages: list[tuple[int, bytes]] = []  # (type, body)
+        self._book = book  # the session's statements, for those parsed in earlier batches
+        self._copies: dict[str, bool] = {}  # statements Parsed in the batch: do they COPY?
+        self._may_copy = False
+        self._bound: str | None = None  # the statement of the batch's latest Bind
+
+    def add(self, mtype: int, body: bytes) -> bool:
+        """Keep one message; True when it is an Execute that runs COPY."""
+        self.messages.append((mtype, body))
+        if mtype == MSG_PARSE:
+            parse = pgwire.parse_parse(body)
+            copy = classify(parse.query).copy
+            self._copies[parse.name] = copy
+            self._may_copy = self._may_copy or copy
+        elif mtype == MSG_BIND and (self._may_copy or self._book.copies):
+            self._bound = pgwire.parse_bind(body).statement
+        elif mtype == MSG_EXECUTE and self._bound is not None:
+            name = self._bound
+            if name in self._copies:
+                return self._copies[name]
+            return name in self._book.copies
+        return False
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """The batch so far, leaving the buffer empty for the next one."""
+        messages, self.messages = self.messages, []
+        self._copies.clear()
+        self._may_copy = False
+        self._bound = None
+        return messages
+
+    def expected_answers(self) -> int | None:
+        """How many messages the origin answers the batch with when a Flush ends it; None if
+        unknowable.
+
+        Parse, Bind and Close answer once; Describe of a statement twice (parameters, then row
+        description or NoData), of a portal once. Execute streams rows, so it is not counted.
+        """
+        total = 0
+        for mtype, body in self.messages:
+            if mtype == MSG_EXECUTE:
+                return None
+            total += 2 if mtype == MSG_DESCRIBE and body[:1] == TARGET_STATEMENT else 1
+        return total

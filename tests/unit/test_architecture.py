@@ -123,3 +123,8 @@ def test_a_session_never_knows_its_server() -> None:
         if module.startswith("proxy/") and module != "proxy/server.py":
             assert not uses(imported, "neonpoly.proxy.server"), module
 
+
+def test_no_module_is_too_long() -> None:
+    """A module past 600 lines holds more than one responsibility: split it."""
+    lengths = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {m: n for m, n in lengths.items() if n > 600} == {}
