@@ -100,7 +100,6 @@ TARGET_PORTAL = b"P"
 
 _I32 = struct.Struct("!i")
 _HDR = struct.Struct("!Bi")
-_U32 = struct.Struct("!I")
 _I16 = struct.Struct("!h")
 
 
@@ -296,29 +295,6 @@ def strip_scram_plus(body: bytes) -> bytes:
 
 def auth_code(body: bytes | memoryview) -> int:
     return int(_I32.unpack_from(body, 0)[0])
-
-
-def row_description(columns: Iterable[tuple[str, int]]) -> bytes:
-    """RowDescription for text-format columns given as (name, type oid)."""
-    cols = list(columns)
-    parts = [_I16.pack(len(cols))]
-    typlen = {16: 1, 20: 8, 21: 2, 23: 4, 700: 4, 701: 8}
-    for name, oid in cols:
-        parts.append(cstr(name) + struct.pack("!ihihih", 0, 0, oid, typlen.get(oid, -1), -1, 0))
-    return frame(MSG_ROW_DESCRIPTION, b"".join(parts))
-
-
-def data_row(values: Iterable[str | None]) -> bytes:
-    parts: list[bytes] = []
-    vals = list(values)
-    parts.append(_I16.pack(len(vals)))
-    for v in vals:
-        if v is None:
-            parts.append(_I32.pack(-1))
-        else:
-            enc = v.encode()
-            parts.append(_I32.pack(len(enc)) + enc)
-    return frame(MSG_DATA_ROW, b"".join(parts))
 
 
 def parse_data_row(body: bytes) -> list[bytes | None]:

@@ -53,7 +53,6 @@ class BatchPlan:
     writes: frozenset[str] = frozenset()
     writes_everything: bool = False
     parses: list[pgwire.ParseMsg] = field(default_factory=list)
-    closes: list[str] = field(default_factory=list)
     # Parses and statement Closes in batch order: a name may be closed and parsed again.
     ops: list[pgwire.ParseMsg | str] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)  # statement names the batch uses but did not Parse
@@ -160,7 +159,6 @@ class StatementBook:
                     resolve(target.name)
                     local.pop(target.name, None)
                     closed.add(target.name)
-                    plan.closes.append(target.name)
                     plan.ops.append(target.name)
                 material.update(b"C" + target.kind + target.name.encode() + b"\x00")
             else:
