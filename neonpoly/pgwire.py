@@ -23,14 +23,83 @@ MAX_STARTUP_LENGTH = 10000
 SMALL_MESSAGE_LIMIT = 10000
 LARGE_MESSAGE_LIMIT = 0x3FFFFFFF
 
+# --- message types ----------------------------------------------------------------------
+#
+# Named as PostgreSQL names them in src/include/libpq/protocol.h (which pgbouncer's
+# include/common/protocol.h copies): PqMsg_ReadyForQuery is MSG_READY_FOR_QUERY here. The
+# MSG_ prefix keeps them apart from the ready-made frames at the end of this module
+# (PARSE_COMPLETE, NO_DATA ...), whose names are older than these.
+#
+# Convention: a message type is an `int`, the type byte as `scan_frames` reports it and as
+# indexing `bytes` reads it, so the relay compares it as it comes (`mtype == MSG_SYNC`, a
+# plain int comparison in its per-frame loops) and keeps sets of them as frozenset[int].
+# `frame()` takes the same int. The same byte means different messages in the two
+# directions ('D' is Describe from a client, DataRow from a server).
+
+# Sent by the client.
+MSG_BIND = ord("B")
+MSG_CLOSE = ord("C")
+MSG_DESCRIBE = ord("D")
+MSG_EXECUTE = ord("E")
+MSG_FUNCTION_CALL = ord("F")
+MSG_FLUSH = ord("H")
+MSG_PARSE = ord("P")
+MSG_QUERY = ord("Q")
+MSG_SYNC = ord("S")
+MSG_TERMINATE = ord("X")
+MSG_COPY_FAIL = ord("f")
+MSG_PASSWORD_MESSAGE = ord("p")  # as are GSSResponse, SASLInitialResponse and SASLResponse
+
+# Sent by either side.
+MSG_COPY_DONE = ord("c")
+MSG_COPY_DATA = ord("d")
+
+# Sent by the server.
+MSG_PARSE_COMPLETE = ord("1")
+MSG_BIND_COMPLETE = ord("2")
+MSG_CLOSE_COMPLETE = ord("3")
+MSG_NOTIFICATION_RESPONSE = ord("A")
+MSG_COMMAND_COMPLETE = ord("C")
+MSG_DATA_ROW = ord("D")
+MSG_ERROR_RESPONSE = ord("E")
+MSG_COPY_IN_RESPONSE = ord("G")
+MSG_COPY_OUT_RESPONSE = ord("H")
+MSG_EMPTY_QUERY_RESPONSE = ord("I")
+MSG_BACKEND_KEY_DATA = ord("K")
+MSG_NOTICE_RESPONSE = ord("N")
+MSG_AUTHENTICATION_REQUEST = ord("R")
+MSG_PARAMETER_STATUS = ord("S")
+MSG_ROW_DESCRIPTION = ord("T")
+MSG_FUNCTION_CALL_RESPONSE = ord("V")
+MSG_COPY_BOTH_RESPONSE = ord("W")
+MSG_READY_FOR_QUERY = ord("Z")
+MSG_NO_DATA = ord("n")
+MSG_PORTAL_SUSPENDED = ord("s")
+MSG_PARAMETER_DESCRIPTION = ord("t")
+MSG_NEGOTIATE_PROTOCOL_VERSION = ord("v")
+
 # Frontend message types a client may send after startup, and which of them are "large".
-FRONTEND_TYPES = frozenset(b"QPBEDCSHXdcfpF")
-FRONTEND_LARGE_TYPES = frozenset(b"QPBdpF")
-BACKEND_TYPES = frozenset(b"RKSZTDCIEN1234nstAcdGHWfVv")
+FRONTEND_TYPES = frozenset(
+    (
+        MSG_QUERY, MSG_PARSE, MSG_BIND, MSG_EXECUTE, MSG_DESCRIBE, MSG_CLOSE, MSG_SYNC, MSG_FLUSH,
+        MSG_TERMINATE, MSG_COPY_DATA, MSG_COPY_DONE, MSG_COPY_FAIL, MSG_PASSWORD_MESSAGE, MSG_FUNCTION_CALL,
+    )
+)
+FRONTEND_LARGE_TYPES = frozenset(
+    (MSG_QUERY, MSG_PARSE, MSG_BIND, MSG_COPY_DATA, MSG_PASSWORD_MESSAGE, MSG_FUNCTION_CALL)
+)
+
+# Transaction status, the body of ReadyForQuery.
+TX_IDLE = b"I"
+TX_IN_BLOCK = b"T"
+TX_FAILED = b"E"  # in a failed transaction block
+
+# What a Describe or Close names: a prepared statement or a portal.
+TARGET_STATEMENT = b"S"
+TARGET_PORTAL = b"P"
 
 _I32 = struct.Struct("!i")
-_HDR = struct.Struct("!ci")
-_U32 = struct.Struct("!I")
+_HDR = struct.Struct("!Bi")
 _I16 = struct.Struct("!h")
 
 
@@ -73,8 +142,9 @@ def scan_frames(
     return frames, pos
 
 
-def frame(mtype: bytes, body: bytes = b"") -> bytes:
-    return _HDR.pack(mtype, len(body) + 4) + body
+def frame(mtype: int | bytes, body: bytes = b"") -> bytes:
+    """One message: a MSG_* type (or the type as one byte, b"Q"), the length, the body."""
+    return _HDR.pack(mtype if isinstance(mtype, int) else ord(mtype), len(body) + 4) + body
 
 
 def cstr(value: str) -> bytes:
@@ -163,15 +233,15 @@ def cancel_request(pid: int, secret: bytes) -> bytes:
 
 
 def ready_for_query(status: bytes) -> bytes:
-    return frame(b"Z", status)
+    return _READY_FOR_QUERY.get(status) or frame(MSG_READY_FOR_QUERY, status)
 
 
 def backend_key_data(pid: int, secret: bytes) -> bytes:
-    return frame(b"K", _I32.pack(pid) + secret)
+    return frame(MSG_BACKEND_KEY_DATA, _I32.pack(pid) + secret)
 
 
 def parameter_status(name: str, value: str) -> bytes:
-    return frame(b"S", cstr(name) + cstr(value))
+    return frame(MSG_PARAMETER_STATUS, cstr(name) + cstr(value))
 
 
 def parse_parameter_status(body: bytes | memoryview) -> tuple[str, str]:
@@ -194,7 +264,7 @@ def error_response(
         fields.append(b"D" + cstr(detail))
     if hint:
         fields.append(b"H" + cstr(hint))
-    return frame(b"E", b"".join(fields) + b"\x00")
+    return frame(MSG_ERROR_RESPONSE, b"".join(fields) + b"\x00")
 
 
 def parse_error_fields(body: bytes | memoryview) -> dict[str, str]:
@@ -227,29 +297,6 @@ def auth_code(body: bytes | memoryview) -> int:
     return int(_I32.unpack_from(body, 0)[0])
 
 
-def row_description(columns: Iterable[tuple[str, int]]) -> bytes:
-    """RowDescription for text-format columns given as (name, type oid)."""
-    cols = list(columns)
-    parts = [_I16.pack(len(cols))]
-    typlen = {16: 1, 20: 8, 21: 2, 23: 4, 700: 4, 701: 8}
-    for name, oid in cols:
-        parts.append(cstr(name) + struct.pack("!ihihih", 0, 0, oid, typlen.get(oid, -1), -1, 0))
-    return frame(b"T", b"".join(parts))
-
-
-def data_row(values: Iterable[str | None]) -> bytes:
-    parts: list[bytes] = []
-    vals = list(values)
-    parts.append(_I16.pack(len(vals)))
-    for v in vals:
-        if v is None:
-            parts.append(_I32.pack(-1))
-        else:
-            enc = v.encode()
-            parts.append(_I32.pack(len(enc)) + enc)
-    return frame(b"D", b"".join(parts))
-
-
 def parse_data_row(body: bytes) -> list[bytes | None]:
     count = _I16.unpack_from(body, 0)[0]
     pos = 2
@@ -266,7 +313,7 @@ def parse_data_row(body: bytes) -> list[bytes | None]:
 
 
 def command_complete(tag: str) -> bytes:
-    return frame(b"C", cstr(tag))
+    return frame(MSG_COMMAND_COMPLETE, cstr(tag))
 
 
 # --- extended query protocol (frontend) ----------------------------------------------
@@ -290,7 +337,7 @@ class BindMsg:
 
 @dataclass(frozen=True, slots=True)
 class TargetMsg:
-    """Describe or Close: kind is b'S' (statement) or b'P' (portal)."""
+    """Describe or Close: kind is TARGET_STATEMENT or TARGET_PORTAL."""
 
     kind: bytes
     name: str
@@ -325,7 +372,12 @@ def parse_execute(body: bytes) -> ExecuteMsg:
 
 
 def build_parse(msg: ParseMsg) -> bytes:
-    return frame(b"P", cstr(msg.name) + cstr(msg.query) + msg.param_types)
+    return frame(MSG_PARSE, cstr(msg.name) + cstr(msg.query) + msg.param_types)
+
+
+def close_statement(name: str) -> bytes:
+    """A Close of a prepared statement."""
+    return frame(MSG_CLOSE, TARGET_STATEMENT + cstr(name))
 
 
 def text_array(values: Iterable[str]) -> str:
@@ -344,12 +396,12 @@ def extended_request(statement: str, sql: str, params: list[str]) -> bytes:
         bind += len(data).to_bytes(4, "big") + data
     bind += b"\x00\x00"
     return (
-        frame(b"C", b"S" + name)
-        + frame(b"P", name + cstr(sql) + b"\x00\x00")
-        + frame(b"B", bind)
-        + frame(b"E", b"\x00\x00\x00\x00\x00")
-        + frame(b"C", b"S" + name)
-        + frame(b"S")
+        close_statement(statement)
+        + frame(MSG_PARSE, name + cstr(sql) + b"\x00\x00")
+        + frame(MSG_BIND, bind)
+        + frame(MSG_EXECUTE, b"\x00\x00\x00\x00\x00")
+        + close_statement(statement)
+        + frame(MSG_SYNC)
     )
 
 
@@ -358,11 +410,15 @@ def query_text(body: bytes) -> str:
     return body[:-1].decode("utf-8", "replace") if body.endswith(b"\x00") else body.decode("utf-8", "replace")
 
 
-PARSE_COMPLETE = frame(b"1")
-BIND_COMPLETE = frame(b"2")
-CLOSE_COMPLETE = frame(b"3")
-NO_DATA = frame(b"n")
-EMPTY_QUERY = frame(b"I")
+# Ready-made frames.
+PARSE_COMPLETE = frame(MSG_PARSE_COMPLETE)
+BIND_COMPLETE = frame(MSG_BIND_COMPLETE)
+CLOSE_COMPLETE = frame(MSG_CLOSE_COMPLETE)
+NO_DATA = frame(MSG_NO_DATA)
+EMPTY_QUERY = frame(MSG_EMPTY_QUERY_RESPONSE)
+AUTH_OK = frame(MSG_AUTHENTICATION_REQUEST, _I32.pack(0))
+_READY_FOR_QUERY = {status: frame(MSG_READY_FOR_QUERY, status) for status in (TX_IDLE, TX_IN_BLOCK, TX_FAILED)}
+
+# The one-byte answers to SSLRequest and GSSENCRequest (no frame around them).
 SSL_NO = b"N"
 SSL_YES = b"S"
-AUTH_OK = frame(b"R", _I32.pack(0))

@@ -12,15 +12,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
+from neonpoly.cache.capture import Capture, StatTicket
+from neonpoly.cache.entry import CacheEntry, CacheStore
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.relations import RelationBook
-from neonpoly.cache.store import CacheEntry, CacheStore
 from neonpoly.stats import StatsRecorder
-
-if TYPE_CHECKING:
-    from neonpoly.proxy.pending import Capture, StatTicket
 
 log = logging.getLogger("neonpoly.cache")
 
@@ -155,7 +152,6 @@ class QueryCache:
                     cache.relations.forget(database)
             else:
                 cache.store.invalidate_tables(database, tables)
-
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         if log.isEnabledFor(logging.DEBUG):

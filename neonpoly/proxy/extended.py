@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 from neonpoly import pgwire
 from neonpoly.cache.policy import Classification, Status, classify
+from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_EXECUTE, MSG_PARSE, TARGET_STATEMENT
+
+# The messages a batch collects until its Sync.
+BATCHED = frozenset((MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_EXECUTE, MSG_CLOSE))
 
 # A parameter sent as text becomes a date/time by the server's input function, which reads the
 # clock for these words ('now' bound to a timestamptz). Binary values cannot spell them as
@@ -49,7 +53,6 @@ class BatchPlan:
     writes: frozenset[str] = frozenset()
     writes_everything: bool = False
     parses: list[pgwire.ParseMsg] = field(default_factory=list)
-    closes: list[str] = field(default_factory=list)
     # Parses and statement Closes in batch order: a name may be closed and parsed again.
     ops: list[pgwire.ParseMsg | str] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)  # statement names the batch uses but did not Parse
@@ -99,7 +102,8 @@ class StatementBook:
                 plan.status, plan.reason = status, reason
 
         for mtype, body in batch:
-            if mtype == 0x50:  # P
+            # The tags fed to `material` (b"P", b"B" ...) are part of every stored key.
+            if mtype == MSG_PARSE:
                 parse = pgwire.parse_parse(body)
                 stmt = Statement(parse, classify(parse.query), at_origin=False)
                 local[parse.name] = stmt
@@ -109,7 +113,7 @@ class StatementBook:
                 material.update(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
                 if not stmt.info.cacheable:
                     refuse(stmt.info.status or Status.UNCACHEABLE, stmt.info.reason)
-            elif mtype == 0x42:  # B
+            elif mtype == MSG_BIND:
                 bind = pgwire.parse_bind(body)
                 bound = resolve(bind.statement)
                 if bound is None:
@@ -123,9 +127,9 @@ class StatementBook:
                     refuse(Status.VOLATILE, "a parameter value reads the clock ('now', 'today' ...)")
                 plan.executed.append(bound.info)
                 material.update(b"B" + bound.sql + bind.tail)
-            elif mtype == 0x44:  # D
+            elif mtype == MSG_DESCRIBE:
                 target = pgwire.parse_target(body)
-                if target.kind == b"S":
+                if target.kind == TARGET_STATEMENT:
                     described = resolve(target.name)
                     if described is None:
                         refuse(Status.UNCACHEABLE, "describes an unknown statement")
@@ -139,7 +143,7 @@ class StatementBook:
                         refuse(Status.UNCACHEABLE, "describes a portal from an earlier batch")
                         continue
                     material.update(b"DP")
-            elif mtype == 0x45:  # E
+            elif mtype == MSG_EXECUTE:
                 execute = pgwire.parse_execute(body)
                 if execute.portal not in portals:
                     refuse(Status.UNCACHEABLE, "executes a portal from an earlier batch")
@@ -149,13 +153,12 @@ class StatementBook:
                 plan.primary = stmt.info if plan.executes == 1 else plan.primary
                 # A row limit (asyncpg's fetchrow/fetchval send 1) is part of the key.
                 material.update(b"E" + execute.max_rows.to_bytes(4, "big", signed=True))
-            elif mtype == 0x43:  # C
+            elif mtype == MSG_CLOSE:
                 target = pgwire.parse_target(body)
-                if target.kind == b"S":
+                if target.kind == TARGET_STATEMENT:
                     resolve(target.name)
                     local.pop(target.name, None)
                     closed.add(target.name)
-                    plan.closes.append(target.name)
                     plan.ops.append(target.name)
                 material.update(b"C" + target.kind + target.name.encode() + b"\x00")
             else:
@@ -223,13 +226,13 @@ class StatementBook:
         for parse in plan.parses:
             current = self.statements.get(parse.name)
             if parse.name in self.origin_has and (current is None or not current.at_origin):
-                out.append(pgwire.frame(b"C", b"S" + pgwire.cstr(parse.name)))
+                out.append(pgwire.close_statement(parse.name))
                 self.origin_has.discard(parse.name)
         for name in plan.needs:
             stmt = self.statements.get(name)
             if stmt is not None and not stmt.at_origin:
                 if name in self.origin_has:
-                    out.append(pgwire.frame(b"C", b"S" + pgwire.cstr(name)))
+                    out.append(pgwire.close_statement(name))
                 out.append(pgwire.build_parse(stmt.parse))
                 stmt.at_origin = True
                 if name:
@@ -245,3 +248,61 @@ class StatementBook:
             self.statements.pop(name, None)
             self.origin_has.discard(name)
         self._changed()
+
+
+class BatchBuffer:
+    """The extended-protocol messages a session received since the last Sync.
+
+    It also tells, message by message, whether an Execute runs COPY: a client running COPY
+    through the extended protocol waits for CopyInResponse before it sends Sync, so such a
+    batch must go to the origin at once. Tracked as messages arrive, not by scanning the
+    batch (a 50,000-row pipelined executemany is one batch).
+    """
+
+    __slots__ = ("_book", "_bound", "_copies", "_may_copy", "messages")
+
+    def __init__(self, book: StatementBook) -> None:
+        self.messages: list[tuple[int, bytes]] = []  # (type, body)
+        self._book = book  # the session's statements, for those parsed in earlier batches
+        self._copies: dict[str, bool] = {}  # statements Parsed in the batch: do they COPY?
+        self._may_copy = False
+        self._bound: str | None = None  # the statement of the batch's latest Bind
+
+    def add(self, mtype: int, body: bytes) -> bool:
+        """Keep one message; True when it is an Execute that runs COPY."""
+        self.messages.append((mtype, body))
+        if mtype == MSG_PARSE:
+            parse = pgwire.parse_parse(body)
+            copy = classify(parse.query).copy
+            self._copies[parse.name] = copy
+            self._may_copy = self._may_copy or copy
+        elif mtype == MSG_BIND and (self._may_copy or self._book.copies):
+            self._bound = pgwire.parse_bind(body).statement
+        elif mtype == MSG_EXECUTE and self._bound is not None:
+            name = self._bound
+            if name in self._copies:
+                return self._copies[name]
+            return name in self._book.copies
+        return False
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """The batch so far, leaving the buffer empty for the next one."""
+        messages, self.messages = self.messages, []
+        self._copies.clear()
+        self._may_copy = False
+        self._bound = None
+        return messages
+
+    def expected_answers(self) -> int | None:
+        """How many messages the origin answers the batch with when a Flush ends it; None if
+        unknowable.
+
+        Parse, Bind and Close answer once; Describe of a statement twice (parameters, then row
+        description or NoData), of a portal once. Execute streams rows, so it is not counted.
+        """
+        total = 0
+        for mtype, body in self.messages:
+            if mtype == MSG_EXECUTE:
+                return None
+            total += 2 if mtype == MSG_DESCRIBE and body[:1] == TARGET_STATEMENT else 1
+        return total

@@ -9,21 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from neonpoly.cache.invalidation import GenerationStamp
-
-
-@dataclass(slots=True)
-class Capture:
-    """A miss whose response may be stored once it completes cleanly."""
-
-    key: bytes
-    database: str
-    tables: frozenset[str]
-    template_id: str
-    stamp: GenerationStamp
-    frames: list[bytes] = field(default_factory=list)
-    size: int = 0
-    failed: bool = False  # an ErrorResponse/COPY/suspended portal: never store
+from neonpoly.cache.capture import Capture, StatTicket
 
 
 @dataclass(slots=True)
@@ -39,24 +25,14 @@ class Pending:
     reads: frozenset[str] = frozenset()
     trusts: frozenset[str] = frozenset()  # builtins it trusted by name, likewise judged then
     error: bool = False
-    neutral: bool = False
+    neutral: bool = False  # a plain read: cannot change the transaction status or settings
     # A batch ended by Flush has no ReadyForQuery: it ends after `expect` more messages
     # (None once an error means the origin now skips to the next Sync's ReadyForQuery).
     flush: bool = False
-    expect: int | None = None  # a plain read: cannot change the transaction status or settings
+    expect: int | None = None
     stats: list[StatTicket] = field(default_factory=list)
     # neonpoly's own catalog lookups (cache/relations.py, identity.py): swallowed, never forwarded.
     lookup: list[str] | None = None
     identity: frozenset[str] | None = None  # the session-identity lookup, with the settings it asks
     rows: list[list[bytes | None]] = field(default_factory=list)
 
-
-@dataclass(slots=True, frozen=True)
-class StatTicket:
-    """What the stats need to know about a request once its response is complete."""
-
-    template_id: str
-    template: str
-    tables: tuple[str, ...]
-    status: str
-    reason: str = ""  # why it is not a hit or miss, in words

@@ -11,57 +11,22 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
 from neonpoly.defaults import DEFAULT_PORT, LOCALHOST
 from neonpoly.proxy.origin import Origin, send_cancel
+from neonpoly.proxy.routes import Route, Routes
 from neonpoly.proxy.session import ClientSide, Session
 from neonpoly.proxy.state import SessionState
 
-if TYPE_CHECKING:
-    from neonpoly import pgwire
-    from neonpoly.cache.query_cache import QueryCache
+# The listener is the proxy's front door: the service builds its routing table from here.
+__all__ = ["ProxyServer", "Route", "Routes"]
 
 log = logging.getLogger("neonpoly.server")
 
 
-class AdminHandler(Protocol):
-    """Answers one session's messages itself (the admin console)."""
-
-    def feed(self, buf: bytearray) -> None:
-        """Consume complete frames from `buf` (delete what was used); reply via
-        `session.write_client`, end with `session.close()`."""
-
-
-class AdminEndpoint(Protocol):
-    """Something that answers a session itself instead of relaying it (the admin console)."""
-
-    def attach(self, session: Session, startup: pgwire.StartupRequest) -> AdminHandler: ...
-
-
-@dataclass(slots=True)
-class Route:
-    """Where a session goes: its cache (None = pass-through) and origin, or the admin."""
-
-    cache_id: str
-    origin: Origin
-    cache: QueryCache | None = None
-    admin: AdminEndpoint | None = None
-
-
-@dataclass(slots=True)
-class Routes:
-    """The caches this listener serves, by cache id; `default` takes unnamed clients."""
-
-    by_id: dict[str, Route] = field(default_factory=dict)
-    default: str | None = None
-    removed: set[str] = field(default_factory=set)
-    admin: AdminEndpoint | None = None
-    admin_database: str = "neonpoly"
-
-
 class ProxyServer:
+    """The listener; the `SessionHost` of every session it accepts (see host.py)."""
+
     def __init__(
         self,
         routes: Routes,
@@ -83,7 +48,7 @@ class ProxyServer:
 
     async def start(self, host: str = LOCALHOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: ClientSide(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(lambda: ClientSide(self.open_session), host, port, reuse_address=True)
         sock = self._server.sockets[0].getsockname()
         return sock[0], sock[1]
 

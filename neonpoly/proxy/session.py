@@ -1,9 +1,21 @@
 """One client connection relayed to one origin connection.
 
-Two asyncio Protocols (client side, origin side) share one `Session`. Bytes are forwarded
-untouched and in one write per read; only the frames a decision needs are looked at:
-startup and authentication, ReadyForQuery (transaction status), ParameterStatus, queries
-(to classify them for the cache) and the responses of misses being captured.
+Two asyncio Protocols (client side, origin side) share one `Session`. A session is built in
+layers, each a class in its own module that calls only the layers below it:
+
+    session.py    Session           startup, TLS, authentication, cancels, endings
+    relay.py      Relay             the frame loops: client to origin, origin to client
+    batches.py    BatchHandling     extended-protocol batches, decided on at Sync or streamed
+    decisions.py  CacheDecisions    hit, miss or why not; evictions; storing captured misses
+    learning.py   IdentityLearning  who the session is, what the catalog says: asked when idle
+    core.py       SessionCore       the state they all share, the ways out to client and origin
+
+They are layers of one object rather than objects of their own because they share the
+queue of outstanding requests, the transaction status and the route on every frame: as
+separate objects, each would reach through the others for them on the relay's hot path.
+State that stands alone is an object: the cancels held back (cancel.py), the batch being
+received (extended.BatchBuffer). The session knows the listener that accepted it only as
+a `SessionHost` (host.py).
 """
 
 from __future__ import annotations
@@ -13,94 +25,39 @@ import logging
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
-from neonpoly.cache import relations
-from neonpoly.cache.policy import Classification, Status, classify
-from neonpoly.cache.relations import Resolution
-from neonpoly.proxy import identity
-from neonpoly.proxy.extended import BatchPlan, StatementBook
+from neonpoly.pgwire import (
+    MSG_AUTHENTICATION_REQUEST,
+    MSG_BACKEND_KEY_DATA,
+    MSG_ERROR_RESPONSE,
+    MSG_PARAMETER_STATUS,
+    MSG_READY_FOR_QUERY,
+    MSG_TERMINATE,
+)
+from neonpoly.proxy.host import SessionHost
 from neonpoly.proxy.origin import RELAY_SOCKET_BUFFER, OriginUnavailable, limit_socket_buffer, open_origin
-from neonpoly.proxy.pending import Capture, Pending, StatTicket
-from neonpoly.proxy.state import SessionState
+from neonpoly.proxy.relay import Relay
+from neonpoly.proxy.state import ADMIN, AUTH, CANCEL, CONNECTING, LOGGING_IN, READY, STARTUP, TLS
 
 if TYPE_CHECKING:
-    from neonpoly.cache.query_cache import QueryCache
-    from neonpoly.proxy.server import AdminHandler, ProxyServer, Route
+    from neonpoly.proxy.routes import AdminHandler
 
 log = logging.getLogger("neonpoly.session")
 
-_Z, _E, _S, _K, _R = 0x5A, 0x45, 0x53, 0x4B, 0x52
-_NOT_PAYLOAD = frozenset(b"ANS")  # notifications, notices, parameter changes: never replayed
-# Errors and COPY are never stored. A suspended portal ('s', asyncpg's fetchval sends a
-# row limit of 1) is: outside a transaction its portal dies at Sync, so the same request
-# always gets the same bytes, and the row limit is part of the key.
-_FAILS_CAPTURE = frozenset(b"EGHW")
-_EXTENDED = frozenset(b"PBDEC")
 
-
-def _expected_answers(batch: list[tuple[int, bytes]]) -> int | None:
-    """How many messages the origin answers a Flush-ended batch with; None if unknowable.
-
-    Parse, Bind and Close answer once; Describe of a statement twice (parameters, then row
-    description or NoData), of a portal once. Execute streams rows, so it is not counted.
-    """
-    total = 0
-    for mtype, body in batch:
-        if mtype == 0x45:
-            return None
-        total += 2 if mtype == 0x44 and body[:1] == b"S" else 1
-    return total
-
-
-class Session:
+class Session(Relay):
     """The relay and its state machine: startup → auth → ready → closed."""
 
-    def __init__(self, server: ProxyServer, client: asyncio.Transport) -> None:
+    def __init__(self, server: SessionHost[Session], client: asyncio.Transport) -> None:
+        super().__init__(client)
         self.server = server
-        self.client = client
-        self.origin_transport: asyncio.Transport | None = None
-        self.route: Route | None = None
-        self.state = SessionState()
-        self.phase = "startup"
-        self.cbuf = bytearray()
-        self.obuf = bytearray()
-        self.early = bytearray()  # client bytes that arrived before the origin was connected
-        self.pending: deque[Pending] = deque()
-        self.batch: list[tuple[int, bytes]] = []
-        self.batch_copies: dict[str, bool] = {}  # statements Parsed in the batch: do they COPY?
-        self.batch_may_copy = False
-        self.batch_bound: str | None = None  # the statement of the batch's latest Bind
-        self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
-        self.book = StatementBook()
-        self._plans: dict[tuple[object, ...], tuple[BatchPlan, bytes, bytes]] = {}
-        self.tx_writes: set[str] = set()
-        self.tx_writes_everything = False
-        self.identity_inflight = False  # client requests wait until the identity is in
-        self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)
-        self.identity_epoch = 0  # the cache's DDL epoch when the identity was asked
-        self.identity_changes = 0  # bumped by every _forget_identity
-        self.identity_asked_at = 0  # identity_changes when the lookup in flight was sent
-        self.hold_released = False  # a cancel came: requests no longer wait for the identity
-        self.cancels: list[Callable[[], None]] = []  # waiting for neonpoly's own lookups to end
-        self.relations_wanted: set[str] = set()  # read while they could not be looked up
-        self.writing_cursors = False  # a cursor over a query that may write was declared
-        # The key the client sees for cancels: the origin's real backend PID (so that
-        # pg_terminate_backend, pg_stat_activity and NOTIFY agree with it) and a secret of
-        # neonpoly's own, which routes a CancelRequest to this session's origin.
-        self.proxy_key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
-        self.origin_key: tuple[int, bytes] | None = None
         peer = client.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.opened = time.monotonic()
         self.bytes_in = 0
-        self.bytes_out = 0
-        self.outcome = "closed"
-        self.closed = False
         self.connect_task: asyncio.Task[None] | None = None
         # Like PostgreSQL's authentication_timeout: a client that never finishes logging in
         # (or never starts) must not hold a session for ever.
@@ -108,7 +65,6 @@ class Session:
             server.login_timeout, self._login_expired
         )
         self.admin: AdminHandler | None = None
-        self.inflight = 0  # pass-through requests awaiting ReadyForQuery
 
     # --- client side ------------------------------------------------------------------
 
@@ -116,22 +72,23 @@ class Session:
         self.bytes_in += len(data)
         self.cbuf += data
         try:
-            if self.phase == "startup":
-                self._startup()
-            elif self.phase == "connecting":
-                return  # kept in cbuf until the origin is there
-            elif self.phase == "auth":
-                self._relay_auth_from_client()
-            elif self.phase == "ready":
+            phase = self.phase
+            if phase is READY:
                 if not self.identity_inflight or self.hold_released:
                     self._client_frames()
-            elif self.phase == "admin" and self.admin is not None:
+            elif phase is STARTUP:
+                self._startup()
+            elif phase is CONNECTING:
+                return  # kept in cbuf until the origin is there
+            elif phase is AUTH:
+                self._relay_auth_from_client()
+            elif phase is ADMIN and self.admin is not None:
                 self.admin.feed(self.cbuf)
         except pgwire.ProtocolViolation as exc:
             self.fail_client("08P01", f"invalid frontend message: {exc}", "protocol violation")
 
     def _startup(self) -> None:
-        while self.phase == "startup":
+        while self.phase is STARTUP:
             packet, used = pgwire.parse_startup(self.cbuf)
             if packet is None:
                 return
@@ -145,7 +102,7 @@ class Session:
             if packet.is_cancel:
                 assert packet.cancel_key is not None
                 self.outcome = "cancel request"
-                self.phase = "cancel"
+                self.phase = CANCEL
                 self._stop_login_timer()
                 self.server.cancel(*packet.cancel_key, done=self.close)
                 return
@@ -157,7 +114,7 @@ class Session:
             self.client.write(pgwire.SSL_NO)
             return
         self.client.write(pgwire.SSL_YES)
-        self.phase = "tls"
+        self.phase = TLS
         self.client.pause_reading()
         asyncio.get_running_loop().create_task(self._upgrade_client(ctx))
 
@@ -177,7 +134,7 @@ class Session:
             self.close()
             return
         self.client = tls
-        self.phase = "startup"
+        self.phase = STARTUP
         if self.cbuf:
             self.client_data(b"")
 
@@ -189,17 +146,17 @@ class Session:
         self.state.apply_startup(params)
         route, refusal = self.server.route_for(self.state)
         if route is None:
-            self.fail_client("3D000", refusal or "no such cache", "refused: unknown cache", fatal=True)
+            self.fail_client("3D000", refusal or "no such cache", "refused: unknown cache")
             return
         self.route = route
         if route.admin is not None:
-            self.phase = "admin"
+            self.phase = ADMIN
             self._stop_login_timer()
             self.admin = route.admin.attach(self, packet)
             if self.cbuf:
                 self.admin.feed(self.cbuf)
             return
-        self.phase = "connecting"
+        self.phase = CONNECTING
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(packet.raw))
 
     async def _connect(self, startup: bytes) -> None:
@@ -207,14 +164,14 @@ class Session:
         try:
             transport = await open_origin(self.route.origin, OriginSide(self), self.server.connect_timeout)
         except OriginUnavailable as exc:
-            self.fail_client("08001", str(exc), "origin unreachable", fatal=True)
+            self.fail_client("08001", str(exc), "origin unreachable")
             return
         if self.closed:
             transport.close()
             return
         self.origin_transport = transport
         transport.write(startup)
-        self.phase = "auth"
+        self.phase = AUTH
         if self.cbuf:
             self._relay_auth_from_client()
 
@@ -224,484 +181,21 @@ class Session:
         if used and self.origin_transport is not None:
             self.origin_transport.write(bytes(self.cbuf[:used]))
             del self.cbuf[:used]
-        if any(t == 0x58 for t, _, _ in frames):
+        if any(t == MSG_TERMINATE for t, _, _ in frames):
             self.outcome = "client terminated during auth"
             self.close()
 
-    def _client_frames(self) -> None:
-        frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
-        if not frames:
-            return
-        buf = bytes(self.cbuf[:used])
-        del self.cbuf[:used]
-        if self.route is not None and self.route.cache is None:
-            self._relay_frames(frames, buf)
-            return
-        out: list[bytes] = []
-        for mtype, start, end in frames:
-            if self.stream is not None and mtype != 0x53 and mtype != 0x48:
-                self._stream_frame(mtype, buf[start + 5 : end], buf[start:end], out)
-            elif mtype in _EXTENDED:
-                body = buf[start + 5 : end]
-                self.batch.append((mtype, body))
-                if self._runs_copy(mtype, body):
-                    self._open_stream(out)
-            elif mtype == 0x53:  # Sync
-                self._sync(buf[start:end], out)
-            elif mtype == 0x48:  # Flush: the client wants answers before Sync
-                expect = _expected_answers(self.batch)
-                if self.stream is not None or expect is None:
-                    if self.stream is None and self.batch:
-                        self._open_stream(out)
-                    out.append(buf[start:end])
-                elif self.batch:
-                    self._sync(buf[start:end], out, expect=expect)
-                else:
-                    out.append(buf[start:end])
-            elif mtype == 0x51:  # Query
-                self._query(buf[start + 5 : end], buf[start:end], out)
-            elif mtype == 0x58:  # Terminate
-                out.append(buf[start:end])
-                self.outcome = "client terminated"
-                self._write_origin(out)
-                self.close()
-                return
-            else:  # CopyData/Done/Fail, FunctionCall: straight through
-                if mtype == 0x46:  # FunctionCall runs a function by OID: anything may happen
-                    self._push(Pending(time.monotonic(), writes_everything=True))
-                    self._invalidate(frozenset(), everything=True)
-                    self._forget_identity()
-                out.append(buf[start:end])
-        if self.batch and self.stream is None:
-            # The client sent no Sync (or Flush) with what it has sent so far. PostgreSQL runs
-            # each message as it arrives, and a pipeline may wait for their answers before it
-            # ever syncs: forward them now (such a batch is not cached).
-            self._open_stream(out)
-        self._write_origin(out)
-
-    def _runs_copy(self, mtype: int, body: bytes) -> bool:
-        """Does this Execute run COPY? A client running COPY through the extended protocol
-        waits for CopyInResponse before it sends Sync, so the batch must stream at once.
-        Tracked message by message (a 50,000-row pipelined executemany is one batch)."""
-        if mtype == 0x50:
-            parse = pgwire.parse_parse(body)
-            copy = classify(parse.query).copy
-            self.batch_copies[parse.name] = copy
-            self.batch_may_copy = self.batch_may_copy or copy
-        elif mtype == 0x42 and (self.batch_may_copy or self.book.copies):
-            self.batch_bound = pgwire.parse_bind(body).statement
-        elif mtype == 0x45 and self.batch_bound is not None:
-            name = self.batch_bound
-            if name in self.batch_copies:
-                return self.batch_copies[name]
-            return name in self.book.copies
-        return False
-
-    def _take_batch(self) -> list[tuple[int, bytes]]:
-        batch, self.batch = self.batch, []
-        self.batch_copies.clear()
-        self.batch_may_copy = False
-        self.batch_bound = None
-        return batch
-
-    def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:
-        """Pass-through (no cache): nothing to decide, so no parsing and one write.
-
-        Only count the requests that end in ReadyForQuery, so that a lost origin or a
-        shutdown knows whether a client is waiting for an answer.
-        """
-        for mtype, _, _ in frames:
-            if mtype == 0x51 or mtype == 0x53 or mtype == 0x46:
-                self.inflight += 1
-            elif mtype == 0x58:
-                self.outcome = "client terminated"
-                if self.origin_transport is not None:
-                    self.origin_transport.write(buf)
-                self.close()
-                return
-        if self.origin_transport is not None:
-            self.origin_transport.write(buf)
-
-    def _write_origin(self, out: list[bytes]) -> None:
-        if out and self.origin_transport is not None:
-            self.origin_transport.write(b"".join(out))
-
-    def _push(self, item: Pending) -> None:
-        self.pending.append(item)
-
-    # --- simple query -----------------------------------------------------------------
-
-    def _query(self, body: bytes, raw: bytes, out: list[bytes]) -> None:
-        sql = pgwire.query_text(body)
-        info = classify(sql)
-        item = Pending(time.monotonic())
-        if info.deallocates is not None:
-            self.book.deallocated(info.deallocates)
-        self._note_effects(info, item, out)
-        refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
-        decision = self._cache_decision(
-            refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
-        )
-        status = decision.status
-        cache = self.route.cache if self.route else None
-        if status is Status.MISS and cache is not None:
-            key = cache.key(self.state.context(), b"Q" + body)
-            payload = cache.lookup(key)
-            if payload is not None and not self._busy():
-                self._answer_locally(payload, [info], item)
-                return
-            item.capture = self._capture(cache, key, decision.resolution, info.template_id)
-        # Not neutral while the catalog has not described what it reads: it may run code.
-        item.neutral = status is Status.MISS and not (item.reads or item.trusts)
-        item.stats.append(
-            StatTicket(info.template_id, info.template, info.qualified_tables, str(status), decision.reason)
-        )
-        self._push(item)
-        out.append(raw)
-        self.batch_open = False
-
-    def _capture(
-        self, cache: QueryCache, key: bytes, resolution: Resolution | None, template_id: str
-    ) -> Capture | None:
-        """Count a sighting of a miss and, once admitted, prepare to store it, tagged with
-        every table it really reads. Nothing is stored while the catalog has not answered
-        (the lookup is on its way; with the default admission the answer is in before it
-        matters)."""
-        admitted = cache.admit(key)
-        if resolution is None or not admitted:
-            return None
-        database = self.state.database
-        return Capture(key, database, resolution.tags, template_id, cache.stamp(database, resolution.tags))
-
-    def _ask_relations(self, cache: QueryCache, names: list[str], out: list[bytes]) -> None:
-        """Ask the origin about relations (and, once per database, about the objects that
-        shadow builtins) in this idle session, ahead of the request that needs the answer."""
-        with_shadows = not cache.relations.knows_shadows(self.state.database)
-        if not names and not with_shadows:
-            return
-        self._push(Pending(time.monotonic(), neutral=True, lookup=names))
-        out.append(
-            pgwire.extended_request(
-                identity.LOOKUP_STATEMENT, relations.LOOKUP_SQL, relations.lookup_params(names, with_shadows)
-            )
-        )
-
-    def _learn_when_idle(self) -> None:
-        """At a point where nothing is outstanding at the origin and no transaction is open,
-        ask what the session needs to know: its identity, relations read when they could not
-        be looked up. Client requests wait for the identity (one round trip, after login and
-        after anything that changed the session)."""
-        cache = self.route.cache if self.route else None
-        if (
-            cache is None
-            or self.closed
-            or self.phase != "ready"
-            or self.pending
-            or not self._at_boundary()
-            or self.state.bypass is not None
-        ):
-            return
-        out: list[bytes] = []
-        if self.relations_wanted:
-            names = cache.relations.unknown(self.state.database, self.relations_wanted)
-            self.relations_wanted = set()
-            if names or not cache.relations.knows_shadows(self.state.database):
-                self._ask_relations(cache, names, out)
-        if self.state.identity is None and not self.identity_inflight:
-            self.identity_inflight = True
-            settings = frozenset(cache.settings_read)
-            self.identity_epoch = cache.ddl_epoch
-            self.identity_asked_at = self.identity_changes
-            self._push(Pending(time.monotonic(), neutral=True, identity=settings))
-            out.append(identity.request(settings))
-        self._write_origin(out)
-
-    def _at_boundary(self) -> bool:
-        """No transaction and no extended batch open at the origin: neonpoly's own Parse/Bind/
-        Sync would end the client's implicit transaction and replace its unnamed portal."""
-        return self.state.tx_status == b"I" and not self.batch_open and self.stream is None
-
-    def _forget_identity(self) -> None:
-        """Something may have changed who the session is: stop caching until the server says."""
-        self.state.learned(None)
-        self.identity_changes += 1  # an answer to a lookup asked before this is out of date
-
-    def _busy(self) -> bool:
-        """Could an outstanding origin answer change the transaction status or settings?
-
-        A local answer queued behind plain reads is safe (it waits its turn, and the status
-        cannot change); behind anything else it is not, so the request goes to the origin.
-        Nor behind a batch ended by Flush: if it fails, the origin skips everything up to
-        the next Sync, and only the origin can answer that Sync.
-        """
-        return any(p.local is None and (p.flush or not p.neutral) for p in self.pending)
-
-    def _cache_decision(
-        self,
-        refusal: tuple[Status, str] | None,
-        template_id: str,
-        tables: frozenset[str],
-        shadowable: frozenset[str],
-        item: Pending,
-        out: list[bytes] | None,
-        settings: frozenset[str] = frozenset(),
-    ) -> Decision:
-        """The status of a request and why, after what the catalog says about what it reads
-        and calls.
-
-        Reading a relation whose definition or policies run code of the user's is like calling
-        that code: it may write or change the session. When the catalog has not answered yet,
-        the question goes out ahead of the request (if the session is idle) and the request is
-        judged again when it completes."""
-        cache = self.route.cache if self.route else None
-        if cache is None:
-            return Decision(Status.DISABLED, "caching is off for this connection string")
-        resolution: Resolution | None = _NOTHING_TO_RESOLVE
-        known = self.state.identity
-        if known is not None and known.epoch != cache.ddl_epoch:
-            self._forget_identity()  # DDL somewhere (a schema on its path, a grant) may change it
-            known = None
-        if tables or shadowable:
-            schemas = known.schemas if known is not None else None
-            resolution = cache.relations.resolve(self.state.database, tables, shadowable, schemas)
-            if resolution is None:
-                idle = self._at_boundary() and not self._busy() and self.state.bypass is None
-                if idle and out is not None:
-                    self._ask_relations(cache, cache.relations.unknown(self.state.database, tables), out)
-                item.reads, item.trusts = tables, shadowable
-            elif resolution.runs_code is not None:
-                self._runs_code(item)
-                return Decision(Status.VOLATILE, resolution.runs_code)
-        if refusal is not None:
-            return Decision(refusal[0], refusal[1], resolution)
-        if resolution is not None and resolution.volatile is not None:
-            return Decision(Status.VOLATILE, resolution.volatile)
-        if cache.ttl_for(template_id, tables) is None:
-            return Decision(Status.DISABLED, "a rule says never, or the cache's mode is off")
-        if self.state.bypass is not None:
-            return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
-        if self.state.legacy_strings:
-            return Decision(Status.BYPASS, "standard_conforming_strings is off: text not read as the server reads it")
-        if self.state.tx_status != b"I":
-            return Decision(Status.TRANSACTION, "inside a transaction block")
-        if self._busy():
-            return Decision(Status.TRANSACTION, "behind a pipelined request that may change the transaction")
-        if known is None:
-            return Decision(Status.BYPASS, "the session changed (SET, DDL, server code): asking who it is now")
-        needed = settings
-        if resolution is not None and resolution.settings:
-            needed = needed | resolution.settings
-        if needed and not needed <= known.settings:
-            # Settings the identity does not carry yet (custom ones are not in pg_settings):
-            # from now on every session's identity carries them.
-            if cache.want_settings(needed):
-                self._forget_identity()
-                missing = sorted(needed - known.settings)[0]
-                return Decision(Status.BYPASS, f"reads setting {missing}: asking the server for it")
-            return Decision(Status.VOLATILE, "reads more custom settings than a session identity carries")
-        return Decision(Status.MISS, "", resolution)
-
-    def _runs_code(self, item: Pending) -> None:
-        """The request runs code neonpoly cannot vouch for: it may write anything or SET."""
-        item.writes_everything = True
-        self._invalidate(frozenset(), True)
-        self._forget_identity()
-
-    def _note_effects(self, info: Classification, item: Pending, out: list[bytes]) -> None:
-        """Writes evict before they are sent; session changes make the session learn its
-        identity again."""
-        if not info.has_effects and not self.state.legacy_strings:
-            return  # a plain read
-        everything = info.invalidate_all or self.state.legacy_strings
-        if info.fetches and self.writing_cursors:
-            everything = True  # the cursor's query runs now, and may write
-        if info.cursor_writes:
-            self.writing_cursors = True
-        if info.is_write or everything:
-            item.writes = info.tables_written
-            item.writes_everything = everything
-            self._invalidate(info.tables_written, everything, out, cluster_wide=info.cluster_wide)
-        item.commits = info.transaction_control == "commit"
-        if info.changes_session or everything:
-            self._forget_identity()
-
-    def _invalidate(
-        self,
-        tables: frozenset[str],
-        everything: bool,
-        out: list[bytes] | None = None,
-        *,
-        cluster_wide: bool = False,
-    ) -> None:
-        """Evict what a write may change: its tables and everything they reach (foreign-key
-        cascades, partitions); the whole database for triggers, rules or tables not looked
-        up yet (and the session learns its identity again: a trigger may SET); every database
-        of the origin for roles and grants. Given `out` in an idle session, also ask about
-        those tables for next time."""
-        cache = self.route.cache if self.route else None
-        if cache is None or not (tables or everything):
-            return
-        database = self.state.database
-        named = (tables, everything)
-        if not everything:
-            reach = cache.relations.reach(database, tables)
-            if reach is None:
-                everything = True
-                self._forget_identity()
-                unknown = cache.relations.unknown(database, tables)
-                if unknown and out is not None and self._at_boundary() and not self._busy():
-                    self._ask_relations(cache, unknown, out)
-            else:
-                tables = reach
-        cache.invalidate(None if cluster_wide else database, tables, everything, named)
-
-    def _answer_locally(self, payload: bytes, infos: list[Classification], item: Pending) -> None:
-        cache = self.route.cache if self.route else None
-        if cache is not None:
-            for info in infos:
-                cache.record(
-                    StatTicket(info.template_id, info.template, info.qualified_tables, "hit"),
-                    time.monotonic() - item.started,
-                    len(payload),
-                )
-        self._answer_quietly(payload, item)
-
-    # --- extended protocol ------------------------------------------------------------
-
-    def _sync(self, raw: bytes, out: list[bytes], expect: int | None = None) -> None:
-        """Decide on a whole batch at its Sync (or at a Flush, `expect` answers long)."""
-        if self.stream is not None:
-            out.append(raw)
-            self.stream = None
-            self.batch_open = False
-            return
-        batch = self._take_batch()
-        flush = expect is not None
-        # A driver re-running a prepared statement sends the same Bind/Execute bytes again
-        # (pgbench -M prepared, asyncpg's statement cache): plan and key them once.
-        memo_key = None
-        memo = None
-        if all(t != 0x50 and t != 0x43 for t, _ in batch):
-            memo_key = (self.book.version, flush, tuple(batch))
-            memo = self._plans.get(memo_key)
-        plan = memo[0] if memo is not None else self.book.plan(batch)
-        item = Pending(time.monotonic(), flush=flush, expect=expect)
-        info = plan.primary
-        self._plan_effects(plan, item, out)
-        refusal = (plan.status, plan.reason) if plan.status is not None else None
-        if refusal is None and info is not None and not info.cacheable:
-            refusal = (info.status or Status.UNCACHEABLE, info.reason)
-        template = info.template_id if info is not None else ""
-        decision = self._cache_decision(refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read)
-        status, reason = decision.status, decision.reason
-        if flush and status is Status.MISS and any(t == 0x42 for t, _ in batch):
-            # Its portal must exist at the origin for the Execute that follows the Flush.
-            status, reason = Status.UNCACHEABLE, "a Flush before Sync needs the portal at the origin"
-        cache = self.route.cache if self.route else None
-        if status is Status.MISS and cache is not None and (plan.executes or info is not None):
-            context = self.state.context()
-            if memo is not None and memo[1] is context:
-                key = memo[2]
-            else:
-                key = cache.key(context, (b"H" if flush else b"X") + plan.material)
-                if memo_key is not None:
-                    if len(self._plans) >= 2048:  # a hot set per session; ~1 MB at most
-                        self._plans.clear()
-                    self._plans[memo_key] = (plan, context, key)
-            payload = cache.lookup(key)
-            if payload is not None and not self._busy():
-                self.book.after_local(plan)
-                if plan.executes:
-                    self._answer_locally(payload, plan.executed, item)
-                else:
-                    self._answer_quietly(payload, item)
-                return
-            item.capture = self._capture(cache, key, decision.resolution, template)
-        # Not neutral while the catalog has not described what it reads: it may run code.
-        item.neutral = status is Status.MISS and not (item.reads or item.trusts)
-        item.stats.extend(
-            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
-        )
-        deferred = self.book.deferred_parses(plan)
-        item.swallow = len(deferred)
-        self.book.after_forward(plan)
-        for name in plan.deallocates:
-            self.book.deallocated(name)
-        self._push(item)
-        out.extend(deferred)
-        out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
-        out.append(raw)
-        self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
-
-    def _answer_quietly(self, payload: bytes, item: Pending) -> None:
-        """Answer from the cache; behind outstanding plain reads, wait for their turn."""
-        if self.pending:
-            item.local = payload
-            self._push(item)
-        else:
-            self._write_client(payload if item.flush else payload + pgwire.ready_for_query(self.state.tx_status))
-
-    def _plan_effects(self, plan: BatchPlan, item: Pending, out: list[bytes] | None) -> None:
-        """A batch's writes evict before it is sent; session changes make the session learn
-        its identity again (as `_note_effects` for a simple query)."""
-        everything = plan.writes_everything or self.state.legacy_strings
-        if plan.fetches and self.writing_cursors:
-            everything = True
-        if plan.cursor_writes:
-            self.writing_cursors = True
-        if plan.writes or everything:
-            item.writes = item.writes | plan.writes
-            item.writes_everything = item.writes_everything or everything
-            self._invalidate(plan.writes, everything, out, cluster_wide=plan.cluster_wide)
-        item.commits = item.commits or plan.commits
-        if plan.changes_session or everything:
-            self._forget_identity()
-
-    def _open_stream(self, out: list[bytes]) -> None:
-        """Forward the batch so far and everything up to its Sync as it arrives."""
-        batch = self._take_batch()
-        plan = self.book.plan(batch)
-        item = Pending(time.monotonic())
-        self._plan_effects(plan, item, out)
-        self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, item, out)
-        status, reason = (plan.status, plan.reason) if plan.status else (Status.BYPASS, "streamed before its Sync")
-        item.stats.extend(
-            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
-        )
-        deferred = self.book.deferred_parses(plan)
-        item.swallow = len(deferred)
-        self.book.after_forward(plan)
-        for name in plan.deallocates:
-            self.book.deallocated(name)
-        self._push(item)
-        self.stream = item
-        out.extend(deferred)
-        out.extend(pgwire.frame(bytes((t,)), b) for t, b in batch)
-
-    def _stream_frame(self, mtype: int, body: bytes, raw: bytes, out: list[bytes]) -> None:
-        assert self.stream is not None
-        if mtype in _EXTENDED:
-            plan = self.book.plan([(mtype, body)])
-            self._plan_effects(plan, self.stream, None)
-            if plan.tables or plan.shadowable:
-                self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, self.stream, None)
-            deferred = self.book.deferred_parses(plan)
-            self.stream.swallow += len(deferred)
-            self.book.after_forward(plan)
-            out.extend(deferred)
-        out.append(raw)
-
-    # --- origin side --------------------------------------------------------------------
+    # --- origin side ------------------------------------------------------------------
 
     def origin_data(self, data: bytes) -> None:
         self.obuf += data
         try:
-            if self.phase == "auth":
+            if self.phase is AUTH:
                 self._relay_auth_from_origin()
             else:
                 self._origin_frames()
         except pgwire.ProtocolViolation as exc:
-            self.fail_client("08P01", f"origin sent an invalid message: {exc}", "origin protocol violation", fatal=True)
+            self.fail_client("08P01", f"origin sent an invalid message: {exc}", "origin protocol violation")
 
     def _relay_auth_from_origin(self) -> None:
         frames, used = pgwire.scan_frames(self.obuf)
@@ -710,23 +204,23 @@ class Session:
         out: list[bytes] = []
         for mtype, start, end in frames:
             body = buf[start + 5 : end]
-            if mtype == _R and pgwire.auth_code(body) == pgwire.AUTH_SASL:
-                out.append(pgwire.frame(b"R", pgwire.strip_scram_plus(body)))
-            elif mtype == _K:
+            if mtype == MSG_AUTHENTICATION_REQUEST and pgwire.auth_code(body) == pgwire.AUTH_SASL:
+                out.append(pgwire.frame(MSG_AUTHENTICATION_REQUEST, pgwire.strip_scram_plus(body)))
+            elif mtype == MSG_BACKEND_KEY_DATA:
                 pid = int.from_bytes(body[:4], "big", signed=True)
                 self.origin_key = (pid, body[4:])
                 self.proxy_key = (pid, secrets.token_bytes(4))
                 self.server.register_key(self)
                 out.append(pgwire.backend_key_data(*self.proxy_key))
-            elif mtype == _S:
+            elif mtype == MSG_PARAMETER_STATUS:
                 self.state.parameter(*pgwire.parse_parameter_status(body))
                 out.append(buf[start:end])
-            elif mtype == _Z:
+            elif mtype == MSG_READY_FOR_QUERY:
                 self.state.tx_status = body[:1]
-                self.phase = "ready"
+                self.phase = READY
                 self._stop_login_timer()
                 out.append(buf[start:end])
-                self._write_client(b"".join(out))
+                self.write_client(b"".join(out))
                 out = []
                 if end < len(buf) or self.obuf:
                     self.obuf[:0] = buf[end:]
@@ -737,137 +231,12 @@ class Session:
                     self._client_frames()
                 return
             else:
-                if mtype == _E:
+                if mtype == MSG_ERROR_RESPONSE:
                     self.outcome = "auth failed: " + pgwire.parse_error_fields(body).get("C", "?")
                 out.append(buf[start:end])
-        self._write_client(b"".join(out))
+        self.write_client(b"".join(out))
 
-    def _origin_frames(self) -> None:
-        frames, used = pgwire.scan_frames(self.obuf)
-        if not frames:
-            return
-        buf = bytes(self.obuf[:used])
-        del self.obuf[:used]
-        out: list[bytes] = []
-        cut = 0  # start of the span not yet appended to out
-        pending = self.pending
-        for mtype, start, end in frames:
-            head = pending[0] if pending else None
-            if head is not None and head.local is not None:  # pragma: no cover - defensive
-                head = None
-            if head is not None and (head.lookup is not None or head.identity is not None):
-                if mtype == 0x41 or mtype == _S:  # the client's notifications and settings
-                    if mtype == _S:
-                        self._parameter(buf[start + 5 : end])
-                    continue
-                out.append(buf[cut:start])
-                cut = end
-                self._lookup_frame(head, mtype, buf[start + 5 : end])
-                if mtype == _Z:
-                    self._release_local(out)
-                continue
-            if mtype == _Z:
-                self.state.tx_status = buf[start + 5 : start + 6]
-                out.append(buf[cut:end])
-                cut = end
-                if self.inflight:
-                    self.inflight -= 1
-                # Flush batches still open here failed: the origin skipped to this Sync.
-                skipped = False
-                while pending and pending[0].flush and pending[0].local is None:
-                    failed = pending.popleft()
-                    failed.error = skipped = True
-                    self._complete(failed)
-                if pending and pending[0].local is None:
-                    done = pending.popleft()
-                    done.error = done.error or skipped
-                    self._complete(done)
-                self._release_local(out)
-                continue
-            if head is None:
-                if mtype == _S:
-                    self._parameter(buf[start + 5 : end])
-                continue
-            if (mtype == 0x31 or mtype == 0x33) and head.swallow:  # our Parse/Close ahead of it
-                head.swallow -= 1
-                out.append(buf[cut:start])
-                cut = end
-                continue
-            if mtype == _E:
-                head.error = True
-            elif mtype == _S:
-                self._parameter(buf[start + 5 : end])
-            capture = head.capture
-            if head.flush and head.expect is not None and mtype not in _NOT_PAYLOAD:
-                if mtype == _E:
-                    head.expect = None  # now ends at the next ReadyForQuery
-                else:
-                    head.expect -= 1
-                    if capture is not None and not capture.failed:
-                        capture.frames.append(buf[start:end])
-                        capture.size += end - start
-                    if head.expect == 0:
-                        out.append(buf[cut:end])
-                        cut = end
-                        pending.popleft()
-                        self._complete(head)
-                        self._release_local(out)
-                    continue
-            if capture is not None and not capture.failed and mtype not in _NOT_PAYLOAD:
-                if mtype in _FAILS_CAPTURE:
-                    capture.failed = True
-                    capture.frames.clear()
-                else:
-                    capture.frames.append(buf[start:end])
-                    capture.size += end - start
-                    if (
-                        self.route is not None
-                        and self.route.cache is not None
-                        and not self.route.cache.accepts(capture.size)
-                    ):
-                        capture.failed = True
-                        capture.frames.clear()
-                        head.stats = [
-                            StatTicket(t.template_id, t.template, t.tables, str(Status.OVERSIZEDRESULT),
-                                       "the result is larger than the cache takes")
-                            for t in head.stats
-                        ]
-        out.append(buf[cut:used])
-        self._write_client(b"".join(out))
-        if not pending:
-            self._learn_when_idle()
-            if self.cbuf and not self.identity_inflight and self.phase == "ready" and not self.closed:
-                self._client_frames()
-
-    def _parameter(self, body: bytes) -> None:
-        """A ParameterStatus: a reported setting that changed changes who the session is."""
-        if self.state.parameter(*pgwire.parse_parameter_status(body)):
-            self._forget_identity()
-
-    def _lookup_frame(self, item: Pending, mtype: int, body: bytes) -> None:
-        """One frame of neonpoly's own catalog lookups: read, never forwarded."""
-        cache = self.route.cache if self.route else None
-        if mtype == 0x44:
-            item.rows.append(pgwire.parse_data_row(body))
-        elif mtype == _E:
-            item.error = True
-        elif mtype == _Z:
-            self.pending.popleft()
-            if item.identity is not None:
-                self.identity_inflight = False
-                self.hold_released = False
-                current = self.identity_asked_at == self.identity_changes  # nothing changed it since
-                if current and not item.error and item.rows and self.state.tx_status == b"I":
-                    private = self.proxy_key[1] + (self.origin_key[1] if self.origin_key else b"")
-                    self.state.learned(identity.parse(item.rows[0], private, item.identity, self.identity_epoch))
-                else:
-                    self.state.learned(None)
-            elif cache is not None and item.lookup is not None:
-                if item.error:
-                    cache.relations.refuse(self.state.database, item.lookup)
-                else:
-                    cache.relations.learn(self.state.database, item.lookup, [_lookup_row(r) for r in item.rows])
-            self._fire_cancels()
+    # --- cancels ----------------------------------------------------------------------
 
     def when_cancellable(self, fire: Callable[[], None]) -> None:
         """A CancelRequest for this session. On a direct connection it stops the statement the
@@ -877,91 +246,31 @@ class Session:
         if self.identity_inflight and self.cbuf and not self.closed:
             self.hold_released = True
             self._client_frames()  # forwarded now, not cached: the identity is not in yet
-        self.cancels.append(fire)
-        self._fire_cancels()
-
-    def _fire_cancels(self) -> None:
-        head = self.pending[0] if self.pending else None
-        if self.cancels and (self.closed or head is None or (head.lookup is None and head.identity is None)):
-            fires, self.cancels = self.cancels, []
-            for fire in fires:
-                fire()
-
-    def _release_local(self, out: list[bytes]) -> None:
-        """Cache answers queued behind origin answers go out as soon as it is their turn."""
-        pending = self.pending
-        while pending and pending[0].local is not None:
-            item = pending.popleft()
-            out.append(
-                (item.local or b"")
-                if item.flush
-                else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status)
-            )
-
-    def _complete(self, item: Pending) -> None:
-        """A response ended (ReadyForQuery): evict again, store, count."""
-        committed = self.state.tx_status == b"I"
-        cache = self.route.cache if self.route else None
-        if (item.reads or item.trusts) and cache is not None:
-            # It read relations (or trusted builtins) the catalog had not described when it was sent.
-            known = self.state.identity
-            schemas = known.schemas if known is not None else None
-            resolution = cache.relations.resolve(self.state.database, item.reads, item.trusts, schemas)
-            if resolution is None:
-                self.relations_wanted |= item.reads  # asked at the next idle moment
-            if resolution is None or resolution.runs_code is not None:
-                item.writes_everything = True
-                self._forget_identity()
-        if item.writes or item.writes_everything:
-            self.tx_writes |= item.writes
-            self.tx_writes_everything |= item.writes_everything
-        if (committed or item.commits) and (self.tx_writes or self.tx_writes_everything):
-            # The write is visible to other sessions only now (COMMIT AND CHAIN leaves a new
-            # transaction open): evict again so a miss that raced it is not kept.
-            self._invalidate(frozenset(self.tx_writes), self.tx_writes_everything)
-            self.tx_writes = set()
-            self.tx_writes_everything = False
-        if cache is None:
-            return
-        capture = item.capture
-        if capture is not None and not capture.failed and not item.error and committed and capture.frames:
-            cache.store_capture(capture)
-        elapsed = time.monotonic() - item.started
-        for ticket in item.stats:
-            cache.record(ticket, elapsed, 0)
-
-    def write_client(self, data: bytes) -> None:
-        """For answers neonpoly makes itself (the admin console)."""
-        self._write_client(data)
-
-    def _write_client(self, data: bytes) -> None:
-        if data and not self.closed:
-            self.bytes_out += len(data)
-            self.client.write(data)
+        self.cancels.hold(fire)
+        self.cancels.release(closed=self.closed)
 
     # --- endings ----------------------------------------------------------------------
 
-    def fail_client(self, sqlstate: str, message: str, outcome: str, *, fatal: bool = False) -> None:
+    def fail_client(self, sqlstate: str, message: str, outcome: str) -> None:
         """Send one ErrorResponse and close: the protocol allows nothing else after it."""
         self.outcome = outcome
-        if not self.closed and self.phase not in ("tls",):
+        if not self.closed and self.phase is not TLS:
             # Every error neonpoly itself sends ends the session, so it is FATAL.
             self.client.write(pgwire.error_response(sqlstate, message, severity="FATAL"))
         self.close()
 
     def terminate(self, message: str, outcome: str) -> None:
         """End the session from the proxy's side (remove, shutdown): 57P01 then close."""
-        self.fail_client("57P01", message, outcome, fatal=True)
+        self.fail_client("57P01", message, outcome)
 
     def origin_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        if self.phase == "ready" and (self.pending or self.inflight):
+        if self.phase is READY and (self.pending or self.inflight):
             self.fail_client(
                 "08006",
                 f"lost connection to origin {self.route.origin.label if self.route else ''}",
                 "origin lost",
-                fatal=True,
             )
         else:
             if self.outcome == "closed":
@@ -975,8 +284,8 @@ class Session:
 
     def _login_expired(self) -> None:
         self.login_timer = None
-        if not self.closed and self.phase in ("startup", "tls", "connecting", "auth"):
-            self.fail_client("08006", "neonpoly: login timed out", "login timeout", fatal=True)
+        if not self.closed and self.phase in LOGGING_IN:
+            self.fail_client("08006", "neonpoly: login timed out", "login timeout")
 
     def _stop_login_timer(self) -> None:
         if self.login_timer is not None:
@@ -988,7 +297,7 @@ class Session:
             return
         self.closed = True
         self._stop_login_timer()
-        self._fire_cancels()
+        self.cancels.release(closed=True)
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         if self.origin_transport is not None:
@@ -1018,30 +327,9 @@ class Session:
             self.origin_transport.resume_reading()
 
 
-def _lookup_row(row: list[bytes | None]) -> tuple[str, str, str, bool, str | None]:
-    kind, root, relname, flag, definition = (row + [None] * 5)[:5]
-    return (
-        (kind or b"").decode(),
-        (root or b"").decode(),
-        (relname or b"").decode(),
-        flag == b"true",
-        None if definition is None else definition.decode(),
-    )
-
-
-_NOTHING_TO_RESOLVE = Resolution(frozenset(), None, None)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    status: Status
-    reason: str  # an explanation for SHOW QUERIES and the console ("" for a miss)
-    resolution: Resolution | None = None  # what the catalog said, for a miss to be stored
-
-
 class ClientSide(asyncio.Protocol):
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    def __init__(self, open_session: Callable[[asyncio.Transport], Session]) -> None:
+        self.open_session = open_session
         self.session: Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1050,7 +338,7 @@ class ClientSide(asyncio.Protocol):
         if self.session is None:
             limit_socket_buffer(client, socket.SO_SNDBUF)  # see origin.RELAY_SOCKET_BUFFER
             client.set_write_buffer_limits(high=RELAY_SOCKET_BUFFER)
-            self.session = self.server.open_session(client)
+            self.session = self.open_session(client)
         else:  # TLS upgrade hands us the new transport
             self.session.client = client
 

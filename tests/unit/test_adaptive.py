@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.cache.capture import Capture
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.query_cache import QueryCache
 from neonpoly.cache.store import MemoryStore
-from neonpoly.proxy.pending import Capture
 from neonpoly.stats import StatsRecorder
 
 

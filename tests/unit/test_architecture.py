@@ -1,4 +1,6 @@
-"""The layering rules of architecture.md, enforced rather than hoped for."""
+"""The layering rules of ARCHITECTURE.md, enforced rather than hoped for (the contracts
+themselves are `[tool.importlinter]` in pyproject.toml; these tests run them and add a few
+rules import-linter cannot say)."""
 
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ def test_codec_imports_nothing_of_neonpoly() -> None:
     assert not uses(modules()["pgwire.py"], "neonpoly")
 
 
-def test_only_the_store_imports_diskcache() -> None:
-    assert [m for m, imp in modules().items() if uses(imp, "diskcache")] == ["cache/store.py"]
+def test_only_the_disk_tier_imports_diskcache() -> None:
+    assert [m for m, imp in modules().items() if uses(imp, "diskcache")] == ["cache/disk.py"]
 
 
 def test_only_the_policy_imports_sqlglot() -> None:
@@ -93,3 +95,10 @@ def test_running_the_proxy_loads_no_textual() -> None:
         "assert 'textual' not in sys.modules, 'textual imported by the engine'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_session_never_knows_its_server() -> None:
+    """The session talks to a SessionHost (proxy/host.py); only the server imports the session."""
+    for module, imported in modules().items():
+        if module.startswith("proxy/") and module != "proxy/server.py":
+            assert not uses(imported, "neonpoly.proxy.server"), module

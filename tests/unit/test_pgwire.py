@@ -218,6 +218,16 @@ def test_backend_key_data_and_ready_for_query() -> None:
     assert pgwire.ready_for_query(b"T") == b"Z\x00\x00\x00\x05T"
 
 
+def test_message_types_are_the_type_bytes_as_ints() -> None:
+    assert tuple(b"QZ1") == (pgwire.MSG_QUERY, pgwire.MSG_READY_FOR_QUERY, pgwire.MSG_PARSE_COMPLETE)
+    assert pgwire.frame(pgwire.MSG_SYNC) == pgwire.frame(b"S") == b"S\x00\x00\x00\x04"
+    assert pgwire.scan_frames(pgwire.frame(pgwire.MSG_QUERY, b"x"))[0][0][0] == pgwire.MSG_QUERY
+    assert pgwire.frame(pgwire.MSG_PARSE_COMPLETE) == pgwire.PARSE_COMPLETE  # the older names are whole frames
+    for status in (b"I", b"T", b"E", b"?"):
+        assert pgwire.ready_for_query(status) == b"Z\x00\x00\x00\x05" + status
+    assert pgwire.close_statement("s1") == b"C" + struct.pack("!i", 8) + b"Ss1\x00"
+
+
 def test_extended_messages_parse() -> None:
     parse = pgwire.ParseMsg("s1", "SELECT $1::int", struct.pack("!hi", 1, 23))
     raw = pgwire.build_parse(parse)

@@ -1,0 +1,109 @@
+"""The memory tier: a bounded LRU by bytes, the L1 of the tiered store (and alone in tests)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from neonpoly.cache.entry import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    CacheEntry,
+    Clock,
+    EntryFilter,
+    GenerationsFacade,
+    StoreUsage,
+    is_live,
+)
+from neonpoly.cache.invalidation import TableGenerations
+
+# Rough per-entry bookkeeping cost in the L1, so many tiny entries still count against memory.
+_L1_ENTRY_OVERHEAD = 256
+
+
+class MemoryStore(GenerationsFacade):
+    """Bounded LRU by bytes. Used alone in tests and as the L1 of `TieredStore`."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        clock: Clock = time.time,
+        max_entry_bytes: int | None = None,
+        generations: TableGenerations | None = None,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = min(max_entry_bytes or DEFAULT_MAX_ENTRY_BYTES, max_bytes)
+        self.generations = generations or TableGenerations()
+        self._clock = clock
+        self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
+        self._bytes = 0
+        # Purges may run off-loop (admin in a worker thread); an uncontended lock costs ~50 ns.
+        self._lock = threading.Lock()
+
+    def bind_generations(self, generations: TableGenerations) -> None:
+        """Adopt another store's generations; existing entries are dropped since their stamps
+        belong to the old counters."""
+        with self._lock:
+            self.generations = generations
+            self._entries.clear()
+            self._bytes = 0
+
+    def accepts(self, size: int) -> bool:
+        return size <= self.max_entry_bytes
+
+    @staticmethod
+    def _cost(key: bytes, entry: CacheEntry) -> int:
+        return len(key) + entry.size + _L1_ENTRY_OVERHEAD
+
+    def get(self, key: bytes) -> CacheEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if is_live(entry, self._clock(), self.generations):
+                self._entries.move_to_end(key)
+                return entry
+            del self._entries[key]
+            self._bytes -= self._cost(key, entry)
+            return None
+
+    def put(self, key: bytes, entry: CacheEntry) -> None:
+        if not self.accepts(entry.size) or not is_live(entry, self._clock(), self.generations):
+            return
+        cost = self._cost(key, entry)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= self._cost(key, old)
+            self._entries[key] = entry
+            self._bytes += cost
+            while self._bytes > self.max_bytes and self._entries:
+                k, e = self._entries.popitem(last=False)
+                self._bytes -= self._cost(k, e)
+
+    def _remove_where(self, match: EntryFilter, view: TableGenerations) -> set[bytes]:
+        now = self._clock()
+        live: set[bytes] = set()
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if match(entry):
+                    if is_live(entry, now, view):
+                        live.add(key)
+                    del self._entries[key]
+                    self._bytes -= self._cost(key, entry)
+        return live
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def usage(self) -> StoreUsage:
+        return StoreUsage(len(self._entries), self._bytes, self.max_bytes, len(self._entries), self._bytes)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.clear()

@@ -1,0 +1,144 @@
+"""Extended-protocol batches: every message up to Sync, decided on as a whole.
+
+The relay collects Parse/Bind/Describe/Execute/Close in a `BatchBuffer` (extended.py). At
+Sync the batch is planned and either answered from the cache or forwarded, preceded by any
+Parse the origin lacks. A batch that cannot wait for its Sync (a Flush that wants answers,
+COPY, a pipeline that never syncs) is streamed instead: forwarded as it arrives, never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from neonpoly import pgwire
+from neonpoly.cache.capture import StatTicket
+from neonpoly.cache.policy import Status
+from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE
+from neonpoly.proxy.decisions import CacheDecisions
+from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan
+from neonpoly.proxy.pending import Pending
+
+
+class BatchHandling(CacheDecisions):
+    def __init__(self, client: asyncio.Transport) -> None:
+        super().__init__(client)
+        self.batch = BatchBuffer(self.book)
+        # Plans and keys of batches seen before, by (book version, Flush?, messages): see _sync.
+        self._plans: dict[tuple[object, ...], tuple[BatchPlan, bytes, bytes]] = {}
+
+    def _sync(self, raw: bytes, out: list[bytes], expect: int | None = None) -> None:
+        """Decide on a whole batch at its Sync (or at a Flush, `expect` answers long)."""
+        if self.stream is not None:
+            out.append(raw)
+            self.stream = None
+            self.batch_open = False
+            return
+        batch = self.batch.take()
+        flush = expect is not None
+        # A driver re-running a prepared statement sends the same Bind/Execute bytes again
+        # (pgbench -M prepared, asyncpg's statement cache): plan and key them once.
+        memo_key = None
+        memo = None
+        if all(t != MSG_PARSE and t != MSG_CLOSE for t, _ in batch):
+            memo_key = (self.book.version, flush, tuple(batch))
+            memo = self._plans.get(memo_key)
+        plan = memo[0] if memo is not None else self.book.plan(batch)
+        item = Pending(time.monotonic(), flush=flush, expect=expect)
+        info = plan.primary
+        self._plan_effects(plan, item, out)
+        refusal = (plan.status, plan.reason) if plan.status is not None else None
+        if refusal is None and info is not None and not info.cacheable:
+            refusal = (info.status or Status.UNCACHEABLE, info.reason)
+        template = info.template_id if info is not None else ""
+        decision = self._cache_decision(refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read)
+        status, reason = decision.status, decision.reason
+        if flush and status is Status.MISS and any(t == MSG_BIND for t, _ in batch):
+            # Its portal must exist at the origin for the Execute that follows the Flush.
+            status, reason = Status.UNCACHEABLE, "a Flush before Sync needs the portal at the origin"
+        cache = self.route.cache if self.route else None
+        if status is Status.MISS and cache is not None and (plan.executes or info is not None):
+            context = self.state.context()
+            if memo is not None and memo[1] is context:
+                key = memo[2]
+            else:
+                # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
+                key = cache.key(context, (b"H" if flush else b"X") + plan.material)
+                if memo_key is not None:
+                    if len(self._plans) >= 2048:  # a hot set per session; ~1 MB at most
+                        self._plans.clear()
+                    self._plans[memo_key] = (plan, context, key)
+            payload = cache.lookup(key)
+            if payload is not None and not self._busy():
+                self.book.after_local(plan)
+                if plan.executes:
+                    self._answer_locally(payload, plan.executed, item)
+                else:
+                    self._answer_quietly(payload, item)
+                return
+            item.capture = self._capture(cache, key, decision.resolution, template)
+        # Not neutral while the catalog has not described what it reads: it may run code.
+        item.neutral = status is Status.MISS and not (item.reads or item.trusts)
+        item.stats.extend(
+            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
+        )
+        deferred = self.book.deferred_parses(plan)
+        item.swallow = len(deferred)
+        self.book.after_forward(plan)
+        for name in plan.deallocates:
+            self.book.deallocated(name)
+        self.pending.append(item)
+        out.extend(deferred)
+        out.extend(pgwire.frame(t, b) for t, b in batch)
+        out.append(raw)
+        self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
+
+    def _plan_effects(self, plan: BatchPlan, item: Pending, out: list[bytes] | None) -> None:
+        """A batch's writes evict before it is sent; session changes make the session learn
+        its identity again (as `_note_effects` for a simple query)."""
+        everything = plan.writes_everything or self.state.legacy_strings
+        if plan.fetches and self.writing_cursors:
+            everything = True
+        if plan.cursor_writes:
+            self.writing_cursors = True
+        if plan.writes or everything:
+            item.writes = item.writes | plan.writes
+            item.writes_everything = item.writes_everything or everything
+            self._invalidate(plan.writes, everything, out, cluster_wide=plan.cluster_wide)
+        item.commits = item.commits or plan.commits
+        if plan.changes_session or everything:
+            self._forget_identity()
+
+    def _open_stream(self, out: list[bytes]) -> None:
+        """Forward the batch so far and everything up to its Sync as it arrives."""
+        batch = self.batch.take()
+        plan = self.book.plan(batch)
+        item = Pending(time.monotonic())
+        self._plan_effects(plan, item, out)
+        self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, item, out)
+        status, reason = (plan.status, plan.reason) if plan.status else (Status.BYPASS, "streamed before its Sync")
+        item.stats.extend(
+            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
+        )
+        deferred = self.book.deferred_parses(plan)
+        item.swallow = len(deferred)
+        self.book.after_forward(plan)
+        for name in plan.deallocates:
+            self.book.deallocated(name)
+        self.pending.append(item)
+        self.stream = item
+        out.extend(deferred)
+        out.extend(pgwire.frame(t, b) for t, b in batch)
+
+    def _stream_frame(self, mtype: int, body: bytes, raw: bytes, out: list[bytes]) -> None:
+        assert self.stream is not None
+        if mtype in BATCHED:
+            plan = self.book.plan([(mtype, body)])
+            self._plan_effects(plan, self.stream, None)
+            if plan.tables or plan.shadowable:
+                self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, self.stream, None)
+            deferred = self.book.deferred_parses(plan)
+            self.stream.swallow += len(deferred)
+            self.book.after_forward(plan)
+            out.extend(deferred)
+        out.append(raw)

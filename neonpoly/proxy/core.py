@@ -1,0 +1,62 @@
+"""What every layer of a session shares: its connections, route and state, the queue of
+requests the origin still has to answer, and the two ways out (to the client, to the origin).
+
+See session.py for the layers built on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import deque
+from typing import TYPE_CHECKING
+
+from neonpoly.proxy.cancel import CancelGate
+from neonpoly.proxy.extended import StatementBook
+from neonpoly.proxy.pending import Pending
+from neonpoly.proxy.state import STARTUP, Phase, SessionState
+
+if TYPE_CHECKING:
+    from neonpoly.proxy.routes import Route
+
+
+class SessionCore:
+    """The bottom layer of a Session: its shared state and the ways out."""
+
+    def __init__(self, client: asyncio.Transport) -> None:
+        self.client = client
+        self.origin_transport: asyncio.Transport | None = None
+        self.route: Route | None = None
+        self.state = SessionState()
+        self.phase: Phase = STARTUP
+        self.cbuf = bytearray()  # client bytes not consumed yet (held while the identity is asked)
+        self.obuf = bytearray()  # origin bytes not consumed yet (an incomplete frame)
+        # Every request the origin still has to answer, in order, with the cache's answers
+        # that wait their turn behind them (see pending.py).
+        self.pending: deque[Pending] = deque()
+        self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
+        self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)
+        self.book = StatementBook()  # the session's prepared statements (DEALLOCATE reaches them too)
+        self.cancels = CancelGate(self.pending)
+        # The key the client sees for cancels: the origin's real backend PID (so that
+        # pg_terminate_backend, pg_stat_activity and NOTIFY agree with it) and a secret of
+        # neonpoly's own, which routes a CancelRequest to this session's origin.
+        self.proxy_key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
+        self.origin_key: tuple[int, bytes] | None = None
+        self.bytes_out = 0
+        self.outcome = "closed"  # how the session ended, for the log line
+        self.closed = False
+
+    def write_client(self, data: bytes) -> None:
+        """Everything the client receives goes out here (the admin console's answers too)."""
+        if data and not self.closed:
+            self.bytes_out += len(data)
+            self.client.write(data)
+
+    def _write_origin(self, out: list[bytes]) -> None:
+        if out and self.origin_transport is not None:
+            self.origin_transport.write(b"".join(out))
+
+    def close(self) -> None:
+        """End the session (Session.close: both connections, the host, the log line)."""
+        raise NotImplementedError

@@ -1,0 +1,231 @@
+"""The frame loops: client bytes to the origin, origin bytes to the client.
+
+Bytes are forwarded untouched and in one write per read; only the frames a decision needs
+are looked at. From the client: queries (decided on by the layers below), Terminate. From
+the origin: ReadyForQuery (the transaction status, the end of a response), ParameterStatus,
+the answers to neonpoly's own lookups (read, never forwarded) and the responses of misses
+being captured. This runs for every read, so it reads the message types as plain ints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from neonpoly import pgwire
+from neonpoly.cache.capture import StatTicket
+from neonpoly.cache.policy import Status
+from neonpoly.pgwire import (
+    MSG_CLOSE_COMPLETE,
+    MSG_COPY_BOTH_RESPONSE,
+    MSG_COPY_IN_RESPONSE,
+    MSG_COPY_OUT_RESPONSE,
+    MSG_ERROR_RESPONSE,
+    MSG_FLUSH,
+    MSG_FUNCTION_CALL,
+    MSG_NOTICE_RESPONSE,
+    MSG_NOTIFICATION_RESPONSE,
+    MSG_PARAMETER_STATUS,
+    MSG_PARSE_COMPLETE,
+    MSG_QUERY,
+    MSG_READY_FOR_QUERY,
+    MSG_SYNC,
+    MSG_TERMINATE,
+)
+from neonpoly.proxy.batches import BatchHandling
+from neonpoly.proxy.extended import BATCHED
+from neonpoly.proxy.pending import Pending
+from neonpoly.proxy.state import READY
+
+# Notifications, notices, parameter changes: never replayed.
+_NOT_PAYLOAD = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_NOTICE_RESPONSE, MSG_PARAMETER_STATUS))
+# Errors and COPY are never stored. A suspended portal ('s', asyncpg's fetchval sends a
+# row limit of 1) is: outside a transaction its portal dies at Sync, so the same request
+# always gets the same bytes, and the row limit is part of the key.
+_FAILS_CAPTURE = frozenset((MSG_ERROR_RESPONSE, MSG_COPY_IN_RESPONSE, MSG_COPY_OUT_RESPONSE, MSG_COPY_BOTH_RESPONSE))
+_ENDS_WITH_READY = frozenset((MSG_QUERY, MSG_SYNC, MSG_FUNCTION_CALL))  # requests answered up to ReadyForQuery
+# Notifications and settings are the client's, even in the middle of neonpoly's own lookup.
+_CLIENTS_DURING_LOOKUP = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_PARAMETER_STATUS))
+_SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to Parses/Closes sent for the client
+
+
+class Relay(BatchHandling):
+    def __init__(self, client: asyncio.Transport) -> None:
+        super().__init__(client)
+        self.inflight = 0  # pass-through requests awaiting ReadyForQuery
+
+    def _client_frames(self) -> None:
+        frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
+        if not frames:
+            return
+        buf = bytes(self.cbuf[:used])
+        del self.cbuf[:used]
+        if self.route is not None and self.route.cache is None:
+            self._relay_frames(frames, buf)
+            return
+        out: list[bytes] = []
+        batch = self.batch
+        for mtype, start, end in frames:
+            if self.stream is not None and mtype != MSG_SYNC and mtype != MSG_FLUSH:
+                self._stream_frame(mtype, buf[start + 5 : end], buf[start:end], out)
+            elif mtype in BATCHED:
+                if batch.add(mtype, buf[start + 5 : end]):  # an Execute that runs COPY
+                    self._open_stream(out)
+            elif mtype == MSG_SYNC:
+                self._sync(buf[start:end], out)
+            elif mtype == MSG_FLUSH:  # the client wants answers before Sync
+                expect = batch.expected_answers()
+                if self.stream is not None or expect is None:
+                    if self.stream is None and batch.messages:
+                        self._open_stream(out)
+                    out.append(buf[start:end])
+                elif batch.messages:
+                    self._sync(buf[start:end], out, expect=expect)
+                else:
+                    out.append(buf[start:end])
+            elif mtype == MSG_QUERY:
+                self._query(buf[start + 5 : end], buf[start:end], out)
+            elif mtype == MSG_TERMINATE:
+                out.append(buf[start:end])
+                self.outcome = "client terminated"
+                self._write_origin(out)
+                self.close()
+                return
+            else:  # CopyData/Done/Fail, FunctionCall: straight through
+                if mtype == MSG_FUNCTION_CALL:  # it runs a function by OID: anything may happen
+                    self.pending.append(Pending(time.monotonic(), writes_everything=True))
+                    self._invalidate(frozenset(), everything=True)
+                    self._forget_identity()
+                out.append(buf[start:end])
+        if batch.messages and self.stream is None:
+            # The client sent no Sync (or Flush) with what it has sent so far. PostgreSQL runs
+            # each message as it arrives, and a pipeline may wait for their answers before it
+            # ever syncs: forward them now (such a batch is not cached).
+            self._open_stream(out)
+        self._write_origin(out)
+
+    def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:
+        """Pass-through (no cache): nothing to decide, so no parsing and one write.
+
+        Only count the requests that end in ReadyForQuery, so that a lost origin or a
+        shutdown knows whether a client is waiting for an answer.
+        """
+        for mtype, _, _ in frames:
+            if mtype in _ENDS_WITH_READY:
+                self.inflight += 1
+            elif mtype == MSG_TERMINATE:
+                self.outcome = "client terminated"
+                if self.origin_transport is not None:
+                    self.origin_transport.write(buf)
+                self.close()
+                return
+        if self.origin_transport is not None:
+            self.origin_transport.write(buf)
+
+    def _origin_frames(self) -> None:
+        frames, used = pgwire.scan_frames(self.obuf)
+        if not frames:
+            return
+        buf = bytes(self.obuf[:used])
+        del self.obuf[:used]
+        out: list[bytes] = []
+        cut = 0  # start of the span not yet appended to out
+        pending = self.pending
+        for mtype, start, end in frames:
+            head = pending[0] if pending else None
+            if head is not None and head.local is not None:  # pragma: no cover - defensive
+                head = None
+            if head is not None and (head.lookup is not None or head.identity is not None):
+                if mtype in _CLIENTS_DURING_LOOKUP:
+                    if mtype == MSG_PARAMETER_STATUS:
+                        self._parameter(buf[start + 5 : end])
+                    continue
+                out.append(buf[cut:start])
+                cut = end
+                self._lookup_frame(head, mtype, buf[start + 5 : end])
+                if mtype == MSG_READY_FOR_QUERY:
+                    self._release_local(out)
+                continue
+            if mtype == MSG_READY_FOR_QUERY:
+                self.state.tx_status = buf[start + 5 : start + 6]
+                out.append(buf[cut:end])
+                cut = end
+                if self.inflight:
+                    self.inflight -= 1
+                # Flush batches still open here failed: the origin skipped to this Sync.
+                skipped = False
+                while pending and pending[0].flush and pending[0].local is None:
+                    failed = pending.popleft()
+                    failed.error = skipped = True
+                    self._complete(failed)
+                if pending and pending[0].local is None:
+                    done = pending.popleft()
+                    done.error = done.error or skipped
+                    self._complete(done)
+                self._release_local(out)
+                continue
+            if head is None:
+                if mtype == MSG_PARAMETER_STATUS:
+                    self._parameter(buf[start + 5 : end])
+                continue
+            if head.swallow and mtype in _SWALLOWED:  # our Parse/Close ahead of it
+                head.swallow -= 1
+                out.append(buf[cut:start])
+                cut = end
+                continue
+            if mtype == MSG_ERROR_RESPONSE:
+                head.error = True
+            elif mtype == MSG_PARAMETER_STATUS:
+                self._parameter(buf[start + 5 : end])
+            capture = head.capture
+            if head.flush and head.expect is not None and mtype not in _NOT_PAYLOAD:
+                if mtype == MSG_ERROR_RESPONSE:
+                    head.expect = None  # now ends at the next ReadyForQuery
+                else:
+                    head.expect -= 1
+                    if capture is not None and not capture.failed:
+                        capture.frames.append(buf[start:end])
+                        capture.size += end - start
+                    if head.expect == 0:
+                        out.append(buf[cut:end])
+                        cut = end
+                        pending.popleft()
+                        self._complete(head)
+                        self._release_local(out)
+                    continue
+            if capture is not None and not capture.failed and mtype not in _NOT_PAYLOAD:
+                if mtype in _FAILS_CAPTURE:
+                    capture.failed = True
+                    capture.frames.clear()
+                else:
+                    capture.frames.append(buf[start:end])
+                    capture.size += end - start
+                    if (
+                        self.route is not None
+                        and self.route.cache is not None
+                        and not self.route.cache.accepts(capture.size)
+                    ):
+                        capture.failed = True
+                        capture.frames.clear()
+                        head.stats = [
+                            StatTicket(t.template_id, t.template, t.tables, str(Status.OVERSIZEDRESULT),
+                                       "the result is larger than the cache takes")
+                            for t in head.stats
+                        ]
+        out.append(buf[cut:used])
+        self.write_client(b"".join(out))
+        if not pending:
+            self._learn_when_idle()
+            if self.cbuf and not self.identity_inflight and self.phase is READY and not self.closed:
+                self._client_frames()
+
+    def _release_local(self, out: list[bytes]) -> None:
+        """Cache answers queued behind origin answers go out as soon as it is their turn."""
+        pending = self.pending
+        while pending and pending[0].local is not None:
+            item = pending.popleft()
+            out.append(
+                (item.local or b"")
+                if item.flush
+                else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status)
+            )

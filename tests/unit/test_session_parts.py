@@ -1,0 +1,79 @@
+"""The small objects a session is made of, on their own: the batch being received and the
+cancels held back while neonpoly's own lookup runs."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from neonpoly import pgwire
+from neonpoly.pgwire import MSG_BIND, MSG_DESCRIBE, MSG_EXECUTE, MSG_PARSE, TARGET_PORTAL, TARGET_STATEMENT
+from neonpoly.proxy.cancel import CancelGate
+from neonpoly.proxy.extended import BatchBuffer, StatementBook
+from neonpoly.proxy.pending import Pending
+
+
+def _parse(name: str, sql: str) -> bytes:
+    return pgwire.cstr(name) + pgwire.cstr(sql) + b"\x00\x00"
+
+
+def _bind(statement: str) -> bytes:
+    return pgwire.cstr("") + pgwire.cstr(statement) + b"\x00\x00\x00\x00\x00\x00"
+
+
+EXECUTE = pgwire.cstr("") + b"\x00\x00\x00\x00"
+
+
+def test_an_execute_of_a_copy_parsed_in_the_batch_runs_copy() -> None:
+    batch = BatchBuffer(StatementBook())
+    assert not batch.add(MSG_PARSE, _parse("c", "COPY t FROM STDIN"))
+    assert not batch.add(MSG_BIND, _bind("c"))
+    assert batch.add(MSG_EXECUTE, EXECUTE)
+    assert [t for t, _ in batch.take()] == [MSG_PARSE, MSG_BIND, MSG_EXECUTE]
+    assert batch.messages == []
+    # Taken: what the next batch binds is judged afresh.
+    assert not batch.add(MSG_BIND, _bind("c")) and not batch.add(MSG_EXECUTE, EXECUTE)
+
+
+def test_an_execute_of_a_copy_from_an_earlier_batch_runs_copy() -> None:
+    book = StatementBook()
+    plan = book.plan([(MSG_PARSE, _parse("c", "COPY t TO STDOUT")), (MSG_PARSE, _parse("s", "SELECT 1"))])
+    book.after_forward(plan)
+    batch = BatchBuffer(book)
+    assert not batch.add(MSG_BIND, _bind("s")) and not batch.add(MSG_EXECUTE, EXECUTE)
+    batch.take()
+    assert not batch.add(MSG_BIND, _bind("c")) and batch.add(MSG_EXECUTE, EXECUTE)
+
+
+def test_a_flush_ended_batch_expects_one_answer_a_message_two_per_statement_describe() -> None:
+    batch = BatchBuffer(StatementBook())
+    batch.add(MSG_PARSE, _parse("s", "SELECT 1"))
+    batch.add(MSG_DESCRIBE, TARGET_STATEMENT + pgwire.cstr("s"))
+    batch.add(MSG_BIND, _bind("s"))
+    batch.add(MSG_DESCRIBE, TARGET_PORTAL + pgwire.cstr(""))
+    assert batch.expected_answers() == 5
+    batch.add(MSG_EXECUTE, EXECUTE)
+    assert batch.expected_answers() is None  # rows stream: no count
+
+
+def test_cancels_wait_for_neonpolys_own_lookup_at_the_head() -> None:
+    pending: deque[Pending] = deque()
+    gate = CancelGate(pending)
+    fired: list[int] = []
+    pending.append(Pending(0.0, neutral=True, identity=frozenset()))
+    gate.hold(lambda: fired.append(1))
+    gate.release(closed=False)
+    assert fired == [] and len(gate) == 1
+    pending.popleft()
+    pending.append(Pending(0.0))  # the client's own request runs now
+    gate.release(closed=False)
+    assert fired == [1] and len(gate) == 0
+
+
+def test_a_closed_session_lets_held_cancels_go() -> None:
+    pending: deque[Pending] = deque([Pending(0.0, lookup=["t"])])
+    gate = CancelGate(pending)
+    fired: list[int] = []
+    gate.hold(lambda: fired.append(1))
+    gate.release(closed=True)
+    assert fired == [1]
+
