@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -37,6 +37,9 @@ class ConsoleApp(App[None]):
     BINDINGS = [
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
+        # Textual's ctrl+c only says how to quit; here it quits, as in every terminal tool.
+        # Not a priority binding: with text selected, the screen's ctrl+c copies it first.
+        Binding("ctrl+c", "quit", "Quit", show=False),
     ]
 
     def __init__(
@@ -49,6 +52,7 @@ class ConsoleApp(App[None]):
         self.own_control = own_control
         self.refresh_seconds = refresh_seconds
         self.theme = "textual-dark"
+        self._kept: dict[str, str] = {}  # installed screen name -> its cache id
 
     def get_default_screen(self) -> Screen[None]:
         return IntegrationsScreen(self.control)
@@ -86,53 +90,106 @@ class ConsoleApp(App[None]):
             self.notify("PolyScale is not added yet: press a to add it.", severity="warning")
         return view
 
-    def _back_to_page(self) -> None:
-        while not isinstance(self.screen, IntegrationsScreen) and len(self.screen_stack) > 1:
-            self.pop_screen()
+    # -- screens ---------------------------------------------------------------------------
+    #
+    # The Manage drawer and the cache view are composed once per cache and kept installed
+    # (re-showing one costs a few ms, composing it ~80 ms). Textual removes a popped screen
+    # from the DOM only if it is not installed at that moment; `uninstall_screen` merely
+    # forgets the name. So a kept screen popped while installed stays mounted off the stack
+    # until it is removed explicitly: `_release_kept` does that, after every pop has finished.
+
+    async def _back_to_page(self) -> None:
+        """Pop every screen above the Integrations page and wait until each pop is done."""
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, IntegrationsScreen):
+            await self.pop_screen()
+
+    async def _pop_to(self, screen: Screen[Any]) -> None:
+        while self.screen is not screen and screen in self.screen_stack:
+            await self.pop_screen()
+
+    def _kept_screen(self, kind: str, cache_id: str, make: Callable[[], Screen[None]]) -> Screen[None]:
+        name = f"{kind}-{cache_id}"
+        if not self.is_screen_installed(name):
+            self.install_screen(make(), name)
+            self._kept[name] = cache_id
+        return self.get_screen(name)
+
+    async def _release_kept(self, *, also: str | None = None) -> None:
+        """Uninstall and remove the kept screens of caches that are gone (and of `also`, a
+        cache id about to be shown anew), except those still on the stack: those are
+        released by a later call, once popped."""
+        alive = {view.cache_id for view in self.control.integrations()} - {also}
+        for name, cache_id in list(self._kept.items()):
+            if cache_id in alive:
+                continue
+            screen = self.get_screen(name)
+            if screen in self.screen_stack:
+                continue
+            self.uninstall_screen(name)
+            del self._kept[name]
+            await screen.remove()
+
+    def _manage_drawer(self, cache_id: str) -> ManagePolyScaleDrawer:
+        screen = self._kept_screen("manage", cache_id, lambda: ManagePolyScaleDrawer(self.control, cache_id))
+        assert isinstance(screen, ManagePolyScaleDrawer)
+        return screen
+
+    def _cache_view(self, view: IntegrationView) -> CacheViewScreen:
+        screen = self._kept_screen(
+            "cache", view.cache_id, lambda: CacheViewScreen(self.control, view.cache_id, view.name)
+        )
+        assert isinstance(screen, CacheViewScreen)
+        return screen
 
     # -- actions (keys on every screen, and the command palette) ------------------------
 
-    def action_add(self) -> None:
+    async def action_add(self) -> None:
         if self.integration() is not None:
             self.notify("PolyScale is already added: opening Manage.")
-            self.action_manage()
+            await self.action_manage()
             return
         if isinstance(self.screen, AddPolyScaleDrawer):
             return
-        self._back_to_page()
+        await self._back_to_page()
+        await self._release_kept()
         self.push_screen(AddPolyScaleDrawer(self.control), self._added)
 
-    def _added(self, view: IntegrationView | None) -> None:
+    async def _added(self, view: IntegrationView | None) -> None:
         if view is None:
             return
         self.refresh_views()
         self.notify(f"PolyScale added: cache {view.name} is ready.", severity="information")
-        self.push_screen(self._manage_drawer(view.cache_id))
+        await self._back_to_page()
+        await self._release_kept(also=view.cache_id)  # a new cache never shows an old screen
+        await self._show_manage(view)
 
-    def _manage_drawer(self, cache_id: str) -> str:
-        """The drawer is built once per cache and kept installed: composing and styling it
-        costs ~80 ms, re-showing it a few ms (keys must feel instant)."""
-        name = f"manage-{cache_id}"
-        if not self.is_screen_installed(name):
-            self.install_screen(ManagePolyScaleDrawer(self.control, cache_id), name)
-        return name
+    async def _show_manage(self, view: IntegrationView) -> None:
+        drawer = self._manage_drawer(view.cache_id)
+        if drawer in self.screen_stack:  # under the cache view opened from it: back to it
+            await self._pop_to(drawer)
+            return
+        await self._back_to_page()
+        drawer.opened()
+        self.push_screen(drawer)
 
-    def action_manage(self) -> None:
+    async def action_manage(self) -> None:
         view = self._configured()
         if view is None or isinstance(self.screen, ManagePolyScaleDrawer):
             return
-        self._back_to_page()
-        self.push_screen(self._manage_drawer(view.cache_id))
+        await self._release_kept()
+        await self._show_manage(view)
 
-    def action_view_cache(self) -> None:
+    async def action_view_cache(self) -> None:
         view = self._configured()
         if view is None or isinstance(self.screen, CacheViewScreen):
             return
-        self._back_to_page()
-        name = f"cache-{view.cache_id}"
-        if not self.is_screen_installed(name):  # kept installed, as the Manage drawer
-            self.install_screen(CacheViewScreen(self.control, view.cache_id, view.name), name)
-        self.push_screen(name)
+        await self._release_kept()
+        top = self.screen
+        from_drawer = isinstance(top, ManagePolyScaleDrawer) and top.cache_id == view.cache_id
+        if not from_drawer:
+            await self._back_to_page()
+        # Opened from the Manage drawer, the view stacks over it: esc goes back to the drawer.
+        self.push_screen(self._cache_view(view))
 
     def action_copy(self) -> None:
         view = self._configured()
@@ -214,10 +271,8 @@ class ConsoleApp(App[None]):
 
     async def _remove(self, view: IntegrationView) -> None:
         ended = await self.control.remove(view.cache_id)
-        self._back_to_page()
-        for name in (f"manage-{view.cache_id}", f"cache-{view.cache_id}"):
-            if self.is_screen_installed(name):
-                self.uninstall_screen(name)
+        await self._back_to_page()
+        await self._release_kept(also=view.cache_id)
         self.refresh_views()
         self.notify(
             f"Removed PolyScale: deleted cache {view.name}, ended {fmt.plural(ended, 'connection', 'connections')}."

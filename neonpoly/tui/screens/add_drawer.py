@@ -36,7 +36,9 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
     # footer shows the first binding of a key along the focus chain. `check_action` turns it
     # off where enter means something else (the Workspace Select and its menu).
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel"),
+        Binding("escape", "close", "Close"),
+        # q closes the drawer as on every screen; typed into the key box it is a letter.
+        Binding("q", "close", "Close", show=False),
         Binding("enter", "sign_in", "Sign in", key_display="enter", priority=True),
         Binding("enter", "authorize", "Authorize", key_display="enter", priority=True),
         Binding("tab", "app.focus_next", "Next"),
@@ -56,7 +58,7 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         with VerticalScroll(id="drawer", classes="drawer"):
             with Horizontal(classes="drawer-title"):
                 yield Label("Add PolyScale", classes="title")
-                yield Label("esc Cancel", classes="hint")
+                yield Label("esc Close", classes="hint")
             yield Label(INTRO, classes="intro")
             yield Label("How to add", classes="subtitle")
             yield Label(id="step-1", classes="step")
@@ -117,7 +119,7 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
     def action_authorize(self) -> None:
         self.query_one("#authorize", Button).action_press()
 
-    def action_cancel(self) -> None:
+    def action_close(self) -> None:
         if self.busy:
             # Leaving mid-authorize would orphan a half-made cache; finish or fail first.
             self.notify("Authorizing… wait for it to finish.", severity="warning")

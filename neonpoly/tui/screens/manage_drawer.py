@@ -29,7 +29,8 @@ def origin_line(view: IntegrationView, live_state: str | None = None) -> str:
 
 class ManagePolyScaleDrawer(ModalScreen[None]):
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel"),
+        Binding("escape", "close", "Close"),
+        Binding("q", "close", "Close", show=False),
         Binding("c", "app.copy", "Copy"),
         Binding("s", "reveal", "Show/hide"),
         Binding("v", "app.view_cache", "View cache"),
@@ -42,6 +43,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         self.control = control
         self.cache_id = cache_id
         self.revealed = False
+        self._fresh = True
 
     def compose(self) -> ComposeResult:
         view = self._view()
@@ -50,7 +52,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         with VerticalScroll(id="drawer", classes="drawer"):
             with Horizontal(classes="drawer-title"):
                 yield Label("Manage PolyScale", classes="title")
-                yield Label("esc Cancel", classes="hint")
+                yield Label("esc Close", classes="hint")
             yield Label(id="cache-line")
             yield Label(id="origin-line")
             yield Label(id="entries-line")
@@ -94,11 +96,18 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         self.refresh_data()
         self.query_one("#copy", Button).focus()
 
+    def opened(self) -> None:
+        """The drawer is about to be shown anew (it is kept installed between showings), not
+        uncovered by a screen above it closing: the password starts hidden again."""
+        self._fresh = True
+
     def on_screen_resume(self) -> None:
-        # Shown again (the drawer is kept installed): the password starts hidden each time.
-        self.revealed = False
+        if self._fresh:
+            self._fresh = False
+            self.revealed = False
+            for button in self.query("#copy").results(Button):
+                button.focus()
         self.refresh_data()
-        self.query_one("#copy", Button).focus()
 
     def refresh_data(self) -> None:
         view = self._view()
@@ -127,7 +136,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         set_text(self.query_one("#conn-string", Label), text)
         self.query_one("#reveal", Button).label = "s Hide" if self.revealed else "s Show"
 
-    def action_cancel(self) -> None:
+    def action_close(self) -> None:
         self.dismiss(None)
 
     def action_reveal(self) -> None:

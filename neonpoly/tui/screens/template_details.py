@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Label
+from textual.widgets import Footer, Label
 
 from neonpoly.stats import TemplateStats
 from neonpoly.tui import format as fmt
@@ -35,7 +35,10 @@ def detail_rows(stats: TemplateStats) -> list[tuple[str, str]]:
 class TemplateDetailsModal(ModalScreen[None]):
     """A snapshot taken when opened: the figures hold still while being read."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("q", "dismiss", "Close", show=False),
+    ]
 
     def __init__(self, stats: TemplateStats) -> None:
         super().__init__(classes="details-screen")
@@ -51,3 +54,4 @@ class TemplateDetailsModal(ModalScreen[None]):
                     yield Label(label, classes="detail-label")
                     yield Label(value, classes="detail-value", markup=False)
             yield Label("esc close", classes="hint")
+        yield Footer()
