@@ -169,6 +169,7 @@ class ConsoleApp(App[None]):
             await self._pop_to(drawer)
             return
         await self._back_to_page()
+        await self._release_kept()
         drawer.opened()
         self.push_screen(drawer)
 
@@ -176,19 +177,17 @@ class ConsoleApp(App[None]):
         view = self._configured()
         if view is None or isinstance(self.screen, ManagePolyScaleDrawer):
             return
-        await self._release_kept()
         await self._show_manage(view)
 
     async def action_view_cache(self) -> None:
         view = self._configured()
         if view is None or isinstance(self.screen, CacheViewScreen):
             return
-        await self._release_kept()
         top = self.screen
-        from_drawer = isinstance(top, ManagePolyScaleDrawer) and top.cache_id == view.cache_id
-        if not from_drawer:
+        if not (isinstance(top, ManagePolyScaleDrawer) and top.cache_id == view.cache_id):
             await self._back_to_page()
         # Opened from the Manage drawer, the view stacks over it: esc goes back to the drawer.
+        await self._release_kept()
         self.push_screen(self._cache_view(view))
 
     def action_copy(self) -> None:

@@ -9,7 +9,7 @@ re-add, `'cache-view'` after view, remove, re-add, view).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from textual.pilot import Pilot
@@ -110,6 +110,25 @@ async def test_removed_elsewhere_then_added_again_shows_fresh_screens() -> None:
         await press(pilot, *ADD, "v")
         assert app.screen is not old_view and isinstance(app.screen, CacheViewScreen)
         assert old_view not in mounted_screens(app) and old_drawer not in mounted_screens(app)
+
+
+async def test_replaced_elsewhere_while_its_cache_view_is_open() -> None:
+    """Removed and added again by the CLI (a new cache id) under an open cache view."""
+    control = DemoControl(configured=True)
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await press(pilot, "m", "v")
+        old_view = app.screen
+        assert isinstance(old_view, CacheViewScreen)
+        await control.remove(old_view.cache_id)
+        await control.add("default", lambda _line: None)
+        assert control._view is not None
+        control._view = replace(control._view, cache_id="0b7e-new-cache")
+        await press(pilot, "m")
+        assert isinstance(app.screen, ManagePolyScaleDrawer) and app.screen.cache_id == "0b7e-new-cache"
+        await press(pilot, "v")
+        assert isinstance(app.screen, CacheViewScreen) and app.screen.cache_id == "0b7e-new-cache"
+        assert old_view not in mounted_screens(app)
 
 
 async def test_esc_from_the_cache_view_returns_where_it_came_from() -> None:

@@ -32,7 +32,9 @@ class CacheViewScreen(Screen[None]):
     ]
 
     def __init__(self, control: Control, cache_id: str, name: str) -> None:
-        super().__init__(id="cache-view")
+        # No fixed id: a kept screen of a removed cache may still be mounted while the
+        # next one is built (it is removed once off the stack).
+        super().__init__()
         self.control = control
         self.cache_id = cache_id
         self.cache_name = name

@@ -39,7 +39,9 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
     ]
 
     def __init__(self, control: Control, cache_id: str) -> None:
-        super().__init__(id="manage-drawer", classes="drawer-screen")
+        # No fixed id: a kept screen of a removed cache may still be mounted while the
+        # next one is built (it is removed once off the stack).
+        super().__init__(classes="drawer-screen")
         self.control = control
         self.cache_id = cache_id
         self.revealed = False
