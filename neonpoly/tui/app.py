@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.widgets import Input
 
 from neonpoly.control import Control, IntegrationView
 from neonpoly.stats import TemplateStats
+from neonpoly.tui import clipboard
 from neonpoly.tui import format as fmt
 from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer, describe_error
 from neonpoly.tui.screens.cache_view import CacheViewScreen
@@ -37,9 +40,10 @@ class ConsoleApp(App[None]):
     BINDINGS = [
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
-        # Textual's ctrl+c only says how to quit; here it quits, as in every terminal tool.
-        # Not a priority binding: with text selected, the screen's ctrl+c copies it first.
-        Binding("ctrl+c", "quit", "Quit", show=False),
+        # Textual's ctrl+c only says how to quit; here it quits, as in every terminal tool,
+        # from any screen (a priority binding: drawers and dialogs are modal, and a modal
+        # screen hides the app's other bindings). Selected text is copied instead.
+        Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True),
     ]
 
     def __init__(
@@ -53,6 +57,8 @@ class ConsoleApp(App[None]):
         self.refresh_seconds = refresh_seconds
         self.theme = "textual-dark"
         self._kept: dict[str, str] = {}  # installed screen name -> its cache id
+        # The system clipboard tool, if this machine has one (see neonpoly.tui.clipboard).
+        self.clipboard_command: Sequence[str] | None = clipboard.clipboard_command()
 
     def get_default_screen(self) -> Screen[None]:
         return IntegrationsScreen(self.control)
@@ -190,13 +196,45 @@ class ConsoleApp(App[None]):
         await self._release_kept()
         self.push_screen(self._cache_view(view))
 
+    def copy_to_clipboard(self, text: str) -> None:
+        """Textual's copy (`app.clipboard`, and OSC 52 for a terminal that takes it), plus
+        the system clipboard when there is one (text selected with the mouse, ctrl+c)."""
+        super().copy_to_clipboard(text)
+        if self.clipboard_command is not None:
+            self.run_worker(self._system_copy(text), group="clipboard", exit_on_error=False)
+
+    async def _system_copy(self, text: str) -> bool:
+        command = self.clipboard_command
+        if command is None:
+            return False
+        # The tool may take a moment (or hang on a dead display): never on the app's loop.
+        return await asyncio.to_thread(clipboard.copy_with, command, text)
+
     def action_copy(self) -> None:
         view = self._configured()
         if view is None:
             return
         # The copied string carries the password: a masked one would not connect.
-        self.copy_to_clipboard(self.control.connection_string(view.cache_id, reveal=True))
-        self.notify(f"Copied the connection string for {view.database} as {view.role}.")
+        text = self.control.connection_string(view.cache_id, reveal=True)
+        self.run_worker(self._copy_string(view, text), group="clipboard", exit_on_error=False)
+
+    async def _copy_string(self, view: IntegrationView, text: str) -> None:
+        what = f"the connection string for {view.database} as {view.role}"
+        super().copy_to_clipboard(text)  # OSC 52 in any case: over SSH it is the only way
+        if await self._system_copy(text):
+            assert self.clipboard_command is not None
+            self.notify(f"Copied {what} to the clipboard ({clipboard.tool_name(self.clipboard_command)}).")
+            return
+        # Whether the terminal took the OSC 52 sequence cannot be known: say what was done.
+        screen = self.screen
+        if isinstance(screen, ManagePolyScaleDrawer):
+            where = "select the string shown" if screen.revealed else "press s and select the string shown"
+        else:
+            where = "open Manage (m), press s and select the string shown"
+        self.notify(
+            f"Sent {what} to the terminal clipboard (OSC 52); if nothing was copied, {where}.",
+            timeout=10,
+        )
 
     def action_purge(self) -> None:
         view = self._configured()
@@ -289,6 +327,15 @@ class ConsoleApp(App[None]):
             await then()
         except Exception as error:  # shown as a notification, never a traceback
             self.notify(describe_error(error), severity="error", timeout=10)
+
+    def action_interrupt(self) -> None:
+        focused = self.focused
+        selected = focused.selected_text if isinstance(focused, Input) else None
+        selected = selected or self.screen.get_selected_text()
+        if selected:
+            self.copy_to_clipboard(selected)
+            return
+        self.exit()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

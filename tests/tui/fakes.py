@@ -37,9 +37,10 @@ TRAFFIC: tuple[tuple[str, str, tuple[str, ...], int, int, float, float, float | 
     ("t3", "SELECT count(*) FROM products WHERE category = $1", ("products",), 188, 12, 0.0002, 0.0350, 60.0),
     ("t4", "SELECT name FROM categories ORDER BY name", ("categories",), 77, 3, 0.0001, 0.0021, 3600.0),
 )
-PASSTHROUGH: tuple[tuple[str, str, str, int], ...] = (
-    ("t5", "SELECT now(), pg_backend_pid()", "volatile", 31),
-    ("t6", "UPDATE products SET price = $1 WHERE id = $2", "notaquery", 12),
+PASSTHROUGH: tuple[tuple[str, str, str, str, int], ...] = (
+    # (template_id, template, status, the engine's reason, calls)
+    ("t5", "SELECT now(), pg_backend_pid()", "volatile", "calls time-dependent function now()", 31),
+    ("t6", "UPDATE products SET price = $1 WHERE id = $2", "uncacheable", "writes table products", 12),
 )
 
 
@@ -55,10 +56,10 @@ def demo_stats(cache_id: str) -> StatsRecorder:
             status = MISS if i < misses else HIT
             stats.record(cache_id, tid, template, tables, status, miss_s if status == MISS else hit_s, 512)
         stats.set_ttl(cache_id, tid, ttl)
-    for tid, template, status, n in PASSTHROUGH:
+    for tid, template, status, reason, n in PASSTHROUGH:
         for i in range(n):
             clock[0] = NOW - 899 + (i * 29) % 900
-            stats.record(cache_id, tid, template, (), status, 0.004, reason=status)
+            stats.record(cache_id, tid, template, (), status, 0.004, reason=reason)
     clock[0] = NOW
     return stats
 
@@ -137,16 +138,19 @@ class DemoControl(Control):
         return SignInResult("neon", "Neon API key …abcd", ("default", "shop-team"))
 
     async def add(self, workspace: str, progress: Progress) -> IntegrationView:
-        for line in (
+        neon_lines = (
             "finding project shop",
             "primary branch main",
             "read-write endpoint ep-dawn-king-a527wlyu (idle)",
             "databases neondb, analytics · roles neondb_owner, reporter",
-        ):
+        )
+        for line in ("Origin 127.0.0.1:5432",) if self.local else neon_lines:
             progress(line)
             await asyncio.sleep(0)
         if self.add_failures:
             self.add_failures -= 1
+            if self.local:
+                raise ControlError("cannot reach the origin 127.0.0.1:5432: connection refused")
             raise ControlError("endpoint ep-dawn-king-a527wlyu did not wake up in 30 s")
         progress("starting the cache")
         self._view = replace(self._make_view(), workspace=workspace)

@@ -82,6 +82,7 @@ async def test_the_whole_seed(pg: PgServer, control: LocalControl) -> None:
 
         # Copy: the clipboard holds a working string with the password.
         await pilot.press("c")
+        await settle(pilot)  # the copy runs in a worker (a clipboard tool may take a moment)
         copied = app.clipboard
         assert copied == control.connection_string(view.cache_id, reveal=True)
         assert pg.password_for("md5_user") in copied and "/app?" in copied
@@ -119,6 +120,8 @@ async def test_the_whole_seed(pg: PgServer, control: LocalControl) -> None:
         assert control.status(view.cache_id).entries == 0
 
         # Remove: confirm; the open connection is terminated, the card returns to AVAILABLE.
+        await pilot.press("escape")  # back to the Manage drawer the view was opened from
+        assert isinstance(app.screen, ManagePolyScaleDrawer)
         await pilot.press("escape")  # back to the page
         assert isinstance(app.screen, IntegrationsScreen)
         await pilot.press("r")

@@ -169,6 +169,7 @@ async def test_manage_keys_reveal_copy_and_cancel() -> None:
         await pilot.press("s")
         assert PASSWORD in _text(app, "#conn-string")
         await pilot.press("c")
+        await settle(pilot)  # the copy runs in a worker (a clipboard tool may take a moment)
         assert app.clipboard.endswith(control.integrations()[0].cache_id)
         assert PASSWORD in app.clipboard
         await pilot.press("escape")

@@ -12,11 +12,19 @@ from textual.widgets import Button, Footer, Label, Select
 from neonpoly.control import Control, ControlError, IntegrationView
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text
+from neonpoly.tui.widgets.conn_string import ConnectionString
 
-WRITES_NOTE = (
-    "⚠ Always use this connection string: modifying the database directly (a Neon "
-    "connection string or the SQL Editor) can leave the cache outdated."
-)
+WRITES_NOTES = {
+    "neon": "⚠ Always use this connection string: modifying the database directly (a Neon "
+    "connection string or the SQL Editor) can leave the cache outdated.",
+    # A local or URL origin has no Neon string or SQL Editor to name.
+    "local": "⚠ Always use this connection string: modifying the database directly (any "
+    "connection that bypasses it) can leave the cache outdated.",
+}
+
+
+def writes_note(view: IntegrationView | None) -> str:
+    return WRITES_NOTES["neon" if view is None or view.kind == "neon" else "local"]
 
 
 def origin_line(view: IntegrationView, live_state: str | None = None) -> str:
@@ -31,6 +39,8 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
     BINDINGS = [
         Binding("escape", "close", "Close"),
         Binding("q", "close", "Close", show=False),
+        # A modal screen hides the app's bindings: help is wanted here too.
+        Binding("question_mark", "app.help", "Help", show=False),
         Binding("c", "app.copy", "Copy"),
         Binding("s", "reveal", "Show/hide"),
         Binding("v", "app.view_cache", "View cache"),
@@ -51,7 +61,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         view = self._view()
         databases = view.databases if view else ("—",)
         roles = view.roles if view else ("—",)
-        with VerticalScroll(id="drawer", classes="drawer"):
+        with VerticalScroll(id="drawer", classes="drawer", can_focus=False):
             with Horizontal(classes="drawer-title"):
                 yield Label("Manage PolyScale", classes="title")
                 yield Label("esc Close", classes="hint")
@@ -75,11 +85,11 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
                     allow_blank=False,
                     value=view.role if view else roles[0],
                 )
-            yield Label(id="conn-string", classes="conn")
+            yield ConnectionString(id="conn-string", classes="conn", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("c Copy", id="copy", compact=True)
                 yield Button("s Show", id="reveal", compact=True)
-            yield Label(WRITES_NOTE, classes="warning")
+            yield Label(writes_note(view), classes="warning")
             with Horizontal(classes="buttons actions"):
                 yield Button("v View cache", id="view", compact=True, variant="primary")
                 yield Button("p Purge cache", id="purge", compact=True, variant="warning")

@@ -27,8 +27,10 @@ def detail_rows(stats: TemplateStats) -> list[tuple[str, str]]:
         ("miss latency", f"p50 {fmt.millis(stats.miss_p50_s)} · p95 {fmt.millis(stats.miss_p95_s)}"),
         ("time saved", fmt.duration(stats.time_saved_s)),
         ("TTL", fmt.ttl(stats.ttl)),
-        ("last status", stats.last_status or fmt.DASH),
-        ("reason", stats.last_reason or fmt.DASH),
+        # One row, word and explanation: "not cacheable — writes table products", never the
+        # status twice ("uncacheable" / "not cacheable (uncacheable)").
+        ("status", f"{fmt.status_word(stats.last_status)} — "
+                   f"{fmt.status_explanation(stats.last_status, stats.last_reason)}"),
     ]
 
 
