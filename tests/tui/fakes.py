@@ -37,6 +37,11 @@ TRAFFIC: tuple[tuple[str, str, tuple[str, ...], int, int, float, float, float | 
     ("t3", "SELECT count(*) FROM products WHERE category = $1", ("products",), 188, 12, 0.0002, 0.0350, 60.0),
     ("t4", "SELECT name FROM categories ORDER BY name", ("categories",), 77, 3, 0.0001, 0.0021, 3600.0),
 )
+# A local origin answers in a millisecond or two: savings are ms, not seconds.
+LOCAL_TRAFFIC: tuple[tuple[str, str, tuple[str, ...], int, int, float, float, float | None], ...] = (
+    ("t1", "SELECT id, name FROM items WHERE id = $1", ("items",), 46, 4, 0.00012, 0.0009, 300.0),
+    ("t2", "SELECT count(*) FROM items WHERE price < $1", ("items",), 9, 3, 0.00015, 0.0031, 60.0),
+)
 PASSTHROUGH: tuple[tuple[str, str, str, str, int], ...] = (
     # (template_id, template, status, the engine's reason, calls)
     ("t5", "SELECT now(), pg_backend_pid()", "volatile", "calls time-dependent function now()", 31),
@@ -44,11 +49,11 @@ PASSTHROUGH: tuple[tuple[str, str, str, str, int], ...] = (
 )
 
 
-def demo_stats(cache_id: str) -> StatsRecorder:
+def demo_stats(cache_id: str, *, local: bool = False) -> StatsRecorder:
     """Synthetic traffic spread over the last 15 minutes, recorded through the real recorder."""
     clock = [NOW - 899]
     stats = StatsRecorder(clock=lambda: clock[0])
-    for tid, template, tables, hits, misses, hit_s, miss_s, ttl in TRAFFIC:
+    for tid, template, tables, hits, misses, hit_s, miss_s, ttl in LOCAL_TRAFFIC if local else TRAFFIC:
         total = misses + hits
         for i in range(total):
             # Misses early, hits later and denser: the shape of a cache warming up.
@@ -85,7 +90,7 @@ class DemoControl(Control):
         self.purged_templates: list[str] = []
         self.api_keys: list[str | None] = []  # every key sign_in was given, None for empty
         self._view: IntegrationView | None = self._make_view() if configured else None
-        self._stats = demo_stats(CACHE_ID) if traffic else StatsRecorder(clock=lambda: NOW)
+        self._stats = demo_stats(CACHE_ID, local=local) if traffic else StatsRecorder(clock=lambda: NOW)
 
     def _make_view(self) -> IntegrationView:
         if self.local:
