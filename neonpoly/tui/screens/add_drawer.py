@@ -7,12 +7,13 @@ import asyncio
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, Select
 
 from neonpoly.control import Control, ControlError, IntegrationView, SignInResult
+from neonpoly.tui.widgets.scroll import Scroll
 
 INTRO = "PolyScale caches your data globally for low-latency reads. No code changes: swap the connection string."
 # What gets cached depends on the origin, known once signed in.
@@ -69,7 +70,7 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         self._progress_lines: list[str] = []
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="drawer", classes="drawer", can_focus=False):
+        with Scroll(id="drawer", classes="drawer"):
             with Horizontal(classes="drawer-title"):
                 yield Label("Add PolyScale", classes="title")
                 yield Label("esc Close", classes="hint")

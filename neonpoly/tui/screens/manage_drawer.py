@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Label, Select
 
@@ -13,6 +13,7 @@ from neonpoly.control import Control, ControlError, IntegrationView
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text
 from neonpoly.tui.widgets.conn_string import ConnectionString
+from neonpoly.tui.widgets.scroll import Scroll
 
 WRITES_NOTES = {
     "neon": "⚠ Always use this connection string: modifying the database directly (a Neon "
@@ -61,7 +62,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         view = self._view()
         databases = view.databases if view else ("—",)
         roles = view.roles if view else ("—",)
-        with VerticalScroll(id="drawer", classes="drawer", can_focus=False):
+        with Scroll(id="drawer", classes="drawer"):
             with Horizontal(classes="drawer-title"):
                 yield Label("Manage PolyScale", classes="title")
                 yield Label("esc Close", classes="hint")
