@@ -138,4 +138,21 @@ async def test_the_whole_seed(pg: PgServer, control: LocalControl) -> None:
         assert isinstance(app.screen, IntegrationsScreen)
         assert not app.screen.has_class("-configured")
         assert any("ended 1 connection" in n for n in _notes(app)), _notes(app)
+
+        # Add again after remove (issue 12: DuplicateIds 'manage-drawer', then 'cache-view'),
+        # view it, and remove it from the drawer the view goes back to.
+        await pilot.press("a", "enter")
+        await settle(pilot)
+        await pilot.press("enter")
+        await _until(lambda: isinstance(app.screen, ManagePolyScaleDrawer))
+        [again] = control.integrations()
+        assert again.cache_id != view.cache_id
+        await pilot.press("v")
+        assert isinstance(app.screen, CacheViewScreen) and app.screen.cache_id == again.cache_id
+        await pilot.press("escape")
+        assert isinstance(app.screen, ManagePolyScaleDrawer) and app.screen.cache_id == again.cache_id
+        await pilot.press("r", "y")
+        await settle(pilot)
+        await _until(lambda: isinstance(app.screen, IntegrationsScreen) and not control.integrations())
+        assert app.is_running
     assert not control.header().running  # the app closed the proxy it started

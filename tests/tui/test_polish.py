@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from rich.style import Style
 from textual.geometry import Region
+from textual.selection import Selection
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Select
 
@@ -283,6 +284,8 @@ async def test_revealed_string_breaks_only_between_its_parts() -> None:
         assert set(accumulate(len(line) for line in lines)) <= part_ends, lines
         assert any(line.endswith(f"{PASSWORD}@") for line in lines)
         assert lines[-1].startswith("?application_name=")
+        # Selected with the console's own mouse selection, it copies as one string.
+        assert label.get_selection(Selection(None, None)) == (whole, "\n")
         await pilot.press("escape", "v")
         assert isinstance(app.screen, CacheViewScreen)
 
