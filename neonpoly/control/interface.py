@@ -70,7 +70,7 @@ class ControlError(Exception):
 
 
 class Control:
-    """Interface; `neonpoly.control_impl.LocalControl` implements it (`open_control(...)`)."""
+    """Interface; `neonpoly.control.local.LocalControl` and `neonpoly.control.attached.AttachedControl` implement it."""
 
     def header(self) -> HeaderInfo:
         raise NotImplementedError

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol, runtime_checkable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.widgets import Input
 
 from neonpoly.control.interface import Control, IntegrationView
 from neonpoly.stats import TemplateStats
+from neonpoly.tui import clipboard
 from neonpoly.tui import format as fmt
 from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer, describe_error
 from neonpoly.tui.screens.cache_view import CacheViewScreen
@@ -37,6 +40,10 @@ class ConsoleApp(App[None]):
     BINDINGS = [
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
+        # Textual's ctrl+c only says how to quit; here it quits, as in every terminal tool,
+        # from any screen (a priority binding: drawers and dialogs are modal, and a modal
+        # screen hides the app's other bindings). Selected text is copied instead.
+        Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True),
     ]
 
     def __init__(
@@ -49,6 +56,9 @@ class ConsoleApp(App[None]):
         self.own_control = own_control
         self.refresh_seconds = refresh_seconds
         self.theme = "textual-dark"
+        self._kept: dict[str, str] = {}  # installed screen name -> its cache id
+        # The system clipboard tool, if this machine has one (see neonpoly.tui.clipboard).
+        self.clipboard_command: Sequence[str] | None = clipboard.clipboard_command()
 
     def get_default_screen(self) -> Screen[None]:
         return IntegrationsScreen(self.control)
@@ -86,61 +96,145 @@ class ConsoleApp(App[None]):
             self.notify("PolyScale is not added yet: press a to add it.", severity="warning")
         return view
 
-    def _back_to_page(self) -> None:
-        while not isinstance(self.screen, IntegrationsScreen) and len(self.screen_stack) > 1:
-            self.pop_screen()
+    # -- screens ---------------------------------------------------------------------------
+    #
+    # The Manage drawer and the cache view are composed once per cache and kept installed
+    # (re-showing one costs a few ms, composing it ~80 ms). Textual removes a popped screen
+    # from the DOM only if it is not installed at that moment; `uninstall_screen` merely
+    # forgets the name. So a kept screen popped while installed stays mounted off the stack
+    # until it is removed explicitly: `_release_kept` does that, after every pop has finished.
+
+    async def _back_to_page(self) -> None:
+        """Pop every screen above the Integrations page and wait until each pop is done."""
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, IntegrationsScreen):
+            await self.pop_screen()
+
+    async def _pop_to(self, screen: Screen[Any]) -> None:
+        while self.screen is not screen and screen in self.screen_stack:
+            await self.pop_screen()
+
+    def _kept_screen(self, kind: str, cache_id: str, make: Callable[[], Screen[None]]) -> Screen[None]:
+        name = f"{kind}-{cache_id}"
+        if not self.is_screen_installed(name):
+            self.install_screen(make(), name)
+            self._kept[name] = cache_id
+        return self.get_screen(name)
+
+    async def _release_kept(self, *, also: str | None = None) -> None:
+        """Uninstall and remove the kept screens of caches that are gone (and of `also`, a
+        cache id about to be shown anew), except those still on the stack: those are
+        released by a later call, once popped."""
+        alive = {view.cache_id for view in self.control.integrations()} - {also}
+        for name, cache_id in list(self._kept.items()):
+            if cache_id in alive:
+                continue
+            screen = self.get_screen(name)
+            if screen in self.screen_stack:
+                continue
+            self.uninstall_screen(name)
+            del self._kept[name]
+            await screen.remove()
+
+    def _manage_drawer(self, cache_id: str) -> ManagePolyScaleDrawer:
+        screen = self._kept_screen("manage", cache_id, lambda: ManagePolyScaleDrawer(self.control, cache_id))
+        assert isinstance(screen, ManagePolyScaleDrawer)
+        return screen
+
+    def _cache_view(self, view: IntegrationView) -> CacheViewScreen:
+        screen = self._kept_screen(
+            "cache", view.cache_id, lambda: CacheViewScreen(self.control, view.cache_id, view.name)
+        )
+        assert isinstance(screen, CacheViewScreen)
+        return screen
 
     # -- actions (keys on every screen, and the command palette) ------------------------
 
-    def action_add(self) -> None:
+    async def action_add(self) -> None:
         if self.integration() is not None:
             self.notify("PolyScale is already added: opening Manage.")
-            self.action_manage()
+            await self.action_manage()
             return
         if isinstance(self.screen, AddPolyScaleDrawer):
             return
-        self._back_to_page()
+        await self._back_to_page()
+        await self._release_kept()
         self.push_screen(AddPolyScaleDrawer(self.control), self._added)
 
-    def _added(self, view: IntegrationView | None) -> None:
+    async def _added(self, view: IntegrationView | None) -> None:
         if view is None:
             return
         self.refresh_views()
         self.notify(f"PolyScale added: cache {view.name} is ready.", severity="information")
-        self.push_screen(self._manage_drawer(view.cache_id))
+        await self._back_to_page()
+        await self._release_kept(also=view.cache_id)  # a new cache never shows an old screen
+        await self._show_manage(view)
 
-    def _manage_drawer(self, cache_id: str) -> str:
-        """The drawer is built once per cache and kept installed: composing and styling it
-        costs ~80 ms, re-showing it a few ms (keys must feel instant)."""
-        name = f"manage-{cache_id}"
-        if not self.is_screen_installed(name):
-            self.install_screen(ManagePolyScaleDrawer(self.control, cache_id), name)
-        return name
+    async def _show_manage(self, view: IntegrationView) -> None:
+        drawer = self._manage_drawer(view.cache_id)
+        if drawer in self.screen_stack:  # under the cache view opened from it: back to it
+            await self._pop_to(drawer)
+            return
+        await self._back_to_page()
+        await self._release_kept()
+        drawer.opened()
+        self.push_screen(drawer)
 
-    def action_manage(self) -> None:
+    async def action_manage(self) -> None:
         view = self._configured()
         if view is None or isinstance(self.screen, ManagePolyScaleDrawer):
             return
-        self._back_to_page()
-        self.push_screen(self._manage_drawer(view.cache_id))
+        await self._show_manage(view)
 
-    def action_view_cache(self) -> None:
+    async def action_view_cache(self) -> None:
         view = self._configured()
         if view is None or isinstance(self.screen, CacheViewScreen):
             return
-        self._back_to_page()
-        name = f"cache-{view.cache_id}"
-        if not self.is_screen_installed(name):  # kept installed, as the Manage drawer
-            self.install_screen(CacheViewScreen(self.control, view.cache_id, view.name), name)
-        self.push_screen(name)
+        top = self.screen
+        if not (isinstance(top, ManagePolyScaleDrawer) and top.cache_id == view.cache_id):
+            await self._back_to_page()
+        # Opened from the Manage drawer, the view stacks over it: esc goes back to the drawer.
+        await self._release_kept()
+        self.push_screen(self._cache_view(view))
+
+    def copy_to_clipboard(self, text: str) -> None:
+        """Textual's copy (`app.clipboard`, and OSC 52 for a terminal that takes it), plus
+        the system clipboard when there is one (text selected with the mouse, ctrl+c)."""
+        super().copy_to_clipboard(text)
+        if self.clipboard_command is not None:
+            self.run_worker(self._system_copy(text), group="clipboard", exit_on_error=False)
+
+    async def _system_copy(self, text: str) -> bool:
+        command = self.clipboard_command
+        if command is None:
+            return False
+        # The tool may take a moment (or hang on a dead display): never on the app's loop.
+        return await asyncio.to_thread(clipboard.copy_with, command, text)
 
     def action_copy(self) -> None:
         view = self._configured()
         if view is None:
             return
         # The copied string carries the password: a masked one would not connect.
-        self.copy_to_clipboard(self.control.connection_string(view.cache_id, reveal=True))
-        self.notify(f"Copied the connection string for {view.database} as {view.role}.")
+        text = self.control.connection_string(view.cache_id, reveal=True)
+        self.run_worker(self._copy_string(view, text), group="clipboard", exit_on_error=False)
+
+    async def _copy_string(self, view: IntegrationView, text: str) -> None:
+        what = f"the connection string for {view.database} as {view.role}"
+        super().copy_to_clipboard(text)  # OSC 52 in any case: over SSH it is the only way
+        if await self._system_copy(text):
+            assert self.clipboard_command is not None
+            self.notify(f"Copied {what} to the clipboard ({clipboard.tool_name(self.clipboard_command)}).")
+            return
+        # Whether the terminal took the OSC 52 sequence cannot be known: say what was done.
+        screen = self.screen
+        if isinstance(screen, ManagePolyScaleDrawer):
+            where = "select the string shown" if screen.revealed else "press s and select the string shown"
+        else:
+            where = "open Manage (m), press s and select the string shown"
+        self.notify(
+            f"Sent {what} to the terminal clipboard (OSC 52); if nothing was copied, {where}.",
+            timeout=10,
+        )
 
     def action_purge(self) -> None:
         view = self._configured()
@@ -214,10 +308,8 @@ class ConsoleApp(App[None]):
 
     async def _remove(self, view: IntegrationView) -> None:
         ended = await self.control.remove(view.cache_id)
-        self._back_to_page()
-        for name in (f"manage-{view.cache_id}", f"cache-{view.cache_id}"):
-            if self.is_screen_installed(name):
-                self.uninstall_screen(name)
+        await self._back_to_page()
+        await self._release_kept(also=view.cache_id)
         self.refresh_views()
         self.notify(
             f"Removed PolyScale: deleted cache {view.name}, ended {fmt.plural(ended, 'connection', 'connections')}."
@@ -235,6 +327,15 @@ class ConsoleApp(App[None]):
             await then()
         except Exception as error:  # shown as a notification, never a traceback
             self.notify(describe_error(error), severity="error", timeout=10)
+
+    def action_interrupt(self) -> None:
+        focused = self.focused
+        selected = focused.selected_text if isinstance(focused, Input) else None
+        selected = selected or self.screen.get_selected_text()
+        if selected:
+            self.copy_to_clipboard(selected)
+            return
+        self.exit()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

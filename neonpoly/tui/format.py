@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from neonpoly.stats import HIT, MISS
@@ -35,7 +36,13 @@ def millis(seconds: float | None) -> str:
 
 
 def duration(seconds: float) -> str:
-    """Time saved: seconds under a minute, then minutes, then hours."""
+    """Time saved: ms under a second (a local hit saves ms, not "0.0 s"), seconds under a
+    minute, then minutes, then hours."""
+    if seconds < 1:
+        ms = max(0.0, seconds) * 1000
+        if ms == 0:
+            return "0 ms"
+        return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
     if seconds < 60:
         return f"{seconds:.1f} s"
     if seconds < 3600:
@@ -66,13 +73,73 @@ def short_id(cache_id: str) -> str:
     return cache_id if len(plain) <= 10 else f"{plain[:4]}…{plain[-4:]}"
 
 
-def status_word(last_status: str, last_reason: str | None) -> str:
-    """hit and miss both mean the template is cached; anything else is the taxonomy word."""
-    if last_status in (HIT, MISS):
-        return "cached"
-    if last_reason and last_reason != last_status:
-        return f"{last_status}: {last_reason}"
-    return last_status or DASH
+# The status column: what the template is, in words (at most STATUS_WIDTH cells). A hit or a
+# miss says the template is cacheable, not that an entry is stored now (it may have expired or
+# been purged): hence "cacheable", never "cached".
+STATUS_WORDS: dict[str, str] = {
+    HIT: "cacheable",
+    MISS: "cacheable",
+    "uncacheable": "not cacheable",
+    "multiplestatements": "multi-statement",
+    "notaquery": "not a query",
+    "parseerror": "parse error",
+    "transaction": "in transaction",
+    "volatile": "volatile",
+    "oversizedresult": "too large",
+    "disabled": "caching off",
+    "bypass": "bypassed",
+}
+
+# What a status means, for when the engine gives no reason of its own (or one that only
+# repeats the status).
+STATUS_EXPLANATIONS: dict[str, str] = {
+    HIT: "the last call was a hit: answered from the cache",
+    MISS: "the last call was a miss: answered by the database, then stored",
+    "uncacheable": "this kind of statement is never cached",
+    "multiplestatements": "several statements in one query string are never cached",
+    "notaquery": "not a query (session or transaction control, or a utility statement)",
+    "parseerror": "the proxy could not parse it, so it goes to the database as is",
+    "transaction": "sent inside a transaction, where a cached result could be wrong",
+    "volatile": "its result may change without any write",
+    "oversizedresult": "the result is too large to store",
+    "disabled": "caching is off for it (a rule says never, or the cache's mode is off)",
+    "bypass": "the session was in a state the cache does not serve",
+}
+
+
+def status_word(last_status: str, last_reason: str | None = None) -> str:
+    """The status column: `cacheable`, `not cacheable`, `volatile`, … (never the reason,
+    which the details card gives in full)."""
+    if not last_status:
+        return DASH
+    return STATUS_WORDS.get(last_status, last_status)
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "", text.lower())
+
+
+def own_reason(last_status: str, last_reason: str | None) -> str | None:
+    """The engine's reason when it says more than the status does: not one that repeats it,
+    whole ("uncacheable") or around a restatement ("not cacheable (uncacheable)")."""
+    if not last_reason:
+        return None
+    words = {_plain(last_status), _plain(status_word(last_status)), "notcacheable", "uncacheable"}
+    reason = last_reason.strip()
+    # "… (uncacheable)" and "uncacheable: …" carry the status word around the real reason.
+    reason = re.sub(r"\s*\(([^()]*)\)\s*$", lambda m: "" if _plain(m.group(1)) in words else m.group(0), reason)
+    head, sep, rest = reason.partition(":")
+    if sep and _plain(head) in words:
+        reason = rest.strip()
+    if _plain(reason) in words or not _plain(reason):
+        return None
+    return reason
+
+
+def status_explanation(last_status: str, last_reason: str | None) -> str:
+    """Why the template has its status, as a phrase: the engine's reason if it has one of
+    its own, else what the status means."""
+    return own_reason(last_status, last_reason) or STATUS_EXPLANATIONS.get(last_status, DASH)
 
 
 def tail(values: Sequence[int], seconds: int) -> list[float]:

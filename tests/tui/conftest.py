@@ -19,6 +19,7 @@ from neonpoly._testing.neon_standin import (
 from neonpoly.control.local import LocalControl
 from neonpoly.integrations.neon_api import RetryPolicy
 from neonpoly.service import ProxySettings
+from neonpoly.tui import clipboard
 from tests.pgharness import NEON_HOST, PgServer
 
 # Two databases and two roles on the primary branch, so the Manage drawer's selects matter.
@@ -44,6 +45,13 @@ def shop_project(pg: PgServer) -> SeedProject:
             ),
         ],
     )
+
+
+@pytest.fixture(autouse=True)
+def no_system_clipboard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Console tests never write to the clipboard of the machine running them: `c` sends
+    OSC 52 only (headless: nowhere), unless a test hands the app a clipboard tool."""
+    monkeypatch.setattr(clipboard, "clipboard_command", lambda *args, **kwargs: None)
 
 
 @pytest.fixture

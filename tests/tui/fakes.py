@@ -37,17 +37,23 @@ TRAFFIC: tuple[tuple[str, str, tuple[str, ...], int, int, float, float, float | 
     ("t3", "SELECT count(*) FROM products WHERE category = $1", ("products",), 188, 12, 0.0002, 0.0350, 60.0),
     ("t4", "SELECT name FROM categories ORDER BY name", ("categories",), 77, 3, 0.0001, 0.0021, 3600.0),
 )
-PASSTHROUGH: tuple[tuple[str, str, str, int], ...] = (
-    ("t5", "SELECT now(), pg_backend_pid()", "volatile", 31),
-    ("t6", "UPDATE products SET price = $1 WHERE id = $2", "notaquery", 12),
+# A local origin answers in a millisecond or two: savings are ms, not seconds.
+LOCAL_TRAFFIC: tuple[tuple[str, str, tuple[str, ...], int, int, float, float, float | None], ...] = (
+    ("t1", "SELECT id, name FROM items WHERE id = $1", ("items",), 46, 4, 0.00012, 0.0009, 300.0),
+    ("t2", "SELECT count(*) FROM items WHERE price < $1", ("items",), 9, 3, 0.00015, 0.0031, 60.0),
+)
+PASSTHROUGH: tuple[tuple[str, str, str, str, int], ...] = (
+    # (template_id, template, status, the engine's reason, calls)
+    ("t5", "SELECT now(), pg_backend_pid()", "volatile", "calls time-dependent function now()", 31),
+    ("t6", "UPDATE products SET price = $1 WHERE id = $2", "uncacheable", "writes table products", 12),
 )
 
 
-def demo_stats(cache_id: str) -> StatsRecorder:
+def demo_stats(cache_id: str, *, local: bool = False) -> StatsRecorder:
     """Synthetic traffic spread over the last 15 minutes, recorded through the real recorder."""
     clock = [NOW - 899]
     stats = StatsRecorder(clock=lambda: clock[0])
-    for tid, template, tables, hits, misses, hit_s, miss_s, ttl in TRAFFIC:
+    for tid, template, tables, hits, misses, hit_s, miss_s, ttl in LOCAL_TRAFFIC if local else TRAFFIC:
         total = misses + hits
         for i in range(total):
             # Misses early, hits later and denser: the shape of a cache warming up.
@@ -55,10 +61,10 @@ def demo_stats(cache_id: str) -> StatsRecorder:
             status = MISS if i < misses else HIT
             stats.record(cache_id, tid, template, tables, status, miss_s if status == MISS else hit_s, 512)
         stats.set_ttl(cache_id, tid, ttl)
-    for tid, template, status, n in PASSTHROUGH:
+    for tid, template, status, reason, n in PASSTHROUGH:
         for i in range(n):
             clock[0] = NOW - 899 + (i * 29) % 900
-            stats.record(cache_id, tid, template, (), status, 0.004, reason=status)
+            stats.record(cache_id, tid, template, (), status, 0.004, reason=reason)
     clock[0] = NOW
     return stats
 
@@ -84,7 +90,7 @@ class DemoControl(Control):
         self.purged_templates: list[str] = []
         self.api_keys: list[str | None] = []  # every key sign_in was given, None for empty
         self._view: IntegrationView | None = self._make_view() if configured else None
-        self._stats = demo_stats(CACHE_ID) if traffic else StatsRecorder(clock=lambda: NOW)
+        self._stats = demo_stats(CACHE_ID, local=local) if traffic else StatsRecorder(clock=lambda: NOW)
 
     def _make_view(self) -> IntegrationView:
         if self.local:
@@ -137,16 +143,19 @@ class DemoControl(Control):
         return SignInResult("neon", "Neon API key …abcd", ("default", "shop-team"))
 
     async def add(self, workspace: str, progress: Progress) -> IntegrationView:
-        for line in (
+        neon_lines = (
             "finding project shop",
             "primary branch main",
             "read-write endpoint ep-dawn-king-a527wlyu (idle)",
             "databases neondb, analytics · roles neondb_owner, reporter",
-        ):
+        )
+        for line in ("Origin 127.0.0.1:5432",) if self.local else neon_lines:
             progress(line)
             await asyncio.sleep(0)
         if self.add_failures:
             self.add_failures -= 1
+            if self.local:
+                raise ControlError("cannot reach the origin 127.0.0.1:5432: connection refused")
             raise ControlError("endpoint ep-dawn-king-a527wlyu did not wake up in 30 s")
         progress("starting the cache")
         self._view = replace(self._make_view(), workspace=workspace)

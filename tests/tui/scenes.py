@@ -63,6 +63,10 @@ def configured_local() -> DemoControl:
     return DemoControl(configured=True, local=True)
 
 
+def local() -> DemoControl:
+    return DemoControl(local=True)
+
+
 def failing_add() -> DemoControl:
     return DemoControl(add_failures=1)
 
@@ -105,4 +109,10 @@ SCENES: tuple[Scene, ...] = (
     Scene("cache-view-empty", "Cache view before any query", quiet, keys=("v",)),
     Scene("cache-view-details", "Details of the highlighted query", configured, keys=("v", "down", "enter")),
     Scene("help", "Help screen", configured, keys=("question_mark",)),
+    # A local origin (embedded or --upstream URL) as a local user sees it: no Neon wording,
+    # no project or branch, savings in ms.
+    Scene("local-add-signed-in", "Local origin: signed in without Neon", local, keys=("a", "enter")),
+    Scene("local-manage-revealed", "Local origin: Manage drawer, string shown", configured_local,
+          keys=("m", "s")),
+    Scene("local-cache-view", "Local origin: cache view, savings in ms", configured_local, keys=("v",)),
 )

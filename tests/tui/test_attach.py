@@ -92,6 +92,7 @@ async def test_console_attached_to_a_running_serve(serve: Serve, state_root: Pat
 
         # A client on the copied string; the connection string names the attached listener.
         await pilot.press("c")
+        await settle(pilot)  # the copy runs in a worker (a clipboard tool may take a moment)
         copied = app.clipboard
         assert f"@127.0.0.1:{serve.port}/app?application_name={serve.cache_id}" in copied
         conn = await asyncpg.connect(copied)

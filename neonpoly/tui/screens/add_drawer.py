@@ -7,18 +7,31 @@ import asyncio
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, Select
 
 from neonpoly.control.interface import Control, ControlError, IntegrationView, SignInResult
+from neonpoly.tui.widgets.scroll import Scroll
 
 INTRO = "PolyScale caches your data globally for low-latency reads. No code changes: swap the connection string."
-NOTE = "It caches the read-write compute endpoint of the primary branch."
+# What gets cached depends on the origin, known once signed in.
+NOTES = {
+    None: "With Neon, it caches the read-write compute endpoint of the primary branch; "
+    "without a key, your local PostgreSQL.",
+    "neon": "It caches the read-write compute endpoint of the primary branch.",
+    "local": "It caches your local PostgreSQL: no Neon account is involved.",
+}
+ACCOUNTS = {"neon": "Signed in as {account}", "local": "Local origin: no sign-in needed"}
 
 STEPS = {1: "Sign in", 2: "Choose workspace", 3: "Authorize access"}
-HINTS = {1: "  (Neon API key / local)", 2: "", 3: ""}
+HINTS = {
+    None: {1: "  (Neon API key / local)", 2: "", 3: ""},
+    "neon": {1: "  (Neon API key)", 2: "", 3: ""},
+    "local": {1: "  (local origin)", 2: "", 3: ""},
+}
+NO_WORKSPACE = ""  # the Select's value until a workspace can be chosen (never a blank)
 
 
 def describe_error(error: BaseException) -> str:
@@ -36,7 +49,11 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
     # footer shows the first binding of a key along the focus chain. `check_action` turns it
     # off where enter means something else (the Workspace Select and its menu).
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel"),
+        Binding("escape", "close", "Close"),
+        # q closes the drawer as on every screen; typed into the key box it is a letter.
+        Binding("q", "close", "Close", show=False),
+        # A modal screen hides the app's bindings: help is wanted here too.
+        Binding("question_mark", "app.help", "Help", show=False),
         Binding("enter", "sign_in", "Sign in", key_display="enter", priority=True),
         Binding("enter", "authorize", "Authorize", key_display="enter", priority=True),
         Binding("tab", "app.focus_next", "Next"),
@@ -46,17 +63,17 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
     busy: reactive[bool] = reactive(False, bindings=True)
 
     def __init__(self, control: Control) -> None:
-        super().__init__(id="add-drawer", classes="drawer-screen")
+        super().__init__(classes="drawer-screen")
         self.control = control
         self.step = 1
         self.signed_in: SignInResult | None = None
         self._progress_lines: list[str] = []
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="drawer", classes="drawer"):
+        with Scroll(id="drawer", classes="drawer"):
             with Horizontal(classes="drawer-title"):
                 yield Label("Add PolyScale", classes="title")
-                yield Label("esc Cancel", classes="hint")
+                yield Label("esc Close", classes="hint")
             yield Label(INTRO, classes="intro")
             yield Label("How to add", classes="subtitle")
             yield Label(id="step-1", classes="step")
@@ -68,11 +85,19 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
             )
             yield Label(id="account", classes="muted")
             yield Label(id="step-2", classes="step")
-            yield Select[str]([], prompt="Workspace", id="workspace", compact=True, disabled=True)
+            # Never blank: a blank choice made Authorize a silent no-op. Until signed in, the
+            # one option says what to do first.
+            yield Select[str](
+                [("sign in first", NO_WORKSPACE)],
+                id="workspace",
+                compact=True,
+                allow_blank=False,
+                disabled=True,
+            )
             yield Label(id="step-3", classes="step")
             yield Label(id="progress", classes="progress")
             yield Label(id="error", classes="error")
-            yield Label(NOTE, classes="muted note")
+            yield Label(NOTES[None], id="note", classes="muted note")
             with Horizontal(classes="buttons"):
                 yield Button("Sign in", id="sign-in", compact=True, variant="primary")
                 yield Button("Authorize Access", id="authorize", compact=True, disabled=True)
@@ -85,12 +110,18 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         self.query_one("#api-key", Input).focus()
 
     def _show_steps(self) -> None:
+        mode = self.signed_in.mode if self.signed_in else None
+        hints = HINTS[mode]
         for number, title in STEPS.items():
             label = self.query_one(f"#step-{number}", Label)
             marker = "✓" if number < self.step else ("●" if number == self.step else "○")
-            label.update(f" {number} {marker} {title}{HINTS[number]}")
+            label.update(f" {number} {marker} {title}{hints[number]}")
             label.set_class(number < self.step, "-done")
             label.set_class(number == self.step, "-active")
+        self.query_one("#note", Label).update(NOTES[mode])
+        # The primary style marks the next thing to do: Sign in, then Authorize (or Retry).
+        self.query_one("#sign-in", Button).variant = "primary" if self.step == 1 else "default"
+        self.query_one("#authorize", Button).variant = "primary" if self.step > 1 else "default"
 
     def _set_error(self, message: str) -> None:
         error = self.query_one("#error", Label)
@@ -117,7 +148,7 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
     def action_authorize(self) -> None:
         self.query_one("#authorize", Button).action_press()
 
-    def action_cancel(self) -> None:
+    def action_close(self) -> None:
         if self.busy:
             # Leaving mid-authorize would orphan a half-made cache; finish or fail first.
             self.notify("Authorizing… wait for it to finish.", severity="warning")
@@ -149,24 +180,31 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         finally:
             self.busy = False
         self.signed_in = result
-        self.query_one("#account", Label).update(f"Signed in as {result.account}")
+        self.query_one("#account", Label).update(ACCOUNTS[result.mode].format(account=result.account))
         select = self.query_one("#workspace", Select)
-        select.set_options([(name, name) for name in result.workspaces])
-        if result.workspaces:
-            select.value = result.workspaces[0]
-        select.disabled = False
+        authorize = self.query_one("#authorize", Button)
         self.step = 2
         self._show_steps()
-        authorize = self.query_one("#authorize", Button)
-        authorize.disabled = not result.workspaces
+        if not result.workspaces:
+            select.set_options([("no workspace", NO_WORKSPACE)])
+            select.disabled = authorize.disabled = True
+            self._set_error("This account has no workspace to add PolyScale to.")
+            return
+        # The first workspace is chosen for the user: Authorize works straight away.
+        select.set_options([(name, name) for name in result.workspaces])
+        select.disabled = authorize.disabled = False
         authorize.focus()
 
     # -- 3 authorize ----------------------------------------------------------------------
 
     @on(Button.Pressed, "#authorize")
     def _authorize_pressed(self) -> None:
+        if self.busy:
+            return
         workspace = self.query_one("#workspace", Select).value
-        if self.busy or not isinstance(workspace, str):
+        if not isinstance(workspace, str) or workspace == NO_WORKSPACE:
+            # Say what is missing rather than do nothing.
+            self._set_error("Choose a workspace first (step 2).")
             return
         self.run_worker(self._authorize(workspace), group="add-drawer", exclusive=True, exit_on_error=False)
 

@@ -32,7 +32,9 @@ class CacheViewScreen(Screen[None]):
     ]
 
     def __init__(self, control: Control, cache_id: str, name: str) -> None:
-        super().__init__(id="cache-view")
+        # No fixed id: a kept screen of a removed cache may still be mounted while the
+        # next one is built (it is removed once off the stack).
+        super().__init__()
         self.control = control
         self.cache_id = cache_id
         self.cache_name = name
@@ -85,7 +87,8 @@ class CacheViewScreen(Screen[None]):
         # than 0% until a cacheable lookup has happened.
         rate = totals.hit_rate if totals.hits + totals.misses else None
         set_text(self.query_one("#cv-hit-rate", Label), f"hit rate {fmt.percent(rate)}")
-        set_text(self.query_one("#cv-saved", Label), f"saved {fmt.duration(totals.time_saved_s)}")
+        saved = fmt.duration(totals.time_saved_s) if rate is not None else fmt.DASH  # as hit rate
+        set_text(self.query_one("#cv-saved", Label), f"saved {saved}")
         set_text(self.query_one("#cv-calls", Label), fmt.plural(totals.calls, "query", "queries"))
         for key, _ in SERIES:
             values: tuple[int, ...] = getattr(snap.series, key)

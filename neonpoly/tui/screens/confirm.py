@@ -7,13 +7,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label
+from textual.widgets import Button, Footer, Label
 
 
 class ConfirmModal(ModalScreen[bool]):
     BINDINGS = [
-        Binding("escape,n", "answer(False)", "Cancel"),
         Binding("y", "answer(True)", "Confirm"),
+        Binding("n", "answer(False)", "Cancel"),
+        Binding("escape", "answer(False)", "Cancel"),
+        Binding("q", "answer(False)", "Cancel", show=False),
     ]
 
     def __init__(self, title: str, message: str, confirm: str, *, danger: bool = True) -> None:
@@ -35,6 +37,8 @@ class ConfirmModal(ModalScreen[bool]):
                     compact=True,
                     variant="error" if self.danger else "primary",
                 )
+        # The dialog's own keys, not the page's (dimmed) ones underneath.
+        yield Footer()
 
     def on_mount(self) -> None:
         # Focus starts on Cancel so a stray enter never destroys anything.

@@ -6,13 +6,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Label
+from textual.widgets import Footer, Label
 
 KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Everywhere", (
         ("?", "this help"),
         ("ctrl+p", "command palette: every action by name"),
-        ("q", "quit (the proxy stops with the console)"),
+        ("q ctrl+c", "quit (the proxy stops with the console)"),
+        ("q esc", "in a drawer or dialog: close it"),
     )),
     ("Integrations page", (
         ("a", "add PolyScale (opens the Add drawer)"),
@@ -24,7 +25,7 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("c", "copy the connection string, password included"),
         ("s", "show or hide the password"),
         ("v p r", "view cache, purge cache, remove integration"),
-        ("esc", "cancel: back to the page"),
+        ("esc q", "close: back to the page"),
     )),
     ("Cache view", (
         ("/", "filter templates (esc clears)"),
@@ -32,7 +33,7 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("enter", "details of the highlighted query (esc closes)"),
         ("p", "purge the highlighted query's cached results"),
         ("P", "purge the whole cache (shift+p)"),
-        ("esc", "back"),
+        ("esc", "back (to the Manage drawer, if opened from it)"),
     )),
 )
 
@@ -44,7 +45,10 @@ ABOUT = (
 
 
 class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("question_mark,q", "dismiss", "Close", show=False),
+    ]
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
@@ -55,3 +59,4 @@ class HelpScreen(ModalScreen[None]):
                     yield Label(f"  [b]{key:<10}[/b] {what}", classes="key-row")
             yield Label(ABOUT, classes="muted about")
             yield Label("esc close", classes="hint")
+        yield Footer()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, VerticalScroll
+from textual.containers import Grid
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Label
 
@@ -13,6 +13,7 @@ from neonpoly.control.interface import Control
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets.cards import OTHER_INTEGRATIONS, PolyScaleCard, UnavailableCard
 from neonpoly.tui.widgets.header import ConsoleHeader
+from neonpoly.tui.widgets.scroll import Scroll
 
 CARD_SPARK_SECONDS = 120  # the card shows the last two minutes; the cache view shows 15
 
@@ -33,7 +34,7 @@ class IntegrationsScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield ConsoleHeader("Integrations")
-        with VerticalScroll(id="page"):
+        with Scroll(id="page"):
             yield Label(
                 "[b]Integrations[/b] — a hub for managing third-party integrations with your project",
                 id="page-title",

@@ -5,18 +5,27 @@ from __future__ import annotations
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Label, Select
 
 from neonpoly.control.interface import Control, ControlError, IntegrationView
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text
+from neonpoly.tui.widgets.conn_string import ConnectionString
+from neonpoly.tui.widgets.scroll import Scroll
 
-WRITES_NOTE = (
-    "⚠ Always use this connection string: modifying the database directly (a Neon "
-    "connection string or the SQL Editor) can leave the cache outdated."
-)
+WRITES_NOTES = {
+    "neon": "⚠ Always use this connection string: modifying the database directly (a Neon "
+    "connection string or the SQL Editor) can leave the cache outdated.",
+    # A local or URL origin has no Neon string or SQL Editor to name.
+    "local": "⚠ Always use this connection string: modifying the database directly (any "
+    "connection that bypasses it) can leave the cache outdated.",
+}
+
+
+def writes_note(view: IntegrationView | None) -> str:
+    return WRITES_NOTES["neon" if view is None or view.kind == "neon" else "local"]
 
 
 def origin_line(view: IntegrationView, live_state: str | None = None) -> str:
@@ -29,7 +38,10 @@ def origin_line(view: IntegrationView, live_state: str | None = None) -> str:
 
 class ManagePolyScaleDrawer(ModalScreen[None]):
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel"),
+        Binding("escape", "close", "Close"),
+        Binding("q", "close", "Close", show=False),
+        # A modal screen hides the app's bindings: help is wanted here too.
+        Binding("question_mark", "app.help", "Help", show=False),
         Binding("c", "app.copy", "Copy"),
         Binding("s", "reveal", "Show/hide"),
         Binding("v", "app.view_cache", "View cache"),
@@ -38,19 +50,22 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
     ]
 
     def __init__(self, control: Control, cache_id: str) -> None:
-        super().__init__(id="manage-drawer", classes="drawer-screen")
+        # No fixed id: a kept screen of a removed cache may still be mounted while the
+        # next one is built (it is removed once off the stack).
+        super().__init__(classes="drawer-screen")
         self.control = control
         self.cache_id = cache_id
         self.revealed = False
+        self._fresh = True
 
     def compose(self) -> ComposeResult:
         view = self._view()
         databases = view.databases if view else ("—",)
         roles = view.roles if view else ("—",)
-        with VerticalScroll(id="drawer", classes="drawer"):
+        with Scroll(id="drawer", classes="drawer"):
             with Horizontal(classes="drawer-title"):
                 yield Label("Manage PolyScale", classes="title")
-                yield Label("esc Cancel", classes="hint")
+                yield Label("esc Close", classes="hint")
             yield Label(id="cache-line")
             yield Label(id="origin-line")
             yield Label(id="entries-line")
@@ -71,11 +86,11 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
                     allow_blank=False,
                     value=view.role if view else roles[0],
                 )
-            yield Label(id="conn-string", classes="conn")
+            yield ConnectionString(id="conn-string", classes="conn", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("c Copy", id="copy", compact=True)
                 yield Button("s Show", id="reveal", compact=True)
-            yield Label(WRITES_NOTE, classes="warning")
+            yield Label(writes_note(view), classes="warning")
             with Horizontal(classes="buttons actions"):
                 yield Button("v View cache", id="view", compact=True, variant="primary")
                 yield Button("p Purge cache", id="purge", compact=True, variant="warning")
@@ -94,11 +109,18 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         self.refresh_data()
         self.query_one("#copy", Button).focus()
 
+    def opened(self) -> None:
+        """The drawer is about to be shown anew (it is kept installed between showings), not
+        uncovered by a screen above it closing: the password starts hidden again."""
+        self._fresh = True
+
     def on_screen_resume(self) -> None:
-        # Shown again (the drawer is kept installed): the password starts hidden each time.
-        self.revealed = False
+        if self._fresh:
+            self._fresh = False
+            self.revealed = False
+            for button in self.query("#copy").results(Button):
+                button.focus()
         self.refresh_data()
-        self.query_one("#copy", Button).focus()
 
     def refresh_data(self) -> None:
         view = self._view()
@@ -127,7 +149,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         set_text(self.query_one("#conn-string", Label), text)
         self.query_one("#reveal", Button).label = "s Hide" if self.revealed else "s Show"
 
-    def action_cancel(self) -> None:
+    def action_close(self) -> None:
         self.dismiss(None)
 
     def action_reveal(self) -> None:

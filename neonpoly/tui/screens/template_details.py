@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Label
+from textual.widgets import Footer, Label
 
 from neonpoly.stats import TemplateStats
 from neonpoly.tui import format as fmt
@@ -27,15 +27,20 @@ def detail_rows(stats: TemplateStats) -> list[tuple[str, str]]:
         ("miss latency", f"p50 {fmt.millis(stats.miss_p50_s)} · p95 {fmt.millis(stats.miss_p95_s)}"),
         ("time saved", fmt.duration(stats.time_saved_s)),
         ("TTL", fmt.ttl(stats.ttl)),
-        ("last status", stats.last_status or fmt.DASH),
-        ("reason", stats.last_reason or fmt.DASH),
+        # One row, word and explanation: "not cacheable — writes table products", never the
+        # status twice ("uncacheable" / "not cacheable (uncacheable)").
+        ("status", f"{fmt.status_word(stats.last_status)} — "
+                   f"{fmt.status_explanation(stats.last_status, stats.last_reason)}"),
     ]
 
 
 class TemplateDetailsModal(ModalScreen[None]):
     """A snapshot taken when opened: the figures hold still while being read."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("q", "dismiss", "Close", show=False),
+    ]
 
     def __init__(self, stats: TemplateStats) -> None:
         super().__init__(classes="details-screen")
@@ -51,3 +56,4 @@ class TemplateDetailsModal(ModalScreen[None]):
                     yield Label(label, classes="detail-label")
                     yield Label(value, classes="detail-value", markup=False)
             yield Label("esc close", classes="hint")
+        yield Footer()

@@ -48,7 +48,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ttl", "TTL"),
     ("status", "status"),
 )
-STATUS_WIDTH = 14
+STATUS_WIDTH = 15  # the longest status word, "multi-statement"
 PADDING = 2  # the table's one cell of padding on each side of every column
 SCROLLBAR = 2
 MIN_TEMPLATE_WIDTH = 16
@@ -58,8 +58,9 @@ def matches(stats: TemplateStats, needle: str) -> bool:
     if not needle:
         return True
     needle = needle.lower()
-    status = fmt.status_word(stats.last_status, stats.last_reason)
-    return needle in stats.template.lower() or needle in status.lower()
+    status = fmt.status_word(stats.last_status)
+    reason = fmt.status_explanation(stats.last_status, stats.last_reason)
+    return needle in stats.template.lower() or needle in status.lower() or needle in reason.lower()
 
 
 def template_cell(stats: TemplateStats, width: int) -> Cell:
@@ -69,13 +70,15 @@ def template_cell(stats: TemplateStats, width: int) -> Cell:
 
 def figure_cells(stats: TemplateStats) -> tuple[Cell, ...]:
     """Every cell but the template's, whose width depends on what these leave."""
-    status = fmt.status_word(stats.last_status, stats.last_reason)
+    status = fmt.status_word(stats.last_status)
+    cacheable = bool(stats.hits + stats.misses)
     p50_key = stats.miss_p50_s or 0.0
     return (
         Cell(fmt.count(stats.calls), stats.calls),
         Cell(fmt.percent(stats.hit_rate if stats.hits + stats.misses else None), stats.hit_rate),
         Cell(fmt.ms_pair(stats.hit_p50_s, stats.miss_p50_s), p50_key),
-        Cell(fmt.duration(stats.time_saved_s), stats.time_saved_s),
+        # A template never looked up in the cache saved nothing: a dash, as for hit %.
+        Cell(fmt.duration(stats.time_saved_s) if cacheable else fmt.DASH, stats.time_saved_s),
         Cell(fmt.ttl(stats.ttl), stats.ttl or 0.0),
         Cell(fmt.clip(status, STATUS_WIDTH), status, right=False),
     )
