@@ -122,14 +122,18 @@ def test_rule_ttl_must_be_finite_seconds(ttl: str, capsys: Captured) -> None:
 
 
 async def test_add_refuses_a_taken_name(state_root: Path) -> None:
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/app", "--name", "shop")
+    await integrations_cli(
+        "integrations", "add", "--upstream", "postgres://u@db.example.com/app", "--no-check", "--name", "shop"
+    )
     message = await integrations_error(
-        "integrations", "add", "--upstream", "postgres://u@other.example.com/app", "--name", "shop"
+        "integrations", "add", "--upstream", "postgres://u@other.example.com/app", "--no-check", "--name", "shop"
     )
     assert "'shop' already exists" in message and "--name" in message
     # The default name (the URL's first host label) is checked too.
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/other")
-    message = await integrations_error("integrations", "add", "--upstream", "postgres://u@db.example.org/app")
+    await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/other", "--no-check")
+    message = await integrations_error(
+        "integrations", "add", "--upstream", "postgres://u@db.example.org/app", "--no-check"
+    )
     assert "'db' already exists" in message and "--name" in message
     assert [i.name for i in IntegrationStore(state_root).load()] == ["shop", "db"]
 
@@ -144,8 +148,8 @@ def _duplicate_locals(state_root: Path) -> list[str]:
 
 
 async def test_ambiguous_names_are_refused_with_their_ids(state_root: Path, capsys: Captured) -> None:
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@a.example.com/app")
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@b.example.com/app")
+    await integrations_cli("integrations", "add", "--upstream", "postgres://u@a.example.com/app", "--no-check")
+    await integrations_cli("integrations", "add", "--upstream", "postgres://u@b.example.com/app", "--no-check")
     ids = _duplicate_locals(state_root)
 
     for argv in (["integrations", "remove", "local"], ["connection-string", "local"]):
@@ -158,7 +162,8 @@ async def test_ambiguous_names_are_refused_with_their_ids(state_root: Path, caps
     assert status == 2 and err.count("\n") == 1 and all(i in err for i in ids), err
 
     # An id still picks exactly one, and removing it makes the name unambiguous again.
-    assert ids[0] in await integrations_cli("integrations", "remove", ids[0])
+    assert "Removed integration local" in await integrations_cli("integrations", "remove", ids[0])
+    assert [i.cache_id for i in IntegrationStore(state_root).load()] == ids[1:]
     assert f"application_name={ids[1]}" in await integrations_cli("connection-string", "local")
 
 
@@ -212,7 +217,7 @@ async def test_quotes_in_names_reach_the_console_intact(serving: Serving, capsys
 
     for table in ('my"tab', "My Tab", "Public.Orders", '"Mixed"'):
         status, out, err = await admin_cli(capsys, "purge", "--table", table, "--user", "postgres")
-        assert status == 0 and out.startswith("removed"), (table, err)
+        assert status == 0 and out.startswith("Purged 0 entries reading "), (table, out, err)
         status, out, err = await admin_cli(
             capsys, "rules", "add", "--table", table, "--never", "--user", "postgres", "--cache", "shop"
         )
@@ -226,7 +231,7 @@ async def test_quotes_in_names_reach_the_console_intact(serving: Serving, capsys
 
 
 async def test_add_message_is_true_with_or_without_a_running_serve(state_root: Path) -> None:
-    out = await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/app")
+    out = await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/app", "--no-check")
     assert "run `neonpoly serve` to serve it" not in out
     assert "a running `neonpoly serve` picks it up within a second; otherwise start one" in out
 
