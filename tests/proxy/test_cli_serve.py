@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import selectors
@@ -135,6 +136,22 @@ def test_serve_relays_and_sigterm_is_graceful(served: Served, pg: PgServer) -> N
         assert re.search(r"database=app .*duration_ms=\d+ bytes_in=\d+ bytes_out=\d+", line), line
     assert "Traceback" not in stderr
     assert took < 10
+
+
+def test_admin_commands_find_a_serve_with_upstream_and_listen(served: Served, tmp_path: Path) -> None:
+    """`serve --upstream … --listen HOST:PORT` records where it listens in its state dir, so
+    `neonpoly stats` with the same state dir reaches it without --admin."""
+    done = subprocess.run(
+        _neonpoly("stats", "--json", "--state-dir", str(tmp_path / "state"), "--user", "postgres"),
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [row["cache"] for row in json.loads(done.stdout)] == ["default", "(all)"]
+    shown = subprocess.run(
+        _neonpoly("connection-string", "--state-dir", str(tmp_path / "state")),
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert shown.returncode != 0 and "no integrations yet" in shown.stderr  # --upstream adds none
 
 
 @pytest.mark.parametrize(
