@@ -87,7 +87,7 @@ class StateLock:
             return os.getpid()
         try:
             fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+        except OSError:  # never served from here, or not ours to read: nothing to find
             return None
         try:
             try:
