@@ -164,9 +164,10 @@ async def test_cli_remove_confirms_a_running_serve_ended_the_connections(
     url = serve.wait_for(r"psql '([^']+)'", 30).group(1)
     assert f":{serve.port}/" in url
     clients = [await asyncpg.connect(url) for _ in range(2)]
-    sleeper = asyncio.create_task(psql_failure(url, "SELECT pg_sleep(10)"))
+    sleeper = asyncio.create_task(psql_failure(url, "SELECT pg_sleep(10) -- remove-confirm"))
     async with asyncio.timeout(10), pg.superuser_conn() as su:  # psql is in once the origin runs its sleep
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)'"
+        # Marked: sleeps of earlier tests may still run on the origin after their clients went.
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%remove-confirm' AND pid <> pg_backend_pid()"
         while not await su.fetchval(sql) and not sleeper.done():
             await asyncio.sleep(0.05)
     started = time.monotonic()
