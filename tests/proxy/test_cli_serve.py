@@ -193,9 +193,11 @@ def test_serve_hides_the_password_unless_revealed(pg: PgServer, tmp_path: Path) 
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            found, lines = _read_until(proc, r"ready; connect with", 60)
-            heading = next(i for i, line in enumerate(lines) if found.group(0) in line)
-            printed = lines[heading + 1]  # printed with the heading, in one write
+            # Up to the string's own line: print() writes its final newline apart, so the
+            # heading may arrive alone.
+            _, lines = _read_until(proc, r"^\s+psql '", 60)
+            heading = next(i for i, line in enumerate(lines) if "ready; connect with" in line)
+            printed = lines[heading + 1]
             lines = lines[: heading + 1]
             assert printed.lstrip().startswith("psql '"), printed
             assert (pg.password_for("postgres") in printed) is reveal, printed
