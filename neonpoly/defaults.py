@@ -18,6 +18,12 @@ DEFAULT_LISTEN_TEXT = f"{LOCALHOST}:{DEFAULT_PORT}"
 DEFAULT_MAX_CACHE_BYTES = 1 << 30
 DEFAULT_L1_BYTES = 128 << 20
 ADMIN_DATABASE = "neonpoly"
+ORIGIN_CHECK_TIMEOUT = 5.0  # `integrations add` and the Manage drawer's lists: one login to the origin
+REMOVE_CONFIRM_TIMEOUT = 5.0  # `integrations remove` waits this long for a running serve to let go
+# As root, where the embedded origin keeps its data when the user PostgreSQL runs as cannot
+# reach the state dir (see integrations/embedded_origin.cluster_dir); /var/tmp survives reboots.
+ROOT_CLUSTER_BASE = "/var/tmp"
+TEXT_WIDTH = 100  # the admin commands' tables fit this many columns unless --wide
 
 ENV_STATE_DIR = "NEONPOLY_STATE_DIR"
 ENV_ADMIN_USER = "NEONPOLY_ADMIN_USER"

@@ -100,6 +100,9 @@ class ProxyService:
         self.rules = RuleBook.in_dir(settings.rules_dir) if settings.rules_dir is not None else RuleBook()
         self.adaptive = adaptive or AdaptiveTTL()
         self.policies: dict[str, RulePolicy] = {}  # cache id → the TTL policy of its cache
+        # cache id → a name for people (the integration's), set by whoever adds the cache;
+        # readers label with it (metrics' cache_name) and fall back to the id.
+        self.names: dict[str, str] = {}
         tls = None
         if settings.tls_cert is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -167,6 +170,7 @@ class ProxyService:
             route.cache.close()
         self.stats.forget_cache(cache_id)
         self.policies.pop(cache_id, None)
+        self.names.pop(cache_id, None)
         return ended
 
     def purge(self, cache_id: str | None = None) -> int:

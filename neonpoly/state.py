@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import platformdirs
@@ -54,7 +55,15 @@ class StateLock:
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A few tries: `holder()` in another process holds a shared lock for an instant.
+            for attempt in range(5):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.02)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
@@ -65,6 +74,31 @@ class StateLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def holder(self) -> int | None:
+        """The pid of the process serving from this state dir, or None when none is.
+
+        Tries a shared lock without waiting (flock cannot be queried) and drops it at once;
+        a holder whose pid is unreadable counts as pid 0.
+        """
+        import fcntl
+
+        if self._fd is not None:
+            return os.getpid()
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # never served from here, or not ours to read: nothing to find
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -56,9 +57,10 @@ def state_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh neonpoly state dir, also set as $NEONPOLY_STATE_DIR.
 
     Not tmp_path: pytest's root-owned 0700 parents are unreachable for the user the embedded
-    PostgreSQL runs as.
+    PostgreSQL runs as, whose data would then go to /var/tmp (see embedded_origin.cluster_dir).
     """
     base = Path(tempfile.mkdtemp(prefix="neonpoly-state-"))
+    os.chmod(base, 0o711)  # searchable, so the embedded cluster stays in the state dir
     monkeypatch.setenv("NEONPOLY_STATE_DIR", str(base / "state"))
     try:
         yield base / "state"

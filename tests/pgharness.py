@@ -75,6 +75,9 @@ def tls_files() -> TlsFiles:
 
 def _tempdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
+    # As root the server runs as another user, which must reach its data dir inside: our own
+    # fresh dir may be searched (not listed) by others; LocalPostgres changes no permissions.
+    os.chmod(path, 0o711)
     # Lets a later run tell our leftovers (after a SIGKILL) from a concurrent live run's dirs.
     (path / _OWNER_FILE).write_text(str(os.getpid()))
     _DIRS.append(path)

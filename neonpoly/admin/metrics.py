@@ -1,8 +1,8 @@
 """Prometheus endpoint (`--metrics-listen HOST:PORT` → GET /metrics).
 
-A custom collector turns StatsRecorder snapshots and store usage into metric families at
-scrape time, so the proxy's hot path keeps only its own counters. The HTTP side is a tiny
-asyncio server on the proxy's event loop rather than prometheus-client's threaded one:
+`GET /` is a page linking to /metrics. A custom collector turns StatsRecorder snapshots and
+store usage into metric families at scrape time, so the proxy's hot path keeps only its own counters. The HTTP side
+is a tiny asyncio server on the proxy's event loop rather than prometheus-client's threaded one:
 StatsRecorder is not thread-safe, and scraping on the loop reads it between queries.
 
 Latency: the recorder keeps log-bucket histograms without a running sum, so per-template
@@ -17,9 +17,11 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from neonpoly import __version__
 
 if TYPE_CHECKING:
     from neonpoly.service import ProxyService
@@ -41,37 +43,42 @@ class StatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         service = self.service
-        queries = CounterMetricFamily("neonpoly_queries", "Queries seen, by cache status.", labels=["cache", "status"])
-        saved = CounterMetricFamily(
-            "neonpoly_time_saved_seconds", "Origin time avoided by cache hits.", labels=["cache"]
-        )
-        served = CounterMetricFamily("neonpoly_served_bytes", "Bytes answered from the cache.", labels=["cache"])
-        entries = GaugeMetricFamily("neonpoly_cache_entries", "Entries stored.", labels=["cache"])
-        size = GaugeMetricFamily("neonpoly_cache_bytes", "Bytes stored.", labels=["cache"])
-        limit = GaugeMetricFamily("neonpoly_cache_max_bytes", "Cache size bound.", labels=["cache"])
-        conns = GaugeMetricFamily("neonpoly_connections", "Open client connections.", labels=["cache"])
+        cache = ["cache", "cache_name"]  # the id clients send, and the integration's name
+        build = InfoMetricFamily("neonpoly_build", "neonpoly's version.", value={"version": __version__})
+        queries = CounterMetricFamily("neonpoly_queries", "Queries seen, by cache status.", labels=[*cache, "status"])
+        saved = CounterMetricFamily("neonpoly_time_saved_seconds", "Origin time avoided by cache hits.", labels=cache)
+        served = CounterMetricFamily("neonpoly_served_bytes", "Bytes answered from the cache.", labels=cache)
+        entries = GaugeMetricFamily("neonpoly_cache_entries", "Entries stored.", labels=cache)
+        size = GaugeMetricFamily("neonpoly_cache_bytes", "Bytes stored.", labels=cache)
+        limit = GaugeMetricFamily("neonpoly_cache_max_bytes", "Cache size bound.", labels=cache)
+        conns = GaugeMetricFamily("neonpoly_connections", "Open client connections.", labels=cache)
         latency = GaugeMetricFamily(
             "neonpoly_query_duration_seconds",
             f"Query latency quantiles of hits and misses (top {TOP_TEMPLATES} templates).",
-            labels=["cache", "template_id", "result", "quantile"],
+            labels=[*cache, "template_id", "result", "quantile"],
         )
         ttl = GaugeMetricFamily(
             "neonpoly_template_ttl_seconds",
             "Current TTL of a query template.",
-            labels=["cache", "template_id"],
+            labels=[*cache, "template_id"],
         )
+        names = service.names
+
+        def label(cache_id: str) -> list[str]:
+            return [cache_id, names.get(cache_id, cache_id)]
+
         report = service.report()
         for c in report.caches:
-            cid = c.cache_id
+            cid = label(c.cache_id)
             for status, n in c.totals.by_status:
-                queries.add_metric([cid, status], n)
-            saved.add_metric([cid], c.totals.time_saved_s)
-            served.add_metric([cid], c.totals.bytes_served)
-            conns.add_metric([cid], c.connections)
+                queries.add_metric([*cid, status], n)
+            saved.add_metric(cid, c.totals.time_saved_s)
+            served.add_metric(cid, c.totals.bytes_served)
+            conns.add_metric(cid, c.connections)
             if c.mode != "disabled":
-                entries.add_metric([cid], c.entries)
-                size.add_metric([cid], c.bytes)
-                limit.add_metric([cid], c.max_bytes)
+                entries.add_metric(cid, c.entries)
+                size.add_metric(cid, c.bytes)
+                limit.add_metric(cid, c.max_bytes)
         shown: dict[str, int] = {}
         for r in report.templates:  # most called first
             t = r.stats
@@ -85,10 +92,17 @@ class StatsCollector(Collector):
                 ("miss", "0.95", t.miss_p95_s),
             ):
                 if value is not None:
-                    latency.add_metric([t.cache_id, t.template_id, result, q], value)
+                    latency.add_metric([*label(t.cache_id), t.template_id, result, q], value)
             if r.ttl is not None and (t.hits or t.misses):
-                ttl.add_metric([t.cache_id, t.template_id], r.ttl)
-        yield from (queries, saved, served, entries, size, limit, conns, latency, ttl)
+                ttl.add_metric([*label(t.cache_id), t.template_id], r.ttl)
+        yield from (build, queries, saved, served, entries, size, limit, conns, latency, ttl)
+
+
+INDEX = (
+    b"<!doctype html><html><head><title>neonpoly metrics</title></head><body>"
+    b"<h1>neonpoly</h1><p><a href=\"/metrics\">/metrics</a>: Prometheus metrics of this proxy.</p>"
+    b"</body></html>\n"
+)
 
 
 class MetricsServer:
@@ -97,6 +111,7 @@ class MetricsServer:
     def __init__(self, service: ProxyService) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(service))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, resident memory, fds …
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -124,6 +139,8 @@ class MetricsServer:
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET /metrics\n"
             elif path.split(b"?")[0] == b"/metrics":
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.render()
+            elif path.split(b"?")[0] == b"/":
+                status, ctype, body = "200 OK", "text/html; charset=utf-8", INDEX
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
             writer.write(

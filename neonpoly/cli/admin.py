@@ -10,7 +10,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,12 @@ from neonpoly.admin.client import (
     AdminClientError,
     AdminRefused,
     AdminUnreachable,
+    Answer,
     quote_ident,
 )
 from neonpoly.cli.args import host_port
-from neonpoly.defaults import DEFAULT_LISTEN_TEXT, ENV_ADMIN_PASSWORD, ENV_ADMIN_USER, LOCALHOST
+from neonpoly.cli.tables import number, render_table
+from neonpoly.defaults import DEFAULT_LISTEN_TEXT, ENV_ADMIN_PASSWORD, ENV_ADMIN_USER, TEXT_WIDTH
 
 COMMANDS = ("stats", "queries", "purge", "rules")
 DEFAULT_ADMIN = DEFAULT_LISTEN_TEXT
@@ -93,6 +95,8 @@ def _rules_sql(args: argparse.Namespace) -> str:
         return f"CREATE RULE ON {target} {what}{_for_cache(args)}"
     if action == "drop":
         return f"DROP RULE {quote_ident(args.rule_id.strip())}"
+    if args.mode is None:
+        return f"SHOW CACHES{_for_cache(args)}"  # `rules mode` alone: the mode in force
     return f"SET MODE {args.mode}{_for_cache(args)}"
 
 
@@ -145,9 +149,13 @@ def register(subparsers: Any) -> None:
         "--password",
         type=nonempty(f"omit --password to use ${ENV_ADMIN_PASSWORD}"),
         default=None,
+        metavar="PW",
         help=f"admin password, if one is configured (default ${ENV_ADMIN_PASSWORD})",
     )
     common.add_argument("--json", action="store_true", help="print rows as a JSON array")
+    common.add_argument(
+        "--wide", action="store_true", help=f"every column, in full (default: fit {TEXT_WIDTH} columns)"
+    )
     common.add_argument(
         "--cache",
         type=nonempty("omit --cache for every cache"),
@@ -179,32 +187,42 @@ def register(subparsers: Any) -> None:
     actions.add_parser("list", parents=[common], help="list rules (default)")
     add = actions.add_parser("add", parents=[common], help="add a rule")
     target = add.add_mutually_exclusive_group(required=True)
-    target.add_argument("--table", type=table, metavar="T")
+    target.add_argument("--table", type=table, metavar="T", help="the rule covers every query reading table T")
     target.add_argument("--query", type=template, metavar="ID", help="template id (see `neonpoly queries`)")
     what = add.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ttl", type=_ttl, metavar="SECONDS")
+    what.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="cache for at most this long")
     what.add_argument("--never", action="store_true", help="never cache")
     drop = actions.add_parser("drop", parents=[common], help="drop a rule")
-    drop.add_argument("rule_id", type=nonempty("give a rule id from `neonpoly rules`"), metavar="ID")
-    mode = actions.add_parser("mode", parents=[common], help="auto (learned TTL), fixed or off")
-    mode.add_argument("mode", choices=("auto", "fixed", "off"))
+    drop.add_argument(
+        "rule_id", type=nonempty("give a rule id from `neonpoly rules`"), metavar="ID", help="see `neonpoly rules`"
+    )
+    mode = actions.add_parser(
+        "mode", parents=[common], help="show the mode, or set it: auto (learned TTL), fixed or off"
+    )
+    mode.add_argument(
+        "mode",
+        nargs="?",
+        choices=("auto", "fixed", "off"),
+        help="auto learns a TTL per template, fixed uses serve's --ttl, off caches only what a TTL rule "
+        "names; without it, show the mode of each cache",
+    )
 
 
-def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], str | None]:
-    """Where to connect and the cache id, from the state dir unless given on the command line."""
+def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], str | None, dict[str, str]]:
+    """Where to connect, the cache id, and the integrations' names by cache id, from the state
+    dir unless given on the command line."""
+    from neonpoly.control.attached import dialable
     from neonpoly.integrations.store import IntegrationStore
     from neonpoly.state import state_dir
 
     store = IntegrationStore(state_dir(getattr(args, "state_dir", None)))
+    names = {i.cache_id: i.name for i in store.load()}
     cache = getattr(args, "cache", None)
     if cache is not None:
         cache = store.resolve_cache_id(cache)
     if args.admin is not None:
-        return args.admin, cache
-    host, port = store.read().listen
-    # A wildcard listen address is where serve accepts, not one to dial: use loopback.
-    host = {"0.0.0.0": LOCALHOST, "::": "::1", "": LOCALHOST}.get(host, host)
-    return (host, port), cache
+        return args.admin, cache, names
+    return dialable(store.read().listen), cache, names
 
 
 def _print_error(exc: AdminClientError) -> None:
@@ -216,7 +234,7 @@ async def dispatch(args: argparse.Namespace) -> int:
     from neonpoly.integrations.store import IntegrationError
 
     try:
-        address, args.cache = _admin_target(args)
+        address, args.cache, names = _admin_target(args)
     except IntegrationError as exc:
         print(f"neonpoly: {exc}", file=sys.stderr)
         return 2
@@ -233,12 +251,23 @@ async def dispatch(args: argparse.Namespace) -> int:
     finally:
         await client.close()
     if args.json:
-        print(json.dumps(answer.dicts() if answer.columns else {"status": answer.tag}, default=_json_default, indent=2))
-    elif answer.columns:
-        print(render_table(answer.columns, answer.rows))
+        rows = [_named(row, names) for row in answer.dicts()]
+        print(json.dumps(rows if answer.columns else {"status": answer.tag}, default=_json_default, indent=2))
     else:
-        print(answer.tag)
+        print(present(args, answer, names))
     return 0
+
+
+def _named(row: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A JSON row with the integration's name next to its cache id."""
+    if "cache" not in row:
+        return row
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "cache":
+            out["cache_name"] = names.get(value, value) if isinstance(value, str) else value
+    return out
 
 
 def _json_default(value: object) -> object:
@@ -247,31 +276,64 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "NaN"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+# What the text output shows when not --wide: (column, heading), the flexible column last.
+NARROW = {
+    "stats": (
+        ("cache", "cache"), ("calls", "calls"), ("hits", "hits"), ("misses", "misses"),
+        ("passthrough", "passthrough"), ("hit_rate", "hit_rate"), ("time_saved_ms", "saved_ms"),
+        ("entries", "entries"), ("bytes", "bytes"), ("connections", "conns"), ("statuses", "statuses"),
+    ),
+    "queries": (
+        ("cache", "cache"), ("template_id", "template_id"), ("calls", "calls"), ("hits", "hits"),
+        ("hit_rate", "hit_rate"), ("hit_p50_ms", "hit_ms"), ("miss_p50_ms", "miss_ms"), ("ttl_s", "ttl_s"),
+        ("template", "template"),
+    ),
+}  # fmt: skip
 
 
-def render_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain aligned table for people; numbers right-aligned."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    numeric = [
-        all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and bool(rows)
-        for i in range(len(columns))
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def present(args: argparse.Namespace, answer: Answer, names: dict[str, str]) -> str:
+    """The text a person reads: sentences for actions, fitted tables for listings."""
+    cache = f"from {names.get(args.cache, args.cache)}" if args.cache else "from every cache"
+    scope = f"for {names.get(args.cache, args.cache)}" if args.cache else "for every cache"
+    if args.command == "purge":
+        removed = int(answer.rows[0][0]) if answer.rows else 0
+        what = _plural(removed, "entry", "entries")
+        if args.table is not None:
+            what += f" reading {args.table}"
+        elif args.query is not None:
+            what += f" of query {args.query}"
+        return f"Purged {what} {cache}."
+    action = getattr(args, "rules_action", None)
+    if args.command == "rules" and action == "add" and answer.rows:
+        rule = answer.dicts()[0]
+        kept = "never cached" if rule["ttl_s"] is None else f"cached for at most {number(rule['ttl_s'])} s"
+        return f"Added rule {rule['id']}: {rule['target']} {rule['name']} {kept} {scope}."
+    if args.command == "rules" and action == "drop":
+        return f"Dropped rule {args.rule_id.strip()}."
+    if args.command == "rules" and action == "mode":
+        if args.mode is not None:
+            return f"Mode {args.mode} {scope}."
+        modes = [(names.get(r["cache"], r["cache"]), r["mode"]) for r in answer.dicts()]
+        return render_table(("cache", "mode"), modes)
+    if not answer.columns:
+        return answer.tag
+    rows: list[list[object]] = [
+        [names.get(v, v) if c == "cache" and isinstance(v, str) else v for c, v in zip(answer.columns, r, strict=True)]
+        for r in answer.rows
     ]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)
-        ).rstrip()
-
-    out = [line(list(columns)), line(["-" * w for w in widths])]
-    out.extend(line(r) for r in cells)
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return "\n".join(out)
+    columns = list(answer.columns)
+    narrow = NARROW.get(args.command)
+    if args.wide:
+        return render_table(columns, rows)
+    if narrow is None:
+        return render_table(columns, rows, width=TEXT_WIDTH, flex=columns[-1])
+    keep = [(columns.index(c), heading) for c, heading in narrow if c in columns]
+    if args.command == "queries" and len({r[columns.index("cache")] for r in rows}) <= 1:
+        keep = [(i, h) for i, h in keep if h != "cache"]  # one cache: the column says nothing
+    return render_table(
+        [h for _, h in keep], [[r[i] for i, _ in keep] for r in rows], width=TEXT_WIDTH, flex=keep[-1][1]
+    )

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from neonpoly.cli.admin import nonempty, nonempty_path
 from neonpoly.cli.running import CLIError
 from neonpoly.defaults import LOCALHOST, environment
+from neonpoly.integrations.probe import OriginCheckError, OriginChoices
 from neonpoly.integrations.store import (
     DEFAULT_WORKSPACE,
     Integration,
@@ -57,12 +58,19 @@ def register(subparsers: Any) -> None:
         "Postgres. With neither: cache an embedded PostgreSQL started in the state dir.",
     )
     add.add_argument("--project", type=text, metavar="ID", help="Neon project id (needed when the account has several)")
-    add.add_argument("--workspace", type=text, default=DEFAULT_WORKSPACE, metavar="W")
+    add.add_argument(
+        "--workspace",
+        type=text,
+        default=DEFAULT_WORKSPACE,
+        metavar="W",
+        help=f"the workspace the integration is listed under (default: {DEFAULT_WORKSPACE})",
+    )
     add.add_argument(
         "--name",
         type=text,
         metavar="NAME",
-        help="cache name, unique in the state dir (default: <project>-<branch>, the URL's host, or local)",
+        help="cache name, unique in the state dir (default: <project>-<branch>; for a URL the host's first "
+        "label, or <database>-local on this machine; local for the embedded origin)",
     )
     add.add_argument("--branch", type=text, metavar="B", help="a branch other than the primary (manual setup)")
     add.add_argument("--endpoint", type=text, metavar="E", help="a specific endpoint, e.g. a read_only one")
@@ -71,6 +79,12 @@ def register(subparsers: Any) -> None:
     add.add_argument("--password", type=text, metavar="PW", help="the role's password when Neon does not store it")
     add.add_argument("--upstream", type=text, metavar="URL", help="any Postgres URL instead of Neon")
     add.add_argument(
+        "--no-check",
+        action="store_true",
+        help="with --upstream: record the URL without logging in to the origin first (an origin that is "
+        "down now, or a role whose password its clients give)",
+    )
+    add.add_argument(
         "--connect-to",
         type=text,
         metavar="HOST:PORT:TO_HOST:TO_PORT",
@@ -78,15 +92,17 @@ def register(subparsers: Any) -> None:
     )
     add.add_argument("--api-host", type=text, metavar="URL", help="Neon API base URL (or $NEON_API_HOST)")
 
-    listing = verbs.add_parser("list", parents=[state], help="show the integrations")
+    listing = verbs.add_parser("list", parents=[state], help="show the integrations", description="The "
+                               "integrations of the state dir: name, cache id, origin, database and role.")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     remove = verbs.add_parser(
         "remove",
         parents=[state],
         help="delete a cache and end its connections",
-        description="Deletes the cache and its entries; a `neonpoly serve` following the state "
-        "dir ends every connection using it (57P01) and refuses the old connection string.",
+        description="Deletes the cache and its entries. When a `neonpoly serve` runs on the state dir, "
+        "waits (up to a few seconds) until it has ended every connection using the cache (57P01) and "
+        "refuses the old connection string, then says how many connections it ended.",
     )
     remove.add_argument(
         "cache_id", nargs="?", type=text, metavar="CACHE_ID", help="cache id or name (optional with one integration)"
@@ -105,8 +121,13 @@ def register(subparsers: Any) -> None:
     conn.add_argument(
         "cache_id", nargs="?", type=text, metavar="CACHE_ID", help="cache id or name (optional with one integration)"
     )
-    conn.add_argument("--database", type=text, metavar="D")
-    conn.add_argument("--role", type=text, metavar="R")
+    conn.add_argument("--database", type=text, metavar="D", help="another database of the origin (see `list`)")
+    conn.add_argument(
+        "--role",
+        type=text,
+        metavar="R",
+        help="another role; when neonpoly does not know its password the string carries none (psql asks)",
+    )
     conn.add_argument("--reveal", action="store_true", help="show the password")
     conn.add_argument(
         "--listen", type=text, metavar="HOST:PORT", help="neonpoly's address (default: where `serve` last listened)"
@@ -133,7 +154,7 @@ async def dispatch(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if action == "list":
             return _list(store, args, stream)
         if action == "remove":
-            return _remove(store, args, stream)
+            return await _remove(store, args, stream)
     except USER_ERRORS as exc:
         raise _user_error(" ".join(str(exc).split())) from exc
     raise _user_error(f"unknown command {args.command}")
@@ -145,6 +166,7 @@ def _progress(step: str) -> None:
 
 async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int:
 
+    from neonpoly.control.local import list_embedded_choices
     from neonpoly.control.serving import EmbeddedRunner
     from neonpoly.integrations.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
     from neonpoly.integrations.neon_api import API_KEY_ENV
@@ -155,6 +177,7 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
         # Before any API call or embedded start: a taken name fails the add anyway.
         refuse_taken_name(store.load(), args.name)
     if args.upstream:
+        choices = None if args.no_check else await _check_upstream(args)
         item = record_url(
             store,
             args.upstream,
@@ -164,6 +187,8 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
             database=args.database,
             role=args.role,
             password=args.password,
+            databases=choices.databases if choices else (),
+            roles=choices.roles if choices else (),
         )
     elif environment().neon_api_key:
         if args.connect_to:
@@ -199,6 +224,7 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
                 workspace=args.workspace,
                 name=args.name,
             )
+            item = await list_embedded_choices(store, item, origin, handle.password)
         finally:
             await runner.stop()
     host, port = store.read().listen
@@ -219,6 +245,24 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
         file=out,
     )
     return 0
+
+
+async def _check_upstream(args: argparse.Namespace) -> OriginChoices | None:
+    """Log in to the URL's origin as the integration will (role, database, password), so a
+    typo fails the add instead of every client later; lists what the origin offers."""
+    from neonpoly.integrations.probe import list_choices, url_origin
+
+    origin = url_origin(args.upstream, args.connect_to)
+    role = args.role or origin.user or "postgres"
+    database = args.database or origin.database or role
+    _progress(f"Checking the origin {origin.label} (role {role}, database {database})")
+    try:
+        choices = await list_choices(origin, user=role, password=args.password or origin.password, database=database)
+    except OriginCheckError as exc:
+        raise OriginCheckError(f"{exc}; nothing added (--no-check adds it anyway)") from exc
+    if choices is None:
+        _progress(f"The origin answers; role {role} needs a password, which its clients will give (not checked)")
+    return choices
 
 
 def _string(
@@ -250,20 +294,56 @@ def _list(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int
     if not items:
         print("No integrations. Add one with `neonpoly integrations add`.", file=out)
         return 0
-    rows = [["CACHE ID", "NAME", "WORKSPACE", "KIND", "ORIGIN", "ENDPOINT", "DATABASE", "ROLE"]]
+    rows = [["NAME", "KIND", "ORIGIN", "ENDPOINT", "DATABASE", "ROLE", "WORKSPACE", "CACHE ID"]]
     for i in items:
         endpoint = f"{i.endpoint_id} ({i.endpoint_state})" if i.endpoint_id else "-"
-        rows.append([i.cache_id, i.name, i.workspace, i.kind, i.origin_label, endpoint, i.database, i.role])
+        rows.append([i.name, i.kind, i.origin_label, endpoint, i.database, i.role, i.workspace, i.cache_id])
     print(_table(rows), file=out)
     return 0
 
 
-def _remove(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int:
-    item = forget(store, args.cache_id, args.cache_dir or store.root / "cache")
+async def _remove(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int:
+    """Forget the integration; when a neonpoly serves the state dir, wait until it let the
+    cache go (it ends the connections and deletes the files it holds open)."""
+    from neonpoly.admin.client import AdminClient, AdminClientError
+    from neonpoly.control.attached import cache_connections, find_running, wait_unserved
+    from neonpoly.defaults import REMOVE_CONFIRM_TIMEOUT
+
+    item = store.find(args.cache_id)
+    running = find_running(store.root)
+    if running is None:
+        forget(store, item.cache_id, args.cache_dir or store.root / "cache")
+        print(
+            f"Removed integration {item.name}: its cache entries and directory are deleted. No neonpoly "
+            f"is serving {store.root}, so there were no connections to end.",
+            file=out,
+        )
+        return 0
+    who = f"neonpoly (pid {running.pid}) at {running.where}"
+    client = AdminClient(running.address)
+    try:
+        try:
+            before = await cache_connections(client, item.cache_id)
+        except AdminClientError as exc:
+            forget(store, item.cache_id, None)
+            raise CLIError(f"removed {item.name} from the state dir, but cannot confirm that {who} let it go: "
+                           f"{exc.message}") from exc
+        forget(store, item.cache_id, None)  # the serving process deletes the files it holds open
+        try:
+            gone = await wait_unserved(client, item.cache_id, REMOVE_CONFIRM_TIMEOUT)
+        except AdminClientError as exc:
+            raise CLIError(f"removed {item.name} from the state dir, but cannot confirm that {who} let it go: "
+                           f"{exc.message}") from exc
+    finally:
+        await client.close()
+    if not gone:
+        raise CLIError(
+            f"removed {item.name} from the state dir, but {who} still serves it after "
+            f"{REMOVE_CONFIRM_TIMEOUT:g}s (a console does not follow the state dir: remove it there)"
+        )
     print(
-        f"Removed integration {item.name} ({item.cache_id}): cache entries and directory "
-        f"deleted. A running `neonpoly serve` ends its connections and refuses the old "
-        f"connection string within about a second.",
+        f"Removed integration {item.name}: {who} ended {before} connection{'' if before == 1 else 's'} "
+        "and deleted its cache entries; the old connection string is refused.",
         file=out,
     )
     return 0
@@ -283,4 +363,8 @@ def _connection_string(store: IntegrationStore, args: argparse.Namespace, out: T
     if args.role and item.roles and args.role not in item.roles:
         raise IntegrationError(f"no role {args.role!r}; roles: {', '.join(item.roles)}")
     print(_string(store, item, host, port, reveal=args.reveal, database=args.database, role=args.role), file=out)
+    role = args.role or item.role
+    if role not in store.passwords(item.cache_id):
+        print(f"neonpoly: no password is stored for role {role}: the string carries none; psql asks for it",
+              file=sys.stderr)
     return 0

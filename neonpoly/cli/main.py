@@ -172,12 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--attach",
         type=host_port,
         metavar="HOST:PORT",
-        help="attach to a running `neonpoly serve` through its admin console instead of starting a proxy",
+        help="attach to a running `neonpoly serve` through its admin console instead of starting a proxy "
+        "(the default when a serve already runs on the state dir)",
     )
     tui.add_argument(
         "--admin-user", metavar="ROLE", help="admin role with --attach (default $NEONPOLY_ADMIN_USER, else postgres)"
     )
-    tui.add_argument("--admin-password", help="admin password with --attach (default $NEONPOLY_ADMIN_PASSWORD)")
+    tui.add_argument(
+        "--admin-password", metavar="PW", help="admin password with --attach (default $NEONPOLY_ADMIN_PASSWORD)"
+    )
     from neonpoly.cli import admin as cli_admin
     from neonpoly.cli import integrations as cli_integrations
 
@@ -226,38 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tui(args: argparse.Namespace) -> int:
-    from neonpoly.control.local import open_control
-    from neonpoly.service import CacheSettings, ProxySettings
-    from neonpoly.state import state_dir
+    if not sys.stdout.isatty():
+        # Textual would write escape codes into a file or a pipe.
+        raise CLIError(
+            "the console needs a terminal and stdout is not one; "
+            "`neonpoly serve` runs the proxy alone, `neonpoly stats` prints its numbers"
+        )
     from neonpoly.tui import run_tui
 
-    root = state_dir(args.state_dir)
-    control: Control
-    if args.attach:
-        from neonpoly.control.attached import AttachedControl
-
-        control = AttachedControl(
-            args.attach,
-            root,
-            user=args.admin_user,
-            password=args.admin_password,
-            upstream=args.upstream,
-            project_id=args.project,
-            api_host=args.api_host,
-            connect_to=args.connect_to,
-        )
-    else:
-        settings = ProxySettings(
-            listen=args.listen, cache_dir=args.cache_dir or root / "cache", cache=CacheSettings(), rules_dir=root
-        )
-        control = open_control(
-            root,
-            settings=settings,
-            upstream=args.upstream,
-            project_id=args.project,
-            api_host=args.api_host,
-            connect_to=args.connect_to,
-        )
+    control, root = console_control(args)
     # The proxy log would draw over the console: keep only warnings, in a file.
     logging.getLogger().handlers.clear()
     handler = logging.FileHandler(root / "neonpoly.log")
@@ -265,6 +245,45 @@ def _tui(args: argparse.Namespace) -> int:
     logging.getLogger().addHandler(handler)
     run_tui(control)
     return 0
+
+
+def console_control(args: argparse.Namespace) -> tuple[Control, Path]:
+    """The console's Control and state dir: attached to the neonpoly already serving the state
+    dir (a `serve`, found through the state lock and the address it recorded) or given by
+    --attach; otherwise a proxy of its own in this process."""
+    from neonpoly.control.attached import AttachedControl, find_running
+    from neonpoly.control.local import open_control
+    from neonpoly.service import CacheSettings, ProxySettings
+    from neonpoly.state import state_dir
+
+    root = state_dir(args.state_dir)
+    attach = args.attach
+    if attach is None and (running := find_running(root)) is not None:
+        print(f"neonpoly: attaching to the neonpoly (pid {running.pid}) serving {root} at {running.where}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        attach = running.address
+    if attach:
+        return AttachedControl(
+            attach,
+            root,
+            user=args.admin_user,
+            password=args.admin_password,
+            upstream=args.upstream,
+            project_id=args.project,
+            api_host=args.api_host,
+            connect_to=args.connect_to,
+        ), root
+    settings = ProxySettings(
+        listen=args.listen, cache_dir=args.cache_dir or root / "cache", cache=CacheSettings(), rules_dir=root
+    )
+    return open_control(
+        root,
+        settings=settings,
+        upstream=args.upstream,
+        project_id=args.project,
+        api_host=args.api_host,
+        connect_to=args.connect_to,
+    ), root
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m neonpoly.cli` uses __main__.py

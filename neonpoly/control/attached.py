@@ -28,8 +28,9 @@ from neonpoly.control.interface import (
     Progress,
     SignInResult,
 )
-from neonpoly.control.local import LocalControl, integration_view
+from neonpoly.control.local import LocalControl
 from neonpoly.control.serving import EmbeddedRunner
+from neonpoly.defaults import LOCALHOST
 from neonpoly.integrations.neon_api import RetryPolicy
 from neonpoly.integrations.store import (
     Integration,
@@ -38,6 +39,7 @@ from neonpoly.integrations.store import (
     forget,
 )
 from neonpoly.service import ProxySettings
+from neonpoly.state import StateLock
 from neonpoly.stats import SERIES_SECONDS, SeriesSnapshot, StatsSnapshot, TemplateStats, Totals
 
 log = logging.getLogger("neonpoly.attach")
@@ -150,6 +152,52 @@ class Poll:
     queries: tuple[Row, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RunningNeonpoly:
+    """The process serving a state dir (it holds the state lock) and where it listens."""
+
+    pid: int
+    address: tuple[str, int]
+
+    @property
+    def where(self) -> str:
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def dialable(address: tuple[str, int]) -> tuple[str, int]:
+    """A wildcard listen address is where serve accepts, not one to dial: use loopback."""
+    host, port = address
+    return {"0.0.0.0": LOCALHOST, "::": "::1", "": LOCALHOST}.get(host, host), port
+
+
+def find_running(root: Path) -> RunningNeonpoly | None:
+    """The neonpoly (`serve` or a console) serving from `root`, found through the state lock
+    and the address every serve records; None when none runs."""
+    pid = StateLock(root).holder()
+    if pid is None:
+        return None
+    return RunningNeonpoly(pid, dialable(IntegrationStore(root).read().listen))
+
+
+async def cache_connections(client: AdminClient, cache_id: str) -> int:
+    """Open client connections of one cache (SHOW CONNECTIONS); raises AdminClientError."""
+    return sum(1 for r in (await client.run("SHOW CONNECTIONS")).dicts() if r["cache"] == cache_id)
+
+
+async def wait_unserved(client: AdminClient, cache_id: str, timeout: float) -> bool:
+    """Poll until the proxy serves `cache_id` no more (SHOW CACHES) and holds none of its
+    connections; False after `timeout`. Raises AdminClientError when the proxy cannot answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        served = any(r["cache"] == cache_id for r in (await client.run("SHOW CACHES")).dicts())
+        if not served and not await cache_connections(client, cache_id):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
 class AttachedControl(Control):
     """Control on a running `neonpoly serve` at `address`, through its admin console."""
 
@@ -248,6 +296,10 @@ class AttachedControl(Control):
     def select(self, cache_id: str, *, database: str | None = None, role: str | None = None) -> IntegrationView:
         return self.local.select(cache_id, database=database, role=role)
 
+    async def refresh_choices(self, cache_id: str) -> IntegrationView:
+        # The origin is asked from here, with the state dir's credentials, as LocalControl does.
+        return await self.local.refresh_choices(cache_id)
+
     def connection_string(self, cache_id: str, *, reveal: bool = False) -> str:
         return self.local.connection_string(cache_id, reveal=reveal)
 
@@ -311,7 +363,7 @@ class AttachedControl(Control):
                 f"{FOLLOW_TIMEOUT:g}s (is it `neonpoly serve` on this state dir, without --upstream?)"
             )
         progress("Cache ready")
-        return integration_view(item)
+        return self.local.view(item)
 
     async def purge(self, cache_id: str) -> int:
         item = self._find(cache_id)
@@ -337,11 +389,10 @@ class AttachedControl(Control):
             forget(self.store, item.cache_id, None)
         except IntegrationError as exc:
             raise ControlError(str(exc)) from exc
-
-        async def ended() -> bool:
-            return not await self._served(item.cache_id) and not await self._connections(item.cache_id)
-
-        done = await self._until(ended)
+        try:
+            done = await wait_unserved(self.client, item.cache_id, FOLLOW_TIMEOUT)
+        except AdminClientError as exc:
+            raise ControlError(exc.message) from exc
         with contextlib.suppress(ControlError):
             await self.refresh()
         if not done:
@@ -355,7 +406,10 @@ class AttachedControl(Control):
         return any(r["cache"] == cache_id for r in await self.query("SHOW CACHES"))
 
     async def _connections(self, cache_id: str) -> int:
-        return sum(1 for r in await self.query("SHOW CONNECTIONS") if r["cache"] == cache_id)
+        try:
+            return await cache_connections(self.client, cache_id)
+        except AdminClientError as exc:
+            raise ControlError(exc.message) from exc
 
     async def _until(self, done: Callable[[], Awaitable[bool]]) -> bool:
         """Poll `done` until true or FOLLOW_TIMEOUT (the serve process follows within ~1 s)."""

@@ -41,6 +41,9 @@ class IntegrationView:
     roles: tuple[str, ...]
     database: str  # the chosen database (drives the connection string)
     role: str  # the chosen role
+    # False when neonpoly does not know the chosen role's password (another role of a URL
+    # origin): its connection string then carries no password and the client must give it.
+    password_known: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,18 @@ class Control:
         self, cache_id: str, *, database: str | None = None, role: str | None = None
     ) -> IntegrationView:
         raise NotImplementedError
+
+    async def refresh_choices(self, cache_id: str) -> IntegrationView:
+        """Ask the origin again which databases and roles it offers (local and URL origins:
+        one login with the integration's stored credentials, `pg_database` that allow
+        connections minus templates, `pg_roles` that can log in); the view's `databases` and
+        `roles` are updated (the chosen ones always stay listed) and recorded in the state dir.
+        Neon origins keep the lists the Neon API gave at Add. Raises ControlError (one line)
+        when the origin cannot be reached or refuses. This default lists nothing new."""
+        for view in self.integrations():
+            if view.cache_id == cache_id or view.name == cache_id:
+                return view
+        raise ControlError(f"no integration {cache_id!r}")
 
     def connection_string(self, cache_id: str, *, reveal: bool = False) -> str:
         raise NotImplementedError

@@ -24,6 +24,7 @@ from neonpoly.defaults import environment
 from neonpoly.integrations.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
 from neonpoly.integrations.neon_api import NeonAPI, NeonAPIError, RetryPolicy
 from neonpoly.integrations.neon_flow import add_neon
+from neonpoly.integrations.probe import list_choices, url_origin
 from neonpoly.integrations.store import (
     DEFAULT_WORKSPACE,
     Integration,
@@ -34,6 +35,7 @@ from neonpoly.integrations.store import (
     record_embedded,
     record_url,
     select,
+    update_choices,
 )
 from neonpoly.proxy.origin import Origin
 from neonpoly.service import ProxyService, ProxySettings
@@ -46,12 +48,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.integrations")
 
 
-def integration_view(item: Integration) -> IntegrationView:
+def integration_view(item: Integration, password_known: bool = True) -> IntegrationView:
     return IntegrationView(
         cache_id=item.cache_id, name=item.name, workspace=item.workspace, kind=item.kind,
         origin_label=item.origin_label, endpoint_id=item.endpoint_id,
         endpoint_state=item.endpoint_state, branch=item.branch_name, project=item.project_name,
         databases=item.databases, roles=item.roles, database=item.database, role=item.role,
+        password_known=password_known,
     )
 
 
@@ -103,8 +106,11 @@ class LocalControl(Control):
                               f"{host}:{port}", self._running)
         return HeaderInfo("local", None, None, f"{host}:{port}", self._running)
 
+    def view(self, item: Integration) -> IntegrationView:
+        return integration_view(item, item.role in self.store.passwords(item.cache_id))
+
     def integrations(self) -> list[IntegrationView]:
-        return [integration_view(i) for i in self.store.load()]
+        return [self.view(i) for i in self.store.load()]
 
     def _find(self, cache_id: str) -> Integration:
         try:
@@ -115,7 +121,28 @@ class LocalControl(Control):
     def select(self, cache_id: str, *, database: str | None = None,
                role: str | None = None) -> IntegrationView:
         try:
-            return integration_view(select(self.store, cache_id, database=database, role=role))
+            return self.view(select(self.store, cache_id, database=database, role=role))
+        except IntegrationError as exc:
+            raise ControlError(str(exc)) from exc
+
+    async def refresh_choices(self, cache_id: str) -> IntegrationView:
+        """See Control.refresh_choices: one login to a local or URL origin, as the role whose
+        password neonpoly knows (the chosen one if known, else the one it was added with)."""
+        item = self._find(cache_id)
+        if item.kind == "neon":
+            return self.view(item)  # listed through the Neon API at Add
+        passwords = self.store.passwords(item.cache_id)
+        user = item.role if item.role in passwords or not passwords else next(iter(passwords))
+        try:
+            choices = await list_choices(
+                item.origin(self.connect_to), user=user, password=passwords.get(user), database=item.database
+            )
+            if choices is None:
+                raise ControlError(
+                    f"cannot list the databases and roles of {item.origin_label}: role {user} needs a "
+                    "password and neonpoly has none"
+                )
+            return self.view(update_choices(self.store, item.cache_id, choices.databases, choices.roles))
         except IntegrationError as exc:
             raise ControlError(str(exc)) from exc
 
@@ -171,13 +198,20 @@ class LocalControl(Control):
                                       connect_to=self.connect_to, retry=self.retry,
                                       progress=progress)
             elif self.upstream:
-                progress(f"Origin {Origin.from_url(self.upstream).label}")
+                origin = url_origin(self.upstream, self.connect_to)
+                role = origin.user or "postgres"
+                progress(f"Checking the origin {origin.label} (role {role})")
+                choices = await list_choices(origin, user=role, password=origin.password,
+                                             database=origin.database or role)
                 item = record_url(self.store, self.upstream, workspace=workspace,
-                                  connect_to=self.connect_to)
+                                  connect_to=self.connect_to,
+                                  databases=choices.databases if choices else (),
+                                  roles=choices.roles if choices else ())
             else:
                 handle, origin = await embedded.ensure(progress)
                 item = record_embedded(self.store, origin, EMBEDDED_USER, EMBEDDED_DATABASE,
                                        handle.password, workspace=workspace)
+                item = await list_embedded_choices(self.store, item, origin, handle.password)
         except USER_ERRORS as exc:
             raise ControlError(str(exc)) from exc
         return item
@@ -190,7 +224,7 @@ class LocalControl(Control):
             except USER_ERRORS as exc:
                 raise ControlError(str(exc)) from exc
         progress("Cache ready")
-        return integration_view(item)
+        return self.view(item)
 
     async def purge(self, cache_id: str) -> int:
         item = self._find(cache_id)
@@ -248,9 +282,21 @@ class LocalControl(Control):
         await self.embedded.stop()
 
 
+async def list_embedded_choices(
+    store: IntegrationStore, item: Integration, origin: Origin, password: str
+) -> Integration:
+    """Record the embedded origin's databases and roles; best effort (Add has succeeded)."""
+    try:
+        choices = await list_choices(origin, user=item.role, password=password, database=item.database)
+    except IntegrationError as exc:
+        log.warning("cannot list the embedded origin's databases and roles: %s", exc)
+        return item
+    return item if choices is None else update_choices(store, item.cache_id, choices.databases, choices.roles)
+
+
 def open_control(root: Path | None = None, **options: Any) -> LocalControl:
     """The factory the CLI and TUI use (keyword options as LocalControl takes them)."""
     return LocalControl(root, **options)
 
 
-__all__ = ["LocalControl", "integration_view", "open_control"]
+__all__ = ["LocalControl", "integration_view", "list_embedded_choices", "open_control"]

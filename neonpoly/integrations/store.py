@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 import tomllib
 import uuid
@@ -33,7 +34,6 @@ STATE_FILE = "integrations.toml"
 SECRETS_DIR = "secrets"
 API_KEY_FILE = "neon-api-key"
 MASK = "••••••"
-UNKNOWN_PASSWORD = "<password>"
 DEFAULT_WORKSPACE = "default"
 LOCAL_NAME = "local"
 _FORMAT = 1
@@ -264,19 +264,20 @@ def connection_string(
     """The PolyScale-style string: neonpoly's listener, the cache id as application_name.
 
     No channel_binding=require: the proxy terminates the client's TLS/SCRAM exchange, so a
-    binding to the origin's certificate cannot survive it.
+    binding to the origin's certificate cannot survive it. With no known password (a role of
+    a URL origin other than the one added) the string carries none: the client supplies it.
     """
     user = role or integration.role
     db = database or integration.database
-    if not reveal:
-        secret = MASK
-    elif password is None:
-        secret = UNKNOWN_PASSWORD
+    if password is None:
+        secret = ""  # not known (another role of a URL origin): the client gives it, psql asks
+    elif not reveal:
+        secret = ":" + MASK
     else:
-        secret = quote(password, safe="")
+        secret = ":" + quote(password, safe="")
     where = f"[{host}]" if ":" in host else host
     return (
-        f"postgres://{quote(user, safe='')}:{secret}@{where}:{port}/{quote(db, safe='')}"
+        f"postgres://{quote(user, safe='')}{secret}@{where}:{port}/{quote(db, safe='')}"
         f"?application_name={integration.cache_id}&sslmode=disable"
     )
 
@@ -369,8 +370,11 @@ def record_url(
     database: str | None = None,
     role: str | None = None,
     password: str | None = None,
+    databases: tuple[str, ...] = (),
+    roles: tuple[str, ...] = (),
 ) -> Integration:
-    """Persist an integration for any Postgres URL (no Neon account)."""
+    """Persist an integration for any Postgres URL (no Neon account). `databases` and `roles`
+    are what the origin offers (see probe.list_choices); the chosen ones are always listed."""
     try:
         origin = Origin.from_url(url)
     except ValueError as exc:
@@ -384,7 +388,7 @@ def record_url(
     chosen_db = database or origin.database or chosen_role
     integration = Integration(
         cache_id=str(uuid.uuid4()),
-        name=name or origin.host.split(".")[0],
+        name=name or default_url_name(origin.host, chosen_db),
         workspace=workspace,
         kind="url",
         origin_host=origin.host,
@@ -392,8 +396,8 @@ def record_url(
         sslmode=origin.sslmode,
         database=chosen_db,
         role=chosen_role,
-        databases=(chosen_db,),
-        roles=(chosen_role,),
+        databases=_with(databases, chosen_db),
+        roles=_with(roles, chosen_role),
         connect_to=connect_to,
         created_at=_now(),
     )
@@ -403,6 +407,24 @@ def record_url(
         store.save_passwords(integration.cache_id, {chosen_role: secret})
     store.put(integration)
     return integration
+
+
+def default_url_name(host: str, database: str) -> str:
+    """A readable default name for a URL origin: `<db>-local` on this machine, `<db>-10-0-0-5`
+    for another address, else the host's first label (`db` for db.example.com)."""
+    bare = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        return f"{database}-local" if bare == "localhost" else bare.split(".")[0]
+    if address.is_loopback:
+        return f"{database}-local"
+    return f"{database}-" + str(address).replace(".", "-").replace(":", "-").strip("-")
+
+
+def _with(listed: tuple[str, ...], chosen: str) -> tuple[str, ...]:
+    """The listed names with the chosen one among them (a select must hold its value)."""
+    return tuple(sorted({*listed, chosen})) if listed else (chosen,)
 
 
 def record_embedded(
@@ -452,6 +474,27 @@ def select(
     chosen = replace(item, database=database or item.database, role=role or item.role)
     store.put(chosen)
     return chosen
+
+
+def update_choices(
+    store: IntegrationStore, cache_id: str, databases: tuple[str, ...], roles: tuple[str, ...]
+) -> Integration:
+    """Record the databases and roles the origin offers now (the chosen ones stay listed)."""
+    found: list[Integration] = []
+
+    def change(state: StateFile) -> StateFile:
+        items = []
+        for item in state.integrations:
+            if item.cache_id == cache_id:
+                item = replace(item, databases=_with(databases, item.database), roles=_with(roles, item.role))
+                found.append(item)
+            items.append(item)
+        return replace(state, integrations=tuple(items))
+
+    store.update(change)
+    if not found:
+        raise IntegrationError(f"no integration {cache_id!r}; see `neonpoly integrations list`")
+    return found[0]
 
 
 def forget(store: IntegrationStore, cache_id: str, cache_root: Path | None) -> Integration:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import selectors
@@ -137,6 +138,22 @@ def test_serve_relays_and_sigterm_is_graceful(served: Served, pg: PgServer) -> N
     assert took < 10
 
 
+def test_admin_commands_find_a_serve_with_upstream_and_listen(served: Served, tmp_path: Path) -> None:
+    """`serve --upstream … --listen HOST:PORT` records where it listens in its state dir, so
+    `neonpoly stats` with the same state dir reaches it without --admin."""
+    done = subprocess.run(
+        _neonpoly("stats", "--json", "--state-dir", str(tmp_path / "state"), "--user", "postgres"),
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [row["cache"] for row in json.loads(done.stdout)] == ["default", "(all)"]
+    shown = subprocess.run(
+        _neonpoly("connection-string", "--state-dir", str(tmp_path / "state")),
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert shown.returncode != 0 and "no integrations yet" in shown.stderr  # --upstream adds none
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
@@ -176,9 +193,11 @@ def test_serve_hides_the_password_unless_revealed(pg: PgServer, tmp_path: Path) 
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            found, lines = _read_until(proc, r"ready; connect with", 60)
-            heading = next(i for i, line in enumerate(lines) if found.group(0) in line)
-            printed = lines[heading + 1]  # printed with the heading, in one write
+            # Up to the string's own line: print() writes its final newline apart, so the
+            # heading may arrive alone.
+            _, lines = _read_until(proc, r"^\s+psql '", 60)
+            heading = next(i for i, line in enumerate(lines) if "ready; connect with" in line)
+            printed = lines[heading + 1]
             lines = lines[: heading + 1]
             assert printed.lstrip().startswith("psql '"), printed
             assert (pg.password_for("postgres") in printed) is reveal, printed

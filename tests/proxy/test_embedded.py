@@ -35,6 +35,7 @@ def _fetch(url: str, sql: str) -> object:
 def tmp_cluster_dir() -> Iterator[Path]:
     # Not tmp_path: pytest's base dir is 0700 root, unreachable for the server user.
     base = Path(tempfile.mkdtemp(prefix="neonpoly-test-embedded-"))
+    os.chmod(base, 0o711)  # LocalPostgres changes no permissions: our own dir is made searchable
     try:
         yield base / "data"
     finally:

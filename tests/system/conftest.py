@@ -6,8 +6,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
+import re
+import select
 import shutil
-from collections.abc import AsyncIterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +115,61 @@ async def neon_for_pg(pg: PgServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
 
 def connect_to(pg: PgServer) -> str:
     return f"{NEON_HOST}:5432:127.0.0.1:{pg.port}"
+
+
+class ServeProcess:
+    """`neonpoly serve` as a user starts it: a real subprocess on a state dir, stopped with
+    SIGTERM. `port` is where it listens (read from its log line, not guessed)."""
+
+    def __init__(self, state: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "neonpoly.cli", "serve", "--state-dir", str(state), "--grace", "0", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.port = int(self.wait_for(r"listening on [\d.]+:(\d+)", 60).group(1))
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first line of serve's stderr (so far or to come) that matches `pattern`."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        pending = b""
+        while True:
+            for line in self.lines:
+                if found := re.search(pattern, line):
+                    return found
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([fd], [], [], max(left, 0))
+            chunk = os.read(fd, 65536) if ready else b""
+            if not chunk:
+                raise AssertionError(f"no {pattern!r} from serve: {''.join(self.lines)}")
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            self.lines.extend(line.decode() + "\n" for line in complete)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def start_serve() -> Iterator[Callable[..., ServeProcess]]:
+    """Start `neonpoly serve` subprocesses; every one is stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(state: Path, *args: str) -> ServeProcess:
+        started.append(ServeProcess(state, *args))
+        return started[-1]
+
+    yield start
+    for serve in started:
+        serve.stop()

@@ -24,7 +24,7 @@ from neonpoly.control.serving import start_serving
 from neonpoly.integrations.store import IntegrationStore
 from neonpoly.service import ProxyService, ProxySettings
 from tests.pgharness import PgServer
-from tests.system.conftest import DATABASE, ROLE
+from tests.system.conftest import DATABASE, ROLE, psql
 
 Captured = pytest.CaptureFixture[str]
 
@@ -122,14 +122,18 @@ def test_rule_ttl_must_be_finite_seconds(ttl: str, capsys: Captured) -> None:
 
 
 async def test_add_refuses_a_taken_name(state_root: Path) -> None:
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/app", "--name", "shop")
+    await integrations_cli(
+        "integrations", "add", "--upstream", "postgres://u@db.example.com/app", "--no-check", "--name", "shop"
+    )
     message = await integrations_error(
-        "integrations", "add", "--upstream", "postgres://u@other.example.com/app", "--name", "shop"
+        "integrations", "add", "--upstream", "postgres://u@other.example.com/app", "--no-check", "--name", "shop"
     )
     assert "'shop' already exists" in message and "--name" in message
     # The default name (the URL's first host label) is checked too.
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/other")
-    message = await integrations_error("integrations", "add", "--upstream", "postgres://u@db.example.org/app")
+    await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/other", "--no-check")
+    message = await integrations_error(
+        "integrations", "add", "--upstream", "postgres://u@db.example.org/app", "--no-check"
+    )
     assert "'db' already exists" in message and "--name" in message
     assert [i.name for i in IntegrationStore(state_root).load()] == ["shop", "db"]
 
@@ -144,8 +148,8 @@ def _duplicate_locals(state_root: Path) -> list[str]:
 
 
 async def test_ambiguous_names_are_refused_with_their_ids(state_root: Path, capsys: Captured) -> None:
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@a.example.com/app")
-    await integrations_cli("integrations", "add", "--upstream", "postgres://u@b.example.com/app")
+    await integrations_cli("integrations", "add", "--upstream", "postgres://u@a.example.com/app", "--no-check")
+    await integrations_cli("integrations", "add", "--upstream", "postgres://u@b.example.com/app", "--no-check")
     ids = _duplicate_locals(state_root)
 
     for argv in (["integrations", "remove", "local"], ["connection-string", "local"]):
@@ -158,7 +162,8 @@ async def test_ambiguous_names_are_refused_with_their_ids(state_root: Path, caps
     assert status == 2 and err.count("\n") == 1 and all(i in err for i in ids), err
 
     # An id still picks exactly one, and removing it makes the name unambiguous again.
-    assert ids[0] in await integrations_cli("integrations", "remove", ids[0])
+    assert "Removed integration local" in await integrations_cli("integrations", "remove", ids[0])
+    assert [i.cache_id for i in IntegrationStore(state_root).load()] == ids[1:]
     assert f"application_name={ids[1]}" in await integrations_cli("connection-string", "local")
 
 
@@ -212,7 +217,7 @@ async def test_quotes_in_names_reach_the_console_intact(serving: Serving, capsys
 
     for table in ('my"tab', "My Tab", "Public.Orders", '"Mixed"'):
         status, out, err = await admin_cli(capsys, "purge", "--table", table, "--user", "postgres")
-        assert status == 0 and out.startswith("removed"), (table, err)
+        assert status == 0 and out.startswith("Purged 0 entries reading "), (table, out, err)
         status, out, err = await admin_cli(
             capsys, "rules", "add", "--table", table, "--never", "--user", "postgres", "--cache", "shop"
         )
@@ -226,7 +231,7 @@ async def test_quotes_in_names_reach_the_console_intact(serving: Serving, capsys
 
 
 async def test_add_message_is_true_with_or_without_a_running_serve(state_root: Path) -> None:
-    out = await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/app")
+    out = await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/app", "--no-check")
     assert "run `neonpoly serve` to serve it" not in out
     assert "a running `neonpoly serve` picks it up within a second; otherwise start one" in out
 
@@ -239,3 +244,101 @@ def test_admin_commands_have_a_description(command: str, capsys: Captured) -> No
     text = " ".join(capsys.readouterr().out.split())
     assert "admin database `neonpoly`" in text and f"Example: neonpoly {command}" in text
     assert "--state-dir" in text and "integration name" in text
+
+
+# -- issue 12: output people read ----------------------------------------------------------
+
+
+async def _traffic(pg: PgServer, serving: Serving, name: str, sql: str, runs: int) -> None:
+    """Run `sql` `runs` times through the integration `name`, with the string it prints."""
+    async with pg.superuser_conn() as conn:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS cli_items (id int PRIMARY KEY, name text);"
+            f"INSERT INTO cli_items VALUES (1, 'lamp') ON CONFLICT DO NOTHING; GRANT SELECT ON cli_items TO {ROLE}"
+        )
+    url = (await integrations_cli("connection-string", name, "--reveal")).strip()
+    for _ in range(runs):
+        await psql(url, sql)
+
+
+async def test_text_output_names_integrations_rounds_and_fits(
+    pg: PgServer, serving: Serving, capsys: Captured
+) -> None:
+    long = "SELECT id AS " + ", name AS ".join(f"column_with_a_long_name_{i}" for i in range(12))
+    await _traffic(pg, serving, "shop", long + " FROM cli_items WHERE id = 1", 4)  # miss, miss, hit, hit
+
+    status, out, err = await admin_cli(capsys, "queries", "--user", "postgres")
+    assert status == 0, err
+    lines = out.splitlines()
+    assert all(len(line) <= 100 for line in lines), max(lines, key=len)
+    header = lines[0].split()
+    row = next(line for line in lines if "SELECT id AS column_with" in line).split()
+    assert row[header.index("calls")] == "4" and row[header.index("hits")] == "2"
+    assert row[header.index("hit_rate")] == "0.5"
+    assert row[-1].endswith("…")  # the template is cut to fit, not wrapped
+
+    status, wide, _ = await admin_cli(capsys, "queries", "--user", "postgres", "--wide")
+    assert status == 0 and "column_with_a_long_name_11" in wide and "last_seen" in wide.splitlines()[0]
+
+    status, out, _ = await admin_cli(capsys, "stats", "--user", "postgres")
+    names = [line.split()[0] for line in out.splitlines()[2:-1]]
+    assert names == ["ops", "shop", "(all)"] or names == ["shop", "ops", "(all)"], out
+    status, out, _ = await admin_cli(capsys, "stats", "--user", "postgres", "--json", "--cache", "shop")
+    [row_json] = json.loads(out)
+    assert (row_json["cache"], row_json["cache_name"]) == (serving.cache_ids["shop"], "shop")
+
+
+async def test_purge_answers_in_a_sentence(pg: PgServer, serving: Serving, capsys: Captured) -> None:
+    await _traffic(pg, serving, "shop", "SELECT name FROM cli_items WHERE id = 1", 2)
+    route = serving.service.routes.by_id[serving.cache_ids["shop"]]
+    assert route.cache is not None
+    route.cache.store.flush()
+    status, out, err = await admin_cli(capsys, "purge", "--cache", "shop", "--user", "postgres")
+    assert (status, out) == (0, "Purged 1 entry from shop.\n"), err
+    status, out, _ = await admin_cli(capsys, "purge", "--table", "orders", "--user", "postgres")
+    assert out == "Purged 0 entries reading orders from every cache.\n"
+
+
+async def test_rules_mode_alone_shows_the_mode(serving: Serving, capsys: Captured) -> None:
+    status, out, err = await admin_cli(capsys, "rules", "mode", "--user", "postgres")
+    assert status == 0, err
+    modes = dict(line.split() for line in out.splitlines()[2:-1])
+    assert modes == {"ops": "auto", "shop": "auto"}, out
+    status, out, _ = await admin_cli(capsys, "rules", "mode", "fixed", "--cache", "shop", "--user", "postgres")
+    assert out == "Mode fixed for shop.\n"
+    status, out, _ = await admin_cli(capsys, "rules", "mode", "--cache", "shop", "--user", "postgres", "--json")
+    assert [(r["cache_name"], r["mode"]) for r in json.loads(out)] == [("shop", "fixed")]
+    status, out, _ = await admin_cli(capsys, "rules", "add", "--table", "orders", "--ttl", "2.5", "--user",
+                                     "postgres", "--cache", "ops")  # fmt: skip
+    assert out.startswith("Added rule ") and out.endswith(": table orders cached for at most 2.5 s for ops.\n"), out
+
+
+def test_every_option_has_help() -> None:
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "neonpoly")
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("postgres://u@127.0.0.1:5432/app", "app-local"),
+        ("postgres://u@localhost/shop", "shop-local"),
+        ("postgres://u@[::1]:5433/app", "app-local"),
+        ("postgres://u@10.0.0.5/app", "app-10-0-0-5"),
+        ("postgres://u@db.example.com/app", "db"),
+        ("postgres://u@127.0.0.1/", "u-local"),  # no database: libpq's default, the role's name
+    ],
+)
+async def test_default_names_are_readable(url: str, name: str, state_root: Path) -> None:
+    out = await integrations_cli("integrations", "add", "--upstream", url, "--no-check")
+    assert out.startswith(f"Added integration {name}\n"), out

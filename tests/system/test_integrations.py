@@ -6,6 +6,7 @@ import asyncio
 import json
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -17,7 +18,15 @@ from neonpoly.control.serving import start_serving
 from neonpoly.integrations.store import MASK
 from neonpoly.service import ProxyService, ProxySettings
 from tests.pgharness import NEON_HOST, PgServer
-from tests.system.conftest import DATABASE, ROLE, connect_to, psql, psql_failure, run_cli
+from tests.system.conftest import (
+    DATABASE,
+    ROLE,
+    ServeProcess,
+    connect_to,
+    psql,
+    psql_failure,
+    run_cli,
+)
 
 QUERY = "SELECT id, name FROM integ_items ORDER BY id"
 
@@ -143,33 +152,48 @@ async def test_remove_ends_five_connections_within_a_second(
         await control.close()
 
 
-async def test_cli_remove_reaches_a_running_serve(
-    pg: PgServer, state_root: Path
+async def test_cli_remove_confirms_a_running_serve_ended_the_connections(
+    pg: PgServer, state_root: Path, start_serve: Callable[..., ServeProcess]
 ) -> None:
-    """`neonpoly integrations remove` in another process; serve follows integrations.toml."""
+    """`neonpoly integrations remove` while `neonpoly serve` runs on the state dir: when the
+    command returns, the serve process has ended the connections and refuses the string."""
     await _seed_table(pg)
-    await run_cli("integrations", "add", "--upstream", pg.url(ROLE, DATABASE, "require"))
-    service = _service(state_root)
-    running = await start_serving(service, state_root, follow_every=0.05)
-    served = running.served
-    try:
-        host, port = running.address
-        url = served[0].connection_string(host, port)
-        clients = [await asyncpg.connect(url) for _ in range(2)]
-        sleeper = asyncio.create_task(psql_failure(url, "SELECT pg_sleep(10)"))
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
-        await run_cli("integrations", "remove")
-        async with asyncio.timeout(1.0):
-            while not all(c.is_closed() for c in clients):
-                await asyncio.sleep(0.01)
-            stderr = await sleeper
-        assert "terminating connection" in stderr and "was removed" in stderr, stderr
-        print(f"\n[cli remove] clients ended in {(time.monotonic() - started) * 1000:.0f} ms")
-        with pytest.raises(asyncpg.PostgresError, match="was removed"):
-            await asyncpg.connect(url)
-    finally:
-        await running.close(grace=0.5)
+    await run_cli("integrations", "add", "--upstream", pg.url(ROLE, DATABASE, "require"), "--name", "shop")
+    [item] = json.loads(await run_cli("integrations", "list", "--json"))
+    serve = start_serve(state_root, "--listen", "127.0.0.1:0", "--reveal")
+    url = serve.wait_for(r"psql '([^']+)'", 30).group(1)
+    assert f":{serve.port}/" in url
+    clients = [await asyncpg.connect(url) for _ in range(2)]
+    sleeper = asyncio.create_task(psql_failure(url, "SELECT pg_sleep(10) -- remove-confirm"))
+    async with asyncio.timeout(10), pg.superuser_conn() as su:  # psql is in once the origin runs its sleep
+        # Marked: sleeps of earlier tests may still run on the origin after their clients went.
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%remove-confirm' AND pid <> pg_backend_pid()"
+        while not await su.fetchval(sql) and not sleeper.done():
+            await asyncio.sleep(0.05)
+    started = time.monotonic()
+    out = await run_cli("integrations", "remove", "shop")
+    took = time.monotonic() - started
+    assert "Removed integration shop:" in out and "ended 3 connections" in out, out
+    assert f"at 127.0.0.1:{serve.port}" in out and f"pid {serve.proc.pid}" in out, out
+    # Confirmed means done: the old string is refused at once, without waiting.
+    with pytest.raises(asyncpg.PostgresError, match="was removed"):
+        await asyncpg.connect(url)
+    async with asyncio.timeout(2):
+        stderr = await sleeper
+        while not all(c.is_closed() for c in clients):
+            await asyncio.sleep(0.01)
+    assert "terminating connection" in stderr and "was removed" in stderr, stderr
+    print(f"\n[cli remove] confirmed in {took * 1000:.0f} ms")
+    assert not (state_root / "cache" / item["cache_id"]).exists()  # serve deleted what it held open
+
+
+async def test_cli_remove_without_a_serve_says_so(pg: PgServer, state_root: Path) -> None:
+    await run_cli("integrations", "add", "--upstream", pg.url(ROLE, DATABASE, "require"), "--name", "shop")
+    [item] = json.loads(await run_cli("integrations", "list", "--json"))
+    out = await run_cli("integrations", "remove")
+    assert "Removed integration shop" in out and "No neonpoly is serving" in out, out
+    assert not (state_root / "cache" / item["cache_id"]).exists()
+    assert json.loads(await run_cli("integrations", "list", "--json")) == []
 
 
 async def test_url_integration_keeps_secrets_private(pg: PgServer, state_root: Path) -> None:
@@ -241,6 +265,7 @@ async def test_console_flow_on_embedded_origin(
         view = await control.add("default", steps.append)
         assert steps[0] == "Initialising embedded PostgreSQL" and steps[-1] == "Cache ready"
         assert (view.kind, view.name) == ("embedded", "local")
+        assert view.databases == ("neondb", "postgres") and view.roles == ("neon",)  # the origin's own lists
         header = control.header()
         assert header.project == "local" and header.running
         url = control.connection_string(view.cache_id, reveal=True)

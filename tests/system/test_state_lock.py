@@ -13,6 +13,7 @@ import pytest
 from neonpoly.control.interface import ControlError
 from neonpoly.control.local import LocalControl
 from neonpoly.service import ProxySettings
+from neonpoly.state import StateLock
 from tests.pgharness import PgServer
 
 
@@ -31,6 +32,7 @@ async def test_second_instance_on_a_state_dir_refuses(pg: PgServer, tmp_path: Pa
         while not (tmp_path / "neonpoly.pid").exists() or not (tmp_path / "neonpoly.pid").read_text().strip():
             assert time.monotonic() < deadline and first.poll() is None, "first serve did not start"
             time.sleep(0.1)
+        assert StateLock(tmp_path).holder() == first.pid  # how `integrations remove` and `tui` find it
         second = serve(tmp_path, pg)
         _, err = second.communicate(timeout=30)
         assert second.returncode == 2
@@ -46,6 +48,7 @@ async def test_second_instance_on_a_state_dir_refuses(pg: PgServer, tmp_path: Pa
         first.terminate()
         first.communicate(timeout=30)
     # Once it is gone, the state dir is free again (the lock dies with its process).
+    assert StateLock(tmp_path).holder() is None
     control = LocalControl(tmp_path, ProxySettings(listen=("127.0.0.1", 0)))
     await control.start()
     await control.close()
