@@ -22,10 +22,11 @@ import pytest
 
 from neonpoly.control.serving import Serving, start_serving
 from neonpoly.freshness.changefeed import ChangeFeed, FeedSettings
+from neonpoly.integrations.embedded import SettingValue
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from tests.pgharness import PgServer, start_pg_server
 
-LOGICAL = {"wal_level": "logical", "max_replication_slots": 20, "max_wal_senders": 20}
+LOGICAL: dict[str, SettingValue] = {"wal_level": "logical", "max_replication_slots": 20, "max_wal_senders": 20}
 
 
 @pytest.fixture(scope="session")
