@@ -6,6 +6,16 @@ caches, and later an invalidation plane); TRUNCATE arrives in the stream like ro
 does not, and is caught by an event trigger's logical message or by a catalog poll
 (`origin_sql`).
 
+**Which output plugin.** pgoutput needs a publication, and a publication that publishes
+UPDATE and DELETE of a table makes PostgreSQL *refuse* UPDATE and DELETE on that table unless
+it has a replica identity (a primary key, or REPLICA IDENTITY FULL): creating
+`FOR ALL TABLES` on a user's database would break their writes to every table without a
+primary key, today's and tomorrow's. So neonpoly never creates one. When the user has made
+the publication themselves (`CREATE PUBLICATION neonpoly FOR ALL TABLES`: they accepted that
+rule) the feed reads pgoutput; otherwise it reads test_decoding, the plugin shipped with
+PostgreSQL, which needs no publication and restricts nothing. Both say which relations each
+committed transaction changed, which is all invalidation needs.
+
 **Slots are temporary.** A temporary slot belongs to the feed's connection: the server drops
 it when that connection ends, however it ends (neonpoly killed, network lost, the compute
 suspended), so it can never hold WAL back for a consumer that is gone; a persistent slot
@@ -45,15 +55,15 @@ from neonpoly.defaults import (
     DEFAULT_FEED_IDLE,
     FEED_APPLICATION_NAME,
 )
-from neonpoly.freshness import origin_sql
+from neonpoly.freshness import origin_sql, pgoutput, textdecoding
 from neonpoly.freshness.libpq import LibpqConnection, LibpqError
-from neonpoly.freshness.pgoutput import (
+from neonpoly.freshness.stream import (
     Change,
+    Decoded,
     Keepalive,
     ProtocolError,
     TransactionAssembler,
     XLogData,
-    decode,
     decode_copy,
     format_lsn,
     parse_lsn,
@@ -128,6 +138,7 @@ class FeedStatus:
     ddl: int  # catalog changes caught (event trigger or poll)
     gaps: int  # evictions of the database for a gap in the feed
     ddl_mode: str  # "stream" (event trigger), "poll" (+ why not stream)
+    decoder: str  # the output plugin: pgoutput (the user's publication) or test_decoding
     slot: str
     live_since: float | None  # monotonic
 
@@ -164,6 +175,7 @@ class ChangeFeed:
         self.changes = self.tables = self.truncates = self.ddl = self.gaps = 0
         self.ddl_mode = "stream" if settings.ddl == "install" else "poll"
         self.slot = ""
+        self.decoder = ""
         self.live_since: float | None = None
         self.ddl_checked = 0.0  # monotonic time the last completed catalog check was sent
         self.connects = 0  # times the feed went live
@@ -200,7 +212,7 @@ class ChangeFeed:
         return FeedStatus(
             self.target.key, self.database, self.state, self.reason, self.lag_ms, self.position,
             self.last_change, self.changes, self.tables, self.truncates, self.ddl, self.gaps,
-            self.ddl_mode, self.slot, self.live_since,
+            self.ddl_mode, self.decoder, self.slot, self.live_since,
         )
 
     def caught_up(self, lsn: int) -> bool:
@@ -305,19 +317,9 @@ class ChangeFeed:
         [(wal_level, publication, trigger)] = await conn.query(origin_sql.preflight_sql(settings.publication))
         if wal_level != "logical":
             raise FeedUnavailable(f"wal_level is {wal_level} (a change feed needs wal_level=logical)")
-        if not publication:
-            try:
-                await conn.query(origin_sql.create_publication_sql(settings.publication))
-                log.info("change feed %s/%s: created publication %s", self.target.key, self.database,
-                         settings.publication)
-            except LibpqError as exc:
-                if exc.sqlstate != "42710":  # created meanwhile by another feed: fine
-                    raise FeedUnavailable(f"cannot create publication {settings.publication}: {exc}") from exc
-        elif publication != "all":
-            raise FeedUnavailable(
-                f"publication {settings.publication} exists but does not publish every change of every table"
-            )
-        messages = conn.server_version >= 140000
+        # The user's own publication of everything: pgoutput; else test_decoding (see above).
+        self.decoder = "pgoutput" if publication == "all" else "test_decoding"
+        messages = conn.server_version >= 140000 or self.decoder == "test_decoding"
         ddl_stream = trigger == "true"
         why_poll = ""
         if settings.ddl == "install" and not ddl_stream:
@@ -339,15 +341,28 @@ class ChangeFeed:
             poll = await self._connect(replication=False)
             [baseline] = await poll.query(origin_sql.fingerprint_sql())
         self.slot = f"neonpoly_{secrets.token_hex(6)}"
-        [created] = await conn.query(
-            f"CREATE_REPLICATION_SLOT {self.slot} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT"
-        )
+        try:
+            [created] = await conn.query(
+                f"CREATE_REPLICATION_SLOT {self.slot} TEMPORARY LOGICAL {self.decoder} NOEXPORT_SNAPSHOT"
+            )
+        except LibpqError as exc:
+            if self.decoder == "test_decoding" and "test_decoding" in str(exc):
+                raise FeedUnavailable(
+                    f"the origin has no test_decoding plugin; to use pgoutput, create the publication "
+                    f"(CREATE PUBLICATION {settings.publication} FOR ALL TABLES: UPDATE and DELETE then "
+                    f"need a primary key or REPLICA IDENTITY on every table)"
+                ) from exc
+            raise
         # Commits before the slot's consistent point are not streamed: the eviction below
         # answers for them.
         self.position = max(self.position, parse_lsn(created[1] or "0/0"))
-        options = f"proto_version '1', publication_names {origin_sql.literal(origin_sql.ident(settings.publication))}"
-        if messages:
-            options += ", messages 'true'"
+        if self.decoder == "pgoutput":
+            names = origin_sql.literal(origin_sql.ident(settings.publication))
+            options = f"proto_version '1', publication_names {names}"
+            if messages:
+                options += ", messages 'true'"
+        else:
+            options = textdecoding.START_OPTIONS
         await conn.start_copy_both(f"START_REPLICATION SLOT {self.slot} LOGICAL 0/0 ({options})")
         # Live: every commit from here on will arrive; whatever was cached before may be stale.
         self._evict_database()
@@ -356,7 +371,8 @@ class ChangeFeed:
         self.connects += 1
         self._settle(None)
         log.info(
-            "change feed %s/%s on (slot %s, DDL by %s)", self.target.key, self.database, self.slot, self.ddl_mode
+            "change feed %s/%s on (%s, slot %s, DDL by %s)",
+            self.target.key, self.database, self.decoder, self.slot, self.ddl_mode,
         )
         stream = asyncio.ensure_future(self._stream(conn))
         tasks: list[asyncio.Future[None]] = [stream]
@@ -373,6 +389,7 @@ class ChangeFeed:
 
     async def _stream(self, conn: LibpqConnection) -> None:
         assembler = TransactionAssembler(ddl_prefix=origin_sql.DDL_PREFIX)
+        text = self.decoder == "test_decoding"
         settings = self.settings
         loop = asyncio.get_running_loop()
         heard = loop.time()
@@ -387,7 +404,10 @@ class ChangeFeed:
             for raw in batch:
                 frame = decode_copy(raw)
                 if isinstance(frame, XLogData):
-                    change = assembler.feed(decode(frame.data))
+                    decoded: Decoded = (
+                        textdecoding.decode(frame.data, frame.start) if text else pgoutput.decode(frame.data)
+                    )
+                    change = assembler.feed(decoded)
                     if change is not None:
                         self._apply(change)
                 elif isinstance(frame, Keepalive):
@@ -441,12 +461,11 @@ class ChangeFeed:
 
     async def remove_from_origin(self) -> None:
         """Drop what neonpoly created in this database: the DDL event trigger (installed with
-        the user's consent) and the publication if neonpoly created it. The slot needs
-        nothing: it was temporary."""
+        the user's consent). The slot needs nothing (it was temporary); a publication is
+        never neonpoly's (it creates none)."""
         conn = await LibpqConnection.connect(await self._conninfo(False), self.settings.connect_timeout)
         try:
             await conn.query(origin_sql.drop_ddl_trigger_sql())
-            await conn.query(origin_sql.drop_publication_sql(self.settings.publication))
         finally:
             conn.close()
 

@@ -65,7 +65,7 @@ class FeedManager:
 
     def unwatch(self, cache_id: str) -> None:
         """The cache was removed: stop the feeds no other cache needs, and drop from the
-        origin what neonpoly created there (the DDL trigger, its own publication)."""
+        origin what neonpoly created there (the DDL event trigger)."""
         entry = self._caches.pop(cache_id, None)
         if entry is None:
             return
@@ -205,7 +205,6 @@ class FeedManager:
                 except (LibpqError, OSError) as exc:
                     log.warning(
                         "change feed %s/%s: could not drop neonpoly's objects from the origin: %s "
-                        "(by hand: DROP EVENT TRIGGER %s; DROP SCHEMA %s CASCADE; DROP PUBLICATION %s)",
+                        "(by hand: DROP EVENT TRIGGER %s; DROP SCHEMA %s CASCADE)",
                         target.key, feed.database, exc, origin_sql.DDL_TRIGGER, origin_sql.DDL_SCHEMA,
-                        self.settings.publication,
                     )

@@ -24,7 +24,7 @@ DDL_PREFIX = "neonpoly.ddl"
 DDL_SCHEMA = "neonpoly"
 DDL_FUNCTION = "emit_ddl"
 DDL_TRIGGER = "neonpoly_ddl"
-_MARK = "created by neonpoly's change feed"
+_MARK = "created by neonpoly's change feed"  # what neonpoly created says so (and only that is dropped)
 
 
 def literal(text: str) -> str:
@@ -47,24 +47,6 @@ SELECT pg_catalog.current_setting('wal_level'),
   EXISTS (SELECT FROM pg_catalog.pg_event_trigger e WHERE e.evtname OPERATOR(pg_catalog.=) {literal(DDL_TRIGGER)}
           AND e.evtenabled OPERATOR(pg_catalog.<>) 'D')::pg_catalog.text
 /* neonpoly: change feed */"""
-
-
-def create_publication_sql(publication: str) -> str:
-    return (
-        f"CREATE PUBLICATION {ident(publication)} FOR ALL TABLES;"
-        f" COMMENT ON PUBLICATION {ident(publication)} IS {literal(_MARK)}"
-    )
-
-
-def drop_publication_sql(publication: str) -> str:
-    """Drop the publication only if neonpoly created it (its comment says so)."""
-    return f"""\
-DO $neonpoly$ BEGIN
-  IF EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname OPERATOR(pg_catalog.=) {literal(publication)}
-             AND pg_catalog.obj_description(p.oid, 'pg_publication') OPERATOR(pg_catalog.=) {literal(_MARK)}) THEN
-    DROP PUBLICATION {ident(publication)};
-  END IF;
-END $neonpoly$"""
 
 
 def install_ddl_trigger_sql() -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from neonpoly.control.serving import Serving, start_serving
@@ -39,6 +40,25 @@ def pg_logical() -> Iterator[PgServer]:
         server.destroy()
 
 
+@pytest.fixture(scope="session")
+def pub_database(pg_logical: PgServer) -> str:
+    """A database whose owner made the publication `neonpoly` FOR ALL TABLES: the feed reads
+    pgoutput there (elsewhere test_decoding)."""
+    with psycopg.connect(pg_logical.url("postgres", "postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE feed_pub")
+    with psycopg.connect(pg_logical.url("postgres", "feed_pub"), autocommit=True) as conn:
+        conn.execute("CREATE PUBLICATION neonpoly FOR ALL TABLES")
+    return "feed_pub"
+
+
+@pytest.fixture(params=["test_decoding", "pgoutput"])
+def decoder_database(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(decoder, the database where the feed reads it)."""
+    if request.param == "pgoutput":
+        return "pgoutput", str(request.getfixturevalue("pub_database"))
+    return "test_decoding", "app"
+
+
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="neonpoly-feed-"))
@@ -53,19 +73,21 @@ class FeedProxy:
     service: ProxyService
     serving: Serving
     pg: PgServer
+    database: str
 
     @property
     def port(self) -> int:
         return self.serving.address[1]
 
-    def dsn(self, database: str = "app") -> dict[str, Any]:
-        return {**self.pg.dsn("postgres", database), "host": "127.0.0.1", "port": self.port}
+    def dsn(self, database: str | None = None) -> dict[str, Any]:
+        return {**self.pg.dsn("postgres", database or self.database), "host": "127.0.0.1", "port": self.port}
 
     @property
     def origin_key(self) -> str:
         return self.service.routes.by_id["default"].origin.label
 
-    def feed(self, database: str = "app") -> ChangeFeed:
+    def feed(self, database: str | None = None) -> ChangeFeed:
+        database = database or self.database
         feed = self.service.feeds.feed(self.origin_key, database)
         assert feed is not None, f"no feed for {database}"
         return feed
@@ -73,8 +95,9 @@ class FeedProxy:
     def hits(self) -> int:
         return self.service.stats.snapshot().totals.hits
 
-    async def live(self, database: str = "app", connects: int = 1) -> ChangeFeed:
+    async def live(self, database: str | None = None, connects: int = 1) -> ChangeFeed:
         """The feed of `database`, once it went live `connects` times."""
+        database = database or self.database
         await until(lambda: (f := self.service.feeds.feed(self.origin_key, database)) is not None
                     and f.state == "live" and f.connects >= connects, f"feed of {database} live")
         return self.feed(database)
@@ -91,7 +114,7 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0)
 
 @asynccontextmanager
 async def feed_proxy(
-    pg: PgServer, root: Path, feed: FeedSettings | None = None, **cache: Any
+    pg: PgServer, root: Path, feed: FeedSettings | None = None, *, database: str = "app", **cache: Any
 ) -> AsyncIterator[FeedProxy]:
     """What `neonpoly serve --upstream <pg> --change-feed …` runs (start_serving), storing a
     query's answer on its first run so the next one is a hit."""
@@ -103,8 +126,9 @@ async def feed_proxy(
         change_feed=feed or FeedSettings(mode="on"),
     )
     service = ProxyService(settings)
-    serving = await start_serving(service, root, upstream=pg.url("postgres", "app", sslmode="require"), follow=False)
+    upstream = pg.url("postgres", database, sslmode="require")
+    serving = await start_serving(service, root, upstream=upstream, follow=False)
     try:
-        yield FeedProxy(service, serving, pg)
+        yield FeedProxy(service, serving, pg, database)
     finally:
         await serving.close(grace=0.5)
