@@ -35,7 +35,11 @@ SETUP = [
 SCRIPT: list[str | list[str]] = [
     "INSERT INTO t VALUES (1, 'a: b'), (2, 'b')",
     "UPDATE t SET v = 'c' WHERE id = 1",
-    ['INSERT INTO "S 2"."Mixed: Case." VALUES (5)', 'UPDATE "S 2"."Mixed: Case." SET id = 6', "DELETE FROM t WHERE id = 2"],
+    [
+        'INSERT INTO "S 2"."Mixed: Case." VALUES (5)',
+        'UPDATE "S 2"."Mixed: Case." SET id = 6',
+        "DELETE FROM t WHERE id = 2",
+    ],
     "INSERT INTO parent VALUES (1, 50)",
     ["INSERT INTO child VALUES (1)", "DELETE FROM t WHERE id = 1"],
     'TRUNCATE t, "S 2"."Mixed: Case." RESTART IDENTITY CASCADE',
@@ -53,7 +57,7 @@ PLUGINS = {
 
 def capture(server_port: int, password: str, url: str) -> dict[str, list[bytes]]:
     info = f"host=127.0.0.1 port={server_port} user=postgres dbname=app replication=database password={password}"
-    conns: dict[str, pq.PGconn] = {}
+    conns: dict[str, pq.abc.PGconn] = {}
     for plugin, options in PLUGINS.items():
         repl = pq.PGconn.connect(info.encode())
         for sql in (
