@@ -109,8 +109,12 @@ class FeedManager:
                 if feed is not None:
                     eager.append(feed)
         if self.settings.mode == "on":
+            wait = self.settings.connect_timeout * 3
             for feed in eager:
-                why = await feed.first_attempt()
+                try:
+                    why = await asyncio.wait_for(feed.first_attempt(), wait)
+                except TimeoutError:
+                    why = f"no answer in {wait:g} s (creating a slot waits for open writing transactions)"
                 if why is not None:
                     raise FeedUnavailable(f"no change feed for {feed.target.key}/{feed.database}: {why}")
 

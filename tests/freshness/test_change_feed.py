@@ -237,3 +237,57 @@ async def until_no_slot(direct: psycopg.AsyncConnection[tuple[object, ...]], slo
             return
         assert time.monotonic() < deadline, f"slot {slot} still exists"
         await asyncio.sleep(0.01)
+
+
+async def test_a_database_gets_its_feed_with_its_first_client(pg_logical: PgServer, state_dir: Path) -> None:
+    table = _table("other")
+    async with await psycopg.AsyncConnection.connect(pg_logical.url("postgres", "postgres"), autocommit=True) as su:
+        cur = await su.execute("SELECT count(*) FROM pg_database WHERE datname = 'feed_other'")
+        if await cur.fetchone() == (0,):
+            await su.execute("CREATE DATABASE feed_other")
+    async with feed_proxy(pg_logical, state_dir) as proxy:
+        await proxy.live()
+        assert proxy.service.feeds.feed(proxy.origin_key, "feed_other") is None
+        client = await asyncpg.connect(**proxy.dsn("feed_other"))
+        direct = await _direct(pg_logical, "feed_other")
+        try:
+            feed = await proxy.live("feed_other")
+            await direct.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+            await direct.execute(f"INSERT INTO {table} VALUES (1, 0)")
+            sql = f"SELECT v FROM {table}"
+            assert await _cached(proxy, client, sql) == 0
+            await direct.execute(f"UPDATE {table} SET v = 1")
+            lsn = await _flushed_lsn(direct)
+            await until(lambda: feed.caught_up(lsn), "the feed of feed_other past the write")
+            assert await client.fetchval(sql) == 1
+            [cache] = proxy.service.report().caches
+            assert [f.database for f in cache.feeds] == ["app", "feed_other"]
+            assert cache.change_feed.startswith("app: on") and "; feed_other: on" in cache.change_feed
+        finally:
+            await client.close()
+            await direct.close()
+
+
+async def test_show_caches_shows_the_feed(pg_logical: PgServer, state_dir: Path) -> None:
+    table = _table("shown")
+    async with feed_proxy(pg_logical, state_dir) as proxy:
+        feed = await proxy.live()
+        direct = await _direct(pg_logical)
+        try:
+            await direct.execute(f"CREATE TABLE {table} (id int)")
+            created = time.monotonic()
+            for i in range(3):
+                await direct.execute(f"INSERT INTO {table} VALUES (%s)", (i,))
+            lsn = await _flushed_lsn(direct)
+            await until(lambda: feed.caught_up(lsn), "the feed past the inserts")
+            await until(lambda: feed.ddl_checked > created, "a catalog check after the CREATE TABLE")
+        finally:
+            await direct.close()
+        admin = await asyncpg.connect(**proxy.dsn("neonpoly"))
+        try:
+            [row] = await admin.fetch("SHOW CACHES")
+        finally:
+            await admin.close()
+        assert row["change_feed"].startswith("on (lag ") and row["change_feed"].endswith(" ms)")
+        assert row["feed_changes"] >= 3 and row["feed_gaps"] == 1 and row["feed_ddl"] >= 1  # CREATE TABLE
+        assert row["feed_last_change"] is not None
