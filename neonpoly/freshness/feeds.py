@@ -203,6 +203,8 @@ class FeedManager:
         for feed in feeds:
             await feed.stop("stopped", "the integration was removed")
         for feed in feeds:
+            if feed.ddl_mode != "stream" and self.settings.ddl != "install":
+                continue  # nothing of neonpoly's there: do not wake the origin for nothing
             with contextlib.suppress(asyncio.CancelledError):
                 try:
                     await feed.remove_from_origin()
