@@ -60,8 +60,32 @@ class StatsCollector(Collector):
             "Current TTL of a query template.",
             labels=["cache", "template_id"],
         )
+        feed_live = GaugeMetricFamily(
+            "neonpoly_change_feed_live", "1 while the origin's change feed of a database is live.",
+            labels=["cache", "database"],
+        )
+        feed_lag = GaugeMetricFamily(
+            "neonpoly_change_feed_lag_seconds", "Commit on the origin to applied here, last change.",
+            labels=["cache", "database"],
+        )
+        feed_changes = CounterMetricFamily(
+            "neonpoly_change_feed_changes", "Committed transactions the change feed applied.",
+            labels=["cache", "database"],
+        )
+        feed_events = CounterMetricFamily(
+            "neonpoly_change_feed_evictions", "Databases evicted by the change feed, by why (ddl, gap).",
+            labels=["cache", "database", "why"],
+        )
         report = service.report()
         for c in report.caches:
+            for f in c.feeds:
+                labels = [c.cache_id, f.database]
+                feed_live.add_metric(labels, 1.0 if f.state == "live" else 0.0)
+                if f.lag_ms is not None:
+                    feed_lag.add_metric(labels, f.lag_ms / 1000)
+                feed_changes.add_metric(labels, f.changes)
+                feed_events.add_metric([*labels, "ddl"], f.ddl)
+                feed_events.add_metric([*labels, "gap"], f.gaps)
             cid = c.cache_id
             for status, n in c.totals.by_status:
                 queries.add_metric([cid, status], n)
@@ -89,6 +113,7 @@ class StatsCollector(Collector):
             if r.ttl is not None and (t.hits or t.misses):
                 ttl.add_metric([t.cache_id, t.template_id], r.ttl)
         yield from (queries, saved, served, entries, size, limit, conns, latency, ttl)
+        yield from (feed_live, feed_lag, feed_changes, feed_events)
 
 
 class MetricsServer:

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 
+from neonpoly.admin.metrics import MetricsServer
 from neonpoly.freshness.changefeed import FeedSettings
 from neonpoly.freshness.stream import parse_lsn
 from tests.freshness.conftest import FeedProxy, feed_proxy, until
@@ -291,3 +292,6 @@ async def test_show_caches_shows_the_feed(pg_logical: PgServer, state_dir: Path)
         assert row["change_feed"].startswith("on (lag ") and row["change_feed"].endswith(" ms)")
         assert row["feed_changes"] >= 3 and row["feed_gaps"] == 1 and row["feed_ddl"] >= 1  # CREATE TABLE
         assert row["feed_last_change"] is not None
+        metrics = MetricsServer(proxy.service).render().decode()
+        assert 'neonpoly_change_feed_live{cache="default",database="app"} 1.0' in metrics
+        assert 'neonpoly_change_feed_evictions_total{cache="default",database="app",why="gap"} 1.0' in metrics
