@@ -105,6 +105,12 @@ class FeedSettings:
     silence: float = 30.0  # no word from the server for this long: the feed is lost
     retry_max: float = 10.0  # the longest wait between reconnection attempts
 
+    def __post_init__(self) -> None:
+        if self.mode not in FEED_MODES:
+            raise ValueError(f"change feed mode {self.mode!r} is not one of {', '.join(FEED_MODES)}")
+        if self.ddl not in DDL_MODES:
+            raise ValueError(f"change feed DDL mode {self.ddl!r} is not one of {', '.join(DDL_MODES)}")
+
 
 @dataclass(frozen=True, slots=True)
 class FeedTarget:
@@ -371,8 +377,8 @@ class ChangeFeed:
         self.connects += 1
         self._settle(None)
         log.info(
-            "change feed %s/%s on (%s, slot %s, DDL by %s)",
-            self.target.key, self.database, self.decoder, self.slot, self.ddl_mode,
+            "change feed %s/%s on (%s, slot %s from %s, DDL by %s)",
+            self.target.key, self.database, self.decoder, self.slot, format_lsn(self.position), self.ddl_mode,
         )
         stream = asyncio.ensure_future(self._stream(conn))
         tasks: list[asyncio.Future[None]] = [stream]
@@ -469,15 +475,9 @@ class ChangeFeed:
         finally:
             conn.close()
 
-    def describe(self) -> str:
-        return f"{self.target.key}/{self.database} at {format_lsn(self.position)}"
-
 
 # Server answers that no retry will change: the feed is off (auto) or refused (on).
 _PERMANENT = (
-    "walsender",
-    "wal sender",
-    "replication role",
     "password authentication failed",
     "no password supplied",
     "does not exist",

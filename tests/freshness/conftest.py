@@ -114,7 +114,13 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0)
 
 @asynccontextmanager
 async def feed_proxy(
-    pg: PgServer, root: Path, feed: FeedSettings | None = None, *, database: str = "app", **cache: Any
+    pg: PgServer,
+    root: Path,
+    feed: FeedSettings | None = None,
+    *,
+    database: str = "app",
+    role: str = "postgres",
+    **cache: Any,
 ) -> AsyncIterator[FeedProxy]:
     """What `neonpoly serve --upstream <pg> --change-feed …` runs (start_serving), storing a
     query's answer on its first run so the next one is a hit."""
@@ -126,7 +132,7 @@ async def feed_proxy(
         change_feed=feed or FeedSettings(mode="on"),
     )
     service = ProxyService(settings)
-    upstream = pg.url("postgres", database, sslmode="require")
+    upstream = pg.url(role, database, sslmode="require")
     serving = await start_serving(service, root, upstream=upstream, follow=False)
     try:
         yield FeedProxy(service, serving, pg, database)

@@ -44,6 +44,14 @@ async def test_auto_is_off_with_the_reason_in_show_caches(
     assert lines == [f"change feed off for {pg.host}:{pg.port}/app: {REASON}"]
 
 
+async def test_auto_is_off_for_a_role_without_replication(pg_logical: PgServer, state_dir: Path) -> None:
+    async with feed_proxy(pg_logical, state_dir, FeedSettings(mode="auto"), role="scram_user") as proxy:
+        await until(lambda: proxy.service.report().caches[0].change_feed.startswith("off"), "the feed's verdict")
+        assert proxy.service.report().caches[0].change_feed == (
+            "off: role scram_user may not replicate (it needs the REPLICATION attribute)"
+        )
+
+
 async def test_on_refuses_to_start(pg: PgServer, state_dir: Path) -> None:
     with pytest.raises(ControlError) as refused:
         async with feed_proxy(pg, state_dir, FeedSettings(mode="on")):
