@@ -143,9 +143,10 @@ class LibpqConnection:
 
     # --- COPY BOTH ----------------------------------------------------------------------
 
-    async def read_copy(self, timeout: float) -> list[bytes]:
-        """Every CopyData message available now, waiting up to `timeout` for the first
-        ([] on timeout). Raises LibpqError once the stream has ended, with the server's why."""
+    async def read_copy(self, timeout: float, limit: int = 256) -> list[bytes]:
+        """The CopyData messages available now (at most `limit`: the caller yields to the loop
+        between batches), waiting up to `timeout` for the first ([] on timeout). Raises
+        LibpqError once the stream has ended, with the server's why."""
         if self._ended is not None:
             raise self._ended
         conn = self._conn
@@ -154,18 +155,27 @@ class LibpqConnection:
         while True:
             self._consume()
             got = False
-            while True:
-                n, data = conn.get_copy_data(1)
+            while len(out) < limit:
+                try:
+                    n, data = conn.get_copy_data(1)
+                except Exception as exc:  # -2: the connection failed
+                    self._ended = LibpqError(_text(conn.error_message) or str(exc))
+                    break
                 if n > 0:
-                    out.append(bytes(data))
+                    raw = data.obj
+                    out.append(raw if isinstance(raw, bytes) else bytes(data))
                     got = True
                     continue
                 if n == 0:
                     break
                 self._ended = self._end_of_copy(n)
+                break
+            if self._ended is not None:
                 if out:
                     return out  # the messages before the end still count
                 raise self._ended
+            if len(out) >= limit:
+                return out
             if got:
                 continue  # libpq may hold more (TLS): consume again before waiting
             if out or waited:

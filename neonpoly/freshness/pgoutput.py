@@ -110,3 +110,10 @@ def decode(data: bytes) -> Decoded:
     except (struct.error, ValueError, IndexError) as exc:
         raise ProtocolError(f"truncated pgoutput message {kind!r}: {exc}") from exc
     raise ProtocolError(f"unknown pgoutput message {kind!r} (streaming or a newer protocol was not asked for)")
+
+
+def row_prefix(data: bytes) -> bytes:
+    """What every Insert (Update, Delete) of the same relation starts with: its kind and
+    relation id. The feed skips such messages inside a transaction once the relation is
+    known (a Relation message in between resets that)."""
+    return data[:5]

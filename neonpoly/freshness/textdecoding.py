@@ -40,16 +40,15 @@ _MESSAGE = re.compile(rb"message: transactional: ([01]) prefix: (.*?), sz: (\d+)
 def decode(data: bytes, start: int) -> Decoded:
     """One test_decoding line; `start` is its XLogData's WAL position."""
     if data.startswith(b"table "):
-        text = data.decode("utf-8", "replace")
-        relations, rest = _names(text, len("table "))
-        action = rest.split(":", 1)[0].strip()
-        if action in _ROW_KINDS and len(relations) == 1:
-            return RowChange(_ROW_KINDS[action], relation=relations[0])
-        if action == "TRUNCATE":
-            flags = rest.split(":", 1)[1] if ":" in rest else ""
-            return Truncate(relations=tuple(relations), cascade="cascade" in flags,
-                            restart_identity="restart_seqs" in flags)
-        raise ProtocolError(f"unknown test_decoding change {action!r}")
+        relations, end = _names(data, len(b"table "))
+        action, _, flags = data[end:].partition(b":")
+        kind = action.strip().decode("ascii", "replace")
+        if kind in _ROW_KINDS and len(relations) == 1:
+            return RowChange(_ROW_KINDS[kind], relation=relations[0])
+        if kind == "TRUNCATE":
+            return Truncate(relations=tuple(relations), cascade=b"cascade" in flags,
+                            restart_identity=b"restart_seqs" in flags)
+        raise ProtocolError(f"unknown test_decoding change {kind!r}")
     if data == b"BEGIN" or data.startswith(b"BEGIN "):
         return Begin()
     if data == b"COMMIT" or data.startswith(b"COMMIT "):
@@ -57,6 +56,15 @@ def decode(data: bytes, start: int) -> Decoded:
     if data.startswith(b"message: "):
         return _message(data, start)
     raise ProtocolError(f"unknown test_decoding line {data[:40]!r}")
+
+
+def row_prefix(data: bytes) -> bytes:
+    """What every line of the same change to the same relation starts with
+    (`table public.t: INSERT:`): the feed skips such lines inside a transaction, decoding
+    each relation once, not each of a bulk load's rows."""
+    _, end = _names(data, len(b"table "))
+    colon = data.index(b":", end)
+    return data[: colon + 1]
 
 
 def _commit_time(data: bytes) -> int:
@@ -81,41 +89,43 @@ def _message(data: bytes, start: int) -> Message:
     raise ProtocolError(f"malformed test_decoding message {data[:60]!r}")
 
 
-def _names(text: str, pos: int) -> tuple[list[QualifiedName], str]:
-    """`schema.name[, schema.name …]: rest` → the names and what follows the colon."""
+def _names(data: bytes, pos: int) -> tuple[list[QualifiedName], int]:
+    """`schema.name[, schema.name …]: rest` → the names and where `rest` starts. Bytes are
+    read as bytes: no byte of a multi-byte UTF-8 character is ASCII, so the quotes, dots and
+    separators found are the real ones."""
     names: list[QualifiedName] = []
     while True:
-        schema, pos = _identifier(text, pos)
-        if text[pos : pos + 1] != ".":
-            raise ProtocolError(f"unqualified relation in {text[:80]!r}")
-        name, pos = _identifier(text, pos + 1)
+        schema, pos = _identifier(data, pos)
+        if data[pos : pos + 1] != b".":
+            raise ProtocolError(f"unqualified relation in {data[:80]!r}")
+        name, pos = _identifier(data, pos + 1)
         names.append((schema, name))
-        if text.startswith(", ", pos):
+        if data.startswith(b", ", pos):
             pos += 2
             continue
-        if text[pos : pos + 1] == ":":
-            return names, text[pos + 1 :]
-        raise ProtocolError(f"cannot read relation names in {text[:80]!r}")
+        if data[pos : pos + 1] == b":":
+            return names, pos + 1
+        raise ProtocolError(f"cannot read relation names in {data[:80]!r}")
 
 
-def _identifier(text: str, pos: int) -> tuple[str, int]:
+def _identifier(data: bytes, pos: int) -> tuple[str, int]:
     """One identifier as quote_identifier prints it: bare, or in double quotes ("" inside)."""
-    if text[pos : pos + 1] == '"':
-        out = []
+    if data[pos : pos + 1] == b'"':
+        out = bytearray()
         i = pos + 1
         while True:
-            end = text.find('"', i)
+            end = data.find(b'"', i)
             if end < 0:
-                raise ProtocolError(f"unterminated quoted name in {text[:80]!r}")
-            out.append(text[i:end])
-            if text[end + 1 : end + 2] == '"':
-                out.append('"')
+                raise ProtocolError(f"unterminated quoted name in {data[:80]!r}")
+            out += data[i:end]
+            if data[end + 1 : end + 2] == b'"':
+                out += b'"'
                 i = end + 2
                 continue
-            return "".join(out), end + 1
+            return out.decode("utf-8", "replace"), end + 1
     end = pos
-    while end < len(text) and text[end] not in ".:, ":
+    while end < len(data) and data[end] not in b".:, ":
         end += 1
     if end == pos:
-        raise ProtocolError(f"empty name in {text[:80]!r}")
-    return text[pos:end], end
+        raise ProtocolError(f"empty name in {data[:80]!r}")
+    return data[pos:end].decode("utf-8", "replace"), end

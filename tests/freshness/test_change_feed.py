@@ -295,3 +295,33 @@ async def test_show_caches_shows_the_feed(pg_logical: PgServer, state_dir: Path)
         metrics = MetricsServer(proxy.service).render().decode()
         assert 'neonpoly_change_feed_live{cache="default",database="app"} 1.0' in metrics
         assert 'neonpoly_change_feed_evictions_total{cache="default",database="app",why="gap"} 1.0' in metrics
+
+
+async def test_a_bulk_write_touching_two_tables_evicts_both(
+    pg_logical: PgServer, state_dir: Path, decoder_database: tuple[str, str]
+) -> None:
+    """Rows of a bulk write are skipped undecoded once their relation is counted; a table
+    written after them in the same transaction still counts."""
+    a, b = _table("bulk_a"), _table("bulk_b")
+    database = decoder_database[1]
+    async with feed_proxy(pg_logical, state_dir, database=database) as proxy:
+        feed = await proxy.live()
+        direct = await _direct(pg_logical, database)
+        client = await asyncpg.connect(**proxy.dsn())
+        try:
+            for table in (a, b):
+                await direct.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+                await direct.execute(f"INSERT INTO {table} VALUES (0, 0)")
+            assert await _cached(proxy, client, f"SELECT count(*) FROM {a}") == 1
+            assert await _cached(proxy, client, f"SELECT v FROM {b}") == 0
+            async with direct.transaction():
+                await direct.execute(f"INSERT INTO {a} SELECT g, g FROM generate_series(1, 20000) g")
+                await direct.execute(f"UPDATE {b} SET v = 1")
+                await direct.execute(f"INSERT INTO {a} VALUES (-1, -1)")
+            lsn = await _flushed_lsn(direct)
+            await until(lambda: feed.caught_up(lsn), "the feed past the bulk write")
+            assert await client.fetchval(f"SELECT count(*) FROM {a}") == 20002
+            assert await client.fetchval(f"SELECT v FROM {b}") == 1
+        finally:
+            await client.close()
+            await direct.close()
