@@ -195,12 +195,14 @@ class ProxyService:
         asyncio.get_running_loop().call_soon(self._report_sessions)
 
     def _report_sessions(self) -> None:
+        # Only sessions the origin accepted (it sent their backend key): a client naming
+        # databases at random must not make neonpoly open feeds for them.
         self._sessions_pending = False
         self.feeds.sessions_changed(
             {
                 (s.route.cache_id, s.state.database)
                 for s in self.server.sessions
-                if s.route is not None and s.route.cache is not None and s.state.database
+                if s.route is not None and s.route.cache is not None and s.origin_key is not None and s.state.database
             }
         )
 
