@@ -69,3 +69,11 @@ def child_environment() -> dict[str, str]:
     """The environment for a PostgreSQL program neonpoly starts: ours without libpq's PG*
     variables, which would point the child at the user's own server."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+# The origin's change feed (neonpoly/freshness): `serve --change-feed`, `--change-feed-ddl`,
+# `--change-feed-idle`; the catalog check's period when DDL is polled.
+DEFAULT_CHANGE_FEED = "auto"
+DEFAULT_FEED_DDL = "poll"
+DEFAULT_FEED_IDLE = 300.0
+DEFAULT_FEED_DDL_POLL = 1.0
+FEED_APPLICATION_NAME = "neonpoly change feed"

@@ -8,6 +8,7 @@ proxy tests what users run. `report()` is the one read model of it: the admin co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -19,6 +20,8 @@ from neonpoly.cache.query_cache import DEFAULT_ADMIT_AFTER, DEFAULT_TTL, QueryCa
 from neonpoly.cache.rules import RuleBook, RulePolicy, bare_tables
 from neonpoly.cache.store import CacheStore, MemoryStore, open_store
 from neonpoly.defaults import DEFAULT_L1_BYTES, DEFAULT_LISTEN, DEFAULT_MAX_CACHE_BYTES
+from neonpoly.freshness.changefeed import ChangeSink, FeedSettings, FeedStatus, FeedTarget
+from neonpoly.freshness.feeds import FeedManager
 from neonpoly.proxy.origin import Origin
 from neonpoly.proxy.server import ProxyServer, Route, Routes
 from neonpoly.stats import StatsRecorder, TemplateStats, Totals
@@ -47,6 +50,7 @@ class ProxySettings:
     connect_timeout: float = 10.0
     login_timeout: float = 60.0  # PostgreSQL's authentication_timeout default
     rules_dir: Path | None = None  # where rules.toml persists; None keeps rules in memory
+    change_feed: FeedSettings = field(default_factory=FeedSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,8 @@ class CacheReport:
     max_bytes: int
     connections: int
     totals: Totals
+    change_feed: str = ""  # "on (lag 3 ms)", "off: wal_level is replica", …
+    feeds: tuple[FeedStatus, ...] = ()  # one per database of the origin followed
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +114,17 @@ class ProxyService:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(settings.tls_cert, settings.tls_key)
         self.server = ProxyServer(
-            self.routes, tls_context=tls, connect_timeout=settings.connect_timeout, login_timeout=settings.login_timeout
+            self.routes,
+            tls_context=tls,
+            connect_timeout=settings.connect_timeout,
+            login_timeout=settings.login_timeout,
+            on_session_change=self._sessions_changed,
         )
+        # Who hears of changes the origin's feed reports: the caches first; an invalidation
+        # plane (Redis) would append its publisher here.
+        self.change_sinks: list[ChangeSink] = [_CacheSink(self.routes)]
+        self.feeds = FeedManager(settings.change_feed, self.change_sinks)
+        self._sessions_pending = False
 
     def cache_dir(self, cache_id: str) -> Path | None:
         if self.settings.cache_dir is None:
@@ -132,6 +147,7 @@ class ProxyService:
             cache = QueryCache(cache_id, store, self.stats, ttl=conf.ttl, admit_after=conf.admit_after)
             cache.siblings = lambda: self._caches_of(origin, cache_id)
             self._attach_policy(cache_id, cache)
+            self.feeds.watch(cache_id, feed_target(origin), origin.database or origin.user)
         route = Route(cache_id, origin, cache)
         self.routes.by_id[cache_id] = route
         self.routes.removed.discard(cache_id)
@@ -171,7 +187,28 @@ class ProxyService:
         self.stats.forget_cache(cache_id)
         self.policies.pop(cache_id, None)
         self.names.pop(cache_id, None)
+        self.feeds.unwatch(cache_id)
         return ended
+
+    def _sessions_changed(self) -> None:
+        """A session started or ended: tell the feeds which databases clients use (once per
+        loop iteration, however many sessions changed)."""
+        if self._sessions_pending:
+            return
+        self._sessions_pending = True
+        asyncio.get_running_loop().call_soon(self._report_sessions)
+
+    def _report_sessions(self) -> None:
+        # Only sessions the origin accepted (it sent their backend key): a client naming
+        # databases at random must not make neonpoly open feeds for them.
+        self._sessions_pending = False
+        self.feeds.sessions_changed(
+            {
+                (s.route.cache_id, s.state.database)
+                for s in self.server.sessions
+                if s.route is not None and s.route.cache is not None and s.origin_key is not None and s.state.database
+            }
+        )
 
     def purge(self, cache_id: str | None = None) -> int:
         total = 0
@@ -206,6 +243,8 @@ class ProxyService:
             max_bytes=max_bytes,
             connections=len(self.server.connections(cache_id)),
             totals=self.stats.snapshot(cache_id).totals,
+            change_feed=self.feeds.summary(cache_id) if cache is not None else "off: no cache",
+            feeds=self.feeds.statuses(cache_id),
         )
 
     def _template_report(self, t: TemplateStats) -> TemplateReport:
@@ -219,11 +258,50 @@ class ProxyService:
         return TemplateReport(t, decision.ttl, decision.source)
 
     async def start(self) -> tuple[str, int]:
+        """Open the change feeds (with `--change-feed on`, raise FeedUnavailable when the
+        origin has none to give), then listen."""
+        await self.feeds.start()
         host, port = self.settings.listen
         return await self.server.start(host, port)
 
     async def close(self, grace: float = 5.0) -> None:
         await self.server.close(grace)
+        await self.feeds.close()
         for route in self.routes.by_id.values():
             if route.cache is not None:
                 route.cache.close()
+
+
+def feed_target(origin: Origin) -> FeedTarget:
+    host, port = origin.dial
+    return FeedTarget(
+        key=origin.label,
+        host=origin.host,
+        port=origin.port,
+        dial_host=host,
+        dial_port=port,
+        sslmode=origin.sslmode,
+        sslrootcert=origin.sslrootcert,
+        user=origin.user,
+        password=origin.password,
+    )
+
+
+class _CacheSink:
+    """The caches' ear on the feed: a change bumps the tables (or the database) in every
+    cache of that origin. `QueryCache.invalidate` fans out from one cache to its siblings."""
+
+    def __init__(self, routes: Routes) -> None:
+        self.routes = routes
+
+    def on_change(self, origin_key: str, database: str | None, tables: frozenset[str], everything: bool) -> None:
+        cache = next(
+            (r.cache for r in self.routes.by_id.values() if r.cache is not None and r.origin.label == origin_key),
+            None,
+        )
+        if cache is None:
+            return
+        if everything or database is None:
+            cache.invalidate(database, frozenset(), True)
+        else:
+            cache.invalidate(database, tables, False, (tables, False))

@@ -120,6 +120,11 @@ CACHES_COLUMNS = (
     ("bytes", INT8),
     ("max_bytes", INT8),
     ("connections", INT8),
+    ("change_feed", TEXT),  # the origin's change feed: "on (lag 3 ms)", "off: <why>", …
+    ("feed_changes", INT8),  # committed transactions it applied (writes through neonpoly included)
+    ("feed_ddl", INT8),  # catalog changes it caught
+    ("feed_gaps", INT8),  # evictions for a gap (connect, reconnect, idle close)
+    ("feed_last_change", TIMESTAMPTZ),
 )
 RULES_COLUMNS = (
     ("id", TEXT),
@@ -351,11 +356,22 @@ class Executor:
 
     def _caches(self, cache_id: str | None) -> list[tuple[Value, ...]]:
         served = self.service.routes.by_id
-        return [
-            (c.cache_id, c.is_default, c.mode, c.origin, c.ttl, c.entries, c.bytes, c.max_bytes, c.connections)
-            for c in self.service.report(cache_id).caches
-            if c.cache_id in served
-        ]
+        rows: list[tuple[Value, ...]] = []
+        for c in self.service.report(cache_id).caches:
+            if c.cache_id not in served:
+                continue
+            last = max((f.last_change for f in c.feeds if f.last_change is not None), default=None)
+            rows.append(
+                (
+                    c.cache_id, c.is_default, c.mode, c.origin, c.ttl, c.entries, c.bytes, c.max_bytes, c.connections,
+                    c.change_feed,
+                    sum(f.changes for f in c.feeds),
+                    sum(f.ddl for f in c.feeds),
+                    sum(f.gaps for f in c.feeds),
+                    _ts(last) if last is not None else None,
+                )
+            )
+        return rows
 
     def _connections(self, cache_id: str | None) -> list[tuple[Value, ...]]:
         now = time.monotonic()

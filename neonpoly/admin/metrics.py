@@ -62,6 +62,22 @@ class StatsCollector(Collector):
             "Current TTL of a query template.",
             labels=[*cache, "template_id"],
         )
+        feed_live = GaugeMetricFamily(
+            "neonpoly_change_feed_live", "1 while the origin's change feed of a database is live.",
+            labels=["cache", "cache_name", "database"],
+        )
+        feed_lag = GaugeMetricFamily(
+            "neonpoly_change_feed_lag_seconds", "Commit on the origin to applied here, last change.",
+            labels=["cache", "cache_name", "database"],
+        )
+        feed_changes = CounterMetricFamily(
+            "neonpoly_change_feed_changes", "Committed transactions the change feed applied.",
+            labels=["cache", "cache_name", "database"],
+        )
+        feed_events = CounterMetricFamily(
+            "neonpoly_change_feed_evictions", "Databases evicted by the change feed, by why (ddl, gap).",
+            labels=["cache", "cache_name", "database", "why"],
+        )
         names = service.names
 
         def label(cache_id: str) -> list[str]:
@@ -69,6 +85,14 @@ class StatsCollector(Collector):
 
         report = service.report()
         for c in report.caches:
+            for f in c.feeds:
+                labels = [*label(c.cache_id), f.database]
+                feed_live.add_metric(labels, 1.0 if f.state == "live" else 0.0)
+                if f.lag_ms is not None:
+                    feed_lag.add_metric(labels, f.lag_ms / 1000)
+                feed_changes.add_metric(labels, f.changes)
+                feed_events.add_metric([*labels, "ddl"], f.ddl)
+                feed_events.add_metric([*labels, "gap"], f.gaps)
             cid = label(c.cache_id)
             for status, n in c.totals.by_status:
                 queries.add_metric([*cid, status], n)
@@ -96,6 +120,7 @@ class StatsCollector(Collector):
             if r.ttl is not None and (t.hits or t.misses):
                 ttl.add_metric([*label(t.cache_id), t.template_id], r.ttl)
         yield from (build, queries, saved, served, entries, size, limit, conns, latency, ttl)
+        yield from (feed_live, feed_lag, feed_changes, feed_events)
 
 
 INDEX = (

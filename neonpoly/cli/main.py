@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from neonpoly import __version__
 from neonpoly.cli.args import at_least_one, host_port, positive_seconds, seconds
 from neonpoly.cli.running import CLIError, run
-from neonpoly.defaults import DEFAULT_LISTEN_TEXT
+from neonpoly.defaults import DEFAULT_CHANGE_FEED, DEFAULT_FEED_DDL, DEFAULT_FEED_IDLE, DEFAULT_LISTEN_TEXT
 
 if TYPE_CHECKING:
     from neonpoly.control.interface import Control
@@ -128,6 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGINT/SIGTERM, how long in-flight queries may finish",
     )
     serve.add_argument("--metrics-listen", type=host_port, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    serve.add_argument(
+        "--change-feed",
+        choices=("auto", "on", "off"),
+        default=DEFAULT_CHANGE_FEED,
+        help="follow the origin's logical replication stream, so writes made elsewhere (another app, the SQL "
+        "editor) evict too: auto = when the origin allows it (wal_level=logical, a role with REPLICATION), "
+        "on = refuse to start without it",
+    )
+    serve.add_argument(
+        "--change-feed-ddl",
+        choices=("poll", "install"),
+        default=DEFAULT_FEED_DDL,
+        help="how the feed sees DDL: poll the catalogs every second, or install an event trigger on the origin "
+        "that puts DDL in the stream (needs a superuser; `integrations remove` drops it)",
+    )
+    serve.add_argument(
+        "--change-feed-idle",
+        type=positive_seconds,
+        default=DEFAULT_FEED_IDLE,
+        metavar="SECONDS",
+        help="close the feed after this long without clients, so a Neon compute can scale to zero "
+        "(reopening it evicts that database's entries)",
+    )
     serve.add_argument(
         "--admin-role",
         action="append",

@@ -14,6 +14,7 @@ from urllib.parse import quote
 from neonpoly.cli.running import CLIError
 from neonpoly.control.interface import ControlError
 from neonpoly.control.serving import Serving, start_serving
+from neonpoly.freshness.changefeed import FeedSettings
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from neonpoly.state import StateInUse, StateLock, state_dir
 
@@ -33,6 +34,7 @@ async def serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         rules_dir=root,
+        change_feed=FeedSettings(mode=args.change_feed, ddl=args.change_feed_ddl, idle=args.change_feed_idle),
     )
     lock = StateLock(root)
     try:

@@ -13,6 +13,7 @@ from neonpoly.admin.console import AdminConsole, install_admin
 from neonpoly.admin.metrics import MetricsServer
 from neonpoly.control.interface import ControlError, Progress
 from neonpoly.defaults import environment
+from neonpoly.freshness.changefeed import FeedUnavailable
 from neonpoly.integrations.discovery import DiscoveryError, parse_connect_to
 from neonpoly.integrations.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER, EmbeddedOrigin
 from neonpoly.integrations.neon_api import NeonAPIError
@@ -92,9 +93,12 @@ async def serve_one(service: ProxyService, store: IntegrationStore, item: Integr
             store.put(item)
     else:
         origin = item.origin(connect_to)
+    password = store.passwords(item.cache_id).get(item.role)
+    # Clients bring their own credentials; the change feed logs in as the integration's role.
+    origin = replace(origin, user=item.role, password=password, database=item.database)
     service.add_cache(item.cache_id, origin, default=not service.routes.by_id)
     service.names[item.cache_id] = item.name
-    return Served(item, origin, store.passwords(item.cache_id).get(item.role))
+    return Served(item, origin, password)
 
 
 async def serve_from_state(
@@ -265,6 +269,12 @@ async def start_serving(
             metrics = MetricsServer(service)
             await metrics.start(*metrics_listen)
         address = await service.start()
+    except FeedUnavailable as exc:
+        if metrics is not None:
+            await metrics.close()
+        await service.close(0)
+        await runner.stop()
+        raise ControlError(f"--change-feed on: {exc}") from exc
     except OSError as exc:
         if metrics is not None:
             await metrics.close()

@@ -1,0 +1,140 @@
+"""A PostgreSQL with wal_level=logical, and neonpoly in front of it with its change feed.
+
+The feed tests get an origin of their own: the shared one stays at wal_level=replica (the
+suite's other proxies then find the feed off after one connection, as most origins would),
+and the `--change-feed auto` refusal is tested against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from neonpoly.control.serving import Serving, start_serving
+from neonpoly.freshness.changefeed import ChangeFeed, FeedSettings
+from neonpoly.integrations.embedded import SettingValue
+from neonpoly.service import CacheSettings, ProxyService, ProxySettings
+from tests.pgharness import PgServer, start_pg_server
+
+LOGICAL: dict[str, SettingValue] = {"wal_level": "logical", "max_replication_slots": 20, "max_wal_senders": 20}
+
+
+@pytest.fixture(scope="session")
+def pg_logical() -> Iterator[PgServer]:
+    server = start_pg_server(small=True, extra_settings=LOGICAL)
+    print(f"\n[pg_logical fixture] started in {server.startup_seconds:.2f}s", file=sys.stderr)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pub_database(pg_logical: PgServer) -> str:
+    """A database whose owner made the publication `neonpoly` FOR ALL TABLES: the feed reads
+    pgoutput there (elsewhere test_decoding)."""
+    with psycopg.connect(pg_logical.url("postgres", "postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE feed_pub")
+    with psycopg.connect(pg_logical.url("postgres", "feed_pub"), autocommit=True) as conn:
+        conn.execute("CREATE PUBLICATION neonpoly FOR ALL TABLES")
+    return "feed_pub"
+
+
+@pytest.fixture(params=["test_decoding", "pgoutput"])
+def decoder_database(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(decoder, the database where the feed reads it)."""
+    if request.param == "pgoutput":
+        return "pgoutput", str(request.getfixturevalue("pub_database"))
+    return "test_decoding", "app"
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="neonpoly-feed-"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class FeedProxy:
+    service: ProxyService
+    serving: Serving
+    pg: PgServer
+    database: str
+
+    @property
+    def port(self) -> int:
+        return self.serving.address[1]
+
+    def dsn(self, database: str | None = None) -> dict[str, Any]:
+        return {**self.pg.dsn("postgres", database or self.database), "host": "127.0.0.1", "port": self.port}
+
+    @property
+    def origin_key(self) -> str:
+        return self.service.routes.by_id["default"].origin.label
+
+    def feed(self, database: str | None = None) -> ChangeFeed:
+        database = database or self.database
+        feed = self.service.feeds.feed(self.origin_key, database)
+        assert feed is not None, f"no feed for {database}"
+        return feed
+
+    def hits(self) -> int:
+        return self.service.stats.snapshot().totals.hits
+
+    async def live(self, database: str | None = None, connects: int = 1) -> ChangeFeed:
+        """The feed of `database`, once it went live `connects` times."""
+        database = database or self.database
+        await until(lambda: (f := self.service.feeds.feed(self.origin_key, database)) is not None
+                    and f.state == "live" and f.connects >= connects, f"feed of {database} live")
+        return self.feed(database)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for a condition (never a fixed sleep as proof); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.005)
+
+
+@asynccontextmanager
+async def feed_proxy(
+    pg: PgServer,
+    root: Path,
+    feed: FeedSettings | None = None,
+    *,
+    database: str = "app",
+    role: str = "postgres",
+    **cache: Any,
+) -> AsyncIterator[FeedProxy]:
+    """What `neonpoly serve --upstream <pg> --change-feed …` runs (start_serving), storing a
+    query's answer on its first run so the next one is a hit."""
+    settings = ProxySettings(
+        listen=("127.0.0.1", 0),
+        cache_dir=root / "cache",
+        cache=CacheSettings(**{"admit_after": 1, **cache}),
+        rules_dir=root,
+        change_feed=feed or FeedSettings(mode="on"),
+    )
+    service = ProxyService(settings)
+    upstream = pg.url(role, database, sslmode="require")
+    serving = await start_serving(service, root, upstream=upstream, follow=False)
+    try:
+        yield FeedProxy(service, serving, pg, database)
+    finally:
+        await serving.close(grace=0.5)
