@@ -5,6 +5,7 @@ rules import-linter cannot say)."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,12 +64,14 @@ def test_only_the_policy_imports_sqlglot() -> None:
 def test_the_import_contracts_hold() -> None:
     """Layers, no cycles (TYPE_CHECKING imports count), the console kept off the engine, test
     doubles kept out of the product: `[tool.importlinter]` in pyproject.toml."""
+    # PYTHONPATH: analyse this checkout's package, whichever one the venv was installed from.
     result = subprocess.run(
         [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
         cwd=PACKAGE.parent,
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
