@@ -75,6 +75,9 @@ class BatchHandling(CacheDecisions):
                     self._answer_locally(payload, plan.executed, item)
                 else:
                     self._answer_quietly(payload, item)
+                if memo_key is not None and not flush and _plain(plan):
+                    self._note_hit(cache, key, decision.resolution, template, plan.tables, plan.shadowable,
+                                   plan.executed if plan.executes else [])
                 return
             item.capture = self._capture(cache, key, decision.resolution, template)
         # Not neutral while the catalog has not described what it reads: it may run code.
@@ -142,3 +145,12 @@ class BatchHandling(CacheDecisions):
             self.book.after_forward(plan)
             out.extend(deferred)
         out.append(raw)
+
+
+def _plain(plan: BatchPlan) -> bool:
+    """A batch of plain reads: nothing in it changes anything, so a repeat may be answered
+    from the memo of its raw bytes (hits.py)."""
+    return not (
+        plan.ops or plan.writes or plan.writes_everything or plan.changes_session or plan.commits
+        or plan.cursor_writes or plan.fetches or plan.deallocates or plan.cluster_wide
+    )

@@ -19,6 +19,7 @@ from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.policy import Classification, Status, classify
 from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import TX_IDLE
+from neonpoly.proxy.hits import HitMemo, hit_tickets
 from neonpoly.proxy.learning import IdentityLearning
 from neonpoly.proxy.pending import Pending
 
@@ -43,6 +44,7 @@ class CacheDecisions(IdentityLearning):
         self.tx_writes: set[str] = set()
         self.tx_writes_everything = False
         self.writing_cursors = False  # a cursor over a query that may write was declared
+        self.hit_seen: HitMemo | None = None  # a plain read just answered from the cache (hits.py)
 
     def _query(self, body: bytes, raw: bytes, out: list[bytes]) -> None:
         sql = pgwire.query_text(body)
@@ -64,6 +66,9 @@ class CacheDecisions(IdentityLearning):
             payload = cache.lookup(key)
             if payload is not None and not self._busy():
                 self._answer_locally(payload, [info], item)
+                if not info.has_effects:
+                    self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
+                                   info.shadowable, [info])
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id)
         # Not neutral while the catalog has not described what it reads: it may run code.
@@ -139,6 +144,31 @@ class CacheDecisions(IdentityLearning):
                 return Decision(Status.BYPASS, f"reads setting {missing}: asking the server for it")
             return Decision(Status.VOLATILE, "reads more custom settings than a session identity carries")
         return Decision(Status.MISS, "", resolution)
+
+    def _note_hit(
+        self,
+        cache: QueryCache,
+        key: bytes,
+        resolution: Resolution | None,
+        template_id: str,
+        tables: frozenset[str],
+        shadowable: frozenset[str],
+        infos: list[Classification],
+    ) -> None:
+        """A plain read was answered from the cache: what that rested on, for the relay to
+        remember against the request's raw bytes (hits.py)."""
+        identity = self.state.identity
+        if identity is None or self.state.legacy_strings or self.state.bypass is not None:
+            return
+        if tables or shadowable:
+            if resolution is None:
+                return
+        else:
+            resolution = None
+        self.hit_seen = HitMemo(
+            cache, key, identity, self.book.version, self.state.database, tables, shadowable, resolution,
+            template_id, hit_tickets([(i.template_id, i.template, i.qualified_tables) for i in infos]),
+        )
 
     def _busy(self) -> bool:
         """Could an outstanding origin answer change the transaction status or settings?

@@ -31,9 +31,11 @@ from neonpoly.pgwire import (
     MSG_READY_FOR_QUERY,
     MSG_SYNC,
     MSG_TERMINATE,
+    TX_IDLE,
 )
 from neonpoly.proxy.batches import BatchHandling
 from neonpoly.proxy.extended import BATCHED
+from neonpoly.proxy.hits import MAX_MEMOS, HitMemo
 from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.state import READY
 
@@ -47,14 +49,22 @@ _ENDS_WITH_READY = frozenset((MSG_QUERY, MSG_SYNC, MSG_FUNCTION_CALL))  # reques
 # Notifications and settings are the client's, even in the middle of neonpoly's own lookup.
 _CLIENTS_DURING_LOOKUP = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_PARAMETER_STATUS))
 _SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to Parses/Closes sent for the client
+_READY_IDLE = pgwire.ready_for_query(TX_IDLE)
 
 
 class Relay(BatchHandling):
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
         self.inflight = 0  # pass-through requests awaiting ReadyForQuery
+        self.hit_memos: dict[bytes, HitMemo] = {}  # raw request bytes -> the hit it was (hits.py)
 
     def _client_frames(self) -> None:
+        batch = self.batch
+        if self.hit_memos and not self.pending and self.stream is None and not self.batch_open and not batch.messages:
+            memo = self.hit_memos.get(bytes(self.cbuf))
+            if memo is not None and self._answer_memo(memo):
+                self.cbuf.clear()
+                return
         frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
         if not frames:
             return
@@ -64,7 +74,8 @@ class Relay(BatchHandling):
             self._relay_frames(frames, buf)
             return
         out: list[bytes] = []
-        batch = self.batch
+        fresh = not batch.messages and self.stream is None  # buf starts a request
+        self.hit_seen = None
         for mtype, start, end in frames:
             if self.stream is not None and mtype != MSG_SYNC and mtype != MSG_FLUSH:
                 self._stream_frame(mtype, buf[start + 5 : end], buf[start:end], out)
@@ -97,12 +108,60 @@ class Relay(BatchHandling):
                     self._invalidate(frozenset(), everything=True)
                     self._forget_identity()
                 out.append(buf[start:end])
+        if self.hit_seen is not None:
+            self._remember_hit(frames, buf, fresh)
         if batch.messages and self.stream is None:
             # The client sent no Sync (or Flush) with what it has sent so far. PostgreSQL runs
             # each message as it arrives, and a pipeline may wait for their answers before it
             # ever syncs: forward them now (such a batch is not cached).
             self._open_stream(out)
         self._write_origin(out)
+
+    def _remember_hit(self, frames: list[tuple[int, int, int]], buf: bytes, fresh: bool) -> None:
+        """The read was one request answered from the cache: remember it by its bytes."""
+        memo, self.hit_seen = self.hit_seen, None
+        if memo is None or not fresh:
+            return
+        ends = [t for t, _, _ in frames if t in _ENDS_WITH_READY or t == MSG_FLUSH]
+        if len(ends) != 1 or frames[-1][0] != ends[0] or ends[0] == MSG_FUNCTION_CALL:
+            return
+        if len(self.hit_memos) >= MAX_MEMOS:
+            self.hit_memos.clear()
+        self.hit_memos[buf] = memo
+
+    def _answer_memo(self, memo: HitMemo) -> bool:
+        """Answer a repeat of a remembered hit, if everything it was decided on still holds
+        (the checks of `_cache_decision` a plain read can fail) and the entry is still live."""
+        state = self.state
+        cache = memo.cache
+        identity = state.identity
+        route = self.route
+        if (
+            identity is not memo.identity
+            or identity.epoch != cache.ddl_epoch
+            or state.tx_status != TX_IDLE
+            or state.legacy_strings
+            or state.bypass is not None
+            or self.book.version != memo.book_version
+            or route is None
+            or route.cache is not cache
+        ):
+            return False
+        if memo.resolution is not None and cache.relations.resolve(
+            memo.database, memo.tables, memo.shadowable, identity.schemas
+        ) is not memo.resolution:
+            return False
+        if cache.ttl_for(memo.template_id, memo.tables) is None:
+            return False
+        started = time.monotonic()
+        payload = cache.lookup(memo.key)
+        if payload is None:
+            return False
+        elapsed = time.monotonic() - started
+        for ticket in memo.tickets:
+            cache.record(ticket, elapsed, len(payload))
+        self.write_client(payload + _READY_IDLE)
+        return True
 
     def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:
         """Pass-through (no cache): nothing to decide, so no parsing and one write.

@@ -4,7 +4,8 @@ Two asyncio Protocols (client side, origin side) share one `Session`. A session 
 layers, each a class in its own module that calls only the layers below it:
 
     session.py    Session           startup, TLS, authentication, cancels, endings
-    relay.py      Relay             the frame loops: client to origin, origin to client
+    relay.py      Relay             the frame loops: client to origin, origin to client;
+                                    repeats of a hit answered from their raw bytes (hits.py)
     batches.py    BatchHandling     extended-protocol batches, decided on at Sync or streamed
     decisions.py  CacheDecisions    hit, miss or why not; evictions; storing captured misses
     learning.py   IdentityLearning  who the session is, what the catalog says: asked when idle

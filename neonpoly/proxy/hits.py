@@ -1,0 +1,48 @@
+"""Repeated hits answered from one lookup of the request's raw bytes.
+
+A client re-running a query sends the same bytes again: a simple Query, or a prepared
+statement's Bind/Describe/Execute/Sync (pgbench -M prepared, asyncpg and psycopg statement
+caches). Once such a request was answered from the cache, the session remembers what that
+decision rested on (`HitMemo`). The next time a read holds exactly those bytes, the relay
+checks that nothing it rested on moved and looks the key up, without parsing a message,
+classifying, planning or hashing a key again (`Relay._answer_memo`).
+
+Only plain reads are remembered: requests that write, change the session, commit, fetch from
+cursors, deallocate, parse or close statements always take the full path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from neonpoly.cache.capture import StatTicket
+
+if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.cache.relations import Resolution
+    from neonpoly.proxy.identity import Identity
+
+# Per session: the hot set of one client. Only hits are remembered (a few hundred bytes each).
+MAX_MEMOS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class HitMemo:
+    """What a hit was decided on, each part checked again before the next one is served."""
+
+    cache: QueryCache
+    key: bytes
+    identity: Identity  # the very object: a session that learns its identity again gets a new one
+    book_version: int  # the session's prepared statements, unchanged
+    database: str
+    tables: frozenset[str]
+    shadowable: frozenset[str]
+    # What the catalog said (the very object the relation book memoises; None: nothing to ask).
+    resolution: Resolution | None
+    template_id: str
+    tickets: tuple[StatTicket, ...]  # the stats of one hit, one per Execute
+
+
+def hit_tickets(infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[StatTicket, ...]:
+    return tuple(StatTicket(template_id, template, tables, "hit") for template_id, template, tables in infos)

@@ -1,0 +1,63 @@
+"""Repeats of a hit are answered from the memo of their raw bytes (proxy/hits.py), and that
+memo never outlives what the hit rested on: a write, a SET, a new prepared statement."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.pgharness import PgServer
+from tests.proxy.caching import CachingProxy, caching_proxy
+from tests.proxy.test_cache_hits import make_table
+
+
+@pytest.fixture
+async def proxy(pg: PgServer, tmp_path: Path) -> AsyncIterator[CachingProxy]:
+    async with caching_proxy(pg, tmp_path / "cache") as p:
+        yield p
+
+
+def memos(proxy: CachingProxy) -> int:
+    return sum(len(s.hit_memos) for s in proxy.service.server.sessions if hasattr(s, "hit_memos"))
+
+
+async def test_prepared_repeat_is_served_from_the_memo_until_a_write(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await make_table(pg)
+    conn = await asyncpg.connect(**proxy.dsn("scram_user"))
+    try:
+        stmt = await conn.prepare(f"SELECT name FROM {table} WHERE id = $1")
+        for _ in range(3):
+            assert await stmt.fetchval(2) == "name 2"
+        assert memos(proxy) >= 1
+        hits = proxy.totals().get("hit", 0)
+        for _ in range(3):
+            assert await stmt.fetchval(2) == "name 2"
+        assert proxy.totals().get("hit", 0) == hits + 3  # counted like any hit
+        calls = await pg.calls(f"SELECT name FROM {table} WHERE id =")
+        await conn.execute(f"UPDATE {table} SET name = 'changed' WHERE id = 2")
+        assert await stmt.fetchval(2) == "changed"
+        assert await pg.calls(f"SELECT name FROM {table} WHERE id =") == calls + 1
+    finally:
+        await conn.close()
+
+
+async def test_simple_repeat_respects_set_and_transactions(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await make_table(pg)
+    conn = await asyncpg.connect(**proxy.dsn("scram_user"))
+    sql = f"SELECT count(*) FROM {table}"
+    try:
+        for _ in range(4):
+            await conn.execute(sql)  # no arguments: the simple protocol
+        assert memos(proxy) >= 1
+        calls = await pg.calls(f"SELECT count(*) FROM {table}")
+        async with conn.transaction():
+            await conn.execute(f"INSERT INTO {table} VALUES (100, 'x')")
+            await conn.execute(sql)  # inside a transaction: the origin answers
+            assert await pg.calls(f"SELECT count(*) FROM {table}") == calls + 1
+        await conn.execute("SET search_path TO public")  # the session learns who it is again
+        assert await conn.fetchval(sql) == 6
+    finally:
+        await conn.close()
