@@ -120,3 +120,15 @@ def test_structures_stay_bounded_under_distinct_queries() -> None:
     (counters,) = cache.stats._caches.values()
     assert len(counters.templates) <= MAX_TEMPLATES_PER_CACHE + 1
     assert cache.store.usage().bytes <= cache.store.usage().max_bytes
+
+
+def test_the_relation_book_stays_bounded() -> None:
+    from neonpoly.cache.relations import MAX_RELATIONS, RelationBook
+
+    book = RelationBook()
+    for i in range(3 * MAX_RELATIONS):
+        book.learn("app", [f"t{i}"], [("r", f"t{i}", f"t{i}", False, None), ("w", f"t{i}", f"t{i}", False, None)])
+        assert book.known_relations() <= MAX_RELATIONS
+    # A forgotten relation is simply unknown again: asked about, never guessed.
+    assert book.resolve("app", ["t0"]) is None
+    assert book.reach("app", ["t0"]) is None
