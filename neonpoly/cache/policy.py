@@ -42,6 +42,9 @@ __all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "warm_up"]
 MEMO_SIZE = 8192
 # Bulk INSERTs can be megabytes and never repeat; keeping them would bloat the memo.
 MEMO_MAX_CHARS = 16_384
+# Both memos together keep at most this many characters of SQL text (besides at most
+# MEMO_SIZE entries each): ~2 * MEMO_SIZE classifications and 16 MB of keys at worst.
+MEMO_MAX_TOTAL_CHARS = 8 << 20
 
 # A number can change neither what a plain query or DML statement is nor what it touches, so
 # such texts that differ only in numbers share one classification (pgbench -S sends a new text
@@ -53,10 +56,27 @@ _exact: OrderedDict[str, Classification] = OrderedDict()
 _shapes: OrderedDict[str, Classification] = OrderedDict()
 
 
+_chars = [0]  # characters of the keys of both memos
+
+
 def _remember(memo: OrderedDict[str, Classification], key: str, value: Classification) -> None:
+    old = memo.pop(key, None)
+    if old is not None:
+        _chars[0] -= len(key)
     memo[key] = value
-    if len(memo) > MEMO_SIZE:
-        memo.popitem(last=False)
+    _chars[0] += len(key)
+    while len(memo) > MEMO_SIZE:
+        gone, _ = memo.popitem(last=False)
+        _chars[0] -= len(gone)
+    while _chars[0] > MEMO_MAX_TOTAL_CHARS:
+        victim = _exact if len(_exact) >= len(_shapes) else _shapes
+        gone, _ = victim.popitem(last=False)
+        _chars[0] -= len(gone)
+
+
+def memo_chars() -> int:
+    """Characters of SQL text the classification memos hold (bounded by MEMO_MAX_TOTAL_CHARS)."""
+    return _chars[0]
 
 
 def classify(sql: str) -> Classification:

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from neonpoly.cache.cacheability import Cacheability
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.entry import CacheEntry, CacheStore
 from neonpoly.cache.invalidation import GenerationStamp
@@ -26,7 +27,14 @@ DEFAULT_TTL = 300.0
 # a query reading a new one is not cached (a client must not grow every identity at will).
 MAX_SETTINGS_READ = 256
 DEFAULT_ADMIT_AFTER = 2
-_SIGHTINGS_LIMIT = 100_000
+# Sightings of missing keys are counted in a fixed array of one-byte counters (two slots a
+# key, the smaller wins: a count-min sketch), cleared every `_SIGHTINGS_AGE` sightings: 4 MiB
+# whatever the stream of distinct queries. A collision can only admit a key early (a store
+# that was not needed yet), never serve a wrong answer.
+_SIGHT_SLOTS = 1 << 22
+_SIGHTINGS_AGE = 1 << 20
+# Digests of stored answers kept to tell adaptive TTL whether a refetch changed.
+_DIGESTS_LIMIT = 32_768
 
 # (template_id, tables) -> TTL in seconds, or None for "never cache" (rules, adaptive TTL).
 TTLPolicy = Callable[[str, frozenset[str]], float | None]
@@ -48,12 +56,15 @@ class QueryCache:
         self.store = store
         self.stats = stats
         self.ttl = ttl
-        self.admit_after = max(1, admit_after)
+        self.admit_after = min(255, max(1, admit_after))
         self.clock = clock
         self.ttl_policy = ttl_policy
         self._salt = cache_id.encode() + b"\x00"
         # How often each key was seen missing: a key is stored on its Nth sighting.
-        self._sightings: OrderedDict[bytes, int] = OrderedDict()
+        self._sightings = bytearray(_SIGHT_SLOTS)
+        self._sighted = 0
+        # Which templates' entries get read before they are evicted (stop capturing the rest).
+        self.cacheability = Cacheability(clock)
         self.relations = RelationBook()
         self.settings_read: set[str] = set()
         # Bumped by DDL and by roles and grants: a schema created on some session's search_path,
@@ -81,15 +92,36 @@ class QueryCache:
 
     def lookup(self, key: bytes) -> bytes | None:
         entry = self.store.get(key)
-        return None if entry is None else entry.payload
+        if entry is None:
+            self.cacheability.missed(key)
+            return None
+        self.cacheability.served(key)
+        return entry.payload
 
-    def admit(self, key: bytes) -> bool:
-        """Count a sighting; True when this miss should be stored (Time To First Hit)."""
-        seen = self._sightings.pop(key, 0) + 1
-        self._sightings[key] = seen
-        if len(self._sightings) > _SIGHTINGS_LIMIT:
-            self._sightings.popitem(last=False)
-        return seen >= self.admit_after
+    def admit(self, key: bytes, template_id: str = "") -> bool:
+        """Count a sighting; True when this miss should be stored (Time To First Hit) and its
+        template's entries are read before they are evicted (see cache/cacheability.py)."""
+        if not self.cacheability.capturing(template_id):
+            return False
+        if self.admit_after == 1:
+            return True
+        counts = self._sightings
+        a = int.from_bytes(key[:4], "little") & (_SIGHT_SLOTS - 1)
+        b = int.from_bytes(key[4:8], "little") & (_SIGHT_SLOTS - 1)
+        seen = min(counts[a], counts[b]) + 1
+        if seen >= self.admit_after:
+            return True
+        counts[a] = max(counts[a], seen)
+        counts[b] = max(counts[b], seen)
+        self._sighted += 1
+        if self._sighted >= _SIGHTINGS_AGE:
+            counts[:] = bytes(_SIGHT_SLOTS)
+            self._sighted = 0
+        return False
+
+    def capture_refusal(self, template_id: str) -> str | None:
+        """Why a miss of this template is not being stored, in words (None: it is)."""
+        return self.cacheability.explain(template_id)
 
     def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
         return self.store.stamp(database, tables)
@@ -111,7 +143,7 @@ class QueryCache:
             digest = hashlib.blake2b(payload, digest_size=16).digest()
             previous = self._digests.pop(capture.key, None)
             self._digests[capture.key] = (digest, capture.stamp)
-            if len(self._digests) > _SIGHTINGS_LIMIT:
+            if len(self._digests) > _DIGESTS_LIMIT:
                 self._digests.popitem(last=False)
             # A write through neonpoly in between (the stamp moved) explains a change.
             if previous is not None and previous[1] == capture.stamp:
@@ -126,6 +158,7 @@ class QueryCache:
             ttl=ttl,
         )
         self.store.put(capture.key, entry)
+        self.cacheability.stored(capture.key, capture.template_id)
 
     def invalidate(
         self,
@@ -171,11 +204,18 @@ class QueryCache:
             ticket.status,
             latency_s,
             bytes_served,
-            reason=ticket.reason or None,
+            reason=ticket.reason or self._miss_reason(ticket),
         )
 
+    def _miss_reason(self, ticket: StatTicket) -> str | None:
+        if ticket.status != "miss" or not self.cacheability.suppressing:
+            return None
+        return self.cacheability.explain(ticket.template_id)
+
     def purge(self) -> int:
-        self._sightings.clear()
+        self._sightings[:] = bytes(_SIGHT_SLOTS)
+        self._sighted = 0
+        self.cacheability.forget()
         return self.store.purge()
 
     def close(self) -> None:

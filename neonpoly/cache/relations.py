@@ -36,6 +36,11 @@ from dataclasses import dataclass
 from neonpoly import pgwire
 from neonpoly.cache.policy import classify
 
+# Relations remembered per cache; past this the book starts over (a stream of queries naming
+# ever new relations must not grow it). Forgetting is safe: a relation not known is looked
+# up again, and a write to it evicts its database meanwhile.
+MAX_RELATIONS = 16_384
+
 _CATALOG = "OPERATOR(pg_catalog.=)"
 _NOT = "OPERATOR(pg_catalog.<>)"
 # pg_class 1259, pg_rewrite 2618, pg_policy 3256; pg_catalog's namespace is 11.
@@ -255,6 +260,7 @@ class RelationBook:
         self, database: str, asked: Iterable[str], rows: Iterable[tuple[str, str, str, bool, str | None]]
     ) -> None:
         self._resolved.clear()
+        self._bound()
         reads: dict[str, tuple[set[str], bool]] = {}
         writes: dict[str, tuple[set[str], bool]] = {}
         code: dict[str, list[str]] = {}
@@ -294,10 +300,18 @@ class RelationBook:
     def refuse(self, database: str, names: Iterable[str]) -> None:
         """Relations we could not ask about: never cached, reads and writes evict everything."""
         self._resolved.clear()
+        self._bound()
         for name in names:
             why = f"neonpoly could not look up {name}"
             self._known[(database, name)] = Relation(frozenset({name}), why, why, frozenset(), frozenset({name}), True)
         self._shadowed.setdefault(database, {})
+
+    def _bound(self) -> None:
+        if len(self._known) >= MAX_RELATIONS:
+            self._known.clear()
+
+    def known_relations(self) -> int:
+        return len(self._known)
 
     def forget(self, database: str | None = None) -> None:
         """DDL may have redefined views, keys, triggers, policies or functions: learn again."""

@@ -187,7 +187,7 @@ class CacheDecisions(IdentityLearning):
         every table it really reads. Nothing is stored while the catalog has not answered
         (the lookup is on its way; with the default admission the answer is in before it
         matters)."""
-        admitted = cache.admit(key)
+        admitted = cache.admit(key, template_id)
         if resolution is None or not admitted:
             return None
         database = self.state.database

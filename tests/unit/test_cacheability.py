@@ -1,0 +1,134 @@
+"""A template whose entries are evicted before anyone reads them stops being captured, and
+is probed again later (cache/cacheability.py); its structures stay bounded."""
+
+from __future__ import annotations
+
+import hashlib
+
+from neonpoly.cache import cacheability
+from neonpoly.cache.capture import Capture, StatTicket
+from neonpoly.cache.query_cache import QueryCache
+from neonpoly.cache.store import MemoryStore
+from neonpoly.stats import StatsRecorder
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cache(clock: Clock, admit_after: int = 1) -> QueryCache:
+    store = MemoryStore(max_bytes=1 << 22, clock=clock)
+    return QueryCache("c", store, StatsRecorder(clock), clock=clock, admit_after=admit_after)
+
+
+def _key(n: int) -> bytes:
+    return hashlib.blake2b(str(n).encode(), digest_size=32).digest()
+
+
+def _miss(cache: QueryCache, key: bytes, template: str, table: str = "t") -> bool:
+    """What the session does on a miss: look up, admit, store what was captured."""
+    if cache.lookup(key) is not None:
+        return False  # (a sketch collision admitted it at its first sighting)
+    if not cache.admit(key, template):
+        return False
+    capture = Capture(key, "app", frozenset({table}), template, cache.stamp("app", {table}))
+    capture.frames.append(b"rows")
+    cache.store_capture(capture)
+    return True
+
+
+def _write_until_refused(cache: QueryCache, template: str, key: bytes) -> int:
+    """Store a miss, let a write evict it unread, look it up again; how many were stored
+    before the template stopped being captured."""
+    stored = 0
+    while _miss(cache, key, template):
+        stored += 1
+        cache.invalidate("app", frozenset({"t"}), False)  # a write evicts it before any read
+        assert stored <= cacheability.WINDOW + 1, "never stopped capturing"
+    return stored
+
+
+def test_a_template_never_read_before_its_eviction_stops_being_captured() -> None:
+    clock = Clock()
+    cache = _cache(clock)
+    assert _write_until_refused(cache, "written", _key(1)) == cacheability.WINDOW
+    reason = cache.capture_refusal("written")
+    assert reason is not None and "evicted before anyone read them" in reason
+    # The miss is counted with that reason for SHOW QUERIES and the console.
+    cache.record(StatTicket("written", "SELECT ?", ("t",), "miss"), 0.001, 0)
+    (tpl,) = cache.stats.snapshot("c").templates
+    assert tpl.last_status == "miss" and tpl.last_reason == reason
+
+    # Another template of the same table, read before the writes, keeps being captured.
+    for _ in range(3 * cacheability.WINDOW):
+        assert _miss(cache, _key(2), "read")
+        assert cache.lookup(_key(2)) == b"rows"
+        cache.invalidate("app", frozenset({"t"}), False)
+    assert cache.capture_refusal("read") is None
+
+    # After the backoff it is probed; while the writes go on, the backoff doubles ...
+    clock.now += cacheability.FIRST_BACKOFF
+    assert 1 <= _write_until_refused(cache, "written", _key(1)) <= cacheability.WINDOW + 1
+    clock.now += cacheability.FIRST_BACKOFF
+    assert not cache.admit(_key(1), "written")  # 2 s this time
+    # ... and once the writes stop, the probe succeeds and it is captured again for good.
+    clock.now += cacheability.FIRST_BACKOFF
+    for i in range(3 * cacheability.WINDOW):
+        assert _miss(cache, _key(10 + i), "written")
+        assert cache.lookup(_key(10 + i)) == b"rows"
+    assert cache.capture_refusal("written") is None
+    clock.now += 1000
+    assert cache.admit(_key(3), "written")
+
+
+def test_admission_still_waits_for_the_nth_sighting() -> None:
+    cache = _cache(Clock(), admit_after=2)
+    assert not cache.admit(_key(1), "q")
+    assert cache.admit(_key(1), "q")
+    assert not cache.admit(_key(2), "q")
+
+
+def test_structures_stay_bounded_under_distinct_queries() -> None:
+    """200k distinct query texts and keys through the in-process classes: every structure
+    that grows with them stays under its stated limit."""
+    from neonpoly.cache import policy, query_cache
+    from neonpoly.stats import MAX_TEMPLATES_PER_CACHE
+
+    clock = Clock()
+    cache = _cache(clock, admit_after=2)
+    n = 200_000
+    for i in range(n):
+        sql = f"SELECT * FROM t{i % 50} WHERE name = 'v{i}'"
+        info = policy.classify(sql)
+        key = _key(i)
+        _miss(cache, key, info.template_id + str(i % 9000), table=f"t{i % 50}")
+        _miss(cache, key, info.template_id + str(i), table=f"t{i % 50}")  # admitted: stored
+        cache.record(StatTicket(info.template_id + str(i), sql, ("t",), "miss"), 0.001, 0)
+        if i % 7 == 0:
+            cache.invalidate("app", frozenset({f"t{i % 50}"}), False)
+    sizes = cache.cacheability.sizes()
+    assert sizes["unread"] <= cacheability.MAX_UNREAD
+    assert sizes["scores"] <= cacheability.MAX_TEMPLATES
+    assert len(cache._digests) <= query_cache._DIGESTS_LIMIT
+    assert len(cache._sightings) == query_cache._SIGHT_SLOTS  # fixed
+    assert len(policy._exact) <= policy.MEMO_SIZE and len(policy._shapes) <= policy.MEMO_SIZE
+    assert policy.memo_chars() <= policy.MEMO_MAX_TOTAL_CHARS
+    (counters,) = cache.stats._caches.values()
+    assert len(counters.templates) <= MAX_TEMPLATES_PER_CACHE + 1
+    assert cache.store.usage().bytes <= cache.store.usage().max_bytes
+
+
+def test_the_relation_book_stays_bounded() -> None:
+    from neonpoly.cache.relations import MAX_RELATIONS, RelationBook
+
+    book = RelationBook()
+    for i in range(3 * MAX_RELATIONS):
+        book.learn("app", [f"t{i}"], [("r", f"t{i}", f"t{i}", False, None), ("w", f"t{i}", f"t{i}", False, None)])
+        assert book.known_relations() <= MAX_RELATIONS
+    # A forgotten relation is simply unknown again: asked about, never guessed.
+    assert book.resolve("app", ["t0"]) is None
+    assert book.reach("app", ["t0"]) is None
