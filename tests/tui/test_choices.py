@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from textual.pilot import Pilot
-from textual.widgets import Label, Select
+from textual.widgets import Button, Label, Select
 
 from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.manage_drawer import ManagePolyScaleDrawer
@@ -60,7 +60,7 @@ async def test_a_failed_listing_shows_inline_and_the_drawer_stays_usable() -> No
         shown = str(note(app).content)
         assert shown.startswith("Could not list the origin's databases and roles:") and "connection refused" in shown
         await pilot.press("s")  # the drawer still answers
-        assert "s Hide" in str(app.screen.query_one("#reveal").label)
+        assert "s Hide" in str(app.screen.query_one("#reveal", Button).label)
 
 
 async def test_a_role_without_a_known_password_is_said_so() -> None:
