@@ -10,7 +10,7 @@ import getpass
 from dataclasses import dataclass
 from typing import Any
 
-from neonpoly.defaults import ADMIN_DATABASE, environment
+from neonpoly.defaults import ADMIN_DATABASE, ENV_ADMIN_PASSWORD, environment
 
 CONNECT_TIMEOUT = 5.0
 QUERY_TIMEOUT = 10.0
@@ -73,12 +73,15 @@ class AdminClient:
         *,
         user: str | None = None,
         password: str | None = None,
+        application_name: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         query_timeout: float = QUERY_TIMEOUT,
     ) -> None:
         self.address = address
         self.user = user or default_user()
         self.password = password if password is not None else environment().admin_password
+        # Names the cache whose origin checks the login when neonpoly has no password of its own.
+        self.application_name = application_name
         self.connect_timeout = connect_timeout
         self.query_timeout = query_timeout
         self._conn: Any = None  # asyncpg.Connection (untyped library)
@@ -103,11 +106,18 @@ class AdminClient:
                 ssl=False,
                 timeout=self.connect_timeout,
                 statement_cache_size=0,  # admin statements are tiny; no prepared leftovers
+                server_settings={"application_name": self.application_name} if self.application_name else None,
             )
         except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise AdminUnreachable(f"cannot reach neonpoly at {self.where}: {exc or type(exc).__name__}") from exc
         except asyncpg.PostgresError as exc:
-            raise AdminRefused(*_parts(exc)) from exc
+            message, hint, sqlstate = _parts(exc)
+            if sqlstate == "28P01" and hint is None:
+                hint = (
+                    f"log in as a role of the origin with its password (--user/--password), or with "
+                    f"${ENV_ADMIN_PASSWORD} if the serve has one"
+                )
+            raise AdminRefused(message, hint, sqlstate) from exc
 
     async def run(self, sql: str) -> Answer:
         import asyncpg

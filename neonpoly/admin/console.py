@@ -1,10 +1,16 @@
 """The `neonpoly` admin database: PgBouncer/ReadySet-style console on the proxy's listener.
 
 A client that connects to the database `neonpoly` is answered by neonpoly itself. Only roles
-in `allowed_roles` get in (default: `neonpoly`, `postgres` and the OS user running neonpoly —
-the listener is local by default, as PgBouncer's `admin_users`); others get FATAL 28000 and
-nothing else. With `password` set, the client must also send it (cleartext auth: use TLS
-on the listener if the console is reachable from other hosts).
+in `allowed_roles` get in (default: `neonpoly`, `postgres`, the OS user running neonpoly and
+the roles the integrations log in as); others get FATAL 28000 and nothing else. Then the
+client proves it is that role (login.py):
+
+- with a password of neonpoly's own (`NEONPOLY_ADMIN_PASSWORD` where it runs),
+  by SCRAM-SHA-256 against it;
+- without one, by logging in to the origin of the cache it names (application_name, else the
+  default cache) as that role, relayed as a normal session's login is: the origin checks the
+  role's password. On a listener that is not loopback, a role the origin admits without
+  asking for a password is refused; with no origin to ask, every admin login is refused.
 
 Both the simple protocol (psql) and the extended protocol (asyncpg, psycopg) are answered;
 statements take no parameters. Values are sent as text or binary as each Bind asks (asyncpg
@@ -18,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hmac
+import ipaddress
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -40,8 +46,12 @@ from neonpoly.admin.commands import (
     columns_of,
     parse,
 )
+from neonpoly.admin.login import OriginLogin, ScramLogin, ScramVerifier
+
+NO_AUTH_HINT = "set NEONPOLY_ADMIN_PASSWORD in the environment of the neonpoly that serves it"
 
 if TYPE_CHECKING:
+    from neonpoly.proxy.origin import Origin
     from neonpoly.proxy.session import Session
     from neonpoly.service import ProxyService
 
@@ -49,7 +59,6 @@ log = logging.getLogger("neonpoly.admin")
 
 SERVER_VERSION = f"16.0 (neonpoly {__version__})"
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_AUTH_CLEARTEXT = pgwire.frame(b"R", struct.pack("!i", 3))
 
 
 def default_admin_roles() -> frozenset[str]:
@@ -68,11 +77,35 @@ class AdminConsole:
         *,
         allowed_roles: Iterable[str] | None = None,
         password: str | None = None,
+        integration_roles: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.service = service
-        self.allowed_roles = frozenset(allowed_roles) if allowed_roles is not None else default_admin_roles()
-        self.password = password
+        self.explicit_roles = frozenset(allowed_roles) if allowed_roles is not None else None
+        self.integration_roles = integration_roles
+        self.verifier = ScramVerifier(password) if password else None
         self.executor = Executor(service)
+
+    @property
+    def allowed_roles(self) -> frozenset[str]:
+        if self.explicit_roles is not None:
+            return self.explicit_roles
+        extra = self.integration_roles() if self.integration_roles is not None else ()
+        return default_admin_roles() | frozenset(extra)
+
+    @property
+    def loopback_only(self) -> bool:
+        """The listener takes connections from this host only."""
+        host = self.service.settings.listen[0]
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+    def origin_for(self, application_name: str) -> Origin | None:
+        """The origin that checks an admin login naming this cache (else the default's)."""
+        routes = self.service.routes
+        route = routes.by_id.get(application_name) or routes.by_id.get(routes.default or "")
+        return route.origin if route is not None else None
 
     def attach(self, session: Session, startup: pgwire.StartupRequest) -> AdminSession:
         return AdminSession(self, session)
@@ -88,10 +121,19 @@ def install_admin(
     *,
     allowed_roles: Iterable[str] | None = None,
     password: str | None = None,
+    integration_roles: Callable[[], Iterable[str]] | None = None,
 ) -> AdminConsole:
     """Answer the `neonpoly` database on the service's listener."""
-    console = AdminConsole(service, allowed_roles=allowed_roles, password=password)
+    console = AdminConsole(
+        service, allowed_roles=allowed_roles, password=password, integration_roles=integration_roles
+    )
     service.routes.admin = console
+    if console.verifier is None and not console.loopback_only:
+        log.warning(
+            "admin database: no NEONPOLY_ADMIN_PASSWORD and the listener %s is not loopback: admin logins "
+            "must pass the origin's password check, and a role the origin admits without one is refused",
+            service.settings.listen[0],
+        )
     return console
 
 
@@ -108,30 +150,54 @@ class AdminSession:
     console: AdminConsole
     session: Session
     authenticated: bool = False
+    login: ScramLogin | OriginLogin | None = None
     skipping: bool = False  # after an error in an extended batch, until Sync
     statements: dict[str, Command | None] = field(default_factory=dict)
     portals: dict[str, _Portal] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        user = self.session.state.user
-        if user not in self.console.allowed_roles:
-            self._fatal(
+        console, state = self.console, self.session.state
+        allowed = console.allowed_roles
+        if state.user not in allowed:
+            hint = f"allowed roles: {', '.join(sorted(allowed))}"
+            self.refuse("28000", f'role "{state.user}" may not use the neonpoly admin console', hint)
+            return
+        if console.verifier is not None:
+            self.login = ScramLogin(self, console.verifier)
+        elif (origin := console.origin_for(state.application_name)) is not None:
+            self.login = OriginLogin(self, origin, need_password=not console.loopback_only)
+        else:
+            self.refuse(
                 "28000",
-                f'role "{user}" may not use the neonpoly admin console',
-                f"allowed roles: {', '.join(sorted(self.console.allowed_roles))}",
+                "the neonpoly admin console cannot authenticate anyone: it has no password and no origin to check one",
+                NO_AUTH_HINT,
             )
             return
-        if self.console.password is not None:
-            self.session.write_client(_AUTH_CLEARTEXT)
-            return
-        self._greet()
+        self.login.start()
 
-    def _fatal(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+    # --- the LoginHost of the login -----------------------------------------------------
+
+    @property
+    def user(self) -> str:
+        return self.session.state.user
+
+    def write(self, data: bytes) -> None:
+        if not self.session.closed:
+            self.session.write_client(data)
+        elif isinstance(self.login, OriginLogin):  # the client left during its login
+            self.login.cancel()
+
+    def refuse(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        if self.session.closed:
+            return
         self.session.outcome = f"admin refused: {sqlstate}"
         self.session.write_client(pgwire.error_response(sqlstate, message, severity="FATAL", hint=hint))
         self.session.close()
 
-    def _greet(self) -> None:
+    def admit(self) -> None:
+        if self.session.closed:
+            return
+        self.login = None
         self.authenticated = True
         state = self.session.state
         params = {
@@ -163,7 +229,8 @@ class AdminSession:
                 return
             body = data[start + 5 : end]
             if not self.authenticated:
-                self._password(mtype, body)
+                if self.login is not None:
+                    self.login.client(mtype, body)
                 continue
             if mtype == 0x58:  # Terminate
                 self.session.write_client(b"".join(out))
@@ -184,14 +251,6 @@ class AdminSession:
                     out.append(pgwire.error_response(exc.sqlstate, exc.message, hint=exc.hint))
                     self.skipping = True
         self.session.write_client(b"".join(out))
-
-    def _password(self, mtype: int, body: bytes) -> None:
-        expected = (self.console.password or "").encode()
-        given = body[:-1] if body.endswith(b"\x00") else body
-        if mtype == 0x70 and hmac.compare_digest(given, expected):
-            self._greet()
-        else:
-            self._fatal("28P01", f'password authentication failed for user "{self.session.state.user}"')
 
     def _simple(self, sql: str, out: list[bytes]) -> None:
         statements = [s for s in sql.split(";") if s.strip()]

@@ -100,6 +100,7 @@ class DiskStore(GenerationsFacade):
             self._cache.close()
             raise
         self._state_pending = threading.Event()
+        self._usage_checked = time.monotonic()
         self._closed = False
         self._jobs: queue.SimpleQueue[Callable[[], None] | _Barrier | None] = queue.SimpleQueue()
         self.generations.set_listener(self._schedule_state_write)
@@ -293,7 +294,7 @@ class DiskStore(GenerationsFacade):
                 if entry is None:
                     self._cache.delete(key)  # corrupt or foreign: never servable anyway
                 elif match(entry):
-                    if is_live(entry, now, view):
+                    if entry.fresh_at(now):  # counted as usage() counts: every unexpired entry
                         live.add(key)
                     self._cache.delete(key)
             return live
@@ -301,8 +302,19 @@ class DiskStore(GenerationsFacade):
         return self._call_on_writer(scan)
 
     def usage(self) -> StoreUsage:
+        # Expired entries leave the count within a second (on the writer), even when nothing
+        # is written: Entries shows what a purge would remove, never entries already dead.
+        now = time.monotonic()
+        if not self._closed and now - self._usage_checked > 1.0:
+            self._usage_checked = now
+            self._jobs.put(self._expire)
         entries, volume = self._usage
         return StoreUsage(entries, volume, self.max_bytes, pending_writes=self._jobs.qsize())
+
+    def _expire(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cache.expire()
+        self._refresh_usage()
 
     def flush(self) -> None:
         if not self._closed:

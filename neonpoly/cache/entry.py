@@ -72,8 +72,9 @@ def is_live(entry: CacheEntry, now: float, gens: TableGenerations) -> bool:
 
 
 class GenerationsFacade:
-    """Stamp/invalidate/purge shared by every store; purges judge liveness on a pre-bump copy
-    so the count reflects what was servable, and bump so in-flight misses cannot land after."""
+    """Stamp/invalidate/purge shared by every store. A purge counts the unexpired entries it
+    removed, which are the entries `usage()` shows (one truth: "Entries 1" then "Purged 1"),
+    and bumps generations so in-flight misses cannot land after it."""
 
     generations: TableGenerations
 

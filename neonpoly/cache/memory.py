@@ -88,7 +88,7 @@ class MemoryStore(GenerationsFacade):
         with self._lock:
             for key, entry in list(self._entries.items()):
                 if match(entry):
-                    if is_live(entry, now, view):
+                    if entry.fresh_at(now):  # counted as usage() counts: every unexpired entry
                         live.add(key)
                     del self._entries[key]
                     self._bytes -= self._cost(key, entry)
@@ -100,7 +100,13 @@ class MemoryStore(GenerationsFacade):
             self._bytes = 0
 
     def usage(self) -> StoreUsage:
-        return StoreUsage(len(self._entries), self._bytes, self.max_bytes, len(self._entries), self._bytes)
+        now = self._clock()
+        with self._lock:
+            for key, entry in [(k, e) for k, e in self._entries.items() if not e.fresh_at(now)]:
+                del self._entries[key]  # expired: out of the count, as out of a purge's
+                self._bytes -= self._cost(key, entry)
+            count = len(self._entries)
+        return StoreUsage(count, self._bytes, self.max_bytes, count, self._bytes)
 
     def flush(self) -> None:
         pass

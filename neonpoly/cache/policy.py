@@ -128,7 +128,7 @@ def _classify(sql: str) -> Classification:
         return _unreadable(sql, f"could not parse: {type(error).__name__}")
     template = _template(sql)
     if not statements:
-        return _build(Verdict().refuse(Status.NOTAQUERY, "empty query"), template)
+        return _build(Verdict().refuse(Status.NOTAQUERY, "an empty query returns nothing to cache"), template)
     try:
         verdicts = [classify_statement(kind, fields) for kind, fields in statements]
     except Exception as error:  # a tree shape this code does not expect: assume the worst

@@ -290,8 +290,7 @@ class RelationBook:
             # A default, check, policy or domain that runs code of the user's (or SETs):
             # a write to it may change anything.
             opaque = opaque or any(_runs_code(sql) for sql in write_code.get(name, ()))
-            why_volatile = f"reads {name}, which changes without writes (a sequence, foreign table or catalog)" \
-                if volatile else None
+            why_volatile = _changes_unseen(name) if volatile else None
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()))
             self._known[(database, name)] = Relation(
                 frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque
@@ -344,3 +343,10 @@ def _judge_definitions(name: str, definitions: Iterable[str]) -> tuple[str | Non
         elif not info.cacheable:
             volatile = volatile or f"{name} is defined with something that changes without writes: {info.reason}"
     return runs_code, frozenset(settings), volatile
+
+
+def _changes_unseen(name: str) -> str:
+    """Why a read of a relation that changes without writes neonpoly sees is not cached."""
+    if name.partition(".")[0] in ("pg_catalog", "information_schema", "pg_toast") or name.startswith("pg_"):
+        return f"reads the system catalog {name}, which changes without writes neonpoly sees"
+    return f"reads {name}, a sequence or foreign table, which changes without writes neonpoly sees"

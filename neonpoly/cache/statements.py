@@ -17,13 +17,15 @@ Node = dict[str, Any]
 _QUERIES = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _UTILITY = {
     "VariableShowStmt": "SHOW depends on session state",
-    "ListenStmt": "LISTEN", "UnlistenStmt": "UNLISTEN",
-    "ClosePortalStmt": "cursor statement",
-    "VacuumStmt": "maintenance statement", "CheckPointStmt": "maintenance statement",
-    "ClusterStmt": "maintenance statement", "ReindexStmt": "maintenance statement",
-    "PrepareStmt": "PREPARE of a statement",
+    "ListenStmt": "LISTEN subscribes the session to notifications",
+    "UnlistenStmt": "UNLISTEN changes the session's subscriptions",
+    "ClosePortalStmt": "CLOSE ends a cursor of the session",
+    "VacuumStmt": "VACUUM is maintenance, never cached", "CheckPointStmt": "CHECKPOINT is maintenance, never cached",
+    "ClusterStmt": "CLUSTER is maintenance, never cached", "ReindexStmt": "REINDEX is maintenance, never cached",
+    "PrepareStmt": "PREPARE only names a statement (its executions may be cached)",
     "ConstraintsSetStmt": "SET CONSTRAINTS applies to the current transaction only",
 }
+_COPY = "COPY is never cached (it streams rows in or out)"
 _SIDE_EFFECTS = {"LockStmt": "LOCK takes locks", "NotifyStmt": "NOTIFY sends a notification"}
 # Facts shared by every database of the server: roles, memberships, databases, settings.
 _CLUSTER_WIDE = frozenset(
@@ -47,7 +49,7 @@ def classify_statement(kind: str, f: Node) -> Verdict:
     if kind == "DeclareCursorStmt":
         return _declare(f)
     if kind == "FetchStmt":
-        verdict = Verdict().refuse(Status.NOTAQUERY, "cursor statement")
+        verdict = Verdict().refuse(Status.NOTAQUERY, "cursor statements depend on the cursor's position")
         verdict.fetches = True
         return verdict
     if kind == "TransactionStmt":
@@ -60,7 +62,7 @@ def classify_statement(kind: str, f: Node) -> Verdict:
             verdict.deallocates = "*"
         return verdict
     if kind == "DeallocateStmt":
-        verdict = Verdict().refuse(Status.NOTAQUERY, "DEALLOCATE")
+        verdict = Verdict().refuse(Status.NOTAQUERY, "DEALLOCATE changes the session's prepared statements")
         verdict.deallocates = "*" if f.get("isall") or not f.get("name") else str(f["name"])
         return verdict
     if kind == "LoadStmt":
@@ -146,13 +148,13 @@ def _analyzes(options: Any) -> bool:
 
 
 def _copy(f: Node) -> Verdict:
-    verdict = Verdict().refuse(Status.UNCACHEABLE, "COPY")
+    verdict = Verdict().refuse(Status.UNCACHEABLE, _COPY)
     verdict.copy = True
     query = f.get("query")
     if isinstance(query, dict) and query:
         ((kind, fields),) = query.items()
         queries.apply_facts(queries.facts_of(kind, fields), verdict)
-        verdict.refuse(Status.UNCACHEABLE, "COPY")
+        verdict.refuse(Status.UNCACHEABLE, _COPY)
         verdict.cacheable = False
         return verdict
     rv = f.get("relation") or {}
@@ -169,7 +171,7 @@ def _copy(f: Node) -> Verdict:
 
 
 def _declare(f: Node) -> Verdict:
-    verdict = Verdict().refuse(Status.NOTAQUERY, "cursor statement")
+    verdict = Verdict().refuse(Status.NOTAQUERY, "cursor statements depend on the cursor's position")
     query = f.get("query")
     if isinstance(query, dict) and query:
         ((kind, fields),) = query.items()
@@ -197,12 +199,12 @@ _TRANSACTION = {
 
 def _transaction(f: Node) -> Verdict:
     kind = str(f.get("kind", ""))
-    verdict = Verdict().refuse(Status.NOTAQUERY, "transaction control")
+    verdict = Verdict().refuse(Status.NOTAQUERY, "transaction control is relayed, never cached")
     if kind == "TRANS_STMT_COMMIT_PREPARED":
         # Makes an earlier, unseen transaction's writes visible.
-        return verdict.write("COMMIT PREPARED", everything=True)
+        return verdict.write("COMMIT PREPARED makes an earlier transaction's writes visible", everything=True)
     if kind == "TRANS_STMT_ROLLBACK_PREPARED":
-        verdict.reason = "ROLLBACK PREPARED"
+        verdict.reason = "ROLLBACK PREPARED ends a prepared transaction"
         return verdict
     verdict.transaction_control = _TRANSACTION.get(kind)
     if f.get("chain"):

@@ -142,7 +142,7 @@ def call_reason(schema: str | None, name: str, args: int) -> str | None:
     if name in TEXT_TO_TYPED:
         return f"calls {name}(), which converts text from the data (it could be 'now')"
     if name in VOLATILE_NAMES or name.startswith(VOLATILE_PREFIXES):
-        return f"calls volatile function {name}()"
+        return f"calls {name}(), which may answer differently each time (a volatile function)"
     if name == "age" and args < 2:
         return "calls time-dependent function age() with one argument"
     if name in SAFE_NAMES:

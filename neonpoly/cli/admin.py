@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from neonpoly.admin.client import (
-    AdminClient,
     AdminClientError,
     AdminRefused,
     AdminUnreachable,
@@ -143,14 +142,16 @@ def register(subparsers: Any) -> None:
         type=nonempty("omit --user for the default role"),
         default=None,
         metavar="ROLE",
-        help=f"admin role (default ${ENV_ADMIN_USER}, else your OS user)",
+        help=f"admin role (default ${ENV_ADMIN_USER}, else the role of an integration whose password "
+        "the state dir holds, else your OS user)",
     )
     common.add_argument(
         "--password",
         type=nonempty(f"omit --password to use ${ENV_ADMIN_PASSWORD}"),
         default=None,
         metavar="PW",
-        help=f"admin password, if one is configured (default ${ENV_ADMIN_PASSWORD})",
+        help=f"neonpoly's admin password if the serve has one (default ${ENV_ADMIN_PASSWORD}), else the "
+        "role's password on the origin (default: the integration's, from the state dir)",
     )
     common.add_argument("--json", action="store_true", help="print rows as a JSON array")
     common.add_argument(
@@ -231,7 +232,9 @@ def _print_error(exc: AdminClientError) -> None:
 
 async def dispatch(args: argparse.Namespace) -> int:
     """Run one admin command; 0 on success, 1 for an error answer, 2 if unreachable."""
+    from neonpoly.control.attached import admin_client
     from neonpoly.integrations.store import IntegrationError
+    from neonpoly.state import state_dir
 
     try:
         address, args.cache, names = _admin_target(args)
@@ -239,7 +242,7 @@ async def dispatch(args: argparse.Namespace) -> int:
         print(f"neonpoly: {exc}", file=sys.stderr)
         return 2
     sql: str = args.admin_sql(args)
-    client = AdminClient(address, user=args.user, password=args.password)
+    client = admin_client(address, state_dir(getattr(args, "state_dir", None)), user=args.user, password=args.password)
     try:
         answer = await client.run(sql)
     except (AdminUnreachable, AdminRefused) as exc:

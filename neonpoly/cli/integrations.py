@@ -305,8 +305,8 @@ def _list(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int
 async def _remove(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -> int:
     """Forget the integration; when a neonpoly serves the state dir, wait until it let the
     cache go (it ends the connections and deletes the files it holds open)."""
-    from neonpoly.admin.client import AdminClient, AdminClientError
-    from neonpoly.control.attached import cache_connections, find_running, wait_unserved
+    from neonpoly.admin.client import AdminClientError
+    from neonpoly.control.attached import admin_client, cache_connections, find_running, wait_unserved
     from neonpoly.defaults import REMOVE_CONFIRM_TIMEOUT
 
     item = store.find(args.cache_id)
@@ -320,7 +320,7 @@ async def _remove(store: IntegrationStore, args: argparse.Namespace, out: TextIO
         )
         return 0
     who = f"neonpoly (pid {running.pid}) at {running.where}"
-    client = AdminClient(running.address)
+    client = admin_client(running.address, store.root)
     try:
         try:
             before = await cache_connections(client, item.cache_id)

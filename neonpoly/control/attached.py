@@ -30,7 +30,7 @@ from neonpoly.control.interface import (
 )
 from neonpoly.control.local import LocalControl
 from neonpoly.control.serving import EmbeddedRunner
-from neonpoly.defaults import LOCALHOST
+from neonpoly.defaults import LOCALHOST, environment
 from neonpoly.integrations.neon_api import RetryPolicy
 from neonpoly.integrations.store import (
     Integration,
@@ -171,6 +171,34 @@ def dialable(address: tuple[str, int]) -> tuple[str, int]:
     return {"0.0.0.0": LOCALHOST, "::": "::1", "": LOCALHOST}.get(host, host), port
 
 
+def admin_client(
+    address: tuple[str, int],
+    root: Path | None,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    query_timeout: float | None = None,
+) -> AdminClient:
+    """A client of the admin database with the credentials this machine has: the password
+    given or $NEONPOLY_ADMIN_PASSWORD (neonpoly's own), else the role and password of an
+    integration in the state dir (the serve checks them with that integration's origin)."""
+    cache_id, env = None, environment()
+    user = user or env.admin_user
+    if password is None and not env.admin_password and root is not None:
+        store = IntegrationStore(root)
+        try:
+            items = store.load()
+        except IntegrationError:
+            items = []
+        for item in items:
+            secret = store.passwords(item.cache_id).get(item.role)
+            if secret and user in (None, item.role):
+                user, password, cache_id = item.role, secret, item.cache_id
+                break
+    extra = {} if query_timeout is None else {"query_timeout": query_timeout}
+    return AdminClient(address, user=user, password=password, application_name=cache_id, **extra)
+
+
 def find_running(root: Path) -> RunningNeonpoly | None:
     """The neonpoly (`serve` or a console) serving from `root`, found through the state lock
     and the address every serve records; None when none runs."""
@@ -232,7 +260,7 @@ class AttachedControl(Control):
             retry=retry,
         )
         self.store: IntegrationStore = self.local.store
-        self.client = AdminClient(address, user=user, password=password, query_timeout=QUERY_TIMEOUT)
+        self.client = admin_client(address, root, user=user, password=password, query_timeout=QUERY_TIMEOUT)
         self._poll: Poll | None = None
         self._series: dict[str, DeltaSeries] = {}
         self._ok = False

@@ -5,6 +5,7 @@ dir afterwards (`StateFollower`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -258,10 +259,18 @@ async def start_serving(
     except USER_ERRORS as exc:
         await runner.stop()
         raise ControlError(str(exc)) from exc
+    def integration_roles() -> list[str]:
+        """The roles clients log in to the origins as may use the admin database too."""
+        roles = [r.origin.user for r in service.routes.by_id.values() if r.origin.user]
+        with contextlib.suppress(IntegrationError):
+            roles += [i.role for i in IntegrationStore(root).load()]
+        return roles
+
     admin = install_admin(
         service,
         allowed_roles=admin_roles,
         password=admin_password if admin_password is not None else environment().admin_password,
+        integration_roles=integration_roles,
     )
     metrics: MetricsServer | None = None
     try:

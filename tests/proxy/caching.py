@@ -48,12 +48,13 @@ async def caching_proxy(
     *,
     serving: dict[str, Any] | None = None,
     adaptive: AdaptiveTTL | None = None,
+    listen: tuple[str, int] = ("127.0.0.1", 0),
     **cache: object,
 ) -> AsyncIterator[CachingProxy]:
     """What `neonpoly serve --upstream <pg>` runs (start_serving: rules, adaptive TTL, the
     admin database), with the cache settings given; `serving` passes start_serving options."""
     settings = ProxySettings(
-        listen=("127.0.0.1", 0),
+        listen=listen,
         cache_dir=cache_dir,
         cache=CacheSettings(**cache),  # type: ignore[arg-type]
         rules_dir=cache_dir.parent,

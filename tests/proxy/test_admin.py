@@ -256,7 +256,8 @@ async def test_cli_stats_json_and_metrics(pg: PgServer, admin: Admin, capsys: py
 
     parser = argparse.ArgumentParser()
     cli_admin.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["stats", "--json", "--admin", f"127.0.0.1:{admin.port}", "--user", "postgres"])
+    login = ["--user", "postgres", "--password", pg.password_for("postgres")]
+    args = parser.parse_args(["stats", "--json", "--admin", f"127.0.0.1:{admin.port}", *login])
     assert await cli_admin.dispatch(args) == 0
     from_cli = json.loads(capsys.readouterr().out)
 

@@ -138,11 +138,13 @@ def test_serve_relays_and_sigterm_is_graceful(served: Served, pg: PgServer) -> N
     assert took < 10
 
 
-def test_admin_commands_find_a_serve_with_upstream_and_listen(served: Served, tmp_path: Path) -> None:
+def test_admin_commands_find_a_serve_with_upstream_and_listen(served: Served, pg: PgServer, tmp_path: Path) -> None:
     """`serve --upstream … --listen HOST:PORT` records where it listens in its state dir, so
-    `neonpoly stats` with the same state dir reaches it without --admin."""
+    `neonpoly stats` with the same state dir reaches it without --admin (the login: the role's
+    password on the origin, as no integration of the state dir holds one)."""
+    login = ["--user", "postgres", "--password", pg.password_for("postgres")]
     done = subprocess.run(
-        _neonpoly("stats", "--json", "--state-dir", str(tmp_path / "state"), "--user", "postgres"),
+        _neonpoly("stats", "--json", "--state-dir", str(tmp_path / "state"), *login),
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -172,19 +172,19 @@ async def test_ambiguous_names_are_refused_with_their_ids(state_root: Path, caps
 
 async def test_admin_commands_find_serve_through_the_state_dir(serving: Serving, capsys: Captured) -> None:
     # No --admin: the address `serve` recorded (not 127.0.0.1:6543) is used.
-    status, out, err = await admin_cli(capsys, "stats", "--json", "--user", "postgres")
+    status, out, err = await admin_cli(capsys, "stats", "--json")
     assert status == 0, err
     assert {r["cache"] for r in json.loads(out)} == {*serving.cache_ids.values(), "(all)"}
 
     # --cache takes an integration name.
-    status, out, err = await admin_cli(capsys, "stats", "--json", "--user", "postgres", "--cache", "shop")
+    status, out, err = await admin_cli(capsys, "stats", "--json", "--cache", "shop")
     assert status == 0, err
     assert [r["cache"] for r in json.loads(out)] == [serving.cache_ids["shop"]]
     status, out, err = await admin_cli(
-        capsys, "rules", "add", "--table", "orders", "--ttl", "5", "--cache", "ops", "--user", "postgres"
+        capsys, "rules", "add", "--table", "orders", "--ttl", "5", "--cache", "ops"
     )
     assert status == 0, err
-    status, out, err = await admin_cli(capsys, "rules", "--json", "--user", "postgres")
+    status, out, err = await admin_cli(capsys, "rules", "--json")
     rules = json.loads(out)
     assert [(r["cache"], r["name"], r["ttl_s"]) for r in rules] == [(serving.cache_ids["ops"], "orders", 5.0)]
 
@@ -195,9 +195,9 @@ async def test_state_dir_option_wins_over_the_environment(
     elsewhere = state_root.parent / "elsewhere"
     monkeypatch.setenv("NEONPOLY_STATE_DIR", str(elsewhere))
     # The empty state dir knows no serve: the last fallback, 127.0.0.1:6543, is dialled.
-    status, _, err = await admin_cli(capsys, "stats", "--user", "postgres")
+    status, _, err = await admin_cli(capsys, "stats")
     assert status == 2 and "127.0.0.1:6543" in err, err
-    status, out, err = await admin_cli(capsys, "queries", "--state-dir", str(state_root), "--user", "postgres")
+    status, out, err = await admin_cli(capsys, "queries", "--state-dir", str(state_root))
     assert status == 0 and "template_id" in out, err
 
 
@@ -205,24 +205,24 @@ async def test_state_dir_option_wins_over_the_environment(
 
 
 async def test_admin_error_prints_message_and_one_hint(serving: Serving, capsys: Captured) -> None:
-    status, out, err = await admin_cli(capsys, "stats", "--cache", "nosuch", "--user", "postgres")
+    status, out, err = await admin_cli(capsys, "stats", "--cache", "nosuch")
     assert status == 1 and out == ""
     assert err.splitlines() == ['neonpoly: no cache "nosuch"', "hint: SHOW CACHES lists them"], err
 
 
 async def test_quotes_in_names_reach_the_console_intact(serving: Serving, capsys: Captured) -> None:
     # Unescaped, 'x"y' left a stray quote: the console could not even read the statement.
-    status, _, err = await admin_cli(capsys, "stats", "--cache", 'x"y', "--user", "postgres")
+    status, _, err = await admin_cli(capsys, "stats", "--cache", 'x"y')
     assert status == 1 and err.startswith("neonpoly: no cache") and "cannot read" not in err, err
 
     for table in ('my"tab', "My Tab", "Public.Orders", '"Mixed"'):
-        status, out, err = await admin_cli(capsys, "purge", "--table", table, "--user", "postgres")
+        status, out, err = await admin_cli(capsys, "purge", "--table", table)
         assert status == 0 and out.startswith("Purged 0 entries reading "), (table, out, err)
         status, out, err = await admin_cli(
-            capsys, "rules", "add", "--table", table, "--never", "--user", "postgres", "--cache", "shop"
+            capsys, "rules", "add", "--table", table, "--never", "--cache", "shop"
         )
         assert status == 0, (table, err)
-    status, out, _ = await admin_cli(capsys, "rules", "--json", "--user", "postgres")
+    status, out, _ = await admin_cli(capsys, "rules", "--json")
     # SQL spellings fold like SQL (unquoted lower case, schema dropped); other text is literal.
     assert sorted(r["name"] for r in json.loads(out)) == sorted(['my"tab', "My Tab", "orders", "Mixed"])
 
@@ -267,7 +267,7 @@ async def test_text_output_names_integrations_rounds_and_fits(
     long = "SELECT id AS " + ", name AS ".join(f"column_with_a_long_name_{i}" for i in range(12))
     await _traffic(pg, serving, "shop", long + " FROM cli_items WHERE id = 1", 4)  # miss, miss, hit, hit
 
-    status, out, err = await admin_cli(capsys, "queries", "--user", "postgres")
+    status, out, err = await admin_cli(capsys, "queries")
     assert status == 0, err
     lines = out.splitlines()
     assert all(len(line) <= 100 for line in lines), max(lines, key=len)
@@ -277,13 +277,13 @@ async def test_text_output_names_integrations_rounds_and_fits(
     assert row[header.index("hit_rate")] == "0.5"
     assert row[-1].endswith("…")  # the template is cut to fit, not wrapped
 
-    status, wide, _ = await admin_cli(capsys, "queries", "--user", "postgres", "--wide")
+    status, wide, _ = await admin_cli(capsys, "queries", "--wide")
     assert status == 0 and "column_with_a_long_name_11" in wide and "last_seen" in wide.splitlines()[0]
 
-    status, out, _ = await admin_cli(capsys, "stats", "--user", "postgres")
+    status, out, _ = await admin_cli(capsys, "stats")
     names = [line.split()[0] for line in out.splitlines()[2:-1]]
     assert names == ["ops", "shop", "(all)"] or names == ["shop", "ops", "(all)"], out
-    status, out, _ = await admin_cli(capsys, "stats", "--user", "postgres", "--json", "--cache", "shop")
+    status, out, _ = await admin_cli(capsys, "stats", "--json", "--cache", "shop")
     [row_json] = json.loads(out)
     assert (row_json["cache"], row_json["cache_name"]) == (serving.cache_ids["shop"], "shop")
 
@@ -293,23 +293,22 @@ async def test_purge_answers_in_a_sentence(pg: PgServer, serving: Serving, capsy
     route = serving.service.routes.by_id[serving.cache_ids["shop"]]
     assert route.cache is not None
     route.cache.store.flush()
-    status, out, err = await admin_cli(capsys, "purge", "--cache", "shop", "--user", "postgres")
+    status, out, err = await admin_cli(capsys, "purge", "--cache", "shop")
     assert (status, out) == (0, "Purged 1 entry from shop.\n"), err
-    status, out, _ = await admin_cli(capsys, "purge", "--table", "orders", "--user", "postgres")
+    status, out, _ = await admin_cli(capsys, "purge", "--table", "orders")
     assert out == "Purged 0 entries reading orders from every cache.\n"
 
 
 async def test_rules_mode_alone_shows_the_mode(serving: Serving, capsys: Captured) -> None:
-    status, out, err = await admin_cli(capsys, "rules", "mode", "--user", "postgres")
+    status, out, err = await admin_cli(capsys, "rules", "mode")
     assert status == 0, err
     modes = dict(line.split() for line in out.splitlines()[2:-1])
     assert modes == {"ops": "auto", "shop": "auto"}, out
-    status, out, _ = await admin_cli(capsys, "rules", "mode", "fixed", "--cache", "shop", "--user", "postgres")
+    status, out, _ = await admin_cli(capsys, "rules", "mode", "fixed", "--cache", "shop")
     assert out == "Mode fixed for shop.\n"
-    status, out, _ = await admin_cli(capsys, "rules", "mode", "--cache", "shop", "--user", "postgres", "--json")
+    status, out, _ = await admin_cli(capsys, "rules", "mode", "--cache", "shop", "--json")
     assert [(r["cache_name"], r["mode"]) for r in json.loads(out)] == [("shop", "fixed")]
-    status, out, _ = await admin_cli(capsys, "rules", "add", "--table", "orders", "--ttl", "2.5", "--user",
-                                     "postgres", "--cache", "ops")  # fmt: skip
+    status, out, _ = await admin_cli(capsys, "rules", "add", "--table", "orders", "--ttl", "2.5", "--cache", "ops")
     assert out.startswith("Added rule ") and out.endswith(": table orders cached for at most 2.5 s for ops.\n"), out
 
 

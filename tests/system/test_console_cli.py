@@ -28,7 +28,7 @@ async def test_a_second_console_attaches_to_the_running_serve(
     pg: PgServer, state_root: Path, start_serve: Callable[..., ServeProcess]
 ) -> None:
     await run_cli("integrations", "add", "--upstream", pg.url(ROLE, DATABASE, "require"), "--name", "shop")
-    args = build_parser().parse_args(["tui", "--state-dir", str(state_root), "--admin-user", "postgres"])
+    args = build_parser().parse_args(["tui", "--state-dir", str(state_root)])
     alone, _ = console_control(args)
     assert isinstance(alone, LocalControl)  # nothing serves the state dir: a proxy of its own
 

@@ -89,6 +89,9 @@ class DemoControl(Control):
         self.copied: list[str] = []
         self.purged_templates: list[str] = []
         self.api_keys: list[str | None] = []  # every key sign_in was given, None for empty
+        self.choices: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # what refresh_choices finds
+        self.choices_error: str | None = None
+        self.choice_refreshes = 0
         self._view: IntegrationView | None = self._make_view() if configured else None
         self._stats = demo_stats(CACHE_ID, local=local) if traffic else StatsRecorder(clock=lambda: NOW)
 
@@ -170,6 +173,18 @@ class DemoControl(Control):
         view = self._need(cache_id)
         self._view = replace(view, database=database or view.database, role=role or view.role)
         return self._view
+
+    async def refresh_choices(self, cache_id: str) -> IntegrationView:
+        """What the origin lists now: `choices` (databases, roles) when set, an error when
+        `choices_error` is, else the lists as they were."""
+        view = self._need(cache_id)
+        self.choice_refreshes += 1
+        await asyncio.sleep(0)
+        if self.choices_error:
+            raise ControlError(self.choices_error)
+        if self.choices is not None:
+            self._view = view = replace(view, databases=self.choices[0], roles=self.choices[1])
+        return view
 
     def connection_string(self, cache_id: str, *, reveal: bool = False) -> str:
         view = self._need(cache_id)

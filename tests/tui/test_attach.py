@@ -40,10 +40,16 @@ class Serve:
     service: ProxyService
     port: int
     cache_id: str
+    password: str  # the role's password on the origin, which checks the admin login
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host="127.0.0.1", port=self.port, user="postgres", password=self.password, database="neonpoly", ssl=False
+        )
 
     async def admin(self, sql: str) -> list[dict[str, Any]]:
         """An independent admin client: what `neonpoly stats` would print."""
-        conn = await asyncpg.connect(host="127.0.0.1", port=self.port, user="postgres", database="neonpoly", ssl=False)
+        conn = await self.connect()
         try:
             return [dict(r) for r in await conn.fetch(sql)]
         finally:
@@ -62,7 +68,7 @@ async def serve(pg: PgServer, state_root: Path) -> AsyncIterator[Serve]:
     service = ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=state_root / "cache"))
     running = await start_serving(service, state_root, embedded_when_empty=False, follow_every=0.2)
     try:
-        yield Serve(service, running.address[1], item.cache_id)
+        yield Serve(service, running.address[1], item.cache_id, pg.password_for("postgres"))
     finally:
         await running.close(grace=0.5)
 
@@ -148,6 +154,8 @@ async def test_console_attached_to_a_running_serve(serve: Serve, state_root: Pat
         assert cache["entries"] == 0
 
         # Remove: the serve process follows the state file and ends the client's connection.
+        # (Opened now: with no origin left to check a login, the serve admits no new admin.)
+        adm = await serve.connect()
         await pilot.press("escape")
         assert isinstance(app.screen, IntegrationsScreen)
         await pilot.press("r")
@@ -157,12 +165,13 @@ async def test_console_attached_to_a_running_serve(serve: Serve, state_root: Pat
         await _until(conn.is_closed, timeout=2)
         assert any("ended 1 connection" in n for n in _notes(app)), _notes(app)
         assert serve.cache_id not in serve.service.routes.by_id
-        assert [r for r in await serve.admin("SHOW CONNECTIONS") if r["cache"] != "admin"] == []
+        assert [r for r in await adm.fetch("SHOW CONNECTIONS") if r["cache"] != "admin"] == []
         assert control.integrations() == []
         await settle(pilot)
         assert not app.screen.has_class("-configured")
     assert not control.header().running  # closed with the app; the proxy itself keeps running
-    assert await serve.admin("SHOW CACHES") == []
+    assert await adm.fetch("SHOW CACHES") == []
+    await adm.close()
 
 
 async def test_unreachable_proxy_is_one_line(state_root: Path) -> None:

@@ -175,7 +175,8 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
         await asyncio.sleep(0.1)  # the last responses' stats are recorded after they are sent
         admin = await asyncpg.connect(host=control.service.server.address[0],
                                       port=control.service.server.address[1],
-                                      user="postgres", database="neonpoly", ssl=False)
+                                      user="postgres", password=pg.password_for("postgres"),
+                                      database="neonpoly", ssl=False)
         try:
             row = (await admin.fetch(f"SHOW STATS FOR CACHE {view.cache_id}"))[0]
         finally:

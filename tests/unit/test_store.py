@@ -211,6 +211,19 @@ def test_purge_counts_live_entries(tiered: CacheStore, clock: FakeClock) -> None
     assert tiered.purge() == 0
 
 
+def test_entries_shown_are_the_entries_a_purge_removes(clock: FakeClock) -> None:
+    store = MemoryStore(1 << 20, clock=clock)
+    store.put(b"a", make_entry(store, clock))
+    store.put(b"b", make_entry(store, clock, tables=("public.orders",)))
+    store.put(b"c", make_entry(store, clock, ttl=1))
+    assert store.usage().entries == 3
+    clock.now += 2  # c expired: out of Entries and of the purge count alike
+    store.invalidate_tables("app", ["public.orders"])  # b is stale, still stored and shown
+    shown = store.usage().entries
+    assert shown == 2 and store.purge() == shown
+    assert store.usage().entries == 0
+
+
 def test_purge_tables_and_template_only_remove_theirs(tiered: CacheStore,
                                                       clock: FakeClock) -> None:
     tiered.put(b"u1", make_entry(tiered, clock, template="t1"))

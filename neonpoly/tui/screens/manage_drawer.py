@@ -57,11 +57,14 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         self.cache_id = cache_id
         self.revealed = False
         self._fresh = True
+        self._choices_error: str | None = None
+        self._listed: dict[str, tuple[str, ...]] = {}
 
     def compose(self) -> ComposeResult:
         view = self._view()
         databases = view.databases if view else ("—",)
         roles = view.roles if view else ("—",)
+        self._listed = {"database": tuple(databases), "role": tuple(roles)}
         with Scroll(id="drawer", classes="drawer"):
             with Horizontal(classes="drawer-title"):
                 yield Label("Manage PolyScale", classes="title")
@@ -86,6 +89,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
                     allow_blank=False,
                     value=view.role if view else roles[0],
                 )
+            yield Label(id="choices-note", classes="choices-note", markup=False)
             yield ConnectionString(id="conn-string", classes="conn", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("c Copy", id="copy", compact=True)
@@ -114,12 +118,35 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         uncovered by a screen above it closing: the password starts hidden again."""
         self._fresh = True
 
+    def _ask_origin(self) -> None:
+        """List the origin's databases and roles again, off the UI (one login to the origin)."""
+        self._choices_error = None
+        self.run_worker(self._refresh_choices(), group="choices", exclusive=True, exit_on_error=False)
+
+    async def _refresh_choices(self) -> None:
+        try:
+            view = await self.control.refresh_choices(self.cache_id)
+        except ControlError as error:
+            self._choices_error = f"Could not list the origin's databases and roles: {error}"
+            self._show_note()
+            return
+        for key, names, value in (("database", view.databases, view.database), ("role", view.roles, view.role)):
+            listed = names if value in names else (value, *names)
+            if listed != self._listed.get(key):
+                self._listed[key] = listed
+                select = self.query_one(f"#{key}", Select)
+                with select.prevent(Select.Changed):
+                    select.set_options([(name, name) for name in listed])
+                    select.value = value
+        self._show_note()
+
     def on_screen_resume(self) -> None:
         if self._fresh:
             self._fresh = False
             self.revealed = False
             for button in self.query("#copy").results(Button):
                 button.focus()
+            self._ask_origin()
         self.refresh_data()
 
     def refresh_data(self) -> None:
@@ -144,7 +171,21 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
         )
         self._show_string()
 
+    def _show_note(self) -> None:
+        """Below the selects: why the lists may be stale, or that the string has no password."""
+        view = self._view()
+        if self._choices_error:
+            text = self._choices_error
+        elif view is not None and not view.password_known:
+            text = f"neonpoly has no password for role {view.role}: the string carries none, so psql asks for it."
+        else:
+            text = ""
+        note = self.query_one("#choices-note", Label)
+        set_text(note, text)
+        note.display = bool(text)
+
     def _show_string(self) -> None:
+        self._show_note()
         text = self.control.connection_string(self.cache_id, reveal=self.revealed)
         set_text(self.query_one("#conn-string", Label), text)
         self.query_one("#reveal", Button).label = "s Hide" if self.revealed else "s Show"
