@@ -312,6 +312,18 @@ async def test_console_flow_on_embedded_origin(
             assert await psql(url, "SELECT count(*) FROM pg_database WHERE datname = 'neondb'")
         status = control.status(view.cache_id)
         assert status.calls == 3 and status.origin.startswith("127.0.0.1:")
+        # The console says the change feed follows the embedded origin, and counts a direct write.
+        assert control.embedded.handle is not None
+        direct = control.embedded.handle.cluster.url(database="neondb")
+        deadline = time.monotonic() + 30
+        while (fresh := control.status(view.cache_id).freshness) is None or not fresh.following:
+            assert time.monotonic() < deadline, fresh
+            await asyncio.sleep(0.1)
+        await psql(direct, "CREATE TABLE ledger (id int); INSERT INTO ledger VALUES (1)")
+        while (fresh := control.status(view.cache_id).freshness) is None or fresh.changes < 1:
+            assert time.monotonic() < deadline, fresh
+            await asyncio.sleep(0.05)
+        assert fresh.feed.startswith("on") and fresh.last_change is not None
         assert await control.purge(view.cache_id) >= 0
         assert await control.remove(view.cache_id) == 0
         assert control.integrations() == [] and control.embedded.handle is None
