@@ -49,12 +49,14 @@ async def test_primary_key_update_keeps_other_keys_point_lookups(
     conn = await asyncpg.connect(**proxy.dsn())
     try:
         if protocol == "simple":
+
             async def point(aid: int) -> Any:
                 return (await conn.fetch(f"SELECT abalance FROM {table} WHERE aid = {aid}"))[0][0]
 
             async def update(aid: int, delta: int) -> None:
                 await conn.execute(f"UPDATE {table} SET abalance = abalance + {delta} WHERE aid = {aid}")
         else:
+
             async def point(aid: int) -> Any:
                 return await conn.fetchval(f"SELECT abalance FROM {table} WHERE aid = $1", aid)
 
@@ -96,6 +98,7 @@ async def test_write_that_is_not_by_key_evicts_every_point_lookup(pg: PgServer, 
     table = await accounts(pg)
     conn = await psycopg.AsyncConnection.connect(proxy.url(), autocommit=True)
     try:
+
         async def point(aid: int) -> Any:
             cur = await conn.execute(f"SELECT abalance FROM {table} WHERE aid = %s", (aid,))
             row = await cur.fetchone()
@@ -118,6 +121,7 @@ async def test_keyed_writes_in_a_transaction_evict_their_keys_at_commit(pg: PgSe
     reader = await asyncpg.connect(**proxy.dsn())
     writer = await asyncpg.connect(**proxy.dsn())
     try:
+
         async def point(aid: int) -> Any:
             return await reader.fetchval(f"SELECT abalance FROM {table} WHERE aid = $1", aid)
 
