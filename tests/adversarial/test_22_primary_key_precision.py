@@ -33,10 +33,12 @@ async def attack(env: Env, reads: Sequence[str], writes: Sequence[str], driver: 
     """Cache the reads, write through neonpoly, and compare every read with the origin."""
     reader = await warmed(env, reads, driver)
     writer = await env.client()
-    for sql in writes:
-        await writer.run(sql)
-    for sql in reads:
-        await reader.check(sql, why=f"after {'; '.join(writes)}")
+    for write in writes:
+        await writer.run(write)
+        for sql in reads:
+            await reader.check(sql, why=f"after {write}")
+        for sql in reads:  # cached again, so that the next write meets entries to evict
+            await reader.probe(sql, require_hit=False)
 
 
 def points(table: str, *aids: int) -> list[str]:
@@ -242,8 +244,8 @@ async def test_insert_on_conflict_updates_another_key(env: Env) -> None:
         env,
         [*points(t, 1, 2, 3)],
         [
-            f"INSERT INTO {t} VALUES (3, 'two@x', 'c') ON CONFLICT (email) DO UPDATE SET v = 'by email'",
-            f"INSERT INTO {t} VALUES (1, 'new@x', 'c') ON CONFLICT (aid) DO UPDATE SET v = 'by key'",
+            f"INSERT INTO {t} (aid, email, v) VALUES (3, 'two@x', 'c') ON CONFLICT (email) DO UPDATE SET v = 'em'",
+            f"INSERT INTO {t} (aid, email, v) VALUES (1, 'new@x', 'c') ON CONFLICT (aid) DO UPDATE SET v = 'by key'",
             f"INSERT INTO {t} (aid, email, v) VALUES (3, 'three@x', 'c') ON CONFLICT DO NOTHING",
         ],
     )
@@ -315,6 +317,7 @@ async def test_operator_of_the_users_on_the_search_path(env: Env) -> None:
     writer = await env.client()
     await writer.run(f"SET search_path = {evil}, pg_catalog, public")
     await writer.run(f"UPDATE {t} SET v = 'everyone' WHERE aid = 1")
+    assert await writer.rows(f"SELECT count(*) FROM {t} WHERE v = 'everyone'") == [(4,)]
     for sql in points(t, 1, 2):
         await reader.check(sql, why="after an UPDATE whose = is the user's")
 
