@@ -125,8 +125,8 @@ def _point_reads(f: Node) -> tuple[KeyRef, ...]:
     if len(sources) != 1 or "RangeVar" not in sources[0]:
         return ()
     rv = sources[0]["RangeVar"]
-    counts = _census(f)
-    if counts.get("RangeVar", 0) != 1 or any(counts.get(k) for k in _READS_ELSEWHERE):
+    counts = _Census(f)
+    if counts.get("RangeVar") != 1 or any(counts.get(k) for k in _READS_ELSEWHERE):
         return ()
     return _conjunct_refs(False, rv, f.get("whereClause"), counts)
 
@@ -138,7 +138,7 @@ def _keyed_changes(kind: str, f: Node) -> tuple[KeyRef, ...]:
     rv = f.get("relation")
     if not isinstance(rv, dict):
         return ()
-    counts = _census(f)
+    counts = _Census(f)
     refs = _conjunct_refs(True, rv, f.get("whereClause"), counts)
     changed = {str(t.get("ResTarget", {}).get("name", "")) for t in f.get("targetList") or ()}
     # An UPDATE that sets the key moves the row to another key.
@@ -182,7 +182,7 @@ def _keyed_inserts(f: Node) -> tuple[KeyRef, ...]:
                 return ()
         elif action != "ONCONFLICT_NOTHING":
             return ()
-    counts = _census(f)
+    counts = _Census(f)
     out: list[KeyRef] = []
     for i, column in enumerate(cols):
         if cols.count(column) != 1 or (arbiter is not None and column != arbiter):
@@ -197,7 +197,7 @@ def _keyed_inserts(f: Node) -> tuple[KeyRef, ...]:
     return tuple(out)
 
 
-def _conjunct_refs(write: bool, rv: Node, where: Any, counts: dict[str, int]) -> tuple[KeyRef, ...]:
+def _conjunct_refs(write: bool, rv: Node, where: Any, counts: _Census) -> tuple[KeyRef, ...]:
     table = str(rv.get("relname", ""))
     alias = (rv.get("alias") or {}).get("aliasname")
     qualifier = str(alias) if alias else table
@@ -245,7 +245,7 @@ def _column(node: Any, qualifier: str) -> str | None:
     return None
 
 
-def _value(node: Any, counts: dict[str, int], literals: list[int], params: list[int]) -> bool:
+def _value(node: Any, counts: _Census, literals: list[int], params: list[int]) -> bool:
     """An integer constant or a parameter used nowhere else (so its type is the one the key
     column gives it): where the value comes from, appended to `literals` or `params`."""
     if not isinstance(node, dict):
@@ -263,15 +263,30 @@ def _value(node: Any, counts: dict[str, int], literals: list[int], params: list[
     param = node.get("ParamRef")
     if isinstance(param, dict):
         number = int(param.get("number", 0))
-        if number <= 0 or counts.get(f"${number}", 0) != 1:
+        if number <= 0 or counts.get(f"${number}") != 1:
             return False
         params.append(number)
         return True
     return False
 
 
+class _Census:
+    """How often each node type (and each parameter, as "$n") occurs in a statement, counted
+    on first use: a write keyed by literals never needs it (its walk is most of the cost)."""
+
+    __slots__ = ("_counts", "_tree")
+
+    def __init__(self, tree: Any) -> None:
+        self._tree = tree
+        self._counts: dict[str, int] | None = None
+
+    def get(self, key: str) -> int:
+        if self._counts is None:
+            self._counts = _census(self._tree)
+        return self._counts.get(key, 0)
+
+
 def _census(tree: Any) -> dict[str, int]:
-    """How often each node type (and each parameter, as "$n") occurs in a statement."""
     counts: dict[str, int] = {}
     stack = [tree]
     while stack:
