@@ -137,3 +137,22 @@ async def test_keyed_writes_in_a_transaction_evict_their_keys_at_commit(pg: PgSe
     finally:
         await reader.close()
         await writer.close()
+
+
+async def test_insert_of_new_keys_keeps_other_keys_point_lookups(pg: PgServer, proxy: CachingProxy) -> None:
+    table = await accounts(pg)
+    conn = await asyncpg.connect(**proxy.dsn())
+    try:
+
+        async def point(aid: int) -> Any:
+            return await conn.fetchval(f"SELECT abalance FROM {table} WHERE aid = $1", aid)
+
+        for _ in range(2):
+            for aid in (1, 2, 11):
+                await point(aid)
+        await conn.execute(f"INSERT INTO {table} (aid, abalance) VALUES ($1, 0), (12, 0)", 11)
+        assert await served(proxy, lambda: point(11)) == (0, False)
+        assert await served(proxy, lambda: point(1)) == (10, True)
+        assert await served(proxy, lambda: point(2)) == (20, True)
+    finally:
+        await conn.close()

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from neonpoly.cache.invalidation import TableGenerations
-from neonpoly.cache.keys import KeyRef, bound_integers, param_types, read_names, write_names
+from neonpoly.cache.keys import KEY_BUCKETS, KeyRef, bound_integers, param_types, read_names, write_names
 from neonpoly.cache.policy import classify, keys_for
 
 
@@ -130,3 +130,11 @@ def test_point_reads_survive_other_keys_writes_and_not_whole_table_ones() -> Non
 
 def test_keyref_is_plain_data() -> None:
     assert KeyRef(True, "t", "id", (1,)) == KeyRef(True, "t", "id", (1,), ())
+
+
+def test_per_key_generations_stay_bounded_per_table() -> None:
+    gens = TableGenerations()
+    for key in range(-20_000, 20_000, 3):
+        gens.bump_tables("db", write_names("t", [key]))
+    names = {name for _, name, _ in gens.to_state()["tables"]}
+    assert len(names) == KEY_BUCKETS + 1  # every bucket, and t#rows
