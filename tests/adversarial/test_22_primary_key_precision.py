@@ -329,7 +329,7 @@ async def prepared_attack(env: Env, driver: Driver, write: str, params: tuple[An
     for aid in (1, 2, 3):
         await reader.probe(read, (aid,))
     writer = await env.twin(driver="psycopg_extended")
-    await writer.via.conn.execute(write.format(t=t), params)  # type: ignore[arg-type]
+    await writer.via.conn.execute(write.format(t=t), params)
     for aid in (1, 2, 3):
         await reader.check(read, (aid,), why=f"after {write} {params!r}")
 

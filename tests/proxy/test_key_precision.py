@@ -13,7 +13,6 @@ import pytest
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy, unique
 
-Read = Callable[[str, int], Awaitable[Any]]
 
 
 @pytest.fixture
@@ -34,10 +33,10 @@ def hits(proxy: CachingProxy) -> int:
     return proxy.totals().get("hit", 0)
 
 
-async def served(proxy: CachingProxy, read: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
+async def served(proxy: CachingProxy, read: Callable[..., Awaitable[Any]], *args: Any) -> tuple[Any, bool]:
     """The answer, and whether this very call was answered from the cache."""
     before = hits(proxy)
-    value = await read()
+    value = await read(*args)
     return value, hits(proxy) > before
 
 
@@ -75,16 +74,16 @@ async def test_primary_key_update_keeps_other_keys_point_lookups(
             await total()
             await some()
         for aid in range(1, 6):
-            assert (await served(proxy, lambda aid=aid: point(aid)))[1], f"aid {aid} not cached before the write"
+            assert (await served(proxy, point, aid))[1], f"aid {aid} not cached before the write"
         assert (await served(proxy, total))[1]
 
         await update(2, 1000)
 
         for aid in (1, 3, 4, 5):
-            value, hit = await served(proxy, lambda aid=aid: point(aid))
+            value, hit = await served(proxy, point, aid)
             assert value == aid * 10
             assert hit, f"the point lookup of aid {aid} was evicted by an UPDATE of aid 2"
-        value, hit = await served(proxy, lambda: point(2))
+        value, hit = await served(proxy, point, 2)
         assert (value, hit) == (1020, False)
         value, hit = await served(proxy, total)
         assert (value, hit) == (550 + 1000, False)
@@ -107,10 +106,10 @@ async def test_write_that_is_not_by_key_evicts_every_point_lookup(pg: PgServer, 
         for _ in range(2):
             for aid in (1, 2, 3):
                 await point(aid)
-        assert (await served(proxy, lambda: point(3)))[1]
+        assert (await served(proxy, point, 3))[1]
         await conn.execute(f"UPDATE {table} SET abalance = abalance + 1 WHERE aid = 1 OR aid = 3")
         for aid, expected in ((1, 11), (2, 20), (3, 31)):
-            value, hit = await served(proxy, lambda aid=aid: point(aid))
+            value, hit = await served(proxy, point, aid)
             assert (value, hit) == (expected, False)
     finally:
         await conn.close()
@@ -131,9 +130,9 @@ async def test_keyed_writes_in_a_transaction_evict_their_keys_at_commit(pg: PgSe
         async with writer.transaction():
             await writer.execute(f"UPDATE {table} SET abalance = 0 WHERE aid = $1", 1)
             await writer.execute(f"DELETE FROM {table} WHERE aid = 2")
-        assert await served(proxy, lambda: point(1)) == (0, False)
-        assert await served(proxy, lambda: point(2)) == (None, False)
-        assert await served(proxy, lambda: point(3)) == (30, True)
+        assert await served(proxy, point, 1) == (0, False)
+        assert await served(proxy, point, 2) == (None, False)
+        assert await served(proxy, point, 3) == (30, True)
     finally:
         await reader.close()
         await writer.close()
@@ -151,8 +150,8 @@ async def test_insert_of_new_keys_keeps_other_keys_point_lookups(pg: PgServer, p
             for aid in (1, 2, 11):
                 await point(aid)
         await conn.execute(f"INSERT INTO {table} (aid, abalance) VALUES ($1, 0), (12, 0)", 11)
-        assert await served(proxy, lambda: point(11)) == (0, False)
-        assert await served(proxy, lambda: point(1)) == (10, True)
-        assert await served(proxy, lambda: point(2)) == (20, True)
+        assert await served(proxy, point, 11) == (0, False)
+        assert await served(proxy, point, 1) == (10, True)
+        assert await served(proxy, point, 2) == (20, True)
     finally:
         await conn.close()
