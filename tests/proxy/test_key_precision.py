@@ -14,7 +14,6 @@ from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy, unique
 
 
-
 @pytest.fixture
 async def proxy(pg: PgServer, tmp_path: Path) -> AsyncIterator[CachingProxy]:
     async with caching_proxy(pg, tmp_path / "cache", admit_after=1) as p:
