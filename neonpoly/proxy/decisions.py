@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every request, and a frozen dataclass's __init__ (one
+# object.__setattr__ per field) costs four times a plain one's. Nothing changes it once made.
+@dataclass(slots=True)
 class Decision:
     status: Status
     reason: str  # an explanation for SHOW QUERIES and the console ("" for a miss)
