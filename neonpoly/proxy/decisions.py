@@ -180,6 +180,8 @@ class CacheDecisions(IdentityLearning):
         Nor behind a batch ended by Flush: if it fails, the origin skips everything up to
         the next Sync, and only the origin can answer that Sync.
         """
+        if not self.pending:  # the common case, asked for every request: no generator
+            return False
         return any(p.local is None and (p.flush or not p.neutral) for p in self.pending)
 
     def _capture(
