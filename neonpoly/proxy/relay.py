@@ -68,8 +68,7 @@ class Relay(BatchHandling):
         frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
         if not frames:
             return
-        buf = bytes(self.cbuf[:used])
-        del self.cbuf[:used]
+        buf = _take(self.cbuf, used)
         if self.route is not None and self.route.cache is None:
             self._relay_frames(frames, buf)
             return
@@ -197,8 +196,7 @@ class Relay(BatchHandling):
         frames, used = pgwire.scan_frames(self.obuf)
         if not frames:
             return
-        buf = bytes(self.obuf[:used])
-        del self.obuf[:used]
+        buf = _take(self.obuf, used)
         out: list[bytes] = []
         cut = 0  # start of the span not yet appended to out
         pending = self.pending
@@ -321,3 +319,16 @@ class Relay(BatchHandling):
                 if item.flush
                 else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status)
             )
+
+
+def _take(pending: bytearray, used: int) -> bytes:
+    """The first `used` bytes, out of the buffer: one copy when they are all of it (the
+    common case, a read of whole messages), not a slice copied again."""
+    if used == len(pending):
+        taken = bytes(pending)
+        pending.clear()
+        return taken
+    with memoryview(pending) as view, view[:used] as head:
+        taken = bytes(head)
+    del pending[:used]  # after the views are released: a bytearray with views cannot shrink
+    return taken
