@@ -213,7 +213,7 @@ class QueryCache:
             ticket.status,
             latency_s,
             bytes_served,
-            reason=ticket.reason or self._miss_reason(ticket),
+            reason=ticket.reason or (self._miss_reason(ticket) if ticket.status == "miss" else None),
         )
 
     def _miss_reason(self, ticket: StatTicket) -> str | None:
