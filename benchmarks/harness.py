@@ -19,6 +19,7 @@ import asyncpg
 
 from benchmarks.results import LatencyResult, PgbenchResult, Report, combine, describe_machine, loadavg, source_commit
 from benchmarks.targets import (
+    BASELINE,
     CACHING,
     COLUMNS,
     PG_SETTINGS,
@@ -94,6 +95,8 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
                 "proxy_python_flags": args.proxy_python_flag or [],
                 "source": str(args.source.resolve()),
                 "source_commit": source_commit(args.source),
+                "baseline": str(args.baseline.resolve()) if getattr(args, "baseline", None) else None,
+                "baseline_commit": source_commit(args.baseline) if getattr(args, "baseline", None) else None,
                 "quick": args.quick,
                 "postgres_settings": {k: str(v) for k, v in PG_SETTINGS.items()},
                 "auth": "SCRAM-SHA-256 from every client to every target",
@@ -102,7 +105,7 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
         )
         report_box.append(report)
         for t in COLUMNS:
-            if t not in targets:
+            if t not in targets and t not in BASELINE:
                 report.peers[t] = "not run (--targets)"
 
         # ---- the proxies
@@ -110,10 +113,16 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
         flags = args.proxy_python_flag or []
         src = args.source.resolve()
         starting: list[tuple[str, str]] = []  # (target, database to probe)
-        for t, extra in (("no-cache", ["--no-cache"]), ("cache", ["--ttl", "600"])):
+        base = args.baseline.resolve() if getattr(args, "baseline", None) else src
+        for t, extra, tree in (
+            ("no-cache", ["--no-cache"], src),
+            ("cache", ["--ttl", "600"], src),
+            ("no-cache-base", ["--no-cache"], base),
+            ("cache-base", ["--ttl", "600"], base),
+        ):
             if t in targets:
-                step(f"starting neonpoly {' '.join(extra)}")
-                services[t] = Proxy(t, upstream, workdir, extra, flags, src)
+                step(f"starting neonpoly {' '.join(extra)} from {tree}")
+                services[t] = Proxy(t, upstream, workdir, extra, flags, tree)
                 starting.append((t, "postgres"))
         peers: dict[str, tuple[str, type[PgBouncer] | type[PgPool], str]] = {
             "pgbouncer": ("pgbouncer", PgBouncer, SESSION_DB),
@@ -140,7 +149,7 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
             try:
                 services[t].wait_ready(pg.password, db)
             except RuntimeError as exc:
-                if t not in COLUMNS or t in ("no-cache", "cache"):
+                if t not in COLUMNS or t in ("no-cache", "cache", *BASELINE):
                     raise
                 report.peers[t] = "did not start"
                 problems.append(str(exc))

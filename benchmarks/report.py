@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict
 
 from benchmarks.results import Report
-from benchmarks.targets import CACHING, COLUMNS
+from benchmarks.targets import BASELINE, CACHING, COLUMNS
 from benchmarks.workloads import LATENCY_METHODS, WORKLOADS
 
 
@@ -26,6 +26,8 @@ def render(report: Report) -> str:
     s = report.settings
     m = report.machine
     flags = " ".join(s.get("proxy_python_flags") or [])
+    # The baseline columns only when a baseline ran (--baseline).
+    columns = {t: label for t, label in COLUMNS.items() if t not in BASELINE or t in s["targets"]}
     lines = [
         f"neonpoly benchmark: {m['cores']} cores ({m['cpu']}), {m['python']}, {m['postgres']}, {m['uvloop']}",
         f"pgbench scale {s['scale']}, {s['clients']} clients / {s['threads']} threads,"
@@ -35,16 +37,17 @@ def render(report: Report) -> str:
         f"neonpoly {s['source_commit']} from {s['source']}, run as: python {flags} -m neonpoly.cli serve".replace(
             "python  -m", "python -m"
         ),
+        *([f"baseline columns: neonpoly {s.get('baseline_commit')} from {s['baseline']}"] if s.get("baseline") else []),
         "peers: " + "; ".join(f"{COLUMNS[t]}: {v}" for t, v in report.peers.items()),
         "",
-        "| workload | direct | " + " | ".join(COLUMNS.values()) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
+        "| workload | direct | " + " | ".join(columns.values()) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for key, row in report.pgbench.items():
         d = row.get("direct")
         base = d.tps if d else 0.0
         cells = [f"{base:,.0f} tps" if d else "-"]
-        for t in COLUMNS:
+        for t in columns:
             r = row.get(t)
             if r is None:
                 cells.append(_absent(report, t) or "-")
@@ -59,7 +62,7 @@ def render(report: Report) -> str:
             ld = lrow.get("direct")
             base = getattr(ld, f"{q}_ms") if ld else 0.0
             cells = [f"{base:.3f} ms" if ld else "-"]
-            for t in COLUMNS:
+            for t in columns:
                 lr = lrow.get(t)
                 if lr is None:
                     cells.append(_absent(report, t) or "-")
@@ -78,10 +81,10 @@ def render(report: Report) -> str:
     ]
     # the proxies' CPU and memory
     lines += ["", "proxy CPU (% of one core over the run, us per transaction) and memory at the end of the run:", ""]
-    lines += ["| workload | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---|" * len(COLUMNS)]
+    lines += ["| workload | " + " | ".join(columns.values()) + " |", "|---|" + "---|" * len(columns)]
     for key, row in report.pgbench.items():
         cells = []
-        for t in COLUMNS:
+        for t in columns:
             r = row.get(t)
             if r is None or r.proxy_cpu_s is None or not r.transactions:
                 cells.append("-")

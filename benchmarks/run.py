@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.harness import bench  # noqa: E402
 from benchmarks.report import render, to_json  # noqa: E402
 from benchmarks.results import Report  # noqa: E402
-from benchmarks.targets import TARGETS  # noqa: E402
+from benchmarks.targets import BASELINE, TARGETS  # noqa: E402
 from benchmarks.workloads import DEFAULT_WORKLOADS, WORKLOADS  # noqa: E402
 
 
@@ -91,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    usual = tuple(t for t in TARGETS[1:] if t not in BASELINE)
     parser.add_argument(
         "--targets",
-        type=_csv(TARGETS[1:]),
-        default=TARGETS[1:],
+        type=_csv(usual),
+        default=usual,
         metavar="LIST",
-        help=f"comma-separated targets besides direct (default: {','.join(TARGETS[1:])})",
+        help=f"comma-separated targets besides direct (default: {','.join(usual)})",
     )
     parser.add_argument(
         "--workloads",
@@ -119,9 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="neonpoly source tree the proxies run from (e.g. a `git archive` of a commit)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run both neonpoly modes from this source tree (e.g. a `git archive` of main) as"
+        " 'baseline' columns: a before/after in one run",
+    )
     parser.add_argument("--only", choices=("pgbench", "latency"), help="run one half")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the proxies' logs here")
     args = parser.parse_args(argv)
+    if args.baseline is not None:
+        args.targets = (*args.targets, *(f"{t}-base" for t in args.targets if t in ("no-cache", "cache")))
     if shutil.which("pgbench") is None:
         print("benchmarks/run.py: pgbench not found on PATH", file=sys.stderr)
         return 2

@@ -25,14 +25,19 @@ import asyncpg
 from neonpoly.integrations.embedded import free_port
 from neonpoly.integrations.pgbin import RunAs, run_as
 
-TARGETS = ("direct", "pgbouncer", "pgpool", "no-cache", "cache")
+TARGETS = ("direct", "pgbouncer", "pgpool", "no-cache", "cache", "no-cache-base", "cache-base")
+# Both neonpoly modes once more from another source tree (--baseline): a before/after in one
+# run, where drift and the machine's other load hit both alike. Only run when asked.
+BASELINE = ("no-cache-base", "cache-base")
 COLUMNS = {
     "pgbouncer": "PgBouncer tx",
     "pgpool": "pgpool-II cache",
     "no-cache": "neonpoly --no-cache",
     "cache": "neonpoly cache",
+    "no-cache-base": "baseline --no-cache",
+    "cache-base": "baseline cache",
 }
-CACHING = ("pgpool", "cache")
+CACHING = ("pgpool", "cache", "cache-base")
 SESSION_DB = "postgres_session"  # PgBouncer's alias of the origin's database in session pooling
 PG_SETTINGS: dict[str, str | int | bool] = {
     "fsync": False,

@@ -245,15 +245,27 @@ class StatsRecorder:
                 tpl.ttl = self._early_ttl.pop((cache_id, template_id), tpl.ttl)
 
         tpl.calls += 1
-        tpl.by_status[status] = tpl.by_status.get(status, 0) + 1
+        counts = tpl.by_status
+        counts[status] = counts.get(status, 0) + 1
         tpl.last_seen = now
         tpl.last_status = status
         tpl.last_reason = reason
         cache.calls += 1
-        cache.by_status[status] = cache.by_status.get(status, 0) + 1
+        counts = cache.by_status
+        counts[status] = counts.get(status, 0) + 1
 
+        if status in (HIT, MISS):
+            # _Histogram.add and _bucket written out: this runs for every hit and miss.
+            if latency_s <= _HIST_MIN_S:
+                bucket = 0
+            else:
+                bucket = int(math.log(latency_s / _HIST_MIN_S) / _HIST_LOG_RATIO) + 1
+                if bucket >= _HIST_BUCKETS:
+                    bucket = _HIST_BUCKETS - 1
+            histogram = tpl.hit_latency if status == HIT else tpl.miss_latency
+            histogram.counts[bucket] += 1
+            histogram.total += 1
         if status == HIT:
-            tpl.hit_latency.add(latency_s)
             typical = origin_time_s
             if typical is None:
                 if tpl.miss_p50 is None:
@@ -266,7 +278,6 @@ class StatsRecorder:
             tpl.bytes_served += bytes_served
             cache.bytes_served += bytes_served
         elif status == MISS:
-            tpl.miss_latency.add(latency_s)
             tpl.miss_p50 = None
 
         second = int(now)

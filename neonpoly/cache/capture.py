@@ -27,7 +27,9 @@ class Capture:
     failed: bool = False  # an ErrorResponse/COPY/suspended portal: never store
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: one is made for every request, and a frozen dataclass's __init__ (one
+# object.__setattr__ per field) costs four times a plain one's. Nothing changes it once made.
+@dataclass(slots=True)
 class StatTicket:
     """What the stats need to know about a request once its response is complete."""
 

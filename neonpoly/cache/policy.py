@@ -51,7 +51,11 @@ MEMO_MAX_TOTAL_CHARS = 8 << 20
 # such texts that differ only in numbers share one classification (pgbench -S sends a new text
 # for every aid). Not for other statements (EXPLAIN (ANALYZE 0) vs (ANALYZE 1), SET x = 1),
 # and not for text with quoted names ("t 1" and "t 2" are different tables).
-_NUMBER = re.compile(r"(?<![\w$.'])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+# Spelled to start with \d (the check of the character before the number comes after its
+# first digit): a pattern that starts with a character class lets the regex engine skip to
+# candidate positions, about twice as fast on every new text as the same check up front,
+# `(?<![\w$.'])\d+...`, which matches exactly the same (tests/unit/test_policy.py).
+_NUMBER = re.compile(r"\d(?<![\w$.']\d)\d*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
 _SHAPE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _exact: OrderedDict[str, Classification] = OrderedDict()
 _shapes: OrderedDict[str, Classification] = OrderedDict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -33,6 +34,7 @@ DEFAULT_ADMIT_AFTER = 2
 # that was not needed yet), never serve a wrong answer.
 _SIGHT_SLOTS = 1 << 22
 _SIGHTINGS_AGE = 1 << 20
+_TWO_SLOTS = struct.Struct("<II")  # a key's two slots: its first and second four bytes
 # Digests of stored answers kept to tell adaptive TTL whether a refetch changed.
 _DIGESTS_LIMIT = 32_768
 
@@ -101,18 +103,25 @@ class QueryCache:
     def admit(self, key: bytes, template_id: str = "") -> bool:
         """Count a sighting; True when this miss should be stored (Time To First Hit) and its
         template's entries are read before they are evicted (see cache/cacheability.py)."""
-        if not self.cacheability.capturing(template_id):
+        cacheability = self.cacheability
+        if cacheability.suppressing and not cacheability.capturing(template_id):
             return False
         if self.admit_after == 1:
             return True
+        # Asked for every miss: plain int operations, no min()/max() calls.
         counts = self._sightings
-        a = int.from_bytes(key[:4], "little") & (_SIGHT_SLOTS - 1)
-        b = int.from_bytes(key[4:8], "little") & (_SIGHT_SLOTS - 1)
-        seen = min(counts[a], counts[b]) + 1
+        a, b = _TWO_SLOTS.unpack_from(key)
+        a &= _SIGHT_SLOTS - 1
+        b &= _SIGHT_SLOTS - 1
+        count_a = counts[a]
+        count_b = counts[b]
+        seen = (count_a if count_a < count_b else count_b) + 1
         if seen >= self.admit_after:
             return True
-        counts[a] = max(counts[a], seen)
-        counts[b] = max(counts[b], seen)
+        if count_a < seen:
+            counts[a] = seen
+        if count_b < seen:
+            counts[b] = seen
         self._sighted += 1
         if self._sighted >= _SIGHTINGS_AGE:
             counts[:] = bytes(_SIGHT_SLOTS)
@@ -204,7 +213,7 @@ class QueryCache:
             ticket.status,
             latency_s,
             bytes_served,
-            reason=ticket.reason or self._miss_reason(ticket),
+            reason=ticket.reason or (self._miss_reason(ticket) if ticket.status == "miss" else None),
         )
 
     def _miss_reason(self, ticket: StatTicket) -> str | None:

@@ -24,11 +24,12 @@ class BatchHandling(CacheDecisions):
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
         self.batch = BatchBuffer(self.book)
-        # Plans and keys of batches seen before, by (book version, Flush?, messages): see _sync.
-        self._plans: dict[tuple[object, ...], tuple[BatchPlan, bytes, bytes]] = {}
 
-    def _sync(self, raw: bytes, out: list[bytes], expect: int | None = None) -> None:
-        """Decide on a whole batch at its Sync (or at a Flush, `expect` answers long)."""
+    def _sync(
+        self, raw: bytes, out: list[bytes], expect: int | None = None, raw_batch: bytes | None = None
+    ) -> None:
+        """Decide on a whole batch at its Sync (or at a Flush, `expect` answers long);
+        `raw_batch` is the batch's messages as received, when the relay has them in one piece."""
         if self.stream is not None:
             out.append(raw)
             self.stream = None
@@ -36,14 +37,9 @@ class BatchHandling(CacheDecisions):
             return
         batch = self.batch.take()
         flush = expect is not None
-        # A driver re-running a prepared statement sends the same Bind/Execute bytes again
-        # (pgbench -M prepared, asyncpg's statement cache): plan and key them once.
-        memo_key = None
-        memo = None
-        if all(t != MSG_PARSE and t != MSG_CLOSE for t, _ in batch):
-            memo_key = (self.book.version, flush, tuple(batch))
-            memo = self._plans.get(memo_key)
-        plan = memo[0] if memo is not None else self.book.plan(batch)
+        # A driver re-running a prepared statement sends the same messages with other values:
+        # planned once per shape (StatementBook.plan_shaped), whatever the values.
+        plan, material = self.book.plan_shaped(batch)
         item = Pending(time.monotonic(), flush=flush, expect=expect)
         info = plan.primary
         self._plan_effects(plan, item, out, batch)
@@ -58,16 +54,8 @@ class BatchHandling(CacheDecisions):
             status, reason = Status.UNCACHEABLE, "a Flush before Sync needs the portal at the origin"
         cache = self.route.cache if self.route else None
         if status is Status.MISS and cache is not None and (plan.executes or info is not None):
-            context = self.state.context()
-            if memo is not None and memo[1] is context:
-                key = memo[2]
-            else:
-                # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
-                key = cache.key(context, (b"H" if flush else b"X") + plan.material)
-                if memo_key is not None:
-                    if len(self._plans) >= 2048:  # a hot set per session; ~1 MB at most
-                        self._plans.clear()
-                    self._plans[memo_key] = (plan, context, key)
+            # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
+            key = cache.key(self.state.context(), (b"H" if flush else b"X") + material)
             payload = cache.lookup(key)
             if payload is not None and not self._busy():
                 self.book.after_local(plan)
@@ -75,7 +63,7 @@ class BatchHandling(CacheDecisions):
                     self._answer_locally(payload, plan.executed, item)
                 else:
                     self._answer_quietly(payload, item)
-                if memo_key is not None and not flush and _plain(plan):
+                if not flush and _plain(plan) and all(t != MSG_PARSE and t != MSG_CLOSE for t, _ in batch):
                     self._note_hit(cache, key, decision.resolution, template, plan.tables, plan.shadowable,
                                    plan.executed if plan.executes else [])
                 return
@@ -92,7 +80,10 @@ class BatchHandling(CacheDecisions):
             self.book.deallocated(name)
         self.pending.append(item)
         out.extend(deferred)
-        out.extend(pgwire.frame(t, b) for t, b in batch)
+        if raw_batch is not None:
+            out.append(raw_batch)
+        else:
+            out.extend(pgwire.frame(t, b) for t, b in batch)
         out.append(raw)
         self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
 

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every request, and a frozen dataclass's __init__ (one
+# object.__setattr__ per field) costs four times a plain one's. Nothing changes it once made.
+@dataclass(slots=True)
 class Decision:
     status: Status
     reason: str  # an explanation for SHOW QUERIES and the console ("" for a miss)
@@ -185,6 +187,8 @@ class CacheDecisions(IdentityLearning):
         Nor behind a batch ended by Flush: if it fails, the origin skips everything up to
         the next Sync, and only the origin can answer that Sync.
         """
+        if not self.pending:  # the common case, asked for every request: no generator
+            return False
         return any(p.local is None and (p.flush or not p.neutral) for p in self.pending)
 
     def _capture(

@@ -25,6 +25,9 @@ BATCHED = frozenset((MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_EXECUTE, MSG_CLOSE))
 # a date; matching their bytes anyway only costs a miss.
 _CLOCK_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday)(?![a-z])")
 
+# Batch shapes remembered per session (see StatementBook.plan_shaped): a driver's statements.
+MAX_SHAPES = 512
+
 
 @dataclass(slots=True)
 class Statement:
@@ -46,6 +49,8 @@ class BatchPlan:
     status: Status | None = None  # None: cacheable
     reason: str = ""
     material: bytes = b""
+    # The material before hashing, each Bind's values as None (StatementBook.plan_shaped).
+    pieces: tuple[bytes | None, ...] = ()
     tables: frozenset[str] = frozenset()
     executes: int = 0
     executed: list[Classification] = field(default_factory=list)  # per Bind, for the stats
@@ -76,18 +81,70 @@ class StatementBook:
         # Named statements the origin holds, whatever the client did with them since: one
         # closed or parsed again in a batch the cache answered is still there in its old form.
         self.origin_has: set[str] = set()
+        # Plans by batch shape: (version, the messages with every Bind's values cut off) ->
+        # (plan, the key material around the values). See plan_shaped.
+        self._shapes: dict[tuple[object, ...], tuple[BatchPlan, tuple[bytes | None, ...]]] = {}
+
+    def plan_shaped(self, batch: list[tuple[int, bytes]]) -> tuple[BatchPlan, bytes]:
+        """The plan of a batch and its key material, planned once per shape.
+
+        A driver re-running a prepared statement sends the same Bind/Describe/Execute with
+        other parameter values (pgbench -M prepared, asyncpg, psycopg): everything the plan
+        says (statements, tables, refusals) depends on the messages without those values and
+        on the book's version, which every Parse, Close and DEALLOCATE bumps (a statement
+        parsed again under the same name with other text is planned, and classified, anew).
+        The values only enter the key material and the clock-word check, done per batch. A
+        batch that parses or closes is planned in full; so is one whose values read the clock
+        (its refusal is per batch)."""
+        key: list[object] = [self.version]
+        tails: list[bytes] = []
+        for mtype, body in batch:
+            if mtype == MSG_BIND:
+                # Values start after the portal and statement names (two NUL-ended strings).
+                cut = body.find(b"\x00", body.find(b"\x00") + 1) + 1
+                if cut <= 0:
+                    break
+                tail = body[cut:]
+                if _CLOCK_WORDS.search(tail):
+                    break
+                key.append(body[:cut])
+                tails.append(tail)
+            elif mtype in (MSG_PARSE, MSG_CLOSE):
+                break
+            else:
+                key.append(mtype)
+                key.append(body)
+        else:
+            shape = tuple(key)
+            found = self._shapes.get(shape)
+            if found is None:
+                plan = self.plan(batch)
+                found = (plan, plan.pieces)
+                if len(self._shapes) >= MAX_SHAPES:
+                    self._shapes.clear()
+                self._shapes[shape] = found
+            plan, pieces = found
+            parts: list[bytes] = []
+            values = iter(tails)
+            for piece in pieces:
+                parts.append(next(values) if piece is None else piece)
+            return plan, hashlib.blake2b(b"".join(parts), digest_size=32).digest()
+        plan = self.plan(batch)
+        return plan, plan.material
 
     def plan(self, batch: list[tuple[int, bytes]]) -> BatchPlan:
         plan = BatchPlan()
         local: dict[str, Statement] = {}
         portals: dict[str, tuple[Statement, bytes]] = {}
-        material = hashlib.blake2b(digest_size=32)
+        # The key material in pieces, a Bind's values as None (plan_shaped puts others there).
+        pieces: list[bytes | None] = []
         tables: set[str] = set()
         writes: set[str] = set()
         shadowable: set[str] = set()
         settings: set[str] = set()
 
         closed: set[str] = set()
+        tails: list[bytes] = []
 
         def resolve(name: str) -> Statement | None:
             if name in closed and name not in local:
@@ -110,7 +167,7 @@ class StatementBook:
                 plan.parses.append(parse)
                 plan.ops.append(parse)
                 plan.changes_session = plan.changes_session or stmt.info.changes_session
-                material.update(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
+                pieces.append(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
                 if not stmt.info.cacheable:
                     refuse(stmt.info.status or Status.UNCACHEABLE, stmt.info.reason)
             elif mtype == MSG_BIND:
@@ -126,7 +183,9 @@ class StatementBook:
                 if _CLOCK_WORDS.search(bind.tail):
                     refuse(Status.VOLATILE, "a parameter value reads the clock ('now', 'today' ...)")
                 plan.executed.append(bound.info)
-                material.update(b"B" + bound.sql + bind.tail)
+                pieces.append(b"B" + bound.sql)
+                pieces.append(None)
+                tails.append(bind.tail)
             elif mtype == MSG_DESCRIBE:
                 target = pgwire.parse_target(body)
                 if target.kind == TARGET_STATEMENT:
@@ -134,7 +193,7 @@ class StatementBook:
                     if described is None:
                         refuse(Status.UNCACHEABLE, "describes an unknown statement")
                         continue
-                    material.update(b"DS" + described.sql)
+                    pieces.append(b"DS" + described.sql)
                     tables.update(described.info.tables_read)
                     shadowable |= described.info.shadowable
                     plan.primary = plan.primary or described.info
@@ -142,7 +201,7 @@ class StatementBook:
                     if target.name not in portals:
                         refuse(Status.UNCACHEABLE, "describes a portal from an earlier batch")
                         continue
-                    material.update(b"DP")
+                    pieces.append(b"DP")
             elif mtype == MSG_EXECUTE:
                 execute = pgwire.parse_execute(body)
                 if execute.portal not in portals:
@@ -152,7 +211,7 @@ class StatementBook:
                 plan.executes += 1
                 plan.primary = stmt.info if plan.executes == 1 else plan.primary
                 # A row limit (asyncpg's fetchrow/fetchval send 1) is part of the key.
-                material.update(b"E" + execute.max_rows.to_bytes(4, "big", signed=True))
+                pieces.append(b"E" + execute.max_rows.to_bytes(4, "big", signed=True))
             elif mtype == MSG_CLOSE:
                 target = pgwire.parse_target(body)
                 if target.kind == TARGET_STATEMENT:
@@ -160,10 +219,14 @@ class StatementBook:
                     local.pop(target.name, None)
                     closed.add(target.name)
                     plan.ops.append(target.name)
-                material.update(b"C" + target.kind + target.name.encode() + b"\x00")
+                pieces.append(b"C" + target.kind + target.name.encode() + b"\x00")
             else:
                 refuse(Status.UNCACHEABLE, f"message {chr(mtype)!r} in batch")
-        plan.material = material.digest()
+        values = iter(tails)
+        plan.material = hashlib.blake2b(
+            b"".join(next(values) if p is None else p for p in pieces), digest_size=32
+        ).digest()
+        plan.pieces = tuple(pieces)
         plan.tables = frozenset(tables)
         plan.writes = frozenset(writes)
         plan.shadowable = frozenset(shadowable)

@@ -68,22 +68,29 @@ class Relay(BatchHandling):
         frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
         if not frames:
             return
-        buf = bytes(self.cbuf[:used])
-        del self.cbuf[:used]
+        buf = _take(self.cbuf, used)
         if self.route is not None and self.route.cache is None:
             self._relay_frames(frames, buf)
             return
         out: list[bytes] = []
         fresh = not batch.messages and self.stream is None  # buf starts a request
         self.hit_seen = None
+        # Where in buf the batch being collected starts, when all of it is in buf (-1: not):
+        # a batch forwarded as received goes out as these bytes, not framed again.
+        batch_from = -1
         for mtype, start, end in frames:
             if self.stream is not None and mtype != MSG_SYNC and mtype != MSG_FLUSH:
+                batch_from = -1
                 self._stream_frame(mtype, buf[start + 5 : end], buf[start:end], out)
             elif mtype in BATCHED:
+                if not batch.messages:
+                    batch_from = start
                 if batch.add(mtype, buf[start + 5 : end]):  # an Execute that runs COPY
+                    batch_from = -1
                     self._open_stream(out)
             elif mtype == MSG_SYNC:
-                self._sync(buf[start:end], out)
+                self._sync(buf[start:end], out, raw_batch=buf[batch_from:start] if batch_from >= 0 else None)
+                batch_from = -1
             elif mtype == MSG_FLUSH:  # the client wants answers before Sync
                 expect = batch.expected_answers()
                 if self.stream is not None or expect is None:
@@ -91,10 +98,13 @@ class Relay(BatchHandling):
                         self._open_stream(out)
                     out.append(buf[start:end])
                 elif batch.messages:
-                    self._sync(buf[start:end], out, expect=expect)
+                    raw_batch = buf[batch_from:start] if batch_from >= 0 else None
+                    self._sync(buf[start:end], out, expect=expect, raw_batch=raw_batch)
                 else:
                     out.append(buf[start:end])
+                batch_from = -1
             elif mtype == MSG_QUERY:
+                batch_from = -1
                 self._query(buf[start + 5 : end], buf[start:end], out)
             elif mtype == MSG_TERMINATE:
                 out.append(buf[start:end])
@@ -103,6 +113,7 @@ class Relay(BatchHandling):
                 self.close()
                 return
             else:  # CopyData/Done/Fail, FunctionCall: straight through
+                batch_from = -1
                 if mtype == MSG_FUNCTION_CALL:  # it runs a function by OID: anything may happen
                     self.pending.append(Pending(time.monotonic(), writes_everything=True))
                     self._invalidate(frozenset(), everything=True)
@@ -185,16 +196,26 @@ class Relay(BatchHandling):
         frames, used = pgwire.scan_frames(self.obuf)
         if not frames:
             return
-        buf = bytes(self.obuf[:used])
-        del self.obuf[:used]
+        buf = _take(self.obuf, used)
         out: list[bytes] = []
         cut = 0  # start of the span not yet appended to out
         pending = self.pending
+        # The request the frames answer, and what kind it is: looked up again only after
+        # something left the queue (most reads answer one request, frame after frame).
+        head: Pending | None = None
+        own = plain = False
+        stale = True
         for mtype, start, end in frames:
-            head = pending[0] if pending else None
-            if head is not None and head.local is not None:  # pragma: no cover - defensive
-                head = None
-            if head is not None and (head.lookup is not None or head.identity is not None):
+            if stale:
+                stale = False
+                head = pending[0] if pending else None
+                if head is not None and head.local is not None:  # pragma: no cover - defensive
+                    head = None
+                own = head is not None and (head.lookup is not None or head.identity is not None)
+                # Nothing to capture, swallow or count: only errors and settings matter.
+                plain = head is not None and head.capture is None and not head.swallow and not head.flush
+            if own:
+                assert head is not None
                 if mtype in _CLIENTS_DURING_LOOKUP:
                     if mtype == MSG_PARAMETER_STATUS:
                         self._parameter(buf[start + 5 : end])
@@ -204,8 +225,10 @@ class Relay(BatchHandling):
                 self._lookup_frame(head, mtype, buf[start + 5 : end])
                 if mtype == MSG_READY_FOR_QUERY:
                     self._release_local(out)
+                    stale = True
                 continue
             if mtype == MSG_READY_FOR_QUERY:
+                stale = True
                 self.state.tx_status = buf[start + 5 : start + 6]
                 out.append(buf[cut:end])
                 cut = end
@@ -227,8 +250,15 @@ class Relay(BatchHandling):
                 if mtype == MSG_PARAMETER_STATUS:
                     self._parameter(buf[start + 5 : end])
                 continue
+            if plain:
+                if mtype == MSG_ERROR_RESPONSE:
+                    head.error = True
+                elif mtype == MSG_PARAMETER_STATUS:
+                    self._parameter(buf[start + 5 : end])
+                continue
             if head.swallow and mtype in _SWALLOWED:  # our Parse/Close ahead of it
                 head.swallow -= 1
+                stale = not head.swallow  # maybe plain from now on
                 out.append(buf[cut:start])
                 cut = end
                 continue
@@ -248,6 +278,7 @@ class Relay(BatchHandling):
                     if head.expect == 0:
                         out.append(buf[cut:end])
                         cut = end
+                        stale = True
                         pending.popleft()
                         self._complete(head)
                         self._release_local(out)
@@ -288,3 +319,16 @@ class Relay(BatchHandling):
                 if item.flush
                 else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status)
             )
+
+
+def _take(pending: bytearray, used: int) -> bytes:
+    """The first `used` bytes, out of the buffer: one copy when they are all of it (the
+    common case, a read of whole messages), not a slice copied again."""
+    if used == len(pending):
+        taken = bytes(pending)
+        pending.clear()
+        return taken
+    with memoryview(pending) as view, view[:used] as head:
+        taken = bytes(head)
+    del pending[:used]  # after the views are released: a bytearray with views cannot shrink
+    return taken

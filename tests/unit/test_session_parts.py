@@ -77,3 +77,53 @@ def test_a_closed_session_lets_held_cancels_go() -> None:
     gate.release(closed=True)
     assert fired == [1]
 
+
+
+def _bind_values(statement: str, value: bytes) -> bytes:
+    return (
+        pgwire.cstr("") + pgwire.cstr(statement) + b"\x00\x00\x00\x01"
+        + len(value).to_bytes(4, "big") + value + b"\x00\x00"
+    )  # fmt: skip
+
+
+def _describe_execute() -> list[tuple[int, bytes]]:
+    return [(MSG_DESCRIBE, TARGET_PORTAL + pgwire.cstr("")), (MSG_EXECUTE, EXECUTE)]
+
+
+def test_a_batch_shape_is_planned_once_and_keyed_by_its_values() -> None:
+    book = StatementBook()
+    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE k = $1"))]))
+    one = [(MSG_BIND, _bind_values("s", b"1")), *_describe_execute()]
+    two = [(MSG_BIND, _bind_values("s", b"2")), *_describe_execute()]
+    plan_one, material_one = book.plan_shaped(one)
+    plan_two, material_two = book.plan_shaped(two)
+    assert plan_two is plan_one  # the same shape: planned once
+    # The material is what a full plan of each batch says: same keys as before the memo.
+    assert material_one == book.plan(one).material
+    assert material_two == book.plan(two).material
+    assert material_one != material_two
+
+
+def test_a_statement_parsed_again_under_its_name_is_planned_and_classified_anew() -> None:
+    book = StatementBook()
+    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE k = $1"))]))
+    batch = [(MSG_BIND, _bind_values("s", b"1")), *_describe_execute()]
+    read, _ = book.plan_shaped(batch)
+    assert read.status is None and read.tables == frozenset({"t"}) and not read.writes
+    # Same name, same Bind bytes, other text: a write now. The version moved, so the memo
+    # of the old shape must not answer.
+    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "DELETE FROM u WHERE k = $1 RETURNING v"))]))
+    write, material = book.plan_shaped(batch)
+    assert write is not read
+    assert write.writes == frozenset({"u"}) and write.status is not None
+    assert material == book.plan(batch).material
+
+
+def test_values_that_read_the_clock_are_refused_per_batch() -> None:
+    book = StatementBook()
+    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE at < $1"))]))
+    plain, _ = book.plan_shaped([(MSG_BIND, _bind_values("s", b"2024-01-01")), *_describe_execute()])
+    clock, _ = book.plan_shaped([(MSG_BIND, _bind_values("s", b"now")), *_describe_execute()])
+    again, _ = book.plan_shaped([(MSG_BIND, _bind_values("s", b"2024-01-02")), *_describe_execute()])
+    assert plain.status is None and again is plain
+    assert clock.status is not None and clock is not plain
