@@ -116,7 +116,9 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
         started = time.perf_counter()
         assert app._driver is not None
         app._driver.send_message(event)
-        deadline = started + 2.0
+        # What is asserted is that the change shows at all, not how fast (that is the budget
+        # below, off by default): 2 s was exceeded on a 2-core machine running other suites.
+        deadline = started + 30.0
         while probe.seen_at is None and time.perf_counter() < deadline:
             await asyncio.sleep(0.001)
         assert probe.seen_at is not None, f"{name}: no frame showed the change"
