@@ -1,7 +1,8 @@
 """Class 23: a hostile review of primary-key precision (cache/keys.py, relations.py 'k' rows,
 proxy/decisions.py). Each case caches point lookups, writes through neonpoly, and compares
 with a direct connection after a provable hit. Cases marked FAILS TODAY (xfail, strict)
-leave a stale answer in the cache now; the comment says why."""
+leave a stale answer in the cache now; the comment says why (`pytest --runxfail` shows each
+stale answer). The strict xfail turns into a failure once the hole is fixed: then drop the mark."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from psycopg.types.numeric import Int4
 
 from neonpoly import pgwire
 from tests.adversarial import rawpg
@@ -641,7 +643,8 @@ async def test_multi_statement_simple_query_mixing_keyed_and_whole(env: Env) -> 
         await reader.check(sql, why="after a multi-statement query")
 
 
-async def test_operator_created_on_a_stale_search_path(env: Env) -> None:
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+async def test_operator_created_on_a_stale_search_path(env: Env, protocol: str) -> None:
     """Passes today, narrowly. The writer's search_path names a schema that does not exist yet; its
     identity (current_schemas(false)) holds pg_catalog and public only. Another session then
     creates that schema with an `=` for integers that is always true (DDL through neonpoly:
@@ -665,7 +668,10 @@ async def test_operator_created_on_a_stale_search_path(env: Env) -> None:
     await ddl.run(f"CREATE FUNCTION {evil}.always(int, int) RETURNS bool IMMUTABLE LANGUAGE sql AS $$ SELECT true $$")
     await ddl.run(f"CREATE OPERATOR {evil}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {evil}.always)")
     reader = await warmed(env, points(t, 1, 2, 3))  # its lookups teach the book t and the rival
-    await writer.via.run(f"UPDATE {t} SET v = 'everyone' WHERE aid = 1")
+    if protocol == "simple":
+        await writer.via.run(f"UPDATE {t} SET v = 'everyone' WHERE aid = 1")
+    else:
+        await pcon(writer.via).execute(f"UPDATE {t} SET v = 'everyone' WHERE aid = %s", (Int4(1),))
     assert await writer.direct.rows(f"SELECT count(*) FROM public.{t} WHERE v OPERATOR(pg_catalog.=) 'everyone'") == [
         (4,)
     ]
