@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import socket
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +51,8 @@ from neonpoly.freshness.plane import (
     generations,
     public_url,
 )
+from neonpoly.freshness.redis_wire import HEARTBEAT, PUBLISH, RELEASE_LEASE, RENEW, p50_p99, release, why
+from neonpoly.freshness.redis_wire import streams as read_streams
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -59,37 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.plane")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
-
-# INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for.
-_PUBLISH = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = redis.call('INCR', KEYS[1])
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'node', ARGV[2], 'b', ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-return {n, id, redis.call('ZRANGE', KEYS[3], 0, -1)}
-"""
-# Registers the node on every key given (the plane's, each followed origin's); the live nodes.
-_HEARTBEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  redis.call('PEXPIRE', key, ttl * 20)
-end
-return redis.call('ZRANGE', KEYS[1], 0, -1)
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 @dataclass(slots=True)
 class _Origin:
@@ -152,7 +122,7 @@ class RedisPlane:
         self._open: Batch | None = None
         self._applying = False
         self._down_at: float | None = None  # monotonic
-        self._down_release: asyncio.Future[None] | None = None
+        self._downrelease: asyncio.Future[None] | None = None
         self._was_up = False
         self._batches = 0
         self._hold_times: deque[float] = deque(maxlen=1000)
@@ -206,7 +176,7 @@ class RedisPlane:
         outage (a node may have proven itself caught up just before it), then nothing."""
         if self.state == "up":
             return self._open.future if self._open else None
-        release = self._down_release
+        release = self._downrelease
         return release if release is not None and not release.done() else None
 
     # --- life --------------------------------------------------------------------------
@@ -230,7 +200,7 @@ class RedisPlane:
             await asyncio.wait_for(self._recover(), s.io_timeout)
             await self._keep_leases()
         except _FAILURES as exc:
-            self._went_down(_why(exc))
+            self._went_down(why(exc))
         loop = self._loop
         self._tasks = [
             loop.create_task(self._read_loop(), name="plane reader"),
@@ -264,7 +234,7 @@ class RedisPlane:
         for origin in self._origins.values():
             pipe.zrem(origin.nodes, self.node)
             if origin.lease_mine:
-                pipe.eval(_RELEASE, 1, origin.lease, self.node)
+                pipe.eval(RELEASE_LEASE, 1, origin.lease, self.node)
         await pipe.execute()
 
     # --- Redis down, back, or lost its data -------------------------------------------------
@@ -281,8 +251,8 @@ class RedisPlane:
         self.downs += 1
         self._down_at = time.monotonic()
         if self._loop is not None:
-            self._down_release = self._loop.create_future()
-            self._loop.call_later(self.settings.hold, _release, self._down_release)
+            self._downrelease = self._loop.create_future()
+            self._loop.call_later(self.settings.hold, release, self._downrelease)
         if self._open is not None:
             self._lost |= set(self._open.bumps)
 
@@ -359,7 +329,7 @@ class RedisPlane:
                 log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
                 self.state, self.reason, self.since = "connecting", str(exc), time.time()
             except _FAILURES as exc:
-                self._went_down(_why(exc))
+                self._went_down(why(exc))
                 with contextlib.suppress(*_FAILURES):
                     assert self._reader is not None
                     await self._reader.connection_pool.disconnect()
@@ -380,7 +350,7 @@ class RedisPlane:
         streams[acks_key] = self._acks_id
         pipe = self._reader.pipeline(transaction=False)
         beat_keys = [self._key("nodes"), *(o.nodes for o in origins)]
-        pipe.eval(_HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
+        pipe.eval(HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
         ack, self._ack_due = self._ack_due, {}
         if ack:
             pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
@@ -394,7 +364,7 @@ class RedisPlane:
         self._seen(tuple(live))
         if epoch != self._epoch:
             raise _Regap("Redis lost its data (restarted or flushed)")
-        by_stream = _streams(read)
+        by_stream = read_streams(read)
         full = False
         for origin in origins:
             entries = by_stream.get(origin.stream, ())
@@ -475,13 +445,13 @@ class RedisPlane:
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for origin, bump in order:
-                pipe.eval(_PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
+                pipe.eval(PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
             replies = await pipe.execute()  # bounded by the client's socket timeout
         except _FAILURES as exc:
             # Whether the entries made it is unknown: hold the replies as if they did.
             self._lost |= set(batch.bumps)
-            self._went_down(_why(exc))
-            self._loop.call_later(s.hold, _release, batch.future)
+            self._went_down(why(exc))
+            self._loop.call_later(s.hold, release, batch.future)
             return
         self._batches += 1
         published: dict[str, int] = {}
@@ -516,7 +486,7 @@ class RedisPlane:
                 continue
             try:
                 if origin.lease_mine:
-                    if await self._cmd.eval(_RENEW, 1, origin.lease, self.node, ms):
+                    if await self._cmd.eval(RENEW, 1, origin.lease, self.node, ms):
                         origin.lease_until = now + self.settings.lease * 0.8
                     else:
                         self._lease_lost(origin, "another node holds it now")
@@ -582,36 +552,7 @@ class RedisPlane:
             gaps=sum(o.gaps for o in origins),
             holds=self._batches,
             hold_timeouts=self.holds.timed_out,
-            hold_ms=_p50_p99(self._hold_times),
+            hold_ms=p50_p99(self._hold_times),
             downs=self.downs,
             origins=origins,
         )
-
-
-def _p50_p99(values: deque[float]) -> tuple[float, float] | None:
-    if len(values) < 2:
-        return None
-    cuts = statistics.quantiles(values, n=100)
-    return cuts[49] * 1000, cuts[98] * 1000
-
-
-def _release(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _streams(reply: Any) -> dict[str, list[tuple[str, dict[str, str]]]]:
-    """XREAD's reply in either protocol's shape: stream -> [(id, fields)]."""
-    if not reply:
-        return {}
-    pairs = reply.items() if isinstance(reply, dict) else reply
-    out: dict[str, list[tuple[str, dict[str, str]]]] = {}
-    for stream, entries in pairs:
-        out[str(stream)] = [(str(i), f if isinstance(f, dict) else dict(zip(f[::2], f[1::2], strict=True)))
-                            for i, f in entries]
-    return out
-
-
-def _why(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
