@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -125,6 +126,8 @@ class RedisPlane:
         self._downrelease: asyncio.Future[None] | None = None
         self._was_up = False
         self._batches = 0
+        self._beat_sent = -math.inf  # monotonic send time of the last heartbeat that executed
+        self._beat_keys: list[str] = []
         self._hold_times: deque[float] = deque(maxlen=1000)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -269,6 +272,7 @@ class RedisPlane:
         last_ack = await r.xrevrange(self._key("acks"), count=1)
         self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
         origins = list(self._origins.values())
+        self._beat_sent = -math.inf  # Redis may have lost the node's registration
         await self._bootstrap(origins)
         self._epoch = None if epoch is None else str(epoch)
         was_up, self._was_up = self._was_up, True
@@ -350,7 +354,12 @@ class RedisPlane:
         streams[acks_key] = self._acks_id
         pipe = self._reader.pipeline(transaction=False)
         beat_keys = [self._key("nodes"), *(o.nodes for o in origins)]
-        pipe.eval(HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
+        # The heartbeat need not go with every round: a round proves the gate only while
+        # the last heartbeat was sent at most (heartbeat - limit) / 2 before it, so a writer
+        # that finds this node's heartbeat expired knows its gate is closed.
+        beat = beat_keys != self._beat_keys or time.monotonic() - self._beat_sent > (s.heartbeat - s.limit) / 2
+        if beat:
+            pipe.eval(HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
         ack, self._ack_due = self._ack_due, {}
         if ack:
             pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
@@ -360,8 +369,10 @@ class RedisPlane:
         replies = await pipe.execute()
         if self.state != "up":
             return  # the publisher found Redis down meanwhile: recover before proving anything
-        live, read, epoch = replies[0], replies[-2], replies[-1]
-        self._seen(tuple(live))
+        read, epoch = replies[-2], replies[-1]
+        if beat:
+            self._beat_sent, self._beat_keys = sent, beat_keys
+            self._seen(tuple(replies[0]))
         if epoch != self._epoch:
             raise _Regap("Redis lost its data (restarted or flushed)")
         by_stream = read_streams(read)
@@ -495,7 +506,8 @@ class RedisPlane:
                     origin.lease_until = now + self.settings.lease * 0.8
                     log.info("invalidation plane: this node (%s) runs the change feed of %s", self.node, origin.key)
                     # Taking over is a gap: changes between the last holder's end and this
-                    # feed's start were seen by no feed.
+                    # feed's start were seen by no feed. Purge here and on every node.
+                    self._purge_local(origin, counted=False)
                     self._observed(origin.key, ("p",))
                     if self.lease_listener is not None:
                         self.lease_listener(origin.key, True)
