@@ -62,6 +62,7 @@ log = logging.getLogger("neonpoly.plane")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 
+
 @dataclass(slots=True)
 class _Origin:
     key: str
@@ -123,7 +124,7 @@ class RedisPlane:
         self._open: Batch | None = None
         self._applying = False
         self._down_at: float | None = None  # monotonic
-        self._downrelease: asyncio.Future[None] | None = None
+        self._down_release: asyncio.Future[None] | None = None
         self._was_up = False
         self._batches = 0
         self._beat_sent = -math.inf  # monotonic send time of the last heartbeat that executed
@@ -179,7 +180,7 @@ class RedisPlane:
         outage (a node may have proven itself caught up just before it), then nothing."""
         if self.state == "up":
             return self._open.future if self._open else None
-        release = self._downrelease
+        release = self._down_release
         return release if release is not None and not release.done() else None
 
     # --- life --------------------------------------------------------------------------
@@ -252,12 +253,17 @@ class RedisPlane:
                     self.url, why)
         self.state, self.reason, self.since = "down", why, time.time()
         self.downs += 1
-        self._down_at = time.monotonic()
-        if self._loop is not None:
-            self._downrelease = self._loop.create_future()
-            self._loop.call_later(self.settings.hold, release, self._downrelease)
+        self._hold_outage()
         if self._open is not None:
             self._lost |= set(self._open.bumps)
+
+    def _hold_outage(self) -> None:
+        """Writes made in the first `hold` seconds of an outage wait out its end (other nodes
+        may have proven themselves caught up just before it began, and will not hear of them)."""
+        self._down_at = time.monotonic()
+        if self._loop is not None:
+            self._down_release = self._loop.create_future()
+            self._loop.call_later(self.settings.hold, release, self._down_release)
 
     async def _recover(self) -> None:
         """(Re)join: learn the epoch, where each stream ends, then purge what this node has
@@ -273,6 +279,8 @@ class RedisPlane:
         self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
         origins = list(self._origins.values())
         self._beat_sent = -math.inf  # Redis may have lost the node's registration
+        # Acknowledgements count sequence numbers, which start over if Redis lost its data.
+        self.holds.acked.clear()
         await self._bootstrap(origins)
         self._epoch = None if epoch is None else str(epoch)
         was_up, self._was_up = self._was_up, True
@@ -332,6 +340,7 @@ class RedisPlane:
                     origin.gate.close()
                 log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
                 self.state, self.reason, self.since = "connecting", str(exc), time.time()
+                self._hold_outage()
             except _FAILURES as exc:
                 self._went_down(why(exc))
                 with contextlib.suppress(*_FAILURES):
