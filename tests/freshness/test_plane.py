@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import psycopg
+from redis.asyncio import Redis
 
 from neonpoly.admin.metrics import MetricsServer
 from neonpoly.freshness.changefeed import FeedSettings
@@ -270,3 +271,38 @@ async def _eventually(client: asyncpg.Connection, sql: str, value: int, what: st
         assert got < value, f"{what}: read {got}, newer than written"
         assert time.monotonic() < deadline, f"{what}: still {got}"
         await asyncio.sleep(0.01)
+
+
+async def test_a_redis_that_lost_its_data_under_live_connections_is_a_gap(
+    pg_logical: PgServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    table = _table("plane_flush")
+    await _make_table(pg_logical, table)
+    sql = f"SELECT v FROM {table} WHERE id = 1"
+    async with (
+        plane_node(pg_logical, tmp_path / "a", redis_server.url) as a,
+        plane_node(pg_logical, tmp_path / "b", redis_server.url) as b,
+    ):
+        await _plane_up(a, b)
+        writer = await asyncpg.connect(**a.dsn())
+        reader = await asyncpg.connect(**b.dsn())
+        redis = Redis.from_url(redis_server.url, protocol=2)
+        try:
+            for value in range(1, 6):
+                await writer.execute(f"UPDATE {table} SET v = $1 WHERE id = 1", value)
+                before = _hits(b)
+                while _hits(b) == before:  # until B answers it from its cache
+                    assert await reader.fetchval(sql) == value
+            gaps = [n.service.report().plane.gaps for n in (a, b)]  # type: ignore[union-attr]
+            await redis.flushall()
+            await until(lambda: all(n.service.report().plane.gaps > g for n, g in zip((a, b), gaps, strict=True)),  # type: ignore[union-attr]
+                        "both nodes saw the flush as a gap")
+            await _plane_up(a, b)
+            for value in range(6, 11):
+                await writer.execute(f"UPDATE {table} SET v = $1 WHERE id = 1", value)
+                assert await reader.fetchval(sql) == value
+                assert await reader.fetchval(sql) == value
+        finally:
+            await redis.aclose()
+            await writer.close()
+            await reader.close()
