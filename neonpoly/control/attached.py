@@ -23,6 +23,7 @@ from neonpoly.control.interface import (
     CacheStatus,
     Control,
     ControlError,
+    Freshness,
     HeaderInfo,
     IntegrationView,
     Progress,
@@ -150,6 +151,7 @@ class Poll:
     taken_at: float
     stats: dict[str, Row]  # cache id (or ALL) → row
     queries: tuple[Row, ...]
+    caches: dict[str, Row]  # cache id → SHOW CACHES row (the change feed's state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +291,7 @@ class AttachedControl(Control):
         try:
             stats = await self.query("SHOW STATS")
             queries = await self.query("SHOW QUERIES")
+            caches = await self.query("SHOW CACHES")
         except ControlError as exc:
             if self._ok or self._error != str(exc):
                 log.warning("%s", exc)
@@ -305,7 +308,7 @@ class AttachedControl(Control):
             series.observe(second, (row["hits"], row["misses"], row["passthrough"]), baseline=baseline)
         for gone in set(self._series) - set(by_cache):
             del self._series[gone]
-        self._poll = Poll(now, by_cache, tuple(queries))
+        self._poll = Poll(now, by_cache, tuple(queries), {row["cache"]: row for row in caches})
         self._ok, self._error = True, None
 
     async def _run_poll(self) -> None:
@@ -354,6 +357,19 @@ class AttachedControl(Control):
             hit_rate=totals.hits / cacheable if cacheable else None,
             origin=item.origin_label,
             endpoint_state=item.endpoint_state,
+            freshness=self._freshness(item.cache_id),
+        )
+
+    def _freshness(self, cache_id: str) -> Freshness | None:
+        row = self._poll.caches.get(cache_id) if self._poll else None
+        if row is None:
+            return None
+        last = row["feed_last_change"]
+        feed = str(row["change_feed"])
+        return Freshness(
+            feed=feed, following=feed.startswith("on"), changes=int(row["feed_changes"]),
+            ddl=int(row["feed_ddl"]), gaps=int(row["feed_gaps"]),
+            last_change=last.timestamp() if isinstance(last, datetime) else None,
         )
 
     def stats(self, cache_id: str | None = None) -> StatsSnapshot:

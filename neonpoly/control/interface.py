@@ -56,6 +56,19 @@ class CacheStatus:
     hit_rate: float | None  # None before any cacheable query
     origin: str = ""  # "host:port" of the origin (never a password)
     endpoint_state: str | None = None  # Neon endpoint state as last discovered
+    freshness: Freshness | None = None  # None when the proxy has not reported it (not served)
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """How the cache learns of writes that bypass it (the origin's change feed)."""
+
+    feed: str  # "on (lag 1 ms)", "off: wal_level is replica", "idle: …" (the report's summary)
+    following: bool  # the feed is live: direct writes on the origin evict too
+    changes: int  # committed transactions the feed applied
+    ddl: int  # catalog changes it caught
+    gaps: int  # evictions for a gap in the feed (connect, reconnect, idle close)
+    last_change: float | None  # Unix time of the last change applied
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from neonpoly.control.interface import (
     CacheStatus,
     Control,
     ControlError,
+    Freshness,
     HeaderInfo,
     IntegrationView,
     Progress,
@@ -164,6 +165,14 @@ class LocalControl(Control):
             calls=totals.calls, hits=totals.hits,
             hit_rate=totals.hits / cacheable if cacheable else None,
             origin=item.origin_label, endpoint_state=item.endpoint_state,
+            freshness=Freshness(
+                feed=report.change_feed,
+                following=any(f.state == "live" for f in report.feeds),
+                changes=sum(f.changes for f in report.feeds),
+                ddl=sum(f.ddl for f in report.feeds),
+                gaps=sum(f.gaps for f in report.feeds),
+                last_change=max((f.last_change for f in report.feeds if f.last_change is not None), default=None),
+            ),
         )
 
     def stats(self, cache_id: str | None = None) -> StatsSnapshot:

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from neonpoly.defaults import ROOT_CLUSTER_BASE
-from neonpoly.integrations.embedded import LocalPostgres, unreachable_parent
+from neonpoly.integrations.embedded import LocalPostgres, SettingValue, unreachable_parent
 from neonpoly.integrations.pgbin import PostgresError, RunAs, run_as
 from neonpoly.proxy.origin import Origin
 
@@ -97,6 +97,18 @@ def _private_dir(path: Path, user: RunAs) -> None:
         )
 
 
+# wal_level=logical so the change feed (on by default, `--change-feed auto`) sees writes made
+# around neonpoly too (psql on the embedded socket, a migration tool). It costs a little more
+# WAL per write and nothing else: the feed's slots are temporary, so no WAL is retained once
+# it disconnects. A cluster made before this setting picks it up on its next start.
+EMBEDDED_SETTINGS: dict[str, SettingValue] = {
+    "max_connections": 200,
+    "wal_level": "logical",
+    "max_wal_senders": 10,
+    "max_replication_slots": 10,
+}
+
+
 def start_embedded_origin(
     root: Path, timeout: float = 60, *, shared_base: Path | None = None
 ) -> tuple[EmbeddedOrigin, Origin]:
@@ -105,7 +117,7 @@ def start_embedded_origin(
     # Not die_with_parent: Linux ties that to the starting *thread*, and we start it from a
     # worker thread; `serve` stops the cluster itself on shutdown.
     data = cluster_dir(root, shared_base)
-    cluster = LocalPostgres(data, superuser=EMBEDDED_USER, settings={"max_connections": 200})
+    cluster = LocalPostgres(data, superuser=EMBEDDED_USER, settings=EMBEDDED_SETTINGS)
     fresh = not cluster.initialized
     cluster.start(timeout=timeout)
     if fresh:

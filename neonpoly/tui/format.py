@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from neonpoly.control.interface import Freshness
 from neonpoly.stats import HIT, MISS
 
 DASH = "—"
@@ -163,3 +164,34 @@ def clip(text: str, width: int) -> str:
     """One line, at most `width` cells, with an ellipsis when cut."""
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: max(0, width - 1)] + "…"
+
+
+def ago(seconds: float) -> str:
+    """How long ago, coarse on purpose (a live line must not flicker every frame)."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min ago"
+    return f"{seconds // 3600:.0f} h ago"
+
+
+def freshness(fresh: Freshness | None, now: float) -> str:
+    """What keeps the cache fresh besides the writes it relays: the origin's change feed.
+
+    "change feed on (lag 1 ms) · 3 changes caught · last 12 s ago", or why it is off.
+    """
+    if fresh is None:
+        return DASH
+    if not fresh.feed:
+        return "writes through neonpoly only"
+    parts = [f"change feed {fresh.feed}"]
+    if fresh.following or fresh.changes:
+        parts.append(plural(fresh.changes, "change caught", "changes caught"))
+    if fresh.ddl:
+        parts.append(plural(fresh.ddl, "DDL", "DDL"))
+    if fresh.gaps:
+        parts.append(plural(fresh.gaps, "gap", "gaps"))
+    if fresh.last_change is not None:
+        parts.append(f"last {ago(now - fresh.last_change)}")
+    return " · ".join(parts)

@@ -44,6 +44,14 @@ def _service(root: Path) -> ProxyService:
     return ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=root / "cache", rules_dir=root))
 
 
+async def _feed_on(service: ProxyService, cache_id: str) -> None:
+    """Wait until the cache's change feed follows the origin (the embedded one allows it)."""
+    deadline = time.monotonic() + 30
+    while not (state := service.report(cache_id).caches[0].change_feed).startswith("on"):
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.1)
+
+
 def _assert_no_secret_leaks(root: Path, secrets: list[str]) -> None:
     text = (root / "integrations.toml").read_text()
     for secret in secrets:
@@ -235,6 +243,8 @@ async def test_embedded_from_empty_state_dir(state_root: Path) -> None:
             assert len(served) == 1 and served[0].integration.kind == "embedded"
             cache_ids.append(served[0].integration.cache_id)
             url = served[0].connection_string(host, port)
+            # The feed starting evicts what was cached before it (a gap): let it start first.
+            await _feed_on(service, cache_ids[-1])
             if run == 0:
                 await psql(url, "CREATE TABLE shelf (id int PRIMARY KEY, title text);"
                                 "INSERT INTO shelf SELECT g, 'book ' || g"
@@ -248,6 +258,34 @@ async def test_embedded_from_empty_state_dir(state_root: Path) -> None:
     assert cache_ids[0] == cache_ids[1]
     assert timings[0] < 60 and timings[1] < 10
     _assert_no_secret_leaks(state_root, [])
+
+
+async def test_embedded_origin_follows_writes_made_around_neonpoly(state_root: Path) -> None:
+    """The embedded default runs with wal_level=logical, so the change feed (auto) is on and a
+    write made directly on the cluster (psql on its own port) evicts what neonpoly cached."""
+    service = _service(state_root)
+    running = await start_serving(service, state_root, follow=False)
+    try:
+        host, port = running.address
+        served = running.served[0]
+        cache_id = served.integration.cache_id
+        url = served.connection_string(host, port)
+        assert running.embedded.handle is not None
+        direct = running.embedded.handle.cluster.url(database="neondb")
+        await psql(url, "CREATE TABLE notes (id int PRIMARY KEY, body text);"
+                        "INSERT INTO notes VALUES (1, 'first')")
+        await _feed_on(service, cache_id)
+        for _ in range(3):
+            assert await psql(url, "SELECT body FROM notes WHERE id = 1") == "first"
+        hits = service.stats.snapshot(cache_id).totals.hits
+        assert hits >= 1  # the read is served from the cache now
+        await psql(direct, "UPDATE notes SET body = 'edited elsewhere' WHERE id = 1")
+        deadline = time.monotonic() + 10
+        while (seen := await psql(url, "SELECT body FROM notes WHERE id = 1")) != "edited elsewhere":
+            assert time.monotonic() < deadline, f"still {seen!r} through neonpoly"
+            await asyncio.sleep(0.05)
+    finally:
+        await running.close(grace=0.5)
 
 
 async def test_console_flow_on_embedded_origin(
@@ -274,6 +312,18 @@ async def test_console_flow_on_embedded_origin(
             assert await psql(url, "SELECT count(*) FROM pg_database WHERE datname = 'neondb'")
         status = control.status(view.cache_id)
         assert status.calls == 3 and status.origin.startswith("127.0.0.1:")
+        # The console says the change feed follows the embedded origin, and counts a direct write.
+        assert control.embedded.handle is not None
+        direct = control.embedded.handle.cluster.url(database="neondb")
+        deadline = time.monotonic() + 30
+        while (fresh := control.status(view.cache_id).freshness) is None or not fresh.following:
+            assert time.monotonic() < deadline, fresh
+            await asyncio.sleep(0.1)
+        await psql(direct, "CREATE TABLE ledger (id int); INSERT INTO ledger VALUES (1)")
+        while (fresh := control.status(view.cache_id).freshness) is None or fresh.changes < 1:
+            assert time.monotonic() < deadline, fresh
+            await asyncio.sleep(0.05)
+        assert fresh.feed.startswith("on") and fresh.last_change is not None
         assert await control.purge(view.cache_id) >= 0
         assert await control.remove(view.cache_id) == 0
         assert control.integrations() == [] and control.embedded.handle is None

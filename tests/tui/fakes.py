@@ -10,6 +10,7 @@ from neonpoly.control.interface import (
     CacheStatus,
     Control,
     ControlError,
+    Freshness,
     HeaderInfo,
     IntegrationView,
     Progress,
@@ -201,6 +202,8 @@ class DemoControl(Control):
             totals.calls,
             totals.hits,
             totals.hit_rate if totals.hits + totals.misses else None,
+            # No last_change: "12 s ago" would follow the real clock, not the fixed NOW.
+            freshness=Freshness(feed="on (lag 1 ms)", following=True, changes=12, ddl=1, gaps=0, last_change=None),
         )
 
     def stats(self, cache_id: str | None = None) -> StatsSnapshot:

@@ -129,6 +129,13 @@ async def test_console_attached_to_a_running_serve(serve: Serve, state_root: Pat
         assert "attach_items" in cells[0] and cells[1] == f"{mine['calls']:,}"
         status = control.status(serve.cache_id)
         assert (status.calls, status.hits, status.connections) == (stats["calls"], stats["hits"], 1)
+        await control.refresh()
+        view.refresh_data()
+        fresh = control.status(serve.cache_id).freshness
+        [caches] = await serve.admin("SHOW CACHES")
+        assert fresh is not None and fresh.feed == caches["change_feed"]  # as SHOW CACHES says
+        fresh_line = str(view.query_one("#cv-fresh", Label).content)
+        assert fresh_line.startswith("fresh    change feed ") and caches["change_feed"] in fresh_line
 
         # One query through the admin console (PURGE QUERY): only its entries go.
         route = serve.service.routes.by_id[serve.cache_id]

@@ -70,3 +70,14 @@ def test_wrap_parts_fits_the_width(width: int) -> None:
     if width >= 43:  # the longest part fits: no line ends inside a part
         ends = {sum(len(p) for p in url_parts(URL)[: i + 1]) for i in range(len(url_parts(URL)))}
         assert {sum(len(line) for line in lines[: i + 1]) for i in range(len(lines))} <= ends
+
+
+def test_freshness_line_says_what_follows_the_origin_and_why_not() -> None:
+    from neonpoly.control.interface import Freshness
+
+    live = Freshness(feed="on (lag 2 ms)", following=True, changes=1, ddl=0, gaps=2, last_change=1000.0)
+    assert fmt.freshness(live, now=1012.4) == "change feed on (lag 2 ms) · 1 change caught · 2 gaps · last 12 s ago"
+    off = Freshness(feed="off: wal_level is replica", following=False, changes=0, ddl=0, gaps=0, last_change=None)
+    assert fmt.freshness(off, now=0) == "change feed off: wal_level is replica"
+    assert fmt.freshness(None, now=0) == fmt.DASH
+    assert fmt.ago(7200) == "2 h ago" and fmt.ago(90) == "1 min ago"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -10,7 +12,7 @@ from textual.coordinate import Coordinate
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, Sparkline
 
-from neonpoly.control.interface import Control
+from neonpoly.control.interface import Control, ControlError
 from neonpoly.stats import SERIES_SECONDS, StatsSnapshot, TemplateStats
 from neonpoly.tui import format as fmt
 from neonpoly.tui.widgets import set_text
@@ -49,6 +51,7 @@ class CacheViewScreen(Screen[None]):
             yield Label(id="cv-hit-rate")
             yield Label(id="cv-saved")
             yield Label(id="cv-calls")
+        yield Label(id="cv-fresh")
         with Vertical(id="cv-series"):
             for key, label in SERIES:
                 with Horizontal(classes="series-row"):
@@ -90,6 +93,11 @@ class CacheViewScreen(Screen[None]):
         saved = fmt.duration(totals.time_saved_s) if rate is not None else fmt.DASH  # as hit rate
         set_text(self.query_one("#cv-saved", Label), f"saved {saved}")
         set_text(self.query_one("#cv-calls", Label), fmt.plural(totals.calls, "query", "queries"))
+        try:
+            fresh = self.control.status(self.cache_id).freshness
+        except ControlError:  # removed meanwhile: the screen closes on its own
+            fresh = None
+        set_text(self.query_one("#cv-fresh", Label), f"fresh    {fmt.freshness(fresh, time.time())}")
         for key, _ in SERIES:
             values: tuple[int, ...] = getattr(snap.series, key)
             spark = self.query_one(f"#spark-{key}", Sparkline)

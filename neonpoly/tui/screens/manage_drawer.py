@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,6 +17,13 @@ from neonpoly.tui.widgets import set_text
 from neonpoly.tui.widgets.conn_string import ConnectionString
 from neonpoly.tui.widgets.scroll import Scroll
 
+# With the origin's change feed live, direct writes evict too: the warning becomes a reassurance.
+FOLLOWED_NOTES = {
+    "neon": "✓ Writes made directly on the database (a Neon connection string or the SQL "
+    "Editor) evict what they change too: the change feed follows the origin.",
+    "local": "✓ Writes made directly on the database (any connection that bypasses it) evict "
+    "what they change too: the change feed follows the origin.",
+}
 WRITES_NOTES = {
     "neon": "⚠ Always use this connection string: modifying the database directly (a Neon "
     "connection string or the SQL Editor) can leave the cache outdated.",
@@ -24,8 +33,9 @@ WRITES_NOTES = {
 }
 
 
-def writes_note(view: IntegrationView | None) -> str:
-    return WRITES_NOTES["neon" if view is None or view.kind == "neon" else "local"]
+def writes_note(view: IntegrationView | None, following: bool = False) -> str:
+    notes = FOLLOWED_NOTES if following else WRITES_NOTES
+    return notes["neon" if view is None or view.kind == "neon" else "local"]
 
 
 def origin_line(view: IntegrationView, live_state: str | None = None) -> str:
@@ -72,6 +82,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             yield Label(id="cache-line")
             yield Label(id="origin-line")
             yield Label(id="entries-line")
+            yield Label(id="fresh-line")
             with Horizontal(classes="selects"):
                 yield Label("Database", classes="select-label")
                 yield Select[str](
@@ -94,7 +105,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             with Horizontal(classes="buttons"):
                 yield Button("c Copy", id="copy", compact=True)
                 yield Button("s Show", id="reveal", compact=True)
-            yield Label(writes_note(view), classes="warning")
+            yield Label(writes_note(view), id="writes-note", classes="warning")
             with Horizontal(classes="buttons actions"):
                 yield Button("v View cache", id="view", compact=True, variant="primary")
                 yield Button("p Purge cache", id="purge", compact=True, variant="warning")
@@ -155,12 +166,14 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             if self.is_current:
                 self.dismiss(None)
             return
-        # Another console or the CLI may have changed the choice; the Changed handler
-        # ignores values equal to the stored ones, so this does not loop.
+        # Another console or the CLI may have changed the choice. Shown silently: were this
+        # sync to post a Changed, a tick landing between a user's pick and its handler would
+        # queue the old value behind the new one and so undo the pick.
         for select_id, value in (("#database", view.database), ("#role", view.role)):
             select = self.query_one(select_id, Select)
             if select.value != value:
-                select.value = value
+                with select.prevent(Select.Changed):
+                    select.value = value
         status = self.control.status(self.cache_id)
         set_text(self.query_one("#origin-line", Label), origin_line(view, status.endpoint_state))
         set_text(
@@ -169,6 +182,11 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             f"hit rate {fmt.percent(status.hit_rate)} · "
             f"{fmt.plural(status.connections, 'connection', 'connections')}",
         )
+        set_text(self.query_one("#fresh-line", Label), f"Fresh    {fmt.freshness(status.freshness, time.time())}")
+        following = status.freshness is not None and status.freshness.following
+        note = self.query_one("#writes-note", Label)
+        set_text(note, writes_note(view, following))
+        note.set_class(following, "followed")
         self._show_string()
 
     def _show_note(self) -> None:
@@ -214,7 +232,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
                 self.control.select(self.cache_id, role=value)
         except ControlError as error:
             self.notify(str(error), severity="error")
-        self._show_string()
+        self.refresh_data()  # the selects too: a tick may have shown the old choice meanwhile
 
     @on(Button.Pressed, "#reveal")
     def _reveal_pressed(self) -> None:
