@@ -14,7 +14,9 @@ from urllib.parse import quote
 from neonpoly.cli.running import CLIError
 from neonpoly.control.interface import ControlError
 from neonpoly.control.serving import Serving, start_serving
+from neonpoly.defaults import environment
 from neonpoly.freshness.changefeed import FeedSettings
+from neonpoly.freshness.plane import PlaneSettings
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from neonpoly.state import StateInUse, StateLock, state_dir
 
@@ -25,6 +27,9 @@ async def serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CLIError("--tls-cert and --tls-key go together")
     root = state_dir(args.state_dir)
+    redis_url = args.redis or environment().redis_url
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise CLIError("--redis: expected redis://HOST:PORT/DB, rediss://… or unix:///path")
     settings = ProxySettings(
         listen=args.listen,
         cache_dir=args.cache_dir or root / "cache",
@@ -35,6 +40,7 @@ async def serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         rules_dir=root,
         change_feed=FeedSettings(mode=args.change_feed, ddl=args.change_feed_ddl, idle=args.change_feed_idle),
+        redis=PlaneSettings(redis_url) if redis_url else None,
     )
     lock = StateLock(root)
     try:
