@@ -44,6 +44,15 @@ def _service(root: Path) -> ProxyService:
     return ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=root / "cache", rules_dir=root))
 
 
+async def _ddl_caught(service: ProxyService, cache_id: str) -> None:
+    """Wait until the feed's catalog poll has seen the DDL just made (through neonpoly): its
+    eviction of the database would otherwise land between the reads that should hit."""
+    deadline = time.monotonic() + 30
+    while sum(f.ddl for f in service.report(cache_id).caches[0].feeds) < 1:
+        assert time.monotonic() < deadline, service.report(cache_id).caches[0].feeds
+        await asyncio.sleep(0.05)
+
+
 async def _feed_on(service: ProxyService, cache_id: str) -> None:
     """Wait until the cache's change feed follows the origin (the embedded one allows it)."""
     deadline = time.monotonic() + 30
@@ -249,6 +258,7 @@ async def test_embedded_from_empty_state_dir(state_root: Path) -> None:
                 await psql(url, "CREATE TABLE shelf (id int PRIMARY KEY, title text);"
                                 "INSERT INTO shelf SELECT g, 'book ' || g"
                                 " FROM generate_series(1, 50) g")
+                await _ddl_caught(service, cache_ids[-1])
             for _ in range(3):
                 assert await psql(url, "SELECT count(*) FROM shelf WHERE id > 10") == "40"
             assert service.stats.snapshot(cache_ids[-1]).totals.hits >= 1
@@ -272,9 +282,10 @@ async def test_embedded_origin_follows_writes_made_around_neonpoly(state_root: P
         url = served.connection_string(host, port)
         assert running.embedded.handle is not None
         direct = running.embedded.handle.cluster.url(database="neondb")
+        await _feed_on(service, cache_id)
         await psql(url, "CREATE TABLE notes (id int PRIMARY KEY, body text);"
                         "INSERT INTO notes VALUES (1, 'first')")
-        await _feed_on(service, cache_id)
+        await _ddl_caught(service, cache_id)
         for _ in range(3):
             assert await psql(url, "SELECT body FROM notes WHERE id = 1") == "first"
         hits = service.stats.snapshot(cache_id).totals.hits
