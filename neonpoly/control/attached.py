@@ -370,6 +370,7 @@ class AttachedControl(Control):
             feed=feed, following=feed.startswith("on"), changes=int(row["feed_changes"]),
             ddl=int(row["feed_ddl"]), gaps=int(row["feed_gaps"]),
             last_change=last.timestamp() if isinstance(last, datetime) else None,
+            plane=str(row.get("plane") or "off"),
         )
 
     def stats(self, cache_id: str | None = None) -> StatsSnapshot:

@@ -69,6 +69,7 @@ class Freshness:
     ddl: int  # catalog changes it caught
     gaps: int  # evictions for a gap in the feed (connect, reconnect, idle close)
     last_change: float | None  # Unix time of the last change applied
+    plane: str = "off"  # the shared invalidation plane (`serve --redis`): "up, 2 nodes, lag 1 ms", "down: …"
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,6 +172,7 @@ class LocalControl(Control):
                 ddl=sum(f.ddl for f in report.feeds),
                 gaps=sum(f.gaps for f in report.feeds),
                 last_change=max((f.last_change for f in report.feeds if f.last_change is not None), default=None),
+                plane=report.plane,
             ),
         )
 

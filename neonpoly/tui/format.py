@@ -194,4 +194,6 @@ def freshness(fresh: Freshness | None, now: float) -> str:
         parts.append(plural(fresh.gaps, "gap", "gaps"))
     if fresh.last_change is not None:
         parts.append(f"last {ago(now - fresh.last_change)}")
+    if fresh.plane != "off":  # shared with other nodes or workers (`serve --redis`, `--workers`)
+        parts.append(f"plane {fresh.plane}")
     return " · ".join(parts)

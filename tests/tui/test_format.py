@@ -81,3 +81,6 @@ def test_freshness_line_says_what_follows_the_origin_and_why_not() -> None:
     assert fmt.freshness(off, now=0) == "change feed off: wal_level is replica"
     assert fmt.freshness(None, now=0) == fmt.DASH
     assert fmt.ago(7200) == "2 h ago" and fmt.ago(90) == "1 min ago"
+    shared = Freshness(feed="standby: node b runs it", following=False, changes=0, ddl=0, gaps=0, last_change=None,
+                       plane="up, 2 nodes, lag 1 ms")
+    assert fmt.freshness(shared, now=0) == "change feed standby: node b runs it · plane up, 2 nodes, lag 1 ms"
