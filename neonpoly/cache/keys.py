@@ -148,6 +148,11 @@ def _keyed_changes(kind: str, f: Node) -> tuple[KeyRef, ...]:
 def _keyed_inserts(f: Node) -> tuple[KeyRef, ...]:
     if f.get("withClause"):
         return ()
+    # OVERRIDING USER VALUE discards the values given for identity columns: the key written
+    # is the sequence's next value, not the one in VALUES. (OVERRIDING SYSTEM VALUE writes
+    # the given value, as does a plain INSERT into a BY DEFAULT identity column.)
+    if f.get("override", "OVERRIDING_NOT_SET") not in ("OVERRIDING_NOT_SET", "OVERRIDING_SYSTEM_VALUE"):
+        return ()
     rv = f.get("relation")
     select = (f.get("selectStmt") or {}).get("SelectStmt")
     cols = [str(c.get("ResTarget", {}).get("name", "")) for c in f.get("cols") or ()]
@@ -199,6 +204,10 @@ def _keyed_inserts(f: Node) -> tuple[KeyRef, ...]:
 
 def _conjunct_refs(write: bool, rv: Node, where: Any, counts: _Census) -> tuple[KeyRef, ...]:
     table = str(rv.get("relname", ""))
+    if (rv.get("alias") or {}).get("colnames"):
+        # `t AS x(k, aid)` renames t's columns by position: a name in the WHERE clause may
+        # be another column's alias, and which column is at which position is not in the text.
+        return ()
     alias = (rv.get("alias") or {}).get("aliasname")
     qualifier = str(alias) if alias else table
     out: list[KeyRef] = []

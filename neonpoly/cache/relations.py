@@ -131,6 +131,7 @@ LEFT JOIN LATERAL (
   SELECT att.atttypid::pg_catalog.text, att.attname::pg_catalog.text
   FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_attribute att ON att.attrelid {_CATALOG} k.conrelid
    AND att.attnum {_CATALOG} k.conkey[1]
+   AND att.attgenerated {_CATALOG} ''  -- a generated key moves when the columns it is computed from change
   WHERE k.conrelid {_CATALOG} c.oid AND k.contype {_CATALOG} 'p' AND NOT k.condeferrable
    AND pg_catalog.cardinality(k.conkey) {_CATALOG} 1
 ) pk(typ, col) ON true
@@ -184,7 +185,8 @@ class Relation:
     opaque: bool  # a write to it runs triggers or rules: it may change anything
     # Its single-column integer primary key, when a write naming one key value changes only
     # that row (keys.py): an ordinary table without row security, children or cascades into
-    # itself, and so is every relation of that name. None: no key precision.
+    # itself, a key that is not a generated column, and so is every relation of that name.
+    # None: no key precision.
     key: str | None = None
 
 

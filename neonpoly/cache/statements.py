@@ -21,7 +21,7 @@ _UTILITY = {
     "UnlistenStmt": "UNLISTEN changes the session's subscriptions",
     "ClosePortalStmt": "CLOSE ends a cursor of the session",
     "VacuumStmt": "VACUUM is maintenance, never cached", "CheckPointStmt": "CHECKPOINT is maintenance, never cached",
-    "ClusterStmt": "CLUSTER is maintenance, never cached", "ReindexStmt": "REINDEX is maintenance, never cached",
+    "ReindexStmt": "REINDEX is maintenance, never cached",
     "PrepareStmt": "PREPARE only names a statement (its executions may be cached)",
     "ConstraintsSetStmt": "SET CONSTRAINTS applies to the current transaction only",
 }
@@ -67,6 +67,10 @@ def classify_statement(kind: str, f: Node) -> Verdict:
         return verdict
     if kind == "LoadStmt":
         return _changes_session("LOAD of a library")
+    if kind == "VacuumStmt" and _option_on(f.get("options") or (), ("full",)):
+        return _rewrite("VACUUM FULL", [r.get("VacuumRelation", {}).get("relation") for r in f.get("rels") or ()])
+    if kind == "ClusterStmt":
+        return _rewrite("CLUSTER", [f["relation"]] if f.get("relation") else [])
     if kind in _UTILITY:
         return Verdict().refuse(Status.NOTAQUERY, _UTILITY[kind])
     if kind in _SIDE_EFFECTS:
@@ -89,6 +93,22 @@ def classify_statement(kind: str, f: Node) -> Verdict:
     verdict.changes_session = True  # CREATE TEMP, ownership, role attributes ...
     verdict.cluster_wide = kind in _CLUSTER_WIDE
     return verdict
+
+
+def _rewrite(what: str, relations: list[Any]) -> Verdict:
+    """VACUUM FULL and CLUSTER rewrite a table: its data stays, but every row's ctid (which a
+    read may return) moves. A write of the tables named; of the whole database (every table
+    it may rewrite) when none is."""
+    verdict = Verdict()
+    for rv in relations:
+        if not isinstance(rv, dict) or not rv.get("relname"):
+            return verdict.write(f"{what} rewrites tables", everything=True)
+        name = str(rv["relname"])
+        verdict.tables_written.add(name)
+        verdict.qualified.append(queries.qualified(rv.get("schemaname"), name))
+    if not verdict.tables_written:
+        return verdict.write(f"{what} rewrites every table it may (none named)", everything=True)
+    return verdict.write(f"{what} rewrites {', '.join(verdict.qualified)} (every row's ctid moves)")
 
 
 def _changes_session(reason: str) -> Verdict:
@@ -119,7 +139,8 @@ def _explain(f: Node) -> Verdict:
     inner = classify_statement(kind, fields)
     verdict.tables_read = inner.tables_read
     verdict.qualified = inner.qualified
-    if _analyzes(f.get("options") or ()) and (inner.is_write or inner.invalidate_all or inner.changes_session):
+    analyzes = _option_on(f.get("options") or (), ("analyze", "analyse"))
+    if analyzes and (inner.is_write or inner.invalidate_all or inner.changes_session):
         # EXPLAIN ANALYZE executes the statement.
         verdict.is_write = inner.is_write
         verdict.invalidate_all = inner.invalidate_all
@@ -129,21 +150,25 @@ def _explain(f: Node) -> Verdict:
     return verdict
 
 
-def _analyzes(options: Any) -> bool:
-    """Whether EXPLAIN's options turn ANALYZE on; anything but an explicit false does."""
+def _option_on(options: Any, names: tuple[str, ...]) -> bool:
+    """Whether a statement's options (EXPLAIN's ANALYZE, VACUUM's FULL) turn the option of
+    one of these names on; anything but an explicit false does (and any one of repeats)."""
     for option in options:
         elem = option.get("DefElem", {})
-        if str(elem.get("defname", "")).lower() not in ("analyze", "analyse"):
+        if str(elem.get("defname", "")).lower() not in names:
             continue
         arg = elem.get("arg")
         if arg is None:
             return True
         ((atype, value),) = arg.items()
         if atype == "Integer":
-            return bool(value.get("ival", 0))
-        if atype == "Boolean":
-            return bool(value.get("boolval", False))
-        return str(value.get("sval", "")).lower() not in _FALSE
+            on = bool(value.get("ival", 0))
+        elif atype == "Boolean":
+            on = bool(value.get("boolval", False))
+        else:
+            on = str(value.get("sval", "")).lower() not in _FALSE
+        if on:
+            return True
     return False
 
 

@@ -10,6 +10,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from neonpoly.cache.relations import LOOKUP_SQL
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy, unique
 
@@ -154,3 +155,19 @@ async def test_insert_of_new_keys_keeps_other_keys_point_lookups(pg: PgServer, p
         assert await served(proxy, point, 2) == (20, True)
     finally:
         await conn.close()
+
+
+async def test_catalog_vouches_for_plain_and_identity_keys_not_generated_ones(pg: PgServer) -> None:
+    """The lookup's 'k' row (relations.py): an identity key is a key (its value is the one
+    written, or the sequence's when none is); a generated key is not (it moves when the
+    columns it is computed from change, without the write naming it)."""
+    plain, identity, generated = unique("kplain"), unique("kident"), unique("kgen")
+    async with pg.superuser_conn() as conn:
+        await conn.execute(f"CREATE TABLE {plain} (aid int PRIMARY KEY, v text)")
+        await conn.execute(f"CREATE TABLE {identity} (aid int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text)")
+        await conn.execute(
+            f"CREATE TABLE {generated} (a int NOT NULL, aid int GENERATED ALWAYS AS (a) STORED PRIMARY KEY)"
+        )
+        rows = await conn.fetch(LOOKUP_SQL, [plain, identity, generated], False)
+    keys = {row[1]: (row[3], row[4]) for row in rows if row[0] == "k"}
+    assert keys == {plain: ("true", "aid"), identity: ("true", "aid"), generated: ("true", None)}

@@ -28,6 +28,11 @@ def refs(sql: str) -> set[tuple[bool, str, str, tuple[int, ...], tuple[int, ...]
         ("INSERT INTO t (id, v) VALUES (1, 'a'), ($1, 'b')", {(True, "t", "id", (1,), (1,))}),
         ("INSERT INTO t (id, v) VALUES (1, 'a') ON CONFLICT (id) DO UPDATE SET v = 'b'", {(True, "t", "id", (1,), ())}),
         ("INSERT INTO t (id, v) VALUES (1, 'a') ON CONFLICT DO NOTHING", {(True, "t", "id", (1,), ())}),
+        # OVERRIDING SYSTEM VALUE writes the value given, as a plain INSERT does.
+        ("INSERT INTO t (id, v) OVERRIDING SYSTEM VALUE VALUES (7, 'x')", {(True, "t", "id", (7,), ())}),
+        # A table alias without a column list renames nothing.
+        ("SELECT v FROM t AS x WHERE id = 3", {(False, "t", "id", (3,), ())}),
+        ("UPDATE t AS x SET v = 1 WHERE x.id = 3", {(True, "t", "id", (3,), ())}),
     ],
 )
 def test_statements_confined_to_a_key(sql: str, expected: set[tuple[object, ...]]) -> None:
@@ -62,6 +67,15 @@ def test_statements_confined_to_a_key(sql: str, expected: set[tuple[object, ...]
         "INSERT INTO t (id, v) VALUES (1, 'a') ON CONFLICT (id) DO UPDATE SET id = 2",
         "UPDATE t SET v = 1 WHERE id = 1; UPDATE t SET v = 1 WHERE id = 2",
         "EXPLAIN ANALYZE UPDATE t SET v = 1 WHERE id = 1",
+        # A column alias list renames columns by position: `id` may be another column.
+        "SELECT v FROM t AS x(k, id) WHERE id = 20",
+        "SELECT v FROM t AS x(id) WHERE id = 1",
+        "SELECT v FROM t x(k, id) WHERE x.id = 20",
+        # OVERRIDING USER VALUE writes the identity's next value, not the one given.
+        "INSERT INTO t (id, v) OVERRIDING USER VALUE VALUES (7, 'x')",
+        # DEFAULT in the key's place: the key is the default's, not in the text.
+        "INSERT INTO t (id, v) VALUES (DEFAULT, 'x')",
+        "INSERT INTO t (id, v) VALUES (1, 'a'), (DEFAULT, 'x')",
     ],
 )
 def test_statements_not_confined_to_the_key_they_name(sql: str) -> None:
