@@ -51,6 +51,7 @@ class ProxySettings:
     login_timeout: float = 60.0  # PostgreSQL's authentication_timeout default
     rules_dir: Path | None = None  # where rules.toml persists; None keeps rules in memory
     change_feed: FeedSettings = field(default_factory=FeedSettings)
+    reuse_port: bool = False  # SO_REUSEPORT: several processes share the listener (`serve --workers`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class ProxyService:
             connect_timeout=settings.connect_timeout,
             login_timeout=settings.login_timeout,
             on_session_change=self._sessions_changed,
+            reuse_port=settings.reuse_port,
         )
         # Who hears of changes the origin's feed reports: the caches first; an invalidation
         # plane (Redis) would append its publisher here.

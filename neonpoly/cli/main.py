@@ -152,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(reopening it evicts that database's entries)",
     )
     serve.add_argument(
+        "--workers",
+        type=at_least_one,
+        default=1,
+        metavar="N",
+        help="relay processes sharing the port (SO_REUSEPORT, Linux); with N > 1 they share invalidations "
+        "through --redis, else through a private redis-server this command starts on a unix socket",
+    )
+    # How the `serve --workers N` parent tells each worker its place (not for people).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-group", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-bus", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-embedded", type=host_port, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--admin-role",
         action="append",
         metavar="ROLE",
@@ -215,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `serve --workers` starts each worker with it
     logging.getLogger("sqlglot").setLevel(logging.WARNING)  # its INFO notes are not ours to show
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2)
