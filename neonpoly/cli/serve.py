@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import ssl
@@ -109,9 +110,14 @@ async def serve(args: argparse.Namespace) -> int:
             signal_ready(role, _announcement(args, serving))
         await stop.wait()
         log.info("shutting down (grace %.1fs)", args.grace)
+        if role is not None:
+            # A worker whose parent is gone (SIGKILL) has nobody to kill it should its shutdown
+            # hang: past the grace and a margin, dump every thread's stack and exit.
+            faulthandler.dump_traceback_later(args.grace + 15, exit=True)
         if fleet is not None:
             await fleet.close()
         await serving.close(args.grace)
+        faulthandler.cancel_dump_traceback_later()
         return 0
     finally:
         lock.release()
