@@ -31,6 +31,9 @@ ENV_ADMIN_PASSWORD = "NEONPOLY_ADMIN_PASSWORD"
 ENV_PG_BINDIR = "NEONPOLY_PG_BINDIR"
 ENV_NEON_API_KEY = "NEON_API_KEY"
 ENV_NEON_API_HOST = "NEON_API_HOST"
+# `serve --redis`'s default: the invalidation plane's Redis, which holds a password as often
+# as not (kept out of shell history and `ps`).
+ENV_REDIS_URL = "NEONPOLY_REDIS_URL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,7 @@ class Environment:
     pg_bindir: str | None = None
     neon_api_key: str | None = None
     neon_api_host: str | None = None
+    redis_url: str | None = None
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -58,6 +62,7 @@ class Environment:
             pg_bindir=get(ENV_PG_BINDIR),
             neon_api_key=get(ENV_NEON_API_KEY),
             neon_api_host=get(ENV_NEON_API_HOST),
+            redis_url=get(ENV_REDIS_URL),
         )
 
 

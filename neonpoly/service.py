@@ -22,6 +22,8 @@ from neonpoly.cache.store import CacheStore, MemoryStore, open_store
 from neonpoly.defaults import DEFAULT_L1_BYTES, DEFAULT_LISTEN, DEFAULT_MAX_CACHE_BYTES
 from neonpoly.freshness.changefeed import ChangeSink, FeedSettings, FeedStatus, FeedTarget
 from neonpoly.freshness.feeds import FeedManager
+from neonpoly.freshness.plane import PlaneSettings, PlaneStatus
+from neonpoly.freshness.redis_plane import RedisPlane
 from neonpoly.proxy.origin import Origin
 from neonpoly.proxy.server import ProxyServer, Route, Routes
 from neonpoly.stats import StatsRecorder, TemplateStats, Totals
@@ -52,6 +54,7 @@ class ProxySettings:
     rules_dir: Path | None = None  # where rules.toml persists; None keeps rules in memory
     change_feed: FeedSettings = field(default_factory=FeedSettings)
     reuse_port: bool = False  # SO_REUSEPORT: several processes share the listener (`serve --workers`)
+    redis: PlaneSettings | None = None  # the shared invalidation plane (`serve --redis`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class CacheReport:
     totals: Totals
     change_feed: str = ""  # "on (lag 3 ms)", "off: wal_level is replica", …
     feeds: tuple[FeedStatus, ...] = ()  # one per database of the origin followed
+    plane: str = "off"  # the invalidation plane for this origin: "up, 2 nodes, lag 1 ms", "down: … (passing through)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,7 @@ class ServiceReport:
     caches: tuple[CacheReport, ...]  # by cache id; includes caches removed while stats remain
     totals: Totals  # every cache together
     templates: tuple[TemplateReport, ...]  # most called first
+    plane: PlaneStatus | None = None  # the shared invalidation plane (None without --redis)
 
     def cache(self, cache_id: str) -> CacheReport | None:
         return next((c for c in self.caches if c.cache_id == cache_id), None)
@@ -122,10 +127,14 @@ class ProxyService:
             on_session_change=self._sessions_changed,
             reuse_port=settings.reuse_port,
         )
-        # Who hears of changes the origin's feed reports: the caches first; an invalidation
-        # plane (Redis) would append its publisher here.
+        # Who hears of changes the origin's feed reports: the caches. The invalidation plane
+        # hears them from there (it observes every bump of the caches' generations).
         self.change_sinks: list[ChangeSink] = [_CacheSink(self.routes)]
-        self.feeds = FeedManager(settings.change_feed, self.change_sinks)
+        self.plane = RedisPlane(settings.redis) if settings.redis is not None else None
+        self.feeds = FeedManager(settings.change_feed, self.change_sinks, leases=self.plane)
+        if self.plane is not None:
+            self.plane.wants_leases = self.feeds.enabled
+            self.plane.lease_listener = self.feeds.lease_changed
         self._sessions_pending = False
 
     def cache_dir(self, cache_id: str) -> Path | None:
@@ -149,6 +158,8 @@ class ProxyService:
             cache = QueryCache(cache_id, store, self.stats, ttl=conf.ttl, admit_after=conf.admit_after)
             cache.siblings = lambda: self._caches_of(origin, cache_id)
             self._attach_policy(cache_id, cache)
+            if self.plane is not None:
+                self.plane.attach(cache, origin.label)
             self.feeds.watch(cache_id, feed_target(origin), origin.database or origin.user)
         route = Route(cache_id, origin, cache)
         self.routes.by_id[cache_id] = route
@@ -184,6 +195,8 @@ class ProxyService:
             self.routes.default = None
         ended = self.server.terminate(cache_id, f'terminating connection: neonpoly cache "{cache_id}" was removed')
         if route is not None and route.cache is not None:
+            if self.plane is not None:
+                self.plane.detach(route.cache)
             route.cache.purge()
             route.cache.close()
         self.stats.forget_cache(cache_id)
@@ -225,7 +238,8 @@ class ProxyService:
         names = sorted(set(self.routes.by_id) | set(snapshot.caches))
         caches = tuple(self._cache_report(cid) for cid in names if cache_id is None or cid == cache_id)
         templates = tuple(self._template_report(t) for t in snapshot.templates)
-        return ServiceReport(caches, snapshot.totals, templates)
+        plane = self.plane.status() if self.plane is not None else None
+        return ServiceReport(caches, snapshot.totals, templates, plane)
 
     def _cache_report(self, cache_id: str) -> CacheReport:
         route = self.routes.by_id.get(cache_id)
@@ -247,7 +261,15 @@ class ProxyService:
             totals=self.stats.snapshot(cache_id).totals,
             change_feed=self.feeds.summary(cache_id) if cache is not None else "off: no cache",
             feeds=self.feeds.statuses(cache_id),
+            plane=self._plane_summary(route),
         )
+
+    def _plane_summary(self, route: Route | None) -> str:
+        if self.plane is None:
+            return "off"
+        if route is None or route.cache is None:
+            return "off: no cache"
+        return self.plane.status().summary(route.origin.label)
 
     def _template_report(self, t: TemplateStats) -> TemplateReport:
         counts = dict(t.by_status)
@@ -260,8 +282,11 @@ class ProxyService:
         return TemplateReport(t, decision.ttl, decision.source)
 
     async def start(self) -> tuple[str, int]:
-        """Open the change feeds (with `--change-feed on`, raise FeedUnavailable when the
-        origin has none to give), then listen."""
+        """Join the invalidation plane (it decides which node runs each origin's feed), open
+        the change feeds (with `--change-feed on`, raise FeedUnavailable when the origin has
+        none to give), then listen."""
+        if self.plane is not None:
+            await self.plane.start()
         await self.feeds.start()
         host, port = self.settings.listen
         return await self.server.start(host, port)
@@ -269,6 +294,8 @@ class ProxyService:
     async def close(self, grace: float = 5.0) -> None:
         await self.server.close(grace)
         await self.feeds.close()
+        if self.plane is not None:
+            await self.plane.close()
         for route in self.routes.by_id.values():
             if route.cache is not None:
                 route.cache.close()

@@ -57,7 +57,7 @@ class TableGenerations:
     lookups are atomic under the GIL; mutations and snapshots do.
     """
 
-    __slots__ = ("_databases", "_global", "_lock", "_on_change", "_tables")
+    __slots__ = ("_databases", "_global", "_lock", "_observer", "_on_change", "_tables")
 
     def __init__(self, global_epoch: int = 0) -> None:
         self._global = global_epoch
@@ -65,6 +65,7 @@ class TableGenerations:
         self._tables: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         self._on_change: Callable[[], None] | None = None
+        self._observer: Callable[[tuple[Any, ...]], None] | None = None
 
     @classmethod
     def with_unknown_history(cls) -> TableGenerations:
@@ -75,10 +76,18 @@ class TableGenerations:
         """Called after every change that must be persisted (bumps, a newly seen database)."""
         self._on_change = on_change
 
-    def _changed(self) -> None:
+    def observe(self, observer: Callable[[tuple[Any, ...]], None] | None) -> None:
+        """Told every bump, as data (an invalidation plane shares them with other nodes):
+        ("t", database, names), ("e", names) in every database, ("d", database), ("g",)."""
+        self._observer = observer
+
+    def _changed(self, bump: tuple[Any, ...] | None = None) -> None:
         listener = self._on_change
         if listener is not None:
             listener()
+        observer = self._observer
+        if observer is not None and bump is not None:
+            observer(bump)
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -105,12 +114,13 @@ class TableGenerations:
     # -- writes (rare) -------------------------------------------------------------------
 
     def bump_tables(self, database: str, tables: Iterable[str]) -> None:
+        names = frozenset(tables)
         with self._lock:
             self._databases.setdefault(database, 0)
-            for t in set(tables):
+            for t in names:
                 key = (database, t)
                 self._tables[key] = self._tables.get(key, 0) + 1
-        self._changed()
+        self._changed(("t", database, names))
 
     def bump_tables_everywhere(self, tables: Iterable[str]) -> None:
         """Bump these tables in every database ever stamped (admin purge by table name)."""
@@ -120,17 +130,17 @@ class TableGenerations:
                 for t in names:
                     key = (db, t)
                     self._tables[key] = self._tables.get(key, 0) + 1
-        self._changed()
+        self._changed(("e", names))
 
     def bump_database(self, database: str) -> None:
         with self._lock:
             self._databases[database] = self._databases.get(database, 0) + 1
-        self._changed()
+        self._changed(("d", database))
 
     def bump_all(self) -> None:
         with self._lock:
             self._global += 1
-        self._changed()
+        self._changed(("g",))
 
     # -- persistence ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ entries a write makes stale.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -78,6 +79,11 @@ class QueryCache:
         # did not go through neonpoly.
         self.on_refetch: Callable[[str, bool], None] | None = None
         self._digests: OrderedDict[bytes, tuple[bytes, GenerationStamp]] = OrderedDict()
+        # Set by a shared invalidation plane (freshness/plane.py): hits only while it answers
+        # True (this node is provably caught up with the other nodes' writes), and a future
+        # a write's reply waits for (the other nodes applied its bumps) or None.
+        self.serve_gate: Callable[[], bool] | None = None
+        self.reply_barrier: Callable[[], asyncio.Future[None] | None] | None = None
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
@@ -91,6 +97,9 @@ class QueryCache:
         return True
 
     def lookup(self, key: bytes) -> bytes | None:
+        gate = self.serve_gate
+        if gate is not None and not gate():
+            return None  # passed through: the answer may be stale for all this node can prove
         entry = self.store.get(key)
         if entry is None:
             self.cacheability.missed(key)

@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(reopening it evicts that database's entries)",
     )
     serve.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share invalidations with the other neonpoly nodes on this Redis (redis://[:PASSWORD@]HOST:PORT/DB; "
+        "default $NEONPOLY_REDIS_URL): a write through one node is never followed by a stale hit on another, "
+        "one node runs each origin's change feed; while Redis is down every node passes through",
+    )
+    serve.add_argument(
         "--workers",
         type=at_least_one,
         default=1,

@@ -14,6 +14,7 @@ import logging
 import signal
 import ssl
 import sys
+from pathlib import Path
 from urllib.parse import quote
 
 from neonpoly.cli.running import CLIError
@@ -28,7 +29,9 @@ from neonpoly.control.workers import (
     without_workers,
     worker_settings,
 )
+from neonpoly.defaults import environment
 from neonpoly.freshness.changefeed import FeedSettings
+from neonpoly.freshness.plane import PlaneSettings
 from neonpoly.proxy.origin import Origin
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from neonpoly.state import StateInUse, StateLock, state_dir
@@ -56,9 +59,14 @@ async def serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CLIError("--tls-cert and --tls-key go together")
     root = state_dir(args.state_dir)
+    redis_url = args.redis or environment().redis_url
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise CLIError("--redis: expected redis://HOST:PORT/DB, rediss://… or unix:///path")
     if args.workers > 1 and args.worker_index is None:
-        return await _supervise(args, root)
+        return await _supervise(args, root, redis_url)
     role = _role(args)
+    if role is not None:  # the workers' plane: --redis, else the parent's private redis-server
+        redis_url = role.bus
     settings = ProxySettings(
         listen=args.listen,
         cache_dir=args.cache_dir or root / "cache",
@@ -68,7 +76,8 @@ async def serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         rules_dir=root,
-        change_feed=FeedSettings(mode=_feed_mode(args, role), ddl=args.change_feed_ddl, idle=args.change_feed_idle),
+        change_feed=FeedSettings(mode=args.change_feed, ddl=args.change_feed_ddl, idle=args.change_feed_idle),
+        redis=PlaneSettings(redis_url) if redis_url else None,
     )
     if role is not None:
         settings = worker_settings(settings, role)
@@ -138,17 +147,7 @@ def _role(args: argparse.Namespace) -> WorkerRole | None:
     )
 
 
-def _feed_mode(args: argparse.Namespace, role: WorkerRole | None) -> str:
-    """Without the plane's lease, one worker (the first) follows the origin's change feed."""
-    if role is not None and role.index > 0:
-        return "off"
-    return str(args.change_feed)
-
-
-async def _supervise(args: argparse.Namespace, root: object) -> int:
-    from pathlib import Path
-
-    assert isinstance(root, Path)
+async def _supervise(args: argparse.Namespace, root: Path, redis_url: str | None) -> int:
     lock = StateLock(root)
     try:
         lock.acquire()
@@ -160,7 +159,7 @@ async def _supervise(args: argparse.Namespace, root: object) -> int:
             argv=without_workers(args.argv),
             root=root,
             listen=args.listen,
-            redis=getattr(args, "redis", None),
+            redis=redis_url,
             upstream=args.upstream,
             grace=args.grace,
         )

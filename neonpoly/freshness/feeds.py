@@ -10,6 +10,10 @@ are gone by then. Reopening is a gap like any other (the feed evicts the databas
 
 Caches of the same origin share its feeds (`FeedTarget.key`, "host:port"); a feed's sinks
 are told the origin and the database, and the caches' sink bumps every cache of it.
+
+With several nodes sharing an invalidation plane, one node runs an origin's feeds at a time:
+the one holding its lease (`FeedLeases`); the bumps reach the others through the plane. The
+others keep theirs stopped ("standby") until the lease comes to them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from neonpoly.freshness import origin_sql
 from neonpoly.freshness.changefeed import ChangeFeed, ChangeSink, FeedSettings, FeedStatus, FeedTarget, FeedUnavailable
@@ -34,12 +38,22 @@ RECHECK_AFTER = 600.0
 Key = tuple[str, str]  # (origin key, database)
 
 
+class FeedLeases(Protocol):
+    """Which node may run an origin's change feed (the invalidation plane's lease)."""
+
+    def holds_lease(self, origin_key: str) -> bool: ...
+    def lease_holder(self, origin_key: str) -> str: ...
+
+
 class FeedManager:
     """The feeds of one proxy; the service tells it which caches and sessions exist."""
 
-    def __init__(self, settings: FeedSettings, sinks: Sequence[ChangeSink]) -> None:
+    def __init__(
+        self, settings: FeedSettings, sinks: Sequence[ChangeSink], *, leases: FeedLeases | None = None
+    ) -> None:
         self.settings = settings
         self.sinks = sinks
+        self.leases = leases
         self._caches: dict[str, tuple[FeedTarget, str | None]] = {}  # cache id -> origin, its database
         self._feeds: dict[Key, ChangeFeed] = {}
         self._last_used: dict[Key, float] = {}  # monotonic; while in use: now
@@ -92,6 +106,23 @@ class FeedManager:
         if self._started:
             for key in keys:
                 self._ensure(self._target(key[0]), key[1])
+
+    def lease_changed(self, origin_key: str, held: bool) -> None:
+        """This node gained (start the feeds its caches and clients want) or lost (stop
+        them: another node runs them now) the lease of an origin's feeds."""
+        if held:
+            if not self._started:
+                return
+            for target, database in list(self._caches.values()):
+                if target.key == origin_key and database:
+                    self._ensure(target, database, eager=True)
+            for key in list(self._in_use):
+                if key[0] == origin_key:
+                    self._ensure(self._target(key[0]), key[1])
+            return
+        for (origin, _), feed in list(self._feeds.items()):
+            if origin == origin_key and feed.running:
+                self._chore(feed.stop("standby", "another node runs the change feed"))
 
     # --- life ----------------------------------------------------------------------
 
@@ -147,6 +178,9 @@ class FeedManager:
             return "off (--change-feed off)"
         if cache_id not in self._caches:
             return "off: no cache"
+        if self.leases is not None and not self.leases.holds_lease(self._caches[cache_id][0].key):
+            holder = self.leases.lease_holder(self._caches[cache_id][0].key)
+            return f"standby: node {holder} runs it" if holder else "standby: waiting for the feed lease"
         statuses = self.statuses(cache_id)
         if not statuses:
             return "starting" if not self._started else "idle: no clients yet"
@@ -160,6 +194,8 @@ class FeedManager:
         return next(t for t, _ in self._caches.values() if t.key == origin_key)
 
     def _ensure(self, target: FeedTarget, database: str, *, eager: bool = False) -> ChangeFeed | None:
+        if self.leases is not None and not self.leases.holds_lease(target.key):
+            return None  # another node runs this origin's feeds
         key = (target.key, database)
         feed = self._feeds.get(key)
         if feed is None:

@@ -46,12 +46,36 @@ class SessionCore:
         self.bytes_out = 0
         self.outcome = "closed"  # how the session ended, for the log line
         self.closed = False
+        # While a write's reply waits for the invalidation plane (other nodes applying its
+        # bumps), what goes to the client is kept here, in order, and the holds not done.
+        self.held: list[bytes] | None = None
+        self.holds: set[asyncio.Future[None]] = set()
 
     def write_client(self, data: bytes) -> None:
         """Everything the client receives goes out here (the admin console's answers too)."""
         if data and not self.closed:
+            if self.held is not None:
+                self.held.append(data)
+                return
             self.bytes_out += len(data)
             self.client.write(data)
+
+    def hold_client(self, until: asyncio.Future[None]) -> None:
+        """Keep what the client is sent from now on until `until` is done (and any earlier
+        hold); then send it all, in order."""
+        if until.done() and not self.holds:
+            return
+        if self.held is None:
+            self.held = []
+        self.holds.add(until)
+        until.add_done_callback(self._hold_done)
+
+    def _hold_done(self, until: asyncio.Future[None]) -> None:
+        self.holds.discard(until)
+        if self.holds or self.held is None:
+            return
+        data, self.held = b"".join(self.held), None
+        self.write_client(data)
 
     def _write_origin(self, out: list[bytes]) -> None:
         if out and self.origin_transport is not None:

@@ -289,6 +289,9 @@ class CacheDecisions(IdentityLearning):
             self._invalidate(frozenset(self.tx_writes), self.tx_writes_everything)
             self.tx_writes = set()
             self.tx_writes_everything = False
+            barrier = cache.reply_barrier if cache is not None else None
+            if barrier is not None and (hold := barrier()) is not None:
+                self.hold_client(hold)  # the reply waits until other nodes applied the bumps
         if cache is None:
             return
         capture = item.capture

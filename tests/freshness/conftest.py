@@ -23,8 +23,10 @@ import pytest
 
 from neonpoly.control.serving import Serving, start_serving
 from neonpoly.freshness.changefeed import ChangeFeed, FeedSettings
+from neonpoly.freshness.plane import PlaneSettings
 from neonpoly.integrations.embedded import SettingValue
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
+from tests.freshness.redisharness import RedisServer, redis_server_binary
 from tests.pgharness import PgServer, start_pg_server
 
 LOGICAL: dict[str, SettingValue] = {"wal_level": "logical", "max_replication_slots": 20, "max_wal_senders": 20}
@@ -134,6 +136,50 @@ async def feed_proxy(
     service = ProxyService(settings)
     upstream = pg.url(role, database, sslmode="require")
     serving = await start_serving(service, root, upstream=upstream, follow=False)
+    try:
+        yield FeedProxy(service, serving, pg, database)
+    finally:
+        await serving.close(grace=0.5)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own (the plane's tests kill and restart it)."""
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.fail("redis-server is not installed (.ci/run installs the Debian package redis-server)")
+    server = RedisServer(binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@asynccontextmanager
+async def plane_node(
+    pg: PgServer,
+    root: Path,
+    redis_url: str,
+    feed: FeedSettings | None = None,
+    *,
+    database: str = "app",
+    plane: dict[str, Any] | None = None,
+    **cache: Any,
+) -> AsyncIterator[FeedProxy]:
+    """One `neonpoly serve --upstream <pg> --redis <url>` node (its own state dir)."""
+    root.mkdir(parents=True, exist_ok=True)
+    settings = ProxySettings(
+        listen=("127.0.0.1", 0),
+        cache_dir=root / "cache",
+        cache=CacheSettings(**{"admit_after": 1, **cache}),
+        rules_dir=root,
+        change_feed=feed or FeedSettings(mode="off"),
+        redis=PlaneSettings(redis_url, **(plane or {})),
+    )
+    service = ProxyService(settings)
+    serving = await start_serving(service, root, upstream=pg.url("postgres", database, sslmode="require"),
+                                  follow=False)
     try:
         yield FeedProxy(service, serving, pg, database)
     finally:

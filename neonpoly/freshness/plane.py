@@ -1,0 +1,379 @@
+"""The shared invalidation plane's logic, without I/O: what is published, when a node may
+serve hits, when a gap forces a purge, and when a held write reply may go out.
+(`redis_plane.py` carries it over Redis.)
+
+**The guarantee.** Once a write through node A has returned to its client, no other node
+serves a hit that the write made stale. Three rules give it without a Redis round trip per
+hit:
+
+1. Node A bumps its own generations, publishes the bump (XADD, one stream per origin) and
+   holds the write's reply until every live node following that origin acknowledged applying
+   it, or until `hold` seconds after the XADD's reply, whichever comes first.
+2. A node serves hits of an origin only while its reader is *provably caught up*: every
+   blocking XREAD records the monotonic time it was sent; one that returns (entries applied,
+   or empty after its BLOCK) proves that everything XADDed before it was sent has been
+   applied. Hits are allowed while `now - proven < limit` (`Gate`).
+3. `hold > limit`: a node that has not acknowledged within `hold` has not proven anything
+   since before the XADD executed, so its gate is closed by then. Acknowledgements only let
+   the reply go sooner. Nodes register with a heartbeat that expires after `heartbeat`
+   (>= `limit`, sent in the same round trip as the XREAD), so a writer stops waiting for
+   nodes that died: their gates closed before their heartbeat expired.
+
+**Gaps.** Each entry carries a per-origin sequence number (INCR in the same script as the
+XADD): a number that does not follow the last one applied means entries were trimmed or
+Redis lost its data; a random epoch key read after every XREAD tells a restart or a flush.
+On any gap, and whenever the node (re)connects, the origin's entries are purged locally
+before the next hit (a global-epoch bump of its caches' generations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from neonpoly.cache.invalidation import TableGenerations
+    from neonpoly.cache.query_cache import QueryCache
+
+_monotonic = time.monotonic
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneSettings:
+    url: str
+    prefix: str = "neonpoly"  # every key neonpoly writes starts with it (several planes share a Redis)
+    limit: float = 1.0  # L: hits only while the last proven XREAD was sent less than this ago
+    block: float = 0.2  # the XREAD's BLOCK: well below `limit`, so an idle plane stays proven
+    hold: float = 1.5  # T (> limit): the longest a write's reply waits for acknowledgements
+    heartbeat: float = 3.0  # a node is live this long after its last round (>= limit)
+    lease: float = 5.0  # the change feed lease's expiry, renewed every third of it
+    maxlen: int = 10_000  # entries kept per stream (trimmed approximately; a reader behind it has a gap)
+    count: int = 1000  # entries read per stream per round
+    connect_timeout: float = 2.0
+    io_timeout: float = 5.0  # a Redis that answers nothing for this long is down
+
+    def __post_init__(self) -> None:
+        if not self.block < self.limit < self.hold:
+            raise ValueError("the plane needs block < limit < hold")
+        if self.heartbeat < self.limit:
+            raise ValueError("the plane's heartbeat must outlast its limit")
+
+
+def public_url(url: str) -> str:
+    """The Redis URL without its password (for reports and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class Gate:
+    """May this node serve hits of an origin now? The check a cache makes on every lookup:
+    one clock read and one compare."""
+
+    __slots__ = ("limit", "proven", "refused")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.proven = -math.inf  # monotonic send time of the last XREAD that returned
+        self.refused = 0  # lookups refused while not proven caught up
+
+    def __call__(self) -> bool:
+        if _monotonic() - self.proven < self.limit:
+            return True
+        self.refused += 1
+        return False
+
+    @property
+    def open(self) -> bool:
+        return _monotonic() - self.proven < self.limit
+
+    def prove(self, sent: float) -> None:
+        if sent > self.proven:
+            self.proven = sent
+
+    def close(self) -> None:
+        self.proven = -math.inf
+
+
+@dataclass(slots=True)
+class Cursor:
+    """Where a node's reading of one origin's stream stands."""
+
+    last_id: str = "0-0"
+    last_n: int = 0
+
+    def take(self, n: int, entry_id: str) -> bool:
+        """Record entry `n`; False when it does not follow the last one (a gap)."""
+        follows = n == self.last_n + 1
+        self.last_n, self.last_id = n, entry_id
+        return follows
+
+
+@dataclass(slots=True)
+class Bump:
+    """What one origin's generations were bumped by, merged over a batch. Names are opaque:
+    whatever `TableGenerations` was told (tables, or finer names other parts derive)."""
+
+    tables: dict[str, set[str]] = field(default_factory=dict)  # database -> names
+    databases: set[str] = field(default_factory=set)
+    everywhere: set[str] = field(default_factory=set)  # names bumped in every database
+    all: bool = False  # the global epoch (roles and grants, a purge of the cache)
+    purge: bool = False  # a gap or a feed takeover: forget everything of the origin
+
+    def __bool__(self) -> bool:
+        return bool(self.tables or self.databases or self.everywhere or self.all or self.purge)
+
+    def add(self, op: tuple[Any, ...]) -> None:
+        kind = op[0]
+        if kind == "t":
+            self.tables.setdefault(op[1], set()).update(op[2])
+        elif kind == "d":
+            self.databases.add(op[1])
+        elif kind == "e":
+            self.everywhere.update(op[1])
+        elif kind == "g":
+            self.all = True
+        elif kind == "p":
+            self.purge = True
+        else:
+            raise ValueError(f"unknown bump {kind!r}")
+
+    def encode(self) -> str:
+        data: dict[str, Any] = {}
+        if self.tables:
+            data["t"] = {db: sorted(names) for db, names in self.tables.items()}
+        if self.databases:
+            data["d"] = sorted(self.databases)
+        if self.everywhere:
+            data["e"] = sorted(self.everywhere)
+        if self.all:
+            data["g"] = 1
+        if self.purge:
+            data["p"] = 1
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> Bump:
+        """Raises ValueError on anything this version did not write (the reader treats it as a gap)."""
+        try:
+            data = json.loads(text)
+            bump = cls(
+                {str(db): {str(n) for n in names} for db, names in dict(data.get("t", {})).items()},
+                {str(db) for db in data.get("d", ())},
+                {str(n) for n in data.get("e", ())},
+                bool(data.get("g")),
+                bool(data.get("p")),
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed bump: {exc}") from exc
+        return bump
+
+    def apply(self, caches: Iterable[QueryCache]) -> None:
+        """Bump these caches' generations as the publisher's were. Database-wide and global
+        bumps are taken as DDL (the catalog may have changed: the relations and session
+        identities learned are learned again), since the publisher's reason is not sent."""
+        for cache in caches:
+            gens = generations(cache)
+            if self.purge or self.all:
+                gens.bump_all()
+                cache.ddl_epoch += 1
+                cache.relations.forget()
+                continue
+            for db in self.databases:
+                gens.bump_database(db)
+                cache.ddl_epoch += 1
+                cache.relations.forget(db)
+            for db, names in self.tables.items():
+                if db not in self.databases:
+                    gens.bump_tables(db, names)
+            if self.everywhere:
+                gens.bump_tables_everywhere(self.everywhere)
+
+
+def generations(cache: QueryCache) -> TableGenerations:
+    return cache.store.generations
+
+
+class Batch:
+    """Bumps waiting to be published together, and the future the held replies wait on."""
+
+    __slots__ = ("bumps", "future", "opened")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.bumps: dict[str, Bump] = {}  # origin key -> what to publish on its stream
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.opened = _monotonic()
+
+    def add(self, origin: str, op: tuple[Any, ...]) -> None:
+        bump = self.bumps.get(origin)
+        if bump is None:
+            bump = self.bumps[origin] = Bump()
+        bump.add(op)
+
+    def __bool__(self) -> bool:
+        return bool(self.bumps)
+
+
+@dataclass(slots=True)
+class _Hold:
+    future: asyncio.Future[None]
+    needs: dict[str, dict[str, int]]  # node -> origin -> the sequence number it must ack
+
+
+class HoldBook:
+    """Held write replies and the acknowledgements that release them."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.acked: dict[str, dict[str, int]] = {}  # node -> origin -> highest applied
+        self._holds: list[_Hold] = []
+        self.released_by_acks = 0
+        self.timed_out = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._holds)
+
+    def add(
+        self, future: asyncio.Future[None], published: Mapping[str, int], live: Mapping[str, Iterable[str]]
+    ) -> None:
+        """`published`: origin -> the sequence number of this batch's entry; `live`: origin ->
+        the nodes following it (self excluded here)."""
+        needs: dict[str, dict[str, int]] = {}
+        for origin, n in published.items():
+            for node in live.get(origin, ()):
+                if node != self.me and self.acked.get(node, {}).get(origin, 0) < n:
+                    needs.setdefault(node, {})[origin] = n
+        if not needs:
+            self.released_by_acks += 1
+            _resolve(future)
+            return
+        self._holds.append(_Hold(future, needs))
+
+    def ack(self, node: str, positions: Mapping[str, int]) -> None:
+        mine = self.acked.setdefault(node, {})
+        for origin, n in positions.items():
+            if n > mine.get(origin, 0):
+                mine[origin] = n
+        kept: list[_Hold] = []
+        for hold in self._holds:
+            if hold.future.done():
+                continue
+            wants = hold.needs.get(node)
+            if wants is not None and all(mine.get(o, 0) >= n for o, n in wants.items()):
+                del hold.needs[node]
+            if hold.needs:
+                kept.append(hold)
+            else:
+                self.released_by_acks += 1
+                _resolve(hold.future)
+        self._holds = kept
+
+    def expire(self, future: asyncio.Future[None]) -> None:
+        """The hold's time is up: release it whoever has not acknowledged (their gates are
+        closed by now)."""
+        if not future.done():
+            self.timed_out += 1
+            _resolve(future)
+        self._holds = [h for h in self._holds if not h.future.done()]
+
+    def forget_node(self, node: str) -> None:
+        """`node` stopped (its heartbeat is gone): do not wait for it."""
+        self.acked.pop(node, None)
+        for hold in self._holds:
+            hold.needs.pop(node, None)
+            if not hold.needs:
+                self.released_by_acks += 1
+                _resolve(hold.future)
+        self._holds = [h for h in self._holds if not h.future.done()]
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def decode_positions(text: str | bytes) -> dict[str, int]:
+    """An acknowledgement's body: origin -> the last sequence number applied."""
+    try:
+        data = json.loads(text)
+        return {str(o): int(n) for o, n in dict(data).items()}
+    except (TypeError, ValueError, AttributeError):
+        return {}
+
+
+def encode_positions(positions: Mapping[str, int]) -> str:
+    return json.dumps(dict(positions), separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class OriginPlaneStatus:
+    """One origin's stream as this node follows it."""
+
+    origin: str
+    stream: str
+    caught_up: bool  # the gate is open: hits of this origin are served
+    last_id: str
+    last_n: int
+    lag_ms: float | None  # XADD (by the entry's id) to applied here, for the last entry from another node
+    published: int  # entries this node published
+    applied: int  # entries from other nodes applied
+    gaps: int  # purges for a gap (trimmed stream, Redis restarted or flushed, this node reconnected)
+    refused_hits: int  # lookups passed through because the gate was closed
+    feed_lease: str  # the node that runs the change feed of this origin ("" none, "me" when it is this node)
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneStatus:
+    url: str  # never a password
+    node: str
+    state: str  # connecting | up | down
+    reason: str  # why it is down ("" when up)
+    since: float  # Unix time of the last transition
+    nodes: tuple[str, ...]  # live nodes seen on the last heartbeat (this one included)
+    published: int
+    applied: int
+    gaps: int
+    holds: int  # batches of bumps published (the write replies among them waited for acknowledgements)
+    hold_timeouts: int  # of them, released by the timeout
+    hold_ms: tuple[float, float] | None  # p50, p99 of the last holds: first bump to released
+    downs: int  # transitions to down
+    origins: tuple[OriginPlaneStatus, ...]
+
+    def origin(self, key: str) -> OriginPlaneStatus | None:
+        return next((o for o in self.origins if o.origin == key), None)
+
+    def summary(self, origin: str | None = None) -> str:
+        """One line for SHOW CACHES."""
+        if self.state != "up":
+            why = f": {self.reason}" if self.reason else ""
+            return f"{self.state}{why} (passing through)"
+        nodes = f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}"
+        o = self.origin(origin) if origin is not None else None
+        if o is None:
+            return f"up, {nodes}"
+        if not o.caught_up:
+            return f"up, {nodes}, catching up (passing through)"
+        lag = "" if o.lag_ms is None else f", lag {o.lag_ms:.0f} ms"
+        return f"up, {nodes}{lag}"
+
+
+def entry_lag_ms(entry_id: str, now: Callable[[], float] = time.time) -> float | None:
+    """Milliseconds from the entry's XADD (Redis's clock, in its id) to now (ours)."""
+    try:
+        ms = int(entry_id.split("-", 1)[0])
+    except ValueError:
+        return None
+    return max(0.0, now() * 1000 - ms)

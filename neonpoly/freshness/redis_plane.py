@@ -1,0 +1,617 @@
+"""The shared invalidation plane on Redis (`neonpoly serve --redis redis://…`): the I/O that
+carries `plane.py`'s rules between nodes.
+
+Keys (all under the prefix): `epoch` (a random token: a different one, or none, means Redis
+lost its data), `nodes` and `o:<origin>:nodes` (sorted sets of node ids scored by their
+heartbeat's expiry, Redis's clock), `o:<origin>:bumps` (the stream of bumps) and
+`o:<origin>:seq` (its entries' sequence numbers), `o:<origin>:lease` (which node runs the
+origin's change feed), `acks` (one stream where nodes say how far they applied).
+
+Three tasks on two connections: the reader (one pipeline per round: heartbeat, the previous
+round's acknowledgement, a blocking XREAD of every followed stream and of the acks, then the
+epoch), the publisher (one script call per origin and batch: INCR + XADD + the live nodes),
+and the lease keeper. Streams, not pub/sub: a reader that was away reads what it missed, or
+learns from the sequence numbers that it cannot.
+
+Protocol: RESP2 is asked for explicitly (redis-py 8 defaults to RESP3, whose XREAD reply is
+a map instead of a list); `_streams` reads either shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from neonpoly.freshness.plane import (
+    Batch,
+    Bump,
+    Cursor,
+    Gate,
+    HoldBook,
+    OriginPlaneStatus,
+    PlaneSettings,
+    PlaneStatus,
+    decode_positions,
+    encode_positions,
+    entry_lag_ms,
+    generations,
+    public_url,
+)
+
+if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
+
+log = logging.getLogger("neonpoly.plane")
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+# INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for.
+_PUBLISH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = redis.call('INCR', KEYS[1])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'node', ARGV[2], 'b', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+return {n, id, redis.call('ZRANGE', KEYS[3], 0, -1)}
+"""
+# Registers the node on every key given (the plane's, each followed origin's); the live nodes.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  redis.call('PEXPIRE', key, ttl * 20)
+end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class _Origin:
+    key: str
+    prefix: str
+    gate: Gate
+    caches: list[QueryCache] = field(default_factory=list)
+    cursor: Cursor | None = None  # None until read from Redis (then a purge: joining is a gap)
+    published: int = 0
+    applied: int = 0
+    gaps: int = 0
+    lag_ms: float | None = None
+    lease_holder: str = ""
+    lease_mine: bool = False
+    lease_until: float = 0.0  # monotonic: past it, a lease not renewed is given up
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:o:{self.key}:bumps"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:o:{self.key}:seq"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}:o:{self.key}:nodes"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}:o:{self.key}:lease"
+
+
+class _Regap(Exception):
+    """Redis lost its data under a live connection: start over as after a reconnection."""
+
+
+class RedisPlane:
+    """One node of the plane: the caches it is attached to publish their bumps and apply the
+    other nodes'. `lease_listener(origin, held)` is told when this node gains or loses the
+    right to run an origin's change feed (set `wants_leases` for it to compete)."""
+
+    def __init__(self, settings: PlaneSettings, *, node: str | None = None) -> None:
+        self.settings = settings
+        self.node = node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.url = public_url(settings.url)
+        self.holds = HoldBook(self.node)
+        self.state = "connecting"
+        self.reason = ""
+        self.since = time.time()
+        self.downs = 0
+        self.nodes: tuple[str, ...] = ()
+        self.wants_leases = False
+        self.lease_listener: Callable[[str, bool], None] | None = None
+        self._origins: dict[str, _Origin] = {}
+        self._epoch: str | None = None
+        self._acks_id = "0-0"
+        self._ack_due: dict[str, int] = {}
+        self._lost: set[str] = set()  # origins whose bumps could not be published
+        self._open: Batch | None = None
+        self._applying = False
+        self._down_at: float | None = None  # monotonic
+        self._down_release: asyncio.Future[None] | None = None
+        self._was_up = False
+        self._batches = 0
+        self._hold_times: deque[float] = deque(maxlen=1000)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reader: Redis | None = None
+        self._cmd: Redis | None = None
+
+    # --- keys --------------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{self.settings.prefix}:{name}"
+
+    # --- attaching caches (the service) -----------------------------------------------------
+
+    def attach(self, cache: QueryCache, origin_key: str) -> None:
+        origin = self._origins.get(origin_key)
+        if origin is None:
+            origin = self._origins[origin_key] = _Origin(origin_key, self.settings.prefix, Gate(self.settings.limit))
+        origin.caches.append(cache)
+        generations(cache).observe(lambda op: self._observed(origin_key, op))
+        cache.serve_gate = origin.gate
+        cache.reply_barrier = self.barrier
+
+    def detach(self, cache: QueryCache) -> None:
+        for key, origin in list(self._origins.items()):
+            if cache in origin.caches:
+                origin.caches.remove(cache)
+                generations(cache).observe(None)
+                cache.serve_gate = cache.reply_barrier = None
+                if not origin.caches:
+                    del self._origins[key]
+
+    def _observed(self, origin: str, op: tuple[Any, ...]) -> None:
+        """A bump of a local cache's generations: publish it, unless it came from the plane."""
+        if self._applying:
+            return
+        if self.state != "up" or self._loop is None:
+            self._lost.add(origin)  # published as a purge once Redis is back
+            return
+        if self._open is None:
+            self._open = Batch(self._loop)
+        self._open.add(origin, op)
+        if self._wake is not None:
+            self._wake.set()
+
+    def barrier(self) -> asyncio.Future[None] | None:
+        """What a write's reply waits for: the batch holding its bumps, acknowledged by every
+        live node (or timed out). While Redis is down: only the first `hold` seconds of the
+        outage (a node may have proven itself caught up just before it), then nothing."""
+        if self.state == "up":
+            return self._open.future if self._open else None
+        release = self._down_release
+        return release if release is not None and not release.done() else None
+
+    # --- life --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and take the leases it can; if Redis is not there, say so and keep trying
+        (the caches pass through meanwhile)."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        s = self.settings
+        common: dict[str, Any] = {
+            "protocol": 2,
+            "decode_responses": True,
+            "socket_connect_timeout": s.connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        self._reader = Redis.from_url(s.url, socket_timeout=s.block + s.io_timeout, **common)
+        self._cmd = Redis.from_url(s.url, socket_timeout=s.io_timeout, **common)
+        try:
+            await asyncio.wait_for(self._recover(), s.io_timeout)
+            await self._keep_leases()
+        except _FAILURES as exc:
+            self._went_down(_why(exc))
+        loop = self._loop
+        self._tasks = [
+            loop.create_task(self._read_loop(), name="plane reader"),
+            loop.create_task(self._publish_loop(), name="plane publisher"),
+            loop.create_task(self._lease_loop(), name="plane leases"),
+        ]
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._cmd is not None and self.state == "up":
+            with contextlib.suppress(*_FAILURES):
+                await asyncio.wait_for(self._leave(), self.settings.io_timeout)
+        for origin in self._origins.values():
+            origin.gate.close()
+            if origin.lease_mine:
+                self._lease_lost(origin, "neonpoly is stopping")
+        if self._open is not None:
+            self._open.future.cancel()
+        for client in (self._reader, self._cmd):
+            if client is not None:
+                with contextlib.suppress(*_FAILURES):
+                    await client.aclose()
+
+    async def _leave(self) -> None:
+        assert self._cmd is not None
+        pipe = self._cmd.pipeline(transaction=False)
+        pipe.zrem(self._key("nodes"), self.node)
+        for origin in self._origins.values():
+            pipe.zrem(origin.nodes, self.node)
+            if origin.lease_mine:
+                pipe.eval(_RELEASE, 1, origin.lease, self.node)
+        await pipe.execute()
+
+    # --- Redis down, back, or lost its data -------------------------------------------------
+
+    def _went_down(self, why: str) -> None:
+        for origin in self._origins.values():
+            origin.gate.close()
+        if self.state == "down":
+            self.reason = why
+            return
+        log.warning("invalidation plane %s down: %s; serving without hits (passing through) until it is back",
+                    self.url, why)
+        self.state, self.reason, self.since = "down", why, time.time()
+        self.downs += 1
+        self._down_at = time.monotonic()
+        if self._loop is not None:
+            self._down_release = self._loop.create_future()
+            self._loop.call_later(self.settings.hold, _release, self._down_release)
+        if self._open is not None:
+            self._lost |= set(self._open.bumps)
+
+    async def _recover(self) -> None:
+        """(Re)join: learn the epoch, where each stream ends, then purge what this node has
+        (anything may have been missed before now), and publish a purge for the origins whose
+        bumps this node could not publish."""
+        assert self._reader is not None
+        r = self._reader
+        epoch = await r.get(self._key("epoch"))
+        if epoch is None:
+            await r.set(self._key("epoch"), secrets.token_hex(8), nx=True)
+            epoch = await r.get(self._key("epoch"))
+        last_ack = await r.xrevrange(self._key("acks"), count=1)
+        self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
+        origins = list(self._origins.values())
+        await self._bootstrap(origins)
+        self._epoch = None if epoch is None else str(epoch)
+        was_up, self._was_up = self._was_up, True
+        for origin in origins:
+            self._purge_local(origin, counted=was_up)
+        if self.state != "up":
+            if was_up or self.state == "down":
+                log.warning("invalidation plane %s up again (node %s); the caches were purged: a gap",
+                            self.url, self.node)
+            else:
+                log.info("invalidation plane %s up (node %s)", self.url, self.node)
+        self.state, self.reason, self.since = "up", "", time.time()
+        self._down_at = None
+        lost, self._lost = self._lost, set()
+        for key in lost:
+            self._observed(key, ("p",))
+
+    async def _bootstrap(self, origins: list[_Origin]) -> None:
+        """Read where these streams end (atomically with their counters)."""
+        if not origins:
+            return
+        assert self._reader is not None
+        pipe = self._reader.pipeline(transaction=True)
+        for origin in origins:
+            pipe.xrevrange(origin.stream, count=1)
+            pipe.get(origin.seq)
+        replies = await pipe.execute()
+        for i, origin in enumerate(origins):
+            last, seq = replies[2 * i], replies[2 * i + 1]
+            if last:
+                entry_id, fields = last[0]
+                origin.cursor = Cursor(entry_id, int(fields.get("n", 0)))
+            else:
+                origin.cursor = Cursor("0-0", int(seq or 0))
+
+    def _purge_local(self, origin: _Origin, *, counted: bool = True) -> None:
+        if counted:
+            origin.gaps += 1
+        self._applying = True
+        try:
+            Bump(purge=True).apply(origin.caches)
+        finally:
+            self._applying = False
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                if self.state != "up":
+                    await asyncio.wait_for(self._recover(), self.settings.io_timeout)
+                    delay = 0.05
+                await self._round()
+            except _Regap as exc:
+                for origin in self._origins.values():
+                    origin.gate.close()
+                log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
+                self.state, self.reason, self.since = "connecting", str(exc), time.time()
+            except _FAILURES as exc:
+                self._went_down(_why(exc))
+                with contextlib.suppress(*_FAILURES):
+                    assert self._reader is not None
+                    await self._reader.connection_pool.disconnect()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _round(self) -> None:
+        assert self._reader is not None
+        s = self.settings
+        fresh = [o for o in self._origins.values() if o.cursor is None]
+        if fresh:
+            await self._bootstrap(fresh)
+            for origin in fresh:
+                self._purge_local(origin, counted=False)
+        origins = [o for o in self._origins.values() if o.cursor is not None]
+        streams: dict[Any, Any] = {o.stream: o.cursor.last_id for o in origins if o.cursor is not None}
+        acks_key = self._key("acks")
+        streams[acks_key] = self._acks_id
+        pipe = self._reader.pipeline(transaction=False)
+        beat_keys = [self._key("nodes"), *(o.nodes for o in origins)]
+        pipe.eval(_HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
+        ack, self._ack_due = self._ack_due, {}
+        if ack:
+            pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
+        pipe.xread(streams, count=s.count, block=max(1, int(s.block * 1000)))
+        pipe.get(self._key("epoch"))
+        sent = time.monotonic()
+        replies = await pipe.execute()
+        if self.state != "up":
+            return  # the publisher found Redis down meanwhile: recover before proving anything
+        live, read, epoch = replies[0], replies[-2], replies[-1]
+        self._seen(tuple(live))
+        if epoch != self._epoch:
+            raise _Regap("Redis lost its data (restarted or flushed)")
+        by_stream = _streams(read)
+        full = False
+        for origin in origins:
+            entries = by_stream.get(origin.stream, ())
+            full = full or len(entries) >= s.count
+            self._apply(origin, entries)
+        for entry_id, fields in by_stream.get(acks_key, ()):
+            self._acks_id = entry_id
+            node = fields.get("node", "")
+            if node and node != self.node:
+                self.holds.ack(node, decode_positions(fields.get("pos", "")))
+        if not full:  # with `count` entries there may be more: not caught up yet
+            for origin in origins:
+                origin.gate.prove(sent)
+
+    def _seen(self, live: tuple[str, ...]) -> None:
+        for gone in set(self.nodes) - set(live):
+            self.holds.forget_node(gone)
+        self.nodes = live
+
+    def _apply(self, origin: _Origin, entries: Any) -> None:
+        cursor = origin.cursor
+        assert cursor is not None
+        for entry_id, fields in entries:
+            try:
+                n = int(fields["n"])
+                bump = None if fields.get("node") == self.node else Bump.decode(fields["b"])
+            except (KeyError, ValueError) as exc:
+                log.warning("invalidation plane %s: unreadable entry %s on %s (%s): purging",
+                            self.url, entry_id, origin.stream, exc)
+                cursor.take(cursor.last_n + 1, entry_id)
+                self._purge_local(origin)
+                continue
+            if not cursor.take(n, entry_id):
+                log.warning("invalidation plane %s: %s skipped from %d to %d (trimmed or lost): purging",
+                            self.url, origin.stream, n - 1 if n else 0, n)
+                self._purge_local(origin)
+            if bump is None:
+                continue  # this node's own, applied when it was made
+            self._applying = True
+            try:
+                bump.apply(origin.caches)
+            finally:
+                self._applying = False
+            origin.applied += 1
+            origin.lag_ms = entry_lag_ms(entry_id)
+            self._ack_due[origin.key] = n
+
+    # --- publishing ---------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        """Publish what was bumped since the last turn of the loop; several batches may be
+        in flight (a write's commit-time bump need not wait for its send-time one), a few."""
+        assert self._wake is not None and self._loop is not None
+        slots = asyncio.Semaphore(4)
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def publish(batch: Batch) -> None:
+            async with slots:
+                await self._publish(batch)
+
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._open = self._open, None
+                if batch:
+                    task = self._loop.create_task(publish(batch))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+        finally:
+            for task in inflight:
+                task.cancel()
+
+    async def _publish(self, batch: Batch) -> None:
+        assert self._cmd is not None and self._loop is not None
+        s = self.settings
+        order = [(self._origins[k], bump) for k, bump in batch.bumps.items() if k in self._origins]
+        try:
+            pipe = self._cmd.pipeline(transaction=False)
+            for origin, bump in order:
+                pipe.eval(_PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
+            replies = await pipe.execute()  # bounded by the client's socket timeout
+        except _FAILURES as exc:
+            # Whether the entries made it is unknown: hold the replies as if they did.
+            self._lost |= set(batch.bumps)
+            self._went_down(_why(exc))
+            self._loop.call_later(s.hold, _release, batch.future)
+            return
+        self._batches += 1
+        published: dict[str, int] = {}
+        live: dict[str, list[str]] = {}
+        for (origin, _), (n, _entry_id, nodes) in zip(order, replies, strict=True):
+            origin.published += 1
+            published[origin.key] = int(n)
+            live[origin.key] = list(nodes)
+        opened, times = batch.opened, self._hold_times
+        batch.future.add_done_callback(lambda _: times.append(time.monotonic() - opened))
+        self.holds.add(batch.future, published, live)
+        if not batch.future.done():
+            self._loop.call_later(s.hold, self.holds.expire, batch.future)
+
+    # --- the change feed's lease ------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease / 3)
+            with contextlib.suppress(*_FAILURES):
+                await self._keep_leases()
+
+    async def _keep_leases(self) -> None:
+        if not self.wants_leases:
+            return
+        ms = int(self.settings.lease * 1000)
+        for origin in list(self._origins.values()):
+            now = time.monotonic()
+            if self.state != "up" or self._cmd is None:
+                if origin.lease_mine and now > origin.lease_until:
+                    self._lease_lost(origin, "Redis is down")
+                continue
+            try:
+                if origin.lease_mine:
+                    if await self._cmd.eval(_RENEW, 1, origin.lease, self.node, ms):
+                        origin.lease_until = now + self.settings.lease * 0.8
+                    else:
+                        self._lease_lost(origin, "another node holds it now")
+                elif await self._cmd.set(origin.lease, self.node, nx=True, px=ms):
+                    origin.lease_mine, origin.lease_holder = True, self.node
+                    origin.lease_until = now + self.settings.lease * 0.8
+                    log.info("invalidation plane: this node (%s) runs the change feed of %s", self.node, origin.key)
+                    # Taking over is a gap: changes between the last holder's end and this
+                    # feed's start were seen by no feed.
+                    self._observed(origin.key, ("p",))
+                    if self.lease_listener is not None:
+                        self.lease_listener(origin.key, True)
+                else:
+                    origin.lease_holder = str(await self._cmd.get(origin.lease) or "")
+            except _FAILURES:
+                if origin.lease_mine and time.monotonic() > origin.lease_until:
+                    self._lease_lost(origin, "cannot renew it")
+                raise
+
+    def _lease_lost(self, origin: _Origin, why: str) -> None:
+        origin.lease_mine = False
+        origin.lease_holder = ""
+        log.warning("invalidation plane: this node no longer runs the change feed of %s: %s", origin.key, why)
+        if self.lease_listener is not None:
+            self.lease_listener(origin.key, False)
+
+    def holds_lease(self, origin_key: str) -> bool:
+        origin = self._origins.get(origin_key)
+        return origin is not None and origin.lease_mine
+
+    def lease_holder(self, origin_key: str) -> str:
+        origin = self._origins.get(origin_key)
+        return origin.lease_holder if origin is not None else ""
+
+    # --- reading the state ------------------------------------------------------------------
+
+    def status(self) -> PlaneStatus:
+        origins = tuple(
+            OriginPlaneStatus(
+                origin=o.key,
+                stream=o.stream,
+                caught_up=self.state == "up" and o.gate.open,
+                last_id=o.cursor.last_id if o.cursor else "",
+                last_n=o.cursor.last_n if o.cursor else 0,
+                lag_ms=o.lag_ms,
+                published=o.published,
+                applied=o.applied,
+                gaps=o.gaps,
+                refused_hits=o.gate.refused,
+                feed_lease="me" if o.lease_mine else o.lease_holder,
+            )
+            for o in sorted(self._origins.values(), key=lambda o: o.key)
+        )
+        return PlaneStatus(
+            url=self.url,
+            node=self.node,
+            state=self.state,
+            reason=self.reason,
+            since=self.since,
+            nodes=self.nodes,
+            published=sum(o.published for o in origins),
+            applied=sum(o.applied for o in origins),
+            gaps=sum(o.gaps for o in origins),
+            holds=self._batches,
+            hold_timeouts=self.holds.timed_out,
+            hold_ms=_p50_p99(self._hold_times),
+            downs=self.downs,
+            origins=origins,
+        )
+
+
+def _p50_p99(values: deque[float]) -> tuple[float, float] | None:
+    if len(values) < 2:
+        return None
+    cuts = statistics.quantiles(values, n=100)
+    return cuts[49] * 1000, cuts[98] * 1000
+
+
+def _release(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _streams(reply: Any) -> dict[str, list[tuple[str, dict[str, str]]]]:
+    """XREAD's reply in either protocol's shape: stream -> [(id, fields)]."""
+    if not reply:
+        return {}
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    out: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for stream, entries in pairs:
+        out[str(stream)] = [(str(i), f if isinstance(f, dict) else dict(zip(f[::2], f[1::2], strict=True)))
+                            for i, f in entries]
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
