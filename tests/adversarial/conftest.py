@@ -3,13 +3,16 @@
 
 `NEONPOLY_TEST_WORKERS=N` (N > 1) runs every case against `neonpoly serve --workers N` as a
 subprocess instead (scripts/adversarial_workers.sh): the same answers are expected, with
-hits counted by the admin console over every worker."""
+hits counted by the admin console over every worker. Starting N+2 processes takes seconds,
+so one serve runs per test file, purged (PURGE ALL, SET MODE auto) after each case; the
+cases already name their objects uniquely, so what one learned cannot serve another.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,19 +25,24 @@ from tests.proxy.workers import WorkersProxy, workers_proxy
 WORKERS = int(os.environ.get("NEONPOLY_TEST_WORKERS") or "1")
 
 
-@contextlib.asynccontextmanager
-async def _proxy(pg: PgServer, cache_dir: Path) -> AsyncIterator[CachingProxy | WorkersProxy]:
-    if WORKERS > 1:
-        with workers_proxy(pg, cache_dir, count=WORKERS) as workers:
-            yield workers
-    else:
-        async with caching_proxy(pg, cache_dir) as proxy:
-            yield proxy
+@pytest.fixture(scope="module")
+def workers_server(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersProxy]:
+    with workers_proxy(pg, tmp_path_factory.mktemp("workers") / "cache", count=WORKERS) as proxy:
+        yield proxy
 
 
 @pytest.fixture
-async def env(pg: PgServer, tmp_path: Path) -> AsyncIterator[Env]:
-    async with _proxy(pg, tmp_path / "cache") as proxy:
+async def env(pg: PgServer, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    async with contextlib.AsyncExitStack() as outer:
+        proxy: CachingProxy | WorkersProxy
+        if WORKERS > 1:
+            shared = request.getfixturevalue("workers_server")
+            assert isinstance(shared, WorkersProxy)
+            outer.callback(shared.admin, "SET MODE auto")
+            outer.callback(shared.admin, "PURGE ALL")
+            proxy = shared
+        else:
+            proxy = await outer.enter_async_context(caching_proxy(pg, tmp_path / "cache"))
         stack = contextlib.AsyncExitStack()
         world = Env(pg, proxy, stack)
         try:
