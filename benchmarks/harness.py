@@ -21,6 +21,7 @@ from benchmarks.results import LatencyResult, PgbenchResult, Report, combine, de
 from benchmarks.targets import (
     CACHING,
     COLUMNS,
+    NEONPOLY,
     PG_SETTINGS,
     SESSION_DB,
     TARGETS,
@@ -110,7 +111,7 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
         flags = args.proxy_python_flag or []
         src = args.source.resolve()
         starting: list[tuple[str, str]] = []  # (target, database to probe)
-        for t, extra in (("no-cache", ["--no-cache"]), ("cache", ["--ttl", "600"])):
+        for t, extra in NEONPOLY.items():
             if t in targets:
                 step(f"starting neonpoly {' '.join(extra)}")
                 services[t] = Proxy(t, upstream, workdir, extra, flags, src)
@@ -140,7 +141,7 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
             try:
                 services[t].wait_ready(pg.password, db)
             except RuntimeError as exc:
-                if t not in COLUMNS or t in ("no-cache", "cache"):
+                if t not in COLUMNS or t in NEONPOLY:
                     raise
                 report.peers[t] = "did not start"
                 problems.append(str(exc))

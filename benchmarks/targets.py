@@ -25,14 +25,24 @@ import asyncpg
 from neonpoly.integrations.embedded import free_port
 from neonpoly.integrations.pgbin import RunAs, run_as
 
-TARGETS = ("direct", "pgbouncer", "pgpool", "no-cache", "cache")
+TARGETS = ("direct", "pgbouncer", "pgpool", "no-cache", "cache", "no-cache-2w", "cache-2w")
 COLUMNS = {
     "pgbouncer": "PgBouncer tx",
     "pgpool": "pgpool-II cache",
     "no-cache": "neonpoly --no-cache",
     "cache": "neonpoly cache",
+    "no-cache-2w": "neonpoly --no-cache, 2 workers",
+    "cache-2w": "neonpoly cache, 2 workers",
 }
-CACHING = ("pgpool", "cache")
+CACHING = ("pgpool", "cache", "cache-2w")
+# neonpoly's own targets and the `serve` options each one adds (`--workers 2`: the same proxy in
+# two processes on one port, their private redis-server included in its CPU and memory).
+NEONPOLY = {
+    "no-cache": ["--no-cache"],
+    "cache": ["--ttl", "600"],
+    "no-cache-2w": ["--no-cache", "--workers", "2"],
+    "cache-2w": ["--ttl", "600", "--workers", "2"],
+}
 SESSION_DB = "postgres_session"  # PgBouncer's alias of the origin's database in session pooling
 PG_SETTINGS: dict[str, str | int | bool] = {
     "fsync": False,
