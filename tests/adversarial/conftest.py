@@ -25,6 +25,15 @@ from tests.proxy.workers import WorkersProxy, workers_proxy
 WORKERS = int(os.environ.get("NEONPOLY_TEST_WORKERS") or "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Against workers every hit is counted through the admin console (a round trip to each
+    worker) and some cases count hundreds: give them longer than the default timeout."""
+    if WORKERS > 1:
+        for item in items:
+            if item.nodeid.startswith("tests/adversarial/") and item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(600))
+
+
 @pytest.fixture(scope="module")
 def workers_server(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersProxy]:
     with workers_proxy(pg, tmp_path_factory.mktemp("workers") / "cache", count=WORKERS) as proxy:

@@ -52,6 +52,7 @@ class WorkersProxy:
     log: Path
     pids: list[int]
     service: _AdminService = field(init=False)
+    _admin: psycopg.Connection[tuple[Any, ...]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.service = _AdminService(_AdminRules(self))
@@ -63,10 +64,18 @@ class WorkersProxy:
         return {**self.pg.dsn(role, database), "port": self.port, "host": "127.0.0.1"}
 
     def admin(self, sql: str) -> list[tuple[Any, ...]]:
-        """One admin statement (any worker answers, for all of them); its rows."""
-        with psycopg.connect(self.url(database="neonpoly"), autocommit=True, connect_timeout=10) as conn:
-            cur = conn.execute(sql)
-            return cur.fetchall() if cur.description else []
+        """One admin statement (the worker this connection landed on answers for all of them);
+        its rows. One connection is kept: an admin login is relayed to the origin, and some
+        cases ask for the totals hundreds of times."""
+        if self._admin is None or self._admin.closed:
+            self._admin = psycopg.connect(self.url(database="neonpoly"), autocommit=True, connect_timeout=10)
+        cur = self._admin.execute(sql)
+        return cur.fetchall() if cur.description else []
+
+    def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
 
     def totals(self) -> dict[str, int]:
         rows = self.admin("SHOW STATS")
@@ -121,6 +130,10 @@ def workers_proxy(pg: PgServer, cache_dir: Path, *args: str, count: int = 2) -> 
     try:
         ready = _wait_ready(proc, log)
         pids = [int(p) for p in ready.group(3).split(",")]
-        yield WorkersProxy(pg, int(ready.group(2)), cache_dir, proc, log, pids)
+        proxy = WorkersProxy(pg, int(ready.group(2)), cache_dir, proc, log, pids)
+        try:
+            yield proxy
+        finally:
+            proxy.close()
     finally:
         stop_workers(proc)
