@@ -26,6 +26,7 @@ from neonpoly.cache.rules import (
     RuleError,
     normalize_table,
 )
+from neonpoly.freshness.plane import PlaneStatus
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -127,6 +128,15 @@ CACHES_COLUMNS = (
     ("feed_ddl", INT8),  # catalog changes it caught
     ("feed_gaps", INT8),  # evictions for a gap (connect, reconnect, idle close)
     ("feed_last_change", TIMESTAMPTZ),
+    ("plane", TEXT),  # the invalidation plane (--redis): "up, 2 nodes, lag 1 ms", "down: <why> (passing through)"
+    ("plane_nodes", INT8),  # live nodes seen on the plane, this one included
+    ("plane_last_id", TEXT),  # the last stream entry of this origin applied
+    ("plane_lag_ms", FLOAT8),  # XADD to applied here, last entry from another node
+    ("plane_published", INT8),  # bumps this node published for this origin
+    ("plane_applied", INT8),  # bumps from other nodes applied
+    ("plane_gaps", INT8),  # purges for a gap (Redis restarted or lost entries, this node reconnected)
+    ("plane_refused_hits", INT8),  # lookups passed through because this node was not provably caught up
+    ("feed_lease", TEXT),  # the node running this origin's change feed ("me": this one)
 )
 RULES_COLUMNS = (
     ("id", TEXT),
@@ -391,7 +401,9 @@ class Executor:
     def _caches(self, cache_id: str | None, given: ServiceReport | None = None) -> list[tuple[Value, ...]]:
         served = self.service.routes.by_id
         rows: list[tuple[Value, ...]] = []
-        for c in self._report(cache_id, given).caches:
+        report = self._report(cache_id, given)
+        plane = report.plane
+        for c in report.caches:
             if c.cache_id not in served:
                 continue
             last = max((f.last_change for f in c.feeds if f.last_change is not None), default=None)
@@ -403,6 +415,8 @@ class Executor:
                     sum(f.ddl for f in c.feeds),
                     sum(f.gaps for f in c.feeds),
                     _ts(last) if last is not None else None,
+                    c.plane,
+                    *_plane_columns(plane, self.service.routes.by_id[c.cache_id].origin.label),
                 )
             )
         return rows
@@ -455,6 +469,15 @@ def _ms(seconds: float | None) -> float | None:
 
 def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+def _plane_columns(plane: PlaneStatus | None, origin_key: str) -> tuple[Value, ...]:
+    """SHOW CACHES' plane figures for one origin (NULLs without --redis)."""
+    o = plane.origin(origin_key) if plane is not None else None
+    if plane is None or o is None:
+        return (len(plane.nodes) if plane is not None else None, None, None, None, None, None, None, None)
+    return (len(plane.nodes), o.last_id or None, o.lag_ms, o.published, o.applied, o.gaps, o.refused_hits,
+            o.feed_lease or None)
 
 
 def _rule_row(rule: Rule) -> tuple[Value, ...]:

@@ -79,6 +79,31 @@ class StatsCollector(Collector):
             "neonpoly_change_feed_evictions", "Databases evicted by the change feed, by why (ddl, gap).",
             labels=["cache", "cache_name", "database", "why"],
         )
+        plane_up = GaugeMetricFamily(
+            "neonpoly_plane_up", "1 while the invalidation plane (Redis) is up; 0 while passing through.",
+        )
+        plane_nodes = GaugeMetricFamily("neonpoly_plane_nodes", "Live nodes seen on the invalidation plane.")
+        plane_caught_up = GaugeMetricFamily(
+            "neonpoly_plane_caught_up", "1 while provably caught up with an origin's stream (hits served).",
+            labels=["origin"],
+        )
+        plane_lag = GaugeMetricFamily(
+            "neonpoly_plane_lag_seconds", "Published on another node to applied here, last bump.", labels=["origin"],
+        )
+        plane_bumps = CounterMetricFamily(
+            "neonpoly_plane_bumps", "Generation bumps on the invalidation plane, by direction.",
+            labels=["origin", "direction"],
+        )
+        plane_gaps = CounterMetricFamily(
+            "neonpoly_plane_gaps", "Purges for a gap in the invalidation plane.", labels=["origin"],
+        )
+        plane_refused = CounterMetricFamily(
+            "neonpoly_plane_refused_hits", "Lookups passed through while not provably caught up.", labels=["origin"],
+        )
+        plane_holds = CounterMetricFamily(
+            "neonpoly_plane_holds", "Published batches whose write replies waited, by how they ended.",
+            labels=["ended"],
+        )
         names = service.names
 
         def label(cache_id: str) -> list[str]:
@@ -122,6 +147,22 @@ class StatsCollector(Collector):
                 ttl.add_metric([*label(t.cache_id), t.template_id], r.ttl)
         yield from (build, queries, saved, served, entries, size, limit, conns, latency, ttl)
         yield from (feed_live, feed_lag, feed_changes, feed_events)
+        plane = report.plane
+        if plane is not None:
+            plane_up.add_metric([], 1.0 if plane.state == "up" else 0.0)
+            plane_nodes.add_metric([], len(plane.nodes))
+            for o in plane.origins:
+                plane_caught_up.add_metric([o.origin], 1.0 if o.caught_up else 0.0)
+                if o.lag_ms is not None:
+                    plane_lag.add_metric([o.origin], o.lag_ms / 1000)
+                plane_bumps.add_metric([o.origin, "published"], o.published)
+                plane_bumps.add_metric([o.origin, "applied"], o.applied)
+                plane_gaps.add_metric([o.origin], o.gaps)
+                plane_refused.add_metric([o.origin], o.refused_hits)
+            plane_holds.add_metric(["acknowledged"], plane.holds - plane.hold_timeouts)
+            plane_holds.add_metric(["timeout"], plane.hold_timeouts)
+            yield from (plane_up, plane_nodes, plane_caught_up, plane_lag, plane_bumps, plane_gaps, plane_refused,
+                        plane_holds)
 
 
 INDEX = (

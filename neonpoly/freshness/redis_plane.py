@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +52,8 @@ from neonpoly.freshness.plane import (
     generations,
     public_url,
 )
+from neonpoly.freshness.redis_wire import HEARTBEAT, PUBLISH, RELEASE_LEASE, RENEW, p50_p99, release, why
+from neonpoly.freshness.redis_wire import streams as read_streams
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -59,36 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.plane")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
-
-# INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for.
-_PUBLISH = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = redis.call('INCR', KEYS[1])
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'node', ARGV[2], 'b', ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-return {n, id, redis.call('ZRANGE', KEYS[3], 0, -1)}
-"""
-# Registers the node on every key given (the plane's, each followed origin's); the live nodes.
-_HEARTBEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  redis.call('PEXPIRE', key, ttl * 20)
-end
-return redis.call('ZRANGE', KEYS[1], 0, -1)
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(slots=True)
@@ -155,6 +127,8 @@ class RedisPlane:
         self._down_release: asyncio.Future[None] | None = None
         self._was_up = False
         self._batches = 0
+        self._beat_sent = -math.inf  # monotonic send time of the last heartbeat that executed
+        self._beat_keys: list[str] = []
         self._hold_times: deque[float] = deque(maxlen=1000)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -230,7 +204,7 @@ class RedisPlane:
             await asyncio.wait_for(self._recover(), s.io_timeout)
             await self._keep_leases()
         except _FAILURES as exc:
-            self._went_down(_why(exc))
+            self._went_down(why(exc))
         loop = self._loop
         self._tasks = [
             loop.create_task(self._read_loop(), name="plane reader"),
@@ -264,7 +238,7 @@ class RedisPlane:
         for origin in self._origins.values():
             pipe.zrem(origin.nodes, self.node)
             if origin.lease_mine:
-                pipe.eval(_RELEASE, 1, origin.lease, self.node)
+                pipe.eval(RELEASE_LEASE, 1, origin.lease, self.node)
         await pipe.execute()
 
     # --- Redis down, back, or lost its data -------------------------------------------------
@@ -279,12 +253,17 @@ class RedisPlane:
                     self.url, why)
         self.state, self.reason, self.since = "down", why, time.time()
         self.downs += 1
+        self._hold_outage()
+        if self._open is not None:
+            self._lost |= set(self._open.bumps)
+
+    def _hold_outage(self) -> None:
+        """Writes made in the first `hold` seconds of an outage wait out its end (other nodes
+        may have proven themselves caught up just before it began, and will not hear of them)."""
         self._down_at = time.monotonic()
         if self._loop is not None:
             self._down_release = self._loop.create_future()
-            self._loop.call_later(self.settings.hold, _release, self._down_release)
-        if self._open is not None:
-            self._lost |= set(self._open.bumps)
+            self._loop.call_later(self.settings.hold, release, self._down_release)
 
     async def _recover(self) -> None:
         """(Re)join: learn the epoch, where each stream ends, then purge what this node has
@@ -299,6 +278,9 @@ class RedisPlane:
         last_ack = await r.xrevrange(self._key("acks"), count=1)
         self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
         origins = list(self._origins.values())
+        self._beat_sent = -math.inf  # Redis may have lost the node's registration
+        # Acknowledgements count sequence numbers, which start over if Redis lost its data.
+        self.holds.acked.clear()
         await self._bootstrap(origins)
         self._epoch = None if epoch is None else str(epoch)
         was_up, self._was_up = self._was_up, True
@@ -358,8 +340,9 @@ class RedisPlane:
                     origin.gate.close()
                 log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
                 self.state, self.reason, self.since = "connecting", str(exc), time.time()
+                self._hold_outage()
             except _FAILURES as exc:
-                self._went_down(_why(exc))
+                self._went_down(why(exc))
                 with contextlib.suppress(*_FAILURES):
                     assert self._reader is not None
                     await self._reader.connection_pool.disconnect()
@@ -380,7 +363,12 @@ class RedisPlane:
         streams[acks_key] = self._acks_id
         pipe = self._reader.pipeline(transaction=False)
         beat_keys = [self._key("nodes"), *(o.nodes for o in origins)]
-        pipe.eval(_HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
+        # The heartbeat need not go with every round: a round proves the gate only while
+        # the last heartbeat was sent at most (heartbeat - limit) / 2 before it, so a writer
+        # that finds this node's heartbeat expired knows its gate is closed.
+        beat = beat_keys != self._beat_keys or time.monotonic() - self._beat_sent > (s.heartbeat - s.limit) / 2
+        if beat:
+            pipe.eval(HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
         ack, self._ack_due = self._ack_due, {}
         if ack:
             pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
@@ -390,11 +378,13 @@ class RedisPlane:
         replies = await pipe.execute()
         if self.state != "up":
             return  # the publisher found Redis down meanwhile: recover before proving anything
-        live, read, epoch = replies[0], replies[-2], replies[-1]
-        self._seen(tuple(live))
+        read, epoch = replies[-2], replies[-1]
+        if beat:
+            self._beat_sent, self._beat_keys = sent, beat_keys
+            self._seen(tuple(replies[0]))
         if epoch != self._epoch:
             raise _Regap("Redis lost its data (restarted or flushed)")
-        by_stream = _streams(read)
+        by_stream = read_streams(read)
         full = False
         for origin in origins:
             entries = by_stream.get(origin.stream, ())
@@ -475,13 +465,13 @@ class RedisPlane:
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for origin, bump in order:
-                pipe.eval(_PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
+                pipe.eval(PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
             replies = await pipe.execute()  # bounded by the client's socket timeout
         except _FAILURES as exc:
             # Whether the entries made it is unknown: hold the replies as if they did.
             self._lost |= set(batch.bumps)
-            self._went_down(_why(exc))
-            self._loop.call_later(s.hold, _release, batch.future)
+            self._went_down(why(exc))
+            self._loop.call_later(s.hold, release, batch.future)
             return
         self._batches += 1
         published: dict[str, int] = {}
@@ -516,7 +506,7 @@ class RedisPlane:
                 continue
             try:
                 if origin.lease_mine:
-                    if await self._cmd.eval(_RENEW, 1, origin.lease, self.node, ms):
+                    if await self._cmd.eval(RENEW, 1, origin.lease, self.node, ms):
                         origin.lease_until = now + self.settings.lease * 0.8
                     else:
                         self._lease_lost(origin, "another node holds it now")
@@ -525,7 +515,8 @@ class RedisPlane:
                     origin.lease_until = now + self.settings.lease * 0.8
                     log.info("invalidation plane: this node (%s) runs the change feed of %s", self.node, origin.key)
                     # Taking over is a gap: changes between the last holder's end and this
-                    # feed's start were seen by no feed.
+                    # feed's start were seen by no feed. Purge here and on every node.
+                    self._purge_local(origin, counted=False)
                     self._observed(origin.key, ("p",))
                     if self.lease_listener is not None:
                         self.lease_listener(origin.key, True)
@@ -582,36 +573,7 @@ class RedisPlane:
             gaps=sum(o.gaps for o in origins),
             holds=self._batches,
             hold_timeouts=self.holds.timed_out,
-            hold_ms=_p50_p99(self._hold_times),
+            hold_ms=p50_p99(self._hold_times),
             downs=self.downs,
             origins=origins,
         )
-
-
-def _p50_p99(values: deque[float]) -> tuple[float, float] | None:
-    if len(values) < 2:
-        return None
-    cuts = statistics.quantiles(values, n=100)
-    return cuts[49] * 1000, cuts[98] * 1000
-
-
-def _release(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _streams(reply: Any) -> dict[str, list[tuple[str, dict[str, str]]]]:
-    """XREAD's reply in either protocol's shape: stream -> [(id, fields)]."""
-    if not reply:
-        return {}
-    pairs = reply.items() if isinstance(reply, dict) else reply
-    out: dict[str, list[tuple[str, dict[str, str]]]] = {}
-    for stream, entries in pairs:
-        out[str(stream)] = [(str(i), f if isinstance(f, dict) else dict(zip(f[::2], f[1::2], strict=True)))
-                            for i, f in entries]
-    return out
-
-
-def _why(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

@@ -11,11 +11,14 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import psycopg
+from redis.asyncio import Redis
 
+from neonpoly.admin.metrics import MetricsServer
 from neonpoly.freshness.changefeed import FeedSettings
 from tests.freshness.conftest import FeedProxy, plane_node, until
 from tests.freshness.redisharness import RedisServer
@@ -69,9 +72,11 @@ class _Race:
         self.latencies.append(time.perf_counter() - started)
         self.returned = i
 
-    async def writes(self, count: int) -> None:
+    async def writes(self, count: int, before: Callable[[int], Awaitable[None]] | None = None) -> None:
         try:
             for i in range(1, count + 1):
+                if before is not None:
+                    await before(i)
                 await self.write(i)
                 # Let the reader read a few times after each write (so repeats are hits),
                 # without waiting for it by the clock.
@@ -131,11 +136,12 @@ async def test_a_write_through_one_node_is_never_read_stale_through_another(
         assert _hits(b) > hits_before, "node B never answered from its cache: the race proved nothing"
         plane_b = b.service.report().plane
         assert plane_b is not None and plane_b.applied > 0
+        plane_a = a.service.report().plane
+        assert plane_a is not None and plane_a.published > 0
         p50, p99 = _percentiles(race.latencies)
         print(f"\n[plane] 300 writes through A with B reading: write p50 {p50:.2f} ms p99 {p99:.2f} ms; "
-              f"B hits {_hits(b) - hits_before} of {race.read_count} reads; "
-              f"plane of A {a.service.report().plane}",  # type: ignore[union-attr]
-              file=sys.stderr)
+              f"hold p50/p99 {plane_a.hold_ms} ms, {plane_a.hold_timeouts} of {plane_a.holds} timed out; "
+              f"B hits {_hits(b) - hits_before} of {race.read_count} reads", file=sys.stderr)
 
 
 async def test_redis_killed_mid_run_both_nodes_pass_through_and_nothing_is_stale_after_it_returns(
@@ -150,42 +156,45 @@ async def test_redis_killed_mid_run_both_nodes_pass_through_and_nothing_is_stale
         await _plane_up(a, b)
         writer = await asyncpg.connect(**a.dsn())
         reader = await asyncpg.connect(**b.dsn())
+        seen: dict[str, int] = {}
+
+        async def phases(i: int) -> None:
+            if i == 61:  # 60 writes with Redis up, then it dies
+                seen["hits_up"] = _hits(b)
+                redis_server.kill()
+                await until(lambda: all(n.service.report().plane.state == "down" for n in (a, b)),  # type: ignore[union-attr]
+                            "both nodes see Redis down")
+            elif i == 161:  # 100 writes with Redis down, then it comes back empty on the same port
+                report = b.service.report()
+                assert report.plane is not None and report.plane.state == "down" and report.plane.reason
+                assert "passing through" in report.caches[0].plane
+                seen["refused"] = report.plane.origins[0].refused_hits
+                row = await _show_caches(b)
+                assert row["plane"].startswith("down: ") and row["plane"].endswith("(passing through)"), row["plane"]
+                assert "neonpoly_plane_up 0.0" in MetricsServer(b.service).render().decode()
+                redis_server.start()
+                await _plane_up(a, b)
+                seen["hits_back"] = _hits(b)
+
         try:
             race = _Race(writer, reader, b, table)
-            reads = asyncio.ensure_future(race.reads())
-            writes = asyncio.ensure_future(race.writes(300))
-            await until(lambda: race.returned >= 60, "60 writes with Redis up")
-            hits_up = _hits(b)
-            assert hits_up > 0
-            redis_server.kill()
-            await until(lambda: all(n.service.report().plane.state == "down" for n in (a, b)),  # type: ignore[union-attr]
-                        "both nodes see Redis down")
-            down_from = race.returned
-            await until(lambda: race.returned >= down_from + 60, "60 writes with Redis down")
-            report = b.service.report()
-            assert report.plane is not None and report.plane.state == "down" and report.plane.reason
-            assert "passing through" in report.caches[0].plane
-            refused = report.plane.origins[0].refused_hits
-            assert refused > 0, "B was never asked for a hit while Redis was down"
-            redis_server.start()  # the same port, empty: a restart that lost everything
-            await _plane_up(a, b)
-            back_at = race.returned
-            hits_back = _hits(b)
-            await writes
-            race.done = True
-            await reads
-            assert race.returned > back_at
+            await asyncio.gather(race.writes(300, phases), race.reads())
         finally:
             await writer.close()
             await reader.close()
+        assert seen["hits_up"] > 0
+        assert seen["refused"] > 0, "B was never asked for a hit while Redis was down"
+        hits_back = seen["hits_back"]
         assert race.stale == [], f"{len(race.stale)} stale reads through B, e.g. {race.stale[:5]}"
         assert _hits(b) > hits_back, "B served no hit after Redis came back: the end of the race proved nothing"
         for node in (a, b):
             plane = node.service.report().plane
             assert plane is not None
             assert plane.downs >= 1 and plane.gaps >= 1, plane
-        print(f"\n[plane] Redis killed after write {down_from}, back after write {back_at}; "
-              f"B refused {refused} hits while down", file=sys.stderr)
+            row = await _show_caches(node)
+            assert row["plane"].startswith("up, 2 nodes") and row["plane_gaps"] >= 1 and row["plane_nodes"] == 2
+        print(f"\n[plane] Redis killed after write 60, back after write 160; B refused {seen['refused']} hits "
+              f"while down, served {_hits(b) - hits_back} after", file=sys.stderr)
 
 
 async def test_one_node_runs_the_change_feed_and_the_other_takes_over_when_it_stops(
@@ -247,9 +256,53 @@ async def test_one_node_runs_the_change_feed_and_the_other_takes_over_when_it_st
             await stack.aclose()
 
 
+async def _show_caches(node: FeedProxy) -> asyncpg.Record:
+    admin = await asyncpg.connect(**node.dsn("neonpoly"))
+    try:
+        [row] = await admin.fetch("SHOW CACHES")
+        return row
+    finally:
+        await admin.close()
+
+
 async def _eventually(client: asyncpg.Connection, sql: str, value: int, what: str) -> None:
     deadline = time.monotonic() + 30
     while (got := await client.fetchval(sql)) != value:
         assert got < value, f"{what}: read {got}, newer than written"
         assert time.monotonic() < deadline, f"{what}: still {got}"
         await asyncio.sleep(0.01)
+
+
+async def test_a_redis_that_lost_its_data_under_live_connections_is_a_gap(
+    pg_logical: PgServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    table = _table("plane_flush")
+    await _make_table(pg_logical, table)
+    sql = f"SELECT v FROM {table} WHERE id = 1"
+    async with (
+        plane_node(pg_logical, tmp_path / "a", redis_server.url) as a,
+        plane_node(pg_logical, tmp_path / "b", redis_server.url) as b,
+    ):
+        await _plane_up(a, b)
+        writer = await asyncpg.connect(**a.dsn())
+        reader = await asyncpg.connect(**b.dsn())
+        redis = Redis.from_url(redis_server.url, protocol=2)
+        try:
+            for value in range(1, 6):
+                await writer.execute(f"UPDATE {table} SET v = $1 WHERE id = 1", value)
+                before = _hits(b)
+                while _hits(b) == before:  # until B answers it from its cache
+                    assert await reader.fetchval(sql) == value
+            gaps = [n.service.report().plane.gaps for n in (a, b)]  # type: ignore[union-attr]
+            await redis.flushall()
+            await until(lambda: all(n.service.report().plane.gaps > g for n, g in zip((a, b), gaps, strict=True)),  # type: ignore[union-attr]
+                        "both nodes saw the flush as a gap")
+            await _plane_up(a, b)
+            for value in range(6, 11):
+                await writer.execute(f"UPDATE {table} SET v = $1 WHERE id = 1", value)
+                assert await reader.fetchval(sql) == value
+                assert await reader.fetchval(sql) == value
+        finally:
+            await redis.aclose()
+            await writer.close()
+            await reader.close()
