@@ -404,7 +404,9 @@ class Executor:
         report = self._report(cache_id, given)
         plane = report.plane
         for c in report.caches:
-            if c.cache_id not in served:
+            # Served here, or (every worker's report merged) by another worker still: a cache
+            # removed from the state dir leaves each worker within a second of the others.
+            if c.cache_id not in served and (given is None or not c.origin):
                 continue
             last = max((f.last_change for f in c.feeds if f.last_change is not None), default=None)
             rows.append(
@@ -416,7 +418,7 @@ class Executor:
                     sum(f.gaps for f in c.feeds),
                     _ts(last) if last is not None else None,
                     c.plane,
-                    *_plane_columns(plane, self.service.routes.by_id[c.cache_id].origin.label),
+                    *_plane_columns(plane, c.origin),  # the origin's label
                 )
             )
         return rows

@@ -106,8 +106,10 @@ def _weighted(pairs: Sequence[tuple[float | None, int]]) -> float | None:
 
 
 def _merge_caches(parts: Sequence[CacheReport]) -> CacheReport:
-    # The worker that runs the origin's change feed describes it (the others say why not).
-    feeding = next((c for c in parts if c.change_feed.startswith("on")), parts[0])
+    # A worker that still serves the cache (one that removed it reports no origin), and of
+    # those the one that runs the origin's change feed, describes it.
+    serving = [c for c in parts if c.origin] or list(parts)
+    feeding = next((c for c in serving if c.change_feed.startswith("on")), serving[0])
     return dataclasses.replace(
         feeding,
         is_default=any(c.is_default for c in parts),
