@@ -166,13 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="relay processes sharing the port (SO_REUSEPORT, Linux); with N > 1 they share invalidations "
         "through --redis, else through a private redis-server this command starts on a unix socket",
     )
-    # How the `serve --workers N` parent tells each worker its place (not for people).
-    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
-    serve.add_argument("--worker-group", help=argparse.SUPPRESS)
-    serve.add_argument("--worker-bus", help=argparse.SUPPRESS)
-    serve.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--worker-embedded", type=host_port, help=argparse.SUPPRESS)
     serve.add_argument(
         "--admin-role",
         action="append",

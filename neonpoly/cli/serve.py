@@ -1,7 +1,7 @@
 """`neonpoly serve`: the proxy in the foreground until SIGINT/SIGTERM, through start_serving.
 
 With `--workers N` (N > 1) this process becomes the parent of N workers (control/workers.py)
-and each worker runs this same command with the hidden `--worker-*` options.
+and each worker runs this same command, told its place in $NEONPOLY_WORKER.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ async def serve(args: argparse.Namespace) -> int:
     redis_url = args.redis or environment().redis_url
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise CLIError("--redis: expected redis://HOST:PORT/DB, rediss://… or unix:///path")
-    if args.workers > 1 and args.worker_index is None:
+    role = _role()
+    if args.workers > 1 and role is None:
         return await _supervise(args, root, redis_url)
-    role = _role(args)
     if role is not None:  # the workers' plane: --redis, else the parent's private redis-server
         redis_url = role.bus
     settings = ProxySettings(
@@ -132,19 +132,15 @@ async def serve(args: argparse.Namespace) -> int:
         lock.release()
 
 
-def _role(args: argparse.Namespace) -> WorkerRole | None:
-    if args.worker_index is None:
+def _role() -> WorkerRole | None:
+    """This process's place among the workers of a `serve --workers N` (None: not one)."""
+    text = environment().worker
+    if text is None:
         return None
-    if not args.worker_group or not args.worker_bus:
-        raise CLIError("--worker-index is given by `serve --workers N` to its workers, not by hand")
-    return WorkerRole(
-        index=args.worker_index,
-        count=args.worker_count,
-        group=args.worker_group,
-        bus=args.worker_bus,
-        ready_fd=args.worker_ready_fd,
-        embedded=args.worker_embedded,
-    )
+    try:
+        return WorkerRole.from_json(text)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 async def _supervise(args: argparse.Namespace, root: Path, redis_url: str | None) -> int:

@@ -35,13 +35,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from neonpoly.admin.fleet import WorkerFleet, WorkerPlace
 from neonpoly.control.interface import ControlError
 from neonpoly.control.serving import USER_ERRORS, EmbeddedRunner, Serving
+from neonpoly.defaults import ENV_WORKER
 from neonpoly.integrations.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
 from neonpoly.integrations.store import IntegrationStore, record_embedded
 from neonpoly.service import ProxySettings
@@ -236,7 +237,7 @@ class Supervisor:
         self.embedded = EmbeddedRunner(plan.root)
         self.group = secrets.token_hex(6)
 
-    async def _prepare_origin(self) -> str | None:
+    async def _prepare_origin(self) -> tuple[str, int] | None:
         """Start the embedded origin here, once, when it is served; its address for the workers."""
         if self.plan.upstream:
             return None
@@ -253,22 +254,20 @@ class Supervisor:
                     store.put(replace(item, origin_host=origin.host, origin_port=origin.port))
         except USER_ERRORS as exc:
             raise ControlError(str(exc)) from exc
-        return f"{origin.host}:{origin.port}"
+        return origin.host, origin.port
 
-    def _spawn(self, index: int, port: int, bus: str, embedded: str | None) -> tuple[Child, int]:
+    def _spawn(self, index: int, port: int, bus: str, embedded: tuple[str, int] | None) -> tuple[Child, int]:
         ready_r, ready_w = os.pipe()
         host = self.plan.listen[0]
         args = [
             sys.executable, "-m", "neonpoly.cli", *self.plan.argv,
             "--listen", f"{host}:{port}",
-            "--worker-index", str(index), "--worker-count", str(self.plan.count), "--worker-group", self.group,
-            "--worker-bus", bus, "--worker-ready-fd", str(ready_w),
         ]  # fmt: skip
-        if embedded is not None:
-            args += ["--worker-embedded", embedded]
+        role = WorkerRole(index, self.plan.count, self.group, bus, ready_w, embedded)
+        env = {**os.environ, ENV_WORKER: role.to_json()}
         try:
             proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, pass_fds=(ready_w,), preexec_fn=die_with_parent(os.getpid()),
+                args, stdin=subprocess.DEVNULL, pass_fds=(ready_w,), env=env, preexec_fn=die_with_parent(os.getpid()),
                 start_new_session=True,  # a terminal's ^C reaches the parent, which forwards it
             )  # fmt: skip
         finally:
@@ -356,7 +355,7 @@ class Supervisor:
 
 @dataclass(frozen=True, slots=True)
 class WorkerRole:
-    """A worker's place, as the parent passed it (the hidden `--worker-*` options)."""
+    """A worker's place, as the parent passes it (in $NEONPOLY_WORKER, as JSON)."""
 
     index: int
     count: int
@@ -364,6 +363,25 @@ class WorkerRole:
     bus: str  # the Redis the workers share
     ready_fd: int | None
     embedded: tuple[str, int] | None  # the parent's embedded origin
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerRole:
+        """Raises ValueError when `text` is not what a parent writes."""
+        try:
+            d = json.loads(text)
+            embedded = d.get("embedded")
+            return cls(
+                index=int(d["index"]), count=int(d["count"]), group=str(d["group"]), bus=str(d["bus"]),
+                ready_fd=None if d.get("ready_fd") is None else int(d["ready_fd"]),
+                embedded=(str(embedded[0]), int(embedded[1])) if embedded else None,
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"${ENV_WORKER} is set by `serve --workers N` for its workers, not by hand ({exc})"
+            ) from exc
 
 
 def worker_settings(settings: ProxySettings, role: WorkerRole) -> ProxySettings:
