@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from neonpoly.cache.keys import KeyRef
+
 
 class Status(StrEnum):
     """The one taxonomy of cache outcomes, used in logs, admin, TUI and metrics."""
@@ -51,6 +53,10 @@ class Classification:
     # Anything the session must act on before sending it (evict, learn the session again,
     # track a cursor or a commit): False for plain reads, the hot path.
     has_effects: bool = True
+    # Ways the statement is confined to rows of one key (cache/keys.py), with the text their
+    # literals were read from: a text sharing this classification reads its own (policy.keys_for).
+    keys: tuple[KeyRef, ...] = ()
+    keys_sql: str = ""
 
 
 @dataclass(slots=True)
@@ -74,6 +80,7 @@ class Verdict:
     deallocates: str | None = None
     cursor_writes: bool = False
     fetches: bool = False
+    keys: tuple[KeyRef, ...] = ()
 
     def refuse(self, status: Status, reason: str) -> Verdict:
         """Mark uncacheable, keeping the first reason found."""

@@ -99,11 +99,12 @@ class DiskStore(GenerationsFacade):
         except BaseException:
             self._cache.close()
             raise
-        self._state_pending = threading.Event()
         self._usage_checked = time.monotonic()
         self._closed = False
         self._jobs: queue.SimpleQueue[Callable[[], None] | _Barrier | None] = queue.SimpleQueue()
-        self.generations.set_listener(self._schedule_state_write)
+        # No rewrite of the state on every bump: it was written unclean above, and an unclean
+        # state is never loaded, so only the clean write at close() counts. (With per-key
+        # generations, cache/keys.py, rewriting it on each write cost milliseconds per bump.)
         self._writer = threading.Thread(target=self._run_writer, name="neonpoly-cache-writer", daemon=True)
         self._writer.start()
 
@@ -129,16 +130,6 @@ class DiskStore(GenerationsFacade):
             return  # the cache was removed (its directory deleted): nothing left to persist
         tmp.write_text(json.dumps({"clean": clean, "generations": self.generations.to_state()}))
         os.replace(tmp, path)
-
-    def _schedule_state_write(self) -> None:
-        # Coalesce bursts of bumps into one write; the flag is cleared before the snapshot.
-        if not self._state_pending.is_set():
-            self._state_pending.set()
-            self._jobs.put(self._persist_state)
-
-    def _persist_state(self) -> None:
-        self._state_pending.clear()
-        self._write_state(clean=False)
 
     # -- write-behind --------------------------------------------------------------------
 

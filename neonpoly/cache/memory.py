@@ -38,6 +38,10 @@ class MemoryStore(GenerationsFacade):
         self._clock = clock
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self._bytes = 0
+        # The key a get() just found stale (TieredStore.get then spares the L2 read: the
+        # disk's copy is that same entry or an older one). Only ever spares a read, so a race
+        # on it costs at most a miss.
+        self.stale_key: bytes | None = None
         # Purges may run off-loop (admin in a worker thread); an uncontended lock costs ~50 ns.
         self._lock = threading.Lock()
 
@@ -66,6 +70,7 @@ class MemoryStore(GenerationsFacade):
                 return entry
             del self._entries[key]
             self._bytes -= self._cost(key, entry)
+            self.stale_key = key
             return None
 
     def put(self, key: bytes, entry: CacheEntry) -> None:

@@ -34,10 +34,11 @@ from sqlglot.tokenizer_core import Token, TokenType
 
 from neonpoly.cache import queries
 from neonpoly.cache.classification import Classification, Status, Verdict
+from neonpoly.cache.keys import KeyRef, key_refs
 from neonpoly.cache.statements import classify_statement
 from neonpoly.cache.template import template_by_regex, template_from_tokens, template_id, tokenize
 
-__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "warm_up"]
+__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "keys_for", "warm_up"]
 
 MEMO_SIZE = 8192
 # Bulk INSERTs can be megabytes and never repeat; keeping them would bloat the memo.
@@ -135,7 +136,7 @@ def _classify(sql: str) -> Classification:
         return _unreadable(sql, f"could not classify: {type(error).__name__}")
     if len(verdicts) == 1:
         shared = statements[0][0] in _SHAPE_KINDS
-        return _build(verdicts[0], template, shape_shared=shared)
+        return _build(verdicts[0], template, shape_shared=shared, sql=sql)
     return _build(_merge(verdicts), template)
 
 
@@ -172,7 +173,7 @@ def _unreadable(sql: str, reason: str) -> Classification:
     return _build(verdict, _template(sql))
 
 
-def _build(verdict: Verdict, template: str, *, shape_shared: bool = False) -> Classification:
+def _build(verdict: Verdict, template: str, *, shape_shared: bool = False, sql: str = "") -> Classification:
     return Classification(
         cacheable=verdict.cacheable and verdict.status is None,
         status=verdict.status,
@@ -198,4 +199,32 @@ def _build(verdict: Verdict, template: str, *, shape_shared: bool = False) -> Cl
             verdict.is_write or verdict.invalidate_all or verdict.changes_session or verdict.cursor_writes
             or verdict.fetches or verdict.transaction_control or verdict.deallocates is not None
         ),
+        keys=verdict.keys,
+        keys_sql=sql if any(k.literals for k in verdict.keys) else "",
     )
+
+
+_own_keys: OrderedDict[str, tuple[KeyRef, ...]] = OrderedDict()
+
+
+def keys_for(sql: str, info: Classification) -> tuple[KeyRef, ...]:
+    """The key conjuncts of `sql` itself. A classification is shared by texts that differ
+    only in numbers, so key values written in the text are read again from this text (by
+    the parser, never by position: a stale read must not hinge on a regex)."""
+    refs = info.keys
+    if not refs or not info.keys_sql or sql == info.keys_sql:
+        return refs
+    found = _own_keys.get(sql)
+    if found is None:
+        found = ()
+        try:
+            statements = queries.parse(sql)
+            if len(statements) == 1:
+                found = key_refs(*statements[0])
+        except Exception:  # never raises, as classify: no precision instead
+            found = ()
+        if len(sql) <= MEMO_MAX_CHARS:
+            _own_keys[sql] = found
+            while len(_own_keys) > MEMO_SIZE // 2:
+                _own_keys.popitem(last=False)
+    return found

@@ -17,6 +17,7 @@ from typing import Any
 
 from pglast import parser as _pg
 
+from neonpoly.cache import keys
 from neonpoly.cache.classification import Status, Verdict
 from neonpoly.cache.volatility import UNKNOWN_VOLATILITY, call_reason
 
@@ -265,6 +266,7 @@ def analyse(kind: str, fields: Node, verdict: Verdict) -> Verdict:
     apply_facts(walk.facts, verdict)
     if verdict.status is None:
         verdict.cacheable = True
+    verdict.keys = keys.key_refs(kind, fields)
     return verdict
 
 

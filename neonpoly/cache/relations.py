@@ -121,6 +121,20 @@ JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks,
   WHERE dm.rel {_CATALOG} w.oid
 ) x(expr) ON true
 UNION ALL
+SELECT 'k', a.root, pg_catalog.concat(pk.typ), (  -- the key a write may be confined to (keys.py)
+  c.relkind {_CATALOG} 'r' AND NOT c.relrowsecurity
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhparent {_CATALOG} c.oid)
+  AND NOT EXISTS (SELECT 1 FROM w JOIN write_edges e ON e.parent {_CATALOG} w.oid  -- cascades into itself
+                  WHERE w.root {_CATALOG} a.root AND e.child {_CATALOG} c.oid))::pg_catalog.text, pk.col
+FROM asked a JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} a.oid
+LEFT JOIN LATERAL (
+  SELECT att.atttypid::pg_catalog.text, att.attname::pg_catalog.text
+  FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_attribute att ON att.attrelid {_CATALOG} k.conrelid
+   AND att.attnum {_CATALOG} k.conkey[1]
+  WHERE k.conrelid {_CATALOG} c.oid AND k.contype {_CATALOG} 'p' AND NOT k.condeferrable
+   AND pg_catalog.cardinality(k.conkey) {_CATALOG} 1
+) pk(typ, col) ON true
+UNION ALL
 SELECT 's', '*', pg_catalog.concat('cast ', t.typname), 'false', NULL
 FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
 JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} k.casttarget
@@ -168,6 +182,10 @@ class Relation:
     settings: frozenset[str]  # read by its view definition or policies (current_setting)
     reach: frozenset[str]  # what a write to it changes: itself, cascades, partitions
     opaque: bool  # a write to it runs triggers or rules: it may change anything
+    # Its single-column integer primary key, when a write naming one key value changes only
+    # that row (keys.py): an ordinary table without row security, children or cascades into
+    # itself, and so is every relation of that name. None: no key precision.
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +271,11 @@ class RelationBook:
             out |= rel.reach
         return frozenset(out)
 
+    def key_column(self, database: str, name: str) -> str | None:
+        """The column whose value confines reads and writes of `name` to one row (None: none)."""
+        rel = self._known.get((database, name))
+        return None if rel is None or rel.opaque else rel.key
+
     def unknown(self, database: str, names: Iterable[str]) -> list[str]:
         return [n for n in names if (database, n) not in self._known]
 
@@ -266,7 +289,11 @@ class RelationBook:
         code: dict[str, list[str]] = {}
         write_code: dict[str, list[str]] = {}
         shadows: dict[str, set[str]] = {}
+        keyed: dict[str, list[tuple[bool, str, str | None]]] = {}
         for kind, root, relname, flag, definition in rows:
+            if kind == "k":
+                keyed.setdefault(root, []).append((flag, relname, definition))
+                continue
             if kind == "s":
                 shadows.setdefault(relname, set()).add(root)
                 continue
@@ -293,7 +320,8 @@ class RelationBook:
             why_volatile = _changes_unseen(name) if volatile else None
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()))
             self._known[(database, name)] = Relation(
-                frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque
+                frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque,
+                _key_column(keyed.get(name, ())),
             )
 
     def refuse(self, database: str, names: Iterable[str]) -> None:
@@ -322,6 +350,19 @@ class RelationBook:
             for key in [k for k in self._known if k[0] == database]:
                 del self._known[key]
             self._shadowed.pop(database, None)
+
+
+# int8, int2, int4: equality is integer equality, whatever the format or collation.
+_INTEGER_TYPES = frozenset({"20", "21", "23"})
+
+
+def _key_column(found: Iterable[tuple[bool, str, str | None]]) -> str | None:
+    """The key column, if every relation of this name has the same eligible one (names are
+    bare: a write to a.t and a read of b.t share generations)."""
+    columns = {col if eligible and typ in _INTEGER_TYPES else None for eligible, typ, col in found}
+    if len(columns) != 1:
+        return None
+    return columns.pop()
 
 
 def _runs_code(sql: str) -> bool:

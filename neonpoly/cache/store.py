@@ -60,6 +60,9 @@ class TieredStore(GenerationsFacade):
     def get(self, key: bytes) -> CacheEntry | None:
         entry = self.l1.get(key)
         if entry is None:
+            if self.l1.stale_key is key:  # a write made it stale: so is its copy on disk
+                self.l1.stale_key = None
+                return None
             entry = self.l2.get(key)
             if entry is not None:
                 self.l1.put(key, entry)

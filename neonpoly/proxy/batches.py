@@ -46,7 +46,7 @@ class BatchHandling(CacheDecisions):
         plan = memo[0] if memo is not None else self.book.plan(batch)
         item = Pending(time.monotonic(), flush=flush, expect=expect)
         info = plan.primary
-        self._plan_effects(plan, item, out)
+        self._plan_effects(plan, item, out, batch)
         refusal = (plan.status, plan.reason) if plan.status is not None else None
         if refusal is None and info is not None and not info.cacheable:
             refusal = (info.status or Status.UNCACHEABLE, info.reason)
@@ -79,7 +79,7 @@ class BatchHandling(CacheDecisions):
                     self._note_hit(cache, key, decision.resolution, template, plan.tables, plan.shadowable,
                                    plan.executed if plan.executes else [])
                 return
-            item.capture = self._capture(cache, key, decision.resolution, template)
+            item.capture = self._capture(cache, key, decision.resolution, template, batch)
         # Not neutral while the catalog has not described what it reads: it may run code.
         item.neutral = status is Status.MISS and not (item.reads or item.trusts)
         item.stats.extend(
@@ -96,7 +96,9 @@ class BatchHandling(CacheDecisions):
         out.append(raw)
         self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
 
-    def _plan_effects(self, plan: BatchPlan, item: Pending, out: list[bytes] | None) -> None:
+    def _plan_effects(
+        self, plan: BatchPlan, item: Pending, out: list[bytes] | None, batch: list[tuple[int, bytes]] | None = None
+    ) -> None:
         """A batch's writes evict before it is sent; session changes make the session learn
         its identity again (as `_note_effects` for a simple query)."""
         everything = plan.writes_everything or self.state.legacy_strings
@@ -105,9 +107,14 @@ class BatchHandling(CacheDecisions):
         if plan.cursor_writes:
             self.writing_cursors = True
         if plan.writes or everything:
-            item.writes = item.writes | plan.writes
+            writes, keyed = plan.writes, frozenset[tuple[str, str]]()
+            cache = self.route.cache if self.route else None
+            if batch and not everything and cache is not None:
+                writes, keyed = self._batch_keyed(cache, plan.writes, batch)  # by primary key
+            item.writes = item.writes | writes
+            item.keyed = item.keyed | keyed
             item.writes_everything = item.writes_everything or everything
-            self._invalidate(plan.writes, everything, out, cluster_wide=plan.cluster_wide)
+            self._invalidate(writes, everything, out, cluster_wide=plan.cluster_wide, keyed=keyed)
         item.commits = item.commits or plan.commits
         if plan.changes_session or everything:
             self._forget_identity()

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
+from neonpoly.cache import keys
 from neonpoly.cache.capture import Capture, StatTicket
-from neonpoly.cache.policy import Classification, Status, classify
+from neonpoly.cache.keys import KeyRef
+from neonpoly.cache.policy import Classification, Status, classify, keys_for
 from neonpoly.cache.relations import Resolution
-from neonpoly.pgwire import TX_IDLE
+from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TARGET_STATEMENT, TX_IDLE
 from neonpoly.proxy.hits import HitMemo, hit_tickets
 from neonpoly.proxy.learning import IdentityLearning
 from neonpoly.proxy.pending import Pending
@@ -35,6 +37,10 @@ class Decision:
 
 
 _NOTHING_TO_RESOLVE = Resolution(frozenset(), None, None)
+# What a request's key values are read from: a simple query's text, or an extended batch.
+KeySource = str | list[tuple[int, bytes]] | None
+# A Bind's values and its statement's declared parameter types.
+BoundValues = tuple[bytes, tuple[int, ...]] | None
 
 
 class CacheDecisions(IdentityLearning):
@@ -42,6 +48,7 @@ class CacheDecisions(IdentityLearning):
         super().__init__(client)
         # Writes of the open transaction: evicted again when it commits.
         self.tx_writes: set[str] = set()
+        self.tx_keyed: set[tuple[str, str]] = set()  # (table, generation name): keyed writes
         self.tx_writes_everything = False
         self.writing_cursors = False  # a cursor over a query that may write was declared
         self.hit_seen: HitMemo | None = None  # a plain read just answered from the cache (hits.py)
@@ -52,7 +59,7 @@ class CacheDecisions(IdentityLearning):
         item = Pending(time.monotonic())
         if info.deallocates is not None:
             self.book.deallocated(info.deallocates)
-        self._note_effects(info, item, out)
+        self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
         decision = self._cache_decision(
             refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
@@ -70,7 +77,7 @@ class CacheDecisions(IdentityLearning):
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
                                    info.shadowable, [info])
                 return
-            item.capture = self._capture(cache, key, decision.resolution, info.template_id)
+            item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql)
         # Not neutral while the catalog has not described what it reads: it may run code.
         item.neutral = status is Status.MISS and not (item.reads or item.trusts)
         item.stats.append(
@@ -181,17 +188,115 @@ class CacheDecisions(IdentityLearning):
         return any(p.local is None and (p.flush or not p.neutral) for p in self.pending)
 
     def _capture(
-        self, cache: QueryCache, key: bytes, resolution: Resolution | None, template_id: str
+        self,
+        cache: QueryCache,
+        key: bytes,
+        resolution: Resolution | None,
+        template_id: str,
+        source: KeySource = None,
     ) -> Capture | None:
         """Count a sighting of a miss and, once admitted, prepare to store it, tagged with
-        every table it really reads. Nothing is stored while the catalog has not answered
-        (the lookup is on its way; with the default admission the answer is in before it
-        matters)."""
+        every table it really reads (and stamped as a point read of one key, or as a read of
+        the table's rows: cache/keys.py). Nothing is stored while the catalog has not
+        answered (the lookup is on its way; with the default admission the answer is in
+        before it matters)."""
         admitted = cache.admit(key, template_id)
         if resolution is None or not admitted:
             return None
         database = self.state.database
-        return Capture(key, database, resolution.tags, template_id, cache.stamp(database, resolution.tags))
+        names = keys.read_names(resolution.tags, self._point(cache, source) if source else None)
+        return Capture(key, database, resolution.tags, template_id, cache.stamp(database, names))
+
+    def _point(self, cache: QueryCache, source: KeySource) -> tuple[str, int] | None:
+        """(table, key value) when the request is a read confined to one primary key."""
+        if isinstance(source, str):
+            info = classify(source)
+            return self._point_of(cache, keys_for(source, info), None) if info.keys else None
+        binds = [i for i, (mtype, _) in enumerate(source or ()) if mtype == MSG_BIND]
+        if len(binds) != 1:
+            return None
+        bound = self._bound(source or [], binds[0])
+        if bound is None or not bound[0].keys:
+            return None
+        return self._point_of(cache, bound[1], bound[2])
+
+    def _point_of(self, cache: QueryCache, refs: tuple[KeyRef, ...], values: BoundValues) -> tuple[str, int] | None:
+        for ref in refs:
+            if ref.write or cache.relations.key_column(self.state.database, ref.table) != ref.column:
+                continue
+            found = _values(ref, values)
+            if found is not None and len(found) == 1:
+                return ref.table, found[0]
+        return None
+
+    def _keyed_write(
+        self, cache: QueryCache, info: Classification, refs: tuple[KeyRef, ...], values: BoundValues
+    ) -> tuple[str, frozenset[str]] | None:
+        """(table, generation names) when a write provably changes only rows of the key values
+        it names, in that table alone: the catalog vouches for the key (relations.py), and
+        every builtin it trusts by name is the builtin in this session (a `=` of the user's
+        on the search_path could match any row)."""
+        if not refs or info.invalidate_all or len(info.tables_written) != 1:
+            return None
+        database = self.state.database
+        known = self.state.identity
+        checked = cache.relations.resolve(database, (), info.shadowable, known.schemas if known else None)
+        if checked is None or checked.runs_code is not None:
+            return None
+        for ref in refs:
+            if not ref.write or ref.table not in info.tables_written:
+                continue
+            if cache.relations.key_column(database, ref.table) != ref.column:
+                continue
+            found = _values(ref, values)
+            if found:
+                return ref.table, keys.write_names(ref.table, found)
+        return None
+
+    def _batch_keyed(
+        self, cache: QueryCache, writes: frozenset[str], batch: list[tuple[int, bytes]]
+    ) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+        """A batch's writes split into whole tables and (table, generation name) pairs of the
+        Binds that write by key alone; a table also written otherwise stays whole."""
+        precise: set[tuple[str, str]] = set()
+        whole: set[str] = set()
+        for index in [i for i, (mtype, _) in enumerate(batch) if mtype == MSG_BIND]:
+            bound = self._bound(batch, index)
+            if bound is None:
+                continue  # the plan refused it: its writes are in `writes` or nowhere
+            info = bound[0]
+            if not (info.is_write or info.invalidate_all):
+                continue
+            found = self._keyed_write(cache, info, bound[1], bound[2])
+            if found is None:
+                whole |= info.tables_written
+            else:
+                precise.update((found[0], name) for name in found[1])
+        keyed = frozenset(p for p in precise if p[0] not in whole)
+        return writes - (frozenset(t for t, _ in keyed) - whole), keyed
+
+    def _bound(
+        self, batch: list[tuple[int, bytes]], index: int
+    ) -> tuple[Classification, tuple[KeyRef, ...], BoundValues] | None:
+        """The statement the Bind at `index` of this batch binds (parsed in the batch before
+        it, or earlier), its key conjuncts and the Bind's values."""
+        parses: dict[str, pgwire.ParseMsg | None] = {}
+        for mtype, body in batch[:index]:
+            if mtype == MSG_PARSE:
+                parse = pgwire.parse_parse(body)
+                parses[parse.name] = parse
+            elif mtype == MSG_CLOSE and body[:1] == TARGET_STATEMENT:
+                parses[pgwire.parse_target(body).name] = None
+        bind = pgwire.parse_bind(batch[index][1])
+        if bind.statement in parses:
+            stmt = parses[bind.statement]
+        else:
+            known = self.book.statements.get(bind.statement)
+            stmt = known.parse if known is not None else None
+        if stmt is None:
+            return None
+        info = classify(stmt.query)
+        return info, keys_for(stmt.query, info), (bind.tail, keys.param_types(stmt.param_types))
 
     def _answer_locally(self, payload: bytes, infos: list[Classification], item: Pending) -> None:
         cache = self.route.cache if self.route else None
@@ -212,7 +317,7 @@ class CacheDecisions(IdentityLearning):
         else:
             self.write_client(payload if item.flush else payload + pgwire.ready_for_query(self.state.tx_status))
 
-    def _note_effects(self, info: Classification, item: Pending, out: list[bytes]) -> None:
+    def _note_effects(self, info: Classification, item: Pending, out: list[bytes], sql: str = "") -> None:
         """Writes evict before they are sent; session changes make the session learn its
         identity again."""
         if not info.has_effects and not self.state.legacy_strings:
@@ -223,9 +328,17 @@ class CacheDecisions(IdentityLearning):
         if info.cursor_writes:
             self.writing_cursors = True
         if info.is_write or everything:
-            item.writes = info.tables_written
+            cache = self.route.cache if self.route else None
+            found = None
+            if info.keys and not everything and cache is not None:
+                found = self._keyed_write(cache, info, keys_for(sql, info), None)
+            if found is not None:
+                item.writes = info.tables_written - {found[0]}
+                item.keyed = frozenset((found[0], name) for name in found[1])
+            else:
+                item.writes = info.tables_written
             item.writes_everything = everything
-            self._invalidate(info.tables_written, everything, out, cluster_wide=info.cluster_wide)
+            self._invalidate(item.writes, everything, out, cluster_wide=info.cluster_wide, keyed=item.keyed)
         item.commits = info.transaction_control == "commit"
         if info.changes_session or everything:
             self._forget_identity()
@@ -243,27 +356,35 @@ class CacheDecisions(IdentityLearning):
         out: list[bytes] | None = None,
         *,
         cluster_wide: bool = False,
+        keyed: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         """Evict what a write may change: its tables and everything they reach (foreign-key
         cascades, partitions); the whole database for triggers, rules or tables not looked
         up yet (and the session learns its identity again: a trigger may SET); every database
         of the origin for roles and grants. Given `out` in an idle session, also ask about
-        those tables for next time."""
+        those tables for next time. `keyed` are the generation names of writes confined to
+        key values (cache/keys.py): their tables' own rows, while what those tables reach
+        (cascades) is evicted whole."""
         cache = self.route.cache if self.route else None
-        if cache is None or not (tables or everything):
+        if cache is None or not (tables or everything or keyed):
             return
         database = self.state.database
-        named = (tables, everything)
+        keyed_tables = frozenset(t for t, _ in keyed)
+        named = (tables | keyed_tables, everything)
         if not everything:
             reach = cache.relations.reach(database, tables)
+            for table in keyed_tables:
+                further = cache.relations.reach(database, (table,))
+                reach = None if reach is None or further is None else reach | (further - {table})
             if reach is None:
                 everything = True
                 self._forget_identity()
-                unknown = cache.relations.unknown(database, tables)
+                unknown = cache.relations.unknown(database, named[0])
                 if unknown and out is not None and self._at_boundary() and not self._busy():
                     self._ask_relations(cache, unknown, out)
+                tables = named[0]
             else:
-                tables = reach
+                tables = reach | frozenset(name for _, name in keyed)
         cache.invalidate(None if cluster_wide else database, tables, everything, named)
 
     def _complete(self, item: Pending) -> None:
@@ -280,14 +401,19 @@ class CacheDecisions(IdentityLearning):
             if resolution is None or resolution.runs_code is not None:
                 item.writes_everything = True
                 self._forget_identity()
-        if item.writes or item.writes_everything:
+        if item.writes or item.writes_everything or item.keyed:
             self.tx_writes |= item.writes
+            self.tx_keyed |= item.keyed
             self.tx_writes_everything |= item.writes_everything
-        if (committed or item.commits) and (self.tx_writes or self.tx_writes_everything):
+        if (committed or item.commits) and (self.tx_writes or self.tx_writes_everything or self.tx_keyed):
             # The write is visible to other sessions only now (COMMIT AND CHAIN leaves a new
-            # transaction open): evict again so a miss that raced it is not kept.
-            self._invalidate(frozenset(self.tx_writes), self.tx_writes_everything)
+            # transaction open): evict again so a miss that raced it is not kept. A table
+            # also written otherwise in the transaction is evicted whole.
+            whole = frozenset(self.tx_writes)
+            keyed = frozenset(p for p in self.tx_keyed if p[0] not in whole)
+            self._invalidate(whole, self.tx_writes_everything, keyed=keyed)
             self.tx_writes = set()
+            self.tx_keyed = set()
             self.tx_writes_everything = False
             barrier = cache.reply_barrier if cache is not None else None
             if barrier is not None and (hold := barrier()) is not None:
@@ -300,3 +426,13 @@ class CacheDecisions(IdentityLearning):
         elapsed = time.monotonic() - item.started
         for ticket in item.stats:
             cache.record(ticket, elapsed, 0)
+
+
+def _values(ref: KeyRef, values: BoundValues) -> list[int] | None:
+    """The key values of one conjunct: its literals and its bound parameters (None: unsure)."""
+    if not ref.params:
+        return list(ref.literals)
+    if values is None:
+        return None
+    bound = keys.bound_integers(values[0], ref.params, values[1])
+    return None if bound is None else [*ref.literals, *bound]

@@ -20,6 +20,9 @@ class Pending:
     swallow: int = 0  # ParseCompletes of Parses the proxy sent on the client's behalf
     writes: frozenset[str] = frozenset()
     writes_everything: bool = False
+    # (table, generation name) of writes confined to key values (cache/keys.py); their tables
+    # are not in `writes` unless also written otherwise.
+    keyed: frozenset[tuple[str, str]] = frozenset()
     commits: bool = False  # COMMIT (also AND CHAIN): the transaction's writes are now visible
     # Relations it reads that were not known when it was sent: judged when it completes.
     reads: frozenset[str] = frozenset()

@@ -72,3 +72,25 @@ async def test_a_role_without_a_known_password_is_said_so() -> None:
         await pilot.press("m")
         await until(pilot, lambda: bool(note(app).display))
         assert "carries none" in str(note(app).content) and control._view.role in str(note(app).content)
+
+
+async def test_a_refresh_between_a_pick_and_its_handler_does_not_undo_the_pick() -> None:
+    """The 1 s ticker may repaint the drawer after a pick was made but before its Changed
+    message was handled; the pick must win (it lost, under load, before the fix)."""
+    control = DemoControl(configured=True, local=True)
+    control.choices = (("app", "analytics"), ("app_user", "reporter"))
+    app = ConsoleApp(control, refresh_seconds=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("m")
+        await settle(pilot)
+        drawer = app.screen
+        assert isinstance(drawer, ManagePolyScaleDrawer)
+        database = drawer.query_one("#database", Select)
+        await until(pilot, lambda: "analytics" in {v for _, v in database._options})
+        before = control.integrations()[0].database
+        assert before != "analytics"
+        database.value = "analytics"  # Changed is queued, not handled yet ...
+        drawer.refresh_data()  # ... when a tick repaints from the stored (old) choice
+        await settle(pilot)
+        assert control.integrations()[0].database == "analytics"
+        assert database.value == "analytics"

@@ -166,12 +166,14 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
             if self.is_current:
                 self.dismiss(None)
             return
-        # Another console or the CLI may have changed the choice; the Changed handler
-        # ignores values equal to the stored ones, so this does not loop.
+        # Another console or the CLI may have changed the choice. Shown silently: were this
+        # sync to post a Changed, a tick landing between a user's pick and its handler would
+        # queue the old value behind the new one and so undo the pick.
         for select_id, value in (("#database", view.database), ("#role", view.role)):
             select = self.query_one(select_id, Select)
             if select.value != value:
-                select.value = value
+                with select.prevent(Select.Changed):
+                    select.value = value
         status = self.control.status(self.cache_id)
         set_text(self.query_one("#origin-line", Label), origin_line(view, status.endpoint_state))
         set_text(
@@ -230,7 +232,7 @@ class ManagePolyScaleDrawer(ModalScreen[None]):
                 self.control.select(self.cache_id, role=value)
         except ControlError as error:
             self.notify(str(error), severity="error")
-        self._show_string()
+        self.refresh_data()  # the selects too: a tick may have shown the old choice meanwhile
 
     @on(Button.Pressed, "#reveal")
     def _reveal_pressed(self) -> None:
