@@ -22,6 +22,7 @@ from benchmarks.targets import (
     BASELINE,
     CACHING,
     COLUMNS,
+    NEONPOLY,
     PG_SETTINGS,
     SESSION_DB,
     TARGETS,
@@ -114,12 +115,8 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
         src = args.source.resolve()
         starting: list[tuple[str, str]] = []  # (target, database to probe)
         base = args.baseline.resolve() if getattr(args, "baseline", None) else src
-        for t, extra, tree in (
-            ("no-cache", ["--no-cache"], src),
-            ("cache", ["--ttl", "600"], src),
-            ("no-cache-base", ["--no-cache"], base),
-            ("cache-base", ["--ttl", "600"], base),
-        ):
+        for t, extra in NEONPOLY.items():
+            tree = base if t in BASELINE else src
             if t in targets:
                 step(f"starting neonpoly {' '.join(extra)} from {tree}")
                 services[t] = Proxy(t, upstream, workdir, extra, flags, tree)
@@ -149,7 +146,7 @@ def bench(args: argparse.Namespace, workdir: Path, report_box: list[Report]) -> 
             try:
                 services[t].wait_ready(pg.password, db)
             except RuntimeError as exc:
-                if t not in COLUMNS or t in ("no-cache", "cache", *BASELINE):
+                if t not in COLUMNS or t in NEONPOLY:
                     raise
                 report.peers[t] = "did not start"
                 problems.append(str(exc))

@@ -14,7 +14,9 @@ their configuration in the run's temporary directory:
   prepared workload, which PgBouncer 1.18's transaction mode rejects;
 * pgpool-II (Debian package `pgpool2`) in raw mode with its in-memory query cache
   (`memory_cache_enabled = on`, `memqcache_method = 'shmem'`);
-* neonpoly --no-cache (the relay alone) and neonpoly with its cache (`--ttl 600`).
+* neonpoly --no-cache (the relay alone) and neonpoly with its cache (`--ttl 600`);
+* the same two with `--workers 2` (`no-cache-2w`, `cache-2w`): two relay processes on one
+  port sharing invalidations through a private redis-server (its CPU counts as the proxy's).
 
 A peer that is not installed gets "not installed" in its column; the run goes on without it.
 Every client authenticates with SCRAM-SHA-256 as the origin's superuser, against each target

@@ -25,7 +25,9 @@ import asyncpg
 from neonpoly.integrations.embedded import free_port
 from neonpoly.integrations.pgbin import RunAs, run_as
 
-TARGETS = ("direct", "pgbouncer", "pgpool", "no-cache", "cache", "no-cache-base", "cache-base")
+TARGETS = (
+    "direct", "pgbouncer", "pgpool", "no-cache", "cache", "no-cache-2w", "cache-2w", "no-cache-base", "cache-base",
+)
 # Both neonpoly modes once more from another source tree (--baseline): a before/after in one
 # run, where drift and the machine's other load hit both alike. Only run when asked.
 BASELINE = ("no-cache-base", "cache-base")
@@ -34,10 +36,22 @@ COLUMNS = {
     "pgpool": "pgpool-II cache",
     "no-cache": "neonpoly --no-cache",
     "cache": "neonpoly cache",
+    "no-cache-2w": "neonpoly --no-cache, 2 workers",
+    "cache-2w": "neonpoly cache, 2 workers",
     "no-cache-base": "baseline --no-cache",
     "cache-base": "baseline cache",
 }
-CACHING = ("pgpool", "cache", "cache-base")
+CACHING = ("pgpool", "cache", "cache-2w", "cache-base")
+# neonpoly's own targets and the `serve` options each one adds (`--workers 2`: the same proxy in
+# two processes on one port, their private redis-server included in its CPU and memory).
+NEONPOLY = {
+    "no-cache": ["--no-cache"],
+    "cache": ["--ttl", "600"],
+    "no-cache-2w": ["--no-cache", "--workers", "2"],
+    "cache-2w": ["--ttl", "600", "--workers", "2"],
+    "no-cache-base": ["--no-cache"],
+    "cache-base": ["--ttl", "600"],
+}
 SESSION_DB = "postgres_session"  # PgBouncer's alias of the origin's database in session pooling
 PG_SETTINGS: dict[str, str | int | bool] = {
     "fsync": False,

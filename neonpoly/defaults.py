@@ -34,6 +34,9 @@ ENV_NEON_API_HOST = "NEON_API_HOST"
 # `serve --redis`'s default: the invalidation plane's Redis, which holds a password as often
 # as not (kept out of shell history and `ps`).
 ENV_REDIS_URL = "NEONPOLY_REDIS_URL"
+# Set by `serve --workers N` for each worker it starts (JSON: its index, the count, the Redis
+# they share, …); not for people.
+ENV_WORKER = "NEONPOLY_WORKER"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class Environment:
     neon_api_key: str | None = None
     neon_api_host: str | None = None
     redis_url: str | None = None
+    worker: str | None = None
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -63,6 +67,7 @@ class Environment:
             neon_api_key=get(ENV_NEON_API_KEY),
             neon_api_host=get(ENV_NEON_API_HOST),
             redis_url=get(ENV_REDIS_URL),
+            worker=get(ENV_WORKER),
         )
 
 

@@ -53,6 +53,7 @@ class ProxySettings:
     login_timeout: float = 60.0  # PostgreSQL's authentication_timeout default
     rules_dir: Path | None = None  # where rules.toml persists; None keeps rules in memory
     change_feed: FeedSettings = field(default_factory=FeedSettings)
+    reuse_port: bool = False  # SO_REUSEPORT: several processes share the listener (`serve --workers`)
     redis: PlaneSettings | None = None  # the shared invalidation plane (`serve --redis`)
 
 
@@ -124,6 +125,7 @@ class ProxyService:
             connect_timeout=settings.connect_timeout,
             login_timeout=settings.login_timeout,
             on_session_change=self._sessions_changed,
+            reuse_port=settings.reuse_port,
         )
         # Who hears of changes the origin's feed reports: the caches. The invalidation plane
         # hears them from there (it observes every bump of the caches' generations).

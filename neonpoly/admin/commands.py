@@ -1,6 +1,6 @@
 """The admin console's statements: a small grammar, and what each one answers.
 
-    SHOW STATS | QUERIES [FOR CACHE id]        SHOW CACHES | RULES | CONNECTIONS
+    SHOW STATS | QUERIES [FOR CACHE id]        SHOW CACHES | RULES | CONNECTIONS | WORKERS
     PURGE ALL | TABLE name | QUERY template_id [FOR CACHE id]
     CREATE RULE ON TABLE name | QUERY template_id  TTL seconds | NEVER  [FOR CACHE id]
     DROP RULE rule_id                          SET MODE auto|fixed|off [FOR CACHE id]
@@ -11,6 +11,8 @@ the protocol side (admin.py) encodes them as text or binary as the client asks.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -28,13 +30,13 @@ from neonpoly.freshness.plane import PlaneStatus
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
-    from neonpoly.service import ProxyService
+    from neonpoly.service import ProxyService, ServiceReport
     from neonpoly.stats import Totals
 
 BOOL, INT8, TEXT, FLOAT8, TIMESTAMPTZ = 16, 20, 25, 701, 1184
 
 COMMANDS_HINT = (
-    "Commands: SHOW STATS | SHOW QUERIES | SHOW CACHES | SHOW RULES | SHOW CONNECTIONS | "
+    "Commands: SHOW STATS | SHOW QUERIES | SHOW CACHES | SHOW RULES | SHOW CONNECTIONS | SHOW WORKERS | "
     "PURGE ALL | PURGE TABLE name | PURGE QUERY template_id | "
     "CREATE RULE ON TABLE name TTL seconds | CREATE RULE ON TABLE name NEVER | "
     "CREATE RULE ON QUERY template_id TTL seconds|NEVER | DROP RULE rule_id | "
@@ -157,6 +159,16 @@ CONNECTIONS_COLUMNS = (
     ("bytes_in", INT8),
     ("bytes_out", INT8),
 )
+# One row per worker process of `serve --workers N` (one row without workers).
+WORKERS_COLUMNS = (
+    ("worker", INT8),
+    ("pid", INT8),
+    ("state", TEXT),  # "up" (answered now), "missing" (did not answer in time: figures from its last heartbeat)
+    ("connections", INT8),
+    ("hits", INT8),
+    ("misses", INT8),
+    ("last_seen", TIMESTAMPTZ),
+)
 PURGE_COLUMNS = (("removed", INT8),)
 
 _COLUMNS: dict[str, Sequence[tuple[str, int]]] = {
@@ -165,6 +177,7 @@ _COLUMNS: dict[str, Sequence[tuple[str, int]]] = {
     "show caches": CACHES_COLUMNS,
     "show rules": RULES_COLUMNS,
     "show connections": CONNECTIONS_COLUMNS,
+    "show workers": WORKERS_COLUMNS,
     "purge all": PURGE_COLUMNS,
     "purge table": PURGE_COLUMNS,
     "purge query": PURGE_COLUMNS,
@@ -206,7 +219,7 @@ def parse(sql: str) -> Command:
     head = " ".join(upper[:2])
     if head in ("SHOW STATS", "SHOW QUERIES") and len(words) == 2:
         return Command(head.lower(), cache_id=cache_id)
-    if head in ("SHOW CACHES", "SHOW RULES", "SHOW CONNECTIONS") and len(words) == 2:
+    if head in ("SHOW CACHES", "SHOW RULES", "SHOW CONNECTIONS", "SHOW WORKERS") and len(words) == 2:
         return Command(head.lower(), cache_id=cache_id)
     if head == "PURGE ALL" and len(words) == 2:
         return Command("purge all", cache_id=cache_id)
@@ -242,22 +255,26 @@ class Executor:
         self.service = service
         self.book = service.rules
 
-    def run(self, command: Command) -> Result:
+    def run(self, command: Command, report: ServiceReport | None = None) -> Result:
+        """Answer `command`; the SHOW commands read `report` when given (every worker's
+        figures merged, `serve --workers`), else this process's `service.report()`."""
         cols = columns_of(command)
         verb = command.verb
         if command.cache_id is not None and verb != "drop rule":
             self._cache(command.cache_id)  # unknown cache → 42704 before anything happens
         if verb == "show stats":
-            return Result(cols, self._stats(command.cache_id), "SHOW")
+            return Result(cols, self._stats(command.cache_id, report), "SHOW")
         if verb == "show queries":
-            return Result(cols, self._queries(command.cache_id), "SHOW")
+            return Result(cols, self._queries(command.cache_id, report), "SHOW")
         if verb == "show caches":
-            return Result(cols, self._caches(command.cache_id), "SHOW")
+            return Result(cols, self._caches(command.cache_id, report), "SHOW")
         if verb == "show rules":
             rules = [r for r in self.book.rules() if command.cache_id is None or r.applies_to(command.cache_id)]
             return Result(cols, [_rule_row(r) for r in rules], "SHOW")
         if verb == "show connections":
             return Result(cols, self._connections(command.cache_id), "SHOW")
+        if verb == "show workers":
+            return Result(cols, [self.worker_row(0)], "SHOW")
         if verb.startswith("purge"):
             removed = self._purge(verb, command.name, command.cache_id)
             return Result(cols, [(removed,)], f"PURGE {removed}")
@@ -318,8 +335,25 @@ class Executor:
                 removed += cache.store.purge_template(name or "")
         return removed
 
-    def _stats(self, cache_id: str | None) -> list[tuple[Value, ...]]:
-        report = self.service.report(cache_id)
+    def worker_row(self, index: int) -> tuple[Value, ...]:
+        """This process as one row of SHOW WORKERS."""
+        totals = self.service.stats.snapshot().totals
+        connections = len(self.service.server.connections())
+        return (index, os.getpid(), "up", connections, totals.hits, totals.misses, _ts(time.time()))
+
+    def _report(self, cache_id: str | None, report: ServiceReport | None) -> ServiceReport:
+        if report is None:
+            return self.service.report(cache_id)
+        if cache_id is None:
+            return report
+        return dataclasses.replace(
+            report,
+            caches=tuple(c for c in report.caches if c.cache_id == cache_id),
+            templates=tuple(t for t in report.templates if t.stats.cache_id == cache_id),
+        )
+
+    def _stats(self, cache_id: str | None, given: ServiceReport | None = None) -> list[tuple[Value, ...]]:
+        report = self._report(cache_id, given)
         rows = [_stats_row(c.cache_id, c.totals, c.entries, c.bytes, c.connections) for c in report.caches]
         if cache_id is None:
             rows.append(
@@ -333,9 +367,9 @@ class Executor:
             )
         return rows
 
-    def _queries(self, cache_id: str | None) -> list[tuple[Value, ...]]:
+    def _queries(self, cache_id: str | None, given: ServiceReport | None = None) -> list[tuple[Value, ...]]:
         rows: list[tuple[Value, ...]] = []
-        for r in self.service.report(cache_id).templates:
+        for r in self._report(cache_id, given).templates:
             t = r.stats
             rows.append(
                 (
@@ -364,13 +398,15 @@ class Executor:
             )
         return rows
 
-    def _caches(self, cache_id: str | None) -> list[tuple[Value, ...]]:
+    def _caches(self, cache_id: str | None, given: ServiceReport | None = None) -> list[tuple[Value, ...]]:
         served = self.service.routes.by_id
         rows: list[tuple[Value, ...]] = []
-        report = self.service.report(cache_id)
+        report = self._report(cache_id, given)
         plane = report.plane
         for c in report.caches:
-            if c.cache_id not in served:
+            # Served here, or (every worker's report merged) by another worker still: a cache
+            # removed from the state dir leaves each worker within a second of the others.
+            if c.cache_id not in served and (given is None or not c.origin):
                 continue
             last = max((f.last_change for f in c.feeds if f.last_change is not None), default=None)
             rows.append(
@@ -382,7 +418,7 @@ class Executor:
                     sum(f.gaps for f in c.feeds),
                     _ts(last) if last is not None else None,
                     c.plane,
-                    *_plane_columns(plane, self.service.routes.by_id[c.cache_id].origin.label),
+                    *_plane_columns(plane, c.origin),  # the origin's label
                 )
             )
         return rows

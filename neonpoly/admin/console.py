@@ -22,12 +22,14 @@ and changes belong to the service, and every figure comes from `service.report()
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import ipaddress
 import logging
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -84,6 +86,9 @@ class AdminConsole:
         self.integration_roles = integration_roles
         self.verifier = ScramVerifier(password) if password else None
         self.executor = Executor(service)
+        # Set by a worker of `serve --workers N`: answers a statement for every worker (their
+        # figures merged, purges run everywhere), so admin sessions answer asynchronously.
+        self.gather: Callable[[Command], Awaitable[Result]] | None = None
 
     @property
     def allowed_roles(self) -> frozenset[str]:
@@ -154,6 +159,9 @@ class AdminSession:
     skipping: bool = False  # after an error in an extended batch, until Sync
     statements: dict[str, Command | None] = field(default_factory=dict)
     portals: dict[str, _Portal] = field(default_factory=dict)
+    # With `console.gather`: frames waiting for the answer to an earlier one, in order.
+    backlog: deque[tuple[int, bytes]] = field(default_factory=deque)
+    draining: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         console, state = self.console, self.session.state
@@ -224,7 +232,7 @@ class AdminSession:
         data = bytes(buf[:used])
         del buf[:used]
         out: list[bytes] = []
-        for mtype, start, end in frames:
+        for index, (mtype, start, end) in enumerate(frames):
             if self.session.closed:
                 return
             body = data[start + 5 : end]
@@ -232,6 +240,12 @@ class AdminSession:
                 if self.login is not None:
                     self.login.client(mtype, body)
                 continue
+            if self.console.gather is not None:
+                self.backlog.extend((m, data[s + 5 : e]) for m, s, e in frames[index:])
+                self.session.write_client(b"".join(out))
+                if self.draining is None:
+                    self.draining = asyncio.get_running_loop().create_task(self._drain())
+                return
             if mtype == 0x58:  # Terminate
                 self.session.write_client(b"".join(out))
                 self.session.outcome = "client terminated"
@@ -251,6 +265,62 @@ class AdminSession:
                     out.append(pgwire.error_response(exc.sqlstate, exc.message, hint=exc.hint))
                     self.skipping = True
         self.session.write_client(b"".join(out))
+
+    async def _drain(self) -> None:
+        """Answer the backlog frame by frame, awaiting each statement's answer from every
+        worker; the same replies as `feed` gives in one process."""
+        assert self.console.gather is not None
+        gather = self.console.gather
+        try:
+            while self.backlog and not self.session.closed:
+                mtype, body = self.backlog.popleft()
+                out: list[bytes] = []
+                if mtype == 0x58:  # Terminate
+                    self.session.outcome = "client terminated"
+                    self.session.close()
+                    return
+                if mtype == 0x51:
+                    await self._simple_gathered(pgwire.query_text(body), out, gather)
+                elif mtype == 0x53:
+                    self.skipping = False
+                    out.append(pgwire.ready_for_query(b"I"))
+                elif mtype != 0x48 and not self.skipping:
+                    try:
+                        if mtype == 0x45:  # Execute: the one message that runs a statement
+                            portal = self._portal(pgwire.parse_execute(body).portal)
+                            if portal.command is None:
+                                out.append(pgwire.EMPTY_QUERY)
+                            else:
+                                result = await gather(portal.command)
+                                out.extend(_data_row(result.columns, row, portal.formats) for row in result.rows)
+                                out.append(pgwire.command_complete(result.tag))
+                        else:
+                            self._extended(mtype, body, out)
+                    except AdminError as exc:
+                        out.append(pgwire.error_response(exc.sqlstate, exc.message, hint=exc.hint))
+                        self.skipping = True
+                if out and not self.session.closed:
+                    self.session.write_client(b"".join(out))
+        finally:
+            self.draining = None
+
+    async def _simple_gathered(
+        self, sql: str, out: list[bytes], gather: Callable[[Command], Awaitable[Result]]
+    ) -> None:
+        statements = [s for s in sql.split(";") if s.strip()]
+        if not statements:
+            out.append(pgwire.EMPTY_QUERY)
+        for text in statements:
+            try:
+                result = await gather(parse(text))
+            except AdminError as exc:
+                out.append(pgwire.error_response(exc.sqlstate, exc.message, hint=exc.hint))
+                break
+            if result.columns:
+                out.append(_row_description(result.columns, ()))
+            out.extend(_data_row(result.columns, row, ()) for row in result.rows)
+            out.append(pgwire.command_complete(result.tag))
+        out.append(pgwire.ready_for_query(b"I"))
 
     def _simple(self, sql: str, out: list[bytes]) -> None:
         statements = [s for s in sql.split(";") if s.strip()]

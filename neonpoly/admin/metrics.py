@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from neonpoly import __version__
 
 if TYPE_CHECKING:
-    from neonpoly.service import ProxyService
+    from neonpoly.service import ProxyService, ServiceReport
 
 log = logging.getLogger("neonpoly.metrics")
 
@@ -37,6 +37,7 @@ class StatsCollector(Collector):
 
     def __init__(self, service: ProxyService) -> None:
         self.service = service
+        self.given: ServiceReport | None = None  # every worker's figures, gathered before a scrape
 
     def describe(self) -> list[Metric]:
         return []  # families are only known at scrape time; skip registration-time collect
@@ -108,7 +109,7 @@ class StatsCollector(Collector):
         def label(cache_id: str) -> list[str]:
             return [cache_id, names.get(cache_id, cache_id)]
 
-        report = service.report()
+        report = self.given if self.given is not None else service.report()
         for c in report.caches:
             for f in c.feeds:
                 labels = [*label(c.cache_id), f.database]
@@ -176,7 +177,10 @@ class MetricsServer:
 
     def __init__(self, service: ProxyService) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(service))
+        self.collector = StatsCollector(service)
+        self.registry.register(self.collector)
+        # Set by a worker of `serve --workers N`: every worker's report, merged.
+        self.gather: Callable[[], Awaitable[ServiceReport]] | None = None
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, resident memory, fds …
         self._server: asyncio.Server | None = None
 
@@ -204,7 +208,12 @@ class MetricsServer:
             if method not in (b"GET", b"HEAD"):
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET /metrics\n"
             elif path.split(b"?")[0] == b"/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.render()
+                if self.gather is not None:
+                    self.collector.given = await self.gather()
+                try:
+                    status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.render()
+                finally:
+                    self.collector.given = None
             elif path.split(b"?")[0] == b"/":
                 status, ctype, body = "200 OK", "text/html; charset=utf-8", INDEX
             else:

@@ -168,6 +168,17 @@ class RuleBook:
             self.modes[cache_id] = _mode(m)
         self._changed()
 
+    def reload(self) -> None:
+        """Read rules.toml again: another process sharing it (a worker of `serve --workers`)
+        changed it. Decisions memoised under the old rules are dropped (the version moves)."""
+        if self.path is None or not self.path.exists():
+            return
+        self._rules.clear()
+        self._load(self.path)
+        self.version += 1
+        for listener in list(self.listeners):
+            listener()
+
     def _reindex(self) -> None:
         index: dict[tuple[Target, str], list[Rule]] = {}
         for rule in self._rules.values():

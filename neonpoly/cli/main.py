@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "one node runs each origin's change feed; while Redis is down every node passes through",
     )
     serve.add_argument(
+        "--workers",
+        type=at_least_one,
+        default=1,
+        metavar="N",
+        help="relay processes sharing the port (SO_REUSEPORT, Linux); with N > 1 they share invalidations "
+        "through --redis, else through a private redis-server this command starts on a unix socket",
+    )
+    serve.add_argument(
         "--admin-role",
         action="append",
         metavar="ROLE",
@@ -222,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `serve --workers` starts each worker with it
     logging.getLogger("sqlglot").setLevel(logging.WARNING)  # its INFO notes are not ours to show
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2)

@@ -1,26 +1,58 @@
-"""`neonpoly serve`: the proxy in the foreground until SIGINT/SIGTERM, through start_serving."""
+"""`neonpoly serve`: the proxy in the foreground until SIGINT/SIGTERM, through start_serving.
+
+With `--workers N` (N > 1) this process becomes the parent of N workers (control/workers.py)
+and each worker runs this same command, told its place in $NEONPOLY_WORKER.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import ssl
 import sys
+from pathlib import Path
 from urllib.parse import quote
 
 from neonpoly.cli.running import CLIError
 from neonpoly.control.interface import ControlError
-from neonpoly.control.serving import Serving, start_serving
+from neonpoly.control.serving import EmbeddedRunner, Serving, start_serving
+from neonpoly.control.workers import (
+    Supervisor,
+    WorkerPlan,
+    WorkerRole,
+    join_workers,
+    signal_ready,
+    without_workers,
+    worker_settings,
+)
 from neonpoly.defaults import environment
 from neonpoly.freshness.changefeed import FeedSettings
 from neonpoly.freshness.plane import PlaneSettings
+from neonpoly.proxy.origin import Origin
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from neonpoly.state import StateInUse, StateLock, state_dir
 
 log = logging.getLogger("neonpoly")
+
+
+def _stop_event() -> tuple[asyncio.Event, list[int]]:
+    """An event set by SIGINT/SIGTERM, and the signals received (the parent forwards them)."""
+    stop = asyncio.Event()
+    received: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal, int(sig))
+    return stop, received
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -30,6 +62,11 @@ async def serve(args: argparse.Namespace) -> int:
     redis_url = args.redis or environment().redis_url
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise CLIError("--redis: expected redis://HOST:PORT/DB, rediss://… or unix:///path")
+    role = _role()
+    if args.workers > 1 and role is None:
+        return await _supervise(args, root, redis_url)
+    if role is not None:  # the workers' plane: --redis, else the parent's private redis-server
+        redis_url = role.bus
     settings = ProxySettings(
         listen=args.listen,
         cache_dir=args.cache_dir or root / "cache",
@@ -42,16 +79,23 @@ async def serve(args: argparse.Namespace) -> int:
         change_feed=FeedSettings(mode=args.change_feed, ddl=args.change_feed_ddl, idle=args.change_feed_idle),
         redis=PlaneSettings(redis_url) if redis_url else None,
     )
+    if role is not None:
+        settings = worker_settings(settings, role)
     lock = StateLock(root)
-    try:
-        lock.acquire()
-    except StateInUse as exc:
-        raise CLIError(str(exc)) from exc
+    if role is None:  # a worker's parent holds the state dir's lock
+        try:
+            lock.acquire()
+        except StateInUse as exc:
+            raise CLIError(str(exc)) from exc
     try:
         try:
             service = ProxyService(settings)
         except (OSError, ssl.SSLError) as exc:
             raise CLIError(f"cannot load --tls-cert/--tls-key: {exc.strerror or exc}") from exc
+        embedded = None
+        if role is not None and role.embedded is not None:
+            host, port = role.embedded
+            embedded = EmbeddedRunner(root, attached=Origin(host=host, port=port, sslmode="disable"))
         try:
             serving = await start_serving(
                 service,
@@ -59,43 +103,94 @@ async def serve(args: argparse.Namespace) -> int:
                 upstream=args.upstream,
                 connect_to=args.connect_to,
                 admin_roles=args.admin_role,
-                metrics_listen=args.metrics_listen,
+                # One worker serves /metrics (every worker's figures, merged): one port cannot take two.
+                metrics_listen=args.metrics_listen if role is None or role.index == 0 else None,
+                embedded=embedded,
+                record_listen=role is None,
             )
         except ControlError as exc:
             raise CLIError(str(exc)) from exc
-        _announce(args, serving, settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        fleet = None
+        stop, _ = _stop_event()
+        if role is None:
+            _print(_announcement(args, serving))
+        else:
+            fleet = await join_workers(serving, role)
+            signal_ready(role, _announcement(args, serving))
         await stop.wait()
         log.info("shutting down (grace %.1fs)", args.grace)
+        if role is not None:
+            # A worker whose parent is gone (SIGKILL) has nobody to kill it should its shutdown
+            # hang: past the grace and a margin, dump every thread's stack and exit.
+            faulthandler.dump_traceback_later(args.grace + 15, exit=True)
+        if fleet is not None:
+            await fleet.close()
         await serving.close(args.grace)
+        faulthandler.cancel_dump_traceback_later()
         return 0
     finally:
         lock.release()
 
 
-def _announce(args: argparse.Namespace, serving: Serving, settings: ProxySettings) -> None:
+def _role() -> WorkerRole | None:
+    """This process's place among the workers of a `serve --workers N` (None: not one)."""
+    text = environment().worker
+    if text is None:
+        return None
+    try:
+        return WorkerRole.from_json(text)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+async def _supervise(args: argparse.Namespace, root: Path, redis_url: str | None) -> int:
+    lock = StateLock(root)
+    try:
+        lock.acquire()
+    except StateInUse as exc:
+        raise CLIError(str(exc)) from exc
+    try:
+        plan = WorkerPlan(
+            count=args.workers,
+            argv=without_workers(args.argv),
+            root=root,
+            listen=args.listen,
+            redis=redis_url,
+            upstream=args.upstream,
+            grace=args.grace,
+        )
+        stop, received = _stop_event()
+        supervisor = Supervisor(plan, _print)
+        try:
+            return await supervisor.run(stop, lambda: received[0] if received else int(signal.SIGTERM))
+        except ControlError as exc:
+            raise CLIError(str(exc)) from exc
+    finally:
+        lock.release()
+
+
+def _print(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _announcement(args: argparse.Namespace, serving: Serving) -> list[str]:
     host, port = serving.address
-    cache_note = "off (--no-cache)" if args.no_cache else str(settings.cache_dir)
+    cache_note = "off (--no-cache)" if args.no_cache else str(serving.service.settings.cache_dir)
     log.info("listening on %s:%d; cache %s", host, port, cache_note)
+    lines: list[str] = []
     for item in serving.served:
         hidden = "" if args.reveal else " (password hidden; --reveal or `neonpoly connection-string --reveal`)"
-        print(
+        lines.append(
             f"neonpoly: {item.integration.name} ({item.origin.label}) ready; connect with{hidden}:\n"
-            f"  psql '{item.connection_string(host, port, reveal=args.reveal)}'",
-            file=sys.stderr,
-            flush=True,
+            f"  psql '{item.connection_string(host, port, reveal=args.reveal)}'"
         )
     if not serving.served:
         origin = serving.service.routes.by_id["default"].origin
         user = quote(origin.user or "USER", safe="")
         database = quote(origin.database or "DATABASE", safe="")
-        print(
+        lines.append(
             f"neonpoly: caching {origin.label}; connect as you would to it, at neonpoly's address:\n"
-            f"  psql 'postgres://{user}@{host}:{port}/{database}'",
-            file=sys.stderr,
-            flush=True,
+            f"  psql 'postgres://{user}@{host}:{port}/{database}'"
         )
+    return lines

@@ -44,11 +44,19 @@ def _noop(step: str) -> None:
 class EmbeddedRunner:
     """Starts the embedded origin at most once per process and stops it on close."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, attached: Origin | None = None) -> None:
         self.root = root
         self.handle: EmbeddedOrigin | None = None
         self.origin: Origin | None = None
+        # A worker of `serve --workers N`: the parent runs the embedded origin; this is its address.
+        self.attached = attached
         self._lock = asyncio.Lock()
+
+    async def ensure_origin(self, progress: Progress = _noop) -> Origin:
+        """The embedded origin's address: the parent's (attached), else started here."""
+        if self.attached is not None:
+            return self.attached
+        return (await self.ensure(progress))[1]
 
     async def ensure(self, progress: Progress = _noop) -> tuple[EmbeddedOrigin, Origin]:
         from neonpoly.integrations.embedded_origin import start_embedded_origin
@@ -87,7 +95,7 @@ async def serve_one(service: ProxyService, store: IntegrationStore, item: Integr
                      connect_to: str | None, embedded: EmbeddedRunner,
                      progress: Progress = _noop) -> Served:
     if item.kind == "embedded":
-        _, origin = await embedded.ensure(progress)
+        origin = await embedded.ensure_origin(progress)
         if (origin.host, origin.port) != (item.origin_host, item.origin_port):
             # The embedded cluster moves when its port was taken; keep the state truthful.
             item = replace(item, origin_host=origin.host, origin_port=origin.port)
@@ -237,6 +245,7 @@ async def start_serving(
     follow: bool = True,
     follow_every: float = 1.0,
     progress: Progress = _noop,
+    record_listen: bool = True,
 ) -> Serving:
     """Serve `upstream`, or every integration of the state dir `root` (the embedded origin
     when there is none and `embedded_when_empty`), with the admin database and optionally
@@ -291,7 +300,8 @@ async def start_serving(
         await runner.stop()
         host, port = metrics_listen if metrics is None and metrics_listen is not None else service.settings.listen
         raise ControlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    IntegrationStore(root).set_listen(*address)
+    if record_listen:  # `serve --workers`: the parent records it, once
+        IntegrationStore(root).set_listen(*address)
     follower = None
     if follow and not upstream:
         # Integrations added or removed from another shell take effect here within a second.

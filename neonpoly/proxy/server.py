@@ -35,6 +35,7 @@ class ProxyServer:
         connect_timeout: float = 10.0,
         login_timeout: float = 60.0,
         on_session_change: Callable[[], None] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.routes = routes
         self.tls_context = tls_context
@@ -45,10 +46,17 @@ class ProxyServer:
         self._server: asyncio.Server | None = None
         self._on_change = on_session_change
         self._tasks: set[asyncio.Task[None]] = set()
+        # Several processes on one port (`serve --workers`): the kernel spreads connections.
+        self.reuse_port = reuse_port
+        # A CancelRequest whose key no session here holds (it may be another process's on the
+        # same port): handed to this hook, which calls `done` once it was delivered or not.
+        self.unknown_cancel: Callable[[int, bytes, Callable[[], None] | None], None] | None = None
 
     async def start(self, host: str = LOCALHOST, port: int = DEFAULT_PORT) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: ClientSide(self.open_session), host, port, reuse_address=True)
+        self._server = await loop.create_server(
+            lambda: ClientSide(self.open_session), host, port, reuse_address=True, reuse_port=self.reuse_port or None
+        )
         sock = self._server.sockets[0].getsockname()
         return sock[0], sock[1]
 
@@ -105,6 +113,9 @@ class ProxyServer:
         the server closes it only after signalling the backend: a client that goes on at once
         (psycopg draining an abandoned COPY) must find its statement already cancelled."""
         session = self.by_key.get((pid, secret))
+        if session is None and self.unknown_cancel is not None:
+            self.unknown_cancel(pid, secret, done)
+            return
         if session is None or session.origin_key is None or session.route is None:
             log.info("cancel request for an unknown backend ignored")
             if done is not None:

@@ -25,6 +25,7 @@ import psycopg
 
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy
+from tests.proxy.workers import WorkersProxy
 
 __all__ = [
     "Client",
@@ -76,7 +77,7 @@ class Login:
         return Login(self.user, self.password, self.database, (*self.params, *params.items()))
 
 
-def hits(proxy: CachingProxy) -> int:
+def hits(proxy: CachingProxy | WorkersProxy) -> int:
     return proxy.totals().get("hit", 0)
 
 
@@ -205,7 +206,7 @@ class Env:
     """One case's world: a fresh caching neonpoly, the origin, and what to clean up."""
 
     pg: PgServer
-    proxy: CachingProxy
+    proxy: CachingProxy | WorkersProxy  # one process, or `serve --workers N` (NEONPOLY_TEST_WORKERS)
     stack: contextlib.AsyncExitStack
     cleanups: list[str] = field(default_factory=list)
     passwords: dict[str, str] = field(default_factory=dict)

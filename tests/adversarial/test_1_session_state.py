@@ -361,8 +361,12 @@ async def test_startup_options_search_path(env: Env) -> None:
         assert await psql_lines(started.url("127.0.0.1", env.proxy.port), read) == [schema]
     plain = env.login().url("127.0.0.1", env.proxy.port)
     hits_before = env.proxy.totals().get("hit", 0)
-    for _ in range(3):
+    # Three runs hit in one process; each psql is a new connection, and with `--workers N` each
+    # worker stores its own entries, so run on until one is served from cache (bounded).
+    for _ in range(12):
         assert await psql_lines(plain, read) == ["public"]
+        if env.proxy.totals().get("hit", 0) > hits_before:
+            break
     assert env.proxy.totals().get("hit", 0) > hits_before, "the plain session never hit: nothing was proven"
 
 

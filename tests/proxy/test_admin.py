@@ -349,3 +349,10 @@ async def test_modes_connections_and_password(pg: PgServer, tmp_path: Path) -> N
                 await adm.fetch("SHOW STATS FOR CACHE nope")
         finally:
             await adm.close()
+
+
+async def test_show_workers_in_one_process_is_one_row(admin: Admin) -> None:
+    """Without `serve --workers` the process is worker 0 of 1 (the 2-worker case: tests/system/test_workers.py)."""
+    rows = await admin.rows("SHOW WORKERS")
+    assert [(r["worker"], r["pid"], r["state"]) for r in rows] == [(0, os.getpid(), "up")]
+    assert rows[0]["connections"] >= 1  # this admin session at least
