@@ -73,11 +73,10 @@ class BatchHandling(CacheDecisions):
         item.stats.extend(
             StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
         )
-        deferred = self.book.deferred_parses(plan)
+        deferred = self.book.deferred_parses(plan, item.book_ops)
         item.swallow = len(deferred)
-        self.book.after_forward(plan)
-        for name in plan.deallocates:
-            self.book.deallocated(name)
+        item.book_ops.extend(self.book.after_forward(plan))
+        item.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
         self.pending.append(item)
         out.extend(deferred)
         if raw_batch is not None:
@@ -121,11 +120,10 @@ class BatchHandling(CacheDecisions):
         item.stats.extend(
             StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
         )
-        deferred = self.book.deferred_parses(plan)
+        deferred = self.book.deferred_parses(plan, item.book_ops)
         item.swallow = len(deferred)
-        self.book.after_forward(plan)
-        for name in plan.deallocates:
-            self.book.deallocated(name)
+        item.book_ops.extend(self.book.after_forward(plan))
+        item.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
         self.pending.append(item)
         self.stream = item
         out.extend(deferred)
@@ -138,9 +136,10 @@ class BatchHandling(CacheDecisions):
             self._plan_effects(plan, self.stream, None)
             if plan.tables or plan.shadowable:
                 self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, self.stream, None)
-            deferred = self.book.deferred_parses(plan)
+            deferred = self.book.deferred_parses(plan, self.stream.book_ops)
             self.stream.swallow += len(deferred)
-            self.book.after_forward(plan)
+            self.stream.book_ops.extend(self.book.after_forward(plan))
+            self.stream.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
             out.extend(deferred)
         out.append(raw)
 

@@ -60,7 +60,7 @@ class CacheDecisions(IdentityLearning):
         info = classify(sql)
         item = Pending(time.monotonic())
         if info.deallocates is not None:
-            self.book.deallocated(info.deallocates)
+            item.deallocates.append(self.book.deallocating(info.deallocates))
         self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
         decision = self._cache_decision(
@@ -295,7 +295,7 @@ class CacheDecisions(IdentityLearning):
         if bind.statement in parses:
             stmt = parses[bind.statement]
         else:
-            known = self.book.statements.get(bind.statement)
+            known = self.book.known(bind.statement)
             stmt = known.parse if known is not None else None
         if stmt is None:
             return None
@@ -391,8 +391,28 @@ class CacheDecisions(IdentityLearning):
                 tables = reach | frozenset(name for _, name in keyed)
         cache.invalidate(None if cluster_wide else database, tables, everything, named)
 
+    def _confirm(self, item: Pending) -> None:
+        """A ParseComplete or CloseComplete: the origin did the next Parse/Close it was sent."""
+        if item.confirmed < len(item.book_ops):
+            self.book.confirm(item.book_ops[item.confirmed])
+            item.confirmed += 1
+
+    def _settle_book(self, item: Pending) -> bool:
+        """At the end of a response: Parses/Closes never confirmed were refused or skipped;
+        a DEALLOCATE holds if nothing failed. True when every Parse/Close was confirmed."""
+        unconfirmed = item.book_ops[item.confirmed :]
+        for op in unconfirmed:
+            self.book.settle(op)
+        for op in item.deallocates:
+            if item.error:
+                self.book.settle(op)
+            else:
+                self.book.confirm(op)
+        return not unconfirmed
+
     def _complete(self, item: Pending) -> None:
         """A response ended (ReadyForQuery): evict again, store, count."""
+        confirmed = self._settle_book(item) if item.book_ops or item.deallocates else True
         committed = self.state.tx_status == TX_IDLE
         cache = self.route.cache if self.route else None
         if (item.reads or item.trusts) and cache is not None:
@@ -422,7 +442,8 @@ class CacheDecisions(IdentityLearning):
         if cache is None:
             return
         capture = item.capture
-        if capture is not None and not capture.failed and not item.error and committed and capture.frames:
+        # Its key came from Parse texts of the batch: stored only if the origin took them all.
+        if capture is not None and not capture.failed and not item.error and committed and capture.frames and confirmed:
             cache.store_capture(capture)
         elapsed = time.monotonic() - item.started
         for ticket in item.stats:
