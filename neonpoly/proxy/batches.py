@@ -57,7 +57,7 @@ class BatchHandling(CacheDecisions):
             # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
             key = cache.key(self.state.context(), (b"H" if flush else b"X") + material)
             payload = cache.lookup(key)
-            if payload is not None and not self._busy():
+            if payload is not None and not plan.forward and not self._busy():
                 self.book.after_local(plan)
                 if plan.executes:
                     self._answer_locally(payload, plan.executed, item)

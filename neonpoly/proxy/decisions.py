@@ -10,12 +10,13 @@ they are sent and again when they commit.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
-from neonpoly.cache import keys
+from neonpoly.cache import keys, queries
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.keys import KeyRef
 from neonpoly.cache.policy import Classification, Status, classify, keys_for
@@ -43,6 +44,8 @@ _NOTHING_TO_RESOLVE = Resolution(frozenset(), None, None)
 KeySource = str | list[tuple[int, bytes]] | None
 # A Bind's values and its statement's declared parameter types.
 BoundValues = tuple[bytes, tuple[int, ...]] | None
+# Texts that may PREPARE in SQL (a statement name shared with protocol Parses).
+_MAY_PREPARE = re.compile(r"(?i)(?<![a-z0-9_$])prepare(?![a-z0-9_$])")
 
 
 class CacheDecisions(IdentityLearning):
@@ -61,6 +64,8 @@ class CacheDecisions(IdentityLearning):
         item = Pending(time.monotonic())
         if info.deallocates is not None:
             item.deallocates.append(self.book.deallocating(info.deallocates))
+        if not info.cacheable and _MAY_PREPARE.search(sql):
+            self.book.prepared_in_sql(_sql_prepares(sql))
         self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
         decision = self._cache_decision(
@@ -458,3 +463,11 @@ def _values(ref: KeyRef, values: BoundValues) -> list[int] | None:
         return None
     bound = keys.bound_integers(values[0], ref.params, values[1])
     return None if bound is None else [*ref.literals, *bound]
+
+
+def _sql_prepares(sql: str) -> list[str]:
+    """The names a simple query PREPAREs in SQL (the protocol's namespace too)."""
+    try:
+        return [str(fields.get("name", "")) for kind, fields in queries.parse(sql) if kind == "PrepareStmt"]
+    except queries.ParseError:
+        return []

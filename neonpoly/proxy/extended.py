@@ -84,6 +84,9 @@ class BatchPlan:
     shadowable: frozenset[str] = frozenset()
     settings_read: frozenset[str] = frozenset()
     deallocates: list[str] = field(default_factory=list)
+    # It parses a name whose statement at the origin is unknown or not confirmed yet: only the
+    # origin can say whether that Parse succeeds, so the batch is never answered locally.
+    forward: bool = False
 
 
 class StatementBook:
@@ -96,12 +99,15 @@ class StatementBook:
     know (SQL PREPARE shares the namespace): it may run anything, so it is never cached and
     evicts the whole database. One the origin refused or skipped (after an error it skips
     everything up to Sync) leaves the name's statement unknown: dropped from `statements`,
-    and kept in `origin_has` (the origin may hold something under it)."""
+    and in `unknown` until a Parse or Close of it is confirmed. neonpoly never closes an
+    unknown name on the client's behalf (it may be the client's SQL PREPARE), and a batch
+    that parses it always goes to the origin, which decides."""
 
     def __init__(self) -> None:
         self.statements: dict[str, Statement] = {}
         # Names whose latest change the origin has not confirmed yet: that change, by identity.
         self.inflight: dict[str, BookOp] = {}
+        self.unknown: set[str] = set()  # names the origin may hold anything under
         self.version = 0  # bumped whenever a statement is added or closed
         self.copies: set[str] = set()  # names of statements that run COPY
         # Named statements the origin holds, whatever the client did with them since: one
@@ -193,6 +199,8 @@ class StatementBook:
                 plan.parses.append(parse)
                 plan.ops.append(parse)
                 plan.changes_session = plan.changes_session or stmt.info.changes_session
+                if parse.name and (parse.name in self.unknown or parse.name in self.inflight):
+                    plan.forward = True
                 pieces.append(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
                 if not stmt.info.cacheable:
                     refuse(stmt.info.status or Status.UNCACHEABLE, stmt.info.reason)
@@ -306,6 +314,9 @@ class StatementBook:
             if isinstance(op, str):
                 self.statements.pop(op, None)
                 self.inflight.pop(op, None)
+                if op in self.unknown:  # closed for the client: whatever the origin holds goes
+                    self.unknown.discard(op)
+                    self.origin_has.add(op)
             elif op is not None:
                 self.statements[op.name] = Statement(op, classify(op.query), at_origin=False)
                 self.inflight.pop(op.name, None)
@@ -342,6 +353,7 @@ class StatementBook:
             return
         if op.kind == b"D" and op.name == "*":
             self.origin_has = {name for name in self.origin_has if name in self.inflight}
+            self.unknown = {name for name in self.unknown if name in self.inflight}
             for name in [n for n, o in self.inflight.items() if o is op]:
                 del self.inflight[name]
             self._changed()
@@ -353,6 +365,7 @@ class StatementBook:
             self.origin_has.discard(op.name)
         if self.inflight.get(op.name) is op:
             del self.inflight[op.name]
+            self.unknown.discard(op.name)
             self._changed()
 
     def settle(self, op: BookOp) -> None:
@@ -362,11 +375,11 @@ class StatementBook:
             return
         names = [n for n, o in self.inflight.items() if o is op] if op.name == "*" else [op.name]
         for name in names:
-            if name:
-                self.origin_has.add(name)  # it may hold something: Close before a Parse of it
             if self.inflight.get(name) is op:
                 del self.inflight[name]
                 self.statements.pop(name, None)
+                if name:
+                    self.unknown.add(name)
         self._changed()
 
     def deferred_parses(self, plan: BatchPlan, sent: list[BookOp] | None = None) -> list[bytes]:
@@ -379,7 +392,12 @@ class StatementBook:
         ops: list[BookOp] = []
         for parse in plan.parses:
             current = self.statements.get(parse.name)
-            if parse.name in self.origin_has and (current is None or not current.at_origin):
+            if (
+                parse.name in self.origin_has
+                and (current is None or not current.at_origin)
+                and parse.name not in self.unknown
+                and parse.name not in self.inflight
+            ):
                 out.append(pgwire.close_statement(parse.name))
                 ops.append(BookOp(b"c", parse.name))  # the client's Parse replaces it anyway
                 self.origin_has.discard(parse.name)
@@ -399,6 +417,18 @@ class StatementBook:
         if ops:
             self._changed()
         return out
+
+    def prepared_in_sql(self, names: list[str]) -> None:
+        """SQL PREPARE, sent: whatever it leaves under these names (its statement, or one
+        the book knew if it fails) is not vouched for: unknown (a Bind of it may run anything,
+        a Parse of it goes to the origin)."""
+        for name in names:
+            if name:
+                self.statements.pop(name, None)
+                self.inflight.pop(name, None)  # an earlier Parse's answer no longer vouches for it
+                self.unknown.add(name)
+        if names:
+            self._changed()
 
     def deallocating(self, name: str) -> BookOp:
         """SQL-level DEALLOCATE/DISCARD ALL, sent: it also drops protocol-level statements at
