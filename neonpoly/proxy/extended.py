@@ -352,10 +352,11 @@ class StatementBook:
         if op.kind == b"c":
             return
         if op.kind == b"D" and op.name == "*":
-            self.origin_has = {name for name in self.origin_has if name in self.inflight}
-            self.unknown = {name for name in self.unknown if name in self.inflight}
             for name in [n for n, o in self.inflight.items() if o is op]:
                 del self.inflight[name]
+            # Gone at the origin, but for names changed again since (their answers will say).
+            self.origin_has = {name for name in self.origin_has if name in self.inflight}
+            self.unknown = {name for name in self.unknown if name in self.inflight}
             self._changed()
             return
         if op.kind == b"P":
