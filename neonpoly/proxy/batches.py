@@ -34,6 +34,7 @@ class BatchHandling(CacheDecisions):
             out.append(raw)
             self.stream = None
             self.batch_open = False
+            self.book.synced()
             return
         batch = self.batch.take()
         flush = expect is not None
@@ -85,6 +86,8 @@ class BatchHandling(CacheDecisions):
             out.extend(pgwire.frame(t, b) for t, b in batch)
         out.append(raw)
         self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
+        if not flush:
+            self.book.synced()
 
     def _plan_effects(
         self, plan: BatchPlan, item: Pending, out: list[bytes] | None, batch: list[tuple[int, bytes]] | None = None

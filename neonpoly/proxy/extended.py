@@ -108,6 +108,10 @@ class StatementBook:
         # Names whose latest change the origin has not confirmed yet: that change, by identity.
         self.inflight: dict[str, BookOp] = {}
         self.unknown: set[str] = set()  # names the origin may hold anything under
+        # Parses and Closes sent since the client's last Sync: a later message before that
+        # Sync runs only if they succeeded (after an error the origin skips to Sync), so a
+        # Bind of one in a streamed batch or after a Flush may believe it (`known`).
+        self.unsynced: set[BookOp] = set()
         self.version = 0  # bumped whenever a statement is added or closed
         self.copies: set[str] = set()  # names of statements that run COPY
         # Named statements the origin holds, whatever the client did with them since: one
@@ -304,9 +308,16 @@ class StatementBook:
     def known(self, name: str) -> Statement | None:
         """The statement under `name` as the origin confirmed it (or as a batch the cache
         answered left it); None when unknown, absent, or changed and not yet confirmed."""
-        if name in self.inflight:
+        op = self.inflight.get(name)
+        if op is not None and op not in self.unsynced:
             return None
         return self.statements.get(name)
+
+    def synced(self) -> None:
+        """A Sync went to the origin: what was sent before it may have failed on its own."""
+        if self.unsynced:
+            self.unsynced.clear()
+            self._changed()
 
     def after_local(self, plan: BatchPlan) -> None:
         """The batch was answered by the cache: the origin never saw its Parses or Closes."""
@@ -344,6 +355,7 @@ class StatementBook:
 
     def _send(self, op: BookOp) -> BookOp:
         self.inflight[op.name] = op
+        self.unsynced.add(op)
         return op
 
     def confirm(self, op: BookOp) -> None:

@@ -27,7 +27,10 @@ def _bind_run(statement: str) -> list[tuple[int, bytes]]:
 
 
 def _sent(book: StatementBook, *messages: tuple[int, bytes]) -> list[BookOp]:
-    return book.after_forward(book.plan(list(messages)))
+    """A batch forwarded with its Sync."""
+    ops = book.after_forward(book.plan(list(messages)))
+    book.synced()
+    return ops
 
 
 def test_a_confirmed_parse_is_believed() -> None:
@@ -165,3 +168,15 @@ def test_a_name_prepared_in_sql_is_unknown_and_its_parse_goes_to_the_origin() ->
     assert book.known("s") is None and "s" in book.unknown
     assert book.plan(_bind_run("s")).writes_everything
     assert book.plan([_parse("s", READ)]).forward
+
+
+def test_a_bind_before_the_next_sync_believes_the_parse_it_follows() -> None:
+    """Streamed, or after a Flush: if the Parse fails the origin skips the Bind too."""
+    book = StatementBook()
+    (op,) = book.after_forward(book.plan([_parse("s", WRITE_ALL)]))
+    plan = book.plan(_bind_run("s"))
+    assert plan.writes == frozenset({"t"}) and not plan.writes_everything
+    book.synced()
+    assert book.plan(_bind_run("s")).writes_everything  # a batch after the Sync runs whatever is there
+    book.confirm(op)
+    assert not book.plan(_bind_run("s")).writes_everything
