@@ -34,6 +34,7 @@ class BatchHandling(CacheDecisions):
             out.append(raw)
             self.stream = None
             self.batch_open = False
+            self.book.synced()
             return
         batch = self.batch.take()
         flush = expect is not None
@@ -57,7 +58,7 @@ class BatchHandling(CacheDecisions):
             # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
             key = cache.key(self.state.context(), (b"H" if flush else b"X") + material)
             payload = cache.lookup(key)
-            if payload is not None and not self._busy():
+            if payload is not None and not plan.forward and not self._busy():
                 self.book.after_local(plan)
                 if plan.executes:
                     self._answer_locally(payload, plan.executed, item)
@@ -73,11 +74,10 @@ class BatchHandling(CacheDecisions):
         item.stats.extend(
             StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
         )
-        deferred = self.book.deferred_parses(plan)
+        deferred = self.book.deferred_parses(plan, item.book_ops)
         item.swallow = len(deferred)
-        self.book.after_forward(plan)
-        for name in plan.deallocates:
-            self.book.deallocated(name)
+        item.book_ops.extend(self.book.after_forward(plan))
+        item.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
         self.pending.append(item)
         out.extend(deferred)
         if raw_batch is not None:
@@ -86,6 +86,8 @@ class BatchHandling(CacheDecisions):
             out.extend(pgwire.frame(t, b) for t, b in batch)
         out.append(raw)
         self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
+        if not flush:
+            self.book.synced()
 
     def _plan_effects(
         self, plan: BatchPlan, item: Pending, out: list[bytes] | None, batch: list[tuple[int, bytes]] | None = None
@@ -121,11 +123,10 @@ class BatchHandling(CacheDecisions):
         item.stats.extend(
             StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
         )
-        deferred = self.book.deferred_parses(plan)
+        deferred = self.book.deferred_parses(plan, item.book_ops)
         item.swallow = len(deferred)
-        self.book.after_forward(plan)
-        for name in plan.deallocates:
-            self.book.deallocated(name)
+        item.book_ops.extend(self.book.after_forward(plan))
+        item.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
         self.pending.append(item)
         self.stream = item
         out.extend(deferred)
@@ -138,9 +139,10 @@ class BatchHandling(CacheDecisions):
             self._plan_effects(plan, self.stream, None)
             if plan.tables or plan.shadowable:
                 self._cache_decision((Status.BYPASS, ""), "", plan.tables, plan.shadowable, self.stream, None)
-            deferred = self.book.deferred_parses(plan)
+            deferred = self.book.deferred_parses(plan, self.stream.book_ops)
             self.stream.swallow += len(deferred)
-            self.book.after_forward(plan)
+            self.stream.book_ops.extend(self.book.after_forward(plan))
+            self.stream.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
             out.extend(deferred)
         out.append(raw)
 

@@ -10,12 +10,13 @@ they are sent and again when they commit.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
-from neonpoly.cache import keys
+from neonpoly.cache import keys, queries
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.keys import KeyRef
 from neonpoly.cache.policy import Classification, Status, classify, keys_for
@@ -43,6 +44,8 @@ _NOTHING_TO_RESOLVE = Resolution(frozenset(), None, None)
 KeySource = str | list[tuple[int, bytes]] | None
 # A Bind's values and its statement's declared parameter types.
 BoundValues = tuple[bytes, tuple[int, ...]] | None
+# Texts that may PREPARE in SQL (a statement name shared with protocol Parses).
+_MAY_PREPARE = re.compile(r"(?i)(?<![a-z0-9_$])prepare(?![a-z0-9_$])")
 
 
 class CacheDecisions(IdentityLearning):
@@ -60,7 +63,9 @@ class CacheDecisions(IdentityLearning):
         info = classify(sql)
         item = Pending(time.monotonic())
         if info.deallocates is not None:
-            self.book.deallocated(info.deallocates)
+            item.deallocates.append(self.book.deallocating(info.deallocates))
+        if not info.cacheable and _MAY_PREPARE.search(sql):
+            self.book.prepared_in_sql(_sql_prepares(sql))
         self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
         decision = self._cache_decision(
@@ -295,7 +300,7 @@ class CacheDecisions(IdentityLearning):
         if bind.statement in parses:
             stmt = parses[bind.statement]
         else:
-            known = self.book.statements.get(bind.statement)
+            known = self.book.known(bind.statement)
             stmt = known.parse if known is not None else None
         if stmt is None:
             return None
@@ -391,8 +396,28 @@ class CacheDecisions(IdentityLearning):
                 tables = reach | frozenset(name for _, name in keyed)
         cache.invalidate(None if cluster_wide else database, tables, everything, named)
 
+    def _confirm(self, item: Pending) -> None:
+        """A ParseComplete or CloseComplete: the origin did the next Parse/Close it was sent."""
+        if item.confirmed < len(item.book_ops):
+            self.book.confirm(item.book_ops[item.confirmed])
+            item.confirmed += 1
+
+    def _settle_book(self, item: Pending) -> bool:
+        """At the end of a response: Parses/Closes never confirmed were refused or skipped;
+        a DEALLOCATE holds if nothing failed. True when every Parse/Close was confirmed."""
+        unconfirmed = item.book_ops[item.confirmed :]
+        for op in unconfirmed:
+            self.book.settle(op)
+        for op in item.deallocates:
+            if item.error:
+                self.book.settle(op)
+            else:
+                self.book.confirm(op)
+        return not unconfirmed
+
     def _complete(self, item: Pending) -> None:
         """A response ended (ReadyForQuery): evict again, store, count."""
+        confirmed = self._settle_book(item) if item.book_ops or item.deallocates else True
         committed = self.state.tx_status == TX_IDLE
         cache = self.route.cache if self.route else None
         if (item.reads or item.trusts) and cache is not None:
@@ -425,7 +450,8 @@ class CacheDecisions(IdentityLearning):
         if cache is None:
             return
         capture = item.capture
-        if capture is not None and not capture.failed and not item.error and committed and capture.frames:
+        # Its key came from Parse texts of the batch: stored only if the origin took them all.
+        if capture is not None and not capture.failed and not item.error and committed and capture.frames and confirmed:
             cache.store_capture(capture)
         elapsed = time.monotonic() - item.started
         for ticket in item.stats:
@@ -440,3 +466,11 @@ def _values(ref: KeyRef, values: BoundValues) -> list[int] | None:
         return None
     bound = keys.bound_integers(values[0], ref.params, values[1])
     return None if bound is None else [*ref.literals, *bound]
+
+
+def _sql_prepares(sql: str) -> list[str]:
+    """The names a simple query PREPAREs in SQL (the protocol's namespace too)."""
+    try:
+        return [str(fields.get("name", "")) for kind, fields in queries.parse(sql) if kind == "PrepareStmt"]
+    except queries.ParseError:
+        return []

@@ -42,6 +42,19 @@ class Statement:
         self.sql = self.parse.query.encode() + b"\x00" + self.parse.param_types
 
 
+@dataclass(slots=True, eq=False)
+class BookOp:
+    """A change to the book sent to the origin, believed only once the origin answers it.
+
+    kind: b"P" a Parse, b"C" a statement Close, b"c" a portal Close (answered like one, no
+    change to the book), b"D" a DEALLOCATE (or DISCARD ALL: name "*"), answered by its
+    CommandComplete rather than a ParseComplete/CloseComplete."""
+
+    kind: bytes
+    name: str
+    parse: pgwire.ParseMsg | None = None
+
+
 @dataclass(slots=True)
 class BatchPlan:
     """What a batch is, for the cache: key material, tables, and why it is not cacheable."""
@@ -58,8 +71,10 @@ class BatchPlan:
     writes: frozenset[str] = frozenset()
     writes_everything: bool = False
     parses: list[pgwire.ParseMsg] = field(default_factory=list)
-    # Parses and statement Closes in batch order: a name may be closed and parsed again.
-    ops: list[pgwire.ParseMsg | str] = field(default_factory=list)
+    # Parses and Closes in batch order: a name may be closed and parsed again. A statement
+    # Close is its name; a portal Close is None (it changes no statement, but the origin
+    # answers it with a CloseComplete all the same, which the confirmations count).
+    ops: list[pgwire.ParseMsg | str | None] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)  # statement names the batch uses but did not Parse
     changes_session: bool = False
     commits: bool = False
@@ -69,13 +84,34 @@ class BatchPlan:
     shadowable: frozenset[str] = frozenset()
     settings_read: frozenset[str] = frozenset()
     deallocates: list[str] = field(default_factory=list)
+    # It parses a name whose statement at the origin is unknown or not confirmed yet: only the
+    # origin can say whether that Parse succeeds, so the batch is never answered locally.
+    forward: bool = False
 
 
 class StatementBook:
-    """The prepared statements of one session, and whether the origin has each of them."""
+    """The prepared statements of one session, and whether the origin has each of them.
+
+    A Parse, Close or DEALLOCATE sent to the origin changes `statements` when sent (what the
+    client believes), but is not believed by the plans until the origin confirms it (a
+    ParseComplete/CloseComplete in order, a DEALLOCATE's CommandComplete): until then its
+    name is in `inflight`, and a Bind of it is judged like one of a name the book does not
+    know (SQL PREPARE shares the namespace): it may run anything, so it is never cached and
+    evicts the whole database. One the origin refused or skipped (after an error it skips
+    everything up to Sync) leaves the name's statement unknown: dropped from `statements`,
+    and in `unknown` until a Parse or Close of it is confirmed. neonpoly never closes an
+    unknown name on the client's behalf (it may be the client's SQL PREPARE), and a batch
+    that parses it always goes to the origin, which decides."""
 
     def __init__(self) -> None:
         self.statements: dict[str, Statement] = {}
+        # Names whose latest change the origin has not confirmed yet: that change, by identity.
+        self.inflight: dict[str, BookOp] = {}
+        self.unknown: set[str] = set()  # names the origin may hold anything under
+        # Parses and Closes sent since the client's last Sync: a later message before that
+        # Sync runs only if they succeeded (after an error the origin skips to Sync), so a
+        # Bind of one in a streamed batch or after a Flush may believe it (`known`).
+        self.unsynced: set[BookOp] = set()
         self.version = 0  # bumped whenever a statement is added or closed
         self.copies: set[str] = set()  # names of statements that run COPY
         # Named statements the origin holds, whatever the client did with them since: one
@@ -149,7 +185,7 @@ class StatementBook:
         def resolve(name: str) -> Statement | None:
             if name in closed and name not in local:
                 return None  # closed earlier in this batch: the server will say it does not exist
-            stmt = local.get(name) or self.statements.get(name)
+            stmt = local.get(name) or self.known(name)
             if stmt is not None and name not in local and name not in plan.needs:
                 plan.needs.append(name)
             return stmt
@@ -167,6 +203,8 @@ class StatementBook:
                 plan.parses.append(parse)
                 plan.ops.append(parse)
                 plan.changes_session = plan.changes_session or stmt.info.changes_session
+                if parse.name and (parse.name in self.unknown or parse.name in self.inflight):
+                    plan.forward = True
                 pieces.append(b"P" + parse.query.encode() + b"\x00" + parse.param_types)
                 if not stmt.info.cacheable:
                     refuse(stmt.info.status or Status.UNCACHEABLE, stmt.info.reason)
@@ -174,7 +212,13 @@ class StatementBook:
                 bind = pgwire.parse_bind(body)
                 bound = resolve(bind.statement)
                 if bound is None:
-                    refuse(Status.UNCACHEABLE, "binds a statement neonpoly has not seen")
+                    if bind.statement not in closed or bind.statement in local:
+                        # PREPAREd in SQL, or its Parse refused or not confirmed yet: the
+                        # origin may run anything under that name (as for code of the user's).
+                        plan.writes_everything = True
+                        plan.changes_session = True
+                    refuse(Status.UNCACHEABLE, "binds a statement neonpoly does not know (SQL PREPARE, "
+                           "or a Parse the origin has not confirmed)")
                     continue
                 portals[bind.portal] = (bound, bind.tail)
                 self._note(bound.info, tables, writes, plan, refuse)
@@ -219,6 +263,8 @@ class StatementBook:
                     local.pop(target.name, None)
                     closed.add(target.name)
                     plan.ops.append(target.name)
+                else:
+                    plan.ops.append(None)
                 pieces.append(b"C" + target.kind + target.name.encode() + b"\x00")
             else:
                 refuse(Status.UNCACHEABLE, f"message {chr(mtype)!r} in batch")
@@ -259,58 +305,155 @@ class StatementBook:
         self.version += 1
         self.copies = {name for name, st in self.statements.items() if st.info.copy}
 
+    def known(self, name: str) -> Statement | None:
+        """The statement under `name` as the origin confirmed it (or as a batch the cache
+        answered left it); None when unknown, absent, or changed and not yet confirmed."""
+        op = self.inflight.get(name)
+        if op is not None and op not in self.unsynced:
+            return None
+        return self.statements.get(name)
+
+    def synced(self) -> None:
+        """A Sync went to the origin: what was sent before it may have failed on its own."""
+        if self.unsynced:
+            self.unsynced.clear()
+            self._changed()
+
     def after_local(self, plan: BatchPlan) -> None:
         """The batch was answered by the cache: the origin never saw its Parses or Closes."""
-        self._apply(plan, at_origin=False)
-
-    def after_forward(self, plan: BatchPlan) -> None:
-        self._apply(plan, at_origin=True)
-
-    def _apply(self, plan: BatchPlan, *, at_origin: bool) -> None:
-        # In batch order, as the server applies them: Close S1 then Parse S1 leaves the new S1.
         for op in plan.ops:
             if isinstance(op, str):
                 self.statements.pop(op, None)
-                if at_origin:
-                    self.origin_has.discard(op)
-            else:
-                self.statements[op.name] = Statement(op, classify(op.query), at_origin=at_origin)
-                if at_origin and op.name:
-                    self.origin_has.add(op.name)
+                self.inflight.pop(op, None)
+                if op in self.unknown:  # closed for the client: whatever the origin holds goes
+                    self.unknown.discard(op)
+                    self.origin_has.add(op)
+            elif op is not None:
+                self.statements[op.name] = Statement(op, classify(op.query), at_origin=False)
+                self.inflight.pop(op.name, None)
         if plan.ops:
             self._changed()
 
-    def deferred_parses(self, plan: BatchPlan) -> list[bytes]:
+    def after_forward(self, plan: BatchPlan) -> list[BookOp]:
+        """The batch goes to the origin: its Parses and Closes, in order, to be confirmed
+        (`confirm`) or found refused (`settle`) as the origin answers."""
+        sent: list[BookOp] = []
+        for op in plan.ops:
+            if op is None:
+                sent.append(BookOp(b"c", ""))
+            elif isinstance(op, str):
+                self.statements.pop(op, None)
+                sent.append(self._send(BookOp(b"C", op)))
+            else:
+                self.statements[op.name] = Statement(op, classify(op.query), at_origin=True)
+                if op.name:
+                    self.origin_has.add(op.name)
+                sent.append(self._send(BookOp(b"P", op.name, op)))
+        if plan.ops:
+            self._changed()
+        return sent
+
+    def _send(self, op: BookOp) -> BookOp:
+        self.inflight[op.name] = op
+        self.unsynced.add(op)
+        return op
+
+    def confirm(self, op: BookOp) -> None:
+        """The origin did what `op` asked (ParseComplete, CloseComplete, a DEALLOCATE's
+        CommandComplete): the name's statement is what was sent, unless changed since."""
+        if op.kind == b"c":
+            return
+        if op.kind == b"D" and op.name == "*":
+            for name in [n for n, o in self.inflight.items() if o is op]:
+                del self.inflight[name]
+            # Gone at the origin, but for names changed again since (their answers will say).
+            self.origin_has = {name for name in self.origin_has if name in self.inflight}
+            self.unknown = {name for name in self.unknown if name in self.inflight}
+            self._changed()
+            return
+        if op.kind == b"P":
+            if op.name:
+                self.origin_has.add(op.name)
+        elif self.inflight.get(op.name) is op or op.name not in self.inflight:
+            self.origin_has.discard(op.name)
+        if self.inflight.get(op.name) is op:
+            del self.inflight[op.name]
+            self.unknown.discard(op.name)
+            self._changed()
+
+    def settle(self, op: BookOp) -> None:
+        """The origin refused `op` or skipped it (an error earlier in its batch): what the
+        name holds is unknown from now on, unless changed again since."""
+        if op.kind == b"c":
+            return
+        names = [n for n, o in self.inflight.items() if o is op] if op.name == "*" else [op.name]
+        for name in names:
+            if self.inflight.get(name) is op:
+                del self.inflight[name]
+                self.statements.pop(name, None)
+                if name:
+                    self.unknown.add(name)
+        self._changed()
+
+    def deferred_parses(self, plan: BatchPlan, sent: list[BookOp] | None = None) -> list[bytes]:
         """Messages to send ahead of a forwarded batch: a Close for every named statement the
         origin holds in a form the client has since closed or replaced (its Parse would
         fail), and a Parse for each statement the batch uses that the origin lacks. Each
-        answers with one ParseComplete or CloseComplete, which the session swallows."""
+        answers with one ParseComplete or CloseComplete, which the session swallows; each
+        is added to `sent`, to be confirmed like the client's."""
         out: list[bytes] = []
+        ops: list[BookOp] = []
         for parse in plan.parses:
             current = self.statements.get(parse.name)
-            if parse.name in self.origin_has and (current is None or not current.at_origin):
+            if (
+                parse.name in self.origin_has
+                and (current is None or not current.at_origin)
+                and parse.name not in self.unknown
+                and parse.name not in self.inflight
+            ):
                 out.append(pgwire.close_statement(parse.name))
+                ops.append(BookOp(b"c", parse.name))  # the client's Parse replaces it anyway
                 self.origin_has.discard(parse.name)
         for name in plan.needs:
             stmt = self.statements.get(name)
             if stmt is not None and not stmt.at_origin:
                 if name in self.origin_has:
                     out.append(pgwire.close_statement(name))
+                    ops.append(BookOp(b"c", name))
                 out.append(pgwire.build_parse(stmt.parse))
+                ops.append(self._send(BookOp(b"P", name, stmt.parse)))
                 stmt.at_origin = True
                 if name:
                     self.origin_has.add(name)
+        if sent is not None:
+            sent.extend(ops)
+        if ops:
+            self._changed()
         return out
 
-    def deallocated(self, name: str) -> None:
-        """SQL-level DEALLOCATE/DISCARD ALL also drops protocol-level statements at the origin."""
-        if name == "*":
-            self.statements.clear()
-            self.origin_has.clear()
-        else:
-            self.statements.pop(name, None)
-            self.origin_has.discard(name)
+    def prepared_in_sql(self, names: list[str]) -> None:
+        """SQL PREPARE, sent: whatever it leaves under these names (its statement, or one
+        the book knew if it fails) is not vouched for: unknown (a Bind of it may run anything,
+        a Parse of it goes to the origin)."""
+        for name in names:
+            if name:
+                self.statements.pop(name, None)
+                self.inflight.pop(name, None)  # an earlier Parse's answer no longer vouches for it
+                self.unknown.add(name)
+        if names:
+            self._changed()
+
+    def deallocating(self, name: str) -> BookOp:
+        """SQL-level DEALLOCATE/DISCARD ALL, sent: it also drops protocol-level statements at
+        the origin, if it succeeds. Until it is confirmed the names are not known (no plan
+        believes them); confirmed, they are gone; refused, they stay unknown."""
+        op = BookOp(b"D", name)
+        names = list(self.statements) if name == "*" else [name]
+        for each in names:
+            self.statements.pop(each, None)
+            self.inflight[each] = op
         self._changed()
+        return op
 
 
 class BatchBuffer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from neonpoly.cache.capture import Capture, StatTicket
+from neonpoly.proxy.extended import BookOp
 
 
 @dataclass(slots=True)
@@ -18,6 +19,12 @@ class Pending:
     local: bytes | None = None  # a response the proxy answers itself, waiting its turn
     capture: Capture | None = None
     swallow: int = 0  # ParseCompletes of Parses the proxy sent on the client's behalf
+    # Parses and Closes sent (neonpoly's deferred ones first), in the order the origin answers
+    # them with ParseComplete/CloseComplete; `confirmed` of them answered so far. The rest
+    # were refused or skipped when the response ends (StatementBook.settle).
+    book_ops: list[BookOp] = field(default_factory=list)
+    confirmed: int = 0
+    deallocates: list[BookOp] = field(default_factory=list)  # confirmed by the response ending cleanly
     writes: frozenset[str] = frozenset()
     writes_everything: bool = False
     # (table, generation name) of writes confined to key values (cache/keys.py); their tables

@@ -213,7 +213,10 @@ class Relay(BatchHandling):
                     head = None
                 own = head is not None and (head.lookup is not None or head.identity is not None)
                 # Nothing to capture, swallow or count: only errors and settings matter.
-                plain = head is not None and head.capture is None and not head.swallow and not head.flush
+                plain = (
+                    head is not None and head.capture is None and not head.swallow and not head.flush
+                    and head.confirmed == len(head.book_ops)
+                )
             if own:
                 assert head is not None
                 if mtype in _CLIENTS_DURING_LOOKUP:
@@ -256,6 +259,8 @@ class Relay(BatchHandling):
                 elif mtype == MSG_PARAMETER_STATUS:
                     self._parameter(buf[start + 5 : end])
                 continue
+            if mtype in _SWALLOWED and head.book_ops:
+                self._confirm(head)  # the statement book believes a Parse/Close only now
             if head.swallow and mtype in _SWALLOWED:  # our Parse/Close ahead of it
                 head.swallow -= 1
                 stale = not head.swallow  # maybe plain from now on

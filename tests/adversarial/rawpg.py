@@ -32,6 +32,10 @@ def close_statement(name: str) -> bytes:
     return pgwire.frame(b"C", b"S" + pgwire.cstr(name))
 
 
+def describe_statement(name: str = "") -> bytes:
+    return pgwire.frame(b"D", b"S" + pgwire.cstr(name))
+
+
 def describe_portal(name: str = "") -> bytes:
     return pgwire.frame(b"D", b"P" + pgwire.cstr(name))
 

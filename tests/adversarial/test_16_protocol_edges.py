@@ -128,3 +128,87 @@ async def test_odd_statement_name_deallocated_by_sql_then_parsed_again(env: Env)
         answers.append(got)
     assert served > 0, "the statement was never served from cache"
     assert answers[0] == answers[1], f"proxy {answers[0]!r}\ndirect {answers[1]!r}"
+
+
+async def test_statement_parsed_and_run_in_one_batch_is_served_under_its_confirmed_text(env: Env) -> None:
+    """Parse/Bind/Execute/Sync in one go (unconfirmed until the answer): the rows are stored
+    under the parsed text once its ParseComplete came, and later Binds of it are hits."""
+    table = await env.table("adv_pb", "k int, v text", "(1, 'a')", "(2, 'b')")
+    name = unique("s")
+    answers: list[list[Answer]] = []
+    served = 0
+    for port in (env.proxy.port, env.pg.port):
+        raw = await Raw.connect(port)
+        got: list[Answer] = []
+        try:
+            raw.send(rawpg.parse(name, f"SELECT v FROM {table} WHERE k = $1"), rawpg.bind("", name, ("1",)),
+                     rawpg.execute(), rawpg.SYNC)  # fmt: skip
+            got.append(summary(await raw.until_ready()))
+            before = hits(env.proxy)
+            for _ in range(4):
+                raw.send(rawpg.bind("", name, ("1",)), rawpg.execute(), rawpg.SYNC)
+                got.append(summary(await raw.until_ready()))
+            if port == env.proxy.port:
+                served = hits(env.proxy) - before
+        finally:
+            await raw.close()
+        answers.append(got)
+    assert served > 0, "the statement was never served from cache"
+    assert answers[0] == answers[1], f"proxy {answers[0]!r}\ndirect {answers[1]!r}"
+
+
+async def test_pipelined_binds_behind_a_refused_parse_get_the_origins_statement(env: Env) -> None:
+    """A name PREPAREd in SQL, then Parse of it with other text (refused: 42P05) pipelined
+    with Binds of it, all sent before any answer: every Bind runs the SQL statement, and the
+    Parse's text is never believed, so no later Bind is answered with the refused text's rows."""
+    table = await env.table("adv_pp", "k int, v text", "(1, 'a')", "(2, 'b')")
+    name = unique("s")
+    answers: list[list[Answer]] = []
+    for port in (env.proxy.port, env.pg.port):
+        raw = await Raw.connect(port)
+        got: list[Answer] = []
+        try:
+            raw.send(rawpg.query(f"PREPARE {name}(int) AS SELECT v FROM {table} WHERE k <> $1"))
+            got.append(summary(await raw.until_ready()))
+            for _ in range(3):
+                raw.send(rawpg.parse(name, f"SELECT v FROM {table} WHERE k = $1"), rawpg.SYNC)
+                for _ in range(2):
+                    raw.send(rawpg.bind("", name, ("1",)), rawpg.execute(), rawpg.SYNC)
+                for _ in range(3):
+                    got.append(summary(await raw.until_ready()))
+        finally:
+            await raw.close()
+        answers.append(got)
+    assert answers[0] == answers[1], f"proxy {answers[0]!r}\ndirect {answers[1]!r}"
+
+
+async def test_parse_of_a_name_prepared_in_sql_is_refused_as_the_origin_refuses_it(env: Env) -> None:
+    """Parse/Describe of a text is cached by its text, whatever the name: another session
+    PREPAREs the name in SQL first, so its Parse must reach the origin (42P05) rather than
+    be answered from the cache, and its Binds run the SQL statement."""
+    table = await env.table("adv_ps", "k int, v text", "(1, 'a')", "(2, 'b')")
+    text = f"SELECT v FROM {table} WHERE k = $1"
+    warm = await Raw.connect(env.proxy.port)
+    try:
+        for run in range(4):
+            warm.send(rawpg.parse(f"w{run}", text), rawpg.describe_statement(f"w{run}"), rawpg.SYNC)
+            await warm.until_ready()
+    finally:
+        await warm.close()
+    name = unique("s")
+    answers: list[list[Answer]] = []
+    for port in (env.proxy.port, env.pg.port):
+        raw = await Raw.connect(port)
+        got: list[Answer] = []
+        try:
+            raw.send(rawpg.query(f"PREPARE {name}(int) AS SELECT v FROM {table} WHERE k <> $1"))
+            got.append(summary(await raw.until_ready()))
+            raw.send(rawpg.parse(name, text), rawpg.describe_statement(name), rawpg.SYNC)
+            got.append(summary(await raw.until_ready()))
+            for _ in range(3):
+                raw.send(rawpg.bind("", name, ("1",)), rawpg.execute(), rawpg.SYNC)
+                got.append(summary(await raw.until_ready()))
+        finally:
+            await raw.close()
+        answers.append(got)
+    assert answers[0] == answers[1], f"proxy {answers[0]!r}\ndirect {answers[1]!r}"

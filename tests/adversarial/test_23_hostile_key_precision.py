@@ -74,9 +74,8 @@ async def test_generated_column_primary_key_moves(env: Env) -> None:
     await attack(env, points(t, 1, 2, 7), [f"UPDATE {t} SET a = 7 WHERE aid = 1"])
 
 
-@pytest.mark.xfail(strict=True, reason="the statement book records a Parse the origin refused")
 async def test_parse_refused_by_the_origin_is_believed(env: Env) -> None:
-    """FAILS TODAY. A statement s1 is PREPAREd in SQL (the book does not track SQL-level
+    """FAILED BEFORE. A statement s1 is PREPAREd in SQL (the book does not track SQL-level
     PREPARE) as a write of every row. A protocol Parse of s1 with a keyed text then fails at
     the origin (s1 already exists), but StatementBook._apply records every Parse of a
     forwarded batch whatever the outcome. Bind s1 runs the SQL-prepared write of all rows,
@@ -98,9 +97,8 @@ async def test_parse_refused_by_the_origin_is_believed(env: Env) -> None:
         await reader.check(sql, why="after a Bind of a statement whose Parse the origin refused")
 
 
-@pytest.mark.xfail(strict=True, reason="the statement book records a Close and Parse skipped after an error")
 async def test_parse_skipped_after_an_error_in_its_batch(env: Env) -> None:
-    """FAILS TODAY. After an error the origin skips every message up to Sync. A batch [a
+    """FAILED BEFORE. After an error the origin skips every message up to Sync. A batch [a
     failing Execute, Close s1, Parse s1 = keyed UPDATE, Sync] leaves the origin's s1 the
     earlier write of every row, while StatementBook._apply (batches.py: after_forward,
     unconditional) records the keyed text. Binding s1 then writes every row and neonpoly
@@ -480,9 +478,8 @@ async def test_row_security_enabled_by_a_function(env: Env) -> None:
 # -- the statement book (proxy/extended.py) -------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a Bind of a statement PREPAREd in SQL evicts nothing")
 async def test_bind_of_a_statement_prepared_in_sql(env: Env) -> None:
-    """FAILS TODAY (not specific to keys: whole tables too). SQL-level PREPARE and protocol
+    """FAILED BEFORE (not specific to keys: whole tables too). SQL-level PREPARE and protocol
     Parse share one namespace, but the book only learns protocol Parses. A Bind of s1 is
     refused as "a statement neonpoly has not seen" (StatementBook.plan) and contributes no
     writes, so the UPDATE it runs evicts nothing at all."""
@@ -500,9 +497,8 @@ async def test_bind_of_a_statement_prepared_in_sql(env: Env) -> None:
         await reader.check(sql, why="after a Bind of a statement PREPAREd in SQL")
 
 
-@pytest.mark.xfail(strict=True, reason="a DEALLOCATE the origin refused still empties the book")
 async def test_deallocate_refused_in_a_failed_transaction(env: Env) -> None:
-    """FAILS TODAY (not specific to keys). `DEALLOCATE s1` in an aborted transaction fails at
+    """FAILED BEFORE (not specific to keys). `DEALLOCATE s1` in an aborted transaction fails at
     the origin, but decisions._query calls book.deallocated() before sending it. s1 (a write
     of every row) lives on at the origin; its next Bind is "a statement neonpoly has not
     seen" and evicts nothing."""
@@ -525,9 +521,8 @@ async def test_deallocate_refused_in_a_failed_transaction(env: Env) -> None:
         await reader.check(sql, why="after a Bind of a statement a refused DEALLOCATE dropped from the book")
 
 
-@pytest.mark.xfail(strict=True, reason="a refused Parse poisons the cache for every session of the identity")
 async def test_refused_parse_poisons_another_sessions_point_read(env: Env) -> None:
-    """FAILS TODAY (not specific to keys). The book believes a Parse the origin refused (see
+    """FAILED BEFORE (not specific to keys). The book believes a Parse the origin refused (see
     test_parse_refused_by_the_origin_is_believed), and the cache key of a Bind is built from
     the book's text: rows of the SQL-prepared `aid <> $1` get stored under the key of
     `aid = $1`, and another session running the honest point read is served them."""

@@ -8,7 +8,7 @@ from collections import deque
 from neonpoly import pgwire
 from neonpoly.pgwire import MSG_BIND, MSG_DESCRIBE, MSG_EXECUTE, MSG_PARSE, TARGET_PORTAL, TARGET_STATEMENT
 from neonpoly.proxy.cancel import CancelGate
-from neonpoly.proxy.extended import BatchBuffer, StatementBook
+from neonpoly.proxy.extended import BatchBuffer, BatchPlan, StatementBook
 from neonpoly.proxy.pending import Pending
 
 
@@ -21,6 +21,12 @@ def _bind(statement: str) -> bytes:
 
 
 EXECUTE = pgwire.cstr("") + b"\x00\x00\x00\x00"
+
+
+def _forwarded(book: StatementBook, plan: BatchPlan) -> None:
+    """The batch went to the origin, which confirmed every Parse and Close in it."""
+    for op in book.after_forward(plan):
+        book.confirm(op)
 
 
 def test_an_execute_of_a_copy_parsed_in_the_batch_runs_copy() -> None:
@@ -37,7 +43,7 @@ def test_an_execute_of_a_copy_parsed_in_the_batch_runs_copy() -> None:
 def test_an_execute_of_a_copy_from_an_earlier_batch_runs_copy() -> None:
     book = StatementBook()
     plan = book.plan([(MSG_PARSE, _parse("c", "COPY t TO STDOUT")), (MSG_PARSE, _parse("s", "SELECT 1"))])
-    book.after_forward(plan)
+    _forwarded(book, plan)
     batch = BatchBuffer(book)
     assert not batch.add(MSG_BIND, _bind("s")) and not batch.add(MSG_EXECUTE, EXECUTE)
     batch.take()
@@ -92,7 +98,7 @@ def _describe_execute() -> list[tuple[int, bytes]]:
 
 def test_a_batch_shape_is_planned_once_and_keyed_by_its_values() -> None:
     book = StatementBook()
-    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE k = $1"))]))
+    _forwarded(book, book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE k = $1"))]))
     one = [(MSG_BIND, _bind_values("s", b"1")), *_describe_execute()]
     two = [(MSG_BIND, _bind_values("s", b"2")), *_describe_execute()]
     plan_one, material_one = book.plan_shaped(one)
@@ -106,13 +112,13 @@ def test_a_batch_shape_is_planned_once_and_keyed_by_its_values() -> None:
 
 def test_a_statement_parsed_again_under_its_name_is_planned_and_classified_anew() -> None:
     book = StatementBook()
-    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE k = $1"))]))
+    _forwarded(book, book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE k = $1"))]))
     batch = [(MSG_BIND, _bind_values("s", b"1")), *_describe_execute()]
     read, _ = book.plan_shaped(batch)
     assert read.status is None and read.tables == frozenset({"t"}) and not read.writes
     # Same name, same Bind bytes, other text: a write now. The version moved, so the memo
     # of the old shape must not answer.
-    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "DELETE FROM u WHERE k = $1 RETURNING v"))]))
+    _forwarded(book, book.plan([(MSG_PARSE, _parse("s", "DELETE FROM u WHERE k = $1 RETURNING v"))]))
     write, material = book.plan_shaped(batch)
     assert write is not read
     assert write.writes == frozenset({"u"}) and write.status is not None
@@ -121,7 +127,7 @@ def test_a_statement_parsed_again_under_its_name_is_planned_and_classified_anew(
 
 def test_values_that_read_the_clock_are_refused_per_batch() -> None:
     book = StatementBook()
-    book.after_forward(book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE at < $1"))]))
+    _forwarded(book, book.plan([(MSG_PARSE, _parse("s", "SELECT v FROM t WHERE at < $1"))]))
     plain, _ = book.plan_shaped([(MSG_BIND, _bind_values("s", b"2024-01-01")), *_describe_execute()])
     clock, _ = book.plan_shaped([(MSG_BIND, _bind_values("s", b"now")), *_describe_execute()])
     again, _ = book.plan_shaped([(MSG_BIND, _bind_values("s", b"2024-01-02")), *_describe_execute()])
