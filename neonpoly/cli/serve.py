@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -170,8 +171,20 @@ async def _supervise(args: argparse.Namespace, root: Path, redis_url: str | None
 
 
 def _print(lines: list[str]) -> None:
-    for line in lines:
-        print(line, file=sys.stderr, flush=True)
+    """The announcement in one write: print() sends a line and its newline separately, and a
+    log record from another thread (the change feed's) landing between them cut the `psql`
+    line that scripts and the tests wait for."""
+    text = "".join(line + "\n" for line in lines)
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (OSError, ValueError):  # captured in-process (tests): no descriptor of its own
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    data = text.encode()
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _announcement(args: argparse.Namespace, serving: Serving) -> list[str]:
