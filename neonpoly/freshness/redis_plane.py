@@ -1,20 +1,19 @@
 """The shared invalidation plane on Redis (`neonpoly serve --redis redis://…`): the I/O that
 carries `plane.py`'s rules between nodes.
 
-Keys (all under the prefix): `epoch` (a random token: a different one, or none, means Redis
-lost its data), `nodes` and `o:<origin>:nodes` (sorted sets of node ids scored by their
-heartbeat's expiry, Redis's clock), `o:<origin>:bumps` (the stream of bumps) and
-`o:<origin>:seq` (its entries' sequence numbers), `o:<origin>:lease` (which node runs the
-origin's change feed), `acks` (one stream where nodes say how far they applied).
+Keys (all under the prefix): `epoch` (a random token and when it was made: a different one,
+or none, means Redis lost its data), `nodes` and `o:<origin>:nodes` (sorted sets of node ids
+scored by their heartbeat's expiry, Redis's clock), `o:<origin>:lost` (nodes whose heartbeat
+expired without a goodbye), `o:<origin>:bumps` (the stream of bumps), `o:<origin>:seq` (its
+entries' sequence numbers), `o:<origin>:lease` (which node runs the origin's change feed),
+`acks` (one stream where nodes say how far they applied).
 
-Three tasks on two connections: the reader (one pipeline per round: heartbeat, the previous
-round's acknowledgement, a blocking XREAD of every followed stream and of the acks, then the
-epoch), the publisher (one script call per origin and batch: INCR + XADD + the live nodes),
-and the lease keeper. Streams, not pub/sub: a reader that was away reads what it missed, or
-learns from the sequence numbers that it cannot.
-
-Protocol: RESP2 is asked for explicitly (redis-py 8 defaults to RESP3, whose XREAD reply is
-a map instead of a list); `_streams` reads either shape.
+Three tasks on two connections: the reader (one pipeline per round: the ROUND script, the
+previous round's acknowledgement, a blocking XREAD of every followed stream and of the acks,
+then the epoch), the publisher (one script call per origin and batch: INCR + XADD + the live
+nodes), and the lease keeper. Streams, not pub/sub: a reader that was away reads what it
+missed, or learns from the sequence numbers that it cannot. RESP2 is asked for explicitly
+(redis-py 8 defaults to RESP3, whose XREAD reply is a map); `streams` reads either shape.
 """
 
 from __future__ import annotations
@@ -109,6 +108,8 @@ class RedisPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._goodbyes: set[asyncio.Task[None]] = set()
+        self._leaving: dict[str, FollowedOrigin] = {}  # detached, saying goodbye
         self._reader: Redis | None = None
         self._cmd: Redis | None = None
 
@@ -140,6 +141,28 @@ class RedisPlane:
                 cache.serve_gate = cache.reply_barrier = None
                 if not origin.caches:
                     del self._origins[key]
+                    self._leaving[key] = origin  # its last bumps still go out
+                    self._goodbye(origin)
+
+    def _goodbye(self, origin: FollowedOrigin) -> None:
+        """Its integration was removed: leave the origin's nodes, once its bumps are out (else
+        it is lost to the others, rightly)."""
+        if self.state != "up" or origin.key in self._lost or self._cmd is None or self._loop is None:
+            return
+        open_batch = self._open
+        if open_batch is not None and origin.key in open_batch.bumps:
+            open_batch.future.add_done_callback(lambda _: self._goodbye(origin))
+            return
+        cmd, node = self._cmd, self.node
+
+        async def leave() -> None:
+            with contextlib.suppress(*_FAILURES):
+                await cmd.zrem(origin.nodes, node)
+                self._leaving.pop(origin.key, None)
+
+        task = self._loop.create_task(leave(), name="plane goodbye")
+        self._goodbyes.add(task)
+        task.add_done_callback(self._goodbyes.discard)
 
     def _observed(self, origin: str, op: tuple[Any, ...]) -> None:
         """A bump of a local cache's generations: publish it, unless it came from the plane."""
@@ -380,8 +403,8 @@ class RedisPlane:
 
     def _lost_seen(self, origin: FollowedOrigin, members: tuple[str, ...], rejoined: bool) -> None:
         if rejoined:
-            log.warning("invalidation plane: this node (%s) was taken for lost on %s (its heartbeat expired); "
-                        "it published a purge of that origin", self.node, origin.key)
+            log.warning("invalidation plane: this node (%s) was lost on %s (heartbeat expired); it purged it",
+                        self.node, origin.key)
         if members != origin.lost:
             if members:
                 log.warning("invalidation plane: %s: node %s left without a goodbye (cut off from Redis, or "
@@ -455,7 +478,8 @@ class RedisPlane:
     async def _publish(self, batch: Batch) -> None:
         assert self._cmd is not None and self._loop is not None
         s = self.settings
-        order = [(self._origins[k], bump) for k, bump in batch.bumps.items() if k in self._origins]
+        found = ((self._origins.get(k) or self._leaving.get(k), bump) for k, bump in batch.bumps.items())
+        order = [(origin, bump) for origin, bump in found if origin is not None]
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for origin, bump in order:

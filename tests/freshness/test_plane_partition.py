@@ -177,3 +177,32 @@ async def test_a_node_gone_without_its_goodbye_pauses_hits_until_it_returns_or_i
         finally:
             await reader.close()
             await redis.aclose()
+
+
+async def test_removing_an_integration_says_goodbye_so_nobody_takes_the_node_for_lost(
+    pg_logical: PgServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    table, _ = await _table(pg_logical)
+    redis = Redis.from_url(redis_server.url, protocol=2, decode_responses=True)
+    async with (
+        plane_node(pg_logical, tmp_path / "a", redis_server.url, plane={"node": "node-a"}) as a,
+        plane_node(pg_logical, tmp_path / "b", redis_server.url, plane={"node": "node-b"}) as b,
+    ):
+        try:
+            await until(lambda: _serving(a) and _serving(b) and len(_origin(b)[0].nodes) == 2, "both nodes up")
+            origin = a.origin_key
+            nodes = f"neonpoly:o:{origin}:nodes"
+            assert await redis.zscore(nodes, "node-a") is not None
+            writer = await asyncpg.connect(**a.dsn())
+            await writer.execute(f"UPDATE {table} SET v = 5 WHERE id = 1")  # something to publish
+            await writer.close()
+            a.service.remove_cache("default")
+            deadline = time.monotonic() + 30
+            while await redis.zscore(nodes, "node-a") is not None:
+                assert time.monotonic() < deadline, "node A never left the origin's nodes"
+                await asyncio.sleep(0.01)
+            # Gone from the nodes with its goodbye: no round can move it to `lost`.
+            assert await redis.zscore(f"neonpoly:o:{origin}:lost", "node-a") is None
+            assert _serving(b)
+        finally:
+            await redis.aclose()
