@@ -230,3 +230,23 @@ def test_a_lost_node_pauses_the_origin_in_the_summary() -> None:
     origin = OriginPlaneStatus("o", "s", False, "1-0", 1, None, 0, 0, 0, 0, "", lost=("n1",))
     status = PlaneStatus("redis://x", "me", "up", "", 0.0, ("me",), 0, 0, 0, 0, 0, None, 0, (origin,))
     assert status.summary("o") == "up, 1 node, paused: node n1 lost without a goodbye (passing through)"
+
+
+def test_a_node_is_named_by_its_address_unless_told_and_workers_add_their_index() -> None:
+    import argparse
+    import socket
+
+    from neonpoly.cli.serve import _plane
+    from neonpoly.control.workers import WorkerRole
+
+    host = socket.gethostname()
+    args = argparse.Namespace(node_id=None, listen=("127.0.0.1", 6543), redis="redis://r:6379/0")
+    assert _plane(args, None, "redis://r:6379/0").node == f"{host}:6543"
+    assert _plane(argparse.Namespace(node_id="edge-1", listen=("127.0.0.1", 0), redis=None), None, "redis://r").node \
+        == "edge-1"  # fmt: skip
+    assert _plane(argparse.Namespace(node_id=None, listen=("127.0.0.1", 0), redis=None), None, "redis://r").node is None
+    worker = WorkerRole(1, 2, "g", "unix:///tmp/x.sock", None, None)
+    given = _plane(args, worker, "redis://r:6379/0")
+    assert given.node == f"{host}:6543/w1" and given.grace is None  # a shared Redis may lose its data
+    private = _plane(argparse.Namespace(node_id=None, listen=("127.0.0.1", 6543), redis=None), worker, "unix:///x")
+    assert private.grace == 0.0  # the workers' own redis-server cannot outlive them
