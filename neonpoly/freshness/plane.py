@@ -20,15 +20,17 @@ hit:
    nodes that died: their gates closed before their heartbeat expired.
 
 4. A node cut off from Redis cannot publish, and the others may not know it: it stops
-   heartbeating. Its registration expires `heartbeat` after its last round, and every
-   node's next round moves it to the origin's `lost` set; no node serves hits of an origin
-   whose `lost` set is not empty (a node that left with its goodbye is not lost). So the cut
-   off node holds its write replies until `fence` after its last round (its registration
-   expired and every gate proven before that closed), then lets them go: nobody serves hits
-   they could have made stale. On its return it publishes a purge and leaves `lost` in one
-   step. A node that never joined holds them until it does. A node that never returns
-   (crashed, renamed) keeps the others passing through until it does, or until `FORGET NODE`
-   says it is gone; its name is stable (`--node-id`, by default host:port) for that reason.
+   registering. Its registration expires `heartbeat` after the last one (rounds register it
+   every `check` seconds), and the next check by any node moves it to the origin's `lost`
+   set; no node serves hits of an origin whose `lost` set is not empty (a node that left
+   with its goodbye is not lost), and a round proves a gate only within `check` of the last
+   check. So the cut off node holds its write replies until `fence` after its last
+   registration (heartbeat + check + limit: every gate proven before the others saw it lost
+   has closed), then lets them go: nobody serves hits they could have made stale. On its
+   return it publishes a purge and leaves `lost` in one step. A node that never joined
+   holds them until it does. A node that never returns (crashed, renamed) keeps the others
+   passing through until it does, or until `neonpoly plane forget` says it is gone; its
+   name is stable (`--node-id`, by default host:port) for that reason.
 5. Redis that lost its data has lost `lost` too: a cut off node is unknown to it. Every node
    passes through until `fence` after the epoch was made (nodes retry at least every 2 s, so
    one that was merely waiting has rejoined, and published its purge, by then).
@@ -65,7 +67,8 @@ class PlaneSettings:
     limit: float = 1.0  # L: hits only while the last proven XREAD was sent less than this ago
     block: float = 0.2  # the XREAD's BLOCK: well below `limit`, so an idle plane stays proven
     hold: float = 1.5  # T (> limit): the longest a write's reply waits for acknowledgements
-    heartbeat: float = 3.0  # a node is live this long after its last round (>= limit)
+    heartbeat: float = 3.0  # a node is live this long after its last registration (>= limit)
+    check: float = 0.5  # rounds register the node and read the lost nodes this often (< heartbeat)
     lease: float = 5.0  # the change feed lease's expiry, renewed every third of it
     maxlen: int = 10_000  # entries kept per stream (trimmed approximately; a reader behind it has a gap)
     count: int = 1000  # entries read per stream per round
@@ -80,7 +83,7 @@ class PlaneSettings:
     def fence(self) -> float:
         """How long after its last heartbeat a node cut off from Redis holds write replies:
         by then its registration expired and every gate proven before that has closed."""
-        return self.heartbeat + self.limit + self.margin
+        return self.heartbeat + self.check + self.limit + self.margin
 
     @property
     def rejoin_grace(self) -> float:
@@ -91,6 +94,8 @@ class PlaneSettings:
             raise ValueError("the plane needs block < limit < hold")
         if self.heartbeat < self.limit:
             raise ValueError("the plane's heartbeat must outlast its limit")
+        if not 0 < self.check < self.heartbeat:
+            raise ValueError("the plane must check its nodes more often than their heartbeat expires")
 
 
 def public_url(url: str) -> str:

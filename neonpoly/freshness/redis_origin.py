@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from neonpoly.freshness.plane import Cursor, Gate
+from neonpoly.freshness.plane import Cursor, Gate, OriginPlaneStatus
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -47,3 +47,19 @@ class FollowedOrigin:
     @property
     def lost_key(self) -> str:
         return f"{self.prefix}:o:{self.key}:lost"
+
+    def status(self, up: bool) -> OriginPlaneStatus:
+        return OriginPlaneStatus(
+            origin=self.key,
+            stream=self.stream,
+            caught_up=up and self.gate.open,
+            last_id=self.cursor.last_id if self.cursor else "",
+            last_n=self.cursor.last_n if self.cursor else 0,
+            lag_ms=self.lag_ms,
+            published=self.published,
+            applied=self.applied,
+            gaps=self.gaps,
+            refused_hits=self.gate.refused,
+            feed_lease="me" if self.lease_mine else self.lease_holder,
+            lost=self.lost,
+        )

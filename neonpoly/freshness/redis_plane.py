@@ -42,7 +42,6 @@ from neonpoly.freshness.plane import (
     Fence,
     Gate,
     HoldBook,
-    OriginPlaneStatus,
     PlaneSettings,
     PlaneStatus,
     decode_positions,
@@ -109,6 +108,8 @@ class RedisPlane:
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._goodbyes: set[asyncio.Task[None]] = set()
+        self._check_sent = -math.inf  # monotonic send time of the last round that ran ROUND
+        self._check_keys: list[str] = []
         self._leaving: dict[str, FollowedOrigin] = {}  # detached, saying goodbye
         self._reader: Redis | None = None
         self._cmd: Redis | None = None
@@ -356,12 +357,16 @@ class RedisPlane:
         acks_key = self._key("acks")
         streams[acks_key] = self._acks_id
         pipe = self._reader.pipeline(transaction=False)
-        # Every round registers the node (rule 3) and reads each origin's lost nodes (rule 4).
+        # Every `check` seconds a round registers the node (rule 3) and reads each origin's
+        # lost nodes (rule 4); a round proves the gate only within `check` of the last one that
+        # did (the fence counts it). Not every round: a script per round costs the busy loop.
         round_keys = [self._key("nodes")]
         for o in origins:
             round_keys += [o.nodes, o.lost_key, o.seq, o.stream]
-        purge = Bump(purge=True).encode()
-        pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge)
+        check = round_keys != self._check_keys or time.monotonic() - self._check_sent >= s.check
+        if check:
+            purge = Bump(purge=True).encode()
+            pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge)
         ack, self._ack_due = self._ack_due, {}
         if ack:
             pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
@@ -374,15 +379,18 @@ class RedisPlane:
             if self.fence.beat > -math.inf:  # it may have registered this node, up to now
                 self.fence.beat = time.monotonic()
             raise
-        if len(origins) == len(self._origins):  # registered on every origin it follows
-            self.fence.beat = time.monotonic()
+        if check:
+            self._check_sent, self._check_keys = sent, round_keys
+            if len(origins) == len(self._origins):  # registered on every origin it follows
+                self.fence.beat = time.monotonic()
         if self.state != "up":
             return  # the publisher found Redis down meanwhile: recover before proving anything
         read, epoch = replies[-2], replies[-1]
-        live, *lost = replies[0]
-        self._seen(tuple(live))
-        for origin, (members, rejoined) in zip(origins, lost, strict=True):
-            self._lost_seen(origin, tuple(str(m) for m in members), bool(rejoined))
+        if check:
+            live, *lost = replies[0]
+            self._seen(tuple(live))
+            for origin, (members, rejoined) in zip(origins, lost, strict=True):
+                self._lost_seen(origin, tuple(str(m) for m in members), bool(rejoined))
         if epoch != self._epoch:
             raise _Regap("Redis lost its data (restarted or flushed)")
         by_stream = read_streams(read)
@@ -396,7 +404,8 @@ class RedisPlane:
             node = fields.get("node", "")
             if node and node != self.node:
                 self.holds.ack(node, decode_positions(fields.get("pos", "")))
-        if not full and sent >= self._grace_until:  # with `count` entries there may be more
+        # With `count` entries there may be more; in the grace (rule 5) nothing is proven.
+        if not full and sent >= self._grace_until and sent - self._check_sent < s.check:
             for origin in origins:
                 if not origin.lost:
                     origin.gate.prove(sent)
@@ -408,7 +417,7 @@ class RedisPlane:
         if members != origin.lost:
             if members:
                 log.warning("invalidation plane: %s: node %s left without a goodbye (cut off from Redis, or "
-                            "crashed): passing through until it comes back, or FORGET NODE", origin.key,
+                            "crashed): passing through until it comes back, or `neonpoly plane forget`", origin.key,
                             ", ".join(members))
             elif origin.lost:
                 log.info("invalidation plane: %s: no node lost any more; hits resume", origin.key)
@@ -564,23 +573,7 @@ class RedisPlane:
     # --- reading the state ------------------------------------------------------------------
 
     def status(self) -> PlaneStatus:
-        origins = tuple(
-            OriginPlaneStatus(
-                origin=o.key,
-                stream=o.stream,
-                caught_up=self.state == "up" and o.gate.open,
-                last_id=o.cursor.last_id if o.cursor else "",
-                last_n=o.cursor.last_n if o.cursor else 0,
-                lag_ms=o.lag_ms,
-                published=o.published,
-                applied=o.applied,
-                gaps=o.gaps,
-                refused_hits=o.gate.refused,
-                feed_lease="me" if o.lease_mine else o.lease_holder,
-                lost=o.lost,
-            )
-            for o in sorted(self._origins.values(), key=lambda o: o.key)
-        )
+        origins = tuple(o.status(self.state == "up") for o in sorted(self._origins.values(), key=lambda o: o.key))
         return PlaneStatus(
             url=self.url,
             node=self.node,
