@@ -170,6 +170,8 @@ WORKERS_COLUMNS = (
     ("hits", INT8),
     ("misses", INT8),
     ("last_seen", TIMESTAMPTZ),
+    ("cpu_s", FLOAT8),  # CPU time the process used (/metrics' process_* are the answering worker's own)
+    ("rss_bytes", INT8),  # its resident memory now
 )
 PURGE_COLUMNS = (("removed", INT8),)
 
@@ -341,7 +343,8 @@ class Executor:
         """This process as one row of SHOW WORKERS."""
         totals = self.service.stats.snapshot().totals
         connections = len(self.service.server.connections())
-        return (index, os.getpid(), "up", connections, totals.hits, totals.misses, _ts(time.time()))
+        return (index, os.getpid(), "up", connections, totals.hits, totals.misses, _ts(time.time()),
+                round(time.process_time(), 3), _rss())  # fmt: skip
 
     def _report(self, cache_id: str | None, report: ServiceReport | None) -> ServiceReport:
         if report is None:
@@ -475,6 +478,15 @@ def _ms(seconds: float | None) -> float | None:
 
 def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+def _rss() -> int | None:
+    """Resident memory now (Linux's /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _lost(plane: PlaneStatus | None, origin_key: str) -> str | None:

@@ -280,9 +280,9 @@ class WorkerFleet:
                 text = await self._redis.get(f"{self.prefix}hb:{i}")
                 last = json.loads(text) if text else None
             if last is not None:
-                rows.append((i, last[1], "missing", last[3], last[4], last[5], _value_in(last[6])))
+                rows.append((i, last[1], "missing", *last[3:6], _value_in(last[6]), *last[7:9]))
             else:
-                rows.append((i, None, "missing", None, None, None, None))
+                rows.append((i, None, "missing", None, None, None, None, None, None))
         rows.sort(key=lambda r: _int(r[0]))
         return Result(columns_of(Command("show workers")), rows, "SHOW")
 

@@ -356,3 +356,4 @@ async def test_show_workers_in_one_process_is_one_row(admin: Admin) -> None:
     rows = await admin.rows("SHOW WORKERS")
     assert [(r["worker"], r["pid"], r["state"]) for r in rows] == [(0, os.getpid(), "up")]
     assert rows[0]["connections"] >= 1  # this admin session at least
+    assert rows[0]["cpu_s"] > 0 and rows[0]["rss_bytes"] > 10 << 20  # a Python process with the suite loaded

@@ -79,6 +79,7 @@ async def test_connections_spread_and_the_admin_console_adds_every_worker(pg: Pg
             # 20 connections held open at once: both workers got some (all on one: 2^-19).
             assert all(w[3] >= 1 for w in workers), workers
             assert all(w[4] >= 1 for w in workers), workers  # and each served hits of its own
+            assert all(w[7] > 0 and w[8] > 0 for w in workers), workers  # each one's own CPU time and memory
             stats = proxy.admin("SHOW STATS")
             every = next(r for r in stats if r[0] == "(all)")
             assert every[2] == sum(w[4] for w in workers)  # hits: the console adds both workers
