@@ -12,10 +12,12 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.cache.keys import feed_names
 from neonpoly.cache.query_cache import DEFAULT_ADMIT_AFTER, DEFAULT_TTL, QueryCache
 from neonpoly.cache.rules import RuleBook, RulePolicy, bare_tables
 from neonpoly.cache.store import CacheStore, MemoryStore, open_store
@@ -323,7 +325,14 @@ class _CacheSink:
     def __init__(self, routes: Routes) -> None:
         self.routes = routes
 
-    def on_change(self, origin_key: str, database: str | None, tables: frozenset[str], everything: bool) -> None:
+    def on_change(
+        self,
+        origin_key: str,
+        database: str | None,
+        tables: frozenset[str],
+        everything: bool,
+        rows: Mapping[str, Mapping[str, frozenset[int]]],
+    ) -> None:
         cache = next(
             (r.cache for r in self.routes.by_id.values() if r.cache is not None and r.origin.label == origin_key),
             None,
@@ -333,4 +342,7 @@ class _CacheSink:
         if everything or database is None:
             cache.invalidate(database, frozenset(), True)
         else:
-            cache.invalidate(database, tables, False, (tables, False))
+            # Keys where every cache's relation book agrees on the key column (cache/keys.py).
+            caches = (cache, *cache.siblings())
+            names = feed_names(tables, rows, lambda t: [c.relations.key_column(database, t) for c in caches])
+            cache.invalidate(database, names, False, (tables, False))

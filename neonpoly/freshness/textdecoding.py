@@ -11,8 +11,14 @@ XLogData then carries one line (contrib/test_decoding/test_decoding.c):
     message: transactional: 1 prefix: neonpoly.ddl, sz: 11 content:ALTER TABLE
     COMMIT (at 2024-05-01 12:00:00.123456+00)
 
-Only the relation names are read from a change; its values never matter. The commit line's
-XLogData `start` is the end of the commit record (the position to confirm).
+A change's relation names are read, and its integer columns' values (rowkeys.py): a row is
+` name[type]:value` per column (names as quote_identifier prints them, NULL as `null`, an
+unchanged TOASTed value as `unchanged-toast-datum`, integers bare, most other types quoted);
+an UPDATE prints `old-key:` (the old identity columns, or the whole old row with REPLICA
+IDENTITY FULL) and `new-tuple:` when the identity changed or is FULL, else the new tuple
+alone; a DELETE prints the old identity columns (or the old row), `(no-tuple-data)` without
+an identity. Anything not read as expected only costs precision (the table is bumped whole).
+The commit line's XLogData `start` is the end of the commit record (the position to confirm).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
+from neonpoly.freshness.rowkeys import INTEGER_TYPE_NAMES, RowKeys, integer
 from neonpoly.freshness.stream import (
     Begin,
     Commit,
@@ -44,7 +51,9 @@ def decode(data: bytes, start: int) -> Decoded:
         action, _, flags = data[end:].partition(b":")
         kind = action.strip().decode("ascii", "replace")
         if kind in _ROW_KINDS and len(relations) == 1:
-            return RowChange(_ROW_KINDS[kind], relation=relations[0])
+            row = _ROW_KINDS[kind]
+            keys, needs_identity = _row_keys(row, flags)
+            return RowChange(row, relation=relations[0], keys=keys, needs_identity=needs_identity)
         if kind == "TRUNCATE":
             return Truncate(relations=tuple(relations), cascade=b"cascade" in flags,
                             restart_identity=b"restart_seqs" in flags)
@@ -56,6 +65,90 @@ def decode(data: bytes, start: int) -> Decoded:
     if data.startswith(b"message: "):
         return _message(data, start)
     raise ProtocolError(f"unknown test_decoding line {data[:40]!r}")
+
+
+_OLD = b" old-key:"
+_NEW = b" new-tuple:"
+
+
+def _row_keys(kind: str, rest: bytes) -> tuple[RowKeys | None, bool]:
+    """The known key values of one row (None: nothing known) and whether they hold only if
+    the columns are in the replica identity (an UPDATE without old key)."""
+    try:
+        if rest.startswith(_OLD):
+            old, pos = _tuple(rest, len(_OLD), _NEW)
+            if not rest.startswith(_NEW, pos):
+                return None, False
+            new, _ = _tuple(rest, pos + len(_NEW), None)
+        else:
+            old = None
+            new, _ = _tuple(rest, 0, None)
+    except ValueError:
+        return None, False
+    if kind == "insert":
+        return {c: frozenset((v,)) for c, v in new.items() if v is not None}, False
+    if kind == "delete":  # the printed tuple is the old identity (or old row)
+        return {c: frozenset((v,)) for c, v in new.items() if v is not None}, False
+    if old is None:
+        return {c: frozenset((v,)) for c, v in new.items() if v is not None}, True
+    return {
+        c: frozenset((b, a)) for c, b in old.items() if b is not None and (a := new.get(c)) is not None
+    }, False
+
+
+def _tuple(data: bytes, pos: int, stop: bytes | None) -> tuple[dict[str, int | None], int]:
+    """Columns from `pos` up to `stop` (or the end): name -> its integer value, None when
+    not one (NULL, unchanged, another type); raises ValueError when unreadable."""
+    out: dict[str, int | None] = {}
+    if data.startswith(b" (no-tuple-data)", pos):
+        raise ValueError("no tuple data")
+    while pos < len(data) and not (stop is not None and data.startswith(stop, pos)):
+        if data[pos : pos + 1] != b" ":
+            raise ValueError("a column not preceded by a space")
+        name, pos = _identifier(data, pos + 1)
+        if data[pos : pos + 1] != b"[":
+            raise ValueError("no type")
+        end = _type_end(data, pos + 1)
+        typ = data[pos + 1 : end]
+        pos = end + 2  # past "]:"
+        if data[pos : pos + 1] == b"'":
+            pos = _quoted_end(data, pos)
+            value = None
+        else:
+            space = data.find(b" ", pos)
+            space = len(data) if space < 0 else space
+            value = integer(data[pos:space]) if typ in INTEGER_TYPE_NAMES else None
+            pos = space
+        if name in out:
+            raise ValueError("a column twice")
+        out[name] = value
+    return out, pos
+
+
+def _type_end(data: bytes, pos: int) -> int:
+    """Where `]:` ends a type name (which may hold brackets, `integer[]`, or quoted names)."""
+    while pos < len(data):
+        ch = data[pos : pos + 1]
+        if ch == b'"':
+            pos = _quoted_end(data, pos, b'"')
+            continue
+        if data.startswith(b"]:", pos):
+            return pos
+        pos += 1
+    raise ValueError("unterminated type")
+
+
+def _quoted_end(data: bytes, pos: int, quote: bytes = b"'") -> int:
+    """The position after a quoted value starting at `pos` (doubled quotes inside)."""
+    i = pos + 1
+    while True:
+        end = data.find(quote, i)
+        if end < 0:
+            raise ValueError("unterminated quote")
+        if data[end + 1 : end + 2] == quote:
+            i = end + 2
+            continue
+        return end + 1
 
 
 def row_prefix(data: bytes) -> bytes:
@@ -124,7 +217,7 @@ def _identifier(data: bytes, pos: int) -> tuple[str, int]:
                 continue
             return out.decode("utf-8", "replace"), end + 1
     end = pos
-    while end < len(data) and data[end] not in b".:, ":
+    while end < len(data) and data[end] not in b".:, [":
         end += 1
     if end == pos:
         raise ProtocolError(f"empty name in {data[:80]!r}")
