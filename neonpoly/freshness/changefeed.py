@@ -219,6 +219,7 @@ class ChangeFeed:
         self._conns: list[LibpqConnection] = []
         self._catalog: LibpqConnection | None = None  # for replica identity reads
         self._identities = IdentityBook()
+        self._identity_retry = 0.0  # monotonic: no replica identity read before this
 
     # --- life -----------------------------------------------------------------------
 
@@ -497,13 +498,24 @@ class ChangeFeed:
             self._identities.remember(now, asked)
 
     async def _read_identities(self, relations: frozenset[QualifiedName]) -> dict[QualifiedName, Known]:
-        if self._catalog is None:
-            self._catalog = await self._connect(replication=False)
+        """The catalog's answer now ({} when it cannot be had: those changes go whole, and
+        the feed goes on; another try after `retry_max`)."""
+        if time.monotonic() < self._identity_retry:
+            return {}
         try:
-            rows = await asyncio.wait_for(self._catalog.query(identity_sql(relations)), self.settings.connect_timeout)
-        except TimeoutError as exc:
-            raise LibpqError("the replica identity read did not answer") from exc
-        return parse_rows(rows)
+            if self._catalog is None:
+                self._catalog = await self._connect(replication=False)
+            sql = identity_sql(relations)
+            return parse_rows(await asyncio.wait_for(self._catalog.query(sql), self.settings.connect_timeout))
+        except (LibpqError, FeedUnavailable, OSError, TimeoutError) as exc:
+            log.warning("change feed %s/%s: cannot read replica identities (%s); whole tables for %g s",
+                        self.target.key, self.database, _one_line(str(exc)) or "timeout", self.settings.retry_max)
+            if self._catalog is not None:
+                self._conns.remove(self._catalog)
+                self._catalog.close()
+                self._catalog = None
+            self._identity_retry = time.monotonic() + self.settings.retry_max
+            return {}
 
     def _apply(self, change: Change) -> None:
         if change.tables or change.everything:
