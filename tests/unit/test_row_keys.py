@@ -137,7 +137,7 @@ def test_the_identity_read_quotes_names_as_bytes() -> None:
 
 def test_the_caches_bump_keys_only_where_every_book_names_a_known_column() -> None:
     rows = {"t": {"id": frozenset({1, 4097})}, "u": {"id": frozenset({1})}}
-    books = {"t": ["id", "id"], "u": ["id", None]}
+    books: dict[str, list[str | None]] = {"t": ["id", "id"], "u": ["id", None]}
     names = feed_names(frozenset({"t", "u", "w"}), rows, lambda t: books.get(t, [None]))
     assert names == {rows_name("t"), bucket_name("t", 1), "u", "w"}  # 1 and 4097 share a bucket
     assert feed_names(frozenset({"t"}), rows, lambda t: ["v"]) == {"t"}
