@@ -113,8 +113,9 @@ async def _compare(
         assert got == want, f"step {step}: key {key} served {got!r} ({'hit' if hit else 'miss'}), origin has {want!r}"
     for sql in (f"SELECT count(*) FROM {table}", f"SELECT sum(v) FROM {table} WHERE id < 10"):
         got = await client.fetchval(sql)
-        row = await (await direct.execute(sql)).fetchone()
-        assert row is not None and got == row[0], f"step {step}: {sql} served {got!r}, origin has {row[0]!r}"
+        answer = await (await direct.execute(sql)).fetchone()
+        assert answer is not None
+        assert got == answer[0], f"step {step}: {sql} served {got!r}, origin has {answer[0]!r}"
     return hits
 
 
