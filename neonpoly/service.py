@@ -178,6 +178,10 @@ class ProxyService:
             stats.set_ttl(cache_id, template_id, ttl)
 
         policy = RulePolicy(self.rules, cache_id, lambda: cache.ttl, self.adaptive, report)
+        # Longer TTLs while the change feed follows every table a query reads (adaptive.py).
+        policy.feed_ttl = lambda tables: (
+            ttl if (ttl := self.feeds.safety_ttl(cache_id)) is not None and cache.relations.followed(tables) else None
+        )
         self.policies[cache_id] = policy
         cache.ttl_policy = policy
         cache.on_refetch = self.adaptive.on_refetch
@@ -280,7 +284,9 @@ class ProxyService:
         policy = self.policies.get(t.cache_id)
         if policy is None:
             return TemplateReport(t, t.ttl, "cache")
-        decision = policy.decide(t.template_id, bare_tables(t.tables))
+        names = bare_tables(t.tables)
+        feed = policy.feed_ttl(frozenset(names)) if policy.feed_ttl is not None else None
+        decision = policy.decide(t.template_id, names, feed)
         return TemplateReport(t, decision.ttl, decision.source)
 
     async def start(self) -> tuple[str, int]:

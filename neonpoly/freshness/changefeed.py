@@ -64,6 +64,7 @@ from neonpoly.defaults import (
     DEFAULT_FEED_DDL,
     DEFAULT_FEED_DDL_POLL,
     DEFAULT_FEED_IDLE,
+    DEFAULT_FEED_TTL,
     FEED_APPLICATION_NAME,
 )
 from neonpoly.freshness import origin_sql, pgoutput, textdecoding
@@ -127,6 +128,7 @@ class FeedSettings:
     idle: float = DEFAULT_FEED_IDLE  # close the feed after this long without clients
     publication: str = origin_sql.PUBLICATION
     ddl_poll: float = DEFAULT_FEED_DDL_POLL  # seconds between catalog checks (ddl=poll)
+    ttl: float = DEFAULT_FEED_TTL  # the TTL cap (auto mode) of reads a live feed follows
     connect_timeout: float = 10.0
     status_every: float = 10.0  # standby status updates, each asking the server to answer
     silence: float = 30.0  # no word from the server for this long: the feed is lost

@@ -172,6 +172,24 @@ class FeedManager:
         key = entry[0].key
         return tuple(f.status() for (k, _), f in sorted(self._feeds.items()) if k == key)
 
+    def follows(self, cache_id: str) -> bool:
+        """True while this node's feeds are live for every database the cache's clients use
+        and for its own: every commit there is evicted before the next hit, and a feed that
+        stops evicts its database (changefeed.py), so entries stored now cannot outlive it.
+        A standby node (another runs the feeds), a feed starting, off or reconnecting: no."""
+        entry = self._caches.get(cache_id)
+        if entry is None or not self._started or not self.enabled:
+            return False
+        target, database = entry
+        keys = {key for key in self._in_use if key[0] == target.key}
+        if database:
+            keys.add((target.key, database))
+        return bool(keys) and all((f := self._feeds.get(k)) is not None and f.state == "live" for k in keys)
+
+    def safety_ttl(self, cache_id: str) -> float | None:
+        """The TTL cap of reads the feeds follow (cache/rules.py), or None when they do not."""
+        return self.settings.ttl if self.follows(cache_id) else None
+
     def summary(self, cache_id: str) -> str:
         """One line for SHOW CACHES: "on (lag 3 ms)", "off: wal_level is replica", …"""
         if not self.enabled:
