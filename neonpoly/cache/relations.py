@@ -221,6 +221,7 @@ class RelationBook:
         # database -> relation name -> whether the change feed follows every relation a read
         # of it reaches (its own name as a base table or partition, or as the name read).
         self._followed: dict[str, dict[str, bool]] = {}
+        self._followed_memo: dict[frozenset[str], bool] = {}  # asked at every TTL decision
         # Every request asks, hits included: answers are kept until the book learns or forgets.
         self._resolved: dict[tuple[str, frozenset[str], frozenset[str], frozenset[str] | None], Resolution] = {}
 
@@ -290,16 +291,23 @@ class RelationBook:
         """True when every name was looked up (in some database) and, in every database
         that knows it, reading it reaches only tables the origin's logical replication
         stream carries (see the module docstring). Names as the cache tags entries."""
-        for name in names:
-            found = False
-            for seen in self._followed.values():
-                state = seen.get(name)
-                if state is False:
-                    return False
-                found = found or state is not None
-            if not found:
+        if not isinstance(names, frozenset):
+            names = frozenset(names)
+        memo = self._followed_memo.get(names)
+        if memo is None:
+            if len(self._followed_memo) >= 4096:
+                self._followed_memo.clear()
+            memo = self._followed_memo[names] = all(self._followed_one(name) for name in names)
+        return memo
+
+    def _followed_one(self, name: str) -> bool:
+        found = False
+        for seen in self._followed.values():
+            state = seen.get(name)
+            if state is False:
                 return False
-        return True
+            found = found or state is not None
+        return found
 
     def key_column(self, database: str, name: str) -> str | None:
         """The column whose value confines reads and writes of `name` to one row (None: none)."""
@@ -313,6 +321,7 @@ class RelationBook:
         self, database: str, asked: Iterable[str], rows: Iterable[tuple[str, str, str, bool, str | None]]
     ) -> None:
         self._resolved.clear()
+        self._followed_memo.clear()
         self._bound()
         reads: dict[str, tuple[set[str], bool]] = {}
         writes: dict[str, tuple[set[str], bool]] = {}
@@ -367,6 +376,7 @@ class RelationBook:
     def refuse(self, database: str, names: Iterable[str]) -> None:
         """Relations we could not ask about: never cached, reads and writes evict everything."""
         self._resolved.clear()
+        self._followed_memo.clear()
         self._bound()
         followed = self._followed.setdefault(database, {})
         for name in names:
@@ -386,6 +396,7 @@ class RelationBook:
     def forget(self, database: str | None = None) -> None:
         """DDL may have redefined views, keys, triggers, policies or functions: learn again."""
         self._resolved.clear()
+        self._followed_memo.clear()
         if database is None:
             self._known.clear()
             self._shadowed.clear()
