@@ -192,7 +192,7 @@ class FeedManager:
             feeds = self._following[cache_id] = self._must_follow(cache_id)
         if not feeds:
             return False
-        for feed in feeds:
+        for feed in feeds:  # noqa: SIM110 (asked for every query: no generator)
             if feed.state != "live":
                 return False
         return True
