@@ -54,7 +54,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from psycopg.conninfo import make_conninfo
@@ -69,8 +69,8 @@ from neonpoly.defaults import (
 )
 from neonpoly.freshness import origin_sql, pgoutput, textdecoding
 from neonpoly.freshness.libpq import LibpqConnection, LibpqError
-from neonpoly.freshness.replica_identity import IdentityBook, Known, identity_sql, parse_rows
-from neonpoly.freshness.rowkeys import RowKeys, restrict
+from neonpoly.freshness.replica_identity import IdentityBook, Known, identity_sql, parse_rows, wanted
+from neonpoly.freshness.rowkeys import RowKeys
 from neonpoly.freshness.stream import (
     Change,
     Decoded,
@@ -487,17 +487,10 @@ class ChangeFeed:
     async def _apply_batch(self, changes: list[Change]) -> None:
         """Apply changes in commit order, after one replica identity read for those that
         need it (replica_identity.py; the read comes after they committed)."""
-        asked = frozenset(rel for c in changes for rels in c.identity.values() for rel in rels)
+        asked = wanted(changes)
         now = await self._read_identities(asked) if asked else {}
-        for change in changes:
-            if change.identity:
-                proven = {t: self._identities.proven(r, change.commit_lsn, now) for t, r in change.identity.items()}
-                change = replace(change, rows=restrict(change.rows, proven))
-            if change.everything:
-                self._identities.forget()  # no decision rests on a read older than a DDL
+        for change in self._identities.settle(changes, now, asked):
             self._apply(change)
-        if asked:
-            self._identities.remember(now, asked)
 
     async def _read_identities(self, relations: frozenset[QualifiedName]) -> dict[QualifiedName, Known]:
         """The catalog's answer now ({} when it cannot be had: those changes go whole, and

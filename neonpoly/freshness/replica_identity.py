@@ -34,10 +34,11 @@ lookup per relation, on the feed's own catalog connection, once per batch of the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
-from neonpoly.freshness.stream import QualifiedName, parse_lsn
+from neonpoly.freshness.rowkeys import restrict
+from neonpoly.freshness.stream import Change, QualifiedName, parse_lsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,11 @@ def parse_rows(rows: Iterable[tuple[str | None, ...]]) -> dict[QualifiedName, Kn
     return {rel: Known(f, frozenset(cols), lsn) for rel, (f, cols, lsn) in found.items()}
 
 
+def wanted(changes: Iterable[Change]) -> frozenset[QualifiedName]:
+    """The relations whose replica identity these changes need proven."""
+    return frozenset(rel for c in changes for rels in c.identity.values() for rel in rels)
+
+
 class IdentityBook:
     """What the feed last read of each relation's replica identity (one feed, one database)."""
 
@@ -101,6 +107,22 @@ class IdentityBook:
                 return None
             columns = after.columns if columns is None else columns & after.columns
         return columns or None
+
+    def settle(
+        self, changes: Sequence[Change], now: Mapping[QualifiedName, Known], asked: Iterable[QualifiedName]
+    ) -> list[Change]:
+        """The changes of one batch, in commit order, keeping key values only where proven
+        by the read `now` of `asked` (made after they arrived); then remember that read."""
+        out: list[Change] = []
+        for change in changes:
+            if change.identity:
+                proven = {t: self.proven(r, change.commit_lsn, now) for t, r in change.identity.items()}
+                change = replace(change, rows=restrict(change.rows, proven))
+            if change.everything:
+                self.forget()  # no decision rests on a read older than a DDL
+            out.append(change)
+        self.remember(now, asked)
+        return out
 
     def remember(self, now: Mapping[QualifiedName, Known], asked: Iterable[QualifiedName]) -> None:
         """The read of `asked` answered `now` (a relation missing from it is gone)."""
