@@ -238,3 +238,26 @@ async def test_an_identity_changed_and_changed_back_around_a_key_change_is_whole
         )
         assert await t.point(5) == (None, False)
         assert await t.point(90) == (50, False)
+
+
+async def test_a_trigger_added_directly_cannot_hide_the_rows_it_writes(
+    pg_logical: PgServer, state_dir: Path, decoder_database: tuple[str, str]
+) -> None:
+    """A trigger created directly (its DDL uncaught for an hour) makes an UPDATE of key 1
+    also change key 2: the stream carries that row too, so key 2's point lookup is evicted,
+    whatever the relay's catalog still says about triggers."""
+    feed = FeedSettings(mode="on", ddl_poll=3600)
+    async with keyed_table(pg_logical, state_dir, decoder_database[1], feed=feed) as t:
+        await t.cached(1, 2, 3)
+        await t.direct.execute(
+            f"CREATE FUNCTION {t.table}_f() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN "
+            f"IF NEW.id = 1 THEN UPDATE {t.table} SET v = v + 1 WHERE id = 2; END IF; RETURN NEW; END$$;"
+            f"CREATE TRIGGER {t.table}_g AFTER UPDATE ON {t.table} FOR EACH ROW EXECUTE FUNCTION {t.table}_f()"
+        )
+        await t.write(f"UPDATE {t.table} SET v = 11 WHERE id = 1")
+        assert await t.point(2) == (21, False)
+        assert await t.point(1) == (11, False)
+        three = await t.point(3)
+        assert three[0] == 30
+        if decoder_database[0] == "pgoutput":
+            assert three[1]  # both rows came with their keys: key 3 stays cached
