@@ -137,6 +137,8 @@ CACHES_COLUMNS = (
     ("plane_gaps", INT8),  # purges for a gap (Redis restarted or lost entries, this node reconnected)
     ("plane_refused_hits", INT8),  # lookups passed through because this node was not provably caught up
     ("feed_lease", TEXT),  # the node running this origin's change feed ("me": this one)
+    ("feed_slot", TEXT),  # the feed's replication slots on the origin (temporary: dropped with the feed)
+    ("plane_lost", TEXT),  # nodes gone without a goodbye: this origin's hits pause until they return
 )
 RULES_COLUMNS = (
     ("id", TEXT),
@@ -419,6 +421,8 @@ class Executor:
                     _ts(last) if last is not None else None,
                     c.plane,
                     *_plane_columns(plane, c.origin),  # the origin's label
+                    ", ".join(sorted({f.slot for f in c.feeds if f.slot and f.state == "live"})) or None,
+                    _lost(plane, c.origin),
                 )
             )
         return rows
@@ -471,6 +475,11 @@ def _ms(seconds: float | None) -> float | None:
 
 def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+def _lost(plane: PlaneStatus | None, origin_key: str) -> str | None:
+    o = plane.origin(origin_key) if plane is not None else None
+    return ", ".join(o.lost) if o is not None and o.lost else None
 
 
 def _plane_columns(plane: PlaneStatus | None, origin_key: str) -> tuple[Value, ...]:

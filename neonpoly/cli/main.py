@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         "through --redis, else through a private redis-server this command starts on a unix socket",
     )
     serve.add_argument(
+        "--node-id",
+        metavar="NAME",
+        help="this node's name on the invalidation plane (default HOST:PORT of --listen); keep it stable: a node "
+        "that stops without its goodbye pauses the others' hits until it returns under the same name",
+    )
+    serve.add_argument(
         "--admin-role",
         action="append",
         metavar="ROLE",
@@ -221,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from neonpoly.cli import admin as cli_admin
     from neonpoly.cli import integrations as cli_integrations
+    from neonpoly.cli import plane as cli_plane
 
     cli_integrations.register(sub)
     cli_admin.register(sub)
+    cli_plane.register(sub)
     return parser
 
 
@@ -246,11 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(serve(args))
         from neonpoly.cli import admin as cli_admin
         from neonpoly.cli import integrations as cli_integrations
+        from neonpoly.cli import plane as cli_plane
 
         if args.command in cli_integrations.COMMANDS:
             return run(cli_integrations.dispatch(args))
         if args.command in cli_admin.COMMANDS:
             return run(cli_admin.dispatch(args))
+        if args.command in cli_plane.COMMANDS:
+            return run(cli_plane.dispatch(args))
         if args.command is None:
             if not (sys.stdin.isatty() and sys.stdout.isatty()):
                 parser.print_help()  # no terminal (a script, CI): the console cannot run

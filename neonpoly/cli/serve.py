@@ -13,6 +13,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ async def serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         rules_dir=root,
         change_feed=FeedSettings(mode=args.change_feed, ddl=args.change_feed_ddl, idle=args.change_feed_idle),
-        redis=PlaneSettings(redis_url) if redis_url else None,
+        redis=_plane(args, role, redis_url) if redis_url else None,
     )
     if role is not None:
         settings = worker_settings(settings, role)
@@ -131,6 +132,19 @@ async def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         lock.release()
+
+
+def _plane(args: argparse.Namespace, role: WorkerRole | None, url: str) -> PlaneSettings:
+    """The plane's settings: this node's stable name (a lost node is known by it when it comes
+    back), and no rejoin grace on the workers' private redis-server, which cannot lose its data
+    and outlive them (the set stops when it dies)."""
+    node = args.node_id
+    if node is None and args.listen[1] != 0:
+        node = f"{socket.gethostname()}:{args.listen[1]}"
+    if node is not None and role is not None:
+        node = f"{node}/w{role.index}"
+    private = role is not None and args.redis is None and environment().redis_url is None
+    return PlaneSettings(url, node=node, grace=0.0 if private else None)
 
 
 def _role() -> WorkerRole | None:

@@ -371,6 +371,7 @@ class AttachedControl(Control):
             ddl=int(row["feed_ddl"]), gaps=int(row["feed_gaps"]),
             last_change=last.timestamp() if isinstance(last, datetime) else None,
             plane=str(row.get("plane") or "off"),
+            slot=str(row.get("feed_slot") or ""),
         )
 
     def stats(self, cache_id: str | None = None) -> StatsSnapshot:

@@ -70,6 +70,7 @@ class Freshness:
     gaps: int  # evictions for a gap in the feed (connect, reconnect, idle close)
     last_change: float | None  # Unix time of the last change applied
     plane: str = "off"  # the shared invalidation plane (`serve --redis`): "up, 2 nodes, lag 1 ms", "down: …"
+    slot: str = ""  # the feed's replication slot(s) on the origin ("" while it has none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,6 +173,7 @@ class LocalControl(Control):
                 gaps=sum(f.gaps for f in report.feeds),
                 last_change=max((f.last_change for f in report.feeds if f.last_change is not None), default=None),
                 plane=report.plane,
+                slot=", ".join(sorted({f.slot for f in report.feeds if f.slot and f.state == "live"})),
             ),
         )
 

@@ -19,6 +19,22 @@ hit:
    (>= `limit`, sent in the same round trip as the XREAD), so a writer stops waiting for
    nodes that died: their gates closed before their heartbeat expired.
 
+4. A node cut off from Redis cannot publish, and the others may not know it: it stops
+   registering. Its registration expires `heartbeat` after the last one (rounds register it
+   every `check` seconds), and the next check by any node moves it to the origin's `lost`
+   set; no node serves hits of an origin whose `lost` set is not empty (a node that left
+   with its goodbye is not lost), and a round proves a gate only within `check` of the last
+   check. So the cut off node holds its write replies until `fence` after its last
+   registration (heartbeat + check + limit: every gate proven before the others saw it lost
+   has closed), then lets them go: nobody serves hits they could have made stale. On its
+   return it publishes a purge and leaves `lost` in one step. A node that never joined
+   holds them until it does. A node that never returns (crashed, renamed) keeps the others
+   passing through until it does, or until `neonpoly plane forget` says it is gone; its
+   name is stable (`--node-id`, by default host:port) for that reason.
+5. Redis that lost its data has lost `lost` too: a cut off node is unknown to it. Every node
+   passes through until `fence` after the epoch was made (nodes retry at least every 2 s, so
+   one that was merely waiting has rejoined, and published its purge, by then).
+
 **Gaps.** Each entry carries a per-origin sequence number (INCR in the same script as the
 XADD): a number that does not follow the last one applied means entries were trimmed or
 Redis lost its data; a random epoch key read after every XREAD tells a restart or a flush.
@@ -51,18 +67,35 @@ class PlaneSettings:
     limit: float = 1.0  # L: hits only while the last proven XREAD was sent less than this ago
     block: float = 0.2  # the XREAD's BLOCK: well below `limit`, so an idle plane stays proven
     hold: float = 1.5  # T (> limit): the longest a write's reply waits for acknowledgements
-    heartbeat: float = 3.0  # a node is live this long after its last round (>= limit)
+    heartbeat: float = 3.0  # a node is live this long after its last registration (>= limit)
+    check: float = 0.5  # rounds register the node and read the lost nodes this often (< heartbeat)
     lease: float = 5.0  # the change feed lease's expiry, renewed every third of it
     maxlen: int = 10_000  # entries kept per stream (trimmed approximately; a reader behind it has a gap)
     count: int = 1000  # entries read per stream per round
     connect_timeout: float = 2.0
     io_timeout: float = 5.0  # a Redis that answers nothing for this long is down
+    margin: float = 0.25  # added to `fence` for the clocks' disagreement (Redis's TTLs, our monotonic)
+    grace: float | None = None  # after Redis lost its data, hits wait this long (None: `fence`);
+    # 0 for a plane whose Redis cannot outlive its nodes (the workers' private redis-server)
+    node: str | None = None  # this node's stable name (None: host:pid:random, fine while it never crashes)
+
+    @property
+    def fence(self) -> float:
+        """How long after its last heartbeat a node cut off from Redis holds write replies:
+        by then its registration expired and every gate proven before that has closed."""
+        return self.heartbeat + self.check + self.limit + self.margin
+
+    @property
+    def rejoin_grace(self) -> float:
+        return self.fence if self.grace is None else self.grace
 
     def __post_init__(self) -> None:
         if not self.block < self.limit < self.hold:
             raise ValueError("the plane needs block < limit < hold")
         if self.heartbeat < self.limit:
             raise ValueError("the plane's heartbeat must outlast its limit")
+        if not 0 < self.check < self.heartbeat:
+            raise ValueError("the plane must check its nodes more often than their heartbeat expires")
 
 
 def public_url(url: str) -> str:
@@ -305,6 +338,88 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class Fence:
+    """Write replies this node made while it could not publish (rule 4): each waits until no
+    other node can still serve hits unaware of it, or until this node rejoined and its purge
+    was acknowledged, whichever comes first."""
+
+    def __init__(self, span: float) -> None:
+        self.span = span  # PlaneSettings.fence
+        self.beat = -math.inf  # monotonic: the reply of the last round that registered this node
+        self._held: list[asyncio.Future[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.released_by_time = 0
+
+    @property
+    def held(self) -> int:
+        return sum(1 for f in self._held if not f.done())
+
+    def until(self) -> float:
+        """When every other node knows this one lost (never, before it first registered)."""
+        return math.inf if self.beat == -math.inf else self.beat + self.span
+
+    def hold(self) -> asyncio.Future[None] | None:
+        """A future for a reply made now, or None when it may go at once."""
+        if _monotonic() >= self.until():
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.add(future)
+        return future
+
+    def add(self, future: asyncio.Future[None]) -> None:
+        self._held.append(future)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is None and self.beat > -math.inf:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, self.until() - _monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if _monotonic() < self.until():  # a round registered this node meanwhile
+            self._arm()
+            return
+        self.released_by_time += sum(1 for f in self._held if not f.done())
+        self._release()
+
+    def after(self, future: asyncio.Future[None] | None) -> None:
+        """This node rejoined: release what it held once `future` (its purge, published and
+        acknowledged) resolves; at once when nothing needed publishing."""
+        held, self._held = self._held, []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if future is None:
+            for f in held:
+                _resolve(f)
+            return
+
+        def release_held(_: object) -> None:
+            for f in held:
+                _resolve(f)
+
+        future.add_done_callback(release_held)
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for f in held:
+            _resolve(f)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for f in self._held:
+            f.cancel()
+        self._held = []
+
+
+def epoch_made(value: str) -> int | None:
+    """When an epoch (MAKE_EPOCH's `token@ms`) was made, by Redis's clock; None if unsaid."""
+    _, at, ms = value.rpartition("@")
+    return int(ms) if at and ms.isdigit() else None
+
+
 def decode_positions(text: str | bytes) -> dict[str, int]:
     """An acknowledgement's body: origin -> the last sequence number applied."""
     try:
@@ -333,6 +448,7 @@ class OriginPlaneStatus:
     gaps: int  # purges for a gap (trimmed stream, Redis restarted or flushed, this node reconnected)
     refused_hits: int  # lookups passed through because the gate was closed
     feed_lease: str  # the node that runs the change feed of this origin ("" none, "me" when it is this node)
+    lost: tuple[str, ...] = ()  # nodes gone without a goodbye: hits pause until they rejoin (or FORGET NODE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +467,7 @@ class PlaneStatus:
     hold_ms: tuple[float, float] | None  # p50, p99 of the last holds: first bump to released
     downs: int  # transitions to down
     origins: tuple[OriginPlaneStatus, ...]
+    fenced: int = 0  # write replies held now because this node cannot publish
 
     def origin(self, key: str) -> OriginPlaneStatus | None:
         return next((o for o in self.origins if o.origin == key), None)
@@ -364,6 +481,8 @@ class PlaneStatus:
         o = self.origin(origin) if origin is not None else None
         if o is None:
             return f"up, {nodes}"
+        if o.lost:
+            return f"up, {nodes}, paused: node {', '.join(o.lost)} lost without a goodbye (passing through)"
         if not o.caught_up:
             return f"up, {nodes}, catching up (passing through)"
         lag = "" if o.lag_ms is None else f", lag {o.lag_ms:.0f} ms"

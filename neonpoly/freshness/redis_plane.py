@@ -1,20 +1,19 @@
 """The shared invalidation plane on Redis (`neonpoly serve --redis redis://…`): the I/O that
 carries `plane.py`'s rules between nodes.
 
-Keys (all under the prefix): `epoch` (a random token: a different one, or none, means Redis
-lost its data), `nodes` and `o:<origin>:nodes` (sorted sets of node ids scored by their
-heartbeat's expiry, Redis's clock), `o:<origin>:bumps` (the stream of bumps) and
-`o:<origin>:seq` (its entries' sequence numbers), `o:<origin>:lease` (which node runs the
-origin's change feed), `acks` (one stream where nodes say how far they applied).
+Keys (all under the prefix): `epoch` (a random token and when it was made: a different one,
+or none, means Redis lost its data), `nodes` and `o:<origin>:nodes` (sorted sets of node ids
+scored by their heartbeat's expiry, Redis's clock), `o:<origin>:lost` (nodes whose heartbeat
+expired without a goodbye), `o:<origin>:bumps` (the stream of bumps), `o:<origin>:seq` (its
+entries' sequence numbers), `o:<origin>:lease` (which node runs the origin's change feed),
+`acks` (one stream where nodes say how far they applied).
 
-Three tasks on two connections: the reader (one pipeline per round: heartbeat, the previous
-round's acknowledgement, a blocking XREAD of every followed stream and of the acks, then the
-epoch), the publisher (one script call per origin and batch: INCR + XADD + the live nodes),
-and the lease keeper. Streams, not pub/sub: a reader that was away reads what it missed, or
-learns from the sequence numbers that it cannot.
-
-Protocol: RESP2 is asked for explicitly (redis-py 8 defaults to RESP3, whose XREAD reply is
-a map instead of a list); `_streams` reads either shape.
+Three tasks on two connections: the reader (one pipeline per round: the ROUND script, the
+previous round's acknowledgement, a blocking XREAD of every followed stream and of the acks,
+then the epoch), the publisher (one script call per origin and batch: INCR + XADD + the live
+nodes), and the lease keeper. Streams, not pub/sub: a reader that was away reads what it
+missed, or learns from the sequence numbers that it cannot. RESP2 is asked for explicitly
+(redis-py 8 defaults to RESP3, whose XREAD reply is a map); `streams` reads either shape.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -41,18 +39,28 @@ from neonpoly.freshness.plane import (
     Batch,
     Bump,
     Cursor,
+    Fence,
     Gate,
     HoldBook,
-    OriginPlaneStatus,
     PlaneSettings,
     PlaneStatus,
     decode_positions,
     encode_positions,
     entry_lag_ms,
+    epoch_made,
     generations,
     public_url,
 )
-from neonpoly.freshness.redis_wire import HEARTBEAT, PUBLISH, RELEASE_LEASE, RENEW, p50_p99, release, why
+from neonpoly.freshness.redis_origin import FollowedOrigin
+from neonpoly.freshness.redis_wire import (
+    MAKE_EPOCH,
+    PUBLISH,
+    RELEASE_LEASE,
+    RENEW,
+    ROUND,
+    p50_p99,
+    why,
+)
 from neonpoly.freshness.redis_wire import streams as read_streams
 
 if TYPE_CHECKING:
@@ -61,38 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.plane")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
-
-
-@dataclass(slots=True)
-class _Origin:
-    key: str
-    prefix: str
-    gate: Gate
-    caches: list[QueryCache] = field(default_factory=list)
-    cursor: Cursor | None = None  # None until read from Redis (then a purge: joining is a gap)
-    published: int = 0
-    applied: int = 0
-    gaps: int = 0
-    lag_ms: float | None = None
-    lease_holder: str = ""
-    lease_mine: bool = False
-    lease_until: float = 0.0  # monotonic: past it, a lease not renewed is given up
-
-    @property
-    def stream(self) -> str:
-        return f"{self.prefix}:o:{self.key}:bumps"
-
-    @property
-    def seq(self) -> str:
-        return f"{self.prefix}:o:{self.key}:seq"
-
-    @property
-    def nodes(self) -> str:
-        return f"{self.prefix}:o:{self.key}:nodes"
-
-    @property
-    def lease(self) -> str:
-        return f"{self.prefix}:o:{self.key}:lease"
 
 
 class _Regap(Exception):
@@ -106,9 +82,11 @@ class RedisPlane:
 
     def __init__(self, settings: PlaneSettings, *, node: str | None = None) -> None:
         self.settings = settings
-        self.node = node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.node = node or settings.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.url = public_url(settings.url)
         self.holds = HoldBook(self.node)
+        self.fence = Fence(settings.fence)
+        self._grace_until = 0.0  # monotonic: no hits before it (Redis lost its data, rule 5)
         self.state = "connecting"
         self.reason = ""
         self.since = time.time()
@@ -116,23 +94,23 @@ class RedisPlane:
         self.nodes: tuple[str, ...] = ()
         self.wants_leases = False
         self.lease_listener: Callable[[str, bool], None] | None = None
-        self._origins: dict[str, _Origin] = {}
+        self._origins: dict[str, FollowedOrigin] = {}
         self._epoch: str | None = None
         self._acks_id = "0-0"
         self._ack_due: dict[str, int] = {}
         self._lost: set[str] = set()  # origins whose bumps could not be published
         self._open: Batch | None = None
         self._applying = False
-        self._down_at: float | None = None  # monotonic
-        self._down_release: asyncio.Future[None] | None = None
         self._was_up = False
         self._batches = 0
-        self._beat_sent = -math.inf  # monotonic send time of the last heartbeat that executed
-        self._beat_keys: list[str] = []
         self._hold_times: deque[float] = deque(maxlen=1000)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._goodbyes: set[asyncio.Task[None]] = set()
+        self._check_sent = -math.inf  # monotonic send time of the last round that ran ROUND
+        self._check_keys: list[str] = []
+        self._leaving: dict[str, FollowedOrigin] = {}  # detached, saying goodbye
         self._reader: Redis | None = None
         self._cmd: Redis | None = None
 
@@ -146,7 +124,11 @@ class RedisPlane:
     def attach(self, cache: QueryCache, origin_key: str) -> None:
         origin = self._origins.get(origin_key)
         if origin is None:
-            origin = self._origins[origin_key] = _Origin(origin_key, self.settings.prefix, Gate(self.settings.limit))
+            gate = Gate(self.settings.limit)
+            origin = self._origins[origin_key] = FollowedOrigin(origin_key, self.settings.prefix, gate)
+            # Other nodes do not know this node follows it until a round registers it there:
+            # cut off before that, its writes must wait for its return (rule 4).
+            self.fence.beat = -math.inf
         origin.caches.append(cache)
         generations(cache).observe(lambda op: self._observed(origin_key, op))
         cache.serve_gate = origin.gate
@@ -160,6 +142,28 @@ class RedisPlane:
                 cache.serve_gate = cache.reply_barrier = None
                 if not origin.caches:
                     del self._origins[key]
+                    self._leaving[key] = origin  # its last bumps still go out
+                    self._goodbye(origin)
+
+    def _goodbye(self, origin: FollowedOrigin) -> None:
+        """Its integration was removed: leave the origin's nodes, once its bumps are out (else
+        it is lost to the others, rightly)."""
+        if self.state != "up" or origin.key in self._lost or self._cmd is None or self._loop is None:
+            return
+        open_batch = self._open
+        if open_batch is not None and origin.key in open_batch.bumps:
+            open_batch.future.add_done_callback(lambda _: self._goodbye(origin))
+            return
+        cmd, node = self._cmd, self.node
+
+        async def leave() -> None:
+            with contextlib.suppress(*_FAILURES):
+                await cmd.zrem(origin.nodes, node)
+                self._leaving.pop(origin.key, None)
+
+        task = self._loop.create_task(leave(), name="plane goodbye")
+        self._goodbyes.add(task)
+        task.add_done_callback(self._goodbyes.discard)
 
     def _observed(self, origin: str, op: tuple[Any, ...]) -> None:
         """A bump of a local cache's generations: publish it, unless it came from the plane."""
@@ -176,12 +180,10 @@ class RedisPlane:
 
     def barrier(self) -> asyncio.Future[None] | None:
         """What a write's reply waits for: the batch holding its bumps, acknowledged by every
-        live node (or timed out). While Redis is down: only the first `hold` seconds of the
-        outage (a node may have proven itself caught up just before it), then nothing."""
+        live node (or timed out). While this node cannot publish: the fence (rule 4)."""
         if self.state == "up":
             return self._open.future if self._open else None
-        release = self._down_release
-        return release if release is not None and not release.done() else None
+        return self.fence.hold()
 
     # --- life --------------------------------------------------------------------------
 
@@ -226,6 +228,7 @@ class RedisPlane:
                 self._lease_lost(origin, "neonpoly is stopping")
         if self._open is not None:
             self._open.future.cancel()
+        self.fence.close()
         for client in (self._reader, self._cmd):
             if client is not None:
                 with contextlib.suppress(*_FAILURES):
@@ -253,17 +256,8 @@ class RedisPlane:
                     self.url, why)
         self.state, self.reason, self.since = "down", why, time.time()
         self.downs += 1
-        self._hold_outage()
         if self._open is not None:
             self._lost |= set(self._open.bumps)
-
-    def _hold_outage(self) -> None:
-        """Writes made in the first `hold` seconds of an outage wait out its end (other nodes
-        may have proven themselves caught up just before it began, and will not hear of them)."""
-        self._down_at = time.monotonic()
-        if self._loop is not None:
-            self._down_release = self._loop.create_future()
-            self._loop.call_later(self.settings.hold, release, self._down_release)
 
     async def _recover(self) -> None:
         """(Re)join: learn the epoch, where each stream ends, then purge what this node has
@@ -271,14 +265,14 @@ class RedisPlane:
         bumps this node could not publish."""
         assert self._reader is not None
         r = self._reader
-        epoch = await r.get(self._key("epoch"))
-        if epoch is None:
-            await r.set(self._key("epoch"), secrets.token_hex(8), nx=True)
-            epoch = await r.get(self._key("epoch"))
+        epoch, now_ms = await r.eval(MAKE_EPOCH, 1, self._key("epoch"), secrets.token_hex(8))
+        made = epoch_made(str(epoch))
+        if made is not None:  # rule 5: nodes cut off when Redis lost its data have had time to return
+            wait = self.settings.rejoin_grace - (int(now_ms) - made) / 1000
+            self._grace_until = time.monotonic() + wait if wait > 0 else 0.0
         last_ack = await r.xrevrange(self._key("acks"), count=1)
         self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
         origins = list(self._origins.values())
-        self._beat_sent = -math.inf  # Redis may have lost the node's registration
         # Acknowledgements count sequence numbers, which start over if Redis lost its data.
         self.holds.acked.clear()
         await self._bootstrap(origins)
@@ -293,12 +287,13 @@ class RedisPlane:
             else:
                 log.info("invalidation plane %s up (node %s)", self.url, self.node)
         self.state, self.reason, self.since = "up", "", time.time()
-        self._down_at = None
         lost, self._lost = self._lost, set()
         for key in lost:
             self._observed(key, ("p",))
+        # What was held while cut off goes once that purge is acknowledged (or at once).
+        self.fence.after(self._open.future if lost and self._open is not None else None)
 
-    async def _bootstrap(self, origins: list[_Origin]) -> None:
+    async def _bootstrap(self, origins: list[FollowedOrigin]) -> None:
         """Read where these streams end (atomically with their counters)."""
         if not origins:
             return
@@ -316,7 +311,7 @@ class RedisPlane:
             else:
                 origin.cursor = Cursor("0-0", int(seq or 0))
 
-    def _purge_local(self, origin: _Origin, *, counted: bool = True) -> None:
+    def _purge_local(self, origin: FollowedOrigin, *, counted: bool = True) -> None:
         if counted:
             origin.gaps += 1
         self._applying = True
@@ -340,7 +335,7 @@ class RedisPlane:
                     origin.gate.close()
                 log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
                 self.state, self.reason, self.since = "connecting", str(exc), time.time()
-                self._hold_outage()
+                self.fence.beat = -math.inf  # that Redis does not know this node: hold until it does
             except _FAILURES as exc:
                 self._went_down(why(exc))
                 with contextlib.suppress(*_FAILURES):
@@ -362,26 +357,40 @@ class RedisPlane:
         acks_key = self._key("acks")
         streams[acks_key] = self._acks_id
         pipe = self._reader.pipeline(transaction=False)
-        beat_keys = [self._key("nodes"), *(o.nodes for o in origins)]
-        # The heartbeat need not go with every round: a round proves the gate only while
-        # the last heartbeat was sent at most (heartbeat - limit) / 2 before it, so a writer
-        # that finds this node's heartbeat expired knows its gate is closed.
-        beat = beat_keys != self._beat_keys or time.monotonic() - self._beat_sent > (s.heartbeat - s.limit) / 2
-        if beat:
-            pipe.eval(HEARTBEAT, len(beat_keys), *beat_keys, self.node, int(s.heartbeat * 1000))
+        # Every `check` seconds a round registers the node (rule 3) and reads each origin's
+        # lost nodes (rule 4); a round proves the gate only within `check` of the last one that
+        # did (the fence counts it). Not every round: a script per round costs the busy loop.
+        round_keys = [self._key("nodes")]
+        for o in origins:
+            round_keys += [o.nodes, o.lost_key, o.seq, o.stream]
+        check = round_keys != self._check_keys or time.monotonic() - self._check_sent >= s.check
+        if check:
+            purge = Bump(purge=True).encode()
+            pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge)
         ack, self._ack_due = self._ack_due, {}
         if ack:
             pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
         pipe.xread(streams, count=s.count, block=max(1, int(s.block * 1000)))
         pipe.get(self._key("epoch"))
         sent = time.monotonic()
-        replies = await pipe.execute()
+        try:
+            replies = await pipe.execute()
+        except _FAILURES:
+            if self.fence.beat > -math.inf:  # it may have registered this node, up to now
+                self.fence.beat = time.monotonic()
+            raise
+        if check:
+            self._check_sent, self._check_keys = sent, round_keys
+            if len(origins) == len(self._origins):  # registered on every origin it follows
+                self.fence.beat = time.monotonic()
         if self.state != "up":
             return  # the publisher found Redis down meanwhile: recover before proving anything
         read, epoch = replies[-2], replies[-1]
-        if beat:
-            self._beat_sent, self._beat_keys = sent, beat_keys
-            self._seen(tuple(replies[0]))
+        if check:
+            live, *lost = replies[0]
+            self._seen(tuple(live))
+            for origin, (members, rejoined) in zip(origins, lost, strict=True):
+                self._lost_seen(origin, tuple(str(m) for m in members), bool(rejoined))
         if epoch != self._epoch:
             raise _Regap("Redis lost its data (restarted or flushed)")
         by_stream = read_streams(read)
@@ -395,16 +404,33 @@ class RedisPlane:
             node = fields.get("node", "")
             if node and node != self.node:
                 self.holds.ack(node, decode_positions(fields.get("pos", "")))
-        if not full:  # with `count` entries there may be more: not caught up yet
+        # With `count` entries there may be more; in the grace (rule 5) nothing is proven.
+        if not full and sent >= self._grace_until and sent - self._check_sent < s.check:
             for origin in origins:
-                origin.gate.prove(sent)
+                if not origin.lost:
+                    origin.gate.prove(sent)
+
+    def _lost_seen(self, origin: FollowedOrigin, members: tuple[str, ...], rejoined: bool) -> None:
+        if rejoined:
+            log.warning("invalidation plane: this node (%s) was lost on %s (heartbeat expired); it purged it",
+                        self.node, origin.key)
+        if members != origin.lost:
+            if members:
+                log.warning("invalidation plane: %s: node %s left without a goodbye (cut off from Redis, or "
+                            "crashed): passing through until it comes back, or `neonpoly plane forget`", origin.key,
+                            ", ".join(members))
+            elif origin.lost:
+                log.info("invalidation plane: %s: no node lost any more; hits resume", origin.key)
+            origin.lost = members
+        if members:
+            origin.gate.close()
 
     def _seen(self, live: tuple[str, ...]) -> None:
         for gone in set(self.nodes) - set(live):
             self.holds.forget_node(gone)
         self.nodes = live
 
-    def _apply(self, origin: _Origin, entries: Any) -> None:
+    def _apply(self, origin: FollowedOrigin, entries: Any) -> None:
         cursor = origin.cursor
         assert cursor is not None
         for entry_id, fields in entries:
@@ -461,17 +487,19 @@ class RedisPlane:
     async def _publish(self, batch: Batch) -> None:
         assert self._cmd is not None and self._loop is not None
         s = self.settings
-        order = [(self._origins[k], bump) for k, bump in batch.bumps.items() if k in self._origins]
+        found = ((self._origins.get(k) or self._leaving.get(k), bump) for k, bump in batch.bumps.items())
+        order = [(origin, bump) for origin, bump in found if origin is not None]
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for origin, bump in order:
                 pipe.eval(PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
             replies = await pipe.execute()  # bounded by the client's socket timeout
         except _FAILURES as exc:
-            # Whether the entries made it is unknown: hold the replies as if they did.
+            # Whether the entries made it is unknown: publish a purge on the way back, and
+            # hold the replies behind the fence (rule 4).
             self._lost |= set(batch.bumps)
             self._went_down(why(exc))
-            self._loop.call_later(s.hold, release, batch.future)
+            self.fence.add(batch.future)
             return
         self._batches += 1
         published: dict[str, int] = {}
@@ -527,7 +555,7 @@ class RedisPlane:
                     self._lease_lost(origin, "cannot renew it")
                 raise
 
-    def _lease_lost(self, origin: _Origin, why: str) -> None:
+    def _lease_lost(self, origin: FollowedOrigin, why: str) -> None:
         origin.lease_mine = False
         origin.lease_holder = ""
         log.warning("invalidation plane: this node no longer runs the change feed of %s: %s", origin.key, why)
@@ -545,22 +573,7 @@ class RedisPlane:
     # --- reading the state ------------------------------------------------------------------
 
     def status(self) -> PlaneStatus:
-        origins = tuple(
-            OriginPlaneStatus(
-                origin=o.key,
-                stream=o.stream,
-                caught_up=self.state == "up" and o.gate.open,
-                last_id=o.cursor.last_id if o.cursor else "",
-                last_n=o.cursor.last_n if o.cursor else 0,
-                lag_ms=o.lag_ms,
-                published=o.published,
-                applied=o.applied,
-                gaps=o.gaps,
-                refused_hits=o.gate.refused,
-                feed_lease="me" if o.lease_mine else o.lease_holder,
-            )
-            for o in sorted(self._origins.values(), key=lambda o: o.key)
-        )
+        origins = tuple(o.status(self.state == "up") for o in sorted(self._origins.values(), key=lambda o: o.key))
         return PlaneStatus(
             url=self.url,
             node=self.node,
@@ -576,4 +589,5 @@ class RedisPlane:
             hold_ms=p50_p99(self._hold_times),
             downs=self.downs,
             origins=origins,
+            fenced=self.fence.held,
         )

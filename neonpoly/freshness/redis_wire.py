@@ -8,26 +8,67 @@ import statistics
 from collections import deque
 from typing import Any
 
-# INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for.
+# INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for
+# (the nodes whose heartbeat has not expired; expired ones are moved to `lost` by ROUND).
 PUBLISH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = redis.call('INCR', KEYS[1])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'node', ARGV[2], 'b', ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-return {n, id, redis.call('ZRANGE', KEYS[3], 0, -1)}
+return {n, id, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')}
 """
-# Registers the node on every key given (the plane's, each followed origin's); the live nodes.
-HEARTBEAT = """
+# Every reader round: the node's heartbeat on the plane's key (KEYS[1]) and on each followed
+# origin's (KEYS[2..], four keys per origin: nodes, lost, seq, stream). A node whose heartbeat
+# expired without its goodbye (ZREM on a clean stop) moves to the origin's `lost` set: it may
+# be cut off from Redis and still writing through its origin, unpublished, so no node serves
+# hits of that origin while the set is not empty. A node that finds itself there publishes a
+# purge of the origin (so whatever it wrote meanwhile is forgotten everywhere) and leaves it,
+# in this one step. Returns the live nodes, then per origin {lost nodes, 1 if it rejoined}.
+ROUND = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  redis.call('PEXPIRE', key, ttl * 20)
+local me, ttl, maxlen, purge = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+redis.call('ZADD', KEYS[1], now + ttl, me)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ttl * 20)
+local out = {redis.call('ZRANGE', KEYS[1], 0, -1)}
+for i = 2, #KEYS, 4 do
+  local nodes, lost, seq, stream = KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[i + 3]
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now)) do
+    redis.call('ZADD', lost, 'NX', now, m)
+    redis.call('ZREM', nodes, m)
+  end
+  redis.call('ZADD', nodes, now + ttl, me)
+  local rejoined = 0
+  if redis.call('ZSCORE', lost, me) then
+    local n = redis.call('INCR', seq)
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'n', n, 'node', me, 'b', purge)
+    redis.call('ZREM', lost, me)
+    rejoined = 1
+  end
+  table.insert(out, {redis.call('ZRANGE', lost, 0, -1), rejoined})
 end
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return out
+"""
+# An operator's word that a lost node is gone for good (`FORGET NODE`): purge the origin
+# everywhere, then stop waiting for it. KEYS: nodes, lost, seq, stream; ARGV: the node,
+# this node (the purge's author), maxlen, the purge. Returns 1 when it was known.
+FORGET = """
+local known = redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
+if known > 0 then
+  local n = redis.call('INCR', KEYS[3])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'n', n, 'node', ARGV[2], 'b', ARGV[4])
+  return 1
+end
+return 0
+"""
+# The epoch: a random token and when it was made (Redis's clock, ms), so a node joining
+# later knows how long ago Redis lost its data.
+MAKE_EPOCH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], ARGV[1] .. '@' .. now, 'NX')
+return {redis.call('GET', KEYS[1]), now}
 """
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end

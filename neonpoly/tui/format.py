@@ -186,6 +186,8 @@ def freshness(fresh: Freshness | None, now: float) -> str:
     if not fresh.feed:
         return "writes through neonpoly only"
     parts = [f"change feed {fresh.feed}"]
+    if fresh.following and fresh.slot:
+        parts.append(f"slot {fresh.slot}")
     if fresh.following or fresh.changes:
         parts.append(plural(fresh.changes, "change caught", "changes caught"))
     if fresh.ddl:

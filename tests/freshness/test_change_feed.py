@@ -292,6 +292,8 @@ async def test_show_caches_shows_the_feed(pg_logical: PgServer, state_dir: Path)
         assert row["change_feed"].startswith("on (lag ") and row["change_feed"].endswith(" ms)")
         assert row["feed_changes"] >= 3 and row["feed_gaps"] == 1 and row["feed_ddl"] >= 1  # CREATE TABLE
         assert row["feed_last_change"] is not None
+        assert row["feed_slot"] == feed.status().slot and row["feed_slot"].startswith("neonpoly_")
+        assert row["plane_lost"] is None  # no plane here
         metrics = MetricsServer(proxy.service).render().decode()
         assert 'neonpoly_change_feed_live{cache="default",cache_name="default",database="app"} 1.0' in metrics
         gaps = 'neonpoly_change_feed_evictions_total{cache="default",cache_name="default",database="app",why="gap"} 1.0'

@@ -134,6 +134,7 @@ async def test_console_attached_to_a_running_serve(serve: Serve, state_root: Pat
         fresh = control.status(serve.cache_id).freshness
         [caches] = await serve.admin("SHOW CACHES")
         assert fresh is not None and fresh.feed == caches["change_feed"]  # as SHOW CACHES says
+        assert fresh.slot == (caches["feed_slot"] or "")
         fresh_line = str(view.query_one("#cv-fresh", Label).content)
         assert fresh_line.startswith("fresh    change feed ") and caches["change_feed"] in fresh_line
 

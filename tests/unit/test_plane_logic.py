@@ -10,7 +10,19 @@ import pytest
 
 from neonpoly.cache.query_cache import QueryCache
 from neonpoly.cache.store import MemoryStore
-from neonpoly.freshness.plane import Batch, Bump, Cursor, Gate, HoldBook, PlaneSettings, public_url
+from neonpoly.freshness.plane import (
+    Batch,
+    Bump,
+    Cursor,
+    Fence,
+    Gate,
+    HoldBook,
+    OriginPlaneStatus,
+    PlaneSettings,
+    PlaneStatus,
+    epoch_made,
+    public_url,
+)
 from neonpoly.freshness.redis_wire import streams
 from neonpoly.stats import StatsRecorder
 
@@ -179,3 +191,62 @@ def test_xread_replies_read_alike_in_resp2_and_resp3_shapes() -> None:
     resp3 = {"s": [["1-0", {"n": "1"}], ["2-0", ["n", "2"]]]}
     assert streams(resp2) == streams(resp3) == {"s": [("1-0", {"n": "1"}), ("2-0", {"n": "2"})]}
     assert streams(None) == {}
+
+
+async def test_the_fence_holds_a_reply_until_the_node_is_surely_known_lost() -> None:
+    fence = Fence(span=0.05)
+    assert fence.hold() is not None, "a node that never registered holds until it joins"
+    fence.after(None)  # it joined with nothing to publish: released at once
+    fence.beat = time.monotonic()
+    held = fence.hold()
+    assert held is not None and not held.done() and fence.held == 1
+    fence.beat = time.monotonic()  # a round registered it again meanwhile: the wait moves on
+    await asyncio.wait_for(held, 5)
+    assert fence.released_by_time == 1 and fence.held == 0
+    fence.beat = time.monotonic() - 1.0  # registered last a second ago: everyone knows by now
+    assert fence.hold() is None
+
+
+async def test_the_fence_releases_on_return_once_the_purge_is_acknowledged() -> None:
+    fence = Fence(span=3600.0)
+    fence.beat = time.monotonic()
+    held = fence.hold()
+    assert held is not None
+    purge: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    fence.after(purge)
+    await asyncio.sleep(0)
+    assert not held.done()
+    purge.set_result(None)
+    await asyncio.wait_for(held, 5)
+
+
+def test_an_epoch_says_when_it_was_made() -> None:
+    assert epoch_made("9f2c@1764590000123") == 1764590000123
+    assert epoch_made("9f2c") is None  # an older neonpoly's epoch: no grace
+    assert epoch_made("a@b@12") == 12
+
+
+def test_a_lost_node_pauses_the_origin_in_the_summary() -> None:
+    origin = OriginPlaneStatus("o", "s", False, "1-0", 1, None, 0, 0, 0, 0, "", lost=("n1",))
+    status = PlaneStatus("redis://x", "me", "up", "", 0.0, ("me",), 0, 0, 0, 0, 0, None, 0, (origin,))
+    assert status.summary("o") == "up, 1 node, paused: node n1 lost without a goodbye (passing through)"
+
+
+def test_a_node_is_named_by_its_address_unless_told_and_workers_add_their_index() -> None:
+    import argparse
+    import socket
+
+    from neonpoly.cli.serve import _plane
+    from neonpoly.control.workers import WorkerRole
+
+    host = socket.gethostname()
+    args = argparse.Namespace(node_id=None, listen=("127.0.0.1", 6543), redis="redis://r:6379/0")
+    assert _plane(args, None, "redis://r:6379/0").node == f"{host}:6543"
+    assert _plane(argparse.Namespace(node_id="edge-1", listen=("127.0.0.1", 0), redis=None), None, "redis://r").node \
+        == "edge-1"  # fmt: skip
+    assert _plane(argparse.Namespace(node_id=None, listen=("127.0.0.1", 0), redis=None), None, "redis://r").node is None
+    worker = WorkerRole(1, 2, "g", "unix:///tmp/x.sock", None, None)
+    given = _plane(args, worker, "redis://r:6379/0")
+    assert given.node == f"{host}:6543/w1" and given.grace is None  # a shared Redis may lose its data
+    private = _plane(argparse.Namespace(node_id=None, listen=("127.0.0.1", 6543), redis=None), worker, "unix:///x")
+    assert private.grace == 0.0  # the workers' own redis-server cannot outlive them

@@ -1,0 +1,65 @@
+"""One origin as a node of the invalidation plane follows it: its keys in Redis, where the
+node's reading stands, and what it counted (redis_plane.py keeps one per origin)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from neonpoly.freshness.plane import Cursor, Gate, OriginPlaneStatus
+
+if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
+
+
+@dataclass(slots=True)
+class FollowedOrigin:
+    key: str
+    prefix: str
+    gate: Gate
+    caches: list[QueryCache] = field(default_factory=list)
+    cursor: Cursor | None = None  # None until read from Redis (then a purge: joining is a gap)
+    published: int = 0
+    applied: int = 0
+    gaps: int = 0
+    lag_ms: float | None = None
+    lease_holder: str = ""
+    lease_mine: bool = False
+    lease_until: float = 0.0  # monotonic: past it, a lease not renewed is given up
+    lost: tuple[str, ...] = ()  # nodes gone without a goodbye (rule 4): no hits until they rejoin
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:o:{self.key}:bumps"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:o:{self.key}:seq"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}:o:{self.key}:nodes"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}:o:{self.key}:lease"
+
+    @property
+    def lost_key(self) -> str:
+        return f"{self.prefix}:o:{self.key}:lost"
+
+    def status(self, up: bool) -> OriginPlaneStatus:
+        return OriginPlaneStatus(
+            origin=self.key,
+            stream=self.stream,
+            caught_up=up and self.gate.open,
+            last_id=self.cursor.last_id if self.cursor else "",
+            last_n=self.cursor.last_n if self.cursor else 0,
+            lag_ms=self.lag_ms,
+            published=self.published,
+            applied=self.applied,
+            gaps=self.gaps,
+            refused_hits=self.gate.refused,
+            feed_lease="me" if self.lease_mine else self.lease_holder,
+            lost=self.lost,
+        )
