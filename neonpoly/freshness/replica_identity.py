@@ -13,10 +13,12 @@ read (`Known`: a fingerprint, the identity's columns, and `pg_current_wal_insert
 the same statement). When a batch of changes needs it, the feed reads again (after those
 changes arrived, so after they committed) and a change is precise only when
 
-* the earlier read came before the change: its LSN is below the change's commit LSN (the
+* an earlier read came before the change: its LSN is below the change's commit LSN (the
   insert position is past every record inserted before the read, so a commit ending after
   it was inserted after the read's snapshot), and
-* the fingerprint did not move between the two reads: nothing that decides the identity
+* the fingerprint did not move between the two reads (the book keeps the earliest read of
+  the fingerprint it still sees, so a change that committed while a read was on its way is
+  proven by the next one): nothing that decides the identity
   changed in between (whatever changed it and then changed it back still moved it, see
   below), so the identity at the change was the one both reads saw.
 
@@ -130,8 +132,13 @@ class IdentityBook:
             known = now.get(relation)
             if known is None:
                 self._known.pop(relation, None)
-            else:
+                continue
+            earlier = self._known.get(relation)
+            if earlier is None or earlier.fingerprint != known.fingerprint or earlier.columns != known.columns:
                 self._known[relation] = known
+            # else keep the earliest read of this fingerprint: every read since saw the same
+            # (an identity changed and changed back moves the fingerprint), so a change that
+            # committed after it and before the next read is proven too
         if len(self._known) > 16_384:  # a database of ever new tables: forgetting costs one whole bump
             self._known.clear()
 

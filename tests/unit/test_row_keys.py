@@ -120,6 +120,15 @@ def test_a_replica_identity_is_proven_only_by_reads_around_the_change() -> None:
     assert book.proven([rel], 60, {}) is None  # gone
     nothing = {rel: Known("1:100:d:5:100", frozenset(), 90)}
     assert book.proven([rel], 60, nothing) is None
+    # A change that committed while a read was on its way (after it began): the next read
+    # with the same fingerprint proves it against the earliest read of that fingerprint.
+    book.remember(same, [rel])
+    later = {rel: Known("1:100:d:5:100", frozenset({"id"}), 120)}
+    assert book.proven([rel], 70, later) == frozenset({"id"})
+    book.remember(moved, [rel])
+    newer = {rel: Known("1:120:d:5:100", frozenset({"id"}), 130)}
+    assert book.proven([rel], 85, newer) is None  # the new fingerprint's streak starts at 90
+    assert book.proven([rel], 95, newer) == frozenset({"id"})
     book.forget()
     assert book.proven([rel], 60, same) is None
 
