@@ -96,59 +96,38 @@ def _row_keys(kind: str, rest: bytes) -> tuple[RowKeys | None, bool]:
     }, False
 
 
+# One column, ` name[type]:value`, as tuple_to_stringinfo prints it: a quoted or bare name;
+# a type that may hold brackets (`integer[]`) or quoted names; a value quoted (doubled
+# quotes inside), a bit string (`B'0101'`), or bare up to the next space (numbers, `null`,
+# `unchanged-toast-datum`, booleans). Possessive loops never backtrack, so matching is
+# linear; the row is decoded on the relay's event loop: one match per column, in C.
+_QUOTED_NAME = rb'"[^"]*+(?:""[^"]*+)*+"'
+_COLUMN = re.compile(
+    rb" (" + _QUOTED_NAME + rb'|[^" \[]++)'  # the name
+    rb"\[([^\]\"]*+(?:(?:" + _QUOTED_NAME + rb"|\](?!:))[^\]\"]*+)*+)\]:"  # [type]:
+    rb"('[^']*+(?:''[^']*+)*+'|B'[01]*+'|[^ ']*+)"  # the value
+)
+
+
 def _tuple(data: bytes, pos: int, stop: bytes | None) -> tuple[dict[str, int | None], int]:
-    """Columns from `pos` up to `stop` (or the end): name -> its integer value, None when
-    not one (NULL, unchanged, another type); raises ValueError when unreadable."""
+    """Integer columns from `pos` up to `stop` (or the end): name -> its value, None when
+    not one (NULL, unchanged, not a plain integer); raises ValueError when unreadable."""
     out: dict[str, int | None] = {}
-    if data.startswith(b" (no-tuple-data)", pos):
-        raise ValueError("no tuple data")
-    while pos < len(data) and not (stop is not None and data.startswith(stop, pos)):
-        if data[pos : pos + 1] != b" ":
-            raise ValueError("a column not preceded by a space")
-        name, pos = _identifier(data, pos + 1)
-        if data[pos : pos + 1] != b"[":
-            raise ValueError("no type")
-        end = _type_end(data, pos + 1)
-        typ = data[pos + 1 : end]
-        pos = end + 2  # past "]:"
-        if data[pos : pos + 1] == b"'":
-            pos = _quoted_end(data, pos)
-            value = None
-        else:
-            space = data.find(b" ", pos)
-            space = len(data) if space < 0 else space
-            value = integer(data[pos:space]) if typ in INTEGER_TYPE_NAMES else None
-            pos = space
+    end = len(data)
+    match = _COLUMN.match
+    while pos < end and not (stop is not None and data.startswith(stop, pos)):
+        found = match(data, pos)
+        if found is None:
+            raise ValueError(f"unreadable column at {pos}")
+        pos = found.end()
+        raw, typ, value = found.groups()
+        if typ not in INTEGER_TYPE_NAMES:
+            continue  # only integer columns can hold a key
+        name = (raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw).decode("utf-8", "replace")
         if name in out:
             raise ValueError("a column twice")
-        out[name] = value
+        out[name] = integer(value)
     return out, pos
-
-
-def _type_end(data: bytes, pos: int) -> int:
-    """Where `]:` ends a type name (which may hold brackets, `integer[]`, or quoted names)."""
-    while pos < len(data):
-        ch = data[pos : pos + 1]
-        if ch == b'"':
-            pos = _quoted_end(data, pos, b'"')
-            continue
-        if data.startswith(b"]:", pos):
-            return pos
-        pos += 1
-    raise ValueError("unterminated type")
-
-
-def _quoted_end(data: bytes, pos: int, quote: bytes = b"'") -> int:
-    """The position after a quoted value starting at `pos` (doubled quotes inside)."""
-    i = pos + 1
-    while True:
-        end = data.find(quote, i)
-        if end < 0:
-            raise ValueError("unterminated quote")
-        if data[end + 1 : end + 2] == quote:
-            i = end + 2
-            continue
-        return end + 1
 
 
 def row_prefix(data: bytes) -> bytes:
