@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from neonpoly.freshness.rowkeys import Tuple
+from neonpoly.freshness.rowkeys import Tuple, integer_columns
 from neonpoly.freshness.stream import (
     Begin,
     Commit,
@@ -95,7 +95,9 @@ def decode(data: bytes) -> Decoded:
                 columns.append(r.cstring())
                 types.append(r.num(_U32))
                 r.num(_I32)  # type modifier
-            return Relation(relid, namespace, name, identity, tuple(columns), tuple(key_flags), tuple(types))
+            return Relation(
+                relid, namespace, name, identity, tuple(columns), tuple(key_flags), tuple(types), integer_columns(types)
+            )
         if kind == b"T":
             count = r.num(_I32)
             options = r.num(_I8)

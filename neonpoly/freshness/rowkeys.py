@@ -40,8 +40,7 @@ bump of the table is cheaper than thousands of names, and the feed can skip its 
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 RowKeys = dict[str, frozenset[int]]  # column -> the integer values a row (or rows) had in it
 TableKeys = Mapping[str, Mapping[str, frozenset[int]]]  # bare table name -> its RowKeys
@@ -51,34 +50,40 @@ MAX_KEYS_PER_TABLE = 256
 INTEGER_OIDS = frozenset({20, 21, 23})
 # test_decoding prints format_type_be's names.
 INTEGER_TYPE_NAMES = frozenset({b"smallint", b"integer", b"bigint"})
-_INTEGER = re.compile(rb"-?[0-9]{1,19}")
 
 Tuple = tuple[bytes | None, ...]  # one tuple's text values by column position; None: NULL or unchanged
 
 
 def integer(text: bytes | None) -> int | None:
-    """The integer an int2/int4/int8 output text spells (None: NULL, unchanged or not one)."""
-    if text is None or _INTEGER.fullmatch(text) is None:
+    """The integer an int2/int4/int8 output text spells (None: NULL, unchanged or not one):
+    an optional minus and 1-19 ASCII digits (bytes.isdigit is ASCII only)."""
+    if text is None:
         return None
-    return int(text)
+    digits = text[1:] if text[:1] == b"-" else text
+    return int(text) if 0 < len(digits) <= 19 and digits.isdigit() else None
+
+
+def integer_columns(types: Sequence[int]) -> tuple[int, ...]:
+    """The positions of a relation's int2/int4/int8 columns (once per Relation message)."""
+    return tuple(i for i, oid in enumerate(types) if oid in INTEGER_OIDS)
 
 
 def pgoutput_row(
     kind: str,
     names: tuple[str, ...],
     flags: tuple[bool, ...],
-    types: tuple[int, ...],
+    integers: tuple[int, ...],
     old_kind: str,
     old: Tuple | None,
     new: Tuple | None,
 ) -> RowKeys:
-    """The known key values of one pgoutput row change (see the module docstring)."""
+    """The known key values of one pgoutput row change (see the module docstring);
+    `integers`: the positions of its integer columns (`integer_columns`)."""
     out: RowKeys = {}
-    if len(flags) != len(names) or len(types) != len(names):
+    if len(flags) != len(names):
         return out
-    for i, name in enumerate(names):
-        if types[i] not in INTEGER_OIDS:
-            continue
+    for i in integers:
+        name = names[i]
         after = _at(new, i)
         # The old value: from the old tuple ('O': every column; 'K': the identity columns,
         # the others come as NULL), else unchanged if the column is part of the identity.

@@ -118,6 +118,7 @@ class Relation:
     columns: tuple[str, ...] = ()
     key_flags: tuple[bool, ...] = ()  # per column: part of the replica identity
     types: tuple[int, ...] = ()  # per column: its type's OID
+    integers: tuple[int, ...] = ()  # the positions of its int2/int4/int8 columns
 
 
 QualifiedName = tuple[str, str]  # (namespace, relation name)
@@ -312,5 +313,5 @@ class TransactionAssembler:
             self._keys.add(table, row.keys, row.relation if row.needs_identity else None)
             return
         rel = self.relations[row.relid]
-        keys = pgoutput_row(row.kind, rel.columns, rel.key_flags, rel.types, row.old_kind, row.old, row.new)
+        keys = pgoutput_row(row.kind, rel.columns, rel.key_flags, rel.integers, row.old_kind, row.old, row.new)
         self._keys.add(table, keys)

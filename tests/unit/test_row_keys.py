@@ -9,7 +9,14 @@ import pytest
 from neonpoly.cache.keys import bucket_name, feed_names, rows_name
 from neonpoly.freshness import pgoutput, textdecoding
 from neonpoly.freshness.replica_identity import IdentityBook, Known, identity_sql, parse_rows
-from neonpoly.freshness.rowkeys import MAX_KEYS_PER_TABLE, KeyAccumulator, pgoutput_row, restrict
+from neonpoly.freshness.rowkeys import (
+    MAX_KEYS_PER_TABLE,
+    KeyAccumulator,
+    integer,
+    integer_columns,
+    pgoutput_row,
+    restrict,
+)
 from neonpoly.freshness.stream import RowChange
 from tests.unit.stream_capture import PGOUTPUT, TEST_DECODING
 from tests.unit.test_stream import MIXED, _changes
@@ -67,8 +74,14 @@ def test_test_decoding_rows_read_only_plain_integers() -> None:
         assert not _line(unsure).keys, unsure
 
 
+def test_integer_texts() -> None:
+    assert [integer(t) for t in (b"0", b"-42", b"9223372036854775807", None)] == [0, -42, 2**63 - 1, None]
+    for bad in (b"", b"-", b"+1", b" 1", b"1.0", b"1e3", b"\xd9\xa1", b"12345678901234567890"):
+        assert integer(bad) is None, bad
+
+
 def test_pgoutput_rows_need_the_old_value_of_every_key() -> None:
-    names, types = ("id", "v"), (23, 25)
+    names, types = ("id", "v"), integer_columns((23, 25))
     flags = (True, False)
     assert pgoutput_row("update", names, flags, types, "", None, (b"1", b"x")) == {"id": frozenset({1})}
     # The key changed: 'K' holds the old identity, the other columns as NULL.
@@ -77,7 +90,7 @@ def test_pgoutput_rows_need_the_old_value_of_every_key() -> None:
     assert pgoutput_row("update", names, (False, False), types, "", None, (b"1", b"x")) == {}
     assert pgoutput_row("update", names, flags, types, "", None, (None, b"x")) == {}  # NULL or unchanged
     assert pgoutput_row("delete", names, flags, types, "K", (b"3", None), None) == {"id": frozenset({3})}
-    assert pgoutput_row("insert", names, flags, (1700, 25), "", None, (b"1", b"x")) == {}  # numeric
+    assert pgoutput_row("insert", names, flags, integer_columns((1700, 25)), "", None, (b"1", b"x")) == {}  # numeric
 
 
 def test_pgoutput_tuples_decode_null_unchanged_and_text() -> None:
