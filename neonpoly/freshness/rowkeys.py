@@ -16,6 +16,10 @@ that bare name, since names are bare, see `stream.table_name`). Which column is 
 not decided here: the caches' sink keeps the table precise only if the column its relation
 book says point reads are keyed on (the relay's own catalog answer: `relations.py` 'k' rows,
 `RelationBook.key_column`) is among the known ones, and bumps the whole table otherwise.
+So a table is precise under the relay's own conditions (one non-generated integer primary
+key, an ordinary table without triggers, rules, row security, children or cascades into
+itself, the same key column in every schema), although the feed would not need all of them:
+what a trigger or a cascade writes comes in the stream as rows of its own.
 
 What "known" means, per decoder:
 
