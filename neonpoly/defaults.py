@@ -86,4 +86,7 @@ DEFAULT_CHANGE_FEED = "auto"
 DEFAULT_FEED_DDL = "poll"
 DEFAULT_FEED_IDLE = 300.0
 DEFAULT_FEED_DDL_POLL = 1.0
+# While the feed follows every table a query reads, each commit evicts what it changed: the
+# TTL (auto mode) is a safety net, and may be this long.
+DEFAULT_FEED_TTL = 3600.0
 FEED_APPLICATION_NAME = "neonpoly change feed"

@@ -12,10 +12,12 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neonpoly.cache.adaptive import AdaptiveTTL
+from neonpoly.cache.keys import feed_names
 from neonpoly.cache.query_cache import DEFAULT_ADMIT_AFTER, DEFAULT_TTL, QueryCache
 from neonpoly.cache.rules import RuleBook, RulePolicy, bare_tables
 from neonpoly.cache.store import CacheStore, MemoryStore, open_store
@@ -176,6 +178,10 @@ class ProxyService:
             stats.set_ttl(cache_id, template_id, ttl)
 
         policy = RulePolicy(self.rules, cache_id, lambda: cache.ttl, self.adaptive, report)
+        # Longer TTLs while the change feed follows every table a query reads (adaptive.py).
+        policy.feed_ttl = lambda tables: (
+            ttl if (ttl := self.feeds.safety_ttl(cache_id)) is not None and cache.relations.followed(tables) else None
+        )
         self.policies[cache_id] = policy
         cache.ttl_policy = policy
         cache.on_refetch = self.adaptive.on_refetch
@@ -278,7 +284,9 @@ class ProxyService:
         policy = self.policies.get(t.cache_id)
         if policy is None:
             return TemplateReport(t, t.ttl, "cache")
-        decision = policy.decide(t.template_id, bare_tables(t.tables))
+        names = bare_tables(t.tables)
+        feed = policy.feed_ttl(frozenset(names)) if policy.feed_ttl is not None else None
+        decision = policy.decide(t.template_id, names, feed)
         return TemplateReport(t, decision.ttl, decision.source)
 
     async def start(self) -> tuple[str, int]:
@@ -323,7 +331,14 @@ class _CacheSink:
     def __init__(self, routes: Routes) -> None:
         self.routes = routes
 
-    def on_change(self, origin_key: str, database: str | None, tables: frozenset[str], everything: bool) -> None:
+    def on_change(
+        self,
+        origin_key: str,
+        database: str | None,
+        tables: frozenset[str],
+        everything: bool,
+        rows: Mapping[str, Mapping[str, frozenset[int]]],
+    ) -> None:
         cache = next(
             (r.cache for r in self.routes.by_id.values() if r.cache is not None and r.origin.label == origin_key),
             None,
@@ -333,4 +348,7 @@ class _CacheSink:
         if everything or database is None:
             cache.invalidate(database, frozenset(), True)
         else:
-            cache.invalidate(database, tables, False, (tables, False))
+            # Keys where every cache's relation book agrees on the key column (cache/keys.py).
+            caches = (cache, *cache.siblings())
+            names = feed_names(tables, rows, lambda t: [c.relations.key_column(database, t) for c in caches])
+            cache.invalidate(database, names, False, (tables, False))

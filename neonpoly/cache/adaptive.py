@@ -11,6 +11,22 @@ through neonpoly touched its tables in between (the entry's generation stamp is 
 Per template we keep a running rate of such changed refetches and shorten the TTL by up to
 `refetch_weight` of it: a template whose refetches always change lives a quarter as long
 with the default weight of 0.75; one whose refetches never change keeps the cache's TTL.
+
+**With the change feed live**, the other writers are seen too: every commit on the origin
+evicts what it changed (by key where the rows say so) before the next hit, and a feed that
+stops evicts its database, so nothing stored under its protection outlives it. The TTL is
+then a safety net, not the freshness mechanism: in auto mode a template whose tables the
+feed follows (`RelationBook.followed`: permanent tables and views over them; an unlogged
+table's changes never reach the stream) is capped by the feed's TTL (`FeedSettings.ttl`,
+default one hour) instead of the cache's, still shortened by the refetch rate above (under
+a live feed a changed refetch means a change the feed did not carry). The moment the feed is
+not live (starting, reconnecting, idle, standby, off) the cache's TTL applies again; the
+policy asks at every decision (cache/rules.py), never from a memo of another state.
+
+The feed's table rates need no TTL of their own: under the feed an entry lives until the
+next change of what it read, however long its TTL, and a template whose entries the feed
+keeps evicting before anyone reads them stops being captured (cache/cacheability.py), which
+is what a short TTL on a hot table would have bought.
 """
 
 from __future__ import annotations

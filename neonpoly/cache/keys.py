@@ -14,6 +14,11 @@ publishes bumped names need nothing new:
   rows giving the key) bumps `T@bucket(v)` for each key and `T#rows`;
 * every other write bumps `T`, which both kinds of read depend on.
 
+The origin's change feed reports writes made anywhere with the key values its rows carried
+(freshness/rowkeys.py); `feed_names` turns them into the same names, precise only where the
+catalog answer this module's callers use (the relation book's key column) names a column
+whose values the feed knows for every changed row.
+
 Buckets are the value modulo a fixed number, so generations stay bounded per table; two keys
 in one bucket only evict each other. This module finds the candidate key conjuncts in the
 parse tree and decodes bound values; whether the column really is the table's primary key
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +103,28 @@ _READ_NAMES: dict[frozenset[str], frozenset[str]] = {}
 def write_names(table: str, values: list[int]) -> frozenset[str]:
     """What a keyed write of these key values bumps."""
     return frozenset({rows_name(table), *(bucket_name(table, v) for v in values)})
+
+
+def feed_names(
+    tables: frozenset[str],
+    rows: Mapping[str, Mapping[str, frozenset[int]]],
+    key_columns: Callable[[str], Iterable[str | None]],
+) -> frozenset[str]:
+    """What a committed change the feed reports bumps: for a table whose rows' values of its
+    key column are known, those keys and `T#rows` (as a keyed write does); otherwise the
+    table. `key_columns(t)`: the key column each cache's relation book has for `t` (None:
+    unknown or none); precision needs them all to name the same column."""
+    out: set[str] = set()
+    for table in tables:
+        known = rows.get(table)
+        if known:
+            columns = set(key_columns(table))
+            column = columns.pop() if len(columns) == 1 else None
+            if column is not None and column in known:
+                out |= write_names(table, list(known[column]))
+                continue
+        out.add(table)
+    return frozenset(out)
 
 
 # -- from the parse tree ---------------------------------------------------------------

@@ -19,6 +19,12 @@ reach further than they say:
   policies are bound to OIDs when created, and `pg_get_viewdef` qualifies any name that would
   resolve differently, so their names are taken as printed.
 
+The origin's change feed (freshness/) sees changes only of tables in the WAL's logical
+stream: an unlogged or temporary table, a materialized view (pgoutput publishes none), a
+foreign table never appear there. Each lookup also lists the relations a read reaches that
+are not ordinary or partitioned permanent tables (or views over them), so the TTL policy
+lengthens TTLs under a live feed only for reads it follows (`RelationBook.followed`).
+
 So the first time a relation is seen, neonpoly asks the origin (in the client's own idle
 session; the answer is swallowed) and from then on tags reads with every table they read and
 widens writes to every table they reach. View definitions and policy expressions come back as
@@ -136,6 +142,10 @@ LEFT JOIN LATERAL (
    AND pg_catalog.cardinality(k.conkey) {_CATALOG} 1
 ) pk(typ, col) ON true
 UNION ALL
+SELECT 'u', r.root, c.relname::pg_catalog.text, 'false', NULL  -- what a change feed cannot follow
+FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
+WHERE c.relpersistence {_NOT} 'p' OR c.relkind {_NOT} ALL ('{{r,p,v}}'::pg_catalog."char"[])
+UNION ALL
 SELECT 's', '*', pg_catalog.concat('cast ', t.typname), 'false', NULL
 FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
 JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} k.casttarget
@@ -208,6 +218,10 @@ class RelationBook:
         self._known: dict[tuple[str, str], Relation] = {}
         # database -> builtin name ("lower()", "operator =") -> schemas holding a rival
         self._shadowed: dict[str, dict[str, frozenset[str]]] = {}
+        # database -> relation name -> whether the change feed follows every relation a read
+        # of it reaches (its own name as a base table or partition, or as the name read).
+        self._followed: dict[str, dict[str, bool]] = {}
+        self._followed_memo: dict[frozenset[str], bool] = {}  # asked at every TTL decision
         # Every request asks, hits included: answers are kept until the book learns or forgets.
         self._resolved: dict[tuple[str, frozenset[str], frozenset[str], frozenset[str] | None], Resolution] = {}
 
@@ -273,6 +287,28 @@ class RelationBook:
             out |= rel.reach
         return frozenset(out)
 
+    def followed(self, names: Iterable[str]) -> bool:
+        """True when every name was looked up (in some database) and, in every database
+        that knows it, reading it reaches only tables the origin's logical replication
+        stream carries (see the module docstring). Names as the cache tags entries."""
+        if not isinstance(names, frozenset):
+            names = frozenset(names)
+        memo = self._followed_memo.get(names)
+        if memo is None:
+            if len(self._followed_memo) >= 4096:
+                self._followed_memo.clear()
+            memo = self._followed_memo[names] = all(self._followed_one(name) for name in names)
+        return memo
+
+    def _followed_one(self, name: str) -> bool:
+        found = False
+        for seen in self._followed.values():
+            state = seen.get(name)
+            if state is False:
+                return False
+            found = found or state is not None
+        return found
+
     def key_column(self, database: str, name: str) -> str | None:
         """The column whose value confines reads and writes of `name` to one row (None: none)."""
         rel = self._known.get((database, name))
@@ -285,6 +321,7 @@ class RelationBook:
         self, database: str, asked: Iterable[str], rows: Iterable[tuple[str, str, str, bool, str | None]]
     ) -> None:
         self._resolved.clear()
+        self._followed_memo.clear()
         self._bound()
         reads: dict[str, tuple[set[str], bool]] = {}
         writes: dict[str, tuple[set[str], bool]] = {}
@@ -292,7 +329,15 @@ class RelationBook:
         write_code: dict[str, list[str]] = {}
         shadows: dict[str, set[str]] = {}
         keyed: dict[str, list[tuple[bool, str, str | None]]] = {}
+        followed = self._followed.setdefault(database, {})
+        unfollowed_roots: set[str] = set()
         for kind, root, relname, flag, definition in rows:
+            if kind == "u":
+                followed[relname] = False
+                unfollowed_roots.add(root)
+                continue
+            if kind == "r":
+                followed.setdefault(relname, True)
             if kind == "k":
                 keyed.setdefault(root, []).append((flag, relname, definition))
                 continue
@@ -325,12 +370,17 @@ class RelationBook:
                 frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque,
                 _key_column(keyed.get(name, ())),
             )
+            if name in unfollowed_roots or name not in followed:
+                followed[name] = False
 
     def refuse(self, database: str, names: Iterable[str]) -> None:
         """Relations we could not ask about: never cached, reads and writes evict everything."""
         self._resolved.clear()
+        self._followed_memo.clear()
         self._bound()
+        followed = self._followed.setdefault(database, {})
         for name in names:
+            followed[name] = False
             why = f"neonpoly could not look up {name}"
             self._known[(database, name)] = Relation(frozenset({name}), why, why, frozenset(), frozenset({name}), True)
         self._shadowed.setdefault(database, {})
@@ -338,6 +388,7 @@ class RelationBook:
     def _bound(self) -> None:
         if len(self._known) >= MAX_RELATIONS:
             self._known.clear()
+            self._followed.clear()
 
     def known_relations(self) -> int:
         return len(self._known)
@@ -345,10 +396,13 @@ class RelationBook:
     def forget(self, database: str | None = None) -> None:
         """DDL may have redefined views, keys, triggers, policies or functions: learn again."""
         self._resolved.clear()
+        self._followed_memo.clear()
         if database is None:
             self._known.clear()
             self._shadowed.clear()
+            self._followed.clear()
         else:
+            self._followed.pop(database, None)
             for key in [k for k in self._known if k[0] == database]:
                 del self._known[key]
             self._shadowed.pop(database, None)

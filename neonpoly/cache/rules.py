@@ -3,7 +3,8 @@
 A cache runs in one of three modes:
 
 * ``auto``  - every cacheable query is cached; its TTL is learned (`AdaptiveTTL`), bounded
-  above by the cache's configured TTL;
+  above by the cache's configured TTL, or by the change feed's longer one while the origin's
+  change feed follows every table the query reads (`RulePolicy.feed_ttl`; adaptive.py says why);
 * ``fixed`` - every cacheable query is cached with the cache's configured TTL;
 * ``off``   - nothing is cached except what a TTL rule names (PolyScale's "manual" mode).
 
@@ -289,32 +290,39 @@ class RulePolicy:
         auto: AutoTTL | None = None,
         on_decision: Callable[[str, float | None], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        feed_ttl: Callable[[frozenset[str]], float | None] | None = None,
     ) -> None:
         self.book = book
+        # The TTL cap while the change feed follows these tables now (None: it does not).
+        self.feed_ttl = feed_ttl
         self.cache_id = cache_id
         self.max_ttl = max_ttl
         self.auto = auto
         self.on_decision = on_decision
         self.clock = clock
-        self._memo: dict[tuple[str, frozenset[str]], tuple[float | None, int, float]] = {}
+        self._memo: dict[tuple[str, frozenset[str], float | None], tuple[float | None, int, float]] = {}
 
     def __call__(self, template_id: str, tables: frozenset[str]) -> float | None:
         # Asked for every query: remember a decision for a second. A rule change applies at
         # once (the book's version is part of the check); learned TTLs move slowly anyway.
+        # The feed's state is asked every time: a TTL chosen while it was live must not be
+        # handed out a moment after it went down.
         now = self.clock()
-        memo = self._memo.get((template_id, tables))
+        feed = self.feed_ttl(tables) if self.feed_ttl is not None else None
+        memo = self._memo.get((template_id, tables, feed))
         if memo is not None and memo[1] == self.book.version and memo[2] > now:
             return memo[0]
-        ttl = self.decide(template_id, tables).ttl
+        ttl = self.decide(template_id, tables, feed).ttl
         if len(self._memo) > 10_000:
             self._memo.clear()
-        self._memo[(template_id, tables)] = (ttl, self.book.version, now + 1.0)
+        self._memo[(template_id, tables, feed)] = (ttl, self.book.version, now + 1.0)
         if self.on_decision is not None:
             self.on_decision(template_id, ttl)
         return ttl
 
-    def decide(self, template_id: str, tables: Iterable[str]) -> TTLDecision:
-        """`tables` as the classifier's `tables_read` spells them (see `bare_tables`)."""
+    def decide(self, template_id: str, tables: Iterable[str], feed_ttl: float | None = None) -> TTLDecision:
+        """`tables` as the classifier's `tables_read` spells them (see `bare_tables`);
+        `feed_ttl`: the cap while the change feed follows them (auto mode only)."""
         book, cid = self.book, self.cache_id
         names = list(tables)
         by_template = book.matching("query", template_id, cid)
@@ -340,8 +348,13 @@ class RulePolicy:
         if unruled or not names:
             cap = self.max_ttl()
             learned = mode == "auto" and self.auto is not None
+            following = learned and feed_ttl is not None and feed_ttl > cap
+            if following and feed_ttl is not None:
+                cap = feed_ttl
             auto = self.auto.ttl(unruled, cap, template_id) if learned and self.auto is not None else cap
             if best is None or auto < best:
                 best = auto
                 source = self.auto.explain(template_id) if learned and self.auto is not None else mode
+                if following:
+                    source += f" (change feed live: up to {cap:g} s)"
         return TTLDecision(best, source)

@@ -6,6 +6,17 @@ caches, and later an invalidation plane); TRUNCATE arrives in the stream like ro
 does not, and is caught by an event trigger's logical message or by a catalog poll
 (`origin_sql`).
 
+**Key precision.** A transaction's tables come with the key values its rows had, where the
+stream proves them (`rowkeys.py`; for test_decoding UPDATEs, `replica_identity.py` proves
+the identity held when the row was written). The sinks bump `T@bucket(v)` + `T#rows` for a
+table whose key column (the relay's own catalog answer) is among them, and `T` otherwise,
+as a write through neonpoly does. Why that cannot outlive a DDL: the values are the rows'
+own (read `WHERE k = v` reads exactly the rows whose `k` is `v` before and after); what says
+*which* column point reads are keyed on is the relay's relation book, which every DDL the
+feed catches makes forget (with the eviction of the database); and the one catalog fact the
+feed itself relies on (test_decoding's replica identity) is proven per change by two reads
+around it, never assumed from one.
+
 **Which output plugin.** pgoutput needs a publication, and a publication that publishes
 UPDATE and DELETE of a table makes PostgreSQL *refuse* UPDATE and DELETE on that table unless
 it has a replica identity (a primary key, or REPLICA IDENTITY FULL): creating
@@ -42,7 +53,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,15 +64,19 @@ from neonpoly.defaults import (
     DEFAULT_FEED_DDL,
     DEFAULT_FEED_DDL_POLL,
     DEFAULT_FEED_IDLE,
+    DEFAULT_FEED_TTL,
     FEED_APPLICATION_NAME,
 )
 from neonpoly.freshness import origin_sql, pgoutput, textdecoding
 from neonpoly.freshness.libpq import LibpqConnection, LibpqError
+from neonpoly.freshness.replica_identity import IdentityBook, Known, identity_sql, parse_rows, wanted
+from neonpoly.freshness.rowkeys import RowKeys
 from neonpoly.freshness.stream import (
     Change,
     Decoded,
     Keepalive,
     ProtocolError,
+    QualifiedName,
     RowChange,
     TransactionAssembler,
     XLogData,
@@ -86,10 +101,20 @@ class ChangeSink(Protocol):
     invalidation plane would publish these as table-generation bumps).
 
     `database` None: every database of the origin (roles, memberships). `everything`: the
-    whole database (DDL, or a gap in the feed) rather than `tables`.
+    whole database (DDL, or a gap in the feed) rather than `tables`. `rows`: of `tables`,
+    those whose changed rows' key values are known (column -> values, rowkeys.py); a sink
+    may bump only those keys when the column is the one its point reads are keyed on, and
+    must bump the table otherwise (a sink ignoring `rows` stays correct).
     """
 
-    def on_change(self, origin_key: str, database: str | None, tables: frozenset[str], everything: bool) -> None: ...
+    def on_change(
+        self,
+        origin_key: str,
+        database: str | None,
+        tables: frozenset[str],
+        everything: bool,
+        rows: Mapping[str, RowKeys],
+    ) -> None: ...
 
 
 class FeedUnavailable(Exception):
@@ -103,6 +128,7 @@ class FeedSettings:
     idle: float = DEFAULT_FEED_IDLE  # close the feed after this long without clients
     publication: str = origin_sql.PUBLICATION
     ddl_poll: float = DEFAULT_FEED_DDL_POLL  # seconds between catalog checks (ddl=poll)
+    ttl: float = DEFAULT_FEED_TTL  # the TTL cap (auto mode) of reads a live feed follows
     connect_timeout: float = 10.0
     status_every: float = 10.0  # standby status updates, each asking the server to answer
     silence: float = 30.0  # no word from the server for this long: the feed is lost
@@ -150,6 +176,7 @@ class FeedStatus:
     decoder: str  # the output plugin: pgoutput (the user's publication) or test_decoding
     slot: str
     live_since: float | None  # monotonic
+    keyed: int = 0  # of `tables`, bumps that came with their rows' key values (rowkeys.py)
 
     def summary(self) -> str:
         if self.state == "live":
@@ -181,7 +208,7 @@ class ChangeFeed:
         self.lag_ms: float | None = None
         self.position = 0
         self.last_change: float | None = None
-        self.changes = self.tables = self.truncates = self.ddl = self.gaps = 0
+        self.changes = self.tables = self.truncates = self.ddl = self.gaps = self.keyed = 0
         self.ddl_mode = "stream" if settings.ddl == "install" else "poll"
         self.slot = ""
         self.decoder = ""
@@ -192,6 +219,9 @@ class ChangeFeed:
         self._first: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
         self._conns: list[LibpqConnection] = []
+        self._catalog: LibpqConnection | None = None  # for replica identity reads
+        self._identities = IdentityBook()
+        self._identity_retry = 0.0  # monotonic: no replica identity read before this
 
     # --- life -----------------------------------------------------------------------
 
@@ -221,7 +251,7 @@ class ChangeFeed:
         return FeedStatus(
             self.target.key, self.database, self.state, self.reason, self.lag_ms, self.position,
             self.last_change, self.changes, self.tables, self.truncates, self.ddl, self.gaps,
-            self.ddl_mode, self.decoder, self.slot, self.live_since,
+            self.ddl_mode, self.decoder, self.slot, self.live_since, self.keyed,
         )
 
     def caught_up(self, lsn: int) -> bool:
@@ -262,6 +292,8 @@ class ChangeFeed:
         for conn in self._conns:
             conn.close()
         self._conns.clear()
+        self._catalog = None
+        self._identities.forget()
         self.backend_pid = None
         if self.live_since is not None:
             self.live_since = None
@@ -271,10 +303,12 @@ class ChangeFeed:
         self.gaps += 1
         self._publish(self.database, frozenset(), True)
 
-    def _publish(self, database: str | None, tables: frozenset[str], everything: bool) -> None:
+    def _publish(
+        self, database: str | None, tables: frozenset[str], everything: bool, rows: Mapping[str, RowKeys] | None = None
+    ) -> None:
         for sink in self.sinks:
             try:
-                sink.on_change(self.target.key, database, tables, everything)
+                sink.on_change(self.target.key, database, tables, everything, rows or {})
             except Exception:  # a sink must not stop the feed (the caches would trust a dead one)
                 log.exception("change feed sink %r failed", sink)
 
@@ -415,6 +449,8 @@ class ChangeFeed:
             reply = False
             if batch:
                 heard = now
+            ready: list[Change] = []
+            passed = 0  # a keepalive's WAL end, once the changes before it are applied
             for raw in batch:
                 if same is not None and raw.startswith(same, _XLOGDATA_HEADER):
                     continue
@@ -424,13 +460,19 @@ class ChangeFeed:
                         textdecoding.decode(frame.data, frame.start) if text else pgoutput.decode(frame.data)
                     )
                     change = assembler.feed(decoded)
-                    same = codec.row_prefix(frame.data) if isinstance(decoded, RowChange) else None
+                    # Skip the relation's next rows only once they cannot add key values.
+                    whole = isinstance(decoded, RowChange) and assembler.whole(decoded)
+                    same = codec.row_prefix(frame.data) if whole else None
                     if change is not None:
-                        self._apply(change)
+                        ready.append(change)
                 elif isinstance(frame, Keepalive):
-                    if not assembler.in_transaction and frame.wal_end > self.position:
-                        self.position = frame.wal_end  # every commit before it was sent
+                    if not assembler.in_transaction:
+                        passed = max(passed, frame.wal_end)  # every commit before it was sent
                     reply = reply or frame.reply_requested
+            if ready:
+                await self._apply_batch(ready)
+            if passed > self.position:
+                self.position = passed
             if len(batch) > 1:
                 await asyncio.sleep(0)  # a burst: let the relay run between batches
             if now - heard > settings.silence:
@@ -442,6 +484,34 @@ class ChangeFeed:
                 await conn.write_copy(standby_status(pos, pos, pos, unix_to_pg_time(time.time()), reply=True))
                 next_status = now + settings.status_every
 
+    async def _apply_batch(self, changes: list[Change]) -> None:
+        """Apply changes in commit order, after one replica identity read for those that
+        need it (replica_identity.py; the read comes after they committed)."""
+        asked = wanted(changes)
+        now = await self._read_identities(asked) if asked else {}
+        for change in self._identities.settle(changes, now, asked):
+            self._apply(change)
+
+    async def _read_identities(self, relations: frozenset[QualifiedName]) -> dict[QualifiedName, Known]:
+        """The catalog's answer now ({} when it cannot be had: those changes go whole, and
+        the feed goes on; another try after `retry_max`)."""
+        if time.monotonic() < self._identity_retry:
+            return {}
+        try:
+            if self._catalog is None:
+                self._catalog = await self._connect(replication=False)
+            sql = identity_sql(relations)
+            return parse_rows(await asyncio.wait_for(self._catalog.query(sql), self.settings.connect_timeout))
+        except (LibpqError, FeedUnavailable, OSError, TimeoutError) as exc:
+            log.warning("change feed %s/%s: cannot read replica identities (%s); whole tables for %g s",
+                        self.target.key, self.database, _one_line(str(exc)) or "timeout", self.settings.retry_max)
+            if self._catalog is not None:
+                self._conns.remove(self._catalog)
+                self._catalog.close()
+                self._catalog = None
+            self._identity_retry = time.monotonic() + self.settings.retry_max
+            return {}
+
     def _apply(self, change: Change) -> None:
         if change.tables or change.everything:
             self.last_change = time.time()
@@ -450,11 +520,12 @@ class ChangeFeed:
             if change.tables:
                 self.changes += 1
                 self.tables += len(change.tables)
+                self.keyed += len(change.rows)
                 self.truncates += change.truncated
             if change.everything:
                 self.ddl += 1
                 log.info("change feed %s/%s: %s", self.target.key, self.database, "; ".join(change.reasons))
-            self._publish(self.database, change.tables, change.everything)
+            self._publish(self.database, change.tables, change.everything, change.rows)
         if change.end_lsn > self.position:
             self.position = change.end_lsn
 
@@ -469,6 +540,7 @@ class ChangeFeed:
                 self.ddl += 1
                 self.last_change = time.time()
                 log.info("change feed %s/%s: the catalog changed (DDL)", self.target.key, self.database)
+                self._identities.forget()
                 self._publish(self.database, frozenset(), True)
             if now_shared != shared:
                 shared = now_shared

@@ -63,6 +63,9 @@ class FeedManager:
         self._started = False
         self._ticker: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
+        # cache id -> the feeds that must be live for `follows` (asked for every query: a
+        # list kept until the caches, sessions or feeds change; [] when one is missing)
+        self._following: dict[str, list[ChangeFeed]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -74,6 +77,7 @@ class FeedManager:
         """A cache in front of `target` is served; `database` is the one its clients use
         by default (its feed starts with serving)."""
         self._caches[cache_id] = (target, database)
+        self._following.clear()
         if self._started and database:
             self._ensure(target, database, eager=True)
 
@@ -81,6 +85,7 @@ class FeedManager:
         """The cache was removed: stop the feeds no other cache needs, and drop from the
         origin what neonpoly created there (the DDL event trigger)."""
         entry = self._caches.pop(cache_id, None)
+        self._following.clear()
         if entry is None:
             return
         target = entry[0]
@@ -102,6 +107,8 @@ class FeedManager:
                 keys.add((entry[0].key, database))
         for key in keys | self._in_use:
             self._last_used[key] = now
+        if keys != self._in_use:
+            self._following.clear()
         self._in_use = keys
         if self._started:
             for key in keys:
@@ -110,6 +117,7 @@ class FeedManager:
     def lease_changed(self, origin_key: str, held: bool) -> None:
         """This node gained (start the feeds its caches and clients want) or lost (stop
         them: another node runs them now) the lease of an origin's feeds."""
+        self._following.clear()
         if held:
             if not self._started:
                 return
@@ -132,6 +140,7 @@ class FeedManager:
         if self._started or not self.enabled:
             return
         self._started = True
+        self._following.clear()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         eager: list[ChangeFeed] = []
         for target, database in list(self._caches.values()):
@@ -154,6 +163,7 @@ class FeedManager:
             self._ticker.cancel()
             self._ticker = None
         feeds, self._feeds = list(self._feeds.values()), {}
+        self._following.clear()
         await asyncio.gather(*(f.stop() for f in feeds), return_exceptions=True)
         chores = list(self._chores)
         if chores:
@@ -171,6 +181,36 @@ class FeedManager:
             return ()
         key = entry[0].key
         return tuple(f.status() for (k, _), f in sorted(self._feeds.items()) if k == key)
+
+    def follows(self, cache_id: str) -> bool:
+        """True while this node's feeds are live for every database the cache's clients use
+        and for its own: every commit there is evicted before the next hit, and a feed that
+        stops evicts its database (changefeed.py), so entries stored now cannot outlive it.
+        A standby node (another runs the feeds), a feed starting, off or reconnecting: no."""
+        feeds = self._following.get(cache_id)
+        if feeds is None:
+            feeds = self._following[cache_id] = self._must_follow(cache_id)
+        if not feeds:
+            return False
+        for feed in feeds:  # noqa: SIM110 (asked for every query: no generator)
+            if feed.state != "live":
+                return False
+        return True
+
+    def _must_follow(self, cache_id: str) -> list[ChangeFeed]:
+        entry = self._caches.get(cache_id)
+        if entry is None or not self._started or not self.enabled:
+            return []
+        target, database = entry
+        keys = {key for key in self._in_use if key[0] == target.key}
+        if database:
+            keys.add((target.key, database))
+        feeds = [self._feeds.get(key) for key in keys]
+        return [f for f in feeds if f is not None] if all(f is not None for f in feeds) else []
+
+    def safety_ttl(self, cache_id: str) -> float | None:
+        """The TTL cap of reads the feeds follow (cache/rules.py), or None when they do not."""
+        return self.settings.ttl if self.follows(cache_id) else None
 
     def summary(self, cache_id: str) -> str:
         """One line for SHOW CACHES: "on (lag 3 ms)", "off: wal_level is replica", …"""
@@ -201,6 +241,7 @@ class FeedManager:
         if feed is None:
             feed = ChangeFeed(target, database, self.settings, self.sinks, on_refused=self._refused)
             self._feeds[key] = feed
+            self._following.clear()
         elif feed.running or (
             feed.state == "off" and time.monotonic() - self._refused_at.get(key, 0.0) < RECHECK_AFTER
         ):

@@ -2,15 +2,17 @@
 
 "Logical Replication Message Formats", protocol version 1 (no streaming of in-progress
 transactions, none of version 2+'s messages): Begin, Commit, Relation (its id, namespace,
-name, columns), Insert, Update and Delete (the relation id; the tuples are not decoded, a
-row's values never matter here), Truncate (its relation ids), the logical decoding Message
-(prefix and content), and Origin and Type (recognised, ignored).
+name, columns with their key flags and types), Insert, Update and Delete (the relation id and
+the tuples' text values: the key values they carry make bumps precise, see `rowkeys.py`),
+Truncate (its relation ids), the logical decoding Message (prefix and content), and Origin
+and Type (recognised, ignored).
 """
 
 from __future__ import annotations
 
 import struct
 
+from neonpoly.freshness.rowkeys import Tuple, integer_columns
 from neonpoly.freshness.stream import (
     Begin,
     Commit,
@@ -79,19 +81,23 @@ def decode(data: bytes) -> Decoded:
             _flags, commit_lsn, end_lsn, commit_time = r.unpack(_COMMIT)
             return Commit(commit_lsn, end_lsn, commit_time)
         if kind in _ROW_KINDS:
-            return RowChange(_ROW_KINDS[kind], r.num(_U32))
+            return _row(_ROW_KINDS[kind], r)
         if kind == b"R":
             relid = r.num(_U32)
             namespace = r.cstring()
             name = r.cstring()
             identity = chr(r.num(_U8))
-            columns = []
+            columns: list[str] = []
+            key_flags: list[bool] = []
+            types: list[int] = []
             for _ in range(r.num(_I16)):
-                r.num(_I8)  # flags (1: part of the key)
+                key_flags.append(bool(r.num(_I8) & 1))  # part of the replica identity
                 columns.append(r.cstring())
-                r.num(_U32)  # type oid
+                types.append(r.num(_U32))
                 r.num(_I32)  # type modifier
-            return Relation(relid, namespace, name, identity, tuple(columns))
+            return Relation(
+                relid, namespace, name, identity, tuple(columns), tuple(key_flags), tuple(types), integer_columns(types)
+            )
         if kind == b"T":
             count = r.num(_I32)
             options = r.num(_I8)
@@ -110,6 +116,50 @@ def decode(data: bytes) -> Decoded:
     except (struct.error, ValueError, IndexError) as exc:
         raise ProtocolError(f"truncated pgoutput message {kind!r}: {exc}") from exc
     raise ProtocolError(f"unknown pgoutput message {kind!r} (streaming or a newer protocol was not asked for)")
+
+
+def _row(kind: str, r: _Reader) -> RowChange:
+    """Insert: 'N' new. Update: optional 'K' (old identity) or 'O' (old row), then 'N' new.
+    Delete: 'K' or 'O'."""
+    relid = r.num(_U32)
+    old_kind = ""
+    old: Tuple | None = None
+    new: Tuple | None = None
+    tag = r.take(1)
+    if tag in (b"K", b"O"):
+        old_kind, old = tag.decode(), _tuple(r)
+        if kind == "update":
+            tag = r.take(1)
+    if tag == b"N":
+        new = _tuple(r)
+    elif kind != "delete" or old is None:
+        raise ProtocolError(f"unexpected tuple tag {tag!r} in a {kind}")
+    return RowChange(kind, relid, old_kind=old_kind, old=old, new=new)
+
+
+def _tuple(r: _Reader) -> Tuple:
+    """TupleData: per column 'n' (NULL), 'u' (unchanged TOASTed value), 't' (text); both of
+    the first two read as None ("not known"). Protocol 1 never sends 'b' (binary). Read with
+    locals, not the reader's methods: every row of a change passes here on the relay's loop."""
+    data, pos = r.data, r.pos
+    (count,) = _I16.unpack_from(data, pos)
+    pos += 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        tag = data[pos]
+        if tag == 0x74:  # 't'
+            (length,) = _I32.unpack_from(data, pos + 1)
+            start, pos = pos + 5, pos + 5 + length
+            if length < 0 or pos > len(data):
+                raise ProtocolError("length runs past the end of the message")
+            values.append(data[start:pos])
+        elif tag == 0x6E or tag == 0x75:  # 'n', 'u'
+            pos += 1
+            values.append(None)
+        else:
+            raise ProtocolError(f"unknown tuple column tag {bytes((tag,))!r}")
+    r.pos = pos
+    return tuple(values)
 
 
 def row_prefix(data: bytes) -> bytes:

@@ -8,13 +8,16 @@ WAL end, the clock, whether a reply is wanted). We answer with the standby statu
 
 Two output plugins are read (`pgoutput`, `textdecoding`); both decode into the messages
 here, and `TransactionAssembler` turns one connection's messages into committed changes:
-which relations one transaction touched, in commit order.
+which relations one transaction touched, in commit order, and which key values of them
+when the rows say so (`rowkeys.py`).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+
+from neonpoly.freshness.rowkeys import KeyAccumulator, RowKeys, Tuple, pgoutput_row
 
 # Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
 PG_EPOCH_OFFSET_US = 946_684_800 * 1_000_000
@@ -113,6 +116,9 @@ class Relation:
     name: str
     replica_identity: str = "d"
     columns: tuple[str, ...] = ()
+    key_flags: tuple[bool, ...] = ()  # per column: part of the replica identity
+    types: tuple[int, ...] = ()  # per column: its type's OID
+    integers: tuple[int, ...] = ()  # the positions of its int2/int4/int8 columns
 
 
 QualifiedName = tuple[str, str]  # (namespace, relation name)
@@ -120,12 +126,20 @@ QualifiedName = tuple[str, str]  # (namespace, relation name)
 
 @dataclass(frozen=True, slots=True)
 class RowChange:
-    """Insert, Update or Delete: only which relation (the values are never needed), by id
-    (pgoutput) or by name (test_decoding)."""
+    """Insert, Update or Delete: which relation, by id (pgoutput) or by name (test_decoding),
+    and what its tuples say of key values (rowkeys.py): pgoutput's raw tuples (`old_kind`
+    'K' or 'O', `old`, `new`), read with the relation's description; test_decoding's
+    `keys` read from the line (None: nothing known), `needs_identity` when they hold only
+    if the columns are part of the table's replica identity (an UPDATE without old key)."""
 
     kind: str  # "insert", "update", "delete"
     relid: int = 0
     relation: QualifiedName | None = None
+    old_kind: str = ""
+    old: Tuple | None = None
+    new: Tuple | None = None
+    keys: RowKeys | None = None
+    needs_identity: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +185,12 @@ class Change:
     everything: bool  # evict the database: DDL, or a relation the stream never described
     messages: tuple[Message, ...] = ()
     reasons: tuple[str, ...] = ()  # why `everything`
+    # Of `tables`, those whose every changed row's key values are known: column -> values
+    # (rowkeys.py); the others are bumped whole.
+    rows: dict[str, RowKeys] = field(default_factory=dict)
+    # Of `rows`, the tables whose values hold only if those columns are in the replica
+    # identity of these relations (test_decoding UPDATEs: replica_identity.py proves it).
+    identity: dict[str, frozenset[QualifiedName]] = field(default_factory=dict)
 
 
 def table_name(namespace: str, name: str) -> str:
@@ -204,6 +224,12 @@ class TransactionAssembler:
     _truncated: bool = False
     _reasons: list[str] = field(default_factory=list)
     _messages: list[Message] = field(default_factory=list)
+    _keys: KeyAccumulator = field(default_factory=KeyAccumulator)
+
+    def whole(self, message: RowChange) -> bool:
+        """True when the rest of this transaction's rows of `message`'s relation add nothing:
+        its table is bumped whole anyway (the feed may skip them undecoded)."""
+        return self._keys.whole(self._name(message.relid, message.relation) or "")
 
     def feed(self, message: Decoded) -> Change | None:
         if isinstance(message, Begin):
@@ -215,19 +241,22 @@ class TransactionAssembler:
             self._truncated = False
             self._reasons.clear()
             self._messages.clear()
+            self._keys.clear()
             return None
         if isinstance(message, Relation):
             self.relations[message.relid] = message
             return None
         if isinstance(message, RowChange):
-            self._touch(message.relid, message.relation)
+            table = self._touch(message.relid, message.relation)
+            if table is not None:
+                self._row_keys(table, message)
             return None
         if isinstance(message, Truncate):
             self._truncated = True
             for relid in message.relids:
-                self._touch(relid, None)
+                self._keys.add(self._touch(relid, None) or "", None)
             for relation in message.relations:
-                self._touch(0, relation)
+                self._keys.add(self._touch(0, relation) or "", None)
             return None
         if isinstance(message, Message):
             ddl = message.prefix == self.ddl_prefix
@@ -243,6 +272,7 @@ class TransactionAssembler:
                 raise ProtocolError("Commit outside a transaction")
             self.in_transaction = False
             begin_time = self._begin.commit_time if self._begin is not None else 0
+            rows, identity = self._keys.result()
             change = Change(
                 message.commit_lsn,
                 message.end_lsn,
@@ -252,20 +282,36 @@ class TransactionAssembler:
                 bool(self._reasons),
                 tuple(self._messages),
                 tuple(self._reasons),
+                {} if self._truncated else rows,
+                {} if self._truncated else identity,
             )
             self._begin = None
             return change
         return None  # Ignored
 
-    def _touch(self, relid: int, relation: QualifiedName | None) -> None:
+    def _name(self, relid: int, relation: QualifiedName | None) -> str | None:
+        if relation is not None:
+            return table_name(*relation)
+        described = self.relations.get(relid)
+        return None if described is None else table_name(described.namespace, described.name)
+
+    def _touch(self, relid: int, relation: QualifiedName | None) -> str | None:
         if not self.in_transaction:
             raise ProtocolError("a row change outside a transaction")
-        if relation is not None:
-            self._tables.add(table_name(*relation))
-            return
-        described = self.relations.get(relid)
-        if described is None:
+        name = self._name(relid, relation)
+        if name is None:
             # pgoutput always describes a relation first; if it did not, trust nothing.
             self._reasons.append(f"a change to relation {relid}, which the stream never described")
+            return None
+        self._tables.add(name)
+        return name
+
+    def _row_keys(self, table: str, row: RowChange) -> None:
+        if self._keys.whole(table):
             return
-        self._tables.add(table_name(described.namespace, described.name))
+        if row.relation is not None:  # test_decoding: read from the line
+            self._keys.add(table, row.keys, row.relation if row.needs_identity else None)
+            return
+        rel = self.relations[row.relid]
+        keys = pgoutput_row(row.kind, rel.columns, rel.key_flags, rel.integers, row.old_kind, row.old, row.new)
+        self._keys.add(table, keys)

@@ -11,8 +11,14 @@ XLogData then carries one line (contrib/test_decoding/test_decoding.c):
     message: transactional: 1 prefix: neonpoly.ddl, sz: 11 content:ALTER TABLE
     COMMIT (at 2024-05-01 12:00:00.123456+00)
 
-Only the relation names are read from a change; its values never matter. The commit line's
-XLogData `start` is the end of the commit record (the position to confirm).
+A change's relation names are read, and its integer columns' values (rowkeys.py): a row is
+` name[type]:value` per column (names as quote_identifier prints them, NULL as `null`, an
+unchanged TOASTed value as `unchanged-toast-datum`, integers bare, most other types quoted);
+an UPDATE prints `old-key:` (the old identity columns, or the whole old row with REPLICA
+IDENTITY FULL) and `new-tuple:` when the identity changed or is FULL, else the new tuple
+alone; a DELETE prints the old identity columns (or the old row), `(no-tuple-data)` without
+an identity. Anything not read as expected only costs precision (the table is bumped whole).
+The commit line's XLogData `start` is the end of the commit record (the position to confirm).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
+from neonpoly.freshness.rowkeys import INTEGER_TYPE_NAMES, RowKeys, integer
 from neonpoly.freshness.stream import (
     Begin,
     Commit,
@@ -44,7 +51,9 @@ def decode(data: bytes, start: int) -> Decoded:
         action, _, flags = data[end:].partition(b":")
         kind = action.strip().decode("ascii", "replace")
         if kind in _ROW_KINDS and len(relations) == 1:
-            return RowChange(_ROW_KINDS[kind], relation=relations[0])
+            row = _ROW_KINDS[kind]
+            keys, needs_identity = _row_keys(row, flags)
+            return RowChange(row, relation=relations[0], keys=keys, needs_identity=needs_identity)
         if kind == "TRUNCATE":
             return Truncate(relations=tuple(relations), cascade=b"cascade" in flags,
                             restart_identity=b"restart_seqs" in flags)
@@ -56,6 +65,69 @@ def decode(data: bytes, start: int) -> Decoded:
     if data.startswith(b"message: "):
         return _message(data, start)
     raise ProtocolError(f"unknown test_decoding line {data[:40]!r}")
+
+
+_OLD = b" old-key:"
+_NEW = b" new-tuple:"
+
+
+def _row_keys(kind: str, rest: bytes) -> tuple[RowKeys | None, bool]:
+    """The known key values of one row (None: nothing known) and whether they hold only if
+    the columns are in the replica identity (an UPDATE without old key)."""
+    try:
+        if rest.startswith(_OLD):
+            old, pos = _tuple(rest, len(_OLD), _NEW)
+            if not rest.startswith(_NEW, pos):
+                return None, False
+            new, _ = _tuple(rest, pos + len(_NEW), None)
+        else:
+            old = None
+            new, _ = _tuple(rest, 0, None)
+    except ValueError:
+        return None, False
+    if kind == "insert":
+        return {c: frozenset((v,)) for c, v in new.items() if v is not None}, False
+    if kind == "delete":  # the printed tuple is the old identity (or old row)
+        return {c: frozenset((v,)) for c, v in new.items() if v is not None}, False
+    if old is None:
+        return {c: frozenset((v,)) for c, v in new.items() if v is not None}, True
+    return {
+        c: frozenset((b, a)) for c, b in old.items() if b is not None and (a := new.get(c)) is not None
+    }, False
+
+
+# One column, ` name[type]:value`, as tuple_to_stringinfo prints it: a quoted or bare name;
+# a type that may hold brackets (`integer[]`) or quoted names; a value quoted (doubled
+# quotes inside), a bit string (`B'0101'`), or bare up to the next space (numbers, `null`,
+# `unchanged-toast-datum`, booleans). Possessive loops never backtrack, so matching is
+# linear; the row is decoded on the relay's event loop: one match per column, in C.
+_QUOTED_NAME = rb'"[^"]*+(?:""[^"]*+)*+"'
+_COLUMN = re.compile(
+    rb" (" + _QUOTED_NAME + rb'|[^" \[]++)'  # the name
+    rb"\[([^\]\"]*+(?:(?:" + _QUOTED_NAME + rb"|\](?!:))[^\]\"]*+)*+)\]:"  # [type]:
+    rb"('[^']*+(?:''[^']*+)*+'|B'[01]*+'|[^ ']*+)"  # the value
+)
+
+
+def _tuple(data: bytes, pos: int, stop: bytes | None) -> tuple[dict[str, int | None], int]:
+    """Integer columns from `pos` up to `stop` (or the end): name -> its value, None when
+    not one (NULL, unchanged, not a plain integer); raises ValueError when unreadable."""
+    out: dict[str, int | None] = {}
+    end = len(data)
+    match = _COLUMN.match
+    while pos < end and not (stop is not None and data.startswith(stop, pos)):
+        found = match(data, pos)
+        if found is None:
+            raise ValueError(f"unreadable column at {pos}")
+        pos = found.end()
+        raw, typ, value = found.groups()
+        if typ not in INTEGER_TYPE_NAMES:
+            continue  # only integer columns can hold a key
+        name = (raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw).decode("utf-8", "replace")
+        if name in out:
+            raise ValueError("a column twice")
+        out[name] = integer(value)
+    return out, pos
 
 
 def row_prefix(data: bytes) -> bytes:
@@ -124,7 +196,7 @@ def _identifier(data: bytes, pos: int) -> tuple[str, int]:
                 continue
             return out.decode("utf-8", "replace"), end + 1
     end = pos
-    while end < len(data) and data[end] not in b".:, ":
+    while end < len(data) and data[end] not in b".:, [":
         end += 1
     if end == pos:
         raise ProtocolError(f"empty name in {data[:80]!r}")

@@ -105,3 +105,26 @@ def test_writes_reach_cascades_and_triggers_evict_everything() -> None:
     )
     assert book.reach("app", ["parent"]) == frozenset({"parent", "child"})
     assert book.reach("app", ["parent", "audited"]) is None  # a trigger may write anything
+
+
+def test_the_change_feed_follows_permanent_tables_and_views_over_them_only() -> None:
+    book = RelationBook()
+    assert not book.followed(["t"])  # not looked up
+    book.learn(
+        "app",
+        ["t", "v", "u", "w"],
+        [
+            ("r", "t", "t", False, None),
+            ("r", "v", "v", False, " SELECT t.a FROM t;"), ("r", "v", "t", False, None),
+            ("r", "u", "u", False, None), ("u", "u", "u", False, None),  # unlogged
+            ("r", "w", "w", False, " SELECT u.a FROM u;"), ("r", "w", "u", False, None), ("u", "w", "u", False, None),
+        ],
+    )
+    assert book.followed(["t"]) and book.followed(["v", "t"])
+    assert not book.followed(["u"]) and not book.followed(["w"]) and not book.followed(["t", "u"])
+    book.learn("other", ["t"], [("r", "t", "t", False, None), ("u", "t", "t", False, None)])
+    assert not book.followed(["t"])  # unlogged in another database of the same name: no
+    book.forget("other")
+    assert book.followed(["t"])
+    book.forget()
+    assert not book.followed(["t"])

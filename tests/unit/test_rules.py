@@ -136,3 +136,21 @@ def test_statement_grammar() -> None:
         with pytest.raises(AdminError) as err:
             parse(bad)
         assert err.value.sqlstate == "42601" and err.value.hint and "SHOW QUERIES" in err.value.hint
+
+
+def test_a_live_change_feed_lengthens_auto_ttls_only() -> None:
+    book = RuleBook()
+    following: dict[frozenset[str], float | None] = {frozenset({"t"}): 3600.0}
+    p = RulePolicy(book, "c", lambda: 300.0, AdaptiveTTL(), feed_ttl=lambda tables: following.get(tables))
+    assert p("q", frozenset({"t"})) == 3600.0
+    assert p("q", frozenset({"u"})) == 300.0  # a table the feed does not follow
+    assert "change feed live" in p.decide("q", ["t"], 3600.0).source
+    following[frozenset({"t"})] = None  # the feed went down: the memo cannot hand out the long TTL
+    assert p("q", frozenset({"t"})) == 300.0
+    following[frozenset({"t"})] = 3600.0
+    book.add("table", "t", 60)
+    assert p("q", frozenset({"t"})) == 60  # a rule still wins
+    book.set_mode("fixed", "c")
+    assert p.decide("q", ["u"], 3600.0).ttl == 300.0  # fixed: the cache's TTL
+    book.set_mode("auto", "c")
+    assert p.decide("q", ["u"], 10.0).ttl == 300.0  # never shorter than the cache's
