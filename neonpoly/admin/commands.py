@@ -139,6 +139,7 @@ CACHES_COLUMNS = (
     ("feed_lease", TEXT),  # the node running this origin's change feed ("me": this one)
     ("feed_slot", TEXT),  # the feed's replication slots on the origin (temporary: dropped with the feed)
     ("plane_lost", TEXT),  # nodes gone without a goodbye: this origin's hits pause until they return
+    ("feed_keyed", INT8),  # of the feed's table bumps, those that came with their rows' key values
 )
 RULES_COLUMNS = (
     ("id", TEXT),
@@ -426,6 +427,7 @@ class Executor:
                     *_plane_columns(plane, c.origin),  # the origin's label
                     ", ".join(sorted({f.slot for f in c.feeds if f.slot and f.state == "live"})) or None,
                     _lost(plane, c.origin),
+                    sum(f.keyed for f in c.feeds),
                 )
             )
         return rows

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 from neonpoly import __version__
 from neonpoly.cli.args import at_least_one, host_port, positive_seconds, seconds
 from neonpoly.cli.running import CLIError, run
-from neonpoly.defaults import DEFAULT_CHANGE_FEED, DEFAULT_FEED_DDL, DEFAULT_FEED_IDLE, DEFAULT_LISTEN_TEXT
+from neonpoly.defaults import (
+    DEFAULT_CHANGE_FEED,
+    DEFAULT_FEED_DDL,
+    DEFAULT_FEED_IDLE,
+    DEFAULT_FEED_TTL,
+    DEFAULT_LISTEN_TEXT,
+)
 
 if TYPE_CHECKING:
     from neonpoly.control.interface import Control
@@ -150,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close the feed after this long without clients, so a Neon compute can scale to zero "
         "(reopening it evicts that database's entries)",
+    )
+    serve.add_argument(
+        "--change-feed-ttl",
+        type=positive_seconds,
+        default=DEFAULT_FEED_TTL,
+        metavar="SECONDS",
+        help="while the feed follows every database a cache's clients use, auto-mode TTLs of reads of "
+        "permanent tables may grow up to this (every committed change evicts anyway; rules still win)",
     )
     serve.add_argument(
         "--redis",

@@ -78,7 +78,9 @@ async def serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         rules_dir=root,
-        change_feed=FeedSettings(mode=args.change_feed, ddl=args.change_feed_ddl, idle=args.change_feed_idle),
+        change_feed=FeedSettings(
+            mode=args.change_feed, ddl=args.change_feed_ddl, idle=args.change_feed_idle, ttl=args.change_feed_ttl
+        ),
         redis=_plane(args, role, redis_url) if redis_url else None,
     )
     if role is not None:

@@ -116,6 +116,12 @@ async def test_a_direct_update_of_one_key_keeps_other_keys_served(
         assert await t.point(2) == (20, True)  # another key: still served from the cache
         assert await t.point(1) == (11, False)  # its key: evicted
         assert await t.count() == (10, False)  # a read of the table's rows: evicted
+        admin = await asyncpg.connect(**t.proxy.dsn("neonpoly"))
+        try:
+            [row] = await admin.fetch("SHOW CACHES")
+        finally:
+            await admin.close()
+        assert row["feed_keyed"] == t.feed.keyed >= 1  # SHOW CACHES counts them
 
 
 async def test_a_direct_delete_and_insert_evict_their_keys_only(
