@@ -342,13 +342,11 @@ class ChangeFeed:
         if ddl_stream and not messages:
             ddl_stream, why_poll = False, "the origin is older than PostgreSQL 14 (no logical messages)"
         self.ddl_mode = "stream" if ddl_stream else ("poll" + (f" ({why_poll})" if why_poll else ""))
-        poll: LibpqConnection | None = None
-        baseline: tuple[str | None, ...] = ()
-        if not ddl_stream:
-            # Before the slot: DDL after this check is seen by the next one, DDL before it by
-            # the eviction when the feed goes live.
-            poll = await self._connect(replication=False)
-            [baseline] = await poll.query(origin_sql.fingerprint_sql())
+        # Before the slot: DDL after this check is seen by the next one, DDL before it by the
+        # eviction when the feed goes live. With the event trigger the poll still checks the
+        # shared catalogs: PostgreSQL fires no event trigger for roles, memberships, databases.
+        poll = await self._connect(replication=False)
+        [baseline] = await poll.query(origin_sql.fingerprint_sql())
         self.slot = f"neonpoly_{secrets.token_hex(6)}"
         try:
             [created] = await conn.query(
@@ -384,9 +382,7 @@ class ChangeFeed:
             self.target.key, self.database, self.decoder, self.slot, format_lsn(self.position), self.ddl_mode,
         )
         stream = asyncio.ensure_future(self._stream(conn))
-        tasks: list[asyncio.Future[None]] = [stream]
-        if poll is not None:
-            tasks.append(asyncio.ensure_future(self._poll(poll, baseline)))
+        tasks: list[asyncio.Future[None]] = [stream, asyncio.ensure_future(self._poll(poll, baseline, ddl_stream))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -458,13 +454,15 @@ class ChangeFeed:
         if change.end_lsn > self.position:
             self.position = change.end_lsn
 
-    async def _poll(self, conn: LibpqConnection, baseline: tuple[str | None, ...]) -> None:
+    async def _poll(self, conn: LibpqConnection, baseline: tuple[str | None, ...], ddl_stream: bool) -> None:
+        """Catalog checks: this database's (unless the event trigger streams its DDL) and the
+        shared catalogs (always: no event trigger fires for them)."""
         local, shared = baseline
         while True:
             await asyncio.sleep(self.settings.ddl_poll)
             sent = time.monotonic()
             [(now_local, now_shared)] = await conn.query(origin_sql.fingerprint_sql())
-            if now_local != local:
+            if now_local != local and not ddl_stream:
                 local = now_local
                 self.ddl += 1
                 self.last_change = time.time()

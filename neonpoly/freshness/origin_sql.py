@@ -124,8 +124,13 @@ _LOCAL_CATALOGS: tuple[tuple[str, str | None], ...] = (
     ("pg_policy", None),
     ("pg_inherits", _NOT_TEMP_REL.format(a="x", col="inhrelid")),
     ("pg_extension", None),
+    ("pg_description", None),  # COMMENT ON: obj_description() and col_description() are trusted
 )
-_SHARED_CATALOGS: tuple[tuple[str, str | None], ...] = (("pg_auth_members", None), ("pg_database", None))
+_SHARED_CATALOGS: tuple[tuple[str, str | None], ...] = (
+    ("pg_auth_members", None),
+    ("pg_database", None),
+    ("pg_shdescription", None),  # COMMENT ON DATABASE/ROLE: shobj_description() is trusted
+)
 
 
 def _fingerprint(catalogs: tuple[tuple[str, str | None], ...]) -> str:
