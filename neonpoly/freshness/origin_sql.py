@@ -39,11 +39,15 @@ def ident(name: str) -> str:
 
 def preflight_sql(publication: str) -> str:
     """wal_level, the publication's state ('' missing, 'all', or 'partial'), and whether the
-    DDL event trigger is installed."""
+    DDL event trigger is installed. A publication `publish_via_partition_root` is 'partial':
+    pgoutput would name a partition's rows by its root, and a read of the partition itself
+    is not tagged with its parent."""
     pub = literal(publication)
     return f"""\
 SELECT pg_catalog.current_setting('wal_level'),
   COALESCE((SELECT CASE WHEN p.puballtables AND p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate
+                   AND NOT COALESCE((pg_catalog.to_jsonb(p) OPERATOR(pg_catalog.->>) 'pubviaroot')::pg_catalog.bool,
+                                    false)
                    THEN 'all' ELSE 'partial' END
             FROM pg_catalog.pg_publication p WHERE p.pubname OPERATOR(pg_catalog.=) {pub}), ''),
   EXISTS (SELECT FROM pg_catalog.pg_event_trigger e WHERE e.evtname OPERATOR(pg_catalog.=) {literal(DDL_TRIGGER)}

@@ -160,3 +160,160 @@ async def test_role_membership_granted_directly_with_the_event_trigger(origin: P
         finally:
             await direct.execute(f"DROP ROLE IF EXISTS {role}")
             await direct.execute(f"DROP ROLE IF EXISTS {group}")
+
+
+# --- rows the stream names otherwise ------------------------------------------------------
+
+
+async def test_publication_via_partition_root_names_the_parent(origin: PgServer, tmp_path: Path) -> None:
+    """A user's `FOR ALL TABLES WITH (publish_via_partition_root)` publication makes pgoutput
+    report a partition's rows under the root's name. A read of the partition itself is tagged
+    with the partition (and its own children), not with its parent: bumping the parent left
+    it stale. Such a publication is now read as not covering everything: test_decoding."""
+    async with _world(origin, tmp_path, database=_name("viaroot"),
+                      publication="WITH (publish_via_partition_root = true)") as (proxy, feed, direct, client):
+        assert feed.decoder == "test_decoding"
+        parent = _name("adv_root")
+        await direct.execute(f"CREATE TABLE {parent} (id int, v int) PARTITION BY RANGE (id)")
+        await direct.execute(f"CREATE TABLE {parent}_a PARTITION OF {parent} FOR VALUES FROM (0) TO (100)")
+        await direct.execute(f"INSERT INTO {parent} VALUES (1, 1)")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT count(*), sum(v) FROM {parent}_a"
+        assert await _cached(proxy, client, sql) == [(1, 1)]
+        await direct.execute(f"INSERT INTO {parent}_a VALUES (2, 2)")
+        await _rows_passed(feed, direct)
+        await _fresh(client, direct, sql, "a row written directly to a partition, published via its root")
+
+
+async def _refresh_concurrently(proxy: FeedProxy, feed: ChangeFeed, direct: Conn, client: asyncpg.Connection) -> None:
+    base, view = _name("adv_mvbase"), _name("adv_mv")
+    await direct.execute(f"CREATE TABLE {base} (id int PRIMARY KEY, v int)")
+    await direct.execute(f"INSERT INTO {base} VALUES (1, 1)")
+    await direct.execute(f"CREATE MATERIALIZED VIEW {view} AS SELECT id, v FROM {base}")
+    await direct.execute(f"CREATE UNIQUE INDEX ON {view} (id)")
+    await _catalog_passed(feed, direct)
+    # The base table changes first (the feed bumps it, and the view's reads depend on it),
+    # then the view is read and cached as it still is: not refreshed.
+    await direct.execute(f"UPDATE {base} SET v = 2")
+    await _rows_passed(feed, direct)
+    sql = f"SELECT v FROM {view}"
+    assert await _cached(proxy, client, sql) == [(1,)]
+    await direct.execute(f"REFRESH MATERIALIZED VIEW CONCURRENTLY {view}")
+    await _catalog_passed(feed, direct)
+    await _fresh(client, direct, sql, "REFRESH MATERIALIZED VIEW CONCURRENTLY made directly")
+
+
+async def test_refresh_concurrently_with_test_decoding(origin: PgServer, tmp_path: Path) -> None:
+    """test_decoding streams the rows a concurrent refresh writes into the view."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, client):
+        assert feed.decoder == "test_decoding"
+        await _refresh_concurrently(proxy, feed, direct, client)
+
+
+async def test_refresh_concurrently_with_pgoutput(origin: PgServer, tmp_path: Path) -> None:
+    """pgoutput never publishes a materialized view's rows, and REFRESH ... CONCURRENTLY
+    changes no catalog row the poll fingerprints: the view's cached reads stayed stale."""
+    async with _world(origin, tmp_path, database=_name("mvpub"), publication="") as (proxy, feed, direct, client):
+        assert feed.decoder == "pgoutput"
+        await _refresh_concurrently(proxy, feed, direct, client)
+
+
+async def test_plain_refresh_with_pgoutput(origin: PgServer, tmp_path: Path) -> None:
+    """A plain REFRESH swaps the view's file: its pg_class row changes (poll)."""
+    async with _world(origin, tmp_path, database=_name("mvpub"), publication="") as (proxy, feed, direct, client):
+        base, view = _name("adv_mvbase"), _name("adv_mv")
+        await direct.execute(f"CREATE TABLE {base} (id int PRIMARY KEY, v int)")
+        await direct.execute(f"INSERT INTO {base} VALUES (1, 1)")
+        await direct.execute(f"CREATE MATERIALIZED VIEW {view} AS SELECT id, v FROM {base}")
+        await direct.execute(f"UPDATE {base} SET v = 2")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT v FROM {view}"
+        assert await _cached(proxy, client, sql) == [(1,)]
+        await direct.execute(f"REFRESH MATERIALIZED VIEW {view}")
+        await _catalog_passed(feed, direct)
+        await _fresh(client, direct, sql, "REFRESH MATERIALIZED VIEW made directly")
+
+
+# --- transactions made directly -----------------------------------------------------------
+
+
+async def test_two_phase_commit_made_directly(origin: PgServer, tmp_path: Path) -> None:
+    """PREPARE TRANSACTION, a read cached while it is prepared (old rows), COMMIT PREPARED
+    from another connection: the rows arrive in the stream at COMMIT PREPARED."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, client):
+        table = _name("adv_2pc")
+        await direct.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+        await direct.execute(f"INSERT INTO {table} VALUES (1, 0)")
+        await _catalog_passed(feed, direct)
+        gid = _name("gid")
+        await direct.execute("BEGIN")
+        await direct.execute(f"UPDATE {table} SET v = 1 WHERE id = 1")
+        await direct.execute(f"PREPARE TRANSACTION '{gid}'")
+        await _rows_passed(feed, direct)
+        sql = f"SELECT v FROM {table} WHERE id = 1"
+        assert await _cached(proxy, client, sql) == [(0,)]
+        async with await psycopg.AsyncConnection.connect(origin.url("postgres", "app"), autocommit=True) as other:
+            await other.execute(f"COMMIT PREPARED '{gid}'")
+        await _rows_passed(feed, direct)
+        await _fresh(client, direct, sql, "COMMIT PREPARED made directly")
+
+
+async def test_savepoints_rolled_back_and_a_big_transaction(origin: PgServer, tmp_path: Path) -> None:
+    """One transaction: a write to A rolled back to a savepoint, 20,000 rows into B (spilled
+    to disk: logical_decoding_work_mem is 64kB), then one row of C. The feed skips B's rows
+    undecoded after the first: C must still be seen; A, rolled back, changed nothing."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, client):
+        a, b, c = _name("adv_a"), _name("adv_b"), _name("adv_c")
+        for t in (a, b, c):
+            await direct.execute(f"CREATE TABLE {t} (id int, v int)")
+            await direct.execute(f"INSERT INTO {t} VALUES (0, 0)")
+        await _catalog_passed(feed, direct)
+        reads = [f"SELECT count(*), sum(v) FROM {t}" for t in (a, b, c)]
+        for sql in reads:
+            assert await _cached(proxy, client, sql) == [(1, 0)]
+        async with direct.transaction():
+            await direct.execute("SAVEPOINT s")
+            await direct.execute(f"UPDATE {a} SET v = 9")
+            await direct.execute("ROLLBACK TO SAVEPOINT s")
+            await direct.execute(f"INSERT INTO {b} SELECT g, 1 FROM generate_series(1, 20000) g")
+            async with direct.transaction():  # a released subtransaction
+                await direct.execute(f"UPDATE {c} SET v = 7")
+        await _rows_passed(feed, direct)
+        for sql in reads:
+            await _fresh(client, direct, sql, "a big transaction with savepoints made directly")
+
+
+async def test_truncate_cascade_made_directly(origin: PgServer, tmp_path: Path) -> None:
+    """TRUNCATE ... CASCADE names one table and empties those referencing it too."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, client):
+        parent, child = _name("adv_tp"), _name("adv_tc")
+        await direct.execute(f"CREATE TABLE {parent} (id int PRIMARY KEY)")
+        await direct.execute(f"CREATE TABLE {child} (id int, p int REFERENCES {parent})")
+        await direct.execute(f"INSERT INTO {parent} VALUES (1)")
+        await direct.execute(f"INSERT INTO {child} VALUES (1, 1)")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT count(*) FROM {child}"
+        assert await _cached(proxy, client, sql) == [(1,)]
+        await direct.execute(f"TRUNCATE {parent} CASCADE")
+        await _rows_passed(feed, direct)
+        await _fresh(client, direct, sql, "TRUNCATE CASCADE made directly")
+
+
+async def test_partitions_written_directly(origin: PgServer, tmp_path: Path) -> None:
+    """test_decoding names the leaf: a read of the parent (tagged with its partitions) and of
+    a sub-partition's parent both see a write to the leaf, made through the top parent."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, client):
+        top = _name("adv_top")
+        await direct.execute(f"CREATE TABLE {top} (id int, v int) PARTITION BY RANGE (id)")
+        await direct.execute(f"CREATE TABLE {top}_m PARTITION OF {top} FOR VALUES FROM (0) TO (100) "
+                             "PARTITION BY RANGE (id)")
+        await direct.execute(f"CREATE TABLE {top}_l PARTITION OF {top}_m FOR VALUES FROM (0) TO (50)")
+        await direct.execute(f"INSERT INTO {top} VALUES (1, 1)")
+        await _catalog_passed(feed, direct)
+        reads = [f"SELECT count(*) FROM {t}" for t in (top, f"{top}_m", f"{top}_l")]
+        for sql in reads:
+            assert await _cached(proxy, client, sql) == [(1,)]
+        await direct.execute(f"INSERT INTO {top} VALUES (2, 2)")
+        await _rows_passed(feed, direct)
+        for sql in reads:
+            await _fresh(client, direct, sql, "a row written directly through the top parent")
