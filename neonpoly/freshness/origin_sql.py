@@ -130,6 +130,10 @@ _LOCAL_CATALOGS: tuple[tuple[str, str | None], ...] = (
     ("pg_extension", None),
     ("pg_description", None),  # COMMENT ON: obj_description() and col_description() are trusted
 )
+# A configuration reload (pg_reload_conf, SIGHUP) changes the settings of every open session
+# that did not SET them itself (search_path, bytea_output, …) without telling it: sessions
+# learn their identity again and every entry goes, as for a role change.
+_RELOADED = "pg_catalog.pg_conf_load_time()"
 _SHARED_CATALOGS: tuple[tuple[str, str | None], ...] = (
     ("pg_auth_members", None),
     ("pg_database", None),
@@ -137,8 +141,8 @@ _SHARED_CATALOGS: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def _fingerprint(catalogs: tuple[tuple[str, str | None], ...]) -> str:
-    parts = []
+def _fingerprint(catalogs: tuple[tuple[str, str | None], ...], *extra: str) -> str:
+    parts = list(extra)
     for catalog, where in catalogs:
         clause = f" WHERE {where}" if where else ""
         parts.append(
@@ -152,6 +156,6 @@ def _fingerprint(catalogs: tuple[tuple[str, str | None], ...]) -> str:
 def fingerprint_sql() -> str:
     """(local fingerprint, shared fingerprint): see the module's docstring."""
     return (
-        f"SELECT {_fingerprint(_LOCAL_CATALOGS)}, {_fingerprint(_SHARED_CATALOGS)}"
+        f"SELECT {_fingerprint(_LOCAL_CATALOGS)}, {_fingerprint(_SHARED_CATALOGS, _RELOADED)}"
         " /* neonpoly: change feed DDL check */"
     )

@@ -317,3 +317,49 @@ async def test_partitions_written_directly(origin: PgServer, tmp_path: Path) -> 
         await _rows_passed(feed, direct)
         for sql in reads:
             await _fresh(client, direct, sql, "a row written directly through the top parent")
+
+
+# --- session identity changed by the server's configuration --------------------------------
+
+
+async def test_configuration_reload_changes_an_open_sessions_search_path(origin: PgServer, tmp_path: Path) -> None:
+    """ALTER SYSTEM SET search_path + pg_reload_conf(), made directly: every open session
+    that did not SET search_path itself now resolves `t` in another schema. search_path is
+    not reported by ParameterStatus (PostgreSQL 15), so the session's identity (learned
+    once) still said the old path and the old schema's rows were served."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, client):
+        schema, table = _name("adv_cfg"), _name("adv_cfgt")
+        await direct.execute(f"CREATE SCHEMA {schema}")
+        await direct.execute(f"GRANT USAGE ON SCHEMA {schema} TO PUBLIC")
+        for where in ("public", schema):
+            await direct.execute(f"CREATE TABLE {where}.{table} (v text)")
+            await direct.execute(f"INSERT INTO {where}.{table} VALUES ('{where}')")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT v FROM {table}"
+        assert await _cached(proxy, client, sql) == [("public",)]
+        try:
+            await direct.execute(f"ALTER SYSTEM SET search_path = {schema}, public")
+            await direct.execute("SELECT pg_reload_conf()")
+            # Each backend applies a reload before its next command: wait until both have.
+            want = f"{schema}, public"
+            await _until_shown(direct, want)
+            for _ in range(100):
+                if await client.fetchval("SHOW search_path") == want:
+                    break
+            # The poll's own backend applies the reload after its next command: two checks.
+            await _catalog_passed(feed, direct)
+            await _catalog_passed(feed, direct)
+            await _fresh(client, direct, sql, "a configuration reload changed search_path")
+        finally:
+            await direct.execute("ALTER SYSTEM RESET search_path")
+            await direct.execute("SELECT pg_reload_conf()")
+            await _until_shown(direct, '"$user", public')
+
+
+async def _until_shown(direct: Conn, want: str) -> None:
+    for _ in range(200):
+        row = await (await direct.execute("SHOW search_path")).fetchone()
+        if row is not None and row[0] == want:
+            return
+        await direct.execute("SELECT pg_sleep(0.01)")
+    raise AssertionError(f"search_path never became {want!r}")
