@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from psycopg import NotSupportedError
+from psycopg._encodings import pg2pyenc
 from psycopg.conninfo import make_conninfo
 
 from neonpoly.defaults import (
@@ -296,6 +298,9 @@ class ChangeFeed:
         }
         if replication:
             params["replication"] = "database"
+            # pgoutput's names are converted to the client's encoding (test_decoding's are not:
+            # see textdecoding.decode)
+            params["client_encoding"] = "UTF8"
         if t.sslrootcert:
             params["sslrootcert"] = t.sslrootcert
         if t.user:
@@ -381,7 +386,7 @@ class ChangeFeed:
             "change feed %s/%s on (%s, slot %s from %s, DDL by %s)",
             self.target.key, self.database, self.decoder, self.slot, format_lsn(self.position), self.ddl_mode,
         )
-        stream = asyncio.ensure_future(self._stream(conn))
+        stream = asyncio.ensure_future(self._stream(conn, _python_encoding(conn.parameter("server_encoding"))))
         tasks: list[asyncio.Future[None]] = [stream, asyncio.ensure_future(self._poll(poll, baseline, ddl_stream))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -392,7 +397,7 @@ class ChangeFeed:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream(self, conn: LibpqConnection) -> None:
+    async def _stream(self, conn: LibpqConnection, encoding: str) -> None:
         assembler = TransactionAssembler(ddl_prefix=origin_sql.DDL_PREFIX)
         text = self.decoder == "test_decoding"
         codec = textdecoding if text else pgoutput
@@ -417,7 +422,8 @@ class ChangeFeed:
                 frame = decode_copy(raw)
                 if isinstance(frame, XLogData):
                     decoded: Decoded = (
-                        textdecoding.decode(frame.data, frame.start) if text else pgoutput.decode(frame.data)
+                        textdecoding.decode(frame.data, frame.start, encoding) if text
+                        else pgoutput.decode(frame.data)
                     )
                     change = assembler.feed(decoded)
                     same = codec.row_prefix(frame.data) if isinstance(decoded, RowChange) else None
@@ -503,6 +509,16 @@ def _refuse_if_permanent(message: str, user: str | None) -> None:
         raise FeedUnavailable(f"role {user or '(default)'} may not replicate (it needs the REPLICATION attribute)")
     if any(marker in low for marker in _PERMANENT):
         raise FeedUnavailable(_one_line(message))
+
+
+def _python_encoding(server_encoding: str | None) -> str:
+    """Python's codec for a PostgreSQL encoding name (UTF-8 when unknown or SQL_ASCII)."""
+    if not server_encoding or server_encoding == "SQL_ASCII":  # bytes as clients wrote them
+        return "utf-8"
+    try:
+        return pg2pyenc(server_encoding.encode())
+    except (NotSupportedError, LookupError):
+        return "utf-8"
 
 
 def _one_line(message: str) -> str:

@@ -51,13 +51,15 @@ def _name(prefix: str) -> str:
 
 @asynccontextmanager
 async def _world(
-    pg: PgServer, root: Path, *, database: str = "app", ddl: str = "poll", publication: str | None = None
+    pg: PgServer, root: Path, *, database: str = "app", ddl: str = "poll", publication: str | None = None,
+    create: str = "",
 ) -> AsyncIterator[tuple[FeedProxy, ChangeFeed, Conn, asyncpg.Connection]]:
-    """A feed proxy on `database` (made first, with `publication` if given: pgoutput), its
-    live feed, a direct superuser connection and a client through neonpoly."""
+    """A feed proxy on `database` (made first with `create` options, with `publication` if
+    given: pgoutput), its live feed, a direct superuser connection and a client through
+    neonpoly."""
     if database != "app":
         async with await psycopg.AsyncConnection.connect(pg.url("postgres", "postgres"), autocommit=True) as c:
-            await c.execute(f'CREATE DATABASE "{database}"')
+            await c.execute(f'CREATE DATABASE "{database}" {create}')
         if publication is not None:
             async with await psycopg.AsyncConnection.connect(pg.url("postgres", database), autocommit=True) as c:
                 await c.execute(f"CREATE PUBLICATION neonpoly FOR ALL TABLES {publication}")
@@ -363,3 +365,28 @@ async def _until_shown(direct: Conn, want: str) -> None:
             return
         await direct.execute("SELECT pg_sleep(0.01)")
     raise AssertionError(f"search_path never became {want!r}")
+
+
+# --- names in the stream -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("publication", [None, ""], ids=["test_decoding", "pgoutput"])
+async def test_non_ascii_table_name_in_a_latin1_database(
+    origin: PgServer, tmp_path: Path, publication: str | None
+) -> None:
+    """Plugins print relation names in the database's encoding. In a LATIN1 database the
+    stream says `caf\\xe9`; read as UTF-8 that is not `café`, the name the cache tagged
+    (the client's session converts names to its UTF-8): the write bumped nothing."""
+    latin1 = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    async with _world(origin, tmp_path, database=_name("latin1"), publication=publication,
+                      create=latin1) as (proxy, feed, direct, client):
+        assert feed.decoder == ("test_decoding" if publication is None else "pgoutput")
+        table = '"café_é"'
+        await direct.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+        await direct.execute(f"INSERT INTO {table} VALUES (1, 1)")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT v FROM {table}"
+        assert await _cached(proxy, client, sql) == [(1,)]
+        await direct.execute(f"UPDATE {table} SET v = 2")
+        await _rows_passed(feed, direct)
+        await _fresh(client, direct, sql, "a row written directly to a table with a non-ASCII name (LATIN1)")
