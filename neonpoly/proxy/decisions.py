@@ -123,7 +123,9 @@ class CacheDecisions(IdentityLearning):
             schemas = known.schemas if known is not None else None
             resolution = cache.relations.resolve(self.state.database, tables, shadowable, schemas)
             if resolution is None:
-                idle = self._at_boundary() and not self._busy() and self.state.bypass is None
+                # Not for text neonpoly cannot read (the names asked would not be the server's).
+                idle = (self._at_boundary() and not self._busy() and self.state.bypass is None
+                        and not self.state.legacy_strings)
                 if idle and out is not None:
                     self._ask_relations(cache, cache.relations.unknown(self.state.database, tables), out)
                 item.reads, item.trusts = tables, shadowable
@@ -139,7 +141,7 @@ class CacheDecisions(IdentityLearning):
         if self.state.bypass is not None:
             return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
         if self.state.legacy_strings:
-            return Decision(Status.BYPASS, "standard_conforming_strings is off: text not read as the server reads it")
+            return Decision(Status.BYPASS, self.state.unreadable)
         if self.state.tx_status != TX_IDLE:
             return Decision(Status.TRANSACTION, "inside a transaction block")
         if self._busy():
