@@ -39,7 +39,8 @@ def ident(name: str) -> str:
 
 def preflight_sql(publication: str) -> str:
     """wal_level, the publication's state ('' missing, 'all', or 'partial'), and whether the
-    DDL event trigger is installed. A publication `publish_via_partition_root` is 'partial':
+    DDL event trigger is installed and enabled ALWAYS (enabled the default way, it does not
+    fire in sessions with session_replication_role = replica; install fixes it). A publication `publish_via_partition_root` is 'partial':
     pgoutput would name a partition's rows by its root, and a read of the partition itself
     is not tagged with its parent."""
     pub = literal(publication)
@@ -51,7 +52,7 @@ SELECT pg_catalog.current_setting('wal_level'),
                    THEN 'all' ELSE 'partial' END
             FROM pg_catalog.pg_publication p WHERE p.pubname OPERATOR(pg_catalog.=) {pub}), ''),
   EXISTS (SELECT FROM pg_catalog.pg_event_trigger e WHERE e.evtname OPERATOR(pg_catalog.=) {literal(DDL_TRIGGER)}
-          AND e.evtenabled OPERATOR(pg_catalog.<>) 'D')::pg_catalog.text
+          AND e.evtenabled OPERATOR(pg_catalog.=) 'A')::pg_catalog.text
 /* neonpoly: change feed */"""
 
 
@@ -78,7 +79,8 @@ EXCEPTION WHEN OTHERS THEN
   NULL;  -- never fail the user's DDL
 END $fn$;
 DROP EVENT TRIGGER IF EXISTS {ident(DDL_TRIGGER)};
-CREATE EVENT TRIGGER {ident(DDL_TRIGGER)} ON ddl_command_end EXECUTE FUNCTION {schema}.{fn}()"""
+CREATE EVENT TRIGGER {ident(DDL_TRIGGER)} ON ddl_command_end EXECUTE FUNCTION {schema}.{fn}();
+ALTER EVENT TRIGGER {ident(DDL_TRIGGER)} ENABLE ALWAYS"""
 
 
 def drop_ddl_trigger_sql() -> str:

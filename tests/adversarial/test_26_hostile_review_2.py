@@ -390,3 +390,24 @@ async def test_non_ascii_table_name_in_a_latin1_database(
         await direct.execute(f"UPDATE {table} SET v = 2")
         await _rows_passed(feed, direct)
         await _fresh(client, direct, sql, "a row written directly to a table with a non-ASCII name (LATIN1)")
+
+
+async def test_ddl_in_a_replica_role_session_with_the_event_trigger(origin: PgServer, tmp_path: Path) -> None:
+    """Event triggers enabled the default way do not fire in a session with
+    session_replication_role = replica (replication tools and restores set it): an ALTER
+    TABLE made there never reached the stream. The trigger is now ENABLE ALWAYS."""
+    async with _world(origin, tmp_path, ddl="install") as (proxy, feed, direct, client):
+        assert feed.ddl_mode == "stream"
+        table = _name("adv_replica")
+        await direct.execute(f"CREATE TABLE {table} (id int)")
+        await direct.execute(f"INSERT INTO {table} VALUES (1)")
+        await _rows_passed(feed, direct)
+        sql = f"SELECT * FROM {table}"
+        assert await _cached(proxy, client, sql) == [(1,)]
+        await direct.execute("SET session_replication_role = replica")
+        try:
+            await direct.execute(f"ALTER TABLE {table} ADD COLUMN w int DEFAULT 7")
+        finally:
+            await direct.execute("RESET session_replication_role")
+        await _rows_passed(feed, direct)
+        await _fresh(client, direct, sql, "ALTER TABLE in a replica-role session (event trigger mode)")
