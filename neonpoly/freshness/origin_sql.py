@@ -40,9 +40,10 @@ def ident(name: str) -> str:
 def preflight_sql(publication: str) -> str:
     """wal_level, the publication's state ('' missing, 'all', or 'partial'), and whether the
     DDL event trigger is installed and enabled ALWAYS (enabled the default way, it does not
-    fire in sessions with session_replication_role = replica; install fixes it). A publication `publish_via_partition_root` is 'partial':
-    pgoutput would name a partition's rows by its root, and a read of the partition itself
-    is not tagged with its parent."""
+    fire in sessions with session_replication_role = replica; install fixes it).
+    A publication `publish_via_partition_root` is 'partial': pgoutput would name a
+    partition's rows by its root, and a read of the partition itself is not tagged with its
+    parent."""
     pub = literal(publication)
     return f"""\
 SELECT pg_catalog.current_setting('wal_level'),
@@ -131,6 +132,23 @@ _LOCAL_CATALOGS: tuple[tuple[str, str | None], ...] = (
     ("pg_inherits", _NOT_TEMP_REL.format(a="x", col="inhrelid")),
     ("pg_extension", None),
     ("pg_description", None),  # COMMENT ON: obj_description() and col_description() are trusted
+    # What trusted builtins and casts look up by name or OID at run time: to_tsvector('cfg', …),
+    # COLLATE "c", an enum's labels, operator classes (ORDER BY), aggregates, ranges.
+    ("pg_collation", None),
+    ("pg_enum", None),
+    ("pg_ts_config", None),
+    ("pg_ts_config_map", None),
+    ("pg_ts_dict", None),
+    ("pg_ts_parser", None),
+    ("pg_ts_template", None),
+    ("pg_conversion", None),
+    ("pg_opclass", None),
+    ("pg_opfamily", None),
+    ("pg_amop", None),
+    ("pg_amproc", None),
+    ("pg_aggregate", None),
+    ("pg_range", None),
+    ("pg_language", None),
 )
 # A configuration reload (pg_reload_conf, SIGHUP) changes the settings of every open session
 # that did not SET them itself (search_path, bytea_output, …) without telling it: sessions

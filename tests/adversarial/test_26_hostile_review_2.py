@@ -106,6 +106,18 @@ async def _fresh(client: asyncpg.Connection, direct: Conn, sql: str, why: str) -
     assert got == want, f"{why}: neonpoly answered {got!r}, the origin says {want!r} for {sql!r}"
 
 
+@asynccontextmanager
+async def _reparsing(proxy: FeedProxy) -> AsyncIterator[asyncpg.Connection]:
+    """A client through neonpoly that parses every statement again: a prepared statement
+    keeps its plan, with immutable calls (to_tsvector) folded when it was planned, whatever
+    the catalog says later (PostgreSQL's own behaviour, not the cache's)."""
+    client = await asyncpg.connect(**proxy.dsn(), statement_cache_size=0)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 # --- DDL the catalog check does not see --------------------------------------------------
 
 
@@ -162,6 +174,52 @@ async def test_role_membership_granted_directly_with_the_event_trigger(origin: P
         finally:
             await direct.execute(f"DROP ROLE IF EXISTS {role}")
             await direct.execute(f"DROP ROLE IF EXISTS {group}")
+
+
+async def test_text_search_configuration_altered_directly(origin: PgServer, tmp_path: Path) -> None:
+    """to_tsvector('config', …) is trusted; the configuration is looked up by name at run
+    time. ALTER TEXT SEARCH CONFIGURATION … ALTER MAPPING changes only pg_ts_config_map,
+    which the poll did not fingerprint: the old lexemes were served."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, _prepared), _reparsing(proxy) as client:
+        config = _name("adv_fts")
+        await direct.execute(f"CREATE TEXT SEARCH CONFIGURATION public.{config} (COPY = pg_catalog.simple)")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT to_tsvector('public.{config}', 'The cats')::text"
+        assert await _cached(proxy, client, sql) == [("'cats':2 'the':1",)]
+        await direct.execute(f"ALTER TEXT SEARCH CONFIGURATION public.{config} "
+                             "ALTER MAPPING FOR asciiword WITH english_stem")
+        await _catalog_passed(feed, direct)
+        await _fresh(client, direct, sql, "ALTER TEXT SEARCH CONFIGURATION made directly")
+
+
+async def test_collation_recreated_directly(origin: PgServer, tmp_path: Path) -> None:
+    """ORDER BY … COLLATE "a user's collation": dropped and created again with another
+    definition, directly. Only pg_collation changes."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, _prepared), _reparsing(proxy) as client:
+        coll = _name("adv_coll")
+        await direct.execute(f"CREATE COLLATION public.{coll} (provider = icu, locale = 'und-u-kf-upper')")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT x FROM (VALUES ('a'), ('A')) v(x) ORDER BY x COLLATE public.{coll}"
+        first = await _cached(proxy, client, sql)
+        await direct.execute(f"DROP COLLATION public.{coll}")
+        await direct.execute(f"CREATE COLLATION public.{coll} (provider = icu, locale = 'und-u-kf-lower')")
+        await _catalog_passed(feed, direct)
+        await _fresh(client, direct, sql, f"a collation made again directly (first answer {first!r})")
+
+
+async def test_enum_value_renamed_directly(origin: PgServer, tmp_path: Path) -> None:
+    """ALTER TYPE … RENAME VALUE changes how every stored row prints, and only pg_enum."""
+    async with _world(origin, tmp_path) as (proxy, feed, direct, client):
+        mood, table = _name("adv_mood"), _name("adv_moods")
+        await direct.execute(f"CREATE TYPE {mood} AS ENUM ('sad', 'ok')")
+        await direct.execute(f"CREATE TABLE {table} (m {mood})")
+        await direct.execute(f"INSERT INTO {table} VALUES ('sad')")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT m::text FROM {table}"
+        assert await _cached(proxy, client, sql) == [("sad",)]
+        await direct.execute(f"ALTER TYPE {mood} RENAME VALUE 'sad' TO 'happy'")
+        await _catalog_passed(feed, direct)
+        await _fresh(client, direct, sql, "ALTER TYPE ... RENAME VALUE made directly")
 
 
 # --- rows the stream names otherwise ------------------------------------------------------
