@@ -348,8 +348,9 @@ class ChangeFeed:
             ddl_stream, why_poll = False, "the origin is older than PostgreSQL 14 (no logical messages)"
         self.ddl_mode = "stream" if ddl_stream else ("poll" + (f" ({why_poll})" if why_poll else ""))
         # Before the slot: DDL after this check is seen by the next one, DDL before it by the
-        # eviction when the feed goes live. With the event trigger the poll still checks the
-        # shared catalogs: PostgreSQL fires no event trigger for roles, memberships, databases.
+        # eviction when the feed goes live. With the event trigger the poll still runs:
+        # PostgreSQL fires none for roles, memberships, databases (shared), nor for VACUUM
+        # FULL and CLUSTER (a new file: every ctid moved), a configuration reload, ….
         poll = await self._connect(replication=False)
         [baseline] = await poll.query(origin_sql.fingerprint_sql())
         self.slot = f"neonpoly_{secrets.token_hex(6)}"
@@ -387,7 +388,7 @@ class ChangeFeed:
             self.target.key, self.database, self.decoder, self.slot, format_lsn(self.position), self.ddl_mode,
         )
         stream = asyncio.ensure_future(self._stream(conn, _python_encoding(conn.parameter("server_encoding"))))
-        tasks: list[asyncio.Future[None]] = [stream, asyncio.ensure_future(self._poll(poll, baseline, ddl_stream))]
+        tasks: list[asyncio.Future[None]] = [stream, asyncio.ensure_future(self._poll(poll, baseline))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -460,15 +461,15 @@ class ChangeFeed:
         if change.end_lsn > self.position:
             self.position = change.end_lsn
 
-    async def _poll(self, conn: LibpqConnection, baseline: tuple[str | None, ...], ddl_stream: bool) -> None:
-        """Catalog checks: this database's (unless the event trigger streams its DDL) and the
-        shared catalogs (always: no event trigger fires for them)."""
+    async def _poll(self, conn: LibpqConnection, baseline: tuple[str | None, ...]) -> None:
+        """Catalog checks, also beside the event trigger (a DDL it streamed is evicted again
+        here, up to a poll later: DDL is rare, and what no trigger reports is not)."""
         local, shared = baseline
         while True:
             await asyncio.sleep(self.settings.ddl_poll)
             sent = time.monotonic()
             [(now_local, now_shared)] = await conn.query(origin_sql.fingerprint_sql())
-            if now_local != local and not ddl_stream:
+            if now_local != local:
                 local = now_local
                 self.ddl += 1
                 self.last_change = time.time()

@@ -222,6 +222,24 @@ async def test_enum_value_renamed_directly(origin: PgServer, tmp_path: Path) -> 
         await _fresh(client, direct, sql, "ALTER TYPE ... RENAME VALUE made directly")
 
 
+async def test_vacuum_full_made_directly_with_the_event_trigger(origin: PgServer, tmp_path: Path) -> None:
+    """VACUUM FULL moves every row (ctid), writes nothing to the stream and fires no event
+    trigger: only the pg_class row changes (a new file). In event-trigger mode the catalog
+    check was off, so a cached `SELECT ctid` stayed. The check now runs in both modes."""
+    async with _world(origin, tmp_path, ddl="install") as (proxy, feed, direct, client):
+        assert feed.ddl_mode == "stream"
+        table = _name("adv_vf")
+        await direct.execute(f"CREATE TABLE {table} (id int)")
+        await direct.execute(f"INSERT INTO {table} SELECT generate_series(1, 3)")
+        await direct.execute(f"DELETE FROM {table} WHERE id = 1")
+        await _catalog_passed(feed, direct)
+        sql = f"SELECT ctid::text, id FROM {table} ORDER BY id"
+        assert await _cached(proxy, client, sql) == [("(0,2)", 2), ("(0,3)", 3)]
+        await direct.execute(f"VACUUM FULL {table}")
+        await _catalog_passed(feed, direct)
+        await _fresh(client, direct, sql, "VACUUM FULL made directly (event trigger mode)")
+
+
 # --- rows the stream names otherwise ------------------------------------------------------
 
 
