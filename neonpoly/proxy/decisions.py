@@ -396,7 +396,8 @@ class CacheDecisions(IdentityLearning):
                 tables = named[0]
             else:
                 tables = reach | frozenset(name for _, name in keyed)
-        cache.invalidate(None if cluster_wide else database, tables, everything, named)
+        # A whole database: also every other's entries (code reaches them: dblink, postgres_fdw).
+        cache.invalidate(None if cluster_wide else database, tables, everything, named, elsewhere=everything)
 
     def _confirm(self, item: Pending) -> None:
         """A ParseComplete or CloseComplete: the origin did the next Parse/Close it was sent."""
