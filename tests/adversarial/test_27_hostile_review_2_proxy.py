@@ -12,9 +12,14 @@ standard_conforming_strings off: nothing it sends is cached, and its statements 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import asyncpg
 import pytest
 
 from tests.adversarial.harness import Env, Login, unique
+from tests.pgharness import PgServer
+from tests.proxy.caching import caching_proxy
 
 
 async def _latin1_twin(env: Env) -> tuple[str, Login]:
@@ -140,3 +145,46 @@ async def test_dblink_exec_into_another_database(env: Env) -> None:
     assert await reader.origin(read) == [("new",)]
     await reader.check(read, why="after dblink_exec into this database, sent through neonpoly in another")
     await reader.probe(read, require_hit=False)  # every answer equal to the origin's, hits or not
+
+
+# --- a hit that leaves the origin inside a transaction ---------------------------------------
+
+
+async def test_hit_after_parse_describe_flush_leaves_no_transaction_open(pg: PgServer, tmp_path: Path) -> None:
+    """asyncpg without a statement cache (the setting PgBouncer users run) sends each query as
+    Parse/Describe/Flush, then Bind/Execute/Sync. With `--admit-after 1` the first part went
+    to the origin, which opened an implicit transaction for it, and the second was answered
+    from the cache with its Sync: the origin never saw the Sync, and the transaction stayed
+    open while the client was idle (its locks held: DDL on the table waits for it; its
+    catalog caches unread). A GRANT through another session then evicted pg_has_role()'s
+    entry, and the next read, run by the origin inside that old transaction, still said
+    false. Now nothing is answered locally while the origin holds a batch ended by Flush."""
+    async with caching_proxy(pg, tmp_path / "cache", admit_after=1) as proxy:
+        admin = await asyncpg.connect(**pg.dsn("postgres", "app"))
+        reader = await asyncpg.connect(**proxy.dsn(), statement_cache_size=0)
+        writer = await asyncpg.connect(**proxy.dsn())
+        member, group = unique("adv_mem"), unique("adv_grp")
+        try:
+            await admin.execute(f"CREATE ROLE {member}")
+            await admin.execute(f"CREATE ROLE {group}")
+            read = f"SELECT pg_has_role('{member}', '{group}', 'MEMBER')"
+            hit = False
+            for _ in range(5):
+                before = proxy.totals().get("hit", 0)
+                assert await reader.fetchval(read) is False
+                hit = proxy.totals().get("hit", 0) > before
+                if hit:
+                    break
+            assert hit, proxy.totals()
+            pid = reader.get_server_pid()
+            state = await admin.fetchval(f"SELECT state FROM pg_stat_activity WHERE pid = {pid}")
+            await writer.execute(f"GRANT {group} TO {member}")
+            for n in range(3):
+                assert await reader.fetchval(read) is True, f"read {n + 1} after GRANT through neonpoly"
+            assert state == "idle", f"the origin's backend was {state!r} while its client was idle"
+        finally:
+            for conn in (reader, writer):
+                await conn.close()
+            await admin.execute(f"DROP ROLE IF EXISTS {member}")
+            await admin.execute(f"DROP ROLE IF EXISTS {group}")
+            await admin.close()
