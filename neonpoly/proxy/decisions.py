@@ -78,7 +78,7 @@ class CacheDecisions(IdentityLearning):
             # are part of every stored key: changing one orphans a persisted cache.
             key = cache.key(self.state.context(), b"Q" + body)
             payload = cache.lookup(key)
-            if payload is not None and not self._busy():
+            if payload is not None and not self._busy() and not self.batch_open:
                 self._answer_locally(payload, [info], item)
                 if not info.has_effects:
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
@@ -144,11 +144,6 @@ class CacheDecisions(IdentityLearning):
             return Decision(Status.BYPASS, self.state.unreadable)
         if self.state.tx_status != TX_IDLE:
             return Decision(Status.TRANSACTION, "inside a transaction block")
-        if self.batch_open:
-            # The origin ran messages ended by Flush (asyncpg's Parse/Describe/Flush) in an
-            # implicit transaction: answered here, its Sync would never reach the origin, which
-            # would then hold that transaction (its locks, its catalog caches) while idle.
-            return Decision(Status.TRANSACTION, "the origin holds a batch ended by Flush: only its Sync ends it")
         if self._busy():
             return Decision(Status.TRANSACTION, "behind a pipelined request that may change the transaction")
         if known is None:
