@@ -184,10 +184,16 @@ class QueryCache:
         tables: frozenset[str],
         everything: bool,
         named: tuple[frozenset[str], bool] | None = None,
+        *,
+        elsewhere: bool = False,
     ) -> None:
         """Evict `tables` (or the database; or, with `database` None, every database of the
-        origin: roles and grants are shared by all of them). `named` is what the write itself
-        said, when the eviction was widened only for safety (DDL forgets what the catalog said)."""
+        origin: roles and grants are shared by all of them). `elsewhere`: with `everything`,
+        every database's entries too (not what they know): a write through neonpoly that evicts
+        its whole database ran code neonpoly cannot follow, and such code reaches other
+        databases (dblink, postgres_fdw); the change feed's evictions stay in their database.
+        `named` is what the write itself said, when the eviction was widened only for safety
+        (DDL forgets what the catalog said)."""
         ddl = named is None or named[1]  # DDL and the like: views, keys or triggers may have changed
         for cache in (self, *self.siblings()):
             if database is None or (everything and ddl):
@@ -198,7 +204,10 @@ class QueryCache:
                 cache.store.invalidate_everything()
                 cache.relations.forget()
             elif everything:
-                cache.store.invalidate_database(database)
+                if elsewhere:
+                    cache.store.invalidate_everything()
+                else:
+                    cache.store.invalidate_database(database)
                 if ddl:
                     cache.relations.forget(database)
             else:

@@ -11,7 +11,9 @@ reach further than they say:
 * a sequence, a foreign table and the system catalogs change without any write neonpoly sees;
 * a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT),
   reaches partitions when it names the parent, reaches a view's base tables when it names an
-  updatable view, and may run triggers or rules that write anything at all;
+  updatable view, and may run triggers or rules that write anything at all; a write to a
+  foreign table writes wherever its server points (postgres_fdw: maybe a table of this very
+  origin, in this or another database);
 * a builtin trusted by name (`lower()`, `=`, `text`) in a client's query is the builtin only
   if no function, operator or type of that name that could be picked instead lives in a schema
   on that session's search_path (one declared IMMUTABLE over types of its own, such as an
@@ -103,7 +105,8 @@ JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
 WHERE p.polqual IS NOT NULL
 UNION ALL
 SELECT 'w', w.root, c.relname::pg_catalog.text,
-  (EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid {_CATALOG} w.oid AND NOT t.tgisinternal)
+  (c.relkind {_CATALOG} 'f'  -- a foreign table's rows live elsewhere (postgres_fdw: maybe here)
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid {_CATALOG} w.oid AND NOT t.tgisinternal)
    OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite x WHERE x.ev_class {_CATALOG} w.oid
               AND x.ev_type {_NOT} '1'))::pg_catalog.text, NULL
 FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid

@@ -57,6 +57,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from psycopg import NotSupportedError
+from psycopg._encodings import pg2pyenc
 from psycopg.conninfo import make_conninfo
 
 from neonpoly.defaults import (
@@ -330,6 +332,9 @@ class ChangeFeed:
         }
         if replication:
             params["replication"] = "database"
+            # pgoutput's names are converted to the client's encoding (test_decoding's are not:
+            # see textdecoding.decode)
+            params["client_encoding"] = "UTF8"
         if t.sslrootcert:
             params["sslrootcert"] = t.sslrootcert
         if t.user:
@@ -376,13 +381,12 @@ class ChangeFeed:
         if ddl_stream and not messages:
             ddl_stream, why_poll = False, "the origin is older than PostgreSQL 14 (no logical messages)"
         self.ddl_mode = "stream" if ddl_stream else ("poll" + (f" ({why_poll})" if why_poll else ""))
-        poll: LibpqConnection | None = None
-        baseline: tuple[str | None, ...] = ()
-        if not ddl_stream:
-            # Before the slot: DDL after this check is seen by the next one, DDL before it by
-            # the eviction when the feed goes live.
-            poll = await self._connect(replication=False)
-            [baseline] = await poll.query(origin_sql.fingerprint_sql())
+        # Before the slot: DDL after this check is seen by the next one, DDL before it by the
+        # eviction when the feed goes live. With the event trigger the poll still runs:
+        # PostgreSQL fires none for roles, memberships, databases (shared), nor for VACUUM
+        # FULL and CLUSTER (a new file: every ctid moved), a configuration reload, ….
+        poll = await self._connect(replication=False)
+        [baseline] = await poll.query(origin_sql.fingerprint_sql())
         self.slot = f"neonpoly_{secrets.token_hex(6)}"
         try:
             [created] = await conn.query(
@@ -417,10 +421,8 @@ class ChangeFeed:
             "change feed %s/%s on (%s, slot %s from %s, DDL by %s)",
             self.target.key, self.database, self.decoder, self.slot, format_lsn(self.position), self.ddl_mode,
         )
-        stream = asyncio.ensure_future(self._stream(conn))
-        tasks: list[asyncio.Future[None]] = [stream]
-        if poll is not None:
-            tasks.append(asyncio.ensure_future(self._poll(poll, baseline)))
+        stream = asyncio.ensure_future(self._stream(conn, _python_encoding(conn.parameter("server_encoding"))))
+        tasks: list[asyncio.Future[None]] = [stream, asyncio.ensure_future(self._poll(poll, baseline))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -430,7 +432,7 @@ class ChangeFeed:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream(self, conn: LibpqConnection) -> None:
+    async def _stream(self, conn: LibpqConnection, encoding: str) -> None:
         assembler = TransactionAssembler(ddl_prefix=origin_sql.DDL_PREFIX)
         text = self.decoder == "test_decoding"
         codec = textdecoding if text else pgoutput
@@ -457,7 +459,8 @@ class ChangeFeed:
                 frame = decode_copy(raw)
                 if isinstance(frame, XLogData):
                     decoded: Decoded = (
-                        textdecoding.decode(frame.data, frame.start) if text else pgoutput.decode(frame.data)
+                        textdecoding.decode(frame.data, frame.start, encoding) if text
+                        else pgoutput.decode(frame.data)
                     )
                     change = assembler.feed(decoded)
                     # Skip the relation's next rows only once they cannot add key values.
@@ -530,6 +533,8 @@ class ChangeFeed:
             self.position = change.end_lsn
 
     async def _poll(self, conn: LibpqConnection, baseline: tuple[str | None, ...]) -> None:
+        """Catalog checks, also beside the event trigger (a DDL it streamed is evicted again
+        here, up to a poll later: DDL is rare, and what no trigger reports is not)."""
         local, shared = baseline
         while True:
             await asyncio.sleep(self.settings.ddl_poll)
@@ -577,6 +582,16 @@ def _refuse_if_permanent(message: str, user: str | None) -> None:
         raise FeedUnavailable(f"role {user or '(default)'} may not replicate (it needs the REPLICATION attribute)")
     if any(marker in low for marker in _PERMANENT):
         raise FeedUnavailable(_one_line(message))
+
+
+def _python_encoding(server_encoding: str | None) -> str:
+    """Python's codec for a PostgreSQL encoding name (UTF-8 when unknown or SQL_ASCII)."""
+    if not server_encoding or server_encoding == "SQL_ASCII":  # bytes as clients wrote them
+        return "utf-8"
+    try:
+        return pg2pyenc(server_encoding.encode())
+    except (NotSupportedError, LookupError):
+        return "utf-8"
 
 
 def _one_line(message: str) -> str:

@@ -82,6 +82,11 @@ class LibpqConnection:
     def backend_pid(self) -> int:
         return int(self._conn.backend_pid)
 
+    def parameter(self, name: str) -> str | None:
+        """A parameter the server reported (server_encoding, …)."""
+        value = self._conn.parameter_status(name.encode())
+        return None if value is None else value.decode("ascii", "replace")
+
     async def query(self, sql: str) -> list[Row]:
         """Run one simple-protocol statement; the rows of its last result (text)."""
         result = await self._run(sql)

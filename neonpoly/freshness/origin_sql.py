@@ -39,15 +39,21 @@ def ident(name: str) -> str:
 
 def preflight_sql(publication: str) -> str:
     """wal_level, the publication's state ('' missing, 'all', or 'partial'), and whether the
-    DDL event trigger is installed."""
+    DDL event trigger is installed and enabled ALWAYS (enabled the default way, it does not
+    fire in sessions with session_replication_role = replica; install fixes it).
+    A publication `publish_via_partition_root` is 'partial': pgoutput would name a
+    partition's rows by its root, and a read of the partition itself is not tagged with its
+    parent."""
     pub = literal(publication)
     return f"""\
 SELECT pg_catalog.current_setting('wal_level'),
   COALESCE((SELECT CASE WHEN p.puballtables AND p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate
+                   AND NOT COALESCE((pg_catalog.to_jsonb(p) OPERATOR(pg_catalog.->>) 'pubviaroot')::pg_catalog.bool,
+                                    false)
                    THEN 'all' ELSE 'partial' END
             FROM pg_catalog.pg_publication p WHERE p.pubname OPERATOR(pg_catalog.=) {pub}), ''),
   EXISTS (SELECT FROM pg_catalog.pg_event_trigger e WHERE e.evtname OPERATOR(pg_catalog.=) {literal(DDL_TRIGGER)}
-          AND e.evtenabled OPERATOR(pg_catalog.<>) 'D')::pg_catalog.text
+          AND e.evtenabled OPERATOR(pg_catalog.=) 'A')::pg_catalog.text
 /* neonpoly: change feed */"""
 
 
@@ -74,7 +80,8 @@ EXCEPTION WHEN OTHERS THEN
   NULL;  -- never fail the user's DDL
 END $fn$;
 DROP EVENT TRIGGER IF EXISTS {ident(DDL_TRIGGER)};
-CREATE EVENT TRIGGER {ident(DDL_TRIGGER)} ON ddl_command_end EXECUTE FUNCTION {schema}.{fn}()"""
+CREATE EVENT TRIGGER {ident(DDL_TRIGGER)} ON ddl_command_end EXECUTE FUNCTION {schema}.{fn}();
+ALTER EVENT TRIGGER {ident(DDL_TRIGGER)} ENABLE ALWAYS"""
 
 
 def drop_ddl_trigger_sql() -> str:
@@ -124,12 +131,38 @@ _LOCAL_CATALOGS: tuple[tuple[str, str | None], ...] = (
     ("pg_policy", None),
     ("pg_inherits", _NOT_TEMP_REL.format(a="x", col="inhrelid")),
     ("pg_extension", None),
+    ("pg_description", None),  # COMMENT ON: obj_description() and col_description() are trusted
+    # What trusted builtins and casts look up by name or OID at run time: to_tsvector('cfg', …),
+    # COLLATE "c", an enum's labels, operator classes (ORDER BY), aggregates, ranges.
+    ("pg_collation", None),
+    ("pg_enum", None),
+    ("pg_ts_config", None),
+    ("pg_ts_config_map", None),
+    ("pg_ts_dict", None),
+    ("pg_ts_parser", None),
+    ("pg_ts_template", None),
+    ("pg_conversion", None),
+    ("pg_opclass", None),
+    ("pg_opfamily", None),
+    ("pg_amop", None),
+    ("pg_amproc", None),
+    ("pg_aggregate", None),
+    ("pg_range", None),
+    ("pg_language", None),
 )
-_SHARED_CATALOGS: tuple[tuple[str, str | None], ...] = (("pg_auth_members", None), ("pg_database", None))
+# A configuration reload (pg_reload_conf, SIGHUP) changes the settings of every open session
+# that did not SET them itself (search_path, bytea_output, …) without telling it: sessions
+# learn their identity again and every entry goes, as for a role change.
+_RELOADED = "pg_catalog.pg_conf_load_time()"
+_SHARED_CATALOGS: tuple[tuple[str, str | None], ...] = (
+    ("pg_auth_members", None),
+    ("pg_database", None),
+    ("pg_shdescription", None),  # COMMENT ON DATABASE/ROLE: shobj_description() is trusted
+)
 
 
-def _fingerprint(catalogs: tuple[tuple[str, str | None], ...]) -> str:
-    parts = []
+def _fingerprint(catalogs: tuple[tuple[str, str | None], ...], *extra: str) -> str:
+    parts = list(extra)
     for catalog, where in catalogs:
         clause = f" WHERE {where}" if where else ""
         parts.append(
@@ -143,6 +176,6 @@ def _fingerprint(catalogs: tuple[tuple[str, str | None], ...]) -> str:
 def fingerprint_sql() -> str:
     """(local fingerprint, shared fingerprint): see the module's docstring."""
     return (
-        f"SELECT {_fingerprint(_LOCAL_CATALOGS)}, {_fingerprint(_SHARED_CATALOGS)}"
+        f"SELECT {_fingerprint(_LOCAL_CATALOGS)}, {_fingerprint(_SHARED_CATALOGS, _RELOADED)}"
         " /* neonpoly: change feed DDL check */"
     )

@@ -44,10 +44,12 @@ _ROW_KINDS = {"INSERT": "insert", "UPDATE": "update", "DELETE": "delete"}
 _MESSAGE = re.compile(rb"message: transactional: ([01]) prefix: (.*?), sz: (\d+) content:", re.DOTALL)
 
 
-def decode(data: bytes, start: int) -> Decoded:
-    """One test_decoding line; `start` is its XLogData's WAL position."""
+def decode(data: bytes, start: int, encoding: str = "utf-8") -> Decoded:
+    """One test_decoding line; `start` is its XLogData's WAL position. test_decoding prints
+    in the database's `encoding` (the walsender converts none of it): names are read in it,
+    or a LATIN1 database's `café` would not be the name the cache tagged."""
     if data.startswith(b"table "):
-        relations, end = _names(data, len(b"table "))
+        relations, end = _names(data, len(b"table "), encoding)
         action, _, flags = data[end:].partition(b":")
         kind = action.strip().decode("ascii", "replace")
         if kind in _ROW_KINDS and len(relations) == 1:
@@ -161,16 +163,16 @@ def _message(data: bytes, start: int) -> Message:
     raise ProtocolError(f"malformed test_decoding message {data[:60]!r}")
 
 
-def _names(data: bytes, pos: int) -> tuple[list[QualifiedName], int]:
+def _names(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[list[QualifiedName], int]:
     """`schema.name[, schema.name …]: rest` → the names and where `rest` starts. Bytes are
     read as bytes: no byte of a multi-byte UTF-8 character is ASCII, so the quotes, dots and
     separators found are the real ones."""
     names: list[QualifiedName] = []
     while True:
-        schema, pos = _identifier(data, pos)
+        schema, pos = _identifier(data, pos, encoding)
         if data[pos : pos + 1] != b".":
             raise ProtocolError(f"unqualified relation in {data[:80]!r}")
-        name, pos = _identifier(data, pos + 1)
+        name, pos = _identifier(data, pos + 1, encoding)
         names.append((schema, name))
         if data.startswith(b", ", pos):
             pos += 2
@@ -180,7 +182,7 @@ def _names(data: bytes, pos: int) -> tuple[list[QualifiedName], int]:
         raise ProtocolError(f"cannot read relation names in {data[:80]!r}")
 
 
-def _identifier(data: bytes, pos: int) -> tuple[str, int]:
+def _identifier(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str, int]:
     """One identifier as quote_identifier prints it: bare, or in double quotes ("" inside)."""
     if data[pos : pos + 1] == b'"':
         out = bytearray()
@@ -194,10 +196,10 @@ def _identifier(data: bytes, pos: int) -> tuple[str, int]:
                 out += b'"'
                 i = end + 2
                 continue
-            return out.decode("utf-8", "replace"), end + 1
+            return out.decode(encoding, "replace"), end + 1
     end = pos
     while end < len(data) and data[end] not in b".:, [":
         end += 1
     if end == pos:
         raise ProtocolError(f"empty name in {data[:80]!r}")
-    return data[pos:end].decode("utf-8", "replace"), end
+    return data[pos:end].decode(encoding, "replace"), end

@@ -58,7 +58,10 @@ class BatchHandling(CacheDecisions):
             # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
             key = cache.key(self.state.context(), (b"H" if flush else b"X") + material)
             payload = cache.lookup(key)
-            if payload is not None and not plan.forward and not self._busy():
+            # Not after messages ended by Flush went to the origin (asyncpg's Parse/Describe/
+            # Flush): it runs them in an implicit transaction that only their Sync ends, and
+            # answered here that Sync would never reach it (its locks held, invalidations unread).
+            if payload is not None and not plan.forward and not self._busy() and not self.batch_open:
                 self.book.after_local(plan)
                 if plan.executes:
                     self._answer_locally(payload, plan.executed, item)

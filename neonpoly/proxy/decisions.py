@@ -78,7 +78,7 @@ class CacheDecisions(IdentityLearning):
             # are part of every stored key: changing one orphans a persisted cache.
             key = cache.key(self.state.context(), b"Q" + body)
             payload = cache.lookup(key)
-            if payload is not None and not self._busy():
+            if payload is not None and not self._busy() and not self.batch_open:
                 self._answer_locally(payload, [info], item)
                 if not info.has_effects:
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
@@ -123,7 +123,9 @@ class CacheDecisions(IdentityLearning):
             schemas = known.schemas if known is not None else None
             resolution = cache.relations.resolve(self.state.database, tables, shadowable, schemas)
             if resolution is None:
-                idle = self._at_boundary() and not self._busy() and self.state.bypass is None
+                # Not for text neonpoly cannot read (the names asked would not be the server's).
+                idle = (self._at_boundary() and not self._busy() and self.state.bypass is None
+                        and not self.state.legacy_strings)
                 if idle and out is not None:
                     self._ask_relations(cache, cache.relations.unknown(self.state.database, tables), out)
                 item.reads, item.trusts = tables, shadowable
@@ -139,7 +141,7 @@ class CacheDecisions(IdentityLearning):
         if self.state.bypass is not None:
             return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
         if self.state.legacy_strings:
-            return Decision(Status.BYPASS, "standard_conforming_strings is off: text not read as the server reads it")
+            return Decision(Status.BYPASS, self.state.unreadable)
         if self.state.tx_status != TX_IDLE:
             return Decision(Status.TRANSACTION, "inside a transaction block")
         if self._busy():
@@ -394,7 +396,8 @@ class CacheDecisions(IdentityLearning):
                 tables = named[0]
             else:
                 tables = reach | frozenset(name for _, name in keyed)
-        cache.invalidate(None if cluster_wide else database, tables, everything, named)
+        # A whole database: also every other's entries (code reaches them: dblink, postgres_fdw).
+        cache.invalidate(None if cluster_wide else database, tables, everything, named, elsewhere=everything)
 
     def _confirm(self, item: Pending) -> None:
         """A ParseComplete or CloseComplete: the origin did the next Parse/Close it was sent."""

@@ -125,10 +125,11 @@ class IdentityLearning(SessionCore):
 
 def _lookup_row(row: list[bytes | None]) -> tuple[str, str, str, bool, str | None]:
     kind, root, relname, flag, definition = (row + [None] * 5)[:5]
+    # "replace": a name the server sends in another encoding must not end the session.
     return (
         (kind or b"").decode(),
-        (root or b"").decode(),
-        (relname or b"").decode(),
+        (root or b"").decode("utf-8", "replace"),
+        (relname or b"").decode("utf-8", "replace"),
         flag == b"true",
-        None if definition is None else definition.decode(),
+        None if definition is None else definition.decode("utf-8", "replace"),
     )

@@ -51,17 +51,21 @@ class SessionState:
         if "replication" in {name.lower() for name in params}:
             self.bypass = "a replication connection"
 
-    # standard_conforming_strings off: backslashes escape in '…' strings, which the parser
-    # neonpoly uses does not model, so no text from this session can be trusted.
+    # No text from this session can be trusted (nothing is cached, its statements evict the
+    # database): standard_conforming_strings off (backslashes escape in '…' strings, which
+    # the parser neonpoly uses does not model), or text not in UTF-8 (neonpoly reads SQL as
+    # UTF-8: a LATIN1 client's "café" is not the relation the server finds). Why: `unreadable`.
     legacy_strings: bool = False
+    unreadable: str = ""
 
     def parameter(self, name: str, value: str) -> bool:
         """A ParameterStatus from the origin; True when it changed a value already known
         (the session's identity must then be learned again)."""
         before = self.server_params.get(name)
         self.server_params[name] = value
-        if name == "standard_conforming_strings":
-            self.legacy_strings = value == "off"
+        if name in ("standard_conforming_strings", "client_encoding", "server_encoding"):
+            self.unreadable = _unreadable(self.server_params)
+            self.legacy_strings = bool(self.unreadable)
         return before is not None and before != value
 
     def learned(self, identity: Identity | None) -> None:
@@ -74,3 +78,17 @@ class SessionState:
         if self._context is None:
             self._context = self.database.encode() + b"\x00" + (self.identity.key if self.identity else b"")
         return self._context
+
+
+def _unreadable(params: Mapping[str, str]) -> str:
+    """Why the session's text is not read as the server reads it ("" when it is)."""
+    if params.get("standard_conforming_strings") == "off":
+        return "standard_conforming_strings is off: text not read as the server reads it"
+    client = params.get("client_encoding", "UTF8").upper().replace("-", "")
+    server = params.get("server_encoding", "UTF8").upper().replace("-", "")
+    # SQL_ASCII: no conversion; into a UTF-8 database the server still checks it is UTF-8.
+    if client != "UTF8" and not (client == "SQL_ASCII" and server == "UTF8"):
+        return f"client_encoding is {client}: neonpoly reads SQL as UTF-8, names would not match"
+    if server == "SQL_ASCII":
+        return "the database's encoding is SQL_ASCII: names may be in any encoding"
+    return ""
