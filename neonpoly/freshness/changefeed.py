@@ -57,8 +57,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from psycopg import NotSupportedError
-from psycopg._encodings import pg2pyenc
 from psycopg.conninfo import make_conninfo
 
 from neonpoly.defaults import (
@@ -70,7 +68,7 @@ from neonpoly.defaults import (
     FEED_APPLICATION_NAME,
 )
 from neonpoly.freshness import origin_sql, pgoutput, textdecoding
-from neonpoly.freshness.libpq import LibpqConnection, LibpqError
+from neonpoly.freshness.libpq import LibpqConnection, LibpqError, python_encoding
 from neonpoly.freshness.replica_identity import IdentityBook, Known, identity_sql, parse_rows, wanted
 from neonpoly.freshness.rowkeys import RowKeys
 from neonpoly.freshness.stream import (
@@ -421,7 +419,7 @@ class ChangeFeed:
             "change feed %s/%s on (%s, slot %s from %s, DDL by %s)",
             self.target.key, self.database, self.decoder, self.slot, format_lsn(self.position), self.ddl_mode,
         )
-        stream = asyncio.ensure_future(self._stream(conn, _python_encoding(conn.parameter("server_encoding"))))
+        stream = asyncio.ensure_future(self._stream(conn, python_encoding(conn.parameter("server_encoding"))))
         tasks: list[asyncio.Future[None]] = [stream, asyncio.ensure_future(self._poll(poll, baseline))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -582,16 +580,6 @@ def _refuse_if_permanent(message: str, user: str | None) -> None:
         raise FeedUnavailable(f"role {user or '(default)'} may not replicate (it needs the REPLICATION attribute)")
     if any(marker in low for marker in _PERMANENT):
         raise FeedUnavailable(_one_line(message))
-
-
-def _python_encoding(server_encoding: str | None) -> str:
-    """Python's codec for a PostgreSQL encoding name (UTF-8 when unknown or SQL_ASCII)."""
-    if not server_encoding or server_encoding == "SQL_ASCII":  # bytes as clients wrote them
-        return "utf-8"
-    try:
-        return pg2pyenc(server_encoding.encode())
-    except (NotSupportedError, LookupError):
-        return "utf-8"
 
 
 def _one_line(message: str) -> str:

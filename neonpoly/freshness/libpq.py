@@ -23,7 +23,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from psycopg import pq
+from psycopg import NotSupportedError, pq
+from psycopg._encodings import pg2pyenc
 
 log = logging.getLogger("neonpoly.changefeed")
 
@@ -235,3 +236,13 @@ async def _wait(fd: int, *, write: bool = False) -> None:
         await ready
     finally:
         remove(fd)
+
+
+def python_encoding(server_encoding: str | None) -> str:
+    """Python's codec for a PostgreSQL encoding name (UTF-8 when unknown or SQL_ASCII)."""
+    if not server_encoding or server_encoding == "SQL_ASCII":  # bytes as clients wrote them
+        return "utf-8"
+    try:
+        return pg2pyenc(server_encoding.encode())
+    except (NotSupportedError, LookupError):
+        return "utf-8"
