@@ -47,6 +47,7 @@ from neonpoly.freshness.plane import (
     decode_positions,
     encode_positions,
     entry_lag_ms,
+    entry_position,
     epoch_made,
     generations,
     public_url,
@@ -97,7 +98,8 @@ class RedisPlane:
         self._origins: dict[str, FollowedOrigin] = {}
         self._epoch: str | None = None
         self._acks_id = "0-0"
-        self._ack_due: dict[str, int] = {}
+        self._ack_due: dict[str, int] = {}  # origin -> sequence number (what older versions read)
+        self._ack_at: dict[str, int] = {}  # origin -> entry position (what holds count)
         self._lost: set[str] = set()  # origins whose bumps could not be published
         self._open: Batch | None = None
         self._applying = False
@@ -273,7 +275,7 @@ class RedisPlane:
         last_ack = await r.xrevrange(self._key("acks"), count=1)
         self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
         origins = list(self._origins.values())
-        # Acknowledgements count sequence numbers, which start over if Redis lost its data.
+        # Acknowledgements count entry ids, which may start over if Redis lost its data.
         self.holds.acked.clear()
         await self._bootstrap(origins)
         self._epoch = None if epoch is None else str(epoch)
@@ -368,21 +370,27 @@ class RedisPlane:
             purge = Bump(purge=True).encode()
             pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge)
         ack, self._ack_due = self._ack_due, {}
+        at, self._ack_at = self._ack_at, {}
         if ack:
-            pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
+            body: dict[Any, Any] = {"node": self.node, "pos": encode_positions(ack), "at": encode_positions(at)}
+            pipe.xadd(acks_key, body, maxlen=s.maxlen, approximate=True)
         pipe.xread(streams, count=s.count, block=max(1, int(s.block * 1000)))
         pipe.get(self._key("epoch"))
         sent = time.monotonic()
+        if check:  # until it answers, it may have registered this node at any moment
+            self.fence.pending += 1
         try:
             replies = await pipe.execute()
-        except _FAILURES:
-            if self.fence.beat > -math.inf:  # it may have registered this node, up to now
+        except BaseException:
+            if check:
+                self.fence.settle(time.monotonic() if self.fence.beat > -math.inf else None)
+            elif self.fence.beat > -math.inf:
                 self.fence.beat = time.monotonic()
             raise
         if check:
             self._check_sent, self._check_keys = sent, round_keys
-            if len(origins) == len(self._origins):  # registered on every origin it follows
-                self.fence.beat = time.monotonic()
+            # Registered on every origin it follows: the fence counts from here.
+            self.fence.settle(time.monotonic() if len(origins) == len(self._origins) else None)
         if self.state != "up":
             return  # the publisher found Redis down meanwhile: recover before proving anything
         read, epoch = replies[-2], replies[-1]
@@ -402,8 +410,8 @@ class RedisPlane:
         for entry_id, fields in by_stream.get(acks_key, ()):
             self._acks_id = entry_id
             node = fields.get("node", "")
-            if node and node != self.node:
-                self.holds.ack(node, decode_positions(fields.get("pos", "")))
+            if node and node != self.node and "at" in fields:  # without it (older versions): holds time out
+                self.holds.ack(node, decode_positions(fields["at"]))
         # With `count` entries there may be more; in the grace (rule 5) nothing is proven.
         if not full and sent >= self._grace_until and sent - self._check_sent < s.check:
             for origin in origins:
@@ -457,6 +465,7 @@ class RedisPlane:
             origin.applied += 1
             origin.lag_ms = entry_lag_ms(entry_id)
             self._ack_due[origin.key] = n
+            self._ack_at[origin.key] = entry_position(entry_id)
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -504,9 +513,9 @@ class RedisPlane:
         self._batches += 1
         published: dict[str, int] = {}
         live: dict[str, list[str]] = {}
-        for (origin, _), (n, _entry_id, nodes) in zip(order, replies, strict=True):
+        for (origin, _), (_n, entry_id, nodes) in zip(order, replies, strict=True):
             origin.published += 1
-            published[origin.key] = int(n)
+            published[origin.key] = entry_position(str(entry_id))
             live[origin.key] = list(nodes)
         opened, times = batch.opened, self._hold_times
         batch.future.add_done_callback(lambda _: times.append(time.monotonic() - opened))
