@@ -72,6 +72,10 @@ log = logging.getLogger("neonpoly.plane")
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
+class _Twin(Exception):
+    """Another live process holds this node's name."""
+
+
 class _Regap(Exception):
     """Redis lost its data under a live connection: start over as after a reconnection."""
 
@@ -85,6 +89,7 @@ class RedisPlane:
         self.settings = settings
         self.node = node or settings.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.url = public_url(settings.url)
+        self.token = secrets.token_hex(8)  # this process: entries and the name's holder carry it
         self.holds = HoldBook(self.node)
         self.fence = Fence(settings.fence)
         self._grace_until = 0.0  # monotonic: no hits before it (Redis lost its data, rule 5)
@@ -240,6 +245,7 @@ class RedisPlane:
         assert self._cmd is not None
         pipe = self._cmd.pipeline(transaction=False)
         pipe.zrem(self._key("nodes"), self.node)
+        pipe.eval(RELEASE_LEASE, 1, self._key(f"name:{self.node}"), self.token)  # the name is free at once
         for origin in self._origins.values():
             pipe.zrem(origin.nodes, self.node)
             if origin.lease_mine:
@@ -338,7 +344,10 @@ class RedisPlane:
                 log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
                 self.state, self.reason, self.since = "connecting", str(exc), time.time()
                 self.fence.beat = -math.inf  # that Redis does not know this node: hold until it does
-            except _FAILURES as exc:
+            except (*_FAILURES, _Twin) as exc:
+                if isinstance(exc, _Twin) and self.reason != str(exc):
+                    log.error("invalidation plane %s: %s; passing through, writes held, until it is gone",
+                              self.url, exc)
                 self._went_down(why(exc))
                 with contextlib.suppress(*_FAILURES):
                     assert self._reader is not None
@@ -362,13 +371,14 @@ class RedisPlane:
         # Every `check` seconds a round registers the node (rule 3) and reads each origin's
         # lost nodes (rule 4); a round proves the gate only within `check` of the last one that
         # did (the fence counts it). Not every round: a script per round costs the busy loop.
-        round_keys = [self._key("nodes")]
+        round_keys = [self._key("nodes"), self._key(f"name:{self.node}")]
         for o in origins:
             round_keys += [o.nodes, o.lost_key, o.seq, o.stream]
         check = round_keys != self._check_keys or time.monotonic() - self._check_sent >= s.check
         if check:
             purge = Bump(purge=True).encode()
-            pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge)
+            pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge,
+                      self.token)
         ack, self._ack_due = self._ack_due, {}
         at, self._ack_at = self._ack_at, {}
         if ack:
@@ -387,6 +397,9 @@ class RedisPlane:
             elif self.fence.beat > -math.inf:
                 self.fence.beat = time.monotonic()
             raise
+        if check and replies[0] and replies[0][0] == "twin":
+            self.fence.settle(None)
+            raise _Twin(f"another live node runs under the name {self.node!r} (give each node its own --node-id)")
         if check:
             self._check_sent, self._check_keys = sent, round_keys
             # Registered on every origin it follows: the fence counts from here.
@@ -395,8 +408,11 @@ class RedisPlane:
             return  # the publisher found Redis down meanwhile: recover before proving anything
         read, epoch = replies[-2], replies[-1]
         if check:
-            live, *lost = replies[0]
-            self._seen(tuple(live))
+            live, fresh, *lost = replies[0]
+            if fresh:  # a node list made again (deleted, evicted) says nothing of who left
+                self.nodes = tuple(live)
+            else:
+                self._seen(tuple(live))
             for origin, (members, rejoined) in zip(origins, lost, strict=True):
                 self._lost_seen(origin, tuple(str(m) for m in members), bool(rejoined))
         if epoch != self._epoch:
@@ -444,7 +460,8 @@ class RedisPlane:
         for entry_id, fields in entries:
             try:
                 n = int(fields["n"])
-                bump = None if fields.get("node") == self.node else Bump.decode(fields["b"])
+                own = fields["i"] == self.token if "i" in fields else fields.get("node") == self.node
+                bump = None if own else Bump.decode(fields["b"])
             except (KeyError, ValueError) as exc:
                 log.warning("invalidation plane %s: unreadable entry %s on %s (%s): purging",
                             self.url, entry_id, origin.stream, exc)
@@ -501,7 +518,8 @@ class RedisPlane:
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for origin, bump in order:
-                pipe.eval(PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
+                pipe.eval(PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode(),
+                          self.token)
             replies = await pipe.execute()  # bounded by the client's socket timeout
         except _FAILURES as exc:
             # Whether the entries made it is unknown: publish a purge on the way back, and
