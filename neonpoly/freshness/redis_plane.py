@@ -59,6 +59,8 @@ from neonpoly.freshness.redis_wire import (
     RELEASE_LEASE,
     RENEW,
     ROUND,
+    Regap,
+    Twin,
     p50_p99,
     why,
 )
@@ -70,14 +72,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.plane")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
-
-
-class _Twin(Exception):
-    """Another live process holds this node's name."""
-
-
-class _Regap(Exception):
-    """Redis lost its data under a live connection: start over as after a reconnection."""
 
 
 class RedisPlane:
@@ -338,14 +332,14 @@ class RedisPlane:
                     await asyncio.wait_for(self._recover(), self.settings.io_timeout)
                     delay = 0.05
                 await self._round()
-            except _Regap as exc:
+            except Regap as exc:
                 for origin in self._origins.values():
                     origin.gate.close()
                 log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
                 self.state, self.reason, self.since = "connecting", str(exc), time.time()
                 self.fence.beat = -math.inf  # that Redis does not know this node: hold until it does
-            except (*_FAILURES, _Twin) as exc:
-                if isinstance(exc, _Twin) and self.reason != str(exc):
+            except (*_FAILURES, Twin) as exc:
+                if isinstance(exc, Twin) and self.reason != str(exc):
                     log.error("invalidation plane %s: %s; passing through, writes held, until it is gone",
                               self.url, exc)
                 self._went_down(why(exc))
@@ -399,7 +393,7 @@ class RedisPlane:
             raise
         if check and replies[0] and replies[0][0] == "twin":
             self.fence.settle(None)
-            raise _Twin(f"another live node runs under the name {self.node!r} (give each node its own --node-id)")
+            raise Twin(f"another live node runs under the name {self.node!r} (give each node its own --node-id)")
         if check:
             self._check_sent, self._check_keys = sent, round_keys
             # Registered on every origin it follows: the fence counts from here.
@@ -414,9 +408,9 @@ class RedisPlane:
             else:
                 self._seen(tuple(live))
             for origin, (members, rejoined) in zip(origins, lost, strict=True):
-                self._lost_seen(origin, tuple(str(m) for m in members), bool(rejoined))
+                origin.see_lost(tuple(str(m) for m in members), bool(rejoined), self.node)
         if epoch != self._epoch:
-            raise _Regap("Redis lost its data (restarted or flushed)")
+            raise Regap("Redis lost its data (restarted or flushed)")
         by_stream = read_streams(read)
         full = False
         for origin in origins:
@@ -433,21 +427,6 @@ class RedisPlane:
             for origin in origins:
                 if not origin.lost:
                     origin.gate.prove(sent)
-
-    def _lost_seen(self, origin: FollowedOrigin, members: tuple[str, ...], rejoined: bool) -> None:
-        if rejoined:
-            log.warning("invalidation plane: this node (%s) was lost on %s (heartbeat expired); it purged it",
-                        self.node, origin.key)
-        if members != origin.lost:
-            if members:
-                log.warning("invalidation plane: %s: node %s left without a goodbye (cut off from Redis, or "
-                            "crashed): passing through until it comes back, or `neonpoly plane forget`", origin.key,
-                            ", ".join(members))
-            elif origin.lost:
-                log.info("invalidation plane: %s: no node lost any more; hits resume", origin.key)
-            origin.lost = members
-        if members:
-            origin.gate.close()
 
     def _seen(self, live: tuple[str, ...]) -> None:
         for gone in set(self.nodes) - set(live):

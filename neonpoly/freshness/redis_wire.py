@@ -90,6 +90,14 @@ return 0
 """
 
 
+class Twin(Exception):
+    """Another live process holds this node's name."""
+
+
+class Regap(Exception):
+    """Redis lost its data under a live connection: start over as after a reconnection."""
+
+
 def p50_p99(values: deque[float]) -> tuple[float, float] | None:
     if len(values) < 2:
         return None
