@@ -158,6 +158,8 @@ class RedisPlane:
         cmd, node = self._cmd, self.node
 
         async def leave() -> None:
+            if origin.key in self._origins:  # followed again meanwhile: it stays registered
+                return
             with contextlib.suppress(*_FAILURES):
                 await cmd.zrem(origin.nodes, node)
                 self._leaving.pop(origin.key, None)
@@ -396,8 +398,7 @@ class RedisPlane:
             raise Twin(f"another live node runs under the name {self.node!r} (give each node its own --node-id)")
         if check:
             self._check_sent, self._check_keys = sent, round_keys
-            # Registered on every origin it follows: the fence counts from here.
-            self.fence.settle(time.monotonic() if len(origins) == len(self._origins) else None)
+            self.fence.settle(time.monotonic() if len(origins) == len(self._origins) else None)  # all registered
         if self.state != "up":
             return  # the publisher found Redis down meanwhile: recover before proving anything
         read, epoch = replies[-2], replies[-1]

@@ -304,3 +304,42 @@ async def test_a_vanished_node_list_does_not_release_a_write_waiting_for_an_ackn
             await reader.close()
             await redis.aclose()
     await link.cut()
+
+
+async def test_an_integration_removed_and_added_again_stays_registered(
+    pg_logical: PgServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Removing an integration says goodbye (ZREM from the origin's nodes) once its last bumps
+    are out; added again meanwhile, the node follows the origin, and the late goodbye took it
+    off the nodes until its next registration: writers stopped waiting for it while its gate
+    was open."""
+    plane: dict[str, Any] = {"check": 2.5, "limit": 1.0, "heartbeat": 3.75, "block": 0.2, "hold": 1.5}
+    [(table, sql)] = await _tables(pg_logical)
+    link = CuttableLink(redis_server.port)
+    await link.start()
+    async with (
+        plane_node(pg_logical, tmp_path / "a", link.url, plane={**plane, "node": "node-a"}) as a,
+        plane_node(pg_logical, tmp_path / "b", redis_server.url, plane={**plane, "node": "node-b"}) as b,
+    ):
+        await _both_up(a, b)
+        pa = _plane(a)
+        origin = a.service.routes.by_id["default"].origin
+        pa._observed(a.origin_key, ("p",))  # bumps of the origin still to go out: the goodbye waits
+        batch = pa._open
+        assert batch is not None
+        a.service.remove_cache("default")
+        a.service.add_cache("default", origin, default=True)
+        await batch.future
+        await until(lambda: not pa._goodbyes and _serving(a), "the goodbye went; A follows the origin")
+        writer = await asyncpg.connect(**b.dsn())
+        reader = await asyncpg.connect(**a.dsn())
+        try:
+            await _until_hit(reader, a, sql, 0)
+            link.freeze()
+            await writer.execute(f"UPDATE {table} SET v = 1 WHERE id = 1")
+            assert await reader.fetchval(sql) == 1, "A served a hit the returned write made stale"
+        finally:
+            link.thaw()
+            await writer.close()
+            await reader.close()
+    await link.cut()
