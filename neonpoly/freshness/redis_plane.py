@@ -395,7 +395,7 @@ class RedisPlane:
             raise
         if check and replies[0] and replies[0][0] == "twin":
             self.fence.settle(None)
-            raise Twin(f"another live node runs under the name {self.node!r} (give each node its own --node-id)")
+            raise Twin(f"another process holds the name {self.node!r} (give each node its own --node-id)")
         if check:
             self._check_sent, self._check_keys = sent, round_keys
             self.fence.settle(time.monotonic() if len(origins) == len(self._origins) else None)  # all registered

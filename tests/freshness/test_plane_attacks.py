@@ -92,7 +92,7 @@ async def test_two_nodes_under_one_name_never_serve_a_write_of_the_other_stale(
                 assert mark is not None
                 # B read past A's entry and is caught up again, or B is refused the name.
                 await until(lambda: ((c := _followed(b).cursor) is not None and c.last_n >= mark.last_n
-                                     and _serving(b)) or "twin" in _origin(b)[0].reason, "B read A's entry")
+                                     and _serving(b)) or "holds the name" in _origin(b)[0].reason, "B read A's entry")
                 assert await reader.fetchval(sql) == 1, "B answered the row A's returned write made stale"
                 assert _serving(a), "the first node keeps its name"
             finally:
