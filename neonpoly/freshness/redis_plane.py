@@ -61,6 +61,7 @@ from neonpoly.freshness.redis_wire import (
     ROUND,
     Regap,
     Twin,
+    not_before,
     p50_p99,
     why,
 )
@@ -87,6 +88,7 @@ class RedisPlane:
         self.holds = HoldBook(self.node)
         self.fence = Fence(settings.fence)
         self._grace_until = 0.0  # monotonic: no hits before it (Redis lost its data, rule 5)
+        self._young_until = 0.0  # monotonic: no write reply before it (gates proven before the loss)
         self.state = "connecting"
         self.reason = ""
         self.since = time.time()
@@ -185,7 +187,7 @@ class RedisPlane:
         """What a write's reply waits for: the batch holding its bumps, acknowledged by every
         live node (or timed out). While this node cannot publish: the fence (rule 4)."""
         if self.state == "up":
-            return self._open.future if self._open else None
+            return not_before(self._open.future, self._young_until) if self._open else None
         return self.fence.hold()
 
     # --- life --------------------------------------------------------------------------
@@ -272,8 +274,10 @@ class RedisPlane:
         epoch, now_ms = await r.eval(MAKE_EPOCH, 1, self._key("epoch"), secrets.token_hex(8))
         made = epoch_made(str(epoch))
         if made is not None:  # rule 5: nodes cut off when Redis lost its data have had time to return
-            wait = self.settings.rejoin_grace - (int(now_ms) - made) / 1000
+            age, s = (int(now_ms) - made) / 1000, self.settings
+            wait, young = s.rejoin_grace - age, (s.limit + s.margin - age) if s.grace != 0 else 0.0
             self._grace_until = time.monotonic() + wait if wait > 0 else 0.0
+            self._young_until = time.monotonic() + young if young > 0 else 0.0
         last_ack = await r.xrevrange(self._key("acks"), count=1)
         self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
         origins = list(self._origins.values())
@@ -295,7 +299,7 @@ class RedisPlane:
         for key in lost:
             self._observed(key, ("p",))
         # What was held while cut off goes once that purge is acknowledged (or at once).
-        self.fence.after(self._open.future if lost and self._open is not None else None)
+        self.fence.after(not_before(self._open.future, self._young_until) if lost and self._open else None)
 
     async def _bootstrap(self, origins: list[FollowedOrigin]) -> None:
         """Read where these streams end (atomically with their counters)."""
@@ -498,10 +502,13 @@ class RedisPlane:
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for origin, bump in order:
-                pipe.eval(PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode(),
-                          self.token)
+                pipe.eval(PUBLISH, 4, origin.seq, origin.stream, origin.nodes, self._key("epoch"), s.maxlen,
+                          self.node, bump.encode(), self.token, self._epoch or "")
             replies = await pipe.execute()  # bounded by the client's socket timeout
-        except _FAILURES as exc:
+            if any(len(reply) == 1 for reply in replies):  # a Redis that lost its data since we joined
+                self.fence.beat = -math.inf  # held until this node joined again (and `_young`)
+                raise Regap("Redis lost its data (restarted or flushed)")
+        except (*_FAILURES, Regap) as exc:
             # Whether the entries made it is unknown: publish a purge on the way back, and
             # hold the replies behind the fence (rule 4).
             self._lost |= set(batch.bumps)
@@ -582,19 +589,8 @@ class RedisPlane:
     def status(self) -> PlaneStatus:
         origins = tuple(o.status(self.state == "up") for o in sorted(self._origins.values(), key=lambda o: o.key))
         return PlaneStatus(
-            url=self.url,
-            node=self.node,
-            state=self.state,
-            reason=self.reason,
-            since=self.since,
-            nodes=self.nodes,
-            published=sum(o.published for o in origins),
-            applied=sum(o.applied for o in origins),
-            gaps=sum(o.gaps for o in origins),
-            holds=self._batches,
-            hold_timeouts=self.holds.timed_out,
-            hold_ms=p50_p99(self._hold_times),
-            downs=self.downs,
-            origins=origins,
-            fenced=self.fence.held,
-        )
+            url=self.url, node=self.node, state=self.state, reason=self.reason, since=self.since, nodes=self.nodes,
+            published=sum(o.published for o in origins), applied=sum(o.applied for o in origins),
+            gaps=sum(o.gaps for o in origins), holds=self._batches, hold_timeouts=self.holds.timed_out,
+            hold_ms=p50_p99(self._hold_times), downs=self.downs, origins=origins, fenced=self.fence.held,
+        )  # fmt: skip

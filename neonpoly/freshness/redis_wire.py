@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections import deque
 from typing import Any
 
 # INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for
 # (the nodes whose heartbeat has not expired; expired ones are moved to `lost` by ROUND).
+# Refused ({0}) when the epoch (KEYS[4]) is not the one the node joined: Redis lost its data.
 PUBLISH = """
+if (redis.call('GET', KEYS[4]) or '') ~= ARGV[5] then return {0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = redis.call('INCR', KEYS[1])
@@ -103,6 +106,18 @@ def p50_p99(values: deque[float]) -> tuple[float, float] | None:
         return None
     cuts = statistics.quantiles(values, n=100)
     return cuts[49] * 1000, cuts[98] * 1000
+
+
+def not_before(future: asyncio.Future[None], until: float) -> asyncio.Future[None]:
+    """`future`, but not done before `until` (monotonic): after Redis lost its data, a write's
+    reply waits until every gate proven before the loss closed, since in the Redis that lost
+    it nobody is registered yet and so nobody is waited for."""
+    if time.monotonic() >= until:
+        return future
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future[None] = loop.create_future()
+    future.add_done_callback(lambda _: loop.call_later(max(0.0, until - time.monotonic()), release, out))
+    return out
 
 
 def release(future: asyncio.Future[None]) -> None:

@@ -343,3 +343,38 @@ async def test_an_integration_removed_and_added_again_stays_registered(
             await writer.close()
             await reader.close()
     await link.cut()
+
+
+async def test_a_write_right_after_redis_lost_its_data_waits_for_gates_proven_before(
+    pg_logical: PgServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """FLUSHALL (or a restart a slow node has not noticed yet): rule 5 makes the readers pass
+    through once they see the new epoch, but B has not looked yet (its link is slow) and its
+    gate, proven before the flush, stays open for `limit`. A's write was published into the
+    empty Redis, where no node is registered: its reply went at once. Now a publish checks the
+    epoch, and a reply waits until `limit` after the new one was made."""
+    plane: dict[str, Any] = {"limit": 3.0, "hold": 3.5, "heartbeat": 8.0, "check": 0.3, "block": 0.2}
+    [(table, sql)] = await _tables(pg_logical)
+    link = CuttableLink(redis_server.port)
+    await link.start()
+    redis = _redis(redis_server)
+    async with (
+        plane_node(pg_logical, tmp_path / "a", redis_server.url, plane={**plane, "node": "node-a"}) as a,
+        plane_node(pg_logical, tmp_path / "b", link.url, plane={**plane, "node": "node-b"}) as b,
+    ):
+        writer = await asyncpg.connect(**a.dsn())
+        reader = await asyncpg.connect(**b.dsn())
+        try:
+            await _both_up(a, b)
+            await _until_hit(reader, b, sql, 0)
+            await until(lambda: _serving(b), "B caught up")
+            link.freeze()
+            await redis.flushall()
+            await writer.execute(f"UPDATE {table} SET v = 1 WHERE id = 1")
+            assert await reader.fetchval(sql) == 1, "B served a hit the returned write made stale"
+        finally:
+            link.thaw()
+            await writer.close()
+            await reader.close()
+            await redis.aclose()
+    await link.cut()
