@@ -34,7 +34,10 @@ hit:
    name is stable (`--node-id`, by default host:port) for that reason.
 5. Redis that lost its data has lost `lost` too: a cut off node is unknown to it. Every node
    passes through until `fence` after the epoch was made (nodes retry at least every 2 s, so
-   one that was merely waiting has rejoined, and published its purge, by then).
+   one that was merely waiting has rejoined, and published its purge, by then). A write's
+   reply waits until `limit` after the epoch was made: in that Redis nobody is registered
+   yet, and a slow node's gate proven before the loss may still be open (a publish checks
+   the epoch it joined, so a node that has not noticed the loss holds its replies too).
 
 **Gaps.** Each entry carries a per-origin sequence number (INCR in the same script as the
 XADD): a number that does not follow the last one applied means entries were trimmed or
