@@ -16,7 +16,8 @@ hit:
 3. `hold > limit`: a node that has not acknowledged within `hold` has not proven anything
    since before the XADD executed, so its gate is closed by then. Acknowledgements only let
    the reply go sooner. Nodes register with a heartbeat that expires after `heartbeat`
-   (>= `limit`, sent in the same round trip as the XREAD), so a writer stops waiting for
+   (>= `check + limit + margin`: rounds register every `check` and a round proves the gate
+   only within `check` of the last registration, for `limit`), so a writer stops waiting for
    nodes that died: their gates closed before their heartbeat expired.
 
 4. A node cut off from Redis cannot publish, and the others may not know it: it stops
@@ -33,7 +34,10 @@ hit:
    name is stable (`--node-id`, by default host:port) for that reason.
 5. Redis that lost its data has lost `lost` too: a cut off node is unknown to it. Every node
    passes through until `fence` after the epoch was made (nodes retry at least every 2 s, so
-   one that was merely waiting has rejoined, and published its purge, by then).
+   one that was merely waiting has rejoined, and published its purge, by then). A write's
+   reply waits until `limit` after the epoch was made: in that Redis nobody is registered
+   yet, and a slow node's gate proven before the loss may still be open (a publish checks
+   the epoch it joined, so a node that has not noticed the loss holds its replies too).
 
 **Gaps.** Each entry carries a per-origin sequence number (INCR in the same script as the
 XADD): a number that does not follow the last one applied means entries were trimmed or
@@ -67,7 +71,7 @@ class PlaneSettings:
     limit: float = 1.0  # L: hits only while the last proven XREAD was sent less than this ago
     block: float = 0.2  # the XREAD's BLOCK: well below `limit`, so an idle plane stays proven
     hold: float = 1.5  # T (> limit): the longest a write's reply waits for acknowledgements
-    heartbeat: float = 3.0  # a node is live this long after its last registration (>= limit)
+    heartbeat: float = 3.0  # a node is live this long after its last registration (>= check + limit + margin)
     check: float = 0.5  # rounds register the node and read the lost nodes this often (< heartbeat)
     lease: float = 5.0  # the change feed lease's expiry, renewed every third of it
     maxlen: int = 10_000  # entries kept per stream (trimmed approximately; a reader behind it has a gap)
@@ -92,8 +96,10 @@ class PlaneSettings:
     def __post_init__(self) -> None:
         if not self.block < self.limit < self.hold:
             raise ValueError("the plane needs block < limit < hold")
-        if self.heartbeat < self.limit:
-            raise ValueError("the plane's heartbeat must outlast its limit")
+        # A round proves the gate up to `check` after the last registration, for `limit` more:
+        # the registration must outlast both, or writers stop waiting for a node whose gate is open.
+        if self.heartbeat < self.check + self.limit + self.margin:
+            raise ValueError("the plane's heartbeat must outlast its check, its limit and the margin together")
         if not 0 < self.check < self.heartbeat:
             raise ValueError("the plane must check its nodes more often than their heartbeat expires")
 
@@ -262,7 +268,7 @@ class Batch:
 @dataclass(slots=True)
 class _Hold:
     future: asyncio.Future[None]
-    needs: dict[str, dict[str, int]]  # node -> origin -> the sequence number it must ack
+    needs: dict[str, dict[str, int]]  # node -> origin -> the entry position it must ack
 
 
 class HoldBook:
@@ -270,7 +276,7 @@ class HoldBook:
 
     def __init__(self, me: str) -> None:
         self.me = me
-        self.acked: dict[str, dict[str, int]] = {}  # node -> origin -> highest applied
+        self.acked: dict[str, dict[str, int]] = {}  # node -> origin -> highest applied (entry_position)
         self._holds: list[_Hold] = []
         self.released_by_acks = 0
         self.timed_out = 0
@@ -282,7 +288,7 @@ class HoldBook:
     def add(
         self, future: asyncio.Future[None], published: Mapping[str, int], live: Mapping[str, Iterable[str]]
     ) -> None:
-        """`published`: origin -> the sequence number of this batch's entry; `live`: origin ->
+        """`published`: origin -> the position of this batch's entry; `live`: origin ->
         the nodes following it (self excluded here)."""
         needs: dict[str, dict[str, int]] = {}
         for origin, n in published.items():
@@ -346,6 +352,10 @@ class Fence:
     def __init__(self, span: float) -> None:
         self.span = span  # PlaneSettings.fence
         self.beat = -math.inf  # monotonic: the reply of the last round that registered this node
+        # Rounds that may register this node and have not answered: one whose reply is lost
+        # (a link that drops replies, a blackholed one) registered it when it executed, up to
+        # the reader's io timeout; nothing is released until it answers or fails.
+        self.pending = 0
         self._held: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self.released_by_time = 0
@@ -356,7 +366,7 @@ class Fence:
 
     def until(self) -> float:
         """When every other node knows this one lost (never, before it first registered)."""
-        return math.inf if self.beat == -math.inf else self.beat + self.span
+        return math.inf if self.beat == -math.inf or self.pending else self.beat + self.span
 
     def hold(self) -> asyncio.Future[None] | None:
         """A future for a reply made now, or None when it may go at once."""
@@ -370,8 +380,17 @@ class Fence:
         self._held.append(future)
         self._arm()
 
+    def settle(self, beat: float | None) -> None:
+        """A round that may have registered this node answered (or failed): `beat` is when,
+        None when it did not count (it did not register every origin, or never did)."""
+        self.pending = max(0, self.pending - 1)
+        if beat is not None:
+            self.beat = beat
+        if self._held:
+            self._arm()
+
     def _arm(self) -> None:
-        if self._timer is None and self.beat > -math.inf:
+        if self._timer is None and self.until() < math.inf:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_at(loop.time() + max(0.0, self.until() - _monotonic()), self._fire)
 
@@ -427,6 +446,15 @@ def decode_positions(text: str | bytes) -> dict[str, int]:
         return {str(o): int(n) for o, n in dict(data).items()}
     except (TypeError, ValueError, AttributeError):
         return {}
+
+
+def entry_position(entry_id: str) -> int:
+    """A stream entry's id (`ms-seq`) as one comparable number. Acknowledgements and holds
+    count these, not the sequence numbers: a seq key deleted (or evicted) while the epoch stays
+    starts over at 1, and an acknowledgement of an old entry would pass for one of a new entry;
+    ids only grow within a stream (and one made again starts at Redis's clock)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms) * 2**32 + int(seq or 0)
 
 
 def encode_positions(positions: Mapping[str, int]) -> str:

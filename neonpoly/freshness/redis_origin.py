@@ -3,6 +3,7 @@ node's reading stands, and what it counted (redis_plane.py keeps one per origin)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,8 @@ from neonpoly.freshness.plane import Cursor, Gate, OriginPlaneStatus
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
+
+log = logging.getLogger("neonpoly.plane")
 
 
 @dataclass(slots=True)
@@ -47,6 +50,22 @@ class FollowedOrigin:
     @property
     def lost_key(self) -> str:
         return f"{self.prefix}:o:{self.key}:lost"
+
+    def see_lost(self, members: tuple[str, ...], rejoined: bool, node: str) -> None:
+        """A round read the origin's lost nodes (`rejoined`: this node, `node`, was one of them)."""
+        if rejoined:
+            log.warning("invalidation plane: this node (%s) was lost on %s (heartbeat expired); it purged it",
+                        node, self.key)
+        if members != self.lost:
+            if members:
+                log.warning("invalidation plane: %s: node %s left without a goodbye (cut off from Redis, or "
+                            "crashed): passing through until it comes back, or `neonpoly plane forget`", self.key,
+                            ", ".join(members))
+            elif self.lost:
+                log.info("invalidation plane: %s: no node lost any more; hits resume", self.key)
+            self.lost = members
+        if members:
+            self.gate.close()
 
     def status(self, up: bool) -> OriginPlaneStatus:
         return OriginPlaneStatus(

@@ -47,6 +47,7 @@ from neonpoly.freshness.plane import (
     decode_positions,
     encode_positions,
     entry_lag_ms,
+    entry_position,
     epoch_made,
     generations,
     public_url,
@@ -58,6 +59,9 @@ from neonpoly.freshness.redis_wire import (
     RELEASE_LEASE,
     RENEW,
     ROUND,
+    Regap,
+    Twin,
+    not_before,
     p50_p99,
     why,
 )
@@ -71,10 +75,6 @@ log = logging.getLogger("neonpoly.plane")
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
-class _Regap(Exception):
-    """Redis lost its data under a live connection: start over as after a reconnection."""
-
-
 class RedisPlane:
     """One node of the plane: the caches it is attached to publish their bumps and apply the
     other nodes'. `lease_listener(origin, held)` is told when this node gains or loses the
@@ -84,9 +84,11 @@ class RedisPlane:
         self.settings = settings
         self.node = node or settings.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.url = public_url(settings.url)
+        self.token = secrets.token_hex(8)  # this process: entries and the name's holder carry it
         self.holds = HoldBook(self.node)
         self.fence = Fence(settings.fence)
         self._grace_until = 0.0  # monotonic: no hits before it (Redis lost its data, rule 5)
+        self._young_until = 0.0  # monotonic: no write reply before it (gates proven before the loss)
         self.state = "connecting"
         self.reason = ""
         self.since = time.time()
@@ -97,7 +99,8 @@ class RedisPlane:
         self._origins: dict[str, FollowedOrigin] = {}
         self._epoch: str | None = None
         self._acks_id = "0-0"
-        self._ack_due: dict[str, int] = {}
+        self._ack_due: dict[str, int] = {}  # origin -> sequence number (what older versions read)
+        self._ack_at: dict[str, int] = {}  # origin -> entry position (what holds count)
         self._lost: set[str] = set()  # origins whose bumps could not be published
         self._open: Batch | None = None
         self._applying = False
@@ -157,6 +160,8 @@ class RedisPlane:
         cmd, node = self._cmd, self.node
 
         async def leave() -> None:
+            if origin.key in self._origins:  # followed again meanwhile: it stays registered
+                return
             with contextlib.suppress(*_FAILURES):
                 await cmd.zrem(origin.nodes, node)
                 self._leaving.pop(origin.key, None)
@@ -182,7 +187,7 @@ class RedisPlane:
         """What a write's reply waits for: the batch holding its bumps, acknowledged by every
         live node (or timed out). While this node cannot publish: the fence (rule 4)."""
         if self.state == "up":
-            return self._open.future if self._open else None
+            return not_before(self._open.future, self._young_until) if self._open else None
         return self.fence.hold()
 
     # --- life --------------------------------------------------------------------------
@@ -238,6 +243,7 @@ class RedisPlane:
         assert self._cmd is not None
         pipe = self._cmd.pipeline(transaction=False)
         pipe.zrem(self._key("nodes"), self.node)
+        pipe.eval(RELEASE_LEASE, 1, self._key(f"name:{self.node}"), self.token)  # the name is free at once
         for origin in self._origins.values():
             pipe.zrem(origin.nodes, self.node)
             if origin.lease_mine:
@@ -268,12 +274,14 @@ class RedisPlane:
         epoch, now_ms = await r.eval(MAKE_EPOCH, 1, self._key("epoch"), secrets.token_hex(8))
         made = epoch_made(str(epoch))
         if made is not None:  # rule 5: nodes cut off when Redis lost its data have had time to return
-            wait = self.settings.rejoin_grace - (int(now_ms) - made) / 1000
+            age, s = (int(now_ms) - made) / 1000, self.settings
+            wait, young = s.rejoin_grace - age, (s.limit + s.margin - age) if s.grace != 0 else 0.0
             self._grace_until = time.monotonic() + wait if wait > 0 else 0.0
+            self._young_until = time.monotonic() + young if young > 0 else 0.0
         last_ack = await r.xrevrange(self._key("acks"), count=1)
         self._acks_id = str(last_ack[0][0]) if last_ack else "0-0"
         origins = list(self._origins.values())
-        # Acknowledgements count sequence numbers, which start over if Redis lost its data.
+        # Acknowledgements count entry ids, which may start over if Redis lost its data.
         self.holds.acked.clear()
         await self._bootstrap(origins)
         self._epoch = None if epoch is None else str(epoch)
@@ -291,7 +299,7 @@ class RedisPlane:
         for key in lost:
             self._observed(key, ("p",))
         # What was held while cut off goes once that purge is acknowledged (or at once).
-        self.fence.after(self._open.future if lost and self._open is not None else None)
+        self.fence.after(not_before(self._open.future, self._young_until) if lost and self._open else None)
 
     async def _bootstrap(self, origins: list[FollowedOrigin]) -> None:
         """Read where these streams end (atomically with their counters)."""
@@ -330,13 +338,16 @@ class RedisPlane:
                     await asyncio.wait_for(self._recover(), self.settings.io_timeout)
                     delay = 0.05
                 await self._round()
-            except _Regap as exc:
+            except Regap as exc:
                 for origin in self._origins.values():
                     origin.gate.close()
                 log.warning("invalidation plane %s: %s; purging (a gap)", self.url, exc)
                 self.state, self.reason, self.since = "connecting", str(exc), time.time()
                 self.fence.beat = -math.inf  # that Redis does not know this node: hold until it does
-            except _FAILURES as exc:
+            except (*_FAILURES, Twin) as exc:
+                if isinstance(exc, Twin) and self.reason != str(exc):
+                    log.error("invalidation plane %s: %s; passing through, writes held, until it is gone",
+                              self.url, exc)
                 self._went_down(why(exc))
                 with contextlib.suppress(*_FAILURES):
                     assert self._reader is not None
@@ -360,39 +371,51 @@ class RedisPlane:
         # Every `check` seconds a round registers the node (rule 3) and reads each origin's
         # lost nodes (rule 4); a round proves the gate only within `check` of the last one that
         # did (the fence counts it). Not every round: a script per round costs the busy loop.
-        round_keys = [self._key("nodes")]
+        round_keys = [self._key("nodes"), self._key(f"name:{self.node}")]
         for o in origins:
             round_keys += [o.nodes, o.lost_key, o.seq, o.stream]
         check = round_keys != self._check_keys or time.monotonic() - self._check_sent >= s.check
         if check:
             purge = Bump(purge=True).encode()
-            pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge)
+            pipe.eval(ROUND, len(round_keys), *round_keys, self.node, int(s.heartbeat * 1000), s.maxlen, purge,
+                      self.token)
         ack, self._ack_due = self._ack_due, {}
+        at, self._ack_at = self._ack_at, {}
         if ack:
-            pipe.xadd(acks_key, {"node": self.node, "pos": encode_positions(ack)}, maxlen=s.maxlen, approximate=True)
+            body: dict[Any, Any] = {"node": self.node, "pos": encode_positions(ack), "at": encode_positions(at)}
+            pipe.xadd(acks_key, body, maxlen=s.maxlen, approximate=True)
         pipe.xread(streams, count=s.count, block=max(1, int(s.block * 1000)))
         pipe.get(self._key("epoch"))
         sent = time.monotonic()
+        if check:  # until it answers, it may have registered this node at any moment
+            self.fence.pending += 1
         try:
             replies = await pipe.execute()
-        except _FAILURES:
-            if self.fence.beat > -math.inf:  # it may have registered this node, up to now
+        except BaseException:
+            if check:
+                self.fence.settle(time.monotonic() if self.fence.beat > -math.inf else None)
+            elif self.fence.beat > -math.inf:
                 self.fence.beat = time.monotonic()
             raise
+        if check and replies[0] and replies[0][0] == "twin":
+            self.fence.settle(None)
+            raise Twin(f"another process holds the name {self.node!r} (give each node its own --node-id)")
         if check:
             self._check_sent, self._check_keys = sent, round_keys
-            if len(origins) == len(self._origins):  # registered on every origin it follows
-                self.fence.beat = time.monotonic()
+            self.fence.settle(time.monotonic() if len(origins) == len(self._origins) else None)  # all registered
         if self.state != "up":
             return  # the publisher found Redis down meanwhile: recover before proving anything
         read, epoch = replies[-2], replies[-1]
         if check:
-            live, *lost = replies[0]
-            self._seen(tuple(live))
+            live, fresh, *lost = replies[0]
+            if fresh:  # a node list made again (deleted, evicted) says nothing of who left
+                self.nodes = tuple(live)
+            else:
+                self._seen(tuple(live))
             for origin, (members, rejoined) in zip(origins, lost, strict=True):
-                self._lost_seen(origin, tuple(str(m) for m in members), bool(rejoined))
+                origin.see_lost(tuple(str(m) for m in members), bool(rejoined), self.node)
         if epoch != self._epoch:
-            raise _Regap("Redis lost its data (restarted or flushed)")
+            raise Regap("Redis lost its data (restarted or flushed)")
         by_stream = read_streams(read)
         full = False
         for origin in origins:
@@ -402,28 +425,13 @@ class RedisPlane:
         for entry_id, fields in by_stream.get(acks_key, ()):
             self._acks_id = entry_id
             node = fields.get("node", "")
-            if node and node != self.node:
-                self.holds.ack(node, decode_positions(fields.get("pos", "")))
+            if node and node != self.node and "at" in fields:  # without it (older versions): holds time out
+                self.holds.ack(node, decode_positions(fields["at"]))
         # With `count` entries there may be more; in the grace (rule 5) nothing is proven.
         if not full and sent >= self._grace_until and sent - self._check_sent < s.check:
             for origin in origins:
                 if not origin.lost:
                     origin.gate.prove(sent)
-
-    def _lost_seen(self, origin: FollowedOrigin, members: tuple[str, ...], rejoined: bool) -> None:
-        if rejoined:
-            log.warning("invalidation plane: this node (%s) was lost on %s (heartbeat expired); it purged it",
-                        self.node, origin.key)
-        if members != origin.lost:
-            if members:
-                log.warning("invalidation plane: %s: node %s left without a goodbye (cut off from Redis, or "
-                            "crashed): passing through until it comes back, or `neonpoly plane forget`", origin.key,
-                            ", ".join(members))
-            elif origin.lost:
-                log.info("invalidation plane: %s: no node lost any more; hits resume", origin.key)
-            origin.lost = members
-        if members:
-            origin.gate.close()
 
     def _seen(self, live: tuple[str, ...]) -> None:
         for gone in set(self.nodes) - set(live):
@@ -436,7 +444,8 @@ class RedisPlane:
         for entry_id, fields in entries:
             try:
                 n = int(fields["n"])
-                bump = None if fields.get("node") == self.node else Bump.decode(fields["b"])
+                own = fields["i"] == self.token if "i" in fields else fields.get("node") == self.node
+                bump = None if own else Bump.decode(fields["b"])
             except (KeyError, ValueError) as exc:
                 log.warning("invalidation plane %s: unreadable entry %s on %s (%s): purging",
                             self.url, entry_id, origin.stream, exc)
@@ -457,6 +466,7 @@ class RedisPlane:
             origin.applied += 1
             origin.lag_ms = entry_lag_ms(entry_id)
             self._ack_due[origin.key] = n
+            self._ack_at[origin.key] = entry_position(entry_id)
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -492,9 +502,13 @@ class RedisPlane:
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for origin, bump in order:
-                pipe.eval(PUBLISH, 3, origin.seq, origin.stream, origin.nodes, s.maxlen, self.node, bump.encode())
+                pipe.eval(PUBLISH, 4, origin.seq, origin.stream, origin.nodes, self._key("epoch"), s.maxlen,
+                          self.node, bump.encode(), self.token, self._epoch or "")
             replies = await pipe.execute()  # bounded by the client's socket timeout
-        except _FAILURES as exc:
+            if any(len(reply) == 1 for reply in replies):  # a Redis that lost its data since we joined
+                self.fence.beat = -math.inf  # held until this node joined again (and `_young`)
+                raise Regap("Redis lost its data (restarted or flushed)")
+        except (*_FAILURES, Regap) as exc:
             # Whether the entries made it is unknown: publish a purge on the way back, and
             # hold the replies behind the fence (rule 4).
             self._lost |= set(batch.bumps)
@@ -504,9 +518,9 @@ class RedisPlane:
         self._batches += 1
         published: dict[str, int] = {}
         live: dict[str, list[str]] = {}
-        for (origin, _), (n, _entry_id, nodes) in zip(order, replies, strict=True):
+        for (origin, _), (_n, entry_id, nodes) in zip(order, replies, strict=True):
             origin.published += 1
-            published[origin.key] = int(n)
+            published[origin.key] = entry_position(str(entry_id))
             live[origin.key] = list(nodes)
         opened, times = batch.opened, self._hold_times
         batch.future.add_done_callback(lambda _: times.append(time.monotonic() - opened))
@@ -575,19 +589,8 @@ class RedisPlane:
     def status(self) -> PlaneStatus:
         origins = tuple(o.status(self.state == "up") for o in sorted(self._origins.values(), key=lambda o: o.key))
         return PlaneStatus(
-            url=self.url,
-            node=self.node,
-            state=self.state,
-            reason=self.reason,
-            since=self.since,
-            nodes=self.nodes,
-            published=sum(o.published for o in origins),
-            applied=sum(o.applied for o in origins),
-            gaps=sum(o.gaps for o in origins),
-            holds=self._batches,
-            hold_timeouts=self.holds.timed_out,
-            hold_ms=p50_p99(self._hold_times),
-            downs=self.downs,
-            origins=origins,
-            fenced=self.fence.held,
-        )
+            url=self.url, node=self.node, state=self.state, reason=self.reason, since=self.since, nodes=self.nodes,
+            published=sum(o.published for o in origins), applied=sum(o.applied for o in origins),
+            gaps=sum(o.gaps for o in origins), holds=self._batches, hold_timeouts=self.holds.timed_out,
+            hold_ms=p50_p99(self._hold_times), downs=self.downs, origins=origins, fenced=self.fence.held,
+        )  # fmt: skip

@@ -5,34 +5,47 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections import deque
 from typing import Any
 
 # INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for
 # (the nodes whose heartbeat has not expired; expired ones are moved to `lost` by ROUND).
+# Refused ({0}) when the epoch (KEYS[4]) is not the one the node joined: Redis lost its data.
 PUBLISH = """
+if (redis.call('GET', KEYS[4]) or '') ~= ARGV[5] then return {0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = redis.call('INCR', KEYS[1])
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'node', ARGV[2], 'b', ARGV[3])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'node', ARGV[2], 'b', ARGV[3], 'i', ARGV[4])
 return {n, id, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')}
 """
 # Every reader round: the node's heartbeat on the plane's key (KEYS[1]) and on each followed
-# origin's (KEYS[2..], four keys per origin: nodes, lost, seq, stream). A node whose heartbeat
+# origin's (KEYS[3..], four keys per origin: nodes, lost, seq, stream). KEYS[2] says which
+# process holds the node's name (ARGV[5], a random token): a name held by another process
+# whose registration has not expired is refused ({'twin', ms left}) and nothing is written;
+# two live nodes under one name would take each other's bumps for their own. A node whose heartbeat
 # expired without its goodbye (ZREM on a clean stop) moves to the origin's `lost` set: it may
 # be cut off from Redis and still writing through its origin, unpublished, so no node serves
 # hits of that origin while the set is not empty. A node that finds itself there publishes a
 # purge of the origin (so whatever it wrote meanwhile is forgotten everywhere) and leaves it,
-# in this one step. Returns the live nodes, then per origin {lost nodes, 1 if it rejoined}.
+# in this one step. Returns the live nodes, 1 if this node was not among them (its first round,
+# or the key was deleted or evicted: then who is missing from it proves nothing), then per
+# origin {lost nodes, 1 if it rejoined}.
 ROUND = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local me, ttl, maxlen, purge = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-redis.call('ZADD', KEYS[1], now + ttl, me)
+local me, ttl, maxlen, purge, token = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= token then
+  return {'twin', redis.call('PTTL', KEYS[2])}
+end
+redis.call('SET', KEYS[2], token, 'PX', ttl)
+local fresh = redis.call('ZADD', KEYS[1], now + ttl, me)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl * 20)
-local out = {redis.call('ZRANGE', KEYS[1], 0, -1)}
-for i = 2, #KEYS, 4 do
+local out = {redis.call('ZRANGE', KEYS[1], 0, -1), fresh}
+for i = 3, #KEYS, 4 do
   local nodes, lost, seq, stream = KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[i + 3]
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now)) do
     redis.call('ZADD', lost, 'NX', now, m)
@@ -42,7 +55,7 @@ for i = 2, #KEYS, 4 do
   local rejoined = 0
   if redis.call('ZSCORE', lost, me) then
     local n = redis.call('INCR', seq)
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'n', n, 'node', me, 'b', purge)
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'n', n, 'node', me, 'b', purge, 'i', token)
     redis.call('ZREM', lost, me)
     rejoined = 1
   end
@@ -80,11 +93,31 @@ return 0
 """
 
 
+class Twin(Exception):
+    """Another live process holds this node's name."""
+
+
+class Regap(Exception):
+    """Redis lost its data under a live connection: start over as after a reconnection."""
+
+
 def p50_p99(values: deque[float]) -> tuple[float, float] | None:
     if len(values) < 2:
         return None
     cuts = statistics.quantiles(values, n=100)
     return cuts[49] * 1000, cuts[98] * 1000
+
+
+def not_before(future: asyncio.Future[None], until: float) -> asyncio.Future[None]:
+    """`future`, but not done before `until` (monotonic): after Redis lost its data, a write's
+    reply waits until every gate proven before the loss closed, since in the Redis that lost
+    it nobody is registered yet and so nobody is waited for."""
+    if time.monotonic() >= until:
+        return future
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future[None] = loop.create_future()
+    future.add_done_callback(lambda _: loop.call_later(max(0.0, until - time.monotonic()), release, out))
+    return out
 
 
 def release(future: asyncio.Future[None]) -> None:

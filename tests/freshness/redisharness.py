@@ -88,16 +88,33 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _Pair:
+    """One relayed connection: what flows each way (a frozen direction reads and drops)."""
+
+    __slots__ = ("down", "reader", "up", "writers")
+
+    def __init__(self, writers: tuple[asyncio.StreamWriter, asyncio.StreamWriter], frozen: bool) -> None:
+        self.writers = writers
+        self.up = not frozen  # client -> Redis forwarded
+        self.down = not frozen  # Redis -> client forwarded
+        self.reader = False  # it sent an XREAD: a plane node's reader connection
+
+
 class CuttableLink:
     """A loopback TCP relay to a Redis that a test can cut (every connection through it closed,
     new ones refused) and restore: one node cut off from Redis while the others still reach
-    it, the partition the fence is for."""
+    it, the partition the fence is for. It can also go silent without closing anything
+    (`freeze`: a blackholed link, found only by the client's io timeout), and lose the replies
+    of a reader's round that did execute (`drop_replies_after`)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self._server: asyncio.Server | None = None
-        self._pairs: set[asyncio.StreamWriter] = set()
+        self._pairs: list[_Pair] = []
+        self.frozen = False
+        self._trap: bytes | None = None
+        self.tripped = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -107,14 +124,48 @@ class CuttableLink:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def cut(self) -> None:
+    async def _close_server(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for writer in list(self._pairs):
-            writer.transport.abort()
+
+    async def cut(self) -> None:
+        await self._close_server()
+        for pair in self._pairs:
+            for writer in pair.writers:
+                writer.transport.abort()
         self._pairs.clear()
+
+    def freeze(self) -> None:
+        """Stop forwarding either way, on every connection and new ones, closing nothing."""
+        self.frozen = True
+        for pair in self._pairs:
+            pair.up = pair.down = False
+
+    def thaw(self) -> None:
+        self.frozen = False
+        for pair in self._pairs:
+            pair.up = pair.down = True
+
+    def drop_replies_after(self, marker: bytes) -> None:
+        """Once a reader connection forwarded a request holding `marker`, drop every reply on
+        it (the request executed; its client never hears back), close every other connection
+        and refuse new ones; `tripped` is set."""
+        self._trap = marker
+
+    def _tripped(self, pair: _Pair) -> None:
+        self._trap = None
+        pair.down = False
+        for other in self._pairs:
+            if other is not pair:
+                for writer in other.writers:
+                    writer.transport.abort()
+        self._pairs = [pair]
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.tripped.set()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -122,14 +173,24 @@ class CuttableLink:
         except OSError:
             writer.transport.abort()
             return
-        self._pairs |= {writer, up_writer}
+        pair = _Pair((writer, up_writer), self.frozen)
+        self._pairs.append(pair)
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, upward: bool) -> None:
             with contextlib.suppress(OSError, ConnectionError):
                 while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
+                    if upward:
+                        pair.reader = pair.reader or b"XREAD" in data
+                        if pair.up:
+                            dst.write(data)
+                            await dst.drain()
+                            if self._trap is not None and pair.reader and self._trap in data:
+                                self._tripped(pair)
+                    elif pair.down:
+                        dst.write(data)
+                        await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self._pairs -= {writer, up_writer}
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+        if pair in self._pairs:
+            self._pairs.remove(pair)

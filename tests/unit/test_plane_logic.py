@@ -20,6 +20,7 @@ from neonpoly.freshness.plane import (
     OriginPlaneStatus,
     PlaneSettings,
     PlaneStatus,
+    entry_position,
     epoch_made,
     public_url,
 )
@@ -250,3 +251,25 @@ def test_a_node_is_named_by_its_address_unless_told_and_workers_add_their_index(
     assert given.node == f"{host}:6543/w1" and given.grace is None  # a shared Redis may lose its data
     private = _plane(argparse.Namespace(node_id=None, listen=("127.0.0.1", 6543), redis=None), worker, "unix:///x")
     assert private.grace == 0.0  # the workers' own redis-server cannot outlive them
+
+
+def test_the_heartbeat_outlasts_a_gate_proven_up_to_a_check_after_it() -> None:
+    with pytest.raises(ValueError):  # the registration could expire while the gate is open
+        PlaneSettings("redis://x", limit=1.0, heartbeat=1.0, check=0.5)
+    PlaneSettings("redis://x", limit=1.0, heartbeat=1.75, check=0.5)
+
+
+def test_acknowledgements_count_entry_ids_which_grow_when_the_seq_starts_over() -> None:
+    assert entry_position("1700000000000-5") < entry_position("1700000000000-6") < entry_position("1700000000001-0")
+
+
+async def test_the_fence_waits_for_a_registering_round_that_has_not_answered() -> None:
+    fence = Fence(span=0.01)
+    fence.beat = time.monotonic() - 1.0  # its time is up...
+    fence.pending = 1  # ...but a round that may have registered the node since is in flight
+    held = fence.hold()
+    assert held is not None
+    await asyncio.sleep(0.03)
+    assert not held.done()
+    fence.settle(time.monotonic())  # it answered: counted from now
+    await asyncio.wait_for(held, 5)
