@@ -327,12 +327,12 @@ class ChangeFeed:
             "keepalives_idle": 10,
             "keepalives_interval": 5,
             "keepalives_count": 3,
+            # Query results (the catalog reads) and pgoutput's names come converted to it;
+            # test_decoding's are not (see textdecoding.decode).
+            "client_encoding": "UTF8",
         }
         if replication:
             params["replication"] = "database"
-            # pgoutput's names are converted to the client's encoding (test_decoding's are not:
-            # see textdecoding.decode)
-            params["client_encoding"] = "UTF8"
         if t.sslrootcert:
             params["sslrootcert"] = t.sslrootcert
         if t.user:
