@@ -357,7 +357,13 @@ class DiskStore(GenerationsFacade):
                     self._cache.delete(key)
             return live
 
-        return self._call_on_writer(scan)
+        # Delayed entries the purge removes (a bump before it made them stale, so the writer
+        # drops them instead of writing them): counted as usage() counted them just before.
+        now = self._clock()
+        with self._delayed_lock:
+            delayed = list(self._delayed.items())
+        waiting = {k for k, e in delayed if match(e) and e.fresh_at(now) and view.is_current(e.stamp)}
+        return self._call_on_writer(scan) | waiting
 
     def usage(self) -> StoreUsage:
         # Expired entries leave the count within a second (on the writer), even when nothing

@@ -93,6 +93,17 @@ def test_a_purge_writes_delayed_entries_first_and_removes_them(disk: DiskStore) 
     assert b"k" not in disk._cache
 
 
+def test_a_purge_counts_the_delayed_entries_it_makes_stale(disk: DiskStore) -> None:
+    disk.put(b"k", entry(disk))
+    disk.put(b"o", entry(disk, tables=("public.orders",)))
+    assert disk.usage().entries == 2
+    assert disk.purge_tables(["public.users"]) == 1  # "Entries 2", then "Purged 1"
+    assert disk.get(b"k") is None and disk.get(b"o") is not None
+    assert disk.purge() == 1
+    disk.flush()
+    assert len(disk._cache) == 0
+
+
 def test_a_key_found_stale_in_memory_is_not_read_from_disk_again(tiered: TieredStore) -> None:
     tiered.put(b"k", entry(tiered))
     tiered.flush()
