@@ -222,7 +222,8 @@ class QueryCache:
             ticket.status,
             latency_s,
             bytes_served,
-            reason=ticket.reason or (self._miss_reason(ticket) if ticket.status == "miss" else None),
+            # Only a miss of a template being suppressed has a reason to look up (one dict test).
+            reason=ticket.reason or (self._miss_reason(ticket) if self.cacheability.suppressing else None),
         )
 
     def _miss_reason(self, ticket: StatTicket) -> str | None:
