@@ -77,17 +77,19 @@ class _Series:
         self.misses = [0] * SERIES_SECONDS
         self.passthrough = [0] * SERIES_SECONDS
 
-    def add(self, second: int, status: str) -> None:
+    def add(self, second: int, status: str, n: int = 1, *, late: bool = False) -> None:
         i = second % SERIES_SECONDS
         if self.seconds[i] != second:
+            if late and self.seconds[i] > second:
+                return  # counts folded late, for a second whose slot a later one took: gone
             self.seconds[i] = second
             self.hits[i] = self.misses[i] = self.passthrough[i] = 0
         if status == HIT:
-            self.hits[i] += 1
+            self.hits[i] += n
         elif status == MISS:
-            self.misses[i] += 1
+            self.misses[i] += n
         else:
-            self.passthrough[i] += 1
+            self.passthrough[i] += n
 
     def window(self, now_second: int) -> SeriesSnapshot:
         start = now_second - SERIES_SECONDS + 1
@@ -219,6 +221,33 @@ def _totals(calls: int, by_status: dict[str, int], saved: float, served: int) ->
     )
 
 
+class HitTally:
+    """Hits of one template answered from a session's hit memo (proxy/hits.py): the hot path,
+    so a hit is a few int operations here, folded into the recorder's counters by the next
+    `snapshot` or `record` of the template, or as soon as the second changes (the per-second
+    series stays exact). Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit`."""
+
+    __slots__ = ("buckets", "bytes_served", "cache_id", "count", "last", "latency_s", "second", "tables",
+                 "template", "template_id")  # fmt: skip
+
+    def __init__(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...]) -> None:
+        self.cache_id = cache_id
+        self.template_id = template_id
+        self.template = template
+        self.tables = tables
+        self.second = -1  # the second the counts below belong to
+        self.count = 0
+        self.bytes_served = 0
+        self.latency_s = 0.0
+        self.last = 0.0
+        self.buckets: dict[int, int] = {}  # hit latency histogram bucket -> hits
+
+
+# Tallies kept (one per cache and template served from memos); past it they are folded and
+# dropped, and a memo's tally registers again on its next hit.
+MAX_TALLIES = 4 * MAX_TEMPLATES_PER_CACHE
+
+
 class StatsRecorder:
     """Per cache and per template counters. Not thread-safe: use from the event loop."""
 
@@ -227,10 +256,15 @@ class StatsRecorder:
         self._caches: dict[str, _CacheCounters] = {}
         self._series = _Series()
         self._early_ttl: dict[tuple[str, str], float | None] = {}
+        self._tallies: dict[tuple[str, str], HitTally] = {}
 
     def record(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...],
                status: str, latency_s: float, bytes_served: int = 0,
                origin_time_s: float | None = None, *, reason: str | None = None) -> None:
+        if self._tallies:
+            pending = self._tallies.get((cache_id, template_id))
+            if pending is not None and pending.count:
+                self._fold(pending)  # hits counted before this come first
         now = self._clock()
         cache = self._caches.get(cache_id)
         if cache is None:
@@ -284,6 +318,90 @@ class StatsRecorder:
         cache.series.add(second, status)
         self._series.add(second, status)
 
+    def tally(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...]) -> HitTally:
+        """The tally a hit memo counts this template's hits in (see `hit`)."""
+        found = self._tallies.get((cache_id, template_id))
+        if found is None:
+            found = HitTally(cache_id, template_id, template, tables)
+            self._register(found)
+        return found
+
+    def hit(self, tally: HitTally, latency_s: float, bytes_served: int) -> None:
+        """One hit of a memo: counted in its tally, as `record(..., HIT, ...)` would count it."""
+        now = self._clock()
+        second = int(now)
+        if second != tally.second:
+            if tally.count:
+                self._fold(tally)
+            tally.second = second
+            if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
+                self._register(tally)  # dropped by the bound or a reset: counted again
+        tally.count += 1
+        tally.bytes_served += bytes_served
+        tally.latency_s += latency_s
+        tally.last = now
+        if latency_s <= _HIST_MIN_S:
+            bucket = 0
+        else:
+            bucket = int(math.log(latency_s / _HIST_MIN_S) / _HIST_LOG_RATIO) + 1
+            if bucket >= _HIST_BUCKETS:
+                bucket = _HIST_BUCKETS - 1
+        buckets = tally.buckets
+        buckets[bucket] = buckets.get(bucket, 0) + 1
+
+    def _register(self, tally: HitTally) -> None:
+        if len(self._tallies) >= MAX_TALLIES:
+            self._fold_all()
+            self._tallies.clear()
+        self._tallies[(tally.cache_id, tally.template_id)] = tally
+
+    def _fold_all(self) -> None:
+        for tally in self._tallies.values():
+            if tally.count:
+                self._fold(tally)
+
+    def _fold(self, t: HitTally) -> None:
+        """Add a tally's hits to the counters, as one `record` per hit would have (time saved:
+        what the origin would have taken for them minus what they took, in one sum)."""
+        n = t.count
+        cache = self._caches.get(t.cache_id)
+        if cache is None:
+            cache = self._caches[t.cache_id] = _CacheCounters()
+        template_id = t.template_id
+        tpl = cache.templates.get(template_id)
+        if tpl is None:
+            template, tables = t.template, t.tables
+            if len(cache.templates) >= MAX_TEMPLATES_PER_CACHE:
+                template_id, template, tables = OTHER_TEMPLATE_ID, OTHER_TEMPLATE_ID, ()
+                tpl = cache.templates.get(template_id)
+            if tpl is None:
+                tpl = cache.templates[template_id] = _TemplateCounters(template, tables)
+                tpl.ttl = self._early_ttl.pop((t.cache_id, template_id), tpl.ttl)
+        tpl.calls += n
+        tpl.by_status[HIT] = tpl.by_status.get(HIT, 0) + n
+        tpl.last_seen = t.last
+        tpl.last_status = HIT
+        tpl.last_reason = None
+        cache.calls += n
+        cache.by_status[HIT] = cache.by_status.get(HIT, 0) + n
+        histogram = tpl.hit_latency
+        for bucket, count in t.buckets.items():
+            histogram.counts[bucket] += count
+        histogram.total += n
+        if tpl.miss_p50 is None:
+            tpl.miss_p50 = tpl.miss_latency.quantile(0.5)
+        typical = tpl.miss_p50
+        saved = typical * n - t.latency_s if typical is not None and typical * n > t.latency_s else 0.0
+        tpl.time_saved_s += saved
+        cache.time_saved_s += saved
+        tpl.bytes_served += t.bytes_served
+        cache.bytes_served += t.bytes_served
+        cache.series.add(t.second, HIT, n, late=True)
+        self._series.add(t.second, HIT, n, late=True)
+        t.count = t.bytes_served = 0
+        t.latency_s = 0.0
+        t.buckets = {}
+
     def set_ttl(self, cache_id: str, template_id: str, ttl: float | None) -> None:
         cache = self._caches.get(cache_id)
         tpl = cache.templates.get(template_id) if cache else None
@@ -297,13 +415,20 @@ class StatsRecorder:
 
     def forget_cache(self, cache_id: str) -> None:
         self._caches.pop(cache_id, None)
+        for key in [k for k in self._tallies if k[0] == cache_id]:
+            del self._tallies[key]
 
     def reset(self) -> None:
         self._caches.clear()
+        for tally in self._tallies.values():  # memos keep them: emptied, not dropped
+            tally.count = tally.bytes_served = 0
+            tally.latency_s = 0.0
+            tally.buckets = {}
         self._series = _Series()
         self._early_ttl.clear()
 
     def snapshot(self, cache_id: str | None = None) -> StatsSnapshot:
+        self._fold_all()
         now = self._clock()
         if cache_id is None:
             chosen = dict(self._caches)

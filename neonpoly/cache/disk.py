@@ -4,6 +4,13 @@ Callers run on the asyncio event loop, so `put` never writes disk on the caller'
 one background thread does the write-behind, in batches, and culls in bulk. Records are
 checked on read (see record.py), so a corrupt one is refused and deleted.
 
+Writes wait `WRITE_DELAY` seconds, one per key (the last put wins), and are written only if
+still current then. Under a read/write mix most entries of a hot key are made stale by a write
+within seconds: written at once, each cost the writer thread ~250 µs of sqlite and Python (and
+the event loop the GIL); delayed, they are dropped unwritten, and the rest go in one batch.
+Nothing durable is lost: the generations are only trusted after a clean close(), which writes
+every delayed entry first, and a get() finds a delayed entry as if it were on disk.
+
 This is the only module that imports diskcache.
 """
 
@@ -38,9 +45,11 @@ from neonpoly.cache.record import decode_record, encode_record, read_prefix
 
 log = logging.getLogger("neonpoly.cache.store")
 
-# Write-behind backlog cap: past it new writes stay L1-only instead of growing memory unbounded.
+# Delayed writes past which they are written at once (twice as many: new writes stay L1-only).
 _MAX_PENDING_WRITES = 10_000
+_MAX_DELAYED_BYTES = 64 << 20  # past this the delayed entries are written without waiting
 _WRITE_BATCH = 64
+WRITE_DELAY = 10.0
 _STATE_FILE = "neonpoly-generations.json"
 _DISKCACHE_DB = "cache.db"
 
@@ -57,6 +66,10 @@ class _Barrier:
         self.fn()
 
 
+def _wake() -> None:
+    """A job that only wakes the writer (to start waiting for the delayed writes)."""
+
+
 class DiskStore(GenerationsFacade):
     """diskcache-backed store that survives restarts, together with its generations.
 
@@ -66,7 +79,13 @@ class DiskStore(GenerationsFacade):
     unknown and every older record becomes stale (a cache may forget, never serve stale)."""
 
     def __init__(
-        self, directory: Path, max_bytes: int, *, clock: Clock = time.time, max_entry_bytes: int | None = None
+        self,
+        directory: Path,
+        max_bytes: int,
+        *,
+        clock: Clock = time.time,
+        max_entry_bytes: int | None = None,
+        write_delay: float = WRITE_DELAY,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
@@ -93,7 +112,8 @@ class DiskStore(GenerationsFacade):
             self._usage = (len(self._cache), self._cache.volume())
             # Which keys are on disk, so that a miss (the common case for a new query) costs
             # a set lookup on the event loop instead of a sqlite query. It may hold keys
-            # diskcache has since evicted (a wasted lookup), never lack one it holds.
+            # diskcache has since evicted (a wasted lookup), never lack one whose record may
+            # still be served (keys found stale leave it: forget(), get()).
             self._present: set[bytes] = {k for k in self._cache.iterkeys() if isinstance(k, bytes)}
             self._opened = True
         except BaseException:
@@ -102,6 +122,12 @@ class DiskStore(GenerationsFacade):
         self._usage_checked = time.monotonic()
         self._closed = False
         self._jobs: queue.SimpleQueue[Callable[[], None] | _Barrier | None] = queue.SimpleQueue()
+        # Entries waiting to be written (WRITE_DELAY), by key, and when the oldest is due.
+        self._delayed: dict[bytes, CacheEntry] = {}
+        self._delayed_bytes = 0
+        self._delayed_lock = threading.Lock()
+        self._due: float | None = None
+        self._write_delay = write_delay
         # No rewrite of the state on every bump: it was written unclean above, and an unclean
         # state is never loaded, so only the clean write at close() counts. (With per-key
         # generations, cache/keys.py, rewriting it on each write cost milliseconds per bump.)
@@ -135,32 +161,46 @@ class DiskStore(GenerationsFacade):
 
     def _run_writer(self) -> None:
         while True:
-            batch = [self._jobs.get()]
+            due = self._due
+            try:
+                first = self._jobs.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                first = _wake  # the delayed writes are due
+            batch = [first]
             while len(batch) < _WRITE_BATCH and not isinstance(batch[-1], _Barrier | None) and not self._jobs.empty():
                 batch.append(self._jobs.get())
             last = batch[-1]
-            writes = batch if not isinstance(last, _Barrier | None) else batch[:-1]
-            # One sqlite transaction per batch: a commit per record costs ~100 us. Barriers
-            # run after the commit, so whoever waits on them sees the writes.
+            ending = isinstance(last, _Barrier | None)
+            # One sqlite transaction per batch: a commit per record costs ~100 us.
             with self._transaction():
-                for job in writes:
+                for job in batch[:-1] if ending else batch:
                     self._run_job(job)
+            # Barriers run after the commit, so whoever waits on them sees the writes; a
+            # barrier (a purge, flush, close) first writes every entry put before it.
+            due = self._due
+            if due is not None and (ending or time.monotonic() >= due):
+                self._write_delayed()
             if last is None:
                 return
             if isinstance(last, _Barrier):
                 self._run_job(last)
-            else:
-                self._since_cull += len(writes)
-                over = self._usage[1] + self._bytes_since_cull > self.max_bytes
-                if (
-                    over
-                    or self._since_cull >= 1024
-                    or (self._jobs.empty() and time.monotonic() - self._last_cull > 5.0)
-                ):
-                    self._cull()
-                elif self._jobs.empty():
-                    with contextlib.suppress(Exception):  # the count is cheap, the volume is not
-                        self._usage = (len(self._cache), self._usage[1])
+
+    def _write_delayed(self) -> None:
+        with self._delayed_lock:
+            entries, self._delayed = list(self._delayed.items()), {}
+            self._delayed_bytes = 0
+            self._due = None
+        for at in range(0, len(entries), _WRITE_BATCH):
+            with self._transaction():
+                for key, entry in entries[at : at + _WRITE_BATCH]:
+                    self._run_job(partial(self._write, key, entry))
+            self._since_cull += min(_WRITE_BATCH, len(entries) - at)
+            over = self._usage[1] + self._bytes_since_cull > self.max_bytes
+            if over or self._since_cull >= 1024 or time.monotonic() - self._last_cull > 5.0:
+                self._cull()
+        if entries:
+            with contextlib.suppress(Exception):  # the count is cheap, the volume is not
+                self._usage = (len(self._cache), self._usage[1])
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -249,6 +289,9 @@ class DiskStore(GenerationsFacade):
         return size <= self.max_entry_bytes
 
     def get(self, key: bytes) -> CacheEntry | None:
+        delayed = self._delayed.get(key)  # one dict lookup: atomic under the GIL
+        if delayed is not None:
+            return delayed if is_live(delayed, self._clock(), self.generations) else None
         if self._closed or key not in self._present:
             return None
         try:
@@ -260,6 +303,7 @@ class DiskStore(GenerationsFacade):
             return None
         entry = decode_record(key, raw)
         if entry is None or not is_live(entry, self._clock(), self.generations):
+            self._present.discard(key)  # stale now is stale for good: no more reads of it
             seen = raw[:64] if isinstance(raw, bytes) else b""
             self._jobs.put(partial(self._delete_if_unchanged, key, seen))
             return None
@@ -268,9 +312,32 @@ class DiskStore(GenerationsFacade):
     def put(self, key: bytes, entry: CacheEntry) -> None:
         if self._closed or not self.accepts(entry.size) or not is_live(entry, self._clock(), self.generations):
             return
-        if self._jobs.qsize() >= _MAX_PENDING_WRITES:
-            return
-        self._jobs.put(partial(self._write, key, entry))
+        with self._delayed_lock:
+            delayed = self._delayed
+            if (len(delayed) >= 2 * _MAX_PENDING_WRITES or self._delayed_bytes > 2 * _MAX_DELAYED_BYTES) and (
+                key not in delayed
+            ):
+                return  # the writer is that far behind: new writes stay L1-only
+            first = not delayed
+            old = delayed.get(key)
+            delayed[key] = entry
+            self._delayed_bytes += entry.size - (old.size if old is not None else 0)
+            if first:
+                self._due = time.monotonic() + self._write_delay
+            elif self._delayed_bytes > _MAX_DELAYED_BYTES or len(delayed) >= _MAX_PENDING_WRITES:
+                self._due = time.monotonic()  # too much held: written now
+            else:
+                return
+        self._jobs.put(_wake)  # the writer starts waiting for them
+
+    def forget(self, key: bytes) -> None:
+        """The entry for this key was found stale (in the L1): so is any copy here, the same
+        entry or an older one, so a get() need not read disk for it."""
+        self._present.discard(key)
+        with self._delayed_lock:
+            old = self._delayed.pop(key, None)
+            if old is not None:
+                self._delayed_bytes -= old.size
 
     def _remove_where(self, match: EntryFilter, view: TableGenerations) -> set[bytes]:
         def scan() -> set[bytes]:
@@ -290,7 +357,13 @@ class DiskStore(GenerationsFacade):
                     self._cache.delete(key)
             return live
 
-        return self._call_on_writer(scan)
+        # Delayed entries the purge removes (a bump before it made them stale, so the writer
+        # drops them instead of writing them): counted as usage() counted them just before.
+        now = self._clock()
+        with self._delayed_lock:
+            delayed = list(self._delayed.items())
+        waiting = {k for k, e in delayed if match(e) and e.fresh_at(now) and view.is_current(e.stamp)}
+        return self._call_on_writer(scan) | waiting
 
     def usage(self) -> StoreUsage:
         # Expired entries leave the count within a second (on the writer), even when nothing
@@ -300,7 +373,18 @@ class DiskStore(GenerationsFacade):
             self._usage_checked = now
             self._jobs.put(self._expire)
         entries, volume = self._usage
-        return StoreUsage(entries, volume, self.max_bytes, pending_writes=self._jobs.qsize())
+        # Delayed entries count as stored (a purge writes them first, then removes them): the
+        # live ones, of keys not on disk already.
+        wall = self._clock()
+        with self._delayed_lock:
+            delayed = list(self._delayed.items())
+        waiting = [e for k, e in delayed if k not in self._present and is_live(e, wall, self.generations)]
+        return StoreUsage(
+            entries + len(waiting),
+            volume + sum(e.size for e in waiting),
+            self.max_bytes,
+            pending_writes=len(delayed),  # the queue holds no writes any more
+        )
 
     def _expire(self) -> None:
         with contextlib.suppress(Exception):

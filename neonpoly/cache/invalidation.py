@@ -109,7 +109,11 @@ class TableGenerations:
             return False
         gens = self._tables
         db = stamp.database
-        return all(gens.get((db, t), 0) == g for t, g in stamp.tables)
+        # A loop, not all() over a generator: this runs for every hit (a frame saved).
+        for t, g in stamp.tables:  # noqa: SIM110
+            if gens.get((db, t), 0) != g:
+                return False
+        return True
 
     # -- writes (rare) -------------------------------------------------------------------
 

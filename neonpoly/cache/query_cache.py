@@ -20,7 +20,7 @@ from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.entry import CacheEntry, CacheStore
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.relations import RelationBook
-from neonpoly.stats import StatsRecorder
+from neonpoly.stats import HitTally, StatsRecorder
 
 log = logging.getLogger("neonpoly.cache")
 
@@ -231,8 +231,18 @@ class QueryCache:
             ticket.status,
             latency_s,
             bytes_served,
-            reason=ticket.reason or (self._miss_reason(ticket) if ticket.status == "miss" else None),
+            # Only a miss of a template being suppressed has a reason to look up (one dict test).
+            reason=ticket.reason or (self._miss_reason(ticket) if self.cacheability.suppressing else None),
         )
+
+    def record_hit(self, tally: HitTally, latency_s: float, bytes_served: int) -> None:
+        """A hit answered from a session's hit memo: counted in its tally (stats.HitTally)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "query cache=%s status=hit template_id=%s latency_ms=%.3f template=%r",
+                self.cache_id, tally.template_id, latency_s * 1000, tally.template[:200],
+            )  # fmt: skip
+        self.stats.hit(tally, latency_s, bytes_served)
 
     def _miss_reason(self, ticket: StatTicket) -> str | None:
         if ticket.status != "miss" or not self.cacheability.suppressing:

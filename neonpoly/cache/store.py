@@ -62,6 +62,7 @@ class TieredStore(GenerationsFacade):
         if entry is None:
             if self.l1.stale_key is key:  # a write made it stale: so is its copy on disk
                 self.l1.stale_key = None
+                self.l2.forget(key)  # and so for the next lookups of the key, until stored again
                 return None
             entry = self.l2.get(key)
             if entry is not None:

@@ -79,8 +79,10 @@ class BatchHandling(CacheDecisions):
         )
         deferred = self.book.deferred_parses(plan, item.book_ops)
         item.swallow = len(deferred)
-        item.book_ops.extend(self.book.after_forward(plan))
-        item.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
+        if plan.ops:  # Parses and Closes to confirm
+            item.book_ops.extend(self.book.after_forward(plan))
+        if plan.deallocates:
+            item.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
         self.pending.append(item)
         out.extend(deferred)
         if raw_batch is not None:

@@ -22,7 +22,7 @@ from neonpoly.cache.keys import KeyRef
 from neonpoly.cache.policy import Classification, Status, classify, keys_for
 from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TARGET_STATEMENT, TX_IDLE
-from neonpoly.proxy.hits import HitMemo, hit_tickets
+from neonpoly.proxy.hits import HitMemo, hit_tallies
 from neonpoly.proxy.learning import IdentityLearning
 from neonpoly.proxy.pending import Pending
 
@@ -183,7 +183,7 @@ class CacheDecisions(IdentityLearning):
             resolution = None
         self.hit_seen = HitMemo(
             cache, key, identity, self.book.version, self.state.database, tables, shadowable, resolution,
-            template_id, hit_tickets([(i.template_id, i.template, i.qualified_tables) for i in infos]),
+            template_id, hit_tallies(cache, [(i.template_id, i.template, i.qualified_tables) for i in infos]),
         )
 
     def _busy(self) -> bool:

@@ -16,12 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from neonpoly.cache.capture import StatTicket
-
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
     from neonpoly.proxy.identity import Identity
+    from neonpoly.stats import HitTally
 
 # Per session: the hot set of one client. Only hits are remembered (a few hundred bytes each).
 MAX_MEMOS = 2048
@@ -41,8 +40,9 @@ class HitMemo:
     # What the catalog said (the very object the relation book memoises; None: nothing to ask).
     resolution: Resolution | None
     template_id: str
-    tickets: tuple[StatTicket, ...]  # the stats of one hit, one per Execute
+    tallies: tuple[HitTally, ...]  # where its hits are counted, one per Execute
 
 
-def hit_tickets(infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[StatTicket, ...]:
-    return tuple(StatTicket(template_id, template, tables, "hit") for template_id, template, tables in infos)
+def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:
+    return tuple(cache.stats.tally(cache.cache_id, template_id, template, tables)
+                 for template_id, template, tables in infos)  # fmt: skip

@@ -44,6 +44,8 @@ class IdentityLearning(SessionCore):
         ask what the session needs to know: its identity, relations read when they could not
         be looked up. Client requests wait for the identity (one round trip, after login and
         after anything that changed the session)."""
+        if not self.relations_wanted and (self.state.identity is not None or self.identity_inflight):
+            return  # nothing to ask: the common case, after every response
         cache = self.route.cache if self.route else None
         if (
             cache is None

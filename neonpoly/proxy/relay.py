@@ -169,8 +169,8 @@ class Relay(BatchHandling):
         if payload is None:
             return False
         elapsed = time.monotonic() - started
-        for ticket in memo.tickets:
-            cache.record(ticket, elapsed, len(payload))
+        for tally in memo.tallies:
+            cache.record_hit(tally, elapsed, len(payload))
         self.write_client(payload + _READY_IDLE)
         return True
 
