@@ -96,14 +96,14 @@ def test_admission_still_waits_for_the_nth_sighting() -> None:
 
 @pytest.mark.timeout(600)  # a minute or two alone; far more on a loaded 2-core machine
 def test_structures_stay_bounded_under_distinct_queries() -> None:
-    """100k distinct query texts and keys (more than any limit below) through the in-process
+    """72k distinct query texts and keys (more than any limit below) through the in-process
     classes: every structure that grows with them stays under its stated limit."""
     from neonpoly.cache import policy, query_cache
     from neonpoly.stats import MAX_TEMPLATES_PER_CACHE
 
     clock = Clock()
     cache = _cache(clock, admit_after=2)
-    n = 100_000
+    n = 72_000
     for i in range(n):
         sql = f"SELECT * FROM t{i % 50} WHERE name = 'v{i}'"
         info = policy.classify(sql)
