@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     with tempfile.TemporaryDirectory(prefix="neonpoly-inprocess-origin-") as tmp:
+        os.chmod(tmp, 0o711)  # PostgreSQL runs as an unprivileged user when we are root
         pg = None
         upstream = args.upstream
         if upstream is None:
