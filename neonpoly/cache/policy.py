@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from sqlglot.tokenizer_core import Token, TokenType
 
-from neonpoly.cache import queries
+from neonpoly.cache import key_shapes, queries
 from neonpoly.cache.classification import Classification, Status, Verdict
 from neonpoly.cache.keys import KeyRef, key_refs
 from neonpoly.cache.statements import classify_statement
@@ -213,22 +213,36 @@ _own_keys: OrderedDict[str, tuple[KeyRef, ...]] = OrderedDict()
 
 def keys_for(sql: str, info: Classification) -> tuple[KeyRef, ...]:
     """The key conjuncts of `sql` itself. A classification is shared by texts that differ
-    only in numbers, so key values written in the text are read again from this text (by
-    the parser, never by position: a stale read must not hinge on a regex)."""
+    only in numbers, so key values written in the text are read again from this text: by
+    the parser, or from its digits where the parser has shown, for texts of its shape, which
+    digits every key value is (key_shapes.py; a stale read must not hinge on a regex)."""
     refs = info.keys
     if not refs or not info.keys_sql or sql == info.keys_sql:
         return refs
     found = _own_keys.get(sql)
+    if found is not None:
+        return found
+    found = key_shapes.known(sql)
+    if found is not None:
+        return found  # not remembered by text: the shape's plan answers every such text
+    found = _parsed_keys(sql)
     if found is None:
         found = ()
-        try:
-            statements = queries.parse(sql)
-            if len(statements) == 1:
-                found = key_refs(*statements[0])
-        except Exception:  # never raises, as classify: no precision instead
-            found = ()
-        if len(sql) <= MEMO_MAX_CHARS:
-            _own_keys[sql] = found
-            while len(_own_keys) > MEMO_SIZE // 2:
-                _own_keys.popitem(last=False)
+    else:
+        key_shapes.learn(sql, found, _parsed_keys)
+    if len(sql) <= MEMO_MAX_CHARS:
+        _own_keys[sql] = found
+        while len(_own_keys) > MEMO_SIZE // 2:
+            _own_keys.popitem(last=False)
     return found
+
+
+def _parsed_keys(sql: str) -> tuple[KeyRef, ...] | None:
+    """The key conjuncts of a one-statement text, by the parser (None: not one statement)."""
+    try:
+        statements = queries.parse(sql)
+        if len(statements) == 1:
+            return key_refs(*statements[0])
+    except Exception:  # never raises, as classify: no precision instead
+        pass
+    return None
