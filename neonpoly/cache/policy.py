@@ -224,12 +224,14 @@ def keys_for(sql: str, info: Classification) -> tuple[KeyRef, ...]:
         return found
     found = key_shapes.known(sql)
     if found is not None:
-        return found  # not remembered by text: the shape's plan answers every such text
-    found = _parsed_keys(sql)
-    if found is None:
-        found = ()
+        if found and found[0].write:
+            return found  # a write's text seldom repeats (new values each time): not kept
     else:
-        key_shapes.learn(sql, found, _parsed_keys)
+        found = _parsed_keys(sql)
+        if found is None:
+            found = ()
+        else:
+            key_shapes.learn(sql, found, _parsed_keys)
     if len(sql) <= MEMO_MAX_CHARS:
         _own_keys[sql] = found
         while len(_own_keys) > MEMO_SIZE // 2:
