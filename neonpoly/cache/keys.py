@@ -105,6 +105,25 @@ def write_names(table: str, values: list[int]) -> frozenset[str]:
     return frozenset({rows_name(table), *(bucket_name(table, v) for v in values)})
 
 
+def write_pairs(table: str, values: list[int]) -> frozenset[tuple[str, str]]:
+    """`write_names` as (table, name) pairs, as sessions collect a transaction's keyed writes.
+    A write of one key (the common one) is answered from a bounded memo: at most
+    KEY_BUCKETS sets per table, made once instead of at every write."""
+    if len(values) != 1:
+        return frozenset((table, name) for name in write_names(table, values))
+    memo_key = (table, values[0] % KEY_BUCKETS)
+    found = _WRITE_PAIRS.get(memo_key)
+    if found is None:
+        found = frozenset((table, name) for name in write_names(table, values))
+        if len(_WRITE_PAIRS) >= 4 * KEY_BUCKETS:
+            _WRITE_PAIRS.clear()
+        _WRITE_PAIRS[memo_key] = found
+    return found
+
+
+_WRITE_PAIRS: dict[tuple[str, int], frozenset[tuple[str, str]]] = {}
+
+
 def feed_names(
     tables: frozenset[str],
     rows: Mapping[str, Mapping[str, frozenset[int]]],

@@ -242,11 +242,11 @@ class CacheDecisions(IdentityLearning):
 
     def _keyed_write(
         self, cache: QueryCache, info: Classification, refs: tuple[KeyRef, ...], values: BoundValues
-    ) -> tuple[str, frozenset[str]] | None:
-        """(table, generation names) when a write provably changes only rows of the key values
-        it names, in that table alone: the catalog vouches for the key (relations.py), and
-        every builtin it trusts by name is the builtin in this session (a `=` of the user's
-        on the search_path could match any row)."""
+    ) -> tuple[str, frozenset[tuple[str, str]]] | None:
+        """(table, (table, generation name) pairs) when a write provably changes only rows of
+        the key values it names, in that table alone: the catalog vouches for the key
+        (relations.py), and every builtin it trusts by name is the builtin in this session (a
+        `=` of the user's on the search_path could match any row)."""
         if not refs or info.invalidate_all or len(info.tables_written) != 1:
             return None
         database = self.state.database
@@ -261,7 +261,7 @@ class CacheDecisions(IdentityLearning):
                 continue
             found = _values(ref, values)
             if found:
-                return ref.table, keys.write_names(ref.table, found)
+                return ref.table, keys.write_pairs(ref.table, found)
         return None
 
     def _batch_keyed(
@@ -282,7 +282,7 @@ class CacheDecisions(IdentityLearning):
             if found is None:
                 whole |= info.tables_written
             else:
-                precise.update((found[0], name) for name in found[1])
+                precise |= found[1]
         keyed = frozenset(p for p in precise if p[0] not in whole)
         return writes - (frozenset(t for t, _ in keyed) - whole), keyed
 
@@ -345,7 +345,7 @@ class CacheDecisions(IdentityLearning):
                 found = self._keyed_write(cache, info, keys_for(sql, info), None)
             if found is not None:
                 item.writes = info.tables_written - {found[0]}
-                item.keyed = frozenset((found[0], name) for name in found[1])
+                item.keyed = found[1]
             else:
                 item.writes = info.tables_written
             item.writes_everything = everything
@@ -380,13 +380,18 @@ class CacheDecisions(IdentityLearning):
         if cache is None or not (tables or everything or keyed):
             return
         database = self.state.database
-        keyed_tables = frozenset(t for t, _ in keyed)
-        named = (tables | keyed_tables, everything)
+        keyed_tables = {t for t, _ in keyed} if keyed else set()
+        named = (tables | keyed_tables if keyed_tables else tables, everything)
         if not everything:
-            reach = cache.relations.reach(database, tables)
+            relations = cache.relations
+            reach = relations.reach(database, tables) if tables else frozenset()  # none: nothing reached
             for table in keyed_tables:
-                further = cache.relations.reach(database, (table,))
-                reach = None if reach is None or further is None else reach | (further - {table})
+                further = relations.reach(database, (table,))
+                if reach is None or further is None:
+                    reach = None
+                    break
+                if further - {table}:
+                    reach = reach | (further - {table})
             if reach is None:
                 everything = True
                 self._forget_identity()
@@ -395,7 +400,7 @@ class CacheDecisions(IdentityLearning):
                     self._ask_relations(cache, unknown, out)
                 tables = named[0]
             else:
-                tables = reach | frozenset(name for _, name in keyed)
+                tables = reach.union([name for _, name in keyed]) if keyed else reach
         # A whole database: also every other's entries (code reaches them: dblink, postgres_fdw).
         cache.invalidate(None if cluster_wide else database, tables, everything, named, elsewhere=everything)
 
