@@ -118,13 +118,18 @@ class TableGenerations:
     # -- writes (rare) -------------------------------------------------------------------
 
     def bump_tables(self, database: str, tables: Iterable[str]) -> None:
+        # Every write bumps (twice: when sent and when committed): no call or tuple for a
+        # listener or observer that is not there.
         names = frozenset(tables)
+        gens = self._tables
         with self._lock:
-            self._databases.setdefault(database, 0)
+            if database not in self._databases:
+                self._databases[database] = 0
             for t in names:
                 key = (database, t)
-                self._tables[key] = self._tables.get(key, 0) + 1
-        self._changed(("t", database, names))
+                gens[key] = gens.get(key, 0) + 1
+        if self._on_change is not None or self._observer is not None:
+            self._changed(("t", database, names))
 
     def bump_tables_everywhere(self, tables: Iterable[str]) -> None:
         """Bump these tables in every database ever stamped (admin purge by table name)."""
