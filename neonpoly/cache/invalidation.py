@@ -99,7 +99,8 @@ class TableGenerations:
                 db_epoch = self._databases.setdefault(database, 0)
             self._changed()
         gens = self._tables
-        pairs = tuple(sorted((t, gens.get((database, t), 0)) for t in set(tables)))
+        names = tables if isinstance(tables, (frozenset, set)) else set(tables)  # no copy of a set
+        pairs = tuple(sorted([(t, gens.get((database, t), 0)) for t in names]))
         return GenerationStamp(database, self._global, db_epoch, pairs)
 
     def is_current(self, stamp: GenerationStamp) -> bool:

@@ -86,7 +86,10 @@ def known(sql: str) -> tuple[KeyRef, ...] | None:
         return None
     runs = parts[1::2]
     return tuple(
-        KeyRef(p.write, p.table, p.column, tuple(sign * int(runs[i]) for i, sign in p.sources), p.params) for p in plan
+        [
+            KeyRef(p.write, p.table, p.column, tuple([sign * int(runs[i]) for i, sign in p.sources]), p.params)
+            for p in plan
+        ]
     )
 
 

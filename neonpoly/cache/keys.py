@@ -87,7 +87,14 @@ def read_names(tags: frozenset[str], point: tuple[str, int] | None) -> frozenset
     """The generation names a read depends on: a point read of `point` = (table, key) when
     it reads that table alone, otherwise every table and its `#rows`."""
     if point is not None and len(tags) == 1 and point[0] in tags:
-        return frozenset((point[0], bucket_name(point[0], point[1])))
+        memo_key = (point[0], point[1] % KEY_BUCKETS)  # every miss of a point read asks
+        names = _POINT_NAMES.get(memo_key)
+        if names is None:
+            names = frozenset((point[0], bucket_name(point[0], point[1])))
+            if len(_POINT_NAMES) >= 4 * KEY_BUCKETS:
+                _POINT_NAMES.clear()
+            _POINT_NAMES[memo_key] = names
+        return names
     found = _READ_NAMES.get(tags)
     if found is None:
         found = tags | frozenset(rows_name(t) for t in tags)
@@ -98,6 +105,7 @@ def read_names(tags: frozenset[str], point: tuple[str, int] | None) -> frozenset
 
 
 _READ_NAMES: dict[frozenset[str], frozenset[str]] = {}
+_POINT_NAMES: dict[tuple[str, int], frozenset[str]] = {}
 
 
 def write_names(table: str, values: list[int]) -> frozenset[str]:
