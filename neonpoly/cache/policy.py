@@ -92,7 +92,9 @@ def classify(sql: str) -> Classification:
         return found
     if len(sql) > MEMO_MAX_CHARS:
         return _classify(sql)
-    shape = _NUMBER.sub("0", sql) if '"' not in sql else sql
+    # Not for non-ASCII text either: PostgreSQL's lexer takes any non-ASCII character for a
+    # letter of a name (`t€1` and `t€2` are two tables), where \w and the regex see none.
+    shape = _NUMBER.sub("0", sql) if '"' not in sql and sql.isascii() else sql
     found = _shapes.get(shape) if shape != sql else None
     if found is None:
         found = _classify(sql)
