@@ -44,7 +44,7 @@ _MAX_DIGITS = 9
 _SENTINEL_BASE = 900_000_001
 MAX_RUNS = 64
 MAX_SHAPES = 4096
-MAX_CHARS = 16_384
+MAX_CHARS = 4096  # texts longer than this are parsed (keys of the shapes: 16 MB at worst)
 
 
 @dataclass(frozen=True, slots=True)
