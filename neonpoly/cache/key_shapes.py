@@ -137,6 +137,3 @@ def _plan(
         plan.append(_RefPlan(ref.write, ref.table, ref.column, tuple(sources), ref.params))
     return tuple(plan)
 
-
-def forget() -> None:
-    _plans.clear()
