@@ -136,4 +136,3 @@ def _plan(
             sources.append((run, sign))
         plan.append(_RefPlan(ref.write, ref.table, ref.column, tuple(sources), ref.params))
     return tuple(plan)
-
