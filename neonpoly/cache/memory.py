@@ -73,6 +73,17 @@ class MemoryStore(GenerationsFacade):
             self.stale_key = key
             return None
 
+    def holds(self, key: bytes, entry: CacheEntry) -> bool:
+        # get() without its copy-free fallbacks: the entry is still the key's and still live
+        # (TTL by the store's clock, generations); a stale one is left for get() to drop.
+        with self._lock:
+            if self._entries.get(key) is not entry:
+                return False
+            if not (self._clock() < entry.created_at + entry.ttl and self.generations.is_current(entry.stamp)):
+                return False
+            self._entries.move_to_end(key)
+            return True
+
     def put(self, key: bytes, entry: CacheEntry) -> None:
         if not self.accepts(entry.size) or not is_live(entry, self._clock(), self.generations):
             return

@@ -109,6 +109,28 @@ class QueryCache:
         self.cacheability.served(key)
         return entry.payload
 
+    def lookup_entry(self, key: bytes) -> CacheEntry | None:
+        """`lookup`, answering with the entry itself: a hit memo keeps it (proxy/hits.py) and
+        asks `serves` for its repeats."""
+        gate = self.serve_gate
+        if gate is not None and not gate():
+            return None
+        entry = self.store.get(key)
+        if entry is None:
+            self.cacheability.missed(key)
+            return None
+        self.cacheability.served(key)
+        return entry
+
+    def serves(self, key: bytes, entry: CacheEntry) -> bool:
+        """True when `lookup(key)` would now answer with this very entry (and counts it served
+        as `lookup` does); False when that cannot be told cheaply: then ask `lookup_entry`."""
+        gate = self.serve_gate
+        if (gate is not None and not gate()) or not self.store.holds(key, entry):
+            return False
+        self.cacheability.served(key)
+        return True
+
     def admit(self, key: bytes, template_id: str = "") -> bool:
         """Count a sighting; True when this miss should be stored (Time To First Hit) and its
         template's entries are read before they are evicted (see cache/cacheability.py)."""

@@ -69,6 +69,9 @@ class TieredStore(GenerationsFacade):
                 self.l1.put(key, entry)
         return entry
 
+    def holds(self, key: bytes, entry: CacheEntry) -> bool:
+        return self.l1.holds(key, entry)  # an entry served from memory is in the L1
+
     def put(self, key: bytes, entry: CacheEntry) -> None:
         self.l1.put(key, entry)
         self.l2.put(key, entry)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from neonpoly.cache.entry import CacheEntry
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
     from neonpoly.proxy.identity import Identity
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 MAX_MEMOS = 2048
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: the entry last served and its reply are kept on it (nothing else changes).
+@dataclass(slots=True)
 class HitMemo:
     """What a hit was decided on, each part checked again before the next one is served."""
 
@@ -41,6 +43,10 @@ class HitMemo:
     resolution: Resolution | None
     template_id: str
     tallies: tuple[HitTally, ...]  # where its hits are counted, one per Execute
+    # The entry last served, and its payload + ReadyForQuery as sent: served again only
+    # while the store says it would answer with that very entry (QueryCache.serves).
+    entry: CacheEntry | None = None
+    reply: bytes = b""
 
 
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:

@@ -60,7 +60,7 @@ class Relay(BatchHandling):
 
     def _client_frames(self) -> None:
         batch = self.batch
-        if self.hit_memos and not self.pending and self.stream is None and not self.batch_open and not batch.messages:
+        if self.hit_memos and not self.pending:
             memo = self.hit_memos.get(bytes(self.cbuf))
             if memo is not None and self._answer_memo(memo):
                 self.cbuf.clear()
@@ -142,7 +142,8 @@ class Relay(BatchHandling):
 
     def _answer_memo(self, memo: HitMemo) -> bool:
         """Answer a repeat of a remembered hit, if everything it was decided on still holds
-        (the checks of `_cache_decision` a plain read can fail) and the entry is still live."""
+        (the checks of `_cache_decision` a plain read can fail, with nothing outstanding or
+        half-received) and the store would still answer with the entry served last time."""
         state = self.state
         cache = memo.cache
         identity = state.identity
@@ -156,6 +157,10 @@ class Relay(BatchHandling):
             or self.book.version != memo.book_version
             or route is None
             or route.cache is not cache
+            or self.pending
+            or self.stream is not None
+            or self.batch_open
+            or self.batch.messages
         ):
             return False
         if memo.resolution is not None and cache.relations.resolve(
@@ -165,13 +170,18 @@ class Relay(BatchHandling):
         if cache.ttl_for(memo.template_id, memo.tables) is None:
             return False
         started = time.monotonic()
-        payload = cache.lookup(memo.key)
-        if payload is None:
-            return False
+        entry = memo.entry
+        if entry is None or not cache.serves(memo.key, entry):
+            entry = cache.lookup_entry(memo.key)
+            if entry is None:
+                return False
+            memo.entry = entry
+            memo.reply = entry.payload + _READY_IDLE  # built once per entry, not per hit
         elapsed = time.monotonic() - started
+        size = len(entry.payload)
         for tally in memo.tallies:
-            cache.record_hit(tally, elapsed, len(payload))
-        self.write_client(payload + _READY_IDLE)
+            cache.record_hit(tally, elapsed, size)
+        self.write_client(memo.reply)
         return True
 
     def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:

@@ -71,6 +71,12 @@ class Session(Relay):
 
     def client_data(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self.hit_memos and not self.cbuf and self.phase is READY:
+            # A repeat of a hit, whole in one read with nothing before it: looked up by the
+            # read's own bytes, without the round trip through cbuf.
+            memo = self.hit_memos.get(data)
+            if memo is not None and (not self.identity_inflight or self.hold_released) and self._answer_memo(memo):
+                return
         self.cbuf += data
         try:
             phase = self.phase
