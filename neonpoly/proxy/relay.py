@@ -10,6 +10,7 @@ being captured. This runs for every read, so it reads the message types as plain
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 
 from neonpoly import pgwire
@@ -50,6 +51,8 @@ _ENDS_WITH_READY = frozenset((MSG_QUERY, MSG_SYNC, MSG_FUNCTION_CALL))  # reques
 _CLIENTS_DURING_LOOKUP = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_PARAMETER_STATUS))
 _SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to Parses/Closes sent for the client
 _READY_IDLE = pgwire.ready_for_query(TX_IDLE)
+_NOTABLE = frozenset((MSG_ERROR_RESPONSE, MSG_PARAMETER_STATUS))  # what a forwarded answer may tell
+_LENGTH = struct.Struct("!i")  # a frame's length, after its type byte
 
 
 class Relay(BatchHandling):
@@ -58,17 +61,30 @@ class Relay(BatchHandling):
         self.inflight = 0  # pass-through requests awaiting ReadyForQuery
         self.hit_memos: dict[bytes, HitMemo] = {}  # raw request bytes -> the hit it was (hits.py)
 
-    def _client_frames(self) -> None:
+    def _client_frames(self, data: bytes | None = None) -> None:
+        """The client's whole frames: those in cbuf, or (`data`) a read that came with cbuf
+        empty, taken as it is (no copy into cbuf and out again; only a torn tail is kept)."""
         batch = self.batch
-        if self.hit_memos and not self.pending:
-            memo = self.hit_memos.get(bytes(self.cbuf))
-            if memo is not None and self._answer_memo(memo):
-                self.cbuf.clear()
+        if data is None:
+            if self.hit_memos and not self.pending:
+                memo = self.hit_memos.get(bytes(self.cbuf))
+                if memo is not None and self._answer_memo(memo):
+                    self.cbuf.clear()
+                    return
+            frames, used = pgwire.scan_frames(
+                self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES
+            )
+            if not frames:
                 return
-        frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
-        if not frames:
-            return
-        buf = _take(self.cbuf, used)
+            buf = _take(self.cbuf, used)
+        else:
+            frames, used = pgwire.scan_frames(data, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
+            if used < len(data):
+                self.cbuf += data[used:]
+                data = data[:used]
+            if not frames:
+                return
+            buf = data
         if self.route is not None and self.route.cache is None:
             self._relay_frames(frames, buf)
             return
@@ -201,6 +217,88 @@ class Relay(BatchHandling):
                 return
         if self.origin_transport is not None:
             self.origin_transport.write(buf)
+
+    def _origin_fast(self, data: bytes) -> bool:
+        """The origin's read, when `_origin_frames` would only forward it: nothing pending
+        wants its frames (no capture, lookup, swallowed Parse, Flush count or statement book
+        entry to confirm), and it holds at most one ReadyForQuery, as its last frame. Then
+        only the ReadyForQuery, errors and settings matter: they are found in one pass over
+        the read, which goes to the client as it came. False (nothing done): not such a read.
+
+        The caller holds no earlier origin bytes (obuf is empty)."""
+        pending = self.pending
+        head = pending[0] if pending else None
+        if head is not None and (
+            head.local is not None
+            or head.lookup is not None
+            or head.identity is not None
+            or head.capture is not None
+            or head.swallow
+            or head.flush
+            or head.confirmed != len(head.book_ops)
+        ):
+            return False
+        n = len(data)
+        pos = 0
+        ready = -1  # where the ReadyForQuery starts
+        ready_end = 0
+        notable = False
+        unpack = _LENGTH.unpack_from
+        while n - pos >= 5:
+            mtype = data[pos]
+            length = unpack(data, pos + 1)[0]
+            if length < 4 or length > pgwire.LARGE_MESSAGE_LIMIT:
+                return False  # _origin_frames says what is wrong
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype == MSG_READY_FOR_QUERY:
+                if ready >= 0:
+                    return False  # answers to several requests: the full loop
+                ready, ready_end = pos, end
+            elif mtype in _NOTABLE:
+                notable = True
+            pos = end
+        if ready >= 0 and ready_end != n:
+            return False  # something after the ReadyForQuery
+        if notable:
+            self._notable_frames(data, pos, head)
+        if ready < 0:
+            if pos < n:
+                self.obuf += data[pos:]  # a torn frame: kept until the rest comes
+                data = data[:pos]
+            self.write_client(data)
+        else:
+            self.state.tx_status = data[ready + 5 : ready + 6]
+            if self.inflight:
+                self.inflight -= 1
+            if head is not None:
+                pending.popleft()
+                self._complete(head)
+            if pending:
+                out = [data]
+                self._release_local(out)
+                data = b"".join(out)
+            self.write_client(data)
+        if not pending:
+            self._learn_when_idle()
+            if self.cbuf and not self.identity_inflight and self.phase is READY and not self.closed:
+                self._client_frames()
+        return True
+
+    def _notable_frames(self, data: bytes, used: int, head: Pending | None) -> None:
+        """Errors and settings in a read `_origin_fast` forwards, in order."""
+        pos = 0
+        unpack = _LENGTH.unpack_from
+        while pos < used:
+            mtype = data[pos]
+            end = pos + 1 + unpack(data, pos + 1)[0]
+            if mtype == MSG_ERROR_RESPONSE:
+                if head is not None:
+                    head.error = True
+            elif mtype == MSG_PARAMETER_STATUS:
+                self._parameter(data[pos + 5 : end])
+            pos = end
 
     def _origin_frames(self) -> None:
         frames, used = pgwire.scan_frames(self.obuf)

@@ -71,12 +71,18 @@ class Session(Relay):
 
     def client_data(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self.hit_memos and not self.cbuf and self.phase is READY:
-            # A repeat of a hit, whole in one read with nothing before it: looked up by the
-            # read's own bytes, without the round trip through cbuf.
-            memo = self.hit_memos.get(data)
-            if memo is not None and (not self.identity_inflight or self.hold_released) and self._answer_memo(memo):
-                return
+        if not self.cbuf and self.phase is READY and (not self.identity_inflight or self.hold_released):
+            # The common read: whole requests, nothing held before them. Taken as they came,
+            # without a round trip through cbuf; a repeat of a hit is found by these bytes.
+            if self.hit_memos:
+                memo = self.hit_memos.get(data)
+                if memo is not None and self._answer_memo(memo):
+                    return
+            try:
+                self._client_frames(data)
+            except pgwire.ProtocolViolation as exc:
+                self.fail_client("08P01", f"invalid frontend message: {exc}", "protocol violation")
+            return
         self.cbuf += data
         try:
             phase = self.phase
@@ -195,8 +201,10 @@ class Session(Relay):
     # --- origin side ------------------------------------------------------------------
 
     def origin_data(self, data: bytes) -> None:
-        self.obuf += data
         try:
+            if self.phase is READY and not self.obuf and self._origin_fast(data):
+                return
+            self.obuf += data
             if self.phase is AUTH:
                 self._relay_auth_from_origin()
             else:
