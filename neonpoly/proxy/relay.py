@@ -53,6 +53,7 @@ _SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to P
 _READY_IDLE = pgwire.ready_for_query(TX_IDLE)
 _NOTABLE = frozenset((MSG_ERROR_RESPONSE, MSG_PARAMETER_STATUS))  # what a forwarded answer may tell
 _LENGTH = struct.Struct("!i")  # a frame's length, after its type byte
+_FRONTEND, _FRONTEND_LARGE, _LARGE = pgwire.FRONTEND_TYPES, pgwire.FRONTEND_LARGE_TYPES, pgwire.LARGE_MESSAGE_LIMIT
 
 
 class Relay(BatchHandling):
@@ -78,6 +79,8 @@ class Relay(BatchHandling):
                 return
             buf = _take(self.cbuf, used)
         else:
+            if self.route is not None and self.route.cache is None and self._relay_data(data):
+                return
             frames, used = pgwire.scan_frames(data, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
             if used < len(data):
                 self.cbuf += data[used:]
@@ -198,6 +201,39 @@ class Relay(BatchHandling):
         for tally in memo.tallies:
             cache.record_hit(tally, elapsed, size)
         self.write_client(memo.reply)
+        return True
+
+    def _relay_data(self, data: bytes) -> bool:
+        """`_relay_frames` for a read that came with cbuf empty, in one pass: its frames checked
+        as `scan_frames` checks them and counted, then the read written as it came. False
+        (nothing done) when it holds a Terminate or an invalid frame: `_relay_frames` then."""
+        n = len(data)
+        pos = 0
+        ends = 0
+        unpack = _LENGTH.unpack_from
+        while n - pos >= 5:
+            mtype = data[pos]
+            length = unpack(data, pos + 1)[0]
+            if (
+                mtype not in _FRONTEND
+                or length < 4
+                or (length > pgwire.SMALL_MESSAGE_LIMIT and (mtype not in _FRONTEND_LARGE or length > _LARGE))
+            ):
+                return False
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype in _ENDS_WITH_READY:
+                ends += 1
+            elif mtype == MSG_TERMINATE:
+                return False
+            pos = end
+        if pos < n:
+            self.cbuf += data[pos:]  # a torn frame: kept until the rest comes
+            data = data[:pos]
+        self.inflight += ends
+        if data and self.origin_transport is not None:
+            self.origin_transport.write(data)
         return True
 
     def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:
