@@ -3,7 +3,7 @@ memo never outlives what the hit rested on: a write, a SET, a new prepared state
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -95,8 +95,13 @@ async def test_every_event_a_memo_rests_on_sends_the_next_repeat_to_the_origin(
         async def ddl() -> None:
             await other.execute(f"CREATE TABLE {table}_ddl (i int)")
 
-        events = {"purge": proxy.service.purge, "template purge": template_purge, "gate closed": gate_closed}
-        for name, event in [*events.items(), ("ddl elsewhere", None)]:
+        def purge() -> None:
+            proxy.service.purge()
+
+        events: list[tuple[str, Callable[[], None] | None]] = [
+            ("purge", purge), ("template purge", template_purge), ("gate closed", gate_closed), ("ddl elsewhere", None)
+        ]
+        for name, event in events:
             await served_without_origin()
             before = await pg.calls(fragment)
             if event is None:
