@@ -20,6 +20,7 @@ from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.entry import CacheEntry, CacheStore
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.relations import RelationBook
+from neonpoly.cache.rules import RulePolicy
 from neonpoly.stats import HitTally, StatsRecorder
 
 log = logging.getLogger("neonpoly.cache")
@@ -173,6 +174,14 @@ class QueryCache:
         if self.ttl_policy is not None:
             return self.ttl_policy(template_id, tables)
         return self.ttl
+
+    def refusals_version(self) -> int | None:
+        """Stays the same while `ttl_for` refuses (None) no more and no fewer templates: a hit
+        memo asks `ttl_for` again only when it moves. None: no such promise, ask every time."""
+        policy = self.ttl_policy
+        if policy is None:
+            return 0  # the cache's own TTL: never None
+        return policy.refusals_version if isinstance(policy, RulePolicy) else None
 
     def store_capture(self, capture: Capture) -> None:
         ttl = self.ttl_for(capture.template_id, capture.tables)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from neonpoly.proxy.identity import Identity
     from neonpoly.stats import HitTally
 
+TTL_RECHECK = 1.0  # seconds between a memo's questions to ttl_for (RulePolicy memoises as long)
 # Per session: the hot set of one client. Only hits are remembered (a few hundred bytes each).
 MAX_MEMOS = 2048
 
@@ -47,6 +48,11 @@ class HitMemo:
     # while the store says it would answer with that very entry (QueryCache.serves).
     entry: CacheEntry | None = None
     reply: bytes = b""
+    # `ttl_for` said the template is cached under this refusals version (QueryCache.
+    # refusals_version), asked again when it moves, and at least once a second (it reports
+    # the TTL it decides for the console).
+    ttl_version: int | None = None
+    ttl_until: float = 0.0
 
 
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:

@@ -36,7 +36,7 @@ from neonpoly.pgwire import (
 )
 from neonpoly.proxy.batches import BatchHandling
 from neonpoly.proxy.extended import BATCHED
-from neonpoly.proxy.hits import MAX_MEMOS, HitMemo
+from neonpoly.proxy.hits import MAX_MEMOS, TTL_RECHECK, HitMemo
 from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.state import READY
 
@@ -186,9 +186,12 @@ class Relay(BatchHandling):
             memo.database, memo.tables, memo.shadowable, identity.schemas
         ) is not memo.resolution:
             return False
-        if cache.ttl_for(memo.template_id, memo.tables) is None:
-            return False
         started = time.monotonic()
+        version = cache.refusals_version()
+        if version is None or version != memo.ttl_version or started >= memo.ttl_until:
+            if cache.ttl_for(memo.template_id, memo.tables) is None:
+                return False
+            memo.ttl_version, memo.ttl_until = version, started + TTL_RECHECK
         entry = memo.entry
         if entry is None or not cache.serves(memo.key, entry):
             entry = cache.lookup_entry(memo.key)

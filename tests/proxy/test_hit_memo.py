@@ -66,9 +66,11 @@ async def test_simple_repeat_respects_set_and_transactions(pg: PgServer, proxy: 
 async def test_every_event_a_memo_rests_on_sends_the_next_repeat_to_the_origin(
     pg: PgServer, proxy: CachingProxy
 ) -> None:
-    """A memo serves a repeat from the entry it served last (QueryCache.serves): a purge, a
-    purge of its template (no generation moves), the invalidation plane's gate closing and
-    DDL elsewhere each make the very next repeat of the same bytes go to the origin."""
+    """A memo serves a repeat from the entry it served last (QueryCache.serves) and asks the
+    TTL rules again only when they move: a purge, a purge of its template (no generation
+    moves), the invalidation plane's gate closing, a rule saying never, the cache's mode
+    turned off and DDL elsewhere each make the very next repeat of the same bytes go to the
+    origin."""
     table = await make_table(pg)
     (cache,) = [r.cache for r in proxy.service.routes.by_id.values() if r.cache is not None]
     fragment = f"SELECT name FROM {table} WHERE id ="
@@ -98,9 +100,20 @@ async def test_every_event_a_memo_rests_on_sends_the_next_repeat_to_the_origin(
         def purge() -> None:
             proxy.service.purge()
 
+        def never_rule() -> None:  # a memo asks ttl_for again only when the rules move
+            (memo,) = [m for s in proxy.service.server.sessions for m in getattr(s, "hit_memos", {}).values()]
+            rule = proxy.service.rules.add("query", memo.template_id, None)
+            cleanup.append(lambda: proxy.service.rules.drop(rule.id))
+
+        def mode_off() -> None:
+            proxy.service.rules.set_mode("off")
+            cleanup.append(lambda: proxy.service.rules.set_mode("auto"))
+
+        cleanup: list[Callable[[], object]] = []
         events: list[tuple[str, Callable[[], None] | None]] = [
-            ("purge", purge), ("template purge", template_purge), ("gate closed", gate_closed), ("ddl elsewhere", None)
-        ]
+            ("purge", purge), ("template purge", template_purge), ("gate closed", gate_closed),
+            ("never rule", never_rule), ("mode off", mode_off), ("ddl elsewhere", None),
+        ]  # fmt: skip
         for name, event in events:
             await served_without_origin()
             before = await pg.calls(fragment)
@@ -111,6 +124,8 @@ async def test_every_event_a_memo_rests_on_sends_the_next_repeat_to_the_origin(
             assert await stmt.fetchval(2) == "name 2"
             assert await pg.calls(fragment) == before + 1, name
             cache.serve_gate = None
+            while cleanup:
+                cleanup.pop()()
     finally:
         await other.close()
         await conn.close()
