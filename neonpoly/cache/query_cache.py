@@ -181,7 +181,7 @@ class QueryCache:
         policy = self.ttl_policy
         if policy is None:
             return 0  # the cache's own TTL: never None
-        return policy.refusals_version if isinstance(policy, RulePolicy) else None
+        return policy.book.version if isinstance(policy, RulePolicy) else None  # see RulePolicy.refusals_version
 
     def store_capture(self, capture: Capture) -> None:
         ttl = self.ttl_for(capture.template_id, capture.tables)

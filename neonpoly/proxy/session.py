@@ -354,6 +354,10 @@ class ClientSide(asyncio.Protocol):
             limit_socket_buffer(client, socket.SO_SNDBUF)  # see origin.RELAY_SOCKET_BUFFER
             client.set_write_buffer_limits(high=RELAY_SOCKET_BUFFER)
             self.session = self.open_session(client)
+            # Every read goes straight to the session: no call through this object. uvloop
+            # keeps the method it found when the protocol was set, so it is set again.
+            self.data_received = self.session.client_data  # type: ignore[method-assign]
+            client.set_protocol(self)
         else:  # TLS upgrade hands us the new transport
             self.session.client = client
 
@@ -377,6 +381,9 @@ class ClientSide(asyncio.Protocol):
 class OriginSide(asyncio.Protocol):
     def __init__(self, session: Session) -> None:
         self.session = session
+        # Every read goes straight to the session (set before the transport is made, which
+        # keeps the method it finds).
+        self.data_received = session.origin_data  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass
