@@ -203,7 +203,12 @@ class Relay(BatchHandling):
         size = len(entry.payload)
         for tally in memo.tallies:
             cache.record_hit(tally, elapsed, size)
-        self.write_client(memo.reply)
+        reply = memo.reply
+        if self.held is None and not self.closed:  # write_client, written out: one call less
+            self.bytes_out += len(reply)
+            self.client.write(reply)
+        else:
+            self.write_client(reply)
         return True
 
     def _relay_data(self, data: bytes) -> bool:

@@ -381,9 +381,6 @@ class ClientSide(asyncio.Protocol):
 class OriginSide(asyncio.Protocol):
     def __init__(self, session: Session) -> None:
         self.session = session
-        # Every read goes straight to the session (set before the transport is made, which
-        # keeps the method it finds).
-        self.data_received = session.origin_data  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass
