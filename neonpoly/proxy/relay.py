@@ -305,6 +305,9 @@ class Relay(BatchHandling):
             pos = end
         if ready >= 0 and ready_end != n:
             return False  # something after the ReadyForQuery
+        if pos == 0:
+            self.obuf += data  # not one whole frame yet
+            return True
         if notable:
             self._notable_frames(data, pos, head)
         if ready < 0:

@@ -448,7 +448,7 @@ async def test_torn_requests_and_pipelined_answers_relay_whole_and_in_order(prox
     """A read of whole frames is relayed as it came, in one pass; anything else goes through
     the buffers. Where they meet: a request torn inside its header or its body, several
     requests in one write (several answers in one origin read), an error and a changed
-    setting among them."""
+    setting among them, an answer torn across the origin's reads."""
     raw = await Raw.connect(proxy.port)
     try:
         request = query("SELECT 1")
@@ -473,5 +473,9 @@ async def test_torn_requests_and_pipelined_answers_relay_whole_and_in_order(prox
         assert rows(await raw.until_ready()) == [[b"4"]]
         raw.send(query("SELECT 5")[4:])
         assert rows(await raw.until_ready()) == [[b"5"]]
+        # An answer torn across the origin's reads (TLS records are 16 kB at most).
+        raw.send(query("SELECT repeat('x', 100000)"), query("SELECT 6"))
+        assert rows(await raw.until_ready()) == [[b"x" * 100000]]
+        assert rows(await raw.until_ready()) == [[b"6"]]
     finally:
         await raw.close()
