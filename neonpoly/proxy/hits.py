@@ -7,6 +7,13 @@ decision rested on (`HitMemo`). The next time a read holds exactly those bytes, 
 checks that nothing it rested on moved and looks the key up, without parsing a message,
 classifying, planning or hashing a key again (`Relay._answer_memo`).
 
+Most of those checks are a comparison each. Two answers are kept on the memo and asked again
+only when they may have moved: the entry served last (with its reply, payload and
+ReadyForQuery, built once), served again while the store says `get` would return that very
+entry, live (`QueryCache.serves`: the plane's gate, TTL, generations; anything else, such as
+a template purge or another entry stored for the key, goes through `lookup_entry`); and that
+the TTL rules do not say never, asked again when the rule book moves (`refusals_version`).
+
 Only plain reads are remembered: requests that write, change the session, commit, fetch from
 cursors, deallocate, parse or close statements always take the full path.
 """
