@@ -79,8 +79,6 @@ class Relay(BatchHandling):
                 return
             buf = _take(self.cbuf, used)
         else:
-            if self.route is not None and self.route.cache is None and self._relay_data(data):
-                return
             frames, used = pgwire.scan_frames(data, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
             if used < len(data):
                 self.cbuf += data[used:]
@@ -212,9 +210,10 @@ class Relay(BatchHandling):
         return True
 
     def _relay_data(self, data: bytes) -> bool:
-        """`_relay_frames` for a read that came with cbuf empty, in one pass: its frames checked
-        as `scan_frames` checks them and counted, then the read written as it came. False
-        (nothing done) when it holds a Terminate or an invalid frame: `_relay_frames` then."""
+        """`_relay_frames` (no cache) for a read that came with cbuf empty, in one pass: its
+        frames checked as `scan_frames` checks them and counted, then the read written as it
+        came. False (nothing done) when it holds a Terminate or an invalid frame: then
+        `_client_frames` (and `_relay_frames`)."""
         n = len(data)
         pos = 0
         ends = 0
@@ -328,7 +327,8 @@ class Relay(BatchHandling):
                 data = b"".join(out)
             self.write_client(data)
         if not pending:
-            self._learn_when_idle()
+            if self.route is not None and self.route.cache is not None:  # nothing to learn without
+                self._learn_when_idle()
             if self.cbuf and not self.identity_inflight and self.phase is READY and not self.closed:
                 self._client_frames()
         return True

@@ -79,7 +79,9 @@ class Session(Relay):
                 if memo is not None and self._answer_memo(memo):
                     return
             try:
-                self._client_frames(data)
+                route = self.route
+                if route is None or route.cache is not None or not self._relay_data(data):
+                    self._client_frames(data)
             except pgwire.ProtocolViolation as exc:
                 self.fail_client("08P01", f"invalid frontend message: {exc}", "protocol violation")
             return
