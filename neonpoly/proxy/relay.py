@@ -325,7 +325,11 @@ class Relay(BatchHandling):
                 out = [data]
                 self._release_local(out)
                 data = b"".join(out)
-            self.write_client(data)
+            if self.held is None and not self.closed:  # write_client, written out: one call less
+                self.bytes_out += len(data)
+                self.client.write(data)
+            else:
+                self.write_client(data)
         if not pending:
             if self.route is not None and self.route.cache is not None:  # nothing to learn without
                 self._learn_when_idle()
