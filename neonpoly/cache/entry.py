@@ -53,6 +53,7 @@ class CacheStore(Protocol):
 
     def accepts(self, size: int) -> bool: ...
     def get(self, key: bytes) -> CacheEntry | None: ...
+    def holds(self, key: bytes, entry: CacheEntry) -> bool: ...
     def put(self, key: bytes, entry: CacheEntry) -> None: ...
     def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp: ...
     def invalidate_tables(self, database: str, tables: Iterable[str]) -> None: ...
@@ -85,6 +86,12 @@ class GenerationsFacade:
 
     def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
         return self.generations.stamp(database, tables)
+
+    def holds(self, key: bytes, entry: CacheEntry) -> bool:
+        """True only when `get(key)` would now return this very entry, told without a copy
+        or a disk read (a hit memo asks it for every repeat); False when that is not cheap
+        to tell (the caller then asks `get`)."""
+        return False
 
     def invalidate_tables(self, database: str, tables: Iterable[str]) -> None:
         self.generations.bump_tables(database, tables)

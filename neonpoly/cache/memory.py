@@ -73,6 +73,22 @@ class MemoryStore(GenerationsFacade):
             self.stale_key = key
             return None
 
+    def holds(self, key: bytes, entry: CacheEntry) -> bool:
+        # get() without its fallbacks: the entry is still the key's and still live (TTL by the
+        # store's clock, generations); a stale one is left for get() to drop. No lock: each
+        # step is one atomic dict operation. A purge in another thread (which removes under
+        # the lock) either came first (the entry is gone: not held, or KeyError) or comes
+        # after this hit, as it would after get().
+        if self._entries.get(key) is not entry:
+            return False
+        if not (self._clock() < entry.created_at + entry.ttl and self.generations.is_current(entry.stamp)):
+            return False
+        try:
+            self._entries.move_to_end(key)
+        except KeyError:
+            return False
+        return True
+
     def put(self, key: bytes, entry: CacheEntry) -> None:
         if not self.accepts(entry.size) or not is_live(entry, self._clock(), self.generations):
             return

@@ -20,6 +20,7 @@ from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.entry import CacheEntry, CacheStore
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.relations import RelationBook
+from neonpoly.cache.rules import RulePolicy
 from neonpoly.stats import HitTally, StatsRecorder
 
 log = logging.getLogger("neonpoly.cache")
@@ -109,6 +110,28 @@ class QueryCache:
         self.cacheability.served(key)
         return entry.payload
 
+    def lookup_entry(self, key: bytes) -> CacheEntry | None:
+        """`lookup`, answering with the entry itself: a hit memo keeps it (proxy/hits.py) and
+        asks `serves` for its repeats."""
+        gate = self.serve_gate
+        if gate is not None and not gate():
+            return None
+        entry = self.store.get(key)
+        if entry is None:
+            self.cacheability.missed(key)
+            return None
+        self.cacheability.served(key)
+        return entry
+
+    def serves(self, key: bytes, entry: CacheEntry) -> bool:
+        """True when `lookup(key)` would now answer with this very entry (and counts it served
+        as `lookup` does); False when that cannot be told cheaply: then ask `lookup_entry`."""
+        gate = self.serve_gate
+        if (gate is not None and not gate()) or not self.store.holds(key, entry):
+            return False
+        self.cacheability.served(key)
+        return True
+
     def admit(self, key: bytes, template_id: str = "") -> bool:
         """Count a sighting; True when this miss should be stored (Time To First Hit) and its
         template's entries are read before they are evicted (see cache/cacheability.py)."""
@@ -151,6 +174,14 @@ class QueryCache:
         if self.ttl_policy is not None:
             return self.ttl_policy(template_id, tables)
         return self.ttl
+
+    def refusals_version(self) -> int | None:
+        """Stays the same while `ttl_for` refuses (None) no more and no fewer templates: a hit
+        memo asks `ttl_for` again only when it moves. None: no such promise, ask every time."""
+        policy = self.ttl_policy
+        if policy is None:
+            return 0  # the cache's own TTL: never None
+        return policy.book.version if isinstance(policy, RulePolicy) else None  # see RulePolicy.refusals_version
 
     def store_capture(self, capture: Capture) -> None:
         ttl = self.ttl_for(capture.template_id, capture.tables)

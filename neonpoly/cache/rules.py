@@ -302,6 +302,13 @@ class RulePolicy:
         self.clock = clock
         self._memo: dict[tuple[str, frozenset[str], float | None], tuple[float | None, int, float]] = {}
 
+    @property
+    def refusals_version(self) -> int:
+        """Moves whenever some template's TTL may turn to "never" (None) or back: only the rule
+        book decides that (its rules and modes); learned TTLs and the change feed move the
+        number alone (see `decide`)."""
+        return self.book.version
+
     def __call__(self, template_id: str, tables: frozenset[str]) -> float | None:
         # Asked for every query: remember a decision for a second. A rule change applies at
         # once (the book's version is part of the check); learned TTLs move slowly anyway.

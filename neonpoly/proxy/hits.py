@@ -7,6 +7,13 @@ decision rested on (`HitMemo`). The next time a read holds exactly those bytes, 
 checks that nothing it rested on moved and looks the key up, without parsing a message,
 classifying, planning or hashing a key again (`Relay._answer_memo`).
 
+Most of those checks are a comparison each. Two answers are kept on the memo and asked again
+only when they may have moved: the entry served last (with its reply, payload and
+ReadyForQuery, built once), served again while the store says `get` would return that very
+entry, live (`QueryCache.serves`: the plane's gate, TTL, generations; anything else, such as
+a template purge or another entry stored for the key, goes through `lookup_entry`); and that
+the TTL rules do not say never, asked again when the rule book moves (`refusals_version`).
+
 Only plain reads are remembered: requests that write, change the session, commit, fetch from
 cursors, deallocate, parse or close statements always take the full path.
 """
@@ -17,16 +24,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from neonpoly.cache.entry import CacheEntry
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
     from neonpoly.proxy.identity import Identity
     from neonpoly.stats import HitTally
 
+TTL_RECHECK = 1.0  # seconds between a memo's questions to ttl_for (RulePolicy memoises as long)
 # Per session: the hot set of one client. Only hits are remembered (a few hundred bytes each).
 MAX_MEMOS = 2048
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: the entry last served and its reply are kept on it (nothing else changes).
+@dataclass(slots=True)
 class HitMemo:
     """What a hit was decided on, each part checked again before the next one is served."""
 
@@ -41,6 +51,15 @@ class HitMemo:
     resolution: Resolution | None
     template_id: str
     tallies: tuple[HitTally, ...]  # where its hits are counted, one per Execute
+    # The entry last served, and its payload + ReadyForQuery as sent: served again only
+    # while the store says it would answer with that very entry (QueryCache.serves).
+    entry: CacheEntry | None = None
+    reply: bytes = b""
+    # `ttl_for` said the template is cached under this refusals version (QueryCache.
+    # refusals_version), asked again when it moves, and at least once a second (it reports
+    # the TTL it decides for the console).
+    ttl_version: int | None = None
+    ttl_until: float = 0.0
 
 
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:

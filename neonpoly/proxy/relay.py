@@ -10,6 +10,7 @@ being captured. This runs for every read, so it reads the message types as plain
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 
 from neonpoly import pgwire
@@ -35,7 +36,7 @@ from neonpoly.pgwire import (
 )
 from neonpoly.proxy.batches import BatchHandling
 from neonpoly.proxy.extended import BATCHED
-from neonpoly.proxy.hits import MAX_MEMOS, HitMemo
+from neonpoly.proxy.hits import MAX_MEMOS, TTL_RECHECK, HitMemo
 from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.state import READY
 
@@ -50,6 +51,9 @@ _ENDS_WITH_READY = frozenset((MSG_QUERY, MSG_SYNC, MSG_FUNCTION_CALL))  # reques
 _CLIENTS_DURING_LOOKUP = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_PARAMETER_STATUS))
 _SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to Parses/Closes sent for the client
 _READY_IDLE = pgwire.ready_for_query(TX_IDLE)
+_NOTABLE = frozenset((MSG_ERROR_RESPONSE, MSG_PARAMETER_STATUS))  # what a forwarded answer may tell
+_LENGTH = struct.Struct("!i")  # a frame's length, after its type byte
+_FRONTEND, _FRONTEND_LARGE, _LARGE = pgwire.FRONTEND_TYPES, pgwire.FRONTEND_LARGE_TYPES, pgwire.LARGE_MESSAGE_LIMIT
 
 
 class Relay(BatchHandling):
@@ -58,17 +62,30 @@ class Relay(BatchHandling):
         self.inflight = 0  # pass-through requests awaiting ReadyForQuery
         self.hit_memos: dict[bytes, HitMemo] = {}  # raw request bytes -> the hit it was (hits.py)
 
-    def _client_frames(self) -> None:
+    def _client_frames(self, data: bytes | None = None) -> None:
+        """The client's whole frames: those in cbuf, or (`data`) a read that came with cbuf
+        empty, taken as it is (no copy into cbuf and out again; only a torn tail is kept)."""
         batch = self.batch
-        if self.hit_memos and not self.pending and self.stream is None and not self.batch_open and not batch.messages:
-            memo = self.hit_memos.get(bytes(self.cbuf))
-            if memo is not None and self._answer_memo(memo):
-                self.cbuf.clear()
+        if data is None:
+            if self.hit_memos and not self.pending:
+                memo = self.hit_memos.get(bytes(self.cbuf))
+                if memo is not None and self._answer_memo(memo):
+                    self.cbuf.clear()
+                    return
+            frames, used = pgwire.scan_frames(
+                self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES
+            )
+            if not frames:
                 return
-        frames, used = pgwire.scan_frames(self.cbuf, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
-        if not frames:
-            return
-        buf = _take(self.cbuf, used)
+            buf = _take(self.cbuf, used)
+        else:
+            frames, used = pgwire.scan_frames(data, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
+            if used < len(data):
+                self.cbuf += data[used:]
+                data = data[:used]
+            if not frames:
+                return
+            buf = data
         if self.route is not None and self.route.cache is None:
             self._relay_frames(frames, buf)
             return
@@ -142,7 +159,8 @@ class Relay(BatchHandling):
 
     def _answer_memo(self, memo: HitMemo) -> bool:
         """Answer a repeat of a remembered hit, if everything it was decided on still holds
-        (the checks of `_cache_decision` a plain read can fail) and the entry is still live."""
+        (the checks of `_cache_decision` a plain read can fail, with nothing outstanding or
+        half-received) and the store would still answer with the entry served last time."""
         state = self.state
         cache = memo.cache
         identity = state.identity
@@ -156,22 +174,73 @@ class Relay(BatchHandling):
             or self.book.version != memo.book_version
             or route is None
             or route.cache is not cache
+            or self.pending
+            or self.stream is not None
+            or self.batch_open
+            or self.batch.messages
         ):
             return False
         if memo.resolution is not None and cache.relations.resolve(
             memo.database, memo.tables, memo.shadowable, identity.schemas
         ) is not memo.resolution:
             return False
-        if cache.ttl_for(memo.template_id, memo.tables) is None:
-            return False
         started = time.monotonic()
-        payload = cache.lookup(memo.key)
-        if payload is None:
-            return False
+        version = cache.refusals_version()
+        if version is None or version != memo.ttl_version or started >= memo.ttl_until:
+            if cache.ttl_for(memo.template_id, memo.tables) is None:
+                return False
+            memo.ttl_version, memo.ttl_until = version, started + TTL_RECHECK
+        entry = memo.entry
+        if entry is None or not cache.serves(memo.key, entry):
+            entry = cache.lookup_entry(memo.key)
+            if entry is None:
+                return False
+            memo.entry = entry
+            memo.reply = entry.payload + _READY_IDLE  # built once per entry, not per hit
         elapsed = time.monotonic() - started
+        size = len(entry.payload)
         for tally in memo.tallies:
-            cache.record_hit(tally, elapsed, len(payload))
-        self.write_client(payload + _READY_IDLE)
+            cache.record_hit(tally, elapsed, size)
+        reply = memo.reply
+        if self.held is None and not self.closed:  # write_client, written out: one call less
+            self.bytes_out += len(reply)
+            self.client.write(reply)
+        else:
+            self.write_client(reply)
+        return True
+
+    def _relay_data(self, data: bytes) -> bool:
+        """`_relay_frames` (no cache) for a read that came with cbuf empty, in one pass: its
+        frames checked as `scan_frames` checks them and counted, then the read written as it
+        came. False (nothing done) when it holds a Terminate or an invalid frame: then
+        `_client_frames` (and `_relay_frames`)."""
+        n = len(data)
+        pos = 0
+        ends = 0
+        unpack = _LENGTH.unpack_from
+        while n - pos >= 5:
+            mtype = data[pos]
+            length = unpack(data, pos + 1)[0]
+            if (
+                mtype not in _FRONTEND
+                or length < 4
+                or (length > pgwire.SMALL_MESSAGE_LIMIT and (mtype not in _FRONTEND_LARGE or length > _LARGE))
+            ):
+                return False
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype in _ENDS_WITH_READY:
+                ends += 1
+            elif mtype == MSG_TERMINATE:
+                return False
+            pos = end
+        if pos < n:
+            self.cbuf += data[pos:]  # a torn frame: kept until the rest comes
+            data = data[:pos]
+        self.inflight += ends
+        if data and self.origin_transport is not None:
+            self.origin_transport.write(data)
         return True
 
     def _relay_frames(self, frames: list[tuple[int, int, int]], buf: bytes) -> None:
@@ -191,6 +260,96 @@ class Relay(BatchHandling):
                 return
         if self.origin_transport is not None:
             self.origin_transport.write(buf)
+
+    def _origin_fast(self, data: bytes) -> bool:
+        """The origin's read, when `_origin_frames` would only forward it: nothing pending
+        wants its frames (no capture, lookup, swallowed Parse, Flush count or statement book
+        entry to confirm), and it holds at most one ReadyForQuery, as its last frame. Then
+        only the ReadyForQuery, errors and settings matter: they are found in one pass over
+        the read, which goes to the client as it came. False (nothing done): not such a read.
+
+        The caller holds no earlier origin bytes (obuf is empty)."""
+        pending = self.pending
+        head = pending[0] if pending else None
+        if head is not None and (
+            head.local is not None
+            or head.lookup is not None
+            or head.identity is not None
+            or head.capture is not None
+            or head.swallow
+            or head.flush
+            or head.confirmed != len(head.book_ops)
+        ):
+            return False
+        n = len(data)
+        pos = 0
+        ready = -1  # where the ReadyForQuery starts
+        ready_end = 0
+        notable = False
+        unpack = _LENGTH.unpack_from
+        while n - pos >= 5:
+            mtype = data[pos]
+            length = unpack(data, pos + 1)[0]
+            if length < 4 or length > pgwire.LARGE_MESSAGE_LIMIT:
+                return False  # _origin_frames says what is wrong
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype == MSG_READY_FOR_QUERY:
+                if ready >= 0:
+                    return False  # answers to several requests: the full loop
+                ready, ready_end = pos, end
+            elif mtype in _NOTABLE:
+                notable = True
+            pos = end
+        if ready >= 0 and ready_end != n:
+            return False  # something after the ReadyForQuery
+        if pos == 0:
+            self.obuf += data  # not one whole frame yet
+            return True
+        if notable:
+            self._notable_frames(data, pos, head)
+        if ready < 0:
+            if pos < n:
+                self.obuf += data[pos:]  # a torn frame: kept until the rest comes
+                data = data[:pos]
+            self.write_client(data)
+        else:
+            self.state.tx_status = data[ready + 5 : ready + 6]
+            if self.inflight:
+                self.inflight -= 1
+            if head is not None:
+                pending.popleft()
+                self._complete(head)
+            if pending:
+                out = [data]
+                self._release_local(out)
+                data = b"".join(out)
+            if self.held is None and not self.closed:  # write_client, written out: one call less
+                self.bytes_out += len(data)
+                self.client.write(data)
+            else:
+                self.write_client(data)
+        if not pending:
+            if self.route is not None and self.route.cache is not None:  # nothing to learn without
+                self._learn_when_idle()
+            if self.cbuf and not self.identity_inflight and self.phase is READY and not self.closed:
+                self._client_frames()
+        return True
+
+    def _notable_frames(self, data: bytes, used: int, head: Pending | None) -> None:
+        """Errors and settings in a read `_origin_fast` forwards, in order."""
+        pos = 0
+        unpack = _LENGTH.unpack_from
+        while pos < used:
+            mtype = data[pos]
+            end = pos + 1 + unpack(data, pos + 1)[0]
+            if mtype == MSG_ERROR_RESPONSE:
+                if head is not None:
+                    head.error = True
+            elif mtype == MSG_PARAMETER_STATUS:
+                self._parameter(data[pos + 5 : end])
+            pos = end
 
     def _origin_frames(self) -> None:
         frames, used = pgwire.scan_frames(self.obuf)

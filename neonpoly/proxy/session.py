@@ -71,6 +71,20 @@ class Session(Relay):
 
     def client_data(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if not self.cbuf and self.phase is READY and (not self.identity_inflight or self.hold_released):
+            # The common read: whole requests, nothing held before them. Taken as they came,
+            # without a round trip through cbuf; a repeat of a hit is found by these bytes.
+            if self.hit_memos:
+                memo = self.hit_memos.get(data)
+                if memo is not None and self._answer_memo(memo):
+                    return
+            try:
+                route = self.route
+                if route is None or route.cache is not None or not self._relay_data(data):
+                    self._client_frames(data)
+            except pgwire.ProtocolViolation as exc:
+                self.fail_client("08P01", f"invalid frontend message: {exc}", "protocol violation")
+            return
         self.cbuf += data
         try:
             phase = self.phase
@@ -189,8 +203,10 @@ class Session(Relay):
     # --- origin side ------------------------------------------------------------------
 
     def origin_data(self, data: bytes) -> None:
-        self.obuf += data
         try:
+            if self.phase is READY and not self.obuf and self._origin_fast(data):
+                return
+            self.obuf += data
             if self.phase is AUTH:
                 self._relay_auth_from_origin()
             else:
@@ -340,6 +356,10 @@ class ClientSide(asyncio.Protocol):
             limit_socket_buffer(client, socket.SO_SNDBUF)  # see origin.RELAY_SOCKET_BUFFER
             client.set_write_buffer_limits(high=RELAY_SOCKET_BUFFER)
             self.session = self.open_session(client)
+            # Every read goes straight to the session: no call through this object. uvloop
+            # keeps the method it found when the protocol was set, so it is set again.
+            self.data_received = self.session.client_data  # type: ignore[method-assign]
+            client.set_protocol(self)
         else:  # TLS upgrade hands us the new transport
             self.session.client = client
 

@@ -3,7 +3,7 @@ memo never outlives what the hit rested on: a write, a SET, a new prepared state
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -60,4 +60,72 @@ async def test_simple_repeat_respects_set_and_transactions(pg: PgServer, proxy: 
         await conn.execute("SET search_path TO public")  # the session learns who it is again
         assert await conn.fetchval(sql) == 6
     finally:
+        await conn.close()
+
+
+async def test_every_event_a_memo_rests_on_sends_the_next_repeat_to_the_origin(
+    pg: PgServer, proxy: CachingProxy
+) -> None:
+    """A memo serves a repeat from the entry it served last (QueryCache.serves) and asks the
+    TTL rules again only when they move: a purge, a purge of its template (no generation
+    moves), the invalidation plane's gate closing, a rule saying never, the cache's mode
+    turned off and DDL elsewhere each make the very next repeat of the same bytes go to the
+    origin."""
+    table = await make_table(pg)
+    (cache,) = [r.cache for r in proxy.service.routes.by_id.values() if r.cache is not None]
+    fragment = f"SELECT name FROM {table} WHERE id ="
+    conn = await asyncpg.connect(**proxy.dsn("scram_user"))
+    other = await asyncpg.connect(**proxy.dsn("postgres"))
+    try:
+        stmt = await conn.prepare(f"SELECT name FROM {table} WHERE id = $1")
+
+        async def served_without_origin() -> None:
+            for _ in range(6):
+                before = await pg.calls(fragment)
+                assert await stmt.fetchval(2) == "name 2"
+                if memos(proxy) and await pg.calls(fragment) == before:
+                    return
+            raise AssertionError("the repeat never stopped reaching the origin")
+
+        def template_purge() -> None:
+            (memo,) = [m for s in proxy.service.server.sessions for m in getattr(s, "hit_memos", {}).values()]
+            assert cache.store.purge_template(memo.template_id) == 1
+
+        def gate_closed() -> None:
+            cache.serve_gate = lambda: False
+
+        async def ddl() -> None:
+            await other.execute(f"CREATE TABLE {table}_ddl (i int)")
+
+        def purge() -> None:
+            proxy.service.purge()
+
+        def never_rule() -> None:  # a memo asks ttl_for again only when the rules move
+            (memo,) = [m for s in proxy.service.server.sessions for m in getattr(s, "hit_memos", {}).values()]
+            rule = proxy.service.rules.add("query", memo.template_id, None)
+            cleanup.append(lambda: proxy.service.rules.drop(rule.id))
+
+        def mode_off() -> None:
+            proxy.service.rules.set_mode("off")
+            cleanup.append(lambda: proxy.service.rules.set_mode("auto"))
+
+        cleanup: list[Callable[[], object]] = []
+        events: list[tuple[str, Callable[[], None] | None]] = [
+            ("purge", purge), ("template purge", template_purge), ("gate closed", gate_closed),
+            ("never rule", never_rule), ("mode off", mode_off), ("ddl elsewhere", None),
+        ]  # fmt: skip
+        for name, event in events:
+            await served_without_origin()
+            before = await pg.calls(fragment)
+            if event is None:
+                await ddl()
+            else:
+                event()
+            assert await stmt.fetchval(2) == "name 2"
+            assert await pg.calls(fragment) == before + 1, name
+            cache.serve_gate = None
+            while cleanup:
+                cleanup.pop()()
+    finally:
+        await other.close()
         await conn.close()

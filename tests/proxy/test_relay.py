@@ -20,6 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from tests.adversarial.rawpg import Raw, kinds, query, rows
 from tests.pgharness import PgServer
 from tests.proxy.conftest import RunningProxy
 
@@ -441,3 +442,40 @@ async def test_100_concurrent_clients_match_direct(proxy: RunningProxy, pg: PgSe
     while proxy.session_count and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert proxy.session_count == 0
+
+
+async def test_torn_requests_and_pipelined_answers_relay_whole_and_in_order(proxy: RunningProxy) -> None:
+    """A read of whole frames is relayed as it came, in one pass; anything else goes through
+    the buffers. Where they meet: a request torn inside its header or its body, several
+    requests in one write (several answers in one origin read), an error and a changed
+    setting among them, an answer torn across the origin's reads."""
+    raw = await Raw.connect(proxy.port)
+    try:
+        request = query("SELECT 1")
+        for cut in (1, 3, 7):
+            raw.writer.write(request[:cut])
+            await raw.writer.drain()
+            await asyncio.sleep(0.02)  # the rest in a later read
+            raw.send(request[cut:])
+            assert rows(await raw.until_ready()) == [[b"1"]]
+        raw.send(
+            query("SELECT 2"),
+            query("SELECT * FROM no_such_table"),
+            query("SET application_name = 'torn'"),
+            query("SELECT 3"),
+        )
+        answers = [await raw.until_ready() for _ in range(4)]
+        assert rows(answers[0]) == [[b"2"]]
+        assert kinds(answers[1]) == b"EZ"
+        assert (b"S", b"application_name\x00torn\x00") in answers[2]
+        assert rows(answers[3]) == [[b"3"]]
+        raw.send(query("SELECT 4") + query("SELECT 5")[:4])  # a whole request and a torn one
+        assert rows(await raw.until_ready()) == [[b"4"]]
+        raw.send(query("SELECT 5")[4:])
+        assert rows(await raw.until_ready()) == [[b"5"]]
+        # An answer torn across the origin's reads (TLS records are 16 kB at most).
+        raw.send(query("SELECT repeat('x', 100000)"), query("SELECT 6"))
+        assert rows(await raw.until_ready()) == [[b"x" * 100000]]
+        assert rows(await raw.until_ready()) == [[b"6"]]
+    finally:
+        await raw.close()
