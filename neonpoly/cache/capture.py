@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from neonpoly.cache.invalidation import GenerationStamp
+from neonpoly.stats import HitTally
 
 
 @dataclass(slots=True)
@@ -38,3 +39,4 @@ class StatTicket:
     tables: tuple[str, ...]
     status: str
     reason: str = ""  # why it is not a hit or miss, in words
+    tally: HitTally | None = None  # where a plain miss is counted (StatsRecorder.miss), once looked up

@@ -93,11 +93,15 @@ def classify(sql: str) -> Classification:
     if len(sql) > MEMO_MAX_CHARS:
         return _classify(sql)
     shape = _NUMBER.sub("0", sql) if '"' not in sql else sql
-    found = _shapes.get(shape) if shape != sql else None
-    if found is None:
-        found = _classify(sql)
-        if found.shape_shared and shape != sql:
-            _remember(_shapes, shape, found)
+    if shape != sql:
+        found = _shapes.get(shape)
+        if found is not None:
+            # Not kept by its text too: a stream of new texts of one shape (pgbench -S) would
+            # only churn the exact memo, and a repeat costs one more regex pass, no parse.
+            return found
+    found = _classify(sql)
+    if found.shape_shared and shape != sql:
+        _remember(_shapes, shape, found)
     _remember(_exact, sql, found)
     return found
 

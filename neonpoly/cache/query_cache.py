@@ -43,6 +43,11 @@ _DIGESTS_LIMIT = 32_768
 TTLPolicy = Callable[[str, frozenset[str]], float | None]
 
 
+def _debug() -> bool:
+    """Is every query logged? (The logger caches the answer until its level changes.)"""
+    return log.isEnabledFor(logging.DEBUG)
+
+
 class QueryCache:
     def __init__(
         self,
@@ -214,6 +219,15 @@ class QueryCache:
                 cache.store.invalidate_tables(database, tables)
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
+        if ticket.status == "miss" and not ticket.reason and not self.cacheability.suppressing and not _debug():
+            # A plain miss, the first sighting of most texts: counted in its template's tally
+            # (a few int operations), folded into the counters before anyone reads them.
+            tally = ticket.tally
+            if tally is None:
+                tally = ticket.tally = self.stats.tally(self.cache_id, ticket.template_id, ticket.template,
+                                                        ticket.tables)  # fmt: skip
+            self.stats.miss(tally, latency_s)
+            return
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "query cache=%s status=%s template_id=%s latency_ms=%.3f template=%r",
