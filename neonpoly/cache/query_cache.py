@@ -39,6 +39,9 @@ _TWO_SLOTS = struct.Struct("<II")  # a key's two slots: its first and second fou
 # Digests of stored answers kept to tell adaptive TTL whether a refetch changed.
 _DIGESTS_LIMIT = 32_768
 
+# Templates whose plain-miss tickets are kept (miss_ticket); past it they are made again.
+_MISS_TICKETS = 4096
+
 # (template_id, tables) -> TTL in seconds, or None for "never cache" (rules, adaptive TTL).
 TTLPolicy = Callable[[str, frozenset[str]], float | None]
 
@@ -91,6 +94,7 @@ class QueryCache:
         # a write's reply waits for (the other nodes applied its bumps) or None.
         self.serve_gate: Callable[[], bool] | None = None
         self.reply_barrier: Callable[[], asyncio.Future[None] | None] | None = None
+        self._miss_tickets: dict[str, StatTicket] = {}  # template id -> its plain misses' ticket
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
@@ -217,6 +221,17 @@ class QueryCache:
                     cache.relations.forget(database)
             else:
                 cache.store.invalidate_tables(database, tables)
+
+    def miss_ticket(self, template_id: str, template: str, tables: tuple[str, ...]) -> StatTicket:
+        """The ticket of a plain miss of this template: one per template (nothing in it
+        depends on the text), carrying the tally its misses are counted in once looked up.
+        Stats count by template id, so texts sharing one share everything a ticket says."""
+        found = self._miss_tickets.get(template_id)
+        if found is None:
+            if len(self._miss_tickets) >= _MISS_TICKETS:
+                self._miss_tickets.clear()
+            found = self._miss_tickets[template_id] = StatTicket(template_id, template, tables, "miss")
+        return found
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         if ticket.status == "miss" and not ticket.reason and not self.cacheability.suppressing and not _debug():

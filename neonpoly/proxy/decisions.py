@@ -71,9 +71,8 @@ class CacheDecisions(IdentityLearning):
         decision = self._cache_decision(
             refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
         )
-        status = decision.status
         cache = self.route.cache if self.route else None
-        if status is Status.MISS and cache is not None:
+        if decision.status is Status.MISS and cache is not None:
             # b"Q" tags a simple query's key material (batches.py has b"H" and b"X"); the tags
             # are part of every stored key: changing one orphans a persisted cache.
             key = cache.key(self.state.context(), b"Q" + body)
@@ -85,11 +84,14 @@ class CacheDecisions(IdentityLearning):
                                    info.shadowable, [info])
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql)
-        # Not neutral while the catalog has not described what it reads: it may run code.
-        item.neutral = status is Status.MISS and not (item.reads or item.trusts)
-        item.stats.append(
-            StatTicket(info.template_id, info.template, info.qualified_tables, str(status), decision.reason)
-        )
+            # Not neutral while the catalog has not described what it reads: it may run code.
+            item.neutral = not (item.reads or item.trusts)
+            item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
+        else:
+            item.stats.append(
+                StatTicket(info.template_id, info.template, info.qualified_tables, str(decision.status),
+                           decision.reason)
+            )  # fmt: skip
         self.pending.append(item)
         out.append(raw)
         self.batch_open = False
