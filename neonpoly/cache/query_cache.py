@@ -20,6 +20,7 @@ from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.entry import CacheEntry, CacheStore
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.relations import RelationBook
+from neonpoly.cache.rules import RulePolicy
 from neonpoly.stats import HitTally, StatsRecorder
 
 log = logging.getLogger("neonpoly.cache")
@@ -44,11 +45,6 @@ _MISS_TICKETS = 4096
 
 # (template_id, tables) -> TTL in seconds, or None for "never cache" (rules, adaptive TTL).
 TTLPolicy = Callable[[str, frozenset[str]], float | None]
-
-
-def _debug() -> bool:
-    """Is every query logged? (The logger caches the answer until its level changes.)"""
-    return log.isEnabledFor(logging.DEBUG)
 
 
 class QueryCache:
@@ -161,6 +157,16 @@ class QueryCache:
             return self.ttl_policy(template_id, tables)
         return self.ttl
 
+    def caches(self, template_id: str, tables: frozenset[str]) -> bool:
+        """`ttl_for(...) is not None`, asked for every miss: a `RulePolicy` answers it from
+        the rules alone (RulePolicy.allows)."""
+        policy = self.ttl_policy
+        if policy is None:
+            return True
+        if isinstance(policy, RulePolicy):
+            return policy.allows(template_id, tables)
+        return policy(template_id, tables) is not None
+
     def store_capture(self, capture: Capture) -> None:
         ttl = self.ttl_for(capture.template_id, capture.tables)
         if ttl is None or ttl <= 0:
@@ -231,16 +237,14 @@ class QueryCache:
             if len(self._miss_tickets) >= _MISS_TICKETS:
                 self._miss_tickets.clear()
             found = self._miss_tickets[template_id] = StatTicket(template_id, template, tables, "miss")
+            found.tally = self.stats.tally(self.cache_id, template_id, template, tables)
         return found
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
-        if ticket.status == "miss" and not ticket.reason and not self.cacheability.suppressing and not _debug():
-            # A plain miss, the first sighting of most texts: counted in its template's tally
-            # (a few int operations), folded into the counters before anyone reads them.
-            tally = ticket.tally
-            if tally is None:
-                tally = ticket.tally = self.stats.tally(self.cache_id, ticket.template_id, ticket.template,
-                                                        ticket.tables)  # fmt: skip
+        tally = ticket.tally
+        if tally is not None and not self.cacheability.suppressing and not log.isEnabledFor(logging.DEBUG):
+            # A plain miss (miss_ticket), the first sighting of most texts: counted in its
+            # template's tally (a few int operations), folded in before anyone reads them.
             self.stats.miss(tally, latency_s)
             return
         if log.isEnabledFor(logging.DEBUG):

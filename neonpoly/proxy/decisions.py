@@ -138,7 +138,7 @@ class CacheDecisions(IdentityLearning):
             return Decision(refusal[0], refusal[1], resolution)
         if resolution is not None and resolution.volatile is not None:
             return Decision(Status.VOLATILE, resolution.volatile)
-        if cache.ttl_for(template_id, tables) is None:
+        if not cache.caches(template_id, tables):
             return Decision(Status.DISABLED, "a rule says never, or the cache's mode is off")
         if self.state.bypass is not None:
             return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
