@@ -74,10 +74,13 @@ class BatchHandling(CacheDecisions):
             item.capture = self._capture(cache, key, decision.resolution, template, batch)
         # Not neutral while the catalog has not described what it reads: it may run code.
         item.neutral = status is Status.MISS and not (item.reads or item.trusts)
-        item.stats.extend(
-            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
-        )
-        deferred = self.book.deferred_parses(plan, item.book_ops)
+        if status is Status.MISS and cache is not None:
+            item.stats.extend([cache.miss_ticket(i.template_id, i.template, i.qualified_tables) for i in plan.executed])
+        else:
+            item.stats.extend(
+                [StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed]
+            )
+        deferred = self.book.deferred_parses(plan, item.book_ops) if plan.parses or plan.needs else []
         item.swallow = len(deferred)
         if plan.ops:  # Parses and Closes to confirm
             item.book_ops.extend(self.book.after_forward(plan))
