@@ -56,6 +56,8 @@ MEMO_MAX_TOTAL_CHARS = 8 << 20
 # candidate positions, about twice as fast on every new text as the same check up front,
 # `(?<![\w$.'])\d+...`, which matches exactly the same (tests/unit/test_policy.py).
 _NUMBER = re.compile(r"\d(?<![\w$.']\d)\d*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+# A dollar sign that is not a placeholder ($1): a dollar-quoted string may start there.
+_DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
 _SHAPE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _exact: OrderedDict[str, Classification] = OrderedDict()
 _shapes: OrderedDict[str, Classification] = OrderedDict()
@@ -92,7 +94,7 @@ def classify(sql: str) -> Classification:
         return found
     if len(sql) > MEMO_MAX_CHARS:
         return _classify(sql)
-    shape = _NUMBER.sub("0", sql) if '"' not in sql else sql
+    shape = _shape(sql)
     if shape != sql:
         found = _shapes.get(shape)
         if found is not None:
@@ -104,6 +106,27 @@ def classify(sql: str) -> Classification:
         _remember(_shapes, shape, found)
     _remember(_exact, sql, found)
     return found
+
+
+def _shape(sql: str) -> str:
+    """The text with every number outside string literals as 0 (the text itself: not shared).
+
+    A number inside a string is part of a value the classification may read: a setting's
+    name (current_setting('my.a 1')), a clock word spelled with an escape (E'no\\167' is
+    'now'). So strings are found by their quotes, and a text whose quotes cannot be counted
+    that simply is not shared: quoted names ("t 1" and "t 2" are different tables, and may
+    hold a quote), backslash escapes (E'' and U&'' strings), dollar-quoted strings, and
+    comments (which may hold a quote) in a text with strings."""
+    if '"' in sql or "\\" in sql or ("$" in sql and _DOLLAR_QUOTE.search(sql)):
+        return sql
+    if "'" not in sql:
+        return _NUMBER.sub("0", sql)  # no strings: a number in a comment changes nothing
+    if "--" in sql or "/*" in sql:
+        return sql
+    parts = sql.split("'")  # outside strings at even places ('' inside one: an empty outside)
+    for i in range(0, len(parts), 2):
+        parts[i] = _NUMBER.sub("0", parts[i])
+    return "'".join(parts)
 
 
 def warm_up() -> None:

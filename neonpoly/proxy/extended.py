@@ -145,7 +145,7 @@ class StatementBook:
                     break
                 key.append(body[:cut])
                 tails.append(tail)
-            elif mtype == MSG_PARSE or mtype == MSG_CLOSE:
+            elif mtype in (MSG_PARSE, MSG_CLOSE):
                 break
             else:
                 key += (mtype, body)
