@@ -66,7 +66,8 @@ class CacheDecisions(IdentityLearning):
             item.deallocates.append(self.book.deallocating(info.deallocates))
         if not info.cacheable and _MAY_PREPARE.search(sql):
             self.book.prepared_in_sql(_sql_prepares(sql))
-        self._note_effects(info, item, out, sql)
+        if info.has_effects or self.state.legacy_strings:  # not a plain read (the common case)
+            self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
         decision = self._cache_decision(
             refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
@@ -117,13 +118,14 @@ class CacheDecisions(IdentityLearning):
         if cache is None:
             return Decision(Status.DISABLED, "caching is off for this connection string")
         resolution: Resolution | None = _NOTHING_TO_RESOLVE
-        known = self.state.identity
+        state = self.state
+        known = state.identity
         if known is not None and known.epoch != cache.ddl_epoch:
             self._forget_identity()  # DDL somewhere (a schema on its path, a grant) may change it
             known = None
         if tables or shadowable:
             schemas = known.schemas if known is not None else None
-            resolution = cache.relations.resolve(self.state.database, tables, shadowable, schemas)
+            resolution = cache.relations.resolve(state.database, tables, shadowable, schemas)
             if resolution is None:
                 # Not for text neonpoly cannot read (the names asked would not be the server's).
                 idle = (self._at_boundary() and not self._busy() and self.state.bypass is None
@@ -140,13 +142,13 @@ class CacheDecisions(IdentityLearning):
             return Decision(Status.VOLATILE, resolution.volatile)
         if not cache.caches(template_id, tables):
             return Decision(Status.DISABLED, "a rule says never, or the cache's mode is off")
-        if self.state.bypass is not None:
-            return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
-        if self.state.legacy_strings:
-            return Decision(Status.BYPASS, self.state.unreadable)
-        if self.state.tx_status != TX_IDLE:
+        if state.bypass is not None:
+            return Decision(Status.BYPASS, f"{state.bypass} is never cached")
+        if state.legacy_strings:
+            return Decision(Status.BYPASS, state.unreadable)
+        if state.tx_status != TX_IDLE:
             return Decision(Status.TRANSACTION, "inside a transaction block")
-        if self._busy():
+        if self.pending and self._busy():
             return Decision(Status.TRANSACTION, "behind a pipelined request that may change the transaction")
         if known is None:
             return Decision(Status.BYPASS, "the session changed (SET, DDL, server code): asking who it is now")
