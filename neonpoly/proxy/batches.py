@@ -43,7 +43,8 @@ class BatchHandling(CacheDecisions):
         plan, material = self.book.plan_shaped(batch)
         item = Pending(time.monotonic(), flush=flush, expect=expect)
         info = plan.primary
-        self._plan_effects(plan, item, out, batch)
+        if not plan.quiet or self.state.legacy_strings:  # a batch of plain reads has none
+            self._plan_effects(plan, item, out, batch)
         refusal = (plan.status, plan.reason) if plan.status is not None else None
         if refusal is None and info is not None and not info.cacheable:
             refusal = (info.status or Status.UNCACHEABLE, info.reason)

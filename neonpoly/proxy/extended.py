@@ -84,6 +84,8 @@ class BatchPlan:
     shadowable: frozenset[str] = frozenset()
     settings_read: frozenset[str] = frozenset()
     deallocates: list[str] = field(default_factory=list)
+    # Nothing in it writes, fetches, commits or changes the session (see `plan`).
+    quiet: bool = False
     # It parses a name whose statement at the origin is unknown or not confirmed yet: only the
     # origin can say whether that Parse succeeds, so the batch is never answered locally.
     forward: bool = False
@@ -280,6 +282,10 @@ class StatementBook:
         plan.writes = frozenset(writes)
         plan.shadowable = frozenset(shadowable)
         plan.settings_read = frozenset(settings)
+        plan.quiet = not (
+            plan.writes or plan.writes_everything or plan.changes_session or plan.commits
+            or plan.cursor_writes or plan.fetches
+        )  # fmt: skip
         return plan
 
     @staticmethod
