@@ -230,8 +230,8 @@ class HitTally:
     never both, so a hit's time saved is reckoned against exactly the misses before it.
     Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit` and `StatsRecorder.miss`."""
 
-    __slots__ = ("buckets", "bytes_served", "cache_id", "count", "last", "latency_s", "miss_buckets", "misses",
-                 "second", "tables", "template", "template_id")  # fmt: skip
+    __slots__ = ("buckets", "bytes_served", "cache_id", "count", "epoch", "last", "latency_s", "miss_buckets",
+                 "misses", "second", "tables", "template", "template_id")  # fmt: skip
 
     def __init__(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...]) -> None:
         self.cache_id = cache_id
@@ -246,9 +246,17 @@ class HitTally:
         self.buckets: dict[int, int] = {}  # hit latency histogram bucket -> hits
         self.misses = 0
         self.miss_buckets: dict[int, int] = {}  # miss latency histogram bucket -> misses
+        self.epoch = -1  # the recorder's `_epoch` when registered: another, and it registers again
 
 
-# Tallies kept (one per cache and template served from memos); past it they are folded and
+def _empty(tally: HitTally) -> None:
+    tally.count = tally.bytes_served = tally.misses = 0
+    tally.latency_s = 0.0
+    tally.buckets = {}
+    tally.miss_buckets = {}
+
+
+# Tallies kept (one per cache and template served from memos or missed); past it they are folded and
 # dropped, and a memo's tally registers again on its next hit.
 MAX_TALLIES = 4 * MAX_TEMPLATES_PER_CACHE
 
@@ -262,6 +270,9 @@ class StatsRecorder:
         self._series = _Series()
         self._early_ttl: dict[tuple[str, str], float | None] = {}
         self._tallies: dict[tuple[str, str], HitTally] = {}
+        # Bumped whenever tallies are dropped: one still counted (a hit memo's, a template's miss
+        # ticket) registers again at its next count, so no snapshot ever misses what it holds.
+        self._epoch = 0
 
     def record(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...],
                status: str, latency_s: float, bytes_served: int = 0,
@@ -335,12 +346,13 @@ class StatsRecorder:
         """One hit of a memo: counted in its tally, as `record(..., HIT, ...)` would count it."""
         now = self._clock()
         second = int(now)
-        if second != tally.second or tally.misses:
+        if second != tally.second or tally.misses or tally.epoch != self._epoch:
             if tally.count or tally.misses:
                 self._fold(tally)
             tally.second = second
             if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
                 self._register(tally)  # dropped by the bound or a reset: counted again
+            tally.epoch = self._epoch
         tally.count += 1
         tally.bytes_served += bytes_served
         tally.latency_s += latency_s
@@ -359,12 +371,13 @@ class StatsRecorder:
         ...)` would count it."""
         now = self._clock()
         second = int(now)
-        if second != tally.second or tally.count:
+        if second != tally.second or tally.count or tally.epoch != self._epoch:
             if tally.count or tally.misses:
                 self._fold(tally)
             tally.second = second
             if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
                 self._register(tally)
+            tally.epoch = self._epoch
         tally.misses += 1
         tally.last = now
         if latency_s <= _HIST_MIN_S:
@@ -380,6 +393,7 @@ class StatsRecorder:
         if len(self._tallies) >= MAX_TALLIES:
             self._fold_all()
             self._tallies.clear()
+            self._epoch += 1
         self._tallies[(tally.cache_id, tally.template_id)] = tally
 
     def _fold_all(self) -> None:
@@ -466,15 +480,13 @@ class StatsRecorder:
     def forget_cache(self, cache_id: str) -> None:
         self._caches.pop(cache_id, None)
         for key in [k for k in self._tallies if k[0] == cache_id]:
-            del self._tallies[key]
+            _empty(self._tallies.pop(key))
+        self._epoch += 1
 
     def reset(self) -> None:
         self._caches.clear()
         for tally in self._tallies.values():  # memos keep them: emptied, not dropped
-            tally.count = tally.bytes_served = tally.misses = 0
-            tally.latency_s = 0.0
-            tally.buckets = {}
-            tally.miss_buckets = {}
+            _empty(tally)
         self._series = _Series()
         self._early_ttl.clear()
 

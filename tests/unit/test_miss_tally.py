@@ -122,3 +122,21 @@ def test_every_miss_is_logged_while_debugging(caplog: pytest.LogCaptureFixture) 
         cache.record(cache.miss_ticket("t1", SQL, TABLES), 0.01, 0)
     assert any("status=miss" in r.getMessage() for r in caplog.records)
     assert template(stats).misses == 1
+
+
+def test_a_tally_dropped_by_the_bound_counts_again_in_the_same_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    import neonpoly.stats
+
+    monkeypatch.setattr(neonpoly.stats, "MAX_TALLIES", 3)
+    stats = StatsRecorder(FakeClock())  # the clock never moves: no second change to lean on
+    first = stats.tally("c1", "t0", SQL, TABLES)
+    stats.miss(first, 0.01)
+    for i in range(1, 4):  # the third new one drops them all (folded first)
+        stats.miss(stats.tally("c1", f"t{i}", SQL, TABLES), 0.01)
+    stats.miss(first, 0.01)
+    stats.hit(first, 0.001, 10)
+    assert stats.snapshot().totals.misses == 5
+    assert stats.snapshot().totals.hits == 1
+    stats.forget_cache("c1")
+    stats.miss(first, 0.01)
+    assert (stats.snapshot().totals.misses, stats.snapshot().totals.hits) == (1, 0)
