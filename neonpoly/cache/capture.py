@@ -39,4 +39,6 @@ class StatTicket:
     tables: tuple[str, ...]
     status: str
     reason: str = ""  # why it is not a hit or miss, in words
-    tally: HitTally | None = None  # where a plain miss is counted (StatsRecorder.miss), once looked up
+    # A plain miss's tally (QueryCache.miss_ticket: one ticket per template, shared by every
+    # request of it, never changed): counted there in a few int operations. None: recorded in full.
+    tally: HitTally | None = None
