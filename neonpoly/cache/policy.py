@@ -58,6 +58,8 @@ MEMO_MAX_TOTAL_CHARS = 8 << 20
 _NUMBER = re.compile(r"\d(?<![\w$.']\d)\d*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
 # A dollar sign that is not a placeholder ($1): a dollar-quoted string may start there.
 _DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
+# A string, a comment (not nested), or a number as _NUMBER finds them: _shape_commented.
+_KEPT_OR_NUMBER = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/|" + _NUMBER.pattern)
 _SHAPE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _exact: OrderedDict[str, Classification] = OrderedDict()
 _shapes: OrderedDict[str, Classification] = OrderedDict()
@@ -115,18 +117,41 @@ def _shape(sql: str) -> str:
     name (current_setting('my.a 1')), a clock word spelled with an escape (E'no\\167' is
     'now'). So strings are found by their quotes, and a text whose quotes cannot be counted
     that simply is not shared: quoted names ("t 1" and "t 2" are different tables, and may
-    hold a quote), backslash escapes (E'' and U&'' strings), dollar-quoted strings, and
-    comments (which may hold a quote) in a text with strings."""
+    hold a quote), backslash escapes (E'' and U&'' strings) and dollar-quoted strings."""
     if '"' in sql or "\\" in sql or ("$" in sql and _DOLLAR_QUOTE.search(sql)):
         return sql
     if "'" not in sql:
         return _NUMBER.sub("0", sql)  # no strings: a number in a comment changes nothing
     if "--" in sql or "/*" in sql:
-        return sql
+        return _shape_commented(sql)
     parts = sql.split("'")  # outside strings at even places ('' inside one: an empty outside)
-    for i in range(0, len(parts), 2):
-        parts[i] = _NUMBER.sub("0", parts[i])
+    if not len(parts) % 2:
+        return sql  # a string that never ends: the server will say so
+    parts[0] = _NUMBER.sub("0", parts[0])
+    for i in range(2, len(parts), 2):  # after a closing quote: as _NUMBER sees a number there
+        parts[i] = _NUMBER.sub("0", "'" + parts[i])[1:]
     return "'".join(parts)
+
+
+def _shape_commented(sql: str) -> str:
+    """`_shape` of a text with strings and comments (ORM tags: sqlcommenter, marginalia): the
+    strings and comments read as tokens, each kept whole; anything between them that still
+    holds a quote or opens a comment (an unterminated one, a nested comment) is not shared."""
+    out: list[str] = []
+    at = 0
+    for match in _KEPT_OR_NUMBER.finditer(sql):
+        gap = sql[at : match.start()]
+        if "'" in gap or "/*" in gap:
+            return sql
+        token = match.group()
+        out.append(gap)
+        out.append("0" if token[0].isdigit() else token)
+        at = match.end()
+    rest = sql[at:]
+    if "'" in rest or "/*" in rest:
+        return sql
+    out.append(rest)
+    return "".join(out)
 
 
 def warm_up() -> None:
