@@ -222,13 +222,16 @@ def _totals(calls: int, by_status: dict[str, int], saved: float, served: int) ->
 
 
 class HitTally:
-    """Hits of one template answered from a session's hit memo (proxy/hits.py): the hot path,
-    so a hit is a few int operations here, folded into the recorder's counters by the next
-    `snapshot` or `record` of the template, or as soon as the second changes (the per-second
-    series stays exact). Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit`."""
+    """Hits of one template answered from a session's hit memo (proxy/hits.py), and plain
+    misses of it (a first sighting must cost next to nothing): the hot paths, so each is a
+    few int operations here, folded into the recorder's counters by the next `snapshot` or
+    `record` of the template, as soon as the second changes (the per-second series stays
+    exact), or when the other kind arrives: a tally holds a run of hits or a run of misses,
+    never both, so a hit's time saved is reckoned against exactly the misses before it.
+    Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit` and `StatsRecorder.miss`."""
 
-    __slots__ = ("buckets", "bytes_served", "cache_id", "count", "last", "latency_s", "second", "tables",
-                 "template", "template_id")  # fmt: skip
+    __slots__ = ("buckets", "bytes_served", "cache_id", "count", "epoch", "last", "latency_s", "miss_buckets",
+                 "misses", "second", "tables", "template", "template_id")  # fmt: skip
 
     def __init__(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...]) -> None:
         self.cache_id = cache_id
@@ -241,9 +244,19 @@ class HitTally:
         self.latency_s = 0.0
         self.last = 0.0
         self.buckets: dict[int, int] = {}  # hit latency histogram bucket -> hits
+        self.misses = 0
+        self.miss_buckets: dict[int, int] = {}  # miss latency histogram bucket -> misses
+        self.epoch = -1  # the recorder's `_epoch` when registered: another, and it registers again
 
 
-# Tallies kept (one per cache and template served from memos); past it they are folded and
+def _empty(tally: HitTally) -> None:
+    tally.count = tally.bytes_served = tally.misses = 0
+    tally.latency_s = 0.0
+    tally.buckets = {}
+    tally.miss_buckets = {}
+
+
+# Tallies kept (one per cache and template served from memos or missed); past it they are folded and
 # dropped, and a memo's tally registers again on its next hit.
 MAX_TALLIES = 4 * MAX_TEMPLATES_PER_CACHE
 
@@ -257,14 +270,17 @@ class StatsRecorder:
         self._series = _Series()
         self._early_ttl: dict[tuple[str, str], float | None] = {}
         self._tallies: dict[tuple[str, str], HitTally] = {}
+        # Bumped whenever tallies are dropped: one still counted (a hit memo's, a template's miss
+        # ticket) registers again at its next count, so no snapshot ever misses what it holds.
+        self._epoch = 0
 
     def record(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...],
                status: str, latency_s: float, bytes_served: int = 0,
                origin_time_s: float | None = None, *, reason: str | None = None) -> None:
         if self._tallies:
             pending = self._tallies.get((cache_id, template_id))
-            if pending is not None and pending.count:
-                self._fold(pending)  # hits counted before this come first
+            if pending is not None and (pending.count or pending.misses):
+                self._fold(pending)  # hits and misses counted before this come first
         now = self._clock()
         cache = self._caches.get(cache_id)
         if cache is None:
@@ -330,12 +346,13 @@ class StatsRecorder:
         """One hit of a memo: counted in its tally, as `record(..., HIT, ...)` would count it."""
         now = self._clock()
         second = int(now)
-        if second != tally.second:
-            if tally.count:
+        if second != tally.second or tally.misses or tally.epoch != self._epoch:
+            if tally.count or tally.misses:
                 self._fold(tally)
             tally.second = second
             if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
                 self._register(tally)  # dropped by the bound or a reset: counted again
+            tally.epoch = self._epoch
         tally.count += 1
         tally.bytes_served += bytes_served
         tally.latency_s += latency_s
@@ -349,20 +366,45 @@ class StatsRecorder:
         buckets = tally.buckets
         buckets[bucket] = buckets.get(bucket, 0) + 1
 
+    def miss(self, tally: HitTally, latency_s: float) -> None:
+        """One plain miss (no reason to show): counted in its tally, as `record(..., MISS,
+        ...)` would count it."""
+        now = self._clock()
+        second = int(now)
+        if second != tally.second or tally.count or tally.epoch != self._epoch:
+            if tally.count or tally.misses:
+                self._fold(tally)
+            tally.second = second
+            if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
+                self._register(tally)
+            tally.epoch = self._epoch
+        tally.misses += 1
+        tally.last = now
+        if latency_s <= _HIST_MIN_S:
+            bucket = 0
+        else:
+            bucket = int(math.log(latency_s / _HIST_MIN_S) / _HIST_LOG_RATIO) + 1
+            if bucket >= _HIST_BUCKETS:
+                bucket = _HIST_BUCKETS - 1
+        buckets = tally.miss_buckets
+        buckets[bucket] = buckets.get(bucket, 0) + 1
+
     def _register(self, tally: HitTally) -> None:
         if len(self._tallies) >= MAX_TALLIES:
             self._fold_all()
             self._tallies.clear()
+            self._epoch += 1
         self._tallies[(tally.cache_id, tally.template_id)] = tally
 
     def _fold_all(self) -> None:
         for tally in self._tallies.values():
-            if tally.count:
+            if tally.count or tally.misses:
                 self._fold(tally)
 
     def _fold(self, t: HitTally) -> None:
-        """Add a tally's hits to the counters, as one `record` per hit would have (time saved:
-        what the origin would have taken for them minus what they took, in one sum)."""
+        """Add a tally's hits (or misses) to the counters, as one `record` each would have
+        (time saved: what the origin would have taken for the hits minus what they took, in
+        one sum)."""
         n = t.count
         cache = self._caches.get(t.cache_id)
         if cache is None:
@@ -377,6 +419,9 @@ class StatsRecorder:
             if tpl is None:
                 tpl = cache.templates[template_id] = _TemplateCounters(template, tables)
                 tpl.ttl = self._early_ttl.pop((t.cache_id, template_id), tpl.ttl)
+        if t.misses:
+            self._fold_misses(t, cache, tpl)
+            return
         tpl.calls += n
         tpl.by_status[HIT] = tpl.by_status.get(HIT, 0) + n
         tpl.last_seen = t.last
@@ -402,6 +447,25 @@ class StatsRecorder:
         t.latency_s = 0.0
         t.buckets = {}
 
+    def _fold_misses(self, t: HitTally, cache: _CacheCounters, tpl: _TemplateCounters) -> None:
+        n = t.misses
+        tpl.calls += n
+        tpl.by_status[MISS] = tpl.by_status.get(MISS, 0) + n
+        tpl.last_seen = t.last
+        tpl.last_status = MISS
+        tpl.last_reason = None
+        cache.calls += n
+        cache.by_status[MISS] = cache.by_status.get(MISS, 0) + n
+        histogram = tpl.miss_latency
+        for bucket, count in t.miss_buckets.items():
+            histogram.counts[bucket] += count
+        histogram.total += n
+        tpl.miss_p50 = None
+        cache.series.add(t.second, MISS, n, late=True)
+        self._series.add(t.second, MISS, n, late=True)
+        t.misses = 0
+        t.miss_buckets = {}
+
     def set_ttl(self, cache_id: str, template_id: str, ttl: float | None) -> None:
         cache = self._caches.get(cache_id)
         tpl = cache.templates.get(template_id) if cache else None
@@ -416,14 +480,13 @@ class StatsRecorder:
     def forget_cache(self, cache_id: str) -> None:
         self._caches.pop(cache_id, None)
         for key in [k for k in self._tallies if k[0] == cache_id]:
-            del self._tallies[key]
+            _empty(self._tallies.pop(key))
+        self._epoch += 1
 
     def reset(self) -> None:
         self._caches.clear()
         for tally in self._tallies.values():  # memos keep them: emptied, not dropped
-            tally.count = tally.bytes_served = 0
-            tally.latency_s = 0.0
-            tally.buckets = {}
+            _empty(tally)
         self._series = _Series()
         self._early_ttl.clear()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from neonpoly.cache.invalidation import GenerationStamp
+from neonpoly.stats import HitTally
 
 
 @dataclass(slots=True)
@@ -38,3 +39,6 @@ class StatTicket:
     tables: tuple[str, ...]
     status: str
     reason: str = ""  # why it is not a hit or miss, in words
+    # A plain miss's tally (QueryCache.miss_ticket: one ticket per template, shared by every
+    # request of it, never changed): counted there in a few int operations. None: recorded in full.
+    tally: HitTally | None = None

@@ -61,6 +61,8 @@ class MemoryStore(GenerationsFacade):
         return len(key) + entry.size + _L1_ENTRY_OVERHEAD
 
     def get(self, key: bytes) -> CacheEntry | None:
+        if key not in self._entries:  # a miss, most often: one dict lookup is atomic, no lock
+            return None
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:

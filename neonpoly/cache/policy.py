@@ -56,6 +56,10 @@ MEMO_MAX_TOTAL_CHARS = 8 << 20
 # candidate positions, about twice as fast on every new text as the same check up front,
 # `(?<![\w$.'])\d+...`, which matches exactly the same (tests/unit/test_policy.py).
 _NUMBER = re.compile(r"\d(?<![\w$.']\d)\d*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+# A dollar sign that is not a placeholder ($1): a dollar-quoted string may start there.
+_DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
+# A string, a comment (not nested), or a number as _NUMBER finds them: _shape_commented.
+_KEPT_OR_NUMBER = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/|" + _NUMBER.pattern)
 _SHAPE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _exact: OrderedDict[str, Classification] = OrderedDict()
 _shapes: OrderedDict[str, Classification] = OrderedDict()
@@ -94,14 +98,62 @@ def classify(sql: str) -> Classification:
         return _classify(sql)
     # Not for non-ASCII text either: PostgreSQL's lexer takes any non-ASCII character for a
     # letter of a name (`t€1` and `t€2` are two tables), where \w and the regex see none.
-    shape = _NUMBER.sub("0", sql) if '"' not in sql and sql.isascii() else sql
-    found = _shapes.get(shape) if shape != sql else None
-    if found is None:
-        found = _classify(sql)
-        if found.shape_shared and shape != sql:
-            _remember(_shapes, shape, found)
+    shape = _shape(sql) if sql.isascii() else sql
+    if shape != sql:
+        found = _shapes.get(shape)
+        if found is not None:
+            # Not kept by its text too: a stream of new texts of one shape (pgbench -S) would
+            # only churn the exact memo, and a repeat costs one more regex pass, no parse.
+            return found
+    found = _classify(sql)
+    if found.shape_shared and shape != sql:
+        _remember(_shapes, shape, found)
     _remember(_exact, sql, found)
     return found
+
+
+def _shape(sql: str) -> str:
+    """The text with every number outside string literals as 0 (the text itself: not shared).
+
+    A number inside a string is part of a value the classification may read: a setting's
+    name (current_setting('my.a 1')), a clock word spelled with an escape (E'no\\167' is
+    'now'). So strings are found by their quotes, and a text whose quotes cannot be counted
+    that simply is not shared: quoted names ("t 1" and "t 2" are different tables, and may
+    hold a quote), backslash escapes (E'' and U&'' strings) and dollar-quoted strings."""
+    if '"' in sql or "\\" in sql or ("$" in sql and _DOLLAR_QUOTE.search(sql)):
+        return sql
+    if "'" not in sql:
+        return _NUMBER.sub("0", sql)  # no strings: a number in a comment changes nothing
+    if "--" in sql or "/*" in sql:
+        return _shape_commented(sql)
+    parts = sql.split("'")  # outside strings at even places ('' inside one: an empty outside)
+    if not len(parts) % 2:
+        return sql  # a string that never ends: the server will say so
+    parts[0] = _NUMBER.sub("0", parts[0])
+    for i in range(2, len(parts), 2):  # after a closing quote: as _NUMBER sees a number there
+        parts[i] = _NUMBER.sub("0", "'" + parts[i])[1:]
+    return "'".join(parts)
+
+
+def _shape_commented(sql: str) -> str:
+    """`_shape` of a text with strings and comments (ORM tags: sqlcommenter, marginalia): the
+    strings and comments read as tokens, each kept whole; anything between them that still
+    holds a quote or opens a comment (an unterminated one, a nested comment) is not shared."""
+    out: list[str] = []
+    at = 0
+    for match in _KEPT_OR_NUMBER.finditer(sql):
+        gap = sql[at : match.start()]
+        if "'" in gap or "/*" in gap:
+            return sql
+        token = match.group()
+        out.append(gap)
+        out.append("0" if token[0].isdigit() else token)
+        at = match.end()
+    rest = sql[at:]
+    if "'" in rest or "/*" in rest:
+        return sql
+    out.append(rest)
+    return "".join(out)
 
 
 def warm_up() -> None:

@@ -40,6 +40,9 @@ _TWO_SLOTS = struct.Struct("<II")  # a key's two slots: its first and second fou
 # Digests of stored answers kept to tell adaptive TTL whether a refetch changed.
 _DIGESTS_LIMIT = 32_768
 
+# Templates whose plain-miss tickets are kept (miss_ticket); past it they are made again.
+_MISS_TICKETS = 4096
+
 # (template_id, tables) -> TTL in seconds, or None for "never cache" (rules, adaptive TTL).
 TTLPolicy = Callable[[str, frozenset[str]], float | None]
 
@@ -87,6 +90,7 @@ class QueryCache:
         # a write's reply waits for (the other nodes applied its bumps) or None.
         self.serve_gate: Callable[[], bool] | None = None
         self.reply_barrier: Callable[[], asyncio.Future[None] | None] | None = None
+        self._miss_tickets: dict[str, StatTicket] = {}  # template id -> its plain misses' ticket
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
@@ -183,6 +187,16 @@ class QueryCache:
             return 0  # the cache's own TTL: never None
         return policy.book.version if isinstance(policy, RulePolicy) else None  # see RulePolicy.refusals_version
 
+    def caches(self, template_id: str, tables: frozenset[str]) -> bool:
+        """`ttl_for(...) is not None`, asked for every miss: a `RulePolicy` answers it from
+        the rules alone (RulePolicy.allows)."""
+        policy = self.ttl_policy
+        if policy is None:
+            return True
+        if isinstance(policy, RulePolicy):
+            return policy.allows(template_id, tables)
+        return policy(template_id, tables) is not None
+
     def store_capture(self, capture: Capture) -> None:
         ttl = self.ttl_for(capture.template_id, capture.tables)
         if ttl is None or ttl <= 0:
@@ -244,7 +258,25 @@ class QueryCache:
             else:
                 cache.store.invalidate_tables(database, tables)
 
+    def miss_ticket(self, template_id: str, template: str, tables: tuple[str, ...]) -> StatTicket:
+        """The ticket of a plain miss of this template: one per template (nothing in it
+        depends on the text), carrying the tally its misses are counted in once looked up.
+        Stats count by template id, so texts sharing one share everything a ticket says."""
+        found = self._miss_tickets.get(template_id)
+        if found is None:
+            if len(self._miss_tickets) >= _MISS_TICKETS:
+                self._miss_tickets.clear()
+            found = self._miss_tickets[template_id] = StatTicket(template_id, template, tables, "miss")
+            found.tally = self.stats.tally(self.cache_id, template_id, template, tables)
+        return found
+
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
+        tally = ticket.tally
+        if tally is not None and not self.cacheability.suppressing and not log.isEnabledFor(logging.DEBUG):
+            # A plain miss (miss_ticket), the first sighting of most texts: counted in its
+            # template's tally (a few int operations), folded in before anyone reads them.
+            self.stats.miss(tally, latency_s)
+            return
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "query cache=%s status=%s template_id=%s latency_ms=%.3f template=%r",

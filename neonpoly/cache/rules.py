@@ -301,6 +301,7 @@ class RulePolicy:
         self.on_decision = on_decision
         self.clock = clock
         self._memo: dict[tuple[str, frozenset[str], float | None], tuple[float | None, int, float]] = {}
+        self._allowed: dict[tuple[str, frozenset[str]], tuple[int, bool]] = {}  # see allows
 
     @property
     def refusals_version(self) -> int:
@@ -326,6 +327,21 @@ class RulePolicy:
         if self.on_decision is not None:
             self.on_decision(template_id, ttl)
         return ttl
+
+    def allows(self, template_id: str, tables: frozenset[str]) -> bool:
+        """Is such a query cached at all (a TTL, not None)? Asked for every miss. Only the
+        rules and the mode can say never (`decide`: neither the change feed nor a learned
+        TTL ever does), so the answer holds until the book changes (its version moves):
+        no clock, no feed. The TTL itself is asked (and reported) when an answer is stored."""
+        found = self._allowed.get((template_id, tables))
+        version = self.book.version
+        if found is not None and found[0] == version:
+            return found[1]
+        allowed = self(template_id, tables) is not None
+        if len(self._allowed) > 10_000:
+            self._allowed.clear()
+        self._allowed[(template_id, tables)] = (version, allowed)
+        return allowed
 
     def decide(self, template_id: str, tables: Iterable[str], feed_ttl: float | None = None) -> TTLDecision:
         """`tables` as the classifier's `tables_read` spells them (see `bare_tables`);

@@ -43,7 +43,8 @@ class BatchHandling(CacheDecisions):
         plan, material = self.book.plan_shaped(batch)
         item = Pending(time.monotonic(), flush=flush, expect=expect)
         info = plan.primary
-        self._plan_effects(plan, item, out, batch)
+        if not plan.quiet or self.state.legacy_strings:  # a batch of plain reads has none
+            self._plan_effects(plan, item, out, batch)
         refusal = (plan.status, plan.reason) if plan.status is not None else None
         if refusal is None and info is not None and not info.cacheable:
             refusal = (info.status or Status.UNCACHEABLE, info.reason)
@@ -74,10 +75,13 @@ class BatchHandling(CacheDecisions):
             item.capture = self._capture(cache, key, decision.resolution, template, batch)
         # Not neutral while the catalog has not described what it reads: it may run code.
         item.neutral = status is Status.MISS and not (item.reads or item.trusts)
-        item.stats.extend(
-            StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed
-        )
-        deferred = self.book.deferred_parses(plan, item.book_ops)
+        if status is Status.MISS and cache is not None:
+            item.stats.extend([cache.miss_ticket(i.template_id, i.template, i.qualified_tables) for i in plan.executed])
+        else:
+            item.stats.extend(
+                [StatTicket(i.template_id, i.template, i.qualified_tables, str(status), reason) for i in plan.executed]
+            )
+        deferred = self.book.deferred_parses(plan, item.book_ops) if plan.parses or plan.needs else []
         item.swallow = len(deferred)
         if plan.ops:  # Parses and Closes to confirm
             item.book_ops.extend(self.book.after_forward(plan))

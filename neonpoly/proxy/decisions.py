@@ -66,14 +66,14 @@ class CacheDecisions(IdentityLearning):
             item.deallocates.append(self.book.deallocating(info.deallocates))
         if not info.cacheable and _MAY_PREPARE.search(sql):
             self.book.prepared_in_sql(_sql_prepares(sql))
-        self._note_effects(info, item, out, sql)
+        if info.has_effects or self.state.legacy_strings:  # not a plain read (the common case)
+            self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
         decision = self._cache_decision(
             refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
         )
-        status = decision.status
         cache = self.route.cache if self.route else None
-        if status is Status.MISS and cache is not None:
+        if decision.status is Status.MISS and cache is not None:
             # b"Q" tags a simple query's key material (batches.py has b"H" and b"X"); the tags
             # are part of every stored key: changing one orphans a persisted cache.
             key = cache.key(self.state.context(), b"Q" + body)
@@ -85,11 +85,14 @@ class CacheDecisions(IdentityLearning):
                                    info.shadowable, [info])
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql)
-        # Not neutral while the catalog has not described what it reads: it may run code.
-        item.neutral = status is Status.MISS and not (item.reads or item.trusts)
-        item.stats.append(
-            StatTicket(info.template_id, info.template, info.qualified_tables, str(status), decision.reason)
-        )
+            # Not neutral while the catalog has not described what it reads: it may run code.
+            item.neutral = not (item.reads or item.trusts)
+            item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
+        else:
+            item.stats.append(
+                StatTicket(info.template_id, info.template, info.qualified_tables, str(decision.status),
+                           decision.reason)
+            )  # fmt: skip
         self.pending.append(item)
         out.append(raw)
         self.batch_open = False
@@ -115,13 +118,14 @@ class CacheDecisions(IdentityLearning):
         if cache is None:
             return Decision(Status.DISABLED, "caching is off for this connection string")
         resolution: Resolution | None = _NOTHING_TO_RESOLVE
-        known = self.state.identity
+        state = self.state
+        known = state.identity
         if known is not None and known.epoch != cache.ddl_epoch:
             self._forget_identity()  # DDL somewhere (a schema on its path, a grant) may change it
             known = None
         if tables or shadowable:
             schemas = known.schemas if known is not None else None
-            resolution = cache.relations.resolve(self.state.database, tables, shadowable, schemas)
+            resolution = cache.relations.resolve(state.database, tables, shadowable, schemas)
             if resolution is None:
                 # Not for text neonpoly cannot read (the names asked would not be the server's).
                 idle = (self._at_boundary() and not self._busy() and self.state.bypass is None
@@ -136,15 +140,15 @@ class CacheDecisions(IdentityLearning):
             return Decision(refusal[0], refusal[1], resolution)
         if resolution is not None and resolution.volatile is not None:
             return Decision(Status.VOLATILE, resolution.volatile)
-        if cache.ttl_for(template_id, tables) is None:
+        if not cache.caches(template_id, tables):
             return Decision(Status.DISABLED, "a rule says never, or the cache's mode is off")
-        if self.state.bypass is not None:
-            return Decision(Status.BYPASS, f"{self.state.bypass} is never cached")
-        if self.state.legacy_strings:
-            return Decision(Status.BYPASS, self.state.unreadable)
-        if self.state.tx_status != TX_IDLE:
+        if state.bypass is not None:
+            return Decision(Status.BYPASS, f"{state.bypass} is never cached")
+        if state.legacy_strings:
+            return Decision(Status.BYPASS, state.unreadable)
+        if state.tx_status != TX_IDLE:
             return Decision(Status.TRANSACTION, "inside a transaction block")
-        if self._busy():
+        if self.pending and self._busy():
             return Decision(Status.TRANSACTION, "behind a pipelined request that may change the transaction")
         if known is None:
             return Decision(Status.BYPASS, "the session changed (SET, DDL, server code): asking who it is now")

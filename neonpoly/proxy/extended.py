@@ -84,6 +84,8 @@ class BatchPlan:
     shadowable: frozenset[str] = frozenset()
     settings_read: frozenset[str] = frozenset()
     deallocates: list[str] = field(default_factory=list)
+    # Nothing in it writes, fetches, commits or changes the session (see `plan`).
+    quiet: bool = False
     # It parses a name whose statement at the origin is unknown or not confirmed yet: only the
     # origin can say whether that Parse succeeds, so the batch is never answered locally.
     forward: bool = False
@@ -118,8 +120,8 @@ class StatementBook:
         # closed or parsed again in a batch the cache answered is still there in its old form.
         self.origin_has: set[str] = set()
         # Plans by batch shape: (version, the messages with every Bind's values cut off) ->
-        # (plan, the key material around the values). See plan_shaped.
-        self._shapes: dict[tuple[object, ...], tuple[BatchPlan, tuple[bytes | None, ...]]] = {}
+        # (plan, the key material around the values, joined between them). See plan_shaped.
+        self._shapes: dict[tuple[object, ...], tuple[BatchPlan, tuple[bytes, ...]]] = {}
 
     def plan_shaped(self, batch: list[tuple[int, bytes]]) -> tuple[BatchPlan, bytes]:
         """The plan of a batch and its key material, planned once per shape.
@@ -148,23 +150,26 @@ class StatementBook:
             elif mtype in (MSG_PARSE, MSG_CLOSE):
                 break
             else:
-                key.append(mtype)
-                key.append(body)
+                key += (mtype, body)
         else:
             shape = tuple(key)
             found = self._shapes.get(shape)
             if found is None:
                 plan = self.plan(batch)
-                found = (plan, plan.pieces)
+                found = (plan, _segments(plan.pieces))
                 if len(self._shapes) >= MAX_SHAPES:
                     self._shapes.clear()
                 self._shapes[shape] = found
-            plan, pieces = found
-            parts: list[bytes] = []
-            values = iter(tails)
-            for piece in pieces:
-                parts.append(next(values) if piece is None else piece)
-            return plan, hashlib.blake2b(b"".join(parts), digest_size=32).digest()
+            plan, segments = found
+            if len(segments) == 2 and len(tails) == 1:  # one Bind: the common case
+                material = segments[0] + tails[0] + segments[1]
+            else:
+                # A Bind the plan refused has no place in the material (the plan is refused).
+                parts = [segments[0]]
+                for value, segment in zip(tails, segments[1:], strict=False):
+                    parts += (value, segment)
+                material = b"".join(parts)
+            return plan, hashlib.blake2b(material, digest_size=32).digest()
         plan = self.plan(batch)
         return plan, plan.material
 
@@ -277,6 +282,10 @@ class StatementBook:
         plan.writes = frozenset(writes)
         plan.shadowable = frozenset(shadowable)
         plan.settings_read = frozenset(settings)
+        plan.quiet = not (
+            plan.writes or plan.writes_everything or plan.changes_session or plan.commits
+            or plan.cursor_writes or plan.fetches
+        )  # fmt: skip
         return plan
 
     @staticmethod
@@ -454,6 +463,20 @@ class StatementBook:
             self.inflight[each] = op
         self._changed()
         return op
+
+
+def _segments(pieces: tuple[bytes | None, ...]) -> tuple[bytes, ...]:
+    """Key material pieces joined between the Binds' values (None): one more than values."""
+    segments: list[bytes] = []
+    current: list[bytes] = []
+    for piece in pieces:
+        if piece is None:
+            segments.append(b"".join(current))
+            current = []
+        else:
+            current.append(piece)
+    segments.append(b"".join(current))
+    return tuple(segments)
 
 
 class BatchBuffer:

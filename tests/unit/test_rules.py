@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,40 @@ def test_a_live_change_feed_lengthens_auto_ttls_only() -> None:
     assert p.decide("q", ["u"], 3600.0).ttl == 300.0  # fixed: the cache's TTL
     book.set_mode("auto", "c")
     assert p.decide("q", ["u"], 10.0).ttl == 300.0  # never shorter than the cache's
+
+
+def test_whether_a_template_is_cached_follows_every_rule_change_at_once() -> None:
+    # Asked for every miss without a clock: memoised until the book changes.
+    book = RuleBook()
+    reported: list[tuple[str, float | None]] = []
+    p = RulePolicy(book, "c", lambda: 300.0, AdaptiveTTL(), lambda t, ttl: reported.append((t, ttl)))
+    t = frozenset({"t"})
+    assert p.allows("q", t) and reported == [("q", 300.0)]  # the TTL decided is reported
+    rule = book.add("table", "t", None)
+    assert not p.allows("q", t)
+    book.drop(rule.id)
+    assert p.allows("q", t)
+    book.add("query", "q", None, cache_id="c")
+    assert not p.allows("q", t) and p.allows("q2", t)
+    book.set_mode("off", "c")
+    assert not p.allows("q2", t) and not p.allows("q3", frozenset())
+    book.set_mode("fixed", "c")
+    assert p.allows("q2", t)
+
+
+def test_allows_is_whether_there_is_a_ttl_whatever_the_feed_and_learning() -> None:
+    for mode in ("auto", "fixed", "off"):
+        for rules in ((), (("table", "t", 30.0),), (("table", "t", None),), (("query", "q", None),)):
+            for feed in (None, 3600.0):
+                book = RuleBook()
+                book.set_mode(mode, "c")
+                for target, name, ttl in rules:
+                    book.add(target, name, ttl)  # type: ignore[arg-type]
+                auto = AdaptiveTTL()
+                p = RulePolicy(book, "c", lambda: 300.0, auto, feed_ttl=_constant(feed))
+                for tables in (frozenset({"t"}), frozenset({"u"}), frozenset()):
+                    assert p.allows("q", tables) == (p("q", tables) is not None), (mode, rules, feed, tables)
+
+
+def _constant(ttl: float | None) -> Callable[[frozenset[str]], float | None]:
+    return lambda tables: ttl

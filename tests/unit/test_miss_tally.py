@@ -1,0 +1,142 @@
+"""Plain misses are counted in their template's tally (a few int operations per miss, like
+memo hits: tests/unit/test_hit_tally.py) and folded in before anyone reads the counters:
+every view must show exactly what one `record` per miss would have shown."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from neonpoly.cache.cacheability import WINDOW
+from neonpoly.cache.capture import StatTicket
+from neonpoly.cache.entry import CacheStore
+from neonpoly.cache.query_cache import QueryCache
+from neonpoly.stats import StatsRecorder, TemplateStats
+
+SQL = "SELECT * FROM users WHERE id = ?"
+TABLES = ("public.users",)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def template(stats: StatsRecorder, cache: str = "c1") -> TemplateStats:
+    (found,) = stats.snapshot(cache).templates
+    return found
+
+
+def test_tallied_misses_and_hits_show_as_recorded_ones_in_every_order() -> None:
+    clock = FakeClock()
+    recorded, tallied = StatsRecorder(clock), StatsRecorder(clock)
+    tally = tallied.tally("c1", "t1", SQL, TABLES)
+    # Runs of misses and hits, a second changing in the middle of a run.
+    steps = [("miss", 0.010), ("miss", 0.020), ("hit", 0.001), ("hit", 0.002), ("miss", 0.040),
+             ("tick", 0), ("miss", 0.030), ("hit", 0.001), ("miss", 0.005)]  # fmt: skip
+    for kind, latency in steps:
+        if kind == "tick":
+            clock.now += 1
+            continue
+        recorded.record("c1", "t1", SQL, TABLES, kind, latency, 10 if kind == "hit" else 0)
+        if kind == "hit":
+            tallied.hit(tally, latency, 10)
+        else:
+            tallied.miss(tally, latency)
+    want, got = template(recorded), template(tallied)
+    assert (got.calls, got.hits, got.misses, got.by_status) == (want.calls, want.hits, want.misses, want.by_status)
+    assert (got.misses, got.hits) == (5, 3)
+    assert (got.miss_p50_s, got.miss_p95_s, got.hit_p50_s) == (want.miss_p50_s, want.miss_p95_s, want.hit_p50_s)
+    assert (got.last_status, got.last_seen, got.bytes_served) == ("miss", want.last_seen, 30)
+    # Hits are reckoned against exactly the misses before them: a tally holds one kind.
+    assert abs(got.time_saved_s - want.time_saved_s) < 1e-9
+    got_totals, want_totals = tallied.snapshot().totals, recorded.snapshot().totals
+    assert abs(got_totals.time_saved_s - want_totals.time_saved_s) < 1e-9  # summed in another order
+    assert (got_totals.calls, got_totals.misses, got_totals.hits, got_totals.by_status) == (
+        want_totals.calls, want_totals.misses, want_totals.hits, want_totals.by_status
+    )  # fmt: skip
+    assert tallied.snapshot().series == recorded.snapshot().series
+
+
+def test_a_recorded_status_after_tallied_misses_comes_after_them() -> None:
+    stats = StatsRecorder(FakeClock())
+    tally = stats.tally("c1", "t1", SQL, TABLES)
+    stats.miss(tally, 0.01)
+    stats.record("c1", "t1", SQL, TABLES, "transaction", 0.01)
+    got = template(stats)
+    assert (got.misses, got.calls, got.last_status) == (1, 2, "transaction")
+
+
+def test_reset_drops_tallied_misses() -> None:
+    stats = StatsRecorder(FakeClock())
+    tally = stats.tally("c1", "t1", SQL, TABLES)
+    stats.miss(tally, 0.01)
+    stats.reset()
+    assert stats.snapshot().totals.misses == 0
+    stats.miss(tally, 0.01)
+    assert stats.snapshot().totals.misses == 1
+
+
+class _NoStore:
+    """Only what `QueryCache.record` and `miss_ticket` touch: nothing."""
+
+
+def _cache(stats: StatsRecorder) -> QueryCache:
+    store: CacheStore = _NoStore()  # type: ignore[assignment]
+    return QueryCache("c1", store, stats)
+
+
+def test_a_caches_plain_misses_are_tallied_and_shown_by_every_reader() -> None:
+    stats = StatsRecorder(FakeClock())
+    cache = _cache(stats)
+    ticket = cache.miss_ticket("t1", SQL, TABLES)
+    assert cache.miss_ticket("t1", SQL, TABLES) is ticket  # one per template
+    for _ in range(3):
+        cache.record(ticket, 0.01, 0)
+    assert not stats._caches  # tallied, not recorded one by one
+    assert (template(stats).misses, stats.snapshot().totals.misses) == (3, 3)
+
+
+def test_misses_with_a_reason_are_recorded_with_it() -> None:
+    stats = StatsRecorder(FakeClock())
+    cache = _cache(stats)
+    for i in range(WINDOW):  # its entries die unread: not stored for a while
+        cache.cacheability.stored(bytes([i]), "t1")
+        cache.cacheability.missed(bytes([i]))
+    assert cache.cacheability.suppressing
+    cache.record(cache.miss_ticket("t1", SQL, TABLES), 0.01, 0)
+    got = template(stats)
+    assert got.misses == 1 and got.last_reason is not None and "not stored" in got.last_reason
+    cache.record(StatTicket("t1", SQL, TABLES, "miss", "a reason"), 0.01, 0)
+    assert template(stats).last_reason == "a reason"
+
+
+def test_every_miss_is_logged_while_debugging(caplog: pytest.LogCaptureFixture) -> None:
+    stats = StatsRecorder(FakeClock())
+    cache = _cache(stats)
+    with caplog.at_level(logging.DEBUG, logger="neonpoly.cache"):
+        cache.record(cache.miss_ticket("t1", SQL, TABLES), 0.01, 0)
+    assert any("status=miss" in r.getMessage() for r in caplog.records)
+    assert template(stats).misses == 1
+
+
+def test_a_tally_dropped_by_the_bound_counts_again_in_the_same_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    import neonpoly.stats
+
+    monkeypatch.setattr(neonpoly.stats, "MAX_TALLIES", 3)
+    stats = StatsRecorder(FakeClock())  # the clock never moves: no second change to lean on
+    first = stats.tally("c1", "t0", SQL, TABLES)
+    stats.miss(first, 0.01)
+    for i in range(1, 4):  # the third new one drops them all (folded first)
+        stats.miss(stats.tally("c1", f"t{i}", SQL, TABLES), 0.01)
+    stats.miss(first, 0.01)
+    stats.hit(first, 0.001, 10)
+    assert stats.snapshot().totals.misses == 5
+    assert stats.snapshot().totals.hits == 1
+    stats.forget_cache("c1")
+    stats.miss(first, 0.01)
+    assert (stats.snapshot().totals.misses, stats.snapshot().totals.hits) == (1, 0)
