@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.adversarial import rawpg
@@ -329,4 +330,60 @@ async def test_memo_repeat_after_set_role_and_an_error_between(env: Env) -> None
             assert "division by zero" in str(exc)
     await twin.both(f"SET ROLE {a}")
     await twin.check(read, why="back to the first role after an error answer")
+    await twin.probe(read, require_hit=False)
+
+
+async def test_memo_of_a_named_statement_a_function_prepares_again(env: Env) -> None:
+    """A function of the user's DEALLOCATEs and PREPAREs the statement again (EXECUTE in
+    PL/pgSQL): the same Bind bytes now run other text at the origin."""
+    t1 = await env.table("adv_f1", "v int", "(1)")
+    t2 = await env.table("adv_f2", "v int", "(2)")
+    fn = unique("adv_reprep")
+    await env.admin(
+        f"CREATE FUNCTION public.{fn}() RETURNS int LANGUAGE plpgsql AS $$ BEGIN "
+        f"EXECUTE 'DEALLOCATE s'; EXECUTE 'PREPARE s AS SELECT v FROM {t2}'; RETURN 0; END $$",
+        f"GRANT EXECUTE ON FUNCTION public.{fn}() TO PUBLIC",
+    )
+    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.{fn}()")
+    raw = await rawpg.Raw.connect(env.proxy.port)
+    try:
+        raw.send(rawpg.parse("s", f"SELECT v FROM {t1}"), rawpg.SYNC)
+        await raw.until_ready()
+        run = rawpg.bind("", "s") + rawpg.execute() + rawpg.SYNC
+        seen = False
+        for _ in range(5):
+            before = hits(env.proxy)
+            raw.send(run)
+            assert rawpg.rows(await raw.until_ready()) == [[b"1"]]
+            seen = seen or hits(env.proxy) > before
+        assert seen and memos(env.proxy) >= 1
+        raw.send(rawpg.query(f"SELECT {fn}()"))
+        await raw.until_ready()
+        for _ in range(3):
+            raw.send(run)
+            assert rawpg.rows(await raw.until_ready()) == [[b"2"]]
+    finally:
+        await raw.close()
+
+
+async def test_memo_repeat_after_copy_and_a_notification(env: Env) -> None:
+    """COPY FROM STDIN through another session, and a NOTIFY whose NotificationResponse
+    reaches the reader between its repeats (an origin read with no request pending)."""
+    table = await env.table("adv_copy", "id int PRIMARY KEY, v int", "(1, 1)")
+    await make_known(env, table)
+    twin = await env.twin()
+    read = f"SELECT count(*), sum(v) FROM {table}"
+    await twin.probe(read)
+    await twin.via.run("LISTEN adv_ch")
+    writer = await env.client()
+    conn = writer.conn
+    assert not isinstance(conn, asyncpg.Connection)
+    async with conn.cursor() as cur, cur.copy(f"COPY {table} (id, v) FROM STDIN") as copy:
+        await copy.write_row((2, 5))
+    await twin.check(read, why="after COPY FROM STDIN through another session")
+    await twin.probe(read)
+    await writer.run(f"UPDATE {table} SET v = 9 WHERE id = 2")
+    await writer.run("NOTIFY adv_ch, 'x'")
+    await asyncio.sleep(0.05)  # the notification reaches the reader's idle origin first
+    await twin.check(read, why="after a write and a notification to the reader")
     await twin.probe(read, require_hit=False)
