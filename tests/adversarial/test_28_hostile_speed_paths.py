@@ -359,9 +359,22 @@ async def test_memo_of_a_named_statement_a_function_prepares_again(env: Env) -> 
         assert seen and memos(env.proxy) >= 1
         raw.send(rawpg.query(f"SELECT {fn}()"))
         await raw.until_ready()
-        for _ in range(3):
+        for _ in range(4):  # stored again by now, from the statement's new text
             raw.send(run)
             assert rawpg.rows(await raw.until_ready()) == [[b"2"]]
+        writer = await env.client()
+        await writer.run(f"UPDATE {t2} SET v = 22")  # what the statement reads now
+        raw.send(run)
+        assert rawpg.rows(await raw.until_ready()) == [[b"22"]]
+        other = await rawpg.Raw.connect(env.proxy.port)  # the old text's key, another session
+        try:
+            other.send(rawpg.parse("s", f"SELECT v FROM {t1}"), rawpg.SYNC)
+            await other.until_ready()
+            for _ in range(4):
+                other.send(run)
+                assert rawpg.rows(await other.until_ready()) == [[b"1"]]
+        finally:
+            await other.close()
     finally:
         await raw.close()
 
