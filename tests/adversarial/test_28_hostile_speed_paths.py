@@ -400,3 +400,24 @@ async def test_memo_repeat_after_copy_and_a_notification(env: Env) -> None:
     await asyncio.sleep(0.05)  # the notification reaches the reader's idle origin first
     await twin.check(read, why="after a write and a notification to the reader")
     await twin.probe(read, require_hit=False)
+
+
+async def test_memo_repeat_after_ddl_and_a_tracked_setting(env: Env) -> None:
+    """DDL through another session (the DDL epoch), and SET of a custom setting the read
+    asks for (the identity carries it), each between repeats of the same bytes."""
+    table = await env.table("adv_ddl", "id int PRIMARY KEY, v int", "(1, 1)")
+    twin = await env.twin()
+    star = f"SELECT * FROM {table}"
+    await twin.probe(star)
+    assert (await twin.through(star))[1]
+    other = await env.client()
+    await other.run(f"ALTER TABLE {table} ADD COLUMN w int DEFAULT 7")
+    await twin.check(star, why="the memo's bytes after ALTER TABLE through another session")
+    await twin.probe(star, require_hit=False)
+    await twin.both("SET adv.x = 'one'")
+    setting = f"SELECT current_setting('adv.x'), v FROM {table}"
+    await twin.probe(setting)
+    assert (await twin.through(setting))[1]
+    await twin.both("SET adv.x = 'two'")
+    await twin.check(setting, why="the memo's bytes after SET of the setting they read")
+    await twin.probe(setting, require_hit=False)
