@@ -421,3 +421,19 @@ async def test_memo_repeat_after_ddl_and_a_tracked_setting(env: Env) -> None:
     await twin.both("SET adv.x = 'two'")
     await twin.check(setting, why="the memo's bytes after SET of the setting they read")
     await twin.probe(setting, require_hit=False)
+
+
+async def test_memo_repeat_after_client_encoding_changes(env: Env) -> None:
+    """A LATIN1 session is never answered from the cache (neonpoly reads SQL as UTF-8): the
+    memo's bytes after SET client_encoding must go to the origin, and back after UTF8."""
+    table = await env.table("adv_enc", "id int PRIMARY KEY, v text", "(1, 'café')")
+    twin = await env.twin()
+    read = f"SELECT v FROM {table} WHERE id = 1"
+    await twin.probe(read)
+    assert (await twin.through(read))[1]
+    await twin.both("SET client_encoding TO 'LATIN1'")
+    for _ in range(3):
+        await twin.check(read, why="a LATIN1 session")
+        assert not (await twin.through(read))[1], "a LATIN1 session answered from the cache"
+    await twin.both("SET client_encoding TO 'UTF8'")
+    await twin.probe(read)
