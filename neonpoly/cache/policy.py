@@ -54,8 +54,10 @@ MEMO_MAX_TOTAL_CHARS = 8 << 20
 # Spelled to start with \d (the check of the character before the number comes after its
 # first digit): a pattern that starts with a character class lets the regex engine skip to
 # candidate positions, about twice as fast on every new text as the same check up front,
-# `(?<![\w$.'])\d+...`, which matches exactly the same (tests/unit/test_policy.py).
-_NUMBER = re.compile(r"\d(?<![\w$.']\d)\d*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+# `(?<![\w$.'@])\d+...`, which matches exactly the same (tests/unit/test_policy.py).
+# Not after `@` either: the template tokenizer reads `@3` as the placeholder `$3`, so texts
+# sharing a shape across it would carry another text's template id (a rule by id misses).
+_NUMBER = re.compile(r"\d(?<![\w$.'@]\d)\d*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
 # A dollar sign that is not a placeholder ($1): a dollar-quoted string may start there.
 _DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
 # A string, a comment (not nested), or a number as _NUMBER finds them: _shape_commented.

@@ -62,6 +62,7 @@ class CacheDecisions(IdentityLearning):
         sql = pgwire.query_text(body)
         info = classify(sql)
         item = Pending(time.monotonic())
+        self.book.simple_query()
         if info.deallocates is not None:
             item.deallocates.append(self.book.deallocating(info.deallocates))
         if not info.cacheable and _MAY_PREPARE.search(sql):

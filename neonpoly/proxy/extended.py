@@ -440,6 +440,14 @@ class StatementBook:
             self._changed()
         return out
 
+    def simple_query(self) -> None:
+        """A simple Query was sent: PostgreSQL drops the unnamed statement before it runs one
+        (exec_simple_query), so a Bind of "" after it fails there and is never answered here."""
+        if "" in self.statements or "" in self.inflight:
+            self.statements.pop("", None)
+            self.inflight.pop("", None)  # its ParseComplete, if still to come, confirms nothing
+            self._changed()
+
     def prepared_in_sql(self, names: list[str]) -> None:
         """SQL PREPARE, sent: whatever it leaves under these names (its statement, or one
         the book knew if it fails) is not vouched for: unknown (a Bind of it may run anything,

@@ -290,14 +290,9 @@ async def _unnamed_after_a_simple_query(port: int, table: str) -> list[tuple[byt
         await raw.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole (pre-existing on main, not from the speed work): a simple Query destroys the "
-    "unnamed prepared statement at the origin, but the statement book keeps it, so a later "
-    "Bind('')/Execute/Sync is answered from the cache (rows) where PostgreSQL answers "
-    "ERROR 26000 'unnamed prepared statement does not exist'",
-)
 async def test_bind_of_the_unnamed_statement_after_a_simple_query(env: Env) -> None:
+    """A simple Query destroys the unnamed statement at the origin: a later Bind('') errors
+    there (26000), and must not be answered from the cache."""
     table = await env.table("adv_unn", "v int", "(1)")
     expected = await _unnamed_after_a_simple_query(env.pg.port, table)
     assert expected[0][0].startswith(b"E")  # what PostgreSQL says
