@@ -141,7 +141,7 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
             while calls() < 200:
                 await asyncio.sleep(0.01)
             load_started, done_before = time.perf_counter(), calls()
-            for i in range(11):
+            for i in range(6):
                 # Integrations page → Manage drawer → back. The first open composes the
                 # drawer; later ones re-show the installed one: reported apart.
                 name = "m (first Manage, composes)" if i == 0 else "m (open Manage drawer)"
@@ -149,18 +149,18 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
                               lambda: isinstance(app.screen, ManagePolyScaleDrawer), "m")
                 await measure(pilot, "esc (close drawer)", "escape",
                               lambda: isinstance(app.screen, IntegrationsScreen))
-            for i in range(6):
+            for i in range(4):
                 name = "v (first cache view, composes)" if i == 0 else "v (open cache view)"
                 await measure(pilot, name, "v",
                               lambda: isinstance(app.screen, CacheViewScreen), "v")
-                if i < 5:
+                if i < 3:
                     await measure(pilot, "esc (leave cache view)", "escape",
                                   lambda: isinstance(app.screen, IntegrationsScreen))
             screen = app.screen
             assert isinstance(screen, CacheViewScreen)
             sort_label = screen.query_one("#cv-sort", Label)
             box = screen.query_one("#filter", Input)
-            for _ in range(10):
+            for _ in range(5):
                 before = str(sort_label.content)
 
                 def resorted(before: str = before) -> bool:
