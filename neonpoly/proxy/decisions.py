@@ -83,7 +83,7 @@ class CacheDecisions(IdentityLearning):
                 self._answer_locally(payload, [info], item)
                 if not info.has_effects:
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
-                                   info.shadowable, [info])
+                                   info.shadowable, [info], (sql, raw, info))  # fmt: skip
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql)
             # Not neutral while the catalog has not described what it reads: it may run code.
@@ -175,6 +175,7 @@ class CacheDecisions(IdentityLearning):
         tables: frozenset[str],
         shadowable: frozenset[str],
         infos: list[Classification],
+        query: tuple[str, bytes, Classification] | None = None,
     ) -> None:
         """A plain read was answered from the cache: what that rested on, for the relay to
         remember against the request's raw bytes (hits.py)."""
@@ -189,7 +190,34 @@ class CacheDecisions(IdentityLearning):
         self.hit_seen = HitMemo(
             cache, key, identity, self.book.version, self.state.database, tables, shadowable, resolution,
             template_id, hit_tallies(cache, [(i.template_id, i.template, i.qualified_tables) for i in infos]),
+            query=query,
         )
+
+    def _memo_miss(self, memo: HitMemo) -> bool:
+        """A remembered simple Query whose entry is gone (a write made it stale, it expired):
+        sent and captured as `_query` would, from what the memo holds. `Relay._answer_memo`
+        calls it only after every check a hit of these bytes rests on held, and those are the
+        checks that make `_cache_decision` say MISS for this text: same identity object (so
+        same DDL epoch and settings), idle, no bypass or legacy strings, same prepared-statement
+        book (so `simple_query` has no unnamed statement to drop), same route and cache, the
+        catalog's very same resolution, TTL rules that still cache the template, nothing
+        outstanding. The key is the memo's (the one a hit would be served from) and the store
+        was just asked for it. False (nothing done): not a simple Query's memo."""
+        query = memo.query
+        if query is None:
+            return False
+        sql, raw, info = query
+        cache = memo.cache
+        item = Pending(time.monotonic())
+        self.book.simple_query()  # nothing to drop (the book's version is the memo's): kept for form
+        # A memo of a read of no relation has no resolution: `_cache_decision`'s is empty.
+        resolution = memo.resolution if memo.resolution is not None else _NOTHING_TO_RESOLVE
+        item.capture = self._capture(cache, memo.key, resolution, info.template_id, sql)
+        item.neutral = True  # the catalog described what it reads (`_query`: no reads/trusts left)
+        item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
+        self.pending.append(item)
+        self._write_origin([raw])
+        return True
 
     def _busy(self) -> bool:
         """Could an outstanding origin answer change the transaction status or settings?

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from neonpoly.cache.entry import CacheEntry
+    from neonpoly.cache.policy import Classification
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
     from neonpoly.proxy.identity import Identity
@@ -60,6 +61,10 @@ class HitMemo:
     # the TTL it decides for the console).
     ttl_version: int | None = None
     ttl_until: float = 0.0
+    # A simple Query's text, raw frame and classification: when the entry is gone (a write
+    # made it stale), its miss is sent and captured from here (CacheDecisions._memo_miss)
+    # instead of being decided again. None (a prepared statement's batch): the full path.
+    query: tuple[str, bytes, Classification] | None = None
 
 
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:
