@@ -85,7 +85,7 @@ class CacheDecisions(IdentityLearning):
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
                                    info.shadowable, [info], (sql, raw, info))  # fmt: skip
                 return
-            item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql)
+            item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql, info)
             # Not neutral while the catalog has not described what it reads: it may run code.
             item.neutral = not (item.reads or item.trusts)
             item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
@@ -212,7 +212,7 @@ class CacheDecisions(IdentityLearning):
         self.book.simple_query()  # nothing to drop (the book's version is the memo's): kept for form
         # A memo of a read of no relation has no resolution: `_cache_decision`'s is empty.
         resolution = memo.resolution if memo.resolution is not None else _NOTHING_TO_RESOLVE
-        item.capture = self._capture(cache, memo.key, resolution, info.template_id, sql)
+        item.capture = self._capture(cache, memo.key, resolution, info.template_id, sql, info)
         item.neutral = True  # the catalog described what it reads (`_query`: no reads/trusts left)
         item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
         self.pending.append(item)
@@ -238,6 +238,7 @@ class CacheDecisions(IdentityLearning):
         resolution: Resolution | None,
         template_id: str,
         source: KeySource = None,
+        info: Classification | None = None,
     ) -> Capture | None:
         """Count a sighting of a miss and, once admitted, prepare to store it, tagged with
         every table it really reads (and stamped as a point read of one key, or as a read of
@@ -248,13 +249,17 @@ class CacheDecisions(IdentityLearning):
         if resolution is None or not admitted:
             return None
         database = self.state.database
-        names = keys.read_names(resolution.tags, self._point(cache, source) if source else None)
+        names = keys.read_names(resolution.tags, self._point(cache, source, info) if source else None)
         return Capture(key, database, resolution.tags, template_id, cache.stamp(database, names))
 
-    def _point(self, cache: QueryCache, source: KeySource) -> tuple[str, int] | None:
-        """(table, key value) when the request is a read confined to one primary key."""
+    def _point(
+        self, cache: QueryCache, source: KeySource, info: Classification | None = None
+    ) -> tuple[str, int] | None:
+        """(table, key value) when the request is a read confined to one primary key (`info`:
+        the text's classification, when the caller has it)."""
         if isinstance(source, str):
-            info = classify(source)
+            if info is None:
+                info = classify(source)
             return self._point_of(cache, keys_for(source, info), None) if info.keys else None
         binds = [i for i, (mtype, _) in enumerate(source or ()) if mtype == MSG_BIND]
         if len(binds) != 1:
