@@ -49,6 +49,8 @@ _MAY_PREPARE = re.compile(r"(?i)(?<![a-z0-9_$])prepare(?![a-z0-9_$])")
 
 
 class CacheDecisions(IdentityLearning):
+    hit_memos: dict[bytes, HitMemo]  # the relay's remembered hits, by their raw bytes (relay.py)
+
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
         # Writes of the open transaction: evicted again when it commits.
@@ -202,11 +204,14 @@ class CacheDecisions(IdentityLearning):
         book (so `simple_query` has no unnamed statement to drop), same route and cache, the
         catalog's very same resolution, TTL rules that still cache the template, nothing
         outstanding. The key is the memo's (the one a hit would be served from) and the store
-        was just asked for it. False (nothing done): not a simple Query's memo."""
+        was just asked for it. False (nothing done): not a simple Query's memo, or one kept
+        under more bytes than that Query's frame."""
         query = memo.query
         if query is None:
             return False
         sql, raw, info = query
+        if self.hit_memos.get(raw) is not memo:
+            return False  # remembered for more bytes than its Query (hits.py): not only its own
         cache = memo.cache
         item = Pending(time.monotonic())
         self.book.simple_query()  # nothing to drop (the book's version is the memo's): kept for form
