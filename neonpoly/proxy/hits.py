@@ -16,6 +16,12 @@ the TTL rules do not say never, asked again when the rule book moves (`refusals_
 
 Only plain reads are remembered: requests that write, change the session, commit, fetch from
 cursors, deallocate, parse or close statements always take the full path.
+
+When every check holds but the store has no entry any more (a write made it stale: the read
+that follows a write), a simple Query's memo also carries its text, frame and classification,
+and the miss is sent and captured from those (`CacheDecisions._memo_miss`): the checks that
+held are the very ones that make the full path decide a miss of the same key, so deciding it
+again would only repeat them (and ask the store a second time).
 """
 
 from __future__ import annotations
