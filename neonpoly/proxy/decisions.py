@@ -85,7 +85,7 @@ class CacheDecisions(IdentityLearning):
                 self._answer_locally(payload, [info], item)
                 if not info.has_effects:
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
-                                   info.shadowable, [info], (sql, raw, info))  # fmt: skip
+                                   info.shadowable, [info], (raw, info))  # fmt: skip
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql, info)
             # Not neutral while the catalog has not described what it reads: it may run code.
@@ -177,7 +177,7 @@ class CacheDecisions(IdentityLearning):
         tables: frozenset[str],
         shadowable: frozenset[str],
         infos: list[Classification],
-        query: tuple[str, bytes, Classification] | None = None,
+        query: tuple[bytes, Classification] | None = None,
     ) -> None:
         """A plain read was answered from the cache: what that rested on, for the relay to
         remember against the request's raw bytes (hits.py)."""
@@ -209,9 +209,10 @@ class CacheDecisions(IdentityLearning):
         query = memo.query
         if query is None:
             return False
-        sql, raw, info = query
+        raw, info = query
         if self.hit_memos.get(raw) is not memo:
             return False  # remembered for more bytes than its Query (hits.py): not only its own
+        sql = pgwire.query_text(raw[5:])  # decoded again, not kept: a memo holds no copy of the text
         cache = memo.cache
         item = Pending(time.monotonic())
         self.book.simple_query()  # nothing to drop (the book's version is the memo's): kept for form
