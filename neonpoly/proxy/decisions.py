@@ -196,16 +196,13 @@ class CacheDecisions(IdentityLearning):
         )
 
     def _memo_miss(self, memo: HitMemo) -> bool:
-        """A remembered simple Query whose entry is gone (a write made it stale, it expired):
-        sent and captured as `_query` would, from what the memo holds. `Relay._answer_memo`
-        calls it only after every check a hit of these bytes rests on held, and those are the
-        checks that make `_cache_decision` say MISS for this text: same identity object (so
-        same DDL epoch and settings), idle, no bypass or legacy strings, same prepared-statement
-        book (so `simple_query` has no unnamed statement to drop), same route and cache, the
-        catalog's very same resolution, TTL rules that still cache the template, nothing
-        outstanding. The key is the memo's (the one a hit would be served from) and the store
-        was just asked for it. False (nothing done): not a simple Query's memo, or one kept
-        under more bytes than that Query's frame."""
+        """A remembered simple Query whose entry is gone (made stale, expired): sent and
+        captured as `_query` would, from the memo. `Relay._answer_memo` calls it once every
+        check a hit rests on held, the checks that make `_cache_decision` say MISS for this
+        text: the same identity object (DDL epoch, settings), idle, no bypass, the same book
+        (no unnamed statement for `simple_query` to drop), route, cache, resolution object,
+        TTL rules still caching, nothing outstanding; the key is the memo's, just looked up.
+        False (nothing done): not a simple Query's memo, or one kept under more bytes."""
         query = memo.query
         if query is None:
             return False
