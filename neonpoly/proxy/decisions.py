@@ -49,6 +49,8 @@ _MAY_PREPARE = re.compile(r"(?i)(?<![a-z0-9_$])prepare(?![a-z0-9_$])")
 
 
 class CacheDecisions(IdentityLearning):
+    hit_memos: dict[bytes, HitMemo]  # the relay's remembered hits, by their raw bytes (relay.py)
+
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
         # Writes of the open transaction: evicted again when it commits.
@@ -83,9 +85,9 @@ class CacheDecisions(IdentityLearning):
                 self._answer_locally(payload, [info], item)
                 if not info.has_effects:
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
-                                   info.shadowable, [info])
+                                   info.shadowable, [info], (raw, info))  # fmt: skip
                 return
-            item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql)
+            item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql, info)
             # Not neutral while the catalog has not described what it reads: it may run code.
             item.neutral = not (item.reads or item.trusts)
             item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
@@ -175,6 +177,7 @@ class CacheDecisions(IdentityLearning):
         tables: frozenset[str],
         shadowable: frozenset[str],
         infos: list[Classification],
+        query: tuple[bytes, Classification] | None = None,
     ) -> None:
         """A plain read was answered from the cache: what that rested on, for the relay to
         remember against the request's raw bytes (hits.py)."""
@@ -189,7 +192,35 @@ class CacheDecisions(IdentityLearning):
         self.hit_seen = HitMemo(
             cache, key, identity, self.book.version, self.state.database, tables, shadowable, resolution,
             template_id, hit_tallies(cache, [(i.template_id, i.template, i.qualified_tables) for i in infos]),
+            query=query,
         )
+
+    def _memo_miss(self, memo: HitMemo) -> bool:
+        """A remembered simple Query whose entry is gone (made stale, expired): sent and
+        captured as `_query` would, from the memo. `Relay._answer_memo` calls it once every
+        check a hit rests on held, the checks that make `_cache_decision` say MISS for this
+        text: the same identity object (DDL epoch, settings), idle, no bypass, the same book
+        (no unnamed statement for `simple_query` to drop), route, cache, resolution object,
+        TTL rules still caching, nothing outstanding; the key is the memo's, just looked up.
+        False (nothing done): not a simple Query's memo, or one kept under more bytes."""
+        query = memo.query
+        if query is None:
+            return False
+        raw, info = query
+        if self.hit_memos.get(raw) is not memo:
+            return False  # remembered for more bytes than its Query (hits.py): not only its own
+        sql = pgwire.query_text(raw[5:])  # decoded again, not kept: a memo holds no copy of the text
+        cache = memo.cache
+        item = Pending(time.monotonic())
+        self.book.simple_query()  # nothing to drop (the book's version is the memo's): kept for form
+        # A memo of a read of no relation has no resolution: `_cache_decision`'s is empty.
+        resolution = memo.resolution if memo.resolution is not None else _NOTHING_TO_RESOLVE
+        item.capture = self._capture(cache, memo.key, resolution, info.template_id, sql, info)
+        item.neutral = True  # the catalog described what it reads (`_query`: no reads/trusts left)
+        item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
+        self.pending.append(item)
+        self._write_origin([raw])
+        return True
 
     def _busy(self) -> bool:
         """Could an outstanding origin answer change the transaction status or settings?
@@ -210,6 +241,7 @@ class CacheDecisions(IdentityLearning):
         resolution: Resolution | None,
         template_id: str,
         source: KeySource = None,
+        info: Classification | None = None,
     ) -> Capture | None:
         """Count a sighting of a miss and, once admitted, prepare to store it, tagged with
         every table it really reads (and stamped as a point read of one key, or as a read of
@@ -220,13 +252,17 @@ class CacheDecisions(IdentityLearning):
         if resolution is None or not admitted:
             return None
         database = self.state.database
-        names = keys.read_names(resolution.tags, self._point(cache, source) if source else None)
+        names = keys.read_names(resolution.tags, self._point(cache, source, info) if source else None)
         return Capture(key, database, resolution.tags, template_id, cache.stamp(database, names))
 
-    def _point(self, cache: QueryCache, source: KeySource) -> tuple[str, int] | None:
-        """(table, key value) when the request is a read confined to one primary key."""
+    def _point(
+        self, cache: QueryCache, source: KeySource, info: Classification | None = None
+    ) -> tuple[str, int] | None:
+        """(table, key value) when the request is a read confined to one primary key (`info`:
+        the text's classification, when the caller has it)."""
         if isinstance(source, str):
-            info = classify(source)
+            if info is None:
+                info = classify(source)
             return self._point_of(cache, keys_for(source, info), None) if info.keys else None
         binds = [i for i, (mtype, _) in enumerate(source or ()) if mtype == MSG_BIND]
         if len(binds) != 1:

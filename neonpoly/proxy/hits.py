@@ -16,6 +16,12 @@ the TTL rules do not say never, asked again when the rule book moves (`refusals_
 
 Only plain reads are remembered: requests that write, change the session, commit, fetch from
 cursors, deallocate, parse or close statements always take the full path.
+
+When every check holds but the store has no entry any more (a write made it stale: the read
+that follows a write), a simple Query's memo also carries its frame and classification,
+and the miss is sent and captured from those (`CacheDecisions._memo_miss`): the checks that
+held are the very ones that make the full path decide a miss of the same key, so deciding it
+again would only repeat them (and ask the store a second time).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from neonpoly.cache.entry import CacheEntry
+    from neonpoly.cache.policy import Classification
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
     from neonpoly.proxy.identity import Identity
@@ -60,6 +67,11 @@ class HitMemo:
     # the TTL it decides for the console).
     ttl_version: int | None = None
     ttl_until: float = 0.0
+    # A simple Query's frame (the memo's own key, no copy) and classification: when the entry
+    # is gone (a write made it stale), its miss is sent and captured from here
+    # (CacheDecisions._memo_miss) instead of being decided again. None (a prepared
+    # statement's batch): the full path.
+    query: tuple[bytes, Classification] | None = None
 
 
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:

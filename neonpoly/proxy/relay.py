@@ -194,7 +194,9 @@ class Relay(BatchHandling):
         if entry is None or not cache.serves(memo.key, entry):
             entry = cache.lookup_entry(memo.key)
             if entry is None:
-                return False
+                # Gone: a miss of the same decision, sent from what the memo knows (a simple
+                # Query's); the full path would decide it again and ask the store again.
+                return self._memo_miss(memo)
             memo.entry = entry
             memo.reply = entry.payload + _READY_IDLE  # built once per entry, not per hit
         elapsed = time.monotonic() - started

@@ -129,3 +129,40 @@ async def test_every_event_a_memo_rests_on_sends_the_next_repeat_to_the_origin(
     finally:
         await other.close()
         await conn.close()
+
+
+async def test_a_simple_read_whose_entry_a_write_made_stale_is_captured_from_its_memo(
+    pg: PgServer, proxy: CachingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repeat of a remembered simple Query after a write goes to the origin and is stored
+    again without being decided again (CacheDecisions._memo_miss), and the write is seen."""
+    from neonpoly.proxy.decisions import CacheDecisions
+
+    table = await make_table(pg)
+    conn = await asyncpg.connect(**proxy.dsn("scram_user"))
+    sql = f"SELECT name FROM {table} WHERE id = 2"
+    fragment = f"SELECT name FROM {table} WHERE id ="
+    try:
+        for _ in range(4):
+            await conn.execute(sql)  # no arguments: the simple protocol
+        assert memos(proxy) >= 1
+        await conn.execute(f"UPDATE {table} SET name = 'changed' WHERE id = 2")
+        decided: list[object] = []
+        full = CacheDecisions._cache_decision
+
+        def counted(self: CacheDecisions, *args: object, **kwargs: object) -> object:
+            decided.append(args)
+            return full(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(CacheDecisions, "_cache_decision", counted)
+        before = await pg.calls(fragment)
+        await conn.execute(sql)  # stale: to the origin, captured from the memo
+        assert await pg.calls(fragment) == before + 1
+        assert decided == []
+        await conn.execute(sql)  # stored again: a hit
+        assert await pg.calls(fragment) == before + 1
+        (memo,) = [m for s in proxy.service.server.sessions for m in getattr(s, "hit_memos", {}).values()]
+        stored = memo.cache.lookup(memo.key)
+        assert stored is not None and b"changed" in stored  # what was stored is the new row
+    finally:
+        await conn.close()
