@@ -422,17 +422,7 @@ class StatsRecorder:
         if t.misses:
             self._fold_misses(t, cache, tpl)
             return
-        tpl.calls += n
-        tpl.by_status[HIT] = tpl.by_status.get(HIT, 0) + n
-        tpl.last_seen = t.last
-        tpl.last_status = HIT
-        tpl.last_reason = None
-        cache.calls += n
-        cache.by_status[HIT] = cache.by_status.get(HIT, 0) + n
-        histogram = tpl.hit_latency
-        for bucket, count in t.buckets.items():
-            histogram.counts[bucket] += count
-        histogram.total += n
+        self._count_run(cache, tpl, HIT, n, t.last, t.second, t.buckets, tpl.hit_latency)
         if tpl.miss_p50 is None:
             tpl.miss_p50 = tpl.miss_latency.quantile(0.5)
         typical = tpl.miss_p50
@@ -441,30 +431,40 @@ class StatsRecorder:
         cache.time_saved_s += saved
         tpl.bytes_served += t.bytes_served
         cache.bytes_served += t.bytes_served
-        cache.series.add(t.second, HIT, n, late=True)
-        self._series.add(t.second, HIT, n, late=True)
         t.count = t.bytes_served = 0
         t.latency_s = 0.0
         t.buckets = {}
 
     def _fold_misses(self, t: HitTally, cache: _CacheCounters, tpl: _TemplateCounters) -> None:
-        n = t.misses
-        tpl.calls += n
-        tpl.by_status[MISS] = tpl.by_status.get(MISS, 0) + n
-        tpl.last_seen = t.last
-        tpl.last_status = MISS
-        tpl.last_reason = None
-        cache.calls += n
-        cache.by_status[MISS] = cache.by_status.get(MISS, 0) + n
-        histogram = tpl.miss_latency
-        for bucket, count in t.miss_buckets.items():
-            histogram.counts[bucket] += count
-        histogram.total += n
+        self._count_run(cache, tpl, MISS, t.misses, t.last, t.second, t.miss_buckets, tpl.miss_latency)
         tpl.miss_p50 = None
-        cache.series.add(t.second, MISS, n, late=True)
-        self._series.add(t.second, MISS, n, late=True)
         t.misses = 0
         t.miss_buckets = {}
+
+    def _count_run(
+        self,
+        cache: _CacheCounters,
+        tpl: _TemplateCounters,
+        status: str,
+        n: int,
+        last: float,
+        second: int,
+        buckets: dict[int, int],
+        histogram: _Histogram,
+    ) -> None:
+        """A tally's run of `n` answers of one status, counted as `n` records would have been."""
+        tpl.calls += n
+        tpl.by_status[status] = tpl.by_status.get(status, 0) + n
+        tpl.last_seen = last
+        tpl.last_status = status
+        tpl.last_reason = None
+        cache.calls += n
+        cache.by_status[status] = cache.by_status.get(status, 0) + n
+        for bucket, count in buckets.items():
+            histogram.counts[bucket] += count
+        histogram.total += n
+        cache.series.add(second, status, n, late=True)
+        self._series.add(second, status, n, late=True)
 
     def set_ttl(self, cache_id: str, template_id: str, ttl: float | None) -> None:
         cache = self._caches.get(cache_id)

@@ -4,23 +4,11 @@ per hit would have shown."""
 
 from __future__ import annotations
 
-from neonpoly.stats import SERIES_SECONDS, StatsRecorder, TemplateStats
+from neonpoly.stats import SERIES_SECONDS, StatsRecorder
+from tests.unit.stats_clock import FakeClock, template
 
 SQL = "SELECT * FROM users WHERE id = $1"
 TABLES = ("public.users",)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def template(stats: StatsRecorder, cache: str = "c1") -> TemplateStats:
-    (found,) = stats.snapshot(cache).templates
-    return found
 
 
 def test_tallied_hits_show_as_recorded_hits() -> None:

@@ -12,23 +12,11 @@ from neonpoly.cache.cacheability import WINDOW
 from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.entry import CacheStore
 from neonpoly.cache.query_cache import QueryCache
-from neonpoly.stats import StatsRecorder, TemplateStats
+from neonpoly.stats import StatsRecorder
+from tests.unit.stats_clock import FakeClock, template
 
 SQL = "SELECT * FROM users WHERE id = ?"
 TABLES = ("public.users",)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def template(stats: StatsRecorder, cache: str = "c1") -> TemplateStats:
-    (found,) = stats.snapshot(cache).templates
-    return found
 
 
 def test_tallied_misses_and_hits_show_as_recorded_ones_in_every_order() -> None:
