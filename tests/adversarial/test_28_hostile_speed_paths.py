@@ -100,6 +100,22 @@ async def test_two_roles_sending_identical_bytes_see_their_own_rows(env: Env) ->
         await ta.check(read, why="the first role again")
 
 
+async def _named_statement_memoised(env: Env, raw: rawpg.Raw, table: str, runs: int) -> bytes:
+    """Parse `s` over `table` (one row, 1) and run it `runs` times, until a hit is served and
+    remembered: the Bind/Execute/Sync bytes the memo now answers."""
+    raw.send(rawpg.parse("s", f"SELECT v FROM {table}"), rawpg.SYNC)
+    await raw.until_ready()
+    run = rawpg.bind("", "s") + rawpg.execute() + rawpg.SYNC
+    seen = False
+    for _ in range(runs):
+        before = hits(env.proxy)
+        raw.send(run)
+        assert rawpg.rows(await raw.until_ready()) == [[b"1"]]
+        seen = seen or hits(env.proxy) > before
+    assert seen and memos(env.proxy) >= 1
+    return run
+
+
 async def test_dealloc_and_prepare_again_under_the_same_name(env: Env) -> None:
     """The Bind/Execute/Sync bytes of a named statement stay the same when the statement is
     deallocated (SQL) and parsed again with other text: the memo must not answer them."""
@@ -107,16 +123,7 @@ async def test_dealloc_and_prepare_again_under_the_same_name(env: Env) -> None:
     t2 = await env.table("adv_p2", "v int", "(2)")
     raw = await rawpg.Raw.connect(env.proxy.port)
     try:
-        raw.send(rawpg.parse("s", f"SELECT v FROM {t1}"), rawpg.SYNC)
-        await raw.until_ready()
-        run = rawpg.bind("", "s") + rawpg.execute() + rawpg.SYNC
-        seen = False
-        for _ in range(6):
-            before = hits(env.proxy)
-            raw.send(run)
-            assert rawpg.rows(await raw.until_ready()) == [[b"1"]]
-            seen = seen or hits(env.proxy) > before
-        assert seen and memos(env.proxy) >= 1
+        run = await _named_statement_memoised(env, raw, t1, 6)
         for again in (rawpg.query("DEALLOCATE s") + rawpg.query(f"PREPARE s AS SELECT v FROM {t2}"),):
             raw.send(again)
             await raw.until_ready()
@@ -342,16 +349,7 @@ async def test_memo_of_a_named_statement_a_function_prepares_again(env: Env) -> 
     env.on_cleanup(f"DROP FUNCTION IF EXISTS public.{fn}()")
     raw = await rawpg.Raw.connect(env.proxy.port)
     try:
-        raw.send(rawpg.parse("s", f"SELECT v FROM {t1}"), rawpg.SYNC)
-        await raw.until_ready()
-        run = rawpg.bind("", "s") + rawpg.execute() + rawpg.SYNC
-        seen = False
-        for _ in range(5):
-            before = hits(env.proxy)
-            raw.send(run)
-            assert rawpg.rows(await raw.until_ready()) == [[b"1"]]
-            seen = seen or hits(env.proxy) > before
-        assert seen and memos(env.proxy) >= 1
+        run = await _named_statement_memoised(env, raw, t1, 5)
         raw.send(rawpg.query(f"SELECT {fn}()"))
         await raw.until_ready()
         for _ in range(4):  # stored again by now, from the statement's new text
