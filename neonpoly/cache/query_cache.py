@@ -104,22 +104,15 @@ class QueryCache:
         return True
 
     def lookup(self, key: bytes) -> bytes | None:
-        gate = self.serve_gate
-        if gate is not None and not gate():
-            return None  # passed through: the answer may be stale for all this node can prove
-        entry = self.store.get(key)
-        if entry is None:
-            self.cacheability.missed(key)
-            return None
-        self.cacheability.served(key)
-        return entry.payload
+        entry = self.lookup_entry(key)
+        return None if entry is None else entry.payload
 
     def lookup_entry(self, key: bytes) -> CacheEntry | None:
-        """`lookup`, answering with the entry itself: a hit memo keeps it (proxy/hits.py) and
+        """The entry `key` is answered with, or None: a hit memo keeps it (proxy/hits.py) and
         asks `serves` for its repeats."""
         gate = self.serve_gate
         if gate is not None and not gate():
-            return None
+            return None  # passed through: the answer may be stale for all this node can prove
         entry = self.store.get(key)
         if entry is None:
             self.cacheability.missed(key)
@@ -185,7 +178,7 @@ class QueryCache:
         policy = self.ttl_policy
         if policy is None:
             return 0  # the cache's own TTL: never None
-        return policy.book.version if isinstance(policy, RulePolicy) else None  # see RulePolicy.refusals_version
+        return policy.refusals_version if isinstance(policy, RulePolicy) else None
 
     def caches(self, template_id: str, tables: frozenset[str]) -> bool:
         """`ttl_for(...) is not None`, asked for every miss: a `RulePolicy` answers it from
