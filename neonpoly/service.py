@@ -20,6 +20,7 @@ from neonpoly.cache.adaptive import AdaptiveTTL
 from neonpoly.cache.keys import feed_names
 from neonpoly.cache.query_cache import DEFAULT_ADMIT_AFTER, DEFAULT_TTL, QueryCache
 from neonpoly.cache.rules import RuleBook, RulePolicy, bare_tables
+from neonpoly.cache.siblings import SiblingBoard
 from neonpoly.cache.store import CacheStore, MemoryStore, open_store
 from neonpoly.defaults import DEFAULT_L1_BYTES, DEFAULT_LISTEN, DEFAULT_MAX_CACHE_BYTES
 from neonpoly.freshness.changefeed import ChangeSink, FeedSettings, FeedStatus, FeedTarget
@@ -57,6 +58,7 @@ class ProxySettings:
     change_feed: FeedSettings = field(default_factory=FeedSettings)
     reuse_port: bool = False  # SO_REUSEPORT: several processes share the listener (`serve --workers`)
     redis: PlaneSettings | None = None  # the shared invalidation plane (`serve --redis`)
+    siblings: SiblingBoard | None = None  # generations shared with the other workers (`serve --workers N`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +134,7 @@ class ProxyService:
         # Who hears of changes the origin's feed reports: the caches. The invalidation plane
         # hears them from there (it observes every bump of the caches' generations).
         self.change_sinks: list[ChangeSink] = [_CacheSink(self.routes)]
-        self.plane = RedisPlane(settings.redis) if settings.redis is not None else None
+        self.plane = RedisPlane(settings.redis, board=settings.siblings) if settings.redis is not None else None
         self.feeds = FeedManager(settings.change_feed, self.change_sinks, leases=self.plane)
         if self.plane is not None:
             self.plane.wants_leases = self.feeds.enabled

@@ -17,7 +17,10 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neonpoly.cache.siblings import BoardView
 
 STATE_VERSION = 1
 
@@ -57,7 +60,7 @@ class TableGenerations:
     lookups are atomic under the GIL; mutations and snapshots do.
     """
 
-    __slots__ = ("_databases", "_global", "_lock", "_observer", "_on_change", "_tables")
+    __slots__ = ("_board", "_databases", "_global", "_lock", "_observer", "_on_change", "_tables")
 
     def __init__(self, global_epoch: int = 0) -> None:
         self._global = global_epoch
@@ -66,6 +69,7 @@ class TableGenerations:
         self._lock = threading.Lock()
         self._on_change: Callable[[], None] | None = None
         self._observer: Callable[[tuple[Any, ...]], None] | None = None
+        self._board: BoardView | None = None  # read by SharedTableGenerations only
 
     @classmethod
     def with_unknown_history(cls) -> TableGenerations:
@@ -88,6 +92,19 @@ class TableGenerations:
         observer = self._observer
         if observer is not None and bump is not None:
             observer(bump)
+
+    def share(self, board: BoardView, *, forget: bool = True) -> None:
+        """From now on, a table's generation also counts what sibling workers bumped it by
+        (cache/siblings.py): their writes make this process's entries stale at once. Entries
+        stamped before are forgotten (`forget`): their numbers did not count the siblings.
+
+        The store made these generations before anyone knew of the board; the class changes in
+        place (same slots) so the one-process hit check stays the plain method, no test added."""
+        with self._lock:
+            self._board = board
+            if forget:
+                self._global += 1
+        self.__class__ = SharedTableGenerations
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -179,3 +196,52 @@ class TableGenerations:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed generations state: {exc}") from exc
         return gens
+
+
+class SharedTableGenerations(TableGenerations):
+    """Generations of a worker sharing a sibling board: a table's number is this process's
+    own count plus the siblings' (`BoardView.sibling_part`). Both only grow, so a stamp's
+    number matches again only if nobody bumped the table since."""
+
+    __slots__ = ()
+
+    def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
+        db_epoch = self._databases.get(database)
+        if db_epoch is None:
+            with self._lock:
+                db_epoch = self._databases.setdefault(database, 0)
+            self._changed()
+        gens, board = self._tables, self._board
+        assert board is not None
+        sibling = board.sibling_part
+        names = tables if isinstance(tables, (frozenset, set)) else set(tables)
+        pairs = tuple(sorted([(t, gens.get((database, t), 0) + sibling((database, t))) for t in names]))
+        return GenerationStamp(database, self._global, db_epoch, pairs)
+
+    def is_current(self, stamp: GenerationStamp) -> bool:
+        if stamp.global_epoch != self._global:
+            return False
+        if stamp.database_epoch != self._databases.get(stamp.database, 0):
+            return False
+        gens, board = self._tables, self._board
+        assert board is not None
+        slot_of, counters, others = board.slot_of, board.counters, board.others
+        db = stamp.database
+        for t, g in stamp.tables:
+            key = (db, t)
+            slot = slot_of.get(key)
+            if slot is None:
+                slot = board.slot(key)
+            n = gens.get(key, 0)
+            for row in others:
+                n += counters[row + slot]
+            if n != g:
+                return False
+        return True
+
+    def copy(self) -> TableGenerations:
+        """A detached snapshot, siblings' counters included."""
+        snapshot = TableGenerations.from_state(self.to_state())
+        assert self._board is not None
+        snapshot.share(self._board.frozen(), forget=False)
+        return snapshot

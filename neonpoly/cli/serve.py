@@ -84,7 +84,10 @@ async def serve(args: argparse.Namespace) -> int:
         redis=_plane(args, role, redis_url) if redis_url else None,
     )
     if role is not None:
-        settings = worker_settings(settings, role)
+        try:
+            settings = worker_settings(settings, role)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
     lock = StateLock(root)
     if role is None:  # a worker's parent holds the state dir's lock
         try:
@@ -138,15 +141,17 @@ async def serve(args: argparse.Namespace) -> int:
 
 def _plane(args: argparse.Namespace, role: WorkerRole | None, url: str) -> PlaneSettings:
     """The plane's settings: this node's stable name (a lost node is known by it when it comes
-    back), and no rejoin grace on the workers' private redis-server, which cannot lose its data
-    and outlive them (the set stops when it dies)."""
+    back), and on the workers' private redis-server, which cannot lose its data and outlive
+    them (the set stops when it dies), no rejoin grace, and table bumps through memory alone
+    (its only nodes are the workers, which share their generations: cache/siblings.py)."""
     node = args.node_id
     if node is None and args.listen[1] != 0:
         node = f"{socket.gethostname()}:{args.listen[1]}"
     if node is not None and role is not None:
         node = f"{node}/w{role.index}"
     private = role is not None and args.redis is None and environment().redis_url is None
-    return PlaneSettings(url, node=node, grace=0.0 if private else None)
+    # Every node of the private redis-server is a sibling: table bumps need not travel through it.
+    return PlaneSettings(url, node=node, grace=0.0 if private else None, siblings_only=private)
 
 
 def _role() -> WorkerRole | None:

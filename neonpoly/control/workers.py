@@ -5,8 +5,10 @@ What the parent does, in order: checks the port is free (and picks one for port 
 runs never end up in one SO_REUSEPORT group; starts the Redis the workers share when no
 `--redis` is given (a private `redis-server` on a unix socket in the state dir, no
 persistence); starts the embedded origin once, when it is what is served (the workers get
-its address, and the parent stops it last); starts the workers, each with its own cache
-directory, and waits until every one listens; then watches them.
+its address, and the parent stops it last); makes the memory where the workers share their
+table generations (cache/siblings.py: a write through one is seen by the others' next hit
+check, with no message); starts the workers, each with its own cache directory, and waits
+until every one listens; then watches them.
 
 Supervision: a worker that dies is never restarted silently. The parent logs it loudly,
 stops every other worker and exits with status 1, so whatever runs `serve` (systemd, a
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from neonpoly.admin.fleet import WorkerFleet, WorkerPlace
+from neonpoly.cache.siblings import SiblingBoard
 from neonpoly.control.interface import ControlError
 from neonpoly.control.serving import USER_ERRORS, EmbeddedRunner, Serving
 from neonpoly.defaults import ENV_WORKER
@@ -234,6 +237,7 @@ class Supervisor:
         self.announce = announce
         self.workers: list[Child] = []
         self.redis: PrivateRedis | None = None
+        self.board: SiblingBoard | None = None
         self.embedded = EmbeddedRunner(plan.root)
         self.group = secrets.token_hex(6)
 
@@ -263,11 +267,13 @@ class Supervisor:
             sys.executable, "-m", "neonpoly.cli", *self.plan.argv,
             "--listen", f"{host}:{port}",
         ]  # fmt: skip
-        role = WorkerRole(index, self.plan.count, self.group, bus, ready_w, embedded)
+        board = self.board.fileno() if self.board is not None else None
+        role = WorkerRole(index, self.plan.count, self.group, bus, ready_w, embedded, board)
         env = {**os.environ, ENV_WORKER: role.to_json()}
+        fds = (ready_w,) if board is None else (ready_w, board)
         try:
             proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, pass_fds=(ready_w,), env=env, preexec_fn=die_with_parent(os.getpid()),
+                args, stdin=subprocess.DEVNULL, pass_fds=fds, env=env, preexec_fn=die_with_parent(os.getpid()),
                 start_new_session=True,  # a terminal's ^C reaches the parent, which forwards it
             )  # fmt: skip
         finally:
@@ -304,6 +310,7 @@ class Supervisor:
                 await self.redis.start()
                 bus = self.redis.url
             embedded = await self._prepare_origin()
+            self.board = SiblingBoard.create(plan.count)
             pipes = []
             for index in range(plan.count):
                 child, fd = self._spawn(index, port, bus, embedded)
@@ -347,6 +354,9 @@ class Supervisor:
         if self.redis is not None:  # after the workers: their plane closes cleanly
             await self.redis.stop()
             self.redis = None
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         await self.embedded.stop()
 
 
@@ -363,6 +373,7 @@ class WorkerRole:
     bus: str  # the Redis the workers share
     ready_fd: int | None
     embedded: tuple[str, int] | None  # the parent's embedded origin
+    board: int | None = None  # the fd of the memory the workers share generations in (cache/siblings.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -377,6 +388,7 @@ class WorkerRole:
                 index=int(d["index"]), count=int(d["count"]), group=str(d["group"]), bus=str(d["bus"]),
                 ready_fd=None if d.get("ready_fd") is None else int(d["ready_fd"]),
                 embedded=(str(embedded[0]), int(embedded[1])) if embedded else None,
+                board=None if d.get("board") is None else int(d["board"]),
             )  # fmt: skip
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise ValueError(
@@ -387,10 +399,12 @@ class WorkerRole:
 def worker_settings(settings: ProxySettings, role: WorkerRole) -> ProxySettings:
     """One worker's engine settings: the port shared (SO_REUSEPORT), a cache directory of its
     own (table generations and stored stamps are per process, and one diskcache directory
-    must not have two write-behind threads), and its share of the size bound."""
+    must not have two write-behind threads), its share of the size bound, and its row of the
+    generations the workers share (raises ValueError when the parent's memory cannot be mapped)."""
     cache = replace(settings.cache, max_bytes=max(settings.cache.max_bytes // role.count, 1 << 20))
     cache_dir = settings.cache_dir / f"worker-{role.index}" if settings.cache_dir is not None else None
-    return replace(settings, cache=cache, cache_dir=cache_dir, reuse_port=True)
+    board = SiblingBoard.attach(role.board, role.index) if role.board is not None else None
+    return replace(settings, cache=cache, cache_dir=cache_dir, reuse_port=True, siblings=board)
 
 
 async def join_workers(serving: Serving, role: WorkerRole) -> WorkerFleet:

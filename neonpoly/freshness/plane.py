@@ -39,6 +39,16 @@ hit:
    yet, and a slow node's gate proven before the loss may still be open (a publish checks
    the epoch it joined, so a node that has not noticed the loss holds its replies too).
 
+**Siblings.** The workers of one `serve --workers N` share their table generations in memory
+(cache/siblings.py): a table bump is in that memory before the write goes to the origin, and a
+sibling's hit check counts it, so it can serve no hit the write made stale, with no message.
+Rule 1 then waits for the acknowledgements of the other nodes only (a batch of table names
+alone; database-wide and global bumps, purges and admin purges by table name also make the
+receiving node learn its catalog again, so every node's acknowledgement is awaited as before),
+and a sibling does not apply the table names of a sibling's entry again. On the workers'
+private redis-server every node is a sibling: table bumps are not published at all
+(`siblings_only`). Rules 2 to 5 are unchanged.
+
 **Gaps.** Each entry carries a per-origin sequence number (INCR in the same script as the
 XADD): a number that does not follow the last one applied means entries were trimmed or
 Redis lost its data; a random epoch key read after every XREAD tells a restart or a flush.
@@ -82,6 +92,9 @@ class PlaneSettings:
     grace: float | None = None  # after Redis lost its data, hits wait this long (None: `fence`);
     # 0 for a plane whose Redis cannot outlive its nodes (the workers' private redis-server)
     node: str | None = None  # this node's stable name (None: host:pid:random, fine while it never crashes)
+    # Every node of this Redis shares this process's sibling board (the workers' private
+    # redis-server): table bumps go through the board alone, not through Redis.
+    siblings_only: bool = False
 
     @property
     def fence(self) -> float:
@@ -173,6 +186,15 @@ class Bump:
 
     def __bool__(self) -> bool:
         return bool(self.tables or self.databases or self.everywhere or self.all or self.purge)
+
+    @property
+    def tables_only(self) -> bool:
+        """Only table names: what a sibling worker sees through the board (cache/siblings.py)."""
+        return not (self.databases or self.everywhere or self.all or self.purge)
+
+    def without_tables(self) -> Bump:
+        """This bump less its table names (a sibling's: the board carried them already)."""
+        return Bump({}, set(self.databases), set(self.everywhere), self.all, self.purge)
 
     def add(self, op: tuple[Any, ...]) -> None:
         kind = op[0]
@@ -496,6 +518,9 @@ class PlaneStatus:
     downs: int  # transitions to down
     origins: tuple[OriginPlaneStatus, ...]
     fenced: int = 0  # write replies held now because this node cannot publish
+    siblings: tuple[str, ...] = ()  # nodes sharing this node's memory (`serve --workers N`)
+    spared: int = 0  # acknowledgements not waited for: the node shares memory with this one
+    board_only: int = 0  # table bumps not published: every node of the plane shares the memory
 
     def origin(self, key: str) -> OriginPlaneStatus | None:
         return next((o for o in self.origins if o.origin == key), None)

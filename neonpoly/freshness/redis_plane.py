@@ -69,6 +69,7 @@ from neonpoly.freshness.redis_wire import streams as read_streams
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.cache.siblings import SiblingBoard
 
 log = logging.getLogger("neonpoly.plane")
 
@@ -80,8 +81,16 @@ class RedisPlane:
     other nodes'. `lease_listener(origin, held)` is told when this node gains or loses the
     right to run an origin's change feed (set `wants_leases` for it to compete)."""
 
-    def __init__(self, settings: PlaneSettings, *, node: str | None = None) -> None:
+    def __init__(
+        self, settings: PlaneSettings, *, node: str | None = None, board: SiblingBoard | None = None
+    ) -> None:
         self.settings = settings
+        # The workers of one `serve --workers N` share their table generations in memory
+        # (cache/siblings.py): a write need not wait for them, nor they apply its table bumps.
+        self.board = board
+        self._siblings: frozenset[str] = frozenset()
+        self.spared = 0  # acknowledgements not waited for (siblings)
+        self.board_only = 0  # table bumps not published (`siblings_only`)
         self.node = node or settings.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.url = public_url(settings.url)
         self.token = secrets.token_hex(8)  # this process: entries and the name's holder carry it
@@ -133,6 +142,8 @@ class RedisPlane:
             # cut off before that, its writes must wait for its return (rule 4).
             self.fence.beat = -math.inf
         origin.caches.append(cache)
+        if self.board is not None:  # before it can serve a hit: the gate is not proven yet
+            generations(cache).share(self.board.view(origin_key))
         generations(cache).observe(lambda op: self._observed(origin_key, op))
         cache.serve_gate = origin.gate
         cache.reply_barrier = self.barrier
@@ -174,6 +185,13 @@ class RedisPlane:
         """A bump of a local cache's generations: publish it, unless it came from the plane."""
         if self._applying:
             return
+        if op[0] == "t" and self.board is not None:
+            # Into shared memory first, before the write goes to the origin: the siblings'
+            # next hit checks count it, whatever becomes of Redis.
+            self.board.view(origin).bump(op[1], op[2])
+            if self.settings.siblings_only:
+                self.board_only += 1
+                return
         if self.state != "up" or self._loop is None:
             self._lost.add(origin)  # published as a purge once Redis is back
             return
@@ -197,6 +215,8 @@ class RedisPlane:
         (the caches pass through meanwhile)."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        if self.board is not None:  # every cache attached so far reads the board (attach)
+            self.board.join(self.node)
         s = self.settings
         common: dict[str, Any] = {
             "protocol": 2,
@@ -458,11 +478,14 @@ class RedisPlane:
                 self._purge_local(origin)
             if bump is None:
                 continue  # this node's own, applied when it was made
-            self._applying = True
-            try:
-                bump.apply(origin.caches)
-            finally:
-                self._applying = False
+            if bump.tables and fields.get("node") in self._sibling_names():
+                bump = bump.without_tables()  # the board carried them (and its ack is not awaited)
+            if bump:
+                self._applying = True
+                try:
+                    bump.apply(origin.caches)
+                finally:
+                    self._applying = False
             origin.applied += 1
             origin.lag_ms = entry_lag_ms(entry_id)
             self._ack_due[origin.key] = n
@@ -518,15 +541,29 @@ class RedisPlane:
         self._batches += 1
         published: dict[str, int] = {}
         live: dict[str, list[str]] = {}
-        for (origin, _), (_n, entry_id, nodes) in zip(order, replies, strict=True):
+        siblings = self._sibling_names()
+        for (origin, bump), (_n, entry_id, nodes) in zip(order, replies, strict=True):
             origin.published += 1
             published[origin.key] = entry_position(str(entry_id))
+            if siblings and bump.tables_only:
+                # A sibling cannot serve a hit these bumps made stale: they are in its memory.
+                kept = [n for n in nodes if n not in siblings]
+                self.spared += len(nodes) - len(kept)
+                nodes = kept
             live[origin.key] = list(nodes)
         opened, times = batch.opened, self._hold_times
         batch.future.add_done_callback(lambda _: times.append(time.monotonic() - opened))
         self.holds.add(batch.future, published, live)
         if not batch.future.done():
             self._loop.call_later(s.hold, self.holds.expire, batch.future)
+
+    def _sibling_names(self) -> frozenset[str]:
+        """The nodes sharing this one's memory (read again until every row joined)."""
+        board = self.board
+        if board is None or len(self._siblings) == board.rows - 1:
+            return self._siblings
+        self._siblings = board.siblings()
+        return self._siblings
 
     # --- the change feed's lease ------------------------------------------------------------
 
@@ -593,4 +630,5 @@ class RedisPlane:
             published=sum(o.published for o in origins), applied=sum(o.applied for o in origins),
             gaps=sum(o.gaps for o in origins), holds=self._batches, hold_timeouts=self.holds.timed_out,
             hold_ms=p50_p99(self._hold_times), downs=self.downs, origins=origins, fenced=self.fence.held,
+            siblings=tuple(sorted(self._sibling_names())), spared=self.spared, board_only=self.board_only,
         )  # fmt: skip
