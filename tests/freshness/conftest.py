@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from neonpoly.cache.siblings import SiblingBoard
 from neonpoly.control.serving import Serving, start_serving
 from neonpoly.freshness.changefeed import ChangeFeed, FeedSettings
 from neonpoly.freshness.plane import PlaneSettings
@@ -165,9 +166,11 @@ async def plane_node(
     *,
     database: str = "app",
     plane: dict[str, Any] | None = None,
+    siblings: SiblingBoard | None = None,
     **cache: Any,
 ) -> AsyncIterator[FeedProxy]:
-    """One `neonpoly serve --upstream <pg> --redis <url>` node (its own state dir)."""
+    """One `neonpoly serve --upstream <pg> --redis <url>` node (its own state dir); with
+    `siblings`, one worker of a `serve --workers N` (its row of the shared generations)."""
     root.mkdir(parents=True, exist_ok=True)
     settings = ProxySettings(
         listen=("127.0.0.1", 0),
@@ -176,6 +179,7 @@ async def plane_node(
         rules_dir=root,
         change_feed=feed or FeedSettings(mode="off"),
         redis=PlaneSettings(redis_url, **(plane or {})),
+        siblings=siblings,
     )
     service = ProxyService(settings)
     serving = await start_serving(service, root, upstream=pg.url("postgres", database, sslmode="require"),

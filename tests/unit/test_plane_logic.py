@@ -251,6 +251,11 @@ def test_a_node_is_named_by_its_address_unless_told_and_workers_add_their_index(
     assert given.node == f"{host}:6543/w1" and given.grace is None  # a shared Redis may lose its data
     private = _plane(argparse.Namespace(node_id=None, listen=("127.0.0.1", 6543), redis=None), worker, "unix:///x")
     assert private.grace == 0.0  # the workers' own redis-server cannot outlive them
+    # Its only nodes are the workers, which share their generations in memory; a given one may
+    # have other nodes, which must hear of every bump.
+    assert private.siblings_only and not given.siblings_only
+    with_board = WorkerRole(1, 2, "g", "unix:///x", 5, None, board=7)
+    assert WorkerRole.from_json(with_board.to_json()) == with_board
 
 
 def test_the_heartbeat_outlasts_a_gate_proven_up_to_a_check_after_it() -> None:
