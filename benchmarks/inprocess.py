@@ -189,12 +189,21 @@ class Bench:
             recorded.append(data)
             original(session, data)
 
-        session.origin_data = record  # type: ignore[method-assign]
+        # The origin's reads reach the session through its protocol, which took the session's
+        # method when it was made: the recorder goes there, and the protocol is set again
+        # (uvloop reads data_received only then).
+        transport = session.origin_transport
+        assert transport is not None
+        side: Any = transport.get_protocol()
+        reads = side.data_received
+        side.data_received = record
+        transport.set_protocol(side)
         aid = self.fresh if mode == "miss" else 1
         self.fresh += 1
         await self._read(client, prepared, aid)
         await self._read(client, prepared, aid)
-        del session.origin_data
+        side.data_received = reads
+        transport.set_protocol(side)
         answer = b"".join(recorded[-1:])
         n = self.requests
         if mode == "miss":

@@ -53,6 +53,8 @@ _SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to P
 _READY_IDLE = pgwire.ready_for_query(TX_IDLE)
 _NOTABLE = frozenset((MSG_ERROR_RESPONSE, MSG_PARAMETER_STATUS))  # what a forwarded answer may tell
 _LENGTH = struct.Struct("!i")  # a frame's length, after its type byte
+_HEAD = struct.Struct("!Bi")  # a frame's type and length: one call per frame on the relay's walks
+_READY_HEAD = bytes((MSG_READY_FOR_QUERY,)) + _LENGTH.pack(5)  # a ReadyForQuery, but its status
 _FRONTEND, _FRONTEND_LARGE, _LARGE = pgwire.FRONTEND_TYPES, pgwire.FRONTEND_LARGE_TYPES, pgwire.LARGE_MESSAGE_LIMIT
 
 
@@ -60,6 +62,9 @@ class Relay(BatchHandling):
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
         self.inflight = 0  # pass-through requests awaiting ReadyForQuery
+        # Ready, on a route without a cache: nothing is decided, asked or held, so each read
+        # only needs its frames counted (`_relay_data`, `_pass_origin`). Set once, at login.
+        self.passing = False
         self.hit_memos: dict[bytes, HitMemo] = {}  # raw request bytes -> the hit it was (hits.py)
 
     def _client_frames(self, data: bytes | None = None) -> None:
@@ -219,10 +224,9 @@ class Relay(BatchHandling):
         n = len(data)
         pos = 0
         ends = 0
-        unpack = _LENGTH.unpack_from
+        unpack = _HEAD.unpack_from
         while n - pos >= 5:
-            mtype = data[pos]
-            length = unpack(data, pos + 1)[0]
+            mtype, length = unpack(data, pos)
             if (
                 mtype not in _FRONTEND
                 or length < 4
@@ -263,6 +267,38 @@ class Relay(BatchHandling):
         if self.origin_transport is not None:
             self.origin_transport.write(buf)
 
+    def _pass_origin(self, data: bytes) -> bool:
+        """The origin's read on a passing session (no cache; the caller checked that nothing
+        is pending and obuf is empty), when it is one whole answer: frames up to one
+        ReadyForQuery, its last six bytes, with no error or setting before it. Then it only
+        needs the transaction status and one request counted off, and goes to the client as
+        it came. One walk over the frames before the ReadyForQuery that lands exactly on it
+        proves the shape; anything else (False: nothing done) is `_origin_fast`'s.
+
+        This is the pass-through's per-answer work, so it is kept to the fewest steps: in the
+        real process every bytecode here costs several times what it costs in a loop."""
+        tail = len(data) - 6
+        if tail < 0 or not data.startswith(_READY_HEAD, tail):
+            return False
+        pos = 0
+        unpack = _HEAD.unpack_from
+        while pos < tail:
+            mtype, length = unpack(data, pos)
+            if length < 4 or mtype == MSG_READY_FOR_QUERY or mtype in _NOTABLE:
+                return False
+            pos += 1 + length
+        if pos != tail:
+            return False  # the walk crossed it: the six bytes are inside a frame
+        self.state.tx_status = data[tail + 5 :]
+        if self.inflight:
+            self.inflight -= 1
+        if self.held is None and not self.closed:  # write_client, written out
+            self.bytes_out += tail + 6
+            self.client.write(data)
+        else:
+            self.write_client(data)
+        return True
+
     def _origin_fast(self, data: bytes) -> bool:
         """The origin's read, when `_origin_frames` would only forward it: nothing pending
         wants its frames (no capture, lookup, swallowed Parse, Flush count or statement book
@@ -286,26 +322,43 @@ class Relay(BatchHandling):
         n = len(data)
         pos = 0
         ready = -1  # where the ReadyForQuery starts
-        ready_end = 0
         notable = False
-        unpack = _LENGTH.unpack_from
-        while n - pos >= 5:
-            mtype = data[pos]
-            length = unpack(data, pos + 1)[0]
-            if length < 4 or length > pgwire.LARGE_MESSAGE_LIMIT:
-                return False  # _origin_frames says what is wrong
-            end = pos + 1 + length
-            if end > n:
-                break
-            if mtype == MSG_READY_FOR_QUERY:
-                if ready >= 0:
-                    return False  # answers to several requests: the full loop
-                ready, ready_end = pos, end
-            elif mtype in _NOTABLE:
-                notable = True
-            pos = end
-        if ready >= 0 and ready_end != n:
-            return False  # something after the ReadyForQuery
+        tail = n - 6
+        # The common read is one whole answer, its ReadyForQuery the last six bytes: then only
+        # the frames before it are walked, and one walk that lands exactly on it, meeting no
+        # error, setting or other ReadyForQuery, proves the read is such an answer. Anything
+        # else (and a landing elsewhere) is walked again below, frame by frame.
+        if tail >= 0 and data.startswith(_READY_HEAD, tail):
+            unpack = _HEAD.unpack_from
+            while pos < tail:
+                mtype, length = unpack(data, pos)
+                if length < 4 or mtype == MSG_READY_FOR_QUERY or mtype in _NOTABLE:
+                    break
+                pos += 1 + length
+            if pos == tail:
+                ready = tail
+                pos = n
+            else:
+                pos = 0
+        if ready < 0:
+            ready_end = 0
+            unpack = _HEAD.unpack_from
+            while n - pos >= 5:
+                mtype, length = unpack(data, pos)
+                if length < 4 or length > pgwire.LARGE_MESSAGE_LIMIT:
+                    return False  # _origin_frames says what is wrong
+                end = pos + 1 + length
+                if end > n:
+                    break
+                if mtype == MSG_READY_FOR_QUERY:
+                    if ready >= 0:
+                        return False  # answers to several requests: the full loop
+                    ready, ready_end = pos, end
+                elif mtype in _NOTABLE:
+                    notable = True
+                pos = end
+            if ready >= 0 and ready_end != n:
+                return False  # something after the ReadyForQuery
         if pos == 0:
             self.obuf += data  # not one whole frame yet
             return True

@@ -71,6 +71,8 @@ class Session(Relay):
 
     def client_data(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self.passing and not self.cbuf and self._relay_data(data):
+            return  # pass-through, whole frames: counted and written as they came
         if not self.cbuf and self.phase is READY and (not self.identity_inflight or self.hold_released):
             # The common read: whole requests, nothing held before them. Taken as they came,
             # without a round trip through cbuf; a repeat of a hit is found by these bytes.
@@ -203,6 +205,8 @@ class Session(Relay):
     # --- origin side ------------------------------------------------------------------
 
     def origin_data(self, data: bytes) -> None:
+        if self.passing and not self.obuf and not self.pending and self._pass_origin(data):
+            return
         try:
             if self.phase is READY and not self.obuf and self._origin_fast(data):
                 return
@@ -235,6 +239,7 @@ class Session(Relay):
             elif mtype == MSG_READY_FOR_QUERY:
                 self.state.tx_status = body[:1]
                 self.phase = READY
+                self.passing = self.route is not None and self.route.cache is None
                 self._stop_login_timer()
                 out.append(buf[start:end])
                 self.write_client(b"".join(out))
@@ -383,6 +388,9 @@ class ClientSide(asyncio.Protocol):
 class OriginSide(asyncio.Protocol):
     def __init__(self, session: Session) -> None:
         self.session = session
+        # Every read straight to the session, as ClientSide does: no call through this object.
+        # Set before the transport first takes this protocol (uvloop keeps the method then).
+        self.data_received = session.origin_data  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass

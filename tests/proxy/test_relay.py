@@ -11,16 +11,19 @@ import hashlib
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 
-from tests.adversarial.rawpg import Raw, kinds, query, rows
+from neonpoly import pgwire
+from tests.adversarial.rawpg import SYNC, Raw, execute, kinds, parse, query, rows
 from tests.pgharness import PgServer
 from tests.proxy.conftest import RunningProxy
 
@@ -477,5 +480,89 @@ async def test_torn_requests_and_pipelined_answers_relay_whole_and_in_order(prox
         raw.send(query("SELECT repeat('x', 100000)"), query("SELECT 6"))
         assert rows(await raw.until_ready()) == [[b"x" * 100000]]
         assert rows(await raw.until_ready()) == [[b"6"]]
+    finally:
+        await raw.close()
+
+
+# What a ReadyForQuery "in a failed transaction" looks like: six bytes a binary bytea can end in.
+FAKE_READY = b"Z\x00\x00\x00\x05E"
+
+
+def _bind_binary_results() -> bytes:
+    """Bind the unnamed statement, no parameters, every column in binary: a bytea comes raw."""
+    body = pgwire.cstr("") + pgwire.cstr("") + struct.pack("!hh", 0, 0) + struct.pack("!hh", 1, 1)
+    return pgwire.frame(b"B", body)
+
+
+async def _cut_origin_reads(
+    proxy: RunningProxy, raw: Raw, cut: Callable[[bytes], list[bytes]], seen: list[tuple[int, bytes]]
+) -> Callable[[], None]:
+    """On the proxy's loop: the origin's bytes for `raw`'s session are gathered up to each
+    whole answer, then handed to the session in the reads `cut` makes of it; after each,
+    the session's count of unanswered requests and its transaction status go to `seen`.
+    Returns what undoes it."""
+    port = raw.writer.get_extra_info("sockname")[1]
+    (session,) = [s for s in proxy.service.server.sessions if s.peer.endswith(f":{port}")]
+    transport = session.origin_transport
+    assert transport is not None
+    protocol: Any = transport.get_protocol()  # OriginSide; its data_received is swapped
+    deliver = session.origin_data
+    gathered = bytearray()
+
+    def received(data: bytes) -> None:
+        gathered.extend(data)
+        frames, used = pgwire.scan_frames(gathered)
+        if used != len(gathered) or not frames or frames[-1][0] != pgwire.MSG_READY_FOR_QUERY:
+            return  # not one whole answer yet
+        answer = bytes(gathered)
+        gathered.clear()
+        for piece in cut(answer):
+            deliver(piece)
+            seen.append((session.inflight, session.state.tx_status))
+
+    def undo() -> None:
+        protocol.data_received = deliver
+        transport.set_protocol(protocol)
+
+    protocol.data_received = received
+    transport.set_protocol(protocol)  # uvloop reads data_received again only here
+    return undo
+
+
+async def test_a_read_ending_in_a_row_that_looks_like_ready_for_query_is_not_an_answers_end(
+    proxy: RunningProxy,
+) -> None:
+    """A pass-through answer is known whole by its last six bytes, a ReadyForQuery, and one
+    walk over the frames before it that lands exactly there. A read that ends inside a row,
+    in six bytes that look like one, is no answer's end: the walk crosses them, the request
+    stays unanswered and the transaction status is not what the row says."""
+    raw = await Raw.connect(proxy.port)
+    try:
+
+        def after_the_row(answer: bytes) -> list[bytes]:
+            frames, _ = pgwire.scan_frames(answer)
+            row_end = next(end for mtype, _, end in frames if mtype == pgwire.MSG_DATA_ROW)
+            assert answer[:row_end].endswith(FAKE_READY)
+            return [answer[:row_end], answer[row_end:]]
+
+        seen: list[tuple[int, bytes]] = []
+        undo = proxy.call(_cut_origin_reads(proxy, raw, after_the_row, seen))
+        raw.send(parse("", f"SELECT '\\x{FAKE_READY.hex()}'::bytea"), _bind_binary_results(), execute(), SYNC)
+        answer = await raw.until_ready()
+        assert rows(answer) == [[FAKE_READY]] and kinds(answer) == b"12DCZ"
+        proxy.call(asyncio.sleep(0))  # the proxy's callback has returned
+        assert seen == [(1, b"I"), (0, b"I")]
+        proxy.loop.call_soon_threadsafe(undo)
+        # Alone in their answers: an error, and a changed setting the session takes in.
+        raw.send(query("SELECT * FROM no_such_table"))
+        assert kinds(await raw.until_ready()) == b"EZ"
+        raw.send(query("SET application_name = 'alone'"))
+        assert (b"S", b"application_name\x00alone\x00") in await raw.until_ready()
+        raw.send(query("SELECT 7"))
+        assert rows(await raw.until_ready()) == [[b"7"]]
+        port = raw.writer.get_extra_info("sockname")[1]
+        (session,) = [s for s in proxy.service.server.sessions if s.peer.endswith(f":{port}")]
+        assert session.state.server_params["application_name"] == "alone"
+        assert (session.inflight, session.state.tx_status) == (0, b"I")
     finally:
         await raw.close()
