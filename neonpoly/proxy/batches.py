@@ -49,11 +49,7 @@ class BatchHandling(CacheDecisions):
         if refusal is None and info is not None and not info.cacheable:
             refusal = (info.status or Status.UNCACHEABLE, info.reason)
         template = info.template_id if info is not None else ""
-        # A plan that parses or closes is made anew for each batch (plan_shaped): no memo.
-        source = plan if not plan.ops else None
-        decision = self._cache_decision(
-            refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read, source
-        )
+        decision = self._cache_decision(refusal, template, plan.tables, plan.shadowable, item, out, plan.settings_read)
         status, reason = decision.status, decision.reason
         if flush and status is Status.MISS and any(t == MSG_BIND for t, _ in batch):
             # Its portal must exist at the origin for the Execute that follows the Flush.

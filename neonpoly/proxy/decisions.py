@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
@@ -23,11 +24,19 @@ from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TARGET_STATEMENT, TX_IDLE
 from neonpoly.proxy.hits import HitMemo, hit_tallies
 from neonpoly.proxy.learning import IdentityLearning
-from neonpoly.proxy.misses import MAX_MISS_MEMOS, Decision, MissMemo
 from neonpoly.proxy.pending import Pending
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
+
+
+# Not frozen: one is made for every request, and a frozen dataclass's __init__ (one
+# object.__setattr__ per field) costs four times a plain one's. Nothing changes it once made.
+@dataclass(slots=True)
+class Decision:
+    status: Status
+    reason: str  # an explanation for SHOW QUERIES and the console ("" for a miss)
+    resolution: Resolution | None = None  # what the catalog said, for a miss to be stored
 
 
 _NOTHING_TO_RESOLVE = Resolution(frozenset(), None, None)
@@ -50,7 +59,6 @@ class CacheDecisions(IdentityLearning):
         self.tx_writes_everything = False
         self.writing_cursors = False  # a cursor over a query that may write was declared
         self.hit_seen: HitMemo | None = None  # a plain read just answered from the cache (hits.py)
-        self.miss_memos: dict[int, MissMemo] = {}  # id(classification or plan) -> its MISS (misses.py)
 
     def _query(self, body: bytes, raw: bytes, out: list[bytes]) -> None:
         sql = pgwire.query_text(body)
@@ -65,7 +73,7 @@ class CacheDecisions(IdentityLearning):
             self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
         decision = self._cache_decision(
-            refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read, info
+            refusal, info.template_id, info.tables_read, info.shadowable, item, out, info.settings_read
         )
         cache = self.route.cache if self.route else None
         if decision.status is Status.MISS and cache is not None:
@@ -101,48 +109,15 @@ class CacheDecisions(IdentityLearning):
         item: Pending,
         out: list[bytes] | None,
         settings: frozenset[str] = frozenset(),
-        source: object = None,
     ) -> Decision:
         """The status of a request and why, after what the catalog says about what it reads
-        and calls. `source`: the classification or plan the other arguments were read from;
-        a MISS of it is remembered, and decided again from the memo while that holds
-        (misses.py)."""
-        cache = self.route.cache if self.route else None
-        if source is None or refusal is not None or cache is None:
-            return self._decide(cache, refusal, template_id, tables, shadowable, item, out, settings)
-        memos = self.miss_memos
-        memo = memos.get(id(source))
-        busy = bool(self.pending) and self._busy()
-        if memo is not None and memo.holds(source, template_id, tables, shadowable, settings, cache, self.state, busy):
-            return memo.decision
-        rules = cache.refusals_version()  # before: a move while deciding fails the memo's check
-        decision = self._decide(cache, refusal, template_id, tables, shadowable, item, out, settings)
-        identity = self.state.identity
-        if decision.status is Status.MISS and decision.resolution is not None and identity and rules is not None:
-            if len(memos) >= MAX_MISS_MEMOS:
-                memos.clear()
-            memos[id(source)] = MissMemo(
-                source, template_id, tables, shadowable, settings, cache, identity, rules, decision
-            )
-        return decision
-
-    def _decide(
-        self,
-        cache: QueryCache | None,
-        refusal: tuple[Status, str] | None,
-        template_id: str,
-        tables: frozenset[str],
-        shadowable: frozenset[str],
-        item: Pending,
-        out: list[bytes] | None,
-        settings: frozenset[str],
-    ) -> Decision:
-        """`_cache_decision` in full.
+        and calls.
 
         Reading a relation whose definition or policies run code of the user's is like calling
         that code: it may write or change the session. When the catalog has not answered yet,
         the question goes out ahead of the request (if the session is idle) and the request is
         judged again when it completes."""
+        cache = self.route.cache if self.route else None
         if cache is None:
             return Decision(Status.DISABLED, "caching is off for this connection string")
         resolution: Resolution | None = _NOTHING_TO_RESOLVE
