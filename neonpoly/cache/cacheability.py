@@ -47,19 +47,20 @@ class Cacheability:
         self.clock = clock
         self._unread: OrderedDict[bytes, str] = OrderedDict()  # key -> template id
         self._scores: OrderedDict[str, _Score] = OrderedDict()
-        self._suppressed: dict[str, float] = {}  # template id -> until (only those in backoff)
+        # template id -> until (only those in backoff); read by QueryCache's per-miss questions
+        self.suppressed: dict[str, float] = {}
 
     @property
     def suppressing(self) -> bool:
-        return bool(self._suppressed)
+        return bool(self.suppressed)
 
     def capturing(self, template_id: str) -> bool:
         """May a miss of this template be captured now? (The hot question: one dict lookup.)"""
-        until = self._suppressed.get(template_id)
+        until = self.suppressed.get(template_id)
         if until is None:
             return True
         if self.clock() >= until:
-            del self._suppressed[template_id]  # probe again
+            del self.suppressed[template_id]  # probe again
             return True
         return False
 
@@ -88,7 +89,7 @@ class Cacheability:
             score = self._scores[template_id] = _Score()
             if len(self._scores) > MAX_TEMPLATES:
                 old, _ = self._scores.popitem(last=False)
-                self._suppressed.pop(old, None)
+                self.suppressed.pop(old, None)
         else:
             self._scores.move_to_end(template_id)
         if read:
@@ -99,7 +100,7 @@ class Cacheability:
             return
         if score.read < MIN_USEFUL * (score.read + score.wasted):
             score.until = self.clock() + score.backoff
-            self._suppressed[template_id] = score.until
+            self.suppressed[template_id] = score.until
             score.backoff = min(score.backoff * 2, MAX_BACKOFF)
             score.suppressed += 1
         else:
@@ -109,7 +110,7 @@ class Cacheability:
 
     def explain(self, template_id: str) -> str | None:
         """Why misses of this template are not stored, or None when they are."""
-        until = self._suppressed.get(template_id)
+        until = self.suppressed.get(template_id)
         if until is None:
             return None
         score = self._scores.get(template_id)
@@ -123,7 +124,7 @@ class Cacheability:
     def forget(self) -> None:
         self._unread.clear()
         self._scores.clear()
-        self._suppressed.clear()
+        self.suppressed.clear()
 
     def sizes(self) -> dict[str, int]:
-        return {"unread": len(self._unread), "scores": len(self._scores), "suppressed": len(self._suppressed)}
+        return {"unread": len(self._unread), "scores": len(self._scores), "suppressed": len(self.suppressed)}

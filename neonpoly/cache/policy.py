@@ -27,6 +27,7 @@ template (from sqlglot's tokens, see `template.py`) is for display and grouping 
 from __future__ import annotations
 
 import re
+import string
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -62,6 +63,12 @@ _NUMBER = re.compile(r"\d(?<![\w$.'@]\d)\d*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])"
 _DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
 # A string, a comment (not nested), or a number as _NUMBER finds them: _shape_commented.
 _KEPT_OR_NUMBER = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/|" + _NUMBER.pattern)
+# _numbers_zeroed: what may follow a number at the end of a text, the number's digits, and
+# the (ASCII) characters after which a run of digits is no number of _NUMBER's (\w, $.'@).
+_TRAILER = " \t\n\r\f\v;"
+_DIGITS = "0123456789"
+_DIGIT_BYTES = _DIGITS.encode()
+_BEFORE_NO_NUMBER = frozenset(string.ascii_letters + string.digits + "_$.'@")
 _SHAPE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _exact: OrderedDict[str, Classification] = OrderedDict()
 _shapes: OrderedDict[str, Classification] = OrderedDict()
@@ -125,7 +132,7 @@ def _shape(sql: str) -> str:
     if '"' in sql or "\\" in sql or ("$" in sql and _DOLLAR_QUOTE.search(sql)):
         return sql
     if "'" not in sql:
-        return _NUMBER.sub("0", sql)  # no strings: a number in a comment changes nothing
+        return _numbers_zeroed(sql)  # no strings: a number in a comment changes nothing
     if "--" in sql or "/*" in sql:
         return _shape_commented(sql)
     parts = sql.split("'")  # outside strings at even places ('' inside one: an empty outside)
@@ -135,6 +142,25 @@ def _shape(sql: str) -> str:
     for i in range(2, len(parts), 2):  # after a closing quote: as _NUMBER sees a number there
         parts[i] = _NUMBER.sub("0", "'" + parts[i])[1:]
     return "'".join(parts)
+
+
+def _numbers_zeroed(sql: str) -> str:
+    """`_NUMBER.sub("0", sql)`, and without the regex's scan of every character (most of a
+    new text's cost) when the text's only digits are one number at its end, before spaces
+    or a semicolon (pgbench -S, ORM lookups by id): then that number is the one match, since
+    the regex takes a run of digits preceded by none of `\\w$.'@` and followed by none of
+    `\\w.` whole (tests/unit/test_shape_memo.py compares both on random texts)."""
+    body = sql.rstrip(_TRAILER)
+    head = body.rstrip(_DIGITS)
+    if (
+        len(head) == len(body)
+        or not head
+        or head[-1] in _BEFORE_NO_NUMBER
+        or not head.isascii()
+        or len(head.encode().translate(None, _DIGIT_BYTES)) != len(head)
+    ):
+        return _NUMBER.sub("0", sql)
+    return head + "0" + sql[len(body) :]
 
 
 def _shape_commented(sql: str) -> str:

@@ -36,6 +36,7 @@ DEFAULT_ADMIT_AFTER = 2
 # that was not needed yet), never serve a wrong answer.
 _SIGHT_SLOTS = 1 << 22
 _SIGHTINGS_AGE = 1 << 20
+_SLOT_MASK = _SIGHT_SLOTS - 1
 _TWO_SLOTS = struct.Struct("<II")  # a key's two slots: its first and second four bytes
 # Digests of stored answers kept to tell adaptive TTL whether a refetch changed.
 _DIGESTS_LIMIT = 32_768
@@ -133,19 +134,20 @@ class QueryCache:
         """Count a sighting; True when this miss should be stored (Time To First Hit) and its
         template's entries are read before they are evicted (see cache/cacheability.py)."""
         cacheability = self.cacheability
-        if cacheability.suppressing and not cacheability.capturing(template_id):
+        if cacheability.suppressed and not cacheability.capturing(template_id):
             return False
-        if self.admit_after == 1:
+        admit_after = self.admit_after
+        if admit_after == 1:
             return True
         # Asked for every miss: plain int operations, no min()/max() calls.
         counts = self._sightings
         a, b = _TWO_SLOTS.unpack_from(key)
-        a &= _SIGHT_SLOTS - 1
-        b &= _SIGHT_SLOTS - 1
+        a &= _SLOT_MASK
+        b &= _SLOT_MASK
         count_a = counts[a]
         count_b = counts[b]
         seen = (count_a if count_a < count_b else count_b) + 1
-        if seen >= self.admit_after:
+        if seen >= admit_after:
             return True
         if count_a < seen:
             counts[a] = seen
@@ -265,7 +267,7 @@ class QueryCache:
 
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         tally = ticket.tally
-        if tally is not None and not self.cacheability.suppressing and not log.isEnabledFor(logging.DEBUG):
+        if tally is not None and not self.cacheability.suppressed and not log.isEnabledFor(logging.DEBUG):
             # A plain miss (miss_ticket), the first sighting of most texts: counted in its
             # template's tally (a few int operations), folded in before anyone reads them.
             self.stats.miss(tally, latency_s)

@@ -80,9 +80,9 @@ class CacheDecisions(IdentityLearning):
             # b"Q" tags a simple query's key material (batches.py has b"H" and b"X"); the tags
             # are part of every stored key: changing one orphans a persisted cache.
             key = cache.key(self.state.context(), b"Q" + body)
-            payload = cache.lookup(key)
-            if payload is not None and not self._busy() and not self.batch_open:
-                self._answer_locally(payload, [info], item)
+            entry = cache.lookup_entry(key)
+            if entry is not None and not self._busy() and not self.batch_open:
+                self._answer_locally(entry.payload, [info], item)
                 if not info.has_effects:
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
                                    info.shadowable, [info], (raw, info))  # fmt: skip
@@ -466,6 +466,19 @@ class CacheDecisions(IdentityLearning):
 
     def _complete(self, item: Pending) -> None:
         """A response ended (ReadyForQuery): evict again, store, count."""
+        if not (
+            item.capture is not None or item.book_ops or item.deallocates or item.reads or item.trusts or item.writes
+            or item.writes_everything or item.keyed or item.commits or self.tx_writes or self.tx_writes_everything
+            or self.tx_keyed
+        ):  # fmt: skip
+            # Nothing to settle, evict or store (a miss not captured, the common one): what
+            # the rest would do then is count it.
+            cache = self.route.cache if self.route else None
+            if cache is not None and item.stats:
+                elapsed = time.monotonic() - item.started
+                for ticket in item.stats:
+                    cache.record(ticket, elapsed, 0)
+            return
         confirmed = self._settle_book(item) if item.book_ops or item.deallocates else True
         committed = self.state.tx_status == TX_IDLE
         cache = self.route.cache if self.route else None

@@ -84,6 +84,17 @@ class Relay(BatchHandling):
                 return
             buf = _take(self.cbuf, used)
         else:
+            if (
+                data[0] == MSG_QUERY
+                and len(data) > 5
+                and not batch.messages
+                and self.stream is None
+                and self.route is not None
+                and self.route.cache is not None
+                and 4 <= _LENGTH.unpack_from(data, 1)[0] == len(data) - 1 <= pgwire.SMALL_MESSAGE_LIMIT
+            ):
+                self._lone_query(data)
+                return
             frames, used = pgwire.scan_frames(data, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
             if used < len(data):
                 self.cbuf += data[used:]
@@ -149,6 +160,17 @@ class Relay(BatchHandling):
             # ever syncs: forward them now (such a batch is not cached).
             self._open_stream(out)
         self._write_origin(out)
+
+    def _lone_query(self, data: bytes) -> None:
+        """The loop below for a read that is one whole, valid simple Query and nothing else
+        (cbuf empty, no batch or stream open, a cache on the route): the most common read,
+        a first sighting (a miss) most of all, spared the frame list and the loop."""
+        out: list[bytes] = []
+        self.hit_seen = None
+        self._query(data[5:], data, out)
+        if self.hit_seen is not None:
+            self._remember_hit([(MSG_QUERY, 0, len(data))], data, True)
+        self._write_origin(out)  # (a Query opens no batch: nothing to stream, unlike below)
 
     def _remember_hit(self, frames: list[tuple[int, int, int]], buf: bytes, fresh: bool) -> None:
         """The read was one request answered from the cache: remember it by its bytes."""
