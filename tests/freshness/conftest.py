@@ -144,12 +144,14 @@ async def feed_proxy(
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of the test's own (the plane's tests kill and restart it)."""
+    """A redis-server of the test's own (the plane's tests kill and restart it), holding the
+    plane's epoch of an hour ago (`age_epoch`: the nodes need not wait out rule 5 to start)."""
     binary = redis_server_binary()
     if binary is None:
         pytest.fail("redis-server is not installed (.ci/run installs the Debian package redis-server)")
     server = RedisServer(binary)
     server.start()
+    server.age_epoch()
     try:
         yield server
     finally:
