@@ -80,8 +80,9 @@ class RedisServer:
                 "return redis.call('SET', KEYS[1], ARGV[1] .. '@' .. made, 'NX')"
             )
             args = ["EVAL", script, "1", f"{prefix}:epoch", os.urandom(8).hex(), str(int(seconds * 1000))]
-            conn.sendall(f"*{len(args)}\r\n".encode() + b"".join(
-                f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args))
+            conn.sendall(
+                f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+            )
             reply = conn.recv(64)
             assert reply.startswith(b"+OK"), reply
 
