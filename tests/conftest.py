@@ -13,7 +13,10 @@ from types import FrameType
 
 import pytest
 
+from tests.background import Background
 from tests.pgharness import PgServer, cleanup_all, start_pg_server, sweep_stale_dirs
+
+_early: list[Background] = []
 
 
 def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -27,7 +30,18 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the checkers of the collected tests marked `@starts_early` (tests/background.py)."""
+    for item in session.items:
+        job = getattr(getattr(item, "function", None), "background", None)
+        if isinstance(job, Background) and job not in _early:
+            _early.append(job)
+            job.start()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    for job in _early:
+        job.stop()
     cleanup_all()
 
 

@@ -12,8 +12,9 @@ burns CPU. PolyScale calls the fix a cacheability score; ours is per (cache, tem
   copied), then captured again to probe; each failed probe doubles the backoff up to
   `MAX_BACKOFF`, a good window resets it. So a template recovers when the write rate drops.
 
-Bounds: at most `MAX_UNREAD` unread keys and `MAX_TEMPLATES` scores per cache (oldest
-forgotten first; forgetting only loses evidence, never correctness).
+Bounds: at most `MAX_UNREAD` unread keys (a constructor parameter, so a test can prove the
+bound without 65k keys) and `MAX_TEMPLATES` scores per cache (oldest forgotten first;
+forgetting only loses evidence, never correctness).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class _Score:
 class Cacheability:
     """Per-template record of whether stored entries get read before they are evicted."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], max_unread: int = MAX_UNREAD) -> None:
         self.clock = clock
+        self.max_unread = max_unread
         self._unread: OrderedDict[bytes, str] = OrderedDict()  # key -> template id
         self._scores: OrderedDict[str, _Score] = OrderedDict()
         # template id -> until (only those in backoff); read by QueryCache's per-miss questions
@@ -69,7 +71,7 @@ class Cacheability:
             # Stored again while never read: the previous entry is gone unread.
             self._outcome(self._unread.pop(key), False)
         self._unread[key] = template_id
-        if len(self._unread) > MAX_UNREAD:
+        if len(self._unread) > self.max_unread:
             self._unread.popitem(last=False)
 
     def served(self, key: bytes) -> None:

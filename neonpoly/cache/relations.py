@@ -217,7 +217,8 @@ class RelationBook:
     """Per cache: what each (database, relation name) was found to be, and which builtin
     names each database shadows with objects of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_relations: int = MAX_RELATIONS) -> None:
+        self.max_relations = max_relations  # a parameter so a test proves the bound with a few
         self._known: dict[tuple[str, str], Relation] = {}
         # database -> builtin name ("lower()", "operator =") -> schemas holding a rival
         self._shadowed: dict[str, dict[str, frozenset[str]]] = {}
@@ -389,7 +390,7 @@ class RelationBook:
         self._shadowed.setdefault(database, {})
 
     def _bound(self) -> None:
-        if len(self._known) >= MAX_RELATIONS:
+        if len(self._known) >= self.max_relations:
             self._known.clear()
             self._followed.clear()
 

@@ -66,6 +66,26 @@ class RedisServer:
                 raise RuntimeError("redis-server did not answer PING")
             time.sleep(0.02)
 
+    def age_epoch(self, seconds: float = 3600.0, prefix: str = "neonpoly") -> None:
+        """Make the plane's epoch as if this Redis had served it for `seconds`, with nobody cut
+        off: nodes then join as they join a long-running plane, without rule 5's wait for
+        nodes cut off when Redis lost its data (which a fresh Redis otherwise means: `fence`,
+        up to 11 s with the attacks' timings). A Redis killed and started again, or flushed,
+        mid-test is fresh as ever: the tests of rule 5 lose its data after this."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            # MAKE_EPOCH's value (token@ms, Redis's clock), set with NX before any node does.
+            script = (
+                "local t = redis.call('TIME') "
+                "local made = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2]) "
+                "return redis.call('SET', KEYS[1], ARGV[1] .. '@' .. made, 'NX')"
+            )
+            args = ["EVAL", script, "1", f"{prefix}:epoch", os.urandom(8).hex(), str(int(seconds * 1000))]
+            conn.sendall(
+                f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+            )
+            reply = conn.recv(64)
+            assert reply.startswith(b"+OK"), reply
+
     def kill(self) -> None:
         """SIGKILL by PID: Redis vanishes as in a crash, with its data (no persistence)."""
         process, self.process = self.process, None

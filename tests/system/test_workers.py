@@ -111,17 +111,25 @@ async def test_connections_spread_and_the_admin_console_adds_every_worker(pg: Pg
 async def test_a_cancel_reaches_the_worker_holding_the_session(pg: PgServer, tmp_path: Path) -> None:
     """A CancelRequest arrives on its own connection, which the kernel may give to the other
     worker: that one must hand it over. Eight tries: each lands on either worker."""
+    sleep = f"SELECT pg_sleep(30) -- {uuid.uuid4().hex[:8]}"
     with workers_proxy(pg, tmp_path / "cache") as proxy:
         for _ in range(8):
             async with await psycopg.AsyncConnection.connect(proxy.url(), autocommit=True) as conn:
 
                 async def cancel_soon(conn: psycopg.AsyncConnection[object] = conn) -> None:
-                    await asyncio.sleep(0.5)
+                    # Once the origin runs the query (not after a fixed sleep): then cancel it.
+                    async with pg.superuser_conn() as watch:
+                        deadline = time.monotonic() + 30
+                        while not await watch.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1", sleep
+                        ):
+                            assert time.monotonic() < deadline, "the origin never ran the query"
+                            await asyncio.sleep(0.01)
                     await conn.cancel_safe()
 
                 task = asyncio.create_task(cancel_soon())
                 with pytest.raises(psycopg.errors.QueryCanceled):
-                    await conn.execute("SELECT pg_sleep(30)")
+                    await conn.execute(sleep)
                 await task
 
 

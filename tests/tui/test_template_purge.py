@@ -71,6 +71,8 @@ async def test_purge_one_template_and_show_its_details(pg: PgServer, control: Lo
             await pilot.press("enter")
             details = app.screen
             assert isinstance(details, TemplateDetailsModal)
+            # Its labels are mounted after it is pushed: on a loaded machine, after the press returned.
+            await _until(lambda: bool(details.query(".detail-value")))
             values = [str(label.content) for label in details.query(".detail-value").results(Label)]
             assert purged.template_id in values
             assert "tpl_items" in values  # tables
