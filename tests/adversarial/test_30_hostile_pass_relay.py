@@ -1,0 +1,359 @@
+"""Hostile review of the pass-through fast path (`Relay._pass_origin`, `Session.passing`) and
+the tail-first check of `_origin_fast`: an answer is taken as whole when its last six bytes
+are a ReadyForQuery and one walk over the frames before it lands exactly there.
+
+The origin's bytes for a session are gathered up to each whole answer (or the start of a
+COPY IN) and handed to the session cut at every byte boundary in turn, one cut per answer;
+after each answer the session's unanswered-request count, transaction status and settings
+must be what the answer says, and the client must get what a direct connection gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from neonpoly import pgwire
+from neonpoly.proxy.session import Session
+from tests.adversarial import rawpg
+from tests.adversarial.harness import Env, unique
+from tests.adversarial.rawpg import SYNC, Message, Raw, execute, kinds, parse, query
+from tests.pgharness import PgServer
+from tests.proxy.caching import CachingProxy, caching_proxy
+
+Cut = Callable[[bytes], list[bytes]]
+FAKE = (b"Z\x00\x00\x00\x05I", b"Z\x00\x00\x00\x05T", b"Z\x00\x00\x00\x05E")
+
+
+@contextlib.asynccontextmanager
+async def serving(pg: PgServer, tmp_path: Path, *, cache: bool) -> AsyncIterator[CachingProxy]:
+    async with caching_proxy(pg, tmp_path / "cache", enabled=cache) as proxy:
+        yield proxy
+
+
+def session_of(proxy: CachingProxy, pid: int) -> Session:
+    (session,) = [s for s in proxy.service.server.sessions if s.origin_key and s.origin_key[0] == pid]
+    return session
+
+
+class Sweep:
+    """Cuts each whole answer in two at the next byte boundary (1, 2, ... len-1, again);
+    `three` cuts it in three instead (k and the middle of the rest)."""
+
+    def __init__(self, three: bool = False) -> None:
+        self.i = 0
+        self.three = three
+
+    def __call__(self, answer: bytes) -> list[bytes]:
+        if len(answer) < 2:
+            return [answer]
+        k = self.i % (len(answer) - 1) + 1
+        self.i += 1
+        if not self.three or len(answer) - k < 2:
+            return [answer[:k], answer[k:]]
+        j = k + (len(answer) - k) // 2
+        return [answer[:k], answer[k:j], answer[j:]]
+
+
+class Tear:
+    """The origin's reads for one session, gathered and re-delivered in the pieces `cut`
+    makes. Pass `cut=None` to forward reads untouched again."""
+
+    def __init__(self, session: Session, cut: Cut | None, *, pipelined: bool = False) -> None:
+        self.session = session
+        self.pipelined = pipelined  # requests may still be outstanding after an answer
+        self.cut = cut
+        self.deliver = session.origin_data
+        self.gathered = bytearray()
+        self.answers: list[bytes] = []
+        self.wrong: list[str] = []  # what the session believed after an answer, when wrong
+        transport = session.origin_transport
+        assert transport is not None
+        self.protocol: Any = transport.get_protocol()
+        self.protocol.data_received = self.received
+        transport.set_protocol(self.protocol)  # uvloop reads data_received again only here
+
+    def received(self, data: bytes) -> None:
+        if self.cut is None:
+            self.deliver(data)
+            return
+        self.gathered.extend(data)
+        frames, used = pgwire.scan_frames(self.gathered)
+        if used != len(self.gathered) or not frames or frames[-1][0] not in (ord("Z"), ord("G")):
+            return
+        answer = bytes(self.gathered)
+        self.gathered.clear()
+        self.answers.append(answer)
+        for piece in self.cut(answer):
+            self.deliver(piece)
+        if frames[-1][0] == ord("Z"):
+            status = answer[-1:]
+            believed = (self.session.inflight, self.session.state.tx_status)
+            if self.pipelined:
+                believed = (0, believed[1])
+            if believed != (0, status) and not self.session.pending:
+                self.wrong.append(f"after {answer[-40:]!r}: {believed}")
+
+
+def normal(msgs: list[Message]) -> list[Message]:
+    """What must match a direct connection: every message, but notices' and errors' source
+    lines and a backend's pid in notifications."""
+    out: list[Message] = []
+    for t, body in msgs:
+        if t in (b"E", b"N"):
+            fields = pgwire.parse_error_fields(body)
+            out.append((t, repr(sorted((k, v) for k, v in fields.items() if k in "SCM")).encode()))
+        elif t == b"A":
+            out.append((t, body[4:]))
+        elif t == b"K":
+            continue
+        else:
+            out.append((t, body))
+    return out
+
+
+async def raw_pid(raw: Raw) -> int:
+    raw.send(query("SELECT pg_backend_pid()"))
+    return int(rawpg.rows(await raw.until_ready())[0][0] or b"0")
+
+
+def bind_binary() -> bytes:
+    """Bind the unnamed statement, no parameters, results in binary (a bytea comes raw)."""
+    return pgwire.frame(b"B", pgwire.cstr("") + pgwire.cstr("") + struct.pack("!hh", 0, 0) + struct.pack("!hh", 1, 1))
+
+
+def fake_rows(fake: bytes) -> bytes:
+    """A batch answered with rows whose bytes end like a ReadyForQuery, one per row, and a
+    row whose text columns end in one across a column boundary."""
+    sql = f"SELECT '\\x{fake.hex()}'::bytea FROM generate_series(1, 2)"
+    return parse("", sql) + bind_binary() + execute() + SYNC
+
+
+# Simple-protocol requests whose answers the pass-through must read right at every cut:
+# settings, errors mid-way, transactions, notices, empty queries, and rows that look like
+# a ReadyForQuery across a column boundary.
+SCRIPT = [
+    "SELECT 'xZ', 'IIIII'",
+    "SELECT 1; SELECT 1/0; SELECT 2",
+    "",
+    "BEGIN",
+    "SELECT 'in'",
+    "SELECT 1/0",
+    "SELECT 1",
+    "ROLLBACK",
+    "BEGIN; SET LOCAL application_name = 'local'; SELECT 'T'",
+    "COMMIT",
+    "SET application_name = 'torn'",
+    "SELECT set_config('application_name', 'viaselect', false)",
+    "SET ROLE trust_user",
+    "RESET ROLE",
+    "SET SESSION AUTHORIZATION trust_user",
+    "RESET SESSION AUTHORIZATION",
+    "SET DateStyle = 'German'",
+    "RESET ALL",
+    "DO $$BEGIN RAISE NOTICE 'before'; PERFORM set_config('application_name', 'indo', false); END$$",
+    "LISTEN hostile30; NOTIFY hostile30, 'Z'; SELECT 'after'",
+    "UNLISTEN *",
+    "SELECT 1; SET application_name = 'multi'; SELECT 1/0; SET application_name = 'never'",
+    "BEGIN; SELECT 1/0",
+    "ROLLBACK",
+]
+
+
+async def run_script(raw: Raw, script: list[str], repeat: int) -> list[list[Message]]:
+    out = []
+    for _ in range(repeat):
+        for sql in script:
+            raw.send(query(sql))
+            out.append(normal(await raw.until_ready()))
+        raw.send(fake_rows(FAKE[len(out) % 3]))
+        out.append(normal(await raw.until_ready()))
+    return out
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["pass", "cache"])
+async def test_every_cut_of_every_answer_reads_as_a_direct_connection(
+    pg: PgServer, tmp_path: Path, cache: bool
+) -> None:
+    """Each answer of the script cut at successive byte boundaries (2 or 3 pieces): the client
+    gets what a direct connection gets, and after each answer the session knows no request
+    unanswered and the transaction status the answer ends in; its settings follow."""
+    async with serving(pg, tmp_path, cache=cache) as proxy:
+        direct = await Raw.connect(pg.port)
+        via = await Raw.connect(proxy.port)
+        try:
+            session = session_of(proxy, await raw_pid(via))
+            assert session.passing is not cache
+            for three in (False, True):
+                expected = await run_script(direct, SCRIPT, 1)
+                tear = Tear(session, Sweep(three))
+                got = await run_script(via, SCRIPT, 1)
+                assert got == expected
+                tear.cut = None
+                assert tear.wrong == []
+            for name, value in dict(await_params(expected)).items():
+                assert session.state.server_params.get(name) == value, name
+        finally:
+            await via.close()
+            await direct.close()
+
+
+def await_params(answers: list[list[Message]]) -> list[tuple[str, str]]:
+    out = []
+    for msgs in answers:
+        for t, body in msgs:
+            if t == b"S":
+                out.append(pgwire.parse_parameter_status(body))
+    return out
+
+
+async def test_fake_ready_rows_at_every_cut(pg: PgServer, tmp_path: Path) -> None:
+    """Binary bytea rows ending in each ReadyForQuery status, and a text row ending in one
+    across a column boundary: every cut of the answer, both walks."""
+    async with serving(pg, tmp_path, cache=False) as proxy:
+        via = await Raw.connect(proxy.port)
+        try:
+            session = session_of(proxy, await raw_pid(via))
+            tear = Tear(session, Sweep())
+            for fake in FAKE:
+                for _ in range(60):
+                    via.send(fake_rows(fake))
+                    msgs = await via.until_ready()
+                    assert rawpg.rows(msgs) == [[fake], [fake]] and kinds(msgs) == b"12DDCZ"
+            assert len(tear.answers) == 180 and tear.wrong == []
+        finally:
+            await via.close()
+
+
+async def test_pipelined_syncs_in_one_read_at_every_cut(pg: PgServer, tmp_path: Path) -> None:
+    """Three Syncs in one write, their three answers gathered into one origin read and cut at
+    every boundary: three answers, in order, and nothing counted as outstanding after."""
+    async with serving(pg, tmp_path, cache=False) as proxy:
+        via = await Raw.connect(proxy.port)
+        try:
+            session = session_of(proxy, await raw_pid(via))
+            batch = b"".join(
+                parse("", sql) + rawpg.bind("", "") + execute() + SYNC
+                for sql in ("SELECT 'one'", "SELECT 1/0", "SELECT 'three'")
+            )
+            tear = Tear(session, Sweep(), pipelined=True)
+            for _ in range(120):
+                via.send(batch)
+                a, b, c = (await via.until_ready(), await via.until_ready(), await via.until_ready())
+                assert (rawpg.rows(a), kinds(b), rawpg.rows(c)) == ([[b"one"]], b"1EZ", [[b"three"]])
+                assert session.inflight == 0
+            assert tear.answers and tear.wrong == []
+        finally:
+            await via.close()
+
+
+async def test_copy_in_and_out_torn(pg: PgServer, tmp_path: Path) -> None:
+    """COPY TO STDOUT and FROM STDIN through the pass-through with the origin's reads cut."""
+    table = unique("adv_copy")
+    async with serving(pg, tmp_path, cache=False) as proxy:
+        async with await psycopg.AsyncConnection.connect(proxy.url(), autocommit=True) as conn:
+            session = session_of(proxy, conn.info.backend_pid)
+            tear = Tear(session, Sweep(three=True))
+            await conn.execute(f"CREATE TABLE {table} (id int, v text)")
+            try:
+                for round_ in range(20):
+                    async with conn.cursor().copy(f"COPY {table} FROM STDIN") as copy:
+                        for i in range(5):
+                            await copy.write_row((round_ * 5 + i, f"Z\x05I{i}"))
+                    out = bytearray()
+                    async with conn.cursor().copy(f"COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT") as copy:
+                        async for chunk in copy:
+                            out += chunk
+                    assert out.count(b"\n") == (round_ + 1) * 5
+                    assert (session.inflight, session.state.tx_status) == (0, b"I")
+                assert tear.wrong == []
+            finally:
+                await conn.execute(f"DROP TABLE {table}")
+
+
+async def test_large_results_and_notifications_untouched(pg: PgServer, tmp_path: Path) -> None:
+    """MBs over many reads (the answer's last read ends in its ReadyForQuery), and
+    notifications arriving alone between answers: same bytes as a direct connection."""
+    async with serving(pg, tmp_path, cache=False) as proxy:
+        via = await asyncpg.connect(**proxy.dsn())
+        direct = await asyncpg.connect(**pg.dsn("postgres", "app"))
+        try:
+            for sql in (
+                "SELECT repeat('Z', 3000000) || E'\\x05I'",
+                "SELECT i, md5(i::text) FROM generate_series(1, 60000) i",
+                "SELECT decode(repeat('5a0000000549', 300000), 'hex')",
+            ):
+                a, b = await via.fetch(sql), await direct.fetch(sql)
+                assert hashlib.sha256(repr(a).encode()).digest() == hashlib.sha256(repr(b).encode()).digest()
+            got: asyncio.Queue[str] = asyncio.Queue()
+            await via.add_listener("hostile30", lambda *args: got.put_nowait(args[3]))
+            for i in range(5):
+                await direct.execute(f"NOTIFY hostile30, 'n{i}'")
+                assert await asyncio.wait_for(got.get(), 5) == f"n{i}"
+                assert await via.fetchval("SELECT $1::int", i) == i
+            session = session_of(proxy, via.get_server_pid())
+            assert (session.inflight, session.state.tx_status) == (0, b"I")
+        finally:
+            await via.close()
+            await direct.close()
+
+
+async def test_cancel_then_next_answer(pg: PgServer, tmp_path: Path) -> None:
+    """A cancelled statement through the pass-through: the error, then the next answer."""
+    async with serving(pg, tmp_path, cache=False) as proxy:
+        via = await asyncpg.connect(**proxy.dsn())
+        try:
+            task = asyncio.ensure_future(via.fetchval("SELECT pg_sleep(5)"))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await via.fetchval("SELECT 42") == 42
+            session = session_of(proxy, via.get_server_pid())
+            assert (session.inflight, session.state.tx_status) == (0, b"I")
+        finally:
+            await via.close()
+
+
+async def test_search_path_moved_under_torn_answers_then_cached_read(env: Env) -> None:
+    """Cache mode, the origin's answers cut at every boundary: a search_path moved by SET,
+    by set_config() in a SELECT and by a function, then the same read: as direct."""
+    s1, s2 = unique("adv_p1"), unique("adv_p2")
+    await env.admin(f"CREATE SCHEMA {s1}", f"CREATE SCHEMA {s2}",
+                    f"CREATE TABLE {s1}.t (v int)", f"INSERT INTO {s1}.t VALUES (1)",
+                    f"CREATE TABLE {s2}.t (v int)", f"INSERT INTO {s2}.t VALUES (2)",
+                    f"CREATE FUNCTION {s1}.go(p text) RETURNS int LANGUAGE sql AS "
+                    "$$ SELECT length(set_config('search_path', p, false)) * 0 $$",
+                    f"GRANT USAGE ON SCHEMA {s1}, {s2} TO PUBLIC",
+                    f"GRANT SELECT ON {s1}.t, {s2}.t TO PUBLIC")  # fmt: skip
+    env.on_cleanup(f"DROP SCHEMA IF EXISTS {s1} CASCADE", f"DROP SCHEMA IF EXISTS {s2} CASCADE")
+    twin = await env.twin()
+    assert isinstance(env.proxy, CachingProxy)
+    pid = await twin.via.backend_pid()
+    session = session_of(env.proxy, pid)
+    tear = Tear(session, Sweep(three=True))
+    read = "SELECT v FROM t"
+    for i in range(8):
+        first, second = (s1, s2) if i % 2 == 0 else (s2, s1)
+        await twin.both(f"SET search_path = {first}")
+        await twin.probe(read, require_hit=False)
+        await twin.both(f"SET search_path = {second}")
+        await twin.check(read, why=f"after SET search_path = {second}")
+        await twin.both(f"SELECT set_config('search_path', '{first}', false)")
+        await twin.check(read, why="after set_config() in a SELECT")
+        await twin.both(f"SELECT {s1}.go('{second}')")
+        await twin.check(read, why="after a function set search_path")
+        await twin.both("BEGIN", f"SET LOCAL search_path = {first}")
+        await twin.check(read, why="SET LOCAL inside a transaction")
+        await twin.both("ROLLBACK")
+        await twin.check(read, why="after the transaction rolled back")
+    assert tear.wrong == []
