@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from tests.adversarial.harness import Env, unique
 from tests.adversarial.rawpg import SYNC, Message, Raw, execute, kinds, parse, query
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy
+from tests.proxy.conftest import RunningProxy, start_proxy
 
 Cut = Callable[[bytes], list[bytes]]
 FAKE = (b"Z\x00\x00\x00\x05I", b"Z\x00\x00\x00\x05T", b"Z\x00\x00\x00\x05E")
@@ -86,9 +89,9 @@ class Tear:
         self.wrong: list[str] = []  # what the session believed after an answer, when wrong
         transport = session.origin_transport
         assert transport is not None
-        self.protocol: Any = transport.get_protocol()
-        self.protocol.data_received = self.received
-        transport.set_protocol(self.protocol)  # uvloop reads data_received again only here
+        protocol: Any = transport.get_protocol()  # OriginSide: its data_received is swapped
+        protocol.data_received = self.received
+        transport.set_protocol(protocol)  # uvloop reads data_received again only here
 
     def received(self, data: bytes) -> None:
         if self.cut is None:
@@ -115,19 +118,25 @@ class Tear:
             want_status = answer[done[-1] - 1 : done[-1]] if done else status
             want = (max(inflight - len(done), 0), want_status)
             if session.passing and (session.inflight, session.state.tx_status) != want:
-                self.wrong.append(f"after {delivered}/{len(answer)} of {answer[-30:]!r}: "
-                                  f"{(session.inflight, session.state.tx_status)} != {want}")
+                self.wrong.append(
+                    f"after {delivered}/{len(answer)} of {answer[-30:]!r}: "
+                    f"{(session.inflight, session.state.tx_status)} != {want}"
+                )
             if not session.passing and not session.pending and session.state.tx_status != want_status:
-                self.wrong.append(f"after {delivered}/{len(answer)} of {answer[-30:]!r}: "
-                                  f"status {session.state.tx_status!r} != {want_status!r}")
+                self.wrong.append(
+                    f"after {delivered}/{len(answer)} of {answer[-30:]!r}: "
+                    f"status {session.state.tx_status!r} != {want_status!r}"
+                )
             for mtype, start, end in frames:
                 if mtype == ord("S") and end <= delivered:
                     name, value = pgwire.parse_parameter_status(answer[start + 5 : end])
                     settings[name] = value
             for name, value in settings.items():
                 if session.state.server_params.get(name) != value:
-                    self.wrong.append(f"after {delivered}/{len(answer)}: {name} is "
-                                      f"{session.state.server_params.get(name)!r}, origin said {value!r}")
+                    self.wrong.append(
+                        f"after {delivered}/{len(answer)}: {name} is "
+                        f"{session.state.server_params.get(name)!r}, origin said {value!r}"
+                    )
 
 
 def normal(msgs: list[Message]) -> list[Message]:
@@ -299,25 +308,27 @@ async def test_pipelined_syncs_in_one_read_at_every_cut(pg: PgServer, tmp_path: 
 async def test_copy_in_and_out_torn(pg: PgServer, tmp_path: Path) -> None:
     """COPY TO STDOUT and FROM STDIN through the pass-through with the origin's reads cut."""
     table = unique("adv_copy")
-    async with serving(pg, tmp_path, cache=False) as proxy:
-        async with await psycopg.AsyncConnection.connect(proxy.url(), autocommit=True) as conn:
-            session = session_of(proxy, conn.info.backend_pid)
-            tear = Tear(session, Sweep(three=True))
-            await conn.execute(f"CREATE TABLE {table} (id int, v text)")
-            try:
-                for round_ in range(20):
-                    async with conn.cursor().copy(f"COPY {table} FROM STDIN") as copy:
-                        for i in range(5):
-                            await copy.write_row((round_ * 5 + i, f"Z\x05I{i}"))
-                    out = bytearray()
-                    async with conn.cursor().copy(f"COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT") as copy:
-                        async for chunk in copy:
-                            out += chunk
-                    assert out.count(b"\n") == (round_ + 1) * 5
-                    assert (session.inflight, session.state.tx_status) == (0, b"I")
-                assert tear.wrong == []
-            finally:
-                await conn.execute(f"DROP TABLE {table}")
+    async with (
+        serving(pg, tmp_path, cache=False) as proxy,
+        await psycopg.AsyncConnection.connect(proxy.url(), autocommit=True) as conn,
+    ):
+        session = session_of(proxy, conn.info.backend_pid)
+        tear = Tear(session, Sweep(three=True))
+        await conn.execute(f"CREATE TABLE {table} (id int, v text)")
+        try:
+            for round_ in range(20):
+                async with conn.cursor().copy(f"COPY {table} FROM STDIN") as copy:
+                    for i in range(5):
+                        await copy.write_row((round_ * 5 + i, f"Z\x05I{i}"))
+                out = bytearray()
+                async with conn.cursor().copy(f"COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT") as copy:
+                    async for chunk in copy:
+                        out += chunk
+                assert out.count(b"\n") == (round_ + 1) * 5
+                assert (session.inflight, session.state.tx_status) == (0, b"I")
+            assert tear.wrong == []
+        finally:
+            await conn.execute(f"DROP TABLE {table}")
 
 
 async def test_large_results_and_notifications_untouched(pg: PgServer, tmp_path: Path) -> None:
@@ -397,3 +408,61 @@ async def test_search_path_moved_under_torn_answers_then_cached_read(env: Env) -
         await twin.both("ROLLBACK")
         await twin.check(read, why="after the transaction rolled back")
     assert tear.wrong == []
+
+
+async def _tear_on_loop(running: RunningProxy, pid: int, cut: Cut) -> Tear:
+    (session,) = [s for s in running.service.server.sessions if s.origin_key and s.origin_key[0] == pid]
+    return Tear(session, cut)
+
+
+def test_uvloop_pass_through_every_cut_and_psql(pg: PgServer) -> None:
+    """What `neonpoly serve --no-cache` runs (uvloop, the origin over TLS): the script's
+    answers cut at their frames' starts and last six bytes, then psql's own script (errors
+    mid-way, \\copy both ways, a failed transaction rolled back) as psql straight to the origin
+    prints it."""
+    running = start_proxy(pg, loop="uvloop")
+    try:
+
+        async def script() -> tuple[list[list[Message]], list[list[Message]], list[str]]:
+            direct = await Raw.connect(pg.port)
+            via = await Raw.connect(running.port)
+            try:
+                pid = await raw_pid(via)
+                tear = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(_tear_on_loop(running, pid, Sweep(near_frames=True)), running.loop)
+                )
+                expected = await run_script(direct, SCRIPT, 1)
+                got = await run_script(via, SCRIPT, REPEAT)
+                assert len(tear.answers) >= len(SCRIPT) * REPEAT  # the cuts were made
+                return expected * REPEAT, got, tear.wrong
+            finally:
+                await via.close()
+                await direct.close()
+
+        expected, got, wrong = asyncio.run(script())
+        assert got == expected and wrong == []
+        table = unique("adv_psql")
+        lines = [
+            f"CREATE TEMP TABLE {table} (id int, v text);",
+            f"\\copy {table} FROM PROGRAM 'printf \"1\\tZ\\n2\\tI\\n\"'",
+            f"\\copy {table} TO STDOUT",
+            "SELECT 1 AS a; SELECT 1/0; SELECT 2;",
+            "BEGIN;", "SELECT 1/0;", "SELECT 'lost';", "ROLLBACK;",
+            "SET application_name = 'psql_torn';", "SHOW application_name;",
+            f"SELECT count(*), string_agg(v, ',' ORDER BY id) FROM {table};",
+            ";", "\\echo :LAST_ERROR_SQLSTATE",
+        ]  # fmt: skip
+
+        def psql(url: str) -> list[str]:
+            proc = subprocess.run(
+                ["psql", url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=0"],
+                input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=30,
+                env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
+            )  # fmt: skip
+            return [line.split(":  ")[-1] for line in (proc.stdout + proc.stderr).splitlines()]
+
+        printed = psql(running.url())
+        assert "1\tZ" in printed and "division by zero" in printed and "psql_torn" in printed
+        assert printed == psql(pg.url("postgres", "app"))
+    finally:
+        running.close()
