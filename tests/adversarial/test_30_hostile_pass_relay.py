@@ -466,3 +466,47 @@ def test_uvloop_pass_through_every_cut_and_psql(pg: PgServer) -> None:
         assert printed == psql(pg.url("postgres", "app"))
     finally:
         running.close()
+
+
+async def test_client_requests_torn_at_every_byte_are_counted_once(pg: PgServer, tmp_path: Path) -> None:
+    """The client's writes (a pipeline of three Syncs and two simple Queries) handed to the
+    session cut at every byte boundary: right after each write, the session counts exactly
+    the requests it holds whole, and every answer comes back in order."""
+    async with serving(pg, tmp_path, cache=False) as proxy:
+        via = await Raw.connect(proxy.port)
+        try:
+            session = session_of(proxy, await raw_pid(via))
+            transport: Any = session.client
+            protocol: Any = transport.get_protocol()  # ClientSide: its data_received is swapped
+            deliver = session.client_data
+            counted: list[tuple[int, int]] = []
+            cut = Sweep()
+
+            gathered = bytearray()
+
+            def received(data: bytes) -> None:
+                gathered.extend(data)  # one write may come in two reads: cut whole writes
+                frames, used = pgwire.scan_frames(gathered, allowed=pgwire.FRONTEND_TYPES)
+                if used != len(gathered):
+                    return
+                data = bytes(gathered)
+                gathered.clear()
+                ends = sum(1 for mtype, _, _ in frames if mtype in (ord("Q"), ord("S"), ord("F")))
+                before = session.inflight
+                for piece in cut(data):
+                    deliver(piece)
+                counted.append((session.inflight - before, ends))
+
+            protocol.data_received = received
+            transport.set_protocol(protocol)
+            batch = b"".join(parse("", f"SELECT {i}") + rawpg.bind("", "") + execute() + SYNC for i in range(3))
+            batch += query("SELECT 'q1'; SELECT 1/0") + query("")
+            for _ in range(len(batch)):
+                via.send(batch)
+                answers = [await via.until_ready() for _ in range(5)]
+                assert [rawpg.rows(a) for a in answers[:3]] == [[[b"0"]], [[b"1"]], [[b"2"]]]
+                assert [kinds(a) for a in answers[3:]] == [b"TDCEZ", b"IZ"]
+            assert session.inflight == 0
+            assert counted == [(5, 5)] * len(counted) and len(counted) >= len(batch)
+        finally:
+            await via.close()
