@@ -24,7 +24,7 @@ from tests.adversarial.conftest import WORKERS
 from tests.adversarial.harness import Client, Env, Login, Twin, unique
 from tests.proxy.workers import WorkersProxy
 
-pytestmark = pytest.mark.skipif(WORKERS < 2, reason="sibling workers: NEONPOLY_TEST_WORKERS=2 (serve --workers N)")
+workers_only = pytest.mark.skipif(WORKERS < 2, reason="sibling workers: NEONPOLY_TEST_WORKERS=2 (serve --workers N)")
 
 
 # --- which worker holds a session ------------------------------------------------------------
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(WORKERS < 2, reason="sibling workers: NEONPOLY_T
 def _client_port(client: Client) -> int:
     conn = client.conn
     if isinstance(conn, asyncpg.Connection):
-        transport: Any = conn._transport  # noqa: SLF001 - asyncpg keeps its socket there
+        transport: Any = conn._transport
         return int(transport.get_extra_info("sockname")[1])
     assert isinstance(conn, psycopg.AsyncConnection)
     sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
@@ -108,6 +108,7 @@ async def _learned(a: Client, table: str) -> None:
 # --- plain table bumps: the board's own path -------------------------------------------------
 
 
+@workers_only
 async def test_update_on_a_then_hit_on_b(env: Env) -> None:
     table = await env.table("adv_sib", "id int PRIMARY KEY, v int", "(1, 0)", "(2, 0)")
     a, b = await _pair(env)
@@ -119,6 +120,7 @@ async def test_update_on_a_then_hit_on_b(env: Env) -> None:
                                    f"UPDATE {table} SET v = v + 10 WHERE id = 1", why="a keyed write")  # fmt: skip
 
 
+@workers_only
 async def test_quoted_mixed_case_and_schema_qualified_names(env: Env) -> None:
     schema = unique("adv_Sch")
     name = f'"{schema}"."Mi x""Ed"'
@@ -136,12 +138,14 @@ async def test_quoted_mixed_case_and_schema_qualified_names(env: Env) -> None:
                                why="an unqualified write, a qualified read")  # fmt: skip
 
 
+@workers_only
 async def test_same_table_name_in_two_schemas_search_path(env: Env) -> None:
     s1, s2 = unique("adv_s1"), unique("adv_s2")
     await env.admin(f"CREATE SCHEMA {s1}", f"CREATE SCHEMA {s2}",
                     f"CREATE TABLE {s1}.t (v int)", f"INSERT INTO {s1}.t VALUES (1)",
                     f"CREATE TABLE {s2}.t (v int)", f"INSERT INTO {s2}.t VALUES (2)",
-                    f"GRANT USAGE ON SCHEMA {s1}, {s2} TO PUBLIC", f"GRANT ALL ON {s1}.t, {s2}.t TO PUBLIC")  # fmt: skip
+                    f"GRANT USAGE ON SCHEMA {s1}, {s2} TO PUBLIC",
+                    f"GRANT ALL ON {s1}.t, {s2}.t TO PUBLIC")  # fmt: skip
     env.on_cleanup(f"DROP SCHEMA IF EXISTS {s1} CASCADE", f"DROP SCHEMA IF EXISTS {s2} CASCADE")
     a, b = await _pair(env)
     await b.both(f"SET search_path = {s2}")
@@ -153,6 +157,7 @@ async def test_same_table_name_in_two_schemas_search_path(env: Env) -> None:
                                why="A's search_path names the same schema as B's")  # fmt: skip
 
 
+@workers_only
 async def test_same_table_name_in_another_database(env: Env) -> None:
     name = unique("adv_db")
     for db in ("app", "postgres"):
@@ -171,27 +176,29 @@ async def test_same_table_name_in_another_database(env: Env) -> None:
 # --- writes whose invalidation is not a table bump ------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "write",
-    [
-        "TRUNCATE {t}",
-        "ALTER TABLE {t} ADD COLUMN w int DEFAULT 5",
-        "DROP TABLE {t} CASCADE | CREATE TABLE {t} (id int, v int) | INSERT INTO {t} VALUES (1, 99) | GRANT ALL ON {t} TO PUBLIC",
-        "DO $$BEGIN UPDATE {t} SET v = 42; END$$",
-        "SELECT {t}_bump()",
-        "CALL {t}_proc()",
-        "WITH x AS (UPDATE {t} SET v = 43 RETURNING v) SELECT count(*) FROM x",
-        "INSERT INTO {t}_log VALUES (44)",
-        "UPDATE {t}_view SET v = 45",
-        "UPDATE {t}_ruled SET v = 46",
-        "SELECT count(*) FROM {t}_log WHERE {t}_bump() IS NOT NULL",
-        "CREATE TEMP TABLE {t} AS SELECT 1 AS id, 7 AS v | UPDATE public.{t} SET v = 47",
-        "BEGIN | UPDATE {t} SET v = 48 | SAVEPOINT s | UPDATE {t} SET v = 0 | ROLLBACK TO s | COMMIT",
-    ],
-    ids=["truncate", "alter", "drop-create", "do", "function", "procedure", "cte", "trigger", "view", "rule",
-         "function-in-select", "temp-shadow", "savepoint"],  # fmt: skip
+# In this order, on one table: each changes what `SELECT * FROM t` answers.
+CODE_AND_DDL = (
+    "DO $$BEGIN UPDATE {t} SET v = 42; END$$",
+    "SELECT {t}_bump()",
+    "CALL {t}_proc()",
+    "WITH x AS (UPDATE {t} SET v = 43 RETURNING v) SELECT count(*) FROM x",
+    "INSERT INTO {t}_log VALUES (44)",
+    "UPDATE {t}_view SET v = 45",
+    "UPDATE {t}_ruled SET v = 46",
+    "SELECT count(*) FROM {t}_log WHERE {t}_bump() IS NOT NULL",
+    "BEGIN | UPDATE {t} SET v = 48 | SAVEPOINT s | UPDATE {t} SET v = 0 | ROLLBACK TO s | COMMIT",
+    "BEGIN | UPDATE {t} SET v = 49 | PREPARE w AS UPDATE {t} SET v = 50 | EXECUTE w | COMMIT",
+    "ALTER TABLE {t} ADD COLUMN w int DEFAULT 5",
+    "TRUNCATE {t}",
+    "DROP TABLE {t} CASCADE | CREATE TABLE {t} (id int, v int) | INSERT INTO {t} VALUES (1, 99)",
+    "CREATE TEMP TABLE {t} AS SELECT 1 AS id, 7 AS v | UPDATE public.{t} SET v = 47",
 )
-async def test_code_and_ddl_through_a(env: Env, write: str) -> None:
+
+
+@workers_only
+async def test_code_and_ddl_through_a(env: Env) -> None:
+    """Writes whose eviction is the database's or everything (code neonpoly cannot follow,
+    DDL) or tables reached through triggers, rules and views: through Redis, acknowledged."""
     t = await env.table("adv_code", "id int, v int", "(1, 0)")
     await env.admin(
         f"CREATE FUNCTION {t}_bump() RETURNS int LANGUAGE sql AS 'UPDATE {t} SET v = v + 1 RETURNING v'",
@@ -203,6 +210,7 @@ async def test_code_and_ddl_through_a(env: Env, write: str) -> None:
         f"CREATE VIEW {t}_view AS SELECT * FROM {t}",
         f"CREATE TABLE {t}_ruled (v int)",
         f"CREATE RULE {t}_r AS ON UPDATE TO {t}_ruled DO INSTEAD UPDATE {t} SET v = NEW.v",
+        f"INSERT INTO {t}_ruled VALUES (0)",
         f"GRANT ALL ON {t}_log, {t}_view, {t}_ruled TO PUBLIC",
     )
     env.on_cleanup(f"DROP TABLE IF EXISTS {t}_log, {t}_ruled CASCADE", f"DROP FUNCTION IF EXISTS {t}_bump()",
@@ -211,9 +219,11 @@ async def test_code_and_ddl_through_a(env: Env, write: str) -> None:
     for name in (t, f"{t}_log", f"{t}_view", f"{t}_ruled"):
         await a.rows(f"SELECT count(*) FROM {name}")
     await _learned(a, t)
-    await _served_then_written(b, f"SELECT * FROM {t}", a, *write.format(t=t).split(" | "), why=write)
+    for write in CODE_AND_DDL:
+        await _served_then_written(b, f"SELECT * FROM {t} ORDER BY 1", a, *write.format(t=t).split(" | "), why=write)
 
 
+@workers_only
 async def test_copy_from_stdin_through_a(env: Env) -> None:
     t = await env.table("adv_copy", "id int, v int", "(1, 0)")
     a, b = await _pair(env)
@@ -226,6 +236,7 @@ async def test_copy_from_stdin_through_a(env: Env) -> None:
     await b.check(f"SELECT count(*) FROM {t}", why="COPY FROM STDIN through the sibling")
 
 
+@workers_only
 async def test_b_reads_inside_as_transaction_commits_later(env: Env) -> None:
     """A's UPDATE inside BEGIN; B caches (and serves) the old row meanwhile, which is right
     until A commits; A's COMMIT returns: B must not serve the old row any more."""
@@ -245,6 +256,7 @@ async def test_b_reads_inside_as_transaction_commits_later(env: Env) -> None:
     await b.check(read, why="A's ROLLBACK")
 
 
+@workers_only
 async def test_revoke_through_a_reaches_a_role_served_on_b(env: Env) -> None:
     t = await env.table("adv_grant", "v int", "(1)", grant="PUBLIC")
     role = await env.role("adv_sib_r")
@@ -257,6 +269,7 @@ async def test_revoke_through_a_reaches_a_role_served_on_b(env: Env) -> None:
         await b.via.rows(read)
 
 
+@workers_only
 async def test_prepared_statements_on_both_sides(env: Env) -> None:
     t = await env.table("adv_prep", "id int PRIMARY KEY, v int", "(1, 0)")
     a = await _on(env, 0, driver="asyncpg")
@@ -268,3 +281,100 @@ async def test_prepared_statements_on_both_sides(env: Env) -> None:
         await b.probe(f"SELECT v FROM {t} WHERE id = $1", (1,))
         await a.rows(f"UPDATE {t} SET v = $1 WHERE id = $2 RETURNING v", (i, 1))
         await b.check(f"SELECT v FROM {t} WHERE id = $1", (1,), why="prepared write, prepared read")
+
+
+@workers_only
+async def test_a_table_a_never_looked_up(env: Env) -> None:
+    """A's first write to a table it knows nothing of evicts the database (through Redis)."""
+    t = await env.table("adv_new", "id int, v int", "(1, 0)")
+    a, b = await _pair(env)
+    await _served_then_written(b, f"SELECT v FROM {t}", a, f"UPDATE {t} SET v = 1", why="a table A never saw")
+
+
+@workers_only
+async def test_b_reads_a_view_a_writes_its_table(env: Env) -> None:
+    t = await env.table("adv_vw", "id int PRIMARY KEY, v int", "(1, 0)")
+    await env.admin(f"CREATE VIEW {t}_v AS SELECT id, v * 2 AS w FROM {t}", f"GRANT ALL ON {t}_v TO PUBLIC")
+    a, b = await _pair(env)
+    await _learned(a, t)
+    for i in range(1, 3):
+        await _served_then_written(b, f"SELECT w FROM {t}_v", a, f"UPDATE {t} SET v = {i} WHERE id = 1",
+                                   why="B's view over A's table")  # fmt: skip
+
+
+@workers_only
+async def test_row_level_security_turned_on_through_a(env: Env) -> None:
+    """Never one role's rows to another: a policy made through A reaches B's next answer."""
+    t = await env.table("adv_rls", "owner text, v int", grant="PUBLIC")
+    role = await env.role("adv_sib_rls")
+    await env.admin(f"INSERT INTO {t} VALUES ('{role}', 1), ('someone_else', 2)")
+    a, b = await _pair(env, b_login=env.login(role))
+    read = f"SELECT v FROM {t} ORDER BY v"
+    await b.probe(read)
+    await b.probe(read)
+    await a.run(f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY")
+    await a.run(f"CREATE POLICY p ON {t} USING (owner = current_user)")
+    await b.check(read, why="a policy made through the sibling")
+
+
+@workers_only
+@pytest.mark.parametrize("purge", ["PURGE ALL", "PURGE TABLE {t}", "PURGE QUERY {q}"])
+async def test_admin_purge_after_a_write_neonpoly_did_not_see(env: Env, purge: str) -> None:
+    """A write straight to the origin may leave stale hits until the TTL, unless the admin
+    purges: once the console's PURGE returned, no worker serves what it removed."""
+    assert isinstance(env.proxy, WorkersProxy)
+    t = await env.table("adv_purge", "id int, v int", "(1, 0)")
+    read = f"SELECT v FROM {t}"
+    twins = [Twin(env, await _on(env, w), await env.client(via=False), env.login()) for w in (0, 1)]
+    for twin in twins:
+        await twin.probe(read)
+    queries = env.proxy.admin("SHOW QUERIES")
+    template = next(str(q[1]) for q in queries if t in str(q[2]))
+    await env.admin(f"UPDATE {t} SET v = 1")
+    env.proxy.admin(purge.format(t=t, q=template))
+    for twin in twins:
+        await twin.check(read, why=purge)
+
+
+# --- the board alone, without serve ---------------------------------------------------------
+
+
+def test_names_sharing_a_slot_and_a_board_made_again() -> None:
+    """Every name on one slot (extra evictions only), three rows: no bump anywhere leaves a
+    stamp taken before it current; and a stamp of a run whose board had counted siblings never
+    matches in the next run's fresh board, however far this worker's own counts go."""
+    from neonpoly.cache.invalidation import TableGenerations
+    from neonpoly.cache.siblings import SiblingBoard
+
+    parent = SiblingBoard.create(3, slots=1)
+    rows = [SiblingBoard.attach(os.dup(parent.fileno()), i) for i in range(3)]
+    try:
+        gens = [TableGenerations() for _ in rows]
+        for g, row in zip(gens, rows, strict=True):
+            g.share(row.view("origin"))
+        stamps = [(g.stamp("db", {"x"}), g.stamp("db", {"y"})) for g in gens]
+        for writer in range(3):
+            for name in ("x", "y"):
+                before = [(g, g.stamp("db", {name})) for g in gens]
+                others = [(g, g.stamp("db", {"x", "y"} - {name})) for i, g in enumerate(gens) if i != writer]
+                gens[writer].bump_tables("db", {name})
+                rows[writer].view("origin").bump("db", [name])
+                assert not any(g.is_current(s) for g, s in before)
+                assert not any(g.is_current(s) for g, s in others)  # its slot moved: evicted too
+        assert not any(g.is_current(s) for g, pair in zip(gens, stamps, strict=True) for s in pair)
+        # The next run: the state saved at close, a fresh board of zeros.
+        fresh = SiblingBoard.create(3, slots=1)
+        again = SiblingBoard.attach(os.dup(fresh.fileno()), 1)
+        try:
+            old = gens[1].stamp("db", {"x"})  # counts the siblings' 6 bumps
+            reloaded = TableGenerations.from_state(gens[1].to_state())
+            reloaded.share(again.view("origin"))
+            for _ in range(12):
+                assert not reloaded.is_current(old)
+                reloaded.bump_tables("db", {"x"})
+        finally:
+            again.close()
+            fresh.close()
+    finally:
+        for board in (*rows, parent):
+            board.close()
