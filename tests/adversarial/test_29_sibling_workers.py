@@ -12,6 +12,7 @@ and compares B's next answer with a direct connection's. Only meaningful against
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from pathlib import Path
@@ -446,3 +447,23 @@ async def test_a_name_on_the_board_that_belongs_to_another_hosts_node(pg: PgServ
         redis.stop()
         async with pg.superuser_conn() as conn:
             await conn.execute(f"DROP TABLE IF EXISTS {t}")
+
+
+@workers_only
+async def test_a_read_in_flight_on_b_across_a_write_is_not_kept(env: Env) -> None:
+    """B's miss is sent (and its snapshot taken) before A's write, and answered after A's write
+    returned: its rows are old, so they must not become B's next hits. Twice: once as a plain
+    capture, once as the memo's own miss (the entry its memo held was made stale first)."""
+    t = await env.table("adv_race", "id int PRIMARY KEY, v int", "(1, 0)")
+    a, b = await _pair(env)
+    await _learned(a, t)
+    # Slow after its snapshot: a builtin's work (cacheable), no lock, no sleep function.
+    read = f"SELECT v, (SELECT count(*) FROM generate_series(1, 400000)) AS n FROM {t} WHERE id = 1"
+    await b.probe(read)
+    await b.probe(read)
+    for i in (1, 2, 3):
+        slow = asyncio.ensure_future(b.via.rows(read))
+        await asyncio.sleep(0.05)  # only orders: sent later, the read sees the write (and the case proves less)
+        await a.run(f"UPDATE {t} SET v = {i} WHERE id = 1")
+        await slow  # its old rows (seen when this case was written): right when it was sent
+        await b.check(read, why=f"a read in flight across write {i}")
