@@ -4,12 +4,16 @@ node's reading stands, and what it counted (redis_plane.py keeps one per origin)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from neonpoly.freshness.plane import Cursor, Gate, OriginPlaneStatus
+from neonpoly.freshness.redis_wire import RENEW
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from neonpoly.cache.query_cache import QueryCache
 
 log = logging.getLogger("neonpoly.plane")
@@ -50,6 +54,23 @@ class FollowedOrigin:
     @property
     def lost_key(self) -> str:
         return f"{self.prefix}:o:{self.key}:lost"
+
+    async def keep_lease(self, cmd: Redis, node: str, lease: float) -> bool | None:
+        """Renew `node`'s lease of the origin's change feed, or take it if free: True when just
+        taken, False when just lost to another node, None otherwise (another's holder is read).
+        Raises what the client raises."""
+        now, ms = time.monotonic(), int(lease * 1000)
+        if self.lease_mine:
+            if await cmd.eval(RENEW, 1, self.lease, node, ms):
+                self.lease_until = now + lease * 0.8
+                return None
+            return False
+        if await cmd.set(self.lease, node, nx=True, px=ms):
+            self.lease_mine, self.lease_holder = True, node
+            self.lease_until = now + lease * 0.8
+            return True
+        self.lease_holder = str(await cmd.get(self.lease) or "")
+        return None
 
     def see_lost(self, members: tuple[str, ...], rejoined: bool, node: str) -> None:
         """A round read the origin's lost nodes (`rejoined`: this node, `node`, was one of them)."""

@@ -57,7 +57,6 @@ from neonpoly.freshness.redis_wire import (
     MAKE_EPOCH,
     PUBLISH,
     RELEASE_LEASE,
-    RENEW,
     ROUND,
     Regap,
     Twin,
@@ -66,6 +65,7 @@ from neonpoly.freshness.redis_wire import (
     why,
 )
 from neonpoly.freshness.redis_wire import streams as read_streams
+from neonpoly.freshness.siblings import SiblingNodes
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -81,18 +81,12 @@ class RedisPlane:
     other nodes'. `lease_listener(origin, held)` is told when this node gains or loses the
     right to run an origin's change feed (set `wants_leases` for it to compete)."""
 
-    def __init__(
-        self, settings: PlaneSettings, *, node: str | None = None, board: SiblingBoard | None = None
-    ) -> None:
+    def __init__(self, settings: PlaneSettings, *, node: str | None = None, board: SiblingBoard | None = None) -> None:
         self.settings = settings
-        # The workers of one `serve --workers N` share their table generations in memory
-        # (cache/siblings.py): a write need not wait for them, nor they apply its table bumps.
-        self.board = board
-        self._siblings: frozenset[str] = frozenset()
-        self.spared = 0  # acknowledgements not waited for (siblings)
-        self.board_only = 0  # table bumps not published (`siblings_only`)
         self.node = node or settings.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.url = public_url(settings.url)
+        # The workers of one `serve --workers N` share their generations in memory (plane.py).
+        self.siblings = SiblingNodes(board, settings.siblings_only, self.node) if board is not None else None
         self.token = secrets.token_hex(8)  # this process: entries and the name's holder carry it
         self.holds = HoldBook(self.node)
         self.fence = Fence(settings.fence)
@@ -142,8 +136,8 @@ class RedisPlane:
             # cut off before that, its writes must wait for its return (rule 4).
             self.fence.beat = -math.inf
         origin.caches.append(cache)
-        if self.board is not None:  # before it can serve a hit: the gate is not proven yet
-            generations(cache).share(self.board.view(origin_key))
+        if self.siblings is not None:
+            self.siblings.share(generations(cache), origin_key)
         generations(cache).observe(lambda op: self._observed(origin_key, op))
         cache.serve_gate = origin.gate
         cache.reply_barrier = self.barrier
@@ -183,15 +177,8 @@ class RedisPlane:
 
     def _observed(self, origin: str, op: tuple[Any, ...]) -> None:
         """A bump of a local cache's generations: publish it, unless it came from the plane."""
-        if self._applying:
+        if self._applying or (self.siblings is not None and self.siblings.carried(origin, op)):
             return
-        if op[0] == "t" and self.board is not None:
-            # Into shared memory first, before the write goes to the origin: the siblings'
-            # next hit checks count it, whatever becomes of Redis.
-            self.board.view(origin).bump(op[1], op[2])
-            if self.settings.siblings_only:
-                self.board_only += 1
-                return
         if self.state != "up" or self._loop is None:
             self._lost.add(origin)  # published as a purge once Redis is back
             return
@@ -215,8 +202,6 @@ class RedisPlane:
         (the caches pass through meanwhile)."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        if self.board is not None:  # every cache attached so far reads the board (attach)
-            self.board.join(self.node)
         s = self.settings
         common: dict[str, Any] = {
             "protocol": 2,
@@ -478,14 +463,12 @@ class RedisPlane:
                 self._purge_local(origin)
             if bump is None:
                 continue  # this node's own, applied when it was made
-            if bump.tables and fields.get("node") in self._sibling_names():
-                bump = bump.without_tables()  # the board carried them (and its ack is not awaited)
-            if bump:
-                self._applying = True
-                try:
-                    bump.apply(origin.caches)
-                finally:
-                    self._applying = False
+            bump = bump if self.siblings is None else self.siblings.received(bump, fields.get("node"))
+            self._applying = True
+            try:
+                bump.apply(origin.caches)
+            finally:
+                self._applying = False
             origin.applied += 1
             origin.lag_ms = entry_lag_ms(entry_id)
             self._ack_due[origin.key] = n
@@ -541,29 +524,15 @@ class RedisPlane:
         self._batches += 1
         published: dict[str, int] = {}
         live: dict[str, list[str]] = {}
-        siblings = self._sibling_names()
         for (origin, bump), (_n, entry_id, nodes) in zip(order, replies, strict=True):
             origin.published += 1
             published[origin.key] = entry_position(str(entry_id))
-            if siblings and bump.tables_only:
-                # A sibling cannot serve a hit these bumps made stale: they are in its memory.
-                kept = [n for n in nodes if n not in siblings]
-                self.spared += len(nodes) - len(kept)
-                nodes = kept
-            live[origin.key] = list(nodes)
+            live[origin.key] = list(nodes) if self.siblings is None else self.siblings.waited_for(bump, nodes)
         opened, times = batch.opened, self._hold_times
         batch.future.add_done_callback(lambda _: times.append(time.monotonic() - opened))
         self.holds.add(batch.future, published, live)
         if not batch.future.done():
             self._loop.call_later(s.hold, self.holds.expire, batch.future)
-
-    def _sibling_names(self) -> frozenset[str]:
-        """The nodes sharing this one's memory (read again until every row joined)."""
-        board = self.board
-        if board is None or len(self._siblings) == board.rows - 1:
-            return self._siblings
-        self._siblings = board.siblings()
-        return self._siblings
 
     # --- the change feed's lease ------------------------------------------------------------
 
@@ -576,35 +545,27 @@ class RedisPlane:
     async def _keep_leases(self) -> None:
         if not self.wants_leases:
             return
-        ms = int(self.settings.lease * 1000)
         for origin in list(self._origins.values()):
-            now = time.monotonic()
             if self.state != "up" or self._cmd is None:
-                if origin.lease_mine and now > origin.lease_until:
+                if origin.lease_mine and time.monotonic() > origin.lease_until:
                     self._lease_lost(origin, "Redis is down")
                 continue
             try:
-                if origin.lease_mine:
-                    if await self._cmd.eval(RENEW, 1, origin.lease, self.node, ms):
-                        origin.lease_until = now + self.settings.lease * 0.8
-                    else:
-                        self._lease_lost(origin, "another node holds it now")
-                elif await self._cmd.set(origin.lease, self.node, nx=True, px=ms):
-                    origin.lease_mine, origin.lease_holder = True, self.node
-                    origin.lease_until = now + self.settings.lease * 0.8
-                    log.info("invalidation plane: this node (%s) runs the change feed of %s", self.node, origin.key)
-                    # Taking over is a gap: changes between the last holder's end and this
-                    # feed's start were seen by no feed. Purge here and on every node.
-                    self._purge_local(origin, counted=False)
-                    self._observed(origin.key, ("p",))
-                    if self.lease_listener is not None:
-                        self.lease_listener(origin.key, True)
-                else:
-                    origin.lease_holder = str(await self._cmd.get(origin.lease) or "")
+                taken = await origin.keep_lease(self._cmd, self.node, self.settings.lease)
             except _FAILURES:
                 if origin.lease_mine and time.monotonic() > origin.lease_until:
                     self._lease_lost(origin, "cannot renew it")
                 raise
+            if taken is False:
+                self._lease_lost(origin, "another node holds it now")
+            elif taken:
+                log.info("invalidation plane: this node (%s) runs the change feed of %s", self.node, origin.key)
+                # Taking over is a gap: changes between the last holder's end and this
+                # feed's start were seen by no feed. Purge here and on every node.
+                self._purge_local(origin, counted=False)
+                self._observed(origin.key, ("p",))
+                if self.lease_listener is not None:
+                    self.lease_listener(origin.key, True)
 
     def _lease_lost(self, origin: FollowedOrigin, why: str) -> None:
         origin.lease_mine = False
@@ -624,11 +585,12 @@ class RedisPlane:
     # --- reading the state ------------------------------------------------------------------
 
     def status(self) -> PlaneStatus:
+        names, spared, unpublished = self.siblings.figures() if self.siblings is not None else ((), 0, 0)
         origins = tuple(o.status(self.state == "up") for o in sorted(self._origins.values(), key=lambda o: o.key))
         return PlaneStatus(
             url=self.url, node=self.node, state=self.state, reason=self.reason, since=self.since, nodes=self.nodes,
             published=sum(o.published for o in origins), applied=sum(o.applied for o in origins),
             gaps=sum(o.gaps for o in origins), holds=self._batches, hold_timeouts=self.holds.timed_out,
             hold_ms=p50_p99(self._hold_times), downs=self.downs, origins=origins, fenced=self.fence.held,
-            siblings=tuple(sorted(self._sibling_names())), spared=self.spared, board_only=self.board_only,
+            siblings=names, spared=spared, board_only=unpublished,
         )  # fmt: skip

@@ -1,0 +1,70 @@
+"""What sharing table generations in memory (cache/siblings.py) changes for one node of the
+plane (plane.py, "Siblings"): its caches read the board, its table bumps go into it at once,
+a write waits for no sibling's acknowledgement, and a sibling's table bumps read from Redis
+are not applied again. Logic only; redis_plane.py calls it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from neonpoly.freshness.plane import Bump
+
+if TYPE_CHECKING:
+    from neonpoly.cache.invalidation import TableGenerations
+    from neonpoly.cache.siblings import SiblingBoard
+
+
+class SiblingNodes:
+    """The nodes that share this node's memory, and what that spares. `only`: every node of
+    the plane is one of them (the workers' private redis-server), so table bumps are not
+    published at all."""
+
+    def __init__(self, board: SiblingBoard, only: bool, node: str) -> None:
+        self.board = board
+        self.only = only
+        self._names: frozenset[str] = frozenset()
+        self.spared = 0  # acknowledgements not waited for
+        self.unpublished = 0  # table bumps that went through the board alone
+        # Named now: every cache of this node that may ever serve a hit reads the board from
+        # its attach on, before its gate is first proven (`share`).
+        board.join(node)
+
+    def share(self, generations: TableGenerations, origin: str) -> None:
+        """Before the cache can serve a hit (its gate is not proven yet)."""
+        generations.share(self.board.view(origin))
+
+    def names(self) -> frozenset[str]:
+        """The other nodes on the board (read again until every row joined)."""
+        if len(self._names) < self.board.rows - 1:
+            self._names = self.board.siblings()
+        return self._names
+
+    def carried(self, origin: str, op: tuple[Any, ...]) -> bool:
+        """Put a local bump into shared memory, before the write goes to the origin and
+        whatever becomes of Redis; True when it need not be published too."""
+        if op[0] != "t":
+            return False  # database-wide, global, purges: the receivers learn their catalog again
+        self.board.view(origin).bump(op[1], op[2])
+        if self.only:
+            self.unpublished += 1
+        return self.only
+
+    def received(self, bump: Bump, node: str | None) -> Bump:
+        """An entry from `node`: less its table names when it is a sibling (the board carried them)."""
+        if bump.tables and node in self.names():
+            return bump.without_tables()
+        return bump
+
+    def figures(self) -> tuple[tuple[str, ...], int, int]:
+        """For PlaneStatus: the siblings, acknowledgements spared, bumps not published."""
+        return tuple(sorted(self.names())), self.spared, self.unpublished
+
+    def waited_for(self, bump: Bump, live: Sequence[str]) -> list[str]:
+        """Whose acknowledgement a published bump waits for: not a sibling's, for table names."""
+        if not bump.tables_only:
+            return list(live)
+        names = self.names()
+        kept = [n for n in live if n not in names]
+        self.spared += len(live) - len(kept)
+        return kept
