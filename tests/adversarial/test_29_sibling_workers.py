@@ -389,9 +389,9 @@ def test_names_sharing_a_slot_and_a_board_made_again() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="redis_plane.py _apply: a sibling is recognised by the plane name written on the board, "
-    "and a board can name a node that is not on it (a worker refused as the twin of another "
-    "host's node wrote its name first): that host's table bumps are dropped",
+    reason="freshness/siblings.py SiblingNodes.received: a sibling is recognised by the plane name "
+    "on the board, and a board can name another host's node (a worker refused as its twin named "
+    "its row at construction, before Redis said so): that node's table bumps are dropped",
 )
 async def test_a_name_on_the_board_that_belongs_to_another_hosts_node(pg: PgServer, tmp_path: Path) -> None:
     """Two hosts both called `box`, one Redis, `serve --workers 2 --listen :6432` on the first
@@ -413,34 +413,22 @@ async def test_a_name_on_the_board_that_belongs_to_another_hosts_node(pg: PgServ
         async with pg.superuser_conn() as conn:
             await conn.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v int)")
             await conn.execute(f"INSERT INTO {t} VALUES (1, 0)")
-        rows[1].join("box:6432/w0")  # the second set's refused twins (their plane start names them first)
-        rows[2].join("box:6432/w1")
         plane = {"grace": 0.0}
-        async with (
-            plane_node(pg, tmp_path / "a", redis.url, plane={**plane, "node": "box:6432/w0"}, siblings=rows[0]) as a,
-            plane_node(pg, tmp_path / "c", redis.url, plane={**plane, "node": "box:6432/w2"}, siblings=rows[3]) as c,
-        ):
-
-            def up() -> bool:
-                status = [a.service.report().plane, c.service.report().plane]
-                return all(s is not None and len(s.nodes) == 2 and s.origins and s.origins[0].caught_up for s in status)
-
-            await until(up, "both nodes on the plane")
-            writer = await asyncpg.connect(**a.dsn())
-            reader = await asyncpg.connect(**c.dsn())
-            try:
-                read = f"SELECT v FROM {t} WHERE id = 1"
-                for _ in range(3):  # A learns the table: its writes are table bumps
-                    await writer.fetchval(read)
-                    await writer.execute(f"UPDATE {t} SET v = v WHERE id = 1")
-                await reader.fetchval(read)
-                hits = c.hits()
-                assert await reader.fetchval(read) == 0 and c.hits() == hits + 1, "C must serve it from its cache"
-                await writer.execute(f"UPDATE {t} SET v = 1 WHERE id = 1")
-                assert await reader.fetchval(read) == 1, "C served the row A's returned write changed"
-            finally:
-                await writer.close()
-                await reader.close()
+        async with plane_node(
+            pg, tmp_path / "a", redis.url, plane={**plane, "node": "box:6432/w0"}, siblings=rows[0]
+        ) as a:
+            await until(lambda: _plane_up(a), "the first set's w0 on the plane")
+            async with (
+                # The second set's w0: refused as the twin of the first's (it passes through).
+                plane_node(
+                    pg, tmp_path / "t", redis.url, plane={**plane, "node": "box:6432/w0"}, siblings=rows[1]
+                ) as twin,
+                plane_node(
+                    pg, tmp_path / "c", redis.url, plane={**plane, "node": "box:6432/w2"}, siblings=rows[3]
+                ) as c,
+            ):
+                await until(lambda: "another process holds the name" in _plane_reason(twin), "the twin refused")
+                await _twin_case(pg, t, a, c)
     finally:
         for board in (*rows, first, second):
             board.close()
@@ -467,3 +455,32 @@ async def test_a_read_in_flight_on_b_across_a_write_is_not_kept(env: Env) -> Non
         await a.run(f"UPDATE {t} SET v = {i} WHERE id = 1")
         await slow  # its old rows (seen when this case was written): right when it was sent
         await b.check(read, why=f"a read in flight across write {i}")
+
+
+def _plane_up(node: Any) -> bool:
+    status = node.service.report().plane
+    return status is not None and bool(status.origins) and status.origins[0].caught_up
+
+
+def _plane_reason(node: Any) -> str:
+    plane = node.service.plane
+    return str(plane.reason) if plane is not None else ""
+
+
+async def _twin_case(pg: PgServer, t: str, a: Any, c: Any) -> None:
+    await until(lambda: _plane_up(a) and _plane_up(c), "the first set's w0 and the second's w2 on the plane")
+    writer = await asyncpg.connect(**a.dsn())
+    reader = await asyncpg.connect(**c.dsn())
+    try:
+        read = f"SELECT v FROM {t} WHERE id = 1"
+        for _ in range(3):  # A learns the table: its writes are table bumps
+            await writer.fetchval(read)
+            await writer.execute(f"UPDATE {t} SET v = v WHERE id = 1")
+        await reader.fetchval(read)
+        hits = c.hits()
+        assert await reader.fetchval(read) == 0 and c.hits() == hits + 1, "C must serve it from its cache"
+        await writer.execute(f"UPDATE {t} SET v = 1 WHERE id = 1")
+        assert await reader.fetchval(read) == 1, "C served the row A's returned write changed"
+    finally:
+        await writer.close()
+        await reader.close()
