@@ -97,8 +97,7 @@ async def _pair(
 
 async def _served_then_written(b: Twin, read: str, a: Client, *writes: str, why: str) -> None:
     """B serves `read` from its cache (provably), A writes, and B's next answer is the origin's."""
-    await b.probe(read)
-    await b.probe(read)  # repeats: the hit memo's fast path (proxy/hits.py) answers now
+    await b.probe(read)  # its hit is remembered: the next read takes the memo's path (proxy/hits.py)
     for sql in writes:
         await a.run(sql)
     await b.check(read, why=why)
@@ -120,7 +119,7 @@ async def test_update_on_a_then_hit_on_b(env: Env) -> None:
     table = await env.table("adv_sib", "id int PRIMARY KEY, v int", "(1, 0)", "(2, 0)")
     a, b = await _pair(env)
     await _learned(a, table)
-    for i in range(1, 4):
+    for i in range(1, 3):
         await _served_then_written(b, f"SELECT v FROM {table} ORDER BY id", a,
                                    f"UPDATE {table} SET v = {i}", why=f"write {i} through the sibling")  # fmt: skip
         await _served_then_written(b, f"SELECT v FROM {table} WHERE id = 1", a,
@@ -304,7 +303,7 @@ async def test_b_reads_a_view_a_writes_its_table(env: Env) -> None:
     await env.admin(f"CREATE VIEW {t}_v AS SELECT id, v * 2 AS w FROM {t}", f"GRANT ALL ON {t}_v TO PUBLIC")
     a, b = await _pair(env)
     await _learned(a, t)
-    for i in range(1, 3):
+    for i in (1,):
         await _served_then_written(b, f"SELECT w FROM {t}_v", a, f"UPDATE {t} SET v = {i} WHERE id = 1",
                                    why="B's view over A's table")  # fmt: skip
 
@@ -325,22 +324,22 @@ async def test_row_level_security_turned_on_through_a(env: Env) -> None:
 
 
 @workers_only
-@pytest.mark.parametrize("purge", ["PURGE ALL", "PURGE TABLE {t}", "PURGE QUERY {q}"])
-async def test_admin_purge_after_a_write_neonpoly_did_not_see(env: Env, purge: str) -> None:
+async def test_admin_purge_after_a_write_neonpoly_did_not_see(env: Env) -> None:
     """A write straight to the origin may leave stale hits until the TTL, unless the admin
     purges: once the console's PURGE returned, no worker serves what it removed."""
     assert isinstance(env.proxy, WorkersProxy)
     t = await env.table("adv_purge", "id int, v int", "(1, 0)")
     read = f"SELECT v FROM {t}"
     twins = [Twin(env, await _on(env, w), await env.client(via=False), env.login()) for w in (0, 1)]
-    for twin in twins:
-        await twin.probe(read)
-    queries = env.proxy.admin("SHOW QUERIES")
-    template = next(str(q[1]) for q in queries if t in str(q[2]))
-    await env.admin(f"UPDATE {t} SET v = 1")
-    env.proxy.admin(purge.format(t=t, q=template))
-    for twin in twins:
-        await twin.check(read, why=purge)
+    for i, purge in enumerate(("PURGE QUERY {q}", "PURGE TABLE {t}", "PURGE ALL"), start=1):
+        for twin in twins:
+            await twin.probe(read)
+        queries = env.proxy.admin("SHOW QUERIES")
+        template = next(str(q[1]) for q in queries if t in str(q[2]))
+        await env.admin(f"UPDATE {t} SET v = {i}")
+        env.proxy.admin(purge.format(t=t, q=template))
+        for twin in twins:
+            await twin.check(read, why=purge)
 
 
 # --- the board alone, without serve ---------------------------------------------------------
@@ -446,10 +445,10 @@ async def test_a_read_in_flight_on_b_across_a_write_is_not_kept(env: Env) -> Non
     a, b = await _pair(env)
     await _learned(a, t)
     # Slow after its snapshot: a builtin's work (cacheable), no lock, no sleep function.
-    read = f"SELECT v, (SELECT count(*) FROM generate_series(1, 400000)) AS n FROM {t} WHERE id = 1"
+    read = f"SELECT v, (SELECT count(*) FROM generate_series(1, 200000)) AS n FROM {t} WHERE id = 1"
     await b.probe(read)
     await b.probe(read)
-    for i in (1, 2, 3):
+    for i in (1, 2):
         slow = asyncio.ensure_future(b.via.rows(read))
         await asyncio.sleep(0.05)  # only orders: sent later, the read sees the write (and the case proves less)
         await a.run(f"UPDATE {t} SET v = {i} WHERE id = 1")
