@@ -119,11 +119,19 @@ async def test_update_on_a_then_hit_on_b(env: Env) -> None:
     table = await env.table("adv_sib", "id int PRIMARY KEY, v int", "(1, 0)", "(2, 0)")
     a, b = await _pair(env)
     await _learned(a, table)
-    for i in range(1, 3):
-        await _served_then_written(b, f"SELECT v FROM {table} ORDER BY id", a,
-                                   f"UPDATE {table} SET v = {i}", why=f"write {i} through the sibling")  # fmt: skip
-        await _served_then_written(b, f"SELECT v FROM {table} WHERE id = 1", a,
-                                   f"UPDATE {table} SET v = v + 10 WHERE id = 1", why="a keyed write")  # fmt: skip
+    whole, keyed = f"SELECT v FROM {table} ORDER BY id", f"SELECT v FROM {table} WHERE id = 2"
+    for i, (read, write) in enumerate(
+        [
+            (whole, "UPDATE {t} SET v = {i}"),
+            (keyed, "UPDATE {t} SET v = v + {i} WHERE id = 2"),  # a keyed write (cache/keys.py)
+            (whole, "UPDATE {t} SET v = v + {i} WHERE id = 2"),  # the keyed write, the whole table read
+            (keyed, "UPDATE {t} SET v = v + {i}"),  # the whole table written, a key's rows read
+            (keyed, "DELETE FROM {t} WHERE id = 2 | UPDATE {t} SET id = 2, v = {i} WHERE id = 1"),  # onto the key
+        ],
+        start=1,
+    ):
+        writes = write.format(t=table, i=i).split(" | ")
+        await _served_then_written(b, read, a, *writes, why=f"{write} through the sibling")
 
 
 @workers_only
