@@ -395,19 +395,13 @@ def test_names_sharing_a_slot_and_a_board_made_again() -> None:
 # --- boards named after nodes: another set's names ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="freshness/siblings.py SiblingNodes.received: a sibling is recognised by the plane name "
-    "on the board, and a board can name another host's node (a worker refused as its twin named "
-    "its row at construction, before Redis said so): that node's table bumps are dropped",
-)
 async def test_a_name_on_the_board_that_belongs_to_another_hosts_node(pg: PgServer, tmp_path: Path) -> None:
     """Two hosts both called `box`, one Redis, `serve --workers 2 --listen :6432` on the first
     and `--workers 3` on the second (or the same --node-id): the second set's w0 and w1 are
     refused as twins of the first's box:6432/w0 and /w1, but they wrote those names on their
-    board first; its w2 is up and takes the entries of the first set's w0 for its siblings'.
-    The first set's writer waits for w2's acknowledgement, which w2 gives having dropped the
-    table bumps: w2 then serves the rows the write changed."""
+    board first; its w2 is up. The board names a node only once Redis registered it under its
+    name (freshness/siblings.py `holds_name`): w2 must not take the first set's w0 for a
+    sibling and drop its table bumps (nor stop waiting for its acknowledgements)."""
     binary = redis_server_binary()
     if binary is None:
         pytest.skip("redis-server is not installed")
