@@ -92,14 +92,22 @@ class SiblingBoard:
 
     def join(self, node: str) -> None:
         """Say that the plane node `node` owns this row: siblings stop waiting for its
-        acknowledgements. Call it only once every cache that may serve hits here reads the
-        board (freshness/redis_plane.py attaches them first)."""
+        acknowledgements and drop the table names of its entries. Call it only once every
+        cache that may serve hits here reads the board, and only while Redis registers this
+        process under that name (freshness/siblings.py `holds_name`)."""
         assert self.row is not None, "the parent owns no row"
         data = node.encode()
         if not data or len(data) > NAME_BYTES:
             return  # unnamed: the others keep waiting for it (slower, never stale)
         start = _HEADER.size + self.row * NAME_BYTES
         self._buffer[start : start + NAME_BYTES] = data.ljust(NAME_BYTES, b"\0")
+
+    def leave(self) -> None:
+        """This row names no node any more (its name is another process's: its siblings must
+        wait for its acknowledgements and apply its entries in full)."""
+        assert self.row is not None, "the parent owns no row"
+        start = _HEADER.size + self.row * NAME_BYTES
+        self._buffer[start : start + NAME_BYTES] = bytes(NAME_BYTES)
 
     def siblings(self) -> frozenset[str]:
         """The nodes of the other rows that joined."""

@@ -260,6 +260,8 @@ class RedisPlane:
     def _went_down(self, why: str) -> None:
         for origin in self._origins.values():
             origin.gate.close()
+        if self.siblings is not None:  # a twin, or cut off: the board names it again once registered
+            self.siblings.lost_name()
         if self.state == "down":
             self.reason = why
             return
@@ -406,6 +408,8 @@ class RedisPlane:
             self.fence.settle(None)
             raise Twin(f"another process holds the name {self.node!r} (give each node its own --node-id)")
         if check:
+            if self.siblings is not None:  # registered under its name: the board may say so (not a twin's)
+                self.siblings.holds_name()
             self._check_sent, self._check_keys = sent, round_keys
             self.fence.settle(time.monotonic() if len(origins) == len(self._origins) else None)  # all registered
         if self.state != "up":

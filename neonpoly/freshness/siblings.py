@@ -23,22 +23,34 @@ class SiblingNodes:
     def __init__(self, board: SiblingBoard, only: bool, node: str) -> None:
         self.board = board
         self.only = only
-        self._names: frozenset[str] = frozenset()
+        self.node = node
+        self.named = False  # the board names this node (its siblings spare its acknowledgements)
         self.spared = 0  # acknowledgements not waited for
         self.unpublished = 0  # table bumps that went through the board alone
-        # Named now: every cache of this node that may ever serve a hit reads the board from
-        # its attach on, before its gate is first proven (`share`).
-        board.join(node)
+
+    def holds_name(self) -> None:
+        """Redis registered this node under its name: only now does the board name it. A
+        process refused as the twin of another host's node must never be taken for it: its
+        siblings would drop that node's table bumps and stop waiting for its acknowledgements.
+        (Every cache of this node reads the board from its attach on, before this.)"""
+        if not self.named:
+            self.board.join(self.node)
+            self.named = True
+
+    def lost_name(self) -> None:
+        """Redis is out of reach or another process holds this node's name: the board names it
+        again once a round registers it (meanwhile its siblings wait for it, as for any node)."""
+        if self.named:
+            self.board.leave()
+            self.named = False
 
     def share(self, generations: TableGenerations, origin: str) -> None:
         """Before the cache can serve a hit (its gate is not proven yet)."""
         generations.share(self.board.view(origin))
 
     def names(self) -> frozenset[str]:
-        """The other nodes on the board (read again until every row joined)."""
-        if len(self._names) < self.board.rows - 1:
-            self._names = self.board.siblings()
-        return self._names
+        """The other nodes on the board, read again each time (a row may stop naming one)."""
+        return self.board.siblings()
 
     def carried(self, origin: str, op: tuple[Any, ...]) -> bool:
         """Put a local bump into shared memory, before the write goes to the origin and
