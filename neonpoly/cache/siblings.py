@@ -77,6 +77,9 @@ class SiblingBoard:
         try:
             size = os.fstat(fd).st_size
             buffer = mmap.mmap(fd, size)
+            # Passed down by the parent (pass_fds makes it inheritable): keep it from whatever
+            # this worker starts in turn (pg_ctl, psql, a subprocess of a test).
+            os.set_inheritable(fd, False)
         except OSError as exc:
             raise ValueError(f"cannot map the sibling board (fd {fd}): {exc}") from exc
         try:
