@@ -108,13 +108,17 @@ class TableGenerations:
 
     # -- hot path -------------------------------------------------------------------------
 
-    def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
+    def _database_epoch(self, database: str) -> int:
         db_epoch = self._databases.get(database)
         if db_epoch is None:
             # Remember the database so a cross-database purge_tables can reach its tables.
             with self._lock:
                 db_epoch = self._databases.setdefault(database, 0)
             self._changed()
+        return db_epoch
+
+    def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
+        db_epoch = self._database_epoch(database)
         gens = self._tables
         names = tables if isinstance(tables, (frozenset, set)) else set(tables)  # no copy of a set
         pairs = tuple(sorted([(t, gens.get((database, t), 0)) for t in names]))
@@ -206,11 +210,7 @@ class SharedTableGenerations(TableGenerations):
     __slots__ = ()
 
     def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
-        db_epoch = self._databases.get(database)
-        if db_epoch is None:
-            with self._lock:
-                db_epoch = self._databases.setdefault(database, 0)
-            self._changed()
+        db_epoch = self._database_epoch(database)
         gens, board = self._tables, self._board
         assert board is not None
         sibling = board.sibling_part
