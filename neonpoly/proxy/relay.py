@@ -52,6 +52,9 @@ _CLIENTS_DURING_LOOKUP = frozenset((MSG_NOTIFICATION_RESPONSE, MSG_PARAMETER_STA
 _SWALLOWED = frozenset((MSG_PARSE_COMPLETE, MSG_CLOSE_COMPLETE))  # answers to Parses/Closes sent for the client
 _READY_IDLE = pgwire.ready_for_query(TX_IDLE)
 _NOTABLE = frozenset((MSG_ERROR_RESPONSE, MSG_PARAMETER_STATUS))  # what a forwarded answer may tell
+# What stops `_origin_fast` from taking a captured answer whole: frames a capture leaves out
+# (`_NOT_PAYLOAD`) or that fail it (`_FAILS_CAPTURE`), and what a forwarded answer may tell.
+_NOT_CAPTURED = _NOT_PAYLOAD | _FAILS_CAPTURE | _NOTABLE
 _LENGTH = struct.Struct("!i")  # a frame's length, after its type byte
 _HEAD = struct.Struct("!Bi")  # a frame's type and length: one call per frame on the relay's walks
 _READY_HEAD = bytes((MSG_READY_FOR_QUERY,)) + _LENGTH.pack(5)  # a ReadyForQuery, but its status
@@ -323,24 +326,30 @@ class Relay(BatchHandling):
 
     def _origin_fast(self, data: bytes) -> bool:
         """The origin's read, when `_origin_frames` would only forward it: nothing pending
-        wants its frames (no capture, lookup, swallowed Parse, Flush count or statement book
-        entry to confirm), and it holds at most one ReadyForQuery, as its last frame. Then
-        only the ReadyForQuery, errors and settings matter: they are found in one pass over
-        the read, which goes to the client as it came. False (nothing done): not such a read.
+        wants its frames (no lookup, swallowed Parse, Flush count or statement book entry to
+        confirm), and it holds at most one ReadyForQuery, as its last frame. Then only the
+        ReadyForQuery, errors and settings matter: they are found in one pass over the read,
+        which goes to the client as it came. A miss being captured is taken here only when
+        the read is its whole, clean answer (the capture is then that read but its last six
+        bytes). False (nothing done): not such a read.
 
         The caller holds no earlier origin bytes (obuf is empty)."""
         pending = self.pending
         head = pending[0] if pending else None
-        if head is not None and (
-            head.local is not None
-            or head.lookup is not None
-            or head.identity is not None
-            or head.capture is not None
-            or head.swallow
-            or head.flush
-            or head.confirmed != len(head.book_ops)
-        ):
-            return False
+        capture = None
+        if head is not None:
+            if (
+                head.local is not None
+                or head.lookup is not None
+                or head.identity is not None
+                or head.swallow
+                or head.flush
+                or head.confirmed != len(head.book_ops)
+            ):
+                return False
+            capture = head.capture
+            if capture is not None and (capture.failed or capture.frames):
+                return False
         n = len(data)
         pos = 0
         ready = -1  # where the ReadyForQuery starts
@@ -352,9 +361,10 @@ class Relay(BatchHandling):
         # else (and a landing elsewhere) is walked again below, frame by frame.
         if tail >= 0 and data.startswith(_READY_HEAD, tail):
             unpack = _HEAD.unpack_from
+            stops = _NOTABLE if capture is None else _NOT_CAPTURED
             while pos < tail:
                 mtype, length = unpack(data, pos)
-                if length < 4 or mtype == MSG_READY_FOR_QUERY or mtype in _NOTABLE:
+                if length < 4 or mtype == MSG_READY_FOR_QUERY or mtype in stops:
                     break
                 pos += 1 + length
             if pos == tail:
@@ -362,6 +372,16 @@ class Relay(BatchHandling):
                 pos = n
             else:
                 pos = 0
+        if capture is not None:
+            # A miss being captured, answered whole by this read: everything before the
+            # ReadyForQuery is what `_origin_frames` would have captured frame by frame (no
+            # frame it leaves out or that fails a capture was met), kept as one slice.
+            route = self.route
+            cache = route.cache if route is not None else None
+            if ready < 0 or tail == 0 or cache is None or not cache.accepts(tail):
+                return False  # the frame loop: torn, several answers, errors, oversized
+            capture.frames.append(data[:tail])
+            capture.size = tail
         if ready < 0:
             ready_end = 0
             unpack = _HEAD.unpack_from
