@@ -225,13 +225,14 @@ class HitTally:
     """Hits of one template answered from a session's hit memo (proxy/hits.py), and plain
     misses of it (a first sighting must cost next to nothing): the hot paths, so each is a
     few int operations here, folded into the recorder's counters by the next `snapshot` or
-    `record` of the template, as soon as the second changes (the per-second series stays
-    exact), or when the other kind arrives: a tally holds a run of hits or a run of misses,
-    never both, so a hit's time saved is reckoned against exactly the misses before it.
+    `record` of the template, or as soon as the second changes (the per-second series stays
+    exact). A tally holds the hits and the misses of one second both: folded misses first, so
+    a hit's time saved is reckoned against the misses of its own second too, not only those
+    before it (folding at every change of kind cost each miss between hits two folds).
     Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit` and `StatsRecorder.miss`."""
 
     __slots__ = ("buckets", "bytes_served", "cache_id", "count", "epoch", "last", "latency_s", "miss_buckets",
-                 "misses", "second", "tables", "template", "template_id")  # fmt: skip
+                 "missed_last", "misses", "second", "tables", "template", "template_id")  # fmt: skip
 
     def __init__(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...]) -> None:
         self.cache_id = cache_id
@@ -246,6 +247,7 @@ class HitTally:
         self.buckets: dict[int, int] = {}  # hit latency histogram bucket -> hits
         self.misses = 0
         self.miss_buckets: dict[int, int] = {}  # miss latency histogram bucket -> misses
+        self.missed_last = False  # the last one counted was a miss (the template's last status)
         self.epoch = -1  # the recorder's `_epoch` when registered: another, and it registers again
 
 
@@ -346,7 +348,7 @@ class StatsRecorder:
         """One hit of a memo: counted in its tally, as `record(..., HIT, ...)` would count it."""
         now = self._clock()
         second = int(now)
-        if second != tally.second or tally.misses or tally.epoch != self._epoch:
+        if second != tally.second or tally.epoch != self._epoch:
             if tally.count or tally.misses:
                 self._fold(tally)
             tally.second = second
@@ -354,6 +356,7 @@ class StatsRecorder:
                 self._register(tally)  # dropped by the bound or a reset: counted again
             tally.epoch = self._epoch
         tally.count += 1
+        tally.missed_last = False
         tally.bytes_served += bytes_served
         tally.latency_s += latency_s
         tally.last = now
@@ -371,7 +374,7 @@ class StatsRecorder:
         ...)` would count it."""
         now = self._clock()
         second = int(now)
-        if second != tally.second or tally.count or tally.epoch != self._epoch:
+        if second != tally.second or tally.epoch != self._epoch:
             if tally.count or tally.misses:
                 self._fold(tally)
             tally.second = second
@@ -379,6 +382,7 @@ class StatsRecorder:
                 self._register(tally)
             tally.epoch = self._epoch
         tally.misses += 1
+        tally.missed_last = True
         tally.last = now
         if latency_s <= _HIST_MIN_S:
             bucket = 0
@@ -402,9 +406,9 @@ class StatsRecorder:
                 self._fold(tally)
 
     def _fold(self, t: HitTally) -> None:
-        """Add a tally's hits (or misses) to the counters, as one `record` each would have
-        (time saved: what the origin would have taken for the hits minus what they took, in
-        one sum)."""
+        """Add a tally's misses, then its hits, to the counters, as one `record` each would
+        have (time saved: what the origin would have taken for the hits minus what they took,
+        in one sum); the status of the one counted last stays the template's last."""
         n = t.count
         cache = self._caches.get(t.cache_id)
         if cache is None:
@@ -421,8 +425,11 @@ class StatsRecorder:
                 tpl.ttl = self._early_ttl.pop((t.cache_id, template_id), tpl.ttl)
         if t.misses:
             self._fold_misses(t, cache, tpl)
-            return
+            if not n:
+                return
         self._count_run(cache, tpl, HIT, n, t.last, t.second, t.buckets, tpl.hit_latency)
+        if t.missed_last:
+            tpl.last_status = MISS  # counted before the hits, but a miss came last
         if tpl.miss_p50 is None:
             tpl.miss_p50 = tpl.miss_latency.quantile(0.5)
         typical = tpl.miss_p50

@@ -17,7 +17,10 @@ Clock = Callable[[], float]
 DEFAULT_MAX_ENTRY_BYTES = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every stored miss, and a frozen dataclass's __init__ (one
+# object.__setattr__ per field) costs four times a plain one's. Nothing changes one once made
+# (the L1, the delayed writes and hit memos share it).
+@dataclass(slots=True)
 class CacheEntry:
     payload: bytes  # raw backend frames, replayed byte for byte
     database: str
