@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every captured miss, and a frozen dataclass's __init__ (one
+# object.__setattr__ per field) costs four times a plain one's. Nothing changes one once made.
+@dataclass(slots=True)
 class GenerationStamp:
     """The generation numbers an entry depends on, as they were when its miss was sent."""
 
@@ -50,6 +52,22 @@ class GenerationStamp:
                 or not isinstance(database_epoch, int):
             raise ValueError("malformed generation stamp")
         return cls(database, global_epoch, database_epoch, pairs)
+
+
+def _in_order(tables: Iterable[str]) -> tuple[str, ...]:
+    """Table names sorted, as a stamp holds them: a read's names are a frozenset made once per
+    shape of read (cache/keys.py read_names), so its order is remembered, not sorted per miss."""
+    if not isinstance(tables, frozenset):
+        return tuple(sorted(set(tables)))
+    found = _ORDERS.get(tables)
+    if found is None:
+        if len(_ORDERS) >= 4096:
+            _ORDERS.clear()
+        found = _ORDERS[tables] = tuple(sorted(tables))
+    return found
+
+
+_ORDERS: dict[frozenset[str], tuple[str, ...]] = {}
 
 
 class TableGenerations:
@@ -120,8 +138,7 @@ class TableGenerations:
     def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
         db_epoch = self._database_epoch(database)
         gens = self._tables
-        names = tables if isinstance(tables, (frozenset, set)) else set(tables)  # no copy of a set
-        pairs = tuple(sorted([(t, gens.get((database, t), 0)) for t in names]))
+        pairs = tuple([(t, gens.get((database, t), 0)) for t in _in_order(tables)])
         return GenerationStamp(database, self._global, db_epoch, pairs)
 
     def is_current(self, stamp: GenerationStamp) -> bool:
@@ -214,8 +231,7 @@ class SharedTableGenerations(TableGenerations):
         gens, board = self._tables, self._board
         assert board is not None
         sibling = board.sibling_part
-        names = tables if isinstance(tables, (frozenset, set)) else set(tables)
-        pairs = tuple(sorted([(t, gens.get((database, t), 0) + sibling((database, t))) for t in names]))
+        pairs = tuple([(t, gens.get((database, t), 0) + sibling((database, t))) for t in _in_order(tables)])
         return GenerationStamp(database, self._global, db_epoch, pairs)
 
     def is_current(self, stamp: GenerationStamp) -> bool:
