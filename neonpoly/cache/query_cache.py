@@ -192,10 +192,12 @@ class QueryCache:
             return policy.allows(template_id, tables)
         return policy(template_id, tables) is not None
 
-    def store_capture(self, capture: Capture) -> None:
+    def store_capture(self, capture: Capture) -> CacheEntry | None:
+        """Store a captured answer; the entry handed to the store (None: the TTL rules say
+        never). The store may still refuse it (made stale in flight): ask `serves`."""
         ttl = self.ttl_for(capture.template_id, capture.tables)
         if ttl is None or ttl <= 0:
-            return
+            return None
         payload = b"".join(capture.frames)
         if self.on_refetch is not None:
             digest = hashlib.blake2b(payload, digest_size=16).digest()
@@ -217,6 +219,7 @@ class QueryCache:
         )
         self.store.put(capture.key, entry)
         self.cacheability.stored(capture.key, capture.template_id)
+        return entry
 
     def invalidate(
         self,

@@ -40,6 +40,7 @@ class Decision:
 
 
 _NOTHING_TO_RESOLVE = Resolution(frozenset(), None, None)
+_READY_IDLE = pgwire.ready_for_query(TX_IDLE)
 # What a request's key values are read from: a simple query's text, or an extended batch.
 KeySource = str | list[tuple[int, bytes]] | None
 # A Bind's values and its statement's declared parameter types.
@@ -217,6 +218,7 @@ class CacheDecisions(IdentityLearning):
         resolution = memo.resolution if memo.resolution is not None else _NOTHING_TO_RESOLVE
         item.capture = self._capture(cache, memo.key, resolution, info.template_id, sql, info)
         item.neutral = True  # the catalog described what it reads (`_query`: no reads/trusts left)
+        item.memo = memo
         item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
         self.pending.append(item)
         self._write_origin([raw])
@@ -514,7 +516,14 @@ class CacheDecisions(IdentityLearning):
         capture = item.capture
         # Its key came from Parse texts of the batch: stored only if the origin took them all.
         if capture is not None and not capture.failed and not item.error and committed and capture.frames and confirmed:
-            cache.store_capture(capture)
+            entry = cache.store_capture(capture)
+            memo = item.memo
+            if memo is not None and entry is not None:
+                # The memo that sent the miss offers the new entry to its next repeat, served
+                # as any memo's entry only while the store holds it, live (QueryCache.serves):
+                # the repeat is spared the lookup that would find it.
+                memo.entry = entry
+                memo.reply = entry.payload + _READY_IDLE
         elapsed = time.monotonic() - item.started
         for ticket in item.stats:
             cache.record(ticket, elapsed, 0)

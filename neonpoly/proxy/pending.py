@@ -8,9 +8,13 @@ answer the cache produces while origin answers are still outstanding waits in th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.proxy.extended import BookOp
+
+if TYPE_CHECKING:
+    from neonpoly.proxy.hits import HitMemo
 
 
 @dataclass(slots=True)
@@ -45,4 +49,5 @@ class Pending:
     lookup: list[str] | None = None
     identity: frozenset[str] | None = None  # the session-identity lookup, with the settings it asks
     rows: list[list[bytes | None]] = field(default_factory=list)
+    memo: HitMemo | None = None  # the hit memo whose entry was gone and that sent this miss
 

@@ -166,3 +166,41 @@ async def test_a_simple_read_whose_entry_a_write_made_stale_is_captured_from_its
         assert stored is not None and b"changed" in stored  # what was stored is the new row
     finally:
         await conn.close()
+
+
+async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_lookup(
+    pg: PgServer, proxy: CachingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capture a memo sent (CacheDecisions._memo_miss) becomes the memo's entry: its next
+    repeat is served without asking the store for the key, and only while that entry holds
+    (a write in between sends the repeat to the origin again)."""
+    from neonpoly.cache.query_cache import QueryCache
+    from tests.adversarial.rawpg import Raw, query, rows
+
+    table = await make_table(pg)
+    sql = f"SELECT name FROM {table} WHERE id = 3"
+    raw = await Raw.connect(proxy.port)
+    try:
+        for _ in range(3):
+            raw.send(query(sql))
+            assert rows(await raw.until_ready()) == [[b"name 3"]]
+        lookups: list[bytes] = []
+        full = QueryCache.lookup_entry
+
+        def counted(self: QueryCache, key: bytes) -> object:
+            lookups.append(key)
+            return full(self, key)
+
+        monkeypatch.setattr(QueryCache, "lookup_entry", counted)
+        for name in (b"one", b"two"):
+            raw.send(query(f"UPDATE {table} SET name = '{name.decode()}' WHERE id = 3"))
+            await raw.until_ready()
+            raw.send(query(sql))  # the memo's entry is stale: a miss, captured
+            assert rows(await raw.until_ready()) == [[name]]
+            assert len(lookups) == 1  # the memo asked once, and found nothing
+            raw.send(query(sql))  # served from the memo's new entry
+            assert rows(await raw.until_ready()) == [[name]]
+            assert len(lookups) == 1
+            lookups.clear()
+    finally:
+        await raw.close()
