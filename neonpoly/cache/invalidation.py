@@ -26,8 +26,9 @@ STATE_VERSION = 1
 
 
 # Not frozen: one is made for every captured miss, and a frozen dataclass's __init__ (one
-# object.__setattr__ per field) costs four times a plain one's. Nothing changes one once made.
-@dataclass(slots=True)
+# object.__setattr__ per field) costs four times a plain one's. Nothing changes one once made,
+# so it hashes by value as a frozen one would.
+@dataclass(slots=True, unsafe_hash=True)
 class GenerationStamp:
     """The generation numbers an entry depends on, as they were when its miss was sent."""
 
