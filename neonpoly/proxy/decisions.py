@@ -210,13 +210,16 @@ class CacheDecisions(IdentityLearning):
         raw, info = query
         if self.hit_memos.get(raw) is not memo:
             return False  # remembered for more bytes than its Query (hits.py): not only its own
-        sql = pgwire.query_text(raw[5:])  # decoded again, not kept: a memo holds no copy of the text
         cache = memo.cache
         item = Pending(time.monotonic())
         self.book.simple_query()  # nothing to drop (the book's version is the memo's): kept for form
         # A memo of a read of no relation has no resolution: `_cache_decision`'s is empty.
         resolution = memo.resolution if memo.resolution is not None else _NOTHING_TO_RESOLVE
-        item.capture = self._capture(cache, memo.key, resolution, info.template_id, sql, info)
+        names = memo.names
+        if names is None:
+            sql = pgwire.query_text(raw[5:])  # decoded again, not kept: a memo holds no copy of the text
+            names = memo.names = keys.read_names(resolution.tags, self._point(cache, sql, info))
+        item.capture = self._capture(cache, memo.key, resolution, info.template_id, names=names)
         item.neutral = True  # the catalog described what it reads (`_query`: no reads/trusts left)
         item.memo = memo
         item.stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
@@ -244,17 +247,20 @@ class CacheDecisions(IdentityLearning):
         template_id: str,
         source: KeySource = None,
         info: Classification | None = None,
+        *,
+        names: frozenset[str] | None = None,
     ) -> Capture | None:
         """Count a sighting of a miss and, once admitted, prepare to store it, tagged with
         every table it really reads (and stamped as a point read of one key, or as a read of
-        the table's rows: cache/keys.py). Nothing is stored while the catalog has not
-        answered (the lookup is on its way; with the default admission the answer is in
-        before it matters)."""
+        the table's rows: cache/keys.py; `names`: those generation names, already worked
+        out). Nothing is stored while the catalog has not answered (the lookup is on its
+        way; with the default admission the answer is in before it matters)."""
         admitted = cache.admit(key, template_id)
         if resolution is None or not admitted:
             return None
         database = self.state.database
-        names = keys.read_names(resolution.tags, self._point(cache, source, info) if source else None)
+        if names is None:
+            names = keys.read_names(resolution.tags, self._point(cache, source, info) if source else None)
         return Capture(key, database, resolution.tags, template_id, cache.stamp(database, names))
 
     def _point(

@@ -72,6 +72,12 @@ class HitMemo:
     # (CacheDecisions._memo_miss) instead of being decided again. None (a prepared
     # statement's batch): the full path.
     query: tuple[bytes, Classification] | None = None
+    # The generation names its misses are stamped with (cache/keys.py read_names), worked out
+    # at the first: they rest on its text and on what the relation book says of the tables
+    # it reads (their key columns), which stands while `resolution` is the very object the
+    # book answers (`Relay._answer_memo` checks it first: a book that learns or forgets
+    # answers with new ones). None: not worked out yet.
+    names: frozenset[str] | None = None
 
 
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:

@@ -173,8 +173,10 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
 ) -> None:
     """The capture a memo sent (CacheDecisions._memo_miss) becomes the memo's entry: its next
     repeat is served without asking the store for the key, and only while that entry holds
-    (a write in between sends the repeat to the origin again)."""
+    (a write in between sends the repeat to the origin again). The key its captures are
+    stamped with is worked out once per memo."""
     from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.proxy.decisions import CacheDecisions
     from tests.adversarial.rawpg import Raw, query, rows
 
     table = await make_table(pg)
@@ -192,6 +194,14 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
             return full(self, key)
 
         monkeypatch.setattr(QueryCache, "lookup_entry", counted)
+        points: list[object] = []
+        point = CacheDecisions._point
+
+        def pointed(self: CacheDecisions, *args: object) -> object:
+            points.append(args)
+            return point(self, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(CacheDecisions, "_point", pointed)
         for name in (b"one", b"two"):
             raw.send(query(f"UPDATE {table} SET name = '{name.decode()}' WHERE id = 3"))
             await raw.until_ready()
@@ -202,5 +212,6 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
             assert rows(await raw.until_ready()) == [[name]]
             assert len(lookups) == 1
             lookups.clear()
+        assert len(points) == 1  # the first miss from the memo; the second reused its names
     finally:
         await raw.close()
