@@ -8,9 +8,30 @@ answer the cache produces while origin answers are still outstanding waits in th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.proxy.extended import BookOp
+
+if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.proxy.identity import Identity
+
+
+@dataclass(slots=True, frozen=True)
+class WriteMemo:
+    """What a keyed write of one shape was decided on, and what it did (writes.py)."""
+
+    cache: QueryCache
+    identity: Identity  # the very object (writes.py)
+    relations_version: int
+    database: str
+    table: str
+    sources: tuple[tuple[int, int], ...]  # the key values: (run of the text, sign) each
+    writes: frozenset[str]  # Pending.writes: its tables but the keyed one (none)
+    extra: frozenset[str]  # what a write of the table reaches beyond it (cascades): whole
+    named: tuple[frozenset[str], bool]  # what the write names, for QueryCache.invalidate
+    ticket: StatTicket  # nothing in it depends on the text
 
 
 @dataclass(slots=True)
@@ -45,4 +66,6 @@ class Pending:
     lookup: list[str] | None = None
     identity: frozenset[str] | None = None  # the session-identity lookup, with the settings it asks
     rows: list[list[bytes | None]] = field(default_factory=list)
+    # A keyed write decided from its shape's memo, and the names it bumped (writes.py).
+    by_memo: tuple[WriteMemo, frozenset[str]] | None = None
 
