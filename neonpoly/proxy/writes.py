@@ -37,6 +37,7 @@ import time
 from typing import TYPE_CHECKING
 
 from neonpoly.cache import key_shapes, keys
+from neonpoly.cache.policy import learn_key_shape
 from neonpoly.pgwire import TX_IDLE
 from neonpoly.proxy.learning import IdentityLearning
 from neonpoly.proxy.pending import Pending, WriteMemo
@@ -129,6 +130,9 @@ class WriteMemos(IdentityLearning):
             return
         shape, runs = found
         plan = key_shapes.plan_of(shape)
+        if plan is None:
+            learn_key_shape(sql, info)
+            plan = key_shapes.plan_of(shape)
         if not plan:
             return
         database = state.database
