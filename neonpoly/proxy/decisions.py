@@ -98,7 +98,7 @@ class CacheDecisions(WriteMemos):
                 StatTicket(info.template_id, info.template, info.qualified_tables, str(decision.status),
                            decision.reason)
             )  # fmt: skip
-            if item.keyed and cache is not None:
+            if item.keyed and cache is not None and not _MAY_PREPARE.search(sql):
                 self._remember_write(sql, info, item, cache)
         self.pending.append(item)
         out.append(raw)

@@ -24,8 +24,8 @@ the decision rested on still holds, each checked before use:
 
 Anything else falls back to the full path, which makes a new memo. Only a write the full
 path decided as keyed on one table, with no session effect (no SET, transaction control,
-cursor, DEALLOCATE or PREPARE), and whose eviction did not widen to the whole database, is
-remembered. When it completes outside a transaction with nothing else to settle, it is
+cursor, DEALLOCATE, nor the word PREPARE anywhere), and whose eviction did not widen to the
+whole database, is remembered. When it completes outside a transaction with nothing else to settle, it is
 evicted again from the same memo (checked again: a catalog that moved in between gets the
 full path's answer).
 """
@@ -91,12 +91,10 @@ class WriteMemos(IdentityLearning):
         pairs, names = keys.write_pairs_and_names(memo.table, [sign * int(runs[i]) for i, sign in memo.sources])
         if memo.extra:
             names = names | memo.extra
-        item = Pending(time.monotonic(), writes=memo.writes, keyed=pairs)
-        item.by_memo = (memo, names)
+        item = Pending(time.monotonic(), writes=memo.writes, keyed=pairs, stats=[memo.ticket], by_memo=(memo, names))
         self.book.simple_query()
         # As `_invalidate` evicts a keyed write: its keys, and whole what the table reaches.
         cache.invalidate(memo.database, names, False, memo.named)
-        item.stats.append(memo.ticket)
         self.pending.append(item)
         out.append(raw)
         self.batch_open = False
