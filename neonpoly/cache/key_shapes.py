@@ -78,17 +78,17 @@ def _split(sql: str) -> list[str] | None:
 
 # Characters after which `classify`'s shape of a text (policy._shape) may differ from the
 # text with every run of `_RUN` as 0: quotes and escapes (numbers inside strings are kept),
-# dollar signs (dollar quotes, placeholders) and `@` (policy._NUMBER keeps a number after it).
-_NOT_SHAPED_ALIKE = ("'", "\\", "$", "@")
+# dollar signs (dollar quotes, placeholders) and `@` (policy._NUMBER keeps a number after it);
+# and those `_split` refuses (quoted names, any non-ASCII character): one scan for all.
+_NOT_SHAPED_ALIKE = re.compile(r"""['\\$@"\x80-\U0010ffff]""")
 
 
 def shape_of(sql: str) -> tuple[tuple[str, ...], list[str]] | None:
     """(shape, runs) of a text whose shape is also the one `policy.classify` shares its
     classification by (so texts of one shape have one classification and one plan here),
     from one regex pass; None: not such a text."""
-    for char in _NOT_SHAPED_ALIKE:
-        if char in sql:
-            return None
+    if _NOT_SHAPED_ALIKE.search(sql) is not None:
+        return None
     parts = _split(sql)
     if parts is None:
         return None

@@ -30,7 +30,6 @@ class WriteMemo:
     sources: tuple[tuple[int, int], ...]  # the key values: (run of the text, sign) each
     writes: frozenset[str]  # Pending.writes: its tables but the keyed one (none)
     extra: frozenset[str]  # what a write of the table reaches beyond it (cascades): whole
-    named: tuple[frozenset[str], bool]  # what the write names, for QueryCache.invalidate
     ticket: StatTicket  # nothing in it depends on the text
 
 

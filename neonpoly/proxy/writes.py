@@ -94,7 +94,7 @@ class WriteMemos(IdentityLearning):
         item = Pending(time.monotonic(), writes=memo.writes, keyed=pairs, stats=[memo.ticket], by_memo=(memo, names))
         self.book.simple_query()
         # As `_invalidate` evicts a keyed write: its keys, and whole what the table reaches.
-        cache.invalidate(memo.database, names, False, memo.named)
+        cache.invalidate_rows(memo.database, names)
         self.pending.append(item)
         out.append(raw)
         self.batch_open = False
@@ -151,7 +151,7 @@ class WriteMemos(IdentityLearning):
             self.write_memos.clear()
         self.write_memos[shape] = WriteMemo(
             cache, identity, relations.version, database, table, chosen.sources, item.writes,
-            reach - {table}, (item.writes | {table}, False), item.stats[0],
+            reach - {table}, item.stats[0],
         )  # fmt: skip
 
     def _complete_by_memo(self, item: Pending, names: frozenset[str], memo: WriteMemo) -> bool:
@@ -171,7 +171,7 @@ class WriteMemos(IdentityLearning):
             or cache.relations.version != memo.relations_version
         ):
             return False
-        cache.invalidate(memo.database, names, False, memo.named)
+        cache.invalidate_rows(memo.database, names)
         barrier = cache.reply_barrier
         if barrier is not None and (hold := barrier()) is not None:
             self.hold_client(hold)  # the reply waits until other nodes applied the bumps
