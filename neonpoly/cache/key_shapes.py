@@ -48,7 +48,7 @@ MAX_CHARS = 4096  # texts longer than this are parsed (keys of the shapes: 16 MB
 
 
 @dataclass(frozen=True, slots=True)
-class _RefPlan:
+class RefPlan:
     """One KeyRef of the shape, its literals read from runs: (run index, sign) each."""
 
     write: bool
@@ -59,8 +59,8 @@ class _RefPlan:
 
 
 # A shape the parser answers each time (its key values do not all follow runs).
-_UNPLANNABLE: tuple[_RefPlan, ...] | None = None
-_plans: dict[tuple[str, ...], tuple[_RefPlan, ...] | None] = {}
+_UNPLANNABLE: tuple[RefPlan, ...] | None = None
+_plans: dict[tuple[str, ...], tuple[RefPlan, ...] | None] = {}
 
 
 def _split(sql: str) -> list[str] | None:
@@ -74,6 +74,30 @@ def _split(sql: str) -> list[str] | None:
         if len(run) > _MAX_DIGITS or not run.isdigit():  # ASCII only: isdigit() is [0-9]
             return None
     return parts
+
+
+# Characters after which `classify`'s shape of a text (policy._shape) may differ from the
+# text with every run of `_RUN` as 0: quotes and escapes (numbers inside strings are kept),
+# dollar signs (dollar quotes, placeholders) and `@` (policy._NUMBER keeps a number after it);
+# and those `_split` refuses (quoted names, any non-ASCII character): one scan for all.
+_NOT_SHAPED_ALIKE = re.compile(r"""['\\$@"\x80-\U0010ffff]""")
+
+
+def shape_of(sql: str) -> tuple[tuple[str, ...], list[str]] | None:
+    """(shape, runs) of a text whose shape is also the one `policy.classify` shares its
+    classification by (so texts of one shape have one classification and one plan here),
+    from one regex pass; None: not such a text."""
+    if _NOT_SHAPED_ALIKE.search(sql) is not None:
+        return None
+    parts = _split(sql)
+    if parts is None:
+        return None
+    return tuple(parts[0::2]), parts[1::2]
+
+
+def plan_of(shape: tuple[str, ...]) -> tuple[RefPlan, ...] | None:
+    """The learnt plan of a shape (None: not learnt, or one the parser always answers)."""
+    return _plans.get(shape)
 
 
 def known(sql: str) -> tuple[KeyRef, ...] | None:
@@ -105,7 +129,7 @@ def learn(sql: str, refs: tuple[KeyRef, ...], parse_refs: Callable[[str], tuple[
         return
     values = [int(run) for run in parts[1::2]]
     sentinels = [_SENTINEL_BASE + 2 * i for i in range(len(values))]
-    plan: tuple[_RefPlan, ...] | None = _UNPLANNABLE
+    plan: tuple[RefPlan, ...] | None = _UNPLANNABLE
     if not any(s == v for s, v in zip(sentinels, values, strict=True)):
         probe = "".join(p if k % 2 == 0 else str(sentinels[k // 2]) for k, p in enumerate(parts))
         plan = _plan(refs, parse_refs(probe), values, {s: i for i, s in enumerate(sentinels)})
@@ -116,12 +140,12 @@ def learn(sql: str, refs: tuple[KeyRef, ...], parse_refs: Callable[[str], tuple[
 
 def _plan(
     refs: tuple[KeyRef, ...], probed: tuple[KeyRef, ...] | None, values: list[int], runs_of: dict[int, int]
-) -> tuple[_RefPlan, ...] | None:
+) -> tuple[RefPlan, ...] | None:
     """The plan when the probe's key conjuncts are the text's with every literal swapped for
     the sentinel of one run (and so the text's own literal is that run's value)."""
     if probed is None or len(probed) != len(refs):
         return _UNPLANNABLE
-    plan: list[_RefPlan] = []
+    plan: list[RefPlan] = []
     for own, ref in zip(refs, probed, strict=True):
         if (own.write, own.table, own.column, own.params) != (ref.write, ref.table, ref.column, ref.params):
             return _UNPLANNABLE
@@ -134,5 +158,5 @@ def _plan(
             if run is None or mine != sign * values[run]:
                 return _UNPLANNABLE  # not a run's value (a constant of the shape, or a doubt)
             sources.append((run, sign))
-        plan.append(_RefPlan(ref.write, ref.table, ref.column, tuple(sources), ref.params))
+        plan.append(RefPlan(ref.write, ref.table, ref.column, tuple(sources), ref.params))
     return tuple(plan)

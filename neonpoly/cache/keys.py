@@ -132,6 +132,25 @@ def write_pairs(table: str, values: list[int]) -> frozenset[tuple[str, str]]:
 _WRITE_PAIRS: dict[tuple[str, int], frozenset[tuple[str, str]]] = {}
 
 
+def write_pairs_and_names(table: str, values: list[int]) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+    """`write_pairs` and `write_names` at once, for a session's remembered keyed write
+    (proxy/writes.py), which bumps the names and keeps the pairs; memoised as `write_pairs`."""
+    if len(values) != 1:
+        return write_pairs(table, values), write_names(table, values)
+    memo_key = (table, values[0] % KEY_BUCKETS)
+    found = _WRITE_BOTH.get(memo_key)
+    if found is None:
+        names = write_names(table, values)
+        found = (frozenset((table, name) for name in names), names)
+        if len(_WRITE_BOTH) >= 4 * KEY_BUCKETS:
+            _WRITE_BOTH.clear()
+        _WRITE_BOTH[memo_key] = found
+    return found
+
+
+_WRITE_BOTH: dict[tuple[str, int], tuple[frozenset[tuple[str, str]], frozenset[str]]] = {}
+
+
 def feed_names(
     tables: frozenset[str],
     rows: Mapping[str, Mapping[str, frozenset[int]]],

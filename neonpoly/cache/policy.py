@@ -39,7 +39,7 @@ from neonpoly.cache.keys import KeyRef, key_refs
 from neonpoly.cache.statements import classify_statement
 from neonpoly.cache.template import template_by_regex, template_from_tokens, template_id, tokenize
 
-__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "keys_for", "warm_up"]
+__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "keys_for", "learn_key_shape", "warm_up"]
 
 MEMO_SIZE = 8192
 # Bulk INSERTs can be megabytes and never repeat; keeping them would bloat the memo.
@@ -319,6 +319,14 @@ def keys_for(sql: str, info: Classification) -> tuple[KeyRef, ...]:
         while len(_own_keys) > MEMO_SIZE // 2:
             _own_keys.popitem(last=False)
     return found
+
+
+def learn_key_shape(sql: str, info: Classification) -> None:
+    """Have key_shapes learn the plan of `sql`'s shape, if it has not (`keys_for` learns it
+    only from a second text of a classification: the first answers with its own keys)."""
+    refs = keys_for(sql, info)
+    if refs:
+        key_shapes.learn(sql, refs, _parsed_keys)
 
 
 def _parsed_keys(sql: str) -> tuple[KeyRef, ...] | None:

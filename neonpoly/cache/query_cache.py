@@ -256,6 +256,14 @@ class QueryCache:
             else:
                 cache.store.invalidate_tables(database, tables)
 
+    def invalidate_rows(self, database: str, names: frozenset[str]) -> None:
+        """`invalidate(database, names, False)` for a keyed write's generation names (and the
+        tables it reaches), in one step: a session's remembered keyed write (proxy/writes.py)
+        bumps them twice per write, and nothing else of `invalidate` applies to it."""
+        self.store.invalidate_tables(database, names)
+        for cache in self.siblings():
+            cache.store.invalidate_tables(database, names)
+
     def miss_ticket(self, template_id: str, template: str, tables: tuple[str, ...]) -> StatTicket:
         """The ticket of a plain miss of this template: one per template (nothing in it
         depends on the text), carrying the tally its misses are counted in once looked up.

@@ -228,6 +228,9 @@ class RelationBook:
         self._followed_memo: dict[frozenset[str], bool] = {}  # asked at every TTL decision
         # Every request asks, hits included: answers are kept until the book learns or forgets.
         self._resolved: dict[tuple[str, frozenset[str], frozenset[str], frozenset[str] | None], Resolution] = {}
+        # Moves whenever anything the book answers may have changed (learn, refuse, forget):
+        # a session's write memo (proxy/writes.py) holds answers only while it stands still.
+        self.version = 0
 
     def knows_shadows(self, database: str) -> bool:
         return database in self._shadowed
@@ -324,6 +327,7 @@ class RelationBook:
     def learn(
         self, database: str, asked: Iterable[str], rows: Iterable[tuple[str, str, str, bool, str | None]]
     ) -> None:
+        self.version += 1
         self._resolved.clear()
         self._followed_memo.clear()
         self._bound()
@@ -379,6 +383,7 @@ class RelationBook:
 
     def refuse(self, database: str, names: Iterable[str]) -> None:
         """Relations we could not ask about: never cached, reads and writes evict everything."""
+        self.version += 1
         self._resolved.clear()
         self._followed_memo.clear()
         self._bound()
@@ -399,6 +404,7 @@ class RelationBook:
 
     def forget(self, database: str | None = None) -> None:
         """DDL may have redefined views, keys, triggers, policies or functions: learn again."""
+        self.version += 1
         self._resolved.clear()
         self._followed_memo.clear()
         if database is None:

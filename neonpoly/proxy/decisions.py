@@ -23,8 +23,8 @@ from neonpoly.cache.policy import Classification, Status, classify, keys_for
 from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TARGET_STATEMENT, TX_IDLE
 from neonpoly.proxy.hits import HitMemo, hit_tallies
-from neonpoly.proxy.learning import IdentityLearning
 from neonpoly.proxy.pending import Pending
+from neonpoly.proxy.writes import WRITE_INITIALS, WriteMemos
 
 if TYPE_CHECKING:
     from neonpoly.cache.query_cache import QueryCache
@@ -49,7 +49,7 @@ BoundValues = tuple[bytes, tuple[int, ...]] | None
 _MAY_PREPARE = re.compile(r"(?i)(?<![a-z0-9_$])prepare(?![a-z0-9_$])")
 
 
-class CacheDecisions(IdentityLearning):
+class CacheDecisions(WriteMemos):
     hit_memos: dict[bytes, HitMemo]  # the relay's remembered hits, by their raw bytes (relay.py)
 
     def __init__(self, client: asyncio.Transport) -> None:
@@ -63,6 +63,8 @@ class CacheDecisions(IdentityLearning):
 
     def _query(self, body: bytes, raw: bytes, out: list[bytes]) -> None:
         sql = pgwire.query_text(body)
+        if self.write_memos and sql[:1] in WRITE_INITIALS and self._write_by_memo(sql, raw, out):
+            return
         info = classify(sql)
         item = Pending(time.monotonic())
         self.book.simple_query()
@@ -97,6 +99,8 @@ class CacheDecisions(IdentityLearning):
                 StatTicket(info.template_id, info.template, info.qualified_tables, str(decision.status),
                            decision.reason)
             )  # fmt: skip
+            if item.keyed and cache is not None and not _MAY_PREPARE.search(sql):
+                self._remember_write(sql, info, item, cache)
         self.pending.append(item)
         out.append(raw)
         self.batch_open = False
@@ -474,6 +478,9 @@ class CacheDecisions(IdentityLearning):
 
     def _complete(self, item: Pending) -> None:
         """A response ended (ReadyForQuery): evict again, store, count."""
+        by_memo = item.by_memo
+        if by_memo is not None and self._complete_by_memo(item, by_memo[1], by_memo[0]):
+            return
         if not (
             item.capture is not None or item.book_ops or item.deallocates or item.reads or item.trusts or item.writes
             or item.writes_everything or item.keyed or item.commits or self.tx_writes or self.tx_writes_everything

@@ -14,7 +14,24 @@ from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.proxy.extended import BookOp
 
 if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
     from neonpoly.proxy.hits import HitMemo
+    from neonpoly.proxy.identity import Identity
+
+
+@dataclass(slots=True, frozen=True)
+class WriteMemo:
+    """What a keyed write of one shape was decided on, and what it did (writes.py)."""
+
+    cache: QueryCache
+    identity: Identity  # the very object (writes.py)
+    relations_version: int
+    database: str
+    table: str
+    sources: tuple[tuple[int, int], ...]  # the key values: (run of the text, sign) each
+    writes: frozenset[str]  # Pending.writes: its tables but the keyed one (none)
+    extra: frozenset[str]  # what a write of the table reaches beyond it (cascades): whole
+    ticket: StatTicket  # nothing in it depends on the text
 
 
 @dataclass(slots=True)
@@ -50,4 +67,6 @@ class Pending:
     identity: frozenset[str] | None = None  # the session-identity lookup, with the settings it asks
     rows: list[list[bytes | None]] = field(default_factory=list)
     memo: HitMemo | None = None  # the hit memo whose entry was gone and that sent this miss
+    # A keyed write decided from its shape's memo, and the names it bumped (writes.py).
+    by_memo: tuple[WriteMemo, frozenset[str]] | None = None
 

@@ -172,3 +172,27 @@ def test_random_texts_of_hostile_shapes_get_the_parsers_key_values() -> None:
         sql = shape.format(*(rng.choice(numbers) for _ in range(shape.count("{}"))))
         # (a text sharing the classification of one without a key, `id = 1.5`, has none)
         assert keys(sql) == parsed(sql) or not classify(sql).keys, sql
+
+
+def test_a_shape_a_write_memo_is_kept_by_is_the_shape_classify_shares_by() -> None:
+    """A session remembers a keyed write by `shape_of` (proxy/writes.py) and takes its
+    classification for every text of that shape: exactly the texts `classify` answers from
+    one shape, or a text classify keeps to itself (strings, quoted names, `$`, `@`) is refused."""
+    rng = random.Random(11)
+    pieces = [
+        "UPDATE t SET v = v + ", "WHERE id = ", " @", "'", "'a 1'", '"t 1"', "$", "$1", "\\", "--", "/*", "*/",
+        "\n", " ", "x", "1", "42", "1.5", "3e2", "1000000000", "-", ".", "é", ";",
+    ]  # fmt: skip
+    shared = 0
+    for _ in range(3000):
+        sql = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        found = key_shapes.shape_of(sql)
+        if found is None:
+            continue
+        shape, runs = found
+        shared += 1
+        assert "0".join(shape) == policy._shape(sql), sql
+        assert all(run.isdigit() and len(run) <= 9 for run in runs), sql
+    assert shared > 300
+    for refused in ("'", "\\", "$", "@", '"', "é"):
+        assert key_shapes.shape_of(f"UPDATE t SET v = {refused} WHERE id = 1") is None

@@ -128,3 +128,21 @@ def test_the_change_feed_follows_permanent_tables_and_views_over_them_only() -> 
     assert book.followed(["t"])
     book.forget()
     assert not book.followed(["t"])
+
+
+def test_the_version_moves_whenever_an_answer_may_change() -> None:
+    """A session's write memo holds the book's answers while the version stands still."""
+    book = RelationBook()
+    seen = [book.version]
+    book.learn("app", ["t"], NO_SHADOWS)
+    seen.append(book.version)
+    book.resolve("app", ["t"])
+    book.reach("app", ["t"])
+    assert book.version == seen[-1]  # asking changes nothing
+    book.refuse("app", ["u"])
+    seen.append(book.version)
+    book.forget("app")
+    seen.append(book.version)
+    book.forget()
+    seen.append(book.version)
+    assert len(set(seen)) == len(seen)
