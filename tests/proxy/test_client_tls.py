@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -88,8 +88,11 @@ async def test_channel_binding_require_is_refused_clearly(pg: PgServer, tls_prox
 
 async def test_silent_clients_are_dropped_after_the_login_timeout(pg: PgServer) -> None:
     """A client that connects and never logs in (slowloris) does not hold a session."""
+    # A timeout long enough that a loaded machine still opens all 21 connections (and logs
+    # the real client in) inside it; each wait below polls rather than sleeps.
+    timeout = 1.5
     service = ProxyService(
-        ProxySettings(listen=("127.0.0.1", 0), login_timeout=0.3, cache=CacheSettings(enabled=False))
+        ProxySettings(listen=("127.0.0.1", 0), login_timeout=timeout, cache=CacheSettings(enabled=False))
     )
     service.add_cache("default", Origin.from_url(pg.url("postgres", "app", sslmode="require")))
     _, port = await service.start()
@@ -97,18 +100,24 @@ async def test_silent_clients_are_dropped_after_the_login_timeout(pg: PgServer) 
         silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
         half = await asyncio.open_connection("127.0.0.1", port)
         half[1].write(b"\x00\x00\x00\x50\x00\x03")  # half a startup packet
-        await asyncio.sleep(0.1)
-        assert len(service.server.sessions) == 21
-        data = await asyncio.wait_for(half[0].read(), 3)
+        await _until(lambda: len(service.server.sessions) == 21, timeout / 2)
+        data = await asyncio.wait_for(half[0].read(), 10)
         assert b"08006" in data and b"login timed out" in data
         for reader, _ in silent:
-            await asyncio.wait_for(reader.read(), 3)  # the socket is closed (read returns at EOF)
-        await asyncio.sleep(0.1)
-        assert len(service.server.sessions) == 0
+            await asyncio.wait_for(reader.read(), 10)  # the socket is closed (read returns at EOF)
+        await _until(lambda: len(service.server.sessions) == 0, 10)
         # A real client still logs in.
         conn = await asyncpg.connect(**{**pg.dsn("scram_user"), "host": "127.0.0.1", "port": port})
-        await asyncio.sleep(0.5)  # past the timeout: a logged-in session is not affected
+        await asyncio.sleep(timeout + 0.2)  # past the timeout: a logged-in session is not affected
         assert await conn.fetchval("SELECT 1") == 1
         await conn.close()
     finally:
         await service.close(grace=0.1)
+
+
+async def _until(condition: Callable[[], bool], within: float) -> None:
+    """Poll until condition holds; fail after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
