@@ -207,8 +207,10 @@ async def test_writes_through_neonpoly_never_shorten_a_ttl(pg: PgServer, admin: 
 
 
 async def test_time_to_first_hit_holds_after_ddl_and_writes(pg: PgServer, admin: Admin) -> None:
-    """CREATE TABLE and INSERT through neonpoly, then one query three times 5 s apart:
-    miss, miss, hit (writes neonpoly relayed must not shorten the TTL below the gap)."""
+    """CREATE TABLE and INSERT through neonpoly, then one query three times 2 s apart:
+    miss, miss, hit (writes neonpoly relayed must not shorten the TTL below the gap). A TTL
+    the adaptive learner shortened is either its floor (`min_ttl`, 1 s here) or at least a
+    quarter of the cache's (75 s): a gap of twice the floor tells them apart."""
     table = unique("ttfh")
     sql = f"SELECT name FROM {table} WHERE id = 1"
     conn = await asyncpg.connect(**admin.proxy.dsn())
@@ -218,7 +220,7 @@ async def test_time_to_first_hit_holds_after_ddl_and_writes(pg: PgServer, admin:
         statuses: list[str] = []
         for run in range(3):
             if run:
-                await asyncio.sleep(5)
+                await asyncio.sleep(2 * admin.proxy.service.adaptive.min_ttl)
             before = admin.proxy.totals()
             assert await conn.fetchval(sql) == "first"
             after = admin.proxy.totals()

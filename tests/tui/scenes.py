@@ -3,11 +3,12 @@ reach it. Shared by the snapshot tests and `scripts/screenshots.py`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from textual.pilot import Pilot
-from textual.widgets import Input
+from textual.widgets import Button, Input
 
 from neonpoly.tui.app import ConsoleApp
 from tests.tui.fakes import DemoControl
@@ -39,12 +40,20 @@ class Scene:
         if "enter" in self.keys:
             # A pressed Button keeps its "-active" look for 0.2 s: wait it out, or the
             # picture depends on how fast this machine is.
-            await pilot.pause(0.3)
+            await buttons_at_rest(pilot)
         # A focused Input's cursor blinks on a timer: freeze it (shown) so the picture does
         # not depend on when it is taken.
         for box in pilot.app.screen.query(Input):
             box.cursor_blink = False
         await pilot.pause()
+
+
+async def buttons_at_rest(pilot: Pilot[None], timeout: float = 10.0) -> None:
+    """Until no button on the screen shows its pressed look (polled, not a fixed wait)."""
+    deadline = time.monotonic() + timeout
+    while any(button.has_class("-active") for button in pilot.app.screen.query(Button)):
+        assert time.monotonic() < deadline, "a button kept its pressed look"
+        await pilot.pause(0.02)
 
 
 async def settle(pilot: Pilot[None]) -> None:

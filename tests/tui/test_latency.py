@@ -33,6 +33,11 @@ from tests.tui.scenes import settle
 
 AIM_P50_MS = 100.0  # the typical key must feel instant
 BOUND_MAX_MS = 500.0  # rare outliers (GC, a ticker refresh landing on the key) stay bounded
+BUDGET = os.environ.get("NEONPOLY_LATENCY_BUDGET") == "1"
+# Samples per key: percentiles need several when the aim is enforced; what CI asserts (each
+# key's change shows, the first showing composes and a later one re-shows the installed
+# screen, the view's numbers are the engine's) needs two of each.
+MANAGE_ROUNDS, VIEW_ROUNDS, SORT_ROUNDS = (6, 4, 5) if BUDGET else (2, 2, 2)
 
 
 class FrameProbe:
@@ -141,7 +146,7 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
             while calls() < 200:
                 await asyncio.sleep(0.01)
             load_started, done_before = time.perf_counter(), calls()
-            for i in range(6):
+            for i in range(MANAGE_ROUNDS):
                 # Integrations page → Manage drawer → back. The first open composes the
                 # drawer; later ones re-show the installed one: reported apart.
                 name = "m (first Manage, composes)" if i == 0 else "m (open Manage drawer)"
@@ -149,18 +154,18 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
                               lambda: isinstance(app.screen, ManagePolyScaleDrawer), "m")
                 await measure(pilot, "esc (close drawer)", "escape",
                               lambda: isinstance(app.screen, IntegrationsScreen))
-            for i in range(4):
+            for i in range(VIEW_ROUNDS):
                 name = "v (first cache view, composes)" if i == 0 else "v (open cache view)"
                 await measure(pilot, name, "v",
                               lambda: isinstance(app.screen, CacheViewScreen), "v")
-                if i < 3:
+                if i < VIEW_ROUNDS - 1:
                     await measure(pilot, "esc (leave cache view)", "escape",
                                   lambda: isinstance(app.screen, IntegrationsScreen))
             screen = app.screen
             assert isinstance(screen, CacheViewScreen)
             sort_label = screen.query_one("#cv-sort", Label)
             box = screen.query_one("#filter", Input)
-            for _ in range(5):
+            for _ in range(SORT_ROUNDS):
                 before = str(sort_label.content)
 
                 def resorted(before: str = before) -> bool:
@@ -202,5 +207,5 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
               f"  p95 {p95:6.1f} ms  max {values[-1]:6.1f} ms")
     # Speed is a benchmark, not a pass/fail test: a loaded CI machine must not fail the build.
     # `NEONPOLY_LATENCY_BUDGET=1 pytest tests/tui/test_latency.py -s` enforces the aim.
-    if slow and os.environ.get("NEONPOLY_LATENCY_BUDGET") == "1":
+    if slow and BUDGET:
         pytest.fail(f"key→frame over p50 {AIM_P50_MS:.0f} ms or max {BOUND_MAX_MS:.0f} ms: {slow}")
