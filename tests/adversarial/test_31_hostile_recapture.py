@@ -158,14 +158,15 @@ async def test_a_captured_answer_cut_at_every_byte_is_stored_as_the_origin_sent_
 
 
 async def test_several_results_empty_results_and_big_rows_captured(pg: PgServer, tmp_path: Path) -> None:
-    """A Query of two statements, an empty result, a row over many reads, an answer that
-    only says its command: each captured and replayed as the origin answers it."""
+    """A Query of two statements (the second failing in one), an empty result, a row over
+    many reads: each captured and replayed as the origin answers it (or not stored)."""
     async with world(pg, tmp_path) as env:
         t = await env.table("adv_recap_m", "id int PRIMARY KEY, a text", "(1, 'one')", "(2, 'two')")
         via, direct, _ = await raw_pair(env)
         for sql in (
             f"SELECT a FROM {t} WHERE id = 1; SELECT a FROM {t} WHERE id = 2",
             f"SELECT a FROM {t} WHERE id = 1; SELECT a FROM {t} WHERE id < 0",
+            f"SELECT a FROM {t} WHERE id = 1; SELECT 1 / (id - 1) FROM {t} WHERE id = 1",
             f"SELECT a FROM {t} WHERE id < 0",
             f"SELECT repeat(a, 200000) FROM {t} WHERE id = 2",
             f"SELECT a, repeat('Z', 5) FROM {t} ORDER BY id",
