@@ -32,6 +32,7 @@ def _slip_before_ready(proxy: CachingProxy, raw: Raw) -> list[bytes]:
     port = raw.writer.get_extra_info("sockname")[1]
     (session,) = [s for s in proxy.service.server.sessions if s.peer.endswith(f":{port}")]
     transport = session.origin_transport
+    assert transport is not None
     protocol: Any = transport.get_protocol()
     deliver = protocol.data_received
     extra: list[bytes] = []
