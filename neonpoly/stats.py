@@ -226,9 +226,9 @@ class HitTally:
     misses of it (a first sighting must cost next to nothing): the hot paths, so each is a
     few int operations here, folded into the recorder's counters by the next `snapshot` or
     `record` of the template, or as soon as the second changes (the per-second series stays
-    exact). A tally holds the hits and the misses of one second both: folded misses first, so
-    a hit's time saved is reckoned against the misses of its own second too, not only those
-    before it (folding at every change of kind cost each miss between hits two folds).
+    exact). A tally holds the hits and the misses of one second both (folding at every change
+    of kind cost each miss between hits two folds); its hits' time saved is reckoned against
+    the misses before that second, or, when there were none, against the second's own.
     Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit` and `StatsRecorder.miss`."""
 
     __slots__ = ("buckets", "bytes_served", "cache_id", "count", "epoch", "last", "latency_s", "miss_buckets",
@@ -423,16 +423,21 @@ class StatsRecorder:
             if tpl is None:
                 tpl = cache.templates[template_id] = _TemplateCounters(template, tables)
                 tpl.ttl = self._early_ttl.pop((t.cache_id, template_id), tpl.ttl)
+        typical: float | None = None
         if t.misses:
+            if n:  # the hits are priced by the misses before this second's, when there are any:
+                # a few slow misses after a second's many hits must not price all of them
+                typical = tpl.miss_p50 if tpl.miss_p50 is not None else tpl.miss_latency.quantile(0.5)
             self._fold_misses(t, cache, tpl)
             if not n:
                 return
         self._count_run(cache, tpl, HIT, n, t.last, t.second, t.buckets, tpl.hit_latency)
         if t.missed_last:
             tpl.last_status = MISS  # counted before the hits, but a miss came last
-        if tpl.miss_p50 is None:
-            tpl.miss_p50 = tpl.miss_latency.quantile(0.5)
-        typical = tpl.miss_p50
+        if typical is None:
+            if tpl.miss_p50 is None:
+                tpl.miss_p50 = tpl.miss_latency.quantile(0.5)
+            typical = tpl.miss_p50
         saved = typical * n - t.latency_s if typical is not None and typical * n > t.latency_s else 0.0
         tpl.time_saved_s += saved
         cache.time_saved_s += saved

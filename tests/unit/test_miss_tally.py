@@ -21,9 +21,9 @@ TABLES = ("public.users",)
 
 def test_tallied_misses_and_hits_show_as_recorded_ones_in_every_order() -> None:
     clock = FakeClock()
-    # `reckoned` is given each second's misses before its hits: what a hit's time saved is
-    # reckoned against (every miss of its second and before), without a fold at each change
-    # of kind.
+    # `reckoned` is given each second's hits before its misses once there were misses before
+    # that second (the hits are priced by those), its misses first otherwise (priced by the
+    # second's own): what a tally reckons, without a fold at each change of kind.
     recorded, reckoned, tallied = StatsRecorder(clock), StatsRecorder(clock), StatsRecorder(clock)
     tally = tallied.tally("c1", "t1", SQL, TABLES)
     # Runs of misses and hits, a second changing in the middle of a run.
@@ -32,7 +32,8 @@ def test_tallied_misses_and_hits_show_as_recorded_ones_in_every_order() -> None:
     second: list[tuple[str, float]] = []
     for kind, latency in [*steps, ("tick", 0)]:
         if kind == "tick":
-            for k, lat in sorted(second, key=lambda s: s[0] == "hit"):
+            missed_before = template(reckoned).misses if reckoned.snapshot().templates else 0
+            for k, lat in sorted(second, key=lambda s: (s[0] == "hit") != bool(missed_before)):
                 reckoned.record("c1", "t1", SQL, TABLES, k, lat, 10 if k == "hit" else 0)
             second = []
             clock.now += 1
@@ -149,3 +150,21 @@ def test_the_kind_counted_last_in_a_second_is_the_last_status() -> None:
             else:
                 stats.miss(tally, 0.01)
         assert template(stats).last_status == last
+
+
+def test_a_seconds_slow_misses_do_not_price_its_many_hits() -> None:
+    """1000 memo hits, then two slow misses in the same second: the hits are priced by the
+    1 ms miss before that second, not by the two slow ones (which once made the console show
+    some 2,000 s saved)."""
+    clock = FakeClock()
+    stats = StatsRecorder(clock)
+    tally = stats.tally("c1", "t1", SQL, TABLES)
+    stats.miss(tally, 0.001)
+    clock.now += 1
+    for _ in range(1000):
+        stats.hit(tally, 0.0001, 10)
+    stats.miss(tally, 2.0)
+    stats.miss(tally, 2.0)
+    got = template(stats)
+    assert (got.hits, got.misses, got.last_status) == (1000, 3, "miss")
+    assert 0 < got.time_saved_s < 1.0  # about 1000 x (1 ms - 0.1 ms)
