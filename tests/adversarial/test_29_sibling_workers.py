@@ -415,7 +415,9 @@ async def test_a_name_on_the_board_that_belongs_to_another_hosts_node(pg: PgServ
         async with pg.superuser_conn() as conn:
             await conn.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v int)")
             await conn.execute(f"INSERT INTO {t} VALUES (1, 0)")
-        plane = {"grace": 0.0}
+        # A long heartbeat: the first w0 keeps its name through a stall of a loaded machine (with
+        # the default 3 s a stalled w0 lost it to its twin, and was then refused itself).
+        plane = {"grace": 0.0, "heartbeat": 30.0}
         async with plane_node(
             pg, tmp_path / "a", redis.url, plane={**plane, "node": "box:6432/w0"}, siblings=rows[0]
         ) as a:
