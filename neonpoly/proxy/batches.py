@@ -20,7 +20,7 @@ from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.policy import Status
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
-from neonpoly.proxy.extended import BATCHED, CLOCK_WORDS, BatchBuffer, BatchPlan, segments_of
+from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
 from neonpoly.proxy.hits import MAX_MEMOS
 from neonpoly.proxy.pending import Pending
 
@@ -106,7 +106,7 @@ class BatchHandling(CacheDecisions):
             self.lone_shape = shape
             return False
         tail = data[cut:end]
-        if CLOCK_WORDS.search(tail):
+        if reads_clock(tail):
             return False  # refused per batch (plan_shaped plans it in full)
         plan = memo.plan
         if (plan.tables or plan.shadowable) and cache.relations.resolve(
@@ -139,11 +139,9 @@ class BatchHandling(CacheDecisions):
         item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end])])
         item.neutral = True  # the catalog described what it reads (no reads/trusts left)
         item.stats.extend([cache.miss_ticket(i.template_id, i.template, i.qualified_tables) for i in plan.executed])
-        out = self.book.deferred_parses(plan, item.book_ops) if plan.needs else []
-        item.swallow = len(out)
         self.pending.append(item)
-        out.append(data)
-        self._write_origin(out)
+        # (No Parse to send ahead: its statements were at the origin for this book version.)
+        self._write_origin([data])
         self.batch_open = False
         self.book.synced()
         return True
@@ -186,6 +184,11 @@ class BatchHandling(CacheDecisions):
             return  # not the lone batch the shape was taken from
         if pgwire.parse_bind(bind).statement in self.book.copies:
             return  # BatchBuffer streams it
+        statements = self.book.statements
+        if any(name not in statements or not statements[name].at_origin for name in plan.needs):
+            # Sent ahead by `deferred_parses`, which moves the book's version (and so the
+            # next sighting is planned again anyway): not remembered.
+            return
         segments = segments_of(plan.pieces)
         if len(segments) != 2:
             return
