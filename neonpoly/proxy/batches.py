@@ -138,12 +138,15 @@ class BatchHandling(CacheDecisions):
         # A point read's key value is read from the Bind alone (nothing is parsed before it).
         item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end])])
         item.neutral = True  # the catalog described what it reads (no reads/trusts left)
-        item.stats.extend([cache.miss_ticket(i.template_id, i.template, i.qualified_tables) for i in plan.executed])
+        stats = item.stats
+        for info in plan.executed:
+            stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
         self.pending.append(item)
-        # (No Parse to send ahead: its statements were at the origin for this book version.)
-        self._write_origin([data])
-        self.batch_open = False
-        self.book.synced()
+        # As it came (no Parse to send ahead: its statements were at the origin for this book version).
+        if self.origin_transport is not None:
+            self.origin_transport.write(data)
+        if self.book.unsynced:  # (a Parse sent since the last Sync)
+            self.book.synced()
         return True
 
     def _keep_memo(
