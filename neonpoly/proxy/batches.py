@@ -52,6 +52,7 @@ class BatchMemo:
     database: str
     resolution: Resolution  # the very object the relation book memoises
     template_id: str
+    rest: list[tuple[int, bytes]]  # the batch's messages after its Bind, for `_capture`
 
 
 class BatchHandling(CacheDecisions):
@@ -135,8 +136,7 @@ class BatchHandling(CacheDecisions):
                     self.hit_memos.clear()
                 self.hit_memos[data] = memo_hit
             return True
-        # A point read's key value is read from the Bind alone (nothing is parsed before it).
-        item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end])])
+        item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end]), *memo.rest])
         item.neutral = True  # the catalog described what it reads (no reads/trusts left)
         stats = item.stats
         for info in plan.executed:
@@ -199,7 +199,7 @@ class BatchHandling(CacheDecisions):
             self.batch_memos.clear()
         self.batch_memos[shape] = BatchMemo(
             plan, segments[0], segments[1], cache, identity, self.book.version, self.state.database, resolution,
-            template,
+            template, batch[1:],
         )  # fmt: skip
 
     def _sync(
