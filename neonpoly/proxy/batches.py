@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 _LENGTH = struct.Struct("!i")
 # Lone batches remembered per session (see BatchMemo): a driver's statements, like MAX_SHAPES.
 MAX_BATCH_MEMOS = 512
+# The most bytes after its Bind a lone batch has (a Describe, an Execute, a Sync: their names
+# are short). A longer read (a pipeline of batches) is not copied into a shape to look up.
+_LONE_REST = 512
 
 
 # Not frozen: one is made per shape, rarely; nothing changes it once made.
@@ -78,7 +81,7 @@ class BatchHandling(CacheDecisions):
         that `_sync` saw whole when it made the memo, so the read is framed as they were."""
         n = len(data)
         end = 1 + _LENGTH.unpack_from(data, 1)[0]  # the Bind's end
-        if end < 9 or end >= n or end > pgwire.SMALL_MESSAGE_LIMIT:
+        if end < 9 or end >= n or end > pgwire.SMALL_MESSAGE_LIMIT or n - end > _LONE_REST:
             return False
         # Its values start after the portal and statement names (two NUL-ended strings).
         cut = data.find(b"\x00", data.find(b"\x00", 5, end) + 1, end) + 1
