@@ -4,6 +4,12 @@ The relay collects Parse/Bind/Describe/Execute/Close in a `BatchBuffer` (extende
 Sync the batch is planned and either answered from the cache or forwarded, preceded by any
 Parse the origin lacks. A batch that cannot wait for its Sync (a Flush that wants answers,
 COPY, a pipeline that never syncs) is streamed instead: forwarded as it arrives, never cached.
+
+A driver running a prepared statement sends one lone batch per execution (Bind, Describe,
+Execute, Sync in one read), most of them first sightings of their values: a miss. Once `_sync`
+decided one of a shape (the same messages but for the Bind's values) to be a cacheable read,
+the next reads of that shape are decided from its `BatchMemo` while nothing it rested on moved
+(`_lone_batch`): looked up, answered, or sent as they came, with no frames collected or planned.
 """
 
 from __future__ import annotations
