@@ -174,7 +174,8 @@ class BatchHandling(CacheDecisions):
         cache = self.route.cache if self.route else None
         identity = self.state.identity
         if (
-            raw_batch is None
+            shape is None
+            or raw_batch is None
             or cache is None
             or identity is None
             or resolution is None
