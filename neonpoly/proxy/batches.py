@@ -4,26 +4,213 @@ The relay collects Parse/Bind/Describe/Execute/Close in a `BatchBuffer` (extende
 Sync the batch is planned and either answered from the cache or forwarded, preceded by any
 Parse the origin lacks. A batch that cannot wait for its Sync (a Flush that wants answers,
 COPY, a pipeline that never syncs) is streamed instead: forwarded as it arrives, never cached.
+
+A driver running a prepared statement sends one lone batch per execution (Bind, Describe,
+Execute, Sync in one read), most of them first sightings of their values: a miss. Once `_sync`
+decided one of a shape (the same messages but for the Bind's values) to be a cacheable read,
+the next reads of that shape are decided from its `BatchMemo` while nothing it rested on moved
+(`_lone_batch`): looked up, answered, or sent as they came, with no frames collected or planned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import struct
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
 from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.policy import Status
-from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE
+from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
-from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan
+from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
+from neonpoly.proxy.hits import MAX_MEMOS
 from neonpoly.proxy.pending import Pending
+
+if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.cache.relations import Resolution
+    from neonpoly.proxy.identity import Identity
+
+_LENGTH = struct.Struct("!i")
+# Lone batches remembered per session (see BatchMemo): a driver's statements, like MAX_SHAPES.
+MAX_BATCH_MEMOS = 512
+# The most bytes after its Bind a lone batch has (a Describe, an Execute, a Sync: their names
+# are short). A longer read (a pipeline of batches) is not copied into a shape to look up.
+_LONE_REST = 512
+
+
+# Not frozen: one is made per shape, rarely; nothing changes it once made.
+@dataclass(slots=True, eq=False)
+class BatchMemo:
+    """What a lone batch (a read that is one Bind, then Describe/Execute, then Sync: a driver
+    running a prepared statement) was decided on when the full path found it a cacheable read
+    (`_sync`: a MISS, then looked up). Its next reads of the same shape, other values, take
+    `_lone_batch` while every part is still what `_sync` would find: the checks of
+    `_cache_decision` a read can fail, compared as `Relay._answer_memo` compares a hit's."""
+
+    plan: BatchPlan  # the shape's plan (StatementBook.plan_shaped), for this book version
+    before: bytes  # the key material before the Bind's values, and after them
+    after: bytes
+    cache: QueryCache
+    identity: Identity  # the very object: a session that learns its identity again gets a new one
+    book_version: int
+    database: str
+    resolution: Resolution  # the very object the relation book memoises
+    template_id: str
+    rest: list[tuple[int, bytes]]  # the batch's messages after its Bind, for `_capture`
 
 
 class BatchHandling(CacheDecisions):
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
         self.batch = BatchBuffer(self.book)
+        # Lone batches by shape: the Bind's portal and statement names, then the read's bytes
+        # after the Bind (its Describe/Execute/Sync), all of it fixed by the driver.
+        self.batch_memos: dict[bytes, BatchMemo] = {}
+        # The shape of a lone batch `_lone_batch` had no memo for, handed to the full path
+        # (checked again there: `_keep_memo`).
+        self.lone_shape: bytes | None = None
+
+    def _lone_batch(self, data: bytes) -> bool:
+        """A read that is one whole lone batch of a remembered shape (the caller checked: it
+        starts with a Bind; cbuf empty, no batch or stream open, a cache on the route),
+        decided as `_sync` decides it, from its memo: no frame list, no BatchBuffer, no
+        plan lookup, no decision taken again. False (nothing done): the full path, which
+        remembers the shape when it can.
+
+        The memo's key is the read's own bytes but the Bind's values (and its length): a
+        read that matches it is a Bind followed by the very Describe/Execute/Sync frames
+        that `_sync` saw whole when it made the memo, so the read is framed as they were."""
+        n = len(data)
+        end = 1 + _LENGTH.unpack_from(data, 1)[0]  # the Bind's end
+        if end < 9 or end >= n or end > pgwire.SMALL_MESSAGE_LIMIT or n - end > _LONE_REST:
+            return False
+        # Its values start after the portal and statement names (two NUL-ended strings).
+        cut = data.find(b"\x00", data.find(b"\x00", 5, end) + 1, end) + 1
+        if cut <= 5:
+            return False
+        shape = data[5:cut] + data[end:]
+        memo = self.batch_memos.get(shape)
+        state = self.state
+        identity = state.identity
+        cache = memo.cache if memo is not None else None
+        route = self.route
+        if (
+            memo is None
+            or cache is None
+            or identity is not memo.identity
+            or identity.epoch != cache.ddl_epoch
+            or self.book.version != memo.book_version
+            or route is None
+            or route.cache is not cache
+            or state.tx_status != TX_IDLE
+            or state.legacy_strings
+            or state.bypass is not None
+            or self.pending
+            or self.batch_open
+        ):
+            self.lone_shape = shape
+            return False
+        tail = data[cut:end]
+        if reads_clock(tail):
+            return False  # refused per batch (plan_shaped plans it in full)
+        plan = memo.plan
+        if (plan.tables or plan.shadowable) and cache.relations.resolve(
+            memo.database, plan.tables, plan.shadowable, identity.schemas
+        ) is not memo.resolution:
+            self.lone_shape = shape  # the catalog moved: decided again, remembered anew
+            return False
+        template = memo.template_id
+        if not cache.caches(template, plan.tables):
+            return False  # DISABLED: the full path says so and counts it
+        item = Pending(time.monotonic())
+        material = hashlib.blake2b(memo.before + tail + memo.after, digest_size=32).digest()
+        key = cache.key(state.context(), b"X" + material)  # as `_sync` keys it
+        payload = cache.lookup(key)
+        self.hit_seen = None
+        if payload is not None:
+            if plan.executes:
+                self._answer_locally(payload, plan.executed, item)
+            else:
+                self._answer_quietly(payload, item)
+            self._note_hit(cache, key, memo.resolution, template, plan.tables, plan.shadowable,
+                           plan.executed if plan.executes else [])  # fmt: skip
+            memo_hit, self.hit_seen = self.hit_seen, None
+            if memo_hit is not None:  # a repeat of these very bytes: hits.py
+                if len(self.hit_memos) >= MAX_MEMOS:
+                    self.hit_memos.clear()
+                self.hit_memos[data] = memo_hit
+            return True
+        item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end]), *memo.rest])
+        item.neutral = True  # the catalog described what it reads (no reads/trusts left)
+        stats = item.stats
+        for info in plan.executed:
+            stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
+        self.pending.append(item)
+        # As it came (no Parse to send ahead: its statements were at the origin for this book version).
+        if self.origin_transport is not None:
+            self.origin_transport.write(data)
+        if self.book.unsynced:  # (a Parse sent since the last Sync)
+            self.book.synced()
+        return True
+
+    def _keep_memo(
+        self,
+        plan: BatchPlan,
+        item: Pending,
+        resolution: Resolution | None,
+        template: str,
+        batch: list[tuple[int, bytes]],
+        raw_batch: bytes | None,
+        raw: bytes,
+    ) -> None:
+        """`_sync` found the lone batch `_lone_batch` handed it a cacheable read and looked it
+        up: remember what that rested on, if its next sightings can be decided from it."""
+        shape, self.lone_shape = self.lone_shape, None
+        cache = self.route.cache if self.route else None
+        identity = self.state.identity
+        if (
+            shape is None
+            or raw_batch is None
+            or cache is None
+            or identity is None
+            or resolution is None
+            or item.reads
+            or item.trusts
+            or not plan.quiet
+            or not _plain(plan)
+            or plan.forward
+            or plan.status is not None
+            or (plan.primary is not None and not plan.primary.cacheable)
+            or sum(1 for t, _ in batch if t == MSG_BIND) != 1
+            or batch[0][0] != MSG_BIND
+            or self.state.legacy_strings
+        ):
+            return
+        bind = batch[0][1]
+        cut = bind.find(b"\x00", bind.find(b"\x00") + 1) + 1
+        if cut <= 0 or shape != bind[:cut] + raw_batch[5 + len(bind) :] + raw:
+            return  # not the lone batch the shape was taken from
+        if pgwire.parse_bind(bind).statement in self.book.copies:
+            return  # BatchBuffer streams it
+        statements = self.book.statements
+        if any(name not in statements or not statements[name].at_origin for name in plan.needs):
+            # Sent ahead by `deferred_parses`, which moves the book's version (and so the
+            # next sighting is planned again anyway): not remembered.
+            return
+        segments = segments_of(plan.pieces)
+        if len(segments) != 2:
+            return
+        if len(self.batch_memos) >= MAX_BATCH_MEMOS:
+            self.batch_memos.clear()
+        self.batch_memos[shape] = BatchMemo(
+            plan, segments[0], segments[1], cache, identity, self.book.version, self.state.database, resolution,
+            template, batch[1:],
+        )  # fmt: skip
 
     def _sync(
         self, raw: bytes, out: list[bytes], expect: int | None = None, raw_batch: bytes | None = None
@@ -58,6 +245,8 @@ class BatchHandling(CacheDecisions):
         if status is Status.MISS and cache is not None and (plan.executes or info is not None):
             # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
             key = cache.key(self.state.context(), (b"H" if flush else b"X") + material)
+            if self.lone_shape is not None and not flush:
+                self._keep_memo(plan, item, decision.resolution, template, batch, raw_batch, raw)
             payload = cache.lookup(key)
             # Not after messages ended by Flush went to the origin (asyncpg's Parse/Describe/
             # Flush): it runs them in an implicit transaction that only their Sync ends, and

@@ -70,7 +70,7 @@ class HitMemo:
     # A simple Query's frame (the memo's own key, no copy) and classification: when the entry
     # is gone (a write made it stale), its miss is sent and captured from here
     # (CacheDecisions._memo_miss) instead of being decided again. None (a prepared
-    # statement's batch): the full path.
+    # statement's batch): the full path, or its shape's BatchMemo (batches.py).
     query: tuple[bytes, Classification] | None = None
     # The generation names its misses are stamped with (cache/keys.py read_names), worked out
     # at the first: they rest on its text and on what the relation book says of the tables

@@ -17,6 +17,7 @@ from neonpoly import pgwire
 from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.policy import Status
 from neonpoly.pgwire import (
+    MSG_BIND,
     MSG_CLOSE_COMPLETE,
     MSG_COPY_BOTH_RESPONSE,
     MSG_COPY_IN_RESPONSE,
@@ -97,6 +98,16 @@ class Relay(BatchHandling):
                 and 4 <= _LENGTH.unpack_from(data, 1)[0] == len(data) - 1 <= pgwire.SMALL_MESSAGE_LIMIT
             ):
                 self._lone_query(data)
+                return
+            if (
+                data[0] == MSG_BIND
+                and len(data) > 5
+                and not batch.messages
+                and self.stream is None
+                and self.route is not None
+                and self.route.cache is not None
+                and self._lone_batch(data)
+            ):
                 return
             frames, used = pgwire.scan_frames(data, allowed=pgwire.FRONTEND_TYPES, large=pgwire.FRONTEND_LARGE_TYPES)
             if used < len(data):
