@@ -78,7 +78,7 @@ async def _script(proxy: CachingProxy, table: str, alone: bool) -> tuple[Seen, i
                 frames = batch(value)
                 if frames[-1] is FLUSH:  # never the shortcut's: the full path, either way
                     raw.send(*frames)
-                    msgs = []
+                    msgs: list[tuple[bytes, bytes]] = []
                     while not msgs or msgs[-1][0] not in (b"C", b"E", b"s"):
                         msgs.append(await raw.message())
                     raw.send(SYNC)
@@ -121,8 +121,8 @@ async def test_a_lone_batch_is_decided_as_among_other_frames(pg: PgServer, tmp_p
             seen, memos = await _script(proxy, table, alone)
             transcripts.append(seen)
             taken.append(memos)
-    alone, among = transcripts
-    for one, other in zip(alone, among, strict=True):
+    got_alone, got_among = transcripts
+    for one, other in zip(got_alone, got_among, strict=True):
         assert one == other
     # The shortcut was there to be taken, and only for whole lone batches.
     assert taken[0] >= 5
