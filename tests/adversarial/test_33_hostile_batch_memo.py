@@ -465,3 +465,56 @@ async def test_psycopg_and_asyncpg_prepared_reads_after_writes(env: Env) -> None
         await twin.probe(read, (1,))
         await twin.both("SET search_path = pg_catalog, public")
         await twin.check(read, (1,), why=f"{driver} after SET search_path")
+
+
+# --- transactions: a snapshot older than the cache, a failure still in flight ----------------
+
+
+async def test_a_repeatable_read_snapshot_is_not_answered_from_newer_entries(env: Env) -> None:
+    """Inside REPEATABLE READ the session's snapshot predates a write another session made
+    (and stored the answer of) since: the shortcut must not serve the newer entry."""
+    t = await _table(env)
+    pair = await Pair.open(env)
+    await _prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
+    await pair.warm(lone("s", b"2"))
+    one = lone("s", b"1")
+    await pair.shortcut_hit(one, why="s(1)")
+    await pair.both(rawpg.query("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+    await pair.both(rawpg.query("SELECT 1"))  # the snapshot is taken
+    other = await rawpg.Raw.connect(env.proxy.port)
+    env.stack.push_async_callback(other.close)
+    other.send(parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)), rawpg.SYNC)
+    await other.until_ready()
+    other.send(rawpg.query(f"UPDATE {t} SET v = 'newer' WHERE id = 1"))
+    await other.until_ready()
+    for _ in range(3):  # the newer answer stored, then served to the other session
+        other.send(one)
+        assert rawpg.rows(await other.until_ready()) == [[b"newer"]]
+    for _ in range(2):
+        await pair.both(one, why="inside a REPEATABLE READ snapshot older than the entry")
+    await pair.both(rawpg.query("COMMIT"))
+    await pair.both(one, why="after COMMIT")
+
+
+async def test_a_batch_behind_a_request_still_failing_the_transaction(env: Env) -> None:
+    """The shortcut's batch arrives while the request before it is still at the origin and
+    will leave the transaction failed: the origin's answer is an error, not cached rows."""
+    t = await _table(env)
+    pair = await Pair.open(env)
+    await _prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
+    await pair.warm(lone("s", b"2"))
+    one = lone("s", b"1")
+    await pair.shortcut_hit(one, why="s(1)")
+    failing = rawpg.query("BEGIN; SELECT pg_sleep(0.2); SELECT 1/0")
+    for raw in (pair.via, pair.direct):
+        raw.send(failing)
+        await raw.writer.drain()
+    await asyncio.sleep(0.05)  # a read of its own at the proxy, the Query still running
+    pair.forget_hit_memos()
+    pair.via.send(one)
+    pair.direct.send(one)
+    for _ in range(2):
+        got, want = await pair.via.until_ready(), await pair.direct.until_ready()
+        assert _normal(got) == _normal(want), f"behind a failing request: proxy {got!r} != direct {want!r}"
+    await pair.both(rawpg.query("ROLLBACK"))
+    await pair.both(one, why="after ROLLBACK")
