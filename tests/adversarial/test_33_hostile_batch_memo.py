@@ -249,6 +249,18 @@ async def test_formats_portals_row_limits_describe_and_flush(env: Env) -> None:
         await pair.shortcut_hit(frames, why=name)
     for _ in range(3):  # a Describe of a portal alone is never cached: the origin's, always
         await pair.both(bind("s", (b"1",)) + rawpg.describe_portal() + rawpg.SYNC, why="describe only")
+    # The memo's messages ended by a Flush, their Sync in a read of its own.
+    flushed = lone("s", b"1")[:-5] + FLUSH
+    for _ in range(2):
+        pair.forget_hit_memos()
+        for raw in (pair.via, pair.direct):
+            raw.send(flushed)
+            await raw.writer.drain()
+        await asyncio.sleep(0.01)
+        pair.via.send(rawpg.SYNC)
+        pair.direct.send(rawpg.SYNC)
+        got, want = await pair.via.until_ready(), await pair.direct.until_ready()
+        assert _normal(got) == _normal(want), f"Flush instead of Sync: proxy {got!r} != direct {want!r}"
     # A row limit then a second Execute of the suspended portal in the same batch, and after
     # a Flush: the portal must exist at the origin.
     await pair.both(bind("s", (b"1",)) + rawpg.execute("", 1) + rawpg.execute("", 0) + rawpg.SYNC, why="resumed")
@@ -346,6 +358,20 @@ async def test_clock_words_in_parameters_are_never_answered_from_the_cache(env: 
     for word in (b"allballs", b"ALLBALLS", b"04:05"):
         for _ in range(3):
             await pair.both(lone("a", word), why=f"{word!r}")
+    # Text computed from a value into a date/time: the value spells no clock word itself.
+    computed = [
+        ("SELECT reverse($1)::timestamptz::text", b"won"),
+        ("SELECT convert_from($1::bytea, 'UTF8')::timestamptz::text", b"\\x6e6f77"),
+        ("SELECT convert_from(decode($1, 'base64'), 'UTF8')::timestamptz::text", b"bm93"),
+    ]
+    for i, (sql, value) in enumerate(computed):
+        await _prepared(pair, parse(f"k{i}", sql, (25,)))
+        for _ in range(3):
+            before = hits(pair.proxy)
+            pair.forget_hit_memos()
+            pair.via.send(lone(f"k{i}", value))
+            got = await pair.via.until_ready()
+            assert hits(pair.proxy) == before and rawpg.rows(got), f"{sql} with {value!r} answered from the cache"
     # The clock in the statement: never cached, whatever the values.
     await _prepared(pair, parse("n", "SELECT (now() - $1::timestamptz) > interval '0'", (25,)))
     for _ in range(4):
