@@ -544,3 +544,51 @@ async def test_a_batch_behind_a_request_still_failing_the_transaction(env: Env) 
         assert _normal(got) == _normal(want), f"behind a failing request: proxy {got!r} != direct {want!r}"
     await pair.both(rawpg.query("ROLLBACK"))
     await pair.both(one, why="after ROLLBACK")
+
+
+# --- the catalog moves under a remembered shape ----------------------------------------------
+
+
+async def test_catalog_moves_under_a_remembered_shape(env: Env) -> None:
+    """A view replaced, a function redefined and a table dropped and made again, each through
+    another session of neonpoly, then written: the shape's plan rests on what they were."""
+    t1, t2 = await _table(env), await _table(env)
+    view, func = unique("adv_bmv"), unique("adv_bmf")
+    env.on_cleanup(f"DROP VIEW IF EXISTS public.{view}", f"DROP FUNCTION IF EXISTS public.{func}(int)")
+    writer = await env.client()
+    await writer.run(f"CREATE VIEW public.{view} AS SELECT id, v FROM public.{t1}")
+    await writer.run(
+        f"CREATE FUNCTION public.{func}(int) RETURNS text IMMUTABLE LANGUAGE sql AS $$ SELECT 'a' || $1 $$"
+    )
+    await env.admin(f"GRANT SELECT ON public.{view} TO PUBLIC")
+    pair = await Pair.open(env)
+    await _prepared(
+        pair,
+        parse("v", f"SELECT v FROM {view} WHERE id = $1", (23,)),
+        parse("f", f"SELECT {func}($1)", (23,)),
+        parse("t", f"SELECT v FROM {t2} WHERE id = $1", (23,)),
+    )
+    await pair.warm(lone("f", b"2"), lone("f", b"1"))  # (a function of the user's: never cached)
+    for name in ("v", "t"):
+        await pair.warm(lone(name, b"2"))
+        await pair.shortcut_hit(lone(name, b"1"), why=name)
+    await writer.run(f"CREATE OR REPLACE VIEW public.{view} AS SELECT id, v FROM public.{t2}")
+    for value in (b"1", b"1", b"1", b"2"):  # stored again, on what the view reads now
+        await pair.both(lone("v", value), why="after CREATE OR REPLACE VIEW")
+    await writer.run(f"UPDATE public.{t2} SET v = 'moved' WHERE id IN (1, 2)")
+    for value in (b"1", b"2", b"3"):
+        await pair.both(lone("v", value), why="after CREATE OR REPLACE VIEW and a write to its new base")
+    await writer.run(
+        f"CREATE OR REPLACE FUNCTION public.{func}(int) RETURNS text IMMUTABLE LANGUAGE sql AS $$ SELECT 'b' || $1 $$"
+    )
+    for value in (b"1", b"2"):
+        await pair.both(lone("f", value), why="after the function was redefined")
+    await writer.run(f"DROP TABLE public.{t2} CASCADE")
+    await writer.run(f"CREATE TABLE public.{t2} (id int PRIMARY KEY, v text)")
+    await writer.run(f"INSERT INTO public.{t2} VALUES (1, 'again'), (2, 'again')")
+    await env.admin(f"GRANT ALL ON public.{t2} TO PUBLIC")
+    for value in (b"1", b"1", b"1", b"2", b"3"):
+        await pair.both(lone("t", value), why="after the table was dropped and made again")
+    await writer.run(f"UPDATE public.{t2} SET v = 'new table, written' WHERE id = 1")
+    for value in (b"1", b"2"):
+        await pair.both(lone("t", value), why="after the table made again was written")
