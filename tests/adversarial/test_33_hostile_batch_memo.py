@@ -398,12 +398,30 @@ async def test_search_path_role_and_timezone_between_executions(env: Env) -> Non
     await _prepared(pair, parse("r", f"SELECT v FROM {t} WHERE v >= $1 ORDER BY v", (23,)))
     await pair.warm(lone("r", b"2"))
     await pair.shortcut_hit(lone("r", b"0"), why="role a")
+    # Another session as the other role sends the very bytes, its own memo made on the way.
+    other = await rawpg.Raw.connect(env.proxy.port)
+    env.stack.push_async_callback(other.close)
+    other.send(rawpg.query(f"SET ROLE {b}"), parse("r", f"SELECT v FROM {t} WHERE v >= $1 ORDER BY v", (23,)))
+    other.send(rawpg.SYNC)
+    await other.until_ready()
+    await other.until_ready()
+    for _ in range(4):
+        other.send(lone("r", b"0"))
+        assert rawpg.rows(await other.until_ready()) == [[b"2"]], "another role's session, the same bytes"
+        await pair.both(lone("r", b"0"), why="the first role's session again")
     await pair.both(rawpg.query(f"SET ROLE {b}"))
     await pair.both(lone("r", b"0"), why="after SET ROLE to another role")
     await pair.both(lone("r", b"2"), why="after SET ROLE to another role, stored value")
     await pair.both(rawpg.query("SELECT set_config('role', '" + a + "', false)"))
     await pair.both(lone("r", b"0"), why="after set_config('role')")
-    await pair.both(rawpg.query("RESET ROLE"))
+    # The role set by prepared statements run as lone batches themselves.
+    await _prepared(pair, parse("sr", f"SET ROLE {b}"), parse("rr", "RESET ROLE"))
+    await pair.both(rawpg.query(f"SET ROLE {a}"))
+    await pair.both(lone("r", b"0"), why="role a again")
+    await pair.both(bind("sr", ()) + rawpg.execute() + rawpg.SYNC)
+    await pair.both(lone("r", b"0"), why="after a prepared SET ROLE")
+    await pair.both(bind("rr", ()) + rawpg.execute() + rawpg.SYNC)
+    await pair.both(lone("r", b"0"), why="after a prepared RESET ROLE")
     # search_path: the same text names another table.
     schemas = [unique(f"adv_bm_sp{i}") for i in (1, 2)]
     for i, schema in enumerate(schemas):
@@ -421,6 +439,11 @@ async def test_search_path_role_and_timezone_between_executions(env: Env) -> Non
     await pair.both(lone("p", b"2"), why="after search_path moved, stored value")
     await pair.both(rawpg.query(f"SELECT set_config('search_path', '{schemas[0]}', false)"))
     await pair.both(lone("p", b"2"), why="after set_config('search_path')")
+    # set_config with the path a parameter of a prepared statement, run as a lone batch.
+    await _prepared(pair, parse("sp", "SELECT set_config('search_path', $1, false)", (25,)))
+    for schema in (schemas[1], schemas[0], schemas[1]):
+        await pair.both(lone("sp", schema.encode()), why="a prepared set_config")
+        await pair.both(lone("p", b"2"), why=f"after a prepared set_config to {schema}")
     # TimeZone: the same timestamptz prints otherwise.
     await pair.both(rawpg.query("SET TimeZone = 'UTC'"))
     await _prepared(pair, parse("z", "SELECT $1::timestamptz::text", (25,)))
