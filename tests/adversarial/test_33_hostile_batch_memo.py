@@ -293,6 +293,8 @@ async def test_split_at_every_byte_pipelined_and_errors(env: Env) -> None:
     two = lone("s", b"2")
     await pair.both(one + two, readies=2, why="two lone batches in one read")
     await pair.both(two + one, readies=2, why="two lone batches in one read, swapped")
+    for cut in range(1, len(one + two), 3):  # the pair torn anywhere: a lone batch, then the rest
+        await pair.both(one + two, readies=2, split=cut, why=f"two lone batches torn at byte {cut}")
     bad = lone("s", b"x")  # invalid input for int4: an error, the rest skipped to Sync
     await pair.both(bad, why="a value the origin refuses")
     await pair.both(bad + one, readies=2, why="an error, then a memo's batch")
