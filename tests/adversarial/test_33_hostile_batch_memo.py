@@ -617,3 +617,33 @@ async def test_catalog_moves_under_a_remembered_shape(env: Env) -> None:
     await writer.run(f"UPDATE public.{t2} SET v = 'new table, written' WHERE id = 1")
     for value in (b"1", b"2"):
         await pair.both(lone("t", value), why="after the table made again was written")
+
+
+async def test_settings_that_change_how_values_read_or_print(env: Env) -> None:
+    """The same values, read or printed under other settings between executions."""
+    pair = await Pair.open(env)
+    cases = [
+        ("SELECT $1::date::text", b"01/02/2001", ("SET DateStyle = 'ISO, MDY'", "SET DateStyle = 'ISO, DMY'")),
+        ("SELECT $1::date::text", b"01/02/2001", ("SET DateStyle = 'ISO, DMY'", "SET datestyle TO german")),
+        (
+            "SELECT $1::interval::text",
+            b"1 day 2 hours",
+            ("SET IntervalStyle = postgres", "SET IntervalStyle = iso_8601"),
+        ),
+        ("SELECT decode($1, 'hex')::text", b"00ff41", ("SET bytea_output = 'hex'", "SET bytea_output = 'escape'")),
+        ("SELECT ($1::float8 / 3)::text", b"1", ("SET extra_float_digits = 1", "SET extra_float_digits = -3")),
+        (
+            "SELECT $1::timestamptz::text",
+            b"2001-02-03 04:05:06",
+            ("SET TimeZone = 'UTC'", "SET TimeZone = 'America/Lima'"),
+        ),
+        ("SELECT ($1::text < 'b')::text", b"B", ("SET lc_messages = 'C'", "SET enable_seqscan = off")),
+    ]
+    for i, (sql, value, (first, then)) in enumerate(cases):
+        await pair.both(rawpg.query(first))
+        await _prepared(pair, parse(f"g{i}", sql, (25,)))
+        await pair.warm(lone(f"g{i}", b"x" if "decode" not in sql and "float" not in sql else b"2"))
+        await pair.shortcut_hit(lone(f"g{i}", value), why=f"{sql} under {first}")
+        await pair.both(rawpg.query(then))
+        for _ in range(3):
+            await pair.both(lone(f"g{i}", value), why=f"{sql} after {then}")
