@@ -193,6 +193,11 @@ async def test_statement_replaced_under_the_same_name(env: Env) -> None:
     await pair.both(lone("s", b"2"), why="after DISCARD ALL")
     await pair.both(parse("s", s2), rawpg.SYNC)
     await pair.both(lone("s", b"2"), why="after DISCARD ALL + Parse of other text")
+    # Close, Parse and the lone batch's messages in one read (the full path), then alone.
+    await pair.both(rawpg.close_statement("s"), parse("s", s1), lone("s", b"2"), why="Close/Parse/Bind in one read")
+    await pair.both(lone("s", b"2"), why="after Close/Parse/Bind in one read")
+    await pair.both(rawpg.close_statement("s"), parse("s", s2), lone("s", b"2"), why="Close/Parse/Bind, other text")
+    await pair.both(lone("s", b"2"), why="after Close/Parse/Bind of other text in one read")
     # A Parse of a name that exists fails at the origin: the old statement stays.
     await pair.both(parse("s", s1), rawpg.SYNC)
     await pair.both(lone("s", b"3"), why="after a refused Parse")
