@@ -8,9 +8,11 @@ leave a stale answer behind."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from neonpoly.cache import key_shapes
+from tests.adversarial import rawpg
 from tests.adversarial.harness import Client, Env, Twin, unique
 
 ROWS = ("(1, 10)", "(2, 20)", "(3, 30)", "(4, 40)", "(-2, -20)")
@@ -243,3 +245,46 @@ async def test_a_memo_does_not_outlive_a_search_path_that_brings_the_users_opera
         await reader.check(sql, why="after a write under SET LOCAL search_path")
     await primed(env, writer, update + "1")  # the path is the old one again after COMMIT
     await strike(reader, writer, points(t, 2, 3), update + "4")
+
+
+async def test_a_write_pipelined_behind_a_read_that_changes_the_search_path(env: Env) -> None:
+    """A read of a view not looked up yet is judged when it completes; a keyed write sent
+    right behind it (memo or full path) must not be decided with the search_path of before:
+    the view's function brings an `=` of the user's (always true) onto it, so the write changes
+    every row, and a read cached by another session while it runs must not survive it (the
+    `=` waits on an advisory lock the case holds, so that the read comes while it runs)."""
+    evil = unique("adv_wm_evil")
+    lock = random.randrange(1 << 40)
+    t = await accounts(env)
+    view = unique("adv_wm_view")
+    await env.admin(
+        f"CREATE SCHEMA {evil}",
+        f"GRANT USAGE ON SCHEMA {evil} TO PUBLIC",
+        f"CREATE FUNCTION {evil}.always(int, int) RETURNS bool VOLATILE LANGUAGE sql AS "
+        f"$$ SELECT pg_catalog.pg_advisory_xact_lock_shared({lock}) IS NOT NULL $$",
+        f"CREATE OPERATOR {evil}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {evil}.always)",
+        f"CREATE FUNCTION {evil}.path() RETURNS text VOLATILE LANGUAGE sql AS "
+        f"$$ SELECT pg_catalog.set_config('search_path', '{evil}, pg_catalog, public', false) $$",
+    )
+    env.on_cleanup(f"DROP SCHEMA IF EXISTS {evil} CASCADE")
+    update = f"UPDATE {t} SET v = v + 1 WHERE aid = 1"
+    writer = await rawpg.Raw.connect(env.proxy.port)
+    env.stack.push_async_callback(writer.close)
+    reader = await env.twin()
+    await reader.probe(points(t, 3)[0])  # the catalog looked up: the writes are keyed
+    for _ in range(2):
+        writer.send(rawpg.query(update))
+        await writer.until_ready()
+    await env.admin(f"CREATE VIEW {view} AS SELECT {evil}.path() AS p", f"GRANT SELECT ON {view} TO PUBLIC")
+    env.on_cleanup(f"DROP VIEW IF EXISTS {view}")
+    holder = await env.client(via=False)
+    await holder.run(f"SELECT pg_catalog.pg_advisory_lock({lock})")
+    writer.send(rawpg.query(f"SELECT p FROM {view}"), rawpg.query(update))
+    await writer.until_ready()  # the view ran: the search_path is the user's now
+    await reader.probe(points(t, 2)[0])  # while the write waits: the committed value
+    await holder.run(f"SELECT pg_catalog.pg_advisory_unlock({lock})")
+    answer = await writer.until_ready()
+    assert not [m for m in answer if m[0] == b"E"], answer
+    assert await reader.origin(points(t, 2)[0]) == [(21,)]  # every row: the user's `=`
+    for sql in points(t, 2, 3):
+        await reader.check(sql, why="after a write behind a read that changed the search_path")
