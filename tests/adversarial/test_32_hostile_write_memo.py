@@ -134,6 +134,8 @@ SAME_SHAPE = [
         True,
     ),
     ("DELETE FROM {t} WHERE aid = 100", "DELETE FROM {t} WHERE aid = 4", (3, 4), True),
+    ("update {t} set v = v + 1 where aid = 1", "update {t} set v = v + 1 where aid = 2", (1, 2), True),
+    ("uPdAtE {t} SeT v = v + 1 WhErE aid = 1", "uPdAtE {t} SeT v = v + 1 WhErE aid = 3", (1, 3), True),
 ]
 
 
@@ -213,10 +215,8 @@ async def test_a_memo_does_not_outlive_a_table_made_anew(env: Env) -> None:
     await strike(reader, writer, [f"SELECT aid FROM {t} WHERE v = {v}" for v in (1, 2, 3, 5, 6)], update + "1")
 
 
-async def test_a_memo_does_not_outlive_a_search_path_that_brings_the_users_operator(env: Env) -> None:
-    """An `=` of the user's for integers (always true) brought onto the search_path by
-    set_config in a SELECT, and by SET LOCAL inside a transaction: `aid = 1` then matches
-    every row, and the memo made under the old path must not decide it."""
+async def evil_equals(env: Env) -> str:
+    """A schema with an `=` for integers that is always true."""
     evil = unique("adv_wm_evil")
     await env.admin(
         f"CREATE SCHEMA {evil}",
@@ -225,6 +225,28 @@ async def test_a_memo_does_not_outlive_a_search_path_that_brings_the_users_opera
         f"CREATE OPERATOR {evil}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {evil}.always)",
     )
     env.on_cleanup(f"DROP SCHEMA IF EXISTS {evil} CASCADE")
+    return evil
+
+
+async def test_a_role_whose_search_path_brings_the_users_operator(env: Env) -> None:
+    """Another role's sessions start with the user's `=` on their path (ALTER ROLE … SET): its
+    writes by `aid = 1` change every row, and are never remembered as keyed."""
+    evil = await evil_equals(env)
+    t = await accounts(env)
+    role = await env.role()
+    await env.admin(f"ALTER ROLE {role} SET search_path = {evil}, pg_catalog, public")
+    reader = await env.twin()
+    writer = await env.client(env.login(role))
+    update = f"UPDATE {t} SET v = v + 1 WHERE aid = "
+    await primed(env, writer, update + "1", memo=False)
+    await strike(reader, writer, points(t, 2, 3), update + "1")
+
+
+async def test_a_memo_does_not_outlive_a_search_path_that_brings_the_users_operator(env: Env) -> None:
+    """An `=` of the user's for integers (always true) brought onto the search_path by
+    set_config in a SELECT, and by SET LOCAL inside a transaction: `aid = 1` then matches
+    every row, and the memo made under the old path must not decide it."""
+    evil = await evil_equals(env)
     t = await accounts(env)
     writer = await env.client()
     reader = await env.twin()
