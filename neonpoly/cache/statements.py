@@ -117,9 +117,17 @@ def _changes_session(reason: str) -> Verdict:
     return verdict
 
 
+# Settings that change which schemas a name resolves in (role and session user: `$user`).
+_NAMES_RESOLVE_BY = frozenset({"search_path", "role", "session_authorization"})
+
+
 def _set(f: Node) -> Verdict:
     name = str(f.get("name") or "").lower()
     if f.get("is_local"):
+        if name in _NAMES_RESOLVE_BY:
+            # Until the transaction ends, names resolve by it: a keyed write decided with the
+            # identity's search_path could trust an `=` of the user's that matches every row.
+            return _changes_session("SET LOCAL")
         verdict = Verdict().refuse(Status.NOTAQUERY, "SET LOCAL lasts only until the end of the transaction")
         return verdict
     if name in ("transaction", "transaction_isolation", "transaction_read_only", "transaction_deferrable"):

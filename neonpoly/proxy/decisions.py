@@ -303,7 +303,9 @@ class CacheDecisions(WriteMemos):
         if not refs or info.invalidate_all or len(info.tables_written) != 1:
             return None
         database = self.state.database
-        known = self.state.identity
+        # Behind a request judged only when it completes, the search_path may not be the
+        # identity's any more: any schema may then hold a rival of a trusted builtin.
+        known = None if self._identity_pending() else self.state.identity
         checked = cache.relations.resolve(database, (), info.shadowable, known.schemas if known else None)
         if checked is None or checked.runs_code is not None:
             return None

@@ -20,7 +20,8 @@ the decision rested on still holds, each checked before use:
 * the cache's relation book has not moved (`RelationBook.version`: it moves whenever it
   learns, is refused or forgets): the key column, what the table reaches, whether a builtin
   it trusts may be the user's and whether reading it runs code are the answers of then;
-* the session does not read its strings another way (`legacy_strings`).
+* the session does not read its strings another way (`legacy_strings`);
+* no earlier request still outstanding is judged only when it completes (`_identity_pending`).
 
 Anything else falls back to the full path, which makes a new memo. Only a write the full
 path decided as keyed on one table, with no session effect (no SET, transaction control,
@@ -82,6 +83,7 @@ class WriteMemos(IdentityLearning):
             route is None
             or route.cache is not cache
             or identity is not memo.identity
+            or self._identity_pending()
             or identity.epoch != cache.ddl_epoch
             or cache.relations.version != memo.relations_version
             or state.legacy_strings
@@ -99,6 +101,14 @@ class WriteMemos(IdentityLearning):
         out.append(raw)
         self.batch_open = False
         return True
+
+    def _identity_pending(self) -> bool:
+        """Whether an earlier request still outstanding is judged only when it completes (it
+        reads relations, or trusts builtins, the catalog had not described when it was sent):
+        it may run code of the user's that changes the search_path (a view calling set_config)
+        before a write sent behind it runs, and the session learns that only then. Its
+        completion evicts what it may have written, but not what that write then changes."""
+        return bool(self.pending) and any(p.reads or p.trusts for p in self.pending)
 
     def _remember_write(self, sql: str, info: Classification, item: Pending, cache: QueryCache) -> None:
         """After the full path sent a write: remember it by its shape when it was decided as a

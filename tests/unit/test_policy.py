@@ -209,6 +209,9 @@ def test_qualified_names_for_display() -> None:
         ("DISCARD ALL", True),
         ("DISCARD TEMP", True),
         ("SET LOCAL work_mem = '1MB'", False),
+        ("SET LOCAL search_path = evil, pg_catalog, public", True),  # a keyed write in the transaction
+        ("SET LOCAL ROLE admin", True),
+        ("SET LOCAL SESSION AUTHORIZATION bob", True),
         ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", False),
         ("SET CONSTRAINTS ALL DEFERRED", False),
     ],
