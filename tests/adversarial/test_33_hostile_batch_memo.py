@@ -529,12 +529,7 @@ async def test_psycopg_and_asyncpg_prepared_reads_after_writes(env: Env) -> None
 async def test_a_repeatable_read_snapshot_is_not_answered_from_newer_entries(env: Env) -> None:
     """Inside REPEATABLE READ the session's snapshot predates a write another session made
     (and stored the answer of) since: the shortcut must not serve the newer entry."""
-    t = await _table(env)
-    pair = await Pair.open(env)
-    await _prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
-    await pair.warm(lone("s", b"2"))
-    one = lone("s", b"1")
-    await pair.shortcut_hit(one, why="s(1)")
+    t, pair, one = await _hit_by_shortcut(env)
     await pair.both(rawpg.query("BEGIN ISOLATION LEVEL REPEATABLE READ"))
     await pair.both(rawpg.query("SELECT 1"))  # the snapshot is taken
     other = await rawpg.Raw.connect(env.proxy.port)
@@ -555,12 +550,7 @@ async def test_a_repeatable_read_snapshot_is_not_answered_from_newer_entries(env
 async def test_a_batch_behind_a_request_still_failing_the_transaction(env: Env) -> None:
     """The shortcut's batch arrives while the request before it is still at the origin and
     will leave the transaction failed: the origin's answer is an error, not cached rows."""
-    t = await _table(env)
-    pair = await Pair.open(env)
-    await _prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
-    await pair.warm(lone("s", b"2"))
-    one = lone("s", b"1")
-    await pair.shortcut_hit(one, why="s(1)")
+    _, pair, one = await _hit_by_shortcut(env)
     failing = rawpg.query("BEGIN; SELECT pg_sleep(0.2); SELECT 1/0")
     for raw in (pair.via, pair.direct):
         raw.send(failing)
@@ -652,3 +642,14 @@ async def test_settings_that_change_how_values_read_or_print(env: Env) -> None:
         await pair.both(rawpg.query(then))
         for _ in range(3):
             await pair.both(lone(f"g{i}", value), why=f"{sql} after {then}")
+
+
+async def _hit_by_shortcut(env: Env) -> tuple[str, Pair, bytes]:
+    """A table, a pair of sessions with statement s on it, and s(1) proven a shortcut hit."""
+    t = await _table(env)
+    pair = await Pair.open(env)
+    await _prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
+    await pair.warm(lone("s", b"2"))
+    one = lone("s", b"1")
+    await pair.shortcut_hit(one, why="s(1)")
+    return t, pair, one
