@@ -327,3 +327,16 @@ async def closing(*clients: Client) -> AsyncIterator[None]:
     finally:
         for c in clients:
             await c.close()
+
+
+async def evil_equals(env: Env) -> str:
+    """A schema with an `=` for integers that is always true."""
+    evil = unique("adv_evil")
+    await env.admin(
+        f"CREATE SCHEMA {evil}",
+        f"GRANT USAGE ON SCHEMA {evil} TO PUBLIC",
+        f"CREATE FUNCTION {evil}.always(int, int) RETURNS bool IMMUTABLE LANGUAGE sql AS $$ SELECT true $$",
+        f"CREATE OPERATOR {evil}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {evil}.always)",
+    )
+    env.on_cleanup(f"DROP SCHEMA IF EXISTS {evil} CASCADE")
+    return evil

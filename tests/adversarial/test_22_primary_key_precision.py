@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from psycopg.types.numeric import Int8
 
-from tests.adversarial.harness import Driver, Env, Twin, unique
+from tests.adversarial.harness import Driver, Env, Twin, evil_equals, unique
 
 ROWS = ("(1, 'a')", "(2, 'b')", "(3, 'c')", "(4, 'd')")
 
@@ -305,14 +305,7 @@ async def test_same_table_name_in_two_schemas(env: Env) -> None:
 async def test_operator_of_the_users_on_the_search_path(env: Env) -> None:
     """An `=` of the user's for integers, first on the search_path, matches every row."""
     t = await accounts(env)
-    evil = unique("adv_evil")
-    await env.admin(
-        f"CREATE SCHEMA {evil}",
-        f"GRANT USAGE ON SCHEMA {evil} TO PUBLIC",
-        f"CREATE FUNCTION {evil}.always(int, int) RETURNS bool IMMUTABLE LANGUAGE sql AS $$ SELECT true $$",
-        f"CREATE OPERATOR {evil}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {evil}.always)",
-    )
-    env.on_cleanup(f"DROP SCHEMA IF EXISTS {evil} CASCADE")
+    evil = await evil_equals(env)
     reader = await warmed(env, points(t, 1, 2))
     writer = await env.client()
     await writer.run(f"SET search_path = {evil}, pg_catalog, public")

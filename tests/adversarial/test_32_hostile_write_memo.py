@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from neonpoly.cache import key_shapes
 from tests.adversarial import rawpg
-from tests.adversarial.harness import Client, Env, Twin, unique
+from tests.adversarial.harness import Client, Env, Twin, evil_equals, unique
 
 ROWS = ("(1, 10)", "(2, 20)", "(3, 30)", "(4, 40)", "(-2, -20)")
 
@@ -213,19 +213,6 @@ async def test_a_memo_does_not_outlive_a_table_made_anew(env: Env) -> None:
     await writer.run(f"CREATE TABLE {t} (aid int NOT NULL, v int PRIMARY KEY)")
     await writer.run(f"INSERT INTO {t} VALUES (1, 1), (1, 5), (2, 3)")
     await strike(reader, writer, [f"SELECT aid FROM {t} WHERE v = {v}" for v in (1, 2, 3, 5, 6)], update + "1")
-
-
-async def evil_equals(env: Env) -> str:
-    """A schema with an `=` for integers that is always true."""
-    evil = unique("adv_wm_evil")
-    await env.admin(
-        f"CREATE SCHEMA {evil}",
-        f"GRANT USAGE ON SCHEMA {evil} TO PUBLIC",
-        f"CREATE FUNCTION {evil}.always(int, int) RETURNS bool IMMUTABLE LANGUAGE sql AS $$ SELECT true $$",
-        f"CREATE OPERATOR {evil}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {evil}.always)",
-    )
-    env.on_cleanup(f"DROP SCHEMA IF EXISTS {evil} CASCADE")
-    return evil
 
 
 async def test_a_role_whose_search_path_brings_the_users_operator(env: Env) -> None:
