@@ -107,6 +107,19 @@ class ProtocolViolation(Exception):
     """The peer sent bytes that are not a valid protocol stream (SQLSTATE 08P01)."""
 
 
+def take(pending: bytearray, used: int) -> bytes:
+    """The first `used` bytes, out of the buffer: one copy when they are all of it (the
+    common case, a read of whole messages), not a slice copied again."""
+    if used == len(pending):
+        taken = bytes(pending)
+        pending.clear()
+        return taken
+    with memoryview(pending) as view, view[:used] as head:
+        taken = bytes(head)
+    del pending[:used]  # after the views are released: a bytearray with views cannot shrink
+    return taken
+
+
 def scan_frames(
     buf: bytes | bytearray | memoryview,
     start: int = 0,

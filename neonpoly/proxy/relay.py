@@ -86,7 +86,7 @@ class Relay(BatchHandling):
             )
             if not frames:
                 return
-            buf = _take(self.cbuf, used)
+            buf = pgwire.take(self.cbuf, used)
         else:
             if (
                 data[0] == MSG_QUERY
@@ -463,7 +463,7 @@ class Relay(BatchHandling):
         frames, used = pgwire.scan_frames(self.obuf)
         if not frames:
             return
-        buf = _take(self.obuf, used)
+        buf = pgwire.take(self.obuf, used)
         out: list[bytes] = []
         cut = 0  # start of the span not yet appended to out
         pending = self.pending
@@ -592,15 +592,3 @@ class Relay(BatchHandling):
                 else (item.local or b"") + pgwire.ready_for_query(self.state.tx_status)
             )
 
-
-def _take(pending: bytearray, used: int) -> bytes:
-    """The first `used` bytes, out of the buffer: one copy when they are all of it (the
-    common case, a read of whole messages), not a slice copied again."""
-    if used == len(pending):
-        taken = bytes(pending)
-        pending.clear()
-        return taken
-    with memoryview(pending) as view, view[:used] as head:
-        taken = bytes(head)
-    del pending[:used]  # after the views are released: a bytearray with views cannot shrink
-    return taken

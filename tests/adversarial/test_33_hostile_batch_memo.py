@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from neonpoly import pgwire
 from tests.adversarial import rawpg
+from tests.adversarial.batch_memo import (
+    FLUSH,
+    Pair,
+    bind,
+    bm_table,
+    hit_by_shortcut,
+    lone,
+    memos,
+    normal,
+    parse,
+    prepared,
+    watch,
+)  # fmt: skip
 from tests.adversarial.harness import Driver, Env, hits, unique
 from tests.proxy.caching import CachingProxy
 
@@ -27,154 +37,16 @@ pytestmark = pytest.mark.skipif(
     reason="looks into the in-process session's memos",
 )
 
-FLUSH = pgwire.frame(b"H")
-Msgs = list[tuple[bytes, bytes]]
-
-
-def bind(
-    statement: str,
-    values: tuple[bytes | None, ...],
-    *,
-    portal: str = "",
-    formats: tuple[int, ...] = (),
-    results: tuple[int, ...] = (),
-) -> bytes:
-    """A Bind with parameter formats, raw values (text or binary) and result formats."""
-    body = pgwire.cstr(portal) + pgwire.cstr(statement)
-    body += struct.pack("!h", len(formats)) + b"".join(struct.pack("!h", f) for f in formats)
-    body += struct.pack("!h", len(values))
-    for v in values:
-        body += struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v
-    body += struct.pack("!h", len(results)) + b"".join(struct.pack("!h", f) for f in results)
-    return pgwire.frame(b"B", body)
-
-
-def parse(name: str, sql: str, types: tuple[int, ...] = ()) -> bytes:
-    body = pgwire.cstr(name) + pgwire.cstr(sql) + struct.pack("!h", len(types))
-    return pgwire.frame(b"P", body + b"".join(struct.pack("!I", t) for t in types))
-
-
-def lone(statement: str, *values: bytes, **kw: Any) -> bytes:
-    """The lone batch a driver sends per execution: Bind, Describe portal, Execute, Sync."""
-    portal = kw.get("portal", "")
-    rows = kw.pop("rows", 0)
-    return bind(statement, values, **kw) + rawpg.describe_portal(portal) + rawpg.execute(portal, rows) + rawpg.SYNC
-
-
-def _normal(msgs: Msgs) -> Msgs:
-    """The answer as a client sees it; an error by its SQLSTATE (its text names positions)."""
-    out: Msgs = []
-    for kind, body in msgs:
-        if kind in (b"N", b"S"):
-            continue
-        if kind == b"E":
-            fields = dict((f[:1], f[1:]) for f in body.split(b"\x00") if f)
-            body = fields.get(b"C", b"")
-        out.append((kind, body))
-    return out
-
-
-def watch(proxy: CachingProxy, taken: list[int]) -> None:
-    """Count in `taken[0]` the reads every session's shortcut (`_lone_batch`) decided."""
-    for session in proxy.service.server.sessions:
-        real = session._lone_batch
-        if getattr(real, "watched", False):
-            continue
-
-        def counted(data: bytes, real: Callable[[bytes], bool] = real) -> bool:
-            done = real(data)
-            taken[0] += done
-            return done
-
-        counted.watched = True  # type: ignore[attr-defined]
-        session._lone_batch = counted  # type: ignore[method-assign]
-
-
-def memos(proxy: CachingProxy) -> int:
-    return sum(len(getattr(s, "batch_memos", {})) for s in proxy.service.server.sessions)
-
-
-class Pair:
-    """One raw session through neonpoly and its double straight to the origin, with the
-    shortcut's answers counted (the session's `_lone_batch` wrapped)."""
-
-    def __init__(self, env: Env, via: rawpg.Raw, direct: rawpg.Raw) -> None:
-        self.env, self.via, self.direct = env, via, direct
-        proxy = env.proxy
-        assert isinstance(proxy, CachingProxy)
-        self.proxy = proxy
-        self.taken = [0]
-        watch(proxy, self.taken)
-
-    @classmethod
-    async def open(cls, env: Env) -> Pair:
-        via = await rawpg.Raw.connect(env.proxy.port)
-        direct = await rawpg.Raw.connect(env.pg.port)
-        env.stack.push_async_callback(via.close)
-        env.stack.push_async_callback(direct.close)
-        return cls(env, via, direct)
-
-    def forget_hit_memos(self) -> None:
-        for session in self.proxy.service.server.sessions:
-            getattr(session, "hit_memos", {}).clear()
-
-    def memos(self) -> int:
-        return memos(self.proxy)
-
-    async def both(self, *frames: bytes, readies: int = 1, split: int | None = None, why: str = "") -> Msgs:
-        """Send to both; the proxy's answer (up to `readies` ReadyForQuery) must be the origin's."""
-        data = b"".join(frames)
-        self.forget_hit_memos()
-        if split is None:
-            self.via.send(data)
-        else:  # two reads at the proxy
-            self.via.send(data[:split])
-            await self.via.writer.drain()
-            await asyncio.sleep(0.005)
-            self.via.send(data[split:])
-        self.direct.send(data)
-        got: Msgs = []
-        want: Msgs = []
-        for _ in range(readies):
-            got += await self.via.until_ready()
-            want += await self.direct.until_ready()
-        assert _normal(got) == _normal(want), f"{why}: proxy {_normal(got)!r} != direct {_normal(want)!r}"
-        return got
-
-    async def shortcut_hit(self, frames: bytes, *, why: str = "", tries: int = 6) -> Msgs:
-        """Send `frames` until the shortcut answers them from the cache (each answer compared)."""
-        for _ in range(tries):
-            before, taken = hits(self.proxy), self.taken[0]
-            got = await self.both(frames, why=f"warming {why}")
-            if hits(self.proxy) > before and self.taken[0] > taken:
-                assert self.memos() >= 1
-                return got
-        raise AssertionError(f"the shortcut never answered {why}: {self.proxy.totals()}")
-
-    async def warm(self, *frames: bytes) -> None:
-        """Each stored (two runs: a miss, a miss stored) without being served yet."""
-        for f in frames:
-            for _ in range(2):
-                await self.both(f, why="storing")
-
-
-async def _table(env: Env, prefix: str = "adv_bm") -> str:
-    return await env.table(prefix, "id int PRIMARY KEY, v text", "(1, 'one')", "(2, 'two')", "(3, 'three')")
-
-
-async def _prepared(pair: Pair, *parses: bytes) -> None:
-    await pair.both(*parses, rawpg.SYNC, why="parse")
-
 
 # --- statements closed, deallocated, discarded, parsed again ---------------------------------
 
 
 async def test_statement_replaced_under_the_same_name(env: Env) -> None:
-    t = await _table(env)
+    t = await bm_table(env)
     pair = await Pair.open(env)
     s1 = f"SELECT v FROM {t} WHERE id = $1"
     s2 = f"SELECT upper(v) FROM {t} WHERE id = $1"
-    await _prepared(pair, parse("s", s1))
+    await prepared(pair, parse("s", s1))
     await pair.warm(lone("s", b"2"), lone("s", b"3"))
     await pair.shortcut_hit(lone("s", b"1"), why="s(1)")
     # Close + Parse in one read, the same Bind bytes after it.
@@ -205,7 +77,7 @@ async def test_statement_replaced_under_the_same_name(env: Env) -> None:
 
 async def test_unnamed_statement_and_parameter_types_parsed_again(env: Env) -> None:
     pair = await Pair.open(env)
-    await _prepared(pair, parse("", "SELECT pg_typeof($1)::text || ':' || $1::text", (23,)))
+    await prepared(pair, parse("", "SELECT pg_typeof($1)::text || ':' || $1::text", (23,)))
     await pair.warm(lone("", b"2"), lone("", b"3"))
     await pair.shortcut_hit(lone("", b"1"), why="unnamed int4")
     # Same text, other declared type: the same Bind bytes mean something else.
@@ -219,7 +91,7 @@ async def test_unnamed_statement_and_parameter_types_parsed_again(env: Env) -> N
     await pair.both(rawpg.query("SELECT 1"))
     await pair.both(lone("", b"3"), why="unnamed after a simple Query")
     # Named, types given explicitly, Close + Parse with another OID.
-    await _prepared(pair, parse("n", "SELECT pg_typeof($1)::text", (20,)))
+    await prepared(pair, parse("n", "SELECT pg_typeof($1)::text", (20,)))
     await pair.warm(lone("n", b"2"))
     await pair.shortcut_hit(lone("n", b"1"), why="n int8")
     await pair.both(rawpg.close_statement("n"), parse("n", "SELECT pg_typeof($1)::text", (1700,)), rawpg.SYNC)
@@ -230,9 +102,9 @@ async def test_unnamed_statement_and_parameter_types_parsed_again(env: Env) -> N
 
 
 async def test_formats_portals_row_limits_describe_and_flush(env: Env) -> None:
-    t = await _table(env)
+    t = await bm_table(env)
     pair = await Pair.open(env)
-    await _prepared(pair, parse("s", f"SELECT id, v FROM {t} WHERE id >= $1 ORDER BY id", (23,)))
+    await prepared(pair, parse("s", f"SELECT id, v FROM {t} WHERE id >= $1 ORDER BY id", (23,)))
     binary_one = struct.pack("!i", 1)
     await pair.warm(lone("s", b"2"), lone("s", b"3"))
     await pair.shortcut_hit(lone("s", b"1"), why="text")
@@ -265,7 +137,7 @@ async def test_formats_portals_row_limits_describe_and_flush(env: Env) -> None:
         pair.via.send(rawpg.SYNC)
         pair.direct.send(rawpg.SYNC)
         got, want = await pair.via.until_ready(), await pair.direct.until_ready()
-        assert _normal(got) == _normal(want), f"Flush instead of Sync: proxy {got!r} != direct {want!r}"
+        assert normal(got) == normal(want), f"Flush instead of Sync: proxy {got!r} != direct {want!r}"
     # A row limit then a second Execute of the suspended portal in the same batch, and after
     # a Flush: the portal must exist at the origin.
     await pair.both(bind("s", (b"1",)) + rawpg.execute("", 1) + rawpg.execute("", 0) + rawpg.SYNC, why="resumed")
@@ -283,9 +155,9 @@ async def test_formats_portals_row_limits_describe_and_flush(env: Env) -> None:
 
 
 async def test_split_at_every_byte_pipelined_and_errors(env: Env) -> None:
-    t = await _table(env)
+    t = await bm_table(env)
     pair = await Pair.open(env)
-    await _prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
+    await prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
     await pair.warm(lone("s", b"2"), lone("s", b"3"))
     one = lone("s", b"1")
     await pair.shortcut_hit(one, why="s(1)")
@@ -306,7 +178,7 @@ async def test_split_at_every_byte_pipelined_and_errors(env: Env) -> None:
     await pair.both(bind("s", (b"x",)) + rawpg.execute() + one, why="an error in the middle: skipped to the Sync")
     await pair.both(one[:-5] + bind("s", (b"x",)) + rawpg.execute() + rawpg.SYNC, why="an error after a good Execute")
     # A division by zero for one value only.
-    await _prepared(pair, parse("d", f"SELECT 10 / (id - $1) FROM {t} WHERE id = 2", (23,)))
+    await prepared(pair, parse("d", f"SELECT 10 / (id - $1) FROM {t} WHERE id = 2", (23,)))
     await pair.warm(lone("d", b"0"))
     await pair.shortcut_hit(lone("d", b"0"), why="d(0)")
     await pair.both(lone("d", b"2"), why="division by zero")
@@ -334,7 +206,7 @@ async def test_split_at_every_byte_pipelined_and_errors(env: Env) -> None:
 
 async def test_clock_words_in_parameters_are_never_answered_from_the_cache(env: Env) -> None:
     pair = await Pair.open(env)
-    await _prepared(
+    await prepared(
         pair,
         parse("c", "SELECT $1::timestamptz::text", (25,)),
         parse("d", "SELECT ($1::date - date '2000-01-01')::text", (25,)),
@@ -361,7 +233,7 @@ async def test_clock_words_in_parameters_are_never_answered_from_the_cache(env: 
     for word in (b"epoch", b"infinity", b"-infinity", b"EPOCH", b"Infinity"):
         for _ in range(3):
             await pair.both(lone("c", word), why=f"{word!r}")
-    await _prepared(pair, parse("a", "SELECT $1::time::text", (25,)))
+    await prepared(pair, parse("a", "SELECT $1::time::text", (25,)))
     for word in (b"allballs", b"ALLBALLS", b"04:05"):
         for _ in range(3):
             await pair.both(lone("a", word), why=f"{word!r}")
@@ -372,7 +244,7 @@ async def test_clock_words_in_parameters_are_never_answered_from_the_cache(env: 
         ("SELECT convert_from(decode($1, 'base64'), 'UTF8')::timestamptz::text", b"bm93"),
     ]
     for i, (sql, value) in enumerate(computed):
-        await _prepared(pair, parse(f"k{i}", sql, (25,)))
+        await prepared(pair, parse(f"k{i}", sql, (25,)))
         for _ in range(3):
             before = hits(pair.proxy)
             pair.forget_hit_memos()
@@ -380,7 +252,7 @@ async def test_clock_words_in_parameters_are_never_answered_from_the_cache(env: 
             got = await pair.via.until_ready()
             assert hits(pair.proxy) == before and rawpg.rows(got), f"{sql} with {value!r} answered from the cache"
     # The clock in the statement: never cached, whatever the values.
-    await _prepared(pair, parse("n", "SELECT (now() - $1::timestamptz) > interval '0'", (25,)))
+    await prepared(pair, parse("n", "SELECT (now() - $1::timestamptz) > interval '0'", (25,)))
     for _ in range(4):
         before = hits(pair.proxy)
         await pair.both(lone("n", b"2001-01-01"), why="now() in the statement")
@@ -402,7 +274,7 @@ async def test_search_path_role_and_timezone_between_executions(env: Env) -> Non
     )
     pair = await Pair.open(env)
     await pair.both(rawpg.query(f"SET ROLE {a}"))
-    await _prepared(pair, parse("r", f"SELECT v FROM {t} WHERE v >= $1 ORDER BY v", (23,)))
+    await prepared(pair, parse("r", f"SELECT v FROM {t} WHERE v >= $1 ORDER BY v", (23,)))
     await pair.warm(lone("r", b"2"))
     await pair.shortcut_hit(lone("r", b"0"), why="role a")
     # Another session as the other role sends the very bytes, its own memo made on the way.
@@ -422,7 +294,7 @@ async def test_search_path_role_and_timezone_between_executions(env: Env) -> Non
     await pair.both(rawpg.query("SELECT set_config('role', '" + a + "', false)"))
     await pair.both(lone("r", b"0"), why="after set_config('role')")
     # The role set by prepared statements run as lone batches themselves.
-    await _prepared(pair, parse("sr", f"SET ROLE {b}"), parse("rr", "RESET ROLE"))
+    await prepared(pair, parse("sr", f"SET ROLE {b}"), parse("rr", "RESET ROLE"))
     await pair.both(rawpg.query(f"SET ROLE {a}"))
     await pair.both(lone("r", b"0"), why="role a again")
     await pair.both(bind("sr", ()) + rawpg.execute() + rawpg.SYNC)
@@ -438,7 +310,7 @@ async def test_search_path_role_and_timezone_between_executions(env: Env) -> Non
         )  # fmt: skip
         env.on_cleanup(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     await pair.both(rawpg.query(f"SET search_path = {schemas[0]}"))
-    await _prepared(pair, parse("p", "SELECT v + $1 FROM t", (23,)))
+    await prepared(pair, parse("p", "SELECT v + $1 FROM t", (23,)))
     await pair.warm(lone("p", b"2"))
     await pair.shortcut_hit(lone("p", b"0"), why="search_path 1")
     await pair.both(rawpg.query(f"SET search_path = {schemas[1]}"))
@@ -447,13 +319,13 @@ async def test_search_path_role_and_timezone_between_executions(env: Env) -> Non
     await pair.both(rawpg.query(f"SELECT set_config('search_path', '{schemas[0]}', false)"))
     await pair.both(lone("p", b"2"), why="after set_config('search_path')")
     # set_config with the path a parameter of a prepared statement, run as a lone batch.
-    await _prepared(pair, parse("sp", "SELECT set_config('search_path', $1, false)", (25,)))
+    await prepared(pair, parse("sp", "SELECT set_config('search_path', $1, false)", (25,)))
     for schema in (schemas[1], schemas[0], schemas[1]):
         await pair.both(lone("sp", schema.encode()), why="a prepared set_config")
         await pair.both(lone("p", b"2"), why=f"after a prepared set_config to {schema}")
     # TimeZone: the same timestamptz prints otherwise.
     await pair.both(rawpg.query("SET TimeZone = 'UTC'"))
-    await _prepared(pair, parse("z", "SELECT $1::timestamptz::text", (25,)))
+    await prepared(pair, parse("z", "SELECT $1::timestamptz::text", (25,)))
     await pair.warm(lone("z", b"2001-02-03 04:05:06+00"))
     await pair.shortcut_hit(lone("z", b"2001-02-03 04:05:06+03"), why="UTC")
     await pair.both(rawpg.query("SET TimeZone = 'Asia/Tokyo'"))
@@ -462,9 +334,9 @@ async def test_search_path_role_and_timezone_between_executions(env: Env) -> Non
 
 
 async def test_writes_through_prepared_statements_then_prepared_reads(env: Env) -> None:
-    t = await _table(env)
+    t = await bm_table(env)
     pair = await Pair.open(env)
-    await _prepared(
+    await prepared(
         pair,
         parse("r", f"SELECT v FROM {t} WHERE id = $1", (23,)),
         parse("w", f"UPDATE {t} SET v = $2 WHERE id = $1", (23, 25)),
@@ -497,7 +369,7 @@ async def test_writes_through_prepared_statements_then_prepared_reads(env: Env) 
 
 
 async def test_psycopg_and_asyncpg_prepared_reads_after_writes(env: Env) -> None:
-    t = await _table(env)
+    t = await bm_table(env)
     proxy = env.proxy
     assert isinstance(proxy, CachingProxy)
     drivers: tuple[Driver, ...] = ("psycopg_prepared", "psycopg_extended", "asyncpg")
@@ -529,7 +401,7 @@ async def test_psycopg_and_asyncpg_prepared_reads_after_writes(env: Env) -> None
 async def test_a_repeatable_read_snapshot_is_not_answered_from_newer_entries(env: Env) -> None:
     """Inside REPEATABLE READ the session's snapshot predates a write another session made
     (and stored the answer of) since: the shortcut must not serve the newer entry."""
-    t, pair, one = await _hit_by_shortcut(env)
+    t, pair, one = await hit_by_shortcut(env)
     await pair.both(rawpg.query("BEGIN ISOLATION LEVEL REPEATABLE READ"))
     await pair.both(rawpg.query("SELECT 1"))  # the snapshot is taken
     other = await rawpg.Raw.connect(env.proxy.port)
@@ -550,7 +422,7 @@ async def test_a_repeatable_read_snapshot_is_not_answered_from_newer_entries(env
 async def test_a_batch_behind_a_request_still_failing_the_transaction(env: Env) -> None:
     """The shortcut's batch arrives while the request before it is still at the origin and
     will leave the transaction failed: the origin's answer is an error, not cached rows."""
-    _, pair, one = await _hit_by_shortcut(env)
+    _, pair, one = await hit_by_shortcut(env)
     failing = rawpg.query("BEGIN; SELECT pg_sleep(0.2); SELECT 1/0")
     for raw in (pair.via, pair.direct):
         raw.send(failing)
@@ -561,7 +433,7 @@ async def test_a_batch_behind_a_request_still_failing_the_transaction(env: Env) 
     pair.direct.send(one)
     for _ in range(2):
         got, want = await pair.via.until_ready(), await pair.direct.until_ready()
-        assert _normal(got) == _normal(want), f"behind a failing request: proxy {got!r} != direct {want!r}"
+        assert normal(got) == normal(want), f"behind a failing request: proxy {got!r} != direct {want!r}"
     await pair.both(rawpg.query("ROLLBACK"))
     await pair.both(one, why="after ROLLBACK")
 
@@ -572,7 +444,7 @@ async def test_a_batch_behind_a_request_still_failing_the_transaction(env: Env) 
 async def test_catalog_moves_under_a_remembered_shape(env: Env) -> None:
     """A view replaced, a function redefined and a table dropped and made again, each through
     another session of neonpoly, then written: the shape's plan rests on what they were."""
-    t1, t2 = await _table(env), await _table(env)
+    t1, t2 = await bm_table(env), await bm_table(env)
     view, func = unique("adv_bmv"), unique("adv_bmf")
     env.on_cleanup(f"DROP VIEW IF EXISTS public.{view}", f"DROP FUNCTION IF EXISTS public.{func}(int)")
     writer = await env.client()
@@ -582,7 +454,7 @@ async def test_catalog_moves_under_a_remembered_shape(env: Env) -> None:
     )
     await env.admin(f"GRANT SELECT ON public.{view} TO PUBLIC")
     pair = await Pair.open(env)
-    await _prepared(
+    await prepared(
         pair,
         parse("v", f"SELECT v FROM {view} WHERE id = $1", (23,)),
         parse("f", f"SELECT {func}($1)", (23,)),
@@ -636,20 +508,9 @@ async def test_settings_that_change_how_values_read_or_print(env: Env) -> None:
     ]
     for i, (sql, value, (first, then)) in enumerate(cases):
         await pair.both(rawpg.query(first))
-        await _prepared(pair, parse(f"g{i}", sql, (25,)))
+        await prepared(pair, parse(f"g{i}", sql, (25,)))
         await pair.warm(lone(f"g{i}", b"x" if "decode" not in sql and "float" not in sql else b"2"))
         await pair.shortcut_hit(lone(f"g{i}", value), why=f"{sql} under {first}")
         await pair.both(rawpg.query(then))
         for _ in range(3):
             await pair.both(lone(f"g{i}", value), why=f"{sql} after {then}")
-
-
-async def _hit_by_shortcut(env: Env) -> tuple[str, Pair, bytes]:
-    """A table, a pair of sessions with statement s on it, and s(1) proven a shortcut hit."""
-    t = await _table(env)
-    pair = await Pair.open(env)
-    await _prepared(pair, parse("s", f"SELECT v FROM {t} WHERE id = $1", (23,)))
-    await pair.warm(lone("s", b"2"))
-    one = lone("s", b"1")
-    await pair.shortcut_hit(one, why="s(1)")
-    return t, pair, one
