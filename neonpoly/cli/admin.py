@@ -226,6 +226,23 @@ def _admin_target(args: argparse.Namespace) -> tuple[tuple[str, int], str | None
     return dialable(store.read().listen), cache, names
 
 
+def _why_unreachable(exc: AdminUnreachable, args: argparse.Namespace) -> AdminClientError:
+    """A refused default address most often means no serve runs on this state dir (another
+    --state-dir, or none started yet): say which state dir was looked at."""
+    from neonpoly.control.attached import find_running
+    from neonpoly.state import state_dir
+
+    if exc.hint is not None or args.admin is not None:
+        return exc
+    root = state_dir(getattr(args, "state_dir", None))
+    if find_running(root) is not None:
+        return exc
+    return AdminUnreachable(
+        exc.message,
+        f"no neonpoly serves the state dir {root}: start `neonpoly serve`, or give its --state-dir or --admin",
+    )
+
+
 def _print_error(exc: AdminClientError) -> None:
     print(f"neonpoly: {exc.message}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
 
@@ -245,7 +262,10 @@ async def dispatch(args: argparse.Namespace) -> int:
     client = admin_client(address, state_dir(getattr(args, "state_dir", None)), user=args.user, password=args.password)
     try:
         answer = await client.run(sql)
-    except (AdminUnreachable, AdminRefused) as exc:
+    except AdminUnreachable as exc:
+        _print_error(_why_unreachable(exc, args))
+        return 2
+    except AdminRefused as exc:
         _print_error(exc)
         return 2
     except AdminClientError as exc:

@@ -3,8 +3,36 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from neonpoly.defaults import LOCALHOST
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the command's --help: argparse's default prints the
+    whole usage first (a dozen lines for `serve`), which buries the one line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        # An unknown option is reported by the command it was given to (`neonpoly serve
+        # --bogus`), not by the top-level parser, whose --help would not list that command's.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._command(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _command(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The deepest subcommand's parser that `parsed` chose (this parser if none)."""
+        parser: argparse.ArgumentParser = self
+        while True:
+            actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            chosen = getattr(parsed, actions[0].dest, None) if actions and actions[0].dest else None
+            if chosen is None or chosen not in actions[0].choices:
+                return parser
+            parser = actions[0].choices[chosen]
 
 
 def host_port(text: str) -> tuple[str, int]:

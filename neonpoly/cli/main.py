@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from neonpoly import __version__
-from neonpoly.cli.args import at_least_one, host_port, positive_seconds, seconds
+from neonpoly.cli.args import Parser, at_least_one, host_port, positive_seconds, seconds
 from neonpoly.cli.running import CLIError, run
 from neonpoly.defaults import (
     DEFAULT_CHANGE_FEED,
@@ -53,7 +53,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="neonpoly",
         description="A caching PostgreSQL proxy (Neon's PolyScale integration, on your machine) "
         "and the console that manages it.",
@@ -234,10 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(the default when a serve already runs on the state dir)",
     )
     tui.add_argument(
-        "--admin-user", metavar="ROLE", help="admin role with --attach (default $NEONPOLY_ADMIN_USER, else postgres)"
+        "--admin-user",
+        metavar="ROLE",
+        help="admin role with --attach (default $NEONPOLY_ADMIN_USER, else the role of an integration whose "
+        "password the state dir holds, else your OS user)",
     )
     tui.add_argument(
-        "--admin-password", metavar="PW", help="admin password with --attach (default $NEONPOLY_ADMIN_PASSWORD)"
+        "--admin-password",
+        metavar="PW",
+        help="admin password with --attach (default $NEONPOLY_ADMIN_PASSWORD, else the integration's password "
+        "on the origin, from the state dir)",
     )
     from neonpoly.cli import admin as cli_admin
     from neonpoly.cli import integrations as cli_integrations
