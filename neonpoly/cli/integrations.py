@@ -8,13 +8,15 @@ in `COMMANDS` it runs `await dispatch(args)`. User mistakes leave as `neonpoly.c
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
-from typing import Any, TextIO
+import time
+from typing import TYPE_CHECKING, Any, TextIO
 
 from neonpoly.cli.admin import nonempty, nonempty_path
 from neonpoly.cli.running import CLIError
-from neonpoly.defaults import LOCALHOST, environment
+from neonpoly.defaults import ADMIN_DATABASE, LOCALHOST, environment
 from neonpoly.integrations.probe import OriginCheckError, OriginChoices
 from neonpoly.integrations.store import (
     DEFAULT_WORKSPACE,
@@ -24,6 +26,9 @@ from neonpoly.integrations.store import (
     connection_string,
     forget,
 )
+
+if TYPE_CHECKING:
+    from neonpoly.admin.client import AdminClient
 
 COMMANDS = ("integrations", "connection-string")
 
@@ -121,7 +126,19 @@ def register(subparsers: Any) -> None:
     conn.add_argument(
         "cache_id", nargs="?", type=text, metavar="CACHE_ID", help="cache id or name (optional with one integration)"
     )
-    conn.add_argument("--database", type=text, metavar="D", help="another database of the origin (see `list`)")
+    where = conn.add_mutually_exclusive_group()
+    where.add_argument(
+        "--database",
+        type=text,
+        metavar="D",
+        help="another database of the origin (`integrations list --json` lists them)",
+    )
+    where.add_argument(
+        "--admin",
+        action="store_true",
+        help="the string of neonpoly's admin database instead (psql it, then SHOW STATS, SHOW QUERIES, "
+        "PURGE ALL …): same role and password, which the origin checks",
+    )
     conn.add_argument(
         "--role",
         type=text,
@@ -212,6 +229,9 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
     else:
         if args.project or args.branch or args.endpoint:
             raise IntegrationError(f"--project/--branch/--endpoint need {API_KEY_ENV} set to a Neon API key")
+        # Before touching the cluster: "starting" it adopts the postmaster of a serve running on
+        # this state dir, and stopping it afterwards left that serve without its origin.
+        _refuse_second_embedded(store)
         runner = EmbeddedRunner(store.root)
         try:
             handle, origin = await runner.ensure(_progress)
@@ -234,17 +254,69 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
             f" (project {item.project_name} {item.project_id}, branch {item.branch_name}, "
             f"endpoint {item.endpoint_id} {item.endpoint_state})"
         )
+    hidden = " (--reveal shows the password)" if store.passwords(item.cache_id).get(item.role) else ""
     print(
         f"Added integration {item.name}\n"
         f"  cache id    {item.cache_id}\n"
         f"  origin      {where}\n"
         f"  database    {item.database}   role {item.role}\n"
-        f"Connection string (a running `neonpoly serve` picks it up within a second; otherwise "
-        f"start one; --reveal shows the password):\n"
+        f"  served      {await _pickup(store, item)}\n"
+        f"Connection string{hidden}:\n"
         f"  {_string(store, item, host, port, reveal=False)}",
         file=out,
     )
     return 0
+
+
+def _refuse_second_embedded(store: IntegrationStore) -> None:
+    """The state dir has one embedded origin, and one integration for it."""
+    for item in store.load():
+        if item.kind == "embedded":
+            raise IntegrationError(
+                f"the embedded PostgreSQL already has its integration {item.name!r} ({item.cache_id}); "
+                f"`neonpoly connection-string {item.name}` prints its string"
+            )
+
+
+async def _pickup(store: IntegrationStore, item: Integration) -> str:
+    """Whether the neonpoly serving the state dir took the new integration: a `serve` that
+    follows the state dir does within a second; one given --upstream never does, and saying
+    "picks it up" then sent users to a string it refused."""
+    from neonpoly.admin.client import AdminClientError
+    from neonpoly.control.attached import FOLLOW_TIMEOUT, admin_client, find_running
+
+    running = find_running(store.root)
+    if running is None:
+        return "not yet: no neonpoly serves this state dir; `neonpoly serve` will"
+    who = f"neonpoly (pid {running.pid}) at {running.where}"
+    client = admin_client(running.address, store.root)
+    try:
+        served = await wait_served(client, item.cache_id, FOLLOW_TIMEOUT)
+    except AdminClientError as exc:
+        return f"unknown: {who} did not say ({exc.message})"
+    finally:
+        await client.close()
+    if served is None:
+        return f"no: {who} serves only its --upstream; restart it without --upstream to serve this"
+    if not served:
+        return f"not within {FOLLOW_TIMEOUT:g}s by {who} (a console does not follow the state dir)"
+    return f"now, by {who}"
+
+
+async def wait_served(client: AdminClient, cache_id: str, timeout: float) -> bool | None:
+    """Poll until the proxy serves `cache_id` (SHOW CACHES); False after `timeout`, None at
+    once when it serves an explicit upstream (its cache "default"), which never follows the
+    state dir. Raises AdminClientError when the proxy cannot answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        caches = {r["cache"] for r in (await client.run("SHOW CACHES")).dicts()}
+        if cache_id in caches:
+            return True
+        if "default" in caches:
+            return None
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
 
 
 async def _check_upstream(args: argparse.Namespace) -> OriginChoices | None:
@@ -362,7 +434,8 @@ def _connection_string(store: IntegrationStore, args: argparse.Namespace, out: T
         raise IntegrationError(f"no database {args.database!r}; databases: {', '.join(item.databases)}")
     if args.role and item.roles and args.role not in item.roles:
         raise IntegrationError(f"no role {args.role!r}; roles: {', '.join(item.roles)}")
-    print(_string(store, item, host, port, reveal=args.reveal, database=args.database, role=args.role), file=out)
+    database = ADMIN_DATABASE if args.admin else args.database
+    print(_string(store, item, host, port, reveal=args.reveal, database=database, role=args.role), file=out)
     role = args.role or item.role
     if role not in store.passwords(item.cache_id):
         print(f"neonpoly: no password is stored for role {role}: the string carries none; psql asks for it",
