@@ -233,7 +233,7 @@ async def test_quotes_in_names_reach_the_console_intact(serving: Serving, capsys
 async def test_add_message_is_true_with_or_without_a_running_serve(state_root: Path) -> None:
     out = await integrations_cli("integrations", "add", "--upstream", "postgres://u@db.example.com/app", "--no-check")
     assert "run `neonpoly serve` to serve it" not in out
-    assert "a running `neonpoly serve` picks it up within a second; otherwise start one" in out
+    assert "served      not yet: no neonpoly serves this state dir; `neonpoly serve` will" in out
 
 
 @pytest.mark.parametrize("command", cli_admin.COMMANDS)
