@@ -179,15 +179,14 @@ def ago(seconds: float) -> str:
 def freshness(fresh: Freshness | None, now: float) -> str:
     """What keeps the cache fresh besides the writes it relays: the origin's change feed.
 
-    "change feed on (lag 1 ms) · 3 changes caught · last 12 s ago", or why it is off.
+    "change feed on (lag 1 ms) · 3 changes caught · last 12 s ago · slot neonpoly_…", or why it
+    is off.
     """
     if fresh is None:
         return DASH
     if not fresh.feed:
         return "writes through neonpoly only"
     parts = [f"change feed {fresh.feed}"]
-    if fresh.following and fresh.slot:
-        parts.append(f"slot {fresh.slot}")
     if fresh.following or fresh.changes:
         parts.append(plural(fresh.changes, "change caught", "changes caught"))
     if fresh.ddl:
@@ -198,4 +197,7 @@ def freshness(fresh: Freshness | None, now: float) -> str:
         parts.append(f"last {ago(now - fresh.last_change)}")
     if fresh.plane != "off":  # shared with other nodes or workers (`serve --redis`, `--workers`)
         parts.append(f"plane {fresh.plane}")
+    if fresh.following and fresh.slot:
+        # Last: the slot's name matters least, and at 80 columns the line is cut at the end.
+        parts.append(f"slot {fresh.slot}")
     return " · ".join(parts)
