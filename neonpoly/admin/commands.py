@@ -75,6 +75,18 @@ class Result:
 
 
 _TOKEN = re.compile(r'\s*(?:("(?:[^"]|"")*")|([^\s"]+))')
+# A template id is 16 hex digits (cache/template.py's digest). Anything else matches no
+# template, so PURGE QUERY would say "0 removed" and a rule would silently never apply.
+_TEMPLATE_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _template_id(word: str) -> str:
+    name = word.strip('"').lower()
+    if not _TEMPLATE_ID.fullmatch(name):
+        hint = "a template id is 16 hex digits; SHOW QUERIES lists them"
+        raise AdminError("22023", f"not a template id: {word!r}", hint)
+    return name
+
 
 STATS_COLUMNS = (
     ("cache", TEXT),
@@ -229,7 +241,7 @@ def parse(sql: str) -> Command:
     if head == "PURGE ALL" and len(words) == 2:
         return Command("purge all", cache_id=cache_id)
     if head in ("PURGE TABLE", "PURGE QUERY") and len(words) == 3:
-        name = normalize_table(words[2]) if upper[1] == "TABLE" else words[2].strip('"').lower()
+        name = normalize_table(words[2]) if upper[1] == "TABLE" else _template_id(words[2])
         return Command(head.lower(), name=name, cache_id=cache_id)
     if head == "DROP RULE" and len(words) == 3:
         return Command("drop rule", name=words[2].strip('"').lower())
@@ -240,7 +252,7 @@ def parse(sql: str) -> Command:
         return Command("set mode", name=mode, cache_id=cache_id)
     if head == "CREATE RULE" and len(words) >= 6 and upper[2] == "ON" and upper[3] in ("TABLE", "QUERY"):
         target = upper[3].lower()
-        name = words[4] if target == "table" else words[4].strip('"').lower()
+        name = words[4] if target == "table" else _template_id(words[4])
         rest = upper[5:]
         if rest == ["NEVER"]:
             return Command("create rule", name=name, target=target, ttl=None, cache_id=cache_id)

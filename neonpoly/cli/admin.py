@@ -62,6 +62,15 @@ def _ttl(text: str) -> float:
     return value
 
 
+def _template_arg(text: str) -> str:
+    """A template id as `neonpoly queries` prints it (16 hex digits): anything else matches
+    nothing, so a purge would remove 0 entries and a rule would never apply, both silently."""
+    value = nonempty("give a template id from `neonpoly queries`")(text).strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{16}", value):
+        raise argparse.ArgumentTypeError(f"not a template id: {text!r} (16 hex digits; `neonpoly queries` lists them)")
+    return value
+
+
 def _for_cache(args: argparse.Namespace) -> str:
     return f" FOR CACHE {quote_ident(args.cache)}" if getattr(args, "cache", None) else ""
 
@@ -164,7 +173,7 @@ def register(subparsers: Any) -> None:
         help="only this cache: a cache id or an integration name",
     )
     table = nonempty("name a table")
-    template = nonempty("give a template id from `neonpoly queries`")
+    template = _template_arg
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = subparsers.add_parser(

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from neonpoly.admin.commands import AdminError
+from neonpoly.admin.commands import parse as parse_admin
 from neonpoly.control.serving import start_serving
 from neonpoly.integrations.store import IntegrationStore, record_embedded
 from neonpoly.proxy.origin import Origin
@@ -102,3 +104,20 @@ async def test_connection_string_admin_opens_the_admin_database(state_root: Path
     with pytest.raises(SystemExit):
         parse("connection-string", "--admin", "--database", "app")
     assert "not allowed with argument --admin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sql", ["PURGE QUERY nope", "CREATE RULE ON QUERY zzz NEVER", "PURGE QUERY 3be04863778f63e"])
+def test_a_template_id_that_cannot_exist_is_refused(sql: str) -> None:
+    # Before: "0 removed", or a rule that silently never applied.
+    with pytest.raises(AdminError) as info:
+        parse_admin(sql)
+    assert info.value.sqlstate == "22023" and info.value.message.startswith("not a template id: ")
+    assert parse_admin("PURGE QUERY 3BE04863778F63ED").name == "3be04863778f63ed"
+
+
+@pytest.mark.parametrize("argv", [["purge", "--query", "nope"], ["rules", "add", "--query", "zzz", "--never"]])
+def test_the_cli_refuses_a_template_id_before_dialling(argv: list[str], capsys: Captured) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse(*argv)
+    assert info.value.code == 2
+    assert "not a template id" in capsys.readouterr().err
