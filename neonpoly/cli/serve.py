@@ -93,7 +93,7 @@ async def serve(args: argparse.Namespace) -> int:
         try:
             lock.acquire()
         except StateInUse as exc:
-            raise CLIError(str(exc)) from exc
+            raise _in_use(root, exc) from exc
     try:
         try:
             service = ProxyService(settings)
@@ -139,6 +139,20 @@ async def serve(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def _in_use(root: Path, exc: StateInUse) -> CLIError:
+    """The lock knows the other process's pid; the state dir also knows where it listens,
+    which the user needs to reach it (the lock's own message can only say HOST:PORT)."""
+    from neonpoly.control.attached import find_running
+
+    running = find_running(root)
+    if running is None:
+        return CLIError(str(exc))
+    return CLIError(
+        f"another neonpoly (pid {running.pid}) is already serving from {root}, at {running.where}: stop it, "
+        f"use it (`neonpoly tui --state-dir {root}` attaches to it), or use another --state-dir"
+    )
+
+
 def _plane(args: argparse.Namespace, role: WorkerRole | None, url: str) -> PlaneSettings:
     """The plane's settings: this node's stable name (a lost node is known by it when it comes
     back), and on the workers' private redis-server, which cannot lose its data and outlive
@@ -170,7 +184,7 @@ async def _supervise(args: argparse.Namespace, root: Path, redis_url: str | None
     try:
         lock.acquire()
     except StateInUse as exc:
-        raise CLIError(str(exc)) from exc
+        raise _in_use(root, exc) from exc
     try:
         plan = WorkerPlan(
             count=args.workers,

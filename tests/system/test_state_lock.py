@@ -38,6 +38,8 @@ async def test_second_instance_on_a_state_dir_refuses(pg: PgServer, tmp_path: Pa
         assert second.returncode == 2
         lines = [line for line in err.splitlines() if line.startswith("neonpoly:")]
         assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "already serving" in lines[0], err
+        # How to use it: the lock alone could only say `tui --attach HOST:PORT`, a placeholder.
+        assert f"`neonpoly tui --state-dir {tmp_path}` attaches" in lines[0], err
         assert "Traceback" not in err
         control = LocalControl(tmp_path, ProxySettings(listen=("127.0.0.1", 0)))
         with pytest.raises(ControlError, match="already serving"):
