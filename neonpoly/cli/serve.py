@@ -119,12 +119,19 @@ async def serve(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from exc
         fleet = None
         stop, _ = _stop_event()
+        probe = None
         if role is None:
             _print(_announcement(args, serving))
+            if args.upstream:
+                probe = asyncio.get_running_loop().create_task(
+                    warn_if_unreachable(serving.service.routes.by_id["default"].origin)
+                )
         else:
             fleet = await join_workers(serving, role)
             signal_ready(role, _announcement(args, serving))
         await stop.wait()
+        if probe is not None:
+            probe.cancel()
         log.info("shutting down (grace %.1fs)", args.grace)
         if role is not None:
             # A worker whose parent is gone (SIGKILL) has nobody to kill it should its shutdown
@@ -137,6 +144,21 @@ async def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         lock.release()
+
+
+async def warn_if_unreachable(origin: Origin, timeout: float = 3.0) -> bool:
+    """Log a warning when nothing answers at the origin now. `serve --upstream` starts anyway
+    (the origin may come up later), but a mistyped port should not wait for the first client
+    to show; False when it did not answer."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*origin.dial), timeout)
+    except (OSError, TimeoutError) as exc:
+        why = f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        log.warning("the origin %s does not answer now (%s); its clients get "
+                    "\"could not connect to origin\" until it does", origin.label, why)  # fmt: skip
+        return False
+    writer.close()
+    return True
 
 
 def _in_use(root: Path, exc: StateInUse) -> CLIError:

@@ -11,6 +11,7 @@ import pytest
 
 from neonpoly.admin.commands import AdminError
 from neonpoly.admin.commands import parse as parse_admin
+from neonpoly.cli.serve import warn_if_unreachable
 from neonpoly.control.serving import start_serving
 from neonpoly.integrations.store import IntegrationStore, record_embedded
 from neonpoly.proxy.origin import Origin
@@ -121,3 +122,16 @@ def test_the_cli_refuses_a_template_id_before_dialling(argv: list[str], capsys: 
         parse(*argv)
     assert info.value.code == 2
     assert "not a template id" in capsys.readouterr().err
+
+
+async def test_serve_upstream_warns_when_the_origin_does_not_answer(caplog: pytest.LogCaptureFixture) -> None:
+    # Before, `serve --upstream` with a mistyped port said "caching 127.0.0.1:1" and nothing
+    # else until the first client failed.
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        port = spare.getsockname()[1]
+        assert not await warn_if_unreachable(Origin(host="127.0.0.1", port=port, sslmode="disable"))
+        [record] = [r for r in caplog.records if r.name == "neonpoly"]
+        assert record.levelname == "WARNING" and f"the origin 127.0.0.1:{port} does not answer now" in record.message
+        spare.listen()
+        assert await warn_if_unreachable(Origin(host="127.0.0.1", port=port, sslmode="disable"))
