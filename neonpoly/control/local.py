@@ -185,7 +185,8 @@ class LocalControl(Control):
         key = api_key or self.api_key or environment().neon_api_key or self.store.api_key()
         if not key or self.upstream:
             self.mode = "local"
-            return SignInResult("local", "local", (DEFAULT_WORKSPACE,))
+            # The origin's host:port for --upstream: "local" read as "your local PostgreSQL".
+            return SignInResult("local", self._upstream_label() or "local", (DEFAULT_WORKSPACE,))
         try:
             async with NeonAPI(key, base_url=self.api_host, retry=self.retry) as api:
                 await api.list_projects()
@@ -196,6 +197,14 @@ class LocalControl(Control):
             # Typed in by the user: keep it (0600) so a restarted console stays signed in.
             self.store.save_api_key(api_key)
         return SignInResult("neon", f"Neon API key …{key[-4:]}", (DEFAULT_WORKSPACE,))
+
+    def _upstream_label(self) -> str | None:
+        if not self.upstream:
+            return None
+        try:
+            return Origin.from_url(self.upstream).label
+        except ValueError:  # Authorize says what is wrong with it
+            return None
 
     async def record(self, workspace: str, progress: Progress, embedded: EmbeddedRunner) -> Integration:
         """The state-dir half of Add: discover or start the origin and record the integration

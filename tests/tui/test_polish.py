@@ -15,6 +15,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Select
 
 from neonpoly.control.interface import SignInResult
+from neonpoly.control.local import LocalControl
 from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.add_drawer import NOTES, AddPolyScaleDrawer
 from neonpoly.tui.screens.cache_view import CacheViewScreen
@@ -223,6 +224,28 @@ async def test_local_origin_hides_neon_only_wording() -> None:
         await settle(pilot)
         assert isinstance(app.screen, ManagePolyScaleDrawer)
         assert "Neon" not in text(app, ".warning") and "SQL Editor" not in text(app, ".warning")
+
+
+class UpstreamDemo(DemoControl):
+    """`tui --upstream URL`: signed in to the URL's origin, which may be on another machine."""
+
+    async def sign_in(self, api_key: str | None = None) -> SignInResult:
+        await super().sign_in(api_key)
+        return SignInResult("local", "db.example.com:5432", ("local",))
+
+
+async def test_an_upstream_origin_is_named_not_called_local(state_root: Path) -> None:
+    # What LocalControl gives the drawer for `tui --upstream URL`: the origin's host:port.
+    control = LocalControl(state_root, upstream="postgres://u:pw@db.example.com/app")
+    assert (await control.sign_in()).account == "db.example.com:5432"
+    app = ConsoleApp(UpstreamDemo(local=True), refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("a", "enter")
+        await settle(pilot)
+        # Before: "Local origin" and "It caches your local PostgreSQL", whatever the URL's host.
+        assert text(app, "#account") == "Origin db.example.com:5432 (--upstream): no sign-in needed"
+        assert text(app, "#note").startswith("It caches the PostgreSQL at db.example.com:5432 (--upstream)")
+        assert text(app, "#step-1").endswith("(--upstream URL)")
 
 
 # -- c Copy says what it did -------------------------------------------------------------------

@@ -112,13 +112,15 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
     def _show_steps(self) -> None:
         mode = self.signed_in.mode if self.signed_in else None
         hints = HINTS[mode]
+        if self._upstream(mode):
+            hints = {**hints, 1: "  (--upstream URL)"}
         for number, title in STEPS.items():
             label = self.query_one(f"#step-{number}", Label)
             marker = "✓" if number < self.step else ("●" if number == self.step else "○")
             label.update(f" {number} {marker} {title}{hints[number]}")
             label.set_class(number < self.step, "-done")
             label.set_class(number == self.step, "-active")
-        self.query_one("#note", Label).update(NOTES[mode])
+        self.query_one("#note", Label).update(self._note(mode))
         # The primary style marks the next thing to do: Sign in, then Authorize (or Retry).
         self.query_one("#sign-in", Button).variant = "primary" if self.step == 1 else "default"
         self.query_one("#authorize", Button).variant = "primary" if self.step > 1 else "default"
@@ -165,6 +167,16 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         key = self.query_one("#api-key", Input).value.strip() or None
         self.run_worker(self._sign_in(key), group="add-drawer", exclusive=True, exit_on_error=False)
 
+    def _upstream(self, mode: str | None) -> bool:
+        """Signed in to a `--upstream URL` origin (its host:port is the account)."""
+        return mode == "local" and self.signed_in is not None and self.signed_in.account != "local"
+
+    def _note(self, mode: str | None) -> str:
+        if self._upstream(mode) and self.signed_in is not None:
+            # `--upstream URL`: any PostgreSQL, maybe on another machine, not "your local" one.
+            return f"It caches the PostgreSQL at {self.signed_in.account} (--upstream): no Neon account is involved."
+        return NOTES[mode]
+
     async def _sign_in(self, key: str | None) -> None:
         self.busy = True
         self._set_error("")
@@ -180,7 +192,10 @@ class AddPolyScaleDrawer(ModalScreen[IntegrationView | None]):
         finally:
             self.busy = False
         self.signed_in = result
-        self.query_one("#account", Label).update(ACCOUNTS[result.mode].format(account=result.account))
+        account = ACCOUNTS[result.mode].format(account=result.account)
+        if result.mode == "local" and result.account != "local":
+            account = f"Origin {result.account} (--upstream): no sign-in needed"
+        self.query_one("#account", Label).update(account)
         select = self.query_one("#workspace", Select)
         authorize = self.query_one("#authorize", Button)
         self.step = 2
