@@ -15,8 +15,10 @@ def test_a_caches_siblings_follow_the_caches_added_and_removed() -> None:
     assert a is not None and b is not None
     assert list(a.siblings()) == [b] and list(b.siblings()) == [a]
     c = service.add_cache("c", origin).cache
+    assert c is not None
     assert list(a.siblings()) == [b, c] and list(c.siblings()) == [a, b]
     service.remove_cache("b")
     assert list(a.siblings()) == [c] and list(c.siblings()) == [a]
     d = service.add_cache("b", origin).cache  # a new cache under a removed one's id
+    assert d is not None
     assert list(a.siblings()) == [c, d] and list(d.siblings()) == [a, c]
