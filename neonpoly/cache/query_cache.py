@@ -40,7 +40,7 @@ _SLOT_MASK = _SIGHT_SLOTS - 1
 _TWO_SLOTS = struct.Struct("<II")  # a key's two slots: its first and second four bytes
 # Digests of stored answers kept to tell adaptive TTL whether a refetch changed.
 _DIGESTS_LIMIT = 32_768
-_KEPT_WHOLE = 64  # answers up to this many bytes are kept whole instead (store_capture)
+_KEPT_WHOLE = 256  # answers up to this many bytes are kept whole instead (store_capture): 8 MiB at most
 
 # Templates whose plain-miss tickets are kept (miss_ticket); past it they are made again.
 _MISS_TICKETS = 4096
