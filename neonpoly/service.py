@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from neonpoly.cache.adaptive import AdaptiveTTL
@@ -32,7 +33,6 @@ from neonpoly.proxy.server import ProxyServer, Route, Routes
 from neonpoly.stats import StatsRecorder, TemplateStats, Totals
 
 log = logging.getLogger("neonpoly.service")
-
 
 
 @dataclass(slots=True)
@@ -140,6 +140,8 @@ class ProxyService:
             self.plane.wants_leases = self.feeds.enabled
             self.plane.lease_listener = self.feeds.lease_changed
         self._sessions_pending = False
+        self._routes_version = 0  # moves whenever `routes.by_id` does (`_caches_of`)
+        self._siblings: dict[str, tuple[int, tuple[QueryCache, ...]]] = {}
 
     def cache_dir(self, cache_id: str) -> Path | None:
         if self.settings.cache_dir is None:
@@ -160,13 +162,14 @@ class ProxyService:
                     directory, conf.max_bytes, conf.l1_bytes, time.time, max_entry_bytes=conf.max_entry_bytes
                 )
             cache = QueryCache(cache_id, store, self.stats, ttl=conf.ttl, admit_after=conf.admit_after)
-            cache.siblings = lambda: self._caches_of(origin, cache_id)
+            cache.siblings = partial(self._caches_of, cache_id)
             self._attach_policy(cache_id, cache)
             if self.plane is not None:
                 self.plane.attach(cache, origin.label)
             self.feeds.watch(cache_id, feed_target(origin), origin.database or origin.user)
         route = Route(cache_id, origin, cache)
         self.routes.by_id[cache_id] = route
+        self._routes_version += 1
         self.routes.removed.discard(cache_id)
         if default or self.routes.default is None:
             self.routes.default = cache_id
@@ -188,16 +191,23 @@ class ProxyService:
         cache.ttl_policy = policy
         cache.on_refetch = self.adaptive.on_refetch
 
-    def _caches_of(self, origin: Origin, but: str) -> list[QueryCache]:
+    def _caches_of(self, but: str) -> tuple[QueryCache, ...]:
         """The other caches a write through this one may make stale: all of them. Whether two
         origins are the same server cannot be told from their addresses (localhost and
         127.0.0.1, a DNS alias, a pooler in front), and evicting by table name in a cache of
-        another server only costs misses."""
-        return [r.cache for r in self.routes.by_id.values() if r.cache is not None and r.cache_id != but]
+        another server only costs misses. Asked twice by every write: worked out again only
+        after the caches served changed (`_routes_version`, moved wherever `by_id` is)."""
+        found = self._siblings.get(but)
+        if found is None or found[0] != self._routes_version:
+            others = tuple([r.cache for r in self.routes.by_id.values() if r.cache is not None and r.cache_id != but])
+            found = self._siblings[but] = (self._routes_version, others)
+        return found[1]
 
     def remove_cache(self, cache_id: str) -> int:
         """Stop serving a cache: end its connections, drop its entries. Returns connections ended."""
         route = self.routes.by_id.pop(cache_id, None)
+        self._routes_version += 1
+        self._siblings.pop(cache_id, None)
         self.routes.removed.add(cache_id)
         if self.routes.default == cache_id:
             self.routes.default = None

@@ -8,6 +8,8 @@ Writes wait `WRITE_DELAY` seconds, one per key (the last put wins), and are writ
 still current then. Under a read/write mix most entries of a hot key are made stale by a write
 within seconds: written at once, each cost the writer thread ~250 µs of sqlite and Python (and
 the event loop the GIL); delayed, they are dropped unwritten, and the rest go in one batch.
+A round writes only the entries that lasted a whole delay: a hot key re-captured after every
+write would otherwise be written again each round (`_write_delayed`).
 Nothing durable is lost: the generations are only trusted after a clean close(), which writes
 every delayed entry first, and a get() finds a delayed entry as if it were on disk.
 
@@ -179,17 +181,36 @@ class DiskStore(GenerationsFacade):
             # barrier (a purge, flush, close) first writes every entry put before it.
             due = self._due
             if due is not None and (ending or time.monotonic() >= due):
-                self._write_delayed()
+                self._write_delayed(everything=ending)
             if last is None:
                 return
             if isinstance(last, _Barrier):
                 self._run_job(last)
 
-    def _write_delayed(self) -> None:
+    def _write_delayed(self, *, everything: bool = True) -> None:
+        """Write the delayed entries still current: all of them (`everything`: a barrier, or
+        too much held), or those put at least a delay ago, the rest kept for the next round.
+        An entry of a key stored again within the delay is most often one a write makes
+        stale again soon (a hot key under writes: the mix re-captures each every few
+        seconds), and each round would write it again, ~100 µs of the writer's (and GIL)
+        time per entry, to be dropped on disk at the next read. It reaches disk once it
+        lasts a delay unchanged, or at the next barrier (close writes every one)."""
         with self._delayed_lock:
-            entries, self._delayed = list(self._delayed.items()), {}
-            self._delayed_bytes = 0
-            self._due = None
+            delayed = self._delayed
+            if everything or len(delayed) >= _MAX_PENDING_WRITES or self._delayed_bytes > _MAX_DELAYED_BYTES:
+                entries, self._delayed = list(delayed.items()), {}
+                self._delayed_bytes = 0
+                self._due = None
+            else:
+                now = self._clock()
+                ripe = now - self._write_delay
+                entries = []
+                for key, entry in list(delayed.items()):
+                    if entry.created_at <= ripe or not is_live(entry, now, self.generations):
+                        del delayed[key]
+                        self._delayed_bytes -= entry.size
+                        entries.append((key, entry))  # (a stale one is dropped by _write)
+                self._due = time.monotonic() + self._write_delay if delayed else None
         for at in range(0, len(entries), _WRITE_BATCH):
             with self._transaction():
                 for key, entry in entries[at : at + _WRITE_BATCH]:

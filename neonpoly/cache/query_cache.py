@@ -40,6 +40,7 @@ _SLOT_MASK = _SIGHT_SLOTS - 1
 _TWO_SLOTS = struct.Struct("<II")  # a key's two slots: its first and second four bytes
 # Digests of stored answers kept to tell adaptive TTL whether a refetch changed.
 _DIGESTS_LIMIT = 32_768
+_KEPT_WHOLE = 256  # answers up to this many bytes are kept whole instead (store_capture): 8 MiB at most
 
 # Templates whose plain-miss tickets are kept (miss_ticket); past it they are made again.
 _MISS_TICKETS = 4096
@@ -200,7 +201,10 @@ class QueryCache:
             return None
         payload = b"".join(capture.frames)
         if self.on_refetch is not None:
-            digest = hashlib.blake2b(payload, digest_size=16).digest()
+            # A small answer is kept as it is (the entry's own bytes, no copy): comparing it costs
+            # less than hashing it, for every store. (It equals a digest only by a 128-bit
+            # collision, as two digests do.)
+            digest = payload if len(payload) <= _KEPT_WHOLE else hashlib.blake2b(payload, digest_size=16).digest()
             previous = self._digests.pop(capture.key, None)
             self._digests[capture.key] = (digest, capture.stamp)
             if len(self._digests) > _DIGESTS_LIMIT:

@@ -7,6 +7,7 @@ answer the cache produces while origin answers are still outstanding waits in th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ class WriteMemo:
     writes: frozenset[str]  # Pending.writes: its tables but the keyed one (none)
     extra: frozenset[str]  # what a write of the table reaches beyond it (cascades): whole
     ticket: StatTicket  # nothing in it depends on the text
+    shape: tuple[str, ...]  # what it is kept by (key_shapes.shape_of)
+    pattern: re.Pattern[str]  # the texts of that shape (key_shapes.matcher)
 
 
 @dataclass(slots=True)
@@ -69,4 +72,3 @@ class Pending:
     memo: HitMemo | None = None  # the hit memo whose entry was gone and that sent this miss
     # A keyed write decided from its shape's memo, and the names it bumped (writes.py).
     by_memo: tuple[WriteMemo, frozenset[str]] | None = None
-

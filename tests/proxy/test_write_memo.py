@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from neonpoly.cache import policy
+from neonpoly.cache import key_shapes, policy
 from neonpoly.proxy import decisions
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy, unique
@@ -161,4 +161,39 @@ async def test_a_write_memo_is_not_used_once_the_relation_book_learns_again(
         assert await served(proxy, count) == (1, False)
     finally:
         await reader.close()
+        await writer.close()
+
+
+async def test_a_write_of_a_shape_written_lately_is_decided_without_working_out_its_shape(
+    pg: PgServer, proxy: CachingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session tries the patterns of the shapes it wrote last (key_shapes.matcher) before
+    `shape_of`'s scans; a memo made again after the session changed is the one found next."""
+    table = await accounts(pg, rows=4)
+    writer = await asyncpg.connect(**proxy.dsn())
+    shaped: list[str] = []
+    shape_of = key_shapes.shape_of
+
+    def counting(sql: str) -> Any:
+        shaped.append(sql)
+        return shape_of(sql)
+
+    monkeypatch.setattr(key_shapes, "shape_of", counting)
+    try:
+        update = f"UPDATE {table} SET abalance = abalance + {{}} WHERE aid = {{}}"
+        for delta, aid in ((1, 1), (-1, 2), (2, 3), (-2, 4)):  # two shapes: `+ 1`, `+ -1`
+            await writer.execute(update.format(delta, aid))
+        assert write_memos(proxy) == 2
+        shaped.clear()
+        classified = count_classified(monkeypatch)
+        for delta, aid in ((3, 1), (-3, 2), (4, 3), (-5, 4)):
+            await writer.execute(update.format(delta, aid))
+        assert shaped == [] and classified == []
+        await writer.execute("SET application_name = 'another'")  # the session learns who it is again
+        for delta, aid in ((6, 1), (7, 2), (8, 3)):
+            await writer.execute(update.format(delta, aid))
+        # the full path makes a memo again, which decides the next ones
+        assert [sql for sql in classified if sql.startswith("UPDATE")] == [update.format(6, 1)]
+        assert await writer.fetchval(f"SELECT abalance FROM {table} WHERE aid = 2") == 20 - 1 - 3 + 7
+    finally:
         await writer.close()

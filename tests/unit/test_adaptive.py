@@ -52,3 +52,15 @@ def test_a_change_explained_by_a_write_through_neonpoly_teaches_nothing() -> Non
 def test_stamps_compare_by_value() -> None:
     a = GenerationStamp("app", 1, 0, (("t", 2),))
     assert a == GenerationStamp("app", 1, 0, (("t", 2),))
+
+
+def test_a_refetch_is_compared_with_the_answer_stored_before_whatever_its_size() -> None:
+    """Small answers are kept whole, larger ones by their digest (QueryCache.store_capture):
+    either way, an unchanged refetch is told from a changed one, across the two sizes too."""
+    seen: list[bool] = []
+    cache = QueryCache("c", MemoryStore(max_bytes=1 << 20), StatsRecorder())
+    cache.on_refetch = lambda template_id, changed: seen.append(changed)
+    small, large = b"x" * 10, b"y" * 1000
+    for payload in (small, small, large, large, b"y" * 999 + b"z", small, bytes(small)):
+        cache.store_capture(_capture(cache, payload))
+    assert seen == [False, True, False, True, True, False]

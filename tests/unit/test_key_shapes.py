@@ -196,3 +196,42 @@ def test_a_shape_a_write_memo_is_kept_by_is_the_shape_classify_shares_by() -> No
     assert shared > 300
     for refused in ("'", "\\", "$", "@", '"', "é"):
         assert key_shapes.shape_of(f"UPDATE t SET v = {refused} WHERE id = 1") is None
+
+
+def test_a_shapes_pattern_reads_the_runs_of_exactly_the_texts_of_that_shape() -> None:
+    """`matcher(shape)` stands in for `shape_of` when a session tries the write shapes it
+    used last (proxy/writes.py): on texts of the shape with other digits (longer, shorter,
+    too long, not ASCII) and on texts of other shapes, `runs_by` answers as `shape_of` does."""
+    rng = random.Random(12)
+    pieces = [
+        "UPDATE t SET v = v + ", "WHERE id = ", " @", "'", "$1", "--", "/*", "*/", "\n", " ", "x", "x1", "_",
+        "1", "42", "1.5", "3e2", "1000000000", "-", "+", ".", "e", ";", "(", ")",
+    ]  # fmt: skip
+    digits = ["0", "7", "0042", "123456789", "1234567890", "\u0663", "12\u0663", "1.5", "1e5", "x"]
+    matched = 0
+    for _ in range(3000):
+        sql = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        found = key_shapes.shape_of(sql)
+        if found is None:
+            continue
+        shape, _ = found
+        pattern = key_shapes.matcher(shape)
+        others = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(2)]
+        others.append(
+            "".join(p if k % 2 == 0 else rng.choice(digits) for k, p in enumerate(key_shapes._split(sql) or []))
+        )
+        for text in [sql, *others]:
+            expected = key_shapes.shape_of(text)
+            runs = key_shapes.runs_by(pattern, text)
+            if expected is not None and expected[0] == shape:
+                assert runs == tuple(expected[1]), (sql, text)
+                matched += 1
+            else:
+                assert runs is None, (sql, text)
+    assert matched > 1000
+    long = "UPDATE t SET v = 1 WHERE id = 2" + " " * key_shapes.MAX_CHARS
+    assert key_shapes.shape_of(long) is None
+    assert (
+        key_shapes.runs_by(key_shapes.matcher(("UPDATE t SET v = ", " WHERE id = ", " " * key_shapes.MAX_CHARS)), long)
+        is None
+    )
