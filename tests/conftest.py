@@ -25,7 +25,26 @@ def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# Where the run's throwaway files go when the user named no TMPDIR: a RAM-backed /dev/shm with
+# room to spare, else the system default. Every proxy a test starts creates its SQLite cache
+# (fsyncs), every origin an initdb'd cluster: on a disk those syncs were half of a caching
+# proxy's start (~60 ms of ~110 ms, hundreds of times a run). Only where files live changes.
+SHM = Path("/dev/shm")
+SHM_FREE_BYTES = 4 << 30  # clusters' WAL included, a run peaks far below this
+
+
+def use_ram_tempdir() -> None:
+    if os.environ.get("TMPDIR") or not (SHM.is_dir() and os.access(SHM, os.W_OK | os.X_OK)):
+        return
+    stat = os.statvfs(SHM)
+    if stat.f_bavail * stat.f_frsize < SHM_FREE_BYTES:
+        return
+    os.environ["TMPDIR"] = str(SHM)  # the subprocesses too (serve workers, psql, mypy)
+    tempfile.tempdir = None  # gettempdir() asks again, and pytest's tmp_path base follows
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    use_ram_tempdir()
     sweep_stale_dirs()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)

@@ -280,15 +280,25 @@ class Env:
 
     async def run_cleanups(self) -> None:
         # Sessions are closed by now; objects first, roles last (they own nothing by then).
-        for sql in self.cleanups:
-            for _ in range(20):
-                try:
-                    await self.admin(sql)
-                    break
-                except asyncpg.ObjectInUseError:
-                    await asyncio.sleep(0.05)  # a terminated backend still exiting
-                except Exception:
-                    break
+        # One connection for them all (a new backend per statement was most of a case's
+        # cleanup time); each statement still commits alone, and a statement that ends this
+        # connection (a terminate by a pattern it matches) just gets the next one a new one.
+        conn: asyncpg.Connection | None = None
+        try:
+            for sql in self.cleanups:
+                for _ in range(20):
+                    try:
+                        if conn is None or conn.is_closed():
+                            conn = await asyncpg.connect(**self.pg.dsn("postgres", "app"))
+                        await conn.execute(sql)
+                        break
+                    except asyncpg.ObjectInUseError:
+                        await asyncio.sleep(0.05)  # a terminated backend still exiting
+                    except Exception:
+                        break
+        finally:
+            if conn is not None:
+                await conn.close()
 
 
 async def psql_lines(url: str, *sql: str, check: bool = True) -> list[str]:
