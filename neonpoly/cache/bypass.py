@@ -138,9 +138,10 @@ class Bypass:
         score.skipped = 0
 
     def explain(self, template_id: str) -> str | None:
-        """Why reads of this template are not looked up, or None when they are."""
+        """Why reads of this template are not looked up, or None when they are (a hit since
+        the bypass began ends it at the next read: looked up then)."""
         score = self._scores.get(template_id)
-        return score.reason if score is not None and score.bypassed else None
+        return score.reason if score is not None and score.bypassed and not score.hits else None
 
     def forget(self) -> None:
         """Every score starts afresh (a purge: what was learned of the lookups is gone)."""
