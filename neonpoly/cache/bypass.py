@@ -94,7 +94,7 @@ class Bypass:
         found = self._scores.get(template_id)
         if found is None:
             if len(self._scores) >= self.max_templates:
-                del self._scores[next(iter(self._scores))]  # the oldest made
+                self._end(self._scores.pop(next(iter(self._scores))))  # the oldest made, forgotten
             found = self._scores[template_id] = LookupScore(self.window)
         return found
 
