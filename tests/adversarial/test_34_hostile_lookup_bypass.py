@@ -1,0 +1,208 @@
+"""Hostile review of the lookup bypass (cache/bypass.py): a template whose lookups never hit
+stops being looked up (its reads forwarded as pass-through forwards them), 1 read in
+`probe_every` still takes the full path, and the bypass ends at a hit or when it expires.
+
+Each case puts the route's cache on a small bypass (a window of 4 misses, a probe every 4th
+read, a clock of its own) so that the transitions happen in a few dozen reads: entries
+stored before the template was bypassed, writes while it is bypassed, the template looked
+up again; every answer through neonpoly is compared with a direct connection's, and the
+cases prove the transitions happened (the template bypassed, hits after it ended).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from neonpoly.cache.bypass import Bypass
+from neonpoly.cache.query_cache import QueryCache
+from tests.adversarial.harness import Env, Twin, hits
+from tests.adversarial.test_31_hostile_recapture import cache_of, world
+from tests.pgharness import PgServer
+
+pytestmark = pytest.mark.skipif(
+    __import__("os").environ.get("NEONPOLY_TEST_WORKERS", "1") not in ("", "1"),
+    reason="sets the in-process cache's bypass window",
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def bypassing(pg: PgServer, tmp_path: Path) -> AsyncIterator[tuple[Env, QueryCache, Clock]]:
+    async with world(pg, tmp_path) as env:
+        cache = cache_of(env)
+        clock = Clock()
+        cache.bypass = Bypass(clock, window=4, probe_every=4, bypass_for=5.0)
+        yield env, cache, clock
+
+
+def bypassed(cache: QueryCache) -> int:
+    return cache.bypass.sizes()["bypassed"]
+
+
+async def cold(twin: Twin, cache: QueryCache, sql: str, keys: range) -> None:
+    """Reads of keys never read before (never hit) until the template is bypassed."""
+    if bypassed(cache):
+        return
+    for key in keys:
+        await twin.check(sql, (key,) if "$1" in sql or "%s" in sql else (), why=f"cold key {key}")
+        if bypassed(cache):
+            return
+    raise AssertionError(f"not bypassed after {len(keys)} cold reads: {cache.bypass.sizes()}")
+
+
+async def checks(twin: Twin, sql: str, keys: tuple[int, ...], why: str, times: int = 6) -> bool:
+    """Every key read `times` times (probes among them), each equal to the origin's; True
+    when any of them was a cache hit."""
+    hit = False
+    for _ in range(times):
+        for key in keys:
+            before = hits(twin.env.proxy)
+            await twin.check(sql, (key,), why=f"{why}: key {key}")
+            hit = hit or hits(twin.env.proxy) > before
+    return hit
+
+
+# --- entries stored before the bypass, writes while bypassed, the template looked up again --
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_writes_while_bypassed_evict_what_was_stored_before(pg: PgServer, tmp_path: Path, driver: str) -> None:
+    """Entries of keys 1..4 stored and hit; cold keys bypass the template; writes through
+    neonpoly while it is bypassed (keyed, table-wide, in transactions committed and rolled
+    back); then the bypass ends (expiry, then a probe's hit): no entry a write made stale is
+    served, and what was not written is served again."""
+    async with bypassing(pg, tmp_path) as (env, cache, clock):
+        t = await env.table("adv_byp", "id int PRIMARY KEY, v text", "(generate_series(1, 300), 'v')")
+        twin = await env.twin(driver=driver)  # type: ignore[arg-type]
+        param = "$1" if driver == "asyncpg" else "%s"
+        sql = f"SELECT v || id FROM {t} WHERE id = {param}"
+        fresh = iter(range(100, 300))
+
+        async def bypass_again() -> None:
+            await cold(twin, cache, sql, range(next(fresh), 300))
+            for _ in range(8):
+                next(fresh)
+
+        for key in (1, 2, 3, 4, 5, 6):
+            await twin.probe(sql, (key,))  # stored and provably served
+        # Each write is sent while the template is bypassed (its entries stored before).
+        await bypass_again()
+        await twin.via.run(f"UPDATE {t} SET v = 'k1' WHERE id = 1")
+        await checks(twin, sql, (1, 2), "after a keyed write while bypassed")
+        await bypass_again()
+        await twin.via.run("BEGIN")
+        await twin.via.run(f"UPDATE {t} SET v = 'rolled' WHERE id = 2")
+        assert await twin.via.rows(f"SELECT v FROM {t} WHERE id = 2") == [("rolled",)]
+        await twin.via.run("ROLLBACK")
+        await checks(twin, sql, (2, 3), "after a rolled back write while bypassed")
+        await bypass_again()
+        await twin.via.run("BEGIN")
+        await twin.via.run(f"UPDATE {t} SET v = 'k3' WHERE id = 3")
+        await twin.via.run("COMMIT")
+        assert bypassed(cache)
+        clock.now += 10  # the bypass expires: looked up again, fresh
+        hit = await checks(twin, sql, (1, 2, 3, 4), "after the bypass expired", times=4)
+        assert hit, "the template must be looked up (and hit) again once the bypass expired"
+        await bypass_again()
+        await twin.via.run(f"UPDATE {t} SET v = v || '+' WHERE id % 2 = 0")
+        await twin.via.run(f"UPDATE {t} SET v = 'k5' WHERE id = 5")
+        # Probes of written keys miss; a probe's hit of an unwritten key ends the bypass.
+        await checks(twin, sql, (5, 6), "after table-wide and keyed writes while bypassed", times=8)
+        assert await checks(twin, sql, (1, 4, 5, 6), "looked up again after a probe's hit"), "no hit after the bypass"
+
+
+async def test_sessions_of_other_identities_share_a_bypassed_template(pg: PgServer, tmp_path: Path) -> None:
+    """Two search_paths, one template text: session A (schema a) reads cold keys until the
+    template is bypassed, session B (schema b, its own rows) hits and probes it; writes in
+    each schema while bypassed: neither session ever reads the other's rows nor a stale one."""
+    async with bypassing(pg, tmp_path) as (env, cache, clock):
+        schemas = [f"adv_byp_{n}" for n in ("a", "b")]
+        for schema in schemas:
+            await env.admin(
+                f"CREATE SCHEMA {schema}",
+                f"CREATE TABLE {schema}.items (id int PRIMARY KEY, v text)",
+                f"INSERT INTO {schema}.items SELECT i, '{schema}:' || i FROM generate_series(1, 60) i",
+                f"GRANT ALL ON SCHEMA {schema} TO PUBLIC",
+            )
+            env.on_cleanup(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        a = await env.twin(env.login(options=f"-c search_path={schemas[0]}"))
+        b = await env.twin(env.login(options=f"-c search_path={schemas[1]}"))
+        sql = "SELECT v FROM items WHERE id = %s"
+        for twin in (a, b):
+            await twin.probe(sql, (1,))
+            await twin.probe(sql, (2,))
+        await cold(a, cache, sql, range(10, 40))
+        await checks(b, sql, (1, 2), "session B while A bypassed the template")
+        await cold(a, cache, sql, range(40, 60))
+        await b.via.run("UPDATE items SET v = 'b-new' WHERE id = 1")
+        await a.via.run("UPDATE items SET v = 'a-new' WHERE id = 2")
+        for twin, who in ((a, "A"), (b, "B")):
+            await checks(twin, sql, (1, 2), f"session {who} after writes while bypassed")
+        clock.now += 10
+        hit = False
+        for twin, who in ((a, "A"), (b, "B"), (a, "A again")):
+            hit = await checks(twin, sql, (1, 2), f"session {who} after the bypass expired") or hit
+        assert hit, "no hit once the bypass ended"
+
+
+# --- what the stats say ---------------------------------------------------------------------
+
+
+async def test_the_stats_count_every_read_once_by_what_happened_to_it(pg: PgServer, tmp_path: Path) -> None:
+    """Counts by status across the transitions: every read counted once; `miss` = the reads
+    looked up that missed, `bypass` = the reads not looked up, `hit` = the hits; the
+    template's last status and reason say what happened to its last read."""
+    async with bypassing(pg, tmp_path) as (env, cache, clock):
+        t = await env.table("adv_byp_s", "id int PRIMARY KEY, v text", *(f"({i}, 'v{i}')" for i in range(1, 80)))
+        twin = await env.twin()
+        looked = 0
+        get = cache.store.get
+
+        def counted(key: bytes) -> object:
+            nonlocal looked
+            looked += 1
+            return get(key)
+
+        cache.store.get = counted  # type: ignore[method-assign]
+        sql = f"SELECT v FROM {t} WHERE id = %s"
+
+        def template() -> tuple[dict[str, int], str, str | None]:
+            (tpl,) = [x for x in cache.stats.snapshot().templates if f"FROM {t} WHERE" in x.template]
+            return dict(tpl.by_status), tpl.last_status, tpl.last_reason
+
+        reads = 0
+        for key in range(1, 41):  # cold: bypassed after the first window, probed
+            await twin.check(sql, (key,))
+            reads += 1
+        counts, last, reason = template()
+        assert bypassed(cache) and counts.get("bypass", 0) > 0, counts
+        assert counts == {"miss": looked, "bypass": reads - looked}, (counts, looked, reads)
+        ids = [tid for tid in cache.bypass._scores if cache.bypass.explain(tid)]
+        assert len(ids) == 1
+        if last == "bypass":
+            assert reason == cache.bypass.explain(ids[0])
+        # Warm key 1 (its probes admit and store it), then hit: the bypass ends, counted right.
+        hit_seen = 0
+        for _ in range(40):
+            before = hits(env.proxy)
+            await twin.check(sql, (1,))
+            reads += 1
+            hit_seen += hits(env.proxy) - before
+        counts, last, reason = template()
+        assert hit_seen and not bypassed(cache)
+        assert sum(counts.values()) == reads, (counts, reads)
+        assert counts.get("hit", 0) == hit_seen, (counts, hit_seen)
+        assert (last, reason) == ("hit", None)
+        totals = cache.stats.snapshot().totals
+        assert totals.hit_rate == pytest.approx(counts["hit"] / (counts["hit"] + counts["miss"]))
