@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 
 from neonpoly.cache.bypass import Bypass
+from neonpoly.cache.entry import CacheEntry
 from neonpoly.cache.query_cache import QueryCache
+from tests.adversarial.batch_memo import FLUSH, Pair, bind, lone, normal, parse, prepared
 from tests.adversarial.harness import Env, Twin, hits
+from tests.adversarial.rawpg import SYNC, describe_portal, execute, query
 from tests.adversarial.test_31_hostile_recapture import cache_of, world
 from tests.pgharness import PgServer
 
@@ -163,13 +166,13 @@ async def test_the_stats_count_every_read_once_by_what_happened_to_it(pg: PgServ
     """Counts by status across the transitions: every read counted once; `miss` = the reads
     looked up that missed, `bypass` = the reads not looked up, `hit` = the hits; the
     template's last status and reason say what happened to its last read."""
-    async with bypassing(pg, tmp_path) as (env, cache, clock):
+    async with bypassing(pg, tmp_path) as (env, cache, _clock):
         t = await env.table("adv_byp_s", "id int PRIMARY KEY, v text", *(f"({i}, 'v{i}')" for i in range(1, 80)))
         twin = await env.twin()
         looked = 0
         get = cache.store.get
 
-        def counted(key: bytes) -> object:
+        def counted(key: bytes) -> CacheEntry | None:
             nonlocal looked
             looked += 1
             return get(key)
@@ -206,3 +209,71 @@ async def test_the_stats_count_every_read_once_by_what_happened_to_it(pg: PgServ
         assert (last, reason) == ("hit", None)
         totals = cache.stats.snapshot().totals
         assert totals.hit_rate == pytest.approx(counts["hit"] / (counts["hit"] + counts["miss"]))
+
+
+# --- raw frames: the prepared-batch shortcut, pipelines, errors, transactions, Flush -----
+
+
+async def test_bypassed_lone_batches_in_pipelines_errors_and_transactions(pg: PgServer, tmp_path: Path) -> None:
+    """A prepared statement whose lone batches (`_lone_batch`) are bypassed, sent in one read
+    with writes, failing Binds, transactions (also failed ones) and a Flush, byte for byte
+    as the origin answers; then the bypass expires and the entries stored before it, or
+    since, are served only while no write made them stale."""
+    async with bypassing(pg, tmp_path) as (env, cache, clock):
+        t = await env.table("adv_byp_r", "id int PRIMARY KEY, v text", "(generate_series(1, 300), 'v')")
+        pair = await Pair.open(env)
+        await prepared(pair, parse("s", f"SELECT v || id FROM {t} WHERE id = $1", (23,)))
+
+        def s(key: int) -> bytes:
+            return lone("s", str(key).encode())
+
+        for key in (1, 2, 3, 4):
+            await pair.shortcut_hit(s(key), why=f"s({key})")
+        fresh = iter(range(100, 300))
+
+        async def bypass_again() -> None:
+            for key in fresh:
+                if bypassed(cache):
+                    return
+                await pair.both(s(key), why=f"cold s({key})")
+
+        async def alone(*frames: bytes, readies: int) -> tuple[list[str], list[bytes]]:
+            """Sent through neonpoly only (the double's session would race its writes): the
+            values read and the errors' SQLSTATEs, in order."""
+            pair.forget_hit_memos()
+            pair.via.send(b"".join(frames))
+            got = []
+            for _ in range(readies):
+                got += normal(await pair.via.until_ready())
+            return [body[6:].decode() for kind, body in got if kind == b"D"], [b for k, b in got if k == b"E"]
+
+        await bypass_again()
+        got = await alone(s(1), query(f"UPDATE {t} SET v = 'w' WHERE id = 1"), s(1), s(2), readies=4)
+        assert got == (["v1", "w1", "v2"], []), "a bypassed read, a write and reads pipelined"
+        await bypass_again()
+        bad = bind("s", (b"nope",)) + execute() + SYNC
+        got = await alone(s(2), bad, s(2), query(f"UPDATE {t} SET v = 'w' WHERE id = 2"), s(2), readies=5)
+        assert got == (["v2", "v2", "w2"], [b"22P02"]), "a failing Bind between bypassed reads"
+        await bypass_again()
+        got = await alone(query("BEGIN"), s(3), query(f"UPDATE {t} SET v = 'w' WHERE id = 3"), s(3),
+                          query("COMMIT"), s(3), readies=6)  # fmt: skip
+        assert got == (["v3", "w3", "w3"], []), "reads around a write in a transaction"
+        await bypass_again()
+        got = await alone(query("BEGIN"), query("SELECT 1/0"), s(4), query("ROLLBACK"), s(4), readies=5)
+        assert got == (["v4"], [b"22012", b"25P02"]), "a read in a failed transaction"
+        await bypass_again()
+        flushed = bind("s", (b"4",)) + describe_portal() + execute() + FLUSH
+        got = await alone(flushed, SYNC, query(f"UPDATE {t} SET v = 'w' WHERE id = 4"), s(4), readies=3)
+        assert got == (["v4", "w4"], []), "a Flush, its Sync, a write, a read"
+        # The shortcut passed bypassed reads: cold reads after the bypass, all taken by it.
+        taken, passed = pair.taken[0], cache.stats.snapshot().totals.by_status
+        for key in range(295, 300):
+            await pair.both(s(key), why=f"cold s({key}) while bypassed")
+        now = dict(cache.stats.snapshot().totals.by_status)
+        assert pair.taken[0] == taken + 5 and now["bypass"] > dict(passed)["bypass"], (now, passed)
+        clock.now += 10
+        served = hits(env.proxy)
+        for _ in range(4):
+            for key in (1, 2, 3, 4, 5):
+                await pair.both(s(key), why=f"s({key}) after the bypass expired")
+        assert hits(env.proxy) > served, "no hit once the bypass expired"
