@@ -277,3 +277,42 @@ async def test_bypassed_lone_batches_in_pipelines_errors_and_transactions(pg: Pg
             for key in (1, 2, 3, 4, 5):
                 await pair.both(s(key), why=f"s({key}) after the bypass expired")
         assert hits(env.proxy) > served, "no hit once the bypass expired"
+
+
+async def test_a_bypassed_read_that_changes_the_session_is_followed(pg: PgServer, tmp_path: Path) -> None:
+    """A view of a bypassed template is redefined (through neonpoly) to call a function that
+    moves the search_path: the bypassed read runs it, and the session's next read of an
+    unqualified table answers from the new path, not from an entry of the old one."""
+    async with bypassing(pg, tmp_path) as (env, cache, _clock):
+        cache.bypass = Bypass(cache.bypass.clock, window=4, probe_every=1000)  # no probe: passed
+        s1, s2 = "adv_byp_p1", "adv_byp_p2"
+        t = await env.table("adv_byp_v", "id int PRIMARY KEY, v text", "(generate_series(1, 100), 'v')")
+        for schema, word in ((s1, "one"), (s2, "two")):
+            await env.admin(
+                f"CREATE SCHEMA {schema}",
+                f"CREATE TABLE {schema}.items (id int PRIMARY KEY, v text)",
+                f"INSERT INTO {schema}.items VALUES (1, '{word}')",
+                f"GRANT ALL ON SCHEMA {schema} TO PUBLIC",
+            )
+            env.on_cleanup(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        view, fn = f"{t}_vw", f"{t}_fn"
+        await env.admin(f"CREATE VIEW public.{view} AS SELECT id, v FROM public.{t}")
+        await env.admin(
+            f"CREATE FUNCTION public.{fn}(x text) RETURNS text LANGUAGE plpgsql VOLATILE AS "
+            f"$$ BEGIN PERFORM set_config('search_path', '{s2}, public', false); RETURN x; END $$"
+        )
+        env.on_cleanup(f"DROP VIEW IF EXISTS public.{view}", f"DROP FUNCTION IF EXISTS public.{fn}(text)")
+        twin = await env.twin(env.login(options=f"-c search_path={s1},public"))
+        items = "SELECT v FROM items WHERE id = 1"
+        await twin.probe(items)
+        sql = f"SELECT v FROM {view} WHERE id = %s"
+        await cold(twin, cache, sql, range(1, 60))
+        await twin.via.run(f"CREATE OR REPLACE VIEW public.{view} AS SELECT id, public.{fn}(v) AS v FROM public.{t}")
+        await twin.check("SELECT 2")  # the session's identity learned again after the DDL
+        await twin.probe(items)  # stored again (the DDL evicted everything), served
+        assert await twin.via.rows(sql, (90,)) == [("v",)]
+        assert await twin.direct.rows(sql, (90,)) == [("v",)]
+        (tpl,) = [x for x in cache.stats.snapshot().templates if f"FROM {view} WHERE" in x.template]
+        assert tpl.last_status == "bypass" and (tpl.last_reason or "").startswith("not looked up"), tpl
+        await twin.check(items, why="after a bypassed read moved the search_path")
+        await twin.check(items, why="again")
