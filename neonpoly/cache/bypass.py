@@ -57,7 +57,7 @@ class LookupScore:
     """One template's lookups in one cache. Read and counted by QueryCache and the session's
     memos (attribute increments; `Bypass` judges)."""
 
-    __slots__ = ("bypassed", "hits", "left", "reason", "skipped", "until")
+    __slots__ = ("batch_reason", "bypassed", "hits", "left", "reason", "skipped", "until")
 
     def __init__(self, window: int) -> None:
         self.left = window  # misses left before the window is judged
@@ -66,6 +66,9 @@ class LookupScore:
         self.skipped = 0  # bypassed reads since the last probe
         self.until = 0.0  # bypassed until (clock time)
         self.reason = ""  # why it is bypassed, made once per bypass (its stats tickets' reason)
+        # The reason of the other statements of its batches (not looked up with it): theirs
+        # must not claim this template's hit rate as their own.
+        self.batch_reason = ""
 
 
 class Bypass:
@@ -129,6 +132,7 @@ class Bypass:
                 f"not looked up: {hits / looked:.1%} of its last {looked} lookups hit; "
                 f"1 in {self.probe_every} still looked up"
             )
+            score.batch_reason = "not looked up: in a batch led by a read whose template's lookups do not hit"
         score.hits = 0
 
     def _end(self, score: LookupScore) -> None:

@@ -292,14 +292,18 @@ class QueryCache:
             found.tally = self.stats.tally(self.cache_id, template_id, template, tables)
         return found
 
-    def pass_ticket(self, score: LookupScore, template_id: str, template: str, tables: tuple[str, ...]) -> StatTicket:
+    def pass_ticket(
+        self, score: LookupScore, template_id: str, template: str, tables: tuple[str, ...], led: bool = True
+    ) -> StatTicket:
         """The ticket of a read of a bypassed template (cache/bypass.py): one per template and
-        bypass (its reason says why), counted in its template's tally as `miss_ticket`'s."""
+        bypass (its reason says why), counted in its template's tally as `miss_ticket`'s.
+        `led`: False for another statement of the bypassed template's batch (its own reason)."""
+        reason = score.reason if led else score.batch_reason
         found = self._pass_tickets.get(template_id)
-        if found is None or found.reason is not score.reason:
+        if found is None or found.reason is not reason:
             if len(self._pass_tickets) >= _MISS_TICKETS:
                 self._pass_tickets.clear()
-            found = StatTicket(template_id, template, tables, "bypass", score.reason)
+            found = StatTicket(template_id, template, tables, "bypass", reason)
             found.tally = self.stats.tally(self.cache_id, template_id, template, tables)
             self._pass_tickets[template_id] = found
         return found

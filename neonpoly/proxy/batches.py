@@ -134,7 +134,8 @@ class BatchHandling(CacheDecisions):
         if score.bypassed and cache.bypass.passes(score):
             # Its lookups do not hit (cache/bypass.py): forwarded as pass-through would.
             for info in plan.executed:
-                item.stats.append(cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables))
+                item.stats.append(cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables,
+                                                    info.template_id == template))  # fmt: skip
             self._send_lone(item, data)
             return True
         material = hashlib.blake2b(memo.before + tail + memo.after, digest_size=32).digest()
@@ -286,9 +287,11 @@ class BatchHandling(CacheDecisions):
         # Not neutral while the catalog has not described what it reads: it may run code.
         item.neutral = status is Status.MISS and not (item.reads or item.trusts)
         if passing is not None and cache is not None:
+            # Its other statements' templates were not judged: their tickets say so (`led`).
             item.stats.extend(
-                [cache.pass_ticket(passing, i.template_id, i.template, i.qualified_tables) for i in plan.executed]
-            )
+                [cache.pass_ticket(passing, i.template_id, i.template, i.qualified_tables, i.template_id == template)
+                 for i in plan.executed]
+            )  # fmt: skip
         elif status is Status.MISS and cache is not None:
             item.stats.extend([cache.miss_ticket(i.template_id, i.template, i.qualified_tables) for i in plan.executed])
         else:

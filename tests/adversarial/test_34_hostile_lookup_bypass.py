@@ -316,3 +316,26 @@ async def test_a_bypassed_read_that_changes_the_session_is_followed(pg: PgServer
         assert tpl.last_status == "bypass" and (tpl.last_reason or "").startswith("not looked up"), tpl
         await twin.check(items, why="after a bypassed read moved the search_path")
         await twin.check(items, why="again")
+
+
+async def test_a_batch_led_by_a_bypassed_template_does_not_lend_its_reason(pg: PgServer, tmp_path: Path) -> None:
+    """A batch of two Executes, led by a bypassed template's: it is not looked up, and its
+    second statement's template (whose own lookups hit) is counted `bypass` with a reason of
+    its own, not the leader's hit rate."""
+    async with bypassing(pg, tmp_path) as (env, cache, _clock):
+        t = await env.table("adv_byp_b", "id int PRIMARY KEY, v text", "(generate_series(1, 100), 'v')")
+        pair = await Pair.open(env)
+        await prepared(pair, parse("a", f"SELECT v || id FROM {t} WHERE id = $1", (23,)),
+                       parse("b", f"SELECT id FROM {t} WHERE v = $1 ORDER BY id LIMIT 1", (25,)))  # fmt: skip
+        await pair.shortcut_hit(lone("b", b"v"), why="b")
+        for key in range(10, 60):
+            if bypassed(cache):
+                break
+            await pair.both(lone("a", str(key).encode()), why="cold a")
+        both = bind("a", (b"70",)) + execute() + bind("b", (b"v",)) + execute() + SYNC
+        await pair.both(both, why="a batch led by the bypassed template")
+        (a,) = [x for x in cache.stats.snapshot().templates if "SELECT v ||" in x.template]
+        (b,) = [x for x in cache.stats.snapshot().templates if "SELECT id FROM" in x.template]
+        assert a.last_status == b.last_status == "bypass", (a, b)
+        assert (a.last_reason or "").startswith("not looked up: 0.0% of its last"), a.last_reason
+        assert (b.last_reason or "").startswith("not looked up: in a batch led by"), b.last_reason
