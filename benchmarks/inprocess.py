@@ -47,7 +47,12 @@ HOT = 200  # the hot set: aid 1..HOT
 SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = "
 PREPARED = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 UPDATE = "UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid}"
-WORKLOADS = ("pass-simple", "pass-prepared", "hit-simple", "hit-prepared", "miss-simple", "miss-prepared", "mix")
+WORKLOADS = ("pass-simple", "pass-prepared", "hit-simple", "hit-prepared", "miss-simple", "miss-prepared",
+             "cold-simple", "cold-prepared", "mix")  # fmt: skip
+# miss-*: the miss path itself (first sightings, looked up, on a cache whose lookup bypass is
+# off: cache/bypass.py). cold-*: the same reads of a template that only ever misses (pgbench -S
+# over 1M rows) on a cache with the default bypass, past its first window: what -S costs.
+COLD_WARMUP = 600  # first sightings before cold-* is measured: more than bypass.WINDOW
 
 
 original_client_data: Callable[[Any, bytes], None]
@@ -110,13 +115,15 @@ class Bench:
         from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 
         self.services = {}
-        for mode, enabled in (("cache", True), ("pass", False)):
+        for mode, enabled in (("cache", True), ("pass", False), ("cold", True)):
             service = ProxyService(
                 ProxySettings(listen=("127.0.0.1", 0), cache_dir=tmp / f"cache-{mode}",
                               cache=CacheSettings(enabled=enabled, ttl=600))
             )  # fmt: skip
             serving = await start_serving(service, tmp / f"state-{mode}", upstream=self.origin, follow=False)
             self.services[mode] = (service, serving)
+            if mode == "cache":
+                _bypass_off(service)
         self.clients: dict[str, RawClient] = {}
         for mode, (_, serving) in self.services.items():
             port = serving.address[1]
@@ -131,6 +138,10 @@ class Bench:
             for _ in range(3):
                 for aid in range(1, HOT + 1):
                     await self._read(self.clients[key], key.endswith("prepared"), aid)
+        for key in ("cold-simple", "cold-prepared"):  # past the bypass's first window
+            for aid in range(self.fresh, self.fresh + COLD_WARMUP):
+                await self._read(self.clients[key], key.endswith("prepared"), aid)
+            self.fresh += COLD_WARMUP
 
     async def stop(self) -> None:
         for client in self.clients.values():
@@ -152,9 +163,9 @@ class Bench:
         if mode == "mix":
             client = self.clients["cache-simple"]
         else:
-            client = self.clients[("cache-" if mode != "pass" else "pass-") + protocol]
+            client = self.clients[_client(mode, protocol)]
         n = self.requests
-        if mode == "miss":
+        if mode in ("miss", "cold"):
             aids = list(range(self.fresh, self.fresh + n))
             self.fresh += n
         else:
@@ -179,8 +190,8 @@ class Bench:
         sinks, the origin's answer replayed from a real one recorded first."""
         mode, _, protocol = workload.partition("-")
         prepared = protocol == "prepared"
-        client = self.clients[("cache-" if mode != "pass" else "pass-") + protocol]
-        service = self.services["cache" if mode != "pass" else "pass"][0]
+        client = self.clients[_client(mode, protocol)]
+        service = self.services[_client(mode, protocol).partition("-")[0]][0]
         (session,) = [s for s in service.server.sessions if s.peer.endswith(str(_local_port(client)))]
         recorded: list[bytes] = []
         original = original_origin_data
@@ -198,7 +209,7 @@ class Bench:
         reads = side.data_received
         side.data_received = record
         transport.set_protocol(side)
-        aid = self.fresh if mode == "miss" else 1
+        aid = self.fresh if mode in ("miss", "cold") else 1
         self.fresh += 1
         await self._read(client, prepared, aid)
         await self._read(client, prepared, aid)
@@ -206,7 +217,7 @@ class Bench:
         transport.set_protocol(side)
         answer = b"".join(recorded[-1:])
         n = self.requests
-        if mode == "miss":
+        if mode in ("miss", "cold"):
             aids = list(range(self.fresh, self.fresh + n))
             self.fresh += n
         else:
@@ -224,6 +235,23 @@ class Bench:
             return (time.thread_time() - t0) / n * 1e6
         finally:
             session.client, session.origin_transport = real_client, real_origin
+
+
+def _client(mode: str, protocol: str) -> str:
+    """The client a workload runs on: its service (cache, cold or pass) and protocol."""
+    return {"pass": "pass", "cold": "cold"}.get(mode, "cache") + "-" + protocol
+
+
+def _bypass_off(service: Any) -> None:
+    """The `cache` service measures the miss path itself: its lookup bypass never judges (a
+    tree without one, such as a base to compare with, has nothing to turn off)."""
+    try:
+        from neonpoly.cache.bypass import Bypass
+    except ImportError:
+        return
+    for route in service.routes.by_id.values():
+        if route.cache is not None:
+            route.cache.bypass = Bypass(route.cache.clock, window=1 << 62)
 
 
 class _Sink:

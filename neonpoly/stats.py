@@ -20,6 +20,7 @@ MAX_TEMPLATES_PER_CACHE = 10_000
 OTHER_TEMPLATE_ID = "(other)"  # where templates past the cap are folded, to bound memory
 HIT = "hit"
 MISS = "miss"
+BYPASS = "bypass"  # the taxonomy's (cache/classification.py Status.BYPASS): a pass with a reason
 
 # Log-bucket latency histogram: 1 µs .. ~190 s in steps of 20%, so any percentile is
 # within ~10% of the truth whatever the number of samples.
@@ -223,7 +224,8 @@ def _totals(calls: int, by_status: dict[str, int], saved: float, served: int) ->
 
 class HitTally:
     """Hits of one template answered from a session's hit memo (proxy/hits.py), and plain
-    misses of it (a first sighting must cost next to nothing): the hot paths, so each is a
+    misses of it (a first sighting must cost next to nothing) and its reads passed through while
+    its lookups are bypassed (cache/bypass.py): the hot paths, so each is a
     few int operations here, folded into the recorder's counters by the next `snapshot` or
     `record` of the template, or as soon as the second changes (the per-second series stays
     exact). A tally holds the hits and the misses of one second both (folding at every change
@@ -231,8 +233,9 @@ class HitTally:
     the misses before that second, or, when there were none, against the second's own.
     Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit` and `StatsRecorder.miss`."""
 
-    __slots__ = ("buckets", "bytes_served", "cache_id", "count", "epoch", "last", "latency_s", "miss_buckets",
-                 "missed_last", "misses", "second", "tables", "template", "template_id")  # fmt: skip
+    __slots__ = ("buckets", "bytes_served", "cache_id", "count", "epoch", "last", "last_kind", "latency_s",
+                 "miss_buckets", "misses", "pass_reason", "passes", "second", "tables", "template",
+                 "template_id")  # fmt: skip
 
     def __init__(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...]) -> None:
         self.cache_id = cache_id
@@ -247,12 +250,14 @@ class HitTally:
         self.buckets: dict[int, int] = {}  # hit latency histogram bucket -> hits
         self.misses = 0
         self.miss_buckets: dict[int, int] = {}  # miss latency histogram bucket -> misses
-        self.missed_last = False  # the last one counted was a miss (the template's last status)
+        self.passes = 0  # reads of a bypassed template (cache/bypass.py), passed through
+        self.pass_reason = ""  # why, as the last of them said
+        self.last_kind = HIT  # the status of the last one counted (the template's last status)
         self.epoch = -1  # the recorder's `_epoch` when registered: another, and it registers again
 
 
 def _empty(tally: HitTally) -> None:
-    tally.count = tally.bytes_served = tally.misses = 0
+    tally.count = tally.bytes_served = tally.misses = tally.passes = 0
     tally.latency_s = 0.0
     tally.buckets = {}
     tally.miss_buckets = {}
@@ -281,7 +286,7 @@ class StatsRecorder:
                origin_time_s: float | None = None, *, reason: str | None = None) -> None:
         if self._tallies:
             pending = self._tallies.get((cache_id, template_id))
-            if pending is not None and (pending.count or pending.misses):
+            if pending is not None and (pending.count or pending.misses or pending.passes):
                 self._fold(pending)  # hits and misses counted before this come first
         now = self._clock()
         cache = self._caches.get(cache_id)
@@ -349,14 +354,14 @@ class StatsRecorder:
         now = self._clock()
         second = int(now)
         if second != tally.second or tally.epoch != self._epoch:
-            if tally.count or tally.misses:
+            if tally.count or tally.misses or tally.passes:
                 self._fold(tally)
             tally.second = second
             if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
                 self._register(tally)  # dropped by the bound or a reset: counted again
             tally.epoch = self._epoch
         tally.count += 1
-        tally.missed_last = False
+        tally.last_kind = HIT
         tally.bytes_served += bytes_served
         tally.latency_s += latency_s
         tally.last = now
@@ -375,14 +380,14 @@ class StatsRecorder:
         now = self._clock()
         second = int(now)
         if second != tally.second or tally.epoch != self._epoch:
-            if tally.count or tally.misses:
+            if tally.count or tally.misses or tally.passes:
                 self._fold(tally)
             tally.second = second
             if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
                 self._register(tally)
             tally.epoch = self._epoch
         tally.misses += 1
-        tally.missed_last = True
+        tally.last_kind = MISS
         tally.last = now
         if latency_s <= _HIST_MIN_S:
             bucket = 0
@@ -393,6 +398,23 @@ class StatsRecorder:
         buckets = tally.miss_buckets
         buckets[bucket] = buckets.get(bucket, 0) + 1
 
+    def passed(self, tally: HitTally, reason: str) -> None:
+        """One read of a bypassed template, passed through (its latency is the origin's, not
+        timed): counted in its tally, as `record(..., BYPASS, ..., reason=reason)` would."""
+        now = self._clock()
+        second = int(now)
+        if second != tally.second or tally.epoch != self._epoch:
+            if tally.count or tally.misses or tally.passes:
+                self._fold(tally)
+            tally.second = second
+            if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
+                self._register(tally)
+            tally.epoch = self._epoch
+        tally.passes += 1
+        tally.pass_reason = reason
+        tally.last_kind = BYPASS
+        tally.last = now
+
     def _register(self, tally: HitTally) -> None:
         if len(self._tallies) >= MAX_TALLIES:
             self._fold_all()
@@ -402,11 +424,11 @@ class StatsRecorder:
 
     def _fold_all(self) -> None:
         for tally in self._tallies.values():
-            if tally.count or tally.misses:
+            if tally.count or tally.misses or tally.passes:
                 self._fold(tally)
 
     def _fold(self, t: HitTally) -> None:
-        """Add a tally's misses, then its hits, to the counters, as one `record` each would
+        """Add a tally's misses, then its passes, then its hits, to the counters, as one `record` each would
         have (time saved: what the origin would have taken for the hits minus what they took,
         in one sum); the status of the one counted last stays the template's last."""
         n = t.count
@@ -429,11 +451,18 @@ class StatsRecorder:
                 # a few slow misses after a second's many hits must not price all of them
                 typical = tpl.miss_p50 if tpl.miss_p50 is not None else tpl.miss_latency.quantile(0.5)
             self._fold_misses(t, cache, tpl)
-            if not n:
-                return
+        if t.passes:
+            self._count_run(cache, tpl, BYPASS, t.passes, t.last, t.second, {}, None)
+            t.passes = 0
+        if n:
+            self._fold_hits(t, cache, tpl, typical)
+        # Counted by kind, but the template's last status is the one counted last.
+        tpl.last_status = t.last_kind
+        tpl.last_reason = t.pass_reason if t.last_kind == BYPASS else None
+
+    def _fold_hits(self, t: HitTally, cache: _CacheCounters, tpl: _TemplateCounters, typical: float | None) -> None:
+        n = t.count
         self._count_run(cache, tpl, HIT, n, t.last, t.second, t.buckets, tpl.hit_latency)
-        if t.missed_last:
-            tpl.last_status = MISS  # counted before the hits, but a miss came last
         if typical is None:
             if tpl.miss_p50 is None:
                 tpl.miss_p50 = tpl.miss_latency.quantile(0.5)
@@ -462,7 +491,7 @@ class StatsRecorder:
         last: float,
         second: int,
         buckets: dict[int, int],
-        histogram: _Histogram,
+        histogram: _Histogram | None,
     ) -> None:
         """A tally's run of `n` answers of one status, counted as `n` records would have been."""
         tpl.calls += n
@@ -472,9 +501,10 @@ class StatsRecorder:
         tpl.last_reason = None
         cache.calls += n
         cache.by_status[status] = cache.by_status.get(status, 0) + n
-        for bucket, count in buckets.items():
-            histogram.counts[bucket] += count
-        histogram.total += n
+        if histogram is not None:
+            for bucket, count in buckets.items():
+                histogram.counts[bucket] += count
+            histogram.total += n
         cache.series.add(second, status, n, late=True)
         self._series.add(second, status, n, late=True)
 

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from neonpoly.cache.bypass import Bypass, LookupScore
 from neonpoly.cache.cacheability import Cacheability
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.entry import CacheEntry, CacheStore
@@ -74,6 +75,8 @@ class QueryCache:
         self._sighted = 0
         # Which templates' entries get read before they are evicted (stop capturing the rest).
         self.cacheability = Cacheability(clock)
+        # Which templates' lookups hit at all (stop looking up the rest: cache/bypass.py).
+        self.bypass = Bypass(clock)
         self.relations = RelationBook()
         self.settings_read: set[str] = set()
         # Bumped by DDL and by roles and grants: a schema created on some session's search_path,
@@ -93,6 +96,7 @@ class QueryCache:
         self.serve_gate: Callable[[], bool] | None = None
         self.reply_barrier: Callable[[], asyncio.Future[None] | None] | None = None
         self._miss_tickets: dict[str, StatTicket] = {}  # template id -> its plain misses' ticket
+        self._pass_tickets: dict[str, StatTicket] = {}  # template id -> its bypassed reads' ticket
 
     def key(self, context: bytes, material: bytes) -> bytes:
         return hashlib.blake2b(self._salt + context + b"\x01" + material, digest_size=32).digest()
@@ -105,30 +109,38 @@ class QueryCache:
         self.settings_read |= new
         return True
 
-    def lookup(self, key: bytes) -> bytes | None:
-        entry = self.lookup_entry(key)
+    def lookup(self, key: bytes, score: LookupScore | None = None) -> bytes | None:
+        entry = self.lookup_entry(key, score)
         return None if entry is None else entry.payload
 
-    def lookup_entry(self, key: bytes) -> CacheEntry | None:
+    def lookup_entry(self, key: bytes, score: LookupScore | None = None) -> CacheEntry | None:
         """The entry `key` is answered with, or None: a hit memo keeps it (proxy/hits.py) and
-        asks `serves` for its repeats."""
+        asks `serves` for its repeats. `score`: its template's (`bypass.score`), counted."""
         gate = self.serve_gate
         if gate is not None and not gate():
             return None  # passed through: the answer may be stale for all this node can prove
         entry = self.store.get(key)
         if entry is None:
             self.cacheability.missed(key)
+            if score is not None:
+                score.left -= 1
+                if not score.left:
+                    self.bypass.judge(score)
             return None
         self.cacheability.served(key)
+        if score is not None:
+            score.hits += 1
         return entry
 
-    def serves(self, key: bytes, entry: CacheEntry) -> bool:
+    def serves(self, key: bytes, entry: CacheEntry, score: LookupScore | None = None) -> bool:
         """True when `lookup(key)` would now answer with this very entry (and counts it served
         as `lookup` does); False when that cannot be told cheaply: then ask `lookup_entry`."""
         gate = self.serve_gate
         if (gate is not None and not gate()) or not self.store.holds(key, entry):
             return False
         self.cacheability.served(key)
+        if score is not None:
+            score.hits += 1
         return True
 
     def admit(self, key: bytes, template_id: str = "") -> bool:
@@ -163,6 +175,10 @@ class QueryCache:
     def capture_refusal(self, template_id: str) -> str | None:
         """Why a miss of this template is not being stored, in words (None: it is)."""
         return self.cacheability.explain(template_id)
+
+    def lookup_refusal(self, template_id: str) -> str | None:
+        """Why reads of this template are not looked up, in words (None: they are)."""
+        return self.bypass.explain(template_id)
 
     def stamp(self, database: str, tables: Iterable[str]) -> GenerationStamp:
         return self.store.stamp(database, tables)
@@ -280,13 +296,34 @@ class QueryCache:
             found.tally = self.stats.tally(self.cache_id, template_id, template, tables)
         return found
 
+    def pass_ticket(
+        self, score: LookupScore, template_id: str, template: str, tables: tuple[str, ...], led: bool = True
+    ) -> StatTicket:
+        """The ticket of a read of a bypassed template (cache/bypass.py): one per template and
+        bypass (its reason says why), counted in its template's tally as `miss_ticket`'s.
+        `led`: False for another statement of the bypassed template's batch (its own reason)."""
+        reason = score.reason if led else score.batch_reason
+        found = self._pass_tickets.get(template_id)
+        if found is None or found.reason is not reason:
+            if len(self._pass_tickets) >= _MISS_TICKETS:
+                self._pass_tickets.clear()
+            found = StatTicket(template_id, template, tables, "bypass", reason)
+            found.tally = self.stats.tally(self.cache_id, template_id, template, tables)
+            self._pass_tickets[template_id] = found
+        return found
+
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         tally = ticket.tally
-        if tally is not None and not self.cacheability.suppressed and not log.isEnabledFor(logging.DEBUG):
-            # A plain miss (miss_ticket), the first sighting of most texts: counted in its
-            # template's tally (a few int operations), folded in before anyone reads them.
-            self.stats.miss(tally, latency_s)
-            return
+        if tally is not None and not log.isEnabledFor(logging.DEBUG):
+            if ticket.reason:
+                # A bypassed read (pass_ticket): counted in its template's tally, with its reason.
+                self.stats.passed(tally, ticket.reason)
+                return
+            if not self.cacheability.suppressed:
+                # A plain miss (miss_ticket), the first sighting of most texts: counted in its
+                # template's tally (a few int operations), folded in before anyone reads them.
+                self.stats.miss(tally, latency_s)
+                return
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "query cache=%s status=%s template_id=%s latency_ms=%.3f template=%r",
@@ -326,6 +363,7 @@ class QueryCache:
         self._sightings[:] = bytes(_SIGHT_SLOTS)
         self._sighted = 0
         self.cacheability.forget()
+        self.bypass.forget()
         return self.store.purge()
 
     def close(self) -> None:

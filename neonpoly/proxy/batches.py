@@ -31,6 +31,7 @@ from neonpoly.proxy.hits import MAX_MEMOS
 from neonpoly.proxy.pending import Pending
 
 if TYPE_CHECKING:
+    from neonpoly.cache.bypass import LookupScore
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
     from neonpoly.proxy.identity import Identity
@@ -62,6 +63,7 @@ class BatchMemo:
     resolution: Resolution  # the very object the relation book memoises
     template_id: str
     rest: list[tuple[int, bytes]]  # the batch's messages after its Bind, for `_capture`
+    score: LookupScore  # its template's lookups (cache/bypass.py)
 
 
 class BatchHandling(CacheDecisions):
@@ -128,9 +130,17 @@ class BatchHandling(CacheDecisions):
         if not cache.caches(template, plan.tables):
             return False  # DISABLED: the full path says so and counts it
         item = Pending(time.monotonic())
+        score = memo.score
+        if score.bypassed and cache.bypass.passes(score):
+            # Its lookups do not hit (cache/bypass.py): forwarded as pass-through would.
+            for info in plan.executed:
+                item.stats.append(cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables,
+                                                    info.template_id == template))  # fmt: skip
+            self._send_lone(item, data)
+            return True
         material = hashlib.blake2b(memo.before + tail + memo.after, digest_size=32).digest()
         key = cache.key(state.context(), b"X" + material)  # as `_sync` keys it
-        payload = cache.lookup(key)
+        payload = cache.lookup(key, score)
         self.hit_seen = None
         if payload is not None:
             if plan.executes:
@@ -146,17 +156,21 @@ class BatchHandling(CacheDecisions):
                 self.hit_memos[data] = memo_hit
             return True
         item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end]), *memo.rest])
-        item.neutral = True  # the catalog described what it reads (no reads/trusts left)
         stats = item.stats
         for info in plan.executed:
             stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
+        self._send_lone(item, data)
+        return True
+
+    def _send_lone(self, item: Pending, data: bytes) -> None:
+        """A lone batch `_lone_batch` decided not to answer: sent to the origin as it came (no
+        Parse to send ahead: its statements were at the origin for this book version)."""
+        item.neutral = True  # the catalog described what it reads (no reads/trusts left)
         self.pending.append(item)
-        # As it came (no Parse to send ahead: its statements were at the origin for this book version).
         if self.origin_transport is not None:
             self.origin_transport.write(data)
         if self.book.unsynced:  # (a Parse sent since the last Sync)
             self.book.synced()
-        return True
 
     def _keep_memo(
         self,
@@ -209,7 +223,7 @@ class BatchHandling(CacheDecisions):
             self.batch_memos.clear()
         self.batch_memos[shape] = BatchMemo(
             plan, segments[0], segments[1], cache, identity, self.book.version, self.state.database, resolution,
-            template, batch[1:],
+            template, batch[1:], cache.bypass.score(template),
         )  # fmt: skip
 
     def _sync(
@@ -242,12 +256,20 @@ class BatchHandling(CacheDecisions):
             # Its portal must exist at the origin for the Execute that follows the Flush.
             status, reason = Status.UNCACHEABLE, "a Flush before Sync needs the portal at the origin"
         cache = self.route.cache if self.route else None
-        if status is Status.MISS and cache is not None and (plan.executes or info is not None):
-            # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
-            key = cache.key(self.state.context(), (b"H" if flush else b"X") + material)
+        # Looked up: a read the cache may answer, unless its template's lookups do not hit
+        # (cache/bypass.py: then `passing`, its score, and forwarded as pass-through would).
+        lookup = status is Status.MISS and cache is not None and (plan.executes or info is not None)
+        passing: LookupScore | None = None
+        if lookup and cache is not None:
             if self.lone_shape is not None and not flush:
                 self._keep_memo(plan, item, decision.resolution, template, batch, raw_batch, raw)
-            payload = cache.lookup(key)
+            score = cache.bypass.score(template)
+            if score.bypassed and cache.bypass.passes(score):
+                lookup, passing = False, score
+        if lookup and cache is not None:
+            # The tag (b"H"/b"X": a batch ended by Flush/Sync) is part of every stored key.
+            key = cache.key(self.state.context(), (b"H" if flush else b"X") + material)
+            payload = cache.lookup(key, score)
             # Not after messages ended by Flush went to the origin (asyncpg's Parse/Describe/
             # Flush): it runs them in an implicit transaction that only their Sync ends, and
             # answered here that Sync would never reach it (its locks held, invalidations unread).
@@ -264,7 +286,13 @@ class BatchHandling(CacheDecisions):
             item.capture = self._capture(cache, key, decision.resolution, template, batch)
         # Not neutral while the catalog has not described what it reads: it may run code.
         item.neutral = status is Status.MISS and not (item.reads or item.trusts)
-        if status is Status.MISS and cache is not None:
+        if passing is not None and cache is not None:
+            # Its other statements' templates were not judged: their tickets say so (`led`).
+            item.stats.extend(
+                [cache.pass_ticket(passing, i.template_id, i.template, i.qualified_tables, i.template_id == template)
+                 for i in plan.executed]
+            )  # fmt: skip
+        elif status is Status.MISS and cache is not None:
             item.stats.extend([cache.miss_ticket(i.template_id, i.template, i.qualified_tables) for i in plan.executed])
         else:
             item.stats.extend(

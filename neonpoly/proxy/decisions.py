@@ -27,6 +27,7 @@ from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.writes import WRITE_INITIALS, WriteMemos
 
 if TYPE_CHECKING:
+    from neonpoly.cache.bypass import LookupScore
     from neonpoly.cache.query_cache import QueryCache
 
 
@@ -80,15 +81,25 @@ class CacheDecisions(WriteMemos):
         )
         cache = self.route.cache if self.route else None
         if decision.status is Status.MISS and cache is not None:
+            score = cache.bypass.score(info.template_id)
+            if score.bypassed and cache.bypass.passes(score):
+                # Its lookups do not hit (cache/bypass.py): forwarded as pass-through would,
+                # with no key, lookup, admission or capture (neutral as a miss below).
+                item.neutral = not (item.reads or item.trusts)
+                item.stats.append(cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables))
+                self.pending.append(item)
+                out.append(raw)
+                self.batch_open = False
+                return
             # b"Q" tags a simple query's key material (batches.py has b"H" and b"X"); the tags
             # are part of every stored key: changing one orphans a persisted cache.
             key = cache.key(self.state.context(), b"Q" + body)
-            entry = cache.lookup_entry(key)
+            entry = cache.lookup_entry(key, score)
             if entry is not None and not self._busy() and not self.batch_open:
                 self._answer_locally(entry.payload, [info], item)
                 if not info.has_effects:
                     self._note_hit(cache, key, decision.resolution, info.template_id, info.tables_read,
-                                   info.shadowable, [info], (raw, info))  # fmt: skip
+                                   info.shadowable, [info], (raw, info), score)  # fmt: skip
                 return
             item.capture = self._capture(cache, key, decision.resolution, info.template_id, sql, info)
             # Not neutral while the catalog has not described what it reads: it may run code.
@@ -183,9 +194,10 @@ class CacheDecisions(WriteMemos):
         shadowable: frozenset[str],
         infos: list[Classification],
         query: tuple[bytes, Classification] | None = None,
+        score: LookupScore | None = None,
     ) -> None:
         """A plain read was answered from the cache: what that rested on, for the relay to
-        remember against the request's raw bytes (hits.py)."""
+        remember against the request's raw bytes (hits.py); `score`: its template's lookups'."""
         identity = self.state.identity
         if identity is None or self.state.legacy_strings or self.state.bypass is not None:
             return
@@ -197,8 +209,8 @@ class CacheDecisions(WriteMemos):
         self.hit_seen = HitMemo(
             cache, key, identity, self.book.version, self.state.database, tables, shadowable, resolution,
             template_id, hit_tallies(cache, [(i.template_id, i.template, i.qualified_tables) for i in infos]),
-            query=query,
-        )
+            score if score is not None else cache.bypass.score(template_id), query=query,
+        )  # fmt: skip
 
     def _memo_miss(self, memo: HitMemo) -> bool:
         """A remembered simple Query whose entry is gone (made stale, expired): sent and

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from neonpoly.cache.bypass import LookupScore
     from neonpoly.cache.entry import CacheEntry
     from neonpoly.cache.policy import Classification
     from neonpoly.cache.query_cache import QueryCache
@@ -58,6 +59,7 @@ class HitMemo:
     resolution: Resolution | None
     template_id: str
     tallies: tuple[HitTally, ...]  # where its hits are counted, one per Execute
+    score: LookupScore  # its template's lookups (cache/bypass.py): its hits count there too
     # The entry last served, and its payload + ReadyForQuery as sent: served again only
     # while the store says it would answer with that very entry (QueryCache.serves).
     entry: CacheEntry | None = None

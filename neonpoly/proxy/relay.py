@@ -232,8 +232,8 @@ class Relay(BatchHandling):
                 return False
             memo.ttl_version, memo.ttl_until = version, started + TTL_RECHECK
         entry = memo.entry
-        if entry is None or not cache.serves(memo.key, entry):
-            entry = cache.lookup_entry(memo.key)
+        if entry is None or not cache.serves(memo.key, entry, memo.score):
+            entry = cache.lookup_entry(memo.key, memo.score)
             if entry is None:
                 # Gone: a miss of the same decision, sent from what the memo knows (a simple
                 # Query's); the full path would decide it again and ask the store again.

@@ -175,6 +175,7 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
     repeat is served without asking the store for the key, and only while that entry holds
     (a write in between sends the repeat to the origin again). The key its captures are
     stamped with is worked out once per memo."""
+    from neonpoly.cache.bypass import LookupScore
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.proxy.decisions import CacheDecisions
     from tests.adversarial.rawpg import Raw, query, rows
@@ -189,9 +190,9 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
         lookups: list[bytes] = []
         full = QueryCache.lookup_entry
 
-        def counted(self: QueryCache, key: bytes) -> object:
+        def counted(self: QueryCache, key: bytes, score: LookupScore | None = None) -> object:
             lookups.append(key)
-            return full(self, key)
+            return full(self, key, score)
 
         monkeypatch.setattr(QueryCache, "lookup_entry", counted)
         points: list[object] = []
