@@ -160,10 +160,7 @@ class Bench:
         """(proxy µs per request, write-behind µs per request) over self.requests requests."""
         mode, _, protocol = workload.partition("-")
         prepared = protocol == "prepared"
-        if mode == "mix":
-            client = self.clients["cache-simple"]
-        else:
-            client = self.clients[_client(mode, protocol)]
+        client = self.clients["cache-simple"] if mode == "mix" else self.clients[_client(mode, protocol)]
         n = self.requests
         if mode in ("miss", "cold"):
             aids = list(range(self.fresh, self.fresh + n))

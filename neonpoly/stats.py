@@ -20,7 +20,10 @@ MAX_TEMPLATES_PER_CACHE = 10_000
 OTHER_TEMPLATE_ID = "(other)"  # where templates past the cap are folded, to bound memory
 HIT = "hit"
 MISS = "miss"
-BYPASS = "bypass"  # the taxonomy's (cache/classification.py Status.BYPASS): a pass with a reason
+# The last of a tally's reads was one not looked up (cache/bypass.py): counted as a miss (a
+# cacheable read the origin answered, so the hit rate stays the share of cacheable reads
+# served from cache), its reason shown as the template's last.
+_NOT_LOOKED_UP = "miss, not looked up"
 
 # Log-bucket latency histogram: 1 µs .. ~190 s in steps of 20%, so any percentile is
 # within ~10% of the truth whatever the number of samples.
@@ -400,7 +403,8 @@ class StatsRecorder:
 
     def passed(self, tally: HitTally, reason: str) -> None:
         """One read of a bypassed template, passed through (its latency is the origin's, not
-        timed): counted in its tally, as `record(..., BYPASS, ..., reason=reason)` would."""
+        timed): counted in its tally as a miss with this reason, as `record(..., MISS, ...,
+        reason=reason)` would count it (no latency sample)."""
         now = self._clock()
         second = int(now)
         if second != tally.second or tally.epoch != self._epoch:
@@ -412,7 +416,7 @@ class StatsRecorder:
             tally.epoch = self._epoch
         tally.passes += 1
         tally.pass_reason = reason
-        tally.last_kind = BYPASS
+        tally.last_kind = _NOT_LOOKED_UP
         tally.last = now
 
     def _register(self, tally: HitTally) -> None:
@@ -452,13 +456,14 @@ class StatsRecorder:
                 typical = tpl.miss_p50 if tpl.miss_p50 is not None else tpl.miss_latency.quantile(0.5)
             self._fold_misses(t, cache, tpl)
         if t.passes:
-            self._count_run(cache, tpl, BYPASS, t.passes, t.last, t.second, {}, None)
+            self._count_run(cache, tpl, MISS, t.passes, t.last, t.second, {}, None)
             t.passes = 0
         if n:
             self._fold_hits(t, cache, tpl, typical)
         # Counted by kind, but the template's last status is the one counted last.
-        tpl.last_status = t.last_kind
-        tpl.last_reason = t.pass_reason if t.last_kind == BYPASS else None
+        passed = t.last_kind is _NOT_LOOKED_UP
+        tpl.last_status = MISS if passed else t.last_kind
+        tpl.last_reason = t.pass_reason if passed else None
 
     def _fold_hits(self, t: HitTally, cache: _CacheCounters, tpl: _TemplateCounters, typical: float | None) -> None:
         n = t.count

@@ -13,7 +13,7 @@ template), kept by `QueryCache.bypass`:
 * when `WINDOW` lookups missed, the template is judged: fewer than `MAX_HIT_RATE` of its
   lookups hit (at most 5 hits beside 512 misses) and it is **bypassed**: its reads are
   forwarded as pass-through forwards them (no key, no lookup, no admission, no capture),
-  counted as `bypass` with the reason in its stats;
+  counted as misses (cacheable reads the origin answered) with the reason;
 * while bypassed, 1 in `PROBE_EVERY` of its reads still takes the full path (looked up,
   counted for admission, captured), and any hit (a probe's, or a hit memo's) ends the bypass
   at its next read; so does `BYPASS_FOR` seconds passing (seen at the next probe): then the
@@ -91,6 +91,7 @@ class Bypass:
         self.bypass_for = bypass_for
         self.max_templates = max_templates
         self._scores: dict[str, LookupScore] = {}
+        self.passed = 0  # reads passed through unlooked-up, ever (counted as misses in the stats)
 
     def score(self, template_id: str) -> LookupScore:
         """The template's score (asked once per full-path read, kept by memos)."""
@@ -110,6 +111,7 @@ class Bypass:
             return False
         score.skipped += 1
         if score.skipped < self.probe_every:
+            self.passed += 1
             return True
         score.skipped = 0
         if self.clock() >= score.until:
@@ -153,4 +155,5 @@ class Bypass:
             self._end(score)  # memos keep theirs: reset, not dropped
 
     def sizes(self) -> dict[str, int]:
-        return {"scores": len(self._scores), "bypassed": sum(1 for s in self._scores.values() if s.bypassed)}
+        bypassed = sum(1 for s in self._scores.values() if s.bypassed)
+        return {"scores": len(self._scores), "bypassed": bypassed, "passed": self.passed}

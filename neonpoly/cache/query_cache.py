@@ -307,7 +307,7 @@ class QueryCache:
         if found is None or found.reason is not reason:
             if len(self._pass_tickets) >= _MISS_TICKETS:
                 self._pass_tickets.clear()
-            found = StatTicket(template_id, template, tables, "bypass", reason)
+            found = StatTicket(template_id, template, tables, "miss", reason)  # a miss not looked up
             found.tally = self.stats.tally(self.cache_id, template_id, template, tables)
             self._pass_tickets[template_id] = found
         return found

@@ -104,7 +104,7 @@ STATUS_EXPLANATIONS: dict[str, str] = {
     "volatile": "its result may change without any write",
     "oversizedresult": "the result is too large to store",
     "disabled": "caching is off for it (a rule says never, or the cache's mode is off)",
-    "bypass": "passed through: the session was in a state the cache does not serve, or its lookups never hit",
+    "bypass": "the session was in a state the cache does not serve",
 }
 
 

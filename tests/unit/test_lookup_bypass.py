@@ -1,5 +1,5 @@
 """A template's lookups are judged per window of misses (cache/bypass.py): too few hits and it
-is bypassed, sampled by probes, ended by a hit or by time, counted in its stats as `bypass`
+is bypassed, sampled by probes, ended by a hit or by time, counted in its stats as misses
 with the reason; scores stay bounded. The proxy's side: tests/proxy/test_lookup_bypass.py."""
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def test_a_purge_forgets_every_bypass_and_scores_stay_bounded() -> None:
     for i in range(5):
         scores.append(cache.bypass.score(f"t{i}"))
         cache.lookup_entry(_key(i), scores[-1])
-    assert cache.bypass.sizes() == {"scores": 3, "bypassed": 3}
+    assert cache.bypass.sizes() == {"scores": 3, "bypassed": 3, "passed": 0}
     assert [s.bypassed for s in scores] == [False, False, True, True, True]  # forgotten: only evidence lost
     cache.purge()
     assert not any(s.bypassed for s in scores) and cache.bypass.sizes()["bypassed"] == 0
 
 
-def test_bypassed_reads_count_as_bypass_with_their_reason_in_the_templates_stats() -> None:
+def test_bypassed_reads_count_as_misses_with_their_reason_in_the_templates_stats() -> None:
     clock = FakeClock()
     cache = _cache(clock, window=1)
     score = cache.bypass.score("t1")
@@ -89,12 +89,13 @@ def test_bypassed_reads_count_as_bypass_with_their_reason_in_the_templates_stats
     for _ in range(3):
         cache.record(ticket, 0.001, 0)
     got = template(cache.stats)
-    assert dict(got.by_status) == {"miss": 1, "bypass": 3} and (got.hits, got.misses) == (0, 1)
-    assert (got.last_status, got.last_reason) == ("bypass", score.reason)
-    assert cache.stats.snapshot().totals.passthrough == 3
+    # Misses: cacheable reads the origin answered (the hit rate stays honest), with the reason.
+    assert dict(got.by_status) == {"miss": 4} and (got.hits, got.misses) == (0, 4)
+    assert (got.last_status, got.last_reason) == ("miss", score.reason)
+    assert cache.stats.snapshot().totals.passthrough == 0
     # The console shows the reason itself, not the status's generic meaning.
     assert fmt.status_explanation(got.last_status, got.last_reason) == score.reason
     # A miss after them (a probe) is the template's last status again, with no reason.
     cache.record(cache.miss_ticket("t1", "SELECT ?", ("t",)), 0.001, 0)
     got = template(cache.stats)
-    assert (got.last_status, got.last_reason, dict(got.by_status)) == ("miss", None, {"miss": 2, "bypass": 3})
+    assert (got.last_status, got.last_reason, dict(got.by_status)) == ("miss", None, {"miss": 5})
