@@ -202,9 +202,15 @@ def register(subparsers: Any) -> None:
     what = add.add_mutually_exclusive_group(required=True)
     what.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="cache for at most this long")
     what.add_argument("--never", action="store_true", help="never cache")
-    drop = actions.add_parser("drop", parents=[common], help="drop a rule")
+    drop = actions.add_parser(
+        "drop",
+        parents=[common],
+        help="drop a rule",
+        description="Drop a cache rule by its id (the `id` column of `neonpoly rules`); its table or "
+        "template is cached by the mode's TTL again. Example: neonpoly rules drop r1",
+    )
     drop.add_argument(
-        "rule_id", type=nonempty("give a rule id from `neonpoly rules`"), metavar="ID", help="see `neonpoly rules`"
+        "rule_id", type=nonempty("give a rule id from `neonpoly rules`"), metavar="ID", help="the rule's id, e.g. r1"
     )
     mode = actions.add_parser(
         "mode", parents=[common], help="show the mode, or set it: auto (learned TTL), fixed or off"
