@@ -436,7 +436,7 @@ async def test_a_name_on_the_board_that_belongs_to_another_hosts_node(pg: PgServ
     finally:
         for board in (*rows, first, second):
             board.close()
-        redis.stop()
+        redis.destroy()  # its temp dir too
         async with pg.superuser_conn() as conn:
             await conn.execute(f"DROP TABLE IF EXISTS {t}")
 
