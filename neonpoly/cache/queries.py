@@ -47,6 +47,8 @@ _TIME_SQLVALUES = frozenset(
 )
 # What current_setting() may name: a settings name, possibly with a dot (custom settings).
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*$")
+# System columns that row locks (not only writes) change.
+_LOCK_STAMPED = frozenset({"xmax", "cmax"})
 # BETWEEN and friends name a keyword; the operators they run are these.
 _IMPLIED_OPERATORS = {"BETWEEN": ("<=", ">="), "NOT BETWEEN": ("<", ">"),
                       "BETWEEN SYMMETRIC": ("<=", ">="), "NOT BETWEEN SYMMETRIC": ("<", ">")}
@@ -187,8 +189,19 @@ class _Walk:
             self.rest(f, scope, skip=("method",))
             return
         if kind == "ColumnRef":
+            self.column(f)
             return
         self.rest(f, scope, skip=("withClause",))
+
+    def column(self, f: Node) -> None:
+        """A row's xmax (and cmax, in the same header field) is stamped by row locks, which
+        write no row: `SELECT … FOR UPDATE` and a foreign-key check leave the locker's id
+        behind with no write to evict the read. Any column of that name (a user's alias
+        too: never the system column's, but cheap to refuse) is treated as volatile."""
+        fields = f.get("fields") or ()
+        last = fields[-1].get("String", {}).get("sval") if fields and isinstance(fields[-1], dict) else None
+        if last in _LOCK_STAMPED:
+            self.facts.volatile.append(f"reads {last}, which row locks change without a write")
 
     def rest(self, f: Node, scope: frozenset[str], skip: tuple[str, ...]) -> None:
         for key, value in f.items():

@@ -494,6 +494,26 @@ def test_fixed_times_stay_cacheable(sql: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT xmax FROM t",
+        "SELECT t.xmax::text FROM t",
+        "SELECT id FROM t WHERE xmax = 0",
+        "SELECT s.cmax FROM t s",
+        "SELECT count(*) FROM t GROUP BY xmax",
+    ],
+)
+def test_columns_row_locks_stamp_are_volatile(sql: str) -> None:
+    c = classify(sql)
+    assert c.status is Status.VOLATILE and "row locks" in c.reason, (sql, c.reason)
+    assert not c.invalidate_all  # a read, not code: nothing to evict
+
+
+def test_columns_only_writes_change_stay_cacheable() -> None:
+    assert classify("SELECT xmin, ctid, tableoid, cmin, v FROM t").cacheable
+
+
+@pytest.mark.parametrize(
     ("sql", "written", "everything"),
     [
         ("EXPLAIN (ANALYZE 1) DELETE FROM t", {"t"}, False),
