@@ -47,6 +47,9 @@ class Classification:
     settings_read: frozenset[str] = frozenset()  # current_setting('name'): part of the identity
     copy: bool = False
     deallocates: str | None = None  # a statement name, or "*" for all of them
+    # DISCARD TEMP/ALL: drops the session's temporary objects, which other sessions' catalog
+    # helpers (to_regclass('pg_temp_3.t'), a regclass cast) see; no DDL statement says so.
+    drops_temp: bool = False
     cursor_writes: bool = False  # DECLARE over a query that may write: its FETCHes write
     fetches: bool = False  # FETCH/MOVE
     shape_shared: bool = False  # texts differing only in numbers may share this classification
@@ -78,6 +81,7 @@ class Verdict:
     cluster_wide: bool = False
     copy: bool = False
     deallocates: str | None = None
+    drops_temp: bool = False
     cursor_writes: bool = False
     fetches: bool = False
     keys: tuple[KeyRef, ...] = ()

@@ -243,6 +243,7 @@ def _merge(verdicts: Sequence[Verdict]) -> Verdict:
         merged.shadowable |= verdict.shadowable
         merged.settings_read |= verdict.settings_read
         merged.deallocates = merged.deallocates or verdict.deallocates
+        merged.drops_temp |= verdict.drops_temp
         if verdict.transaction_control == "commit" or merged.transaction_control is None:
             merged.transaction_control = verdict.transaction_control or merged.transaction_control
         merged.qualified.extend(q for q in verdict.qualified if q not in merged.qualified)
@@ -278,6 +279,7 @@ def _build(verdict: Verdict, template: str, *, shape_shared: bool = False, sql: 
         cluster_wide=verdict.cluster_wide,
         copy=verdict.copy,
         deallocates=verdict.deallocates,
+        drops_temp=verdict.drops_temp,
         cursor_writes=verdict.cursor_writes,
         fetches=verdict.fetches,
         shape_shared=shape_shared,

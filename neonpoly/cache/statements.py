@@ -60,6 +60,7 @@ def classify_statement(kind: str, f: Node) -> Verdict:
         verdict = _changes_session(f"DISCARD {str(f.get('target', '')).removeprefix('DISCARD_')}")
         if f.get("target") == "DISCARD_ALL":
             verdict.deallocates = "*"
+        verdict.drops_temp = f.get("target") in ("DISCARD_ALL", "DISCARD_TEMP")
         return verdict
     if kind == "DeallocateStmt":
         verdict = Verdict().refuse(Status.NOTAQUERY, "DEALLOCATE changes the session's prepared statements")

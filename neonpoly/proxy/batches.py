@@ -320,7 +320,8 @@ class BatchHandling(CacheDecisions):
     ) -> None:
         """A batch's writes evict before it is sent; session changes make the session learn
         its identity again (as `_note_effects` for a simple query)."""
-        everything = plan.writes_everything or self.state.legacy_strings
+        drops_temp = plan.drops_temp and self.state.temp_objects  # DISCARD TEMP/ALL: see SessionState
+        everything = plan.writes_everything or self.state.legacy_strings or drops_temp
         if plan.fetches and self.writing_cursors:
             everything = True
         if plan.cursor_writes:

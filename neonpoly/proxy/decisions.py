@@ -400,7 +400,8 @@ class CacheDecisions(WriteMemos):
         identity again."""
         if not info.has_effects and not self.state.legacy_strings:
             return  # a plain read
-        everything = info.invalidate_all or self.state.legacy_strings
+        drops_temp = info.drops_temp and self.state.temp_objects  # DISCARD TEMP/ALL: see SessionState
+        everything = info.invalidate_all or self.state.legacy_strings or drops_temp
         if info.fetches and self.writing_cursors:
             everything = True  # the cursor's query runs now, and may write
         if info.cursor_writes:
@@ -468,6 +469,8 @@ class CacheDecisions(WriteMemos):
                 tables = named[0]
             else:
                 tables = reach.union([name for _, name in keyed]) if keyed else reach
+        if everything:
+            self.state.temp_objects = True  # the code, DDL or triggers may have made temporary objects
         # A whole database: also every other's entries (code reaches them: dblink, postgres_fdw).
         cache.invalidate(None if cluster_wide else database, tables, everything, named, elsewhere=everything)
 

@@ -87,6 +87,7 @@ class BatchPlan:
     ops: list[pgwire.ParseMsg | str | None] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)  # statement names the batch uses but did not Parse
     changes_session: bool = False
+    drops_temp: bool = False  # DISCARD TEMP/ALL (see Classification.drops_temp)
     commits: bool = False
     cursor_writes: bool = False
     fetches: bool = False
@@ -311,6 +312,7 @@ class StatementBook:
             writes.update(info.tables_written)
             plan.writes_everything = plan.writes_everything or info.invalidate_all
         plan.changes_session = plan.changes_session or info.changes_session
+        plan.drops_temp = plan.drops_temp or info.drops_temp
         plan.commits = plan.commits or info.transaction_control == "commit"
         plan.cursor_writes = plan.cursor_writes or info.cursor_writes
         plan.fetches = plan.fetches or info.fetches

@@ -63,6 +63,7 @@ class Identity:
     schemas: frozenset[str] | None  # the search_path's schemas; None: could not tell
     settings: frozenset[str]  # the custom settings the key covers
     epoch: int = 0  # the cache's DDL epoch when asked: DDL anywhere may change the answer
+    temp: bool = False  # it has temporary objects (other sessions' catalog helpers see them)
 
 
 def request(settings: Iterable[str]) -> bytes:
@@ -81,4 +82,5 @@ def parse(row: list[bytes | None], private: bytes, settings: Iterable[str], epoc
     if has_temp == b"true":
         h.update(b"temp\x00" + private)
     names = (schemas or b"").decode("utf-8", "replace")
-    return Identity(h.digest(), frozenset(names.split("\x01")) if names else frozenset(), frozenset(settings), epoch)
+    schema_set = frozenset(names.split("\x01")) if names else frozenset()
+    return Identity(h.digest(), schema_set, frozenset(settings), epoch, has_temp == b"true")

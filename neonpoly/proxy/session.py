@@ -322,7 +322,7 @@ class Session(Relay):
         self.cancels.release(closed=True)
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
-        if self.origin_transport is not None:
+        if self.origin_transport is not None and not self._drain_temp_objects(self.origin_transport):
             self.origin_transport.close()
         self.client.close()
         self.server.forget(self)
@@ -338,6 +338,26 @@ class Session(Relay):
             self.outcome,
         )
 
+    def _drain_temp_objects(self, origin: asyncio.Transport) -> bool:
+        """A session that may hold temporary objects ends: its backend drops them as it
+        exits, with no DDL statement, and other sessions' catalog helpers saw them
+        (`to_regclass('pg_temp_3.t')`). Evict its database now, and again when the origin
+        closes the connection: PostgreSQL closes it only after the drop committed, so a miss
+        that read them has been sent before that second eviction, and its stamp is stale."""
+        cache = self.route.cache if self.route else None
+        if not self.state.temp_objects or cache is None or self.phase is not READY or origin.is_closing():
+            return False
+        database = self.state.database
+
+        def evict() -> None:
+            cache.invalidate(database, frozenset(), True, (frozenset(), False))
+
+        evict()
+        origin.write(pgwire.frame(b"X"))  # a second Terminate after the client's is ignored
+        timer = asyncio.get_running_loop().call_later(_TEMP_DRAIN_SECONDS, origin.close)
+        origin.set_protocol(_TempObjectsDrain(evict, timer))
+        return True
+
     # --- flow control -----------------------------------------------------------------
 
     def pause_origin(self) -> None:
@@ -347,6 +367,26 @@ class Session(Relay):
     def resume_origin(self) -> None:
         if self.origin_transport is not None and not self.origin_transport.is_closing():
             self.origin_transport.resume_reading()
+
+
+# How long an ended session's backend gets to drop its temporary objects and exit.
+_TEMP_DRAIN_SECONDS = 5.0
+
+
+class _TempObjectsDrain(asyncio.Protocol):
+    """The origin connection of an ended session that held temporary objects, until the
+    backend closes it (see Session._drain_temp_objects): what it still sends is dropped."""
+
+    def __init__(self, evict: Callable[[], None], timer: asyncio.TimerHandle) -> None:
+        self.evict = evict
+        self.timer = timer
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        self.evict()
 
 
 class ClientSide(asyncio.Protocol):

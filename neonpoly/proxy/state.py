@@ -46,6 +46,10 @@ class SessionState:
     identity: Identity | None = None
     server_params: dict[str, str] = field(default_factory=dict)
     _context: bytes | None = None
+    # It may hold temporary objects: its identity said so, or it ran code or DDL (which may
+    # make them) since its identity was last learned. Their end (DISCARD TEMP/ALL, the
+    # session's end) drops them with no DDL statement: other sessions' catalog helpers see them.
+    temp_objects: bool = False
 
     def apply_startup(self, params: Mapping[str, str]) -> None:
         if "replication" in {name.lower() for name in params}:
@@ -71,6 +75,8 @@ class SessionState:
     def learned(self, identity: Identity | None) -> None:
         self.identity = identity
         self._context = None
+        if identity is not None:
+            self.temp_objects = identity.temp  # the server's word, asked at an idle moment
 
     def context(self) -> bytes:
         """The result-changing part of the session, as bytes for the cache key (only while the
