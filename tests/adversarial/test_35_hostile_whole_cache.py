@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
 import pytest
 
 from tests.adversarial import rawpg
-from tests.adversarial.harness import Env, hits, unique
+from tests.adversarial.harness import Client, Env, hits, unique
 from tests.adversarial.rawpg import Message, Raw
 
 # --- row locks: xmax moves with no write ------------------------------------------------
@@ -73,7 +74,7 @@ async def test_plain_reads_of_the_same_table_stay_cached(env: Env) -> None:
 # --- temporary objects vanish without DDL ------------------------------------------------
 
 
-async def _temp_table(env: Env) -> tuple[object, str]:
+async def _temp_table(env: Env) -> tuple[Client, str]:
     owner = await env.client()
     name = unique("adv_tmp")
     await owner.run(f"CREATE TEMP TABLE {name} (a int)")
@@ -81,16 +82,20 @@ async def _temp_table(env: Env) -> tuple[object, str]:
     return owner, f"{schema}.{name}"
 
 
-@pytest.mark.parametrize("ending", ["DISCARD TEMP", "DISCARD ALL"])
+@pytest.mark.parametrize("ending", ["DISCARD TEMP", "DISCARD ALL", "DISCARD TEMP (extended protocol)"])
 async def test_another_sessions_temp_table_discarded(env: Env, ending: str) -> None:
-    """Catalog helpers see other sessions' temporary tables by name; DISCARD drops them with
-    no DDL statement: the cached `to_regclass` must not outlive them."""
+    """Catalog helpers see other sessions' temporary tables by name (or OID); DISCARD drops
+    them with no DDL statement: the cached `to_regclass` must not outlive them."""
     owner, qualified = await _temp_table(env)
     twin = await env.twin()
     read = f"SELECT to_regclass('{qualified}') IS NOT NULL"
     rows, _ = await twin.probe(read)
     assert rows == [(True,)]
-    await owner.run(ending)  # type: ignore[attr-defined]
+    if ending.endswith("(extended protocol)"):
+        assert isinstance(owner.conn, psycopg.AsyncConnection)
+        await owner.conn.cursor(binary=True).execute(ending.split(" (")[0])  # binary: Parse/Bind/Execute
+    else:
+        await owner.run(ending)
     await twin.check(read, why=f"after {ending} in the session that owned the temporary table")
 
 
@@ -116,7 +121,7 @@ async def test_another_sessions_temp_table_gone_with_its_session(env: Env) -> No
     read = f"SELECT to_regclass('{qualified}') IS NOT NULL"
     rows, _ = await twin.probe(read)
     assert rows == [(True,)]
-    await owner.close()  # type: ignore[attr-defined]
+    await owner.close()
     for _ in range(100):  # the origin's own word that the backend is gone
         if await twin.origin(read) == [(False,)]:
             break
