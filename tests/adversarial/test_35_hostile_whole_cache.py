@@ -15,6 +15,7 @@ import pytest
 
 from tests.adversarial import rawpg
 from tests.adversarial.harness import Client, Env, hits, unique
+from tests.adversarial.harness3 import compare
 from tests.adversarial.rawpg import Message, Raw
 
 # --- row locks: xmax moves with no write ------------------------------------------------
@@ -176,3 +177,23 @@ async def test_statement_prepared_before_ddl_while_another_session_caches_the_ne
         await env.admin(f"ALTER TABLE {t} DROP COLUMN w")
     assert answers[0] == answers[1], f"proxy {answers[0]!r}, direct {answers[1]!r}"
     assert hits(env.proxy) > 0, "the other session's reads were never served from cache: proves nothing"
+
+
+async def test_another_sessions_temp_function_gone_with_its_session(env: Env) -> None:
+    """A temporary function is a temporary object too (`'pg_temp_3.f'::regprocedure` names it
+    by its OID), though no relation or type lives beside it."""
+    owner = await env.client()
+    await owner.run("CREATE FUNCTION pg_temp.adv_tmp_fn() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    schema = (await owner.rows("SELECT pg_my_temp_schema()::regnamespace::text"))[0][0]
+    twin = await env.twin()
+    read = f"SELECT '{schema}.adv_tmp_fn()'::regprocedure::oid > 0"
+    rows, _ = await twin.probe(read)
+    assert rows == [(True,)]
+    await owner.close()
+    gone = f"SELECT count(*) FROM pg_proc WHERE pronamespace = '{schema}'::regnamespace"
+    for _ in range(100):  # the origin's own word that the backend dropped it
+        if await twin.origin(gone) == [(0,)]:
+            break
+        await asyncio.sleep(0.05)
+    got = await compare(twin, read)
+    assert got[0] == got[1], f"proxy {got[0]!r} ({'hit' if got[2] else 'origin'}), direct {got[1]!r}"
