@@ -12,8 +12,9 @@ operator is qualified with pg_catalog (nothing the client's session defines can 
 * every setting, with its current value (custom settings such as `app.tenant` included);
 * the custom settings any cached query reads with current_setting() (`app.tenant` for a
   row-level-security policy: placeholders are not listed in pg_settings);
-* its temporary schema, and whether anything lives in it: a session with temporary objects
-  may see its own versions of any name, so it is keyed as itself alone;
+* its temporary schema, and whether anything lives in it (relations, types, functions): a
+  session with temporary objects may see its own versions of any name, so it is keyed as
+  itself alone (and their end, which no DDL statement says, evicts: see SessionState);
 * the schemas on its search_path, so that a builtin trusted by name is checked against
   the rivals the session can actually see (see cache/relations.py).
 
@@ -49,6 +50,7 @@ SELECT pg_catalog.concat_ws(' ',
   CASE WHEN pg_catalog.pg_my_temp_schema() {_NE} 0::pg_catalog.oid THEN
    (EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace {_EQ} pg_catalog.pg_my_temp_schema())
     OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace {_EQ} pg_catalog.pg_my_temp_schema())
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace {_EQ} pg_catalog.pg_my_temp_schema())
    )::pg_catalog.text ELSE 'false' END,
   (SELECT pg_catalog.string_agg(n::pg_catalog.text, pg_catalog.chr(1))
    FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) n),
