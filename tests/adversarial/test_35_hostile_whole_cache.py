@@ -197,3 +197,31 @@ async def test_another_sessions_temp_function_gone_with_its_session(env: Env) ->
         await asyncio.sleep(0.05)
     got = await compare(twin, read)
     assert got[0] == got[1], f"proxy {got[0]!r} ({'hit' if got[2] else 'origin'}), direct {got[1]!r}"
+
+
+# --- a client that goes away while its write runs ---------------------------------------
+
+
+async def test_client_gone_while_its_write_runs(env: Env) -> None:
+    """The write is evicted when sent, and again when it commits, so a miss that read the old
+    row meanwhile is not kept. A client that disconnects mid-write (an app's own timeout)
+    never sees the commit, but the origin still makes it: the second eviction must not be
+    lost with the session."""
+    t = await env.table("adv_gone", "id int PRIMARY KEY, v text", "(1, 'old')")
+    twin = await env.twin()
+    read = f"SELECT v FROM {t} WHERE id = 1"
+    await twin.probe(read)
+    writer = await Raw.connect(env.proxy.port)
+    writer.send(rawpg.query("SELECT 1"))  # its identity learned: nothing waits in neonpoly
+    await writer.until_ready()
+    writer.send(rawpg.query(f"UPDATE {t} SET v = 'new' FROM (SELECT pg_sleep(0.5)) s WHERE id = 1"))
+    await writer.writer.drain()
+    await writer.close()  # gone before the write commits
+    rows, hit = await twin.probe(read)  # the uncommitted write: the old row, cached again
+    assert rows == [("old",)] and hit
+    for _ in range(100):  # the origin's own word that the write committed
+        if await twin.origin(read) == [("new",)]:
+            break
+        await asyncio.sleep(0.05)
+    assert await twin.origin(read) == [("new",)], "the write never committed: proves nothing"
+    await twin.check(read, why="after the write of a client that went away committed")
