@@ -322,7 +322,7 @@ class Session(Relay):
         self.cancels.release(closed=True)
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
-        if self.origin_transport is not None and not self._drain_temp_objects(self.origin_transport):
+        if self.origin_transport is not None and not self._drain_origin(self.origin_transport):
             self.origin_transport.close()
         self.client.close()
         self.server.forget(self)
@@ -338,24 +338,37 @@ class Session(Relay):
             self.outcome,
         )
 
-    def _drain_temp_objects(self, origin: asyncio.Transport) -> bool:
-        """A session that may hold temporary objects ends: its backend drops them as it
-        exits, with no DDL statement, and other sessions' catalog helpers saw them
-        (`to_regclass('pg_temp_3.t')`). Evict its database now, and again when the origin
-        closes the connection: PostgreSQL closes it only after the drop committed, so a miss
-        that read them has been sent before that second eviction, and its stamp is stale."""
+    def _drain_origin(self, origin: asyncio.Transport) -> bool:
+        """The client is gone, but its backend may still change what other sessions read:
+        a write it was sent commits when its statement ends (the client never sees that
+        commit, whose eviction is lost with it), and temporary objects the session may hold
+        are dropped as the backend exits, with no DDL statement, though other sessions'
+        catalog helpers saw them (`to_regclass('pg_temp_3.t')`). Then: evict now, end the
+        backend after what it runs (Terminate), and evict again when the origin closes the
+        connection: PostgreSQL closes it only after that commit and that drop, so a miss
+        that read the old state was sent before the second eviction, and its stamp is stale.
+        True when the origin connection is left to that (closed by the backend, or after
+        _DRAIN_SECONDS); False: close it now (when the origin connection is already gone, a
+        write may have committed just before: evicted once more, now)."""
         cache = self.route.cache if self.route else None
-        if not self.state.temp_objects or cache is None or self.phase is not READY or origin.is_closing():
+        if cache is None or self.phase is not READY:
+            return False
+        code = self.tx_writes_everything or any(item.writes_everything for item in self.pending)
+        writes = code or self.tx_writes or self.tx_keyed or any(item.writes or item.keyed for item in self.pending)
+        if not (writes or self.state.temp_objects):
             return False
         database = self.state.database
 
         def evict() -> None:
-            cache.invalidate(database, frozenset(), True, (frozenset(), False))
+            # Its database (code a write ran reaches every database, and may have been DDL).
+            cache.invalidate(database, frozenset(), True, None if code else (frozenset(), False), elsewhere=code)
 
         evict()
+        if origin.is_closing():
+            return False
         origin.write(pgwire.frame(b"X"))  # a second Terminate after the client's is ignored
-        timer = asyncio.get_running_loop().call_later(_TEMP_DRAIN_SECONDS, origin.close)
-        origin.set_protocol(_TempObjectsDrain(evict, timer))
+        timer = asyncio.get_running_loop().call_later(_DRAIN_SECONDS, origin.close)
+        origin.set_protocol(_OriginDrain(evict, timer))
         return True
 
     # --- flow control -----------------------------------------------------------------
@@ -369,13 +382,15 @@ class Session(Relay):
             self.origin_transport.resume_reading()
 
 
-# How long an ended session's backend gets to drop its temporary objects and exit.
-_TEMP_DRAIN_SECONDS = 5.0
+# How long an ended session's backend gets to finish what it runs and exit (see
+# Session._drain_origin): a write still running then is evicted again at that moment, but
+# its commit after it is not seen (the TTL bounds it), as for a write made elsewhere.
+_DRAIN_SECONDS = 300.0
 
 
-class _TempObjectsDrain(asyncio.Protocol):
-    """The origin connection of an ended session that held temporary objects, until the
-    backend closes it (see Session._drain_temp_objects): what it still sends is dropped."""
+class _OriginDrain(asyncio.Protocol):
+    """The origin connection of an ended session, until the backend closes it (see
+    Session._drain_origin): what it still sends is dropped."""
 
     def __init__(self, evict: Callable[[], None], timer: asyncio.TimerHandle) -> None:
         self.evict = evict
