@@ -369,6 +369,7 @@ class Session(Relay):
         origin.write(pgwire.frame(b"X"))  # a second Terminate after the client's is ignored
         timer = asyncio.get_running_loop().call_later(_DRAIN_SECONDS, origin.close)
         origin.set_protocol(_OriginDrain(evict, timer))
+        origin.resume_reading()  # paused for a slow client, it would never see the backend go
         return True
 
     # --- flow control -----------------------------------------------------------------
