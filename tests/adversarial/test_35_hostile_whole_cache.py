@@ -1,9 +1,12 @@
 """Hostile review of the whole cache (not one feature): answers the origin changes without a
-write to the rows, catalog entries that vanish without DDL, and a prepared statement whose
-shape another session re-caches after DDL.
+write to the rows (xmax after row locks), catalog entries that vanish without DDL (other
+sessions' temporary objects), a write whose client left before it committed, DDL run by a
+trigger, and a prepared statement whose shape another session re-caches after DDL.
 
 Every case makes the answer provably served from cache (the hit counter went up for that
-call), then does the thing through neonpoly, then compares with a direct connection.
+call), then does the thing through neonpoly, then compares with a direct connection. Cases
+whose fix makes the read uncacheable warm it without requiring a hit: on the code before the
+fix the same warm-up is a hit.
 """
 
 from __future__ import annotations
