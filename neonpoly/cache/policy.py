@@ -39,7 +39,9 @@ from neonpoly.cache.keys import KeyRef, key_refs
 from neonpoly.cache.statements import classify_statement
 from neonpoly.cache.template import template_by_regex, template_from_tokens, template_id, tokenize
 
-__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "keys_for", "learn_key_shape", "warm_up"]
+__all__ = [
+    "MEMO_MAX_CHARS", "Classification", "Status", "classify", "keys_for", "learn_key_shape", "number_slot", "warm_up",
+]
 
 MEMO_SIZE = 8192
 # Bulk INSERTs can be megabytes and never repeat; keeping them would bloat the memo.
@@ -119,6 +121,28 @@ def classify(sql: str) -> Classification:
         _remember(_shapes, shape, found)
     _remember(_exact, sql, found)
     return found
+
+
+def number_slot(sql: str) -> tuple[str, str] | None:
+    """(head, trailer) of a text that `classify` answers, for every text `head + N +
+    trailer` (N any run of ASCII digits, the whole within MEMO_MAX_CHARS), with this text's
+    classification: its one number is at its end, before spaces or a semicolon, and it has no
+    quote, backslash or dollar sign, so `_shape` is `_numbers_zeroed`'s `head + "0" + trailer`
+    for all of them; and that classification is shared by shape. None: not such a text.
+    (pgbench -S: a session decides its bypassed reads by this slot, proxy/passes.py.)"""
+    if len(sql) > MEMO_MAX_CHARS or not sql.isascii() or '"' in sql or "\\" in sql or "$" in sql or "'" in sql:
+        return None
+    body = sql.rstrip(_TRAILER)
+    head = body.rstrip(_DIGITS)
+    if (
+        len(head) == len(body)
+        or not head
+        or head[-1] in _BEFORE_NO_NUMBER
+        or len(head.encode().translate(None, _DIGIT_BYTES)) != len(head)
+        or not classify(sql).shape_shared
+    ):
+        return None
+    return head, sql[len(body) :]
 
 
 def _shape(sql: str) -> str:

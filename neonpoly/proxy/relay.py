@@ -179,6 +179,8 @@ class Relay(BatchHandling):
         """The loop below for a read that is one whole, valid simple Query and nothing else
         (cbuf empty, no batch or stream open, a cache on the route): the most common read,
         a first sighting (a miss) most of all, spared the frame list and the loop."""
+        if self.pass_memo is not None and self._pass_by_memo(data):
+            return  # a bypassed read of the session's last slot (passes.py)
         out: list[bytes] = []
         self.hit_seen = None
         self._query(data[5:], data, out)
