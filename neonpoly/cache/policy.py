@@ -39,9 +39,7 @@ from neonpoly.cache.keys import KeyRef, key_refs
 from neonpoly.cache.statements import classify_statement
 from neonpoly.cache.template import template_by_regex, template_from_tokens, template_id, tokenize
 
-__all__ = [
-    "MEMO_MAX_CHARS", "Classification", "Status", "classify", "keys_for", "learn_key_shape", "number_slot", "warm_up",
-]
+__all__ = ["MEMO_MAX_CHARS", "Classification", "Status", "classify", "keys_for", "learn_key_shape", "warm_up"]
 
 MEMO_SIZE = 8192
 # Bulk INSERTs can be megabytes and never repeat; keeping them would bloat the memo.

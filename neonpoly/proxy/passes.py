@@ -31,12 +31,13 @@ the memo again.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly.cache import policy
-from neonpoly.pgwire import TX_IDLE
+from neonpoly.pgwire import MSG_QUERY, SMALL_MESSAGE_LIMIT, TX_IDLE
 from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.writes import WriteMemos
 
@@ -46,11 +47,13 @@ if TYPE_CHECKING:
     from neonpoly.cache.policy import Classification
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
+    from neonpoly.proxy.extended import BatchBuffer
     from neonpoly.proxy.identity import Identity
 
 # Digits a memo's Query may hold where its number is: a longer run is still one number to
 # `classify`, but the full path keeps it (and the bound on the text, MEMO_MAX_CHARS).
 _MAX_DIGITS = 18
+_LENGTH = struct.Struct("!i")
 
 
 @dataclass(slots=True)
@@ -73,9 +76,12 @@ class PassMemo:
 
 
 class ReadPasses(WriteMemos):
+    batch: BatchBuffer  # the extended messages collected (batches.py)
+
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
         self.pass_memo: PassMemo | None = None
+        self.passed_at = 0.0  # when the read passed from the memo and outstanding was sent
 
     def _pass_by_memo(self, data: bytes) -> bool:
         """Pass a lone simple Query `data` (one whole valid frame, the caller checked, with no
@@ -91,6 +97,8 @@ class ReadPasses(WriteMemos):
         if (
             n > memo.most
             or end <= start
+            or data[0] != MSG_QUERY
+            or _LENGTH.unpack_from(data, 1)[0] != n - 1  # one whole frame
             or not data.startswith(head, 5)
             or not data.endswith(tail)
             or not data[start:end].isdigit()  # bytes: ASCII digits only
@@ -110,7 +118,11 @@ class ReadPasses(WriteMemos):
             or route is None
             or route.cache is not cache
             or self.pending
+            or self.inflight
             or self.batch_open
+            or self.batch.messages
+            or self.stream is not None
+            or self.relations_wanted
             or self.tx_writes
             or self.tx_keyed
             or self.tx_writes_everything
@@ -122,12 +134,27 @@ class ReadPasses(WriteMemos):
         score = memo.score
         if not score.bypassed or score.reason is not memo.ticket.reason or not cache.bypass.skips(score):
             return False
-        item = Pending(time.monotonic(), neutral=True)
-        item.stats.append(memo.ticket)
         self.book.simple_query()  # nothing to drop (the book's version is the memo's): kept for form
-        self.pending.append(item)
+        if cache.record_passed(memo.ticket):
+            # Counted now (a bypassed read's latency is not timed): its answer is relayed as
+            # pass-through relays it, one request in `inflight` and no `Pending`, until
+            # anything else happens (`_queue_passed`).
+            self.passed_at = time.monotonic()
+            self.inflight = 1
+        else:
+            item = Pending(time.monotonic(), neutral=True)
+            item.stats.append(memo.ticket)
+            self.pending.append(item)
         self._write_origin([data])
         return True
+
+    def _queue_passed(self) -> None:
+        """The client sent more while a read passed from the memo is outstanding (`inflight`
+        on a session with a cache): from now on that read waits in the queue like any other
+        (neutral, already counted), ahead of what comes next, so that answers stay in order
+        and nothing is asked or answered ahead of it."""
+        self.inflight = 0
+        self.pending.appendleft(Pending(self.passed_at, neutral=True))
 
     def _remember_pass(
         self,
@@ -142,20 +169,14 @@ class ReadPasses(WriteMemos):
         text of its slot, when it rested only on what `_pass_by_memo` checks."""
         cache = self.route.cache if self.route else None
         identity = self.state.identity
-        if (
-            cache is None
-            or identity is None
-            or resolution is None
-            or info.has_effects
-            or not raw.endswith(b"\x00")
-        ):
+        if cache is None or identity is None or resolution is None or info.has_effects or not raw.endswith(b"\x00"):
             return
         slot = policy.number_slot(sql)
         if slot is None:
             return
         head = slot[0].encode()
         tail = slot[1].encode() + b"\x00"
-        most = min(5 + len(head) + _MAX_DIGITS + len(tail), 5 + policy.MEMO_MAX_CHARS + 1)
+        most = min(5 + len(head) + _MAX_DIGITS + len(tail), 5 + policy.MEMO_MAX_CHARS + 1, 1 + SMALL_MESSAGE_LIMIT)
         self.pass_memo = PassMemo(
             cache, identity, self.book.version, self.state.database, info.tables_read, info.shadowable,
             resolution, info.template_id, score, ticket, head, tail, most,

@@ -65,7 +65,6 @@ _FRONTEND, _FRONTEND_LARGE, _LARGE = pgwire.FRONTEND_TYPES, pgwire.FRONTEND_LARG
 class Relay(BatchHandling):
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
-        self.inflight = 0  # pass-through requests awaiting ReadyForQuery
         # Ready, on a route without a cache: nothing is decided, asked or held, so each read
         # only needs its frames counted (`_relay_data`, `_pass_origin`). Set once, at login.
         self.passing = False
@@ -179,8 +178,6 @@ class Relay(BatchHandling):
         """The loop below for a read that is one whole, valid simple Query and nothing else
         (cbuf empty, no batch or stream open, a cache on the route): the most common read,
         a first sighting (a miss) most of all, spared the frame list and the loop."""
-        if self.pass_memo is not None and self._pass_by_memo(data):
-            return  # a bypassed read of the session's last slot (passes.py)
         out: list[bytes] = []
         self.hit_seen = None
         self._query(data[5:], data, out)
