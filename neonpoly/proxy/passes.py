@@ -15,7 +15,9 @@ full path's decision rested on still holds, each checked before use:
 * the route's cache is the memo's, its rules still cache the template (`caches`);
 * the session's identity is the very object the memo was made under, and its DDL epoch is
   the cache's (any SET, role change, DDL or other session change makes a new object);
-* the catalog's answer for what it reads is the very `Resolution` object of then;
+* the relation book has not moved (`RelationBook.version`: it moves whenever it learns, is
+  refused or forgets), so what the text reads resolves as it did (under the same identity's
+  search_path): no code run, nothing volatile, no setting it does not carry;
 * the statement book has not moved (`simple_query` has nothing to drop), the session is idle,
   reads its strings as UTF-8, is not bypassed as a whole, and nothing is outstanding (no
   pending request, no batch or stream open, no open transaction's writes to settle);
@@ -63,10 +65,8 @@ class PassMemo:
     cache: QueryCache
     identity: Identity  # the very object
     book_version: int
-    database: str
+    relations_version: int  # the relation book's: what it reads resolves as it did then
     tables: frozenset[str]
-    shadowable: frozenset[str]
-    resolution: Resolution
     template_id: str
     score: LookupScore
     ticket: StatTicket  # its pass ticket (a new bypass, a new reason: the full path again)
@@ -126,8 +126,7 @@ class ReadPasses(WriteMemos):
             or self.tx_writes
             or self.tx_keyed
             or self.tx_writes_everything
-            or cache.relations.resolve(memo.database, memo.tables, memo.shadowable, identity.schemas)
-            is not memo.resolution
+            or cache.relations.version != memo.relations_version
             or not cache.caches(memo.template_id, memo.tables)
         ):
             return False
@@ -178,6 +177,6 @@ class ReadPasses(WriteMemos):
         tail = slot[1].encode() + b"\x00"
         most = min(5 + len(head) + _MAX_DIGITS + len(tail), 5 + policy.MEMO_MAX_CHARS + 1, 1 + SMALL_MESSAGE_LIMIT)
         self.pass_memo = PassMemo(
-            cache, identity, self.book.version, self.state.database, info.tables_read, info.shadowable,
-            resolution, info.template_id, score, ticket, head, tail, most,
+            cache, identity, self.book.version, cache.relations.version, info.tables_read, info.template_id,
+            score, ticket, head, tail, most,
         )  # fmt: skip
