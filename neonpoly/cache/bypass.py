@@ -118,6 +118,16 @@ class Bypass:
             self._end(score)
         return False
 
+    def skips(self, score: LookupScore) -> bool:
+        """`passes` for a read of a bypassed template when it passes through (True, counted
+        as `passes` counts it); False, with nothing changed, when `passes` would decide more
+        (a probe, or the bypass ended): the caller then asks `passes` on the full path."""
+        if score.hits or score.skipped + 1 >= self.probe_every:
+            return False
+        score.skipped += 1
+        self.passed += 1
+        return True
+
     def judge(self, score: LookupScore) -> None:
         """A window's misses were counted (`score.left` is 0): bypass the template when its
         hits were too few; a window of probes while bypassed only starts a new one."""

@@ -68,6 +68,8 @@ _KEPT_OR_NUMBER = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*(?:[^*/]|\*(?!/)|/(?!\
 _TRAILER = " \t\n\r\f\v;"
 _DIGITS = "0123456789"
 _DIGIT_BYTES = _DIGITS.encode()
+# A digit that does not continue a word (`1`, `a.1`, `e-1`): where `_NUMBER` may start a match.
+_DIGIT_NOT_IN_A_WORD = re.compile(r"(?<!\w)\d")
 _BEFORE_NO_NUMBER = frozenset(string.ascii_letters + string.digits + "_$.'@")
 _SHAPE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 _exact: OrderedDict[str, Classification] = OrderedDict()
@@ -119,6 +121,29 @@ def classify(sql: str) -> Classification:
         _remember(_shapes, shape, found)
     _remember(_exact, sql, found)
     return found
+
+
+def number_slot(sql: str) -> tuple[str, str] | None:
+    """(head, trailer) of a text that `classify` answers, for every text `head + N +
+    trailer` (N any run of ASCII digits, the whole within MEMO_MAX_CHARS), with this text's
+    classification: its one number is at its end, before spaces or a semicolon, and it has no
+    quote, backslash or dollar sign, and every other digit is part of a word (`t1`, `users_2024`:
+    `_NUMBER` starts no match there), so `_shape` is `_NUMBER.sub`'s `head + "0" + trailer` for
+    all of them; and that classification is shared by shape. None: not such a text.
+    (pgbench -S: a session decides its bypassed reads by this slot, proxy/passes.py.)"""
+    if len(sql) > MEMO_MAX_CHARS or not sql.isascii() or '"' in sql or "\\" in sql or "$" in sql or "'" in sql:
+        return None
+    body = sql.rstrip(_TRAILER)
+    head = body.rstrip(_DIGITS)
+    if (
+        len(head) == len(body)
+        or not head
+        or head[-1] in _BEFORE_NO_NUMBER
+        or _DIGIT_NOT_IN_A_WORD.search(head) is not None
+        or not classify(sql).shape_shared
+    ):
+        return None
+    return head, sql[len(body) :]
 
 
 def _shape(sql: str) -> str:

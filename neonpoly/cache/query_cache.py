@@ -312,6 +312,16 @@ class QueryCache:
             self._pass_tickets[template_id] = found
         return found
 
+    def record_passed(self, ticket: StatTicket) -> bool:
+        """Count a read of a bypassed template (`pass_ticket`) at once, as `record` counts it
+        when it completes (its latency is not timed); False (not counted): `record` must, when
+        it completes (debug logging logs every read's latency, or a ticket without a tally)."""
+        tally = ticket.tally
+        if tally is None or not ticket.reason or log.isEnabledFor(logging.DEBUG):
+            return False
+        self.stats.passed(tally, ticket.reason)
+        return True
+
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         tally = ticket.tally
         if tally is not None and not log.isEnabledFor(logging.DEBUG):

@@ -34,6 +34,10 @@ class SessionCore:
         # Every request the origin still has to answer, in order, with the cache's answers
         # that wait their turn behind them (see pending.py).
         self.pending: deque[Pending] = deque()
+        # Requests sent with no `Pending` awaiting ReadyForQuery: all of them without a cache
+        # (relay.py); with one, a bypassed read passed from its memo, while nothing else is
+        # outstanding (passes.py).
+        self.inflight = 0
         self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
         self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)
         self.book = StatementBook()  # the session's prepared statements (DEALLOCATE reaches them too)

@@ -23,8 +23,9 @@ from neonpoly.cache.policy import Classification, Status, classify, keys_for
 from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TARGET_STATEMENT, TX_IDLE
 from neonpoly.proxy.hits import HitMemo, hit_tallies
+from neonpoly.proxy.passes import ReadPasses
 from neonpoly.proxy.pending import Pending
-from neonpoly.proxy.writes import WRITE_INITIALS, WriteMemos
+from neonpoly.proxy.writes import WRITE_INITIALS
 
 if TYPE_CHECKING:
     from neonpoly.cache.bypass import LookupScore
@@ -50,7 +51,7 @@ BoundValues = tuple[bytes, tuple[int, ...]] | None
 _MAY_PREPARE = re.compile(r"(?i)(?<![a-z0-9_$])prepare(?![a-z0-9_$])")
 
 
-class CacheDecisions(WriteMemos):
+class CacheDecisions(ReadPasses):
     hit_memos: dict[bytes, HitMemo]  # the relay's remembered hits, by their raw bytes (relay.py)
 
     def __init__(self, client: asyncio.Transport) -> None:
@@ -86,7 +87,10 @@ class CacheDecisions(WriteMemos):
                 # Its lookups do not hit (cache/bypass.py): forwarded as pass-through would,
                 # with no key, lookup, admission or capture (neutral as a miss below).
                 item.neutral = not (item.reads or item.trusts)
-                item.stats.append(cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables))
+                ticket = cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables)
+                item.stats.append(ticket)
+                if item.neutral and not item.deallocates:  # the next text of its slot: passes.py
+                    self._remember_pass(sql, raw, info, decision.resolution, score, ticket)
                 self.pending.append(item)
                 out.append(raw)
                 self.batch_open = False

@@ -52,6 +52,7 @@ class IdentityLearning(SessionCore):
             or self.closed
             or self.phase is not READY
             or self.pending
+            or self.inflight  # a read passed from its memo (passes.py): its answer comes first
             or not self._at_boundary()
             or self.state.bypass is not None
         ):

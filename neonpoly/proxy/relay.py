@@ -65,7 +65,6 @@ _FRONTEND, _FRONTEND_LARGE, _LARGE = pgwire.FRONTEND_TYPES, pgwire.FRONTEND_LARG
 class Relay(BatchHandling):
     def __init__(self, client: asyncio.Transport) -> None:
         super().__init__(client)
-        self.inflight = 0  # pass-through requests awaiting ReadyForQuery
         # Ready, on a route without a cache: nothing is decided, asked or held, so each read
         # only needs its frames counted (`_relay_data`, `_pass_origin`). Set once, at login.
         self.passing = False

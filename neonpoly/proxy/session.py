@@ -73,6 +73,8 @@ class Session(Relay):
         self.bytes_in += len(data)
         if self.passing and not self.cbuf and self._relay_data(data):
             return  # pass-through, whole frames: counted and written as they came
+        if self.inflight and not self.passing:
+            self._queue_passed()  # a read passed from its memo waits in the queue from now on
         if not self.cbuf and self.phase is READY and (not self.identity_inflight or self.hold_released):
             # The common read: whole requests, nothing held before them. Taken as they came,
             # without a round trip through cbuf; a repeat of a hit is found by these bytes.
@@ -80,6 +82,8 @@ class Session(Relay):
                 memo = self.hit_memos.get(data)
                 if memo is not None and self._answer_memo(memo):
                     return
+            if self.pass_memo is not None and self._pass_by_memo(data):
+                return  # a bypassed read of the session's last slot (passes.py)
             try:
                 route = self.route
                 if route is None or route.cache is not None or not self._relay_data(data):
@@ -205,7 +209,9 @@ class Session(Relay):
     # --- origin side ------------------------------------------------------------------
 
     def origin_data(self, data: bytes) -> None:
-        if self.passing and not self.obuf and not self.pending and self._pass_origin(data):
+        if (self.passing or self.inflight) and not self.obuf and not self.pending and self._pass_origin(data):
+            if not self.passing:  # with a cache: a read passed from its memo (passes.py), answered
+                self._learn_when_idle()  # as after any answer (the client sent nothing since)
             return
         try:
             if self.phase is READY and not self.obuf and self._origin_fast(data):

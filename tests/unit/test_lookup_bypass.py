@@ -99,3 +99,18 @@ def test_bypassed_reads_count_as_misses_with_their_reason_in_the_templates_stats
     cache.record(cache.miss_ticket("t1", "SELECT ?", ("t",)), 0.001, 0)
     got = template(cache.stats)
     assert (got.last_status, got.last_reason, dict(got.by_status)) == ("miss", None, {"miss": 5})
+
+
+def test_a_memo_skips_only_the_reads_passes_would_pass_and_leaves_probes_and_hits_to_it() -> None:
+    """`skips` (a session's memo, proxy/passes.py) before `passes` (the full path it falls back
+    to): the same reads pass, the same probes are looked up, a hit still ends the bypass."""
+    clock = FakeClock()
+    cache = _cache(clock, window=4, probe_every=3, bypass_for=10.0)
+    score = cache.bypass.score("t")
+    for n in range(4):
+        cache.lookup_entry(_key(n), score)
+    seen = [cache.bypass.skips(score) or (score.bypassed and cache.bypass.passes(score)) for _ in range(6)]
+    assert seen == [True, True, False, True, True, False] and cache.bypass.passed == 4
+    score.hits = 1  # a hit memo's hit
+    assert not cache.bypass.skips(score) and score.bypassed and score.skipped == 0  # nothing changed
+    assert not cache.bypass.passes(score) and not score.bypassed

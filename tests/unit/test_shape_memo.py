@@ -148,3 +148,33 @@ def test_a_number_at_the_end_is_zeroed_as_the_regex_zeroes_it() -> None:
         assert _numbers_zeroed(text) == _NUMBER.sub("0", text), text
     pgbench = "SELECT abalance FROM pgbench_accounts WHERE aid = 512;"
     assert _numbers_zeroed(pgbench) == "SELECT abalance FROM pgbench_accounts WHERE aid = 0;"
+
+
+@pytest.mark.parametrize(
+    ("sql", "slot"),
+    [
+        ("SELECT a FROM pgbench_accounts WHERE aid = 12;", ("SELECT a FROM pgbench_accounts WHERE aid = ", ";")),
+        ("SELECT v FROM slot_t1 WHERE id=7", ("SELECT v FROM slot_t1 WHERE id=", "")),
+        # Not such a text: a number elsewhere (`1e-`+digits is one number), quotes, dollars.
+        ("SELECT 1e-5", None),
+        ("SELECT v FROM slot_t WHERE a = 1 AND id = 7", None),
+        ("SELECT v FROM slot_t WHERE a = 'x' AND id = 7", None),
+        ('SELECT v FROM "slot t" WHERE id = 7', None),
+        ("SELECT v FROM slot_t WHERE id = $1", None),
+        ("SELECT v FROM slot_t WHERE id = 7.5", None),
+        ("SELECT v FROM slot_t WHERE id = x7", None),
+        ("SET work_mem = 64", None),  # not shared by shape
+    ],
+)
+def test_a_number_slot_is_a_text_whose_digits_alone_may_change_and_keep_its_classification(
+    sql: str, slot: tuple[str, str] | None
+) -> None:
+    from neonpoly.cache.policy import number_slot
+
+    assert number_slot(sql) == slot
+    if slot is not None:
+        rng = random.Random(sql)
+        for _ in range(50):
+            other = slot[0] + str(rng.randrange(1, 10 ** rng.randint(1, 18))) + slot[1]
+            assert _shape(other) == _shape(sql) == slot[0] + "0" + slot[1]
+            assert classify(other) is classify(sql)  # (a 0 is its own shape: parsed, alike)
