@@ -1,0 +1,59 @@
+"""What a newcomer still ran into after the first hour's fixes (test_cli_first_hour.py), driven
+through the real parser and dispatchers against real proxies and PostgreSQL processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neonpoly.control.serving import start_serving
+from neonpoly.integrations.embedded import process_alive
+from neonpoly.integrations.store import IntegrationStore
+from neonpoly.service import ProxyService, ProxySettings
+from neonpoly.state import StateLock
+from tests.system.conftest import psql
+from tests.system.test_cli_rough_edges import integrations_cli
+
+
+def _service(root: Path) -> ProxyService:
+    return ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=root / "cache", rules_dir=root))
+
+
+async def test_adding_the_embedded_origin_again_leaves_the_serves_cluster_running(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: `add` adopted the postmaster the serve had started, then stopped it on its way out,
+    # and the serve took the new integration with its origin gone ("Connection refused").
+    monkeypatch.delenv("NEON_API_KEY", raising=False)
+    state_root.mkdir(parents=True)
+    lock = StateLock(state_root)  # held as `neonpoly serve` holds it: how the CLI finds the serve
+    lock.acquire()
+    try:
+        running = await start_serving(_service(state_root), state_root, follow_every=0.05)
+        try:
+            assert running.embedded.handle is not None
+            postmaster = running.embedded.handle.cluster.pid
+            assert postmaster is not None
+            await integrations_cli("integrations", "remove", "local")
+            out = await integrations_cli("integrations", "add")
+            assert process_alive(postmaster), out
+            assert (
+                f"  embedded    PostgreSQL (pid {postmaster}) left running: "
+                f"it was already running for neonpoly (pid {lock.holder()})\n"
+            ) in out, out
+            assert "served      now, by neonpoly" in out, out  # not "unknown": the login waits for the serve
+            [item] = IntegrationStore(state_root).load()
+            assert item.cache_id in running.service.routes.by_id
+            host, port = running.address
+            url = (await integrations_cli("connection-string", "--reveal", "--listen", f"{host}:{port}")).strip()
+            assert await psql(url, "SELECT 41 + 1") == "42"
+        finally:
+            await running.close(grace=0)
+    finally:
+        lock.release()
+    # With no serve on the state dir, `add` stops the cluster it started, and says so.
+    await integrations_cli("integrations", "remove", "local")
+    out = await integrations_cli("integrations", "add")
+    assert "  embedded    PostgreSQL stopped again: no neonpoly uses it; `neonpoly serve` starts it\n" in out, out
+    assert not (state_root / "embedded" / "postmaster.pid").exists()
