@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neonpoly.admin.client import (
+    AdminClient,
     AdminClientError,
     AdminRefused,
     AdminUnreachable,
@@ -284,6 +285,8 @@ async def dispatch(args: argparse.Namespace) -> int:
         _print_error(exc)
         return 2
     except AdminClientError as exc:
+        if exc.sqlstate == "42704" and args.cache and exc.message.startswith("no cache "):
+            exc = await _name_the_caches(client, exc, names)
         _print_error(exc)
         return 1
     finally:
@@ -294,6 +297,17 @@ async def dispatch(args: argparse.Namespace) -> int:
     else:
         print(present(args, answer, names))
     return 0
+
+
+async def _name_the_caches(client: AdminClient, exc: AdminClientError, names: dict[str, str]) -> AdminClientError:
+    """`--cache nope`: one line naming what the running neonpoly does serve, by the names
+    --cache takes (the server's hint, SHOW CACHES, means nothing outside psql)."""
+    try:
+        served = [r["cache"] for r in (await client.run("SHOW CACHES")).dicts()]
+    except AdminClientError:
+        return exc
+    listed = ", ".join(f"{names[c]} ({c})" if c in names else c for c in served) or "none"
+    return AdminClientError(f"{exc.message}; --cache takes one of: {listed}")
 
 
 def _named(row: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
