@@ -295,6 +295,8 @@ async def _pickup(store: IntegrationStore, item: Integration) -> tuple[str, bool
     if running is None:
         return "not yet: no neonpoly serves this state dir; `neonpoly serve` will", None
     who = f"neonpoly (pid {running.pid}) at {running.where}"
+    if running.upstream_only:
+        return f"no: {who} serves only its --upstream; restart it without --upstream to serve this", None
     client = admin_client(running.address, store.root)
     try:
         served = await wait_served(client, item.cache_id, FOLLOW_TIMEOUT)
@@ -427,6 +429,16 @@ async def _remove(store: IntegrationStore, args: argparse.Namespace, out: TextIO
         )
         return 0
     who = f"neonpoly (pid {running.pid}) at {running.where}"
+    if running.upstream_only:
+        # A `serve --upstream` serves that URL alone: it never opened this cache (its login
+        # would not even be this integration's), so the files are deleted here.
+        forget(store, item.cache_id, args.cache_dir or store.root / "cache")
+        print(
+            f"Removed integration {item.name}: its cache entries and directory are deleted. {who} serves only "
+            f"its --upstream and never served {item.name}: it is unaffected, its connections stay.",
+            file=out,
+        )
+        return 0
     client = admin_client(running.address, store.root)
     try:
         try:

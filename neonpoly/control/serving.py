@@ -301,7 +301,7 @@ async def start_serving(
         host, port = metrics_listen if metrics is None and metrics_listen is not None else service.settings.listen
         raise ControlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     if record_listen:  # `serve --workers`: the parent records it, once
-        IntegrationStore(root).set_listen(*address)
+        IntegrationStore(root).set_listen(*address, upstream_only=bool(upstream))
     follower = None
     if follow and not upstream:
         # Integrations added or removed from another shell take effect here within a second.

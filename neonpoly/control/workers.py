@@ -317,7 +317,7 @@ class Supervisor:
                 self.workers.append(child)
                 pipes.append(fd)
             messages = await asyncio.gather(*(self._ready(c, fd) for c, fd in zip(self.workers, pipes, strict=True)))
-            IntegrationStore(plan.root).set_listen(plan.listen[0], port)
+            IntegrationStore(plan.root).set_listen(plan.listen[0], port, upstream_only=bool(plan.upstream))
             lines = messages[0].get("announce", [])
             self.announce([str(line) for line in lines] if isinstance(lines, list) else [])
             log.info(

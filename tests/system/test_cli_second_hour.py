@@ -3,6 +3,7 @@ through the real parser and dispatchers against real proxies and PostgreSQL proc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from neonpoly.integrations.embedded import process_alive
 from neonpoly.integrations.store import IntegrationStore
 from neonpoly.service import ProxyService, ProxySettings
 from neonpoly.state import StateLock
-from tests.system.conftest import psql
+from tests.pgharness import PgServer
+from tests.system.conftest import DATABASE, ROLE, psql
 from tests.system.test_cli_rough_edges import integrations_cli
 
 
@@ -57,3 +59,29 @@ async def test_adding_the_embedded_origin_again_leaves_the_serves_cluster_runnin
     out = await integrations_cli("integrations", "add")
     assert "  embedded    PostgreSQL stopped again: no neonpoly uses it; `neonpoly serve` starts it\n" in out, out
     assert not (state_root / "embedded" / "postmaster.pid").exists()
+
+
+async def test_remove_says_a_serve_given_upstream_is_unaffected(pg: PgServer, state_root: Path) -> None:
+    # Before: the CLI logged in to that serve as the integration's role, which its --upstream
+    # origin refused, and said it could not confirm the serve "let it go" (leaving the files).
+    await integrations_cli("integrations", "add", "--upstream", "postgres://u:pw@db.example.com/app", "--no-check")
+    [item] = IntegrationStore(state_root).load()
+    (state_root / "cache" / item.cache_id).mkdir(parents=True)  # as an earlier serve left it
+    lock = StateLock(state_root)
+    lock.acquire()
+    try:
+        running = await start_serving(_service(state_root), state_root, upstream=pg.url(ROLE, DATABASE, "require"))
+        try:
+            out = await integrations_cli("integrations", "remove", "db")
+            assert "default" in running.service.routes.by_id
+        finally:
+            await running.close(grace=0)
+    finally:
+        lock.release()
+    assert out == (
+        "Removed integration db: its cache entries and directory are deleted. "
+        f"neonpoly (pid {os.getpid()}) at 127.0.0.1:{running.address[1]} serves only its --upstream and never "
+        "served db: it is unaffected, its connections stay.\n"
+    ), out
+    assert not (state_root / "cache" / item.cache_id).exists()
+    assert IntegrationStore(state_root).load() == []
