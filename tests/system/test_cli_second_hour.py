@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from neonpoly.control.serving import start_serving
@@ -85,3 +86,32 @@ async def test_remove_says_a_serve_given_upstream_is_unaffected(pg: PgServer, st
     ), out
     assert not (state_root / "cache" / item.cache_id).exists()
     assert IntegrationStore(state_root).load() == []
+
+
+async def test_a_client_for_a_cache_not_served_is_told_what_is_and_how(pg: PgServer, state_root: Path) -> None:
+    # Before: 'no neonpoly cache with id "…"; run `neonpoly integrations list`', which lists
+    # the state dir's integrations, not what this serve serves.
+    await integrations_cli("integrations", "add", "--upstream", pg.url(ROLE, DATABASE, "require"), "--name", "shop")
+    [item] = IntegrationStore(state_root).load()
+    running = await start_serving(_service(state_root), state_root, follow=False)
+    try:
+        host, port = running.address
+        dsn = {**pg.dsn(ROLE, DATABASE), "host": host, "port": port, "ssl": False}
+        unknown = "00000000-0000-4000-8000-000000000000"
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(**dsn, server_settings={"application_name": unknown})
+        assert (info.value.sqlstate, info.value.severity) == ("3D000", "FATAL")
+        assert info.value.args[0] == f'no neonpoly cache with id "{unknown}"'
+        assert info.value.hint == (
+            f"this neonpoly serves shop (application_name={item.cache_id}); `neonpoly connection-string NAME` "
+            "prints one's string, `neonpoly integrations add` adds another"
+        )
+        running.service.remove_cache(item.cache_id)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(**dsn, server_settings={"application_name": item.cache_id})
+        assert info.value.sqlstate == "3D000" and info.value.args[0] == f'neonpoly cache "{item.cache_id}" was removed'
+        assert info.value.hint == (
+            "this neonpoly serves no cache now: add an integration with `neonpoly integrations add`"
+        )
+    finally:
+        await running.close(grace=0)
