@@ -24,7 +24,7 @@ from neonpoly.admin.client import (
     quote_ident,
 )
 from neonpoly.cli.args import host_port
-from neonpoly.cli.tables import number, render_table
+from neonpoly.cli.tables import NOT_APPLICABLE, number, render_table
 from neonpoly.defaults import DEFAULT_LISTEN_TEXT, ENV_ADMIN_PASSWORD, ENV_ADMIN_USER, TEXT_WIDTH
 
 COMMANDS = ("stats", "queries", "purge", "rules")
@@ -287,6 +287,8 @@ async def dispatch(args: argparse.Namespace) -> int:
     except AdminClientError as exc:
         if exc.sqlstate == "42704" and args.cache and exc.message.startswith("no cache "):
             exc = await _name_the_caches(client, exc, names)
+        elif exc.sqlstate == "42704" and exc.message.startswith("no rule "):
+            exc = await _name_the_rules(client, exc)
         _print_error(exc)
         return 1
     finally:
@@ -308,6 +310,16 @@ async def _name_the_caches(client: AdminClient, exc: AdminClientError, names: di
         return exc
     listed = ", ".join(f"{names[c]} ({c})" if c in names else c for c in served) or "none"
     return AdminClientError(f"{exc.message}; --cache takes one of: {listed}")
+
+
+async def _name_the_rules(client: AdminClient, exc: AdminClientError) -> AdminClientError:
+    """`rules drop r99`: one line with the rule ids there are (not a statement for psql)."""
+    try:
+        ids = [str(r["id"]) for r in (await client.run("SHOW RULES")).dicts()]
+    except AdminClientError:
+        return exc
+    what = f"the rules are {', '.join(ids)} (`neonpoly rules list`)" if ids else "there are no rules"
+    return AdminClientError(f"{exc.message.partition(' (')[0]}; {what}")
 
 
 def _named(row: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -378,6 +390,13 @@ def present(args: argparse.Namespace, answer: Answer, names: dict[str, str]) -> 
         for r in answer.rows
     ]
     columns = list(answer.columns)
+    if {"hits", "misses", "hit_rate"} <= set(columns):
+        # No cacheable read (all pass-through: catalog reads, writes…) has no hit rate; "0"
+        # read as a cache that failed. A dash, as the console shows it (JSON keeps the number).
+        h, m, r = (columns.index(c) for c in ("hits", "misses", "hit_rate"))
+        for row in rows:
+            if not row[h] and not row[m]:
+                row[r] = NOT_APPLICABLE
     narrow = NARROW.get(args.command)
     if args.wide:
         return render_table(columns, rows)

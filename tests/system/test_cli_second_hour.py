@@ -3,6 +3,7 @@ through the real parser and dispatchers against real proxies and PostgreSQL proc
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from neonpoly.service import ProxyService, ProxySettings
 from neonpoly.state import StateLock
 from tests.pgharness import PgServer
 from tests.system.conftest import DATABASE, ROLE, psql
-from tests.system.test_cli_rough_edges import integrations_cli
+from tests.system.test_cli_rough_edges import (  # noqa: F401 (serving: a fixture)
+    Captured,
+    Serving,
+    _traffic,
+    admin_cli,
+    integrations_cli,
+    serving,
+)
 
 
 def _service(root: Path) -> ProxyService:
@@ -115,3 +123,29 @@ async def test_a_client_for_a_cache_not_served_is_told_what_is_and_how(pg: PgSer
         )
     finally:
         await running.close(grace=0)
+
+
+async def test_admin_text_says_what_has_no_hit_rate_and_which_rules_exist(
+    pg: PgServer,
+    serving: Serving,  # noqa: F811 (the fixture imported above)
+    capsys: Captured,
+) -> None:
+    # Before: a template never cacheable showed hit_rate 0 (as if the cache failed it), and
+    # `rules drop r99` answered with a statement for psql ("SHOW RULES lists them").
+    await _traffic(pg, serving, "shop", "SELECT amname FROM pg_catalog.pg_am WHERE amname = 'hash'", 2)
+    await _traffic(pg, serving, "shop", "SELECT name FROM cli_items WHERE id = 1", 3)  # miss, miss, hit
+    status, out, _ = await admin_cli(capsys, "queries", "--json")
+    rows = {("pg_am" in r["template"]): r for r in json.loads(out)}
+    assert rows[True]["hit_rate"] == 0.0  # JSON keeps the number
+    status, out, err = await admin_cli(capsys, "queries")
+    assert status == 0, err
+    header, _, *lines = out.splitlines()  # template_id first: one cache, no cache column
+    rate = header.split().index("hit_rate")
+    shown = {line.split()[0]: line.split()[rate] for line in lines[:-1]}
+    assert shown == {rows[True]["template_id"]: "-", rows[False]["template_id"]: "0.333"}, out
+
+    status, out, err = await admin_cli(capsys, "rules", "drop", "r99")
+    assert (status, out, err) == (1, "", 'neonpoly: no rule "r99"; there are no rules\n')
+    await admin_cli(capsys, "rules", "add", "--table", "cli_items", "--ttl", "5")
+    status, out, err = await admin_cli(capsys, "rules", "drop", "r99")
+    assert (status, err) == (1, 'neonpoly: no rule "r99"; the rules are r1 (`neonpoly rules list`)\n'), err
