@@ -260,7 +260,8 @@ def _why_unreachable(exc: AdminUnreachable, args: argparse.Namespace) -> AdminCl
 
 
 def _print_error(exc: AdminClientError) -> None:
-    print(f"neonpoly: {exc.message}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+    # One line, the hint after the message: what went wrong and what to do, greppable together.
+    print(f"neonpoly: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr)
 
 
 async def dispatch(args: argparse.Namespace) -> int:
