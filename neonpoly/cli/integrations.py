@@ -487,4 +487,11 @@ def _connection_string(store: IntegrationStore, args: argparse.Namespace, out: T
     if role not in store.passwords(item.cache_id):
         print(f"neonpoly: no password is stored for role {role}: the string carries none; psql asks for it",
               file=sys.stderr)
+    if not args.listen and not args.admin:
+        from neonpoly.control.attached import find_running
+
+        running = find_running(store.root)
+        if running is not None and running.upstream_only:
+            print(f"neonpoly: the neonpoly at {running.where} (pid {running.pid}) serves only its --upstream and "
+                  "refuses this string; restart it without --upstream to serve it", file=sys.stderr)
     return 0

@@ -70,7 +70,9 @@ async def test_adding_the_embedded_origin_again_leaves_the_serves_cluster_runnin
     assert not (state_root / "embedded" / "postmaster.pid").exists()
 
 
-async def test_remove_says_a_serve_given_upstream_is_unaffected(pg: PgServer, state_root: Path) -> None:
+async def test_remove_says_a_serve_given_upstream_is_unaffected(
+    pg: PgServer, state_root: Path, capsys: Captured
+) -> None:
     # Before: the CLI logged in to that serve as the integration's role, which its --upstream
     # origin refused, and said it could not confirm the serve "let it go" (leaving the files).
     await integrations_cli("integrations", "add", "--upstream", "postgres://u:pw@db.example.com/app", "--no-check")
@@ -81,6 +83,12 @@ async def test_remove_says_a_serve_given_upstream_is_unaffected(pg: PgServer, st
     try:
         running = await start_serving(_service(state_root), state_root, upstream=pg.url(ROLE, DATABASE, "require"))
         try:
+            capsys.readouterr()
+            await integrations_cli("connection-string", "db")  # that serve refuses it: said so
+            assert capsys.readouterr().err == (
+                f"neonpoly: the neonpoly at 127.0.0.1:{running.address[1]} (pid {os.getpid()}) serves only its "
+                "--upstream and refuses this string; restart it without --upstream to serve it\n"
+            )
             out = await integrations_cli("integrations", "remove", "db")
             assert "default" in running.service.routes.by_id
         finally:
