@@ -22,7 +22,7 @@ async def proxy(pg: PgServer, tmp_path: Path) -> AsyncIterator[CachingProxy]:
         yield p
 
 
-def _template(proxy: CachingProxy, fragment: str) -> tuple[dict[str, int], str]:
+def _template(proxy: CachingProxy, fragment: str) -> tuple[dict[str, int], str | None]:
     (cache,) = [r.cache for r in proxy.service.routes.by_id.values() if r.cache is not None]
     (tpl,) = [t for t in cache.stats.snapshot().templates if fragment in t.template]
     return dict(tpl.by_status), tpl.last_reason
