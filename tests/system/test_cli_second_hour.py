@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from neonpoly.control.interface import ControlError
 from neonpoly.control.serving import start_serving
 from neonpoly.integrations.embedded import process_alive
 from neonpoly.integrations.store import IntegrationStore
+from neonpoly.proxy.origin import Origin
 from neonpoly.service import ProxyService, ProxySettings
 from neonpoly.state import StateLock
 from tests.pgharness import PgServer
@@ -157,3 +160,24 @@ async def test_admin_text_says_what_has_no_hit_rate_and_which_rules_exist(
     await admin_cli(capsys, "rules", "add", "--table", "cli_items", "--ttl", "5")
     status, out, err = await admin_cli(capsys, "rules", "drop", "r99")
     assert (status, err) == (1, 'neonpoly: no rule "r99"; the rules are r1 (`neonpoly rules list`)\n'), err
+
+
+async def test_a_taken_port_is_one_line_naming_the_option(state_root: Path) -> None:
+    # Before: "cannot listen on H:P: error while attempting to bind on address ('H', P): address
+    # already in use", and a taken --metrics-listen port was reported as the --listen address.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        upstream = Origin(host="127.0.0.1", port=1, sslmode="disable")
+        settings = ProxySettings(listen=("127.0.0.1", port), cache_dir=state_root / "cache", rules_dir=state_root)
+        with pytest.raises(ControlError) as info:
+            await start_serving(ProxyService(settings), state_root, upstream=upstream)
+        assert str(info.value) == (
+            f"cannot listen on 127.0.0.1:{port}: something else listens there; give --listen another HOST:PORT"
+        )
+        with pytest.raises(ControlError) as info:
+            await start_serving(_service(state_root), state_root, upstream=upstream, metrics_listen=("127.0.0.1", port))
+        assert str(info.value) == (
+            f"cannot listen on 127.0.0.1:{port}: something else listens there; give --metrics-listen another HOST:PORT"
+        )
