@@ -250,7 +250,12 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
         except BaseException:
             await _release_embedded(store, runner, served=False)
             raise
-    served, taken = await _pickup(store, item)
+    try:
+        served, taken = await _pickup(store, item)
+    except BaseException:
+        if runner is not None:
+            await _release_embedded(store, runner, served=False)
+        raise
     cluster = await _release_embedded(store, runner, served=taken) if runner is not None else ""
     host, port = store.read().listen
     where = item.origin_label
