@@ -118,7 +118,7 @@ class ProxyService:
         self.policies: dict[str, RulePolicy] = {}  # cache id → the TTL policy of its cache
         # cache id → a name for people (the integration's), set by whoever adds the cache;
         # readers label with it (metrics' cache_name) and fall back to the id.
-        self.names: dict[str, str] = {}
+        self.names: dict[str, str] = self.routes.names
         tls = None
         if settings.tls_cert is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

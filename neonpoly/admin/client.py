@@ -109,7 +109,11 @@ class AdminClient:
                 server_settings={"application_name": self.application_name} if self.application_name else None,
             )
         except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            raise AdminUnreachable(f"cannot reach neonpoly at {self.where}: {exc or type(exc).__name__}") from exc
+            # "connection refused", not "[Errno 111] Connection refused".
+            why = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+            if isinstance(exc, ConnectionRefusedError):  # asyncio says "Connect call failed (…)"
+                why = "connection refused"
+            raise AdminUnreachable(f"cannot reach neonpoly at {self.where}: {why[:1].lower()}{why[1:]}") from exc
         except asyncpg.PostgresError as exc:
             message, hint, sqlstate = _parts(exc)
             if sqlstate == "28P01" and hint is None:

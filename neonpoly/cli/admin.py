@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neonpoly.admin.client import (
+    AdminClient,
     AdminClientError,
     AdminRefused,
     AdminUnreachable,
@@ -23,7 +24,7 @@ from neonpoly.admin.client import (
     quote_ident,
 )
 from neonpoly.cli.args import host_port
-from neonpoly.cli.tables import number, render_table
+from neonpoly.cli.tables import NOT_APPLICABLE, number, render_table
 from neonpoly.defaults import DEFAULT_LISTEN_TEXT, ENV_ADMIN_PASSWORD, ENV_ADMIN_USER, TEXT_WIDTH
 
 COMMANDS = ("stats", "queries", "purge", "rules")
@@ -259,7 +260,8 @@ def _why_unreachable(exc: AdminUnreachable, args: argparse.Namespace) -> AdminCl
 
 
 def _print_error(exc: AdminClientError) -> None:
-    print(f"neonpoly: {exc.message}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+    # One line, the hint after the message: what went wrong and what to do, greppable together.
+    print(f"neonpoly: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr)
 
 
 async def dispatch(args: argparse.Namespace) -> int:
@@ -284,6 +286,10 @@ async def dispatch(args: argparse.Namespace) -> int:
         _print_error(exc)
         return 2
     except AdminClientError as exc:
+        if exc.sqlstate == "42704" and args.cache and exc.message.startswith("no cache "):
+            exc = await _name_the_caches(client, exc, names)
+        elif exc.sqlstate == "42704" and exc.message.startswith("no rule "):
+            exc = await _name_the_rules(client, exc)
         _print_error(exc)
         return 1
     finally:
@@ -294,6 +300,27 @@ async def dispatch(args: argparse.Namespace) -> int:
     else:
         print(present(args, answer, names))
     return 0
+
+
+async def _name_the_caches(client: AdminClient, exc: AdminClientError, names: dict[str, str]) -> AdminClientError:
+    """`--cache nope`: one line naming what the running neonpoly does serve, by the names
+    --cache takes (the server's hint, SHOW CACHES, means nothing outside psql)."""
+    try:
+        served = [r["cache"] for r in (await client.run("SHOW CACHES")).dicts()]
+    except AdminClientError:
+        return exc
+    listed = ", ".join(f"{names[c]} ({c})" if c in names else c for c in served) or "none"
+    return AdminClientError(f"{exc.message}; --cache takes one of: {listed}")
+
+
+async def _name_the_rules(client: AdminClient, exc: AdminClientError) -> AdminClientError:
+    """`rules drop r99`: one line with the rule ids there are (not a statement for psql)."""
+    try:
+        ids = [str(r["id"]) for r in (await client.run("SHOW RULES")).dicts()]
+    except AdminClientError:
+        return exc
+    what = f"the rules are {', '.join(ids)} (`neonpoly rules list`)" if ids else "there are no rules"
+    return AdminClientError(f"{exc.message.partition(' (')[0]}; {what}")
 
 
 def _named(row: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -364,6 +391,13 @@ def present(args: argparse.Namespace, answer: Answer, names: dict[str, str]) -> 
         for r in answer.rows
     ]
     columns = list(answer.columns)
+    if {"hits", "misses", "hit_rate"} <= set(columns):
+        # No cacheable read (all pass-through: catalog reads, writes…) has no hit rate; "0"
+        # read as a cache that failed. A dash, as the console shows it (JSON keeps the number).
+        h, m, r = (columns.index(c) for c in ("hits", "misses", "hit_rate"))
+        for row in rows:
+            if not row[h] and not row[m]:
+                row[r] = NOT_APPLICABLE
     narrow = NARROW.get(args.command)
     if args.wide:
         return render_table(columns, rows)

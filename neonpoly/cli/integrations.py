@@ -29,6 +29,7 @@ from neonpoly.integrations.store import (
 
 if TYPE_CHECKING:
     from neonpoly.admin.client import AdminClient
+    from neonpoly.control.serving import EmbeddedRunner
 
 COMMANDS = ("integrations", "connection-string")
 
@@ -190,6 +191,7 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
     from neonpoly.integrations.neon_flow import add_neon
     from neonpoly.integrations.store import record_embedded, record_url, refuse_taken_name
 
+    runner: EmbeddedRunner | None = None  # set when this command starts (or finds) the embedded cluster
     if args.name:
         # Before any API call or embedded start: a taken name fails the add anyway.
         refuse_taken_name(store.load(), args.name)
@@ -245,8 +247,16 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
                 name=args.name,
             )
             item = await list_embedded_choices(store, item, origin, handle.password)
-        finally:
-            await runner.stop()
+        except BaseException:
+            await _release_embedded(store, runner, served=False)
+            raise
+    try:
+        served, taken = await _pickup(store, item)
+    except BaseException:
+        if runner is not None:
+            await _release_embedded(store, runner, served=False)
+        raise
+    cluster = await _release_embedded(store, runner, served=taken) if runner is not None else ""
     host, port = store.read().listen
     where = item.origin_label
     if item.kind == "neon":
@@ -260,7 +270,7 @@ async def _add(store: IntegrationStore, args: argparse.Namespace, out: TextIO) -
         f"  cache id    {item.cache_id}\n"
         f"  origin      {where}\n"
         f"  database    {item.database}   role {item.role}\n"
-        f"  served      {await _pickup(store, item)}\n"
+        f"  served      {served}\n{cluster}"
         f"Connection string{hidden}:\n"
         f"  {_string(store, item, host, port, reveal=False)}",
         file=out,
@@ -278,38 +288,70 @@ def _refuse_second_embedded(store: IntegrationStore) -> None:
             )
 
 
-async def _pickup(store: IntegrationStore, item: Integration) -> str:
+async def _pickup(store: IntegrationStore, item: Integration) -> tuple[str, bool | None]:
     """Whether the neonpoly serving the state dir took the new integration: a `serve` that
     follows the state dir does within a second; one given --upstream never does, and saying
-    "picks it up" then sent users to a string it refused."""
+    "picks it up" then sent users to a string it refused. Also True/None/False: served, never
+    will be (no serve, or one serving its --upstream), unknown."""
     from neonpoly.admin.client import AdminClientError
     from neonpoly.control.attached import FOLLOW_TIMEOUT, admin_client, find_running
 
     running = find_running(store.root)
     if running is None:
-        return "not yet: no neonpoly serves this state dir; `neonpoly serve` will"
+        return "not yet: no neonpoly serves this state dir; `neonpoly serve` will", None
     who = f"neonpoly (pid {running.pid}) at {running.where}"
+    if running.upstream_only:
+        return f"no: {who} serves only its --upstream; restart it without --upstream to serve this", None
     client = admin_client(running.address, store.root)
     try:
         served = await wait_served(client, item.cache_id, FOLLOW_TIMEOUT)
     except AdminClientError as exc:
-        return f"unknown: {who} did not say ({exc.message})"
+        return f"unknown: {who} did not say ({exc.message})", False
     finally:
         await client.close()
     if served is None:
-        return f"no: {who} serves only its --upstream; restart it without --upstream to serve this"
+        return f"no: {who} serves only its --upstream; restart it without --upstream to serve this", None
     if not served:
-        return f"not within {FOLLOW_TIMEOUT:g}s by {who} (a console does not follow the state dir)"
-    return f"now, by {who}"
+        return f"not within {FOLLOW_TIMEOUT:g}s by {who} (a console does not follow the state dir)", False
+    return f"now, by {who}", True
+
+
+async def _release_embedded(store: IntegrationStore, runner: EmbeddedRunner, *, served: bool | None) -> str:
+    """Stop the embedded cluster this command started, unless a running neonpoly now uses it;
+    never one it found running while a neonpoly runs on the state dir (that serve started or
+    adopted it, and stopping it would leave the serve without its origin). `served` is what
+    `_pickup` learnt: None means no serve will take the integration. One line: what was done."""
+    from neonpoly.control.attached import find_running
+
+    handle = runner.handle
+    if handle is None:
+        return ""
+    pid, running = handle.pid, find_running(store.root)
+    if running is not None and (handle.adopted or served is not None):
+        runner.handle = runner.origin = None  # forget it without stopping it
+        why = "it was already running for" if handle.adopted else "started by this command for"
+        return f"  embedded    PostgreSQL (pid {pid}) left running: {why} neonpoly (pid {running.pid})\n"
+    await runner.stop()
+    return "  embedded    PostgreSQL stopped again: no neonpoly uses it; `neonpoly serve` starts it\n"
 
 
 async def wait_served(client: AdminClient, cache_id: str, timeout: float) -> bool | None:
     """Poll until the proxy serves `cache_id` (SHOW CACHES); False after `timeout`, None at
     once when it serves an explicit upstream (its cache "default"), which never follows the
     state dir. Raises AdminClientError when the proxy cannot answer."""
+    from neonpoly.admin.client import AdminRefused
+
     deadline = time.monotonic() + timeout
     while True:
-        caches = {r["cache"] for r in (await client.run("SHOW CACHES")).dicts()}
+        try:
+            caches = {r["cache"] for r in (await client.run("SHOW CACHES")).dicts()}
+        except AdminRefused:
+            # The login is checked by the origin of the cache it names, the new one: a serve that
+            # has not taken it yet (or serves nothing, its last integration removed) refuses it.
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.05)
+            continue
         if cache_id in caches:
             return True
         if "default" in caches:
@@ -392,6 +434,16 @@ async def _remove(store: IntegrationStore, args: argparse.Namespace, out: TextIO
         )
         return 0
     who = f"neonpoly (pid {running.pid}) at {running.where}"
+    if running.upstream_only:
+        # A `serve --upstream` serves that URL alone: it never opened this cache (its login
+        # would not even be this integration's), so the files are deleted here.
+        forget(store, item.cache_id, args.cache_dir or store.root / "cache")
+        print(
+            f"Removed integration {item.name}: its cache entries and directory are deleted. {who} serves only "
+            f"its --upstream and never served {item.name}: it is unaffected, its connections stay.",
+            file=out,
+        )
+        return 0
     client = admin_client(running.address, store.root)
     try:
         try:
@@ -440,4 +492,11 @@ def _connection_string(store: IntegrationStore, args: argparse.Namespace, out: T
     if role not in store.passwords(item.cache_id):
         print(f"neonpoly: no password is stored for role {role}: the string carries none; psql asks for it",
               file=sys.stderr)
+    if not args.listen and not args.admin:
+        from neonpoly.control.attached import find_running
+
+        running = find_running(store.root)
+        if running is not None and running.upstream_only:
+            print(f"neonpoly: the neonpoly at {running.where} (pid {running.pid}) serves only its --upstream and "
+                  "refuses this string; restart it without --upstream to serve it", file=sys.stderr)
     return 0

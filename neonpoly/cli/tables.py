@@ -43,6 +43,10 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + ELLIPSIS
 
 
+# A number that has no meaning for its row (a hit rate with no cacheable read): aligned as one.
+NOT_APPLICABLE = "-"
+
+
 def render_table(
     columns: Sequence[str],
     rows: Sequence[Sequence[object]],
@@ -64,8 +68,8 @@ def render_table(
         for r in cells:
             r[i] = _clip(r[i], widths[i])
     numeric = [
-        bool(rows) and all((isinstance(row[i], int | float) and not isinstance(row[i], bool)) or row[i] is None
-                           for row in rows)
+        bool(rows) and all((isinstance(row[i], int | float) and not isinstance(row[i], bool))
+                           or row[i] is None or row[i] == NOT_APPLICABLE for row in rows)
         for i in range(len(columns))
     ]
 

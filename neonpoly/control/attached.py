@@ -160,6 +160,7 @@ class RunningNeonpoly:
 
     pid: int
     address: tuple[str, int]
+    upstream_only: bool = False  # a `serve --upstream`: the state dir's integrations are not its
 
     @property
     def where(self) -> str:
@@ -207,7 +208,8 @@ def find_running(root: Path) -> RunningNeonpoly | None:
     pid = StateLock(root).holder()
     if pid is None:
         return None
-    return RunningNeonpoly(pid, dialable(IntegrationStore(root).read().listen))
+    state = IntegrationStore(root).read()
+    return RunningNeonpoly(pid, dialable(state.listen), state.upstream_only)
 
 
 async def cache_connections(client: AdminClient, cache_id: str) -> int:

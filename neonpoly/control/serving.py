@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +36,16 @@ log = logging.getLogger("neonpoly.integrations")
 USER_ERRORS: tuple[type[Exception], ...] = (
     IntegrationError, DiscoveryError, NeonAPIError, PostgresError, ValueError
 )
+
+
+def listen_failure(host: str, port: int, exc: OSError, option: str = "--listen") -> str:
+    """One line for a listener that could not bind. asyncio's own text repeats the address
+    ("error while attempting to bind on address (…): address already in use")."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port}: something else listens there; give {option} another HOST:PORT"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}:{port}: no interface of this machine has that address ({option})"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 def _noop(step: str) -> None:
@@ -282,10 +293,12 @@ async def start_serving(
         integration_roles=integration_roles,
     )
     metrics: MetricsServer | None = None
+    binding = ("--metrics-listen", metrics_listen)  # which listener a failure is about
     try:
         if metrics_listen is not None:
             metrics = MetricsServer(service)
             await metrics.start(*metrics_listen)
+        binding = ("--listen", service.settings.listen)
         address = await service.start()
     except FeedUnavailable as exc:
         if metrics is not None:
@@ -298,10 +311,10 @@ async def start_serving(
             await metrics.close()
         await service.close(0)  # close the caches cleanly, or the next start distrusts them
         await runner.stop()
-        host, port = metrics_listen if metrics is None and metrics_listen is not None else service.settings.listen
-        raise ControlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        option, (host, port) = binding[0], binding[1] or service.settings.listen
+        raise ControlError(listen_failure(host, port, exc, option)) from exc
     if record_listen:  # `serve --workers`: the parent records it, once
-        IntegrationStore(root).set_listen(*address)
+        IntegrationStore(root).set_listen(*address, upstream_only=bool(upstream))
     follower = None
     if follow and not upstream:
         # Integrations added or removed from another shell take effect here within a second.

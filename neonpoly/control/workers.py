@@ -44,7 +44,7 @@ from typing import Any
 from neonpoly.admin.fleet import WorkerFleet, WorkerPlace
 from neonpoly.cache.siblings import SiblingBoard
 from neonpoly.control.interface import ControlError
-from neonpoly.control.serving import USER_ERRORS, EmbeddedRunner, Serving
+from neonpoly.control.serving import USER_ERRORS, EmbeddedRunner, Serving, listen_failure
 from neonpoly.defaults import ENV_WORKER
 from neonpoly.integrations.embedded_origin import EMBEDDED_DATABASE, EMBEDDED_USER
 from neonpoly.integrations.store import IntegrationStore, record_embedded
@@ -81,7 +81,7 @@ def check_port(host: str, port: int) -> int:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ControlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            raise ControlError(listen_failure(host, port, exc)) from exc
         return int(s.getsockname()[1])
 
 
@@ -317,7 +317,7 @@ class Supervisor:
                 self.workers.append(child)
                 pipes.append(fd)
             messages = await asyncio.gather(*(self._ready(c, fd) for c, fd in zip(self.workers, pipes, strict=True)))
-            IntegrationStore(plan.root).set_listen(plan.listen[0], port)
+            IntegrationStore(plan.root).set_listen(plan.listen[0], port, upstream_only=bool(plan.upstream))
             lines = messages[0].get("announce", [])
             self.announce([str(line) for line in lines] if isinstance(lines, list) else [])
             log.info(

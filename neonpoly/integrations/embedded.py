@@ -141,6 +141,9 @@ class LocalPostgres:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._socket_dir: Path | None = None
+        # True when start() found the postmaster already running (another process launched
+        # it): that process, not this object's caller, decides when it stops.
+        self.adopted = False
 
     # ----------------------------------------------------------------- properties
     @property
@@ -242,6 +245,7 @@ class LocalPostgres:
         self.ensure_initialized()
         if self._adopt_running_postmaster():
             return
+        self.adopted = False
         self._prepare_socket_dir()
         self._write_hba()
         self._install_tls()
@@ -447,6 +451,7 @@ class LocalPostgres:
         if self._explicit_port and port != self._explicit_port:
             raise PostgresError(f"cluster {self.data_dir} already runs on port {port}")
         self._pid, self.port = pid, port
+        self.adopted = True
         sock = lines[4] if len(lines) > 4 else ""
         self._socket_dir = Path(sock) if sock else None
         log.info("adopting running postgres pid %s on port %s", pid, port)

@@ -38,6 +38,15 @@ class EmbeddedOrigin:
         )
         return url + (f"&application_name={cache_id}" if cache_id else "")
 
+    @property
+    def adopted(self) -> bool:
+        """The cluster was already running (started by a serve, or left by one) when found."""
+        return self.cluster.adopted
+
+    @property
+    def pid(self) -> int | None:
+        return self.cluster.pid
+
     def stop(self) -> None:
         self.cluster.stop()
 

@@ -108,6 +108,9 @@ class Integration:
 class StateFile:
     integrations: tuple[Integration, ...] = ()
     listen: tuple[str, int] = DEFAULT_LISTEN
+    # The serve that recorded `listen` was given --upstream: it serves that URL alone, never
+    # this state dir's integrations (so `add`/`remove` change nothing it serves).
+    upstream_only: bool = False
 
 
 class IntegrationStore:
@@ -134,7 +137,7 @@ class IntegrationStore:
             host, _, port = raw.rpartition(":")
             if port.isdigit():
                 listen = (host, int(port))
-        return StateFile(items, listen)
+        return StateFile(items, listen, data.get("serves") == "upstream")
 
     def load(self) -> list[Integration]:
         return list(self.read().integrations)
@@ -159,6 +162,7 @@ class IntegrationStore:
         doc: dict[str, Any] = {
             "format": _FORMAT,
             "listen": f"{state.listen[0]}:{state.listen[1]}",
+            "serves": "upstream" if state.upstream_only else "state",
             "integrations": [i.to_toml() for i in state.integrations],
         }
         tmp = self.path.with_suffix(".toml.tmp")
@@ -191,10 +195,12 @@ class IntegrationStore:
         with contextlib.suppress(FileNotFoundError):
             self._secret_file(cache_id).unlink()
 
-    def set_listen(self, host: str, port: int) -> None:
-        """Remember where `serve` listens so `connection-string` prints the right address."""
-        if self.read().listen != (host, port):
-            self.update(lambda s: replace(s, listen=(host, port)))
+    def set_listen(self, host: str, port: int, *, upstream_only: bool = False) -> None:
+        """Remember where `serve` listens so `connection-string` prints the right address, and
+        whether it serves only its --upstream."""
+        state = self.read()
+        if (state.listen, state.upstream_only) != ((host, port), upstream_only):
+            self.update(lambda s: replace(s, listen=(host, port), upstream_only=upstream_only))
 
     def find(self, cache_id: str | None) -> Integration:
         """The integration with this cache id or name, or the only one when none is named.

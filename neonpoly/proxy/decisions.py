@@ -528,6 +528,13 @@ class CacheDecisions(ReadPasses):
             if resolution is None or resolution.runs_code is not None:
                 item.writes_everything = True
                 self._forget_identity()
+            why = resolution and (resolution.runs_code or resolution.volatile)
+            if why:
+                # Counted as its repeats will be (a system catalog, a sequence, code of the
+                # user's): never cacheable, so not a miss, which means a cacheable read the
+                # origin answered. Nor is it stored.
+                item.capture = None
+                item.stats = [_volatile(t, why) if t.status == _MISS else t for t in item.stats]
         if item.writes or item.writes_everything or item.keyed:
             self.tx_writes |= item.writes
             self.tx_keyed |= item.keyed
@@ -561,6 +568,13 @@ class CacheDecisions(ReadPasses):
         elapsed = time.monotonic() - item.started
         for ticket in item.stats:
             cache.record(ticket, elapsed, 0)
+
+
+_MISS = str(Status.MISS)
+
+
+def _volatile(ticket: StatTicket, why: str) -> StatTicket:
+    return StatTicket(ticket.template_id, ticket.template, ticket.tables, str(Status.VOLATILE), why)
 
 
 def _values(ref: KeyRef, values: BoundValues) -> list[int] | None:

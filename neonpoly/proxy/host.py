@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from neonpoly.proxy.routes import Route
+    from neonpoly.proxy.routes import Refusal, Route
     from neonpoly.proxy.state import SessionState
 
 # The session type: a host registers and forgets the very sessions it made.
@@ -31,7 +31,7 @@ class SessionHost(Protocol[S]):
     def login_timeout(self) -> float:
         """Seconds a client has to finish logging in (PostgreSQL's authentication_timeout)."""
 
-    def route_for(self, state: SessionState) -> tuple[Route | None, str | None]:
+    def route_for(self, state: SessionState) -> tuple[Route | None, Refusal | None]:
         """Where a session with this startup state goes, or None and why not."""
 
     def cancel(self, pid: int, secret: bytes, done: Callable[[], None] | None = None) -> None:

@@ -7,7 +7,7 @@ follows it. Both import this module, and it imports neither of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from neonpoly.proxy.origin import Origin
 
@@ -42,6 +42,13 @@ class Route:
     admin: AdminEndpoint | None = None
 
 
+class Refusal(NamedTuple):
+    """Why a session has no route: the FATAL's message, and a hint on how to get served."""
+
+    message: str
+    hint: str | None = None
+
+
 @dataclass(slots=True)
 class Routes:
     """The caches this listener serves, by cache id; `default` takes unnamed clients."""
@@ -51,3 +58,23 @@ class Routes:
     removed: set[str] = field(default_factory=set)
     admin: AdminEndpoint | None = None
     admin_database: str = "neonpoly"
+    # cache id -> the integration's name, for people (refusals name what is served by it).
+    names: dict[str, str] = field(default_factory=dict)
+
+    def served(self) -> str:
+        """What this listener serves and how to reach it, in one sentence (for refusals)."""
+        if not self.by_id:
+            return "this neonpoly serves no cache now: add an integration with `neonpoly integrations add`"
+        if list(self.by_id) == ["default"] and "default" not in self.names:
+            return (
+                f"this neonpoly serves only its --upstream {self.by_id['default'].origin.label} (connect without "
+                "application_name); `neonpoly serve` without --upstream serves the state dir's integrations"
+            )
+        listed = ", ".join(
+            f"{self.names[cid]} (application_name={cid})" if cid in self.names else f"application_name={cid}"
+            for cid in sorted(self.by_id, key=lambda c: (self.names.get(c, c), c))
+        )
+        return (
+            f"this neonpoly serves {listed}; `neonpoly connection-string NAME` prints one's string, "
+            "`neonpoly integrations add` adds another"
+        )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from neonpoly.defaults import DEFAULT_PORT, LOCALHOST
 from neonpoly.proxy.origin import Origin, send_cancel
-from neonpoly.proxy.routes import Route, Routes
+from neonpoly.proxy.routes import Refusal, Route, Routes
 from neonpoly.proxy.session import ClientSide, Session
 from neonpoly.proxy.state import SessionState
 
@@ -84,24 +84,21 @@ class ProxyServer:
         if self._on_change is not None:
             self._on_change()
 
-    def route_for(self, state: SessionState) -> tuple[Route | None, str | None]:
+    def route_for(self, state: SessionState) -> tuple[Route | None, Refusal | None]:
         routes = self.routes
         if state.database == routes.admin_database and routes.admin is not None:
             return Route("admin", Origin("admin", 0), admin=routes.admin), None
         name = state.application_name
         if name in routes.removed:
-            return None, f'neonpoly cache "{name}" was removed; add the integration again for a new connection string'
+            return None, Refusal(f'neonpoly cache "{name}" was removed', routes.served())
         route = routes.by_id.get(name)
         if route is None and routes.default is not None:
             if name and _looks_like_cache_id(name):
-                return None, f'no neonpoly cache with id "{name}"; run `neonpoly integrations list` to see the caches'
+                return None, Refusal(f'no neonpoly cache with id "{name}"', routes.served())
             route = routes.by_id.get(routes.default)
         if route is None:
-            return (
-                None,
-                "no neonpoly cache selected: connect with application_name=<cache id>"
-                " (see `neonpoly connection-string`)",
-            )
+            return None, Refusal("no neonpoly cache selected: connect with application_name=<cache id>",
+                                 routes.served())
         return route, None
 
     def connections(self, cache_id: str | None = None) -> list[Session]:

@@ -167,7 +167,9 @@ class Session(Relay):
         self.state.apply_startup(params)
         route, refusal = self.server.route_for(self.state)
         if route is None:
-            self.fail_client("3D000", refusal or "no such cache", "refused: unknown cache")
+            # 3D000 (invalid_catalog_name), as PostgreSQL answers a database it does not have.
+            message, hint = refusal or ("no such cache", None)
+            self.fail_client("3D000", message, "refused: unknown cache", hint=hint)
             return
         self.route = route
         if route.admin is not None:
@@ -279,12 +281,12 @@ class Session(Relay):
 
     # --- endings ----------------------------------------------------------------------
 
-    def fail_client(self, sqlstate: str, message: str, outcome: str) -> None:
+    def fail_client(self, sqlstate: str, message: str, outcome: str, *, hint: str | None = None) -> None:
         """Send one ErrorResponse and close: the protocol allows nothing else after it."""
         self.outcome = outcome
         if not self.closed and self.phase is not TLS:
             # Every error neonpoly itself sends ends the session, so it is FATAL.
-            self.client.write(pgwire.error_response(sqlstate, message, severity="FATAL"))
+            self.client.write(pgwire.error_response(sqlstate, message, severity="FATAL", hint=hint))
         self.close()
 
     def terminate(self, message: str, outcome: str) -> None:

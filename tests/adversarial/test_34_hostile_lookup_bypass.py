@@ -314,7 +314,9 @@ async def test_a_bypassed_read_that_changes_the_session_is_followed(pg: PgServer
         assert await twin.via.rows(sql, (90,)) == [("v",)]
         assert await twin.direct.rows(sql, (90,)) == [("v",)]
         (tpl,) = [x for x in cache.stats.snapshot().templates if f"FROM {view} WHERE" in x.template]
-        assert tpl.last_status == "miss" and (tpl.last_reason or "").startswith("not looked up"), tpl
+        # Sent bypassed (not looked up) while the DDL had the view unknown; once the catalog
+        # said it runs code it counts as its repeats will: volatile, not a miss.
+        assert tpl.last_status == "volatile" and "runs code" in (tpl.last_reason or ""), tpl
         await twin.check(items, why="after a bypassed read moved the search_path")
         await twin.check(items, why="again")
 

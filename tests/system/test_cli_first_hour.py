@@ -47,10 +47,10 @@ async def test_admin_command_without_a_serve_names_the_state_dir(state_root: Pat
     IntegrationStore(state_root).set_listen("127.0.0.1", port)
     status, _, err = await admin_cli(capsys, "stats")
     assert status == 2
-    assert err.splitlines()[-1] == (
-        f"hint: no neonpoly serves the state dir {state_root}: "
-        "start `neonpoly serve`, or give its --state-dir or --admin"
-    ), err
+    assert err.splitlines() == [
+        f"neonpoly: cannot reach neonpoly at 127.0.0.1:{port}: connection refused; no neonpoly serves the state "
+        f"dir {state_root}: start `neonpoly serve`, or give its --state-dir or --admin"
+    ], err  # one line, the hint after the message
 
 
 def _service(root: Path) -> ProxyService:

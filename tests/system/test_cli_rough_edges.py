@@ -204,10 +204,12 @@ async def test_state_dir_option_wins_over_the_environment(
 # -- 4. errors print once; identifiers are quoted ----------------------------------------
 
 
-async def test_admin_error_prints_message_and_one_hint(serving: Serving, capsys: Captured) -> None:
+async def test_an_unknown_cache_is_one_line_naming_the_served_ones(serving: Serving, capsys: Captured) -> None:
+    # Before: 'no cache "nosuch"' and "hint: SHOW CACHES lists them", a statement for psql.
     status, out, err = await admin_cli(capsys, "stats", "--cache", "nosuch")
     assert status == 1 and out == ""
-    assert err.splitlines() == ['neonpoly: no cache "nosuch"', "hint: SHOW CACHES lists them"], err
+    listed = ", ".join(f"{name} ({cid})" for name, cid in sorted(serving.cache_ids.items(), key=lambda x: x[1]))
+    assert err.splitlines() == [f'neonpoly: no cache "nosuch"; --cache takes one of: {listed}'], err
 
 
 async def test_quotes_in_names_reach_the_console_intact(serving: Serving, capsys: Captured) -> None:

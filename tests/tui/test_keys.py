@@ -11,7 +11,7 @@ from neonpoly.tui.app import ConsoleApp
 from neonpoly.tui.screens.add_drawer import AddPolyScaleDrawer
 from neonpoly.tui.screens.cache_view import CacheViewScreen
 from neonpoly.tui.screens.confirm import ConfirmModal
-from neonpoly.tui.screens.help import HelpScreen
+from neonpoly.tui.screens.help import MORE, HelpScreen
 from neonpoly.tui.screens.integrations import IntegrationsScreen
 from neonpoly.tui.screens.manage_drawer import ManagePolyScaleDrawer
 from neonpoly.tui.screens.template_details import TemplateDetailsModal
@@ -128,6 +128,28 @@ async def test_help_prose_wraps_inside_the_card(size: tuple[int, int]) -> None:
         assert about.size.width <= card.content_region.width  # never past the card's edge
         assert about.size.height >= 3  # the whole sentence, wrapped
         assert "writes around it do not." in str(about.content)
+
+
+async def test_help_says_more_keys_follow_until_scrolled_to_the_end() -> None:
+    app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause()
+        card = app.screen.query_one("#help")
+        assert card.border_subtitle == MORE  # about half the keys fit at 80x24
+        for _ in range(4):  # the keys the cue names scroll the card: it has the focus
+            await pilot.press("pagedown")
+        await pilot.pause()
+        assert card.scroll_y == card.max_scroll_y > 0 and card.border_subtitle == ""
+        await pilot.press("pageup")
+        await pilot.pause()
+        assert card.border_subtitle == MORE
+    app = ConsoleApp(DemoControl(configured=True), refresh_seconds=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause()
+        card = app.screen.query_one("#help")
+        assert card.max_scroll_y == 0 and card.border_subtitle == ""  # all of it shows: no cue
 
 
 async def test_sign_in_error_is_inline_and_retry_recovers() -> None:

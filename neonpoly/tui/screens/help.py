@@ -44,6 +44,10 @@ ABOUT = (
 )
 
 
+# On the card's bottom border while keys remain below.
+MORE = "↓ more below: ↓ pgdn or scroll"
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [
         Binding("escape", "dismiss", "Close"),
@@ -60,3 +64,18 @@ class HelpScreen(ModalScreen[None]):
             yield Label(ABOUT, classes="muted about")
             yield Label("esc close", classes="hint")
         yield Footer()
+
+    def on_mount(self) -> None:
+        box = self.query_one("#help", VerticalScroll)
+        box.focus()  # so ↓ and pgdn scroll it, as the cue says
+        # At 80x24 the card holds about half the keys, and nothing said that more follow.
+        self.watch(box, "scroll_y", self._cue, init=False)
+        self.watch(box, "virtual_size", self._cue, init=False)
+        self.call_after_refresh(self._cue)
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._cue)
+
+    def _cue(self, *_: object) -> None:
+        box = self.query_one("#help", VerticalScroll)
+        box.border_subtitle = MORE if box.scroll_y < box.max_scroll_y else ""
