@@ -173,7 +173,9 @@ async def test_requests_pipelined_behind_a_memo_passed_read_are_answered_in_orde
     async with memo_world(pg, tmp_path, monkeypatch) as (_proxy, spied, decided, table, raw):
         twin = await _twin(pg, table)
         script = [
+            "SELECT id, name FROM {t} WHERE id = 39",  # a hit: answerable at once, yet after
             "UPDATE {t} SET name = 'w20' WHERE id = 20",
+            "SELECT id, name FROM {t} WHERE id = 39",
             "SELECT name FROM {t} WHERE id = 20",
             "SELECT 1/0",
             "SELECT name FROM {t} WHERE id = 21",
@@ -191,6 +193,11 @@ async def test_requests_pipelined_behind_a_memo_passed_read_are_answered_in_orde
             for sql in ["SELECT name FROM {t} WHERE id = 20", *script]:
                 direct.send(query(sql.format(t=twin)))
                 expected.append(_answer(await direct.until_ready()))
+            for _ in range(3):  # stored, then a hit
+                raw.send(query(f"SELECT id, name FROM {table} WHERE id = 39"))
+                assert rows(await raw.until_ready()) == [[b"39", b"name 39"]]
+            raw.send(query(f"SELECT name FROM {table} WHERE id = 19"))  # the memo again
+            await raw.until_ready()
             tx = locker.transaction()
             await tx.start()
             await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
@@ -209,8 +216,8 @@ async def test_requests_pipelined_behind_a_memo_passed_read_are_answered_in_orde
             raw.send(query(f"SELECT name FROM {table} WHERE id = 21"))
             assert rows(await raw.until_ready()) == [[b"w21"]]
             counted = spied.statuses(f"SELECT name FROM {table} WHERE id =")
-            # Each read counted once: 5 to make the memo, the memo's, 5 behind it, the last.
-            assert sum(counted.values()) == 12 and counted["miss"] >= 7
+            # Each read counted once: 5 to make the memo, 19, the memo's, 5 behind it, the last.
+            assert sum(counted.values()) == 13 and counted["miss"] >= 8
         finally:
             await locker.close()
             await direct.close()
