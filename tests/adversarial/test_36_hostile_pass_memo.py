@@ -21,6 +21,7 @@ import pytest
 from neonpoly import pgwire
 from neonpoly.cache import policy
 from neonpoly.proxy.passes import ReadPasses
+from neonpoly.proxy.session import Session
 from tests.adversarial.batch_memo import FLUSH
 from tests.adversarial.rawpg import Raw, bind, execute, parse, query, rows
 from tests.pgharness import PgServer
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.skipif(
     reason="sets the in-process cache's bypass window",
 )
 
+drained: list[bool] = []  # what each ended session's `_drain_origin` said (True: drained)
 Answer = list[tuple[bytes, list[list[bytes | None]]]]
 
 
@@ -61,6 +63,14 @@ async def memo_world(
             return done
 
         monkeypatch.setattr(ReadPasses, "_pass_by_memo", spied_pass)
+        drain = Session._drain_origin
+
+        def spied_drain(self: Session, origin: asyncio.Transport) -> bool:
+            kept = drain(self, origin)
+            drained.append(kept)
+            return kept
+
+        monkeypatch.setattr(Session, "_drain_origin", spied_drain)
         raw = await Raw.connect(proxy.port)
         try:
             for key in range(1, 6):  # 4 misses bypass it; the 5th is passed and makes the memo
@@ -376,4 +386,59 @@ async def test_clients_leaving_with_memo_passed_reads_or_writes_outstanding_leav
             assert len(proxy.service.server.sessions) == 1
         finally:
             await locker.close()
+            await watcher.close()
+
+
+async def test_a_client_gone_in_the_middle_of_copy_from_stdin_leaves_no_backend(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client gone while its COPY FROM STDIN (a write) waits for data: the origin
+    connection is drained (the write is outstanding), and its backend must end at once, as it
+    does when the connection closes, not wait for data that never comes."""
+    async with memo_world(pg, tmp_path, monkeypatch) as (proxy, _spied, _texts, table, _raw):
+        watcher = await asyncpg.connect(**pg.dsn("postgres", "app"))
+        try:
+            baseline = await _backends(watcher)
+            client = await Raw.connect(proxy.port)
+            client.send(query(f"COPY {table} FROM STDIN"))
+            assert (await client.message())[0] == b"G"
+            client.send(pgwire.frame(b"d", b"100\tcopied\n"))
+            await client.writer.drain()
+            await asyncio.sleep(0.05)
+            del drained[:]
+            client.writer.close()  # gone without a Terminate
+            for _ in range(100):
+                if await _backends(watcher) == baseline:
+                    break
+                await asyncio.sleep(0.02)
+            assert await _backends(watcher) == baseline
+            assert await watcher.fetchval(f"SELECT count(*) FROM {table} WHERE id = 100") == 0
+            assert drained == [True]  # its origin connection was left to the backend
+        finally:
+            await watcher.close()
+
+
+async def test_a_client_gone_after_a_failed_write_in_a_flushed_batch_leaves_no_backend(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write sent with Flush (no Sync) fails; the backend now skips every message up to a
+    Sync, a Terminate too. The client gone then, its backend must still end at once."""
+    async with memo_world(pg, tmp_path, monkeypatch) as (proxy, _spied, _texts, table, _raw):
+        watcher = await asyncpg.connect(**pg.dsn("postgres", "app"))
+        try:
+            baseline = await _backends(watcher)
+            client = await Raw.connect(proxy.port)
+            client.send(parse("", f"UPDATE {table} SET name = 'x' WHERE id = 1/0"), bind("", ""), execute(""), FLUSH)
+            kinds = b""
+            while not kinds.endswith(b"E"):
+                kinds += (await client.message())[0]
+            del drained[:]
+            client.writer.close()  # gone without a Terminate
+            for _ in range(100):
+                if await _backends(watcher) == baseline:
+                    break
+                await asyncio.sleep(0.02)
+            assert await _backends(watcher) == baseline
+            assert drained == [True]  # its origin connection was left to the backend
+        finally:
             await watcher.close()
