@@ -23,7 +23,7 @@ from neonpoly.cache import policy
 from neonpoly.proxy.passes import ReadPasses
 from neonpoly.proxy.session import Session
 from tests.adversarial.batch_memo import FLUSH
-from tests.adversarial.rawpg import Raw, bind, execute, parse, query, rows
+from tests.adversarial.rawpg import SYNC, Raw, bind, execute, parse, query, rows
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy
 from tests.proxy.test_cache_hits import make_table
@@ -442,3 +442,55 @@ async def test_a_client_gone_after_a_failed_write_in_a_flushed_batch_leaves_no_b
             assert drained == [True]  # its origin connection was left to the backend
         finally:
             await watcher.close()
+
+
+async def _through(raw: Raw, readies: int) -> list[tuple[bytes, list[list[bytes | None]]]]:
+    return [_answer(await raw.until_ready()) for _ in range(readies)]
+
+
+async def test_extended_batches_and_settings_pipelined_behind_a_memo_passed_read(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a memo-passed read held by a lock, each in its own packet: a write with Flush
+    (no Sync), a simple read of the slot (which commits the write), its Sync, a SET, a failing
+    extended read and the slot again: the same answers as a direct connection's."""
+    async with memo_world(pg, tmp_path, monkeypatch) as (_proxy, spied, decided, table, raw):
+        twin = await _twin(pg, table)
+
+        def script(t: str) -> list[bytes]:
+            return [
+                parse("", f"UPDATE {t} SET name = 'ext' WHERE id = 24") + bind("", "") + execute("") + FLUSH,
+                query(f"SELECT name FROM {t} WHERE id = 24"),
+                SYNC,
+                query("SET application_name = 'hostile36'"),
+                parse("", "SELECT 1/0") + bind("", "") + execute("") + SYNC,
+                query(f"SELECT name FROM {t} WHERE id = 24"),
+                parse("", f"SELECT name FROM {t} WHERE id = 25") + bind("", "") + execute("") + SYNC,
+            ]
+
+        readies = 7  # the held read, then each frame group but the Flushed one
+        direct = await Raw.connect(pg.port)
+        locker = await asyncpg.connect(**pg.dsn("postgres", "app"))
+        try:
+            direct.send(query(f"SELECT name FROM {twin} WHERE id = 23"))
+            for frames in script(twin):
+                direct.send(frames)
+            expected = await _through(direct, readies)
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            seen, passed = len(decided), spied.cache.bypass.passed
+            raw.send(query(f"SELECT name FROM {table} WHERE id = 23"))
+            await _wait_passed(spied, passed)
+            assert len(decided) == seen  # passed from the memo, its answer outstanding
+            for frames in script(table):
+                raw.send(frames)
+                await raw.writer.drain()
+                await asyncio.sleep(0.005)
+            await tx.rollback()
+            assert await _through(raw, readies) == expected
+            raw.send(query(f"SELECT name FROM {table} WHERE id = 24"))
+            assert rows(await raw.until_ready()) == [[b"ext"]]
+        finally:
+            await locker.close()
+            await direct.close()
