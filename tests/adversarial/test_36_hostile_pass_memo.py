@@ -82,13 +82,13 @@ async def memo_world(
             await raw.close()
 
 
-def memo_passed(session: object, digits: bytes) -> bool:
+def memo_passed(session: Session, digits: bytes) -> bool:
     """Whether the session's last memo-passed Query ended with these bytes."""
     return bool(getattr(session, "last_memo_pass", b"").endswith(digits + b"\x00"))
 
 
-def raw_session(proxy: CachingProxy) -> object:
-    (session,) = [s for s in proxy.service.server.sessions if getattr(s, "pass_memo", None) is not None]  # type: ignore[attr-defined]
+def raw_session(proxy: CachingProxy) -> Session:
+    (session,) = [s for s in proxy.service.server.sessions if s.pass_memo is not None]
     return session
 
 
@@ -312,7 +312,7 @@ async def test_a_notification_and_a_cancel_during_a_memo_passed_read(
             await _wait_passed(spied, passed)
             assert len(decided) == seen
             session = raw_session(proxy)
-            pid, secret = session.proxy_key  # type: ignore[attr-defined]
+            pid, secret = session.proxy_key
             _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(pgwire.cancel_request(pid, secret))
             await writer.drain()
