@@ -27,16 +27,14 @@ again would only repeat them (and ask the store a second time).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from neonpoly.cache.bypass import LookupScore
-    from neonpoly.cache.entry import CacheEntry
-    from neonpoly.cache.policy import Classification
-    from neonpoly.cache.query_cache import QueryCache
-    from neonpoly.cache.relations import Resolution
-    from neonpoly.proxy.identity import Identity
-    from neonpoly.stats import HitTally
+from neonpoly.cache.bypass import LookupScore
+from neonpoly.cache.entry import CacheEntry
+from neonpoly.cache.policy import Classification
+from neonpoly.cache.query_cache import QueryCache
+from neonpoly.cache.relations import Resolution
+from neonpoly.proxy.identity import Identity
+from neonpoly.stats import HitTally
 
 TTL_RECHECK = 1.0  # seconds between a memo's questions to ttl_for (RulePolicy memoises as long)
 # Per session: the hot set of one client. Only hits are remembered (a few hundred bytes each).
@@ -80,6 +78,12 @@ class HitMemo:
     # book answers (`Relay._answer_memo` checks it first: a book that learns or forgets
     # answers with new ones). None: not worked out yet.
     names: frozenset[str] | None = None
+
+
+# What `hit_seen` is reset to before a call that may set it: typed, unlike a literal None, so
+# mypy does not take the attribute for None after the call (a mypyc build would then check it
+# is None, and fail on the memo the call set).
+NO_HIT: HitMemo | None = None
 
 
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:
