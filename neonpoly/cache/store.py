@@ -13,7 +13,6 @@ The names other modules use are importable from here.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -54,10 +53,8 @@ class TieredStore(GenerationsFacade):
         self.l2 = l2
         self.generations = l2.generations
         l1.bind_generations(l2.generations)
-        # Asked for every repeat of a hit: the L1's own method, one call less. (A mypyc-compiled
-        # class has no instance dict and refuses it: it keeps `holds` below.)
-        with contextlib.suppress(AttributeError):
-            self.holds = l1.holds  # type: ignore[method-assign]
+        # Asked for every repeat of a hit: the L1's own method, one call less.
+        self.holds = l1.holds  # type: ignore[method-assign]
 
     def accepts(self, size: int) -> bool:
         return self.l1.accepts(size) and self.l2.accepts(size)

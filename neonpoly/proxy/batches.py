@@ -19,19 +19,22 @@ import hashlib
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
-from neonpoly.cache.bypass import LookupScore
 from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.policy import Status
-from neonpoly.cache.query_cache import QueryCache
-from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
 from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
 from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT
-from neonpoly.proxy.identity import Identity
 from neonpoly.proxy.pending import Pending
+
+if TYPE_CHECKING:
+    from neonpoly.cache.bypass import LookupScore
+    from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.cache.relations import Resolution
+    from neonpoly.proxy.identity import Identity
 
 _LENGTH = struct.Struct("!i")
 # Lone batches remembered per session (see BatchMemo): a driver's statements, like MAX_SHAPES.

@@ -13,19 +13,22 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
 from neonpoly.cache import keys, queries
-from neonpoly.cache.bypass import LookupScore
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.keys import KeyRef
 from neonpoly.cache.policy import Classification, Status, classify, keys_for
-from neonpoly.cache.query_cache import QueryCache
 from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TARGET_STATEMENT, TX_IDLE
 from neonpoly.proxy.hits import HitMemo, hit_tallies
 from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.writes import WRITE_INITIALS, WriteMemos
+
+if TYPE_CHECKING:
+    from neonpoly.cache.bypass import LookupScore
+    from neonpoly.cache.query_cache import QueryCache
 
 
 # Not frozen: one is made for every request, and a frozen dataclass's __init__ (one

@@ -27,14 +27,16 @@ again would only repeat them (and ask the store a second time).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from neonpoly.cache.bypass import LookupScore
-from neonpoly.cache.entry import CacheEntry
-from neonpoly.cache.policy import Classification
-from neonpoly.cache.query_cache import QueryCache
-from neonpoly.cache.relations import Resolution
-from neonpoly.proxy.identity import Identity
-from neonpoly.stats import HitTally
+if TYPE_CHECKING:
+    from neonpoly.cache.bypass import LookupScore
+    from neonpoly.cache.entry import CacheEntry
+    from neonpoly.cache.policy import Classification
+    from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.cache.relations import Resolution
+    from neonpoly.proxy.identity import Identity
+    from neonpoly.stats import HitTally
 
 TTL_RECHECK = 1.0  # seconds between a memo's questions to ttl_for (RulePolicy memoises as long)
 # Per session: the hot set of one client. Only hits are remembered (a few hundred bytes each).
@@ -81,8 +83,8 @@ class HitMemo:
 
 
 # What `hit_seen` is reset to before a call that may set it: typed, unlike a literal None, so
-# mypy does not take the attribute for None after the call (a mypyc build would then check it
-# is None, and fail on the memo the call set).
+# mypy does not take the attribute for None after the call (it would call the check that
+# follows unreachable, and not type-check it; a mypyc build would fail there).
 NO_HIT: HitMemo | None = None
 
 

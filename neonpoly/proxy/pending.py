@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from neonpoly.cache.capture import Capture, StatTicket
-from neonpoly.cache.query_cache import QueryCache
 from neonpoly.proxy.extended import BookOp
-from neonpoly.proxy.hits import HitMemo
-from neonpoly.proxy.identity import Identity
+
+if TYPE_CHECKING:
+    from neonpoly.cache.query_cache import QueryCache
+    from neonpoly.proxy.hits import HitMemo
+    from neonpoly.proxy.identity import Identity
 
 
 @dataclass(slots=True, frozen=True)

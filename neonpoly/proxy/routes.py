@@ -7,11 +7,13 @@ follows it. Both import this module, and it imports neither of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from neonpoly import pgwire
-from neonpoly.cache.query_cache import QueryCache
 from neonpoly.proxy.origin import Origin
+
+if TYPE_CHECKING:
+    from neonpoly import pgwire
+    from neonpoly.cache.query_cache import QueryCache
 
 
 class AdminHandler(Protocol):
