@@ -27,7 +27,7 @@ from neonpoly.cache.policy import Status
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
 from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
-from neonpoly.proxy.hits import MAX_MEMOS
+from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT
 from neonpoly.proxy.pending import Pending
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class BatchHandling(CacheDecisions):
         material = hashlib.blake2b(memo.before + tail + memo.after, digest_size=32).digest()
         key = cache.key(state.context(), b"X" + material)  # as `_sync` keys it
         payload = cache.lookup(key, score)
-        self.hit_seen = None
+        self.hit_seen = NO_HIT
         if payload is not None:
             if plan.executes:
                 self._answer_locally(payload, plan.executed, item)

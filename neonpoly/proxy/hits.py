@@ -82,6 +82,12 @@ class HitMemo:
     names: frozenset[str] | None = None
 
 
+# What `hit_seen` is reset to before a call that may set it: typed, unlike a literal None, so
+# mypy does not take the attribute for None after the call (it would call the check that
+# follows unreachable, and not type-check it; a mypyc build would fail there).
+NO_HIT: HitMemo | None = None
+
+
 def hit_tallies(cache: QueryCache, infos: list[tuple[str, str, tuple[str, ...]]]) -> tuple[HitTally, ...]:
     return tuple(cache.stats.tally(cache.cache_id, template_id, template, tables)
                  for template_id, template, tables in infos)  # fmt: skip

@@ -37,7 +37,7 @@ from neonpoly.pgwire import (
 )
 from neonpoly.proxy.batches import BatchHandling
 from neonpoly.proxy.extended import BATCHED
-from neonpoly.proxy.hits import MAX_MEMOS, TTL_RECHECK, HitMemo
+from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT, TTL_RECHECK, HitMemo
 from neonpoly.proxy.pending import Pending
 from neonpoly.proxy.state import READY
 
@@ -120,7 +120,7 @@ class Relay(BatchHandling):
             return
         out: list[bytes] = []
         fresh = not batch.messages and self.stream is None  # buf starts a request
-        self.hit_seen = None
+        self.hit_seen = NO_HIT
         # Where in buf the batch being collected starts, when all of it is in buf (-1: not):
         # a batch forwarded as received goes out as these bytes, not framed again.
         batch_from = -1
@@ -179,7 +179,7 @@ class Relay(BatchHandling):
         (cbuf empty, no batch or stream open, a cache on the route): the most common read,
         a first sighting (a miss) most of all, spared the frame list and the loop."""
         out: list[bytes] = []
-        self.hit_seen = None
+        self.hit_seen = NO_HIT
         self._query(data[5:], data, out)
         if self.hit_seen is not None:
             self._remember_hit([(MSG_QUERY, 0, len(data))], data, True)
