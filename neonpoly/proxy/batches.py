@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from neonpoly import pgwire
 from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.policy import Status
-from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TX_IDLE
+from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_PARSE, MSG_QUERY, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
 from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
 from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT
@@ -114,6 +114,7 @@ class BatchHandling(CacheDecisions):
             or state.bypass is not None
             or self.pending
             or self.batch_open
+            or self.unsynced
         ):
             self.lone_shape = shape
             return False
@@ -234,7 +235,7 @@ class BatchHandling(CacheDecisions):
         if self.stream is not None:
             out.append(raw)
             self.stream = None
-            self.batch_open = False
+            self.batch_open = self.unsynced = False
             self.book.synced()
             return
         batch = self.batch.take()
@@ -273,7 +274,7 @@ class BatchHandling(CacheDecisions):
             # Not after messages ended by Flush went to the origin (asyncpg's Parse/Describe/
             # Flush): it runs them in an implicit transaction that only their Sync ends, and
             # answered here that Sync would never reach it (its locks held, invalidations unread).
-            if payload is not None and not plan.forward and not self._busy() and not self.batch_open:
+            if payload is not None and not plan.forward and not self._busy() and not (self.batch_open or self.unsynced):
                 self.book.after_local(plan)
                 if plan.executes:
                     self._answer_locally(payload, plan.executed, item)
@@ -312,6 +313,7 @@ class BatchHandling(CacheDecisions):
             out.extend(pgwire.frame(t, b) for t, b in batch)
         out.append(raw)
         self.batch_open = flush  # a Flush leaves the batch (its portals, its transaction) open
+        self.unsynced = flush  # a Sync ends what the origin skips after an error, a Flush not
         if not flush:
             self.book.synced()
 
@@ -354,13 +356,19 @@ class BatchHandling(CacheDecisions):
         item.swallow = len(deferred)
         item.book_ops.extend(self.book.after_forward(plan))
         item.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
+        item.answers = sum(_answers(t, b) for t, b in batch)
+        item.streaming = True
         self.pending.append(item)
         self.stream = item
+        self.unsynced = True
         out.extend(deferred)
         out.extend(pgwire.frame(t, b) for t, b in batch)
 
     def _stream_frame(self, mtype: int, body: bytes, raw: bytes, out: list[bytes]) -> None:
         assert self.stream is not None
+        if mtype == MSG_QUERY:
+            self._query_in_batch(body, raw, out)
+            return
         if mtype in BATCHED:
             plan = self.book.plan([(mtype, body)])
             self._plan_effects(plan, self.stream, None)
@@ -370,8 +378,57 @@ class BatchHandling(CacheDecisions):
             self.stream.swallow += len(deferred)
             self.stream.book_ops.extend(self.book.after_forward(plan))
             self.stream.deallocates.extend(self.book.deallocating(name) for name in plan.deallocates)
+            self.stream.answers += _answers(mtype, body)
             out.extend(deferred)
         out.append(raw)
+
+    def _query_in_batch(self, body: bytes, raw: bytes, out: list[bytes]) -> None:
+        """A simple Query sent after extended messages and before their Sync. PostgreSQL
+        runs it in the batch's implicit transaction, commits that, and answers it with a
+        ReadyForQuery of its own; but when a message of the batch before it failed, it skips
+        it unanswered up to the Sync. So a stream open before it ends after the messages that
+        end its answers (counted, rows aside), and the Query is a request of its own that may
+        be skipped (`in_batch`: see `_origin_frames`), carrying the stream's writes (its end
+        is their commit). Until the Sync, every Query is such a one (`unsynced`)."""
+        stream = self.stream
+        if stream is None and self.batch.messages:
+            self._open_stream(out)  # collected, not yet forwarded: they go first
+            stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.streaming = False
+            stream.flush = stream.ends_only = True
+            # Ends after its answers still to come; after an error, at the Sync's ReadyForQuery.
+            stream.expect = None if stream.error else stream.answers - stream.answered
+            if stream.expect == 0 and stream in self.pending:
+                self.pending.remove(stream)  # answered already (`_complete` evicts again: early,
+                self._complete(stream)  # so the Query carries its writes, below)
+        self.batch_open = True  # never answered from the cache (`_query`)
+        before = len(self.pending)
+        self._query(body, raw, out)
+        self.batch_open = False  # the Query ends the batch's transaction (or is skipped to the Sync)
+        if len(self.pending) > before:
+            item = self.pending[-1]
+            item.in_batch = True
+            item.capture = None  # it ran in the batch's transaction: not stored
+            if stream is not None:
+                item.writes |= stream.writes
+                item.keyed |= stream.keyed
+                item.writes_everything |= stream.writes_everything
+
+
+# The messages that end the origin's answer to one extended message (`_answers`): a counted
+# stream's rows and COPY data are not counted (relay.py).
+ENDS_ANSWER = frozenset(b"123tTnCIs")
+
+
+def _answers(mtype: int, body: bytes) -> int:
+    """How many messages end the origin's answers to an extended message: Parse, Bind, Close
+    and Execute one each (CommandComplete, EmptyQueryResponse or PortalSuspended ends an
+    Execute's rows), Describe of a statement two (parameters, then rows or NoData)."""
+    if mtype == MSG_DESCRIBE:
+        return 2 if body[:1] == b"S" else 1
+    return 1
 
 
 def _plain(plan: BatchPlan) -> bool:

@@ -40,6 +40,9 @@ class SessionCore:
         self.inflight = 0
         self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
         self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)
+        # Extended messages forwarded with no Sync since (a Flush, a stream), even when a simple
+        # Query ended their transaction: after an error the origin skips everything to the Sync.
+        self.unsynced = False
         self.book = StatementBook()  # the session's prepared statements (DEALLOCATE reaches them too)
         self.cancels = CancelGate(self.pending)
         # The key the client sees for cancels: the origin's real backend PID (so that

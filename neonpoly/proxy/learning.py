@@ -87,8 +87,9 @@ class IdentityLearning(SessionCore):
 
     def _at_boundary(self) -> bool:
         """No transaction and no extended batch open at the origin: neonpoly's own Parse/Bind/
-        Sync would end the client's implicit transaction and replace its unnamed portal."""
-        return self.state.tx_status == TX_IDLE and not self.batch_open and self.stream is None
+        Sync would end the client's implicit transaction and replace its unnamed portal, or
+        (`unsynced`) end what the origin skips after an error up to the client's Sync."""
+        return self.state.tx_status == TX_IDLE and not self.batch_open and self.stream is None and not self.unsynced
 
     def _forget_identity(self) -> None:
         """Something may have changed who the session is: stop caching until the server says."""

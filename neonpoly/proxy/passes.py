@@ -120,6 +120,7 @@ class ReadPasses(WriteMemos):
             or self.pending
             or self.inflight
             or self.batch_open
+            or self.unsynced
             or self.batch.messages
             or self.stream is not None
             or self.relations_wanted

@@ -64,6 +64,15 @@ class Pending:
     # (None once an error means the origin now skips to the next Sync's ReadyForQuery).
     flush: bool = False
     expect: int | None = None
+    # A stream cut by a simple Query before its Sync (batches.py `_query_in_batch`): its
+    # `expect` counts only the messages that end each request's answer (rows are not counted).
+    ends_only: bool = False
+    streaming: bool = False  # an open stream's: answers counted as they come (`answered`)
+    answers: int = 0  # a stream's: the answer-ending messages of what it forwarded so far
+    answered: int = 0  # of those, the ones the origin sent
+    # A simple Query sent inside an extended batch before its Sync: PostgreSQL skips it,
+    # unanswered, when a message of the batch before it failed (it skips to the Sync).
+    in_batch: bool = False
     stats: list[StatTicket] = field(default_factory=list)
     # neonpoly's own catalog lookups (cache/relations.py, identity.py): swallowed, never forwarded.
     lookup: list[str] | None = None

@@ -35,7 +35,7 @@ from neonpoly.pgwire import (
     MSG_TERMINATE,
     TX_IDLE,
 )
-from neonpoly.proxy.batches import BatchHandling
+from neonpoly.proxy.batches import ENDS_ANSWER, BatchHandling
 from neonpoly.proxy.extended import BATCHED
 from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT, TTL_RECHECK, HitMemo
 from neonpoly.proxy.pending import Pending
@@ -92,6 +92,7 @@ class Relay(BatchHandling):
                 and len(data) > 5
                 and not batch.messages
                 and self.stream is None
+                and not self.unsynced
                 and self.route is not None
                 and self.route.cache is not None
                 and 4 <= _LENGTH.unpack_from(data, 1)[0] == len(data) - 1 <= pgwire.SMALL_MESSAGE_LIMIT
@@ -151,7 +152,8 @@ class Relay(BatchHandling):
                 batch_from = -1
             elif mtype == MSG_QUERY:
                 batch_from = -1
-                self._query(buf[start + 5 : end], buf[start:end], out)
+                feed = self._query_in_batch if batch.messages or self.unsynced else self._query
+                feed(buf[start + 5 : end], buf[start:end], out)
             elif mtype == MSG_TERMINATE:
                 out.append(buf[start:end])
                 self.outcome = "client terminated"
@@ -217,6 +219,7 @@ class Relay(BatchHandling):
             or self.pending
             or self.stream is not None
             or self.batch_open
+            or self.unsynced
             or self.batch.messages
         ):
             return False
@@ -310,8 +313,7 @@ class Relay(BatchHandling):
         it came. One walk over the frames before the ReadyForQuery that lands exactly on it
         proves the shape; anything else (False: nothing done) is `_origin_fast`'s.
 
-        This is the pass-through's per-answer work, so it is kept to the fewest steps: in the
-        real process every bytecode here costs several times what it costs in a loop."""
+        The pass-through's per-answer work: kept to the fewest steps (each costs dear here)."""
         tail = len(data) - 6
         if tail < 0 or not data.startswith(_READY_HEAD, tail):
             return False
@@ -354,6 +356,7 @@ class Relay(BatchHandling):
                 or head.identity is not None
                 or head.swallow
                 or head.flush
+                or head.streaming
                 or head.confirmed != len(head.book_ops)
             ):
                 return False
@@ -481,7 +484,7 @@ class Relay(BatchHandling):
                 # Nothing to capture, swallow or count: only errors and settings matter.
                 plain = (
                     head is not None and head.capture is None and not head.swallow and not head.flush
-                    and head.confirmed == len(head.book_ops)
+                    and head.confirmed == len(head.book_ops) and not head.streaming
                 )
             if own:
                 assert head is not None
@@ -503,9 +506,9 @@ class Relay(BatchHandling):
                 cut = end
                 if self.inflight:
                     self.inflight -= 1
-                # Flush batches still open here failed: the origin skipped to this Sync.
+                # Flush batches still open here failed: the origin skipped to this Sync (and Queries in them).
                 skipped = False
-                while pending and pending[0].flush and pending[0].local is None:
+                while pending and pending[0].local is None and (pending[0].flush or (skipped and pending[0].in_batch)):
                     failed = pending.popleft()
                     failed.error = skipped = True
                     self._complete(failed)
@@ -538,7 +541,11 @@ class Relay(BatchHandling):
             elif mtype == MSG_PARAMETER_STATUS:
                 self._parameter(buf[start + 5 : end])
             capture = head.capture
-            if head.flush and head.expect is not None and mtype not in _NOT_PAYLOAD:
+            if head.streaming and mtype in ENDS_ANSWER:
+                head.answered += 1  # (batches.py `_query_in_batch`)
+            if head.flush and head.expect is not None and mtype not in _NOT_PAYLOAD and (
+                not head.ends_only or mtype in ENDS_ANSWER or mtype == MSG_ERROR_RESPONSE
+            ):
                 if mtype == MSG_ERROR_RESPONSE:
                     head.expect = None  # now ends at the next ReadyForQuery
                 else:
