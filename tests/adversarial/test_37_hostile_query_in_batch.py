@@ -76,7 +76,7 @@ async def _run(raw: Raw, steps: Sequence[Step], end: bytes, readies: int | None)
 
 def _tail(table: str, round_: int, last: bool) -> tuple[bytes, bytes]:
     end = b"slow" if last else b"end %d" % round_
-    sleep = " FROM pg_sleep(0.3)" if last else ""
+    sleep = " FROM pg_sleep(0.1)" if last else ""
     frames = (
         query("SET application_name = 'tail'")
         + query(f"SELECT name FROM {table} WHERE id = 1")
@@ -92,7 +92,7 @@ async def world(pg: PgServer, tmp_path: Path) -> AsyncIterator[tuple[CachingProx
 
 
 async def compare(
-    pg: PgServer, proxy: CachingProxy, table: str, steps: Sequence[Step], rounds: int = 3, together: bool = True
+    pg: PgServer, proxy: CachingProxy, table: str, steps: Sequence[Step], rounds: int = 2, together: bool = True
 ) -> list[Shape]:
     """The pipeline in `rounds` rounds through both; the proxied answers must be the direct
     ones, round by round. `together=False` runs the direct side first (writes take locks)."""
@@ -145,7 +145,7 @@ async def test_describe_close_and_many_rows_before_the_query(pg: PgServer, world
             describe_portal("p1"),
             execute("p1"),
             close_statement("s1"),
-            pbe("SELECT g, repeat('x', 50) FROM generate_series(1, 3000) g"),
+            pbe("SELECT g, repeat('x', 50) FROM generate_series(1, 1000) g"),
             query(f"SELECT name FROM {table} WHERE id = 3"),
             SYNC,
         ),
@@ -270,6 +270,103 @@ async def test_a_write_in_the_stream_and_another_sessions_read(
         assert truth == ("name 2" if fails in ("query", "before") else f"new {fails}")
         for _ in range(3):
             assert await other.fetchval(read) == truth
+    finally:
+        await writer.close()
+        await other.close()
+
+
+async def test_a_failed_prepare_by_flush_then_queries(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    """Parse fails (its Describe is skipped): the Queries after it are skipped to the Sync,
+    the SET among them included (SHOW says so), in one packet and with the error read first."""
+    proxy, table = world
+    bad = parse("", "SELEC nothing") + describe_statement("") + FLUSH
+    rest = query("SET application_name = 'skipped'") + query(f"SELECT name FROM {table} WHERE id = 2") + SYNC
+    await compare(pg, proxy, table, one(bad, rest, query("SHOW application_name")))
+    await compare(pg, proxy, table, [(bad, 1), (rest + query("SHOW application_name"), None)])
+
+
+async def test_a_good_prepare_by_flush_then_a_query_in_one_packet(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    proxy, table = world
+    read = f"SELECT name FROM {table} WHERE id = $1"
+    await compare(
+        pg,
+        proxy,
+        table,
+        one(parse("", read), describe_statement(""), FLUSH, query("SELECT 'q'"), parse("", read), bind("", "", ("3",)), execute(""), SYNC),
+    )
+
+
+async def test_an_error_between_two_queries_skips_only_the_second(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    proxy, table = world
+    read = f"SELECT name FROM {table} WHERE id = 2"
+    await compare(
+        pg,
+        proxy,
+        table,
+        one(
+            pbe(read),
+            query("SET application_name = 'first'"),
+            pbe("SELECT 1/0"),
+            query("SET application_name = 'second'"),
+            pbe(read),
+            SYNC,
+            query("SHOW application_name"),
+        ),
+    )
+
+
+async def test_multi_statement_empty_and_copy_queries_inside(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    proxy, table = world
+    read = f"SELECT name FROM {table} WHERE id = 2"
+    await compare(
+        pg,
+        proxy,
+        table,
+        one(
+            pbe(read),
+            query(f"{read}; SELECT 2"),
+            pbe(read),
+            query(""),
+            pbe(read),
+            query("COPY (SELECT g FROM generate_series(1, 50) g) TO STDOUT"),
+            pbe(read),
+            query("SELECT 1; SELECT 1/0; SELECT 3"),
+            pbe(read),
+            SYNC,
+        ),
+    )
+
+
+async def test_a_query_while_many_rows_are_in_flight(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    """The Query is cut into the stream while the Execute's rows still come (not counted)."""
+    proxy, table = world
+    many = pbe("SELECT g, repeat('y', 100) FROM generate_series(1, 2000) g") + FLUSH
+    await compare(
+        pg, proxy, table, [(many, None), (query("SELECT 'q'") + pbe("SELECT 2"), None), (SYNC, None)], rounds=2
+    )
+
+
+async def test_a_begin_inside_the_batch_keeps_the_streams_write_until_commit(
+    pg: PgServer, world: tuple[CachingProxy, str]
+) -> None:
+    """UPDATE (Flush), then BEGIN as a Query: the batch's transaction becomes an explicit one
+    holding the UPDATE; another session caches the old row meanwhile; COMMIT must evict it."""
+    proxy, table = world
+    read = f"SELECT name FROM {table} WHERE id = 2"
+    other = await asyncpg.connect(**proxy.dsn("trust_user"))
+    writer = await Raw.connect(proxy.port)
+    try:
+        writer.send(pbe(f"UPDATE {table} SET name = 'in tx' WHERE id = 2") + FLUSH)
+        assert [(await writer.message())[0] for _ in range(3)] == [b"1", b"2", b"C"]
+        writer.send(query("BEGIN"))
+        assert (await writer.until_ready())[-1] == (b"Z", b"T")
+        writer.send(SYNC)
+        assert (await writer.until_ready())[-1] == (b"Z", b"T")
+        for _ in range(4):
+            assert await other.fetchval(read) == "name 2"
+        writer.send(query("COMMIT"))
+        assert (await writer.until_ready())[-1] == (b"Z", b"I")
+        assert await other.fetchval(read) == "in tx"
     finally:
         await writer.close()
         await other.close()
