@@ -370,3 +370,41 @@ async def test_a_begin_inside_the_batch_keeps_the_streams_write_until_commit(
     finally:
         await writer.close()
         await other.close()
+
+
+async def test_a_statement_answered_from_the_cache_then_used_in_a_batch_with_a_query(
+    pg: PgServer, world: tuple[CachingProxy, str]
+) -> None:
+    """A named statement whose Parse the cache answered (never sent: neonpoly sends it ahead
+    of the next batch using it and swallows its ParseComplete), then Bind/Execute, a Query
+    and the Sync: the swallowed answer must not count as one of the stream's."""
+    proxy, table = world
+    read = f"SELECT name FROM {table} WHERE id = 2"
+    steps: list[Step] = [
+        (parse("s", read) + bind("", "s") + execute("") + SYNC, 5),
+        (bind("", "s") + execute("") + query("SELECT 'q'") + SYNC, 8),
+        (close_statement("s") + SYNC, None),
+    ]
+    await compare(pg, proxy, table, steps, rounds=4)
+    assert proxy.totals().get("hit", 0) > 0
+
+
+async def test_a_limited_portal_executed_again_after_the_query(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    """The Query commits the batch's transaction, which closes its portals: the Execute after
+    it fails, and the rest is skipped to the Sync."""
+    proxy, table = world
+    await compare(
+        pg,
+        proxy,
+        table,
+        one(
+            parse("", "SELECT g FROM generate_series(1, 5) g"),
+            bind("p1", ""),
+            execute("p1", 2),
+            query("SELECT 'between'"),
+            execute("p1", 2),
+            describe_portal("p1"),
+            query("SELECT 'skipped'"),
+            SYNC,
+        ),
+    )
