@@ -434,6 +434,19 @@ async def test_a_limited_portal_executed_again_after_the_query(pg: PgServer, wor
     )
 
 
+async def test_copy_from_stdin_then_a_query_inside(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    """COPY FROM STDIN at an Execute, its data, then a Query; and with CopyFail (an error:
+    the Query, a SET, is skipped to the Sync)."""
+    proxy, table = world
+    create = query("CREATE TEMP TABLE IF NOT EXISTS c37 (x int)")
+    copy = pbe("COPY c37 FROM STDIN")
+    done = pgwire.frame(b"d", b"1\n2\n") + pgwire.frame(b"c")
+    await compare(pg, proxy, table, one(create, copy, done, query("SELECT count(*) FROM c37"), SYNC))
+    failed = pgwire.frame(b"d", b"1\n") + pgwire.frame(b"f", b"nope\x00")
+    steps = one(create, copy, failed, query("SET application_name = 'no'"), SYNC, query("SHOW application_name"))
+    await compare(pg, proxy, table, steps)
+
+
 def function_call(oid: int, *args: bytes) -> bytes:
     """A FunctionCall ('F'), text arguments and result."""
     body = struct.pack("!ihh", oid, 0, len(args)) + b"".join(struct.pack("!i", len(a)) + a for a in args)
