@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from neonpoly import pgwire
 from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.policy import Status
-from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_PARSE, MSG_QUERY, TX_IDLE
+from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_FUNCTION_CALL, MSG_PARSE, MSG_QUERY, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
 from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
 from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT
@@ -366,8 +366,8 @@ class BatchHandling(CacheDecisions):
 
     def _stream_frame(self, mtype: int, body: bytes, raw: bytes, out: list[bytes]) -> None:
         assert self.stream is not None
-        if mtype == MSG_QUERY:
-            self._query_in_batch(body, raw, out)
+        if mtype in (MSG_QUERY, MSG_FUNCTION_CALL):
+            self._query_in_batch(mtype, body, raw, out)
             return
         if mtype in BATCHED:
             plan = self.book.plan([(mtype, body)])
@@ -382,8 +382,16 @@ class BatchHandling(CacheDecisions):
             out.extend(deferred)
         out.append(raw)
 
-    def _query_in_batch(self, body: bytes, raw: bytes, out: list[bytes]) -> None:
-        """A simple Query sent after extended messages and before their Sync. PostgreSQL
+    def _function_call(self, raw: bytes, out: list[bytes]) -> None:
+        """A FunctionCall runs a function by OID: anything may happen."""
+        self.pending.append(Pending(time.monotonic(), writes_everything=True))
+        self._invalidate(frozenset(), everything=True)
+        self._forget_identity()
+        out.append(raw)
+
+    def _query_in_batch(self, mtype: int, body: bytes, raw: bytes, out: list[bytes]) -> None:
+        """A simple Query (or a FunctionCall, alike here) sent after extended messages and
+        before their Sync. PostgreSQL
         runs it in the batch's implicit transaction, commits that, and answers it with a
         ReadyForQuery of its own; but when a message of the batch before it failed, it skips
         it unanswered up to the Sync. So a stream open before it ends after the messages that
@@ -405,7 +413,10 @@ class BatchHandling(CacheDecisions):
                 self._complete(stream)  # so the Query carries its writes, below)
         self.batch_open = True  # never answered from the cache (`_query`)
         before = len(self.pending)
-        self._query(body, raw, out)
+        if mtype == MSG_QUERY:
+            self._query(body, raw, out)
+        else:
+            self._function_call(raw, out)
         self.batch_open = False  # the Query ends the batch's transaction (or is skipped to the Sync)
         if len(self.pending) > before:
             item = self.pending[-1]

@@ -150,22 +150,22 @@ class Relay(BatchHandling):
                 else:
                     out.append(buf[start:end])
                 batch_from = -1
-            elif mtype == MSG_QUERY:
+            elif mtype in (MSG_QUERY, MSG_FUNCTION_CALL):
                 batch_from = -1
-                feed = self._query_in_batch if batch.messages or self.unsynced else self._query
-                feed(buf[start + 5 : end], buf[start:end], out)
+                if batch.messages or self.unsynced:
+                    self._query_in_batch(mtype, buf[start + 5 : end], buf[start:end], out)
+                elif mtype == MSG_QUERY:
+                    self._query(buf[start + 5 : end], buf[start:end], out)
+                else:  # it runs a function by OID: anything may happen
+                    self._function_call(buf[start:end], out)
             elif mtype == MSG_TERMINATE:
                 out.append(buf[start:end])
                 self.outcome = "client terminated"
                 self._write_origin(out)
                 self.close()
                 return
-            else:  # CopyData/Done/Fail, FunctionCall: straight through
+            else:  # CopyData/Done/Fail: straight through
                 batch_from = -1
-                if mtype == MSG_FUNCTION_CALL:  # it runs a function by OID: anything may happen
-                    self.pending.append(Pending(time.monotonic(), writes_everything=True))
-                    self._invalidate(frozenset(), everything=True)
-                    self._forget_identity()
                 out.append(buf[start:end])
         if self.hit_seen is not None:
             self._remember_hit(frames, buf, fresh)

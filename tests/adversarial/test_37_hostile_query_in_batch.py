@@ -10,7 +10,8 @@ rows, ParameterStatus and notices aside). Every round ends with a SET applicatio
 identity lookup goes out as soon as neonpoly thinks nothing is outstanding), a quick read and
 (last round) a slow one, whose answers prove the session is still in step. A FunctionCall
 inside a batch is answered like such a Query (its own ReadyForQuery, skipped after an error):
-its two cases fail (xfail, strict)."""
+its two cases failed before the relay took it as one (answers swapped, or matched one request
+early)."""
 
 from __future__ import annotations
 
@@ -456,29 +457,17 @@ def function_call(oid: int, *args: bytes) -> bytes:
 INT4PL = 177  # int4pl(int4, int4): 1 + 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FunctionCall inside a batch before its Sync is forwarded ahead of the batch's collected "
-    "messages: for Parse/Bind/Execute, FunctionCall, Sync (one packet) direct gives 12DCVZ, Z; "
-    "neonpoly gives VZ, 12DCZ (the answers swapped)",
-)
 async def test_a_function_call_inside_a_collected_batch(pg: PgServer, world: tuple[CachingProxy, str]) -> None:
+    """Parse/Bind/Execute, FunctionCall, Sync in one packet: the batch's messages go first."""
     proxy, table = world
     read = f"SELECT name FROM {table} WHERE id = 2"
     await compare(pg, proxy, table, one(pbe(read), function_call(INT4PL, b"1", b"2"), SYNC), rounds=1, together=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FunctionCall then a Query inside a streamed batch: Parse/Bind/Execute, Flush, FunctionCall, "
-    "Query, Sync, then SET application_name, a quick read, a slow read: direct gives 12DCVZ TDCZ Z CSZ "
-    "TDCZ TDCZ(slow); neonpoly gives the same up to the quick read, then its own identity lookup's "
-    "answer 312DC3Z in place of the slow read's (the FunctionCall's ReadyForQuery is not counted: "
-    "every later answer is matched one request early)",
-)
 async def test_a_function_call_then_a_query_inside_a_streamed_batch(
     pg: PgServer, world: tuple[CachingProxy, str]
 ) -> None:
+    """Its ReadyForQuery is counted: the identity lookup never takes a client's answer."""
     proxy, table = world
     read = f"SELECT name FROM {table} WHERE id = 2"
     steps = one(pbe(read), FLUSH, function_call(INT4PL, b"1", b"2"), query("SELECT 1"), SYNC)
