@@ -76,9 +76,7 @@ async def test_a_query_inside_a_streamed_batch_has_its_own_ready_for_query(pg: P
         assert proxied[-1] == (b"TDCZ", [[b"slow answer"]])
 
 
-async def test_a_query_after_a_failed_message_of_its_batch_is_skipped_to_the_sync(
-    pg: PgServer, tmp_path: Path
-) -> None:
+async def test_a_query_after_a_failed_message_of_its_batch_is_skipped_to_the_sync(pg: PgServer, tmp_path: Path) -> None:
     """An error before it: the server skips the Query (no answer at all) up to the Sync, whose
     ReadyForQuery then ends the batch; the requests after it are answered as their own."""
     table = await make_table(pg)
@@ -92,26 +90,30 @@ async def test_a_query_after_a_failed_message_of_its_batch_is_skipped_to_the_syn
 async def test_a_write_in_a_streamed_batch_is_evicted_again_when_the_query_inside_commits_it(
     pg: PgServer, tmp_path: Path
 ) -> None:
-    """The UPDATE runs (uncommitted) at its Execute; the (slow) Query after it commits it when
-    it ends. A read another session caches while that Query runs sees the old row and must
-    not outlive that commit."""
+    """The UPDATE runs (uncommitted) at its Execute; the Query after it commits it when it
+    ends, held here on an advisory lock another connection keeps. A read another session
+    caches while that Query waits sees the old row and must not outlive that commit."""
     table = await make_table(pg)
     async with caching_proxy(pg, tmp_path / "cache") as proxy:
         writer = await Raw.connect(proxy.port)
         other = await asyncpg.connect(**proxy.dsn("trust_user"))
+        locker = await asyncpg.connect(**pg.dsn("postgres", "app"))
+        await locker.execute("SELECT pg_advisory_lock(424242)")
         read = f"SELECT name FROM {table} WHERE id = 2"
         try:
             writer.send(parse("", f"UPDATE {table} SET name = 'committed' WHERE id = 2") + bind("", "") + execute(""))
             writer.send(FLUSH)
             assert [(await writer.message())[0] for _ in range(3)] == [b"1", b"2", b"C"]
-            writer.send(query("SELECT pg_sleep(1)"), SYNC)
+            writer.send(query("SELECT pg_advisory_xact_lock(424242)"), SYNC)
             hits = proxy.totals().get("hit", 0)
-            for _ in range(4):  # while it sleeps: stored, then served (the UPDATE is not committed)
+            for _ in range(4):  # while it waits: stored, then served (the UPDATE is not committed)
                 assert await other.fetchval(read) == "name 2"
             assert proxy.totals().get("hit", 0) > hits  # the old row was served from the cache
+            await locker.execute("SELECT pg_advisory_unlock(424242)")  # the Query ends: the commit
             assert kinds(await writer.until_ready()) == b"TDCZ"
             assert kinds(await writer.until_ready()) == b"Z"
             assert await other.fetchval(read) == "committed"
         finally:
+            await locker.close()
             await other.close()
             await writer.close()
