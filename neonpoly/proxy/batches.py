@@ -429,7 +429,7 @@ class BatchHandling(CacheDecisions):
 
 
 # The messages that end the origin's answer to one extended message (`_answers`): a counted
-# stream's rows and COPY data are not counted (relay.py).
+# stream's rows and COPY data are not counted (answers.py).
 ENDS_ANSWER = frozenset(b"123tTnCIs")
 
 

@@ -4,7 +4,8 @@ Two asyncio Protocols (client side, origin side) share one `Session`. A session 
 layers, each a class in its own module that calls only the layers below it:
 
     session.py    Session           startup, TLS, authentication, cancels, endings
-    relay.py      Relay             the frame loops: client to origin, origin to client;
+    answers.py    OriginAnswers     the origin's frame loop: answers to the client, captures
+    relay.py      Relay             the client's frame loop: requests to the origin;
                                     repeats of a hit answered from their raw bytes (hits.py)
     batches.py    BatchHandling     extended-protocol batches, decided on at Sync or streamed
     decisions.py  CacheDecisions    hit, miss or why not; evictions; storing captured misses
@@ -38,9 +39,9 @@ from neonpoly.pgwire import (
     MSG_READY_FOR_QUERY,
     MSG_TERMINATE,
 )
+from neonpoly.proxy.answers import OriginAnswers
 from neonpoly.proxy.host import SessionHost
 from neonpoly.proxy.origin import RELAY_SOCKET_BUFFER, OriginUnavailable, limit_socket_buffer, open_origin
-from neonpoly.proxy.relay import Relay
 from neonpoly.proxy.state import ADMIN, AUTH, CANCEL, CONNECTING, LOGGING_IN, READY, STARTUP, TLS
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("neonpoly.session")
 
 
-class Session(Relay):
+class Session(OriginAnswers):
     """The relay and its state machine: startup → auth → ready → closed."""
 
     def __init__(self, server: SessionHost[Session], client: asyncio.Transport) -> None:

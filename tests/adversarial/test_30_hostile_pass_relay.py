@@ -1,4 +1,4 @@
-"""Hostile review of the pass-through fast path (`Relay._pass_origin`, `Session.passing`) and
+"""Hostile review of the pass-through fast path (`OriginAnswers._pass_origin`, `Session.passing`) and
 the tail-first check of `_origin_fast`: an answer is taken as whole when its last six bytes
 are a ReadyForQuery and one walk over the frames before it lands exactly there.
 

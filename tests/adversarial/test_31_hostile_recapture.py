@@ -1,5 +1,5 @@
 """Hostile review of the cheaper capture-miss path: an answer taken whole in one read
-(`Relay._origin_fast` with a capture), the entry a hit memo stores from the miss it sent
+(`OriginAnswers._origin_fast` with a capture), the entry a hit memo stores from the miss it sent
 (served again only while the store holds it, live), and the generation names a memo works
 out once (`HitMemo.names`).
 

@@ -1,5 +1,5 @@
 """A miss being captured whose answer comes in one read, whole and clean, is taken in one
-pass (`Relay._origin_fast`): stored as the frame loop stores it. What the frame loop leaves
+pass (`OriginAnswers._origin_fast`): stored as the frame loop stores it. What the frame loop leaves
 out of a capture (notices, settings) or refuses (errors) still reaches the client, and is
 never replayed from the cache."""
 
