@@ -150,7 +150,8 @@ class AdminClient:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):  # already broken: closing is best effort
-                await asyncio.wait_for(conn.close(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await conn.close()
 
 
 def _parts(exc: Exception) -> tuple[str, str | None, str | None]:

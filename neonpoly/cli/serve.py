@@ -151,7 +151,8 @@ async def warn_if_unreachable(origin: Origin, timeout: float = 3.0) -> bool:
     (the origin may come up later), but a mistyped port should not wait for the first client
     to show; False when it did not answer."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(*origin.dial), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(*origin.dial)
     except (OSError, TimeoutError) as exc:
         why = f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
         log.warning("the origin %s does not answer now (%s); its clients get "

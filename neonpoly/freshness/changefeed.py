@@ -502,7 +502,8 @@ class ChangeFeed:
             if self._catalog is None:
                 self._catalog = await self._connect(replication=False)
             sql = identity_sql(relations)
-            return parse_rows(await asyncio.wait_for(self._catalog.query(sql), self.settings.connect_timeout))
+            async with asyncio.timeout(self.settings.connect_timeout):
+                return parse_rows(await self._catalog.query(sql))
         except (LibpqError, FeedUnavailable, OSError, TimeoutError) as exc:
             log.warning("change feed %s/%s: cannot read replica identities (%s); whole tables for %g s",
                         self.target.key, self.database, _one_line(str(exc)) or "timeout", self.settings.retry_max)

@@ -152,7 +152,8 @@ class FeedManager:
             wait = self.settings.connect_timeout * 3
             for feed in eager:
                 try:
-                    why = await asyncio.wait_for(feed.first_attempt(), wait)
+                    async with asyncio.timeout(wait):
+                        why = await feed.first_attempt()
                 except TimeoutError:
                     why = f"no answer in {wait:g} s (creating a slot waits for open writing transactions)"
                 if why is not None:

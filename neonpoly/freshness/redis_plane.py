@@ -63,6 +63,7 @@ from neonpoly.freshness.redis_wire import (
     not_before,
     p50_p99,
     why,
+    within,
 )
 from neonpoly.freshness.redis_wire import streams as read_streams
 from neonpoly.freshness.siblings import SiblingNodes
@@ -92,8 +93,7 @@ class RedisPlane:
         self.fence = Fence(settings.fence)
         self._grace_until = 0.0  # monotonic: no hits before it (Redis lost its data, rule 5)
         self._young_until = 0.0  # monotonic: no write reply before it (gates proven before the loss)
-        self.state = "connecting"
-        self.reason = ""
+        self.state, self.reason = "connecting", ""
         self.since = time.time()
         self.downs = 0
         self.nodes: tuple[str, ...] = ()
@@ -107,7 +107,7 @@ class RedisPlane:
         self._lost: set[str] = set()  # origins whose bumps could not be published
         self._open: Batch | None = None
         self._applying = False
-        self._was_up = False
+        self._was_up = self._named = False  # _named: a round registered this process under its name
         self._batches = 0
         self._hold_times: deque[float] = deque(maxlen=1000)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -213,7 +213,7 @@ class RedisPlane:
         self._reader = Redis.from_url(s.url, socket_timeout=s.block + s.io_timeout, **common)
         self._cmd = Redis.from_url(s.url, socket_timeout=s.io_timeout, **common)
         try:
-            await asyncio.wait_for(self._recover(), s.io_timeout)
+            await within(s.io_timeout, self._recover())
             await self._keep_leases()
         except _FAILURES as exc:
             self._went_down(why(exc))
@@ -229,9 +229,9 @@ class RedisPlane:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._cmd is not None and self.state == "up":
+        if self._cmd is not None and self.state == "up" and self._named:  # a twin's goodbye would be the holder's
             with contextlib.suppress(*_FAILURES):
-                await asyncio.wait_for(self._leave(), self.settings.io_timeout)
+                await within(self.settings.io_timeout, self._leave())
         for origin in self._origins.values():
             origin.gate.close()
             if origin.lease_mine:
@@ -342,7 +342,7 @@ class RedisPlane:
         while True:
             try:
                 if self.state != "up":
-                    await asyncio.wait_for(self._recover(), self.settings.io_timeout)
+                    await within(self.settings.io_timeout, self._recover())  # (a cancel is never lost)
                     delay = 0.05
                 await self._round()
             except Regap as exc:
@@ -406,8 +406,10 @@ class RedisPlane:
             raise
         if check and replies[0] and replies[0][0] == "twin":
             self.fence.settle(None)
+            self._named = False
             raise Twin(f"another process holds the name {self.node!r} (give each node its own --node-id)")
         if check:
+            self._named = True
             if self.siblings is not None:  # registered under its name: the board may say so (not a twin's)
                 self.siblings.holds_name()
             self._check_sent, self._check_keys = sent, round_keys
@@ -579,12 +581,10 @@ class RedisPlane:
             self.lease_listener(origin.key, False)
 
     def holds_lease(self, origin_key: str) -> bool:
-        origin = self._origins.get(origin_key)
-        return origin is not None and origin.lease_mine
+        return (origin := self._origins.get(origin_key)) is not None and origin.lease_mine
 
     def lease_holder(self, origin_key: str) -> str:
-        origin = self._origins.get(origin_key)
-        return origin.lease_holder if origin is not None else ""
+        return origin.lease_holder if (origin := self._origins.get(origin_key)) is not None else ""
 
     # --- reading the state ------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ import asyncio
 import statistics
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # INCR + XADD in one step, so sequence numbers and stream order agree; and who to wait for
 # (the nodes whose heartbeat has not expired; expired ones are moved to `lost` by ROUND).
@@ -140,3 +143,11 @@ def streams(reply: Any) -> dict[str, list[tuple[str, dict[str, str]]]]:
 def why(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+async def within(seconds: float, call: Awaitable[T]) -> T:
+    """`asyncio.wait_for` without its flaw in Python 3.11: a cancel that lands as `call`
+    ends is swallowed there, and a loop cancelled by close() runs on. asyncio.timeout
+    counts cancels and passes them on."""
+    async with asyncio.timeout(seconds):
+        return await call

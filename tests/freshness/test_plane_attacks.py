@@ -103,6 +103,29 @@ async def test_two_nodes_under_one_name_never_serve_a_write_of_the_other_stale(
                 await reader.close()
 
 
+async def test_a_twin_that_stops_leaves_the_holder_registered(
+    pg_logical: PgServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A refused twin rejoins now and then (its name is checked on the round after), so it may
+    be `up` when it stops. Its goodbye (ZREM by name) would then take the holder off the
+    node lists until the holder's next check, and other nodes would stop waiting for its
+    acknowledgements meanwhile. A goodbye is said only by the process the name is registered to."""
+    twin = {"node": "twin", "heartbeat": 40.0, "check": 20.0, "limit": 19.0, "hold": 19.5, "block": 0.2}
+    redis = _redis(redis_server)
+    try:
+        async with plane_node(pg_logical, tmp_path / "a", redis_server.url, plane=twin) as a:
+            await until(lambda: _serving(a), "A up")
+            origin_nodes = _followed(a).nodes
+            async with plane_node(pg_logical, tmp_path / "b", redis_server.url, plane=twin) as b:
+                await until(lambda: "holds the name" in _plane(b).reason, "B refused")
+                _plane(b).state = "up"  # as between its rejoin and the round that refuses it again
+            # A's check is 20 s away: nothing but B's stop could have changed the lists.
+            assert await redis.zscore("neonpoly:nodes", "twin") is not None, "B's stop unregistered A"
+            assert await redis.zscore(origin_nodes, "twin") is not None
+    finally:
+        await redis.aclose()
+
+
 def _shortest_heartbeat(limit: float, check: float, block: float, hold: float) -> float:
     """The shortest heartbeat the plane accepts with these timings."""
     for heartbeat in (limit, check + limit, check + limit + 0.25, check + limit + 0.5):

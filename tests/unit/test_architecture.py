@@ -94,6 +94,21 @@ def test_no_file_grows_past_600_lines() -> None:
     assert long == {}
 
 
+def test_the_engine_bounds_awaits_with_asyncio_timeout_never_wait_for() -> None:
+    """Python 3.11's `asyncio.wait_for` swallows a cancel that lands as the awaited call ends
+    (the task goes on as if never cancelled). The plane's reader loop, cancelled by close()
+    just as its rejoin ended, then ran on and close() never returned (a CI hang, 1 run in
+    5 of the workers' suite under load). `asyncio.timeout` counts cancels and re-raises."""
+    calls = {
+        f"{path.relative_to(PACKAGE)}:{node.lineno}"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+        and isinstance(node.value, ast.Name) and node.value.id == "asyncio"
+    }
+    assert calls == set()
+
+
 def test_running_the_proxy_loads_no_textual() -> None:
     code = (
         "import sys, neonpoly.service, neonpoly.admin.console, neonpoly.control.serving, neonpoly.cli.serve;"
