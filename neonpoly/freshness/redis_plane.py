@@ -62,6 +62,7 @@ from neonpoly.freshness.redis_wire import (
     Twin,
     not_before,
     p50_p99,
+    stop_tasks,
     why,
     within,
 )
@@ -226,9 +227,7 @@ class RedisPlane:
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)
         if self._cmd is not None and self.state == "up" and self._named:  # a twin's goodbye would be the holder's
             with contextlib.suppress(*_FAILURES):
                 await within(self.settings.io_timeout, self._leave())

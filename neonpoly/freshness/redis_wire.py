@@ -7,7 +7,7 @@ import asyncio
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -151,3 +151,15 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
     counts cancels and passes them on."""
     async with asyncio.timeout(seconds):
         return await call
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel until they end: a cancel may still be swallowed inside redis-py, which bounds
+    its sends with 3.11's `wait_for`; the task then runs on to its next await."""
+    ended = list(tasks)
+    left = set(ended)
+    while left:
+        for task in left:
+            task.cancel()
+        _, left = await asyncio.wait(left, timeout=0.5)
+    await asyncio.gather(*ended, return_exceptions=True)  # their outcomes read (none logged at exit)
