@@ -19,7 +19,7 @@ from pglast import parser as _pg
 
 from neonpoly.cache import keys
 from neonpoly.cache.classification import Status, Verdict
-from neonpoly.cache.volatility import UNKNOWN_VOLATILITY, call_reason
+from neonpoly.cache.volatility import RELOADS_SETTINGS, UNKNOWN_VOLATILITY, call_reason
 
 Node = dict[str, Any]
 
@@ -220,7 +220,10 @@ class _Walk:
             self.facts.shadowable.add(f"{name}()")
         if reason is None:
             pass
-        elif UNKNOWN_VOLATILITY in reason:
+        elif UNKNOWN_VOLATILITY in reason or name in RELOADS_SETTINGS:
+            # A reload changes every session's settings: as code of the user's, it evicts
+            # everything when sent and again when it completes, and moves the DDL epoch, so
+            # every session learns its identity again before its next cached answer.
             self.facts.unknown_code.append(reason)
         else:
             if name == "set_config":

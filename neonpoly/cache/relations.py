@@ -11,7 +11,10 @@ reach further than they say:
 * a sequence, a foreign table and the system catalogs change without any write neonpoly sees;
 * a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT),
   reaches partitions when it names the parent, reaches a view's base tables when it names an
-  updatable view, and may run triggers or rules that write anything at all; a write to a
+  updatable view, and may run triggers or rules that write anything at all, or code of the
+  user's that may write or SET: in defaults, checks, policies, the CHECKs of domains its values
+  hold (in arrays, composites, ranges), index expressions and predicates, and the support
+  functions of its indexes' operator classes and exclusion operators; a write to a
   foreign table writes wherever its server points (postgres_fdw: maybe a table of this very
   origin, in this or another database);
 * a builtin trusted by name (`lower()`, `=`, `text`) in a client's query is the builtin only
@@ -76,12 +79,23 @@ WITH RECURSIVE asked(oid, root) AS (
         OR k.confupdtype {_CATALOG} ANY ('{{c,n,d}}'::pg_catalog."char"[]))
   UNION ALL
   SELECT parent, child FROM view_edges  -- partitions, and a view's base tables (updatable views)
-), domains(rel, typ) AS (  -- the domains (and their base domains) of each column's type
-  SELECT a.attrelid, a.atttypid FROM pg_catalog.pg_attribute a
-  WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+), holds(child, parent) AS (  -- values of type `parent` hold values of type `child`
+  SELECT t.typbasetype, t.oid FROM pg_catalog.pg_type t WHERE t.typtype {_CATALOG} 'd'  -- domains
+  UNION ALL
+  SELECT t.typelem, t.oid FROM pg_catalog.pg_type t WHERE t.typelem {_NOT} 0::pg_catalog.oid  -- arrays
+  UNION ALL
+  SELECT f.atttypid, t.oid FROM pg_catalog.pg_attribute f  -- composites: their fields
+  JOIN pg_catalog.pg_type t ON t.typrelid {_CATALOG} f.attrelid
+  WHERE f.attnum OPERATOR(pg_catalog.>) 0 AND NOT f.attisdropped
+  UNION ALL
+  SELECT g.rngsubtype, g.rngtypid FROM pg_catalog.pg_range g  -- ranges and multiranges: bounds
+  UNION ALL
+  SELECT g.rngsubtype, g.rngmultitypid FROM pg_catalog.pg_range g
+), checked(typ, dom) AS (  -- every type whose values hold a domain with a CHECK (run on input)
+  SELECT k.contypid, k.contypid FROM pg_catalog.pg_constraint k
+  WHERE k.contype {_CATALOG} 'c' AND k.contypid {_NOT} 0::pg_catalog.oid
   UNION
-  SELECT d.rel, t.typbasetype FROM domains d JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} d.typ
-  WHERE t.typtype {_CATALOG} 'd'
+  SELECT h.parent, c.dom FROM checked c JOIN holds h ON h.child {_CATALOG} c.typ
 ), r(oid, root) AS (
   SELECT oid, root FROM asked
   UNION
@@ -108,12 +122,24 @@ SELECT 'w', w.root, c.relname::pg_catalog.text,
   (c.relkind {_CATALOG} 'f'  -- a foreign table's rows live elsewhere (postgres_fdw: maybe here)
    OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid {_CATALOG} w.oid AND NOT t.tgisinternal)
    OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite x WHERE x.ev_class {_CATALOG} w.oid
-              AND x.ev_type {_NOT} '1'))::pg_catalog.text, NULL
+              AND x.ev_type {_NOT} '1')
+   -- an index's operator classes and an exclusion constraint's operators run their support
+   -- functions for the rows a write meets: any not in C (internal 12, c 13) is the user's code
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+              JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} ANY (i.indclass::pg_catalog.oid[])
+              JOIN pg_catalog.pg_amproc ap ON ap.amprocfamily {_CATALOG} oc.opcfamily
+              JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} ap.amproc::pg_catalog.oid
+              WHERE i.indrelid {_CATALOG} w.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
+              JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ANY (k.conexclop)
+              JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
+              WHERE k.conrelid {_CATALOG} w.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+  )::pg_catalog.text, NULL
 FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
 UNION ALL
 SELECT 'd', w.root, c.relname::pg_catalog.text, 'false', pg_catalog.concat('SELECT ', x.expr)
 FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
-JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks, policies, domains
+JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks, policies, indexes
   SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) FROM pg_catalog.pg_attrdef d WHERE d.adrelid {_CATALOG} w.oid
   UNION ALL
   SELECT pg_catalog.pg_get_expr(k.conbin, k.conrelid) FROM pg_catalog.pg_constraint k
@@ -124,11 +150,21 @@ JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks,
   UNION ALL
   SELECT pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) FROM pg_catalog.pg_policy p
   WHERE p.polrelid {_CATALOG} w.oid AND p.polwithcheck IS NOT NULL
+  UNION ALL  -- an index's expressions and predicate are computed for every row written
+  SELECT pg_catalog.pg_get_expr(i.indexprs, i.indrelid) FROM pg_catalog.pg_index i
+  WHERE i.indrelid {_CATALOG} w.oid AND i.indexprs IS NOT NULL
   UNION ALL
-  SELECT pg_catalog.pg_get_expr(k.conbin, 0::pg_catalog.oid) FROM domains dm
-  JOIN pg_catalog.pg_constraint k ON k.contypid {_CATALOG} dm.typ AND k.contype {_CATALOG} 'c'
-  WHERE dm.rel {_CATALOG} w.oid
+  SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) FROM pg_catalog.pg_index i
+  WHERE i.indrelid {_CATALOG} w.oid AND i.indpred IS NOT NULL
 ) x(expr) ON true
+UNION ALL  -- the checks of the domains its columns' values hold (arrays, composites, ranges too)
+SELECT 'd', w.root, c.relname::pg_catalog.text, 'false',
+  pg_catalog.concat('SELECT ', pg_catalog.pg_get_expr(k.conbin, 0::pg_catalog.oid))
+FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
+JOIN pg_catalog.pg_attribute a ON a.attrelid {_CATALOG} w.oid
+ AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+JOIN checked ck ON ck.typ {_CATALOG} a.atttypid
+JOIN pg_catalog.pg_constraint k ON k.contypid {_CATALOG} ck.dom AND k.contype {_CATALOG} 'c'
 UNION ALL
 SELECT 'k', a.root, pg_catalog.concat(pk.typ), (  -- the key a write may be confined to (keys.py)
   c.relkind {_CATALOG} 'r' AND NOT c.relrowsecurity

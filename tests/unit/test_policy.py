@@ -66,6 +66,7 @@ CASES: list[tuple[str, bool, Status | None, bool, set[str], set[str], bool]] = [
     ("SELECT my_func(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function
     ("SELECT app.lower(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function
     ("SELECT * FROM my_table_func(1)", False, S.VOLATILE, False, set(), set(), True),  # unknown function
+    ("SELECT pg_reload_conf()", False, S.VOLATILE, False, set(), set(), True),  # every session's settings
     ("SELECT age(born) FROM people", False, S.VOLATILE, False, {"people"}, set(), False),
     ("SELECT 'now'::timestamptz", False, S.VOLATILE, False, set(), set(), False),
     # reads that lock or create
