@@ -211,10 +211,17 @@ SELECT 's', ns.schema, s.name, 'false', NULL FROM (
      AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typtype {_NOT} 'd'))
   UNION
   SELECT t.typnamespace, pg_catalog.concat('type ', t.typname) FROM pg_catalog.pg_type t
-  WHERE $2::pg_catalog.bool AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typrelid {_CATALOG} 0::pg_catalog.oid
-) s(nsp, name) JOIN LATERAL (SELECT n.nspname::pg_catalog.text AS schema FROM pg_catalog.pg_namespace n
-  WHERE n.oid {_CATALOG} s.nsp AND pg_catalog.left(n.nspname::pg_catalog.text, 7) {_NOT} 'pg_temp'
-  AND pg_catalog.left(n.nspname::pg_catalog.text, 13) {_NOT} 'pg_toast_temp') ns ON true
+  WHERE $2::pg_catalog.bool AND t.typnamespace {_NOT} 11::pg_catalog.oid AND (t.typrelid {_CATALOG} 0::pg_catalog.oid
+   OR t.typnamespace {_CATALOG} ANY (SELECT n.oid FROM pg_catalog.pg_namespace n  -- a temporary table's row type
+     WHERE pg_catalog.left(n.nspname::pg_catalog.text, 7) {_CATALOG} 'pg_temp'))
+-- A session's temporary schema comes first on its path for types (never for functions and
+-- operators): its types are the rivals of the schema "pg_temp", on the path of every session
+-- with temporary objects (identity.py), since which session owns which does not matter here.
+) s(nsp, name) JOIN LATERAL (SELECT CASE WHEN pg_catalog.left(n.nspname::pg_catalog.text, 7) {_CATALOG} 'pg_temp'
+  THEN 'pg_temp' ELSE n.nspname::pg_catalog.text END AS schema FROM pg_catalog.pg_namespace n
+  WHERE n.oid {_CATALOG} s.nsp AND pg_catalog.left(n.nspname::pg_catalog.text, 13) {_NOT} 'pg_toast_temp'
+  AND (pg_catalog.left(n.nspname::pg_catalog.text, 7) {_NOT} 'pg_temp' OR pg_catalog.left(s.name, 5) {_CATALOG} 'type ')
+) ns ON true
 /* neonpoly: relation lookup */"""
 
 
