@@ -212,6 +212,7 @@ SELECT 's', ns.schema, s.name, 'false', NULL FROM (
   UNION
   SELECT t.typnamespace, pg_catalog.concat('type ', t.typname) FROM pg_catalog.pg_type t
   WHERE $2::pg_catalog.bool AND t.typnamespace {_NOT} 11::pg_catalog.oid AND (t.typrelid {_CATALOG} 0::pg_catalog.oid
+   OR t.oid {_CATALOG} ANY (SELECT typ FROM checked)  -- a table's row type: a cast to it runs its domains' checks
    OR t.typnamespace {_CATALOG} ANY (SELECT n.oid FROM pg_catalog.pg_namespace n  -- a temporary table's row type
      WHERE pg_catalog.left(n.nspname::pg_catalog.text, 7) {_CATALOG} 'pg_temp'))
 -- A session's temporary schema comes first on its path for types (never for functions and

@@ -10,7 +10,8 @@ exclusion constraint's operators, and the CHECKs of domains its values hold insi
 composites and ranges. A lying IMMUTABLE function there may write another table or SET (both
 were missed: a stale counter, a session keyed by settings it no longer had). And a read runs
 the checks of a temporary domain named like a builtin type (`pg_temp.text`): a session's
-temporary schema comes first for types, and was left out of the builtins' rivals.
+temporary schema comes first for types, and was left out of the builtins' rivals; so were
+tables' row types, whose casts (`'(1)'::t`) run the checks of t's domain columns.
 
 The rest pins risks that held: SET LOCAL in a pipeline's implicit transaction, set_config(…,
 true) before a tenant's read in psycopg's pipeline mode, per-session TimeZone at a DST edge,
@@ -244,6 +245,25 @@ async def test_a_temporary_type_named_like_a_builtin_runs_its_checks(env: Env, s
         await owner.rows(sql)
     assert await reader.origin(read) != [(0,)], "the check never ran: proves nothing"
     await reader.check(read, why=f"after reads of a {shadow} whose check bumped the counter")
+
+
+@pytest.mark.parametrize("cast", ["'(1)'::{t}", "ROW(1)::{t}"])
+async def test_a_cast_to_a_tables_row_type_runs_its_domains_checks(env: Env, cast: str) -> None:
+    """A table's row type is a type like any other: a cast to it builds a row, and the CHECK
+    of a domain column runs (a literal's read was cached; the ROW() read, volatile for its
+    computed input, evicted nothing)."""
+    table, bump = await counter(env)
+    dom = unique("adv_bumping")
+    await env.admin(f"CREATE DOMAIN public.{dom} AS int CHECK (public.{bump}() > 0)")
+    env.on_cleanup(f"DROP DOMAIN IF EXISTS public.{dom} CASCADE")
+    t = await env.table("adv_rt", f"v public.{dom}")
+    await make_known(env, t, table)
+    reader, read = await warm_counter(env, table)
+    caster = await env.client()
+    for _ in range(3):
+        await caster.rows(f"SELECT {cast.format(t=t)}")
+    assert await reader.origin(read) != [(0,)], "the check never ran: proves nothing"
+    await reader.check(read, why=f"after reads of {cast} whose domain's check bumped the counter")
 
 
 # --- pinned: settings that last only a transaction, per-session time zones, tenants ----------
