@@ -11,7 +11,9 @@ composites and ranges. A lying IMMUTABLE function there may write another table 
 were missed: a stale counter, a session keyed by settings it no longer had). And a read runs
 the checks of a temporary domain named like a builtin type (`pg_temp.text`): a session's
 temporary schema comes first for types, and was left out of the builtins' rivals; so were
-tables' row types, whose casts (`'(1)'::t`) run the checks of t's domain columns.
+tables' row types, whose casts (`'(1)'::t`) run the checks of t's domain columns, and types
+named outside casts (a column definition list, XMLTABLE's columns): their values are made
+from text too (XMLTABLE's 'now' was a cached clock).
 
 The rest pins risks that held: SET LOCAL in a pipeline's implicit transaction, set_config(…,
 true) before a tenant's read in psycopg's pipeline mode, per-session TimeZone at a DST edge,
@@ -31,7 +33,7 @@ import pytest
 from neonpoly import pgwire
 from tests.adversarial import rawpg
 from tests.adversarial.harness import Env, Twin, eventually, hits, unique
-from tests.adversarial.harness2 import counter, make_known, warm_counter
+from tests.adversarial.harness2 import counter, fresh_every_time, make_known, warm_counter
 from tests.adversarial.rawpg import SYNC, Raw, bind, execute, parse
 
 FLUSH = pgwire.frame(b"H")
@@ -264,6 +266,38 @@ async def test_a_cast_to_a_tables_row_type_runs_its_domains_checks(env: Env, cas
         await caster.rows(f"SELECT {cast.format(t=t)}")
     assert await reader.origin(read) != [(0,)], "the check never ran: proves nothing"
     await reader.check(read, why=f"after reads of {cast} whose domain's check bumped the counter")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        "SELECT * FROM jsonb_to_record('{{\"v\": 5}}') AS x(v {d})",
+        "SELECT * FROM xmltable('/r' PASSING xml '<r><v>5</v></r>' COLUMNS v {d} PATH 'v')",
+    ],
+    ids=["column definition list", "XMLTABLE column"],
+)
+async def test_a_column_of_a_checked_domain_made_from_text_runs_its_checks(env: Env, make: str) -> None:
+    """A type named where no cast is (a column definition list, XMLTABLE's columns): the
+    values are made with its input, and a domain's CHECK runs (the XMLTABLE read was cached,
+    the other, volatile, evicted nothing)."""
+    table, bump = await counter(env)
+    dom = unique("adv_bumping")
+    await env.admin(f"CREATE DOMAIN public.{dom} AS int CHECK (public.{bump}() > 0)")
+    env.on_cleanup(f"DROP DOMAIN IF EXISTS public.{dom} CASCADE")
+    reader, read = await warm_counter(env, table)
+    maker = await env.client()
+    for _ in range(3):
+        assert await maker.rows(make.format(d=dom)) == [(5,)]
+    assert await reader.origin(read) != [(0,)], "the check never ran: proves nothing"
+    await reader.check(read, why="after reads whose domain column's check bumped the counter")
+
+
+async def test_xmltable_column_of_a_date_type_reads_the_clock(env: Env) -> None:
+    """XMLTABLE (syntax, not a function call) makes a timestamptz from the document's text:
+    'now' there is the clock, read by a query that names no clock."""
+    t = await env.table("adv_xml", "body xml", "('<r><v>now</v></r>')")
+    client = await env.client()
+    await fresh_every_time(client, f"SELECT x.v FROM {t}, xmltable('/r' PASSING body COLUMNS v timestamptz PATH 'v') x")
 
 
 # --- pinned: settings that last only a transaction, per-session time zones, tenants ----------
