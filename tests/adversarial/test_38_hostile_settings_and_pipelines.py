@@ -13,7 +13,8 @@ the checks of a temporary domain named like a builtin type (`pg_temp.text`): a s
 temporary schema comes first for types, and was left out of the builtins' rivals; so were
 tables' row types, whose casts (`'(1)'::t`) run the checks of t's domain columns, and types
 named outside casts (a column definition list, XMLTABLE's columns): their values are made
-from text too (XMLTABLE's 'now' was a cached clock).
+from text too (XMLTABLE's 'now' was a cached clock). EXPLAIN without ANALYZE runs no
+statement, but its planning runs IMMUTABLE functions (a lying one bumped a counter).
 
 The rest pins risks that held: SET LOCAL in a pipeline's implicit transaction, set_config(…,
 true) before a tenant's read in psycopg's pipeline mode, per-session TimeZone at a DST edge,
@@ -298,6 +299,18 @@ async def test_xmltable_column_of_a_date_type_reads_the_clock(env: Env) -> None:
     t = await env.table("adv_xml", "body xml", "('<r><v>now</v></r>')")
     client = await env.client()
     await fresh_every_time(client, f"SELECT x.v FROM {t}, xmltable('/r' PASSING body COLUMNS v timestamptz PATH 'v') x")
+
+
+async def test_explain_plans_a_lying_immutable_function(env: Env) -> None:
+    """EXPLAIN (without ANALYZE) runs nothing, but plans: the planner folds an IMMUTABLE
+    call with constant arguments by running it, and this one bumps a counter."""
+    table, bump = await counter(env)
+    fn = await _lying(env, f"public.{bump}()")
+    reader, read = await warm_counter(env, table)
+    explainer = await env.client()
+    await explainer.rows(f"EXPLAIN SELECT public.{fn}(1)")
+    assert await reader.origin(read) == [(1,)], "planning never ran the function: proves nothing"
+    await reader.check(read, why="after EXPLAIN planned a function that bumped the counter")
 
 
 # --- pinned: settings that last only a transaction, per-session time zones, tenants ----------
