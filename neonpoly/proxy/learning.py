@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
-from neonpoly.cache import relations
+from neonpoly.cache import relation_lookup
 from neonpoly.pgwire import MSG_DATA_ROW, MSG_ERROR_RESPONSE, MSG_READY_FOR_QUERY, TX_IDLE
 from neonpoly.proxy import identity
 from neonpoly.proxy.core import SessionCore
@@ -81,7 +81,9 @@ class IdentityLearning(SessionCore):
         self.pending.append(Pending(time.monotonic(), neutral=True, lookup=names))
         out.append(
             pgwire.extended_request(
-                identity.LOOKUP_STATEMENT, relations.LOOKUP_SQL, relations.lookup_params(names, with_shadows)
+                identity.LOOKUP_STATEMENT,
+                relation_lookup.LOOKUP_SQL,
+                relation_lookup.lookup_params(names, with_shadows),
             )
         )
 

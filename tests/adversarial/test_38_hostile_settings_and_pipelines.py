@@ -14,7 +14,9 @@ temporary schema comes first for types, and was left out of the builtins' rivals
 tables' row types, whose casts (`'(1)'::t`) run the checks of t's domain columns, and types
 named outside casts (a column definition list, XMLTABLE's columns): their values are made
 from text too (XMLTABLE's 'now' was a cached clock). EXPLAIN without ANALYZE runs no
-statement, but its planning runs IMMUTABLE functions (a lying one bumped a counter).
+statement, but its planning runs IMMUTABLE functions (a lying one bumped a counter). A view's
+cast to such a domain (or a row type holding one) ran its CHECK on every read, unseen: a view's
+names are bound when it is made, so its casts were never judged.
 
 The rest pins risks that held: SET LOCAL in a pipeline's implicit transaction, set_config(…,
 true) before a tenant's read in psycopg's pipeline mode, per-session TimeZone at a DST edge,
@@ -299,6 +301,40 @@ async def test_xmltable_column_of_a_date_type_reads_the_clock(env: Env) -> None:
     t = await env.table("adv_xml", "body xml", "('<r><v>now</v></r>')")
     client = await env.client()
     await fresh_every_time(client, f"SELECT x.v FROM {t}, xmltable('/r' PASSING body COLUMNS v timestamptz PATH 'v') x")
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["SELECT a::public.{d} AS v FROM {t}", "SELECT ROW(a)::public.{rt} AS v FROM {t}", "benign"],
+    ids=["cast to a domain", "cast to a row type holding one", "a benign domain stays cached"],
+)
+async def test_a_view_whose_definition_casts_to_a_checked_domain(env: Env, body: str) -> None:
+    """A view's names are bound when it is made, so its casts are not judged by rivals: a
+    cast there to a domain whose CHECK runs code of the user's is that code, run by every
+    read of the view. A domain whose CHECK is plain SQL is no code: the view stays cached."""
+    table, bump = await counter(env)
+    dom = unique("adv_checked")
+    check = "VALUE > 0" if body == "benign" else f"public.{bump}() > 0"
+    await env.admin(f"CREATE DOMAIN public.{dom} AS int CHECK ({check})")
+    env.on_cleanup(f"DROP DOMAIN IF EXISTS public.{dom} CASCADE")
+    rt = await env.table("adv_rt", f"v public.{dom}")
+    t = await env.table("adv_src", "a int", "(1)")
+    view = unique("adv_v")
+    definition = "SELECT a, 5::public.{d} AS v FROM {t}" if body == "benign" else body
+    await env.admin(
+        f"CREATE VIEW public.{view} AS {definition.format(d=dom, t=t, rt=rt)}", f"GRANT SELECT ON {view} TO PUBLIC"
+    )
+    env.on_cleanup(f"DROP VIEW IF EXISTS public.{view}")
+    await make_known(env, view, table)
+    reader, read = await warm_counter(env, table)
+    viewer = await env.twin()
+    if body == "benign":
+        await viewer.probe(f"SELECT * FROM {view}")
+        return
+    for _ in range(3):
+        await viewer.via.rows(f"SELECT * FROM {view}")
+    assert await reader.origin(read) != [(0,)], "the check never ran: proves nothing"
+    await reader.check(read, why="after reads of a view whose cast ran a domain's CHECK that bumped the counter")
 
 
 async def test_explain_plans_a_lying_immutable_function(env: Env) -> None:

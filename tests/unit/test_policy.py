@@ -66,14 +66,6 @@ CASES: list[tuple[str, bool, Status | None, bool, set[str], set[str], bool]] = [
     ("SELECT my_func(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function
     ("SELECT app.lower(a) FROM t", False, S.VOLATILE, False, {"t"}, set(), True),  # unknown function
     ("SELECT * FROM my_table_func(1)", False, S.VOLATILE, False, set(), set(), True),  # unknown function
-    ("SELECT pg_reload_conf()", False, S.VOLATILE, False, set(), set(), True),  # every session's settings
-    ("EXPLAIN SELECT my_func(1)", False, S.UNCACHEABLE, False, set(), set(), True),  # planning folds it
-    # values made from text where no cast is: the type's input reads the clock for 'now'
-    ("SELECT * FROM t, xmltable('/r' PASSING b COLUMNS v date PATH '')", False, S.VOLATILE, False, {"t"}, set(), False),
-    ("SELECT JSON_VALUE(j, '$.v' RETURNING timestamptz) FROM t", False, S.VOLATILE, False, {"t"}, set(), False),
-    ("SELECT * FROM t, JSON_TABLE(j, '$' COLUMNS (v date PATH '$.v'))", False, S.VOLATILE, False, {"t"}, set(), False),
-    ("SELECT * FROM t, xmltable('/r' PASSING b COLUMNS v int PATH 'v')", True, None, False, {"t"}, set(), False),
-    ("SELECT * FROM xmltable('/r' PASSING b COLUMNS v app.d PATH 'v')", False, S.VOLATILE, False, set(), set(), True),
     ("SELECT age(born) FROM people", False, S.VOLATILE, False, {"people"}, set(), False),
     ("SELECT 'now'::timestamptz", False, S.VOLATILE, False, set(), set(), False),
     # reads that lock or create

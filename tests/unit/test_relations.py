@@ -1,4 +1,5 @@
-from neonpoly.cache.relations import LOOKUP_SQL, RelationBook, Resolution, lookup_params
+from neonpoly.cache.relation_lookup import LOOKUP_SQL, lookup_params
+from neonpoly.cache.relations import RelationBook, Resolution
 
 NO_SHADOWS: list[tuple[str, str, str, bool, str | None]] = []
 
