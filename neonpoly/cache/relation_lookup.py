@@ -151,6 +151,8 @@ SELECT 'c', '*', pg_catalog.concat('type ', t.typname), 'false',
 FROM checked ck JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} ck.typ
 JOIN pg_catalog.pg_constraint k ON k.contypid {_CATALOG} ck.dom AND k.contype {_CATALOG} 'c'
 WHERE $2::pg_catalog.bool
+UNION ALL  -- the rivals and the types above were listed (even when there are none)
+SELECT 'x', '*', '', 'false', NULL WHERE $2::pg_catalog.bool
 UNION ALL
 SELECT 's', '*', pg_catalog.concat('cast ', t.typname), 'false', NULL
 FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc

@@ -103,6 +103,10 @@ class RelationBook:
     def knows_shadows(self, database: str) -> bool:
         return database in self._shadowed
 
+    def knows_code_types(self, database: str) -> bool:
+        """False after a lookup that failed (`refuse`): the next one lists them again."""
+        return database in self._code_types
+
     def resolve(
         self,
         database: str,
@@ -205,6 +209,7 @@ class RelationBook:
         write_code: dict[str, list[str]] = {}
         shadows: dict[str, set[str]] = {}
         code_types: set[str] = set()
+        listed = False  # this lookup listed the rivals and code types (relation_lookup.py)
         keyed: dict[str, list[tuple[bool, str, str | None]]] = {}
         followed = self._followed.setdefault(database, {})
         unfollowed_roots: set[str] = set()
@@ -225,6 +230,9 @@ class RelationBook:
                 if _runs_code(definition or "", frozenset()):
                     code_types.add(relname)
                 continue
+            if kind == "x":
+                listed = True
+                continue
             if kind == "d":
                 write_code.setdefault(root, []).append(definition or "")
                 continue
@@ -236,7 +244,7 @@ class RelationBook:
             names, seen = table.setdefault(root, ({root}, False))
             names.add(relname)
             table[root] = (names, seen or flag)
-        if shadows or not self.knows_shadows(database):
+        if listed or shadows or not self.knows_shadows(database):
             self._shadowed[database] = {label: frozenset(schemas) for label, schemas in shadows.items()}
             self._code_types[database] = frozenset(code_types)
         known_code_types = self._code_types.get(database)

@@ -75,7 +75,8 @@ class IdentityLearning(SessionCore):
     def _ask_relations(self, cache: QueryCache, names: list[str], out: list[bytes]) -> None:
         """Ask the origin about relations (and, once per database, about the objects that
         shadow builtins) in this idle session, ahead of the request that needs the answer."""
-        with_shadows = not cache.relations.knows_shadows(self.state.database)
+        database = self.state.database
+        with_shadows = not cache.relations.knows_shadows(database) or not cache.relations.knows_code_types(database)
         if not names and not with_shadows:
             return
         self.pending.append(Pending(time.monotonic(), neutral=True, lookup=names))
