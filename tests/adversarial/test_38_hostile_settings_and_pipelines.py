@@ -69,9 +69,11 @@ def function_call(oid: int) -> bytes:
 
 
 async def _reloaded(twin: Twin) -> None:
-    """The origin's own word that the reload reached a backend (it applies one before its
-    next command: asked until it says so)."""
-    await eventually(lambda: twin.origin("SHOW extra_float_digits"), lambda rows: rows == [("0",)])
+    """The origin's own word that the reload reached both backends: an idle one applies it
+    only after its next command (asked until it says so; SHOW through neonpoly is relayed)."""
+    show = "SHOW extra_float_digits"
+    await eventually(lambda: twin.origin(show), lambda rows: rows == [("0",)])
+    await eventually(lambda: twin.via.rows(show), lambda rows: rows == [("0",)])
 
 
 @pytest.mark.parametrize("how", ["SELECT pg_reload_conf()", "FunctionCall"])
