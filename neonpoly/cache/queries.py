@@ -19,7 +19,7 @@ from pglast import parser as _pg
 
 from neonpoly.cache import keys
 from neonpoly.cache.classification import Status, Verdict
-from neonpoly.cache.volatility import UNKNOWN_VOLATILITY, call_reason
+from neonpoly.cache.volatility import RELOADS_SETTINGS, UNKNOWN_VOLATILITY, call_reason
 
 Node = dict[str, Any]
 
@@ -116,6 +116,9 @@ class _Walk:
                 return
         if "relname" in node:  # a bare RangeVar
             self.relation(node, scope, write=False)
+            return
+        if "typemod" in node and "names" in node:  # a bare TypeName outside a cast (cast() has its own)
+            self.typed_output(node)
             return
         for value in node.values():
             self.node(value, scope)
@@ -220,7 +223,10 @@ class _Walk:
             self.facts.shadowable.add(f"{name}()")
         if reason is None:
             pass
-        elif UNKNOWN_VOLATILITY in reason:
+        elif UNKNOWN_VOLATILITY in reason or name in RELOADS_SETTINGS:
+            # A reload changes every session's settings: as code of the user's, it evicts
+            # everything when sent and again when it completes, and moves the DDL epoch, so
+            # every session learns its identity again before its next cached answer.
             self.facts.unknown_code.append(reason)
         else:
             if name == "set_config":
@@ -249,6 +255,21 @@ class _Walk:
         symbols = _IMPLIED_OPERATORS.get(names[-1].upper(), (names[-1],))
         if len(names) == 1:
             self.facts.shadowable.update(f"operator {s}" for s in symbols)
+
+    def typed_output(self, type_name: Node) -> None:
+        """A type a query makes values of from text with no cast: a column definition list
+        (`jsonb_to_record(…) AS x(v t)`), XMLTABLE's and JSON_TABLE's columns, JSON_VALUE's
+        RETURNING. Its input function runs on text from the data (a date type reads the clock
+        for 'now'), and a domain's CHECKs run (code of the user's, maybe in a table's row
+        type): judged as a cast's type is."""
+        names = _names(type_name.get("names"))
+        schema, name = (names[-2] if len(names) > 1 else None), (names[-1] if names else "")
+        if schema not in (None, "pg_catalog"):
+            self.facts.unknown_code.append(f"makes values of type {schema}.{name} defined outside pg_catalog")
+        elif schema is None:
+            self.facts.shadowable.add(f"type {name}")
+        if name not in _CLOCK_FREE_TYPES:
+            self.facts.volatile.append(f"converts text to {name} (it could be 'now')")
 
     def cast(self, f: Node, scope: frozenset[str]) -> None:
         type_name = f.get("typeName") or {}

@@ -11,7 +11,10 @@ reach further than they say:
 * a sequence, a foreign table and the system catalogs change without any write neonpoly sees;
 * a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT),
   reaches partitions when it names the parent, reaches a view's base tables when it names an
-  updatable view, and may run triggers or rules that write anything at all; a write to a
+  updatable view, and may run triggers or rules that write anything at all, or code of the
+  user's that may write or SET: in defaults, checks, policies, the CHECKs of domains its values
+  hold (in arrays, composites, ranges), index expressions and predicates, and the support
+  functions of its indexes' operator classes and exclusion operators; a write to a
   foreign table writes wherever its server points (postgres_fdw: maybe a table of this very
   origin, in this or another database);
 * a builtin trusted by name (`lower()`, `=`, `text`) in a client's query is the builtin only
@@ -31,9 +34,9 @@ So the first time a relation is seen, neonpoly asks the origin (in the client's 
 session; the answer is swallowed) and from then on tags reads with every table they read and
 widens writes to every table they reach. View definitions and policy expressions come back as
 SQL (`pg_get_viewdef`, `pg_get_expr`) and are judged by the same classifier as the client's
-queries. The lookup is immune to what the client's session can change: every function,
-operator and type in it is qualified with pg_catalog, catalogs are named by their fixed OIDs,
-and the names travel as a bound parameter, never as SQL text.
+queries. The lookup itself (relation_lookup.py) is immune to what the client's session can
+change: every function, operator and type in it is qualified with pg_catalog, catalogs are
+named by their fixed OIDs, and the names travel as a bound parameter, never as SQL text.
 """
 
 from __future__ import annotations
@@ -41,151 +44,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from neonpoly import pgwire
-from neonpoly.cache.policy import classify
+from neonpoly.cache.policy import Classification, classify
 
 # Relations remembered per cache; past this the book starts over (a stream of queries naming
 # ever new relations must not grow it). Forgetting is safe: a relation not known is looked
 # up again, and a write to it evicts its database meanwhile.
 MAX_RELATIONS = 16_384
-
-_CATALOG = "OPERATOR(pg_catalog.=)"
-_NOT = "OPERATOR(pg_catalog.<>)"
-# pg_class 1259, pg_rewrite 2618, pg_policy 3256; pg_catalog's namespace is 11.
-LOOKUP_SQL = f"""\
-WITH RECURSIVE asked(oid, root) AS (
-  SELECT c.oid, c.relname::pg_catalog.text FROM pg_catalog.pg_class c
-  WHERE c.relname {_CATALOG} ANY ($1::pg_catalog.name[])
-), view_edges(parent, child) AS (
-  SELECT x.ev_class, d.refobjid FROM pg_catalog.pg_rewrite x
-  JOIN pg_catalog.pg_depend d ON d.classid {_CATALOG} 2618::pg_catalog.oid
-   AND d.objid {_CATALOG} x.oid AND d.refclassid {_CATALOG} 1259::pg_catalog.oid
-   AND d.refobjid {_NOT} x.ev_class
-  UNION ALL
-  SELECT i.inhparent, i.inhrelid FROM pg_catalog.pg_inherits i
-), read_edges(parent, child) AS (
-  SELECT parent, child FROM view_edges
-  UNION ALL
-  SELECT p.polrelid, d.refobjid FROM pg_catalog.pg_policy p
-  JOIN pg_catalog.pg_depend d ON d.classid {_CATALOG} 3256::pg_catalog.oid
-   AND d.objid {_CATALOG} p.oid AND d.refclassid {_CATALOG} 1259::pg_catalog.oid
-   AND d.refobjid {_NOT} p.polrelid
-), write_edges(parent, child) AS (
-  SELECT k.confrelid, k.conrelid FROM pg_catalog.pg_constraint k WHERE k.contype {_CATALOG} 'f'
-   AND (k.confdeltype {_CATALOG} ANY ('{{c,n,d}}'::pg_catalog."char"[])
-        OR k.confupdtype {_CATALOG} ANY ('{{c,n,d}}'::pg_catalog."char"[]))
-  UNION ALL
-  SELECT parent, child FROM view_edges  -- partitions, and a view's base tables (updatable views)
-), domains(rel, typ) AS (  -- the domains (and their base domains) of each column's type
-  SELECT a.attrelid, a.atttypid FROM pg_catalog.pg_attribute a
-  WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
-  UNION
-  SELECT d.rel, t.typbasetype FROM domains d JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} d.typ
-  WHERE t.typtype {_CATALOG} 'd'
-), r(oid, root) AS (
-  SELECT oid, root FROM asked
-  UNION
-  SELECT e.child, r.root FROM r JOIN read_edges e ON e.parent {_CATALOG} r.oid
-), w(oid, root) AS (
-  SELECT oid, root FROM asked
-  UNION
-  SELECT e.child, w.root FROM w JOIN write_edges e ON e.parent {_CATALOG} w.oid
-)
-SELECT 'r', r.root, c.relname::pg_catalog.text,
-  (c.relkind {_CATALOG} ANY ('{{S,f}}'::pg_catalog."char"[])
-   OR n.nspname {_CATALOG} ANY ('{{pg_catalog,information_schema,pg_toast}}'::pg_catalog.name[]))::pg_catalog.text,
-  CASE WHEN c.relkind {_CATALOG} 'v' THEN pg_catalog.pg_get_viewdef(c.oid) END
-FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
-JOIN pg_catalog.pg_namespace n ON n.oid {_CATALOG} c.relnamespace
-UNION ALL
-SELECT 'p', r.root, c.relname::pg_catalog.text, 'false',
-  pg_catalog.concat('SELECT ', pg_catalog.pg_get_expr(p.polqual, p.polrelid))
-FROM r JOIN pg_catalog.pg_policy p ON p.polrelid {_CATALOG} r.oid
-JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
-WHERE p.polqual IS NOT NULL
-UNION ALL
-SELECT 'w', w.root, c.relname::pg_catalog.text,
-  (c.relkind {_CATALOG} 'f'  -- a foreign table's rows live elsewhere (postgres_fdw: maybe here)
-   OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid {_CATALOG} w.oid AND NOT t.tgisinternal)
-   OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite x WHERE x.ev_class {_CATALOG} w.oid
-              AND x.ev_type {_NOT} '1'))::pg_catalog.text, NULL
-FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
-UNION ALL
-SELECT 'd', w.root, c.relname::pg_catalog.text, 'false', pg_catalog.concat('SELECT ', x.expr)
-FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
-JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks, policies, domains
-  SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) FROM pg_catalog.pg_attrdef d WHERE d.adrelid {_CATALOG} w.oid
-  UNION ALL
-  SELECT pg_catalog.pg_get_expr(k.conbin, k.conrelid) FROM pg_catalog.pg_constraint k
-  WHERE k.conrelid {_CATALOG} w.oid AND k.contype {_CATALOG} 'c'
-  UNION ALL
-  SELECT pg_catalog.pg_get_expr(p.polqual, p.polrelid) FROM pg_catalog.pg_policy p
-  WHERE p.polrelid {_CATALOG} w.oid AND p.polqual IS NOT NULL
-  UNION ALL
-  SELECT pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) FROM pg_catalog.pg_policy p
-  WHERE p.polrelid {_CATALOG} w.oid AND p.polwithcheck IS NOT NULL
-  UNION ALL
-  SELECT pg_catalog.pg_get_expr(k.conbin, 0::pg_catalog.oid) FROM domains dm
-  JOIN pg_catalog.pg_constraint k ON k.contypid {_CATALOG} dm.typ AND k.contype {_CATALOG} 'c'
-  WHERE dm.rel {_CATALOG} w.oid
-) x(expr) ON true
-UNION ALL
-SELECT 'k', a.root, pg_catalog.concat(pk.typ), (  -- the key a write may be confined to (keys.py)
-  c.relkind {_CATALOG} 'r' AND NOT c.relrowsecurity
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhparent {_CATALOG} c.oid)
-  AND NOT EXISTS (SELECT 1 FROM w JOIN write_edges e ON e.parent {_CATALOG} w.oid  -- cascades into itself
-                  WHERE w.root {_CATALOG} a.root AND e.child {_CATALOG} c.oid))::pg_catalog.text, pk.col
-FROM asked a JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} a.oid
-LEFT JOIN LATERAL (
-  SELECT att.atttypid::pg_catalog.text, att.attname::pg_catalog.text
-  FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_attribute att ON att.attrelid {_CATALOG} k.conrelid
-   AND att.attnum {_CATALOG} k.conkey[1]
-   AND att.attgenerated {_CATALOG} ''  -- a generated key moves when the columns it is computed from change
-  WHERE k.conrelid {_CATALOG} c.oid AND k.contype {_CATALOG} 'p' AND NOT k.condeferrable
-   AND pg_catalog.cardinality(k.conkey) {_CATALOG} 1
-) pk(typ, col) ON true
-UNION ALL
-SELECT 'u', r.root, c.relname::pg_catalog.text, 'false', NULL  -- what a change feed cannot follow
-FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
-WHERE c.relpersistence {_NOT} 'p' OR c.relkind {_NOT} ALL ('{{r,p,v}}'::pg_catalog."char"[])
-UNION ALL
-SELECT 's', '*', pg_catalog.concat('cast ', t.typname), 'false', NULL
-FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
-JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} k.casttarget
-WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
-UNION ALL
-SELECT 's', '*', 'implicit cast', 'false', NULL
-FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
-WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
- AND k.castcontext {_NOT} 'e'
-UNION ALL
-SELECT 's', ns.schema, s.name, 'false', NULL FROM (
-  SELECT p.pronamespace, pg_catalog.concat(p.proname, '()') FROM pg_catalog.pg_proc p
-  WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
-   AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
-     SELECT 1 FROM pg_catalog.unnest(p.proargtypes::pg_catalog.oid[]) a(oid)
-     JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} a.oid
-     WHERE t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typtype {_NOT} 'd'))  -- a domain is its base type
-  UNION
-  SELECT o.oprnamespace, pg_catalog.concat('operator ', o.oprname) FROM pg_catalog.pg_operator o
-  JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
-  WHERE $2::pg_catalog.bool AND o.oprnamespace {_NOT} 11::pg_catalog.oid
-   AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
-     SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid {_CATALOG} ANY (ARRAY[o.oprleft, o.oprright])
-     AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typtype {_NOT} 'd'))
-  UNION
-  SELECT t.typnamespace, pg_catalog.concat('type ', t.typname) FROM pg_catalog.pg_type t
-  WHERE $2::pg_catalog.bool AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typrelid {_CATALOG} 0::pg_catalog.oid
-) s(nsp, name) JOIN LATERAL (SELECT n.nspname::pg_catalog.text AS schema FROM pg_catalog.pg_namespace n
-  WHERE n.oid {_CATALOG} s.nsp AND pg_catalog.left(n.nspname::pg_catalog.text, 7) {_NOT} 'pg_temp'
-  AND pg_catalog.left(n.nspname::pg_catalog.text, 13) {_NOT} 'pg_toast_temp') ns ON true
-/* neonpoly: relation lookup */"""
-
-
-def lookup_params(names: Iterable[str], with_shadows: bool) -> list[str]:
-    """The lookup's two parameters, in text format: the names as an array, and whether to
-    list the database's rivals of builtins."""
-    return [pgwire.text_array(sorted(set(names))), "true" if with_shadows else "false"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +86,10 @@ class RelationBook:
         self._known: dict[tuple[str, str], Relation] = {}
         # database -> builtin name ("lower()", "operator =") -> schemas holding a rival
         self._shadowed: dict[str, dict[str, frozenset[str]]] = {}
+        # database -> "type X" labels of the types whose values hold a domain whose CHECK runs
+        # code of the user's: a view or policy making one (a cast) runs that code. Learned with
+        # the shadows; None (absent): not known, any type a definition names may be one.
+        self._code_types: dict[str, frozenset[str]] = {}
         # database -> relation name -> whether the change feed follows every relation a read
         # of it reaches (its own name as a base table or partition, or as the name read).
         self._followed: dict[str, dict[str, bool]] = {}
@@ -234,6 +102,10 @@ class RelationBook:
 
     def knows_shadows(self, database: str) -> bool:
         return database in self._shadowed
+
+    def knows_code_types(self, database: str) -> bool:
+        """False after a lookup that failed (`refuse`): the next one lists them again."""
+        return database in self._code_types
 
     def resolve(
         self,
@@ -336,6 +208,8 @@ class RelationBook:
         code: dict[str, list[str]] = {}
         write_code: dict[str, list[str]] = {}
         shadows: dict[str, set[str]] = {}
+        code_types: set[str] = set()
+        listed = False  # this lookup listed the rivals and code types (relation_lookup.py)
         keyed: dict[str, list[tuple[bool, str, str | None]]] = {}
         followed = self._followed.setdefault(database, {})
         unfollowed_roots: set[str] = set()
@@ -352,6 +226,13 @@ class RelationBook:
             if kind == "s":
                 shadows.setdefault(relname, set()).add(root)
                 continue
+            if kind == "c":
+                if _runs_code(definition or "", frozenset()):
+                    code_types.add(relname)
+                continue
+            if kind == "x":
+                listed = True
+                continue
             if kind == "d":
                 write_code.setdefault(root, []).append(definition or "")
                 continue
@@ -363,17 +244,19 @@ class RelationBook:
             names, seen = table.setdefault(root, ({root}, False))
             names.add(relname)
             table[root] = (names, seen or flag)
-        if shadows or not self.knows_shadows(database):
+        if listed or shadows or not self.knows_shadows(database):
             self._shadowed[database] = {label: frozenset(schemas) for label, schemas in shadows.items()}
+            self._code_types[database] = frozenset(code_types)
+        known_code_types = self._code_types.get(database)
         for name in asked:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
             reach, opaque = writes.get(name, ({name}, False))
             # A default, check, policy or domain that runs code of the user's (or SETs):
             # a write to it may change anything.
-            opaque = opaque or any(_runs_code(sql) for sql in write_code.get(name, ()))
+            opaque = opaque or any(_runs_code(sql, known_code_types) for sql in write_code.get(name, ()))
             why_volatile = _changes_unseen(name) if volatile else None
-            runs_code, settings, clock = _judge_definitions(name, code.get(name, ()))
+            runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types)
             self._known[(database, name)] = Relation(
                 frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque,
                 _key_column(keyed.get(name, ())),
@@ -410,12 +293,14 @@ class RelationBook:
         if database is None:
             self._known.clear()
             self._shadowed.clear()
+            self._code_types.clear()
             self._followed.clear()
         else:
             self._followed.pop(database, None)
             for key in [k for k in self._known if k[0] == database]:
                 del self._known[key]
             self._shadowed.pop(database, None)
+            self._code_types.pop(database, None)
 
 
 # int8, int2, int4: equality is integer equality, whatever the format or collation.
@@ -431,12 +316,26 @@ def _key_column(found: Iterable[tuple[bool, str, str | None]]) -> str | None:
     return columns.pop()
 
 
-def _runs_code(sql: str) -> bool:
+def _runs_code(sql: str, code_types: frozenset[str] | None) -> bool:
     info = classify(sql)
-    return info.is_write or info.invalidate_all or info.changes_session
+    if info.is_write or info.invalidate_all or info.changes_session:
+        return True
+    return _makes_code_type(info, code_types) is not None
 
 
-def _judge_definitions(name: str, definitions: Iterable[str]) -> tuple[str | None, frozenset[str], str | None]:
+def _makes_code_type(info: Classification, code_types: frozenset[str] | None) -> str | None:
+    """A type the definition makes values of (a cast) whose domain CHECK runs code of the
+    user's (its name as printed: definitions are bound to OIDs, so no rival can stand in for
+    it); with `code_types` unknown, any type it names may be one."""
+    for label in sorted(info.shadowable):
+        if label.startswith("type ") and (code_types is None or label in code_types):
+            return label
+    return None
+
+
+def _judge_definitions(
+    name: str, definitions: Iterable[str], code_types: frozenset[str] | None = frozenset()
+) -> tuple[str | None, frozenset[str], str | None]:
     """(runs_code, settings read, volatile) for the view definitions and policies of a
     relation, judged by the classifier that judges client queries."""
     runs_code: str | None = None
@@ -447,6 +346,8 @@ def _judge_definitions(name: str, definitions: Iterable[str]) -> tuple[str | Non
         settings |= info.settings_read
         if info.invalidate_all or info.changes_session or info.is_write:
             runs_code = runs_code or f"reading {name} runs code: {info.reason}"
+        elif made := _makes_code_type(info, code_types):
+            runs_code = runs_code or f"reading {name} runs code: it makes {made}, whose domain CHECK runs code"
         elif not info.cacheable:
             volatile = volatile or f"{name} is defined with something that changes without writes: {info.reason}"
     return runs_code, frozenset(settings), volatile

@@ -149,7 +149,13 @@ def _explain(f: Node) -> Verdict:
     verdict.tables_read = inner.tables_read
     verdict.qualified = inner.qualified
     analyzes = _option_on(f.get("options") or (), ("analyze", "analyse"))
-    if analyzes and (inner.is_write or inner.invalidate_all or inner.changes_session):
+    if not analyzes and (inner.invalidate_all or inner.changes_session):
+        # Planning runs code too: the planner folds IMMUTABLE calls with constant arguments
+        # (and asks STABLE ones for estimates), so a user's function may write or SET.
+        verdict.invalidate_all = inner.invalidate_all
+        verdict.changes_session = inner.changes_session
+        verdict.reason = f"EXPLAIN plans, which may run code: {inner.reason}"
+    elif analyzes and (inner.is_write or inner.invalidate_all or inner.changes_session):
         # EXPLAIN ANALYZE executes the statement.
         verdict.is_write = inner.is_write
         verdict.invalidate_all = inner.invalidate_all

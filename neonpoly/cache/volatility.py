@@ -131,6 +131,12 @@ TEXT_TO_TYPED: frozenset[str] = frozenset(
 
 UNKNOWN_VOLATILITY = "whose volatility is unknown"
 
+# Builtins that change other sessions' settings: a configuration reload makes every open
+# backend read the configuration again (ALTER SYSTEM's values), with no SET in any of them
+# and no ParameterStatus for most settings. Treated like code of the user's: everything is
+# evicted and every session learns its identity again (see queries.py).
+RELOADS_SETTINGS: frozenset[str] = frozenset({"pg_reload_conf"})
+
 
 def call_reason(schema: str | None, name: str, args: int) -> str | None:
     """Why a call of ``[schema.]name`` with `args` arguments makes a query uncacheable, or
@@ -139,6 +145,8 @@ def call_reason(schema: str | None, name: str, args: int) -> str | None:
         return f"calls function {schema}.{name}() {UNKNOWN_VOLATILITY}"
     if name in TIME_DEPENDENT:
         return f"calls time-dependent function {name}()"
+    if name in RELOADS_SETTINGS:
+        return f"calls {name}(), which changes the settings of every open session"
     if name in TEXT_TO_TYPED:
         return f"calls {name}(), which converts text from the data (it could be 'now')"
     if name in VOLATILE_NAMES or name.startswith(VOLATILE_PREFIXES):

@@ -85,4 +85,9 @@ def parse(row: list[bytes | None], private: bytes, settings: Iterable[str], epoc
         h.update(b"temp\x00" + private)
     names = (schemas or b"").decode("utf-8", "replace")
     schema_set = frozenset(names.split("\x01")) if names else frozenset()
+    if has_temp == b"true":
+        # Its temporary schema is searched first for types (relations.py lists the types of
+        # every temporary schema as rivals in "pg_temp"): a temporary domain named `text`
+        # is what `'x'::text` makes, with that domain's checks.
+        schema_set |= {"pg_temp"}
     return Identity(h.digest(), schema_set, frozenset(settings), epoch, has_temp == b"true")

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
-from neonpoly.cache import relations
+from neonpoly.cache import relation_lookup
 from neonpoly.pgwire import MSG_DATA_ROW, MSG_ERROR_RESPONSE, MSG_READY_FOR_QUERY, TX_IDLE
 from neonpoly.proxy import identity
 from neonpoly.proxy.core import SessionCore
@@ -75,13 +75,16 @@ class IdentityLearning(SessionCore):
     def _ask_relations(self, cache: QueryCache, names: list[str], out: list[bytes]) -> None:
         """Ask the origin about relations (and, once per database, about the objects that
         shadow builtins) in this idle session, ahead of the request that needs the answer."""
-        with_shadows = not cache.relations.knows_shadows(self.state.database)
+        database = self.state.database
+        with_shadows = not cache.relations.knows_shadows(database) or not cache.relations.knows_code_types(database)
         if not names and not with_shadows:
             return
         self.pending.append(Pending(time.monotonic(), neutral=True, lookup=names))
         out.append(
             pgwire.extended_request(
-                identity.LOOKUP_STATEMENT, relations.LOOKUP_SQL, relations.lookup_params(names, with_shadows)
+                identity.LOOKUP_STATEMENT,
+                relation_lookup.LOOKUP_SQL,
+                relation_lookup.lookup_params(names, with_shadows),
             )
         )
 

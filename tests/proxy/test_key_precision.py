@@ -10,7 +10,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from neonpoly.cache.relations import LOOKUP_SQL
+from neonpoly.cache.relation_lookup import LOOKUP_SQL
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy, unique
 

@@ -1,4 +1,5 @@
-from neonpoly.cache.relations import LOOKUP_SQL, RelationBook, Resolution, lookup_params
+from neonpoly.cache.relation_lookup import LOOKUP_SQL, lookup_params
+from neonpoly.cache.relations import RelationBook, Resolution
 
 NO_SHADOWS: list[tuple[str, str, str, bool, str | None]] = []
 
@@ -146,3 +147,25 @@ def test_the_version_moves_whenever_an_answer_may_change() -> None:
     book.forget()
     seen.append(book.version)
     assert len(set(seen)) == len(seen)
+
+
+def test_views_casting_to_a_domain_whose_check_runs_code() -> None:
+    """A view's casts are bound when it is made (no rivals), but a domain whose CHECK calls
+    code of the user's runs it: listed with the rivals ('c'), learned again after a failure."""
+    book = RelationBook()
+    book.refuse("app", ["gone"])  # the first lookup failed: the code types are not known
+    assert book.knows_shadows("app") and not book.knows_code_types("app")
+    rows = [
+        ("x", "*", "", False, None),
+        ("c", "*", "type bumping", False, "SELECT (public.bump() > 0)"),
+        ("c", "*", "type positive", False, "SELECT (VALUE > 0)"),
+        ("r", "v", "v", False, " SELECT (t.a)::bumping AS a FROM t;"),
+        ("r", "v", "t", False, None),
+        ("r", "w", "w", False, " SELECT (t.a)::positive AS a FROM t;"),
+        ("r", "w", "t", False, None),
+    ]
+    book.learn("app", ["v", "w"], rows)
+    assert book.knows_code_types("app")
+    v, w = book.resolve("app", ["v"]), book.resolve("app", ["w"])
+    assert v is not None and v.runs_code is not None and "type bumping" in v.runs_code
+    assert w is not None and w.runs_code is None
