@@ -130,8 +130,10 @@ class BatchHandling(CacheDecisions):
         template = memo.template_id
         if not cache.caches(template, plan.tables):
             return False  # DISABLED: the full path says so and counts it
-        item = Pending(time.monotonic())
         score = memo.score
+        if score.bypassed and self._pass_lone(cache, score, plan, template, data):
+            return True
+        item = Pending(time.monotonic())
         if score.bypassed and cache.bypass.passes(score):
             # Its lookups do not hit (cache/bypass.py): forwarded as pass-through would.
             for info in plan.executed:
@@ -161,6 +163,42 @@ class BatchHandling(CacheDecisions):
         for info in plan.executed:
             stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
         self._send_lone(item, data)
+        return True
+
+    def _pass_lone(self, cache: QueryCache, score: LookupScore, plan: BatchPlan, template: str, data: bytes) -> bool:
+        """A lone batch of a bypassed template `_lone_batch` found every ground of its memo
+        still standing for, passed through as a bypassed simple Query is from its memo
+        (passes.py): counted at once, then relayed as pass-through relays it (one request in
+        `inflight`, no `Pending`), when nothing else is outstanding or owed an answer's
+        settling (as `_pass_by_memo` asks). False, with nothing changed: not such a read (a
+        probe, the bypass ended, something outstanding): `_lone_batch` goes on."""
+        if (
+            self.inflight
+            or self.relations_wanted
+            or self.tx_writes
+            or self.tx_keyed
+            or self.tx_writes_everything
+            or not cache.bypass.skips(score)
+        ):
+            return False
+        unrecorded = None
+        for info in plan.executed:
+            ticket = cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables,
+                                       info.template_id == template)  # fmt: skip
+            if not cache.record_passed(ticket):
+                unrecorded = [ticket] if unrecorded is None else [*unrecorded, ticket]
+        if unrecorded is not None:
+            # Not counted at once (debug logging times every read): `_complete` counts them.
+            item = Pending(time.monotonic())
+            item.stats.extend(unrecorded)
+            self._send_lone(item, data)
+            return True
+        self.passed_at = time.monotonic()
+        self.inflight = 1
+        if self.origin_transport is not None:
+            self.origin_transport.write(data)
+        if self.book.unsynced:  # (a Parse sent since the last Sync)
+            self.book.synced()
         return True
 
     def _send_lone(self, item: Pending, data: bytes) -> None:
