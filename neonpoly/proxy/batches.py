@@ -137,9 +137,10 @@ class BatchHandling(CacheDecisions):
         score = memo.score
         if score.bypassed and self._pass_lone(cache, score, plan, template, data):
             return True
-        item = Pending(time.monotonic())
+        started = time.monotonic()
         if score.bypassed and cache.bypass.passes(score):
             # Its lookups do not hit (cache/bypass.py): forwarded as pass-through would.
+            item = Pending(started)
             for info in plan.executed:
                 item.stats.append(cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables,
                                                     info.template_id == template))  # fmt: skip
@@ -149,8 +150,9 @@ class BatchHandling(CacheDecisions):
         key = cache.key(state.context(), b"X" + material)  # as `_sync` keys it
         entry = cache.lookup_entry(key, score)
         if entry is not None:
-            self._lone_hit(memo, key, entry, data, item.started)
+            self._lone_hit(memo, key, entry, data, started)
             return True
+        item = Pending(started)  # (a hit needs none: answered at once, nothing outstanding)
         item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end]), *memo.rest])
         stats = item.stats
         for info in plan.executed:
