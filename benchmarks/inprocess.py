@@ -48,10 +48,14 @@ SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = "
 PREPARED = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 UPDATE = "UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid}"
 WORKLOADS = ("pass-simple", "pass-prepared", "hit-simple", "hit-prepared", "miss-simple", "miss-prepared",
-             "cold-simple", "cold-prepared", "mix")  # fmt: skip
+             "cold-simple", "cold-prepared", "fresh-prepared", "mix")  # fmt: skip
 # miss-*: the miss path itself (first sightings, looked up, on a cache whose lookup bypass is
 # off: cache/bypass.py). cold-*: the same reads of a template that only ever misses (pgbench -S
 # over 1M rows) on a cache with the default bypass, past its first window: what -S costs.
+# fresh-prepared: hits of stored keys by sessions that never read them (each session of a new
+# pgbench run reads every key of the hot set once before its hit memos answer it): new
+# sessions, logged in and prepared before the round, each reading the hot set once (with
+# --python: one session whose hit memos are forgotten before each read).
 COLD_WARMUP = 600  # first sightings before cold-* is measured: more than bypass.WINDOW
 
 
@@ -125,15 +129,9 @@ class Bench:
             if mode == "cache":
                 _bypass_off(service)
         self.clients: dict[str, RawClient] = {}
-        for mode, (_, serving) in self.services.items():
-            port = serving.address[1]
+        for mode in self.services:
             for protocol in ("simple", "prepared"):
-                client = await RawClient.connect(
-                    port, self.origin.user or "postgres", self.origin.password or "", self.origin.database or "postgres"
-                )
-                if protocol == "prepared":
-                    await client.request(parse("P_0", PREPARED) + SYNC)
-                self.clients[f"{mode}-{protocol}"] = client
+                self.clients[f"{mode}-{protocol}"] = await self._connect(mode, protocol == "prepared")
         for key in ("cache-simple", "cache-prepared"):  # warm: stored on the 2nd run, served from the 3rd
             for _ in range(3):
                 for aid in range(1, HOT + 1):
@@ -142,6 +140,15 @@ class Bench:
             for aid in range(self.fresh, self.fresh + COLD_WARMUP):
                 await self._read(self.clients[key], key.endswith("prepared"), aid)
             self.fresh += COLD_WARMUP
+
+    async def _connect(self, mode: str, prepared: bool) -> RawClient:
+        port = self.services[mode][1].address[1]
+        client = await RawClient.connect(
+            port, self.origin.user or "postgres", self.origin.password or "", self.origin.database or "postgres"
+        )
+        if prepared:
+            await client.request(parse("P_0", PREPARED) + SYNC)
+        return client
 
     async def stop(self) -> None:
         for client in self.clients.values():
@@ -168,9 +175,20 @@ class Bench:
         else:
             aids = [1 + (i * 7919) % HOT for i in range(n)]
         rng = self.rng
+        fresh: list[RawClient] = []
+        if mode == "fresh":
+            for _ in range(-(-n // HOT)):
+                fresh.append(await self._connect("cache", prepared=True))
+            aids = list(range(1, HOT + 1))
         await asyncio.sleep(0.05)  # let the writer settle
         w0, m0 = Meter.writer_seconds(), self.meter.seconds
-        if mode == "mix":
+        if mode == "fresh":
+            done = 0
+            for each in fresh:
+                for aid in aids[: n - done]:
+                    await self._read(each, True, aid)
+                done += min(HOT, n - done)
+        elif mode == "mix":
             for i in range(n):
                 if i % 10 == 9:
                     await client.request(query(UPDATE.format(delta=rng.randint(-5000, 5000), aid=rng.randint(1, HOT))))
@@ -180,7 +198,10 @@ class Bench:
             for aid in aids:
                 await self._read(client, prepared, aid)
         await asyncio.sleep(0.05)  # the writer's share of these requests
-        return (self.meter.seconds - m0) / n * 1e6, (Meter.writer_seconds() - w0) / n * 1e6
+        seconds = (self.meter.seconds - m0) / n * 1e6, (Meter.writer_seconds() - w0) / n * 1e6
+        for each in fresh:
+            await each.close()
+        return seconds
 
     async def python_only(self, workload: str) -> float:
         """µs of Python per request with no sockets: the session's transports swapped for
@@ -222,10 +243,14 @@ class Bench:
         requests = [bind_describe_execute_sync("P_0", (str(a),)) if prepared else query(f"{SELECT}{a}") for a in aids]
         real_client, real_origin = session.client, session.origin_transport
         session.client, session.origin_transport = _Sink(), _Sink()  # type: ignore[assignment]
-        goes_out = mode != "hit"
+        goes_out = mode not in ("hit", "fresh")
+        # fresh: every read the session's first of its key (its hit memos forgotten before it).
+        memos = session.hit_memos if mode == "fresh" else None
         try:
             t0 = time.thread_time()
             for data in requests:
+                if memos is not None:
+                    memos.clear()
                 original_client_data(session, data)
                 if goes_out:
                     original(session, answer)

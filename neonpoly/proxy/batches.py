@@ -27,16 +27,19 @@ from neonpoly.cache.policy import Status
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_FUNCTION_CALL, MSG_PARSE, MSG_QUERY, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
 from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
-from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT
+from neonpoly.proxy.hits import MAX_MEMOS, HitMemo, hit_tallies
 from neonpoly.proxy.pending import Pending
 
 if TYPE_CHECKING:
     from neonpoly.cache.bypass import LookupScore
+    from neonpoly.cache.entry import CacheEntry
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.relations import Resolution
     from neonpoly.proxy.identity import Identity
+    from neonpoly.stats import HitTally
 
 _LENGTH = struct.Struct("!i")
+_READY_IDLE = pgwire.ready_for_query(TX_IDLE)
 # Lone batches remembered per session (see BatchMemo): a driver's statements, like MAX_SHAPES.
 MAX_BATCH_MEMOS = 512
 # The most bytes after its Bind a lone batch has (a Describe, an Execute, a Sync: their names
@@ -64,6 +67,7 @@ class BatchMemo:
     template_id: str
     rest: list[tuple[int, bytes]]  # the batch's messages after its Bind, for `_capture`
     score: LookupScore  # its template's lookups (cache/bypass.py)
+    tallies: tuple[HitTally, ...]  # where its hits are counted, one per Execute (as a HitMemo's)
 
 
 class BatchHandling(CacheDecisions):
@@ -130,10 +134,13 @@ class BatchHandling(CacheDecisions):
         template = memo.template_id
         if not cache.caches(template, plan.tables):
             return False  # DISABLED: the full path says so and counts it
-        item = Pending(time.monotonic())
         score = memo.score
+        if score.bypassed and self._pass_lone(cache, score, plan, template, data):
+            return True
+        started = time.monotonic()
         if score.bypassed and cache.bypass.passes(score):
             # Its lookups do not hit (cache/bypass.py): forwarded as pass-through would.
+            item = Pending(started)
             for info in plan.executed:
                 item.stats.append(cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables,
                                                     info.template_id == template))  # fmt: skip
@@ -141,26 +148,78 @@ class BatchHandling(CacheDecisions):
             return True
         material = hashlib.blake2b(memo.before + tail + memo.after, digest_size=32).digest()
         key = cache.key(state.context(), b"X" + material)  # as `_sync` keys it
-        payload = cache.lookup(key, score)
-        self.hit_seen = NO_HIT
-        if payload is not None:
-            if plan.executes:
-                self._answer_locally(payload, plan.executed, item)
-            else:
-                self._answer_quietly(payload, item)
-            self._note_hit(cache, key, memo.resolution, template, plan.tables, plan.shadowable,
-                           plan.executed if plan.executes else [])  # fmt: skip
-            memo_hit, self.hit_seen = self.hit_seen, None
-            if memo_hit is not None:  # a repeat of these very bytes: hits.py
-                if len(self.hit_memos) >= MAX_MEMOS:
-                    self.hit_memos.clear()
-                self.hit_memos[data] = memo_hit
+        entry = cache.lookup_entry(key, score)
+        if entry is not None:
+            self._lone_hit(memo, key, entry, data, started)
             return True
+        item = Pending(started)  # (a hit needs none: answered at once, nothing outstanding)
         item.capture = self._capture(cache, key, memo.resolution, template, [(MSG_BIND, data[5:end]), *memo.rest])
         stats = item.stats
         for info in plan.executed:
             stats.append(cache.miss_ticket(info.template_id, info.template, info.qualified_tables))
         self._send_lone(item, data)
+        return True
+
+    def _lone_hit(self, memo: BatchMemo, key: bytes, entry: CacheEntry, data: bytes, started: float) -> None:
+        """`_lone_batch` found the read's entry: answered as `_sync` answers a hit of a lone
+        batch (nothing outstanding, the session idle: its payload and an idle ReadyForQuery),
+        counted in the memo's tallies as a hit memo counts its hits (`_answer_locally` would
+        make a ticket per Execute), and remembered by the read's bytes (hits.py) with the
+        entry it was served and its reply, as `_note_hit` would remember it but for those:
+        its first repeat is then asked `serves`, not looked up again."""
+        cache = memo.cache
+        payload = entry.payload
+        reply = payload + _READY_IDLE
+        elapsed = time.monotonic() - started
+        size = len(payload)
+        for tally in memo.tallies:
+            cache.record_hit(tally, elapsed, size)
+        self.write_client(reply)
+        plan = memo.plan
+        resolution = memo.resolution if plan.tables or plan.shadowable else None
+        template = memo.template_id
+        hit = HitMemo(
+            cache, key, memo.identity, memo.book_version, memo.database, plan.tables, plan.shadowable, resolution,
+            template, memo.tallies, cache.bypass.score(template), entry=entry, reply=reply,
+        )  # fmt: skip
+        if len(self.hit_memos) >= MAX_MEMOS:
+            self.hit_memos.clear()
+        self.hit_memos[data] = hit
+
+    def _pass_lone(self, cache: QueryCache, score: LookupScore, plan: BatchPlan, template: str, data: bytes) -> bool:
+        """A lone batch of a bypassed template `_lone_batch` found every ground of its memo
+        still standing for, passed through as a bypassed simple Query is from its memo
+        (passes.py): counted at once, then relayed as pass-through relays it (one request in
+        `inflight`, no `Pending`), when nothing else is outstanding or owed an answer's
+        settling (as `_pass_by_memo` asks). False, with nothing changed: not such a read (a
+        probe, the bypass ended, something outstanding): `_lone_batch` goes on."""
+        if (
+            self.inflight
+            or self.relations_wanted
+            or self.tx_writes
+            or self.tx_keyed
+            or self.tx_writes_everything
+            or not cache.bypass.skips(score)
+        ):
+            return False
+        unrecorded = None
+        for info in plan.executed:
+            ticket = cache.pass_ticket(score, info.template_id, info.template, info.qualified_tables,
+                                       info.template_id == template)  # fmt: skip
+            if not cache.record_passed(ticket):
+                unrecorded = [ticket] if unrecorded is None else [*unrecorded, ticket]
+        if unrecorded is not None:
+            # Not counted at once (debug logging times every read): `_complete` counts them.
+            item = Pending(time.monotonic())
+            item.stats.extend(unrecorded)
+            self._send_lone(item, data)
+            return True
+        self.passed_at = time.monotonic()
+        self.inflight = 1
+        if self.origin_transport is not None:
+            self.origin_transport.write(data)
+        if self.book.unsynced:  # (a Parse sent since the last Sync)
+            self.book.synced()
         return True
 
     def _send_lone(self, item: Pending, data: bytes) -> None:
@@ -225,6 +284,8 @@ class BatchHandling(CacheDecisions):
         self.batch_memos[shape] = BatchMemo(
             plan, segments[0], segments[1], cache, identity, self.book.version, self.state.database, resolution,
             template, batch[1:], cache.bypass.score(template),
+            hit_tallies(cache, [(i.template_id, i.template, i.qualified_tables) for i in plan.executed]
+                        if plan.executes else []),
         )  # fmt: skip
 
     def _sync(

@@ -36,7 +36,7 @@ class SessionCore:
         self.pending: deque[Pending] = deque()
         # Requests sent with no `Pending` awaiting ReadyForQuery: all of them without a cache
         # (relay.py); with one, a bypassed read passed from its memo, while nothing else is
-        # outstanding (passes.py).
+        # outstanding (a simple Query: passes.py; a lone batch: batches.py `_pass_lone`).
         self.inflight = 0
         self.stream: Pending | None = None  # a batch forwarded before its Sync (Flush, COPY)
         self.batch_open = False  # extended messages forwarded with no Sync yet (a Flush)

@@ -216,3 +216,42 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
         assert len(points) == 1  # the first miss from the memo; the second reused its names
     finally:
         await raw.close()
+
+
+async def test_a_lone_batch_hit_is_remembered_with_the_entry_it_was_served(
+    pg: PgServer, proxy: CachingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prepared statement's lone batch answered from its shape's memo (BatchHandling.
+    `_lone_hit`) is remembered by its bytes with the entry it was served: its first repeat
+    is served without asking the store again, and each answer counts as a hit."""
+    from neonpoly.cache.bypass import LookupScore
+    from neonpoly.cache.query_cache import QueryCache
+    from tests.adversarial.rawpg import SYNC, Raw, bind, describe_portal, execute, parse, rows
+
+    table = await make_table(pg)
+    raw = await Raw.connect(proxy.port)
+    try:
+        raw.send(parse("s", f"SELECT name FROM {table} WHERE id = $1"), SYNC)
+        await raw.until_ready()
+        for key in ("1", "1", "2", "2"):  # stored, the shape's memo made on the way
+            raw.send(bind("", "s", (key,)), describe_portal(), execute(), SYNC)
+            await raw.until_ready()
+        (session,) = list(proxy.service.server.sessions)
+        session.hit_memos.clear()  # the next reads are this session's first of their bytes
+        lookups: list[bytes] = []
+        full = QueryCache.lookup_entry
+
+        def counted(self: QueryCache, key: bytes, score: LookupScore | None = None) -> object:
+            lookups.append(key)
+            return full(self, key, score)
+
+        monkeypatch.setattr(QueryCache, "lookup_entry", counted)
+        hits = proxy.totals().get("hit", 0)
+        for key, looked in (("1", 1), ("1", 1), ("2", 2), ("2", 2)):
+            raw.send(bind("", "s", (key,)), describe_portal(), execute(), SYNC)
+            assert rows(await raw.until_ready()) == [[f"name {key}".encode()]]
+            assert len(lookups) == looked  # looked up once: its repeat is served from the memo
+        assert proxy.totals().get("hit", 0) == hits + 4
+        assert len(session.hit_memos) == 2
+    finally:
+        await raw.close()

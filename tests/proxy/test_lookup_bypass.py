@@ -6,6 +6,7 @@ the last test runs the defaults, a pgbench -S in miniature."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 from neonpoly.cache.bypass import WINDOW, Bypass
 from neonpoly.cache.query_cache import QueryCache
-from tests.adversarial.rawpg import SYNC, Raw, bind, describe_portal, execute, parse, query, rows
+from tests.adversarial.rawpg import SYNC, Raw, bind, describe_portal, execute, kinds, parse, query, rows
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy
 from tests.proxy.test_cache_hits import make_table
@@ -236,4 +237,53 @@ async def test_pgbench_select_only_in_miniature_is_bypassed_with_the_defaults(
         assert spied.statuses(f"FROM {table} WHERE id =") == {"miss": WINDOW + extra}
         assert spied.cache.bypass.passed == extra - 4
     finally:
+        await raw.close()
+
+
+async def test_a_bypassed_lone_batch_outstanding_is_answered_in_order_and_errors_pass(
+    pg: PgServer, proxy: CachingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bypassed lone batch decided from its memo is relayed as pass-through relays it (no
+    queue entry while it is alone, proxy/batches.py `_pass_lone`): what the client sends
+    behind it (here a hit the cache could answer at once) still comes after its answer, and
+    an error it meets reaches the client like any answer."""
+    spied = Spied(proxy, monkeypatch, window=8, probe_every=1000)
+    table = await make_table(pg, rows=40)
+    other = await make_table(pg, rows=3)
+    raw = await Raw.connect(proxy.port)
+    locker = await asyncpg.connect(**pg.dsn("postgres", "app"))
+    try:
+        (session,) = list(proxy.service.server.sessions)
+        raw.send(parse("s", f"SELECT name FROM {table} WHERE id = $1"), SYNC)
+        await raw.until_ready()
+        for _ in range(3):  # stored, then a hit
+            assert await _read(raw, other, 1) == [[b"name 1"]]
+        for key in range(1, 11):  # a window of misses, then bypassed (the memo made on the way)
+            raw.send(bind("", "s", (str(key),)), describe_portal(), execute(), SYNC)
+            assert rows(await raw.until_ready()) == [[f"name {key}".encode()]]
+        passed = spied.cache.bypass.passed
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        raw.send(bind("", "s", ("20",)), describe_portal(), execute(), SYNC)  # waits for the lock
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if spied.cache.bypass.passed > passed:
+                break
+        assert spied.cache.bypass.passed == passed + 1
+        assert (session.inflight, len(session.pending)) == (1, 0)  # relayed with no queue entry
+        raw.send(query(f"SELECT name FROM {other} WHERE id = 1"))
+        await asyncio.sleep(0.1)
+        await tx.rollback()
+        assert rows(await raw.until_ready()) == [[b"name 20"]]
+        assert rows(await raw.until_ready()) == [[b"name 1"]]
+        raw.send(bind("", "s", ("x",)), describe_portal(), execute(), SYNC)  # refused by the origin
+        assert kinds(await raw.until_ready()) == b"EZ"
+        assert spied.cache.bypass.passed == passed + 2
+        raw.send(bind("", "s", ("21",)), describe_portal(), execute(), SYNC)
+        assert rows(await raw.until_ready()) == [[b"name 21"]]
+        assert (session.inflight, len(session.pending)) == (0, 0)
+        assert spied.statuses(f"SELECT name FROM {table} WHERE id =") == {"miss": 13}
+    finally:
+        await locker.close()
         await raw.close()
