@@ -24,6 +24,7 @@ MISS = "miss"
 # cacheable read the origin answered, so the hit rate stays the share of cacheable reads
 # served from cache), its reason shown as the template's last.
 _NOT_LOOKED_UP = "miss, not looked up"
+_OTHER = "other"  # the last was of another status (`StatsRecorder.other`): the tally's `other_status`
 
 # Log-bucket latency histogram: 1 µs .. ~190 s in steps of 20%, so any percentile is
 # within ~10% of the truth whatever the number of samples.
@@ -237,8 +238,8 @@ class HitTally:
     Made by `StatsRecorder.tally`, counted by `StatsRecorder.hit` and `StatsRecorder.miss`."""
 
     __slots__ = ("buckets", "bytes_served", "cache_id", "count", "epoch", "last", "last_kind", "latency_s",
-                 "miss_buckets", "misses", "pass_reason", "passes", "second", "tables", "template",
-                 "template_id")  # fmt: skip
+                 "miss_buckets", "misses", "other_reason", "other_status", "others", "pass_reason", "passes",
+                 "second", "tables", "template", "template_id")  # fmt: skip
 
     def __init__(self, cache_id: str, template_id: str, template: str, tables: tuple[str, ...]) -> None:
         self.cache_id = cache_id
@@ -255,12 +256,15 @@ class HitTally:
         self.miss_buckets: dict[int, int] = {}  # miss latency histogram bucket -> misses
         self.passes = 0  # reads of a bypassed template (cache/bypass.py), passed through
         self.pass_reason = ""  # why, as the last of them said
+        self.others = 0  # requests of another status (a remembered write's), all of this one:
+        self.other_status = ""
+        self.other_reason: str | None = None
         self.last_kind = HIT  # the status of the last one counted (the template's last status)
         self.epoch = -1  # the recorder's `_epoch` when registered: another, and it registers again
 
 
 def _empty(tally: HitTally) -> None:
-    tally.count = tally.bytes_served = tally.misses = tally.passes = 0
+    tally.count = tally.bytes_served = tally.misses = tally.passes = tally.others = 0
     tally.latency_s = 0.0
     tally.buckets = {}
     tally.miss_buckets = {}
@@ -289,7 +293,7 @@ class StatsRecorder:
                origin_time_s: float | None = None, *, reason: str | None = None) -> None:
         if self._tallies:
             pending = self._tallies.get((cache_id, template_id))
-            if pending is not None and (pending.count or pending.misses or pending.passes):
+            if pending is not None and (pending.count or pending.misses or pending.passes or pending.others):
                 self._fold(pending)  # hits and misses counted before this come first
         now = self._clock()
         cache = self._caches.get(cache_id)
@@ -376,7 +380,7 @@ class StatsRecorder:
         """A tally's first count in a new second (or since a reset): what it holds is folded
         in first, and it is registered again if the bound or a reset dropped it. Called only
         then: the hot paths test the second inline (a call less per hit)."""
-        if tally.count or tally.misses or tally.passes:
+        if tally.count or tally.misses or tally.passes or tally.others:
             self._fold(tally)
         tally.second = second
         if self._tallies.get((tally.cache_id, tally.template_id)) is not tally:
@@ -415,6 +419,20 @@ class StatsRecorder:
         tally.last_kind = _NOT_LOOKED_UP
         tally.last = now
 
+    def other(self, tally: HitTally, status: str, reason: str | None) -> None:
+        """One request of another status than a hit or a miss (a write decided from its memo,
+        proxy/writes.py: every write of a mix pays this): counted in its tally, as `record(...,
+        status, ..., reason=reason)` would count it (no latency sample: it has none)."""
+        now = self._clock()
+        second = int(now)
+        if second != tally.second or tally.epoch != self._epoch or (tally.others and tally.other_status != status):
+            self._new_second(tally, second)  # (another status than those held: they are folded first)
+        tally.others += 1
+        tally.other_status = status
+        tally.other_reason = reason
+        tally.last_kind = _OTHER
+        tally.last = now
+
     def _register(self, tally: HitTally) -> None:
         if len(self._tallies) >= MAX_TALLIES:
             self._fold_all()
@@ -424,7 +442,7 @@ class StatsRecorder:
 
     def _fold_all(self) -> None:
         for tally in self._tallies.values():
-            if tally.count or tally.misses or tally.passes:
+            if tally.count or tally.misses or tally.passes or tally.others:
                 self._fold(tally)
 
     def _fold(self, t: HitTally) -> None:
@@ -456,10 +474,17 @@ class StatsRecorder:
             t.passes = 0
         if n:
             self._fold_hits(t, cache, tpl, typical)
+        if t.others:
+            self._count_run(cache, tpl, t.other_status, t.others, t.last, t.second, {}, None)
+            t.others = 0
         # Counted by kind, but the template's last status is the one counted last.
-        passed = t.last_kind is _NOT_LOOKED_UP
-        tpl.last_status = MISS if passed else t.last_kind
-        tpl.last_reason = t.pass_reason if passed else None
+        kind = t.last_kind
+        if kind is _NOT_LOOKED_UP:
+            tpl.last_status, tpl.last_reason = MISS, t.pass_reason
+        elif kind is _OTHER:
+            tpl.last_status, tpl.last_reason = t.other_status, t.other_reason
+        else:
+            tpl.last_status, tpl.last_reason = kind, None
 
     def _fold_hits(self, t: HitTally, cache: _CacheCounters, tpl: _TemplateCounters, typical: float | None) -> None:
         n = t.count

@@ -331,7 +331,15 @@ class DiskStore(GenerationsFacade):
         return entry
 
     def put(self, key: bytes, entry: CacheEntry) -> None:
-        if self._closed or not self.accepts(entry.size) or not is_live(entry, self._clock(), self.generations):
+        size = len(entry.payload)
+        if size > self.max_entry_bytes or not is_live(entry, self._clock(), self.generations):
+            return
+        self.delay(key, entry, size)
+
+    def delay(self, key: bytes, entry: CacheEntry, size: int) -> None:
+        """`put` of an entry the caller checked as `put` checks it (its `size`, accepted, and
+        live by this store's clock and generations): TieredStore checks once for both tiers."""
+        if self._closed:
             return
         with self._delayed_lock:
             delayed = self._delayed
@@ -342,7 +350,7 @@ class DiskStore(GenerationsFacade):
             first = not delayed
             old = delayed.get(key)
             delayed[key] = entry
-            self._delayed_bytes += entry.size - (old.size if old is not None else 0)
+            self._delayed_bytes += size - (len(old.payload) if old is not None else 0)
             if first:
                 self._due = time.monotonic() + self._write_delay
             elif self._delayed_bytes > _MAX_DELAYED_BYTES or len(delayed) >= _MAX_PENDING_WRITES:

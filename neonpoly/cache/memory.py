@@ -92,9 +92,15 @@ class MemoryStore(GenerationsFacade):
         return True
 
     def put(self, key: bytes, entry: CacheEntry) -> None:
-        if not self.accepts(entry.size) or not is_live(entry, self._clock(), self.generations):
+        size = len(entry.payload)
+        if size > self.max_entry_bytes or not is_live(entry, self._clock(), self.generations):
             return
-        cost = self._cost(key, entry)
+        self.insert(key, entry, size)
+
+    def insert(self, key: bytes, entry: CacheEntry, size: int) -> None:
+        """`put` of an entry the caller checked as `put` checks it (its `size`, accepted, and
+        live by this store's clock and generations): TieredStore checks once for both tiers."""
+        cost = len(key) + size + _L1_ENTRY_OVERHEAD
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:

@@ -312,6 +312,15 @@ class QueryCache:
             self._pass_tickets[template_id] = found
         return found
 
+    def counted_ticket(self, ticket: StatTicket) -> StatTicket:
+        """`ticket` (of a status other than a miss, with nothing in it that depends on the text)
+        counted in its template's tally as `record` would count it in full: a session's
+        remembered keyed write (proxy/writes.py) is counted so at every write of a mix."""
+        if ticket.status == "miss":
+            return ticket  # a miss's is miss_ticket's (its latency is sampled)
+        tally = self.stats.tally(self.cache_id, ticket.template_id, ticket.template, ticket.tables)
+        return StatTicket(ticket.template_id, ticket.template, ticket.tables, ticket.status, ticket.reason, tally)
+
     def record_passed(self, ticket: StatTicket) -> bool:
         """Count a read of a bypassed template (`pass_ticket`) at once, as `record` counts it
         when it completes (its latency is not timed); False (not counted): `record` must, when
@@ -325,6 +334,9 @@ class QueryCache:
     def record(self, ticket: StatTicket, latency_s: float, bytes_served: int) -> None:
         tally = ticket.tally
         if tally is not None and not log.isEnabledFor(logging.DEBUG):
+            if ticket.status != "miss":
+                self.stats.other(tally, ticket.status, ticket.reason or None)  # a write's (counted_ticket)
+                return
             if ticket.reason:
                 # A bypassed read (pass_ticket): counted in its template's tally, with its reason.
                 self.stats.passed(tally, ticket.reason)

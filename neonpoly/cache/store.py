@@ -26,6 +26,7 @@ from neonpoly.cache.entry import (
     EntryFilter,
     GenerationsFacade,
     StoreUsage,
+    is_live,
 )
 from neonpoly.cache.invalidation import TableGenerations
 from neonpoly.cache.memory import MemoryStore
@@ -75,8 +76,21 @@ class TieredStore(GenerationsFacade):
         return self.l1.holds(key, entry)  # an entry served from memory is in the L1 (see __init__)
 
     def put(self, key: bytes, entry: CacheEntry) -> None:
-        self.l1.put(key, entry)
-        self.l2.put(key, entry)
+        # Both tiers check the same things against the same clock and generations (open_store
+        # gives them one clock; the L1 uses the L2's generations): checked once here. A miss
+        # stored per re-capture under a read/write mix pays this.
+        size = len(entry.payload)
+        l1, l2 = self.l1, self.l2
+        if l1._clock is not l2._clock or l1.generations is not l2.generations:
+            l1.put(key, entry)
+            l2.put(key, entry)
+            return
+        if not is_live(entry, l1._clock(), l1.generations):
+            return
+        if size <= l1.max_entry_bytes:
+            l1.insert(key, entry, size)
+        if size <= l2.max_entry_bytes:
+            l2.delay(key, entry, size)
 
     def _remove_where(self, match: EntryFilter, view: TableGenerations) -> set[bytes]:
         return self.l1._remove_where(match, view) | self.l2._remove_where(match, view)

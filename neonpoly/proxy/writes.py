@@ -189,7 +189,7 @@ class WriteMemos(IdentityLearning):
             self.write_memos.clear()
         memo = self.write_memos[shape] = WriteMemo(
             cache, identity, relations.version, database, table, chosen.sources, item.writes,
-            reach - {table}, item.stats[0], shape, key_shapes.matcher(shape),
+            reach - {table}, cache.counted_ticket(item.stats[0]), shape, key_shapes.matcher(shape),
         )  # fmt: skip
         self._recent(memo)
 

@@ -70,6 +70,11 @@ async def test_repeated_keyed_writes_are_decided_from_the_memo_and_evict_only_th
         # through the full path.
         assert len([sql for sql in classified if sql.startswith("UPDATE")]) == 2
         assert write_memos(proxy) == 2
+        # The writes decided from memos are counted as the full path counts its own (their
+        # template's tally, cache/query_cache.py counted_ticket): all six, with their reason.
+        updates = [t for t in proxy.service.stats.snapshot().templates if t.template.startswith("UPDATE")]
+        assert sum(n for t in updates for _, n in t.by_status) == 6
+        assert all(t.last_reason for t in updates) and {s for t in updates for s, _ in t.by_status} == {"uncacheable"}
     finally:
         await reader.close()
         await writer.close()

@@ -72,3 +72,24 @@ def test_reset_and_forget_drop_what_was_tallied() -> None:
     stats.hit(tally, 0.001, 10)
     stats.forget_cache("c1")
     assert stats.snapshot().totals.hits == 0
+
+
+def test_tallied_writes_show_as_recorded_writes() -> None:
+    # A remembered write's ticket is counted in its template's tally (StatsRecorder.other):
+    # every view shows what one `record` per write would have shown, across seconds and a
+    # change of status, the last one's status and reason the template's.
+    clock = FakeClock()
+    recorded, tallied = StatsRecorder(clock), StatsRecorder(clock)
+    sql = "UPDATE t SET v = ? WHERE id = ?"
+    tally = tallied.tally("c1", "w1", sql, TABLES)
+    steps = ((0.1, "uncacheable", "writes t"), (0.2, "uncacheable", "writes t"), (0.1, "transaction", "in BEGIN"),
+             (1.0, "uncacheable", "writes t"), (0.1, "uncacheable", "writes t, again"))  # fmt: skip
+    for step, status, reason in steps:
+        clock.now += step
+        recorded.record("c1", "w1", sql, TABLES, status, 0.002, reason=reason)
+        tallied.other(tally, status, reason)
+    want, got = template(recorded), template(tallied)
+    shown = [(s.calls, s.by_status, s.last_status, s.last_reason) for s in (got, want)]
+    assert shown[0] == shown[1] == (5, (("transaction", 1), ("uncacheable", 4)), "uncacheable", "writes t, again")
+    assert tallied.snapshot().series == recorded.snapshot().series
+    assert tallied.snapshot().totals.passthrough == recorded.snapshot().totals.passthrough == 5

@@ -311,3 +311,32 @@ def test_disk_store_stays_under_its_size_bound(tmp_path: Path) -> None:
         assert store.usage().entries < 2000
     finally:
         store.close()
+
+
+def test_tiered_put_checks_once_for_both_tiers(tiered: CacheStore, clock: FakeClock) -> None:
+    # TieredStore.put checks size, TTL and generations once, then inserts into each tier:
+    # a stale or expired entry is held by neither (not just refused when read).
+    assert isinstance(tiered, TieredStore)
+    stale = make_entry(tiered, clock)
+    tiered.invalidate_tables("app", ["public.users"])
+    tiered.put(b"stale", stale)
+    expired = make_entry(tiered, clock, ttl=1)
+    clock.now += 1
+    tiered.put(b"expired", expired)
+    assert tiered.l1._entries == {} and tiered.l2.usage().pending_writes == 0
+    tiered.put(b"live", make_entry(tiered, clock))
+    assert list(tiered.l1._entries) == [b"live"] and tiered.l2.usage().pending_writes == 1
+    assert tiered.get(b"live") is not None
+
+
+def test_tiered_put_with_tiers_on_other_clocks_asks_each(tmp_path: Path, clock: FakeClock) -> None:
+    # Only tiers sharing one clock share one check: here the disk's clock says expired.
+    later = FakeClock(clock.now + 100)
+    disk = DiskStore(tmp_path / "d", 64 << 20, clock=later)
+    store = TieredStore(MemoryStore(8 << 20, clock=clock), disk)
+    try:
+        store.put(b"k", make_entry(store, clock, ttl=10))
+        assert store.l1.get(b"k") is not None
+        assert disk.usage().pending_writes == 0  # not even held to be written
+    finally:
+        store.close()
