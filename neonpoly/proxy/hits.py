@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from neonpoly.proxy.identity import Identity
     from neonpoly.stats import HitTally
 
-TTL_RECHECK = 1.0  # seconds between a memo's questions to ttl_for (RulePolicy memoises as long)
 # Per session: the hot set of one client. Only hits are remembered (a few hundred bytes each).
 MAX_MEMOS = 2048
 
@@ -64,11 +63,11 @@ class HitMemo:
     # while the store says it would answer with that very entry (QueryCache.serves).
     entry: CacheEntry | None = None
     reply: bytes = b""
-    # `ttl_for` said the template is cached under this refusals version (QueryCache.
-    # refusals_version), asked again when it moves, and at least once a second (it reports
-    # the TTL it decides for the console).
+    # The rules said the template is cached (QueryCache.caches) under this refusals version
+    # (QueryCache.refusals_version): asked again only when it moves. Not `ttl_for`, which
+    # reads the clock and the feed to report the TTL it would store now; a hit stores
+    # nothing (the console's TTL column moves with the misses that store).
     ttl_version: int | None = None
-    ttl_until: float = 0.0
     # A simple Query's frame (the memo's own key, no copy) and classification: when the entry
     # is gone (a write made it stale), its miss is sent and captured from here
     # (CacheDecisions._memo_miss) instead of being decided again. None (a prepared

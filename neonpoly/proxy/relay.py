@@ -23,7 +23,7 @@ from neonpoly.pgwire import (
 )
 from neonpoly.proxy.batches import BatchHandling
 from neonpoly.proxy.extended import BATCHED
-from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT, TTL_RECHECK, HitMemo
+from neonpoly.proxy.hits import MAX_MEMOS, NO_HIT, HitMemo
 
 _ENDS_WITH_READY = frozenset((MSG_QUERY, MSG_SYNC, MSG_FUNCTION_CALL))  # requests answered up to ReadyForQuery
 _READY_IDLE = pgwire.ready_for_query(TX_IDLE)
@@ -199,10 +199,10 @@ class Relay(BatchHandling):
             return False
         started = time.monotonic()
         version = cache.refusals_version()
-        if version is None or version != memo.ttl_version or started >= memo.ttl_until:
-            if cache.ttl_for(memo.template_id, memo.tables) is None:
+        if version is None or version != memo.ttl_version:
+            if not cache.caches(memo.template_id, memo.tables):
                 return False
-            memo.ttl_version, memo.ttl_until = version, started + TTL_RECHECK
+            memo.ttl_version = version
         entry = memo.entry
         if entry is None or not cache.serves(memo.key, entry, memo.score):
             entry = cache.lookup_entry(memo.key, memo.score)
