@@ -93,14 +93,16 @@ async def bypass_world(
             await direct.close()
 
 
-async def _held_pass(pg: PgServer, table: str, via: Raw, passed: list[bytes], key: bytes) -> asyncpg.Connection:
+async def _held_pass(
+    pg: PgServer, table: str, via: Raw, passed: list[bytes], key: bytes, statement: str = "s"
+) -> asyncpg.Connection:
     """Send lone s(key) while a lock holds the table: passed, its answer outstanding. The
     returned connection holds the lock in an open transaction (roll it back to release)."""
     locker = await asyncpg.connect(**pg.dsn("postgres", "app"))
     await locker.execute("BEGIN")
     await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
     before = len(passed)
-    via.send(lone("s", key))
+    via.send(lone(statement, key))
     for _ in range(200):
         if len(passed) > before:
             return locker
@@ -249,7 +251,7 @@ async def test_a_notification_a_cancel_and_a_client_gone_during_a_passed_lone_ba
         notifier = await asyncpg.connect(**pg.dsn("postgres", "app"))
         try:
             locker = await _held_pass(pg, table, via, passed, b"10")
-            session.relations_wanted.add(f"public.{twin}")  # wanted now: asked only after the answer
+            session.relations_wanted.add(f"public.{unique('adv_unknown')}")  # asked only after the answer
             await notifier.execute("NOTIFY hostile39, 'during'")
             await asyncio.sleep(0.05)
             await locker.execute("ROLLBACK")
@@ -261,6 +263,19 @@ async def test_a_notification_a_cancel_and_a_client_gone_during_a_passed_lone_ba
             assert rows(msgs)[-1] == [b"39", b"name 39"]
             notes = [body for t, body in msgs if t == b"A"]
             assert len(notes) == 1 and b"during" in notes[0]
+            # A passed answer too large for one read: nothing of neonpoly's own is sent
+            # between its reads (the session is not idle until its ReadyForQuery).
+            via.send(parse("b", f"SELECT repeat(name, 30000) FROM {table} WHERE id = $1", (INT4,)), SYNC)
+            await via.until_ready()
+            for key in range(1, 7):
+                via.send(lone("b", str(key).encode()))
+                await via.until_ready()
+            locker = await _held_pass(pg, table, via, passed, b"7", "b")
+            session.relations_wanted.add(f"public.{unique('adv_unknown')}")  # not known: asked
+            await locker.execute("ROLLBACK")
+            await locker.close()
+            msgs = await via.until_ready()
+            assert rows(msgs) == [[b"name 7" * 30000]] and b"".join(t for t, _ in msgs if t not in b"NS") == b"2TDCZ"
             # The cancel.
             for key in (b"5", b"6"):  # the relations asked above: passed again
                 via.send(lone("s", key))
