@@ -480,14 +480,12 @@ async def test_a_remembered_first_hit_is_never_served_after_what_moved_under_it(
 
 
 def _admin(env: Env, sql: str) -> list[tuple[Any, ...]]:
-    proxy = env.proxy
-    if isinstance(proxy, CachingProxy):
-        import psycopg
+    """One admin console statement (on a connection of its own: never prepared)."""
+    import psycopg
 
-        with psycopg.connect(proxy.url(database="neonpoly"), autocommit=True) as conn:
-            cur = conn.execute(sql)
-            return cur.fetchall() if cur.description else []
-    return proxy.admin(sql)
+    with psycopg.connect(env.proxy.url(database="neonpoly"), autocommit=True, prepare_threshold=None) as conn:
+        cur = conn.execute(sql)
+        return cur.fetchall() if cur.description else []
 
 
 async def test_a_remembered_first_hit_and_role_or_search_path_changes(env: Env) -> None:
