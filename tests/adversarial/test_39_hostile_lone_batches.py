@@ -541,3 +541,53 @@ async def test_a_remembered_first_hit_past_its_ttl(env: Env) -> None:
     for n in range(2):
         got, _ = await _same(env, via, direct, frames, f"past its TTL ({n})")
         assert rows(got) == [[b"later"]]
+
+
+@in_process
+async def test_the_unnamed_statement_and_a_flush_behind_a_passed_lone_batch(
+    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lone batches of the unnamed statement, bypassed and passed; behind one held: a simple
+    Query (which drops the unnamed statement: the next Bind of it fails on both), a Parse of
+    it with another text, a write left open by a Flush and committed by its Sync, reads."""
+    async with bypass_world(pg, tmp_path, monkeypatch) as (_proxy, _spied, passed, table, twin, via, direct):
+        for raw, t in ((via, table), (direct, twin)):
+            raw.send(parse("", f"SELECT name FROM {t} WHERE id = $1", (INT4,)), SYNC)
+            await raw.until_ready()
+        before = len(passed)
+        for key in range(1, 8):
+            via.send(lone("", str(key).encode()))
+            assert rows(await via.until_ready()) == [[f"name {key}".encode()]]
+        assert len(passed) > before  # the unnamed statement's lone batches are passed too
+
+        def script(t: str) -> list[bytes]:
+            return [
+                query("SELECT 1"),
+                lone("", b"8"),
+                parse("", f"SELECT id, name FROM {t} WHERE id = $1", (INT4,)) + SYNC,
+                lone("", b"8"),
+                tx(f"UPDATE {t} SET name = 'flushed' WHERE id = 8")[:-5] + pgwire.frame(b"H"),
+                SYNC,
+                lone("", b"8"),
+                lone("h", b"8"),
+                lone("s", b"8"),
+            ]
+
+        readies = len(script(twin))  # the held one, then all but the Flushed one
+        direct.send(lone("", b"9"), *script(twin))
+        expected = await _answers(direct, readies)
+        locker = await _held_pass(pg, table, via, passed, b"9", "")
+        try:
+            for frames in script(table):
+                via.send(frames)
+                await via.writer.drain()
+                await asyncio.sleep(0.003)
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        assert await _answers(via, readies) == expected
+        for _ in range(3):
+            for frames in (lone("", b"8"), lone("h", b"8")):
+                via.send(frames)
+                direct.send(frames)
+                assert _norm(await via.until_ready()) == _norm(await direct.until_ready())
