@@ -591,3 +591,21 @@ async def test_the_unnamed_statement_and_a_flush_behind_a_passed_lone_batch(
                 via.send(frames)
                 direct.send(frames)
                 assert _norm(await via.until_ready()) == _norm(await direct.until_ready())
+
+
+async def test_asyncpg_prepared_reads_between_writes_of_another_session(env: Env) -> None:
+    """asyncpg's prepared statements (a lone Bind/Execute/Sync per call): hit from the shape's
+    memo, then from the remembered bytes, with another session writing between rounds; every
+    answer is the origin's."""
+    t = await env.table("adv_lone_apg", "id int PRIMARY KEY, v text", *(f"({i}, 'v{i}')" for i in range(1, 6)))
+    reader = await env.twin(driver="asyncpg")
+    writer = await env.twin()
+    sql = f"SELECT v FROM {t} WHERE id = $1"
+    await reader.probe(sql, (5,))  # the shape's memo made, a hit
+    for n in range(4):
+        for key in (1, 2, 3):
+            for _ in range(3):
+                await reader.check(sql, (key,), why=f"round {n}, key {key}")
+        await writer.via.run(f"UPDATE {t} SET v = v || '+' WHERE id = {n % 3 + 1}")
+    for key in (1, 2, 3):
+        await reader.check(sql, (key,), why="after the last write")
