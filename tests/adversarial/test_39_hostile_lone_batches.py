@@ -14,9 +14,7 @@ and parsed again with another text, Describe-only and row-limited batches, TTL e
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,91 +22,26 @@ import asyncpg
 import pytest
 
 from neonpoly import pgwire
-from neonpoly.proxy.batches import BatchHandling
 from neonpoly.proxy.session import Session
 from tests.adversarial import rawpg
-from tests.adversarial.batch_memo import Msgs, lone, normal, parse
-from tests.adversarial.harness import Env, hits, unique
-from tests.adversarial.rawpg import SYNC, Raw, describe_portal, execute, query, rows
+from tests.adversarial.batch_memo import lone, parse
+from tests.adversarial.harness import Env, unique
+from tests.adversarial.lone_batches import (
+    INT4,
+    admin_console,
+    answers_of,
+    bypass_world,
+    first_hit,
+    held_pass,
+    in_process,
+    norm,
+    raw_pair,
+    same,
+    tx,
+)
+from tests.adversarial.rawpg import SYNC, Raw, describe_portal, query, rows
 from tests.pgharness import PgServer
-from tests.proxy.caching import CachingProxy, caching_proxy
-from tests.proxy.test_cache_hits import make_table
-from tests.proxy.test_lookup_bypass import Spied
-
-IN_PROCESS = os.environ.get("NEONPOLY_TEST_WORKERS", "1") in ("", "1")
-in_process = pytest.mark.skipif(not IN_PROCESS, reason="spies on the in-process session and its cache")
-INT4 = 23
-
-
-def tx(sql: str) -> bytes:
-    """One statement as an unnamed extended batch (Parse, Bind, Execute, Sync)."""
-    return rawpg.parse("", sql) + rawpg.bind("", "") + execute("") + SYNC
-
-
-@contextlib.asynccontextmanager
-async def bypass_world(
-    pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, probe_every: int = 1000
-) -> AsyncIterator[tuple[CachingProxy, Spied, list[bytes], str, str, Raw, Raw]]:
-    """A proxy whose cache bypasses a template after 4 misses; a table of 40 rows and its
-    twin; a raw client through the proxy and one straight to the origin, both with
-    statements s (`SELECT name ... WHERE id = $1`, bypassed: its lone batches passed) and h
-    (`SELECT id, name ...`, whose key 39 is a hit). `passed` lists the batches `_pass_lone`
-    relayed."""
-    async with caching_proxy(pg, tmp_path / "cache") as proxy:
-        spied = Spied(proxy, monkeypatch, window=4, probe_every=probe_every)
-        table = await make_table(pg, rows=40)
-        twin = table + "_direct"
-        async with pg.superuser_conn() as conn:
-            await conn.execute(f"CREATE TABLE {twin} (LIKE {table} INCLUDING ALL)")
-            await conn.execute(f"INSERT INTO {twin} SELECT * FROM {table}")
-            await conn.execute(f"GRANT ALL ON {twin} TO trust_user")
-        passed: list[bytes] = []
-        full = BatchHandling._pass_lone
-
-        def spied_pass(self: BatchHandling, *args: Any) -> bool:
-            done = full(self, *args)
-            if done:
-                passed.append(args[-1])
-            return done
-
-        monkeypatch.setattr(BatchHandling, "_pass_lone", spied_pass)
-        via = await Raw.connect(proxy.port)
-        direct = await Raw.connect(pg.port)
-        try:
-            for raw, t in ((via, table), (direct, twin)):
-                raw.send(parse("s", f"SELECT name FROM {t} WHERE id = $1", (INT4,)),
-                         parse("h", f"SELECT id, name FROM {t} WHERE id = $1", (INT4,)), SYNC)  # fmt: skip
-                await raw.until_ready()
-            for key in range(1, 7):  # 4 misses bypass s; then its lone batches are passed
-                via.send(lone("s", str(key).encode()))
-                assert rows(await via.until_ready()) == [[f"name {key}".encode()]]
-            assert passed, "s was never passed"
-            for _ in range(3):  # h(39): stored, then a hit from its shape's memo
-                via.send(lone("h", b"39"))
-                assert rows(await via.until_ready()) == [[b"39", b"name 39"]]
-            yield proxy, spied, passed, table, twin, via, direct
-        finally:
-            with contextlib.suppress(Exception):
-                await via.close()
-            await direct.close()
-
-
-async def _held_pass(
-    pg: PgServer, table: str, via: Raw, passed: list[bytes], key: bytes, statement: str = "s"
-) -> asyncpg.Connection:
-    """Send lone s(key) while a lock holds the table: passed, its answer outstanding. The
-    returned connection holds the lock in an open transaction (roll it back to release)."""
-    locker = await asyncpg.connect(**pg.dsn("postgres", "app"))
-    await locker.execute("BEGIN")
-    await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-    before = len(passed)
-    via.send(lone(statement, key))
-    for _ in range(200):
-        if len(passed) > before:
-            return locker
-        await asyncio.sleep(0.01)
-    await locker.close()
-    raise AssertionError("the lone batch was not passed")
+from tests.proxy.caching import CachingProxy
 
 
 def _script(t: str) -> list[bytes]:
@@ -135,25 +68,6 @@ def _script(t: str) -> list[bytes]:
     ]
 
 
-def _norm(msgs: Msgs) -> Msgs:
-    """`normal`, and a RowDescription by its column names (the twin table's OID differs)."""
-    out: Msgs = []
-    for kind, body in normal(msgs):
-        if kind == b"T":
-            count, pos, names = int.from_bytes(body[:2], "big"), 2, []
-            for _ in range(count):
-                end = body.index(b"\x00", pos)
-                names.append(body[pos:end])
-                pos = end + 1 + 18
-            body = b",".join(names)
-        out.append((kind, body))
-    return out
-
-
-async def _answers(raw: Raw, count: int) -> list[Msgs]:
-    return [_norm(await raw.until_ready()) for _ in range(count)]
-
-
 @in_process
 @pytest.mark.parametrize("one_write", [False, True], ids=["write-per-request", "one-write"])
 async def test_requests_pipelined_behind_a_passed_lone_batch(
@@ -167,8 +81,8 @@ async def test_requests_pipelined_behind_a_passed_lone_batch(
                 via.send(lone("h", key))
                 await via.until_ready()
         direct.send(lone("s", b"19"), *_script(twin))
-        expected = await _answers(direct, len(_script(twin)) + 1)
-        locker = await _held_pass(pg, table, via, passed, b"19")
+        expected = await answers_of(direct, len(_script(twin)) + 1)
+        locker = await held_pass(pg, table, via, passed, b"19")
         try:
             if one_write:
                 via.send(*_script(table))
@@ -181,12 +95,12 @@ async def test_requests_pipelined_behind_a_passed_lone_batch(
         finally:
             await locker.execute("ROLLBACK")
             await locker.close()
-        assert await _answers(via, len(expected)) == expected
+        assert await answers_of(via, len(expected)) == expected
         # Idle again: the fast paths answer what the origin says.
         for frames in (lone("h", b"21"), lone("s", b"20"), lone("h", b"39")):
             via.send(frames)
             direct.send(frames)
-            assert _norm(await via.until_ready()) == _norm(await direct.until_ready())
+            assert norm(await via.until_ready()) == norm(await direct.until_ready())
 
 
 @in_process
@@ -210,18 +124,18 @@ async def test_probes_and_hits_ending_the_bypass_mid_pipeline(
             return out
 
         direct.send(*script(twin))
-        expected = await _answers(direct, len(script(twin)))
+        expected = await answers_of(direct, len(script(twin)))
         before = len(passed)
         for frames in script(table):
             via.send(frames)
             await via.writer.drain()
             await asyncio.sleep(0.001)
-        assert await _answers(via, len(expected)) == expected
+        assert await answers_of(via, len(expected)) == expected
         for key in (b"7", b"8", b"9"):
             for name in ("s", "h"):
                 via.send(lone(name, key))
                 direct.send(lone(name, key))
-                assert _norm(await via.until_ready()) == _norm(await direct.until_ready())
+                assert norm(await via.until_ready()) == norm(await direct.until_ready())
         assert len(passed) > before  # some of them were passed with no Pending
 
 
@@ -250,7 +164,7 @@ async def test_a_notification_a_cancel_and_a_client_gone_during_a_passed_lone_ba
             assert rows(await via.until_ready()) == [[b"name " + key]]
         notifier = await asyncpg.connect(**pg.dsn("postgres", "app"))
         try:
-            locker = await _held_pass(pg, table, via, passed, b"10")
+            locker = await held_pass(pg, table, via, passed, b"10")
             session.relations_wanted.add(f"public.{unique('adv_unknown')}")  # asked only after the answer
             await notifier.execute("NOTIFY hostile39, 'during'")
             await asyncio.sleep(0.05)
@@ -270,7 +184,7 @@ async def test_a_notification_a_cancel_and_a_client_gone_during_a_passed_lone_ba
             for key in range(1, 7):
                 via.send(lone("b", str(key).encode()))
                 await via.until_ready()
-            locker = await _held_pass(pg, table, via, passed, b"7", "b")
+            locker = await held_pass(pg, table, via, passed, b"7", "b")
             session.relations_wanted.add(f"public.{unique('adv_unknown')}")  # not known: asked
             await locker.execute("ROLLBACK")
             await locker.close()
@@ -280,7 +194,7 @@ async def test_a_notification_a_cancel_and_a_client_gone_during_a_passed_lone_ba
             for key in (b"5", b"6"):  # the relations asked above: passed again
                 via.send(lone("s", key))
                 await via.until_ready()
-            locker = await _held_pass(pg, table, via, passed, b"11")
+            locker = await held_pass(pg, table, via, passed, b"11")
             pid, secret = session.proxy_key
             _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(pgwire.cancel_request(pid, secret))
@@ -294,9 +208,9 @@ async def test_a_notification_a_cancel_and_a_client_gone_during_a_passed_lone_ba
             for frames in (lone("s", b"12"), lone("h", b"39"), lone("s", b"x"), lone("h", b"39")):
                 via.send(frames)
                 direct.send(frames)
-                assert _norm(await via.until_ready()) == _norm(await direct.until_ready())
+                assert norm(await via.until_ready()) == norm(await direct.until_ready())
             # A client gone with a passed batch outstanding.
-            locker = await _held_pass(pg, table, via, passed, b"13")
+            locker = await held_pass(pg, table, via, passed, b"13")
             via.writer.close()
             await asyncio.sleep(0.05)
             await locker.execute("ROLLBACK")
@@ -340,8 +254,8 @@ async def test_copy_and_describe_only_batches_behind_a_passed_lone_batch(
             ]
 
         direct.send(lone("s", b"30"), *script(twin))
-        expected = await _answers(direct, len(script(twin)) + 1)
-        locker = await _held_pass(pg, table, via, passed, b"30")
+        expected = await answers_of(direct, len(script(twin)) + 1)
+        locker = await held_pass(pg, table, via, passed, b"30")
         try:
             for frames in script(table):
                 via.send(frames)
@@ -350,7 +264,7 @@ async def test_copy_and_describe_only_batches_behind_a_passed_lone_batch(
         finally:
             await locker.execute("ROLLBACK")
             await locker.close()
-        assert await _answers(via, len(expected)) == expected
+        assert await answers_of(via, len(expected)) == expected
         for _ in range(3):  # the new h and the limited m, hit once idle: still the origin's
             for frames in (
                 lone("h", b"38"),
@@ -359,44 +273,10 @@ async def test_copy_and_describe_only_batches_behind_a_passed_lone_batch(
             ):
                 via.send(frames)
                 direct.send(frames)
-                assert _norm(await via.until_ready()) == _norm(await direct.until_ready())
+                assert norm(await via.until_ready()) == norm(await direct.until_ready())
 
 
 # --- a lone batch's first hit from its shape's memo, and its repeat ---------------------
-
-
-async def _pair(env: Env, *parses: bytes) -> tuple[Raw, Raw]:
-    via = await Raw.connect(env.proxy.port)
-    direct = await Raw.connect(env.pg.port)
-    env.stack.push_async_callback(via.close)
-    env.stack.push_async_callback(direct.close)
-    for raw in (via, direct):
-        raw.send(*parses, SYNC)
-        await raw.until_ready()
-    return via, direct
-
-
-async def _same(env: Env, via: Raw, direct: Raw, frames: bytes, why: str) -> tuple[Msgs, bool]:
-    before = hits(env.proxy)
-    via.send(frames)
-    got = normal(await via.until_ready())
-    hit = hits(env.proxy) > before
-    direct.send(frames)
-    want = normal(await direct.until_ready())
-    assert got == want, f"{why}: proxy {got!r} ({'hit' if hit else 'origin'}) != direct {want!r}"
-    return got, hit
-
-
-async def _first_hit(env: Env, via: Raw, direct: Raw, frames: bytes) -> None:
-    """Store `frames` (two misses) and serve it once: its session's first hit of these bytes
-    (from the shape's memo, as the statement's other keys made one)."""
-    for n in range(4):
-        _, hit = await _same(env, via, direct, frames, "warming")
-        if hit:
-            return
-        assert n < 3, "never a hit"
-
-
 async def test_a_remembered_first_hit_is_never_served_after_what_moved_under_it(env: Env) -> None:
     """Each disruption comes between a lone batch's first hit from its shape's memo (the
     entry remembered with it) and its first repeat: a write through another session, PURGE
@@ -406,17 +286,17 @@ async def test_a_remembered_first_hit_is_never_served_after_what_moved_under_it(
     t = await env.table("adv_lone", "id int PRIMARY KEY, v text", *(f"({i}, 'v{i}')" for i in range(1, 21)))
     stmt = parse("q", f"SELECT v FROM {t} WHERE id = $1", (INT4,))
     counting = parse("d", f"SELECT count(*) FROM {t} WHERE id <= $1", (INT4,))
-    via, direct = await _pair(env, stmt, counting)
+    via, direct = await raw_pair(env, stmt, counting)
     writer = await env.twin()
     for key in (b"19", b"20"):  # the shape's memo made, by other keys
-        await _first_hit(env, via, direct, lone("q", key))
+        await first_hit(env, via, direct, lone("q", key))
 
     async def round_(key: int, disrupt: Callable[[], Any], why: str) -> None:
         frames = lone("q", str(key).encode())
-        await _first_hit(env, via, direct, frames)
+        await first_hit(env, via, direct, frames)
         await disrupt()
         for n in range(3):
-            await _same(env, via, direct, frames, f"{why} (repeat {n})")
+            await same(env, via, direct, frames, f"{why} (repeat {n})")
 
     async def write_through() -> None:
         await writer.via.run(f"UPDATE {t} SET v = 'written' WHERE id = 1")
@@ -424,18 +304,18 @@ async def test_a_remembered_first_hit_is_never_served_after_what_moved_under_it(
     await round_(1, write_through, "a write through another session")
 
     async def purge_and_unseen_write() -> None:
-        await asyncio.to_thread(_admin, env, "PURGE ALL")
+        await asyncio.to_thread(admin_console, env, "PURGE ALL")
         await env.admin(f"UPDATE {t} SET v = 'unseen' WHERE id = 2")
 
     await round_(2, purge_and_unseen_write, "PURGE ALL, then a write neonpoly did not see")
 
     async def never_rule() -> None:
-        await asyncio.to_thread(_admin, env, f"CREATE RULE ON TABLE {t} NEVER")
+        await asyncio.to_thread(admin_console, env, f"CREATE RULE ON TABLE {t} NEVER")
         await env.admin(f"UPDATE {t} SET v = 'never' WHERE id = 3")
 
     await round_(3, never_rule, "a NEVER rule on its table, then a write neonpoly did not see")
-    for rule in await asyncio.to_thread(_admin, env, "SHOW RULES"):
-        await asyncio.to_thread(_admin, env, f"DROP RULE {rule[0]}")
+    for rule in await asyncio.to_thread(admin_console, env, "SHOW RULES"):
+        await asyncio.to_thread(admin_console, env, f"DROP RULE {rule[0]}")
 
     # Close and Parse again under the same name with another text (the same Bind bytes).
     async def reparse() -> None:
@@ -473,19 +353,10 @@ async def test_a_remembered_first_hit_is_never_served_after_what_moved_under_it(
     limited = lone("d", b"8", rows=1)
     for frames in (describe_only, limited, lone("d", b"9")):
         for _ in range(3):  # stored, then served (when the cache takes it)
-            await _same(env, via, direct, frames, "warming")
+            await same(env, via, direct, frames, "warming")
     await writer.via.run(f"DELETE FROM {t} WHERE id = 8")
     for frames in (describe_only, limited, lone("d", b"9"), limited):
-        await _same(env, via, direct, frames, "after a delete")
-
-
-def _admin(env: Env, sql: str) -> list[tuple[Any, ...]]:
-    """One admin console statement (on a connection of its own: never prepared)."""
-    import psycopg
-
-    with psycopg.connect(env.proxy.url(database="neonpoly"), autocommit=True, prepare_threshold=None) as conn:
-        cur = conn.execute(sql)
-        return cur.fetchall() if cur.description else []
+        await same(env, via, direct, frames, "after a delete")
 
 
 async def test_a_remembered_first_hit_and_role_or_search_path_changes(env: Env) -> None:
@@ -506,16 +377,16 @@ async def test_a_remembered_first_hit_and_role_or_search_path_changes(env: Env) 
         f"INSERT INTO {schema}.{t} VALUES (1, 'x', 'shadow 1'), (2, 'x', 'shadow 2')",
         f"GRANT SELECT ON {schema}.{t} TO PUBLIC",
     )
-    via, direct = await _pair(env, parse("q", f"SELECT v FROM {t} WHERE id >= $1 ORDER BY id", (INT4,)))
-    await _first_hit(env, via, direct, lone("q", b"2"))
+    via, direct = await raw_pair(env, parse("q", f"SELECT v FROM {t} WHERE id >= $1 ORDER BY id", (INT4,)))
+    await first_hit(env, via, direct, lone("q", b"2"))
     frames = lone("q", b"1")
-    await _first_hit(env, via, direct, frames)
+    await first_hit(env, via, direct, frames)
     for change in (f"SET ROLE {other}", "RESET ROLE", f"SET search_path = {schema}, public", "RESET search_path"):
         for raw in (via, direct):
             raw.send(query(change))
             await raw.until_ready()
         for n in range(3):
-            await _same(env, via, direct, frames, f"after {change} ({n})")
+            await same(env, via, direct, frames, f"after {change} ({n})")
 
 
 @in_process
@@ -523,10 +394,10 @@ async def test_a_remembered_first_hit_past_its_ttl(env: Env) -> None:
     """The store's clocks moved past the remembered entry's TTL (not slept through) and a
     write neonpoly did not see: the repeat is the origin's."""
     t = await env.table("adv_lone_ttl", "id int PRIMARY KEY, v text", "(1, 'a')", "(2, 'b')")
-    via, direct = await _pair(env, parse("q", f"SELECT v FROM {t} WHERE id = $1", (INT4,)))
-    await _first_hit(env, via, direct, lone("q", b"2"))
+    via, direct = await raw_pair(env, parse("q", f"SELECT v FROM {t} WHERE id = $1", (INT4,)))
+    await first_hit(env, via, direct, lone("q", b"2"))
     frames = lone("q", b"1")
-    await _first_hit(env, via, direct, frames)
+    await first_hit(env, via, direct, frames)
     await env.admin(f"UPDATE {t} SET v = 'later' WHERE id = 1")  # not seen by neonpoly
     proxy = env.proxy
     assert isinstance(proxy, CachingProxy)
@@ -539,7 +410,7 @@ async def test_a_remembered_first_hit_past_its_ttl(env: Env) -> None:
     (session,) = [s for s in proxy.service.server.sessions if isinstance(s, Session) and s.hit_memos]
     assert any(m.entry is not None for m in session.hit_memos.values())  # remembered with its entry
     for n in range(2):
-        got, _ = await _same(env, via, direct, frames, f"past its TTL ({n})")
+        got, _ = await same(env, via, direct, frames, f"past its TTL ({n})")
         assert rows(got) == [[b"later"]]
 
 
@@ -575,8 +446,8 @@ async def test_the_unnamed_statement_and_a_flush_behind_a_passed_lone_batch(
 
         readies = len(script(twin))  # the held one, then all but the Flushed one
         direct.send(lone("", b"9"), *script(twin))
-        expected = await _answers(direct, readies)
-        locker = await _held_pass(pg, table, via, passed, b"9", "")
+        expected = await answers_of(direct, readies)
+        locker = await held_pass(pg, table, via, passed, b"9", "")
         try:
             for frames in script(table):
                 via.send(frames)
@@ -585,12 +456,12 @@ async def test_the_unnamed_statement_and_a_flush_behind_a_passed_lone_batch(
         finally:
             await locker.execute("ROLLBACK")
             await locker.close()
-        assert await _answers(via, readies) == expected
+        assert await answers_of(via, readies) == expected
         for _ in range(3):
             for frames in (lone("", b"8"), lone("h", b"8")):
                 via.send(frames)
                 direct.send(frames)
-                assert _norm(await via.until_ready()) == _norm(await direct.until_ready())
+                assert norm(await via.until_ready()) == norm(await direct.until_ready())
 
 
 async def test_asyncpg_prepared_reads_between_writes_of_another_session(env: Env) -> None:
