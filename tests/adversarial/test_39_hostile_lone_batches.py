@@ -181,8 +181,8 @@ async def test_a_notification_a_cancel_and_a_client_gone_during_a_passed_lone_ba
             # between its reads (the session is not idle until its ReadyForQuery).
             via.send(parse("b", f"SELECT repeat(name, 30000) FROM {table} WHERE id = $1", (INT4,)), SYNC)
             await via.until_ready()
-            for key in range(1, 7):
-                via.send(lone("b", str(key).encode()))
+            for n in range(1, 7):
+                via.send(lone("b", str(n).encode()))
                 await via.until_ready()
             locker = await held_pass(pg, table, via, passed, b"7", "b")
             session.relations_wanted.add(f"public.{unique('adv_unknown')}")  # not known: asked
