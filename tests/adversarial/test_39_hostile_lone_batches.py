@@ -255,15 +255,7 @@ async def test_copy_and_describe_only_batches_behind_a_passed_lone_batch(
 
         direct.send(lone("s", b"30"), *script(twin))
         expected = await answers_of(direct, len(script(twin)) + 1)
-        locker = await held_pass(pg, table, via, passed, b"30")
-        try:
-            for frames in script(table):
-                via.send(frames)
-                await via.writer.drain()
-                await asyncio.sleep(0.003)
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
+        await _sent_behind_a_held_pass(pg, table, via, passed, b"30", "s", script(table))
         assert await answers_of(via, len(expected)) == expected
         for _ in range(3):  # the new h and the limited m, hit once idle: still the origin's
             for frames in (
@@ -447,15 +439,7 @@ async def test_the_unnamed_statement_and_a_flush_behind_a_passed_lone_batch(
         readies = len(script(twin))  # the held one, then all but the Flushed one
         direct.send(lone("", b"9"), *script(twin))
         expected = await answers_of(direct, readies)
-        locker = await held_pass(pg, table, via, passed, b"9", "")
-        try:
-            for frames in script(table):
-                via.send(frames)
-                await via.writer.drain()
-                await asyncio.sleep(0.003)
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
+        await _sent_behind_a_held_pass(pg, table, via, passed, b"9", "", script(table))
         assert await answers_of(via, readies) == expected
         for _ in range(3):
             for frames in (lone("", b"8"), lone("h", b"8")):
@@ -480,3 +464,19 @@ async def test_asyncpg_prepared_reads_between_writes_of_another_session(env: Env
         await writer.via.run(f"UPDATE {t} SET v = v || '+' WHERE id = {n % 3 + 1}")
     for key in (1, 2, 3):
         await reader.check(sql, (key,), why="after the last write")
+
+
+async def _sent_behind_a_held_pass(
+    pg: PgServer, table: str, via: Raw, passed: list[bytes], key: bytes, statement: str, script: list[bytes]
+) -> None:
+    """`script`'s requests sent one write each, a little apart, while a passed lone batch of
+    `statement` is held outstanding by a table lock; then the lock is released."""
+    locker = await held_pass(pg, table, via, passed, key, statement)
+    try:
+        for frames in script:
+            via.send(frames)
+            await via.writer.drain()
+            await asyncio.sleep(0.003)
+    finally:
+        await locker.execute("ROLLBACK")
+        await locker.close()
