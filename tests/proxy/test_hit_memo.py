@@ -9,6 +9,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from neonpoly.cache.bypass import LookupScore
+from neonpoly.cache.query_cache import QueryCache
 from tests.pgharness import PgServer
 from tests.proxy.caching import CachingProxy, caching_proxy
 from tests.proxy.test_cache_hits import make_table
@@ -22,6 +24,19 @@ async def proxy(pg: PgServer, tmp_path: Path) -> AsyncIterator[CachingProxy]:
 
 def memos(proxy: CachingProxy) -> int:
     return sum(len(s.hit_memos) for s in proxy.service.server.sessions if hasattr(s, "hit_memos"))
+
+
+def counted_lookups(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The keys the store is asked for from now on (QueryCache.lookup_entry, still called)."""
+    lookups: list[bytes] = []
+    full = QueryCache.lookup_entry
+
+    def counted(self: QueryCache, key: bytes, score: LookupScore | None = None) -> object:
+        lookups.append(key)
+        return full(self, key, score)
+
+    monkeypatch.setattr(QueryCache, "lookup_entry", counted)
+    return lookups
 
 
 async def test_prepared_repeat_is_served_from_the_memo_until_a_write(pg: PgServer, proxy: CachingProxy) -> None:
@@ -175,8 +190,6 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
     repeat is served without asking the store for the key, and only while that entry holds
     (a write in between sends the repeat to the origin again). The key its captures are
     stamped with is worked out once per memo."""
-    from neonpoly.cache.bypass import LookupScore
-    from neonpoly.cache.query_cache import QueryCache
     from neonpoly.proxy.decisions import CacheDecisions
     from tests.adversarial.rawpg import Raw, query, rows
 
@@ -187,14 +200,7 @@ async def test_a_memo_that_sent_a_miss_serves_the_entry_it_stored_without_a_look
         for _ in range(3):
             raw.send(query(sql))
             assert rows(await raw.until_ready()) == [[b"name 3"]]
-        lookups: list[bytes] = []
-        full = QueryCache.lookup_entry
-
-        def counted(self: QueryCache, key: bytes, score: LookupScore | None = None) -> object:
-            lookups.append(key)
-            return full(self, key, score)
-
-        monkeypatch.setattr(QueryCache, "lookup_entry", counted)
+        lookups = counted_lookups(monkeypatch)
         points: list[object] = []
         point = CacheDecisions._point
 
@@ -224,8 +230,6 @@ async def test_a_lone_batch_hit_is_remembered_with_the_entry_it_was_served(
     """A prepared statement's lone batch answered from its shape's memo (BatchHandling.
     `_lone_hit`) is remembered by its bytes with the entry it was served: its first repeat
     is served without asking the store again, and each answer counts as a hit."""
-    from neonpoly.cache.bypass import LookupScore
-    from neonpoly.cache.query_cache import QueryCache
     from tests.adversarial.rawpg import SYNC, Raw, bind, describe_portal, execute, parse, rows
 
     table = await make_table(pg)
@@ -238,14 +242,7 @@ async def test_a_lone_batch_hit_is_remembered_with_the_entry_it_was_served(
             await raw.until_ready()
         (session,) = list(proxy.service.server.sessions)
         session.hit_memos.clear()  # the next reads are this session's first of their bytes
-        lookups: list[bytes] = []
-        full = QueryCache.lookup_entry
-
-        def counted(self: QueryCache, key: bytes, score: LookupScore | None = None) -> object:
-            lookups.append(key)
-            return full(self, key, score)
-
-        monkeypatch.setattr(QueryCache, "lookup_entry", counted)
+        lookups = counted_lookups(monkeypatch)
         hits = proxy.totals().get("hit", 0)
         for key, looked in (("1", 1), ("1", 1), ("2", 2), ("2", 2)):
             raw.send(bind("", "s", (key,)), describe_portal(), execute(), SYNC)
