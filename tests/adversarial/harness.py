@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -135,6 +136,19 @@ class Client:
         if isinstance(self.conn, asyncpg.Connection):
             return int(self.conn.get_server_pid())
         return int(self.conn.info.backend_pid)
+
+    async def ended_by_peer(self, timeout: float = 10.0) -> None:
+        """Wait until the other end (neonpoly) closes this connection: read its socket, on a
+        duplicate, to end of file. neonpoly closes a client only after it has handled its
+        origin connection's end (and evicted what that end changed), so this is the signal
+        that it saw it, where an error message would come before that. psycopg clients only."""
+        assert isinstance(self.conn, psycopg.AsyncConnection), "ended_by_peer reads a psycopg socket"
+        loop = asyncio.get_running_loop()
+        with socket.socket(fileno=os.dup(self.conn.pgconn.socket)) as sock:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout):
+                while await loop.sock_recv(sock, 65536):
+                    pass
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

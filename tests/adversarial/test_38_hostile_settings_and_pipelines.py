@@ -467,5 +467,9 @@ async def test_temporary_table_owner_terminated_through_neonpoly(env: Env) -> No
     assert rows == [(True,)]
     killer = await env.client()
     await killer.rows(f"SELECT pg_terminate_backend({pid})")
+    # The backend drops the table (and commits) before it closes its socket; neonpoly learns
+    # of the drop only from that close. A read in between is a write neonpoly has not seen
+    # yet, so the check starts once neonpoly has handled the close (and closed the owner).
+    await owner.ended_by_peer()
     await eventually(lambda: twin.origin(read), lambda rows: rows == [(False,)])
     await twin.check(read, why="after the temporary table's owner was terminated through neonpoly")
