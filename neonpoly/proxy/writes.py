@@ -108,7 +108,12 @@ class WriteMemos(IdentityLearning):
         pairs, names = keys.write_pairs_and_names(memo.table, [sign * int(runs[i]) for i, sign in memo.sources])
         if memo.extra:
             names = names | memo.extra
-        item = Pending(time.monotonic(), writes=memo.writes, keyed=pairs, stats=[memo.ticket], by_memo=(memo, names))
+        # Keywords to Pending's 27-field __init__ cost more than setting the fields after it.
+        item = Pending(time.monotonic())
+        item.writes = memo.writes
+        item.keyed = pairs
+        item.stats.append(memo.ticket)
+        item.by_memo = (memo, names)
         self.book.simple_query()
         # As `_invalidate` evicts a keyed write: its keys, and whole what the table reaches.
         cache.invalidate_rows(memo.database, names)
