@@ -79,6 +79,12 @@ class HitMemo:
     # book answers (`Relay._answer_memo` checks it first: a book that learns or forgets
     # answers with new ones). None: not worked out yet.
     names: frozenset[str] | None = None
+    # The relation book's version (RelationBook.version) when it last answered with
+    # `resolution` itself: while it stands, the book learnt, was refused and forgot nothing
+    # (each moves it and clears its answers, so a moved book never answers with this object
+    # again), and would answer alike: a repeat is spared the resolve (a tuple hashed and
+    # looked up, ~1.5k instructions of a ~36k hit). -1: not asked yet.
+    relations_version: int = -1
 
 
 # What `hit_seen` is reset to before a call that may set it: typed, unlike a literal None, so

@@ -193,10 +193,14 @@ class Relay(BatchHandling):
             or self.batch.messages
         ):
             return False
-        if memo.resolution is not None and cache.relations.resolve(
-            memo.database, memo.tables, memo.shadowable, identity.schemas
-        ) is not memo.resolution:
-            return False
+        if memo.resolution is not None:
+            relations = cache.relations
+            if relations.version != memo.relations_version:
+                if relations.resolve(memo.database, memo.tables, memo.shadowable, identity.schemas) is not (
+                    memo.resolution
+                ):
+                    return False
+                memo.relations_version = relations.version
         started = time.monotonic()
         version = cache.refusals_version()
         if version is None or version != memo.ttl_version:

@@ -252,3 +252,46 @@ async def test_a_lone_batch_hit_is_remembered_with_the_entry_it_was_served(
         assert len(session.hit_memos) == 2
     finally:
         await raw.close()
+
+
+async def test_a_memo_asks_the_relation_book_again_only_after_it_moves(
+    pg: PgServer, proxy: CachingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeats of a remembered read are not resolved again while the relation book stands
+    still (its version); once it moves (it learns, is refused or forgets: here it forgets, as
+    the invalidation plane makes it), the next repeat is decided on the full path again."""
+    from neonpoly.cache.relations import RelationBook
+    from neonpoly.proxy.decisions import CacheDecisions
+
+    table = await make_table(pg)
+    (cache,) = [r.cache for r in proxy.service.routes.by_id.values() if r.cache is not None]
+    conn = await asyncpg.connect(**proxy.dsn("scram_user"))
+    sql = f"SELECT name FROM {table} WHERE id = 2"
+    try:
+        for _ in range(4):
+            await conn.execute(sql)  # no arguments: the simple protocol
+        assert memos(proxy) >= 1
+        resolved: list[object] = []
+        decided: list[object] = []
+        resolve, decide = RelationBook.resolve, CacheDecisions._cache_decision
+
+        def counted_resolve(self: RelationBook, *args: object, **kwargs: object) -> object:
+            resolved.append(args)
+            return resolve(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        def counted_decision(self: CacheDecisions, *args: object, **kwargs: object) -> object:
+            decided.append(args)
+            return decide(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(RelationBook, "resolve", counted_resolve)
+        monkeypatch.setattr(CacheDecisions, "_cache_decision", counted_decision)
+        hits = proxy.totals().get("hit", 0)
+        for _ in range(3):
+            await conn.execute(sql)
+        assert proxy.totals().get("hit", 0) == hits + 3
+        assert resolved == [] and decided == []  # served from the memo, the book not asked
+        cache.relations.forget()
+        await conn.execute(sql)
+        assert decided != []  # the book moved: decided again in full
+    finally:
+        await conn.close()
