@@ -47,7 +47,8 @@ class Cacheability:
     def __init__(self, clock: Callable[[], float], max_unread: int = MAX_UNREAD) -> None:
         self.clock = clock
         self.max_unread = max_unread
-        self._unread: OrderedDict[bytes, str] = OrderedDict()  # key -> template id
+        # key -> template id of entries stored and not read yet (QueryCache.serves asks it first)
+        self.unread: OrderedDict[bytes, str] = OrderedDict()
         self._scores: OrderedDict[str, _Score] = OrderedDict()
         # template id -> until (only those in backoff); read by QueryCache's per-miss questions
         self.suppressed: dict[str, float] = {}
@@ -67,21 +68,21 @@ class Cacheability:
         return False
 
     def stored(self, key: bytes, template_id: str) -> None:
-        if key in self._unread:
+        if key in self.unread:
             # Stored again while never read: the previous entry is gone unread.
-            self._outcome(self._unread.pop(key), False)
-        self._unread[key] = template_id
-        if len(self._unread) > self.max_unread:
-            self._unread.popitem(last=False)
+            self._outcome(self.unread.pop(key), False)
+        self.unread[key] = template_id
+        if len(self.unread) > self.max_unread:
+            self.unread.popitem(last=False)
 
     def served(self, key: bytes) -> None:
-        template_id = self._unread.pop(key, None)
+        template_id = self.unread.pop(key, None)
         if template_id is not None:
             self._outcome(template_id, True)
 
     def missed(self, key: bytes) -> None:
         """A lookup found nothing: an entry stored for this key and never read is gone."""
-        template_id = self._unread.pop(key, None)
+        template_id = self.unread.pop(key, None)
         if template_id is not None:
             self._outcome(template_id, False)
 
@@ -124,9 +125,9 @@ class Cacheability:
         )
 
     def forget(self) -> None:
-        self._unread.clear()
+        self.unread.clear()
         self._scores.clear()
         self.suppressed.clear()
 
     def sizes(self) -> dict[str, int]:
-        return {"unread": len(self._unread), "scores": len(self._scores), "suppressed": len(self.suppressed)}
+        return {"unread": len(self.unread), "scores": len(self._scores), "suppressed": len(self.suppressed)}

@@ -138,7 +138,9 @@ class QueryCache:
         gate = self.serve_gate
         if (gate is not None and not gate()) or not self.store.holds(key, entry):
             return False
-        self.cacheability.served(key)
+        cacheability = self.cacheability
+        if key in cacheability.unread:  # only the first read of an entry: a call less per hit
+            cacheability.served(key)
         if score is not None:
             score.hits += 1
         return True

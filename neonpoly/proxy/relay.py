@@ -12,6 +12,7 @@ import struct
 import time
 
 from neonpoly import pgwire
+from neonpoly.cache.rules import RulePolicy
 from neonpoly.pgwire import (
     MSG_BIND,
     MSG_FLUSH,
@@ -202,7 +203,9 @@ class Relay(BatchHandling):
                     return False
                 memo.relations_version = relations.version
         started = time.monotonic()
-        version = cache.refusals_version()
+        policy = cache.ttl_policy  # `cache.refusals_version()` written out for a rule policy (the
+        # usual): a method, an isinstance and a property less per hit (~1k instructions of ~34k)
+        version = policy.book.version if type(policy) is RulePolicy else cache.refusals_version()
         if version is None or version != memo.ttl_version:
             if not cache.caches(memo.template_id, memo.tables):
                 return False

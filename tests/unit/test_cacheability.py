@@ -86,6 +86,25 @@ def test_a_template_never_read_before_its_eviction_stops_being_captured() -> Non
     assert cache.admit(_key(3), "written")
 
 
+def test_an_entry_read_only_by_a_hit_memo_counts_as_read() -> None:
+    """A hit memo reads an entry through `QueryCache.serves` (the entry it was handed when
+    its miss was stored), never `lookup`: that first read counts, and the later ones (which
+    skip the call) change nothing, so a template read between its writes is captured on."""
+    clock = Clock()
+    cache = _cache(clock)
+    for _ in range(3 * cacheability.WINDOW):
+        capture = Capture(_key(1), "app", frozenset({"t"}), "memo", cache.stamp("app", {"t"}))
+        capture.frames.append(b"rows")
+        entry = cache.store_capture(capture)
+        assert entry is not None
+        for _ in range(3):
+            assert cache.serves(_key(1), entry)
+        cache.invalidate("app", frozenset({"t"}), False)  # a write evicts it, read
+        assert not cache.serves(_key(1), entry) and cache.lookup(_key(1)) is None
+    assert cache.capture_refusal("memo") is None
+    assert cache.admit(_key(1), "memo")
+
+
 def test_admission_still_waits_for_the_nth_sighting() -> None:
     cache = _cache(Clock(), admit_after=2)
     assert not cache.admit(_key(1), "q")
