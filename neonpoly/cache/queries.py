@@ -19,7 +19,7 @@ from pglast import parser as _pg
 
 from neonpoly.cache import keys
 from neonpoly.cache.classification import Status, Verdict
-from neonpoly.cache.volatility import RELOADS_SETTINGS, UNKNOWN_VOLATILITY, call_reason
+from neonpoly.cache.volatility import JSON_BUILDERS, RELOADS_SETTINGS, UNKNOWN_VOLATILITY, call_reason
 
 Node = dict[str, Any]
 
@@ -47,6 +47,13 @@ _TIME_SQLVALUES = frozenset(
 )
 # What current_setting() may name: a settings name, possibly with a dot (custom settings).
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*$")
+# The SQL/JSON syntax that builds json from values as the json builder functions do (with a
+# type's own cast to json: volatility.JSON_BUILDERS).
+_JSON_SYNTAX = frozenset(
+    {"JsonObjectConstructor", "JsonArrayConstructor", "JsonArrayQueryConstructor", "JsonObjectAgg",
+     "JsonArrayAgg", "JsonScalarExpr"}
+)
+_JSON_CASTS = ("cast json", "cast jsonb")
 # System columns that row locks (not only writes) change.
 _LOCK_STAMPED = frozenset({"xmax", "cmax"})
 # BETWEEN and friends name a keyword; the operators they run are these.
@@ -194,6 +201,8 @@ class _Walk:
         if kind == "ColumnRef":
             self.column(f)
             return
+        if kind in _JSON_SYNTAX:
+            facts.shadowable.update(_JSON_CASTS)
         self.rest(f, scope, skip=("withClause",))
 
     def column(self, f: Node) -> None:
@@ -221,6 +230,10 @@ class _Walk:
             # A builtin trusted by name, volatile or not: a user's function of that name on
             # the search_path may be what runs (and may write or SET).
             self.facts.shadowable.add(f"{name}()")
+        if name in JSON_BUILDERS and schema in (None, "pg_catalog"):
+            # A value of a type of the user's becomes json through its cast to json, if it
+            # has one: the database's catalog says whether any cast to json runs their code.
+            self.facts.shadowable.update(_JSON_CASTS)
         if reason is None:
             pass
         elif UNKNOWN_VOLATILITY in reason or name in RELOADS_SETTINGS:

@@ -22,6 +22,11 @@ S = Status
         ("SELECT * FROM t, JSON_TABLE(j, '$' COLUMNS (v date PATH '$.v'))", False, S.VOLATILE, False),
         ("SELECT * FROM t, xmltable('/r' PASSING b COLUMNS v int PATH 'v')", True, None, False),
         ("SELECT * FROM xmltable('/r' PASSING b COLUMNS v app.d PATH 'v')", False, S.VOLATILE, True),
+        # a type given as a value (an OID, a regtype string, an argument's type): its checks run
+        ("SELECT array_in('{5}', 'd'::regtype, -1)", False, S.VOLATILE, True),
+        ("SELECT record_in('(5)', 16555, -1)", False, S.VOLATILE, True),
+        ("SELECT (json_populate_record(x, j)).v FROM t x", False, S.VOLATILE, True),
+        ("SELECT * FROM jsonb_populate_recordset(NULL::r, j)", False, S.VOLATILE, True),
     ],
 )
 def test_hidden_code_and_clocks(sql: str, cacheable: bool, status: Status | None, everything: bool) -> None:
@@ -33,3 +38,23 @@ def test_hidden_code_and_clocks(sql: str, cacheable: bool, status: Status | None
 def test_a_type_named_outside_a_cast_is_trusted_only_as_a_builtin() -> None:
     c = classify("SELECT * FROM jsonb_to_record(j) AS x(v money_d)")
     assert "type money_d" in c.shadowable
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT to_json(m) FROM t",
+        "SELECT pg_catalog.row_to_json(x) FROM t x",
+        "SELECT json_agg(x) FROM t x",
+        "SELECT jsonb_build_object('m', m) FROM t",
+        "SELECT JSON_OBJECT('m': m) FROM t",
+        "SELECT JSON_ARRAYAGG(m) FROM t",
+        "SELECT JSON_SCALAR(m) FROM t",
+    ],
+)
+def test_json_builders_trust_that_no_cast_to_json_is_the_users(sql: str) -> None:
+    """A value of a type of the user's becomes json through its own cast to json, if any
+    (relations.py answers whether one runs their code): cacheable, with the casts trusted."""
+    c = classify(sql)
+    assert c.cacheable
+    assert {"cast json", "cast jsonb"} <= c.shadowable
