@@ -161,3 +161,33 @@ async def test_sorting_by_a_users_default_operator_class(env: Env, read: str) ->
     await client.rows(sql)
     assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the comparison: proves nothing"
     await reader.check(count, why=f"after {sql!r}, whose sort ran the user's comparison")
+
+
+@pytest.mark.parametrize("read", ["SELECT id FROM {t} WHERE m = 'ok'", "SELECT upper(m) FROM {t} WHERE id = 1"])
+@pytest.mark.xfail(strict=True, reason="IMMUTABLE rivals over the user's own types are never listed")
+async def test_a_lying_immutable_builtin_name_over_the_users_type(env: Env, read: str) -> None:
+    """An `=` and an `upper()` of the user's, declared IMMUTABLE over their own enum (so not
+    listed as rivals of the builtins: they "cannot be picked for builtin types"), are picked
+    for a column of that enum; written in plpgsql, they bump the counter."""
+    table, bump = await counter(env)
+    mood, t = await _mood(env, bump)
+    eq, up = unique("adv_eq"), unique("adv_up")
+    await env.admin(
+        f"CREATE FUNCTION public.{eq}(public.{mood}, public.{mood}) RETURNS bool IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$",
+        f"CREATE OPERATOR public.= (LEFTARG = public.{mood}, RIGHTARG = public.{mood}, FUNCTION = public.{eq})",
+        f"CREATE FUNCTION public.upper(public.{mood}) RETURNS text IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.upper($1::text); END $$",
+    )
+    env.on_cleanup(
+        f"DROP FUNCTION IF EXISTS public.upper(public.{mood}) CASCADE",
+        f"DROP FUNCTION IF EXISTS public.{eq} CASCADE",
+        f"DROP FUNCTION IF EXISTS public.{up} CASCADE",
+    )
+    sql = read.format(t=t)
+    await make_known(env, t, table)
+    reader, count = await warm_counter(env, table)
+    client = await env.client()
+    await client.rows(sql)
+    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the user's code: proves nothing"
+    await reader.check(count, why=f"after {sql!r}, which ran the user's code for a column of their type")
