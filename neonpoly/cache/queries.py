@@ -53,7 +53,8 @@ _JSON_SYNTAX = frozenset(
     {"JsonObjectConstructor", "JsonArrayConstructor", "JsonArrayQueryConstructor", "JsonObjectAgg",
      "JsonArrayAgg", "JsonScalarExpr"}
 )
-_JSON_CASTS = ("cast json", "cast jsonb")
+# Only casts in SQL or plpgsql: an extension's in C (PostGIS, hstore) are trusted as builtins.
+_JSON_CASTS = ("json cast",)
 # System columns that row locks (not only writes) change.
 _LOCK_STAMPED = frozenset({"xmax", "cmax"})
 # BETWEEN and friends name a keyword; the operators they run are these.
@@ -310,6 +311,9 @@ def analyse(kind: str, fields: Node, verdict: Verdict) -> Verdict:
     # A cast the server applies on its own (an implicit or assignment cast) could be one a DBA
     # backed with a function of theirs: the database's catalog says whether any exists.
     walk.facts.shadowable.add("implicit cast")
+    # A sort, a grouping, DISTINCT, a UNION or a hash join compares with the default operator
+    # class of the values' type, which for a type of the user's may be theirs (in plpgsql).
+    walk.facts.shadowable.add("operator class")
     apply_facts(walk.facts, verdict)
     if verdict.status is None:
         verdict.cacheable = True

@@ -57,4 +57,4 @@ def test_json_builders_trust_that_no_cast_to_json_is_the_users(sql: str) -> None
     (relations.py answers whether one runs their code): cacheable, with the casts trusted."""
     c = classify(sql)
     assert c.cacheable
-    assert {"cast json", "cast jsonb"} <= c.shadowable
+    assert "json cast" in c.shadowable
