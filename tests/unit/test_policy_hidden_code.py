@@ -1,5 +1,6 @@
 """Code and clocks a statement runs without naming them: a configuration reload, planning,
-values made from text where no cast is (tests/adversarial/test_38 proves each on a server)."""
+values made from text where no cast is, types given as values, json casts, two-phase commit
+(tests/adversarial/test_38, 41 and 42 prove them on a server)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,13 @@ def test_json_builders_trust_that_no_cast_to_json_is_the_users(sql: str) -> None
     c = classify(sql)
     assert c.cacheable
     assert "json cast" in c.shadowable
+
+
+def test_two_phase_commit_names_its_transaction() -> None:
+    """PREPARE TRANSACTION holds what it wrote until its COMMIT/ROLLBACK PREPARED (by gid)."""
+    assert classify("PREPARE TRANSACTION 'g1'").prepared == ("prepare", "g1")
+    assert classify("BEGIN; UPDATE t SET v = 1; PREPARE TRANSACTION 'g2'").prepared == ("prepare", "g2")
+    assert classify("COMMIT PREPARED 'g3'").prepared == ("end", "g3")
+    assert classify("ROLLBACK PREPARED 'g4'").prepared == ("end", "g4")
+    assert classify("ROLLBACK PREPARED 'g4'").has_effects
+    assert classify("COMMIT").prepared is None
