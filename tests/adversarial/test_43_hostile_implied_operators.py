@@ -1,0 +1,83 @@
+"""Hostile review: operators that syntax implies without naming them the way the
+classifier looks for them. A builtin is trusted by name only after the database's catalog
+says no object of the user's can stand in for it ("operator =", "cast int4"); so the name
+must be found wherever the server will resolve one:
+
+* `CASE m WHEN 'ok' …`: an `=` with no operator in the tree's CASE node;
+* `x IN (SELECT …)`, `x = ANY (SELECT …)`: a sublink whose operator (`=`, or none for IN)
+  is not an A_Expr (nor, so, was a schema-qualified `OPERATOR(s.=)` there seen as the user's);
+* `JOIN … USING (id)`: an `=` on the join columns.
+
+Each user function here is plpgsql that bumps a counter (IMMUTABLE where a lie lets it be
+picked): the counter's cached read must not survive a read that ran it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.adversarial.harness import Env, unique
+from tests.adversarial.harness2 import counter, make_known, warm_counter
+
+
+async def _mood_table(env: Env) -> tuple[str, str]:
+    mood = unique("adv_mood")
+    await env.admin(f"CREATE TYPE public.{mood} AS ENUM ('sad', 'ok')")
+    env.on_cleanup(f"DROP TYPE IF EXISTS public.{mood} CASCADE")
+    t = await env.table("adv_moods", f"id int PRIMARY KEY, m public.{mood}", "(1, 'sad')", "(2, 'ok')")
+    return mood, t
+
+
+@pytest.mark.xfail(strict=True, reason="CASE x WHEN names no operator the classifier sees")
+async def test_case_when_compares_with_the_users_equals(env: Env) -> None:
+    table, bump = await counter(env)
+    mood, t = await _mood_table(env)
+    eq = unique("adv_eq")
+    await env.admin(
+        f"CREATE FUNCTION public.{eq}(public.{mood}, public.{mood}) RETURNS bool IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$",
+        f"CREATE OPERATOR public.= (LEFTARG = public.{mood}, RIGHTARG = public.{mood}, FUNCTION = public.{eq})",
+    )
+    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.{eq} CASCADE")
+    sql = f"SELECT id, CASE m WHEN 'ok' THEN 'yes' ELSE 'no' END FROM {t} ORDER BY id"
+    await make_known(env, t, table)
+    reader, count = await warm_counter(env, table)
+    client = await env.client()
+    await client.rows(sql)
+    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the user's =: proves nothing"
+    await reader.check(count, why=f"after {sql!r}, whose CASE compared with the user's =")
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        "SELECT id FROM {t} WHERE id IN (SELECT 1) ORDER BY id",
+        "SELECT id FROM {t} WHERE id = ANY (SELECT 2) ORDER BY id",
+        "SELECT id FROM {t} WHERE id NOT IN (SELECT 1) ORDER BY id",
+        "SELECT id FROM {t} WHERE id OPERATOR({evil}.=) ANY (SELECT 1) ORDER BY id",
+        "SELECT a.id FROM {t} a JOIN {t} b USING (id) ORDER BY 1",
+    ],
+)
+@pytest.mark.xfail(strict=True, reason="a sublink's or USING's = is not an A_Expr")
+async def test_a_sublink_compares_with_the_users_equals(env: Env, read: str) -> None:
+    """An `=` of the user's for integers, first on the reader's search_path (before
+    pg_catalog), plpgsql that bumps the counter."""
+    table, bump = await counter(env)
+    t = await env.table("adv_ids", "id int PRIMARY KEY", "(1)", "(2)")
+    evil, eq = unique("adv_evil"), unique("adv_eq")
+    await env.admin(
+        f"CREATE SCHEMA {evil}",
+        f"GRANT USAGE ON SCHEMA {evil} TO PUBLIC",
+        f"CREATE FUNCTION {evil}.{eq}(int, int) RETURNS bool IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$",
+        f"CREATE OPERATOR {evil}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {evil}.{eq})",
+    )
+    env.on_cleanup(f"DROP SCHEMA IF EXISTS {evil} CASCADE")
+    sql = read.format(t=t, evil=evil)
+    await make_known(env, t, table)
+    reader, count = await warm_counter(env, table)
+    client = await env.client()
+    await client.run(f"SET search_path = {evil}, pg_catalog, public")
+    await client.rows(sql)
+    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the user's =: proves nothing"
+    await reader.check(count, why=f"after {sql!r}, whose sublink compared with the user's =")
