@@ -55,6 +55,8 @@ _JSON_SYNTAX = frozenset(
 )
 # Only casts in SQL or plpgsql: an extension's in C (PostGIS, hstore) are trusted as builtins.
 _JSON_CASTS = ("json cast",)
+# Syntax that compares with an operator found by name, outside an A_Expr (`implied_operator`).
+_IMPLIED_BY_SYNTAX = frozenset({"SubLink", "SortBy", "CaseExpr", "JoinExpr"})
 # System columns that row locks (not only writes) change.
 _LOCK_STAMPED = frozenset({"xmax", "cmax"})
 # BETWEEN and friends name a keyword; the operators they run are these.
@@ -204,6 +206,8 @@ class _Walk:
             return
         if kind in _JSON_SYNTAX:
             facts.shadowable.update(_JSON_CASTS)
+        if kind in _IMPLIED_BY_SYNTAX:
+            self.implied_operator(kind, f)
         self.rest(f, scope, skip=("withClause",))
 
     def column(self, f: Node) -> None:
@@ -258,6 +262,23 @@ class _Walk:
             self.facts.settings.add(first.lower())
             return None
         return "calls current_setting() with a name computed at run time"
+
+    def implied_operator(self, kind: str, f: Node) -> None:
+        """Syntax that compares with an operator resolved by name, where no A_Expr names it:
+        `CASE x WHEN v`, `x IN (SELECT …)` and `x op ANY/ALL (SELECT …)`, `JOIN … USING` and
+        NATURAL JOIN (`=`), `ORDER BY x USING op`."""
+        if kind == "SubLink":
+            if f.get("subLinkType") not in ("ANY_SUBLINK", "ALL_SUBLINK", "ROWCOMPARE_SUBLINK"):
+                return
+            names = f.get("operName") or [{"String": {"sval": "="}}]  # IN: none, `=` is meant
+        elif kind == "SortBy":
+            names = f.get("useOp") or []
+        elif kind == "CaseExpr":
+            names = [{"String": {"sval": "="}}] if f.get("arg") else []
+        else:  # JoinExpr
+            names = [{"String": {"sval": "="}}] if f.get("usingClause") or f.get("isNatural") else []
+        if names:
+            self.operator({"name": names})
 
     def operator(self, f: Node) -> None:
         names = _names(f.get("name"))

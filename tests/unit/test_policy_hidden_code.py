@@ -69,3 +69,24 @@ def test_two_phase_commit_names_its_transaction() -> None:
     assert classify("ROLLBACK PREPARED 'g4'").prepared == ("end", "g4")
     assert classify("ROLLBACK PREPARED 'g4'").has_effects
     assert classify("COMMIT").prepared is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "label"),
+    [
+        ("SELECT CASE m WHEN 1 THEN 2 END FROM t", "operator ="),
+        ("SELECT 1 FROM t WHERE id IN (SELECT 1)", "operator ="),
+        ("SELECT 1 FROM t WHERE id < ALL (SELECT 1)", "operator <"),
+        ("SELECT 1 FROM a JOIN b USING (id)", "operator ="),
+        ("SELECT 1 FROM a NATURAL JOIN b", "operator ="),
+        ("SELECT 1 FROM t ORDER BY id USING >", "operator >"),
+    ],
+)
+def test_operators_implied_by_syntax_are_trusted_by_name(sql: str, label: str) -> None:
+    c = classify(sql)
+    assert c.cacheable and label in c.shadowable
+
+
+def test_a_schema_qualified_operator_in_a_sublink_is_the_users_code() -> None:
+    c = classify("SELECT 1 FROM t WHERE id OPERATOR(evil.=) ANY (SELECT 1)")
+    assert (c.cacheable, c.status, c.invalidate_all) == (False, S.VOLATILE, True)
