@@ -43,13 +43,13 @@ async def test_role_granted_while_the_session_is_open_then_set_role(env: Env) ->
     assert rows == [(1, "mine")]
     admin = await env.client()
     await admin.run(f"GRANT {boss} TO {user}")
-    rows = await _same(twin, read, "after GRANT of a role (member now: the policy lets its rows in)")
-    assert rows == [(1, "mine"), (2, "boss")]
+    granted = await _same(twin, read, "after GRANT of a role (member now: the policy lets its rows in)")
+    assert granted == [(1, "mine"), (2, "boss")]
     for sql in (f"SET ROLE {boss}", read, "RESET ROLE", read):
         await _same(twin, sql, f"{sql} after the GRANT")
     await admin.run(f"REVOKE {boss} FROM {user}")
-    rows = await _same(twin, read, "after REVOKE of the role")
-    assert rows == [(1, "mine")]
+    revoked = await _same(twin, read, "after REVOKE of the role")
+    assert revoked == [(1, "mine")]
     await _same(twin, f"SET ROLE {boss}", "SET ROLE to a role no longer granted")
 
 
