@@ -84,3 +84,33 @@ async def test_a_sublink_compares_with_the_users_equals(env: Env, read: str) -> 
     await client.rows(sql)
     assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the user's =: proves nothing"
     await reader.check(count, why=f"after {sql!r}, whose sublink compared with the user's =")
+
+
+@pytest.mark.xfail(strict=True, reason="DECLARE does not carry its query's trusted names")
+async def test_a_cursor_over_a_read_that_trusts_a_builtin_name(env: Env) -> None:
+    """DECLARE … WITH HOLD (outside a transaction) runs its query at once; a FETCH from a
+    cursor in a transaction runs it as rows are fetched. Its `upper(m)` is the user's (lying
+    IMMUTABLE plpgsql over their enum, which bumps the counter)."""
+    table, bump = await counter(env)
+    mood, t = await _mood_table(env)
+    await env.admin(
+        f"CREATE FUNCTION public.upper(public.{mood}) RETURNS text IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.upper($1::text); END $$",
+    )
+    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.upper(public.{mood}) CASCADE")
+    await make_known(env, t, table)
+    reader, count = await warm_counter(env, table)
+    client = await env.client()
+    await client.run(f"DECLARE h CURSOR WITH HOLD FOR SELECT upper(m) FROM {t} ORDER BY id")
+    assert await reader.origin(count) != [(0,)], "the holdable cursor never ran upper(): proves nothing"
+    await reader.check(count, why="after DECLARE … WITH HOLD over the user's upper()")
+    await client.rows("FETCH ALL FROM h")
+    await reader.probe(count, require_hit=False)
+    await client.run("BEGIN")
+    await client.run(f"DECLARE c CURSOR FOR SELECT upper(m) FROM {t} ORDER BY id")
+    before = await reader.origin(count)
+    await client.rows("FETCH 1 FROM c")
+    assert await reader.origin(count) != before, "the FETCH never ran upper(): proves nothing"
+    await reader.check(count, why="after a FETCH (inside the transaction) that ran the user's upper()")
+    await client.run("COMMIT")
+    await reader.check(count, why="after COMMIT of the transaction whose FETCH ran the user's upper()")
