@@ -218,6 +218,9 @@ def _declare(f: Node) -> Verdict:
         inner = classify_statement(kind, fields)
         verdict.tables_read = inner.tables_read
         verdict.qualified = inner.qualified
+        # The builtins it trusts by name are checked as a read's are: one of the user's
+        # standing in for them runs code (at DECLARE … WITH HOLD, and at every FETCH).
+        verdict.shadowable = inner.shadowable
         if inner.is_write or inner.invalidate_all or inner.changes_session:
             # Its query runs as rows are fetched: every FETCH may write.
             verdict.is_write = True

@@ -90,3 +90,8 @@ def test_operators_implied_by_syntax_are_trusted_by_name(sql: str, label: str) -
 def test_a_schema_qualified_operator_in_a_sublink_is_the_users_code() -> None:
     c = classify("SELECT 1 FROM t WHERE id OPERATOR(evil.=) ANY (SELECT 1)")
     assert (c.cacheable, c.status, c.invalidate_all) == (False, S.VOLATILE, True)
+
+
+def test_a_cursor_trusts_what_its_query_trusts() -> None:
+    c = classify("DECLARE c CURSOR WITH HOLD FOR SELECT upper(m) FROM t")
+    assert "upper()" in c.shadowable and c.tables_read == {"t"}
