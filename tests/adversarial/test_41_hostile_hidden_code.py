@@ -24,7 +24,9 @@ lookup, kind 's'): a cast to json in SQL or plpgsql ("json cast", trusted by eve
 and the SQL/JSON syntax), a default operator class with a support function or operator in SQL
 or plpgsql ("operator class", trusted by every query), and functions and operators named like
 builtins over the user's own types unless written in C (an extension's, trusted as builtins);
-array_in, record_in and the populate_record family are code of the user's.
+array_in, record_in and the populate_record family are code of the user's. A view's (or a
+policy's, a default's) definition naming such a builtin, with a rival anywhere in the
+database, runs code (relations.py `_definition_rivals`): its printed names may be the user's.
 """
 
 from __future__ import annotations
@@ -199,51 +201,26 @@ async def test_a_lying_immutable_builtin_name_over_the_users_type(env: Env, read
 
 
 @pytest.mark.parametrize("select", ["upper(m)", "to_json(m)::text"])
-@pytest.mark.xfail(strict=True, reason="view definitions trust builtin names the user has rivals of")
 async def test_a_view_whose_definition_trusts_a_builtin_name(env: Env, select: str) -> None:
     """A view's definition is judged by the classifier too, and comes back from
     pg_get_viewdef with names as they resolve: `upper(m)` printed bare is the user's
-    upper(mood) (IMMUTABLE plpgsql), `to_json(m)` calls the cast to json, GROUP BY m sorts
-    with the default operator class; each bumps the counter when the view is read."""
+    upper(mood) (IMMUTABLE plpgsql), `to_json(m)` calls the cast to json; each bumps the
+    counter when the view is read. (A sort in a view: every read trusts "operator class".)"""
     table, bump = await counter(env)
     mood, t = await _mood(env, bump)
-    cmp, lt, eq, ops = unique("adv_cmp"), unique("adv_lt"), unique("adv_eq"), unique("adv_ops")
     await env.admin(
         f"CREATE FUNCTION public.upper(public.{mood}) RETURNS text IMMUTABLE LANGUAGE plpgsql AS "
         f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.upper($1::text); END $$",
     )
     env.on_cleanup(f"DROP FUNCTION IF EXISTS public.upper(public.{mood}) CASCADE")
-    if "GROUP BY" in select:
-        await env.admin(
-            f"CREATE FUNCTION public.{cmp}(public.{mood}, public.{mood}) RETURNS int IMMUTABLE LANGUAGE plpgsql AS "
-            f"$$ BEGIN PERFORM public.{bump}(); RETURN CASE WHEN $1 < $2 THEN -1 WHEN $1 > $2 THEN 1 ELSE 0 END; END $$",
-            f"CREATE FUNCTION public.{lt}(public.{mood}, public.{mood}) RETURNS bool IMMUTABLE LANGUAGE sql AS "
-            "$$ SELECT $1 OPERATOR(pg_catalog.<) $2 $$",
-            f"CREATE FUNCTION public.{eq}(public.{mood}, public.{mood}) RETURNS bool IMMUTABLE LANGUAGE sql AS "
-            "$$ SELECT $1 OPERATOR(pg_catalog.=) $2 $$",
-            f"CREATE OPERATOR public.<<< (LEFTARG = public.{mood}, RIGHTARG = public.{mood}, FUNCTION = public.{lt})",
-            f"CREATE OPERATOR public.=== (LEFTARG = public.{mood}, RIGHTARG = public.{mood}, FUNCTION = public.{eq})",
-            f"CREATE OPERATOR CLASS public.{ops} DEFAULT FOR TYPE public.{mood} USING btree AS "
-            f"OPERATOR 1 public.<<<, OPERATOR 3 public.===, FUNCTION 1 public.{cmp}(public.{mood}, public.{mood})",
-        )
-        env.on_cleanup(
-            f"DROP OPERATOR FAMILY IF EXISTS public.{ops} USING btree CASCADE",
-            f"DROP FUNCTION IF EXISTS public.{cmp} CASCADE",
-            f"DROP FUNCTION IF EXISTS public.{lt} CASCADE",
-            f"DROP FUNCTION IF EXISTS public.{eq} CASCADE",
-        )
     view = unique("adv_view")
     await env.admin(
-        f"CREATE VIEW public.{view} AS SELECT {select.replace(' GROUP BY', f' FROM {t} GROUP BY') if 'GROUP BY' in select else select + f' FROM {t}'}"
+        f"CREATE VIEW public.{view} AS SELECT {select} AS x FROM {t}", f"GRANT SELECT ON public.{view} TO PUBLIC"
     )
-    await env.admin(f"GRANT SELECT ON public.{view} TO PUBLIC")
     env.on_cleanup(f"DROP VIEW IF EXISTS public.{view}")
     await make_known(env, view, table)
-    reader = await env.twin()
-    count = f"SELECT n FROM {table}"
-    await reader.probe(count, require_hit=False)  # a hit before the fix; with it maybe none (see the sort case)
-    before = await reader.origin(count)
+    reader, count = await warm_counter(env, table)
     client = await env.client()
     await client.rows(f"SELECT * FROM {view}")
-    assert await reader.origin(count) != before, "reading the view ran nothing: proves nothing"
+    assert await reader.origin(count) != [(0,)], "reading the view ran nothing: proves nothing"
     await reader.check(count, why=f"after a read of a view defined with {select}")
