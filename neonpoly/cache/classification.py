@@ -60,6 +60,9 @@ class Classification:
     # literals were read from: a text sharing this classification reads its own (policy.keys_for).
     keys: tuple[KeyRef, ...] = ()
     keys_sql: str = ""
+    # Two-phase commit: ("prepare", gid) for PREPARE TRANSACTION, ("end", gid) for COMMIT or
+    # ROLLBACK PREPARED. What a prepared transaction wrote is not stored until it ends.
+    prepared: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +88,7 @@ class Verdict:
     cursor_writes: bool = False
     fetches: bool = False
     keys: tuple[KeyRef, ...] = ()
+    prepared: tuple[str, str] | None = None
 
     def refuse(self, status: Status, reason: str) -> Verdict:
         """Mark uncacheable, keeping the first reason found."""

@@ -269,6 +269,7 @@ def _merge(verdicts: Sequence[Verdict]) -> Verdict:
         merged.settings_read |= verdict.settings_read
         merged.deallocates = merged.deallocates or verdict.deallocates
         merged.drops_temp |= verdict.drops_temp
+        merged.prepared = verdict.prepared or merged.prepared
         if verdict.transaction_control == "commit" or merged.transaction_control is None:
             merged.transaction_control = verdict.transaction_control or merged.transaction_control
         merged.qualified.extend(q for q in verdict.qualified if q not in merged.qualified)
@@ -311,9 +312,11 @@ def _build(verdict: Verdict, template: str, *, shape_shared: bool = False, sql: 
         has_effects=bool(
             verdict.is_write or verdict.invalidate_all or verdict.changes_session or verdict.cursor_writes
             or verdict.fetches or verdict.transaction_control or verdict.deallocates is not None
+            or verdict.prepared is not None
         ),
         keys=verdict.keys,
         keys_sql=sql if any(k.literals for k in verdict.keys) else "",
+        prepared=verdict.prepared,
     )
 
 
@@ -354,6 +357,14 @@ def learn_key_shape(sql: str, info: Classification) -> None:
     refs = keys_for(sql, info)
     if refs:
         key_shapes.learn(sql, refs, _parsed_keys)
+
+
+def sql_prepares(sql: str) -> list[str]:
+    """The names a simple query PREPAREs in SQL (the protocol's namespace too)."""
+    try:
+        return [str(fields.get("name", "")) for kind, fields in queries.parse(sql) if kind == "PrepareStmt"]
+    except queries.ParseError:
+        return []
 
 
 def _parsed_keys(sql: str) -> tuple[KeyRef, ...] | None:

@@ -19,7 +19,7 @@ from pglast import parser as _pg
 
 from neonpoly.cache import keys
 from neonpoly.cache.classification import Status, Verdict
-from neonpoly.cache.volatility import RELOADS_SETTINGS, UNKNOWN_VOLATILITY, call_reason
+from neonpoly.cache.volatility import JSON_BUILDERS, RELOADS_SETTINGS, UNKNOWN_VOLATILITY, call_reason
 
 Node = dict[str, Any]
 
@@ -47,6 +47,16 @@ _TIME_SQLVALUES = frozenset(
 )
 # What current_setting() may name: a settings name, possibly with a dot (custom settings).
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*$")
+# The SQL/JSON syntax that builds json from values as the json builder functions do (with a
+# type's own cast to json: volatility.JSON_BUILDERS).
+_JSON_SYNTAX = frozenset(
+    {"JsonObjectConstructor", "JsonArrayConstructor", "JsonArrayQueryConstructor", "JsonObjectAgg",
+     "JsonArrayAgg", "JsonScalarExpr"}
+)
+# Only casts in SQL or plpgsql: an extension's in C (PostGIS, hstore) are trusted as builtins.
+_JSON_CASTS = ("json cast",)
+# Syntax that compares with an operator found by name, outside an A_Expr (`implied_operator`).
+_IMPLIED_BY_SYNTAX = frozenset({"SubLink", "SortBy", "CaseExpr", "JoinExpr"})
 # System columns that row locks (not only writes) change.
 _LOCK_STAMPED = frozenset({"xmax", "cmax"})
 # BETWEEN and friends name a keyword; the operators they run are these.
@@ -194,6 +204,10 @@ class _Walk:
         if kind == "ColumnRef":
             self.column(f)
             return
+        if kind in _JSON_SYNTAX:
+            facts.shadowable.update(_JSON_CASTS)
+        if kind in _IMPLIED_BY_SYNTAX:
+            self.implied_operator(kind, f)
         self.rest(f, scope, skip=("withClause",))
 
     def column(self, f: Node) -> None:
@@ -221,6 +235,10 @@ class _Walk:
             # A builtin trusted by name, volatile or not: a user's function of that name on
             # the search_path may be what runs (and may write or SET).
             self.facts.shadowable.add(f"{name}()")
+        if name in JSON_BUILDERS and schema in (None, "pg_catalog"):
+            # A value of a type of the user's becomes json through its cast to json, if it
+            # has one: the database's catalog says whether any cast to json runs their code.
+            self.facts.shadowable.update(_JSON_CASTS)
         if reason is None:
             pass
         elif UNKNOWN_VOLATILITY in reason or name in RELOADS_SETTINGS:
@@ -244,6 +262,23 @@ class _Walk:
             self.facts.settings.add(first.lower())
             return None
         return "calls current_setting() with a name computed at run time"
+
+    def implied_operator(self, kind: str, f: Node) -> None:
+        """Syntax that compares with an operator resolved by name, where no A_Expr names it:
+        `CASE x WHEN v`, `x IN (SELECT …)` and `x op ANY/ALL (SELECT …)`, `JOIN … USING` and
+        NATURAL JOIN (`=`), `ORDER BY x USING op`."""
+        if kind == "SubLink":
+            if f.get("subLinkType") not in ("ANY_SUBLINK", "ALL_SUBLINK", "ROWCOMPARE_SUBLINK"):
+                return
+            names = f.get("operName") or [{"String": {"sval": "="}}]  # IN: none, `=` is meant
+        elif kind == "SortBy":
+            names = f.get("useOp") or []
+        elif kind == "CaseExpr":
+            names = [{"String": {"sval": "="}}] if f.get("arg") else []
+        else:  # JoinExpr
+            names = [{"String": {"sval": "="}}] if f.get("usingClause") or f.get("isNatural") else []
+        if names:
+            self.operator({"name": names})
 
     def operator(self, f: Node) -> None:
         names = _names(f.get("name"))
@@ -297,6 +332,9 @@ def analyse(kind: str, fields: Node, verdict: Verdict) -> Verdict:
     # A cast the server applies on its own (an implicit or assignment cast) could be one a DBA
     # backed with a function of theirs: the database's catalog says whether any exists.
     walk.facts.shadowable.add("implicit cast")
+    # A sort, a grouping, DISTINCT, a UNION or a hash join compares with the default operator
+    # class of the values' type, which for a type of the user's may be theirs (in plpgsql).
+    walk.facts.shadowable.add("operator class")
     apply_facts(walk.facts, verdict)
     if verdict.status is None:
         verdict.cacheable = True

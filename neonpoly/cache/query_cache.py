@@ -95,6 +95,9 @@ class QueryCache:
         # a write's reply waits for (the other nodes applied its bumps) or None.
         self.serve_gate: Callable[[], bool] | None = None
         self.reply_barrier: Callable[[], asyncio.Future[None] | None] | None = None
+        # Prepared transactions (gid -> database, tables or None: all) whose writes become
+        # visible at a COMMIT PREPARED that may bypass neonpoly: their reads are not stored.
+        self.prepared: dict[str, tuple[str, frozenset[str] | None]] = {}
         self._miss_tickets: dict[str, StatTicket] = {}  # template id -> its plain misses' ticket
         self._pass_tickets: dict[str, StatTicket] = {}  # template id -> its bypassed reads' ticket
 
@@ -211,9 +214,31 @@ class QueryCache:
             return policy.allows(template_id, tables)
         return policy(template_id, tables) is not None
 
+    def hold_prepared(self, gid: str, database: str, tables: frozenset[str], everything: bool) -> None:
+        """PREPARE TRANSACTION `gid` wrote `tables` (or anything): until neonpoly sees it end,
+        answers reading what it wrote are not stored, here or in the sibling caches (its
+        COMMIT PREPARED may come straight to the origin; evicting then is not possible)."""
+        reach = None if everything else self.relations.reach(database, tables)
+        for cache in (self, *self.siblings()):
+            cache.prepared[gid] = (database, reach)
+
+    def release_prepared(self, gid: str) -> None:
+        """COMMIT or ROLLBACK PREPARED `gid` went through neonpoly (and evicted)."""
+        for cache in (self, *self.siblings()):
+            cache.prepared.pop(gid, None)
+
+    def _held(self, database: str, tables: frozenset[str]) -> bool:
+        """Whether an answer reading `tables` reads what an open prepared transaction wrote
+        (one that wrote anything holds every database: code may reach them all)."""
+        return any(reach is None or (held == database and not reach.isdisjoint(tables))
+                   for held, reach in self.prepared.values())  # fmt: skip
+
     def store_capture(self, capture: Capture) -> CacheEntry | None:
         """Store a captured answer; the entry handed to the store (None: the TTL rules say
-        never). The store may still refuse it (made stale in flight): ask `serves`."""
+        never, or it reads what an open prepared transaction wrote). The store may still
+        refuse it (made stale in flight): ask `serves`."""
+        if self.prepared and self._held(capture.database, capture.tables):
+            return None
         ttl = self.ttl_for(capture.template_id, capture.tables)
         if ttl is None or ttl <= 0:
             return None

@@ -158,6 +158,26 @@ SELECT 's', '*', pg_catalog.concat('cast ', t.typname), 'false', NULL
 FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
 JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} k.casttarget
 WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
+UNION ALL  -- a type's cast to json, which the json builders call for it (json.c), in SQL or plpgsql
+SELECT 's', '*', 'json cast', 'false', NULL
+FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
+WHERE $2::pg_catalog.bool AND k.casttarget {_CATALOG} ANY ('{{114,3802}}'::pg_catalog.oid[])
+ AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]) AND p.pronamespace {_NOT} 11::pg_catalog.oid
+UNION ALL  -- a default operator class a sort, a grouping or DISTINCT uses with no operator named
+SELECT 's', '*', 'operator class', 'false', NULL
+FROM pg_catalog.pg_opclass oc
+JOIN pg_catalog.pg_amproc ap ON ap.amprocfamily {_CATALOG} oc.opcfamily
+JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} ap.amproc::pg_catalog.oid
+WHERE $2::pg_catalog.bool AND oc.opcdefault AND p.pronamespace {_NOT} 11::pg_catalog.oid
+ AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[])
+UNION ALL
+SELECT 's', '*', 'operator class', 'false', NULL
+FROM pg_catalog.pg_opclass oc
+JOIN pg_catalog.pg_amop ao ON ao.amopfamily {_CATALOG} oc.opcfamily
+JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ao.amopopr
+JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
+WHERE $2::pg_catalog.bool AND oc.opcdefault AND p.pronamespace {_NOT} 11::pg_catalog.oid
+ AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[])
 UNION ALL
 SELECT 's', '*', 'implicit cast', 'false', NULL
 FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc
@@ -167,7 +187,7 @@ UNION ALL
 SELECT 's', ns.schema, s.name, 'false', NULL FROM (
   SELECT p.pronamespace, pg_catalog.concat(p.proname, '()') FROM pg_catalog.pg_proc p
   WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
-   AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
+   AND (p.provolatile {_NOT} 'i' OR p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]) OR NOT EXISTS (
      SELECT 1 FROM pg_catalog.unnest(p.proargtypes::pg_catalog.oid[]) a(oid)
      JOIN pg_catalog.pg_type t ON t.oid {_CATALOG} a.oid
      WHERE t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typtype {_NOT} 'd'))  -- a domain is its base type
@@ -175,7 +195,7 @@ SELECT 's', ns.schema, s.name, 'false', NULL FROM (
   SELECT o.oprnamespace, pg_catalog.concat('operator ', o.oprname) FROM pg_catalog.pg_operator o
   JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
   WHERE $2::pg_catalog.bool AND o.oprnamespace {_NOT} 11::pg_catalog.oid
-   AND (p.provolatile {_NOT} 'i' OR NOT EXISTS (
+   AND (p.provolatile {_NOT} 'i' OR p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]) OR NOT EXISTS (
      SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid {_CATALOG} ANY (ARRAY[o.oprleft, o.oprright])
      AND t.typnamespace {_NOT} 11::pg_catalog.oid AND t.typtype {_NOT} 'd'))
   UNION

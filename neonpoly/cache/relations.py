@@ -248,15 +248,16 @@ class RelationBook:
             self._shadowed[database] = {label: frozenset(schemas) for label, schemas in shadows.items()}
             self._code_types[database] = frozenset(code_types)
         known_code_types = self._code_types.get(database)
+        rivals = _definition_rivals(self._shadowed.get(database))
         for name in asked:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
             reach, opaque = writes.get(name, ({name}, False))
             # A default, check, policy or domain that runs code of the user's (or SETs):
             # a write to it may change anything.
-            opaque = opaque or any(_runs_code(sql, known_code_types) for sql in write_code.get(name, ()))
+            opaque = opaque or any(_runs_code(sql, known_code_types, rivals) for sql in write_code.get(name, ()))
             why_volatile = _changes_unseen(name) if volatile else None
-            runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types)
+            runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types, rivals)
             self._known[(database, name)] = Relation(
                 frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque,
                 _key_column(keyed.get(name, ())),
@@ -316,11 +317,32 @@ def _key_column(found: Iterable[tuple[bool, str, str | None]]) -> str | None:
     return columns.pop()
 
 
-def _runs_code(sql: str, code_types: frozenset[str] | None) -> bool:
+def _runs_code(sql: str, code_types: frozenset[str] | None, rivals: frozenset[str] | None = frozenset()) -> bool:
     info = classify(sql)
     if info.is_write or info.invalidate_all or info.changes_session:
         return True
-    return _makes_code_type(info, code_types) is not None
+    return _makes_code_type(info, code_types) is not None or _trusts_a_rival(info, rivals)
+
+
+def _definition_rivals(shadowed: dict[str, frozenset[str]] | None) -> frozenset[str] | None:
+    """The builtin names a definition (a view's, a policy's, a default's) must not trust: a
+    function or operator of that name is the user's somewhere in the database, a cast to json
+    or a default operator class is (names are printed as they resolve in the lookup's session:
+    a bare `upper(m)` may be the user's upper(their type)). Casts and types keep their own
+    judgement (`_makes_code_type`). None: not known, every such name may be one."""
+    if shadowed is None:
+        return None
+    return frozenset(label for label in shadowed if _rivalled(label))
+
+
+def _trusts_a_rival(info: Classification, rivals: frozenset[str] | None) -> bool:
+    if rivals is None:
+        return any(_rivalled(label) for label in info.shadowable)
+    return not rivals.isdisjoint(info.shadowable)
+
+
+def _rivalled(label: str) -> bool:
+    return label.endswith("()") or label.startswith("operator ") or label == "json cast"
 
 
 def _makes_code_type(info: Classification, code_types: frozenset[str] | None) -> str | None:
@@ -334,7 +356,10 @@ def _makes_code_type(info: Classification, code_types: frozenset[str] | None) ->
 
 
 def _judge_definitions(
-    name: str, definitions: Iterable[str], code_types: frozenset[str] | None = frozenset()
+    name: str,
+    definitions: Iterable[str],
+    code_types: frozenset[str] | None = frozenset(),
+    rivals: frozenset[str] | None = frozenset(),
 ) -> tuple[str | None, frozenset[str], str | None]:
     """(runs_code, settings read, volatile) for the view definitions and policies of a
     relation, judged by the classifier that judges client queries."""
@@ -348,6 +373,8 @@ def _judge_definitions(
             runs_code = runs_code or f"reading {name} runs code: {info.reason}"
         elif made := _makes_code_type(info, code_types):
             runs_code = runs_code or f"reading {name} runs code: it makes {made}, whose domain CHECK runs code"
+        elif _trusts_a_rival(info, rivals):
+            runs_code = runs_code or f"reading {name} runs code: its definition names a builtin the user has a rival of"
         elif not info.cacheable:
             volatile = volatile or f"{name} is defined with something that changes without writes: {info.reason}"
     return runs_code, frozenset(settings), volatile

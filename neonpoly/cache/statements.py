@@ -218,6 +218,9 @@ def _declare(f: Node) -> Verdict:
         inner = classify_statement(kind, fields)
         verdict.tables_read = inner.tables_read
         verdict.qualified = inner.qualified
+        # The builtins it trusts by name are checked as a read's are: one of the user's
+        # standing in for them runs code (at DECLARE … WITH HOLD, and at every FETCH).
+        verdict.shadowable = inner.shadowable
         if inner.is_write or inner.invalidate_all or inner.changes_session:
             # Its query runs as rows are fetched: every FETCH may write.
             verdict.is_write = True
@@ -240,6 +243,8 @@ _TRANSACTION = {
 def _transaction(f: Node) -> Verdict:
     kind = str(f.get("kind", ""))
     verdict = Verdict().refuse(Status.NOTAQUERY, "transaction control is relayed, never cached")
+    if kind in ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"):
+        verdict.prepared = ("prepare" if kind == "TRANS_STMT_PREPARE" else "end", str(f.get("gid", "")))
     if kind == "TRANS_STMT_COMMIT_PREPARED":
         # Makes an earlier, unseen transaction's writes visible.
         return verdict.write("COMMIT PREPARED makes an earlier transaction's writes visible", everything=True)

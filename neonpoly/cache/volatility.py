@@ -129,6 +129,31 @@ TEXT_TO_TYPED: frozenset[str] = frozenset(
     }
 )
 
+# Builtins that make values of a type they are given as a value, not named in the text (an
+# OID, `'name'::regtype`, their first argument's type: a table's row): its input functions
+# and its domains' CHECKs run, and a CHECK may call code of the user's that writes or SETs.
+# Judged as code of the user's (the type named by a cast or a column list is judged by name).
+MAKES_GIVEN_TYPE: frozenset[str] = frozenset(
+    {
+        "array_in", "record_in", "json_populate_record", "jsonb_populate_record",
+        "json_populate_recordset", "jsonb_populate_recordset", "jsonb_populate_record_valid",
+        "pg_input_is_valid", "pg_input_error_info",
+    }
+)
+
+# Builtins that turn values into json with a type's own cast to json when the type is not a
+# builtin and has one (json.c, `json_categorize_type`), even an explicit-only cast: a read
+# calling one trusts that no cast to json runs code of the user's (relations.py, "cast json").
+JSON_BUILDERS: frozenset[str] = frozenset(
+    {
+        "to_json", "to_jsonb", "row_to_json", "array_to_json", "json_agg", "jsonb_agg",
+        "json_agg_strict", "jsonb_agg_strict", "json_object_agg", "jsonb_object_agg",
+        "json_object_agg_strict", "jsonb_object_agg_strict", "json_object_agg_unique",
+        "jsonb_object_agg_unique", "json_object_agg_unique_strict", "jsonb_object_agg_unique_strict",
+        "json_build_object", "jsonb_build_object", "json_build_array", "jsonb_build_array",
+    }
+)
+
 UNKNOWN_VOLATILITY = "whose volatility is unknown"
 
 # Builtins that change other sessions' settings: a configuration reload makes every open
@@ -147,6 +172,8 @@ def call_reason(schema: str | None, name: str, args: int) -> str | None:
         return f"calls time-dependent function {name}()"
     if name in RELOADS_SETTINGS:
         return f"calls {name}(), which changes the settings of every open session"
+    if name in MAKES_GIVEN_TYPE:
+        return f"calls {name}(), which runs the checks of a type it is given as a value: {UNKNOWN_VOLATILITY}"
     if name in TEXT_TO_TYPED:
         return f"calls {name}(), which converts text from the data (it could be 'now')"
     if name in VOLATILE_NAMES or name.startswith(VOLATILE_PREFIXES):

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neonpoly import pgwire
-from neonpoly.cache import keys, queries
+from neonpoly.cache import keys
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.keys import KeyRef
-from neonpoly.cache.policy import Classification, Status, classify, keys_for
+from neonpoly.cache.policy import Classification, Status, classify, keys_for, sql_prepares
 from neonpoly.cache.relations import Resolution
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_PARSE, TARGET_STATEMENT, TX_IDLE
 from neonpoly.proxy.hits import HitMemo, hit_tallies
@@ -73,7 +73,7 @@ class CacheDecisions(ReadPasses):
         if info.deallocates is not None:
             item.deallocates.append(self.book.deallocating(info.deallocates))
         if not info.cacheable and _MAY_PREPARE.search(sql):
-            self.book.prepared_in_sql(_sql_prepares(sql))
+            self.book.prepared_in_sql(sql_prepares(sql))
         if info.has_effects or self.state.legacy_strings:  # not a plain read (the common case)
             self._note_effects(info, item, out, sql)
         refusal = None if info.cacheable else (info.status or Status.UNCACHEABLE, info.reason)
@@ -423,6 +423,7 @@ class CacheDecisions(ReadPasses):
             item.writes_everything = everything
             self._invalidate(item.writes, everything, out, cluster_wide=info.cluster_wide, keyed=item.keyed)
         item.commits = info.transaction_control == "commit"
+        item.prepared = info.prepared
         if info.changes_session or everything:
             self._forget_identity()
 
@@ -505,7 +506,7 @@ class CacheDecisions(ReadPasses):
         if not (
             item.capture is not None or item.book_ops or item.deallocates or item.reads or item.trusts or item.writes
             or item.writes_everything or item.keyed or item.commits or self.tx_writes or self.tx_writes_everything
-            or self.tx_keyed
+            or self.tx_keyed or item.prepared
         ):  # fmt: skip
             # Nothing to settle, evict or store (a miss not captured, the common one): what
             # the rest would do then is count it.
@@ -545,6 +546,9 @@ class CacheDecisions(ReadPasses):
             # also written otherwise in the transaction is evicted whole.
             whole = frozenset(self.tx_writes)
             keyed = frozenset(p for p in self.tx_keyed if p[0] not in whole)
+            if item.prepared is not None and item.prepared[0] == "prepare" and not item.error and cache is not None:
+                written = whole.union(t for t, _ in keyed)  # visible at COMMIT PREPARED, wherever it runs
+                cache.hold_prepared(item.prepared[1], self.state.database, written, self.tx_writes_everything)
             self._invalidate(whole, self.tx_writes_everything, keyed=keyed)
             self.tx_writes = set()
             self.tx_keyed = set()
@@ -554,6 +558,8 @@ class CacheDecisions(ReadPasses):
                 self.hold_client(hold)  # the reply waits until other nodes applied the bumps
         if cache is None:
             return
+        if item.prepared is not None and item.prepared[0] == "end" and not item.error:
+            cache.release_prepared(item.prepared[1])  # evicted above: its outcome is known
         capture = item.capture
         # Its key came from Parse texts of the batch: stored only if the origin took them all.
         if capture is not None and not capture.failed and not item.error and committed and capture.frames and confirmed:
@@ -585,11 +591,3 @@ def _values(ref: KeyRef, values: BoundValues) -> list[int] | None:
         return None
     bound = keys.bound_integers(values[0], ref.params, values[1])
     return None if bound is None else [*ref.literals, *bound]
-
-
-def _sql_prepares(sql: str) -> list[str]:
-    """The names a simple query PREPAREs in SQL (the protocol's namespace too)."""
-    try:
-        return [str(fields.get("name", "")) for kind, fields in queries.parse(sql) if kind == "PrepareStmt"]
-    except queries.ParseError:
-        return []

@@ -59,9 +59,12 @@ async def test_relation_lookup_poisoned_by_a_search_path_operator(env: Env) -> N
     await clean.probe(f"SELECT v FROM {base} WHERE id = 1")  # the base table is known
     attacker = await env.twin()
     await attacker.both(f"SET search_path = {evil}, pg_catalog, public")
-    await attacker.probe(f"SELECT v FROM {view}")
+    # Not required to be hits: with an `=` of the user's anywhere in the database, a view
+    # whose definition prints a bare `=` is not cached at all (relations.py
+    # `_definition_rivals`: the printed name may be the user's); before that, both were hits.
+    await attacker.probe(f"SELECT v FROM {view}", require_hit=False)
     read = f"SELECT v FROM {view}"
-    await clean.probe(read)
+    await clean.probe(read, require_hit=False)
     writer = await env.client()
     await writer.run(f"UPDATE {base} SET v = 'new' WHERE id = 1")
     await clean.check(read, why="a clean session's view read after UPDATE of its base table")
