@@ -12,12 +12,13 @@ fix the same warm-up is a hit.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import psycopg
 import pytest
 
 from tests.adversarial import rawpg
-from tests.adversarial.harness import Client, Env, hits, unique
+from tests.adversarial.harness import Client, Env, eventually, hits, unique
 from tests.adversarial.harness3 import compare
 from tests.adversarial.rawpg import Message, Raw
 
@@ -215,19 +216,41 @@ async def test_client_gone_while_its_write_runs(env: Env) -> None:
     read = f"SELECT v FROM {t} WHERE id = 1"
     await twin.probe(read)
     writer = await Raw.connect(env.proxy.port)
-    writer.send(rawpg.query("SELECT 1"))  # its identity learned: nothing waits in neonpoly
-    await writer.until_ready()
-    writer.send(rawpg.query(f"UPDATE {t} SET v = 'new' FROM (SELECT pg_sleep(0.5)) s WHERE id = 1"))
+    writer.send(rawpg.query("SELECT pg_backend_pid()"))  # its identity learned: nothing waits in neonpoly
+    [[pid_text]] = rawpg.rows(await writer.until_ready())
+    assert pid_text is not None
+    pid = int(pid_text)
+    # The write waits for a row lock (not a sleep): it runs until the case lets it commit,
+    # however slow the machine is.
+    locker = await env.client(via=False)
+    await locker.run("BEGIN")
+    await locker.run(f"SELECT 1 FROM {t} WHERE id = 1 FOR UPDATE")
+    writer.send(rawpg.query(f"UPDATE {t} SET v = 'new' WHERE id = 1"))
     await writer.writer.drain()
+    waiting = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'"
+    await eventually(lambda: env.admin_val(waiting), lambda n: n == 1)
     await writer.close()  # gone before the write commits
     rows, hit = await twin.probe(read)  # the uncommitted write: the old row, cached again
     assert rows == [("old",)] and hit
-    for _ in range(100):  # the origin's own word that the write committed
-        if await twin.origin(read) == [("new",)]:
-            break
-        await asyncio.sleep(0.05)
+    await locker.run("ROLLBACK")  # the write commits now
+    # The backend commits, then reads neonpoly's Terminate and exits, and only its exit closes
+    # the connection neonpoly evicts on: a read in between is a write neonpoly has not seen
+    # yet. So the check starts once the process is gone (its socket closed) and a round trip
+    # later (the direct read below), in which neonpoly's loop has taken in that close.
+    await eventually(lambda: _alive(pid), lambda alive: not alive)
     assert await twin.origin(read) == [("new",)], "the write never committed: proves nothing"
     await twin.check(read, why="after the write of a client that went away committed")
+
+
+async def _alive(pid: int) -> bool:
+    """Whether a process with this PID exists (the origin's backends run on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
 
 
 # --- DDL run by a trigger --------------------------------------------------------------

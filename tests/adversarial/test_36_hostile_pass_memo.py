@@ -21,7 +21,7 @@ import pytest
 from neonpoly import pgwire
 from neonpoly.cache import policy
 from neonpoly.proxy.passes import ReadPasses
-from neonpoly.proxy.session import Session
+from neonpoly.proxy.session import Session, _OriginDrain
 from tests.adversarial.batch_memo import FLUSH
 from tests.adversarial.rawpg import SYNC, Raw, bind, execute, parse, query, rows
 from tests.pgharness import PgServer
@@ -36,6 +36,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 drained: list[bool] = []  # what each ended session's `_drain_origin` said (True: drained)
+drain_ends: list[None] = []  # one per drained origin connection the proxy saw close (its last eviction)
 Answer = list[tuple[bytes, list[list[bytes | None]]]]
 
 
@@ -71,6 +72,13 @@ async def memo_world(
             return kept
 
         monkeypatch.setattr(Session, "_drain_origin", spied_drain)
+        drain_lost = _OriginDrain.connection_lost
+
+        def spied_drain_lost(self: _OriginDrain, exc: Exception | None) -> None:
+            drain_lost(self, exc)
+            drain_ends.append(None)
+
+        monkeypatch.setattr(_OriginDrain, "connection_lost", spied_drain_lost)
         raw = await Raw.connect(proxy.port)
         try:
             for key in range(1, 6):  # 4 misses bypass it; the 5th is passed and makes the memo
@@ -363,12 +371,20 @@ async def test_clients_leaving_with_memo_passed_reads_or_writes_outstanding_leav
                     client.send(query(f"UPDATE {written} SET name = 'gone {n}' WHERE id = 35"))
                 else:
                     client.send(query(f"SELECT name FROM {table} WHERE id = 13"))
-            await asyncio.sleep(0.1)
+            for _ in range(500):  # the proxy has read all six (not a fixed sleep: a loaded machine)
+                if spied.cache.bypass.passed >= passed + 3 and len(decided) >= seen + 3:
+                    break
+                await asyncio.sleep(0.01)
             assert spied.cache.bypass.passed == passed + 3
             assert len(decided) == seen + 3  # the writes: the reads were passed from their memos
+            del drained[:], drain_ends[:]
             for client in leavers:
                 client.writer.close()  # gone without a Terminate, all at once
-            await asyncio.sleep(0.1)
+            for _ in range(500):  # the proxy has seen all six leave (the writers' drains begun)
+                if len(proxy.service.server.sessions) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert sorted(drained) == [False, False, False, True, True, True]
             for _ in range(3):  # the old row (the writes wait), stored again
                 raw.send(query(cached))
                 assert rows(await raw.until_ready()) == [[b"35", b"name 35"]]
@@ -378,7 +394,13 @@ async def test_clients_leaving_with_memo_passed_reads_or_writes_outstanding_leav
                     break
                 await asyncio.sleep(0.02)
             assert await _backends(watcher) == baseline
-            await asyncio.sleep(0.1)  # the proxy sees the origin connections close
+            # A backend leaves pg_stat_activity before it closes its socket, and the proxy's
+            # last eviction comes with that close: wait for the proxy's side of all three.
+            for _ in range(500):
+                if len(drain_ends) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(drain_ends) == 3
             final = await watcher.fetchval(f"SELECT name FROM {written} WHERE id = 35")
             assert final.startswith("gone ")
             raw.send(query(cached))

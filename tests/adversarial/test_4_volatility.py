@@ -83,8 +83,11 @@ async def test_now_as_an_untyped_parameter(env: Env) -> None:
 async def test_now_reaching_a_column_comparison(env: Env) -> None:
     """'now' coerced by a timestamptz column: rows become visible as time passes."""
     table = await env.table("adv_emb", "body text, at timestamptz")
-    await env.admin(f"INSERT INTO {table} VALUES ('later', clock_timestamp() + interval '1 second')")
     twin = await env.twin()
+    # The row's time comes after the probe's runs, each compared with the origin: a slow
+    # connect on a loaded machine must not be inside that window (nor the proxy's answer
+    # and the origin's fall on either side of it), so the sessions are opened first.
+    await env.admin(f"INSERT INTO {table} VALUES ('later', clock_timestamp() + interval '2 seconds')")
     read = f"SELECT body FROM {table} WHERE at <= 'now'"
     rows, _ = await twin.probe(read, require_hit=False)
     assert rows == []

@@ -40,7 +40,8 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 30.0) -> None:
+        # A process start: on a loaded 2-core machine seconds, not milliseconds (a wait only).
         assert self.process is None, "already running"
         self.process = subprocess.Popen(
             [

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from textual.app import App
+from textual.notifications import SeverityLevel
 
 from neonpoly._testing.neon_standin import (
     NeonStandin,
@@ -52,6 +54,31 @@ def no_system_clipboard(monkeypatch: pytest.MonkeyPatch) -> None:
     """Console tests never write to the clipboard of the machine running them: `c` sends
     OSC 52 only (headless: nowhere), unless a test hands the app a clipboard tool."""
     monkeypatch.setattr(clipboard, "clipboard_command", lambda *args, **kwargs: None)
+
+
+# How long a test's notifications last: the tests read what the console said from
+# `app._notifications`, and a note expires after its timeout (5 s by default) of wall time,
+# which a loaded 2-core machine spent between a key and the read (test_keys, test_flow).
+LASTING_NOTES = 3600.0
+
+
+@pytest.fixture(autouse=True)
+def lasting_notifications(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every notification lasts the whole test (what it says is unchanged)."""
+    notify = App.notify
+
+    def lasting(
+        self: App[object],
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        notify(self, message, title=title, severity=severity, timeout=LASTING_NOTES, markup=markup)
+
+    monkeypatch.setattr(App, "notify", lasting)
 
 
 @pytest.fixture

@@ -60,7 +60,11 @@ async def test_the_whole_seed(pg: PgServer, control: LocalControl) -> None:
         await settle(pilot)
         assert "Signed in as Neon API key" in str(app.screen.query_one("#account", Label).content)
         await pilot.press("enter")  # then Authorize Access has it
-        await _until(lambda: isinstance(app.screen, ManagePolyScaleDrawer))
+        # The drawer is the screen as soon as it is pushed, its widgets only once composed (a
+        # loaded machine read '#database' in between): wait for what is used next.
+        await _until(lambda: isinstance(app.screen, ManagePolyScaleDrawer)
+                     and bool(app.screen.query("#database")) and bool(app.screen.query("#role")))
+        await settle(pilot)
         [view] = control.integrations()
         assert (view.kind, view.project, view.branch) == ("neon", "shop", "main")
         assert control.header().project == "shop"

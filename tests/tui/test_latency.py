@@ -179,7 +179,12 @@ async def test_key_to_frame_under_load(pg: PgServer, control: LocalControl) -> N
             assert load.proc is not None and load.proc.returncode is None  # no client failed
 
         # The cache view's numbers are the engine's: compare with the admin console.
-        await asyncio.sleep(0.1)  # the last responses' stats are recorded after they are sent
+        # The workload's clients are gone once the proxy closed their sessions: no answer is
+        # counted after that (a fixed sleep was a guess at it).
+        deadline = time.perf_counter() + 30.0
+        while control.service.server.sessions:
+            assert time.perf_counter() < deadline, f"{len(control.service.server.sessions)} sessions left"
+            await asyncio.sleep(0.01)
         admin = await asyncpg.connect(host=control.service.server.address[0],
                                       port=control.service.server.address[1],
                                       user="postgres", password=pg.password_for("postgres"),

@@ -56,9 +56,18 @@ async def press(pilot: Pilot[None], *keys: str) -> None:
     assert_healthy(pilot.app)  # type: ignore[arg-type]
 
 
+# Many keys each, every one waited for (press, then settle): ~45 s a case on a 2-core machine
+# with two busy cores beside it, past the default 120 s under a CI-like load of 10.
+pytestmark = pytest.mark.timeout(600)
+
+# With the ticker, the Manage drawer of a vanished cache also closes itself. A tick every
+# 0.25 s still comes between the keys; every 0.05 s kept a loaded machine's app so busy that
+# one key was not taken in within pilot's 30 s (flake-tui-1.log).
+TICK = 0.25
+
+
 def app_for(control: DemoControl, ticker: bool) -> ConsoleApp:
-    # With the ticker, the Manage drawer of a vanished cache also closes itself.
-    return ConsoleApp(control, refresh_seconds=0.05 if ticker else None)
+    return ConsoleApp(control, refresh_seconds=TICK if ticker else None)
 
 
 @pytest.mark.parametrize("ticker", [False, True], ids=["no-ticker", "ticker"])
