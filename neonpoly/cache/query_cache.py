@@ -214,13 +214,36 @@ class QueryCache:
             return policy.allows(template_id, tables)
         return policy(template_id, tables) is not None
 
+    def two_phase(
+        self, steps: tuple[tuple[str, str], ...], database: str, tables: frozenset[str], everything: bool, failed: bool
+    ) -> None:
+        """A batch's two-phase commit steps, once it ended: COMMIT or ROLLBACK PREPARED (the
+        batch evicts what they made visible) release their gid, if nothing failed; then each
+        PREPARE TRANSACTION holds what the session's transaction wrote, even in a batch that
+        failed (after it, maybe) or prepared another gid too: holding too much only stores less."""
+        if not failed:
+            for kind, gid in steps:
+                if kind == "end":
+                    self.release_prepared(gid)
+        if tables or everything:
+            for kind, gid in steps:
+                if kind == "prepare":
+                    self.hold_prepared(gid, database, tables, everything)
+
     def hold_prepared(self, gid: str, database: str, tables: frozenset[str], everything: bool) -> None:
         """PREPARE TRANSACTION `gid` wrote `tables` (or anything): until neonpoly sees it end,
         answers reading what it wrote are not stored, here or in the sibling caches (its
-        COMMIT PREPARED may come straight to the origin; evicting then is not possible)."""
+        COMMIT PREPARED may come straight to the origin; evicting then is not possible). Added
+        to the gid's hold, never replacing it: a failed PREPARE may reuse a prepared gid."""
         reach = None if everything else self.relations.reach(database, tables)
         for cache in (self, *self.siblings()):
-            cache.prepared[gid] = (database, reach)
+            held = cache.prepared.get(gid)
+            if held is None:
+                cache.prepared[gid] = (database, reach)
+            elif held[1] is not None and reach is not None and held[0] == database:
+                cache.prepared[gid] = (database, held[1] | reach)
+            else:  # all of one database, or two databases: hold everything
+                cache.prepared[gid] = (database, None)
 
     def release_prepared(self, gid: str) -> None:
         """COMMIT or ROLLBACK PREPARED `gid` went through neonpoly (and evicted)."""

@@ -244,7 +244,7 @@ def _transaction(f: Node) -> Verdict:
     kind = str(f.get("kind", ""))
     verdict = Verdict().refuse(Status.NOTAQUERY, "transaction control is relayed, never cached")
     if kind in ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"):
-        verdict.prepared = ("prepare" if kind == "TRANS_STMT_PREPARE" else "end", str(f.get("gid", "")))
+        verdict.prepared = (("prepare" if kind == "TRANS_STMT_PREPARE" else "end", str(f.get("gid", ""))),)
     if kind == "TRANS_STMT_COMMIT_PREPARED":
         # Makes an earlier, unseen transaction's writes visible.
         return verdict.write("COMMIT PREPARED makes an earlier transaction's writes visible", everything=True)

@@ -63,12 +63,15 @@ def test_json_builders_trust_that_no_cast_to_json_is_the_users(sql: str) -> None
 
 def test_two_phase_commit_names_its_transaction() -> None:
     """PREPARE TRANSACTION holds what it wrote until its COMMIT/ROLLBACK PREPARED (by gid)."""
-    assert classify("PREPARE TRANSACTION 'g1'").prepared == ("prepare", "g1")
-    assert classify("BEGIN; UPDATE t SET v = 1; PREPARE TRANSACTION 'g2'").prepared == ("prepare", "g2")
-    assert classify("COMMIT PREPARED 'g3'").prepared == ("end", "g3")
-    assert classify("ROLLBACK PREPARED 'g4'").prepared == ("end", "g4")
+    assert classify("PREPARE TRANSACTION 'g1'").prepared == (("prepare", "g1"),)
+    assert classify("BEGIN; UPDATE t SET v = 1; PREPARE TRANSACTION 'g2'").prepared == (("prepare", "g2"),)
+    assert classify("COMMIT PREPARED 'g3'").prepared == (("end", "g3"),)
+    assert classify("ROLLBACK PREPARED 'g4'").prepared == (("end", "g4"),)
     assert classify("ROLLBACK PREPARED 'g4'").has_effects
-    assert classify("COMMIT").prepared is None
+    assert classify("COMMIT").prepared == ()
+    # Every gid of a query string, in order: one that prepares two holds both.
+    two = "BEGIN; UPDATE t SET v = 1; PREPARE TRANSACTION 'a'; BEGIN; UPDATE u SET v = 1; PREPARE TRANSACTION 'b'"
+    assert classify(two).prepared == (("prepare", "a"), ("prepare", "b"))
 
 
 @pytest.mark.parametrize(
