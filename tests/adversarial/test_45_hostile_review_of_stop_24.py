@@ -117,3 +117,30 @@ async def test_a_failed_prepare_reusing_a_held_gid(env: Env) -> None:
     await env.admin(f"COMMIT PREPARED '{gid}'")
     rows = await reader.check(read, why="after COMMIT PREPARED (made directly); a failed PREPARE reused its gid")
     assert rows == [("new",)]
+
+
+@HELD_IN_ONE_PROCESS
+@pytest.mark.xfail(strict=True, reason="a gid is held and released by the parser's reading of its text")
+async def test_a_gid_spelt_with_backslashes_by_a_legacy_strings_session(env: Env) -> None:
+    """standard_conforming_strings off: `'a\\\\b'` is the gid a\\b to the server, a\\\\b to
+    neonpoly's parser. Another session (strings standard) prepares and commits a\\\\b
+    through neonpoly: that must not release the first gid's hold."""
+    legacy = rf"adv_gid_{unique('l')}_a\\b"  # the text between the quotes, as typed
+    env.on_cleanup(f"ROLLBACK PREPARED E'{legacy}'")  # both gids, before their tables go
+    t, read = await _table(env, legacy)
+    u = await env.table("adv_2pc_u", "id int PRIMARY KEY, v text", "(1, 'old')")
+    await make_known(env, u)
+    writer = await env.client()
+    await writer.run("SET standard_conforming_strings = off")
+    await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{legacy}'")
+    server_gid = legacy.replace("\\\\", "\\")  # one backslash
+    assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", server_gid) == 1
+    other = await env.client()
+    await other.run(f"BEGIN; UPDATE {u} SET v = 'x' WHERE id = 1; PREPARE TRANSACTION '{legacy}'")
+    await other.run(f"COMMIT PREPARED '{legacy}'")  # the gid with two backslashes
+    reader = await env.twin()
+    rows, _ = await reader.probe(read, require_hit=False)
+    assert rows == [("old",)]
+    await env.admin(f"COMMIT PREPARED E'{legacy}'")  # the legacy session's gid, one backslash
+    rows = await reader.check(read, why="after COMMIT PREPARED (made directly) of a gid a legacy-strings session spelt")
+    assert rows == [("new",)]
