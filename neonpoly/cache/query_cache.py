@@ -215,20 +215,31 @@ class QueryCache:
         return policy(template_id, tables) is not None
 
     def two_phase(
-        self, steps: tuple[tuple[str, str], ...], database: str, tables: frozenset[str], everything: bool, failed: bool
+        self,
+        steps: tuple[tuple[str, str], ...],
+        database: str,
+        tables: frozenset[str],
+        everything: bool,
+        failed: bool,
+        *,
+        exact: bool = True,
     ) -> None:
         """A batch's two-phase commit steps, once it ended: COMMIT or ROLLBACK PREPARED (the
         batch evicts what they made visible) release their gid, if nothing failed; then each
         PREPARE TRANSACTION holds what the session's transaction wrote, even in a batch that
-        failed (after it, maybe) or prepared another gid too: holding too much only stores less."""
-        if not failed:
+        failed (after it, maybe) or prepared another gid too: holding too much only stores less.
+        Not `exact`: the gids are the parser's reading of a text the server reads otherwise
+        (standard_conforming_strings off: a backslash in '…' escapes; a client encoding not
+        UTF-8). Such a session releases nothing, and holds under a name no COMMIT PREPARED
+        spells (a gid has no NUL): held until neonpoly restarts, never released by mistake."""
+        if not failed and exact:
             for kind, gid in steps:
                 if kind == "end":
                     self.release_prepared(gid)
         if tables or everything:
             for kind, gid in steps:
                 if kind == "prepare":
-                    self.hold_prepared(gid, database, tables, everything)
+                    self.hold_prepared(gid if exact else f"\0{gid}", database, tables, everything)
 
     def hold_prepared(self, gid: str, database: str, tables: frozenset[str], everything: bool) -> None:
         """PREPARE TRANSACTION `gid` wrote `tables` (or anything): until neonpoly sees it end,

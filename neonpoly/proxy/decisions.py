@@ -545,7 +545,10 @@ class CacheDecisions(ReadPasses):
             # COMMIT PREPARED, wherever that runs. Held even if the batch failed (it may have
             # failed after a PREPARE TRANSACTION) or left a transaction open (`…; BEGIN`).
             written = frozenset(self.tx_writes).union(t for t, _ in self.tx_keyed)
-            cache.two_phase(item.prepared, self.state.database, written, self.tx_writes_everything, item.error)
+            cache.two_phase(
+                item.prepared, self.state.database, written, self.tx_writes_everything, item.error,
+                exact=not self.state.legacy_strings,
+            )  # fmt: skip
         if (committed or item.commits) and (self.tx_writes or self.tx_writes_everything or self.tx_keyed):
             # The write is visible to other sessions only now (COMMIT AND CHAIN leaves a new
             # transaction open): evict again so a miss that raced it is not kept. A table

@@ -120,7 +120,6 @@ async def test_a_failed_prepare_reusing_a_held_gid(env: Env) -> None:
 
 
 @HELD_IN_ONE_PROCESS
-@pytest.mark.xfail(strict=True, reason="a gid is held and released by the parser's reading of its text")
 async def test_a_gid_spelt_with_backslashes_by_a_legacy_strings_session(env: Env) -> None:
     """standard_conforming_strings off: `'a\\\\b'` is the gid a\\b to the server, a\\\\b to
     neonpoly's parser. Another session (strings standard) prepares and commits a\\\\b
