@@ -152,7 +152,6 @@ async def test_a_gid_spelt_with_backslashes_by_a_legacy_strings_session(env: Env
         "SELECT count(DISTINCT r) FROM {t}",
     ],
 )
-@pytest.mark.xfail(strict=True, reason="a range's subtype operator class is looked for only when DEFAULT")
 async def test_a_range_over_a_users_non_default_operator_class(env: Env, read: str) -> None:
     """A range type's bounds compare with the btree operator class it was declared with
     (subtype_opclass), default or not: one of the user's whose comparison (plpgsql) bumps the
