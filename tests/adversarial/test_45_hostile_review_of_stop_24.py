@@ -10,13 +10,18 @@ the origin, and stays stale after it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
+from neonpoly.proxy.origin import Origin
+from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from tests.adversarial.conftest import WORKERS
-from tests.adversarial.harness import Env, unique
+from tests.adversarial.harness import Client, Env, unique
 from tests.adversarial.harness2 import counter, make_known
 from tests.pgharness import PgServer, start_pg_server
 
@@ -185,3 +190,53 @@ async def test_a_range_over_a_users_non_default_operator_class(env: Env, read: s
     await client.rows(sql)
     assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the comparison: proves nothing"
     await reader.check(count, why=f"after {sql!r}, whose range compared its bounds with the user's function")
+
+
+@contextlib.asynccontextmanager
+async def _two_servers(a: PgServer, b: PgServer, cache_dir: Path) -> AsyncIterator[int]:
+    """One neonpoly with an integration per server (chosen by application_name)."""
+    service = ProxyService(ProxySettings(listen=("127.0.0.1", 0), cache_dir=cache_dir, cache=CacheSettings()))
+    service.add_cache("adv-2pc-a", Origin.from_url(a.url("postgres", "app", "require", host="127.0.0.1")))
+    service.add_cache("adv-2pc-b", Origin.from_url(b.url("postgres", "app", "require", host="127.0.0.1")))
+    _, port = await service.start()
+    try:
+        yield port
+    finally:
+        await service.close(grace=0.5)
+
+
+@pytest.mark.xfail(strict=True, reason="a gid's hold is released by a COMMIT PREPARED of that gid on any server")
+async def test_the_same_gid_committed_on_another_server(env: Env, tmp_path: Path) -> None:
+    """Two-phase commit across two servers (the use it is for) prepares one gid on each. Its
+    COMMIT PREPARED through neonpoly on server B ends B's transaction only: server A's, with
+    the same gid, is still prepared and must stay held (then committed on A directly)."""
+    gid = unique("adv_gid")
+    t, read = await _table(env, gid)
+    other = start_pg_server(small=True, extra_settings={"max_prepared_transactions": 5})
+    try:
+        conn = await asyncpg.connect(**other.dsn("postgres", "app"))
+        try:
+            await conn.execute("CREATE TABLE adv_2pc_b (id int PRIMARY KEY, v text)")
+            await conn.execute("INSERT INTO adv_2pc_b VALUES (1, 'old')")
+        finally:
+            await conn.close()
+        async with _two_servers(env.pg, other, tmp_path) as port:
+            login = env.login()
+            on_a = await Client.open("psycopg", login.with_params(application_name="adv-2pc-a"), "127.0.0.1", port)
+            on_b = await Client.open("psycopg", login.with_params(application_name="adv-2pc-b"), "127.0.0.1", port)
+            try:
+                await on_a.rows(f"SELECT count(*) FROM {t}")  # looked up
+                await on_b.rows("SELECT count(*) FROM adv_2pc_b")
+                await on_a.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'")
+                await on_b.run(f"BEGIN; UPDATE adv_2pc_b SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'")
+                await on_b.run(f"COMMIT PREPARED '{gid}'")
+                for _ in range(3):
+                    assert await on_a.rows(read) == [("old",)]
+                await env.admin(f"COMMIT PREPARED '{gid}'")  # on server A, directly
+                got = await on_a.rows(read)
+                assert got == [("new",)], f"after COMMIT PREPARED on server A made directly: {got!r}"
+            finally:
+                await on_a.close()
+                await on_b.close()
+    finally:
+        other.destroy()
