@@ -205,7 +205,6 @@ async def _two_servers(a: PgServer, b: PgServer, cache_dir: Path) -> AsyncIterat
         await service.close(grace=0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="a gid's hold is released by a COMMIT PREPARED of that gid on any server")
 async def test_the_same_gid_committed_on_another_server(env: Env, tmp_path: Path) -> None:
     """Two-phase commit across two servers (the use it is for) prepares one gid on each. Its
     COMMIT PREPARED through neonpoly on server B ends B's transaction only: server A's, with
