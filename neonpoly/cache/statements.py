@@ -148,6 +148,9 @@ def _explain(f: Node) -> Verdict:
     inner = classify_statement(kind, fields)
     verdict.tables_read = inner.tables_read
     verdict.qualified = inner.qualified
+    # As a cursor's (`_declare`): one of the user's standing in for a builtin it trusts by name
+    # runs when ANALYZE executes it, or when planning folds an IMMUTABLE call of constants.
+    verdict.shadowable = inner.shadowable
     analyzes = _option_on(f.get("options") or (), ("analyze", "analyse"))
     if not analyzes and (inner.invalidate_all or inner.changes_session):
         # Planning runs code too: the planner folds IMMUTABLE calls with constant arguments

@@ -98,3 +98,9 @@ def test_a_schema_qualified_operator_in_a_sublink_is_the_users_code() -> None:
 def test_a_cursor_trusts_what_its_query_trusts() -> None:
     c = classify("DECLARE c CURSOR WITH HOLD FOR SELECT upper(m) FROM t")
     assert "upper()" in c.shadowable and c.tables_read == {"t"}
+
+
+@pytest.mark.parametrize("sql", ["EXPLAIN ANALYZE SELECT upper(m) FROM t", "EXPLAIN SELECT upper(m) FROM t"])
+def test_explain_trusts_what_its_query_trusts(sql: str) -> None:
+    c = classify(sql)
+    assert "upper()" in c.shadowable and c.tables_read == {"t"} and not c.cacheable
