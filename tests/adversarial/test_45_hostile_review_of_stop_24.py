@@ -271,3 +271,28 @@ async def test_explain_of_a_read_that_trusts_a_builtin_name(env: Env, sql: str) 
     await client.rows(sql)
     assert await reader.origin(count) != [(0,)], f"{sql!r} never ran upper(): proves nothing"
     await reader.check(count, why=f"after {sql!r}, which ran the user's upper()")
+
+
+@pytest.mark.parametrize(
+    "opens",
+    [
+        "COMMIT; BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1",
+        "COMMIT AND CHAIN; UPDATE {t} SET v = 'new' WHERE id = 1",
+    ],
+)
+@pytest.mark.xfail(strict=True, reason="a COMMIT settles every write of its query string, also those after it")
+async def test_a_write_after_a_commit_in_one_query_string(env: Env, opens: str) -> None:
+    """One query string commits and then writes in a new transaction, left open: the write is
+    visible only at the next COMMIT, which must evict again what a reader cached meanwhile."""
+    t = await env.table("adv_chain", "id int PRIMARY KEY, v text", "(1, 'old')")
+    read = f"SELECT v FROM {t} WHERE id = 1"
+    await make_known(env, t)
+    writer = await env.client()
+    await writer.run("BEGIN")
+    await writer.run(opens.format(t=t))
+    reader = await env.twin()
+    rows, _ = await reader.probe(read, require_hit=False)
+    assert rows == [("old",)]
+    await writer.run("COMMIT")
+    rows = await reader.check(read, why=f"after COMMIT of the transaction {opens!r} left open")
+    assert rows == [("new",)]
