@@ -280,7 +280,6 @@ async def test_explain_of_a_read_that_trusts_a_builtin_name(env: Env, sql: str) 
         "COMMIT AND CHAIN; UPDATE {t} SET v = 'new' WHERE id = 1",
     ],
 )
-@pytest.mark.xfail(strict=True, reason="a COMMIT settles every write of its query string, also those after it")
 async def test_a_write_after_a_commit_in_one_query_string(env: Env, opens: str) -> None:
     """One query string commits and then writes in a new transaction, left open: the write is
     visible only at the next COMMIT, which must evict again what a reader cached meanwhile."""
