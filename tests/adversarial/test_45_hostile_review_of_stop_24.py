@@ -295,3 +295,23 @@ async def test_a_write_after_a_commit_in_one_query_string(env: Env, opens: str) 
     await writer.run("COMMIT")
     rows = await reader.check(read, why=f"after COMMIT of the transaction {opens!r} left open")
     assert rows == [("new",)]
+
+
+@HELD_IN_ONE_PROCESS
+@pytest.mark.xfail(strict=True, reason="a text neonpoly cannot parse prepares nothing it knows of")
+async def test_prepared_in_a_query_string_neonpoly_cannot_parse(env: Env) -> None:
+    """The server takes 100 nested subqueries; neonpoly's parse of them runs out of Python's
+    recursion (an unreadable text: it evicts the database). A PREPARE TRANSACTION in it
+    must still be held."""
+    gid = unique("adv_gid")
+    t, read = await _table(env, gid)
+    deep = "SELECT " + "(SELECT " * 100 + "1" + ")" * 100
+    writer = await env.client()
+    await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'; {deep}")
+    assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid) == 1
+    reader = await env.twin()
+    rows, _ = await reader.probe(read, require_hit=False)
+    assert rows == [("old",)]
+    await env.admin(f"COMMIT PREPARED '{gid}'")
+    rows = await reader.check(read, why="after COMMIT PREPARED (made directly) of a gid prepared by an unreadable text")
+    assert rows == [("new",)]
