@@ -276,6 +276,10 @@ def _merge(verdicts: Sequence[Verdict]) -> Verdict:
     return merged
 
 
+# PREPARE and TRANSACTION in that order, anything between (comments nest: no finer test).
+_MAY_PREPARE_TRANSACTION = re.compile(r"PREPARE.*TRANSACTION", re.IGNORECASE | re.DOTALL)
+
+
 def _unreadable(sql: str, reason: str) -> Classification:
     verdict = Verdict().refuse(Status.PARSEERROR, reason[:200])
     first = sql.lstrip(" \t\r\n(").split(None, 1)[0].upper() if sql.strip(" \t\r\n(") else ""
@@ -283,6 +287,10 @@ def _unreadable(sql: str, reason: str) -> Classification:
         word in sql.upper() for word in ("INSERT", "UPDATE", "DELETE", "MERGE", "INTO")
     ):
         verdict.is_write = verdict.invalidate_all = True
+    if _MAY_PREPARE_TRANSACTION.search(sql):
+        # It may prepare a transaction of a gid unknown: held under a name no COMMIT PREPARED
+        # spells (a gid has no NUL), so until neonpoly restarts (QueryCache.two_phase).
+        verdict.prepared = (("prepare", "\0unreadable"),)
     return _build(verdict, _template(sql))
 
 

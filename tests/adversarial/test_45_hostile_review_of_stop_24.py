@@ -298,7 +298,6 @@ async def test_a_write_after_a_commit_in_one_query_string(env: Env, opens: str) 
 
 
 @HELD_IN_ONE_PROCESS
-@pytest.mark.xfail(strict=True, reason="a text neonpoly cannot parse prepares nothing it knows of")
 async def test_prepared_in_a_query_string_neonpoly_cannot_parse(env: Env) -> None:
     """The server takes 100 nested subqueries; neonpoly's parse of them runs out of Python's
     recursion (an unreadable text: it evicts the database). A PREPARE TRANSACTION in it

@@ -104,3 +104,10 @@ def test_a_cursor_trusts_what_its_query_trusts() -> None:
 def test_explain_trusts_what_its_query_trusts(sql: str) -> None:
     c = classify(sql)
     assert "upper()" in c.shadowable and c.tables_read == {"t"} and not c.cacheable
+
+
+def test_an_unreadable_text_that_may_prepare_a_transaction_is_held() -> None:
+    deep = "SELECT " + "(SELECT " * 100 + "1" + ")" * 100
+    c = classify(f"BEGIN; UPDATE t SET v = 1; PREPARE /* x */ TRANSACTION 'g'; {deep}")
+    assert c.prepared == (("prepare", "\0unreadable"),) and c.has_effects
+    assert classify(f"BEGIN; {deep}").prepared == ()
