@@ -1,11 +1,26 @@
-"""Hostile review of this stop's fixes: two-phase commit held by gid, and the operators and
+"""Hostile review of stop 24's fixes: two-phase commit held by gid, and the operators and
 classes a read trusts without naming them.
 
 PREPARE TRANSACTION holds what its transaction wrote until a COMMIT or ROLLBACK PREPARED of
-its gid passes through neonpoly (QueryCache.hold_prepared). A query string or an extended
-batch may prepare one transaction and then fail, or prepare two: each gid that did prepare
-must be held, or a read of what it wrote is cached before a COMMIT PREPARED made straight on
-the origin, and stays stale after it.
+its gid passes through neonpoly (QueryCache.hold_prepared). Each case below FAILED BEFORE
+(a read of what a prepared transaction wrote cached, stale after a COMMIT PREPARED made
+straight on the origin), and is fixed (QueryCache.two_phase, Classification.prepared):
+
+* a query string that prepares and then fails (`...; PREPARE TRANSACTION 'g'; SELECT 1/0`):
+  the hold was skipped for a failed request;
+* one that prepares two gids: only the last was held;
+* one that prepares and leaves a transaction open (`...; BEGIN`): held only at a COMMIT;
+* a session with standard_conforming_strings off: its 'a\\\\b' is another gid to the server
+  than to neonpoly's parser, so another session's COMMIT PREPARED of that text released it;
+* one gid prepared on two servers (two integrations): a COMMIT PREPARED on one released both;
+* a text neonpoly cannot parse (100 nested subqueries) that prepares.
+
+Also FAILED BEFORE, fixed: a range type declared with a non-default operator class of the
+user's (DISTINCT and @> run its plpgsql comparison); EXPLAIN ANALYZE of a read whose upper()
+is the user's (EXPLAIN did not carry the names its query trusts); `COMMIT; BEGIN; UPDATE`
+or `COMMIT AND CHAIN; UPDATE` in one string (the COMMIT forgot the open transaction's write).
+Held (controls): a failed PREPARE reusing a prepared gid keeps the first one's hold; EXPLAIN
+of an IMMUTABLE call of constants that names the user's type.
 """
 
 from __future__ import annotations
