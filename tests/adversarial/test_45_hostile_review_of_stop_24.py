@@ -15,6 +15,8 @@ straight on the origin), and is fixed (QueryCache.two_phase, Classification.prep
 * one gid prepared on two servers (two integrations): a COMMIT PREPARED on one released both;
 * a text neonpoly cannot parse (100 nested subqueries) that prepares.
 
+An extended-protocol pipeline that prepares and then fails FAILED BEFORE too (same fix).
+
 Also FAILED BEFORE, fixed: a range type declared with a non-default operator class of the
 user's (DISTINCT and @> run its plpgsql comparison); EXPLAIN ANALYZE of a read whose upper()
 is the user's (EXPLAIN did not carry the names its query trusts); `COMMIT; BEGIN; UPDATE`
@@ -328,4 +330,28 @@ async def test_prepared_in_a_query_string_neonpoly_cannot_parse(env: Env) -> Non
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED '{gid}'")
     rows = await reader.check(read, why="after COMMIT PREPARED (made directly) of a gid prepared by an unreadable text")
+    assert rows == [("new",)]
+
+
+@HELD_IN_ONE_PROCESS
+async def test_prepared_then_an_extended_batch_fails(env: Env) -> None:
+    """The same by the extended protocol: one pipeline (psycopg's, one Sync) runs BEGIN, the
+    UPDATE, PREPARE TRANSACTION and a failing SELECT."""
+    gid = unique("adv_gid")
+    t, read = await _table(env, gid)
+    writer = await env.client()
+    assert isinstance(writer.conn, psycopg.AsyncConnection)
+    with pytest.raises(psycopg.Error):
+        async with writer.conn.pipeline():
+            cur = writer.conn.cursor()
+            await cur.execute("BEGIN")
+            await cur.execute(f"UPDATE {t} SET v = 'new' WHERE id = 1")
+            await cur.execute(f"PREPARE TRANSACTION '{gid}'")
+            await cur.execute("SELECT 1/0")
+    assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid) == 1
+    reader = await env.twin()
+    rows, _ = await reader.probe(read, require_hit=False)
+    assert rows == [("old",)]
+    await env.admin(f"COMMIT PREPARED '{gid}'")
+    rows = await reader.check(read, why="after COMMIT PREPARED (made directly) of a gid prepared by a failed pipeline")
     assert rows == [("new",)]
