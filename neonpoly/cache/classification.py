@@ -61,8 +61,9 @@ class Classification:
     keys: tuple[KeyRef, ...] = ()
     keys_sql: str = ""
     # Two-phase commit: ("prepare", gid) for PREPARE TRANSACTION, ("end", gid) for COMMIT or
-    # ROLLBACK PREPARED. What a prepared transaction wrote is not stored until it ends.
-    prepared: tuple[str, str] | None = None
+    # ROLLBACK PREPARED, each of a query string's in order (it may prepare two, or prepare and
+    # then fail). What a prepared transaction wrote is not stored until it ends.
+    prepared: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -88,7 +89,7 @@ class Verdict:
     cursor_writes: bool = False
     fetches: bool = False
     keys: tuple[KeyRef, ...] = ()
-    prepared: tuple[str, str] | None = None
+    prepared: tuple[tuple[str, str], ...] = ()
 
     def refuse(self, status: Status, reason: str) -> Verdict:
         """Mark uncacheable, keeping the first reason found."""

@@ -269,11 +269,15 @@ def _merge(verdicts: Sequence[Verdict]) -> Verdict:
         merged.settings_read |= verdict.settings_read
         merged.deallocates = merged.deallocates or verdict.deallocates
         merged.drops_temp |= verdict.drops_temp
-        merged.prepared = verdict.prepared or merged.prepared
+        merged.prepared += verdict.prepared
         if verdict.transaction_control == "commit" or merged.transaction_control is None:
             merged.transaction_control = verdict.transaction_control or merged.transaction_control
         merged.qualified.extend(q for q in verdict.qualified if q not in merged.qualified)
     return merged
+
+
+# PREPARE and TRANSACTION in that order, anything between (comments nest: no finer test).
+_MAY_PREPARE_TRANSACTION = re.compile(r"PREPARE.*TRANSACTION", re.IGNORECASE | re.DOTALL)
 
 
 def _unreadable(sql: str, reason: str) -> Classification:
@@ -283,6 +287,10 @@ def _unreadable(sql: str, reason: str) -> Classification:
         word in sql.upper() for word in ("INSERT", "UPDATE", "DELETE", "MERGE", "INTO")
     ):
         verdict.is_write = verdict.invalidate_all = True
+    if _MAY_PREPARE_TRANSACTION.search(sql):
+        # It may prepare a transaction of a gid unknown: held under a name no COMMIT PREPARED
+        # spells (a gid has no NUL), so until neonpoly restarts (QueryCache.two_phase).
+        verdict.prepared = (("prepare", "\0unreadable"),)
     return _build(verdict, _template(sql))
 
 
@@ -312,7 +320,7 @@ def _build(verdict: Verdict, template: str, *, shape_shared: bool = False, sql: 
         has_effects=bool(
             verdict.is_write or verdict.invalidate_all or verdict.changes_session or verdict.cursor_writes
             or verdict.fetches or verdict.transaction_control or verdict.deallocates is not None
-            or verdict.prepared is not None
+            or bool(verdict.prepared)
         ),
         keys=verdict.keys,
         keys_sql=sql if any(k.literals for k in verdict.keys) else "",

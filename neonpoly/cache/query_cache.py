@@ -95,9 +95,11 @@ class QueryCache:
         # a write's reply waits for (the other nodes applied its bumps) or None.
         self.serve_gate: Callable[[], bool] | None = None
         self.reply_barrier: Callable[[], asyncio.Future[None] | None] | None = None
-        # Prepared transactions (gid -> database, tables or None: all) whose writes become
-        # visible at a COMMIT PREPARED that may bypass neonpoly: their reads are not stored.
-        self.prepared: dict[str, tuple[str, frozenset[str] | None]] = {}
+        # Prepared transactions ((the cache it was prepared through, gid) -> database, tables
+        # or None: all) whose writes become visible at a COMMIT PREPARED that may bypass
+        # neonpoly: their reads are not stored. By cache: one gid is prepared on each server a
+        # transaction spans (what two-phase commit is for), each committed on its own.
+        self.prepared: dict[tuple[str, str], tuple[str, frozenset[str] | None]] = {}
         self._miss_tickets: dict[str, StatTicket] = {}  # template id -> its plain misses' ticket
         self._pass_tickets: dict[str, StatTicket] = {}  # template id -> its bypassed reads' ticket
 
@@ -214,18 +216,56 @@ class QueryCache:
             return policy.allows(template_id, tables)
         return policy(template_id, tables) is not None
 
+    def two_phase(
+        self,
+        steps: tuple[tuple[str, str], ...],
+        database: str,
+        tables: frozenset[str],
+        everything: bool,
+        failed: bool,
+        *,
+        exact: bool = True,
+    ) -> None:
+        """A batch's two-phase commit steps, once it ended: COMMIT or ROLLBACK PREPARED (the
+        batch evicts what they made visible) release their gid, if nothing failed; then each
+        PREPARE TRANSACTION holds what the session's transaction wrote, even in a batch that
+        failed (after it, maybe) or prepared another gid too: holding too much only stores less.
+        Not `exact`: the gids are the parser's reading of a text the server reads otherwise
+        (standard_conforming_strings off: a backslash in '…' escapes; a client encoding not
+        UTF-8). Such a session releases nothing, and holds under a name no COMMIT PREPARED
+        spells (a gid has no NUL): held until neonpoly restarts, never released by mistake."""
+        if not failed and exact:
+            for kind, gid in steps:
+                if kind == "end":
+                    self.release_prepared(gid)
+        if tables or everything:
+            for kind, gid in steps:
+                if kind == "prepare":
+                    self.hold_prepared(gid if exact else f"\0{gid}", database, tables, everything)
+
     def hold_prepared(self, gid: str, database: str, tables: frozenset[str], everything: bool) -> None:
         """PREPARE TRANSACTION `gid` wrote `tables` (or anything): until neonpoly sees it end,
         answers reading what it wrote are not stored, here or in the sibling caches (its
-        COMMIT PREPARED may come straight to the origin; evicting then is not possible)."""
+        COMMIT PREPARED may come straight to the origin; evicting then is not possible). Added
+        to the gid's hold, never replacing it: a failed PREPARE may reuse a prepared gid."""
         reach = None if everything else self.relations.reach(database, tables)
+        key = (self.cache_id, gid)
         for cache in (self, *self.siblings()):
-            cache.prepared[gid] = (database, reach)
+            held = cache.prepared.get(key)
+            if held is None:
+                cache.prepared[key] = (database, reach)
+            elif held[1] is not None and reach is not None and held[0] == database:
+                cache.prepared[key] = (database, held[1] | reach)
+            else:  # all of one database, or two databases: hold everything
+                cache.prepared[key] = (database, None)
 
     def release_prepared(self, gid: str) -> None:
-        """COMMIT or ROLLBACK PREPARED `gid` went through neonpoly (and evicted)."""
+        """COMMIT or ROLLBACK PREPARED `gid` went through neonpoly (and evicted), this cache's
+        (another cache's origin may be another server, where that gid is another transaction;
+        or the same server under another name: then its hold stays, storing less)."""
+        key = (self.cache_id, gid)
         for cache in (self, *self.siblings()):
-            cache.prepared.pop(gid, None)
+            cache.prepared.pop(key, None)
 
     def _held(self, database: str, tables: frozenset[str]) -> bool:
         """Whether an answer reading `tables` reads what an open prepared transaction wrote

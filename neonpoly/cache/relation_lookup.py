@@ -178,6 +178,16 @@ JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ao.amopopr
 JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
 WHERE $2::pg_catalog.bool AND oc.opcdefault AND p.pronamespace {_NOT} 11::pg_catalog.oid
  AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[])
+UNION ALL  -- a range type compares its bounds with the operator class it names, default or not,
+-- and calls its canonical and subtype_diff functions: a sort, DISTINCT or `@>` of a range runs them
+SELECT 's', '*', 'operator class', 'false', NULL
+FROM pg_catalog.pg_range g
+JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} g.rngsubopc
+JOIN pg_catalog.pg_amproc ap ON ap.amprocfamily {_CATALOG} oc.opcfamily
+JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} ANY (ARRAY[ap.amproc::pg_catalog.oid, g.rngcanonical::pg_catalog.oid,
+ g.rngsubdiff::pg_catalog.oid])
+WHERE $2::pg_catalog.bool AND p.pronamespace {_NOT} 11::pg_catalog.oid
+ AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[])
 UNION ALL
 SELECT 's', '*', 'implicit cast', 'false', NULL
 FROM pg_catalog.pg_cast k JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} k.castfunc

@@ -148,6 +148,9 @@ def _explain(f: Node) -> Verdict:
     inner = classify_statement(kind, fields)
     verdict.tables_read = inner.tables_read
     verdict.qualified = inner.qualified
+    # As a cursor's (`_declare`): one of the user's standing in for a builtin it trusts by name
+    # runs when ANALYZE executes it, or when planning folds an IMMUTABLE call of constants.
+    verdict.shadowable = inner.shadowable
     analyzes = _option_on(f.get("options") or (), ("analyze", "analyse"))
     if not analyzes and (inner.invalidate_all or inner.changes_session):
         # Planning runs code too: the planner folds IMMUTABLE calls with constant arguments
@@ -244,7 +247,7 @@ def _transaction(f: Node) -> Verdict:
     kind = str(f.get("kind", ""))
     verdict = Verdict().refuse(Status.NOTAQUERY, "transaction control is relayed, never cached")
     if kind in ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"):
-        verdict.prepared = ("prepare" if kind == "TRANS_STMT_PREPARE" else "end", str(f.get("gid", "")))
+        verdict.prepared = (("prepare" if kind == "TRANS_STMT_PREPARE" else "end", str(f.get("gid", ""))),)
     if kind == "TRANS_STMT_COMMIT_PREPARED":
         # Makes an earlier, unseen transaction's writes visible.
         return verdict.write("COMMIT PREPARED makes an earlier transaction's writes visible", everything=True)

@@ -399,7 +399,7 @@ class BatchHandling(CacheDecisions):
             item.writes_everything = item.writes_everything or everything
             self._invalidate(writes, everything, out, cluster_wide=plan.cluster_wide, keyed=keyed)
         item.commits = item.commits or plan.commits
-        item.prepared = plan.prepared or item.prepared
+        item.prepared += plan.prepared
         if plan.changes_session or everything:
             self._forget_identity()
 
@@ -509,5 +509,5 @@ def _plain(plan: BatchPlan) -> bool:
     from the memo of its raw bytes (hits.py)."""
     return not (
         plan.ops or plan.writes or plan.writes_everything or plan.changes_session or plan.commits
-        or plan.cursor_writes or plan.fetches or plan.deallocates or plan.cluster_wide or plan.prepared is not None
+        or plan.cursor_writes or plan.fetches or plan.deallocates or plan.cluster_wide or bool(plan.prepared)
     )

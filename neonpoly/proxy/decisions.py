@@ -540,26 +540,32 @@ class CacheDecisions(ReadPasses):
             self.tx_writes |= item.writes
             self.tx_keyed |= item.keyed
             self.tx_writes_everything |= item.writes_everything
-        if (committed or item.commits) and (self.tx_writes or self.tx_writes_everything or self.tx_keyed):
+        if item.prepared and cache is not None:
+            # Before the eviction below (nothing runs in between): what it wrote is visible at
+            # COMMIT PREPARED, wherever that runs. Held even if the batch failed (it may have
+            # failed after a PREPARE TRANSACTION) or left a transaction open (`…; BEGIN`).
+            written = frozenset(self.tx_writes).union(t for t, _ in self.tx_keyed)
+            everything, exact = self.tx_writes_everything, not self.state.legacy_strings
+            cache.two_phase(item.prepared, self.state.database, written, everything, item.error, exact=exact)
+        settles = committed or item.commits or bool(item.prepared)
+        if settles and (self.tx_writes or self.tx_writes_everything or self.tx_keyed):
             # The write is visible to other sessions only now (COMMIT AND CHAIN leaves a new
             # transaction open): evict again so a miss that raced it is not kept. A table
             # also written otherwise in the transaction is evicted whole.
             whole = frozenset(self.tx_writes)
             keyed = frozenset(p for p in self.tx_keyed if p[0] not in whole)
-            if item.prepared is not None and item.prepared[0] == "prepare" and not item.error and cache is not None:
-                written = whole.union(t for t, _ in keyed)  # visible at COMMIT PREPARED, wherever it runs
-                cache.hold_prepared(item.prepared[1], self.state.database, written, self.tx_writes_everything)
             self._invalidate(whole, self.tx_writes_everything, keyed=keyed)
-            self.tx_writes = set()
-            self.tx_keyed = set()
-            self.tx_writes_everything = False
+            # A transaction open after it (`COMMIT; BEGIN; UPDATE …`, AND CHAIN, a PREPARE then
+            # BEGIN) may hold this request's writes: kept, evicted again at its end.
+            open_writes = not committed and (item.writes or item.keyed or item.writes_everything)
+            self.tx_writes = set(item.writes) if open_writes else set()
+            self.tx_keyed = set(item.keyed) if open_writes else set()
+            self.tx_writes_everything = bool(open_writes and item.writes_everything)
             barrier = cache.reply_barrier if cache is not None else None
             if barrier is not None and (hold := barrier()) is not None:
                 self.hold_client(hold)  # the reply waits until other nodes applied the bumps
         if cache is None:
             return
-        if item.prepared is not None and item.prepared[0] == "end" and not item.error:
-            cache.release_prepared(item.prepared[1])  # evicted above: its outcome is known
         capture = item.capture
         # Its key came from Parse texts of the batch: stored only if the origin took them all.
         if capture is not None and not capture.failed and not item.error and committed and capture.frames and confirmed:

@@ -89,7 +89,7 @@ class BatchPlan:
     changes_session: bool = False
     drops_temp: bool = False  # DISCARD TEMP/ALL (see Classification.drops_temp)
     commits: bool = False
-    prepared: tuple[str, str] | None = None  # two-phase commit (Classification.prepared)
+    prepared: tuple[tuple[str, str], ...] = ()  # two-phase commit (Classification.prepared)
     cursor_writes: bool = False
     fetches: bool = False
     cluster_wide: bool = False
@@ -296,7 +296,7 @@ class StatementBook:
         plan.settings_read = frozenset(settings)
         plan.quiet = not (
             plan.writes or plan.writes_everything or plan.changes_session or plan.commits
-            or plan.cursor_writes or plan.fetches or plan.prepared is not None
+            or plan.cursor_writes or plan.fetches or bool(plan.prepared)
         )  # fmt: skip
         return plan
 
@@ -315,7 +315,7 @@ class StatementBook:
         plan.changes_session = plan.changes_session or info.changes_session
         plan.drops_temp = plan.drops_temp or info.drops_temp
         plan.commits = plan.commits or info.transaction_control == "commit"
-        plan.prepared = info.prepared or plan.prepared
+        plan.prepared += info.prepared
         plan.cursor_writes = plan.cursor_writes or info.cursor_writes
         plan.fetches = plan.fetches or info.fetches
         plan.cluster_wide = plan.cluster_wide or info.cluster_wide

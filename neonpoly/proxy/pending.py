@@ -55,7 +55,7 @@ class Pending:
     # are not in `writes` unless also written otherwise.
     keyed: frozenset[tuple[str, str]] = frozenset()
     commits: bool = False  # COMMIT (also AND CHAIN): the transaction's writes are now visible
-    prepared: tuple[str, str] | None = None  # two-phase commit (Classification.prepared)
+    prepared: tuple[tuple[str, str], ...] = ()  # two-phase commit (Classification.prepared)
     # Relations it reads that were not known when it was sent: judged when it completes.
     reads: frozenset[str] = frozenset()
     trusts: frozenset[str] = frozenset()  # builtins it trusted by name, likewise judged then

@@ -63,12 +63,15 @@ def test_json_builders_trust_that_no_cast_to_json_is_the_users(sql: str) -> None
 
 def test_two_phase_commit_names_its_transaction() -> None:
     """PREPARE TRANSACTION holds what it wrote until its COMMIT/ROLLBACK PREPARED (by gid)."""
-    assert classify("PREPARE TRANSACTION 'g1'").prepared == ("prepare", "g1")
-    assert classify("BEGIN; UPDATE t SET v = 1; PREPARE TRANSACTION 'g2'").prepared == ("prepare", "g2")
-    assert classify("COMMIT PREPARED 'g3'").prepared == ("end", "g3")
-    assert classify("ROLLBACK PREPARED 'g4'").prepared == ("end", "g4")
+    assert classify("PREPARE TRANSACTION 'g1'").prepared == (("prepare", "g1"),)
+    assert classify("BEGIN; UPDATE t SET v = 1; PREPARE TRANSACTION 'g2'").prepared == (("prepare", "g2"),)
+    assert classify("COMMIT PREPARED 'g3'").prepared == (("end", "g3"),)
+    assert classify("ROLLBACK PREPARED 'g4'").prepared == (("end", "g4"),)
     assert classify("ROLLBACK PREPARED 'g4'").has_effects
-    assert classify("COMMIT").prepared is None
+    assert classify("COMMIT").prepared == ()
+    # Every gid of a query string, in order: one that prepares two holds both.
+    two = "BEGIN; UPDATE t SET v = 1; PREPARE TRANSACTION 'a'; BEGIN; UPDATE u SET v = 1; PREPARE TRANSACTION 'b'"
+    assert classify(two).prepared == (("prepare", "a"), ("prepare", "b"))
 
 
 @pytest.mark.parametrize(
@@ -95,3 +98,16 @@ def test_a_schema_qualified_operator_in_a_sublink_is_the_users_code() -> None:
 def test_a_cursor_trusts_what_its_query_trusts() -> None:
     c = classify("DECLARE c CURSOR WITH HOLD FOR SELECT upper(m) FROM t")
     assert "upper()" in c.shadowable and c.tables_read == {"t"}
+
+
+@pytest.mark.parametrize("sql", ["EXPLAIN ANALYZE SELECT upper(m) FROM t", "EXPLAIN SELECT upper(m) FROM t"])
+def test_explain_trusts_what_its_query_trusts(sql: str) -> None:
+    c = classify(sql)
+    assert "upper()" in c.shadowable and c.tables_read == {"t"} and not c.cacheable
+
+
+def test_an_unreadable_text_that_may_prepare_a_transaction_is_held() -> None:
+    deep = "SELECT " + "(SELECT " * 100 + "1" + ")" * 100
+    c = classify(f"BEGIN; UPDATE t SET v = 1; PREPARE /* x */ TRANSACTION 'g'; {deep}")
+    assert c.prepared == (("prepare", "\0unreadable"),) and c.has_effects
+    assert classify(f"BEGIN; {deep}").prepared == ()
