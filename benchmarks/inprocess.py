@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,32 @@ class Meter:
                     total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
         return total
 
+
+
+@contextlib.contextmanager
+def recording_origin(session: Any) -> Iterator[list[bytes]]:
+    """Keep what the origin sends the session meanwhile (each read, in order), as it goes on
+    to the session. The origin's reads reach the session through its protocol, which took the
+    session's method when it was made: the recorder goes there, and the protocol is set again
+    (uvloop reads data_received only then)."""
+    recorded: list[bytes] = []
+    original = original_origin_data
+
+    def record(data: bytes) -> None:
+        recorded.append(data)
+        original(session, data)
+
+    transport = session.origin_transport
+    assert transport is not None
+    side: Any = transport.get_protocol()
+    reads = side.data_received
+    side.data_received = record
+    transport.set_protocol(side)
+    try:
+        yield recorded
+    finally:
+        side.data_received = reads
+        transport.set_protocol(side)
 
 class Bench:
     def __init__(self, upstream: str, requests: int) -> None:
@@ -211,28 +237,11 @@ class Bench:
         client = self.clients[_client(mode, protocol)]
         service = self.services[_client(mode, protocol).partition("-")[0]][0]
         (session,) = [s for s in service.server.sessions if s.peer.endswith(str(_local_port(client)))]
-        recorded: list[bytes] = []
-        original = original_origin_data
-
-        def record(data: bytes) -> None:
-            recorded.append(data)
-            original(session, data)
-
-        # The origin's reads reach the session through its protocol, which took the session's
-        # method when it was made: the recorder goes there, and the protocol is set again
-        # (uvloop reads data_received only then).
-        transport = session.origin_transport
-        assert transport is not None
-        side: Any = transport.get_protocol()
-        reads = side.data_received
-        side.data_received = record
-        transport.set_protocol(side)
         aid = self.fresh if mode in ("miss", "cold") else 1
         self.fresh += 1
-        await self._read(client, prepared, aid)
-        await self._read(client, prepared, aid)
-        side.data_received = reads
-        transport.set_protocol(side)
+        with recording_origin(session) as recorded:
+            await self._read(client, prepared, aid)
+            await self._read(client, prepared, aid)
         answer = b"".join(recorded[-1:])
         n = self.requests
         if mode in ("miss", "cold"):
@@ -253,7 +262,7 @@ class Bench:
                     memos.clear()
                 original_client_data(session, data)
                 if goes_out:
-                    original(session, answer)
+                    original_origin_data(session, answer)
             return (time.thread_time() - t0) / n * 1e6
         finally:
             session.client, session.origin_transport = real_client, real_origin

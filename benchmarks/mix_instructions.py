@@ -26,7 +26,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
@@ -62,25 +61,12 @@ async def _sections(upstream: str, requests: int, under_valgrind: bool) -> None:
         (session,) = [s for s in service.server.sessions if s.peer.endswith(port)]
         origin_data = inprocess.original_origin_data
         client_data = inprocess.original_client_data
-        recorded: list[bytes] = []
-
-        def record(data: bytes) -> None:
-            recorded.append(data)
-            origin_data(session, data)
-
-        transport = session.origin_transport
-        assert transport is not None
-        side: Any = transport.get_protocol()
-        reads = side.data_received
-        side.data_received = record
-        transport.set_protocol(side)
-        await client.request(query(inprocess.UPDATE.format(delta=1, aid=1)))
-        updated = b"".join(recorded)
-        recorded.clear()
-        await client.request(query(f"{inprocess.SELECT}1"))  # a re-capture: its answer
-        selected = b"".join(recorded)
-        side.data_received = reads
-        transport.set_protocol(side)
+        with inprocess.recording_origin(session) as recorded:
+            await client.request(query(inprocess.UPDATE.format(delta=1, aid=1)))
+            updated = b"".join(recorded)
+            recorded.clear()
+            await client.request(query(f"{inprocess.SELECT}1"))  # a re-capture: its answer
+            selected = b"".join(recorded)
         real = session.client, session.origin_transport
         sink = _Sink()
         session.client, session.origin_transport = _Sink(), sink  # type: ignore[assignment]

@@ -30,6 +30,16 @@ async def warm_counter(env: Env, table: str) -> tuple[Twin, str]:
     return reader, read
 
 
+async def ran_code_then_check(env: Env, reader: Twin, count: str, sql: str, what: str) -> None:
+    """Send `sql` through neonpoly on a new session: it runs `what` (code of the user's that
+    bumps the counter); the counter's cached read must follow it. A counter still at 0 means
+    the code never ran, and the case proves nothing."""
+    client = await env.client()
+    await client.rows(sql)
+    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran {what}: proves nothing"
+    await reader.check(count, why=f"after {sql!r}, which ran {what}")
+
+
 async def make_known(env: Env, *tables: str) -> None:
     """Have neonpoly look the tables up (a plain read through it, answered by the origin), so
     that later writes to them are judged by what the catalog said about them."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 import pytest
 
 from tests.adversarial.harness import Env, unique
-from tests.adversarial.harness2 import counter, make_known, warm_counter
+from tests.adversarial.harness2 import counter, make_known, ran_code_then_check, warm_counter
 
 
 async def _mood(env: Env, bump: str) -> tuple[str, str]:
@@ -194,10 +194,7 @@ async def test_a_lying_immutable_builtin_name_over_the_users_type(env: Env, read
     sql = read.format(t=t)
     await make_known(env, t, table)
     reader, count = await warm_counter(env, table)
-    client = await env.client()
-    await client.rows(sql)
-    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the user's code: proves nothing"
-    await reader.check(count, why=f"after {sql!r}, which ran the user's code for a column of their type")
+    await ran_code_then_check(env, reader, count, sql, "the user's code for a column of their type")
 
 
 @pytest.mark.parametrize("select", ["upper(m)", "to_json(m)::text"])

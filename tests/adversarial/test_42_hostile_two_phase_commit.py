@@ -25,24 +25,15 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.adversarial.conftest import WORKERS
 from tests.adversarial.harness import Env, unique
 from tests.adversarial.harness2 import make_known
-from tests.pgharness import PgServer, start_pg_server
-
-# The hold is kept by the worker that saw PREPARE TRANSACTION (and its in-process siblings):
-# another worker of `serve --workers N` still stores what the prepared transaction wrote.
-HELD_IN_ONE_PROCESS = pytest.mark.skipif(WORKERS > 1, reason="the prepared-transaction hold is per process")
+from tests.adversarial.two_phase import HELD_IN_ONE_PROCESS, prepared_transactions_origin
+from tests.pgharness import PgServer
 
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
-    """This file's origin (the `env` fixture runs neonpoly in front of it)."""
-    server = start_pg_server(small=True, extra_settings={"max_prepared_transactions": 5})
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from prepared_transactions_origin()
 
 
 async def _prepared_write(env: Env, how: str = "simple queries") -> tuple[str, str, str]:

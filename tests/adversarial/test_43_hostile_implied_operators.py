@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 
 from tests.adversarial.harness import Env, unique
-from tests.adversarial.harness2 import counter, make_known, warm_counter
+from tests.adversarial.harness2 import counter, make_known, ran_code_then_check, warm_counter
 
 
 async def _mood_table(env: Env) -> tuple[str, str]:
@@ -49,10 +49,7 @@ async def test_case_when_compares_with_the_users_equals(env: Env) -> None:
     sql = f"SELECT id, CASE m WHEN 'ok' THEN 'yes' ELSE 'no' END FROM {t} ORDER BY id"
     await make_known(env, t, table)
     reader, count = await warm_counter(env, table)
-    client = await env.client()
-    await client.rows(sql)
-    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the user's =: proves nothing"
-    await reader.check(count, why=f"after {sql!r}, whose CASE compared with the user's =")
+    await ran_code_then_check(env, reader, count, sql, "the user's = (its CASE compares with it)")
 
 
 @pytest.mark.parametrize(

@@ -37,23 +37,15 @@ import pytest
 
 from neonpoly.proxy.origin import Origin
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
-from tests.adversarial.conftest import WORKERS
 from tests.adversarial.harness import Client, Env, unique
-from tests.adversarial.harness2 import counter, make_known, warm_counter
+from tests.adversarial.harness2 import counter, make_known, ran_code_then_check, warm_counter
+from tests.adversarial.two_phase import HELD_IN_ONE_PROCESS, prepared_transactions_origin
 from tests.pgharness import PgServer, start_pg_server
-
-# The hold is kept by the worker that saw PREPARE TRANSACTION (test_42 says why).
-HELD_IN_ONE_PROCESS = pytest.mark.skipif(WORKERS > 1, reason="the prepared-transaction hold is per process")
 
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
-    """This file's origin, with prepared transactions allowed (the suite's has none)."""
-    server = start_pg_server(small=True, extra_settings={"max_prepared_transactions": 5})
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from prepared_transactions_origin()
 
 
 async def _table(env: Env, gid: str) -> tuple[str, str]:
@@ -203,10 +195,7 @@ async def test_a_range_over_a_users_non_default_operator_class(env: Env, read: s
     count = f"SELECT n FROM {table}"
     await reader.probe(count, require_hit=False)
     sql = read.format(t=t)
-    client = await env.client()
-    await client.rows(sql)
-    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran the comparison: proves nothing"
-    await reader.check(count, why=f"after {sql!r}, whose range compared its bounds with the user's function")
+    await ran_code_then_check(env, reader, count, sql, "the user's function (its range compares its bounds)")
 
 
 @contextlib.asynccontextmanager
@@ -284,10 +273,7 @@ async def test_explain_of_a_read_that_trusts_a_builtin_name(env: Env, sql: str) 
     await make_known(env, t, table)
     reader, count = await warm_counter(env, table)
     sql = sql.format(t=t, mood=mood)
-    client = await env.client()
-    await client.rows(sql)
-    assert await reader.origin(count) != [(0,)], f"{sql!r} never ran upper(): proves nothing"
-    await reader.check(count, why=f"after {sql!r}, which ran the user's upper()")
+    await ran_code_then_check(env, reader, count, sql, "the user's upper()")
 
 
 @pytest.mark.parametrize(
