@@ -30,6 +30,16 @@ async def warm_counter(env: Env, table: str) -> tuple[Twin, str]:
     return reader, read
 
 
+async def lying_upper(env: Env, mood: str, bump: str) -> None:
+    """An `upper()` of the user's over their type `mood`, declared IMMUTABLE (a lie: it bumps
+    the counter through `bump`): PostgreSQL picks it for a column of that type."""
+    await env.admin(
+        f"CREATE FUNCTION public.upper(public.{mood}) RETURNS text IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.upper($1::text); END $$",
+    )
+    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.upper(public.{mood}) CASCADE")
+
+
 async def ran_code_then_check(env: Env, reader: Twin, count: str, sql: str, what: str) -> None:
     """Send `sql` through neonpoly on a new session: it runs `what` (code of the user's that
     bumps the counter); the counter's cached read must follow it. A counter still at 0 means

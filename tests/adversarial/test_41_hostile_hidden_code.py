@@ -34,7 +34,7 @@ from __future__ import annotations
 import pytest
 
 from tests.adversarial.harness import Env, unique
-from tests.adversarial.harness2 import counter, make_known, ran_code_then_check, warm_counter
+from tests.adversarial.harness2 import counter, lying_upper, make_known, ran_code_then_check, warm_counter
 
 
 async def _mood(env: Env, bump: str) -> tuple[str, str]:
@@ -205,11 +205,7 @@ async def test_a_view_whose_definition_trusts_a_builtin_name(env: Env, select: s
     counter when the view is read. (A sort in a view: every read trusts "operator class".)"""
     table, bump = await counter(env)
     mood, t = await _mood(env, bump)
-    await env.admin(
-        f"CREATE FUNCTION public.upper(public.{mood}) RETURNS text IMMUTABLE LANGUAGE plpgsql AS "
-        f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.upper($1::text); END $$",
-    )
-    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.upper(public.{mood}) CASCADE")
+    await lying_upper(env, mood, bump)
     view = unique("adv_view")
     await env.admin(
         f"CREATE VIEW public.{view} AS SELECT {select} AS x FROM {t}", f"GRANT SELECT ON public.{view} TO PUBLIC"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 
 from tests.adversarial.harness import Env, unique
-from tests.adversarial.harness2 import counter, make_known, ran_code_then_check, warm_counter
+from tests.adversarial.harness2 import counter, lying_upper, make_known, ran_code_then_check, warm_counter
 
 
 async def _mood_table(env: Env) -> tuple[str, str]:
@@ -92,11 +92,7 @@ async def test_a_cursor_over_a_read_that_trusts_a_builtin_name(env: Env) -> None
     IMMUTABLE plpgsql over their enum, which bumps the counter)."""
     table, bump = await counter(env)
     mood, t = await _mood_table(env)
-    await env.admin(
-        f"CREATE FUNCTION public.upper(public.{mood}) RETURNS text IMMUTABLE LANGUAGE plpgsql AS "
-        f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.upper($1::text); END $$",
-    )
-    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.upper(public.{mood}) CASCADE")
+    await lying_upper(env, mood, bump)
     await make_known(env, t, table)
     reader, count = await warm_counter(env, table)
     client = await env.client()

@@ -38,7 +38,7 @@ import pytest
 from neonpoly.proxy.origin import Origin
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from tests.adversarial.harness import Client, Env, unique
-from tests.adversarial.harness2 import counter, make_known, ran_code_then_check, warm_counter
+from tests.adversarial.harness2 import counter, lying_upper, make_known, ran_code_then_check, warm_counter
 from tests.adversarial.two_phase import HELD_IN_ONE_PROCESS, prepared_transactions_origin
 from tests.pgharness import PgServer, start_pg_server
 
@@ -265,11 +265,7 @@ async def test_explain_of_a_read_that_trusts_a_builtin_name(env: Env, sql: str) 
     await env.admin(f"CREATE TYPE public.{mood} AS ENUM ('sad', 'ok')")
     env.on_cleanup(f"DROP TYPE IF EXISTS public.{mood} CASCADE")
     t = await env.table("adv_moods", f"id int PRIMARY KEY, m public.{mood}", "(1, 'sad')", "(2, 'ok')")
-    await env.admin(
-        f"CREATE FUNCTION public.upper(public.{mood}) RETURNS text IMMUTABLE LANGUAGE plpgsql AS "
-        f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.upper($1::text); END $$",
-    )
-    env.on_cleanup(f"DROP FUNCTION IF EXISTS public.upper(public.{mood}) CASCADE")
+    await lying_upper(env, mood, bump)
     await make_known(env, t, table)
     reader, count = await warm_counter(env, table)
     sql = sql.format(t=t, mood=mood)
