@@ -19,6 +19,7 @@ from neonpoly.cache.bypass import Bypass, LookupScore
 from neonpoly.cache.cacheability import Cacheability
 from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.cache.entry import CacheEntry, CacheStore
+from neonpoly.cache.holds import LocalHolds, PreparedHolds
 from neonpoly.cache.invalidation import GenerationStamp
 from neonpoly.cache.relations import RelationBook
 from neonpoly.cache.rules import RulePolicy
@@ -95,11 +96,12 @@ class QueryCache:
         # a write's reply waits for (the other nodes applied its bumps) or None.
         self.serve_gate: Callable[[], bool] | None = None
         self.reply_barrier: Callable[[], asyncio.Future[None] | None] | None = None
-        # Prepared transactions ((the cache it was prepared through, gid) -> database, tables
-        # or None: all) whose writes become visible at a COMMIT PREPARED that may bypass
-        # neonpoly: their reads are not stored. By cache: one gid is prepared on each server a
-        # transaction spans (what two-phase commit is for), each committed on its own.
-        self.prepared: dict[tuple[str, str], tuple[str, frozenset[str] | None]] = {}
+        # Prepared transactions (by the cache it was prepared through and gid: one gid is
+        # prepared on each server a transaction spans, what two-phase commit is for, each
+        # committed on its own) whose writes become visible at a COMMIT PREPARED that may
+        # bypass neonpoly: their reads are not stored. In this process, or in the board the
+        # workers of `serve --workers N` share (`share_holds`).
+        self.holds: PreparedHolds = LocalHolds()
         self._miss_tickets: dict[str, StatTicket] = {}  # template id -> its plain misses' ticket
         self._pass_tickets: dict[str, StatTicket] = {}  # template id -> its bypassed reads' ticket
 
@@ -246,39 +248,48 @@ class QueryCache:
     def hold_prepared(self, gid: str, database: str, tables: frozenset[str], everything: bool) -> None:
         """PREPARE TRANSACTION `gid` wrote `tables` (or anything): until neonpoly sees it end,
         answers reading what it wrote are not stored, here or in the sibling caches (its
-        COMMIT PREPARED may come straight to the origin; evicting then is not possible). Added
-        to the gid's hold, never replacing it: a failed PREPARE may reuse a prepared gid."""
+        COMMIT PREPARED may come straight to the origin; evicting then is not possible)."""
         reach = None if everything else self.relations.reach(database, tables)
-        key = (self.cache_id, gid)
-        for cache in (self, *self.siblings()):
-            held = cache.prepared.get(key)
-            if held is None:
-                cache.prepared[key] = (database, reach)
-            elif held[1] is not None and reach is not None and held[0] == database:
-                cache.prepared[key] = (database, held[1] | reach)
-            else:  # all of one database, or two databases: hold everything
-                cache.prepared[key] = (database, None)
+        for holds in self._keepers():
+            holds.hold((self.cache_id, gid), database, reach)
 
     def release_prepared(self, gid: str) -> None:
         """COMMIT or ROLLBACK PREPARED `gid` went through neonpoly (and evicted), this cache's
         (another cache's origin may be another server, where that gid is another transaction;
         or the same server under another name: then its hold stays, storing less)."""
-        key = (self.cache_id, gid)
+        for holds in self._keepers():
+            holds.release((self.cache_id, gid))
+
+    def _keepers(self) -> list[PreparedHolds]:
+        """This cache's holds and its siblings', each once (on a board they are one)."""
+        keepers: dict[int, PreparedHolds] = {}
         for cache in (self, *self.siblings()):
-            cache.prepared.pop(key, None)
+            keepers.setdefault(id(cache.holds), cache.holds)
+        return list(keepers.values())
 
-    def _held(self, database: str, tables: frozenset[str]) -> bool:
-        """Whether an answer reading `tables` reads what an open prepared transaction wrote
-        (one that wrote anything holds every database: code may reach them all)."""
-        return any(reach is None or (held == database and not reach.isdisjoint(tables))
-                   for held, reach in self.prepared.values())  # fmt: skip
+    def share_holds(self, holds: PreparedHolds) -> None:
+        """Hold in `holds` from now on (the board of `serve --workers N`); what this cache
+        held so far moves there."""
+        for key, database, reach in self.holds.entries():
+            holds.hold(key, database, reach)
+        self.holds = holds
 
-    def store_capture(self, capture: Capture) -> CacheEntry | None:
+    def store_capture(self, capture: Capture, tickets: list[StatTicket] | None = None) -> CacheEntry | None:
         """Store a captured answer; the entry handed to the store (None: the TTL rules say
-        never, or it reads what an open prepared transaction wrote). The store may still
-        refuse it (made stale in flight): ask `serves`."""
-        if self.prepared and self._held(capture.database, capture.tables):
-            return None
+        never, or it reads what an open prepared transaction wrote: then its misses among
+        `tickets` are replaced by ones saying so). The store may still refuse it (made stale
+        in flight): ask `serves`."""
+        if self.holds:
+            why = self.holds.holding(capture.database, capture.tables)
+            if why is not None:
+                if tickets is not None:
+                    # Still a miss (a cacheable read the origin answered), with the reason it
+                    # was not kept: SHOW QUERIES and the console tell the user which hold.
+                    tickets[:] = [
+                        StatTicket(t.template_id, t.template, t.tables, t.status, why) if t.status == "miss" else t
+                        for t in tickets
+                    ]
+                return None
         ttl = self.ttl_for(capture.template_id, capture.tables)
         if ttl is None or ttl <= 0:
             return None

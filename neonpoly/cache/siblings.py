@@ -17,24 +17,57 @@ Counters only grow, so that sum moves whenever a sibling bumped the name (or ano
 hashed to the same slot: an extra invalidation, never a missed one). Aligned 8-byte loads and
 stores are single-copy atomic on x86-64 and AArch64, and a memoryview reads or writes a 'Q'
 item with one of them, so a reader never sees half a counter.
+
+After the counters, the holds of prepared transactions (cache/holds.py): a header (live
+holds, records ever used, overflowed) and `HOLD_RECORDS` records, each one hold of one
+(cache, gid): its origin, database, a bit set of the names it wrote (a name sets two of its
+bits: another name setting them too only holds more) or "anything", and its gid for the
+user to read. A hold is no worker's: a COMMIT PREPARED through any worker must end a hold
+taken through another, so records are written under a lock of the holds' bytes (POSIX
+record locks: the kernel drops a process's locks when it dies, so a worker killed while
+holding one never blocks its siblings). Holds change at a PREPARE or COMMIT PREPARED, and
+are read only while one is live (one load says whether), at a store: the lock costs nothing
+on a hit.
+
+A worker's death does not end its holds, on purpose: the transaction it prepared stays
+prepared on the origin (COMMIT PREPARED may still come straight there), so dropping them
+would let the others store what it wrote. The parent (control/workers.py) then stops the
+whole set, and a new set starts with a new board: holds end as they do when one process
+restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import logging
 import mmap
 import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-MAGIC = b"NPSIBGN1"
+from neonpoly.cache.holds import UNREADABLE, HoldKey, held_reason
+
+log = logging.getLogger("neonpoly.cache")
+
+MAGIC = b"NPSIBGN2"
 _HEADER = struct.Struct("<8sII")  # magic, rows, slots (16 bytes: the counters stay 8-aligned)
 NAME_BYTES = 256  # a worker's plane name (longer ones are not written: it is then waited for)
 DEFAULT_SLOTS = 1 << 16  # per row: 512 KiB a worker; collisions only cost hits
 _MAX_MEMO = 1 << 20  # slot numbers memoised per origin before the memo starts over
 
 Key = tuple[str, str]  # (database, name), as TableGenerations keys them
+
+# Holds: a header of four words (live, used, overflowed, unused), then the records.
+HOLD_RECORDS = 1024  # prepared transactions held at once (PostgreSQL's max_prepared_transactions is per server)
+_HOLD_HEADER = 32
+# state (0 free, 1 held), key digest, origin, database, everything (0/1), the names' bits, gid
+_RECORD = struct.Struct("<Q16sQQQ128s80s")
+_BITS = 128 * 8
+_LIVE, _USED, _OVERFLOW = 0, 1, 2
 
 
 class SiblingBoard:
@@ -53,9 +86,13 @@ class SiblingBoard:
         self.slots: int = slots
         self.row = row
         base = _HEADER.size + rows * NAME_BYTES
-        self.counters = memoryview(buffer)[base:].cast("Q")
+        self.counters = memoryview(buffer)[base : base + rows * slots * 8].cast("Q")
         self._lock = threading.Lock()  # bumps from more than one thread of this process
         self._views: dict[str, BoardView] = {}
+        self.holds_at = _holds_at(rows, slots)
+        self.hold_words = memoryview(buffer)[self.holds_at : self.holds_at + _HOLD_HEADER].cast("Q")
+        self._holds_lock = threading.Lock()  # POSIX record locks do not exclude this process's threads
+        self._holds: dict[str, BoardHolds] = {}
 
     @classmethod
     def create(cls, rows: int, slots: int = DEFAULT_SLOTS) -> SiblingBoard:
@@ -132,8 +169,28 @@ class SiblingBoard:
             view = self._views[origin] = BoardView(self, origin)
         return view
 
+    def holds(self, origin: str) -> BoardHolds:
+        """The holds of one origin's caches (cache/holds.py), in every worker."""
+        holds = self._holds.get(origin)
+        if holds is None:
+            holds = self._holds[origin] = BoardHolds(self, origin)
+        return holds
+
+    @contextlib.contextmanager
+    def locked_holds(self, kind: int) -> Iterator[mmap.mmap]:
+        """The region, with the holds' bytes locked (fcntl.LOCK_SH to read, LOCK_EX to write)."""
+        length = _HOLD_HEADER + HOLD_RECORDS * _RECORD.size
+        with self._holds_lock:
+            fcntl.lockf(self._fd, kind, length, self.holds_at)
+            try:
+                yield self._buffer
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, length, self.holds_at)
+
     def close(self) -> None:
         self._views.clear()
+        self._holds.clear()
+        self.hold_words.release()
         self.counters.release()
         self._buffer.close()
         os.close(self._fd)
@@ -194,5 +251,131 @@ class BoardView:
         return copy
 
 
-def _size(rows: int, slots: int) -> int:
+class BoardHolds:
+    """One origin's holds on the board (a `PreparedHolds`, cache/holds.py), shared by every
+    worker: taken through one, they hold in all; released through any, they end in all."""
+
+    __slots__ = ("_board", "_origin", "_words")
+
+    def __init__(self, board: SiblingBoard, origin: str) -> None:
+        self._board = board
+        self._origin = _digest8(origin.encode())
+        self._words = board.hold_words
+
+    def __bool__(self) -> bool:
+        # One aligned load each: a hold is counted live before the eviction that follows it
+        # reaches the counters, so a store whose stamp saw that eviction sees the hold too.
+        return bool(self._words[_LIVE] or self._words[_OVERFLOW])
+
+    def _records(self, buffer: mmap.mmap) -> Iterator[tuple[int, tuple[int, bytes, int, int, int, bytes, bytes]]]:
+        base = self._board.holds_at + _HOLD_HEADER
+        for index in range(min(self._words[_USED], HOLD_RECORDS)):
+            at = base + index * _RECORD.size
+            yield at, _RECORD.unpack_from(buffer, at)
+
+    def hold(self, key: HoldKey, database: str, reach: frozenset[str] | None) -> None:
+        digest, db = _key_digest(key), _digest8(database.encode())
+        with self._board.locked_holds(fcntl.LOCK_EX) as buffer:
+            free = None
+            for at, (state, found, origin, held_db, everything, bits, gid) in self._records(buffer):
+                if state and found == digest and origin == self._origin:
+                    wide = bool(everything) or reach is None or held_db != db  # as LocalHolds.hold
+                    merged = bits if reach is None or wide else _bits(database, reach, bits)
+                    _RECORD.pack_into(buffer, at, 1, digest, origin, held_db, int(wide), merged, gid)
+                    return
+                if not state and free is None:
+                    free = at
+            if free is None and self._words[_USED] < HOLD_RECORDS:
+                free = self._board.holds_at + _HOLD_HEADER + self._words[_USED] * _RECORD.size
+                self._words[_USED] += 1
+            if free is None:
+                # Full: hold every read of every origin until the set restarts (never stale).
+                log.warning("more than %d prepared transactions held at once: nothing is stored until neonpoly "
+                            "restarts", HOLD_RECORDS)  # fmt: skip
+                self._words[_OVERFLOW] = 1
+                return
+            bits = bytes(_BITS // 8) if reach is None else _bits(database, reach, bytes(_BITS // 8))
+            shown = key[1].encode("utf-8", "replace")[: _RECORD.size - 176]
+            # The body first, its state last: a worker killed in between left a free record.
+            _RECORD.pack_into(buffer, free, 0, digest, self._origin, db, int(reach is None), bits, shown)
+            buffer[free : free + 8] = (1).to_bytes(8, "little")
+            self._words[_LIVE] += 1
+
+    def release(self, key: HoldKey) -> None:
+        digest = _key_digest(key)
+        with self._board.locked_holds(fcntl.LOCK_EX) as buffer:
+            for at, (state, found, origin, *_) in self._records(buffer):
+                if state and found == digest and origin == self._origin:
+                    buffer[at : at + 8] = bytes(8)
+                    self._words[_LIVE] -= 1
+                    return
+
+    def holding(self, database: str, tables: frozenset[str]) -> str | None:
+        if self._words[_OVERFLOW]:
+            return (
+                f"not stored: more than {HOLD_RECORDS} prepared transactions were held at once; "
+                "held until neonpoly restarts"
+            )
+        db = _digest8(database.encode())
+        wanted = _bits(database, tables, bytes(_BITS // 8))
+        want = int.from_bytes(wanted, "little")
+        with self._board.locked_holds(fcntl.LOCK_SH) as buffer:
+            for _, (state, _, origin, held_db, everything, bits, gid) in self._records(buffer):
+                if state and origin == self._origin and (
+                    everything or (held_db == db and _shares_a_name(database, tables, bits, want))
+                ):
+                    return held_reason(_gid(gid))
+        return None
+
+    def entries(self) -> list[tuple[HoldKey, str, frozenset[str] | None]]:
+        return []  # read by no one: a board is the last keeper (QueryCache.share_holds)
+
+
+def _key_digest(key: HoldKey) -> bytes:
+    # 128 bits: a release finds its hold by this alone (two keys colliding would release both).
+    text = b"%b\0%b" % (key[0].encode(), key[1].encode("utf-8", "surrogatepass"))
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
+def _digest8(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _name_bits(database: str, name: str) -> tuple[int, int]:
+    h = _digest8(b"%b\0%b" % (database.encode(), name.encode()))
+    return h % _BITS, (h >> 32) % _BITS
+
+
+def _bits(database: str, names: Iterable[str], into: bytes) -> bytes:
+    value = int.from_bytes(into, "little")
+    for name in names:
+        a, b = _name_bits(database, name)
+        value |= (1 << a) | (1 << b)
+    return value.to_bytes(_BITS // 8, "little")
+
+
+def _shares_a_name(database: str, tables: Iterable[str], bits: bytes, want: int) -> bool:
+    """Some name of `tables` has both its bits in `bits` (maybe another name's: holds more)."""
+    held = int.from_bytes(bits, "little")
+    if not held & want:
+        return False
+    for name in tables:
+        a, b = _name_bits(database, name)
+        if held >> a & 1 and held >> b & 1:
+            return True
+    return False
+
+
+def _gid(shown: bytes) -> str:
+    gid = shown.rstrip(b"\0").decode("utf-8", "replace")
+    if shown.startswith(UNREADABLE.encode()):
+        return UNREADABLE
+    return gid if not shown.startswith(b"\0") else "\0" + gid.lstrip("\0")
+
+
+def _holds_at(rows: int, slots: int) -> int:
     return _HEADER.size + rows * NAME_BYTES + rows * slots * 8
+
+
+def _size(rows: int, slots: int) -> int:
+    return _holds_at(rows, slots) + _HOLD_HEADER + HOLD_RECORDS * _RECORD.size

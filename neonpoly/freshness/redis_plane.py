@@ -138,7 +138,7 @@ class RedisPlane:
             self.fence.beat = -math.inf
         origin.caches.append(cache)
         if self.siblings is not None:
-            self.siblings.share(generations(cache), origin_key)
+            self.siblings.share(cache, origin_key)
         generations(cache).observe(lambda op: self._observed(origin_key, op))
         cache.serve_gate = origin.gate
         cache.reply_barrier = self.barrier

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from neonpoly.freshness.plane import Bump
+from neonpoly.freshness.plane import Bump, generations
 
 if TYPE_CHECKING:
-    from neonpoly.cache.invalidation import TableGenerations
+    from neonpoly.cache.query_cache import QueryCache
     from neonpoly.cache.siblings import SiblingBoard
 
 
@@ -44,9 +44,12 @@ class SiblingNodes:
             self.board.leave()
             self.named = False
 
-    def share(self, generations: TableGenerations, origin: str) -> None:
-        """Before the cache can serve a hit (its gate is not proven yet)."""
-        generations.share(self.board.view(origin))
+    def share(self, cache: QueryCache, origin: str) -> None:
+        """Before the cache can serve a hit (its gate is not proven yet): its generations, and
+        the holds of prepared transactions (a hold taken through one worker keeps every
+        worker from storing what it wrote; released through any, it ends in all)."""
+        generations(cache).share(self.board.view(origin))
+        cache.share_holds(self.board.holds(origin))
 
     def names(self) -> frozenset[str]:
         """The other nodes on the board, read again each time (a row may stop naming one)."""

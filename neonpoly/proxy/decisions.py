@@ -569,7 +569,7 @@ class CacheDecisions(ReadPasses):
         capture = item.capture
         # Its key came from Parse texts of the batch: stored only if the origin took them all.
         if capture is not None and not capture.failed and not item.error and committed and capture.frames and confirmed:
-            entry = cache.store_capture(capture)
+            entry = cache.store_capture(capture, item.stats)
             memo = item.memo
             if memo is not None and entry is not None:
                 # The memo that sent the miss offers the new entry to its next repeat, served

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from neonpoly.cache.invalidation import TableGenerations
 from neonpoly.cache.siblings import SiblingBoard
 from tests.adversarial.conftest import WORKERS
 from tests.adversarial.harness import Client, Env, Login, Twin, unique
+from tests.adversarial.placement import session_on
 from tests.freshness.conftest import plane_node, until
 from tests.freshness.redisharness import RedisServer, redis_server_binary
 from tests.pgharness import PgServer
@@ -34,63 +34,13 @@ from tests.proxy.workers import WorkersProxy
 workers_only = pytest.mark.skipif(WORKERS < 2, reason="sibling workers: NEONPOLY_TEST_WORKERS=2 (serve --workers N)")
 
 
-# --- which worker holds a session ------------------------------------------------------------
-
-
-def _client_port(client: Client) -> int:
-    conn = client.conn
-    if isinstance(conn, asyncpg.Connection):
-        transport: Any = conn._transport
-        return int(transport.get_extra_info("sockname")[1])
-    assert isinstance(conn, psycopg.AsyncConnection)
-    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
-    try:
-        return int(sock.getsockname()[1])
-    finally:
-        sock.close()
-
-
-def _worker_of(proxy: WorkersProxy, client: Client) -> int:
-    """The index (in proxy.pids) of the worker whose accepted socket talks to this client."""
-    port = _client_port(client)
-    inode = None
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            local, remote = fields[1], fields[2]
-            if int(local.split(":")[1], 16) == proxy.port and int(remote.split(":")[1], 16) == port:
-                inode = fields[9]
-    assert inode is not None, f"no server socket for client port {port}"
-    wanted = f"socket:[{inode}]"
-    for index, pid in enumerate(proxy.pids):
-        fds = f"/proc/{pid}/fd"
-        for fd in os.listdir(fds):
-            try:
-                if os.readlink(f"{fds}/{fd}") == wanted:
-                    return index
-            except OSError:
-                continue
-    raise AssertionError(f"no worker holds the socket of client port {port}")
-
-
-async def _on(env: Env, worker: int, login: Login | None = None, driver: Any = "psycopg") -> Client:
-    """A session through neonpoly held by worker `worker` (connections are spread at random)."""
-    assert isinstance(env.proxy, WorkersProxy)
-    for _ in range(40):
-        client = await env.client(login, driver=driver)
-        if _worker_of(env.proxy, client) == worker:
-            return client
-        await client.close()
-    raise AssertionError(f"40 sessions, none on worker {worker}")
-
-
 async def _pair(
     env: Env, *, a_login: Login | None = None, b_login: Login | None = None, b_driver: Any = "psycopg"
 ) -> tuple[Client, Twin]:
     """A writer on worker 0, and a twin (through neonpoly on worker 1, and direct) for reads."""
-    a = await _on(env, 0, a_login)
+    a = await session_on(env, 0, a_login)
     login = b_login or env.login()
-    via = await _on(env, 1, login, b_driver)
+    via = await session_on(env, 1, login, b_driver)
     direct = await env.client(login, via=False, driver=b_driver)
     return a, Twin(env, via, direct, login)
 
@@ -287,8 +237,8 @@ async def test_revoke_through_a_reaches_a_role_served_on_b(env: Env) -> None:
 @workers_only
 async def test_prepared_statements_on_both_sides(env: Env) -> None:
     t = await env.table("adv_prep", "id int PRIMARY KEY, v int", "(1, 0)")
-    a = await _on(env, 0, driver="asyncpg")
-    b_via = await _on(env, 1, env.login(), "asyncpg")
+    a = await session_on(env, 0, driver="asyncpg")
+    b_via = await session_on(env, 1, env.login(), "asyncpg")
     b = Twin(env, b_via, await env.client(via=False, driver="asyncpg"), env.login())
     await a.rows(f"SELECT count(*) FROM {t}")
     for i in range(1, 4):
@@ -339,7 +289,7 @@ async def test_admin_purge_after_a_write_neonpoly_did_not_see(env: Env) -> None:
     assert isinstance(env.proxy, WorkersProxy)
     t = await env.table("adv_purge", "id int, v int", "(1, 0)")
     read = f"SELECT v FROM {t}"
-    twins = [Twin(env, await _on(env, w), await env.client(via=False), env.login()) for w in (0, 1)]
+    twins = [Twin(env, await session_on(env, w), await env.client(via=False), env.login()) for w in (0, 1)]
     for i, purge in enumerate(("PURGE QUERY {q}", "PURGE TABLE {t}", "PURGE ALL"), start=1):
         for twin in twins:
             await twin.probe(read)

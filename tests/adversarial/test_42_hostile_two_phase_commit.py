@@ -16,6 +16,12 @@ COMMIT, and stored the reads that followed. Now PREPARE TRANSACTION (by any prot
 what the transaction wrote (QueryCache.hold_prepared: no answer reading it is stored) until
 a COMMIT or ROLLBACK PREPARED of its gid passes through neonpoly; committed elsewhere, those
 tables stay uncached (never stale) until neonpoly restarts.
+
+Against `serve --workers N` (NEONPOLY_TEST_WORKERS=2) the transaction is prepared through one
+worker and read through another (two_phase.py): the direct COMMIT PREPARED cases FAILED BEFORE
+there (the hold was the preparing worker's alone, so the other stored the old rows); the hold
+is now in the memory the workers share (cache/siblings.py `BoardHolds`), and a COMMIT PREPARED
+through either worker releases it in both.
 """
 
 from __future__ import annotations
@@ -26,8 +32,7 @@ import psycopg
 import pytest
 
 from tests.adversarial.harness import Env, unique
-from tests.adversarial.harness2 import make_known
-from tests.adversarial.two_phase import HELD_IN_ONE_PROCESS, prepared_transactions_origin
+from tests.adversarial.two_phase import prepared_transactions_origin, reading_twin, session, writing_session
 from tests.pgharness import PgServer
 
 
@@ -43,8 +48,7 @@ async def _prepared_write(env: Env, how: str = "simple queries") -> tuple[str, s
     env.on_cleanup(f"ROLLBACK PREPARED '{gid}'")  # first: it holds a lock on the table
     t = await env.table("adv_2pc", "id int PRIMARY KEY, v text", "(1, 'old')", "(2, 'other')")
     read = f"SELECT v FROM {t} WHERE id = 1"
-    await make_known(env, t)  # (a write to a table not looked up yet holds the whole database)
-    writer = await env.client()
+    writer = await writing_session(env, t)  # on the writing worker, the reads on another
     statements = ("BEGIN", f"UPDATE {t} SET v = 'new' WHERE id = 1", f"PREPARE TRANSACTION '{gid}'")
     if how == "one query string":
         await writer.run("; ".join(statements))
@@ -64,12 +68,12 @@ async def _prepared_write(env: Env, how: str = "simple queries") -> tuple[str, s
     [
         "another session through neonpoly",
         "the same session",
-        pytest.param("a direct connection", marks=HELD_IN_ONE_PROCESS),
+        "a direct connection",
     ],
 )
 async def test_commit_prepared_after_a_read_cached_while_prepared(env: Env, commit_by: str) -> None:
     _, read, gid = await _prepared_write(env)
-    reader = await env.twin()
+    reader = await reading_twin(env)
     # (First: a catalog neonpoly has not looked up evicts the database when read.)
     listed = await reader.check(f"SELECT count(*) FROM pg_prepared_xacts WHERE gid = '{gid}'", why="listed")
     assert listed == [(1,)]
@@ -82,7 +86,7 @@ async def test_commit_prepared_after_a_read_cached_while_prepared(env: Env, comm
     elif commit_by == "the same session":
         await reader.via.run(f"COMMIT PREPARED '{gid}'")
     else:
-        committer = await env.client()
+        committer = await session(env)  # on the writing worker: the reading one must be released too
         await committer.run(f"COMMIT PREPARED '{gid}'")
     rows = await reader.check(read, why=f"after COMMIT PREPARED by {commit_by}")
     assert rows == [("new",)]
@@ -91,11 +95,10 @@ async def test_commit_prepared_after_a_read_cached_while_prepared(env: Env, comm
     assert hit is (commit_by != "a direct connection")
 
 
-@HELD_IN_ONE_PROCESS
 @pytest.mark.parametrize("how", ["one query string", "extended protocol"])
 async def test_prepared_by_other_protocols_then_committed_directly(env: Env, how: str) -> None:
     _, read, gid = await _prepared_write(env, how)
-    reader = await env.twin()
+    reader = await reading_twin(env)
     await reader.check(f"SELECT count(*) FROM pg_prepared_xacts WHERE gid = '{gid}'", why="listed")
     await reader.probe(read, require_hit=False)
     await env.admin(f"COMMIT PREPARED '{gid}'")
@@ -105,9 +108,9 @@ async def test_prepared_by_other_protocols_then_committed_directly(env: Env, how
 
 async def test_rollback_prepared_leaves_the_old_rows(env: Env) -> None:
     _, read, gid = await _prepared_write(env)
-    reader = await env.twin()
+    reader = await reading_twin(env)
     await reader.probe(read, require_hit=False)
-    other = await env.client()
+    other = await session(env)
     await other.run(f"ROLLBACK PREPARED '{gid}'")
     rows = await reader.check(read, why="after ROLLBACK PREPARED")
     assert rows == [("old",)]
@@ -118,5 +121,5 @@ async def test_tables_of_other_prepared_transactions_stay_cached(env: Env) -> No
     """The control: a prepared transaction holds back only what it wrote."""
     await _prepared_write(env)
     t = await env.table("adv_2pc_other", "id int PRIMARY KEY, v text", "(1, 'kept')")
-    reader = await env.twin()
+    reader = await reading_twin(env)
     await reader.probe(f"SELECT v FROM {t} WHERE id = 1")

@@ -17,6 +17,10 @@ straight on the origin), and is fixed (QueryCache.two_phase, Classification.prep
 
 An extended-protocol pipeline that prepares and then fails FAILED BEFORE too (same fix).
 
+Against `serve --workers N` (NEONPOLY_TEST_WORKERS=2) each two-phase case prepares through
+one worker and reads through another (two_phase.py): they FAILED BEFORE there too (the hold
+was the preparing worker's alone); holds are now shared (cache/siblings.py `BoardHolds`).
+
 Also FAILED BEFORE, fixed: a range type declared with a non-default operator class of the
 user's (DISTINCT and @> run its plpgsql comparison); EXPLAIN ANALYZE of a read whose upper()
 is the user's (EXPLAIN did not carry the names its query trusts); `COMMIT; BEGIN; UPDATE`
@@ -39,7 +43,13 @@ from neonpoly.proxy.origin import Origin
 from neonpoly.service import CacheSettings, ProxyService, ProxySettings
 from tests.adversarial.harness import Client, Env, unique
 from tests.adversarial.harness2 import counter, lying_upper, make_known, ran_code_then_check, warm_counter
-from tests.adversarial.two_phase import HELD_IN_ONE_PROCESS, prepared_transactions_origin
+from tests.adversarial.two_phase import (
+    READING_WORKER,
+    prepared_transactions_origin,
+    reading_twin,
+    session,
+    writing_session,
+)
 from tests.pgharness import PgServer, start_pg_server
 
 
@@ -55,18 +65,17 @@ async def _table(env: Env, gid: str) -> tuple[str, str]:
     return t, f"SELECT v FROM {t} WHERE id = 1"
 
 
-@HELD_IN_ONE_PROCESS
 @pytest.mark.parametrize("after", ["SELECT 1/0", "SELECT * FROM adv_no_such_table"])
 async def test_prepared_then_the_query_string_fails(env: Env, after: str) -> None:
     """`BEGIN; UPDATE; PREPARE TRANSACTION 'g'; <fails>`: the transaction is prepared (the
     failure is in the implicit transaction after it), though the query string failed."""
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
-    writer = await env.client()
+    writer = await writing_session(env, t)
     with pytest.raises(psycopg.Error):
         await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'; {after}")
     assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid) == 1
-    reader = await env.twin()
+    reader = await reading_twin(env)
     rows, _ = await reader.probe(read, require_hit=False)
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED '{gid}'")
@@ -74,20 +83,19 @@ async def test_prepared_then_the_query_string_fails(env: Env, after: str) -> Non
     assert rows == [("new",)]
 
 
-@HELD_IN_ONE_PROCESS
 async def test_two_prepared_in_one_query_string(env: Env) -> None:
     """Two transactions prepared by one query string; the second committed through neonpoly
     (which releases its gid), the first straight on the origin."""
     first, second = unique("adv_gid"), unique("adv_gid")
     t, read = await _table(env, first)
     u, _ = await _table(env, second)
-    writer = await env.client()
+    writer = await writing_session(env, t, u)
     await writer.run(
         f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{first}'; "
         f"BEGIN; UPDATE {u} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{second}'"
     )
     await writer.run(f"COMMIT PREPARED '{second}'")
-    reader = await env.twin()
+    reader = await reading_twin(env)
     rows, _ = await reader.probe(read, require_hit=False)
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED '{first}'")
@@ -95,16 +103,15 @@ async def test_two_prepared_in_one_query_string(env: Env) -> None:
     assert rows == [("new",)]
 
 
-@HELD_IN_ONE_PROCESS
 async def test_prepared_then_a_transaction_left_open(env: Env) -> None:
     """`BEGIN; UPDATE; PREPARE TRANSACTION 'g'; BEGIN`: the session is in a transaction when
     the string ends, and its next COMMIT prepares nothing."""
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
-    writer = await env.client()
+    writer = await writing_session(env, t)
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'; BEGIN")
     await writer.run("COMMIT")
-    reader = await env.twin()
+    reader = await reading_twin(env)
     rows, _ = await reader.probe(read, require_hit=False)
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED '{gid}'")
@@ -112,7 +119,6 @@ async def test_prepared_then_a_transaction_left_open(env: Env) -> None:
     assert rows == [("new",)]
 
 
-@HELD_IN_ONE_PROCESS
 async def test_a_failed_prepare_reusing_a_held_gid(env: Env) -> None:
     """PREPARE TRANSACTION 'g' while 'g' is prepared fails; the gid's hold must stay on what
     the first transaction wrote."""
@@ -120,12 +126,12 @@ async def test_a_failed_prepare_reusing_a_held_gid(env: Env) -> None:
     t, read = await _table(env, gid)
     u = await env.table("adv_2pc_u", "id int PRIMARY KEY, v text", "(1, 'old')")
     await make_known(env, u)
-    writer = await env.client()
+    writer = await writing_session(env, t)
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'")
-    other = await env.client()
+    other = await session(env, READING_WORKER)  # the reading worker: another than the writer's
     with pytest.raises(psycopg.Error):
         await other.run(f"BEGIN; UPDATE {u} SET v = 'x' WHERE id = 1; PREPARE TRANSACTION '{gid}'")
-    reader = await env.twin()
+    reader = await reading_twin(env)
     rows, _ = await reader.probe(read, require_hit=False)
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED '{gid}'")
@@ -133,7 +139,6 @@ async def test_a_failed_prepare_reusing_a_held_gid(env: Env) -> None:
     assert rows == [("new",)]
 
 
-@HELD_IN_ONE_PROCESS
 async def test_a_gid_spelt_with_backslashes_by_a_legacy_strings_session(env: Env) -> None:
     """standard_conforming_strings off: `'a\\\\b'` is the gid a\\b to the server, a\\\\b to
     neonpoly's parser. Another session (strings standard) prepares and commits a\\\\b
@@ -143,15 +148,15 @@ async def test_a_gid_spelt_with_backslashes_by_a_legacy_strings_session(env: Env
     t, read = await _table(env, legacy)
     u = await env.table("adv_2pc_u", "id int PRIMARY KEY, v text", "(1, 'old')")
     await make_known(env, u)
-    writer = await env.client()
+    writer = await writing_session(env, t)
     await writer.run("SET standard_conforming_strings = off")
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{legacy}'")
     server_gid = legacy.replace("\\\\", "\\")  # one backslash
     assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", server_gid) == 1
-    other = await env.client()
+    other = await session(env, READING_WORKER)  # the reading worker: another than the writer's
     await other.run(f"BEGIN; UPDATE {u} SET v = 'x' WHERE id = 1; PREPARE TRANSACTION '{legacy}'")
     await other.run(f"COMMIT PREPARED '{legacy}'")  # the gid with two backslashes
-    reader = await env.twin()
+    reader = await reading_twin(env)
     rows, _ = await reader.probe(read, require_hit=False)
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED E'{legacy}'")  # the legacy session's gid, one backslash
@@ -296,7 +301,6 @@ async def test_a_write_after_a_commit_in_one_query_string(env: Env, opens: str) 
     assert rows == [("new",)]
 
 
-@HELD_IN_ONE_PROCESS
 async def test_prepared_in_a_query_string_neonpoly_cannot_parse(env: Env) -> None:
     """The server takes 100 nested subqueries; neonpoly's parse of them runs out of Python's
     recursion (an unreadable text: it evicts the database). A PREPARE TRANSACTION in it
@@ -304,10 +308,10 @@ async def test_prepared_in_a_query_string_neonpoly_cannot_parse(env: Env) -> Non
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
     deep = "SELECT " + "(SELECT " * 100 + "1" + ")" * 100
-    writer = await env.client()
+    writer = await writing_session(env, t)
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'; {deep}")
     assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid) == 1
-    reader = await env.twin()
+    reader = await reading_twin(env)
     rows, _ = await reader.probe(read, require_hit=False)
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED '{gid}'")
@@ -315,13 +319,12 @@ async def test_prepared_in_a_query_string_neonpoly_cannot_parse(env: Env) -> Non
     assert rows == [("new",)]
 
 
-@HELD_IN_ONE_PROCESS
 async def test_prepared_then_an_extended_batch_fails(env: Env) -> None:
     """The same by the extended protocol: one pipeline (psycopg's, one Sync) runs BEGIN, the
     UPDATE, PREPARE TRANSACTION and a failing SELECT."""
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
-    writer = await env.client()
+    writer = await writing_session(env, t)
     assert isinstance(writer.conn, psycopg.AsyncConnection)
     with pytest.raises(psycopg.Error):
         async with writer.conn.pipeline():
@@ -331,7 +334,7 @@ async def test_prepared_then_an_extended_batch_fails(env: Env) -> None:
             await cur.execute(f"PREPARE TRANSACTION '{gid}'")
             await cur.execute("SELECT 1/0")
     assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid) == 1
-    reader = await env.twin()
+    reader = await reading_twin(env)
     rows, _ = await reader.probe(read, require_hit=False)
     assert rows == [("old",)]
     await env.admin(f"COMMIT PREPARED '{gid}'")

@@ -1,19 +1,19 @@
 """What the two-phase commit cases share (test_42, test_45): an origin that allows prepared
 transactions (the suite's runs with max_prepared_transactions = 0, where PREPARE TRANSACTION
-fails), and the mark for cases that need the hold in the process that reads."""
+fails), and their sessions: against `serve --workers N` (NEONPOLY_TEST_WORKERS) the sessions
+that prepare run on the first worker and the reads go through the second, so a case holds
+only if the hold is shared between workers (cache/siblings.py `BoardHolds`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import pytest
-
 from tests.adversarial.conftest import WORKERS
+from tests.adversarial.harness import Client, Env, Twin
+from tests.adversarial.placement import session_on
 from tests.pgharness import PgServer, start_pg_server
 
-# The hold is kept by the worker that saw PREPARE TRANSACTION (and its in-process siblings):
-# another worker of `serve --workers N` still stores what the prepared transaction wrote.
-HELD_IN_ONE_PROCESS = pytest.mark.skipif(WORKERS > 1, reason="the prepared-transaction hold is per process")
+WRITING_WORKER, READING_WORKER = 0, 1
 
 
 def prepared_transactions_origin() -> Iterator[PgServer]:
@@ -24,3 +24,24 @@ def prepared_transactions_origin() -> Iterator[PgServer]:
         yield server
     finally:
         server.destroy()
+
+
+async def session(env: Env, worker: int = WRITING_WORKER) -> Client:
+    """A session through neonpoly: on `worker` against `serve --workers N`, any otherwise."""
+    return await session_on(env, worker) if WORKERS > 1 else await env.client()
+
+
+async def writing_session(env: Env, *known: str) -> Client:
+    """A session on the writing worker that has read `known` through neonpoly: its worker
+    then knows their relations (a write to a table not looked up yet holds every table)."""
+    client = await session(env)
+    for table in known:
+        await client.rows(f"SELECT count(*) FROM {table}")
+    return client
+
+
+async def reading_twin(env: Env) -> Twin:
+    """A twin whose session through neonpoly is on the reading worker (not the writing one)."""
+    login = env.login()
+    via = await session_on(env, READING_WORKER, login) if WORKERS > 1 else await env.client(login)
+    return Twin(env, via, await env.client(login, via=False), login)
