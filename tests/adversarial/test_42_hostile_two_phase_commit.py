@@ -32,7 +32,7 @@ import psycopg
 import pytest
 
 from tests.adversarial.harness import Env, unique
-from tests.adversarial.two_phase import prepared_transactions_origin, reading_twin, session, writing_session
+from tests.adversarial.two_phase import prepared_transactions_origin, reading_twin, session
 from tests.pgharness import PgServer
 
 
@@ -48,7 +48,7 @@ async def _prepared_write(env: Env, how: str = "simple queries") -> tuple[str, s
     env.on_cleanup(f"ROLLBACK PREPARED '{gid}'")  # first: it holds a lock on the table
     t = await env.table("adv_2pc", "id int PRIMARY KEY, v text", "(1, 'old')", "(2, 'other')")
     read = f"SELECT v FROM {t} WHERE id = 1"
-    writer = await writing_session(env, t)  # on the writing worker, the reads on another
+    writer = await session(env, t)  # on the writing worker, the reads on another
     statements = ("BEGIN", f"UPDATE {t} SET v = 'new' WHERE id = 1", f"PREPARE TRANSACTION '{gid}'")
     if how == "one query string":
         await writer.run("; ".join(statements))

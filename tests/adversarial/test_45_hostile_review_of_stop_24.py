@@ -48,7 +48,6 @@ from tests.adversarial.two_phase import (
     prepared_transactions_origin,
     reading_twin,
     session,
-    writing_session,
 )
 from tests.pgharness import PgServer, start_pg_server
 
@@ -71,7 +70,7 @@ async def test_prepared_then_the_query_string_fails(env: Env, after: str) -> Non
     failure is in the implicit transaction after it), though the query string failed."""
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
-    writer = await writing_session(env, t)
+    writer = await session(env, t)
     with pytest.raises(psycopg.Error):
         await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'; {after}")
     assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid) == 1
@@ -89,7 +88,7 @@ async def test_two_prepared_in_one_query_string(env: Env) -> None:
     first, second = unique("adv_gid"), unique("adv_gid")
     t, read = await _table(env, first)
     u, _ = await _table(env, second)
-    writer = await writing_session(env, t, u)
+    writer = await session(env, t, u)
     await writer.run(
         f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{first}'; "
         f"BEGIN; UPDATE {u} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{second}'"
@@ -108,7 +107,7 @@ async def test_prepared_then_a_transaction_left_open(env: Env) -> None:
     the string ends, and its next COMMIT prepares nothing."""
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
-    writer = await writing_session(env, t)
+    writer = await session(env, t)
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'; BEGIN")
     await writer.run("COMMIT")
     reader = await reading_twin(env)
@@ -125,10 +124,9 @@ async def test_a_failed_prepare_reusing_a_held_gid(env: Env) -> None:
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
     u = await env.table("adv_2pc_u", "id int PRIMARY KEY, v text", "(1, 'old')")
-    await make_known(env, u)
-    writer = await writing_session(env, t)
+    writer = await session(env, t)
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'")
-    other = await session(env, READING_WORKER)  # the reading worker: another than the writer's
+    other = await session(env, u, worker=READING_WORKER)  # another worker than the writer's
     with pytest.raises(psycopg.Error):
         await other.run(f"BEGIN; UPDATE {u} SET v = 'x' WHERE id = 1; PREPARE TRANSACTION '{gid}'")
     reader = await reading_twin(env)
@@ -147,13 +145,12 @@ async def test_a_gid_spelt_with_backslashes_by_a_legacy_strings_session(env: Env
     env.on_cleanup(f"ROLLBACK PREPARED E'{legacy}'")  # both gids, before their tables go
     t, read = await _table(env, legacy)
     u = await env.table("adv_2pc_u", "id int PRIMARY KEY, v text", "(1, 'old')")
-    await make_known(env, u)
-    writer = await writing_session(env, t)
+    writer = await session(env, t)
     await writer.run("SET standard_conforming_strings = off")
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{legacy}'")
     server_gid = legacy.replace("\\\\", "\\")  # one backslash
     assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", server_gid) == 1
-    other = await session(env, READING_WORKER)  # the reading worker: another than the writer's
+    other = await session(env, u, worker=READING_WORKER)  # another worker than the writer's
     await other.run(f"BEGIN; UPDATE {u} SET v = 'x' WHERE id = 1; PREPARE TRANSACTION '{legacy}'")
     await other.run(f"COMMIT PREPARED '{legacy}'")  # the gid with two backslashes
     reader = await reading_twin(env)
@@ -308,7 +305,7 @@ async def test_prepared_in_a_query_string_neonpoly_cannot_parse(env: Env) -> Non
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
     deep = "SELECT " + "(SELECT " * 100 + "1" + ")" * 100
-    writer = await writing_session(env, t)
+    writer = await session(env, t)
     await writer.run(f"BEGIN; UPDATE {t} SET v = 'new' WHERE id = 1; PREPARE TRANSACTION '{gid}'; {deep}")
     assert await env.admin_val("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid) == 1
     reader = await reading_twin(env)
@@ -324,7 +321,7 @@ async def test_prepared_then_an_extended_batch_fails(env: Env) -> None:
     UPDATE, PREPARE TRANSACTION and a failing SELECT."""
     gid = unique("adv_gid")
     t, read = await _table(env, gid)
-    writer = await writing_session(env, t)
+    writer = await session(env, t)
     assert isinstance(writer.conn, psycopg.AsyncConnection)
     with pytest.raises(psycopg.Error):
         async with writer.conn.pipeline():

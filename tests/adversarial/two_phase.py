@@ -26,15 +26,12 @@ def prepared_transactions_origin() -> Iterator[PgServer]:
         server.destroy()
 
 
-async def session(env: Env, worker: int = WRITING_WORKER) -> Client:
-    """A session through neonpoly: on `worker` against `serve --workers N`, any otherwise."""
-    return await session_on(env, worker) if WORKERS > 1 else await env.client()
-
-
-async def writing_session(env: Env, *known: str) -> Client:
-    """A session on the writing worker that has read `known` through neonpoly: its worker
-    then knows their relations (a write to a table not looked up yet holds every table)."""
-    client = await session(env)
+async def session(env: Env, *known: str, worker: int = WRITING_WORKER) -> Client:
+    """A session through neonpoly (on `worker` against `serve --workers N`, any otherwise)
+    that has read `known` through it: its worker then knows their relations. (A write to a
+    table its worker has not looked up holds every table, and a direct COMMIT PREPARED leaves
+    that hold until neonpoly restarts: the rest of the module would store nothing.)"""
+    client = await session_on(env, worker) if WORKERS > 1 else await env.client()
     for table in known:
         await client.rows(f"SELECT count(*) FROM {table}")
     return client
