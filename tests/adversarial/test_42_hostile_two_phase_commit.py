@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.adversarial.harness import Env, unique
+from tests.adversarial.harness import Env, eventually, unique
 from tests.adversarial.two_phase import prepared_transactions_origin, reading_twin, session
 from tests.pgharness import PgServer
 
@@ -123,3 +123,29 @@ async def test_tables_of_other_prepared_transactions_stay_cached(env: Env) -> No
     t = await env.table("adv_2pc_other", "id int PRIMARY KEY, v text", "(1, 'kept')")
     reader = await reading_twin(env)
     await reader.probe(f"SELECT v FROM {t} WHERE id = 1")
+
+
+async def _reasons(env: Env, table: str) -> list[tuple[str, str]]:
+    """SHOW QUERIES (the admin database, merged over every worker): (last_status,
+    last_reason) of the templates reading `table`."""
+    conn = await psycopg.AsyncConnection.connect(env.proxy.url(database="neonpoly"), autocommit=True)
+    try:
+        cur = await conn.execute("SHOW QUERIES")
+        names = [c.name for c in cur.description or ()]
+        rows = [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+    finally:
+        await conn.close()
+    mine = [r for r in rows if f"FROM {table} WHERE" in str(r["template"])]
+    return [(str(r["last_status"]), str(r["last_reason"] or "")) for r in mine]
+
+
+async def test_a_held_read_says_which_prepared_transaction_holds_it(env: Env) -> None:
+    """A read not stored because a prepared transaction wrote what it reads is still a miss,
+    with a reason naming the gid and what ends the hold (SHOW QUERIES, the console's details).
+    Before, it was a plain miss: nothing told the user why the read never became a hit."""
+    t, read, gid = await _prepared_write(env)
+    reader = await reading_twin(env)
+    await reader.probe(read, require_hit=False, tries=3)
+    reasons = await eventually(lambda: _reasons(env, t), lambda found: any(gid in why for _, why in found))
+    status, why = next((s, w) for s, w in reasons if gid in w)
+    assert status == "miss" and "COMMIT or ROLLBACK PREPARED" in why, (status, why)
