@@ -45,11 +45,11 @@ class PreparedHolds(Protocol):
 def held_reason(gid: str) -> str:
     """The reason a held read's statistics show (SHOW QUERIES, the console): the user sees
     which prepared transaction keeps it from being stored, and what ends that."""
-    if gid.startswith(UNREADABLE):
-        what = "a PREPARE TRANSACTION in a text neonpoly could not read"
+    if UNREADABLE in gid:  # (or a legacy-strings session's: "\0" + UNREADABLE)
+        what = "a transaction prepared by a text neonpoly could not read"
         until = "neonpoly restarts"
     elif gid.startswith("\0"):
-        what = f"prepared transaction {gid[1:]!r} (its gid spelt in a way neonpoly cannot read exactly)"
+        what = f"prepared transaction {gid.lstrip(chr(0))!r} (its gid spelt in a way neonpoly cannot read exactly)"
         until = "neonpoly restarts"
     else:
         what = f"prepared transaction {gid!r}"

@@ -49,7 +49,7 @@ import threading
 import zlib
 from collections.abc import Iterable, Iterator
 
-from neonpoly.cache.holds import UNREADABLE, HoldKey, held_reason
+from neonpoly.cache.holds import HoldKey, held_reason
 
 log = logging.getLogger("neonpoly.cache")
 
@@ -367,10 +367,7 @@ def _shares_a_name(database: str, tables: Iterable[str], bits: bytes, want: int)
 
 
 def _gid(shown: bytes) -> str:
-    gid = shown.rstrip(b"\0").decode("utf-8", "replace")
-    if shown.startswith(UNREADABLE.encode()):
-        return UNREADABLE
-    return gid if not shown.startswith(b"\0") else "\0" + gid.lstrip("\0")
+    return shown.rstrip(b"\0").decode("utf-8", "replace")  # (cut at 80 bytes: maybe mid-character)
 
 
 def _holds_at(rows: int, slots: int) -> int:
