@@ -33,9 +33,9 @@ if __name__ == "__main__":
     if "--source" in sys.argv:  # neonpoly from another tree (imported later)
         sys.path.insert(0, sys.argv[sys.argv.index("--source") + 1])
 from benchmarks import inprocess  # noqa: E402
-from benchmarks.rawclient import query  # noqa: E402
+from benchmarks.rawclient import bind_describe_execute_sync, query  # noqa: E402
 
-SECTIONS = ("write", "recapture", "hit", "mix")
+SECTIONS = ("write", "recapture", "hit", "mix", "miss-prepared", "cold-prepared")
 
 
 class _Sink:
@@ -67,6 +67,7 @@ async def _sections(upstream: str, requests: int, under_valgrind: bool) -> None:
             recorded.clear()
             await client.request(query(f"{inprocess.SELECT}1"))  # a re-capture: its answer
             selected = b"".join(recorded)
+        prepared = {mode: await _prepared_reads(bench, mode, requests) for mode in ("cache", "cold")}
         real = session.client, session.origin_transport
         sink = _Sink()
         session.client, session.origin_transport = _Sink(), sink  # type: ignore[assignment]
@@ -106,6 +107,8 @@ async def _sections(upstream: str, requests: int, under_valgrind: bool) -> None:
                 "recapture": lambda: sum(read(a) for a in aids),
                 "hit": lambda: sum(read(a) for a in aids),
                 "mix": mix,
+                "miss-prepared": prepared["cache"],
+                "cold-prepared": prepared["cold"],
             }
             for name in SECTIONS:
                 os.getppid()  # the markers: a dump before each (--dump-before=getppid)
@@ -117,6 +120,42 @@ async def _sections(upstream: str, requests: int, under_valgrind: bool) -> None:
             session.client, session.origin_transport = real
         print(" ".join(f"{name}:{n}" for name, n in went.items()), file=sys.stderr)  # requests that went out
         await bench.stop()
+
+
+async def _prepared_reads(bench: inprocess.Bench, mode: str, requests: int) -> Callable[[], int]:
+    """A section of first sightings of a prepared read (pgbench -S -M prepared: Bind/Describe/
+    Execute/Sync of keys never asked before) on the `cache` service (its lookup bypass off:
+    the miss path itself) or the `cold` one (past the bypass's first window: bypassed), each
+    answered as the origin answered one such read."""
+    client = bench.clients[f"{mode}-prepared"]
+    service = bench.services[mode][0]
+    port = str(inprocess._local_port(client))
+    (session,) = [s for s in service.server.sessions if s.peer.endswith(port)]
+    warm = [bind_describe_execute_sync("P_0", (str(bench.fresh + i),)) for i in range(requests)]
+    bench.fresh += requests
+    with inprocess.recording_origin(session) as recorded:
+        await client.request(warm[0])
+    answer = b"".join(recorded)
+    reads = [bind_describe_execute_sync("P_0", (str(bench.fresh + i),)) for i in range(requests)]
+    bench.fresh += requests
+    client_data, origin_data = inprocess.original_client_data, inprocess.original_origin_data
+
+    def run(batches: list[bytes]) -> int:
+        real = session.client, session.origin_transport
+        sink = _Sink()
+        session.client, session.origin_transport = _Sink(), sink  # type: ignore[assignment]
+        try:
+            for data in batches:
+                before = sink.writes
+                client_data(session, data)
+                if sink.writes != before:
+                    origin_data(session, answer)
+            return sink.writes
+        finally:
+            session.client, session.origin_transport = real
+
+    run(warm[1:])  # every path warm (the first was the recorded one)
+    return lambda: run(reads)
 
 
 def _count(args: argparse.Namespace) -> dict[str, float]:
