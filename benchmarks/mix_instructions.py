@@ -12,7 +12,11 @@ profile dump per marker, so each section's count is exact and the setup is not i
 each request's origin answer replayed from a real one recorded first (an UPDATE's, a point
 read's). A section is `--requests` requests: writes of distinct keys of the hot set, then a
 read of each (every one a re-capture), then a read of each again (hits); the mix is 90% reads
-and 10% UPDATEs of random keys of the hot set, after three unmeasured rounds of it.
+and 10% UPDATEs of random keys of the hot set, after three unmeasured rounds of it. Then two
+sections of prepared first sightings (pgbench -S -M prepared's Bind/Describe/Execute/Sync of
+keys never asked before): `miss-prepared` on the cache whose lookup bypass is off (the miss
+path itself), `cold-prepared` on one past the bypass's first window (bypassed, as -S runs).
+Each section's requests are made before it is counted.
 Instruction counts move by about ±0.5% between runs (the hash seed is fixed).
 """
 
