@@ -12,13 +12,18 @@ profile dump per marker, so each section's count is exact and the setup is not i
 each request's origin answer replayed from a real one recorded first (an UPDATE's, a point
 read's). A section is `--requests` requests: writes of distinct keys of the hot set, then a
 read of each (every one a re-capture), then a read of each again (hits); the mix is 90% reads
-and 10% UPDATEs of random keys of the hot set, after three unmeasured rounds of it.
+and 10% UPDATEs of random keys of the hot set, after three unmeasured rounds of it. Then two
+sections of prepared first sightings (pgbench -S -M prepared's Bind/Describe/Execute/Sync of
+keys never asked before): `miss-prepared` on the cache whose lookup bypass is off (the miss
+path itself), `cold-prepared` on one past the bypass's first window (bypassed, as -S runs).
+Each section's requests are made before it is counted.
 Instruction counts move by about ±0.5% between runs (the hash seed is fixed).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import subprocess
@@ -33,9 +38,9 @@ if __name__ == "__main__":
     if "--source" in sys.argv:  # neonpoly from another tree (imported later)
         sys.path.insert(0, sys.argv[sys.argv.index("--source") + 1])
 from benchmarks import inprocess  # noqa: E402
-from benchmarks.rawclient import query  # noqa: E402
+from benchmarks.rawclient import bind_describe_execute_sync, query  # noqa: E402
 
-SECTIONS = ("write", "recapture", "hit", "mix")
+SECTIONS = ("write", "recapture", "hit", "mix", "miss-prepared", "cold-prepared")
 
 
 class _Sink:
@@ -67,45 +72,51 @@ async def _sections(upstream: str, requests: int, under_valgrind: bool) -> None:
             recorded.clear()
             await client.request(query(f"{inprocess.SELECT}1"))  # a re-capture: its answer
             selected = b"".join(recorded)
+        prepared = {mode: await _prepared_reads(bench, mode, requests) for mode in ("cache", "cold")}
         real = session.client, session.origin_transport
         sink = _Sink()
         session.client, session.origin_transport = _Sink(), sink  # type: ignore[assignment]
         rng = random.Random(7)
+        answers = {ord("U"): updated, ord("S"): selected}
 
-        def send(sql: str) -> int:
-            """One request, answered as the origin answered it when the session sent it."""
-            sink.writes = 0
-            client_data(session, query(sql))
-            if sink.writes:
-                origin_data(session, updated if sql.startswith("UPDATE") else selected)
-            return sink.writes
+        def run(batch: list[bytes]) -> int:
+            """Requests made beforehand (so only the session's work is counted), each answered
+            as the origin answered its kind when the session sent it."""
+            went = 0
+            for data in batch:
+                sink.writes = 0
+                client_data(session, data)
+                if sink.writes:
+                    origin_data(session, answers[data[5]])
+                    went += sink.writes
+            return went
 
-        def write(aid: int) -> int:
-            return send(inprocess.UPDATE.format(delta=rng.randint(-5000, 5000), aid=aid))
+        def write(aid: int) -> bytes:
+            return query(inprocess.UPDATE.format(delta=rng.randint(-5000, 5000), aid=aid))
 
-        def read(aid: int) -> int:
-            return send(f"{inprocess.SELECT}{aid}")
+        def read(aid: int) -> bytes:
+            return query(f"{inprocess.SELECT}{aid}")
 
-        def mix() -> int:
-            return sum(
+        def mix() -> list[bytes]:
+            return [
                 write(rng.randint(1, inprocess.HOT)) if i % 10 == 9 else read(rng.randint(1, inprocess.HOT))
                 for i in range(requests)
-            )
+            ]
 
         aids = [1 + (i * 7919) % inprocess.HOT for i in range(requests)]
-        for aid in aids:  # every path warm: memos made, keys written once
-            write(aid), read(aid), read(aid)
+        run([r for aid in aids for r in (write(aid), read(aid), read(aid))])  # every path warm: memos made
         for _ in range(3):
-            mix()
+            run(mix())
+        reads = [read(a) for a in aids]
+        batches = {"write": [write(a) for a in aids], "recapture": reads, "hit": reads, "mix": mix()}
         went: dict[str, int] = {}
         try:
             if under_valgrind:
                 subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True, capture_output=True)
             runs: dict[str, Callable[[], int]] = {
-                "write": lambda: sum(write(a) for a in aids),
-                "recapture": lambda: sum(read(a) for a in aids),
-                "hit": lambda: sum(read(a) for a in aids),
-                "mix": mix,
+                **{name: functools.partial(run, batch) for name, batch in batches.items()},
+                "miss-prepared": prepared["cache"],
+                "cold-prepared": prepared["cold"],
             }
             for name in SECTIONS:
                 os.getppid()  # the markers: a dump before each (--dump-before=getppid)
@@ -117,6 +128,42 @@ async def _sections(upstream: str, requests: int, under_valgrind: bool) -> None:
             session.client, session.origin_transport = real
         print(" ".join(f"{name}:{n}" for name, n in went.items()), file=sys.stderr)  # requests that went out
         await bench.stop()
+
+
+async def _prepared_reads(bench: inprocess.Bench, mode: str, requests: int) -> Callable[[], int]:
+    """A section of first sightings of a prepared read (pgbench -S -M prepared: Bind/Describe/
+    Execute/Sync of keys never asked before) on the `cache` service (its lookup bypass off:
+    the miss path itself) or the `cold` one (past the bypass's first window: bypassed), each
+    answered as the origin answered one such read."""
+    client = bench.clients[f"{mode}-prepared"]
+    service = bench.services[mode][0]
+    port = str(inprocess._local_port(client))
+    (session,) = [s for s in service.server.sessions if s.peer.endswith(port)]
+    warm = [bind_describe_execute_sync("P_0", (str(bench.fresh + i),)) for i in range(requests)]
+    bench.fresh += requests
+    with inprocess.recording_origin(session) as recorded:
+        await client.request(warm[0])
+    answer = b"".join(recorded)
+    reads = [bind_describe_execute_sync("P_0", (str(bench.fresh + i),)) for i in range(requests)]
+    bench.fresh += requests
+    client_data, origin_data = inprocess.original_client_data, inprocess.original_origin_data
+
+    def run(batches: list[bytes]) -> int:
+        real = session.client, session.origin_transport
+        sink = _Sink()
+        session.client, session.origin_transport = _Sink(), sink  # type: ignore[assignment]
+        try:
+            for data in batches:
+                before = sink.writes
+                client_data(session, data)
+                if sink.writes != before:
+                    origin_data(session, answer)
+            return sink.writes
+        finally:
+            session.client, session.origin_transport = real
+
+    run(warm[1:])  # every path warm (the first was the recorded one)
+    return lambda: run(reads)
 
 
 def _count(args: argparse.Namespace) -> dict[str, float]:

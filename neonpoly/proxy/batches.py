@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from neonpoly import pgwire
 from neonpoly.cache.capture import StatTicket
 from neonpoly.cache.policy import Status
+from neonpoly.cache.rules import RulePolicy
 from neonpoly.pgwire import MSG_BIND, MSG_CLOSE, MSG_DESCRIBE, MSG_FUNCTION_CALL, MSG_PARSE, MSG_QUERY, TX_IDLE
 from neonpoly.proxy.decisions import CacheDecisions
 from neonpoly.proxy.extended import BATCHED, BatchBuffer, BatchPlan, reads_clock, segments_of
@@ -68,6 +69,12 @@ class BatchMemo:
     rest: list[tuple[int, bytes]]  # the batch's messages after its Bind, for `_capture`
     score: LookupScore  # its template's lookups (cache/bypass.py)
     tallies: tuple[HitTally, ...]  # where its hits are counted, one per Execute (as a HitMemo's)
+    # As a HitMemo's (hits.py): the relation book's version when it last answered with
+    # `resolution` itself (-1: not asked yet), and the rules' refusals version under which
+    # they last said the template is cached (None: not asked yet). While each stands, its
+    # question is not asked again: the same answer (~3.5k instructions of a bypassed read).
+    relations_version: int = -1
+    ttl_version: int | None = None
 
 
 class BatchHandling(CacheDecisions):
@@ -126,14 +133,22 @@ class BatchHandling(CacheDecisions):
         if reads_clock(tail):
             return False  # refused per batch (plan_shaped plans it in full)
         plan = memo.plan
-        if (plan.tables or plan.shadowable) and cache.relations.resolve(
-            memo.database, plan.tables, plan.shadowable, identity.schemas
-        ) is not memo.resolution:
-            self.lone_shape = shape  # the catalog moved: decided again, remembered anew
-            return False
+        if plan.tables or plan.shadowable:
+            relations = cache.relations
+            if relations.version != memo.relations_version:
+                if relations.resolve(memo.database, plan.tables, plan.shadowable, identity.schemas) is not (
+                    memo.resolution
+                ):
+                    self.lone_shape = shape  # the catalog moved: decided again, remembered anew
+                    return False
+                memo.relations_version = relations.version
         template = memo.template_id
-        if not cache.caches(template, plan.tables):
-            return False  # DISABLED: the full path says so and counts it
+        policy = cache.ttl_policy  # `cache.refusals_version()` written out, as `_answer_memo` does
+        version = policy.book.version if type(policy) is RulePolicy else cache.refusals_version()
+        if version is None or version != memo.ttl_version:
+            if not cache.caches(template, plan.tables):
+                return False  # DISABLED: the full path says so and counts it
+            memo.ttl_version = version
         score = memo.score
         if score.bypassed and self._pass_lone(cache, score, plan, template, data):
             return True

@@ -142,3 +142,22 @@ def test_hit_rate_is_zero_before_any_cacheable_lookup() -> None:
     rec(stats, "bypass", 0.01)
     snap = stats.snapshot()
     assert snap.totals.hit_rate == 0.0 and snap.templates[0].hit_rate == 0.0
+
+
+def test_a_latency_falls_in_the_bucket_the_log_formula_gives() -> None:
+    """The hot paths find a latency's histogram bucket by bisecting `_BOUNDS`: the same bucket
+    as the log formula, at every bucket's edge (one ulp either side) and in between."""
+    import math
+    import random
+    from bisect import bisect_right as _bisect
+
+    from neonpoly.stats import _BOUNDS, _HIST_MIN_S, _bucket_by_log
+
+    edges = [_HIST_MIN_S, *_BOUNDS]
+    samples = [0.0, -1.0, 1e-9, 1e9, 1e300]
+    for edge in edges:
+        samples += [math.nextafter(edge, 0.0), edge, math.nextafter(edge, math.inf)]
+    rng = random.Random(5)
+    samples += [_HIST_MIN_S * 10 ** rng.uniform(-1, 9) for _ in range(20_000)]
+    assert [_bisect(_BOUNDS, s) for s in samples] == [_bucket_by_log(s) for s in samples]
+    assert [_bisect(_BOUNDS, e) for e in _BOUNDS] == list(range(1, len(_BOUNDS) + 1))
