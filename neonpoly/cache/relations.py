@@ -12,7 +12,8 @@ reach further than they say:
 * a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT),
   reaches partitions when it names the parent, reaches a view's base tables when it names an
   updatable view, and may run triggers or rules that write anything at all, or code of the
-  user's that may write or SET: in defaults, checks, policies, the CHECKs of domains its values
+  user's that may write or SET: in the definition of a view it is written through (the
+  rewriter adds its quals), in defaults, checks, policies, the CHECKs of domains its values
   hold (in arrays, composites, ranges), index expressions and predicates, and the support
   functions of its indexes' operator classes and exclusion operators; a write to a
   foreign table writes wherever its server points (postgres_fdw: maybe a table of this very
@@ -258,6 +259,10 @@ class RelationBook:
             opaque = opaque or any(_runs_code(sql, known_code_types, rivals) for sql in write_code.get(name, ()))
             why_volatile = _changes_unseen(name) if volatile else None
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types, rivals)
+            # A write runs what a read of it runs: the rewriter adds an updatable view's quals
+            # (and RETURNING its select list) to a write through it, and a policy's subquery
+            # reads what it names. Code there may write anything or SET.
+            opaque = opaque or runs_code is not None
             self._known[(database, name)] = Relation(
                 frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque,
                 _key_column(keyed.get(name, ())),
