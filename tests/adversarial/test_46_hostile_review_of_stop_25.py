@@ -9,7 +9,11 @@ known yet, evicts everything):
   select list calls a function of the user's (the rewriter adds the view's quals to the
   write: the function runs per row), an INSERT into one WITH CHECK OPTION (the quals check
   the new row), and a view over such a view: a view's definition was judged for reads
-  (`Relation.runs_code`) but a write to it reached only its base tables.
+  (`Relation.runs_code`) but a write to it reached only its base tables;
+* an UPDATE, by a role its policy applies to, of a table whose policy reads such a view (the
+  policy's text names only the view, which the write's own judgement never looked into).
+
+Fixed by making a relation whose read runs code opaque to writes (relations.py).
 
 Held (controls): a row trigger declared on a partitioned table fires for an INSERT naming
 a partition (PostgreSQL 15 clones it as an ordinary trigger of the partition: opaque).
@@ -73,3 +77,26 @@ async def test_write_into_a_partition_fires_the_parents_trigger(env: Env) -> Non
     await writer.run(f"INSERT INTO {parent}_1 VALUES (1, 'x')")
     assert await reader.origin(read) != [(0,)]
     await reader.check(read, why="after INSERT into a partition whose cloned trigger bumps the counter")
+
+
+async def test_write_to_a_table_whose_policy_reads_a_view_that_runs_code(env: Env) -> None:
+    """t's policy reads a view whose WHERE calls bump(): an UPDATE of t by a role the policy
+    applies to runs it per row (the policy's text names only the view)."""
+    count, bump = await counter(env)
+    role = await env.role()
+    t = await env.table("adv_pt", "id int PRIMARY KEY, v text", "(1, 'old')")
+    view = unique("adv_view")
+    await env.admin(
+        f"CREATE VIEW public.{view} AS SELECT 1 AS one WHERE public.{bump}() > 0",
+        f"GRANT ALL ON public.{view} TO PUBLIC",
+        f"ALTER TABLE public.{t} ENABLE ROW LEVEL SECURITY",
+        f"CREATE POLICY p ON public.{t} USING (EXISTS (SELECT 1 FROM public.{view}))",
+    )
+    env.on_cleanup(f"DROP TABLE IF EXISTS public.{t} CASCADE", f"DROP VIEW IF EXISTS public.{view}")
+    writer = await env.client(env.login(role))
+    await writer.run(f"UPDATE {t} SET v = 'first'")  # not looked up yet: evicts everything
+    await env.admin(f"UPDATE {count} SET n = 0")
+    reader, read = await warm_counter(env, count)
+    await writer.run(f"UPDATE {t} SET v = 'new'")
+    assert await reader.origin(read) != [(0,)], "the write never ran bump(): proves nothing"
+    await reader.check(read, why="after an UPDATE whose table's policy reads a view that runs bump()")
