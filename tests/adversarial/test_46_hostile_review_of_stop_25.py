@@ -100,3 +100,22 @@ async def test_write_to_a_table_whose_policy_reads_a_view_that_runs_code(env: En
     await writer.run(f"UPDATE {t} SET v = 'new'")
     assert await reader.origin(read) != [(0,)], "the write never ran bump(): proves nothing"
     await reader.check(read, why="after an UPDATE whose table's policy reads a view that runs bump()")
+
+
+@pytest.mark.xfail(strict=True, reason="a write to a system catalog evicts only the catalog's own name")
+@pytest.mark.parametrize("schema", ["pg_catalog.", ""])
+async def test_superuser_write_to_a_system_catalog(env: Env, schema: str) -> None:
+    """obj_description() is trusted: it reads pg_description, "changed only by DDL". A
+    superuser may write the catalog itself (an UPDATE of pg_description is a COMMENT)."""
+    t = await env.table("adv_cmt", "id int")
+    await env.admin(f"COMMENT ON TABLE public.{t} IS 'old'")
+    oid = await env.admin_val(f"SELECT 'public.{t}'::regclass::oid")
+    writer = await env.client()
+    change = f"UPDATE {schema}pg_description SET description = '{{}}' WHERE objoid = {oid}"
+    await writer.run(change.format("first"))  # not looked up yet: evicts everything
+    reader = await env.twin()
+    read = f"SELECT pg_catalog.obj_description({oid}::oid, 'pg_class')"
+    rows, _ = await reader.probe(read)
+    assert rows == [("first",)]
+    await writer.run(change.format("new"))
+    await reader.check(read, why="after a superuser's UPDATE of pg_description through neonpoly")
