@@ -37,9 +37,25 @@ _CLUSTER_WIDE = frozenset(
     }
 )
 _FALSE = frozenset({"false", "off", "no", "0"})
+# Every relation of pg_catalog and pg_toast is named so (information_schema's few tables are
+# read by no trusted builtin, and reading them is never cached).
+_CATALOG_PREFIX = "pg_"
 
 
 def classify_statement(kind: str, f: Node) -> Verdict:
+    verdict = _classify_statement(kind, f)
+    catalogs = sorted(t for t in verdict.tables_written if t.startswith(_CATALOG_PREFIX))
+    if catalogs and verdict.is_write:
+        # A superuser's write to a system catalog is DDL by hand (an UPDATE of pg_description
+        # is a COMMENT): trusted builtins read the catalogs (obj_description, has_*_privilege,
+        # pg_get_userbyid), and the shared ones (pg_authid) are every database's. User tables
+        # may be named pg_…, too: treated the same (too much, never too little).
+        verdict.reason = f"writes the system catalog {catalogs[0]} (as DDL does)"
+        verdict.invalidate_all = verdict.changes_session = verdict.cluster_wide = True
+    return verdict
+
+
+def _classify_statement(kind: str, f: Node) -> Verdict:
     if kind in _QUERIES:
         return queries.analyse(kind, f, Verdict())
     if kind == "ExplainStmt":

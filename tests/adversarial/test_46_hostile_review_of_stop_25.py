@@ -15,6 +15,11 @@ known yet, evicts everything):
 
 Fixed by making a relation whose read runs code opaque to writes (relations.py).
 
+Also FAILED BEFORE, fixed (statements.py): a superuser's UPDATE of pg_description through
+neonpoly (a COMMENT by hand, schema-qualified or not) evicted only the catalog's own name,
+which no cached read carries, so obj_description()'s cached answer stayed stale. A write to a
+system catalog is now DDL of every database.
+
 Held (controls): a row trigger declared on a partitioned table fires for an INSERT naming
 a partition (PostgreSQL 15 clones it as an ordinary trigger of the partition: opaque).
 """
@@ -102,7 +107,6 @@ async def test_write_to_a_table_whose_policy_reads_a_view_that_runs_code(env: En
     await reader.check(read, why="after an UPDATE whose table's policy reads a view that runs bump()")
 
 
-@pytest.mark.xfail(strict=True, reason="a write to a system catalog evicts only the catalog's own name")
 @pytest.mark.parametrize("schema", ["pg_catalog.", ""])
 async def test_superuser_write_to_a_system_catalog(env: Env, schema: str) -> None:
     """obj_description() is trusted: it reads pg_description, "changed only by DDL". A
