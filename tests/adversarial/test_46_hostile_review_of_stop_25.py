@@ -26,6 +26,8 @@ a partition (PostgreSQL 15 clones it as an ordinary trigger of the partition: op
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.adversarial.harness import Env, unique
@@ -123,3 +125,24 @@ async def test_superuser_write_to_a_system_catalog(env: Env, schema: str) -> Non
     assert rows == [("first",)]
     await writer.run(change.format("new"))
     await reader.check(read, why="after a superuser's UPDATE of pg_description through neonpoly")
+
+
+@pytest.mark.xfail(strict=True, reason="COPY … PROGRAM is judged as a COPY of its table only")
+@pytest.mark.parametrize("direction", ["to", "from"])
+async def test_copy_program_that_writes_through_its_own_connection(env: Env, direction: str) -> None:
+    """COPY … TO/FROM PROGRAM runs a shell command on the server, which may connect back and
+    write anything, as dblink_exec does (adversarial 27): here psql bumps the counter."""
+    count, _ = await counter(env)
+    psql = shutil.which("psql")
+    assert psql is not None
+    conninfo = f"host=127.0.0.1 port={env.pg.port} dbname=app user=trust_user"
+    program = f"{psql} -X -q -d ''{conninfo}'' -c ''UPDATE public.{count} SET n = n + 1'' >/dev/null"
+    sink = await env.table("adv_sink", "line text")
+    await make_known(env, sink)  # else its COPY FROM evicts everything, as a write to a table not known
+    copy = (f"COPY (SELECT 1) TO PROGRAM '{program}'" if direction == "to"
+            else f"COPY {sink} FROM PROGRAM '{program}; echo done'")
+    reader, read = await warm_counter(env, count)
+    writer = await env.client()
+    await writer.run(copy)
+    assert await reader.origin(read) != [(0,)], "the program never ran: proves nothing"
+    await reader.check(read, why=f"after COPY {direction.upper()} PROGRAM (its psql bumped the counter)")
