@@ -209,6 +209,12 @@ def _option_on(options: Any, names: tuple[str, ...]) -> bool:
 def _copy(f: Node) -> Verdict:
     verdict = Verdict().refuse(Status.UNCACHEABLE, _COPY)
     verdict.copy = True
+    if f.get("is_program"):
+        # A shell command of the server's: it may connect back (psql) and write or alter
+        # anything, in any database, as dblink_exec may; judged as server code (CALL, DO).
+        verdict.write("", everything=True)
+        verdict.reason = "COPY … PROGRAM runs a program on the server that may write anything"
+        verdict.changes_session = True
     query = f.get("query")
     if isinstance(query, dict) and query:
         ((kind, fields),) = query.items()

@@ -129,3 +129,17 @@ def test_a_write_to_a_system_catalog_is_ddl_of_every_database(sql: str) -> None:
 def test_a_read_of_a_system_catalog_is_no_ddl() -> None:
     c = classify("SELECT description FROM pg_catalog.pg_description")
     assert not (c.invalidate_all or c.cluster_wide or c.is_write)
+
+
+@pytest.mark.parametrize(
+    "sql", ["COPY (SELECT 1) TO PROGRAM 'psql -c x'", "COPY t FROM PROGRAM 'cat f'", "COPY t TO PROGRAM 'gzip > f'"]
+)
+def test_copy_program_runs_server_code(sql: str) -> None:
+    """The program may connect back and write anything (tests/adversarial/test_46)."""
+    c = classify(sql)
+    assert c.invalidate_all and c.changes_session and c.is_write and "PROGRAM" in c.reason
+
+
+def test_copy_to_stdout_is_no_write() -> None:
+    c = classify("COPY t TO STDOUT")
+    assert not (c.invalidate_all or c.is_write)
