@@ -20,8 +20,7 @@ _UTILITY = {
     "ListenStmt": "LISTEN subscribes the session to notifications",
     "UnlistenStmt": "UNLISTEN changes the session's subscriptions",
     "ClosePortalStmt": "CLOSE ends a cursor of the session",
-    "VacuumStmt": "VACUUM is maintenance, never cached", "CheckPointStmt": "CHECKPOINT is maintenance, never cached",
-    "ReindexStmt": "REINDEX is maintenance, never cached",
+    "CheckPointStmt": "CHECKPOINT is maintenance, never cached",
     "PrepareStmt": "PREPARE only names a statement (its executions may be cached)",
     "ConstraintsSetStmt": "SET CONSTRAINTS applies to the current transaction only",
 }
@@ -84,8 +83,14 @@ def _classify_statement(kind: str, f: Node) -> Verdict:
         return verdict
     if kind == "LoadStmt":
         return _changes_session("LOAD of a library")
-    if kind == "VacuumStmt" and _option_on(f.get("options") or (), ("full",)):
-        return _rewrite("VACUUM FULL", [r.get("VacuumRelation", {}).get("relation") for r in f.get("rels") or ()])
+    if kind == "VacuumStmt":
+        rels = [r.get("VacuumRelation", {}).get("relation") for r in f.get("rels") or ()]
+        if _option_on(f.get("options") or (), ("full",)):
+            return _rewrite("VACUUM FULL", rels)
+        return _runs_index_code("VACUUM" if f.get("is_vacuumcmd") else "ANALYZE", rels)
+    if kind == "ReindexStmt":
+        table = f.get("relation") if f.get("kind") == "REINDEX_OBJECT_TABLE" else None
+        return _runs_index_code("REINDEX", [table])  # of an index, a schema …: tables not named
     if kind == "ClusterStmt":
         return _rewrite("CLUSTER", [f["relation"]] if f.get("relation") else [])
     if kind in _UTILITY:
@@ -126,6 +131,28 @@ def _rewrite(what: str, relations: list[Any]) -> Verdict:
     if not verdict.tables_written:
         return verdict.write(f"{what} rewrites every table it may (none named)", everything=True)
     return verdict.write(f"{what} rewrites {', '.join(verdict.qualified)} (every row's ctid moves)")
+
+
+def _runs_index_code(what: str, relations: list[Any]) -> Verdict:
+    """VACUUM, ANALYZE and REINDEX change no row, but run code a write of the table would:
+    REINDEX evaluates index expressions and sorts by the indexes' operator classes, ANALYZE
+    evaluates expression indexes for its sample and sorts each column by its type's default
+    operator class, VACUUM merges a GIN index's pending entries with its compare function.
+    ANALYZE also changes plans, and so the order of rows a read without ORDER BY returns.
+    Judged as a write of the tables named (relations.py: opaque when that code is the user's),
+    or of every table (none named); the eviction of a table whose code is builtin only costs
+    hits."""
+    verdict = Verdict()
+    verdict.shadowable.add("operator class")
+    for rv in relations:
+        if not isinstance(rv, dict) or not rv.get("relname"):
+            return verdict.write(f"{what} runs the code of every table's indexes", everything=True)
+        name = str(rv["relname"])
+        verdict.tables_written.add(name)
+        verdict.qualified.append(queries.qualified(rv.get("schemaname"), name))
+    if not verdict.tables_written:
+        return verdict.write(f"{what} runs the code of every table's indexes (none named)", everything=True)
+    return verdict.write(f"{what} runs the code of the indexes of {', '.join(verdict.qualified)}")
 
 
 def _changes_session(reason: str) -> Verdict:
