@@ -95,6 +95,14 @@ SELECT 'w', w.root, c.relname::pg_catalog.text,
               JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ANY (k.conexclop)
               JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
               WHERE k.conrelid {_CATALOG} w.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+   -- a foreign key's checks compare with the equality of its parent's index's operator class,
+   -- on either side: a write to the child looks its parent's row up, one to the parent its children
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
+              JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ANY (k.conpfeqop)
+               OR o.oid {_CATALOG} ANY (k.conppeqop) OR o.oid {_CATALOG} ANY (k.conffeqop)
+              JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
+              WHERE k.contype {_CATALOG} 'f' AND (k.conrelid {_CATALOG} w.oid OR k.confrelid {_CATALOG} w.oid)
+               AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
   )::pg_catalog.text, NULL
 FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
 UNION ALL
