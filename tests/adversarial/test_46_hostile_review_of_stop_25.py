@@ -164,18 +164,28 @@ async def test_copy_program_that_writes_through_its_own_connection(env: Env, dir
     await reader.check(read, why=f"after COPY {direction.upper()} PROGRAM (its psql bumped the counter)")
 
 
-@pytest.mark.parametrize("maintenance", ["REINDEX TABLE {t}", "ANALYZE {t}", "VACUUM (ANALYZE) {t}"])
-async def test_maintenance_runs_an_index_expression_of_the_users(env: Env, maintenance: str) -> None:
-    """REINDEX rebuilds an expression index and ANALYZE computes its statistics: both
-    evaluate the expression, here a lying IMMUTABLE function of the user's that bumps the
-    counter (a write with such an index is opaque, adversarial 38; these were notaquery)."""
+_EXPRESSION_OWNERS = {"index": "CREATE INDEX ON public.{t} ((public.{fn}(id)))",
+                      "statistics": "CREATE STATISTICS public.{fn}_st ON (public.{fn}(id)) FROM public.{t}"}
+
+
+@pytest.mark.parametrize(
+    ("maintenance", "owner"),
+    [("REINDEX TABLE {t}", "index"), ("ANALYZE {t}", "index"), ("VACUUM (ANALYZE) {t}", "index"),
+     pytest.param("ANALYZE {t}", "statistics", marks=pytest.mark.xfail(
+         strict=True, reason="extended statistics' expressions are not judged"))],
+)
+async def test_maintenance_runs_an_expression_of_the_users(env: Env, maintenance: str, owner: str) -> None:
+    """REINDEX rebuilds an expression index and ANALYZE computes its statistics (and those of
+    an expression's extended statistics): both evaluate the expression, here a lying IMMUTABLE
+    function of the user's that bumps the counter (a write with such an index is opaque,
+    adversarial 38; these were notaquery)."""
     count, bump = await counter(env)
     t = await env.table("adv_ix", "id int", "(1)", "(2)")
     fn = unique("adv_lying")
     await env.admin(
         f"CREATE FUNCTION public.{fn}(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS "
         f"$$ BEGIN PERFORM public.{bump}(); RETURN $1; END $$",
-        f"CREATE INDEX ON public.{t} ((public.{fn}(id)))",
+        _EXPRESSION_OWNERS[owner].format(t=t, fn=fn),
         f"UPDATE public.{count} SET n = 0",
     )
     env.on_cleanup(f"DROP TABLE IF EXISTS public.{t}", f"DROP FUNCTION IF EXISTS public.{fn}(int)")
@@ -184,7 +194,7 @@ async def test_maintenance_runs_an_index_expression_of_the_users(env: Env, maint
     writer = await env.client()
     await writer.run(maintenance.format(t=t))
     assert await reader.origin(read) != [(0,)], "the expression never ran: proves nothing"
-    await reader.check(read, why=f"after {maintenance.split(' ')[0]} through neonpoly ran the index expression")
+    await reader.check(read, why=f"after {maintenance.split(' ')[0]} through neonpoly ran the {owner}'s expression")
 
 
 async def test_analyze_changes_the_plan_and_so_the_row_order(env: Env) -> None:
