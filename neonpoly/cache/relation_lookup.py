@@ -125,6 +125,9 @@ JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks,
   UNION ALL
   SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) FROM pg_catalog.pg_index i
   WHERE i.indrelid {_CATALOG} w.oid AND i.indpred IS NOT NULL
+  UNION ALL  -- extended statistics' expressions: ANALYZE (and VACUUM ANALYZE) computes them
+  SELECT pg_catalog.pg_get_expr(s.stxexprs, s.stxrelid) FROM pg_catalog.pg_statistic_ext s
+  WHERE s.stxrelid {_CATALOG} w.oid AND s.stxexprs IS NOT NULL
 ) x(expr) ON true
 UNION ALL  -- the checks of the domains its columns' values hold (arrays, composites, ranges too)
 SELECT 'd', w.root, c.relname::pg_catalog.text, 'false',
