@@ -252,3 +252,34 @@ async def test_foreign_key_check_runs_an_equality_of_the_users(env: Env) -> None
     await writer.run(f"INSERT INTO {child} VALUES (1)")
     assert await reader.origin(read) != [(0,)], "the foreign key's check never ran the operator: proves nothing"
     await reader.check(read, why="after an INSERT whose foreign-key check ran an = of the user's")
+
+
+@pytest.mark.xfail(strict=True, reason="a read's indexes are not judged: only a write's")
+async def test_read_through_an_index_whose_operator_class_is_the_users(env: Env) -> None:
+    """An index with a non-default operator class whose comparison is plpgsql (a lying one
+    that bumps the counter) serves `id = 5` with the builtin `=`: a plain read of the table
+    that the planner answers by that index runs the comparison for every key it meets."""
+    count, bump = await counter(env)
+    ops = unique("adv_ops")
+    t = await env.table("adv_ixr", "id int, v text")
+    await env.admin(
+        f"CREATE FUNCTION public.{ops}_cmp(int, int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN pg_catalog.btint4cmp($1, $2); END $$",
+        f"CREATE OPERATOR CLASS public.{ops} FOR TYPE int USING btree AS OPERATOR 1 pg_catalog.<, "
+        f"OPERATOR 2 pg_catalog.<=, OPERATOR 3 pg_catalog.=, OPERATOR 4 pg_catalog.>=, OPERATOR 5 pg_catalog.>, "
+        f"FUNCTION 1 public.{ops}_cmp(int, int)",
+        f"INSERT INTO public.{t} SELECT g, 'x' FROM generate_series(1, 2000) g",
+        f"CREATE INDEX ON public.{t} (id public.{ops})",
+        f"ANALYZE public.{t}",
+        f"UPDATE public.{count} SET n = 0",
+    )
+    env.on_cleanup(f"DROP TABLE IF EXISTS public.{t}",
+                   f"DROP OPERATOR FAMILY IF EXISTS public.{ops} USING btree CASCADE",
+                   f"DROP FUNCTION IF EXISTS public.{ops}_cmp(int, int)")
+    await make_known(env, t)
+    await env.admin(f"UPDATE public.{count} SET n = 0")
+    reader, read = await warm_counter(env, count)
+    client = await env.client()
+    await client.rows(f"SELECT v FROM {t} WHERE id = 5")
+    assert await reader.origin(read) != [(0,)], "the read never used the index: proves nothing"
+    await reader.check(read, why="after a read whose index scan ran a comparison of the user's")
