@@ -152,6 +152,21 @@ LEFT JOIN LATERAL (
   WHERE k.conrelid {_CATALOG} c.oid AND k.contype {_CATALOG} 'p' AND NOT k.condeferrable
    AND pg_catalog.cardinality(k.conkey) {_CATALOG} 1
 ) pk(typ, col) ON true
+UNION ALL  -- an index whose operator class (support functions or operators) is not in C: a read
+-- the planner answers by that index runs it for the keys it meets
+SELECT 'i', r.root, c.relname::pg_catalog.text, 'false', NULL
+FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
+WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+              JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} ANY (i.indclass::pg_catalog.oid[])
+              JOIN pg_catalog.pg_amproc ap ON ap.amprocfamily {_CATALOG} oc.opcfamily
+              JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} ap.amproc::pg_catalog.oid
+              WHERE i.indrelid {_CATALOG} r.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+ OR EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+            JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} ANY (i.indclass::pg_catalog.oid[])
+            JOIN pg_catalog.pg_amop ao ON ao.amopfamily {_CATALOG} oc.opcfamily
+            JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ao.amopopr
+            JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
+            WHERE i.indrelid {_CATALOG} r.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
 UNION ALL
 SELECT 'u', r.root, c.relname::pg_catalog.text, 'false', NULL  -- what a change feed cannot follow
 FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid

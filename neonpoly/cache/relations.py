@@ -212,6 +212,7 @@ class RelationBook:
         code_types: set[str] = set()
         listed = False  # this lookup listed the rivals and code types (relation_lookup.py)
         keyed: dict[str, list[tuple[bool, str, str | None]]] = {}
+        index_code: dict[str, str] = {}  # root -> a relation it reads with an index running user code
         followed = self._followed.setdefault(database, {})
         unfollowed_roots: set[str] = set()
         for kind, root, relname, flag, definition in rows:
@@ -223,6 +224,9 @@ class RelationBook:
                 followed.setdefault(relname, True)
             if kind == "k":
                 keyed.setdefault(root, []).append((flag, relname, definition))
+                continue
+            if kind == "i":
+                index_code.setdefault(root, relname)
                 continue
             if kind == "s":
                 shadows.setdefault(relname, set()).add(root)
@@ -259,6 +263,9 @@ class RelationBook:
             opaque = opaque or any(_runs_code(sql, known_code_types, rivals) for sql in write_code.get(name, ()))
             why_volatile = _changes_unseen(name) if volatile else None
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types, rivals)
+            if runs_code is None and name in index_code:
+                owner = index_code[name]
+                runs_code = f"reading {name} may run code: an index on {owner} has an operator class of the user's"
             # A write runs what a read of it runs: the rewriter adds an updatable view's quals
             # (and RETURNING its select list) to a write through it, and a policy's subquery
             # reads what it names. Code there may write anything or SET.

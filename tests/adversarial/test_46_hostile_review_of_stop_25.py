@@ -39,6 +39,11 @@ itself. A write to either side of such a key is now opaque. And ANALYZE computin
 expression's extended statistics (CREATE STATISTICS … ON (f(id))) ran the lying function:
 those expressions are now judged as a write's code, as index expressions are.
 
+Also FAILED BEFORE, fixed (relation_lookup.py, relations.py): a plain read answered by an
+index whose non-default operator class compares in plpgsql ran it (only a write's indexes
+were judged, and only default operator classes for reads). Reading a relation that reaches
+such an index now runs code.
+
 Held (controls): a row trigger declared on a partitioned table fires for an INSERT naming
 a partition (PostgreSQL 15 clones it as an ordinary trigger of the partition: opaque).
 """
@@ -254,7 +259,6 @@ async def test_foreign_key_check_runs_an_equality_of_the_users(env: Env) -> None
     await reader.check(read, why="after an INSERT whose foreign-key check ran an = of the user's")
 
 
-@pytest.mark.xfail(strict=True, reason="a read's indexes are not judged: only a write's")
 async def test_read_through_an_index_whose_operator_class_is_the_users(env: Env) -> None:
     """An index with a non-default operator class whose comparison is plpgsql (a lying one
     that bumps the counter) serves `id = 5` with the builtin `=`: a plain read of the table
