@@ -287,3 +287,27 @@ async def test_read_through_an_index_whose_operator_class_is_the_users(env: Env)
     await client.rows(f"SELECT v FROM {t} WHERE id = 5")
     assert await reader.origin(read) != [(0,)], "the read never used the index: proves nothing"
     await reader.check(read, why="after a read whose index scan ran a comparison of the user's")
+
+
+@pytest.mark.xfail(strict=True, reason="a read's index expressions and predicates are not judged")
+@pytest.mark.parametrize("index", ["(id) WHERE id > public.{fn}(0)", "((id + public.{fn}(0)))"])
+async def test_read_plans_with_an_index_that_folds_code_of_the_users(env: Env, index: str) -> None:
+    """A partial index's predicate and an index's expressions are folded when a session first
+    plans a read of the table (relcache): an IMMUTABLE call of constants, here a lying one
+    that bumps the counter, runs in a plain read by a new session."""
+    count, bump = await counter(env)
+    t = await env.table("adv_ixp", "id int, v text", "(1, 'x')")
+    fn = unique("adv_lying")
+    await env.admin(
+        f"CREATE FUNCTION public.{fn}(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM public.{bump}(); RETURN $1; END $$",
+        f"CREATE INDEX ON public.{t} " + index.format(fn=fn),
+    )
+    env.on_cleanup(f"DROP TABLE IF EXISTS public.{t}", f"DROP FUNCTION IF EXISTS public.{fn}(int)")
+    await make_known(env, t)
+    await env.admin(f"UPDATE public.{count} SET n = 0")
+    reader, read = await warm_counter(env, count)
+    client = await env.client()  # a new session: its first plan of t loads the index
+    await client.rows(f"SELECT v FROM {t} WHERE id = 1")
+    assert await reader.origin(read) != [(0,)], "planning never ran the function: proves nothing"
+    await reader.check(read, why="after a read whose planning folded an index's call of the user's")
