@@ -167,6 +167,16 @@ WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_index i
             JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ao.amopopr
             JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
             WHERE i.indrelid {_CATALOG} r.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+UNION ALL  -- its indexes' expressions and predicates: planning folds their calls of constants
+SELECT 'j', r.root, c.relname::pg_catalog.text, 'false', pg_catalog.concat('SELECT ', x.expr)
+FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
+JOIN LATERAL (
+  SELECT pg_catalog.pg_get_expr(i.indexprs, i.indrelid) FROM pg_catalog.pg_index i
+  WHERE i.indrelid {_CATALOG} r.oid AND i.indexprs IS NOT NULL
+  UNION ALL
+  SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) FROM pg_catalog.pg_index i
+  WHERE i.indrelid {_CATALOG} r.oid AND i.indpred IS NOT NULL
+) x(expr) ON true
 UNION ALL
 SELECT 'u', r.root, c.relname::pg_catalog.text, 'false', NULL  -- what a change feed cannot follow
 FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid

@@ -213,6 +213,7 @@ class RelationBook:
         listed = False  # this lookup listed the rivals and code types (relation_lookup.py)
         keyed: dict[str, list[tuple[bool, str, str | None]]] = {}
         index_code: dict[str, str] = {}  # root -> a relation it reads with an index running user code
+        index_sql: dict[str, list[tuple[str, str]]] = {}  # root -> (relation, an index's expression)
         followed = self._followed.setdefault(database, {})
         unfollowed_roots: set[str] = set()
         for kind, root, relname, flag, definition in rows:
@@ -227,6 +228,9 @@ class RelationBook:
                 continue
             if kind == "i":
                 index_code.setdefault(root, relname)
+                continue
+            if kind == "j":
+                index_sql.setdefault(root, []).append((relname, definition or ""))
                 continue
             if kind == "s":
                 shadows.setdefault(relname, set()).add(root)
@@ -254,6 +258,10 @@ class RelationBook:
             self._code_types[database] = frozenset(code_types)
         known_code_types = self._code_types.get(database)
         rivals = _definition_rivals(self._shadowed.get(database))
+        for root, exprs in index_sql.items():
+            for relname, sql in exprs:
+                if root not in index_code and _runs_code(sql, known_code_types, rivals):
+                    index_code[root] = relname
         for name in asked:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
@@ -265,7 +273,7 @@ class RelationBook:
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types, rivals)
             if runs_code is None and name in index_code:
                 owner = index_code[name]
-                runs_code = f"reading {name} may run code: an index on {owner} has an operator class of the user's"
+                runs_code = f"reading {name} may run code: an index on {owner} calls code of the user's"
             # A write runs what a read of it runs: the rewriter adds an updatable view's quals
             # (and RETURNING its select list) to a write through it, and a policy's subquery
             # reads what it names. Code there may write anything or SET.

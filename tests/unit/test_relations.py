@@ -187,5 +187,21 @@ def test_code_a_read_runs_makes_its_writes_opaque_and_user_indexes_make_reads_ru
     )
     assert book.reach("app", ["v"]) is None  # the whole database
     t = book.resolve("app", ["t"])
-    assert t is not None and t.runs_code and "operator class" in t.runs_code
+    assert t is not None and t.runs_code and "index" in t.runs_code
     assert book.reach("app", ["plain"]) == frozenset({"plain"})
+
+
+def test_index_expressions_that_call_code_of_the_users_make_reads_run_code() -> None:
+    """Planning folds an index's calls of constants when it loads the index."""
+    book = RelationBook()
+    book.learn(
+        "app",
+        ["folded", "plain"],
+        [
+            ("r", "folded", "folded", False, None), ("j", "folded", "folded", False, "SELECT (id > lying(0))"),
+            ("r", "plain", "plain", False, None), ("j", "plain", "plain", False, "SELECT lower(name)"),
+        ],
+    )
+    folded = book.resolve("app", ["folded"])
+    assert folded is not None and folded.runs_code
+    assert book.resolve("app", ["plain"]) == Resolution(frozenset({"plain"}), None, None)
