@@ -47,7 +47,10 @@ call code of the user's, which FAILED BEFORE too: a new session's first plan of 
 folds their calls of constants (`WHERE id > f(0)`) when it loads the index.
 
 Held (controls): a row trigger declared on a partitioned table fires for an INSERT naming
-a partition (PostgreSQL 15 clones it as an ordinary trigger of the partition: opaque).
+a partition (PostgreSQL 15 clones it as an ordinary trigger of the partition: opaque); a role
+renamed, or commented on, through a session of database app while database postgres has
+pg_get_userbyid()'s or shobj_description()'s answer cached (DDL evicts every database's
+entries; these fail with that eviction kept to the DDL's own database).
 """
 
 from __future__ import annotations
@@ -312,3 +315,26 @@ async def test_read_plans_with_an_index_that_folds_code_of_the_users(env: Env, i
     await client.rows(f"SELECT v FROM {t} WHERE id = 1")
     assert await reader.origin(read) != [(0,)], "planning never ran the function: proves nothing"
     await reader.check(read, why="after a read whose planning folded an index's call of the user's")
+
+
+# --- held: shared objects changed through neonpoly from another database ---------------------
+
+
+@pytest.mark.parametrize(
+    ("read", "change"),
+    [("SELECT pg_catalog.pg_get_userbyid({oid})::text", "ALTER ROLE {role} RENAME TO {role}_renamed"),
+     ("SELECT pg_catalog.shobj_description({oid}, 'pg_authid')", "COMMENT ON ROLE {role} IS 'new'")],
+)
+async def test_shared_object_changed_from_another_database(env: Env, read: str, change: str) -> None:
+    """Roles are every database's: a rename or COMMENT through a session of database app must
+    reach a cached read in database postgres (held: DDL evicts every database's entries)."""
+    role = await env.role()
+    env.on_cleanup(f"REVOKE ALL ON SCHEMA public FROM {role}_renamed", f"DROP ROLE IF EXISTS {role}_renamed")
+    oid = await env.admin_val(f"SELECT '{role}'::regrole::oid")
+    reader = await env.twin(env.login(database="postgres"))
+    sql = read.format(oid=oid)
+    await reader.probe(sql)
+    writer = await env.client()
+    await writer.run(change.format(role=role))
+    await reader.check(sql, why=f"after {change.split(' ')[0]} … through neonpoly in database app")
+    await reader.probe(sql, require_hit=False)  # every answer equal to the origin's, hits or not
