@@ -95,6 +95,14 @@ SELECT 'w', w.root, c.relname::pg_catalog.text,
               JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ANY (k.conexclop)
               JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
               WHERE k.conrelid {_CATALOG} w.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+   -- a foreign key's checks compare with the equality of its parent's index's operator class,
+   -- on either side: a write to the child looks its parent's row up, one to the parent its children
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
+              JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ANY (k.conpfeqop)
+               OR o.oid {_CATALOG} ANY (k.conppeqop) OR o.oid {_CATALOG} ANY (k.conffeqop)
+              JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
+              WHERE k.contype {_CATALOG} 'f' AND (k.conrelid {_CATALOG} w.oid OR k.confrelid {_CATALOG} w.oid)
+               AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
   )::pg_catalog.text, NULL
 FROM w JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} w.oid
 UNION ALL
@@ -117,6 +125,9 @@ JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks,
   UNION ALL
   SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) FROM pg_catalog.pg_index i
   WHERE i.indrelid {_CATALOG} w.oid AND i.indpred IS NOT NULL
+  UNION ALL  -- extended statistics' expressions: ANALYZE (and VACUUM ANALYZE) computes them
+  SELECT pg_catalog.pg_get_expr(s.stxexprs, s.stxrelid) FROM pg_catalog.pg_statistic_ext s
+  WHERE s.stxrelid {_CATALOG} w.oid AND s.stxexprs IS NOT NULL
 ) x(expr) ON true
 UNION ALL  -- the checks of the domains its columns' values hold (arrays, composites, ranges too)
 SELECT 'd', w.root, c.relname::pg_catalog.text, 'false',
@@ -141,6 +152,31 @@ LEFT JOIN LATERAL (
   WHERE k.conrelid {_CATALOG} c.oid AND k.contype {_CATALOG} 'p' AND NOT k.condeferrable
    AND pg_catalog.cardinality(k.conkey) {_CATALOG} 1
 ) pk(typ, col) ON true
+UNION ALL  -- an index whose operator class (support functions or operators) is not in C: a read
+-- the planner answers by that index runs it for the keys it meets
+SELECT 'i', r.root, c.relname::pg_catalog.text, 'false', NULL
+FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
+WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+              JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} ANY (i.indclass::pg_catalog.oid[])
+              JOIN pg_catalog.pg_amproc ap ON ap.amprocfamily {_CATALOG} oc.opcfamily
+              JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} ap.amproc::pg_catalog.oid
+              WHERE i.indrelid {_CATALOG} r.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+ OR EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+            JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} ANY (i.indclass::pg_catalog.oid[])
+            JOIN pg_catalog.pg_amop ao ON ao.amopfamily {_CATALOG} oc.opcfamily
+            JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ao.amopopr
+            JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
+            WHERE i.indrelid {_CATALOG} r.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+UNION ALL  -- its indexes' expressions and predicates: planning folds their calls of constants
+SELECT 'j', r.root, c.relname::pg_catalog.text, 'false', pg_catalog.concat('SELECT ', x.expr)
+FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
+JOIN LATERAL (
+  SELECT pg_catalog.pg_get_expr(i.indexprs, i.indrelid) FROM pg_catalog.pg_index i
+  WHERE i.indrelid {_CATALOG} r.oid AND i.indexprs IS NOT NULL
+  UNION ALL
+  SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) FROM pg_catalog.pg_index i
+  WHERE i.indrelid {_CATALOG} r.oid AND i.indpred IS NOT NULL
+) x(expr) ON true
 UNION ALL
 SELECT 'u', r.root, c.relname::pg_catalog.text, 'false', NULL  -- what a change feed cannot follow
 FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid

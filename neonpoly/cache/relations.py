@@ -12,7 +12,8 @@ reach further than they say:
 * a write cascades through foreign keys (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT),
   reaches partitions when it names the parent, reaches a view's base tables when it names an
   updatable view, and may run triggers or rules that write anything at all, or code of the
-  user's that may write or SET: in defaults, checks, policies, the CHECKs of domains its values
+  user's that may write or SET: in the definition of a view it is written through (the
+  rewriter adds its quals), in defaults, checks, policies, the CHECKs of domains its values
   hold (in arrays, composites, ranges), index expressions and predicates, and the support
   functions of its indexes' operator classes and exclusion operators; a write to a
   foreign table writes wherever its server points (postgres_fdw: maybe a table of this very
@@ -211,6 +212,8 @@ class RelationBook:
         code_types: set[str] = set()
         listed = False  # this lookup listed the rivals and code types (relation_lookup.py)
         keyed: dict[str, list[tuple[bool, str, str | None]]] = {}
+        index_code: dict[str, str] = {}  # root -> a relation it reads with an index running user code
+        index_sql: dict[str, list[tuple[str, str]]] = {}  # root -> (relation, an index's expression)
         followed = self._followed.setdefault(database, {})
         unfollowed_roots: set[str] = set()
         for kind, root, relname, flag, definition in rows:
@@ -222,6 +225,12 @@ class RelationBook:
                 followed.setdefault(relname, True)
             if kind == "k":
                 keyed.setdefault(root, []).append((flag, relname, definition))
+                continue
+            if kind == "i":
+                index_code.setdefault(root, relname)
+                continue
+            if kind == "j":
+                index_sql.setdefault(root, []).append((relname, definition or ""))
                 continue
             if kind == "s":
                 shadows.setdefault(relname, set()).add(root)
@@ -249,6 +258,10 @@ class RelationBook:
             self._code_types[database] = frozenset(code_types)
         known_code_types = self._code_types.get(database)
         rivals = _definition_rivals(self._shadowed.get(database))
+        for root, exprs in index_sql.items():
+            for relname, sql in exprs:
+                if root not in index_code and _runs_code(sql, known_code_types, rivals):
+                    index_code[root] = relname
         for name in asked:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
@@ -258,6 +271,13 @@ class RelationBook:
             opaque = opaque or any(_runs_code(sql, known_code_types, rivals) for sql in write_code.get(name, ()))
             why_volatile = _changes_unseen(name) if volatile else None
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types, rivals)
+            if runs_code is None and name in index_code:
+                owner = index_code[name]
+                runs_code = f"reading {name} may run code: an index on {owner} calls code of the user's"
+            # A write runs what a read of it runs: the rewriter adds an updatable view's quals
+            # (and RETURNING its select list) to a write through it, and a policy's subquery
+            # reads what it names. Code there may write anything or SET.
+            opaque = opaque or runs_code is not None
             self._known[(database, name)] = Relation(
                 frozenset(tags), why_volatile or clock, runs_code, settings, frozenset(reach), opaque,
                 _key_column(keyed.get(name, ())),

@@ -20,8 +20,7 @@ _UTILITY = {
     "ListenStmt": "LISTEN subscribes the session to notifications",
     "UnlistenStmt": "UNLISTEN changes the session's subscriptions",
     "ClosePortalStmt": "CLOSE ends a cursor of the session",
-    "VacuumStmt": "VACUUM is maintenance, never cached", "CheckPointStmt": "CHECKPOINT is maintenance, never cached",
-    "ReindexStmt": "REINDEX is maintenance, never cached",
+    "CheckPointStmt": "CHECKPOINT is maintenance, never cached",
     "PrepareStmt": "PREPARE only names a statement (its executions may be cached)",
     "ConstraintsSetStmt": "SET CONSTRAINTS applies to the current transaction only",
 }
@@ -37,9 +36,25 @@ _CLUSTER_WIDE = frozenset(
     }
 )
 _FALSE = frozenset({"false", "off", "no", "0"})
+# Every relation of pg_catalog and pg_toast is named so (information_schema's few tables are
+# read by no trusted builtin, and reading them is never cached).
+_CATALOG_PREFIX = "pg_"
 
 
 def classify_statement(kind: str, f: Node) -> Verdict:
+    verdict = _classify_statement(kind, f)
+    catalogs = sorted(t for t in verdict.tables_written if t.startswith(_CATALOG_PREFIX))
+    if catalogs and verdict.is_write:
+        # A superuser's write to a system catalog is DDL by hand (an UPDATE of pg_description
+        # is a COMMENT): trusted builtins read the catalogs (obj_description, has_*_privilege,
+        # pg_get_userbyid), and the shared ones (pg_authid) are every database's. User tables
+        # may be named pg_…, too: treated the same (too much, never too little).
+        verdict.reason = f"writes the system catalog {catalogs[0]} (as DDL does)"
+        verdict.invalidate_all = verdict.changes_session = verdict.cluster_wide = True
+    return verdict
+
+
+def _classify_statement(kind: str, f: Node) -> Verdict:
     if kind in _QUERIES:
         return queries.analyse(kind, f, Verdict())
     if kind == "ExplainStmt":
@@ -68,8 +83,14 @@ def classify_statement(kind: str, f: Node) -> Verdict:
         return verdict
     if kind == "LoadStmt":
         return _changes_session("LOAD of a library")
-    if kind == "VacuumStmt" and _option_on(f.get("options") or (), ("full",)):
-        return _rewrite("VACUUM FULL", [r.get("VacuumRelation", {}).get("relation") for r in f.get("rels") or ()])
+    if kind == "VacuumStmt":
+        rels = [r.get("VacuumRelation", {}).get("relation") for r in f.get("rels") or ()]
+        if _option_on(f.get("options") or (), ("full",)):
+            return _rewrite("VACUUM FULL", rels)
+        return _runs_index_code("VACUUM" if f.get("is_vacuumcmd") else "ANALYZE", rels)
+    if kind == "ReindexStmt":
+        table = f.get("relation") if f.get("kind") == "REINDEX_OBJECT_TABLE" else None
+        return _runs_index_code("REINDEX", [table])  # of an index, a schema …: tables not named
     if kind == "ClusterStmt":
         return _rewrite("CLUSTER", [f["relation"]] if f.get("relation") else [])
     if kind in _UTILITY:
@@ -110,6 +131,28 @@ def _rewrite(what: str, relations: list[Any]) -> Verdict:
     if not verdict.tables_written:
         return verdict.write(f"{what} rewrites every table it may (none named)", everything=True)
     return verdict.write(f"{what} rewrites {', '.join(verdict.qualified)} (every row's ctid moves)")
+
+
+def _runs_index_code(what: str, relations: list[Any]) -> Verdict:
+    """VACUUM, ANALYZE and REINDEX change no row, but run code a write of the table would:
+    REINDEX evaluates index expressions and sorts by the indexes' operator classes, ANALYZE
+    evaluates expression indexes for its sample and sorts each column by its type's default
+    operator class, VACUUM merges a GIN index's pending entries with its compare function.
+    ANALYZE also changes plans, and so the order of rows a read without ORDER BY returns.
+    Judged as a write of the tables named (relations.py: opaque when that code is the user's),
+    or of every table (none named); the eviction of a table whose code is builtin only costs
+    hits."""
+    verdict = Verdict()
+    verdict.shadowable.add("operator class")
+    for rv in relations:
+        if not isinstance(rv, dict) or not rv.get("relname"):
+            return verdict.write(f"{what} runs the code of every table's indexes", everything=True)
+        name = str(rv["relname"])
+        verdict.tables_written.add(name)
+        verdict.qualified.append(queries.qualified(rv.get("schemaname"), name))
+    if not verdict.tables_written:
+        return verdict.write(f"{what} runs the code of every table's indexes (none named)", everything=True)
+    return verdict.write(f"{what} runs the code of the indexes of {', '.join(verdict.qualified)}")
 
 
 def _changes_session(reason: str) -> Verdict:
@@ -193,6 +236,12 @@ def _option_on(options: Any, names: tuple[str, ...]) -> bool:
 def _copy(f: Node) -> Verdict:
     verdict = Verdict().refuse(Status.UNCACHEABLE, _COPY)
     verdict.copy = True
+    if f.get("is_program"):
+        # A shell command of the server's: it may connect back (psql) and write or alter
+        # anything, in any database, as dblink_exec may; judged as server code (CALL, DO).
+        verdict.write("", everything=True)
+        verdict.reason = "COPY … PROGRAM runs a program on the server that may write anything"
+        verdict.changes_session = True
     query = f.get("query")
     if isinstance(query, dict) and query:
         ((kind, fields),) = query.items()

@@ -111,3 +111,35 @@ def test_an_unreadable_text_that_may_prepare_a_transaction_is_held() -> None:
     c = classify(f"BEGIN; UPDATE t SET v = 1; PREPARE /* x */ TRANSACTION 'g'; {deep}")
     assert c.prepared == (("prepare", "\0unreadable"),) and c.has_effects
     assert classify(f"BEGIN; {deep}").prepared == ()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["UPDATE pg_catalog.pg_description SET description = 'x'", "DELETE FROM pg_shdescription",
+     "INSERT INTO pg_catalog.pg_description VALUES (1, 1259, 0, 'x')",
+     "WITH x AS (UPDATE pg_authid SET rolname = 'y' RETURNING 1) SELECT * FROM x"],
+)
+def test_a_write_to_a_system_catalog_is_ddl_of_every_database(sql: str) -> None:
+    """Trusted builtins (obj_description, pg_get_userbyid) read the catalogs, whose writes
+    are otherwise DDL's (tests/adversarial/test_46 proves one on a server)."""
+    c = classify(sql)
+    assert c.invalidate_all and c.changes_session and c.cluster_wide
+
+
+def test_a_read_of_a_system_catalog_is_no_ddl() -> None:
+    c = classify("SELECT description FROM pg_catalog.pg_description")
+    assert not (c.invalidate_all or c.cluster_wide or c.is_write)
+
+
+@pytest.mark.parametrize(
+    "sql", ["COPY (SELECT 1) TO PROGRAM 'psql -c x'", "COPY t FROM PROGRAM 'cat f'", "COPY t TO PROGRAM 'gzip > f'"]
+)
+def test_copy_program_runs_server_code(sql: str) -> None:
+    """The program may connect back and write anything (tests/adversarial/test_46)."""
+    c = classify(sql)
+    assert c.invalidate_all and c.changes_session and c.is_write and "PROGRAM" in c.reason
+
+
+def test_copy_to_stdout_is_no_write() -> None:
+    c = classify("COPY t TO STDOUT")
+    assert not (c.invalidate_all or c.is_write)

@@ -169,3 +169,39 @@ def test_views_casting_to_a_domain_whose_check_runs_code() -> None:
     v, w = book.resolve("app", ["v"]), book.resolve("app", ["w"])
     assert v is not None and v.runs_code is not None and "type bumping" in v.runs_code
     assert w is not None and w.runs_code is None
+
+
+def test_code_a_read_runs_makes_its_writes_opaque_and_user_indexes_make_reads_run_code() -> None:
+    """A view's quals run in a write through it; an index's operator class of the user's runs
+    in a read the planner answers by it (tests/adversarial/test_46 proves both on a server)."""
+    book = RelationBook()
+    book.learn(
+        "app",
+        ["v", "t", "plain"],
+        [
+            ("r", "v", "v", False, " SELECT t.id FROM t WHERE bump() > 0;"), ("r", "v", "t", False, None),
+            ("w", "v", "v", False, None), ("w", "v", "t", False, None),
+            ("r", "t", "t", False, None), ("i", "t", "t", False, None), ("w", "t", "t", False, None),
+            ("r", "plain", "plain", False, None), ("w", "plain", "plain", False, None),
+        ],
+    )
+    assert book.reach("app", ["v"]) is None  # the whole database
+    t = book.resolve("app", ["t"])
+    assert t is not None and t.runs_code and "index" in t.runs_code
+    assert book.reach("app", ["plain"]) == frozenset({"plain"})
+
+
+def test_index_expressions_that_call_code_of_the_users_make_reads_run_code() -> None:
+    """Planning folds an index's calls of constants when it loads the index."""
+    book = RelationBook()
+    book.learn(
+        "app",
+        ["folded", "plain"],
+        [
+            ("r", "folded", "folded", False, None), ("j", "folded", "folded", False, "SELECT (id > lying(0))"),
+            ("r", "plain", "plain", False, None), ("j", "plain", "plain", False, "SELECT lower(name)"),
+        ],
+    )
+    folded = book.resolve("app", ["folded"])
+    assert folded is not None and folded.runs_code
+    assert book.resolve("app", ["plain"]) == Resolution(frozenset({"plain"}), None, None)
