@@ -64,6 +64,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.collect()
     gc.freeze()  # lives for the whole run: never garbage, so never walked again
     gc.set_threshold(*GC_THRESHOLDS)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under `pytest -n N` every worker collects every test but runs only some: each would
+        # start every checker. The other workers keep the cores busy meanwhile; the test that
+        # asks runs its checker then.
+        return
     for item in session.items:
         job = getattr(getattr(item, "function", None), "background", None)
         if isinstance(job, Background) and job not in _early:
