@@ -183,9 +183,6 @@ _ESCAPED = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="array/range input drops quotes and backslashes inside an element: the word is not seen"
-)
 @pytest.mark.parametrize("how", ["literal", "parameter"])
 @pytest.mark.parametrize("spelling", sorted(_ESCAPED))
 async def test_clock_word_spelt_with_an_escape(env: Env, spelling: str, how: str) -> None:
