@@ -211,7 +211,6 @@ async def _on_writer(env: Env, login_user: str, table: str) -> Client:
     return client
 
 
-@pytest.mark.xfail(strict=True, reason="the COMMIT PREPARED's release ends the hold of the gid prepared again")
 async def test_commit_prepared_released_after_the_gid_was_prepared_again(env: Env) -> None:
     """COMMIT PREPARED 'g' (transaction one) runs at the origin at once, but its batch ends
     later (its next statement waits on a lock); meanwhile transaction two is prepared as 'g'
