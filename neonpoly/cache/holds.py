@@ -29,8 +29,16 @@ class PreparedHolds(Protocol):
         Added to the key's hold, never replacing it: a failed PREPARE may reuse a prepared gid."""
         ...
 
-    def release(self, key: HoldKey) -> None:
-        """Its COMMIT or ROLLBACK PREPARED went through neonpoly (which evicted)."""
+    def taken(self) -> int:
+        """How many holds were taken so far: read when a COMMIT or ROLLBACK PREPARED is sent,
+        it tells its `release` which holds came after it (one aligned load, no lock)."""
+        ...
+
+    def release(self, key: HoldKey, before: int | None = None) -> None:
+        """Its COMMIT or ROLLBACK PREPARED went through neonpoly (which evicted). Not when the
+        key was held again after `before` (`taken()` when it was sent): its gid was free at
+        the origin from the moment that ran, and another transaction prepared under it while
+        its batch went on (a next statement waiting on a lock); that one's hold stays."""
         ...
 
     def holding(self, database: str, tables: frozenset[str]) -> str | None:
@@ -60,32 +68,40 @@ def held_reason(gid: str) -> str:
 class LocalHolds:
     """Holds in this process's memory: a neonpoly that shares no board."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_taken")
 
     def __init__(self) -> None:
-        self._held: dict[HoldKey, tuple[str, frozenset[str] | None]] = {}
+        # key -> (database, reach, the order of its last hold: `taken()` right after it)
+        self._held: dict[HoldKey, tuple[str, frozenset[str] | None, int]] = {}
+        self._taken = 0
 
     def __bool__(self) -> bool:
         return bool(self._held)
 
+    def taken(self) -> int:
+        return self._taken
+
     def hold(self, key: HoldKey, database: str, reach: frozenset[str] | None) -> None:
+        self._taken += 1
         held = self._held.get(key)
         if held is None:
-            self._held[key] = (database, reach)
+            self._held[key] = (database, reach, self._taken)
         elif held[1] is not None and reach is not None and held[0] == database:
-            self._held[key] = (database, held[1] | reach)
+            self._held[key] = (database, held[1] | reach, self._taken)
         else:  # all of one database, or two databases: hold everything
-            self._held[key] = (database, None)
+            self._held[key] = (database, None, self._taken)
 
-    def release(self, key: HoldKey) -> None:
-        self._held.pop(key, None)
+    def release(self, key: HoldKey, before: int | None = None) -> None:
+        held = self._held.get(key)
+        if held is not None and (before is None or held[2] <= before):
+            del self._held[key]
 
     def holding(self, database: str, tables: frozenset[str]) -> str | None:
         # One that wrote anything holds every database: code may reach them all.
-        for key, (held, reach) in self._held.items():
+        for key, (held, reach, _) in self._held.items():
             if reach is None or (held == database and not reach.isdisjoint(tables)):
                 return held_reason(key[1])
         return None
 
     def entries(self) -> list[tuple[HoldKey, str, frozenset[str] | None]]:
-        return [(key, database, reach) for key, (database, reach) in self._held.items()]
+        return [(key, database, reach) for key, (database, reach, _) in self._held.items()]

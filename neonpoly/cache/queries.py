@@ -193,6 +193,9 @@ class _Walk:
         if kind == "A_Const":
             text = f.get("sval", {}).get("sval") if isinstance(f.get("sval"), dict) else None
             found = TIME_WORDS.search(text) if isinstance(text, str) else None
+            if found is None and isinstance(text, str) and ('"' in text or "\\" in text):
+                # Array, range and record input drop quotes and backslashes inside an element.
+                found = TIME_WORDS.search(text.replace('"', "").replace("\\", ""))
             if found is not None:
                 facts.volatile.append(f"the literal '{found.group(0)}' reads the clock")
             return

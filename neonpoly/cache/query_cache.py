@@ -13,7 +13,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from neonpoly.cache.bypass import Bypass, LookupScore
 from neonpoly.cache.cacheability import Cacheability
@@ -227,6 +227,7 @@ class QueryCache:
         failed: bool,
         *,
         exact: bool = True,
+        taken: Mapping[PreparedHolds, int] | None = None,
     ) -> None:
         """A batch's two-phase commit steps, once it ended: COMMIT or ROLLBACK PREPARED (the
         batch evicts what they made visible) release their gid, if nothing failed; then each
@@ -235,11 +236,12 @@ class QueryCache:
         Not `exact`: the gids are the parser's reading of a text the server reads otherwise
         (standard_conforming_strings off: a backslash in '…' escapes; a client encoding not
         UTF-8). Such a session releases nothing, and holds under a name no COMMIT PREPARED
-        spells (a gid has no NUL): held until neonpoly restarts, never released by mistake."""
+        spells (a gid has no NUL): held until neonpoly restarts, never released by mistake.
+        `taken`: `holds_taken()` when the batch was sent (a hold taken since is kept)."""
         if not failed and exact:
             for kind, gid in steps:
                 if kind == "end":
-                    self.release_prepared(gid)
+                    self.release_prepared(gid, taken)
         if tables or everything:
             for kind, gid in steps:
                 if kind == "prepare":
@@ -253,12 +255,18 @@ class QueryCache:
         for holds in self._keepers():
             holds.hold((self.cache_id, gid), database, reach)
 
-    def release_prepared(self, gid: str) -> None:
+    def release_prepared(self, gid: str, taken: Mapping[PreparedHolds, int] | None = None) -> None:
         """COMMIT or ROLLBACK PREPARED `gid` went through neonpoly (and evicted), this cache's
         (another cache's origin may be another server, where that gid is another transaction;
-        or the same server under another name: then its hold stays, storing less)."""
+        or the same server under another name: then its hold stays, storing less). `taken`:
+        `holds_taken()` when it was sent; a hold of the gid taken since stays (PreparedHolds
+        .release), as does any in a keeper it does not name. None: released whatever came."""
         for holds in self._keepers():
-            holds.release((self.cache_id, gid))
+            holds.release((self.cache_id, gid), None if taken is None else taken.get(holds, -1))
+
+    def holds_taken(self) -> dict[PreparedHolds, int]:
+        """Where each keeper's holds stand, as a COMMIT or ROLLBACK PREPARED is sent."""
+        return {holds: holds.taken() for holds in self._keepers()}
 
     def _keepers(self) -> list[PreparedHolds]:
         """This cache's holds and its siblings', each once (on a board they are one)."""

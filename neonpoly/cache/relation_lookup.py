@@ -15,6 +15,14 @@ from neonpoly import pgwire
 
 _CATALOG = "OPERATOR(pg_catalog.=)"
 _NOT = "OPERATOR(pg_catalog.<>)"
+# An operator class `oc` whose support functions or operators are not written in C (internal
+# 12, c 13): the user's code.
+_OPCLASS_CODE = f"""(EXISTS (SELECT 1 FROM pg_catalog.pg_amproc ap
+  JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} ap.amproc::pg_catalog.oid
+  WHERE ap.amprocfamily {_CATALOG} oc.opcfamily AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+ OR EXISTS (SELECT 1 FROM pg_catalog.pg_amop ao JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ao.amopopr
+  JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
+  WHERE ao.amopfamily {_CATALOG} oc.opcfamily AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[])))"""
 # pg_class 1259, pg_rewrite 2618, pg_policy 3256; pg_catalog's namespace is 11.
 LOOKUP_SQL = f"""\
 WITH RECURSIVE asked(oid, root) AS (
@@ -95,6 +103,12 @@ SELECT 'w', w.root, c.relname::pg_catalog.text,
               JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ANY (k.conexclop)
               JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
               WHERE k.conrelid {_CATALOG} w.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+   -- a partition key's operator classes (of it or a partitioned table above it) compare every
+   -- row routed through it, or checked against its partition's bounds
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_partition_ancestors(w.oid::pg_catalog.regclass) a(relid)
+              JOIN pg_catalog.pg_partitioned_table pt ON pt.partrelid {_CATALOG} a.relid::pg_catalog.oid
+              JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} ANY (pt.partclass::pg_catalog.oid[])
+              WHERE {_OPCLASS_CODE})
    -- a foreign key's checks compare with the equality of its parent's index's operator class,
    -- on either side: a write to the child looks its parent's row up, one to the parent its children
    OR EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
@@ -128,6 +142,12 @@ JOIN LATERAL (  -- code a write to it runs: defaults, generated columns, checks,
   UNION ALL  -- extended statistics' expressions: ANALYZE (and VACUUM ANALYZE) computes them
   SELECT pg_catalog.pg_get_expr(s.stxexprs, s.stxrelid) FROM pg_catalog.pg_statistic_ext s
   WHERE s.stxrelid {_CATALOG} w.oid AND s.stxexprs IS NOT NULL
+  UNION ALL  -- the key expressions of it and the partitioned tables above it: computed for every
+  -- row routed through it, or checked against its partition's bounds when it is named
+  SELECT pg_catalog.pg_get_expr(pt.partexprs, pt.partrelid)
+  FROM pg_catalog.pg_partition_ancestors(w.oid::pg_catalog.regclass) a(relid)
+  JOIN pg_catalog.pg_partitioned_table pt ON pt.partrelid {_CATALOG} a.relid::pg_catalog.oid
+  WHERE pt.partexprs IS NOT NULL
 ) x(expr) ON true
 UNION ALL  -- the checks of the domains its columns' values hold (arrays, composites, ranges too)
 SELECT 'd', w.root, c.relname::pg_catalog.text, 'false',
@@ -167,6 +187,9 @@ WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_index i
             JOIN pg_catalog.pg_operator o ON o.oid {_CATALOG} ao.amopopr
             JOIN pg_catalog.pg_proc p ON p.oid {_CATALOG} o.oprcode::pg_catalog.oid
             WHERE i.indrelid {_CATALOG} r.oid AND p.prolang {_NOT} ALL ('{{12,13}}'::pg_catalog.oid[]))
+ OR EXISTS (SELECT 1 FROM pg_catalog.pg_partitioned_table pt  -- pruning compares by its key's classes
+            JOIN pg_catalog.pg_opclass oc ON oc.oid {_CATALOG} ANY (pt.partclass::pg_catalog.oid[])
+            WHERE pt.partrelid {_CATALOG} r.oid AND {_OPCLASS_CODE})
 UNION ALL  -- its indexes' expressions and predicates: planning folds their calls of constants
 SELECT 'j', r.root, c.relname::pg_catalog.text, 'false', pg_catalog.concat('SELECT ', x.expr)
 FROM r JOIN pg_catalog.pg_class c ON c.oid {_CATALOG} r.oid
@@ -176,6 +199,12 @@ JOIN LATERAL (
   UNION ALL
   SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) FROM pg_catalog.pg_index i
   WHERE i.indrelid {_CATALOG} r.oid AND i.indpred IS NOT NULL
+  UNION ALL  -- so do its extended statistics' expressions (plancat.c, at every plan of a read)
+  SELECT pg_catalog.pg_get_expr(s.stxexprs, s.stxrelid) FROM pg_catalog.pg_statistic_ext s
+  WHERE s.stxrelid {_CATALOG} r.oid AND s.stxexprs IS NOT NULL
+  UNION ALL  -- and a partitioned table's key expressions (partcache.c, when a session loads it)
+  SELECT pg_catalog.pg_get_expr(pt.partexprs, pt.partrelid) FROM pg_catalog.pg_partitioned_table pt
+  WHERE pt.partrelid {_CATALOG} r.oid AND pt.partexprs IS NOT NULL
 ) x(expr) ON true
 UNION ALL
 SELECT 'u', r.root, c.relname::pg_catalog.text, 'false', NULL  -- what a change feed cannot follow

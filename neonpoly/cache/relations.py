@@ -14,7 +14,8 @@ reach further than they say:
   updatable view, and may run triggers or rules that write anything at all, or code of the
   user's that may write or SET: in the definition of a view it is written through (the
   rewriter adds its quals), in defaults, checks, policies, the CHECKs of domains its values
-  hold (in arrays, composites, ranges), index expressions and predicates, and the support
+  hold (in arrays, composites, ranges), index expressions and predicates, partition keys
+  (a row's partition is computed, or checked when a partition is named), and the support
   functions of its indexes' operator classes and exclusion operators; a write to a
   foreign table writes wherever its server points (postgres_fdw: maybe a table of this very
   origin, in this or another database);
@@ -266,6 +267,11 @@ class RelationBook:
             # Not in the catalog (yet): a plain name; creating it is DDL, which evicts anyway.
             tags, volatile = reads.get(name, ({name}, False))
             reach, opaque = writes.get(name, ({name}, False))
+            # A write reaching a system catalog (an updatable view over pg_description) is DDL
+            # by hand, as one naming it is (statements.py): trusted builtins read catalogs. A
+            # view's dependency on a catalog is not recorded (pinned objects have none), so its
+            # definition is read for one.
+            opaque = opaque or any(n.startswith("pg_") for n in reach) or _reads_a_catalog(code.get(name, ()))
             # A default, check, policy or domain that runs code of the user's (or SETs):
             # a write to it may change anything.
             opaque = opaque or any(_runs_code(sql, known_code_types, rivals) for sql in write_code.get(name, ()))
@@ -273,7 +279,8 @@ class RelationBook:
             runs_code, settings, clock = _judge_definitions(name, code.get(name, ()), known_code_types, rivals)
             if runs_code is None and name in index_code:
                 owner = index_code[name]
-                runs_code = f"reading {name} may run code: an index on {owner} calls code of the user's"
+                runs_code = (f"reading {name} may run code: an index, extended statistics or partition key of "
+                             f"{owner} calls code of the user's")  # fmt: skip
             # A write runs what a read of it runs: the rewriter adds an updatable view's quals
             # (and RETURNING its select list) to a write through it, and a policy's subquery
             # reads what it names. Code there may write anything or SET.
@@ -398,6 +405,11 @@ def _judge_definitions(
         elif not info.cacheable:
             volatile = volatile or f"{name} is defined with something that changes without writes: {info.reason}"
     return runs_code, frozenset(settings), volatile
+
+
+def _reads_a_catalog(definitions: Iterable[str]) -> bool:
+    """A view definition or policy that reads a relation named pg_… (a catalog, maybe)."""
+    return any(t.rpartition(".")[2].startswith("pg_") for sql in definitions for t in classify(sql).tables_read)
 
 
 def _changes_unseen(name: str) -> str:

@@ -61,13 +61,14 @@ _MAX_MEMO = 1 << 20  # slot numbers memoised per origin before the memo starts o
 
 Key = tuple[str, str]  # (database, name), as TableGenerations keys them
 
-# Holds: a header of four words (live, used, overflowed, unused), then the records.
+# Holds: a header of four words (live, used, overflowed, taken), then the records.
 HOLD_RECORDS = 1024  # prepared transactions held at once (PostgreSQL's max_prepared_transactions is per server)
 _HOLD_HEADER = 32
-# state (0 free, 1 held), key digest, origin, database, everything (0/1), the names' bits, gid
+# state (0 free; held: the order of its last hold, `taken` right after it), key digest, origin,
+# database, everything (0/1), the names' bits, gid
 _RECORD = struct.Struct("<Q16sQQQ128s80s")
 _BITS = 128 * 8
-_LIVE, _USED, _OVERFLOW = 0, 1, 2
+_LIVE, _USED, _OVERFLOW, _TAKEN = 0, 1, 2, 3
 
 
 class SiblingBoard:
@@ -273,15 +274,20 @@ class BoardHolds:
             at = base + index * _RECORD.size
             yield at, _RECORD.unpack_from(buffer, at)
 
+    def taken(self) -> int:
+        return self._words[_TAKEN]  # (an older value, read while a hold is written, keeps more)
+
     def hold(self, key: HoldKey, database: str, reach: frozenset[str] | None) -> None:
         digest, db = _key_digest(key), _digest8(database.encode())
         with self._board.locked_holds(fcntl.LOCK_EX) as buffer:
+            order = self._words[_TAKEN] + 1
+            self._words[_TAKEN] = order
             free = None
             for at, (state, found, origin, held_db, everything, bits, gid) in self._records(buffer):
                 if state and found == digest and origin == self._origin:
                     wide = bool(everything) or reach is None or held_db != db  # as LocalHolds.hold
                     merged = bits if reach is None or wide else _bits(database, reach, bits)
-                    _RECORD.pack_into(buffer, at, 1, digest, origin, held_db, int(wide), merged, gid)
+                    _RECORD.pack_into(buffer, at, order, digest, origin, held_db, int(wide), merged, gid)
                     return
                 if not state and free is None:
                     free = at
@@ -298,14 +304,16 @@ class BoardHolds:
             shown = key[1].encode("utf-8", "replace")[: _RECORD.size - 176]
             # The body first, its state last: a worker killed in between left a free record.
             _RECORD.pack_into(buffer, free, 0, digest, self._origin, db, int(reach is None), bits, shown)
-            buffer[free : free + 8] = (1).to_bytes(8, "little")
+            buffer[free : free + 8] = order.to_bytes(8, "little")
             self._words[_LIVE] += 1
 
-    def release(self, key: HoldKey) -> None:
+    def release(self, key: HoldKey, before: int | None = None) -> None:
         digest = _key_digest(key)
         with self._board.locked_holds(fcntl.LOCK_EX) as buffer:
             for at, (state, found, origin, *_) in self._records(buffer):
                 if state and found == digest and origin == self._origin:
+                    if before is not None and state > before:
+                        return  # held again since the release was sent (PreparedHolds.release)
                     buffer[at : at + 8] = bytes(8)
                     self._words[_LIVE] -= 1
                     return

@@ -414,7 +414,7 @@ class BatchHandling(CacheDecisions):
             item.writes_everything = item.writes_everything or everything
             self._invalidate(writes, everything, out, cluster_wide=plan.cluster_wide, keyed=keyed)
         item.commits = item.commits or plan.commits
-        item.prepared += plan.prepared
+        item.two_phase_sent(plan.prepared, self.route.cache if self.route else None)
         if plan.changes_session or everything:
             self._forget_identity()
 

@@ -423,7 +423,7 @@ class CacheDecisions(ReadPasses):
             item.writes_everything = everything
             self._invalidate(item.writes, everything, out, cluster_wide=info.cluster_wide, keyed=item.keyed)
         item.commits = info.transaction_control == "commit"
-        item.prepared = info.prepared
+        item.two_phase_sent(info.prepared, self.route.cache if self.route else None)
         if info.changes_session or everything:
             self._forget_identity()
 
@@ -545,8 +545,8 @@ class CacheDecisions(ReadPasses):
             # COMMIT PREPARED, wherever that runs. Held even if the batch failed (it may have
             # failed after a PREPARE TRANSACTION) or left a transaction open (`…; BEGIN`).
             written = frozenset(self.tx_writes).union(t for t, _ in self.tx_keyed)
-            everything, exact = self.tx_writes_everything, not self.state.legacy_strings
-            cache.two_phase(item.prepared, self.state.database, written, everything, item.error, exact=exact)
+            everything, exact, db = self.tx_writes_everything, not self.state.legacy_strings, self.state.database
+            cache.two_phase(item.prepared, db, written, everything, item.error, exact=exact, taken=item.holds_taken)
         settles = committed or item.commits or bool(item.prepared)
         if settles and (self.tx_writes or self.tx_writes_everything or self.tx_keyed):
             # The write is visible to other sessions only now (COMMIT AND CHAIN leaves a new

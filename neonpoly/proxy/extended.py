@@ -30,15 +30,22 @@ CLOCK_WORDS = re.compile(rb"(?i)(?<![a-z])(now|today|tomorrow|yesterday)(?![a-z]
 # memchr, while `b"o" in values` on 3.11 first tries the bytes as an int and formats the
 # TypeError it swallows (~1.8k instructions a search; four a lone batch).
 _O, _O_UPPER, _Y, _Y_UPPER = b"oOyY"
+_QUOTE, _BACKSLASH = b'"\\'
 
 
 def reads_clock(values: bytes) -> bool:
     """`CLOCK_WORDS` in a Bind's values. Every such word holds an o or a y: values without
     either (most: numbers, ids) are told so by four byte searches, not the pattern (asked
     for every execution of a prepared statement, where the pattern costs as much as the
-    rest of a lone batch's planning)."""
-    return (_O in values or _O_UPPER in values or _Y in values or _Y_UPPER in values) and (
-        CLOCK_WORDS.search(values) is not None
+    rest of a lone batch's planning). Array, range and record input drop the quotes and
+    backslashes inside an element (`{n"o"w}`, `{"n\\ow"}` hold the word): searched again
+    without them."""
+    if not (_O in values or _O_UPPER in values or _Y in values or _Y_UPPER in values):
+        return False
+    if CLOCK_WORDS.search(values) is not None:
+        return True
+    return (_QUOTE in values or _BACKSLASH in values) and (
+        CLOCK_WORDS.search(values.replace(b'"', b"").replace(b"\\", b"")) is not None
     )
 
 # Batch shapes remembered per session (see StatementBook.plan_shaped): a driver's statements.

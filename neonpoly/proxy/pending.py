@@ -15,6 +15,7 @@ from neonpoly.cache.capture import Capture, StatTicket
 from neonpoly.proxy.extended import BookOp
 
 if TYPE_CHECKING:
+    from neonpoly.cache.holds import PreparedHolds
     from neonpoly.cache.query_cache import QueryCache
     from neonpoly.proxy.hits import HitMemo
     from neonpoly.proxy.identity import Identity
@@ -56,6 +57,9 @@ class Pending:
     keyed: frozenset[tuple[str, str]] = frozenset()
     commits: bool = False  # COMMIT (also AND CHAIN): the transaction's writes are now visible
     prepared: tuple[tuple[str, str], ...] = ()  # two-phase commit (Classification.prepared)
+    # Where the holds stood when a COMMIT or ROLLBACK PREPARED of it was sent: its release
+    # keeps a hold of the gid taken since (QueryCache.release_prepared). None: none sent.
+    holds_taken: dict[PreparedHolds, int] | None = None
     # Relations it reads that were not known when it was sent: judged when it completes.
     reads: frozenset[str] = frozenset()
     trusts: frozenset[str] = frozenset()  # builtins it trusted by name, likewise judged then
@@ -82,3 +86,9 @@ class Pending:
     memo: HitMemo | None = None  # the hit memo whose entry was gone and that sent this miss
     # A keyed write decided from its shape's memo, and the names it bumped (writes.py).
     by_memo: tuple[WriteMemo, frozenset[str]] | None = None
+
+    def two_phase_sent(self, prepared: tuple[tuple[str, str], ...], cache: QueryCache | None) -> None:
+        """Its two-phase commit steps, as it is sent: an end of one notes where the holds stand."""
+        self.prepared += prepared
+        if self.holds_taken is None and cache is not None and any(kind == "end" for kind, _ in prepared):
+            self.holds_taken = cache.holds_taken()

@@ -32,3 +32,11 @@ def test_reads_clock_agrees_with_the_pattern_on_any_bytes() -> None:
         text = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
         values = _values(text)
         assert reads_clock(values) is (CLOCK_WORDS.search(values) is not None), text
+
+
+def test_a_clock_word_spelt_with_quotes_or_backslashes_inside_an_element_reads_the_clock() -> None:
+    """Array, range and record input drop them: `{n"o"w}` and `{"n\\ow"}` hold now
+    (tests/adversarial/test_47 proves it on a server)."""
+    for spelled in (b'{n"o"w}', b'{"n\\ow"}', b"[to\\day,)", b'("yester"day)'):
+        assert reads_clock(_values(spelled)), spelled
+    assert not reads_clock(_values(b'{"no","w"}', b"{kn\\ow}"))  # two elements; a longer word

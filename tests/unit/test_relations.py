@@ -205,3 +205,21 @@ def test_index_expressions_that_call_code_of_the_users_make_reads_run_code() -> 
     folded = book.resolve("app", ["folded"])
     assert folded is not None and folded.runs_code
     assert book.resolve("app", ["plain"]) == Resolution(frozenset({"plain"}), None, None)
+
+
+def test_a_write_reaching_a_system_catalog_is_opaque() -> None:
+    """An updatable view over pg_description writes the catalog (tests/adversarial/test_47):
+    pg_depend records no dependency on a catalog (pinned), so only its definition says so."""
+    book = RelationBook()
+    book.learn(
+        "app",
+        ["descr", "v"],
+        [
+            ("r", "descr", "descr", False, " SELECT pg_description.objoid FROM pg_description;"),
+            ("w", "descr", "descr", False, None),
+            ("r", "v", "v", False, " SELECT t.a FROM t;"), ("r", "v", "t", False, None),
+            ("w", "v", "v", False, None), ("w", "v", "t", False, None),
+        ],
+    )
+    assert book.reach("app", ["descr"]) is None
+    assert book.reach("app", ["v"]) == frozenset({"v", "t"})

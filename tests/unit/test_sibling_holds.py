@@ -135,3 +135,23 @@ def test_local_and_board_holds_answer_alike(boards: tuple[SiblingBoard, SiblingB
         assert holds.holding("third", frozenset({"public.x"})) is not None
         holds.release(("c1", "g1"))
         assert not holds
+
+
+@pytest.mark.parametrize("where", ["board", "local"])
+def test_a_release_sent_before_the_gid_was_held_again_keeps_the_new_hold(
+    boards: tuple[SiblingBoard, SiblingBoard, SiblingBoard], where: str
+) -> None:
+    """COMMIT PREPARED 'g1' frees the gid at the origin as it runs; its batch may end later
+    (a next statement waiting on a lock), after another transaction was prepared as 'g1'.
+    The release (told `taken()` as of its sending) must leave that new hold."""
+    _, a, b = boards
+    first: PreparedHolds = a.holds(ORIGIN) if where == "board" else LocalHolds()
+    second: PreparedHolds = b.holds(ORIGIN) if where == "board" else first
+    first.hold(("c1", "g1"), "app", T)
+    sent = second.taken()  # the COMMIT PREPARED is sent
+    first.hold(("c1", "g1"), "app", T)  # prepared again, before that batch ended
+    second.release(("c1", "g1"), sent)
+    assert second.holding("app", T) is not None, "the new transaction's hold was released"
+    sent = second.taken()
+    second.release(("c1", "g1"), sent)  # its own COMMIT PREPARED, sent after it
+    assert not first and first.holding("app", T) is None
