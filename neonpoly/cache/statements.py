@@ -122,15 +122,24 @@ def _rewrite(what: str, relations: list[Any]) -> Verdict:
     read may return) moves. A write of the tables named; of the whole database (every table
     it may rewrite) when none is."""
     verdict = Verdict()
+    named = _write_named(verdict, relations)
+    if named is None:
+        return verdict.write(f"{what} rewrites tables", everything=True)
+    if not named:
+        return verdict.write(f"{what} rewrites every table it may (none named)", everything=True)
+    return verdict.write(f"{what} rewrites {named} (every row's ctid moves)")
+
+
+def _write_named(verdict: Verdict, relations: list[Any]) -> str | None:
+    """The relations (parse tree RangeVars) added to what `verdict` writes, spelt for a reason;
+    None when one of them has no name (the caller writes everything), "" when none is given."""
     for rv in relations:
         if not isinstance(rv, dict) or not rv.get("relname"):
-            return verdict.write(f"{what} rewrites tables", everything=True)
+            return None
         name = str(rv["relname"])
         verdict.tables_written.add(name)
         verdict.qualified.append(queries.qualified(rv.get("schemaname"), name))
-    if not verdict.tables_written:
-        return verdict.write(f"{what} rewrites every table it may (none named)", everything=True)
-    return verdict.write(f"{what} rewrites {', '.join(verdict.qualified)} (every row's ctid moves)")
+    return ", ".join(verdict.qualified)
 
 
 def _runs_index_code(what: str, relations: list[Any]) -> Verdict:
@@ -144,15 +153,12 @@ def _runs_index_code(what: str, relations: list[Any]) -> Verdict:
     hits."""
     verdict = Verdict()
     verdict.shadowable.add("operator class")
-    for rv in relations:
-        if not isinstance(rv, dict) or not rv.get("relname"):
-            return verdict.write(f"{what} runs the code of every table's indexes", everything=True)
-        name = str(rv["relname"])
-        verdict.tables_written.add(name)
-        verdict.qualified.append(queries.qualified(rv.get("schemaname"), name))
-    if not verdict.tables_written:
+    named = _write_named(verdict, relations)
+    if named is None:
+        return verdict.write(f"{what} runs the code of every table's indexes", everything=True)
+    if not named:
         return verdict.write(f"{what} runs the code of every table's indexes (none named)", everything=True)
-    return verdict.write(f"{what} runs the code of the indexes of {', '.join(verdict.qualified)}")
+    return verdict.write(f"{what} runs the code of the indexes of {named}")
 
 
 def _changes_session(reason: str) -> Verdict:

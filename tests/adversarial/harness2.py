@@ -75,3 +75,17 @@ async def fresh_every_time(client: Client, sql: str, params: tuple[Any, ...] = (
             f"run {n + 1} of {sql!r} {params!r}: answered {got.isoformat()}, older than the call "
             f"({before.isoformat()}): a cached clock"
         )
+
+
+async def commented_by_hand_then_check(env: Env, target: str, oid: int, why: str) -> None:
+    """A superuser's UPDATE of pg_description's row for `oid` through `target` (the catalog,
+    or a view over it) is a COMMENT by hand: obj_description()'s cached answer must follow."""
+    writer = await env.client()
+    change = f"UPDATE {target} SET description = '{{}}' WHERE objoid = {oid}"
+    await writer.run(change.format("first"))  # not looked up yet: evicts everything
+    reader = await env.twin()
+    read = f"SELECT pg_catalog.obj_description({oid}::oid, 'pg_class')"
+    rows, _ = await reader.probe(read)
+    assert rows == [("first",)]
+    await writer.run(change.format("new"))
+    await reader.check(read, why=why)

@@ -60,7 +60,7 @@ import shutil
 import pytest
 
 from tests.adversarial.harness import Env, unique
-from tests.adversarial.harness2 import counter, make_known, warm_counter
+from tests.adversarial.harness2 import commented_by_hand_then_check, counter, make_known, warm_counter
 
 # (view definition's tail after the base table, the write through it): each runs bump().
 _VIEW_WRITES = {
@@ -145,15 +145,8 @@ async def test_superuser_write_to_a_system_catalog(env: Env, schema: str) -> Non
     t = await env.table("adv_cmt", "id int")
     await env.admin(f"COMMENT ON TABLE public.{t} IS 'old'")
     oid = await env.admin_val(f"SELECT 'public.{t}'::regclass::oid")
-    writer = await env.client()
-    change = f"UPDATE {schema}pg_description SET description = '{{}}' WHERE objoid = {oid}"
-    await writer.run(change.format("first"))  # not looked up yet: evicts everything
-    reader = await env.twin()
-    read = f"SELECT pg_catalog.obj_description({oid}::oid, 'pg_class')"
-    rows, _ = await reader.probe(read)
-    assert rows == [("first",)]
-    await writer.run(change.format("new"))
-    await reader.check(read, why="after a superuser's UPDATE of pg_description through neonpoly")
+    why = "after a superuser's UPDATE of pg_description through neonpoly"
+    await commented_by_hand_then_check(env, f"{schema}pg_description", oid, why)
 
 
 @pytest.mark.parametrize("direction", ["to", "from"])

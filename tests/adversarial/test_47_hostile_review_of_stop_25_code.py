@@ -38,7 +38,13 @@ import pytest
 from tests.adversarial import rawpg
 from tests.adversarial.conftest import WORKERS
 from tests.adversarial.harness import Client, Env, eventually, unique
-from tests.adversarial.harness2 import counter, make_known, ran_code_then_check, warm_counter
+from tests.adversarial.harness2 import (
+    commented_by_hand_then_check,
+    counter,
+    make_known,
+    ran_code_then_check,
+    warm_counter,
+)
 from tests.adversarial.placement import session_on
 from tests.adversarial.two_phase import WRITING_WORKER, prepared_transactions_origin, reading_twin
 from tests.pgharness import PgServer
@@ -161,15 +167,8 @@ async def test_superuser_write_to_a_system_catalog_through_a_view(env: Env) -> N
     )
     env.on_cleanup(f"DROP VIEW IF EXISTS public.{view}")
     oid = await env.admin_val(f"SELECT 'public.{t}'::regclass::oid")
-    writer = await env.client()
-    change = f"UPDATE {view} SET description = '{{}}' WHERE objoid = {oid}"
-    await writer.run(change.format("first"))  # not looked up yet: evicts everything
-    reader = await env.twin()
-    read = f"SELECT pg_catalog.obj_description({oid}::oid, 'pg_class')"
-    rows, _ = await reader.probe(read)
-    assert rows == [("first",)]
-    await writer.run(change.format("new"))
-    await reader.check(read, why="after a superuser's UPDATE of a view over pg_description through neonpoly")
+    why = "after a superuser's UPDATE of a view over pg_description through neonpoly"
+    await commented_by_hand_then_check(env, view, oid, why)
 
 
 # --- clock words spelt with the escapes array, range and record input undo ------------------
