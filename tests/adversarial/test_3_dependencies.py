@@ -236,11 +236,12 @@ async def test_clock_in_a_row_level_security_policy(env: Env) -> None:
     role = await env.role()
     reader = await env.twin(env.login(role))
     # The embargo ends after the probe's runs, each compared with the origin: the role and
-    # the sessions (slow to make on a loaded machine) are made before it starts.
-    await env.admin(f"INSERT INTO {docs} VALUES ('embargoed', clock_timestamp() + interval '2 seconds')")
+    # the sessions (slow to make on a loaded machine) are made before it starts, and it lasts
+    # 8 s (2 s was crossed once by the probe, with three test runs sharing 2 cores).
+    await env.admin(f"INSERT INTO {docs} VALUES ('embargoed', clock_timestamp() + interval '8 seconds')")
     read = f"SELECT body FROM {docs}"
     # The policy reads the clock: never cached.
     rows, hit = await reader.probe(read, require_hit=False)
     assert rows == [] and not hit
-    await eventually(lambda: reader.origin(read), lambda r: r == [("embargoed",)])
+    await eventually(lambda: reader.origin(read), lambda r: r == [("embargoed",)], timeout=30.0)
     await reader.check(read, why="after the policy's now() passed the embargo (no write at all)")
